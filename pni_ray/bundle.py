@@ -1,0 +1,291 @@
+"""Model bundles: a directory of Arrow tables, safetensors and a checksummed JSON manifest.
+
+No pickles anywhere. A bundle is written into a temporary sibling directory and renamed into
+place, so a crash never leaves a half-written bundle under the final name; loading verifies
+every file's sha256 and refuses anything tampered with or incomplete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import torch
+from safetensors.torch import load_file, save_file
+
+import pni_ray
+from pni_ray.config import TrainConfig
+from pni_ray.models.backbones import get_spec, offline_weight_path
+from pni_ray.models.neighbourhood import NeighbourhoodMLP
+from pni_ray.models.pni import Normalisation, TrainedModel
+from pni_ray.models.position_prior import SparsePositionPrior
+
+FORMAT = "pni-ray-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MEMORY = "memory.arrow"
+PRIOR = "position_prior.arrow"
+MLP = "neighbourhood.safetensors"
+REFINER = "refiner.safetensors"
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be trusted; the message says which file and why."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file beside `path`, fsync, then rename over it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_arrow(path: Path, table: pa.Table) -> None:
+    with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def read_arrow(path: Path) -> pa.Table:
+    with pa.memory_map(str(path), "r") as source:
+        return ipc.open_file(source).read_all()
+
+
+def memory_table(memory: torch.Tensor, emb_to_dist: torch.Tensor | None, dist_size: int) -> pa.Table:
+    """One row per C_emb vector with its greedy rank; rows with rank < dist_size form C_dist."""
+    n, d = memory.shape
+    flat = pa.array(memory.detach().float().contiguous().numpy().reshape(-1), type=pa.float32())
+    vectors = pa.FixedSizeListArray.from_arrays(flat, d)
+    dist_index = emb_to_dist.int().numpy() if emb_to_dist is not None else np.full(n, -1, np.int32)
+    schema = pa.schema(
+        [("rank", pa.int32()), ("vector", pa.list_(pa.float32(), d)), ("dist_index", pa.int32())],
+        metadata={"feature_dim": str(d), "dist_size": str(dist_size)},
+    )
+    return pa.Table.from_arrays([pa.array(np.arange(n, dtype=np.int32)), vectors, pa.array(dist_index)], schema=schema)
+
+
+def prior_table(prior: SparsePositionPrior) -> pa.Table:
+    schema = pa.schema(
+        [("position", pa.int32()), ("entry", pa.int32()), ("prob", pa.float32())],
+        metadata={"grid_h": str(prior.grid[0]), "grid_w": str(prior.grid[1]), "n_entries": str(prior.n_entries)},
+    )
+    return pa.Table.from_arrays(
+        [pa.array(prior.position.numpy()), pa.array(prior.entry.numpy()), pa.array(prior.prob.numpy())], schema=schema
+    )
+
+
+def backbone_record(cfg: TrainConfig) -> dict[str, Any]:
+    """Where the backbone weights came from, with a checksum where there is a file to hash."""
+    spec = get_spec(cfg.features.backbone)
+    record: dict[str, Any] = {"name": spec.name, "timm_name": spec.timm_name, "mean": spec.mean, "std": spec.std}
+    if cfg.features.weights:
+        record.update(source="file", path=str(cfg.features.weights), sha256=sha256_file(Path(cfg.features.weights)))
+    elif not cfg.features.pretrained:
+        record.update(source="random-init-seed-0", sha256=None)
+    elif spec.weight_package:
+        path = offline_weight_path(spec)
+        record.update(source=spec.weight_package, path=path.name, sha256=sha256_file(path))
+    else:
+        record.update(source="timm-hub", sha256=None)
+    return record
+
+
+def versions() -> dict[str, str]:
+    import timm
+
+    return {
+        "pni_ray": pni_ray.__version__,
+        "torch": torch.__version__.split("+")[0],
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+        "pyarrow": pa.__version__,
+        "python": ".".join(map(str, sys.version_info[:3])),
+    }
+
+
+def save_bundle(trained: TrainedModel, out: Path | str, overwrite: bool = False) -> Path:
+    """Write the bundle atomically; returns its path. Same model -> byte-identical files."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (--force) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        write_arrow(tmp / MEMORY, memory_table(trained.memory, trained.emb_to_dist, trained.dist_size))
+        if trained.position_prior is not None:
+            write_arrow(tmp / PRIOR, prior_table(trained.position_prior))
+        if trained.mlp is not None:
+            save_file({k: v.contiguous() for k, v in trained.mlp.state_dict().items()}, str(tmp / MLP))
+        if trained.refiner is not None:
+            save_file({k: v.contiguous() for k, v in trained.refiner.state_dict().items()}, str(tmp / REFINER))
+        files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "category": trained.category,
+            "mode": trained.config.mode,
+            "config": trained.config.to_dict(),
+            "backbone": backbone_record(trained.config),
+            "feature_dim": trained.feature_dim,
+            "grid": list(trained.grid),
+            "n_memory": int(trained.memory.shape[0]),
+            "dist_size": trained.dist_size,
+            "normalisation": asdict(trained.normalisation),
+            "threshold": trained.normalisation.threshold,
+            "training": trained.report.get("deterministic", {}),
+            "versions": versions(),
+            "files": files,
+        }
+        atomic_write_json(tmp / MANIFEST, manifest)
+        _fsync_dir(tmp)
+        if out.exists():
+            trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_manifest(path: Path | str) -> dict[str, Any]:
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not path.is_dir():
+        raise BundleError(f"{path}: not a bundle directory")
+    if not manifest_path.is_file():
+        raise BundleError(f"{path}: incomplete bundle, {MANIFEST} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from exc
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{manifest_path}: not a {FORMAT} manifest")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise BundleError(
+            f"{manifest_path}: format version {manifest['format_version']} is newer than this pni-ray "
+            f"({FORMAT_VERSION}); upgrade pni-ray"
+        )
+    return manifest
+
+
+def verify_bundle(path: Path | str) -> dict[str, Any]:
+    """Check every listed file exists with its recorded sha256; return the manifest."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    required = {MEMORY} | ({PRIOR, MLP} if manifest["mode"] == "pni" else set())
+    missing = sorted(required - set(manifest["files"]))
+    if missing:
+        raise BundleError(f"{path}: incomplete bundle, manifest lists no {', '.join(missing)}")
+    for name, meta in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise BundleError(f"{file}: missing from the bundle (listed in {MANIFEST})")
+        digest = sha256_file(file)
+        if digest != meta["sha256"]:
+            raise BundleError(f"{file}: checksum mismatch (expected {meta['sha256'][:12]}..., got {digest[:12]}...): "
+                              "the file was modified or corrupted; retrain or restore the bundle")
+    return manifest
+
+
+def model_id(path: Path | str) -> str:
+    """Identity of a bundle: the sha256 of its manifest (which pins every file's sha256)."""
+    return sha256_file(Path(path) / MANIFEST)
+
+
+def load_bundle(path: Path | str) -> tuple[TrainedModel, dict[str, Any]]:
+    """Verify and load; backbone weights are checked against the recorded checksum."""
+    path = Path(path)
+    manifest = verify_bundle(path)
+    cfg = TrainConfig.from_dict(manifest["config"])
+    recorded = manifest["backbone"].get("sha256")
+    if recorded is not None:
+        current = backbone_record(cfg).get("sha256")
+        if current != recorded:
+            raise BundleError(
+                f"{path}: backbone weights differ from those the bundle was trained with "
+                f"({manifest['backbone'].get('source')}: expected sha256 {recorded[:12]}..., found {str(current)[:12]}...)"
+            )
+    table = read_arrow(path / MEMORY)
+    d = int(table.schema.metadata[b"feature_dim"])
+    dist_size = int(table.schema.metadata[b"dist_size"])
+    memory = torch.from_numpy(table.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, d).copy())
+    dist_index = table.column("dist_index").to_numpy()
+    emb_to_dist = torch.from_numpy(dist_index.astype(np.int64)) if dist_size > 0 else None
+    prior = mlp = None
+    if PRIOR in manifest["files"]:
+        pt = read_arrow(path / PRIOR)
+        meta = pt.schema.metadata
+        prior = SparsePositionPrior(
+            grid=(int(meta[b"grid_h"]), int(meta[b"grid_w"])),
+            n_entries=int(meta[b"n_entries"]),
+            position=torch.from_numpy(pt.column("position").to_numpy().copy()),
+            entry=torch.from_numpy(pt.column("entry").to_numpy().copy()),
+            prob=torch.from_numpy(pt.column("prob").to_numpy().copy()),
+        )
+    if MLP in manifest["files"]:
+        mlp = NeighbourhoodMLP(d, dist_size, cfg.neighbourhood)
+        mlp.load_state_dict(load_file(str(path / MLP)))
+        mlp.eval()
+    refiner = None
+    if REFINER in manifest["files"]:
+        from pni_ray.models.refiner import build_refiner
+
+        refiner = build_refiner(cfg.refiner, pretrained=False)
+        refiner.load_state_dict(load_file(str(path / REFINER)))
+        refiner.eval()
+    trained = TrainedModel(
+        category=manifest["category"],
+        config=cfg,
+        memory=memory,
+        dist_size=dist_size,
+        emb_to_dist=emb_to_dist,
+        position_prior=prior,
+        mlp=mlp,
+        normalisation=Normalisation(**manifest["normalisation"]),
+        grid=tuple(manifest["grid"]),  # type: ignore[arg-type]
+        feature_dim=d,
+        refiner=refiner,
+    )
+    return trained, manifest

@@ -1,0 +1,250 @@
+"""`pni-ray` command line: train, evaluate, demo, data tools; heavy commands live in their modules."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pni_ray.config import SCORE_MODES, TrainConfig
+
+log = logging.getLogger("pni_ray")
+
+
+def set_threads(threads: int | None) -> None:
+    """Pin torch's intra-op threads: oversubscribed cores run 5-7x slower than pinned ones."""
+    import torch
+
+    n = threads or int(os.environ.get("PNI_RAY_THREADS", 0)) or max(1, (os.cpu_count() or 1))
+    torch.set_num_threads(n)
+
+
+def setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose < 0 else logging.INFO if verbose == 0 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.version_option(package_name="pni-ray")
+def main(verbose: int, quiet: bool) -> None:
+    """PNI anomaly detection: train from good images, score every image, export for edge GPUs."""
+    setup_logging(-1 if quiet else verbose)
+
+
+def build_config(
+    backbone: str | None = None,
+    weights: str | None = None,
+    image_size: int | None = None,
+    coreset_ratio: float | None = None,
+    seed: int | None = None,
+    mode: str | None = None,
+    dist_size: int | None = None,
+    epochs: int | None = None,
+    refine: bool = False,
+    base: TrainConfig | None = None,
+) -> TrainConfig:
+    """TrainConfig defaults with the CLI's overrides; None keeps the default."""
+    cfg = base or TrainConfig()
+    features = dataclasses.replace(
+        cfg.features,
+        **{k: v for k, v in {"backbone": backbone, "weights": weights, "image_size": image_size}.items() if v is not None},
+    )
+    coreset = dataclasses.replace(cfg.coreset, **({"ratio": coreset_ratio} if coreset_ratio is not None else {}))
+    neighbourhood = dataclasses.replace(
+        cfg.neighbourhood,
+        **{k: v for k, v in {"dist_size": dist_size, "epochs": epochs}.items() if v is not None},
+    )
+    refiner = dataclasses.replace(cfg.refiner, enabled=refine or cfg.refiner.enabled)
+    changes: dict[str, Any] = {"features": features, "coreset": coreset, "neighbourhood": neighbourhood, "refiner": refiner}
+    if seed is not None:
+        changes["seed"] = seed
+    if mode is not None:
+        changes["mode"] = mode
+    return cfg.replace(**changes)
+
+
+def train_options(fn: Any) -> Any:
+    """Options shared by `train` and `train-all`."""
+    options = [
+        click.option("--image-size", type=int, default=None, help="Model input size in pixels (default 256)."),
+        click.option("--coreset-ratio", type=float, default=None, help="Fraction of patches kept in C_emb."),
+        click.option("--dist-size", type=int, default=None, help="|C_dist| (paper 2048, capped by |C_emb|)."),
+        click.option("--epochs", type=int, default=None, help="Neighbourhood-MLP epochs."),
+        click.option("--seed", type=int, default=None, help="Random seed (default 0)."),
+        click.option("--mode", type=click.Choice(["pni", "patchcore"]), default=None,
+                     help="pni: full model; patchcore: memory bank only."),
+        click.option("--refine", is_flag=True, help="Also train the refinement network."),
+        click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Backbone weights file (.safetensors or .pth) instead of the registry's source."),
+        click.option("--threads", type=int, default=None, help="torch threads (default: all cores)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def print_table(rows: dict[str, dict], keys: tuple[str, ...] = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "images_per_s")) -> None:
+    width = max([len("mode")] + [len(k) for k in rows])
+    click.echo(f"{'mode':<{width}}  " + "  ".join(f"{k:>12}" for k in keys))
+    for name, row in rows.items():
+        cells = []
+        for k in keys:
+            v = row.get(k)
+            cells.append(f"{'n/a':>12}" if v is None else f"{v:>12.4f}" if k != "images_per_s" else f"{v:>12.2f}")
+        click.echo(f"{name:<{width}}  " + "  ".join(cells))
+
+
+@main.command()
+@click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--category", "-c", required=True, help="Category folder under DATA_ROOT.")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
+@click.option("--backbone", default=None, help="Backbone name (pni-ray backbones lists them).")
+@click.option("--force", is_flag=True, help="Replace an existing bundle.")
+@train_options
+def train(data_root: Path, category: str, out: Path, backbone: str | None, force: bool, threads: int | None,
+          **overrides: Any) -> None:
+    """Train one CATEGORY of an MVTec-layout DATA_ROOT from its train/good images."""
+    from pni_ray.bundle import save_bundle
+    from pni_ray.training import train_category
+
+    set_threads(threads)
+    if out.exists() and not force:
+        raise click.ClickException(f"{out} already exists; use --force to replace it")
+    cfg = build_config(backbone=backbone, **overrides)
+    trained = train_category(data_root, category, cfg)
+    if cfg.refiner.enabled:
+        from pni_ray.refine_training import train_refiner
+
+        train_refiner(trained, data_root, category)
+    save_bundle(trained, out, overwrite=force)
+    secs = trained.report["seconds"]
+    click.echo(f"trained {category} ({cfg.mode}, {cfg.features.backbone}) in {secs['total']:.1f} s -> {out}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--category", "-c", default=None, help="Category folder (default: the bundle's category).")
+@click.option("--mode", type=click.Choice(SCORE_MODES), default=None, help="Scoring mode (default: the bundle's).")
+@click.option("--ablation", is_flag=True, help="Score in every mode: patchcore, neighbourhood, position, pni.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the metrics as JSON here.")
+@click.option("--batch-size", type=int, default=8)
+@click.option("--threads", type=int, default=None)
+def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | None, ablation: bool,
+             json_path: Path | None, batch_size: int, threads: int | None) -> None:
+    """Metrics of BUNDLE (a bundle or an ensemble) on the test split of DATA_ROOT/CATEGORY."""
+    from pni_ray.bundle import atomic_write_json
+    from pni_ray.data.mvtec import load_category
+    from pni_ray.evaluate import ABLATION_MODES, evaluate_category
+    from pni_ray.inference import load_detector
+
+    set_threads(threads)
+    detector, manifest = load_detector(bundle)
+    cat = load_category(data_root, category or manifest["category"])
+    refine_modes: tuple[str, ...] = ()
+    if ablation:
+        if detector.mode == "patchcore":
+            raise click.ClickException(f"{bundle} is a PatchCore-only bundle: --ablation needs a PNI bundle")
+        modes = ABLATION_MODES
+        refine_modes = ("pni",) if getattr(detector, "refiner", None) is not None else ()
+    else:
+        modes = (mode or detector.mode,)
+    t0 = time.perf_counter()
+    results = evaluate_category(detector, cat, modes=modes, refine_modes=refine_modes, batch_size=batch_size)
+    log.info("evaluated %d images in %.1f s", len(cat.test), time.perf_counter() - t0)
+    print_table(results)
+    if json_path:
+        payload: dict[str, Any] = {"category": cat.name, "bundle": str(bundle), "n_test_images": len(cat.test)}
+        if ablation:
+            payload["modes"] = results
+        else:
+            payload.update(next(iter(results.values())))
+            payload["mode"] = modes[0]
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(json_path, payload)
+        click.echo(f"wrote {json_path}")
+
+
+@main.command("make-synthetic")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", type=int, default=0)
+@click.option("--size", type=int, default=256, help="Image side in pixels.")
+@click.option("--categories", default=None, help="Comma-separated subset of the synthetic categories.")
+def make_synthetic_cmd(out: Path, seed: int, size: int, categories: str | None) -> None:
+    """Write synthetic MVTec-layout categories (textures, objects, logical defects) to OUT."""
+    from pni_ray.data.synthetic import make_synthetic
+
+    cats = categories.split(",") if categories else None
+    for path in make_synthetic(out, seed=seed, size=size, categories=cats):
+        click.echo(str(path))
+
+
+@main.command("make-defects")
+@click.argument("image_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--kind", "kinds", multiple=True, help="Defect family (repeatable): cutpaste, cutpaste_scar, perlin, strokes.")
+@click.option("-n", "--n-per-kind", type=int, default=4)
+@click.option("--seed", type=int, default=0)
+def make_defects_cmd(image_dir: Path, out: Path, kinds: tuple[str, ...], n_per_kind: int, seed: int) -> None:
+    """Write examples of each synthetic defect family (the refiner's training data) to OUT."""
+    from pni_ray.data.defects import write_defect_examples
+
+    written = write_defect_examples(image_dir, out, kinds=list(kinds) or None, n_per_kind=n_per_kind, seed=seed)
+    click.echo(f"wrote {len(written)} files; overview: {out / 'overview.png'}")
+
+
+@main.command()
+def backbones() -> None:
+    """List registered backbones and where their weights come from."""
+    from pni_ray.models.backbones import REGISTRY
+
+    for name, spec in REGISTRY.items():
+        source = f"offline ({spec.weight_package})" if spec.weight_package else "timm pretrained=True or --weights FILE"
+        click.echo(f"{name:<22} {spec.timm_name:<24} {source}")
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-output"),
+              help="Where data, bundles and reports go.")
+@click.option("--threads", type=int, default=None)
+def demo(workdir: Path, threads: int | None) -> None:
+    """Synthetic data -> train -> evaluate with the ablation table, end to end."""
+    from pni_ray.demo import run_demo
+
+    set_threads(threads)
+    run_demo(workdir)
+
+
+def _register_optional_commands() -> None:
+    """Commands that live in their own modules (Ray, export, scoring)."""
+    for module, names in (
+        ("pni_ray.orchestration.train_all", ("train_all_cmd", "ensemble_cmd")),
+        ("pni_ray.orchestration.score", ("score_cmd", "report_cmd")),
+        ("export.cli", ("export_cmd",)),
+    ):
+        try:
+            mod = __import__(module, fromlist=list(names))
+        except ModuleNotFoundError as exc:
+            if exc.name and module.startswith(exc.name):
+                continue
+            raise
+        for name in names:
+            if hasattr(mod, name):
+                main.add_command(getattr(mod, name))
+
+
+_register_optional_commands()
+
+
+if __name__ == "__main__":
+    main()

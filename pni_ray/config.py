@@ -1,0 +1,142 @@
+"""Every tunable of pni-ray, with its default, in one place.
+
+The configs are frozen dataclasses so a trained bundle can record exactly what built it
+(`to_dict`) and rebuild it (`from_dict`); the CLI only overrides fields of these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ScoreMode = Literal["patchcore", "neighbourhood", "position", "pni", "pni_split"]
+SCORE_MODES: tuple[str, ...] = ("patchcore", "neighbourhood", "position", "pni", "pni_split")
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Backbone and patch-feature settings.
+
+    256 px input keeps a 200-image category trainable on 2 CPU cores in minutes while the
+    stride-8 grid (32 x 32) still resolves defects of ~10 px on MVTec-sized images.
+    """
+
+    backbone: str = "efficientnet_lite2"
+    weights: str | None = None  # a user's .safetensors / .pth; None = the registry's source
+    pretrained: bool = True  # False: seeded random weights (tests of architectures without weights)
+    image_size: int = 256
+    patch_size: int = 3  # p x p local average aggregation (PatchCore's p)
+    projection_dim: int | None = None  # fixed feature dim by adaptive channel pooling
+
+
+@dataclass(frozen=True)
+class CoresetConfig:
+    """Greedy k-center memory bank (PatchCore) that also orders entries for C_dist."""
+
+    ratio: float = 0.1
+    max_size: int = 16384  # caps scoring cost on big categories
+    min_size: int = 64
+    projection_dim: int = 128  # Johnson-Lindenstrauss projection used only for selection
+    chunk_size: int = 65536  # rows per distance update: bounds memory at a million patches
+
+
+@dataclass(frozen=True)
+class NeighbourhoodConfig:
+    """p(c | N_p(x)): an MLP over the window around a patch, centre excluded.
+
+    The paper's 10 x 2048 MLP takes hours on CPU; a bottleneck + masked window conv + 1x1
+    layers computes the same function family densely for all positions at once.
+    """
+
+    window: int = 9  # paper p = 9
+    dist_size: int = 2048  # |C_dist|, a prefix of the greedy order (capped by |C_emb|)
+    bottleneck: int = 32  # per-neighbour feature width before the window layer
+    hidden: int = 256
+    depth: int = 2  # hidden 1x1 layers after the window layer
+    temperature: float = 2.0  # softmax temperature at inference (paper: 2)
+    epochs: int = 12
+    batch_images: int = 8
+    lr: float = 1e-3
+    lr_step: int = 5  # epochs per step decay
+    lr_gamma: float = 0.3
+    val_fraction: float = 0.1
+    positions_per_image: int = 512  # positions sampled for the loss per image and epoch
+
+
+@dataclass(frozen=True)
+class PositionConfig:
+    """p(c | x): per-position histogram of nearest C_emb entries."""
+
+    spread: int = 1  # each hit is spread over a +-w window of grid positions
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How patch scores become maps, image scores and decisions."""
+
+    mode: str = "pni"
+    blur_sigma: float = 4.0  # Gaussian blur of the upsampled map, in pixels (PatchCore: 4)
+    tau_scale: float = 0.5  # tau = tau_scale / |C_emb| (paper: 1 / (2 |C_emb|))
+    chunk_patches: int = 4096  # patches per distance block: bounds memory
+    holdout_fraction: float = 0.1  # train/good images kept out of the memory bank
+    min_holdout: int = 2
+    threshold_sigmas: float = 3.0  # threshold = mean + k std of held-out image scores
+
+
+@dataclass(frozen=True)
+class RefinerConfig:
+    """Refinement network trained on synthetic defects (paper, Sec. 3.4)."""
+
+    enabled: bool = False
+    encoder: str = "efficientnet_lite0"
+    image_size: int = 256
+    n_samples: int = 240  # synthetic defect images made from train/good
+    epochs: int = 8
+    batch_size: int = 8
+    lr: float = 3e-4
+    blend: float = 0.5  # final map = (1 - blend) * input map + blend * refined
+    defect_weights: dict[str, float] = field(
+        default_factory=lambda: {"cutpaste": 1.0, "cutpaste_scar": 1.0, "perlin": 1.0, "strokes": 1.0}
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a trained bundle; same config + data + seed = same bundle."""
+
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    coreset: CoresetConfig = field(default_factory=CoresetConfig)
+    neighbourhood: NeighbourhoodConfig = field(default_factory=NeighbourhoodConfig)
+    position: PositionConfig = field(default_factory=PositionConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    refiner: RefinerConfig = field(default_factory=RefinerConfig)
+    mode: str = "pni"  # "pni" trains MLP + position prior; "patchcore" only the memory bank
+    seed: int = 0
+    batch_size: int = 16  # images per backbone forward
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return _build(cls, data)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild nested frozen dataclasses, refusing unknown keys so typos fail loudly."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        default = names[key].default_factory() if names[key].default_factory is not dataclasses.MISSING else names[key].default  # type: ignore[misc]
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            kwargs[key] = _build(type(default), value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)

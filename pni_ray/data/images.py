@@ -1,0 +1,104 @@
+"""Image decoding that turns any file a camera or a colleague produces into RGB, or says why not."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: above every industrial sensor we target, below bombs
+
+
+class ImageError(ValueError):
+    """An input image that cannot be used; the message names the file and the problem."""
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+
+
+def _open(path: Path, max_pixels: int) -> Image.Image:
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError(f"{path}: empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except ImageError:
+        raise
+    except FileNotFoundError as exc:
+        raise ImageError(f"{path}: file not found") from exc
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from exc
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc})") from exc
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageError(
+            f"{path}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+            f"(decompression-bomb guard; raise max_pixels if this image is genuine)"
+        )
+    if w == 0 or h == 0:
+        raise ImageError(f"{path}: image has zero size {w}x{h}")
+    return img
+
+
+def image_size(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) from the header, after EXIF orientation, without decoding pixels."""
+    img = _open(Path(path), max_pixels)
+    orientation = img.getexif().get(0x0112, 1)
+    w, h = img.size
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; 16-bit and float images are rescaled, not clipped."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = (0.0, 65535.0) if img.mode.startswith("I;16") else (float(arr.min()), float(arr.max()))
+        scaled = np.clip((arr - lo) / max(hi - lo, 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode to (H, W, 3) uint8 RGB with EXIF orientation applied, or raise ImageError."""
+    path = Path(path)
+    img = _open(path, max_pixels)
+    try:
+        img.load()
+        rgb = to_rgb(img)
+    except ImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - truncated data, bad codecs: all name the file
+        raise ImageError(f"{path}: corrupt or truncated image data ({exc.__class__.__name__}: {exc})") from exc
+    return np.asarray(rgb, dtype=np.uint8).copy()
+
+
+def load_mask(path: Path | str, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Binary ground-truth mask (H, W) bool: any value > 127 is defect."""
+    path = Path(path)
+    img = _open(path, DEFAULT_MAX_PIXELS)
+    try:
+        arr = np.asarray(ImageOps.exif_transpose(img).convert("L"))
+    except Exception as exc:  # noqa: BLE001
+        raise ImageError(f"{path}: corrupt mask ({exc})") from exc
+    if expected_hw is not None and arr.shape != tuple(expected_hw):
+        raise ImageError(
+            f"{path}: mask is {arr.shape[1]}x{arr.shape[0]} but its image is {expected_hw[1]}x{expected_hw[0]}"
+        )
+    return arr > 127

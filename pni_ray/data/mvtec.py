@@ -1,0 +1,117 @@
+"""MVTec AD layout reader: `CAT/train/good`, `CAT/test/<type>`, `CAT/ground_truth/<type>/<stem>_mask.png`.
+
+Validation collects every problem of a category before failing, so one run tells the user
+all that must be fixed rather than one file at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pni_ray.data.images import ImageError, image_size, list_images, load_mask
+
+GOOD = "good"
+
+
+class LayoutError(ValueError):
+    """A category folder that does not follow the MVTec AD layout; lists every problem found."""
+
+    def __init__(self, root: Path, problems: list[str]) -> None:
+        self.root = root
+        self.problems = problems
+        shown = "\n  - ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        super().__init__(f"{root}: invalid MVTec AD layout:\n  - {shown}{more}")
+
+
+@dataclass(frozen=True)
+class TestSample:
+    path: Path
+    defect_type: str
+    mask_path: Path | None
+
+    @property
+    def label(self) -> int:
+        return int(self.defect_type != GOOD)
+
+
+@dataclass
+class Category:
+    root: Path
+    name: str
+    train: list[Path]
+    test: list[TestSample] = field(default_factory=list)
+
+    @property
+    def has_test(self) -> bool:
+        return bool(self.test) and any(s.label for s in self.test) and any(not s.label for s in self.test)
+
+    def mask(self, sample: TestSample, hw: tuple[int, int]) -> np.ndarray:
+        if sample.mask_path is None:
+            return np.zeros(hw, dtype=bool)
+        return load_mask(sample.mask_path, hw)
+
+
+def mask_path_for(root: Path, defect_type: str, image: Path) -> Path:
+    return root / "ground_truth" / defect_type / f"{image.stem}_mask.png"
+
+
+def list_categories(data_root: Path | str) -> list[str]:
+    """Sub-folders of data_root that look like categories (have a train/ folder)."""
+    data_root = Path(data_root)
+    if not data_root.is_dir():
+        raise FileNotFoundError(f"data root not found: {data_root}")
+    return sorted(p.name for p in data_root.iterdir() if p.is_dir() and (p / "train").is_dir())
+
+
+def load_category(data_root: Path | str, category: str, check_files: bool = True) -> Category:
+    """Read and validate one category; raise LayoutError naming every problem found.
+
+    check_files reads each header (and each mask's size) so unreadable files fail here,
+    before minutes of training, and not in the middle of it.
+    """
+    root = Path(data_root) / category
+    problems: list[str] = []
+    if not root.is_dir():
+        raise LayoutError(root, [f"category folder {root} does not exist"])
+    train_dir = root / "train" / GOOD
+    train = list_images(train_dir) if train_dir.is_dir() else []
+    if not train_dir.is_dir():
+        problems.append(f"{train_dir} is missing: good training images go in train/good/")
+    elif not train:
+        problems.append(f"{train_dir} has no train images (png, jpg, bmp, tif)")
+    test: list[TestSample] = []
+    test_dir = root / "test"
+    if test_dir.is_dir():
+        for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+            for image in list_images(type_dir):
+                mask = None
+                if type_dir.name != GOOD:
+                    mask = mask_path_for(root, type_dir.name, image)
+                    if not mask.is_file():
+                        problems.append(f"{image}: defect image without a mask (expected {mask})")
+                        continue
+                test.append(TestSample(image, type_dir.name, mask))
+    if check_files:
+        for path in train:
+            try:
+                image_size(path)
+            except ImageError as exc:
+                problems.append(str(exc))
+        for sample in test:
+            try:
+                w, h = image_size(sample.path)
+                if sample.mask_path is not None:
+                    mw, mh = image_size(sample.mask_path)
+                    if (mw, mh) != (w, h):
+                        problems.append(
+                            f"{sample.mask_path}: mask of another size ({mw}x{mh}) than its image {sample.path} ({w}x{h})"
+                        )
+            except ImageError as exc:
+                problems.append(str(exc))
+    if problems:
+        raise LayoutError(root, problems)
+    return Category(root=root, name=category, train=train, test=test)

@@ -1,0 +1,30 @@
+"""Images on disk -> model input tensors, one definition shared by training, scoring and export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pni_ray.data.images import load_rgb
+
+
+def resize_rgb(rgb: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize (H, W, 3) uint8 to size (square int or (h, w)) with antialiased bilinear filtering."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if rgb.shape[:2] == (h, w):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
+
+
+def to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """Stack (H, W, 3) uint8 arrays into (B, 3, H, W) float32 in [0, 1]."""
+    batch = np.stack(images).astype(np.float32) / 255.0
+    return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+
+
+def load_batch(paths: Sequence[Path], size: int) -> torch.Tensor:
+    return to_tensor([resize_rgb(load_rgb(p), size) for p in paths])

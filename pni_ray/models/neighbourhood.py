@@ -1,0 +1,60 @@
+"""p(c | N_p(x)): which C_dist entry the centre patch should be, judged from its neighbours.
+
+A linear layer over the concatenated p x p window minus the centre is exactly a p x p
+convolution whose centre tap is zero, so the MLP runs densely over a whole feature map in
+one pass (fast on CPU, one ONNX Conv for export) instead of once per patch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pni_ray.config import NeighbourhoodConfig
+
+
+class MaskedWindowConv(nn.Conv2d):
+    """p x p convolution that never sees the centre position."""
+
+    def __init__(self, in_channels: int, out_channels: int, window: int) -> None:
+        if window < 3 or window % 2 == 0:
+            raise ValueError(f"window must be odd and >= 3, got {window}")
+        super().__init__(in_channels, out_channels, window, padding=window // 2, bias=True)
+        mask = torch.ones(1, 1, window, window)
+        mask[..., window // 2, window // 2] = 0.0
+        self.register_buffer("centre_mask", mask, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight * self.centre_mask, self.bias, padding=self.padding)
+
+
+class NeighbourhoodMLP(nn.Module):
+    """Features (B, D, h, w) -> logits over C_dist (B, K, h, w) from each position's neighbours.
+
+    Borders: the grid is zero-padded, and a validity channel (1 inside the image, 0 outside)
+    goes with the features, so the network can tell "outside the image" from "zero feature".
+    """
+
+    def __init__(self, feature_dim: int, n_classes: int, cfg: NeighbourhoodConfig) -> None:
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.n_classes = n_classes
+        self.temperature = cfg.temperature
+        self.reduce = nn.Conv2d(feature_dim, cfg.bottleneck, 1)
+        self.window = MaskedWindowConv(cfg.bottleneck + 1, cfg.hidden, cfg.window)
+        layers: list[nn.Module] = []
+        for _ in range(cfg.depth):
+            layers += [nn.Conv2d(cfg.hidden, cfg.hidden, 1), nn.BatchNorm2d(cfg.hidden), nn.ReLU(inplace=True)]
+        self.hidden = nn.Sequential(nn.BatchNorm2d(cfg.hidden), nn.ReLU(inplace=True), *layers)
+        self.classifier = nn.Conv2d(cfg.hidden, n_classes, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        reduced = F.relu(self.reduce(features))
+        valid = torch.ones_like(reduced[:, :1])
+        x = self.window(torch.cat([reduced, valid], dim=1))
+        return self.classifier(self.hidden(x))
+
+    def probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        """Softmax with the paper's temperature, over the class axis."""
+        return torch.softmax(self(features) / self.temperature, dim=1)

@@ -1,0 +1,222 @@
+"""Train one category from good images only: memory bank, C_dist, neighbourhood MLP, position prior.
+
+Plain torch, no Ray: `pni-ray train` calls this directly and `train-all` calls it inside a
+Ray task, which is what makes their bundles byte-identical for the same seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pni_ray.config import NeighbourhoodConfig, TrainConfig
+from pni_ray.data.mvtec import Category, load_category
+from pni_ray.data.transforms import load_batch
+from pni_ray.models.coreset import greedy_kcenter_order
+from pni_ray.models.features import PatchFeatureExtractor, build_extractor
+from pni_ray.models.neighbourhood import NeighbourhoodMLP
+from pni_ray.models.pni import Normalisation, PNIDetector, TrainedModel, build_detector
+from pni_ray.models.position_prior import build_position_prior
+from pni_ray.models.scorer import nearest_neighbours
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+@torch.no_grad()
+def extract_features(
+    extractor: PatchFeatureExtractor, paths: list[Path], image_size: int, batch_size: int, progress: bool, desc: str
+) -> torch.Tensor:
+    """(N, D, h, w) features of the images, decoded batch by batch."""
+    out = []
+    for i in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+        out.append(extractor(load_batch(paths[i : i + batch_size], image_size)))
+    return torch.cat(out)
+
+
+def split_holdout(paths: list[Path], fraction: float, minimum: int, seed: int) -> tuple[list[Path], list[Path]]:
+    """Seeded split of train/good into memory-bank images and held-out images for calibration."""
+    n_hold = max(minimum, int(round(fraction * len(paths)))) if fraction > 0 else 0
+    if len(paths) - n_hold < 1:
+        raise ValueError(f"need at least {n_hold + 1} train images to hold {n_hold} out, got {len(paths)}")
+    perm = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed)).tolist()
+    hold = sorted(paths[i] for i in perm[:n_hold])
+    keep = sorted(paths[i] for i in perm[n_hold:])
+    return keep, hold
+
+
+def coreset_size(n_patches: int, ratio: float, min_size: int, max_size: int) -> int:
+    return int(min(n_patches, max(min_size, min(max_size, math.ceil(ratio * n_patches)))))
+
+
+def train_neighbourhood_mlp(
+    features: torch.Tensor, targets: torch.Tensor, n_classes: int, cfg: NeighbourhoodConfig, seed: int, progress: bool
+) -> tuple[NeighbourhoodMLP, dict]:
+    """Cross-entropy against the nearest C_dist entry of each centre patch; seeded, with a val split."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    torch.manual_seed(seed + 1)
+    n_img, dim, h, w = features.shape
+    mlp = NeighbourhoodMLP(dim, n_classes, cfg)
+    perm = torch.randperm(n_img, generator=generator)
+    n_val = min(n_img - 1, max(1, int(round(cfg.val_fraction * n_img)))) if n_img > 1 else 0
+    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    optimiser = torch.optim.Adam(mlp.parameters(), lr=cfg.lr)
+    schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    history = []
+    bar = tqdm(range(cfg.epochs), desc="neighbourhood MLP", unit="epoch", disable=not progress, leave=False)
+    for epoch in bar:
+        mlp.train()
+        order = train_idx[torch.randperm(len(train_idx), generator=generator)]
+        total, count = 0.0, 0
+        for i in range(0, len(order), cfg.batch_images):
+            batch = order[i : i + cfg.batch_images]
+            hidden = mlp.hidden(mlp.window(_with_validity(mlp, features[batch])))
+            rows = hidden.permute(0, 2, 3, 1).reshape(-1, hidden.shape[1])
+            labels = targets[batch].reshape(-1)
+            n_pick = min(rows.shape[0], cfg.positions_per_image * len(batch))
+            pick = torch.randperm(rows.shape[0], generator=generator)[:n_pick]
+            logits = F.linear(rows[pick], mlp.classifier.weight.flatten(1), mlp.classifier.bias)
+            loss = F.cross_entropy(logits, labels[pick])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total += float(loss) * n_pick
+            count += n_pick
+        schedule.step()
+        val = evaluate_mlp(mlp, features[val_idx], targets[val_idx]) if n_val else {}
+        history.append({"epoch": epoch + 1, "train_loss": total / max(count, 1), **val})
+        bar.set_postfix(loss=f"{total / max(count, 1):.3f}", val_acc=f"{val.get('val_top1', float('nan')):.3f}")
+        log.info("MLP epoch %d: %s", epoch + 1, history[-1])
+    mlp.eval()
+    return mlp, {"history": history, "n_train_images": len(train_idx), "n_val_images": n_val}
+
+
+def _with_validity(mlp: NeighbourhoodMLP, features: torch.Tensor) -> torch.Tensor:
+    reduced = F.relu(mlp.reduce(features))
+    return torch.cat([reduced, torch.ones_like(reduced[:, :1])], dim=1)
+
+
+@torch.no_grad()
+def evaluate_mlp(mlp: NeighbourhoodMLP, features: torch.Tensor, targets: torch.Tensor) -> dict:
+    mlp.eval()
+    logits = torch.cat([mlp(features[i : i + 8]) for i in range(0, len(features), 8)])
+    loss = F.cross_entropy(logits, targets)
+    top1 = (logits.argmax(1) == targets).float().mean()
+    top5 = (logits.topk(min(5, logits.shape[1]), dim=1).indices == targets.unsqueeze(1)).any(1).float().mean()
+    return {"val_loss": float(loss), "val_top1": float(top1), "val_top5": float(top5)}
+
+
+@torch.no_grad()
+def calibrate(
+    detector: PNIDetector, paths: list[Path], image_size: int, batch_size: int, threshold_sigmas: float
+) -> Normalisation:
+    """Score-scale and threshold from held-out good images, never from test images."""
+    if not paths:
+        return Normalisation()
+    maps, scores = [], []
+    for i in range(0, len(paths), batch_size):
+        m, s = detector(load_batch(paths[i : i + batch_size], image_size))
+        maps.append(m)
+        scores.append(s)
+    m = torch.cat(maps)
+    s = torch.cat(scores).double()
+    image_std = float(s.std()) if len(s) > 1 else 0.0
+    image_std = max(image_std, 1e-6 * max(1.0, abs(float(s.mean()))))
+    return Normalisation(
+        image_mean=float(s.mean()),
+        image_std=image_std,
+        pixel_mean=float(m.double().mean()),
+        pixel_std=max(float(m.double().std()), 1e-6),
+        threshold=float(s.mean()) + threshold_sigmas * image_std,
+        extras={"holdout_max_image_score": float(s.max()), "n_holdout": float(len(paths))},
+    )
+
+
+def train_category(
+    data_root: Path | str,
+    category: str,
+    cfg: TrainConfig = TrainConfig(),
+    progress: bool = True,
+    category_data: Category | None = None,
+) -> TrainedModel:
+    """Fit PatchCore memory bank and, in `pni` mode, the neighbourhood MLP and position prior."""
+    t0 = time.perf_counter()
+    seed_everything(cfg.seed)
+    cat = category_data or load_category(data_root, category)
+    memory_paths, holdout_paths = split_holdout(
+        cat.train, cfg.scoring.holdout_fraction, cfg.scoring.min_holdout if len(cat.train) > 2 else 0, cfg.seed
+    )
+    log.info("%s: %d memory-bank images, %d held out for calibration", category, len(memory_paths), len(holdout_paths))
+    torch.manual_seed(cfg.seed)
+    extractor = build_extractor(cfg.features)
+    feats = extract_features(extractor, memory_paths, cfg.features.image_size, cfg.batch_size, progress, "features")
+    n_img, dim, h, w = feats.shape
+    rows = feats.permute(0, 2, 3, 1).reshape(-1, dim)
+    n_select = coreset_size(rows.shape[0], cfg.coreset.ratio, cfg.coreset.min_size, cfg.coreset.max_size)
+    t_feat = time.perf_counter()
+    log.info("%s: greedy coreset of %d from %d patches", category, n_select, rows.shape[0])
+    order = greedy_kcenter_order(
+        rows, n_select, cfg.coreset.projection_dim, cfg.coreset.chunk_size, cfg.seed, progress
+    )
+    memory = rows[order].contiguous()
+    t_coreset = time.perf_counter()
+    facts: dict = {
+        "n_memory_images": n_img,
+        "n_holdout_images": len(holdout_paths),
+        "n_patches": int(rows.shape[0]),
+        "holdout_images": [p.name for p in holdout_paths],
+    }
+    emb_to_dist = prior = mlp = None
+    dist_size = 0
+    if cfg.mode == "pni":
+        dist_size = min(cfg.neighbourhood.dist_size, memory.shape[0])
+        dist = memory[:dist_size]
+        _, emb_to_dist = nearest_neighbours(memory, dist, cfg.scoring.chunk_patches)
+        _, targets = nearest_neighbours(rows, dist, cfg.scoring.chunk_patches)
+        _, nearest_emb = nearest_neighbours(rows, memory, cfg.scoring.chunk_patches)
+        prior = build_position_prior(nearest_emb.view(n_img, h, w), memory.shape[0], cfg.position.spread)
+        mlp, mlp_report = train_neighbourhood_mlp(
+            feats, targets.view(n_img, h, w), dist_size, cfg.neighbourhood, cfg.seed, progress
+        )
+        facts["mlp"] = mlp_report
+        facts["position_prior_nnz"] = int(prior.prob.numel())
+    elif cfg.mode != "patchcore":
+        raise ValueError(f"unknown training mode {cfg.mode!r}: use 'pni' or 'patchcore'")
+    t_pni = time.perf_counter()
+    trained = TrainedModel(
+        category=category,
+        config=cfg,
+        memory=memory,
+        dist_size=dist_size,
+        emb_to_dist=emb_to_dist,
+        position_prior=prior,
+        mlp=mlp,
+        normalisation=Normalisation(),
+        grid=(h, w),
+        feature_dim=dim,
+    )
+    detector = build_detector(trained, extractor)
+    trained.normalisation = calibrate(
+        detector, holdout_paths, cfg.features.image_size, cfg.batch_size, cfg.scoring.threshold_sigmas
+    )
+    seconds = {
+        "features": t_feat - t0,
+        "coreset": t_coreset - t_feat,
+        "pni": t_pni - t_coreset,
+        "calibration": time.perf_counter() - t_pni,
+        "total": time.perf_counter() - t0,
+    }
+    trained.report = {"deterministic": facts, "seconds": seconds}
+    log.info("%s: trained in %.1f s (%s)", category, seconds["total"], {k: round(v, 1) for k, v in seconds.items()})
+    return trained

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny synthetic categories and a small, fast training config."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("PNI_RAY_TEST_THREADS", "1")))
+
+from pni_ray.config import CoresetConfig, FeatureConfig, NeighbourhoodConfig, ScoringConfig, TrainConfig  # noqa: E402
+
+BOTTLE_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec_ad"
+
+
+def tiny_config(**changes) -> TrainConfig:
+    """Seconds-scale training: 128 px, lite0, small C_dist and MLP."""
+    cfg = TrainConfig(
+        features=FeatureConfig(backbone="efficientnet_lite0", image_size=128),
+        coreset=CoresetConfig(ratio=0.1, min_size=64, max_size=2048),
+        neighbourhood=NeighbourhoodConfig(dist_size=64, hidden=64, bottleneck=16, epochs=3, window=5),
+        scoring=ScoringConfig(holdout_fraction=0.15, blur_sigma=2.0),
+        batch_size=8,
+    )
+    return dataclasses.replace(cfg, **changes)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    from pni_ray.data.synthetic import SyntheticSpec, make_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(root, seed=0, spec=SyntheticSpec(size=128, n_train=16, n_test_good=4, n_test_defect_per_type=2))
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(synthetic_root):
+    from pni_ray.training import train_category
+
+    return train_category(synthetic_root, "washer", tiny_config(), progress=False)
+
+
+@pytest.fixture(scope="session")
+def bundle_tiny(trained_tiny, tmp_path_factory) -> Path:
+    from pni_ray.bundle import save_bundle
+
+    return save_bundle(trained_tiny, tmp_path_factory.mktemp("bundles") / "washer")
+
+
+@pytest.fixture(scope="session")
+def bottle_root() -> Path:
+    if not (BOTTLE_ROOT / "bottle" / "train" / "good").is_dir():
+        pytest.skip(f"real data not present at {BOTTLE_ROOT / 'bottle'}")
+    return BOTTLE_ROOT

@@ -1,0 +1,122 @@
+"""MVTec layout validation and image decoding: every failure names the file and the problem."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pni_ray.data.images import ImageError, load_mask, load_rgb
+from pni_ray.data.mvtec import LayoutError, list_categories, load_category
+
+
+def _png(path: Path, size=(32, 32), mode="RGB", value=128) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, value if mode != "RGB" else (value, value, value)).save(path)
+    return path
+
+
+def _category(root: Path, name="cat", n_train=3) -> Path:
+    base = root / name
+    for i in range(n_train):
+        _png(base / "train" / "good" / f"{i:03d}.png")
+    _png(base / "test" / "good" / "000.png")
+    _png(base / "test" / "scratch" / "000.png")
+    _png(base / "ground_truth" / "scratch" / "000_mask.png", mode="L", value=255)
+    return base
+
+
+def test_valid_layout(tmp_path):
+    _category(tmp_path)
+    cat = load_category(tmp_path, "cat")
+    assert len(cat.train) == 3
+    assert [(s.defect_type, s.label) for s in cat.test] == [("good", 0), ("scratch", 1)]
+    assert cat.has_test
+    assert list_categories(tmp_path) == ["cat"]
+
+
+def test_no_train_images(tmp_path):
+    base = _category(tmp_path, n_train=0)
+    (base / "train" / "good").mkdir(parents=True)
+    with pytest.raises(LayoutError, match="has no train images") as err:
+        load_category(tmp_path, "cat")
+    assert str(base / "train" / "good") in str(err.value)
+
+
+def test_missing_category_and_train_dir(tmp_path):
+    with pytest.raises(LayoutError, match="does not exist"):
+        load_category(tmp_path, "nope")
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(LayoutError, match="train/good"):
+        load_category(tmp_path, "bare")
+
+
+def test_defect_without_mask(tmp_path):
+    base = _category(tmp_path)
+    _png(base / "test" / "crack" / "007.png")
+    with pytest.raises(LayoutError, match="defect image without a mask") as err:
+        load_category(tmp_path, "cat")
+    assert "007.png" in str(err.value) and "ground_truth/crack/007_mask.png" in str(err.value)
+
+
+def test_mask_of_another_size(tmp_path):
+    base = _category(tmp_path)
+    _png(base / "ground_truth" / "scratch" / "000_mask.png", size=(16, 32), mode="L", value=255)
+    with pytest.raises(LayoutError, match="mask of another size"):
+        load_category(tmp_path, "cat")
+
+
+def test_unreadable_file_and_all_problems_listed(tmp_path):
+    base = _category(tmp_path)
+    (base / "train" / "good" / "bad.png").write_bytes(b"this is not a png")
+    (base / "train" / "good" / "empty.png").write_bytes(b"")
+    with pytest.raises(LayoutError) as err:
+        load_category(tmp_path, "cat")
+    assert len(err.value.problems) == 2
+    assert "bad.png" in str(err.value) and "empty.png" in str(err.value) and "empty file" in str(err.value)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "I;16", "CMYK", "RGB"])
+def test_any_mode_to_rgb(tmp_path, mode):
+    rng = np.random.default_rng(0)
+    if mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65535, (20, 30), dtype=np.uint16))
+        assert img.mode.startswith("I;16")
+    else:
+        img = Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).convert(mode)
+    path = tmp_path / ("x.tif" if mode in ("I;16", "CMYK") else "x.png")
+    img.save(path)
+    rgb = load_rgb(path)
+    assert rgb.shape == (20, 30, 3) and rgb.dtype == np.uint8
+    if mode == "I;16":  # rescaled from 16 bit, not clipped to 255
+        assert 100 < rgb.mean() < 160
+
+
+def test_exif_rotation(tmp_path):
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    path = tmp_path / "rot.jpg"
+    img.save(path, exif=exif.tobytes())
+    assert load_rgb(path).shape == (40, 20, 3)
+
+
+def test_truncated_and_bomb(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    (tmp_path / "trunc.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageError, match="trunc.png"):
+        load_rgb(tmp_path / "trunc.png")
+    _png(tmp_path / "big.png", size=(200, 200))
+    with pytest.raises(ImageError, match="exceeds the limit"):
+        load_rgb(tmp_path / "big.png", max_pixels=10_000)
+
+
+def test_mask_size_check(tmp_path):
+    _png(tmp_path / "m.png", size=(8, 6), mode="L", value=200)
+    assert load_mask(tmp_path / "m.png", (6, 8)).all()
+    with pytest.raises(ImageError, match="mask is 8x6"):
+        load_mask(tmp_path / "m.png", (8, 8))
