@@ -51,14 +51,14 @@ class NeighbourhoodConfig:
 
     window: int = 9  # paper p = 9
     dist_size: int = 2048  # |C_dist|, a prefix of the greedy order (capped by |C_emb|)
-    bottleneck: int = 32  # per-neighbour feature width before the window layer
-    hidden: int = 256
+    bottleneck: int = 16  # per-neighbour feature width before the window layer
+    hidden: int = 128
     depth: int = 2  # hidden 1x1 layers after the window layer
     temperature: float = 2.0  # softmax temperature at inference (paper: 2)
-    epochs: int = 12
+    epochs: int = 8
     batch_images: int = 8
     lr: float = 1e-3
-    lr_step: int = 5  # epochs per step decay
+    lr_step: int = 3  # epochs per step decay
     lr_gamma: float = 0.3
     val_fraction: float = 0.1
     positions_per_image: int = 512  # positions sampled for the loss per image and epoch

@@ -91,7 +91,7 @@ def train_neighbourhood_mlp(
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            total += float(loss) * n_pick
+            total += float(loss.detach()) * n_pick
             count += n_pick
         schedule.step()
         val = evaluate_mlp(mlp, features[val_idx], targets[val_idx]) if n_val else {}

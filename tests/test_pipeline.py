@@ -1,0 +1,92 @@
+"""End to end on a tiny synthetic category: train, save, load, score, evaluate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pni_ray.bundle import BundleError, MEMORY, MLP, load_bundle, model_id, save_bundle, verify_bundle
+from pni_ray.data.mvtec import load_category
+from pni_ray.data.transforms import load_batch
+from pni_ray.evaluate import ABLATION_MODES, evaluate_category
+from pni_ray.inference import load_detector
+from pni_ray.models.pni import build_detector
+from pni_ray.training import train_category
+
+from conftest import tiny_config
+
+
+def test_trained_model_shapes(trained_tiny):
+    t = trained_tiny
+    assert t.memory.shape[1] == t.feature_dim
+    assert t.dist_size == min(64, t.memory.shape[0])
+    assert t.emb_to_dist.shape == (t.memory.shape[0],)
+    assert t.emb_to_dist[: t.dist_size].tolist() == list(range(t.dist_size))  # C_dist entries map to themselves
+    assert t.grid == (16, 16)
+    assert np.isfinite(t.normalisation.threshold)
+    assert t.normalisation.threshold > t.normalisation.image_mean
+
+
+def test_bundle_roundtrip_scores_identical(trained_tiny, bundle_tiny, synthetic_root):
+    paths = load_category(synthetic_root, "washer").test[:4]
+    images = load_batch([s.path for s in paths], 128)
+    before_maps, before_scores = build_detector(trained_tiny)(images)
+    detector, manifest = load_detector(bundle_tiny)
+    after_maps, after_scores = detector(images)
+    assert torch.equal(before_maps, after_maps) and torch.equal(before_scores, after_scores)
+    assert manifest["category"] == "washer" and manifest["mode"] == "pni"
+    assert set(manifest["files"]) == {"memory.arrow", "position_prior.arrow", "neighbourhood.safetensors"}
+    assert after_maps.shape == (4, 128, 128)
+
+
+def test_tampered_and_incomplete_bundles_refused(bundle_tiny, tmp_path):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle_tiny, copy)
+    verify_bundle(copy)
+    data = bytearray((copy / MLP).read_bytes())
+    data[-1] ^= 0xFF
+    (copy / MLP).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="neighbourhood.safetensors: checksum mismatch"):
+        load_bundle(copy)
+    (copy / MEMORY).unlink()
+    with pytest.raises(BundleError, match="memory.arrow: missing"):
+        verify_bundle(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="manifest.json is missing"):
+        verify_bundle(copy)
+
+
+def test_save_is_atomic(trained_tiny, tmp_path, monkeypatch):
+    import pni_ray.bundle as bundle_mod
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(bundle_mod, "save_file", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_bundle(trained_tiny, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # neither the bundle nor its temp directory remain
+    with pytest.raises(FileExistsError):
+        monkeypatch.undo()
+        save_bundle(trained_tiny, tmp_path / "out")
+        save_bundle(trained_tiny, tmp_path / "out")
+
+
+def test_training_is_deterministic(synthetic_root, bundle_tiny, tmp_path):
+    again = train_category(synthetic_root, "washer", tiny_config(), progress=False)
+    path = save_bundle(again, tmp_path / "again")
+    assert model_id(path) == model_id(bundle_tiny)
+
+
+def test_evaluate_ablation_modes(bundle_tiny, synthetic_root):
+    detector, _ = load_detector(bundle_tiny)
+    results = evaluate_category(detector, load_category(synthetic_root, "washer"), modes=ABLATION_MODES, progress=False)
+    assert set(results) == set(ABLATION_MODES)
+    for row in results.values():
+        for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
+            assert 0.0 <= row[key] <= 1.0
+        assert row["images_per_s"] > 0 and row["n_test_images"] == 4 + 3 * 2
+    assert results["patchcore"]["image_auroc"] > 0.8  # washer defects are locally visible
