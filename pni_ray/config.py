@@ -86,15 +86,29 @@ class ScoringConfig:
 
 @dataclass(frozen=True)
 class RefinerConfig:
-    """Refinement network trained on synthetic defects (paper, Sec. 3.4)."""
+    """Refinement network trained on synthetic defects (paper, Sec. 3.4).
+
+    Units: the refiner works on maps in units u = (map - pixel_mean) / (target_sigmas * pixel_std),
+    pixel_mean / pixel_std being the PNI model's held-out calibration. In these units a synthetic
+    defect pixel's target is 1 and a normal pixel's 0 (the authors' [0, 1] map/mask scale), i.e. a
+    defect is asked to stand `target_sigmas` held-out standard deviations above the normal mean.
+    The refined map is u + r (residual r); the map the detector returns is
+    (1 - blend) * input + blend * refined = input + blend * r, back on the raw scale.
+    """
 
     enabled: bool = False
-    encoder: str = "efficientnet_lite0"
-    image_size: int = 256
+    encoder: str = "efficientnet_lite0"  # offline ImageNet weights; "densenet161" (paper) needs timm's hub
+    pretrained: bool = True  # False: seeded random encoder (tests, or weights unavailable)
+    image_size: int = 256  # resolution the network runs at; maps of any size are resized in and out
+    decoder_channels: tuple[int, ...] = (96, 64, 48, 32, 16)  # stride 16, 8, 4, 2, 1
     n_samples: int = 240  # synthetic defect images made from train/good
+    source: str = "holdout"  # "holdout": PNI's held-out calibration images; "all": every train/good image
+    p_normal: float = 0.1  # share of defect-free samples (target all zero)
+    val_fraction: float = 0.1  # synthetic samples kept out of training to report a validation loss
     epochs: int = 8
     batch_size: int = 8
     lr: float = 3e-4
+    target_sigmas: float = 4.0
     blend: float = 0.5  # final map = (1 - blend) * input map + blend * refined
     defect_weights: dict[str, float] = field(
         default_factory=lambda: {"cutpaste": 1.0, "cutpaste_scar": 1.0, "perlin": 1.0, "strokes": 1.0}

@@ -1,0 +1,71 @@
+"""PNI scoring time relative to PatchCore scoring, same bundle, same images, one run.
+
+    python benchmarks/bench_scoring_modes.py [--bundle DIR] [--threads 1] [--repeats 3]
+
+Without --bundle it trains a bundle on ../shared/data/mvtec_ad/bottle when present (else on
+synthetic data). Both modes include the backbone; PNI adds the neighbourhood MLP and the
+masked minimum. Target: pni / patchcore <= 1.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pni_ray.bundle import save_bundle
+from pni_ray.config import TrainConfig
+from pni_ray.data.mvtec import load_category
+from pni_ray.data.transforms import load_batch
+from pni_ray.inference import load_detector
+from pni_ray.training import train_category
+
+BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", type=Path)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--n-images", type=int, default=32)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if (BOTTLE / "bottle").is_dir():
+        data_root, category = BOTTLE, "bottle"
+    else:
+        from pni_ray.data.synthetic import make_synthetic
+
+        data_root, category = Path(tempfile.mkdtemp()) / "synthetic", "washer"
+        make_synthetic(data_root, categories=[category])
+    bundle = args.bundle
+    if bundle is None:
+        bundle = Path(tempfile.mkdtemp()) / category
+        print(f"training {category} at defaults (no --bundle given) ...")
+        save_bundle(train_category(data_root, category, TrainConfig(), progress=False), bundle)
+    detector, manifest = load_detector(bundle)
+    paths = [s.path for s in load_category(data_root, category).test][: args.n_images]
+    images = load_batch(paths, detector.image_size)
+    timings = {"patchcore": [], "pni": []}
+    with torch.no_grad():
+        detector(images[:2], mode="pni")  # warm-up
+        for _ in range(args.repeats):
+            for mode in ("patchcore", "pni"):  # interleaved so drift hits both alike
+                t0 = time.perf_counter()
+                for i in range(0, len(images), 8):
+                    detector(images[i : i + 8], mode=mode)
+                timings[mode].append(time.perf_counter() - t0)
+    best = {m: min(t) for m, t in timings.items()}
+    n = len(images)
+    print(f"bundle {bundle} (|C_emb|={manifest['n_memory']}, |C_dist|={manifest['dist_size']}), "
+          f"{n} images at {detector.image_size}px, {args.threads} thread(s), best of {args.repeats}")
+    for mode, t in best.items():
+        print(f"  {mode:<10} {n / t:8.2f} images/s  ({1000 * t / n:.1f} ms/image)")
+    print(f"pni / patchcore scoring time: {best['pni'] / best['patchcore']:.2f}x (target <= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()

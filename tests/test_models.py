@@ -1,0 +1,172 @@
+"""Pure model code: coreset, scorer modes, neighbourhood MLP, position prior, maps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pni_ray.config import NeighbourhoodConfig
+from pni_ray.models.anomaly_map import AnomalyMapper, gaussian_kernel1d
+from pni_ray.models.coreset import greedy_kcenter_order
+from pni_ray.models.neighbourhood import NeighbourhoodMLP
+from pni_ray.models.position_prior import build_position_prior
+from pni_ray.models.scorer import PatchScorer, masked_min, nearest_neighbours, squared_distances
+
+
+def _naive_greedy(x: torch.Tensor, n: int, start: int) -> list[int]:
+    chosen = [start]
+    d = ((x - x[start]) ** 2).sum(1).sqrt()
+    for _ in range(n - 1):
+        nxt = int(torch.argmax(d))
+        chosen.append(nxt)
+        d = torch.minimum(d, ((x - x[nxt]) ** 2).sum(1).sqrt())
+    return chosen
+
+
+def test_greedy_order_matches_naive_farthest_point():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3000, 16, generator=g, dtype=torch.float64) + 4 * torch.randint(0, 5, (3000, 1), generator=g)
+    order = greedy_kcenter_order(x, 60, projection_dim=None, chunk_size=257, seed=3, progress=False)
+    assert order.tolist() == _naive_greedy(x, 60, int(order[0]))
+
+
+def test_greedy_prefix_and_chunking_invariance():
+    x = torch.randn(5000, 40, generator=torch.Generator().manual_seed(0))
+    long = greedy_kcenter_order(x, 200, projection_dim=16, chunk_size=5000, seed=0, progress=False)
+    short = greedy_kcenter_order(x, 50, projection_dim=16, chunk_size=333, seed=0, progress=False)
+    assert torch.equal(long[:50], short)  # C_dist is a prefix of the C_emb order
+    assert len(set(long.tolist())) == 200
+
+
+def test_squared_distances_and_nearest_match_brute_force():
+    g = torch.Generator().manual_seed(0)
+    x, m = torch.randn(300, 24, generator=g), torch.randn(70, 24, generator=g)
+    ref = torch.cdist(x, m) ** 2
+    assert torch.allclose(squared_distances(x, m, (m * m).sum(1)), ref, atol=1e-4)
+    d, i = nearest_neighbours(x, m, chunk=64)
+    assert torch.equal(i, ref.argmin(1)) and torch.allclose(d, ref.min(1).values.sqrt(), atol=1e-4)
+
+
+def test_masked_min_falls_back_to_nearest():
+    d = torch.tensor([[4.0, 1.0, 9.0], [2.0, 3.0, 1.0]])
+    allowed = torch.tensor([[True, False, True], [False, False, False]])
+    assert masked_min(d, allowed).tolist() == [4.0, 1.0]
+
+
+def _scorer_setup(seed=0, m=300, k=20, d=8, h=4, w=5):
+    g = torch.Generator().manual_seed(seed)
+    memory = torch.randn(m, d, generator=g)
+    emb_to_dist = torch.cat([torch.arange(k), torch.randint(0, k, (m - k,), generator=g)])
+    prior = torch.rand(h * w, m, generator=g) ** 8
+    prior = prior / prior.sum(1, keepdim=True)
+    feats = torch.randn(2, d, h, w, generator=g)
+    p_dist = torch.softmax(3 * torch.randn(2, k, h, w, generator=g), dim=1)
+    return PatchScorer(memory, emb_to_dist, prior, tau_scale=0.5, topk=4), memory, emb_to_dist, prior, feats, p_dist
+
+
+def _reference(memory, emb_to_dist, prior, feats, p_dist, mode):
+    """Per-patch loops straight from the paper's definition."""
+    m = memory.shape[0]
+    tau = 0.5 / m
+    sizes = torch.bincount(emb_to_dist).float()
+    b, d, h, w = feats.shape
+    out = torch.zeros(b, h, w)
+    for bi in range(b):
+        for y in range(h):
+            for x in range(w):
+                phi = feats[bi, :, y, x]
+                dist = ((memory - phi) ** 2).sum(1).sqrt()
+                p_n = p_dist[bi, :, y, x][emb_to_dist] / sizes[emb_to_dist]
+                p_x = prior[y * w + x]
+                masks = {"patchcore": torch.ones(m, dtype=torch.bool), "neighbourhood": p_n > tau,
+                         "position": p_x > tau, "pni": (p_n + p_x) / 2 > tau}
+
+                def mmin(mask):
+                    return dist[mask].min() if mask.any() else dist.min()
+
+                if mode == "pni_split":
+                    out[bi, y, x] = (mmin(p_n > tau) + mmin(p_x > tau)) / 2
+                else:
+                    out[bi, y, x] = mmin(masks[mode])
+    return out
+
+
+@pytest.mark.parametrize("mode", ["patchcore", "neighbourhood", "position", "pni", "pni_split"])
+def test_scorer_modes_match_definition_topk_and_dense(mode):
+    scorer, memory, emb_to_dist, prior, feats, p_dist = _scorer_setup()
+    ref = _reference(memory, emb_to_dist, prior, feats, p_dist, mode)
+    fast = scorer(feats, p_dist, mode)
+    dense = scorer(feats, p_dist, mode, exact_dense=True)
+    assert torch.allclose(fast, ref, atol=1e-4), (fast - ref).abs().max()
+    assert torch.allclose(dense, ref, atol=1e-4)
+
+
+def test_pni_differs_from_patchcore_when_masks_bite():
+    scorer, *_, feats, p_dist = _scorer_setup()
+    assert (scorer(feats, p_dist, "pni") >= scorer(feats, p_dist, "patchcore") - 1e-6).all()
+    assert (scorer(feats, p_dist, "pni") > scorer(feats, p_dist, "patchcore") + 1e-3).any()
+
+
+def test_scorer_rejects_wrong_grid_and_mode():
+    scorer, *_, feats, p_dist = _scorer_setup()
+    with pytest.raises(ValueError, match="grid"):
+        scorer(torch.randn(1, 8, 3, 3), torch.rand(1, 20, 3, 3), "pni")
+    with pytest.raises(ValueError, match="unknown scoring mode"):
+        scorer(feats, p_dist, "magic")
+
+
+def test_neighbourhood_mlp_never_sees_the_centre():
+    cfg = NeighbourhoodConfig(window=5, bottleneck=4, hidden=16, depth=1)
+    mlp = NeighbourhoodMLP(6, 10, cfg).eval()
+    x = torch.randn(1, 6, 7, 7)
+    y = x.clone()
+    y[0, :, 3, 3] += 100.0  # change only the centre patch
+    a, b = mlp(x), mlp(y)
+    assert torch.allclose(a[..., 3, 3], b[..., 3, 3], atol=1e-5)
+    assert not torch.allclose(a[..., 3, 4], b[..., 3, 4])  # its neighbours do see it
+    z = x.clone()
+    z[0, :, 3, 5] += 100.0  # inside the 5x5 window of (3, 3)
+    assert not torch.allclose(mlp(z)[..., 3, 3], a[..., 3, 3])
+    p = mlp.probabilities(x)
+    assert torch.allclose(p.sum(1), torch.ones(1, 7, 7), atol=1e-5)
+
+
+def test_neighbourhood_mlp_border_is_outside_flag():
+    """Outside the image the grid holds zero features and validity 0, unlike a zero feature inside."""
+    cfg = NeighbourhoodConfig(window=3, bottleneck=2, hidden=4, depth=0)
+    mlp = NeighbourhoodMLP(2, 3, cfg).eval()
+    with torch.no_grad():
+        mlp.reduce.weight.zero_()
+        mlp.reduce.bias.zero_()
+        mlp.window.weight.zero_()
+        mlp.window.bias.zero_()
+        mlp.window.weight[0, 2] = 1.0  # hidden unit 0 counts valid neighbours
+    hidden = mlp.window(torch.cat([torch.zeros(1, 2, 3, 3), torch.ones(1, 1, 3, 3)], 1))
+    assert hidden[0, 0].tolist() == [[3.0, 5.0, 3.0], [5.0, 8.0, 5.0], [3.0, 5.0, 3.0]]
+
+
+def test_position_prior_spreads_and_normalises():
+    nearest = torch.zeros(2, 3, 3, dtype=torch.long)
+    nearest[0, 1, 1] = 5
+    prior = build_position_prior(nearest, n_entries=6, spread=1)
+    dense = prior.dense()
+    assert torch.allclose(dense.sum(1), torch.ones(9))
+    # the centre hit of entry 5 reaches every position within +-1 (all of a 3x3 grid)
+    assert (dense[:, 5] > 0).all()
+    # corner (0,0) collects 4 windows x 2 images = 8 hits, one of them entry 5
+    assert dense[0, 5].item() == pytest.approx(1 / 8)
+    assert dense[4, 5].item() == pytest.approx(1 / 18)
+    assert prior.prob.numel() == int((dense > 0).sum())  # stored sparse: non-zeros only
+    spread0 = build_position_prior(nearest, 6, spread=0).dense()
+    assert spread0[0, 5] == 0 and spread0[4, 5] == 0.5
+
+
+def test_anomaly_mapper_shape_and_blur():
+    mapper = AnomalyMapper(sigma=2.0)
+    scores = torch.zeros(1, 4, 4)
+    scores[0, 2, 2] = 1.0
+    out = mapper(scores, (32, 32))
+    assert out.shape == (1, 32, 32)
+    assert out.max() < 1.0 and out.min() >= 0 and out.sum() > 0
+    assert torch.isclose(gaussian_kernel1d(2.0).sum(), torch.tensor(1.0))
+    assert AnomalyMapper(0.0)(scores, (4, 4)).equal(scores)
