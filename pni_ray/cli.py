@@ -51,6 +51,12 @@ def build_config(
     epochs: int | None = None,
     refine: bool = False,
     base: TrainConfig | None = None,
+    geometry: str | None = None,
+    tile: bool | None = None,
+    tile_size: int | None = None,
+    tile_overlap: int | None = None,
+    tile_scale: float | None = None,
+    coreset_candidates: int | None = None,
 ) -> TrainConfig:
     """TrainConfig defaults with the CLI's overrides; None keeps the default."""
     cfg = base or TrainConfig()
@@ -58,13 +64,22 @@ def build_config(
         cfg.features,
         **{k: v for k, v in {"backbone": backbone, "weights": weights, "image_size": image_size}.items() if v is not None},
     )
-    coreset = dataclasses.replace(cfg.coreset, **({"ratio": coreset_ratio} if coreset_ratio is not None else {}))
+    coreset = dataclasses.replace(
+        cfg.coreset,
+        **{k: v for k, v in {"ratio": coreset_ratio, "max_candidates": coreset_candidates}.items() if v is not None},
+    )
+    geometry_cfg = dataclasses.replace(
+        cfg.geometry,
+        **{k: v for k, v in {"policy": geometry, "tile": tile, "tile_size": tile_size, "tile_overlap": tile_overlap,
+                             "tile_scale": tile_scale}.items() if v is not None},
+    )
     neighbourhood = dataclasses.replace(
         cfg.neighbourhood,
         **{k: v for k, v in {"dist_size": dist_size, "epochs": epochs}.items() if v is not None},
     )
     refiner = dataclasses.replace(cfg.refiner, enabled=refine or cfg.refiner.enabled)
-    changes: dict[str, Any] = {"features": features, "coreset": coreset, "neighbourhood": neighbourhood, "refiner": refiner}
+    changes: dict[str, Any] = {"features": features, "coreset": coreset, "neighbourhood": neighbourhood, "refiner": refiner,
+                               "geometry": geometry_cfg}
     if seed is not None:
         changes["seed"] = seed
     if mode is not None:
@@ -86,6 +101,15 @@ def train_options(fn: Any) -> Any:
         click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="Backbone weights file (.safetensors or .pth) instead of the registry's source."),
         click.option("--threads", type=int, default=None, help="torch threads (default: all cores)."),
+        click.option("--geometry", type=click.Choice(["resize", "letterbox", "short-side"]), default=None,
+                     help="Image geometry: resize (squash, default), letterbox (pad), short-side (keep aspect)."),
+        click.option("--tile/--no-tile", default=None,
+                     help="Cover each image with overlapping model-size tiles stitched into one feature grid."),
+        click.option("--tile-size", type=int, default=None, help="Tile side in pixels (default: the image size)."),
+        click.option("--tile-overlap", type=int, default=None, help="Overlap between tiles in pixels (default 64)."),
+        click.option("--tile-scale", type=float, default=None, help="Scale images by this before tiling (default 1)."),
+        click.option("--coreset-candidates", type=int, default=None,
+                     help="Cap the coreset's candidate patch rows by a seeded subsample (keeps tiled training fast)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -150,7 +174,9 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
 
     set_threads(threads)
     detector, manifest = load_detector(bundle)
-    cat = load_category(data_root, category or manifest["category"])
+    geometry = getattr(detector, "geometry", None)
+    kwargs = {"max_pixels": geometry.max_pixels} if geometry is not None else {}
+    cat = load_category(data_root, category or manifest["category"], **kwargs)
     refine_modes: tuple[str, ...] = ()
     if ablation:
         if detector.mode == "patchcore":
@@ -218,32 +244,24 @@ def backbones() -> None:
               help="Where data, bundles and reports go.")
 @click.option("--threads", type=int, default=None)
 def demo(workdir: Path, threads: int | None) -> None:
-    """Synthetic data -> train -> evaluate with the ablation table, end to end."""
+    """Synthetic data -> train-all -> ablation -> export -> scoring to Parquet -> reports."""
     from pni_ray.demo import run_demo
 
     set_threads(threads)
     run_demo(workdir)
 
 
-def _register_optional_commands() -> None:
-    """Commands that live in their own modules (Ray, export, scoring)."""
-    for module, names in (
-        ("pni_ray.orchestration.train_all", ("train_all_cmd", "ensemble_cmd")),
-        ("pni_ray.orchestration.score", ("score_cmd", "report_cmd")),
-        ("export.cli", ("export_cmd",)),
-    ):
-        try:
-            mod = __import__(module, fromlist=list(names))
-        except ModuleNotFoundError as exc:
-            if exc.name and module.startswith(exc.name):
-                continue
-            raise
-        for name in names:
-            if hasattr(mod, name):
-                main.add_command(getattr(mod, name))
+def _register_commands() -> None:
+    """Commands that live beside the code they drive (Ray orchestration, export)."""
+    from export.cli import export_cmd
+    from pni_ray.orchestration.score import report_cmd, score_cmd
+    from pni_ray.orchestration.train_all import ensemble_cmd, train_all_cmd
+
+    for command in (train_all_cmd, ensemble_cmd, score_cmd, report_cmd, export_cmd):
+        main.add_command(command)
 
 
-_register_optional_commands()
+_register_commands()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pni_ray import metrics
-from pni_ray.data.images import load_rgb
+from pni_ray.data.images import DEFAULT_MAX_PIXELS, load_rgb
 from pni_ray.data.mvtec import Category
 from pni_ray.data.transforms import resize_rgb, to_tensor
 from pni_ray.models.anomaly_map import image_scores
@@ -50,14 +50,29 @@ def run_modes(
     progress: bool = True,
 ) -> dict[str, ModeResult]:
     """Maps and image scores of every mode; `refine_modes` are modes also run through the refiner."""
+    geometry = getattr(detector, "geometry", None)  # the bundle's image geometry (pni_ray.data.geometry)
+    if geometry is not None and not geometry.is_default:
+        from pni_ray.data.geometry import run_modes_geometry
+
+        return run_modes_geometry(detector, paths, modes, batch_size, refine_modes, progress)
+    max_pixels = geometry.max_pixels if geometry is not None else DEFAULT_MAX_PIXELS
     names = list(modes) + [f"{m}+refine" for m in refine_modes]
     maps: dict[str, list[np.ndarray]] = {n: [] for n in names}
     scores: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     seconds = {n: 0.0 for n in names}
     for i in tqdm(range(0, len(paths), batch_size), desc="scoring", unit="batch", disable=not progress, leave=False):
-        originals = [load_rgb(p) for p in paths[i : i + batch_size]]
+        originals = [load_rgb(p, max_pixels) for p in paths[i : i + batch_size]]
         t0 = time.perf_counter()
         images = to_tensor([resize_rgb(o, detector.image_size) for o in originals])
+        if getattr(detector, "extractor", None) is None:  # an ensemble: each mode runs the whole model
+            t_prep = time.perf_counter() - t0
+            for name in names:
+                t2 = time.perf_counter()
+                batch_maps, batch_scores = detector(images, name.removesuffix("+refine"), name.endswith("+refine"))
+                seconds[name] += t_prep + time.perf_counter() - t2
+                scores[name].append(batch_scores)
+                maps[name].extend(upsample_to(m, o.shape[:2]) for m, o in zip(batch_maps, originals))
+            continue
         features = detector.extractor(images)
         t_feat = time.perf_counter() - t0
         p_dist, t_mlp = None, 0.0

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pni_ray.config import NeighbourhoodConfig, TrainConfig
+from pni_ray.data.geometry import Geometry, candidate_rows, content_maps, extract_training_features
+from pni_ray.data.images import DEFAULT_MAX_PIXELS
 from pni_ray.data.mvtec import Category, load_category
 from pni_ray.data.transforms import load_batch
 from pni_ray.models.coreset import greedy_kcenter_order
@@ -36,12 +38,13 @@ def seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def extract_features(
-    extractor: PatchFeatureExtractor, paths: list[Path], image_size: int, batch_size: int, progress: bool, desc: str
+    extractor: PatchFeatureExtractor, paths: list[Path], image_size: int, batch_size: int, progress: bool, desc: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> torch.Tensor:
     """(N, D, h, w) features of the images, decoded batch by batch."""
     out = []
     for i in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-        out.append(extractor(load_batch(paths[i : i + batch_size], image_size)))
+        out.append(extractor(load_batch(paths[i : i + batch_size], image_size, max_pixels)))
     return torch.cat(out)
 
 
@@ -61,9 +64,21 @@ def coreset_size(n_patches: int, ratio: float, min_size: int, max_size: int) -> 
 
 
 def train_neighbourhood_mlp(
-    features: torch.Tensor, targets: torch.Tensor, n_classes: int, cfg: NeighbourhoodConfig, seed: int, progress: bool
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    n_classes: int,
+    cfg: NeighbourhoodConfig,
+    seed: int,
+    progress: bool,
+    valid: torch.Tensor | None = None,
+    crop: tuple[int, int] | None = None,
 ) -> tuple[NeighbourhoodMLP, dict]:
-    """Cross-entropy against the nearest C_dist entry of each centre patch; seeded, with a val split."""
+    """Cross-entropy against the nearest C_dist entry of each centre patch; seeded, with a val split.
+
+    valid (N, h, w) bool: only valid positions (not letterbox padding) are sampled for the loss.
+    crop (ch, cw): each batch trains on a seeded random crop of the grid (large tiled grids), its
+    inputs widened by the window radius so every cropped position sees its true neighbourhood.
+    """
     generator = torch.Generator().manual_seed(seed + 1)
     torch.manual_seed(seed + 1)
     n_img, dim, h, w = features.shape
@@ -81,11 +96,21 @@ def train_neighbourhood_mlp(
         total, count = 0.0, 0
         for i in range(0, len(order), cfg.batch_images):
             batch = order[i : i + cfg.batch_images]
-            hidden = mlp.hidden(mlp.window(_with_validity(mlp, features[batch])))
+            if valid is None and crop is None:
+                hidden = mlp.hidden(mlp.window(_with_validity(mlp, features[batch])))
+                labels = targets[batch].reshape(-1)
+            else:
+                hidden, labels, batch_valid = _cropped_batch(mlp, features, targets, valid, batch, crop, cfg.window, generator)
             rows = hidden.permute(0, 2, 3, 1).reshape(-1, hidden.shape[1])
-            labels = targets[batch].reshape(-1)
-            n_pick = min(rows.shape[0], cfg.positions_per_image * len(batch))
-            pick = torch.randperm(rows.shape[0], generator=generator)[:n_pick]
+            if valid is None:
+                n_pick = min(rows.shape[0], cfg.positions_per_image * len(batch))
+                pick = torch.randperm(rows.shape[0], generator=generator)[:n_pick]
+            else:
+                allowed = batch_valid.reshape(-1).nonzero(as_tuple=True)[0]
+                n_pick = min(allowed.numel(), cfg.positions_per_image * len(batch))
+                if n_pick == 0:
+                    continue
+                pick = allowed[torch.randperm(allowed.numel(), generator=generator)[:n_pick]]
             logits = F.linear(rows[pick], mlp.classifier.weight.flatten(1), mlp.classifier.bias)
             loss = F.cross_entropy(logits, labels[pick])
             optimiser.zero_grad(set_to_none=True)
@@ -94,12 +119,40 @@ def train_neighbourhood_mlp(
             total += float(loss.detach()) * n_pick
             count += n_pick
         schedule.step()
-        val = evaluate_mlp(mlp, features[val_idx], targets[val_idx]) if n_val else {}
+        if valid is None and crop is None:
+            val = evaluate_mlp(mlp, features[val_idx], targets[val_idx]) if n_val else {}
+        else:
+            val = evaluate_mlp_masked(mlp, features, targets, valid, val_idx) if n_val else {}
         history.append({"epoch": epoch + 1, "train_loss": total / max(count, 1), **val})
         bar.set_postfix(loss=f"{total / max(count, 1):.3f}", val_acc=f"{val.get('val_top1', float('nan')):.3f}")
         log.info("MLP epoch %d: %s", epoch + 1, history[-1])
     mlp.eval()
     return mlp, {"history": history, "n_train_images": len(train_idx), "n_val_images": n_val}
+
+
+def _cropped_batch(
+    mlp: NeighbourhoodMLP,
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    valid: torch.Tensor | None,
+    batch: torch.Tensor,
+    crop: tuple[int, int] | None,
+    window: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hidden activations, labels and validity of a (possibly cropped) batch, cropped alike."""
+    _, _, h, w = features.shape
+    ch, cw = (h, w) if crop is None else (min(h, crop[0]), min(w, crop[1]))
+    y0 = int(torch.randint(h - ch + 1, (1,), generator=generator)) if ch < h else 0
+    x0 = int(torch.randint(w - cw + 1, (1,), generator=generator)) if cw < w else 0
+    r = window // 2
+    ya, yb, xa, xb = max(0, y0 - r), min(h, y0 + ch + r), max(0, x0 - r), min(w, x0 + cw + r)
+    x = features[:, :, ya:yb, xa:xb][batch]
+    hidden = mlp.hidden(mlp.window(_with_validity(mlp, x)))
+    hidden = hidden[:, :, y0 - ya : y0 - ya + ch, x0 - xa : x0 - xa + cw]
+    labels = targets[:, y0 : y0 + ch, x0 : x0 + cw][batch].reshape(-1)
+    ok = valid[:, y0 : y0 + ch, x0 : x0 + cw][batch] if valid is not None else torch.ones(len(batch), ch, cw, dtype=torch.bool)
+    return hidden, labels, ok
 
 
 def _with_validity(mlp: NeighbourhoodMLP, features: torch.Tensor) -> torch.Tensor:
@@ -118,19 +171,53 @@ def evaluate_mlp(mlp: NeighbourhoodMLP, features: torch.Tensor, targets: torch.T
 
 
 @torch.no_grad()
+def evaluate_mlp_masked(
+    mlp: NeighbourhoodMLP, features: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None, idx: torch.Tensor
+) -> dict:
+    """evaluate_mlp over valid positions only, one image at a time (bounded memory on big grids)."""
+    mlp.eval()
+    loss = top1 = top5 = 0.0
+    count = 0
+    for i in idx.tolist():
+        logits = mlp(features[i : i + 1])[0].flatten(1).T
+        labels = targets[i].reshape(-1)
+        if valid is not None:
+            keep = valid[i].reshape(-1)
+            logits, labels = logits[keep], labels[keep]
+        if labels.numel() == 0:
+            continue
+        loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+        top1 += float((logits.argmax(1) == labels).sum())
+        top5 += float((logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.unsqueeze(1)).any(1).sum())
+        count += labels.numel()
+    count = max(count, 1)
+    return {"val_loss": loss / count, "val_top1": top1 / count, "val_top5": top5 / count}
+
+
+@torch.no_grad()
 def calibrate(
-    detector: PNIDetector, paths: list[Path], image_size: int, batch_size: int, threshold_sigmas: float
+    detector: PNIDetector, paths: list[Path], image_size: int, batch_size: int, threshold_sigmas: float,
+    geometry: Geometry | None = None,
 ) -> Normalisation:
-    """Score-scale and threshold from held-out good images, never from test images."""
+    """Score-scale and threshold from held-out good images, never from test images.
+
+    Under a non-default geometry the pixel statistics cover the image content only (no padding).
+    """
     if not paths:
         return Normalisation()
-    maps, scores = [], []
-    for i in range(0, len(paths), batch_size):
-        m, s = detector(load_batch(paths[i : i + batch_size], image_size))
-        maps.append(m)
-        scores.append(s)
-    m = torch.cat(maps)
-    s = torch.cat(scores).double()
+    if geometry is not None and not geometry.is_default:
+        content, s = content_maps(detector, geometry, paths, batch_size)
+        m = torch.cat([c.reshape(-1) for c in content])
+        s = s.double()
+    else:
+        maps, scores = [], []
+        for i in range(0, len(paths), batch_size):
+            max_pixels = geometry.max_pixels if geometry is not None else DEFAULT_MAX_PIXELS
+            m, s = detector(load_batch(paths[i : i + batch_size], image_size, max_pixels))
+            maps.append(m)
+            scores.append(s)
+        m = torch.cat(maps)
+        s = torch.cat(scores).double()
     image_std = float(s.std()) if len(s) > 1 else 0.0
     image_std = max(image_std, 1e-6 * max(1.0, abs(float(s.mean()))))
     return Normalisation(
@@ -153,28 +240,40 @@ def train_category(
     """Fit PatchCore memory bank and, in `pni` mode, the neighbourhood MLP and position prior."""
     t0 = time.perf_counter()
     seed_everything(cfg.seed)
-    cat = category_data or load_category(data_root, category)
+    geometry = Geometry.from_config(cfg)
+    cat = category_data or load_category(data_root, category, max_pixels=geometry.max_pixels)
     memory_paths, holdout_paths = split_holdout(
         cat.train, cfg.scoring.holdout_fraction, cfg.scoring.min_holdout if len(cat.train) > 2 else 0, cfg.seed
     )
     log.info("%s: %d memory-bank images, %d held out for calibration", category, len(memory_paths), len(holdout_paths))
     torch.manual_seed(cfg.seed)
     extractor = build_extractor(cfg.features)
-    feats = extract_features(extractor, memory_paths, cfg.features.image_size, cfg.batch_size, progress, "features")
+    valid = None  # (N, h, w) bool under a non-default geometry: False at letterbox / tiling padding
+    if geometry.is_default:
+        feats = extract_features(
+            extractor, memory_paths, cfg.features.image_size, cfg.batch_size, progress, "features", geometry.max_pixels
+        )
+    else:
+        log.info("%s: geometry %s", category, geometry.describe())
+        feats, valid = extract_training_features(extractor, geometry, memory_paths, cfg.batch_size, progress)
     n_img, dim, h, w = feats.shape
     rows = feats.permute(0, 2, 3, 1).reshape(-1, dim)
-    n_select = coreset_size(rows.shape[0], cfg.coreset.ratio, cfg.coreset.min_size, cfg.coreset.max_size)
+    candidates = candidate_rows(valid, rows.shape[0], cfg.coreset.max_candidates, cfg.seed)
+    pool = rows if candidates is None else rows[candidates]
+    n_patches = rows.shape[0] if valid is None else int(valid.sum())
+    n_select = min(pool.shape[0], coreset_size(n_patches, cfg.coreset.ratio, cfg.coreset.min_size, cfg.coreset.max_size))
     t_feat = time.perf_counter()
-    log.info("%s: greedy coreset of %d from %d patches", category, n_select, rows.shape[0])
+    log.info("%s: greedy coreset of %d from %d candidate patches (%d patches)", category, n_select, pool.shape[0], n_patches)
     order = greedy_kcenter_order(
-        rows, n_select, cfg.coreset.projection_dim, cfg.coreset.chunk_size, cfg.seed, progress
+        pool, n_select, cfg.coreset.projection_dim, cfg.coreset.chunk_size, cfg.seed, progress
     )
-    memory = rows[order].contiguous()
+    memory = pool[order].contiguous()
     t_coreset = time.perf_counter()
     facts: dict = {
         "n_memory_images": n_img,
         "n_holdout_images": len(holdout_paths),
         "n_patches": int(rows.shape[0]),
+        **({} if geometry.is_default else {"n_valid_patches": n_patches, "n_candidates": int(pool.shape[0]), "grid": [h, w]}),
         "holdout_images": [p.name for p in holdout_paths],
     }
     emb_to_dist = prior = mlp = None
@@ -185,9 +284,10 @@ def train_category(
         _, emb_to_dist = nearest_neighbours(memory, dist, cfg.scoring.chunk_patches)
         _, targets = nearest_neighbours(rows, dist, cfg.scoring.chunk_patches)
         _, nearest_emb = nearest_neighbours(rows, memory, cfg.scoring.chunk_patches)
-        prior = build_position_prior(nearest_emb.view(n_img, h, w), memory.shape[0], cfg.position.spread)
+        prior = build_position_prior(nearest_emb.view(n_img, h, w), memory.shape[0], cfg.position.spread, valid)
         mlp, mlp_report = train_neighbourhood_mlp(
-            feats, targets.view(n_img, h, w), dist_size, cfg.neighbourhood, cfg.seed, progress
+            feats, targets.view(n_img, h, w), dist_size, cfg.neighbourhood, cfg.seed, progress,
+            valid=valid, crop=geometry.mlp_crop(),
         )
         facts["mlp"] = mlp_report
         facts["position_prior_nnz"] = int(prior.prob.numel())
@@ -208,7 +308,7 @@ def train_category(
     )
     detector = build_detector(trained, extractor)
     trained.normalisation = calibrate(
-        detector, holdout_paths, cfg.features.image_size, cfg.batch_size, cfg.scoring.threshold_sigmas
+        detector, holdout_paths, cfg.features.image_size, cfg.batch_size, cfg.scoring.threshold_sigmas, geometry
     )
     seconds = {
         "features": t_feat - t0,

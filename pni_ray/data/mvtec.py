@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pni_ray.data.images import ImageError, image_size, list_images, load_mask
+from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError, image_size, list_images, load_mask
 
 GOOD = "good"
 
@@ -67,11 +67,13 @@ def list_categories(data_root: Path | str) -> list[str]:
     return sorted(p.name for p in data_root.iterdir() if p.is_dir() and (p / "train").is_dir())
 
 
-def load_category(data_root: Path | str, category: str, check_files: bool = True) -> Category:
+def load_category(
+    data_root: Path | str, category: str, check_files: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Category:
     """Read and validate one category; raise LayoutError naming every problem found.
 
     check_files reads each header (and each mask's size) so unreadable files fail here,
-    before minutes of training, and not in the middle of it.
+    before minutes of training, and not in the middle of it; images over `max_pixels` are refused.
     """
     root = Path(data_root) / category
     problems: list[str] = []
@@ -98,14 +100,14 @@ def load_category(data_root: Path | str, category: str, check_files: bool = True
     if check_files:
         for path in train:
             try:
-                image_size(path)
+                image_size(path, max_pixels)
             except ImageError as exc:
                 problems.append(str(exc))
         for sample in test:
             try:
-                w, h = image_size(sample.path)
+                w, h = image_size(sample.path, max_pixels)
                 if sample.mask_path is not None:
-                    mw, mh = image_size(sample.mask_path)
+                    mw, mh = image_size(sample.mask_path, max_pixels)
                     if (mw, mh) != (w, h):
                         problems.append(
                             f"{sample.mask_path}: mask of another size ({mw}x{mh}) than its image {sample.path} ({w}x{h})"

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pni_ray.data.images import load_rgb
+from pni_ray.data.images import DEFAULT_MAX_PIXELS, load_rgb
 
 
 def resize_rgb(rgb: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
@@ -26,5 +26,5 @@ def to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
 
 
-def load_batch(paths: Sequence[Path], size: int) -> torch.Tensor:
-    return to_tensor([resize_rgb(load_rgb(p), size) for p in paths])
+def load_batch(paths: Sequence[Path], size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    return to_tensor([resize_rgb(load_rgb(p, max_pixels), size) for p in paths])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -73,6 +74,15 @@ class PNIDetector(nn.Module):
             maps = self.refiner(images, maps)
         return maps, image_scores(maps)
 
+    def predict_images(
+        self, images: list, mode: str | None = None, refine: bool | None = None, batch_size: int = 8
+    ) -> tuple[list, "np.ndarray"]:
+        """uint8 (H, W, 3) arrays of any size -> maps at each image's own size and image scores,
+        prepared with the bundle's geometry (pni_ray.data.geometry)."""
+        from pni_ray.data.geometry import predict_images
+
+        return predict_images(self, images, mode, refine, batch_size)
+
 
 @dataclass
 class TrainedModel:
@@ -111,4 +121,7 @@ def build_detector(trained: TrainedModel, extractor: PatchFeatureExtractor | Non
         mode=cfg.scoring.mode if cfg.mode == "pni" else "patchcore",
         image_size=cfg.features.image_size,
     )
+    from pni_ray.data.geometry import Geometry
+
+    detector.geometry = Geometry.from_config(cfg, tuple(trained.grid))  # how images are prepared and maps restored
     return detector.eval()

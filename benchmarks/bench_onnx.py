@@ -1,0 +1,268 @@
+"""onnxruntime vs torch-eager scoring throughput of one bundle, in one run, at one thread count.
+
+    .venv/bin/python benchmarks/bench_onnx.py --bundle /tmp/bottle_bundle --threads 1
+
+Exports the bundle (or uses --export-dir), loads the same test images for both, and times the
+full scoring path -- images -> maps + image scores -- of the torch bundle (`PNIDetector`, its
+default exact top-k scorer) and of `export.runtime` alternately, repeat by repeat, so load from
+other processes hits both alike; the median images/s of each and their ratio are printed.
+
+Then: a per-stage profile of both, the scorer-graph variants behind the export's choices
+(chunking, coresets as constants or inputs, exact-threshold mask vs torch's arithmetic, ORT
+optimisation level), parity figures on the images (--parity-all: the whole test split), and the
+export directory size against the authors' layout (10 x 2048 MLP + dense position histogram).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, default=Path("/tmp/bottle_bundle"))
+    p.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data" / "mvtec_ad")
+    p.add_argument("--category", default=None, help="default: the bundle's")
+    p.add_argument("--export-dir", type=Path, default=None, help="existing export of the bundle (default: export now)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads = onnxruntime intra-op threads")
+    p.add_argument("--images", type=int, default=8, help="test images timed per repeat")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variants", action="store_true", help="also time scorer-graph variants")
+    p.add_argument("--parity-all", action="store_true", help="parity on every test image of the category")
+    p.add_argument("--json", type=Path, default=None, help="write every figure here")
+    return p.parse_args()
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())
+
+
+def authors_layout_bytes(manifest: dict) -> dict[str, int]:
+    """The same model stored the authors' way: a 10-layer, 2048-wide MLP on the concatenated
+    (p^2 - 1) neighbour features, and the position histogram dense, positions x |C_emb| float32.
+    The memory bank and the backbone are the same in both layouts and counted once each.
+    """
+    cfg = manifest["config"]["neighbourhood"]
+    d, k, m = manifest["feature_dim"], manifest["dist_size"], manifest["n_memory"]
+    h, w = manifest["grid"]
+    width, layers = 2048, 10
+    n_in = (cfg["window"] ** 2 - 1) * d
+    params = (n_in * width + width) + (layers - 2) * (width * width + width) + (width * k + k)
+    files = manifest["files"]
+    backbone = files["backbone.onnx"]["bytes"]
+    return {
+        "mlp_10x2048": 4 * params,
+        "dense_position_histogram": 4 * h * w * m,
+        "memory_bank": 4 * m * d,
+        "backbone_graph": backbone,
+        "total": 4 * params + 4 * h * w * m + 4 * m * d + backbone,
+    }
+
+
+def timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    args = parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import onnxruntime as ort
+
+    from export import scorer_graph, tables
+    from export.onnx_export import ExportOptions, export_bundle, parity_figures, torch_reference
+    from export.runtime import _session_options, load_exported
+    from pni_ray.data.mvtec import load_category
+    from pni_ray.data.transforms import load_batch
+    from pni_ray.inference import load_detector
+
+    out: dict = {"threads": args.threads, "bundle": str(args.bundle)}
+    detector, bmanifest = load_detector(args.bundle)
+    category = args.category or bmanifest["category"]
+    size = detector.image_size
+    tmp = None
+    export_dir = args.export_dir
+    if export_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="pni-ray-bench-")
+        export_dir = Path(tmp.name) / "export"
+        t0 = time.perf_counter()
+        export_bundle(args.bundle, export_dir, ExportOptions())
+        out["export_seconds"] = time.perf_counter() - t0
+        print(f"exported {args.bundle} -> {export_dir} in {out['export_seconds']:.1f} s")
+
+    t0 = time.perf_counter()
+    model = load_exported(export_dir, threads=args.threads)
+    out["ort_load_seconds"] = time.perf_counter() - t0
+    manifest = model.manifest
+    cat = load_category(args.data_root, category)
+    samples = cat.test
+    images = load_batch([s.path for s in samples[: args.images]], size).numpy()
+    n = len(images)
+
+    def run_torch() -> None:
+        with torch.no_grad():
+            for i in range(0, n, args.batch):
+                detector(torch.from_numpy(images[i : i + args.batch]))
+
+    def run_ort() -> None:
+        for i in range(0, n, args.batch):
+            model.predict(images[i : i + args.batch])
+
+    run_torch(), run_ort()  # warm-up: allocator, lazy kernels
+    t_torch, t_ort = [], []
+    for r in range(args.repeats):
+        t_torch.append(timed(run_torch))
+        t_ort.append(timed(run_ort))
+        print(f"repeat {r + 1}: torch {n / t_torch[-1]:.2f} img/s   onnxruntime {n / t_ort[-1]:.2f} img/s")
+    torch_ips, ort_ips = n / statistics.median(t_torch), n / statistics.median(t_ort)
+    out.update(images=n, batch=args.batch, repeats=args.repeats, torch_images_per_s=torch_ips,
+               ort_images_per_s=ort_ips, speedup=ort_ips / torch_ips)
+    print(f"\nscoring throughput, {args.threads} thread(s), batch {args.batch}, {n} {category} images x {args.repeats}:")
+    print(f"  torch eager  {torch_ips:8.2f} images/s")
+    print(f"  onnxruntime  {ort_ips:8.2f} images/s")
+    print(f"  ratio        {ort_ips / torch_ips:8.2f}x  (target >= 1.5x)")
+
+    # ---- per-stage profile (one batch)
+    x = images[: args.batch]
+    xt = torch.from_numpy(x)
+    prof: dict[str, dict[str, float]] = {"torch": {}, "onnxruntime": {}}
+    with torch.no_grad():
+        prof["torch"]["backbone"] = min(timed(detector.extractor, xt) for _ in range(2))
+        feats = detector.extractor(xt)
+        prof["torch"]["mlp"] = min(timed(detector.mlp.probabilities, feats) for _ in range(2))
+        probs = detector.mlp.probabilities(feats)
+        prof["torch"]["scorer+map"] = min(timed(lambda: detector.mapper(detector.scorer(feats, probs, detector.mode), (size, size))) for _ in range(2))
+    (f_np,) = model.run_stage("backbone", {"images": x})
+    prof["onnxruntime"]["backbone"] = min(timed(model.run_stage, "backbone", {"images": x}) for _ in range(2))
+    feeds = {"features": f_np, **model.table_feeds}
+    if "mlp" in model.sessions:
+        prof["onnxruntime"]["mlp"] = min(timed(model.run_stage, "mlp", {"features": f_np}) for _ in range(2))
+        (feeds["probabilities"],) = model.run_stage("mlp", {"features": f_np})
+    prof["onnxruntime"]["scorer+map"] = min(timed(model.run_stage, "scorer", feeds) for _ in range(2))
+    out["profile_seconds_per_batch"] = prof
+    print(f"\nper stage, seconds per batch of {len(x)}:")
+    for stage in prof["torch"]:
+        a, b = prof["torch"][stage], prof["onnxruntime"].get(stage, float("nan"))
+        print(f"  {stage:<11} torch {a:7.3f}   onnxruntime {b:7.3f}   ({a / b:.2f}x)")
+
+    # ---- scorer-graph variants: what the export's choices buy
+    if args.variants:
+        st = tables.ScoringTables.read(export_dir)
+        mode = manifest["mode"]
+        masks = tables.mask_spec(mode, st, float(manifest["tau"]))
+        h, w = manifest["grid"]
+        base = dict(mode=mode, memory=st.memory, emb_to_dist=st.emb_to_dist, masks=masks, grid=(h, w),
+                    image_size=(size, size), blur_sigma=float(manifest["config"]["scoring"]["blur_sigma"]),
+                    n_dist=int(manifest["dist_size"]))
+        prior_dense = np.zeros((h * w, st.memory.shape[0]), np.float32)
+        if st.prior_prob is not None:
+            prior_dense[st.prior_position, st.prior_entry] = st.prior_prob
+        variants = {
+            "export default: chunk 64, entry-major mask, [x,1] MatMul": dict(chunk=64),
+            "chunk 16": dict(chunk=16),
+            "chunk 256": dict(chunk=256),
+            f"no chunking ({h * w} positions at once)": dict(chunk=h * w),
+            "Gemm with bias input instead of [x,1] MatMul": dict(distance="gemm"),
+            "coresets as graph inputs (fed from Arrow)": dict(coresets="input"),
+            "naive: Gather last axis, GreaterOrEqual, Where(+inf)": dict(layout="naive", distance="gemm"),
+            "naive + torch's arithmetic mask (Mul/Add/Mul/Greater)": dict(layout="naive", distance="gemm", mask="arithmetic",
+                                                                       inv_cluster=st.inv_cluster, prior_dense=prior_dense,
+                                                                       tau=float(manifest["tau"])),
+        }
+        from export.runtime import scorer_table_feeds
+
+        input_feeds = scorer_table_feeds(export_dir, {**manifest, "scorer": {"coresets": "input"}})
+        vfeeds = {"features": f_np, **({"probabilities": feeds["probabilities"]} if "probabilities" in feeds else {})}
+        results, sessions = {}, {}
+        for name, kw in list(variants.items()) + [("ORT optimisation level 'basic' (default graph)", {"_level": "basic"}),
+                                                  ("ORT optimisation disabled (default graph)", {"_level": "disable"})]:
+            level = kw.pop("_level", "all")
+            if kw.get("mask") == "arithmetic" and mode != "pni":
+                continue
+            model_proto = scorer_graph.build_scorer_graph(scorer_graph.ScorerSpec(**base, **kw), manifest["opset"])
+            t0 = time.perf_counter()
+            sess = ort.InferenceSession(model_proto.SerializeToString(), _session_options(args.threads, level),
+                                        providers=["CPUExecutionProvider"])
+            start = time.perf_counter() - t0
+            f = dict(vfeeds)
+            if kw.get("coresets") == "input":
+                names = {i.name for i in sess.get_inputs()}
+                f.update({k: v for k, v in input_feeds.items() if k in names})
+            sess.run(None, f)
+            sessions[name] = (sess, f)
+            results[name] = {"session_start_seconds": start, "graph_bytes": model_proto.ByteSize(), "level": level,
+                             "runs": []}
+        for _ in range(args.repeats):  # round-robin, so drifting load from other processes hits all alike
+            for name, (sess, f) in sessions.items():
+                results[name]["runs"].append(timed(sess.run, None, f))
+        default = next(iter(results))
+        ref_maps = sessions[default][0].run(["maps"], sessions[default][1])[0]
+        print(f"\nscorer graph variants, median seconds per batch of {len(x)} over {args.repeats} round-robin rounds "
+              "(session start in brackets):")
+        for name, r in results.items():
+            r["seconds_per_batch"] = statistics.median(r["runs"])
+            r["max_map_difference_to_default"] = float(np.abs(sessions[name][0].run(["maps"], sessions[name][1])[0] - ref_maps).max())
+            print(f"  {name:<58} {r['seconds_per_batch']:7.3f} s   [{r['session_start_seconds']:5.2f} s]   "
+                  f"graph {r['graph_bytes'] / 2**20:6.1f} MiB   max map diff {r['max_map_difference_to_default']:.1e}")
+        del sessions
+        out["scorer_variants"] = results
+
+    # ---- parity
+    par_samples = samples if args.parity_all else samples[: args.images]
+    par_images = load_batch([s.path for s in par_samples], size).numpy() if args.parity_all else images
+    ref = torch_reference(detector, par_images, batch=args.batch)
+    got = model.predict(par_images)
+    fig = parity_figures(*ref, *got)
+    labels = np.array([s.label for s in par_samples])
+    fig["decisions_identical"] = bool(np.array_equal(ref[1] > model.threshold, got[1] > model.threshold))
+    if len(set(labels)) == 2:
+        from pni_ray.metrics import image_auroc  # type: ignore[attr-defined]
+
+        try:
+            fig["image_auroc_torch"], fig["image_auroc_onnxruntime"] = image_auroc(labels, ref[1]), image_auroc(labels, got[1])
+        except Exception:  # noqa: BLE001 - metric helper signature differs; parity does not depend on it
+            pass
+    out["parity"] = fig
+    print(f"\nparity on {fig['n_images']} {category} test images: max abs map error {fig['max_abs_error']:.3g}, "
+          f"max rel {fig['max_rel_error']:.3g}, image-score abs {fig['max_abs_score_error']:.3g}, "
+          f"ranking identical: {fig['ranking_identical']}, decisions identical: {fig['decisions_identical']}")
+
+    # ---- sizes
+    ours = dir_bytes(export_dir)
+    theirs = authors_layout_bytes(manifest)
+    out["sizes"] = {"export_dir_bytes": ours, "files": {k: v["bytes"] for k, v in manifest["files"].items()},
+                    "authors_layout_bytes": theirs}
+    print(f"\nexport directory: {ours / 2**20:.1f} MiB  " +
+          ", ".join(f"{k} {v['bytes'] / 2**20:.2f}" for k, v in sorted(manifest["files"].items())))
+    print(f"authors' layout:  {theirs['total'] / 2**20:.1f} MiB  (10 x 2048 MLP {theirs['mlp_10x2048'] / 2**20:.1f}, "
+          f"dense position histogram {theirs['dense_position_histogram'] / 2**20:.1f}, memory bank "
+          f"{theirs['memory_bank'] / 2**20:.1f}, backbone graph {theirs['backbone_graph'] / 2**20:.1f})  "
+          f"= {theirs['total'] / ours:.1f}x ours")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2, default=float) + "\n")
+        print(f"wrote {args.json}")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""Bundle -> export directory: ONNX graphs, Arrow tables and a checksummed manifest.
+
+    backbone.onnx   images (B, 3, S, S) in [0, 1] -> features (B, D, h, w)   normalisation, the two
+                    backbone stages and the p x p aggregation, traced from the torch extractor
+    mlp.onnx        features -> probabilities (B, h, w, K), channels last  softmax(logits / T) over C_dist
+    scorer.onnx     features [+ probabilities] -> patch_scores (B, h, w), maps (B, S, S), scores (B,)
+                    written op by op (export/scorer_graph.py)
+    refiner.onnx    images, maps -> refined_maps, scores                     when the bundle has one
+    c_emb.arrow, c_dist.arrow, emb_to_dist.arrow, position_prior.arrow, normalisation.arrow
+    manifest.json   config, graph signatures, op-check reports, versions, sha256 of every file
+
+Every graph has a dynamic batch axis and otherwise static shapes, passes `export.opcheck` for
+TensorRT 10 (the export refuses to finish otherwise) and is stored with external data once it
+passes 2 GB. The directory is written beside its final name and renamed into place, so a crash
+never leaves a half-written export under that name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from export import graph_passes, opcheck, scorer_graph, tables
+from pni_ray.bundle import model_id as bundle_model_id
+from pni_ray.bundle import read_arrow as bundle_read_arrow
+from pni_ray.bundle import versions as bundle_versions
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+DEFAULT_MAX_BATCH = 16
+DEFAULT_CHUNK = 64
+EXTERNAL_DATA_BYTES = 2_000_000_000  # protobuf's hard limit is 2 GiB; stay clear of it
+GRAPH_FILES = {"backbone": "backbone.onnx", "mlp": "mlp.onnx", "scorer": "scorer.onnx", "refiner": "refiner.onnx"}
+EXPORTER = "torch.onnx TorchScript exporter (dynamo=False) + pni-ray static-shape folding; scorer via onnx.helper"
+
+
+@dataclass
+class ExportOptions:
+    opset: int = DEFAULT_OPSET
+    max_batch: int = DEFAULT_MAX_BATCH
+    coresets: str = "constant"  # "constant": graph initializers; "input": fed by the runtime from Arrow
+    chunk: int = DEFAULT_CHUNK  # grid positions per scorer chunk
+    mode: str | None = None  # scoring mode; None = the bundle's
+    external_data_bytes: int = EXTERNAL_DATA_BYTES
+    target: str = opcheck.DEFAULT_TARGET
+
+    def validate(self) -> None:
+        lo, hi = 13, opcheck.TARGETS[self.target]["max_opset"]
+        if not lo <= self.opset <= hi:
+            raise ValueError(f"--opset {self.opset}: choose {lo}..{hi} (TensorRT {self.target} parses up to opset {hi})")
+        if self.max_batch < 1:
+            raise ValueError(f"--max-batch must be >= 1, got {self.max_batch}")
+        if self.coresets not in ("constant", "input"):
+            raise ValueError(f"coresets must be 'constant' or 'input', got {self.coresets!r}")
+        if self.chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    manifest: dict[str, Any]
+    reports: list[opcheck.OpCheckReport] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- torch graphs
+
+
+class _Backbone(nn.Module):
+    """The extractor; a fixed channel-averaging 1x1 conv stands in for adaptive_avg_pool1d."""
+
+    def __init__(self, extractor: nn.Module) -> None:
+        super().__init__()
+        self.extractor = copy.deepcopy(extractor).eval()
+        proj = getattr(self.extractor, "projection_dim", None)
+        self.projection = None
+        if proj:
+            d = sum(self.extractor.stage_channels)
+            eye = torch.eye(d).unsqueeze(0)  # (1, d, d): adaptive pooling of each basis vector
+            weight = F.adaptive_avg_pool1d(eye.permute(0, 2, 1).reshape(d, 1, d), proj).reshape(d, proj).T
+            self.projection = nn.Conv2d(d, proj, 1, bias=False)
+            self.projection.weight.data.copy_(weight.reshape(proj, d, 1, 1))
+            self.extractor.projection_dim = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.extractor(images)
+        return self.projection(features) if self.projection is not None else features
+
+
+class _MLP(nn.Module):
+    """NeighbourhoodMLP.probabilities, channels last: (B, h, w, K), with a static validity channel.
+
+    Channels last because a softmax over axis 1 of an NCHW tensor is 15x slower in onnxruntime
+    than over the contiguous last axis (bottle: 1.9 s vs 0.12 s per batch of 4, 84% of the MLP
+    graph), and the scorer wants one row of K probabilities per patch anyway.
+    `torch.ones_like` exports as ConstantOfShape(Shape(x)), a shape computed at run time; x * 0 + 1
+    is the same ones for finite x with shapes the parser sees at build time.
+    """
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.mlp = copy.deepcopy(mlp).eval()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        mlp = self.mlp
+        reduced = F.relu(mlp.reduce(features))
+        valid = reduced[:, :1] * 0.0 + 1.0
+        logits = mlp.classifier(mlp.hidden(mlp.window(torch.cat([reduced, valid], dim=1))))
+        return torch.softmax(logits.permute(0, 2, 3, 1) / mlp.temperature, dim=-1)
+
+
+class _Refiner(nn.Module):
+    """refiner(images, maps) -> (maps, image scores = max of the refined map)."""
+
+    def __init__(self, refiner: nn.Module) -> None:
+        super().__init__()
+        self.refiner = copy.deepcopy(refiner).eval()
+
+    def forward(self, images: torch.Tensor, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        refined = self.refiner(images, maps)
+        return refined, refined.amax(dim=(1, 2))
+
+
+def trace_to_onnx(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: list[str],
+                  output_names: list[str], opset: int) -> onnx.ModelProto:
+    """TorchScript-based export with a dynamic batch axis, then static-shape folding.
+
+    The dynamo exporter takes ~20x longer on these graphs and records the same Shape subgraphs.
+    """
+    dynamic = {n: {0: scorer_graph.BATCH} for n in input_names + output_names}
+    with tempfile.TemporaryDirectory(prefix="pni-ray-trace-") as tmp, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        path = Path(tmp) / "graph.onnx"
+        with contextlib.redirect_stdout(sys.stderr):
+            torch.onnx.export(module.eval(), args, str(path), input_names=input_names, output_names=output_names,
+                              dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True, dynamo=False)
+        model = onnx.load(str(path))  # pulls external data (graphs > 2 GB) into memory
+    return graph_passes.fold_static_shapes(model)
+
+
+def save_graph(model: onnx.ModelProto, folder: Path, name: str, external_data_bytes: int) -> dict[str, Any]:
+    """Write `name`.onnx; initializers go to `name`.onnx.data when the graph passes the limit."""
+    file = GRAPH_FILES.get(name, f"{name}.onnx")
+    weights = sum(_tensor_bytes(t) for t in model.graph.initializer)
+    record: dict[str, Any] = {"file": file, "external_data": []}
+    if weights > external_data_bytes:
+        data = f"{file}.data"
+        onnx.save_model(model, str(folder / file), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data, size_threshold=1024)
+        record["external_data"] = [data]
+    else:
+        onnx.save_model(model, str(folder / file))
+    record["inputs"] = [_signature(v) for v in model.graph.input]
+    record["outputs"] = [_signature(v) for v in model.graph.output]
+    return record
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return int(next((e.value for e in t.external_data if e.key == "length"), 0))
+    return len(t.raw_data) or int(np.prod(t.dims, dtype=np.int64)) * 4
+
+
+def _signature(vi: onnx.ValueInfoProto) -> dict[str, Any]:
+    t = vi.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
+    return {"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims}
+
+
+# ---------------------------------------------------------------------------- the export
+
+
+def load_source(bundle: Path | str):
+    from pni_ray.inference import load_detector
+    from pni_ray.models.pni import PNIDetector
+
+    detector, manifest = load_detector(bundle)
+    if not isinstance(detector, PNIDetector):
+        raise ValueError(f"{bundle}: ensembles export one member bundle at a time (pni-ray export MEMBER --out DIR)")
+    return detector.eval(), manifest
+
+
+def scoring_tables(detector, bundle: Path) -> tables.ScoringTables:
+    """The scorer's data as the runtime reads it back, taken from the torch buffers and the bundle."""
+    sc = detector.scorer
+    memory = sc.memory.detach().cpu().numpy().astype(np.float32)
+    e2d = sc.emb_to_dist.cpu().numpy().astype(np.int64) if sc.emb_to_dist is not None else None
+    inv = sc.inv_cluster.cpu().numpy().astype(np.float32) if sc.inv_cluster is not None else None
+    grid = (0, 0)
+    pos = ent = prob = None
+    prior_file = Path(bundle) / "position_prior.arrow"
+    if prior_file.is_file():
+        pt = bundle_read_arrow(prior_file)
+        meta = pt.schema.metadata
+        grid = (int(meta[b"grid_h"]), int(meta[b"grid_w"]))
+        pos = pt.column("position").to_numpy().astype(np.int64)
+        ent = pt.column("entry").to_numpy().astype(np.int64)
+        prob = pt.column("prob").to_numpy().astype(np.float32)
+    return tables.ScoringTables(memory, e2d, inv, grid, pos, ent, prob)
+
+
+def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | None = None,
+                  force: bool = False) -> ExportResult:
+    """Write the export directory for `bundle` atomically; returns its path, manifest and op checks."""
+    options = options or ExportOptions()
+    options.validate()
+    bundle, out = Path(bundle), Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    detector, bmanifest = load_source(bundle)
+    mode = options.mode or detector.mode
+    needs_probs = mode in ("neighbourhood", "pni", "pni_split")
+    if mode != "patchcore" and detector.mlp is None:
+        raise ValueError(f"{bundle} is a PatchCore-only bundle: it exports in mode 'patchcore' only")
+    size = int(detector.image_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        graphs: dict[str, dict[str, Any]] = {}
+        models: dict[str, onnx.ModelProto] = {}
+        example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        models["backbone"] = trace_to_onnx(_Backbone(detector.extractor), (example,), ["images"], ["features"], options.opset)
+        with torch.no_grad():
+            features = detector.extractor(example)
+        d, h, w = features.shape[1:]
+        if needs_probs:
+            models["mlp"] = trace_to_onnx(_MLP(detector.mlp), (features,), ["features"], ["probabilities"], options.opset)
+        st = scoring_tables(detector, bundle)
+        if st.grid == (0, 0):
+            st.grid = (h, w)
+        if st.grid != (h, w):
+            raise ValueError(f"position prior grid {st.grid} differs from the backbone grid {(h, w)}")
+        tau = float(detector.scorer.tau)
+        masks = tables.mask_spec(mode, st, tau)
+        spec = scorer_graph.ScorerSpec(
+            mode=mode, memory=st.memory, emb_to_dist=st.emb_to_dist, masks=masks, grid=(h, w), image_size=(size, size),
+            blur_sigma=float(detector.mapper.sigma), n_dist=int(detector.mlp.n_classes) if detector.mlp is not None else 0,
+            coresets=options.coresets, chunk=options.chunk,
+        )
+        models["scorer"] = scorer_graph.build_scorer_graph(spec, options.opset)
+        if detector.refiner is not None:
+            maps = torch.rand(2, size, size, generator=torch.Generator().manual_seed(1))
+            models["refiner"] = trace_to_onnx(_Refiner(detector.refiner), (example, maps), ["images", "maps"],
+                                              ["refined_maps", "scores"], options.opset)
+        reports = [opcheck.check_model(m, options.target, name) for name, m in models.items()]
+        opcheck.require_ok(reports)
+        for name, model in models.items():
+            graphs[name] = save_graph(model, tmp, name, options.external_data_bytes)
+        table_files = _write_tables(tmp, st, detector, bmanifest)
+        manifest = {
+            "format": tables.FORMAT,
+            "format_version": tables.FORMAT_VERSION,
+            "model_id": bundle_model_id(bundle),
+            "source_bundle": {"path": str(bundle.resolve()), "format_version": bmanifest.get("format_version"),
+                              "files": bmanifest["files"]},
+            "category": bmanifest["category"],
+            "mode": mode,
+            "config": bmanifest["config"],
+            "backbone": bmanifest["backbone"],
+            "image_size": [size, size],
+            "grid": [h, w],
+            "feature_dim": int(d),
+            "n_memory": int(st.memory.shape[0]),
+            "dist_size": int(bmanifest["dist_size"]),
+            "tau": tau,
+            "normalisation": bmanifest["normalisation"],
+            "threshold": bmanifest["threshold"],
+            "pipeline": [n for n in ("backbone", "mlp", "scorer", "refiner") if n in graphs],
+            "graphs": graphs,
+            "tables": table_files,
+            "scorer": {"coresets": options.coresets, "chunk": options.chunk, "mask": "exact float32 thresholds",
+                       "layout": spec.layout, "distance": spec.distance if options.coresets == "constant" else "gemm",
+                       "threshold_rows": scorer_graph.threshold_rows(spec) if spec.has_threshold else 0,
+                       "n_threshold_entries": int(len(masks.threshold_index)) if masks.threshold_index is not None else 0},
+            "opset": options.opset,
+            "max_batch": options.max_batch,
+            "opcheck": {"target": f"TensorRT {options.target}", "reports": [r.to_dict() for r in reports]},
+            "tensorrt": {"engines": {}, "status": "not built"},
+            "exporter": EXPORTER,
+            "versions": export_versions(),
+        }
+        manifest["files"] = tables.file_records(tmp)
+        tables.write_json(tmp / tables.MANIFEST, manifest)
+        _fsync_dir(tmp)
+        if out.exists():
+            trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ExportResult(out, manifest, reports)
+
+
+def _write_tables(folder: Path, st: tables.ScoringTables, detector, bmanifest: dict[str, Any]) -> dict[str, str]:
+    written = {"c_emb": tables.C_EMB, "normalisation": tables.NORMALISATION}
+    tables.write_arrow(folder / tables.C_EMB, tables.c_emb_table(st.memory))
+    dist_size = int(bmanifest["dist_size"])
+    if st.emb_to_dist is not None and dist_size > 0:
+        tables.write_arrow(folder / tables.C_DIST, tables.c_dist_table(dist_size))
+        tables.write_arrow(folder / tables.EMB_TO_DIST, tables.emb_to_dist_table(st.emb_to_dist))
+        written.update(c_dist=tables.C_DIST, emb_to_dist=tables.EMB_TO_DIST)
+    if st.prior_prob is not None:
+        tables.write_arrow(folder / tables.PRIOR, tables.prior_table(st.grid, st.memory.shape[0], st.prior_position,
+                                                                     st.prior_entry, st.prior_prob))
+        written["position_prior"] = tables.PRIOR
+    tables.write_arrow(folder / tables.NORMALISATION, tables.normalisation_table(bmanifest["normalisation"]))
+    return written
+
+
+def export_versions() -> dict[str, str]:
+    import onnxruntime
+
+    out = dict(bundle_versions())
+    out.update(onnx=onnx.__version__, onnxruntime=onnxruntime.__version__)
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- parity with torch
+
+
+def torch_reference(detector, images: np.ndarray, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """The bundle's own torch scoring (default top-k path) for `images` (N, 3, S, S) float32."""
+    maps, scores = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            m, s = detector(torch.from_numpy(np.ascontiguousarray(images[i : i + batch])))
+            maps.append(m.numpy())
+            scores.append(s.numpy())
+    return np.concatenate(maps), np.concatenate(scores)
+
+
+def parity_figures(ref_maps: np.ndarray, ref_scores: np.ndarray, maps: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    """Max absolute and relative map error and whether the image ranking is identical."""
+    diff = np.abs(maps.astype(np.float64) - ref_maps.astype(np.float64))
+    scale = np.abs(ref_maps).astype(np.float64)
+    rel = diff / np.maximum(scale, 1e-12)
+    per_image = diff.reshape(len(diff), -1).max(1) / np.maximum(scale.reshape(len(scale), -1).max(1), 1e-12)
+    return {
+        "n_images": int(len(maps)),
+        "max_abs_error": float(diff.max()),
+        "max_rel_error": float(rel.max()),
+        "max_rel_error_per_image_max": float(per_image.max()),
+        "max_abs_score_error": float(np.abs(scores.astype(np.float64) - ref_scores).max()),
+        "ranking_identical": bool(np.array_equal(np.argsort(-ref_scores, kind="stable"), np.argsort(-scores, kind="stable"))),
+    }
+
+
+def asdict_options(options: ExportOptions) -> dict[str, Any]:
+    return asdict(options)

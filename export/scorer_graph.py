@@ -1,0 +1,410 @@
+"""The scoring graph, written op by op with onnx.helper (numpy + onnx, no torch).
+
+features (B, D, h, w) [+ probabilities (B, h, w, K), the MLP graph's channels-last output]
+-> patch_scores (B, h, w), maps (B, H, W), scores (B,). Every op is in TensorRT 10's ONNX parser
+and every shape is static but the batch. The dense masked minimum of the torch scorer's
+`exact_dense=True` path, per chunk of c grid positions (P = B * c patches):
+
+  distances  MatMul([x, 1], [-2 C^T ; |c|^2])      (P, M) = |c|^2 - 2 x.c; no cdist. |x|^2 is added
+                                                    after the minimum (min_m(|x|^2 + d_m) =
+                                                    |x|^2 + min_m d_m), the clamp at 0 likewise
+  mask       Gather(p^T, e2d, axis=0)               (M, B, c): p(c_dist[e2d[m]] | N), whole rows
+             Less(., T^T) -> Transpose              refused entries; T = exact float32 thresholds
+                                                    (export.tables), so the mask equals torch's
+                                                    (p_n + p_x) / 2 > tau bit for bit
+  masked min ReduceMin(d + Cast(refused) * 1e30)    allowed entries keep d exactly; rows with
+             Where(min > 5e29, ReduceMin(d), min)   nothing allowed fall back to the plain minimum
+  score      Sqrt(Max(|x|^2 + min, 0))
+  map        MatMul(L_y, MatMul(S, L_x^T))           bilinear upsampling and the separable Gaussian
+                                                    blur with edge padding folded into two constant
+                                                    matrices (H, h) and (w, W)
+  image      ReduceMax(map)
+
+Why this form (bottle, 1 thread, batch 4; benchmarks/bench_onnx.py --variants measures each):
+onnxruntime's Gather copies single elements one by one but whole rows with memcpy (gathering
+on the last axis was 40% of the graph), its Where is ~2x slower than Cast + Mul + Add, a bool
+Transpose moves a quarter of the bytes of a float one, Gemm's bias input is an extra pass over
+the (P, M) output that the ones column avoids, and chunks of 64 positions keep the (P, M)
+intermediates in cache (no chunking: 16% slower). Together ~1.8x faster than the plain
+Gather / GreaterOrEqual / Where / ReduceMin graph, with identical outputs.
+
+Coresets as constants (default) or as graph inputs (`coresets="input"`): with constants
+onnxruntime pre-packs the MatMul weights at session start, TensorRT bakes them into the engine,
+and any ONNX runner (polygraphy, trtexec) runs the graph with nothing but the features; the
+position-dependent thresholds are stored sparse and expanded per chunk by constant folding. As
+inputs (Gemm with bias), the runtime builds the same values from the Arrow tables
+(export.tables.scorer_table_values) and feeds them every call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from export.tables import PENALTY, MaskSpec
+
+BATCH = "batch"
+INF = np.float32(np.inf)
+BIG = PENALTY  # additive penalty of refused entries: far above any squared distance, far below overflow
+
+
+def gaussian_kernel1d(sigma: float) -> np.ndarray:
+    """pni_ray.models.anomaly_map.gaussian_kernel1d in numpy (float32 like the torch one)."""
+    radius = max(1, int(math.ceil(4.0 * sigma)))
+    x = np.arange(-radius, radius + 1, dtype=np.float32)
+    k = np.exp(np.float32(-0.5) * (x / np.float32(sigma)) ** 2).astype(np.float32)
+    return (k / k.sum(dtype=np.float32)).astype(np.float32)
+
+
+def upsample_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of torch's bilinear interpolation, align_corners=False."""
+    scale = n_in / n_out
+    out = np.zeros((n_out, n_in), np.float64)
+    for i in range(n_out):
+        src = max(scale * (i + 0.5) - 0.5, 0.0)
+        i0 = min(int(src), n_in - 1)
+        i1 = i0 + (1 if i0 < n_in - 1 else 0)
+        l1 = src - i0
+        out[i, i0] += 1.0 - l1
+        out[i, i1] += l1
+    return out
+
+
+def blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """(n, n) Gaussian blur with replicate padding, the AnomalyMapper's conv as a matrix."""
+    if sigma <= 0:
+        return np.eye(n)
+    k = gaussian_kernel1d(sigma).astype(np.float64)
+    r = len(k) // 2
+    out = np.zeros((n, n), np.float64)
+    for i in range(n):
+        for t in range(-r, r + 1):
+            out[i, min(max(i + t, 0), n - 1)] += k[t + r]
+    return out
+
+
+def map_matrices(grid: tuple[int, int], size: tuple[int, int], sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """L_y (H, h) and L_x^T (w, W): maps = L_y @ S @ L_x^T."""
+    (h, w), (hh, ww) = grid, size
+    ly = blur_matrix(hh, sigma) @ upsample_matrix(h, hh)
+    lx = blur_matrix(ww, sigma) @ upsample_matrix(w, ww)
+    return ly.astype(np.float32), np.ascontiguousarray(lx.T).astype(np.float32)
+
+
+@dataclass
+class ScorerSpec:
+    """Everything the scorer graph is built from."""
+
+    mode: str
+    memory: np.ndarray  # (M, D) float32
+    emb_to_dist: np.ndarray | None  # (M,)
+    masks: MaskSpec
+    grid: tuple[int, int]
+    image_size: tuple[int, int]
+    blur_sigma: float
+    n_dist: int  # K: classes of the neighbourhood MLP
+    coresets: str = "constant"  # or "input"
+    chunk: int = 64  # grid positions per chunk
+    # The variants below exist for the benchmark's ablation; the defaults are what exports use.
+    # layout "fast": mask built entry-major (Gather of whole rows, Less against T^T, then a bool
+    # Transpose) and applied as an additive penalty; "naive": Gather on the last axis, Where(+inf).
+    layout: str = "fast"
+    # distance "augmented": one MatMul of [x, 1] with [-2 C^T; |c|^2] (constant coresets);
+    # "gemm": Gemm with the bias input, which onnxruntime applies as an extra pass over the output
+    distance: str = "augmented"
+    # mask "threshold": exact float32 thresholds; "arithmetic": torch's Mul / Add / Mul / Greater
+    # chain (mode pni, constant coresets, naive layout)
+    mask: str = "threshold"
+    inv_cluster: np.ndarray | None = None  # for mask="arithmetic"
+    prior_dense: np.ndarray | None = None  # (hw, M) p(c|x), for mask="arithmetic"
+    tau: float = 0.0  # for mask="arithmetic"
+
+    @property
+    def needs_probs(self) -> bool:
+        return self.mode in ("neighbourhood", "pni", "pni_split")
+
+    @property
+    def has_threshold(self) -> bool:
+        return self.mode in ("neighbourhood", "pni", "pni_split")
+
+    @property
+    def has_position_mask(self) -> bool:
+        return self.mode in ("position", "pni_split")
+
+
+class _Builder:
+    def __init__(self, opset: int) -> None:
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.counter = 0
+        self.shared: dict[str, str] = {}
+
+    def name(self, hint: str) -> str:
+        self.counter += 1
+        return f"{hint}_{self.counter}"
+
+    def const(self, value: np.ndarray, hint: str) -> str:
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1, **attrs) -> str:
+        outs = [self.name(hint or op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(op_type), **attrs))
+        return outs[0]
+
+    def i64(self, values, hint: str = "c") -> str:
+        return self.const(np.asarray(values, np.int64), hint)
+
+    def reduce(self, op_type: str, x: str, axes: list[int], keepdims: int = 0, hint: str | None = None) -> str:
+        """Reduce ops take axes as an attribute before opset 18 and as an (initializer) input after."""
+        if self.opset >= 18 or op_type == "ReduceSum":
+            return self.op(op_type, [x, self.i64(axes, "axes")], hint, keepdims=keepdims)
+        return self.op(op_type, [x], hint, axes=axes, keepdims=keepdims)
+
+    def slice(self, x: str, start: int, end: int, axis: int, hint: str) -> str:
+        return self.op("Slice", [x, self.i64([start]), self.i64([end]), self.i64([axis])], hint)
+
+
+def build_scorer_graph(spec: ScorerSpec, opset: int = 17) -> onnx.ModelProto:
+    if opset < 13:
+        raise ValueError("the scorer graph needs opset >= 13")
+    if spec.layout not in ("fast", "naive") or spec.distance not in ("augmented", "gemm"):
+        raise ValueError(f"unknown scorer variant layout={spec.layout!r} distance={spec.distance!r}")
+    if spec.mask == "arithmetic" and spec.layout != "naive":
+        raise ValueError("mask='arithmetic' is built with layout='naive' only")
+    b = _Builder(opset)
+    m, d = spec.memory.shape
+    h, w = spec.grid
+    hw = h * w
+    masks = spec.masks
+    if masks.hw != hw or masks.n_memory != m:
+        raise ValueError(f"mask tables are for {masks.hw} positions x {masks.n_memory} entries, "
+                         f"the scorer has {hw} x {m}")
+    fast = spec.layout == "fast"
+    t_cols = threshold_rows(spec) if spec.has_threshold else 0
+
+    def graph_input(name: str, dtype: int, shape: list) -> str:
+        b.inputs.append(helper.make_tensor_value_info(name, dtype, shape))
+        return name
+
+    features = graph_input("features", TensorProto.FLOAT, [BATCH, d, h, w])
+    probs = graph_input("probabilities", TensorProto.FLOAT, [BATCH, h, w, spec.n_dist]) if spec.needs_probs else None
+
+    # coresets: constants, or inputs the runtime feeds from the Arrow tables (scorer_inputs())
+    memory = spec.memory.astype(np.float32)
+    threshold = position = None
+    if spec.coresets == "constant":
+        neg2t = np.ascontiguousarray(-2.0 * memory.T).astype(np.float32)
+        sq = (memory * memory).sum(1, dtype=np.float32)
+        if spec.distance == "augmented":
+            weight, memory_sq = b.const(np.concatenate([neg2t, sq[None]], 0), "memory_augmented"), None  # (D + 1, M)
+        else:
+            weight, memory_sq = b.const(neg2t, "memory_neg2t"), b.const(sq, "memory_sq")
+        e2d = b.const(spec.emb_to_dist.astype(np.int64), "emb_to_dist") if spec.needs_probs else None
+        if spec.has_threshold:
+            threshold = None if (fast and t_cols > 1) else _threshold_const(b, masks, transposed=fast)
+        if spec.has_position_mask:
+            position = _position_const(b, masks, penalty=fast)
+    elif spec.coresets == "input":
+        if not fast:
+            raise ValueError("coresets='input' is built with layout='fast' only")
+        for name, (dtype, shape) in scorer_inputs(spec).items():
+            graph_input(name, dtype, shape)
+        weight, memory_sq = "memory_neg2t", "memory_sq"
+        e2d = "emb_to_dist" if spec.needs_probs else None
+        threshold = "mask_threshold" if spec.has_threshold else None
+        position = "position_penalty" if spec.has_position_mask else None
+    else:
+        raise ValueError(f"coresets must be 'constant' or 'input', got {spec.coresets!r}")
+
+    rows = b.op("Reshape", [b.op("Transpose", [features], "features_nhwc", perm=[0, 2, 3, 1]), b.i64([-1, hw, d])], "rows")
+    prob_rows = prob_cols = None
+    if probs is not None:
+        prob_rows = b.op("Reshape", [probs, b.i64([-1, hw, spec.n_dist])], "prob_rows")  # channels last already
+        if fast:
+            prob_cols = b.op("Transpose", [prob_rows], "prob_cols", perm=[2, 0, 1])  # (K, B, hw)
+    gemm_rows, gemm_d = rows, d
+    if memory_sq is None:  # (B, hw, D + 1): a column of ones (x * 0 + 1, statically shaped) for |c|^2
+        ones = b.op("Add", [b.op("Mul", [b.slice(rows, 0, 1, 2, "col0"), b.const(np.array(0.0, np.float32), "zero_")]),
+                            b.const(np.array(1.0, np.float32), "one")], "ones")
+        gemm_rows, gemm_d = b.op("Concat", [rows, ones], "rows_aug", axis=2), d + 1
+    inf = b.const(np.array(INF, np.float32), "inf")
+    big = b.const(np.array(BIG, np.float32), "big")
+    half_big = b.const(np.array(BIG / 2, np.float32), "half_big")
+
+    def masked_min_where(dist: str, allowed: str) -> str:
+        best = b.reduce("ReduceMin", b.op("Where", [allowed, dist, inf], "masked"), [2], hint="masked_min")
+        plain = b.reduce("ReduceMin", dist, [2], hint="plain_min")
+        return b.op("Where", [b.op("Equal", [best, inf], "none_allowed"), plain, best], "best")
+
+    def masked_min_penalty(dist: str, penalty: str) -> str:
+        """dist + 0 where allowed (exact), dist + BIG elsewhere; nothing allowed -> plain minimum."""
+        best = b.reduce("ReduceMin", b.op("Add", [dist, penalty], "masked"), [2], hint="masked_min")
+        plain = b.reduce("ReduceMin", dist, [2], hint="plain_min")
+        return b.op("Where", [b.op("Greater", [best, half_big], "none_allowed"), plain, best], "best")
+
+    chunk = max(1, min(int(spec.chunk), hw))
+    bests: dict[str, list[str]] = {"a": [], "b": []}
+    for start in range(0, hw, chunk):
+        end = min(hw, start + chunk)
+        c = end - start
+        whole = c == hw
+        x = gemm_rows if whole else b.slice(gemm_rows, start, end, 1, "rows_chunk")
+        flat = b.op("Reshape", [x, b.i64([-1, gemm_d])], "rows_flat")
+        if memory_sq is None:  # [x, 1] @ [-2 C^T; |c|^2] = |c|^2 - 2 x.c in one MatMul
+            dist_flat = b.op("MatMul", [flat, weight], "dist_flat")
+        else:
+            dist_flat = b.op("Gemm", [flat, weight, memory_sq], "dist_flat")
+        dist = b.op("Reshape", [dist_flat, b.i64([-1, c, m])], "dist")  # |c|^2 - 2 x.c, (B, c, M)
+        if spec.mode == "patchcore":
+            bests["a"].append(b.reduce("ReduceMin", dist, [2], hint="best"))
+            continue
+        if spec.has_threshold and fast:  # G >= T decided entry-major, where Gather copies whole rows
+            pc = prob_cols if whole else b.slice(prob_cols, start, end, 2, "probs_chunk")
+            g_cols = b.op("Gather", [pc, e2d], "p_entry", axis=0)  # (M, B, c): p(c_dist[e2d[m]] | N)
+            if threshold is None:  # constant, position-dependent: this chunk's (M, 1, c) columns only
+                t = _threshold_chunk_const(b, masks, start, end)
+            else:
+                t = threshold if (t_cols == 1 or whole) else b.slice(threshold, start, end, 2, "threshold_chunk")
+            refused = b.op("Transpose", [b.op("Less", [g_cols, t], "refused_cols")], "refused", perm=[1, 2, 0])
+            penalty = b.op("Mul", [b.op("Cast", [refused], "refused_f", to=TensorProto.FLOAT), big], "penalty")
+            bests["a"].append(masked_min_penalty(dist, penalty))
+        elif spec.has_threshold:
+            pr = prob_rows if whole else b.slice(prob_rows, start, end, 1, "probs_chunk")
+            g = b.op("Gather", [pr, e2d], "p_entry", axis=2)  # (B, c, M)
+            if spec.mask == "arithmetic":
+                allowed = _arithmetic_mask(b, spec, g, start, end)
+            else:
+                t = threshold if (t_cols == 1 or whole) else b.slice(threshold, start, end, 0, "threshold_chunk")
+                allowed = b.op("GreaterOrEqual", [g, t], "allowed")
+            bests["a"].append(masked_min_where(dist, allowed))
+        if spec.has_position_mask:
+            pm = position if whole else b.slice(position, start, end, 0, "position_chunk")
+            key = "b" if spec.mode == "pni_split" else "a"
+            bests[key].append(masked_min_penalty(dist, pm) if fast else masked_min_where(dist, pm))
+
+    def gather(parts: list[str]) -> str:
+        return parts[0] if len(parts) == 1 else b.op("Concat", parts, "best_all", axis=1)
+
+    x_sq = b.reduce("ReduceSumSquare", rows, [2], hint="x_sq")
+    zero = b.const(np.array(0.0, np.float32), "zero")
+
+    def clamp_add(best: str) -> str:
+        return b.op("Max", [b.op("Add", [best, x_sq], "dist_sq"), zero], "dist_sq_clamped")
+
+    score_sq = clamp_add(gather(bests["a"]))
+    if spec.mode == "pni_split":
+        total = b.op("Add", [b.op("Sqrt", [score_sq]), b.op("Sqrt", [clamp_add(gather(bests["b"]))])])
+        score_sq = b.op("Mul", [b.op("Mul", [total, total]), b.const(np.array(0.25, np.float32), "quarter")])
+    patch = b.op("Reshape", [b.op("Sqrt", [score_sq], "patch_flat"), b.i64([-1, h, w])], "patch")
+    b.nodes.append(helper.make_node("Identity", [patch], ["patch_scores"], name="patch_scores_out"))
+
+    ly, lxt = map_matrices(spec.grid, spec.image_size, spec.blur_sigma)
+    wide = b.op("MatMul", [patch, b.const(lxt, "map_cols")], "map_rows")
+    b.nodes.append(helper.make_node("MatMul", [b.const(ly, "map_rows_matrix"), wide], ["maps"], name="maps_out"))
+    if opset >= 18:
+        b.nodes.append(helper.make_node("ReduceMax", ["maps", b.i64([1, 2], "axes")], ["scores"], keepdims=0, name="scores_out"))
+    else:
+        b.nodes.append(helper.make_node("ReduceMax", ["maps"], ["scores"], axes=[1, 2], keepdims=0, name="scores_out"))
+
+    hh, ww = spec.image_size
+    outputs = [
+        helper.make_tensor_value_info("patch_scores", TensorProto.FLOAT, [BATCH, h, w]),
+        helper.make_tensor_value_info("maps", TensorProto.FLOAT, [BATCH, hh, ww]),
+        helper.make_tensor_value_info("scores", TensorProto.FLOAT, [BATCH]),
+    ]
+    graph = helper.make_graph(b.nodes, "pni_scorer", b.inputs, outputs, b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="pni-ray")
+    model.ir_version = min(model.ir_version, 9)  # onnxruntime / TensorRT 10 read IR <= 9 (ONNX 1.15+)
+    return model
+
+
+def scorer_inputs(spec: ScorerSpec) -> dict[str, tuple[int, list[int]]]:
+    """The table inputs of a coresets-as-inputs scorer graph: name -> (ONNX dtype, static shape)."""
+    m, d = spec.memory.shape
+    hw = spec.grid[0] * spec.grid[1]
+    out = {"memory_neg2t": (TensorProto.FLOAT, [d, m]), "memory_sq": (TensorProto.FLOAT, [m])}
+    if spec.needs_probs:
+        out["emb_to_dist"] = (TensorProto.INT64, [m])
+    if spec.has_threshold:
+        out["mask_threshold"] = (TensorProto.FLOAT, [m, 1, threshold_rows(spec)])
+    if spec.has_position_mask:
+        out["position_penalty"] = (TensorProto.FLOAT, [hw, m])
+    return out
+
+
+def _arithmetic_mask(b: _Builder, spec: ScorerSpec, g: str, start: int, end: int) -> str:
+    """(p_n + p_x) * 0.5 > tau spelled out as torch computes it (benchmark baseline, mode pni)."""
+    if spec.mode != "pni" or spec.coresets != "constant" or spec.inv_cluster is None or spec.prior_dense is None:
+        raise ValueError("mask='arithmetic' is only built for mode pni with constant coresets")
+    m = spec.masks.n_memory
+    rows = np.ascontiguousarray(spec.prior_dense[start:end], dtype=np.float32)
+    p_n = b.op("Mul", [g, b.const(spec.inv_cluster.astype(np.float32), "inv_cluster")], "p_n")
+    total = b.op("Add", [p_n, b.const(rows.reshape(end - start, m), "p_x")], "p_sum")
+    half = b.op("Mul", [total, b.const(np.array(0.5, np.float32), "half")], "p_mean")
+    return b.op("Greater", [half, b.const(np.array(spec.tau, np.float32), "tau")], "allowed")
+
+
+def threshold_rows(spec: ScorerSpec) -> int:
+    return spec.masks.hw if spec.masks.threshold_index is not None else 1
+
+
+def _threshold_const(b: _Builder, masks: MaskSpec, transposed: bool) -> str:
+    """T as (1, M) / (hw, M), or transposed (M, 1, 1) / (M, 1, hw) for the entry-major layout.
+
+    Per-entry base values expanded and the sparse entries scattered in: the Expand + ScatterND
+    subgraph is all constants, folded by onnxruntime at session start and by TensorRT at build
+    time, while the file holds only the sparse entries.
+    """
+    m, hw = masks.n_memory, masks.hw
+    base = masks.threshold_base.astype(np.float32)
+    if masks.threshold_index is None:
+        return b.const(base.reshape(m, 1, 1) if transposed else base.reshape(1, m), "threshold")
+    if transposed:
+        pos, ent = np.divmod(masks.threshold_index, m)
+        index, shape, base_shape = ent * hw + pos, [m, 1, hw], (m, 1)
+    else:
+        index, shape, base_shape = masks.threshold_index, [hw, m], (1, m)
+    full = b.op("Expand", [b.const(base.reshape(base_shape), "threshold_base"), b.i64([shape[0], shape[-1]])])
+    flat = b.op("Reshape", [full, b.i64([-1])], "threshold_flat")
+    scattered = b.op("ScatterND", [flat, b.i64(np.asarray(index).reshape(-1, 1), "threshold_index"),
+                                   b.const(masks.threshold_value.astype(np.float32), "threshold_value")])
+    return b.op("Reshape", [scattered, b.i64(shape)], "threshold")
+
+
+def _threshold_chunk_const(b: _Builder, masks: MaskSpec, start: int, end: int) -> str:
+    """T^T columns start..end (M, 1, c): the per-entry base expanded, this chunk's sparse entries in.
+
+    Built per chunk so constant folding never materialises the whole (M, hw) table (64 MiB for
+    bottle): folding it in one piece took onnxruntime ~10x longer at session start.
+    """
+    m, c = masks.n_memory, end - start
+    pos, ent = np.divmod(masks.threshold_index, m)
+    keep = (pos >= start) & (pos < end)
+    base = b.const(masks.threshold_base.astype(np.float32).reshape(m, 1), "threshold_base") \
+        if "threshold_base" not in b.shared else b.shared["threshold_base"]
+    b.shared["threshold_base"] = base
+    flat = b.op("Reshape", [b.op("Expand", [base, b.i64([m, c])]), b.i64([-1])], "threshold_flat")
+    index = (ent[keep] * c + (pos[keep] - start)).reshape(-1, 1)
+    scattered = b.op("ScatterND", [flat, b.i64(index, "threshold_index"),
+                                   b.const(masks.threshold_value[keep].astype(np.float32), "threshold_value")])
+    return b.op("Reshape", [scattered, b.i64([m, 1, c])], "threshold_chunk")
+
+
+def _position_const(b: _Builder, masks: MaskSpec, penalty: bool) -> str:
+    """The static p(c|x) > tau mask (hw, M): as bool, or as the additive penalty 0 / BIG."""
+    n = masks.hw * masks.n_memory
+    fill, hit = (BIG, 0.0) if penalty else (0.0, 1.0)
+    full = b.op("Expand", [b.const(np.array([fill], np.float32), "position_fill"), b.i64([n])], "position_flat")
+    values = b.const(np.full(len(masks.position_index), hit, np.float32), "position_values")
+    scattered = b.op("ScatterND", [full, b.i64(masks.position_index.reshape(-1, 1), "position_index"), values])
+    if not penalty:
+        scattered = b.op("Greater", [scattered, b.const(np.array(0.5, np.float32), "half")], "position_flag")
+    return b.op("Reshape", [scattered, b.i64([masks.hw, masks.n_memory])], "position")

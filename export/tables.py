@@ -1,0 +1,365 @@
+"""The export directory's data side: Arrow tables, checksums and the exact mask thresholds.
+
+Torch-free on purpose (numpy + pyarrow only): the edge runtime imports this module, and an edge
+box may have no torch at all.
+
+Exact mask thresholds
+---------------------
+The torch scorer decides whether a memory entry m may serve patch p at grid position x with
+
+    allowed = ((probs[p, e2d[m]] * inv_cluster[m] + p_x[x, m]) * 0.5) > tau       (mode "pni")
+
+in float32 (torch compares a float32 tensor with a Python float in float32). For fixed (x, m)
+the left side is a monotone non-decreasing function of g = probs[p, e2d[m]] (a product by a
+positive number, a sum and a halving are each monotone under round-to-nearest), so the set of
+float32 values g that pass is {g >= T[x, m]} for one float32 threshold T. We find T by a binary
+search over float32 bit patterns, evaluating the *same* float32 expression, so
+
+    G >= T   <=>   the torch expression is True        (bit for bit, for every g in [0, 1])
+
+The exported graph then needs a single comparison per (patch, entry) instead of a multiply, an
+add and a comparison over a (patches x |C_emb|) tensor -- two fewer passes over the largest
+tensor of the model, and nothing left for a backend to contract into an FMA or re-associate
+(TensorRT fuses pointwise chains), which could otherwise flip entries that sit on the boundary.
+Where p(c|x) is zero (most of the table) T only depends on m, so T is stored as a per-entry base
+plus the entries of the sparse position prior.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+FORMAT = "pni-ray-export"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+C_EMB = "c_emb.arrow"
+C_DIST = "c_dist.arrow"
+EMB_TO_DIST = "emb_to_dist.arrow"
+PRIOR = "position_prior.arrow"
+NORMALISATION = "normalisation.arrow"
+
+ONE_BITS = np.int64(0x3F800000)  # float32 1.0: probabilities never exceed it
+NEG_INF = np.float32(-np.inf)
+POS_INF = np.float32(np.inf)
+HALF = np.float32(0.5)
+PENALTY = np.float32(1e30)  # added to refused entries' distances in the scorer graph
+
+
+class ExportError(ValueError):
+    """An export directory that cannot be trusted or used; the message says which file and why."""
+
+
+# ---------------------------------------------------------------------------- files and checksums
+
+
+def sha256_file(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Temp file + fsync + rename: a reader sees the old or the new manifest, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_arrow(path: Path, table: pa.Table) -> None:
+    with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def read_arrow(path: Path) -> pa.Table:
+    with pa.memory_map(str(path), "r") as source:
+        return ipc.open_file(source).read_all()
+
+
+def file_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every regular file of `folder` except the manifest."""
+    return {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(Path(folder).iterdir())
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+    }
+
+
+def read_manifest(path: Path | str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise ExportError(f"{path}: not an export directory")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise ExportError(f"{path}: incomplete export, {MANIFEST} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{manifest_path}: not valid JSON ({exc})") from exc
+    if manifest.get("format") != FORMAT:
+        raise ExportError(f"{manifest_path}: not a {FORMAT} manifest (a training bundle? run `pni-ray export` on it)")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise ExportError(f"{manifest_path}: format version {manifest['format_version']} is newer than this runtime "
+                          f"({FORMAT_VERSION}); upgrade pni-ray")
+    return manifest
+
+
+def verify_export(path: Path | str) -> dict[str, Any]:
+    """Every file the manifest lists exists with its sha256, and every graph's files are listed."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    files = manifest.get("files", {})
+    needed = set()
+    for graph in manifest.get("graphs", {}).values():
+        needed.add(graph["file"])
+        needed.update(graph.get("external_data", []))
+    needed.update(manifest.get("tables", {}).values())
+    missing = sorted(needed - set(files))
+    if missing:
+        raise ExportError(f"{path}: incomplete export, manifest lists no {', '.join(missing)}")
+    for name, meta in files.items():
+        file = path / name
+        if not file.is_file():
+            raise ExportError(f"{file}: missing from the export (listed in {MANIFEST})")
+        digest = sha256_file(file)
+        if digest != meta["sha256"]:
+            raise ExportError(
+                f"{file}: checksum mismatch (expected {meta['sha256'][:12]}..., got {digest[:12]}...): "
+                "the file was modified or corrupted; export the bundle again"
+            )
+    return manifest
+
+
+# ---------------------------------------------------------------------------- Arrow tables
+
+
+def c_emb_table(memory: np.ndarray) -> pa.Table:
+    n, d = memory.shape
+    flat = pa.array(np.ascontiguousarray(memory, dtype=np.float32).reshape(-1), type=pa.float32())
+    schema = pa.schema(
+        [("index", pa.int32()), ("vector", pa.list_(pa.float32(), d))],
+        metadata={"feature_dim": str(d), "rows": str(n),
+                  "doc": "C_emb: the memory bank in greedy k-center order (row i = rank i)"},
+    )
+    return pa.Table.from_arrays([pa.array(np.arange(n, dtype=np.int32)), pa.FixedSizeListArray.from_arrays(flat, d)],
+                                schema=schema)
+
+
+def c_dist_table(dist_size: int) -> pa.Table:
+    """C_dist is the first dist_size rows of C_emb; stored as indices, the vectors live once."""
+    idx = np.arange(dist_size, dtype=np.int32)
+    schema = pa.schema([("index", pa.int32()), ("emb_index", pa.int32())],
+                       metadata={"rows": str(dist_size), "doc": "C_dist entry k is the C_emb row emb_index"})
+    return pa.Table.from_arrays([pa.array(idx), pa.array(idx)], schema=schema)
+
+
+def emb_to_dist_table(emb_to_dist: np.ndarray) -> pa.Table:
+    e2d = np.asarray(emb_to_dist, dtype=np.int32)
+    sizes = np.bincount(e2d, minlength=int(e2d.max()) + 1).astype(np.int32)
+    schema = pa.schema([("emb_index", pa.int32()), ("dist_index", pa.int32()), ("cluster_size", pa.int32())],
+                       metadata={"doc": "p(c_emb | N) = p(c_dist[dist_index] | N) / cluster_size"})
+    return pa.Table.from_arrays([pa.array(np.arange(len(e2d), dtype=np.int32)), pa.array(e2d), pa.array(sizes[e2d])],
+                                schema=schema)
+
+
+def prior_table(grid: tuple[int, int], n_entries: int, position: np.ndarray, entry: np.ndarray,
+                prob: np.ndarray) -> pa.Table:
+    schema = pa.schema(
+        [("position", pa.int32()), ("entry", pa.int32()), ("prob", pa.float32())],
+        metadata={"grid_h": str(grid[0]), "grid_w": str(grid[1]), "n_entries": str(n_entries),
+                  "doc": "sparse p(c_emb | x): row-major grid position, C_emb index, probability"},
+    )
+    return pa.Table.from_arrays([pa.array(np.asarray(position, np.int32)), pa.array(np.asarray(entry, np.int32)),
+                                 pa.array(np.asarray(prob, np.float32))], schema=schema)
+
+
+def normalisation_table(norm: dict[str, Any]) -> pa.Table:
+    cols = {k: [float(norm[k])] for k in ("image_mean", "image_std", "pixel_mean", "pixel_std", "threshold")}
+    for k, v in sorted((norm.get("extras") or {}).items()):
+        cols[f"extra.{k}"] = [float(v)]
+    return pa.table({k: pa.array(v, type=pa.float64()) for k, v in cols.items()},
+                    metadata={"doc": "maps normalise as (map - pixel_mean) / pixel_std; "
+                                     "an image is anomalous when its raw score exceeds threshold"})
+
+
+def read_normalisation(path: Path) -> dict[str, float]:
+    row = read_arrow(path).to_pylist()[0]
+    return {k: float(v) for k, v in row.items()}
+
+
+@dataclass
+class ScoringTables:
+    """What the scorer needs, read from the Arrow tables (numpy, no torch)."""
+
+    memory: np.ndarray  # (M, D) float32
+    emb_to_dist: np.ndarray | None  # (M,) int64
+    inv_cluster: np.ndarray | None  # (M,) float32, exactly torch's 1 / sizes[e2d]
+    grid: tuple[int, int]
+    prior_position: np.ndarray | None
+    prior_entry: np.ndarray | None
+    prior_prob: np.ndarray | None
+
+    @classmethod
+    def read(cls, folder: Path) -> "ScoringTables":
+        folder = Path(folder)
+        emb = read_arrow(folder / C_EMB)
+        d = int(emb.schema.metadata[b"feature_dim"])
+        memory = emb.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, d).astype(np.float32)
+        e2d = inv = None
+        if (folder / EMB_TO_DIST).is_file():
+            t = read_arrow(folder / EMB_TO_DIST)
+            e2d = t.column("dist_index").to_numpy().astype(np.int64)
+            inv = (np.float32(1.0) / t.column("cluster_size").to_numpy().astype(np.float32)).astype(np.float32)
+        pos = ent = prob = None
+        grid = (0, 0)
+        if (folder / PRIOR).is_file():
+            pt = read_arrow(folder / PRIOR)
+            grid = (int(pt.schema.metadata[b"grid_h"]), int(pt.schema.metadata[b"grid_w"]))
+            pos = pt.column("position").to_numpy().astype(np.int64)
+            ent = pt.column("entry").to_numpy().astype(np.int64)
+            prob = pt.column("prob").to_numpy().astype(np.float32)
+        return cls(memory, e2d, inv, grid, pos, ent, prob)
+
+
+# ---------------------------------------------------------------------------- exact mask thresholds
+
+
+def tau32(tau: float) -> np.float32:
+    """torch compares float32 tensors with a Python float in float32."""
+    return np.float32(tau)
+
+
+def predicate(mode: str, g: np.ndarray, inv: np.ndarray, p_x: np.ndarray | float, tau: float) -> np.ndarray:
+    """The torch scorer's float32 mask expression for probabilities g (see the module doc)."""
+    g = np.asarray(g, np.float32)
+    p_n = g * np.asarray(inv, np.float32)
+    t = tau32(tau)
+    if mode == "pni":
+        return ((p_n + np.asarray(p_x, np.float32)) * HALF) > t
+    if mode in ("neighbourhood", "pni_split"):
+        return p_n > t
+    raise ValueError(f"mode {mode!r} has no probability-dependent mask")
+
+
+def exact_thresholds(mode: str, inv: np.ndarray, p_x: np.ndarray | float, tau: float) -> np.ndarray:
+    """Smallest float32 g in [0, 1] with predicate(g) True, -inf if g = 0 passes, +inf if 1 fails.
+
+    Vectorised binary search over float32 bit patterns (non-negative floats order like their bits).
+    """
+    inv = np.asarray(inv, np.float32)
+    p_x = np.broadcast_to(np.asarray(p_x, np.float32), inv.shape)
+
+    def passes(bits: np.ndarray) -> np.ndarray:
+        return predicate(mode, bits.astype(np.int32).view(np.float32), inv, p_x, tau)
+
+    zero = np.zeros(inv.shape, np.int64)
+    one = np.full(inv.shape, ONE_BITS, np.int64)
+    at0, at1 = passes(zero), passes(one)
+    lo, hi = zero.copy(), one.copy()  # invariant (where searching): passes(hi), not passes(lo)
+    active = ~at0 & at1
+    while True:
+        gap = active & (hi - lo > 1)
+        if not gap.any():
+            break
+        mid = (lo + hi) // 2
+        ok = passes(mid)
+        hi = np.where(gap & ok, mid, hi)
+        lo = np.where(gap & ~ok, mid, lo)
+    out = hi.astype(np.int32).view(np.float32).copy()
+    out[at0] = NEG_INF
+    out[~at1] = POS_INF
+    return out
+
+
+@dataclass
+class MaskSpec:
+    """The scorer's masks as graph-ready constants, per scoring mode.
+
+    threshold_base (M,) + (threshold_index, threshold_value) sparse: allowed = G >= T[x, m] with
+    T = base everywhere except at the flat indices x * M + m (modes pni / neighbourhood /
+    pni_split). position_index: flat indices x * M + m where p(c|x) > tau (modes position /
+    pni_split), the static mask.
+    """
+
+    mode: str
+    hw: int
+    n_memory: int
+    threshold_base: np.ndarray | None = None
+    threshold_index: np.ndarray | None = None
+    threshold_value: np.ndarray | None = None
+    position_index: np.ndarray | None = None
+    position_prob: np.ndarray | None = None
+
+    def dense_threshold(self) -> np.ndarray:
+        """(hw, M) float32, or (1, M) when the threshold does not depend on the position."""
+        assert self.threshold_base is not None
+        if self.threshold_index is None:
+            return self.threshold_base.reshape(1, -1).copy()
+        out = np.broadcast_to(self.threshold_base, (self.hw, self.n_memory)).reshape(-1).copy()
+        out[self.threshold_index] = self.threshold_value
+        return out.reshape(self.hw, self.n_memory)
+
+    def dense_position_mask(self) -> np.ndarray:
+        out = np.zeros(self.hw * self.n_memory, bool)
+        out[self.position_index] = True
+        return out.reshape(self.hw, self.n_memory)
+
+
+def mask_spec(mode: str, tables: ScoringTables, tau: float) -> MaskSpec:
+    m = tables.memory.shape[0]
+    hw = tables.grid[0] * tables.grid[1]
+    spec = MaskSpec(mode=mode, hw=hw, n_memory=m)
+    if mode == "patchcore":
+        return spec
+    if tables.inv_cluster is None:
+        raise ExportError(f"mode {mode!r} needs the emb-to-dist map of a PNI bundle")
+    if mode in ("neighbourhood", "pni", "pni_split"):
+        spec.threshold_base = exact_thresholds("pni" if mode == "pni" else "neighbourhood", tables.inv_cluster, 0.0, tau)
+    if mode in ("pni", "position", "pni_split"):
+        if tables.prior_prob is None:
+            raise ExportError(f"mode {mode!r} needs the position prior of a PNI bundle")
+        flat = tables.prior_position * m + tables.prior_entry
+        order = np.argsort(flat, kind="stable")
+        flat, entry, prob = flat[order], tables.prior_entry[order], tables.prior_prob[order]
+        if mode == "pni":
+            values = exact_thresholds("pni", tables.inv_cluster[entry], prob, tau)
+            differs = values != spec.threshold_base[entry]
+            spec.threshold_index, spec.threshold_value = flat[differs], values[differs]
+        else:
+            keep = prob > tau32(tau)
+            spec.position_index, spec.position_prob = flat[keep], prob[keep]
+    return spec
+
+
+def scorer_table_values(mode: str, st: ScoringTables, tau: float) -> dict[str, np.ndarray]:
+    """Inputs of a coresets-as-inputs scorer graph, computed exactly as the graph constants are.
+
+    memory_neg2t (D, M), memory_sq (M,), emb_to_dist (M,), mask_threshold (M, 1, hw or 1):
+    the transposed exact thresholds, position_penalty (hw, M): 0 where p(c|x) > tau, else PENALTY.
+    """
+    memory = st.memory.astype(np.float32)
+    out = {"memory_neg2t": np.ascontiguousarray(np.float32(-2.0) * memory.T),
+           "memory_sq": (memory * memory).sum(1, dtype=np.float32)}
+    masks = mask_spec(mode, st, tau)
+    if mode in ("neighbourhood", "pni", "pni_split"):
+        out["emb_to_dist"] = st.emb_to_dist.astype(np.int64)
+        out["mask_threshold"] = np.ascontiguousarray(masks.dense_threshold().T[:, None, :])
+    if mode in ("position", "pni_split"):
+        out["position_penalty"] = np.where(masks.dense_position_mask(), np.float32(0), PENALTY).astype(np.float32)
+    return out

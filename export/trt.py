@@ -1,0 +1,362 @@
+"""TensorRT engines from an export directory, and a runtime that runs them.
+
+    python -m export.trt EXPORT_DIR [--max-batch N] [--fp16]      # on the target: builds *.engine
+    model = TRTModel(EXPORT_DIR); maps, scores = model.predict(images)
+
+One engine per graph, built with the TensorRT Python API (10.x): explicit-batch network from the
+ONNX parser, one optimisation profile with batch 1 (min), max (opt) and max (max), FP16 when asked
+for every graph except the scorer. The scorer stays FP32: squared distances of ~100-dimensional
+features pass FP16's 65504 and its masked minimum is the exactness the export promises.
+
+Import-safe everywhere: `tensorrt` and `cuda-python` are imported only when an engine is built
+or run. Where they or a CUDA device are missing, `TensorRTUnavailable` names what is missing
+and gives the commands that build the same engines on the target (this module with its
+--max-batch / --fp16, or trtexec, one line per graph). No torch here either: the target may
+only have TensorRT, onnx(runtime) and numpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import os
+import shlex
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export import tables
+
+FP32_GRAPHS = ("scorer",)
+DEFAULT_WORKSPACE_GB = 4.0
+MIN_TRT_MAJOR = 10
+
+
+class TensorRTUnavailable(RuntimeError):
+    """TensorRT or a CUDA device is missing here; the message says what and how to build on the target."""
+
+
+# ---------------------------------------------------------------------------- requirements
+
+
+def _cuda_device_problem() -> str | None:
+    """None when the driver reports at least one CUDA device, else what is wrong."""
+    names = ["nvcuda.dll"] if sys.platform == "win32" else ["libcuda.so.1", "libcuda.so", ctypes.util.find_library("cuda")]
+    lib = None
+    for name in filter(None, names):
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    if lib is None:
+        return "a CUDA device: no NVIDIA driver found (libcuda.so.1 cannot be loaded)"
+    rc = lib.cuInit(0)
+    if rc != 0:
+        return f"a CUDA device: cuInit failed with CUDA error {rc} (100 = no device)"
+    count = ctypes.c_int(0)
+    rc = lib.cuDeviceGetCount(ctypes.byref(count))
+    if rc != 0 or count.value < 1:
+        return "a CUDA device: the NVIDIA driver reports none"
+    return None
+
+
+def missing_requirements() -> list[str]:
+    """What building engines here lacks, in words; empty when TensorRT and a GPU are present."""
+    missing = []
+    try:
+        import tensorrt as trt  # noqa: F401
+
+        major = int(str(getattr(trt, "__version__", "0")).split(".")[0] or 0)
+        if major < MIN_TRT_MAJOR:
+            missing.append(f"TensorRT {MIN_TRT_MAJOR}.x (found tensorrt {trt.__version__})")
+    except ImportError:
+        missing.append(f"the TensorRT Python package (tensorrt {MIN_TRT_MAJOR}.x: `pip install 'pni-ray[trt]'` or "
+                       "`pip install tensorrt`; on Jetson it comes with JetPack)")
+    problem = _cuda_device_problem()
+    if problem:
+        missing.append(problem)
+    return missing
+
+
+# ---------------------------------------------------------------------------- shapes and commands
+
+
+def profile_shapes(signature: dict[str, Any], max_batch: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(min, opt, max) for one graph input: batch 1..max_batch, every other axis as exported."""
+    dims = signature["shape"]
+    if dims and not isinstance(dims[0], int):
+        rest = tuple(int(d) for d in dims[1:])
+        return (1, *rest), (max_batch, *rest), (max_batch, *rest)
+    fixed = tuple(int(d) for d in dims)  # coresets fed as inputs: static tables
+    return fixed, fixed, fixed
+
+
+def engine_file(name: str) -> str:
+    return f"{name}.engine"
+
+
+def trtexec_commands(folder: Path | str, manifest: dict[str, Any], max_batch: int, fp16: bool) -> list[str]:
+    """One trtexec line per graph, equivalent to `build_engines` (run from anywhere)."""
+    folder = Path(folder)
+    lines = []
+    for name in manifest["pipeline"]:
+        graph = manifest["graphs"][name]
+        shapes: dict[str, list[str]] = {"min": [], "opt": [], "max": []}
+        for sig in graph["inputs"]:
+            for key, shape in zip(("min", "opt", "max"), profile_shapes(sig, max_batch)):
+                shapes[key].append(f"{sig['name']}:{'x'.join(map(str, shape))}")
+        parts = ["trtexec", f"--onnx={folder / graph['file']}", f"--saveEngine={folder / engine_file(name)}",
+                 f"--minShapes={','.join(shapes['min'])}", f"--optShapes={','.join(shapes['opt'])}",
+                 f"--maxShapes={','.join(shapes['max'])}"]
+        if fp16 and name not in FP32_GRAPHS:
+            parts.append("--fp16")
+        lines.append(" ".join(shlex.quote(p) for p in parts))
+    return lines
+
+
+def unavailable_message(folder: Path, manifest: dict[str, Any], missing: list[str], max_batch: int, fp16: bool) -> str:
+    lines = [
+        "TensorRT engines were not built: this machine lacks " + "; and ".join(missing) + ".",
+        f"The ONNX graphs and Arrow tables in {folder} are complete and verified (the ONNX runtime uses them as they are).",
+        "On the target (NVIDIA GPU, TensorRT 10.x), copy the directory and build the engines with:",
+        f"  python -m export.trt {shlex.quote(str(folder))} --max-batch {max_batch}" + (" --fp16" if fp16 else ""),
+        "or with trtexec, one engine per graph:",
+    ]
+    lines += [f"  {c}" for c in trtexec_commands(folder, manifest, max_batch, fp16)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def build_engines(folder: Path | str, max_batch: int | None = None, fp16: bool = False,
+                  workspace_gb: float = DEFAULT_WORKSPACE_GB) -> dict[str, Any]:
+    """Build `<graph>.engine` for every graph of the export and record them in its manifest."""
+    folder = Path(folder)
+    manifest = tables.verify_export(folder)
+    max_batch = int(max_batch or manifest.get("max_batch", 16))
+    missing = missing_requirements()
+    if missing:
+        raise TensorRTUnavailable(unavailable_message(folder, manifest, missing, max_batch, fp16))
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    engines: dict[str, Any] = {}
+    for name in manifest["pipeline"]:
+        graph = manifest["graphs"][name]
+        use_fp16 = bool(fp16 and name not in FP32_GRAPHS)
+        data = _build_one(trt, logger, folder / graph["file"], graph["inputs"], max_batch, use_fp16, workspace_gb)
+        _atomic_write(folder / engine_file(name), data)
+        engines[name] = {"file": engine_file(name), "fp16": use_fp16, "max_batch": max_batch}
+    manifest["tensorrt"] = {
+        "status": "built",
+        "engines": engines,
+        "tensorrt_version": str(trt.__version__),
+        "device": _device_name(),
+        "workspace_gb": workspace_gb,
+    }
+    files = manifest["files"]
+    for record in engines.values():
+        path = folder / record["file"]
+        files[record["file"]] = {"sha256": tables.sha256_file(path), "bytes": path.stat().st_size}
+    tables.write_json(folder / tables.MANIFEST, manifest)
+    return manifest["tensorrt"]
+
+
+def _build_one(trt, logger, onnx_path: Path, inputs: list[dict], max_batch: int, fp16: bool, workspace_gb: float) -> bytes:
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 10: networks are always explicit-batch
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # resolves external data next to the file
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise RuntimeError(f"{onnx_path.name}: TensorRT's ONNX parser failed:\n  " + "\n  ".join(errors))
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    for sig in inputs:
+        lo, opt, hi = profile_shapes(sig, max_batch)
+        profile.set_shape(sig["name"], lo, opt, hi)
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"{onnx_path.name}: TensorRT could not build an engine (see the log above)")
+    return bytes(serialized)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _device_name() -> str:
+    try:
+        cudart = _cudart()
+        err, props = cudart.cudaGetDeviceProperties(0)
+        name = props.name
+        return name.decode(errors="replace").rstrip("\x00") if isinstance(name, bytes) else str(name)
+    except Exception:  # noqa: BLE001 - informational only
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def _cudart():
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # type: ignore[no-redef]  # older cuda-python
+        except ImportError as exc:
+            raise TensorRTUnavailable("running TensorRT engines needs cuda-python (`pip install cuda-python`)") from exc
+    return cudart
+
+
+def _check(result):
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA runtime error {err}")
+    return rest[0] if len(rest) == 1 else rest
+
+
+class _Engine:
+    """One deserialised engine with device buffers for max_batch, bound once."""
+
+    def __init__(self, trt, runtime, cudart, path: Path, table_feeds: dict[str, np.ndarray]) -> None:
+        self.cudart = cudart
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"{path}: TensorRT could not deserialise the engine (built by another TensorRT version?)")
+        self.context = self.engine.create_execution_context()
+        self.inputs, self.outputs, self.dtypes, self.buffers = [], [], {}, {}
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            (self.inputs if is_input else self.outputs).append(name)
+            self.dtypes[name] = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+            if is_input:  # the max profile shape, so output shapes below are the largest
+                self.context.set_input_shape(name, list(self.engine.get_tensor_profile_shape(name, 0)[2]))
+        for name in self.outputs:  # output shapes at the max profile
+            shape = list(self.context.get_tensor_shape(name))
+            self._alloc(name, int(np.prod(shape)) * self.dtypes[name].itemsize)
+        for name in self.inputs:
+            shape = self.engine.get_tensor_profile_shape(name, 0)[2]
+            self._alloc(name, int(np.prod(shape)) * self.dtypes[name].itemsize)
+        self.stream = _check(cudart.cudaStreamCreate())
+        for name, value in table_feeds.items():  # static tables: copied to the device once
+            if name in self.inputs:
+                self._upload(name, value)
+
+    def _alloc(self, name: str, nbytes: int) -> None:
+        ptr = _check(self.cudart.cudaMalloc(max(nbytes, 1)))
+        self.buffers[name] = (ptr, nbytes)
+        self.context.set_tensor_address(name, int(ptr))
+
+    def _upload(self, name: str, value: np.ndarray) -> None:
+        arr = np.ascontiguousarray(value, dtype=self.dtypes[name])
+        self.context.set_input_shape(name, arr.shape)
+        _check(self.cudart.cudaMemcpy(self.buffers[name][0], arr.ctypes.data, arr.nbytes,
+                                      self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name, value in feeds.items():
+            self._upload(name, value)
+        if not self.context.execute_async_v3(int(self.stream)):
+            raise RuntimeError("TensorRT execution failed")
+        out = {}
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            host = np.empty(shape, self.dtypes[name])
+            _check(self.cudart.cudaMemcpyAsync(host.ctypes.data, self.buffers[name][0], host.nbytes,
+                                               self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
+            out[name] = host
+        _check(self.cudart.cudaStreamSynchronize(self.stream))
+        return out
+
+    def close(self) -> None:
+        for ptr, _ in self.buffers.values():
+            self.cudart.cudaFree(ptr)
+        self.buffers = {}
+
+
+class TRTModel:
+    """The export's engines chained like runtime.ExportedModel: same predict() contract."""
+
+    def __init__(self, path: Path | str, verify: bool = True) -> None:
+        self.path = Path(path)
+        self.manifest = tables.verify_export(self.path) if verify else tables.read_manifest(self.path)
+        engines = self.manifest.get("tensorrt", {}).get("engines", {})
+        if not engines:
+            raise TensorRTUnavailable(f"{self.path}: no TensorRT engines built yet; run `python -m export.trt {self.path}` on the target")
+        missing = missing_requirements()
+        if missing:
+            raise TensorRTUnavailable("running TensorRT engines needs " + "; and ".join(missing))
+        import tensorrt as trt
+
+        from export.runtime import scorer_table_feeds  # numpy only
+
+        cudart = _cudart()
+        self.image_size = tuple(self.manifest["image_size"])
+        self.model_id = self.manifest["model_id"]
+        self.threshold = float(tables.read_normalisation(self.path / self.manifest["tables"]["normalisation"])["threshold"])
+        self.max_batch = min(int(r["max_batch"]) for r in engines.values())
+        feeds = scorer_table_feeds(self.path, self.manifest) if self.manifest["scorer"]["coresets"] == "input" else {}
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engines = {name: _Engine(trt, runtime, cudart, self.path / engines[name]["file"], feeds)
+                        for name in self.manifest["pipeline"]}
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, *self.image_size):
+            raise ValueError(f"images must be (B, 3, {self.image_size[0]}, {self.image_size[1]}), got {images.shape}")
+        maps, scores = [], []
+        for i in range(0, len(images), self.max_batch):
+            x = images[i : i + self.max_batch]
+            features = self.engines["backbone"].run({"images": x})["features"]
+            feeds = {"features": features}
+            if "mlp" in self.engines:
+                feeds["probabilities"] = self.engines["mlp"].run({"features": features})["probabilities"]
+            out = self.engines["scorer"].run(feeds)
+            m, s = out["maps"], out["scores"]
+            if "refiner" in self.engines:
+                out = self.engines["refiner"].run({"images": x, "maps": m})
+                m, s = out["refined_maps"], out["scores"]
+            maps.append(m)
+            scores.append(s)
+        return np.concatenate(maps), np.concatenate(scores)
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export.trt", description="Build TensorRT engines for an export directory.")
+    parser.add_argument("export_dir", type=Path)
+    parser.add_argument("--max-batch", type=int, default=None, help="largest batch of the optimisation profile")
+    parser.add_argument("--fp16", action="store_true", help="FP16 kernels (all graphs but the scorer)")
+    parser.add_argument("--workspace-gb", type=float, default=DEFAULT_WORKSPACE_GB)
+    args = parser.parse_args(argv)
+    try:
+        info = build_engines(args.export_dir, args.max_batch, args.fp16, args.workspace_gb)
+    except (TensorRTUnavailable, tables.ExportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for name, record in info["engines"].items():
+        print(f"{name}: {args.export_dir / record['file']} (fp16={record['fp16']}, max batch {record['max_batch']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Nightly scoring job: every image a line produced, scored into a date partition, with a report.
+
+Run it anywhere Python runs; on a cluster through the Ray Jobs API::
+
+    ray job submit --address http://HEAD:8265 -- python -m jobs.nightly --config /etc/pni-ray/nightly.toml
+
+Config (TOML or JSON; relative paths are relative to the config file; see nightly.example.toml):
+
+    model        bundle or export directory (required)
+    inputs       list of files, directories, globs or list files (required); may use {date},
+                 {yyyy}, {mm}, {dd}, {yyyymmdd} for the run date
+    output_root  results go to OUTPUT_ROOT/dt=YYYY-MM-DD/ (required)
+    date         "today" (default), "yesterday" or YYYY-MM-DD; --date overrides
+    map_format   uint8 (default) | float16 | none
+    top_n        most anomalous images listed in the run summary (default 20)
+    report       write dt=.../_report.html (default true)
+    fail_on_errors  exit 1 when any input has an error row (default true)
+    engine, address, batch_size, workers, cpus_per_worker, gpus_per_worker, max_pixels, chunk_size:
+                 as for `pni-ray score`
+
+Writes, inside the partition: part-*.parquet (the table), _summary.json (counts, failures,
+anomaly rate, top N), _report.html, and _nightly.json (this run: config, date, timings, exit code).
+Rerunning for the same date resumes: only inputs without a row are scored.
+
+Exit status: 0 all scored; 1 some inputs failed (fail_on_errors); 2 bad config; 3 the run failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("jobs.nightly")
+
+DEFAULTS: dict[str, Any] = {
+    "date": "today",
+    "map_format": "uint8",
+    "top_n": 20,
+    "report": True,
+    "report_top": 12,
+    "fail_on_errors": True,
+    "engine": "ray",
+    "address": None,
+    "batch_size": 8,
+    "workers": None,
+    "cpus_per_worker": 1.0,
+    "gpus_per_worker": 0.0,
+    "max_pixels": 50_000_000,
+    "chunk_size": 64,
+}
+REQUIRED = ("model", "inputs", "output_root")
+EXIT_OK, EXIT_FAILED_INPUTS, EXIT_CONFIG, EXIT_RUN = 0, 1, 2, 3
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: Path | str) -> dict[str, Any]:
+    """Parse and validate; relative paths become relative to the config file's directory."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc})") from exc
+    try:
+        if path.suffix.lower() == ".json":
+            raw = json.loads(text)
+        else:
+            import tomllib
+
+            raw = tomllib.loads(text.decode("utf-8"))
+    except Exception as exc:  # noqa: BLE001 - TOML and JSON errors alike
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'TOML'} ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a table/object")
+    unknown = sorted(set(raw) - set(DEFAULTS) - set(REQUIRED))
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {unknown} (known: {sorted(set(DEFAULTS) | set(REQUIRED))})")
+    missing = [k for k in REQUIRED if not raw.get(k)]
+    if missing:
+        raise ConfigError(f"{path}: missing required keys {missing}")
+    cfg = {**DEFAULTS, **raw}
+    if isinstance(cfg["inputs"], str):
+        cfg["inputs"] = [cfg["inputs"]]
+    if not isinstance(cfg["inputs"], list) or not all(isinstance(i, str) for i in cfg["inputs"]):
+        raise ConfigError(f"{path}: inputs must be a string or a list of strings")
+    if cfg["map_format"] not in ("uint8", "float16", "none"):
+        raise ConfigError(f"{path}: map_format must be uint8, float16 or none, not {cfg['map_format']!r}")
+    if cfg["engine"] not in ("ray", "local"):
+        raise ConfigError(f"{path}: engine must be ray or local, not {cfg['engine']!r}")
+    base = path.resolve().parent
+
+    def rel(p: str) -> str:
+        if p.startswith("@"):
+            return "@" + rel(p[1:])
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() else base / q)
+
+    cfg["model"] = rel(str(cfg["model"]))
+    cfg["output_root"] = rel(str(cfg["output_root"]))
+    cfg["inputs"] = [rel(i) for i in cfg["inputs"]]
+    cfg["_config_path"] = str(path.resolve())
+    return cfg
+
+
+def resolve_date(value: str | dt.date, today: dt.date | None = None) -> dt.date:
+    today = today or dt.date.today()
+    if isinstance(value, dt.date):
+        return value
+    value = str(value).strip().lower()
+    if value == "today":
+        return today
+    if value == "yesterday":
+        return today - dt.timedelta(days=1)
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError as exc:
+        raise ConfigError(f"date must be today, yesterday or YYYY-MM-DD, not {value!r}") from exc
+
+
+def expand_placeholders(inputs: list[str], day: dt.date) -> list[str]:
+    values = {"date": day.isoformat(), "yyyy": f"{day.year:04d}", "mm": f"{day.month:02d}",
+              "dd": f"{day.day:02d}", "yyyymmdd": day.strftime("%Y%m%d")}
+    out = []
+    for spec in inputs:
+        try:
+            out.append(spec.format_map(values))
+        except (KeyError, ValueError, IndexError) as exc:
+            raise ConfigError(f"input {spec!r}: unknown placeholder ({exc}); use {sorted(values)}") from exc
+    return out
+
+
+def partition(output_root: str | Path, day: dt.date) -> Path:
+    return Path(output_root) / f"dt={day.isoformat()}"
+
+
+def run(config_path: Path | str, date: str | None = None, progress: bool = False) -> tuple[int, dict[str, Any]]:
+    """The whole nightly run; returns (exit code, run record written to _nightly.json)."""
+    from pni_ray.orchestration.score import Options, ScoreError, score
+    from pni_ray.results import atomic_write_json, now_utc
+
+    t0 = time.perf_counter()
+    started = now_utc()
+    cfg = load_config(config_path)
+    day = resolve_date(date or cfg["date"])
+    inputs = expand_placeholders(cfg["inputs"], day)
+    out = partition(cfg["output_root"], day)
+    record: dict[str, Any] = {"date": day.isoformat(), "config": {k: v for k, v in cfg.items() if not k.startswith("_")},
+                              "config_path": cfg["_config_path"], "inputs": inputs, "out": str(out),
+                              "started_at": started.isoformat()}
+    opts = Options(batch_size=int(cfg["batch_size"]), workers=cfg["workers"], cpus_per_worker=float(cfg["cpus_per_worker"]),
+                   gpus_per_worker=float(cfg["gpus_per_worker"]), map_format=cfg["map_format"],
+                   max_pixels=int(cfg["max_pixels"]), chunk_size=int(cfg["chunk_size"]), address=cfg["address"])
+    log.info("nightly %s: %d input specs -> %s", day, len(inputs), out)
+    try:
+        summary = score(cfg["model"], inputs, out, opts, engine=cfg["engine"], top_n=int(cfg["top_n"]),
+                        progress=progress)
+    except ScoreError as exc:
+        record.update(error=str(exc), exit_code=EXIT_RUN)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "_nightly.json", record)
+        return EXIT_RUN, record
+    report_path = None
+    if cfg["report"] and summary["rows"]:
+        from pni_ray.report import write_report
+
+        report_path = out / "_report.html"
+        write_report(out, report_path, top_n=int(cfg["report_top"]),
+                     title=f"pni-ray nightly {day.isoformat()}: {summary.get('category') or ''}")
+    failed = summary["failed"] + summary["missing"]
+    code = EXIT_FAILED_INPUTS if failed and cfg["fail_on_errors"] else EXIT_OK
+    record.update(
+        finished_at=now_utc().isoformat(),
+        seconds=round(time.perf_counter() - t0, 3),
+        exit_code=code,
+        counts={k: summary[k] for k in ("inputs", "rows", "scored", "failed", "anomalous", "missing",
+                                        "duplicates_ignored", "duplicate_rows")},
+        anomaly_rate=summary["anomaly_rate"],
+        threshold=summary["threshold"],
+        model_id=summary["model_id"],
+        top=summary["top"],
+        failures=summary["failures"],
+        summary=str(out / "_summary.json"),
+        report=str(report_path) if report_path else None,
+        table=str(out),
+        run=summary.get("run"),
+    )
+    atomic_write_json(out / "_nightly.json", record)
+    return code, record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.nightly", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="TOML or JSON config file")
+    parser.add_argument("--date", default=None, help="today, yesterday or YYYY-MM-DD (overrides the config)")
+    parser.add_argument("--progress", action="store_true", help="show a progress bar")
+    parser.add_argument("-q", "--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        code, record = run(args.config, date=args.date, progress=args.progress)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except Exception:  # noqa: BLE001 - a nightly job reports, it does not dump and vanish
+        traceback.print_exc()
+        return EXIT_RUN
+    if "counts" in record:
+        c = record["counts"]
+        rate = record["anomaly_rate"]
+        print(f"nightly {record['date']}: {c['inputs']} inputs, {c['scored']} scored, {c['failed']} failed, "
+              f"{c['anomalous']} anomalous ({'n/a' if rate is None else f'{rate:.1%}'}) -> {record['out']}")
+        for row in record["top"][:5]:
+            print(f"  {row['image_score']:10.4f}  {row['path']}")
+        if record.get("report"):
+            print(f"report: {record['report']}")
+    else:
+        print(f"nightly {record['date']} failed: {record.get('error')}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""Backbone ensembles: several bundles of one category scored as one model (PNI paper, Sec. 4).
+
+Scoring (pure torch, `EnsembleDetector`): every member's anomaly map is put on a common
+scale with that member's own held-out training statistics, ``(map - pixel_mean) /
+pixel_std``, the normalised maps are averaged, and the image score is the maximum of the
+averaged map.
+
+Threshold: the ensemble stores ``threshold = mean_k (threshold_k - pixel_mean_k) /
+pixel_std_k``, each member's own held-out threshold (mean + 3 std of its held-out image
+scores) expressed in that member's normalised units, averaged. Because the maximum of an
+average is at most the average of the maxima, an image whose ensemble score exceeds this
+threshold is flagged by at least one member on its own: the ensemble never raises an alarm
+that no member would raise, so on good images its false-alarm rate is at most the members'
+combined rate (in practice lower, since averaging cancels member-specific noise). This needs
+no data. ``--calibrate DATA_ROOT`` instead scores the train/good images that every member
+held out of its memory bank and sets mean + k std of the ensemble's own image scores, exactly
+like a single bundle's threshold; the manifest records which method was used.
+
+Format (`pni-ray ensemble BUNDLE... --out DIR`): a self-contained directory
+
+    DIR/manifest.json        {"format": "pni-ray-ensemble", "members": [{"path", "model_id", ...}], ...}
+    DIR/members/00-<backbone>/  a verbatim copy of each member bundle
+
+written atomically (temp sibling + rename). Loading checks that each member's manifest still
+hashes to the recorded model_id and that every member file matches its checksum, so a
+tampered, swapped or missing member is refused with the file named.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import asdict
+from pathlib import Path, PurePosixPath
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from pni_ray.bundle import MANIFEST as BUNDLE_MANIFEST
+from pni_ray.bundle import BundleError, _fsync_dir, atomic_write_json, load_bundle, model_id, verify_bundle, versions
+from pni_ray.models.pni import Normalisation, PNIDetector, build_detector
+
+FORMAT = "pni-ray-ensemble"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MEMBERS_DIR = "members"
+MEMBER_MODE = "member"  # score every member in its own bundle's mode
+
+
+def _as_normalisation(value: Normalisation | dict[str, Any]) -> Normalisation:
+    return value if isinstance(value, Normalisation) else Normalisation(**value)
+
+
+class EnsembleDetector(nn.Module):
+    """Images (B, 3, H, W) in [0, 1] -> averaged normalised maps (B, H, W) and image scores (B,).
+
+    Same call signature as `PNIDetector`; `mode=None` (or "member") scores every member in
+    its bundle's own mode, any other mode is passed to every member.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[PNIDetector],
+        normalisations: Sequence[Normalisation | dict[str, Any]],
+        threshold: float = float("inf"),
+        names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if len(members) < 1:
+            raise ValueError("an ensemble needs at least one member")
+        if len(members) != len(normalisations):
+            raise ValueError(f"{len(members)} members but {len(normalisations)} normalisations")
+        sizes = sorted({int(m.image_size) for m in members})
+        if len(sizes) != 1:
+            raise ValueError(f"ensemble members must share one input size, got {sizes} px")
+        geometries = [getattr(m, "geometry", None) for m in members]
+        if any(g is not None and not g.is_default for g in geometries):
+            raise ValueError("ensembles support members with the default geometry (resize, no tiling) only")
+        norms = [_as_normalisation(n) for n in normalisations]
+        for i, n in enumerate(norms):
+            if not (math.isfinite(n.pixel_mean) and math.isfinite(n.pixel_std) and n.pixel_std > 0):
+                raise ValueError(f"member {i}: unusable map statistics (pixel_mean={n.pixel_mean}, pixel_std={n.pixel_std})")
+        self.members = nn.ModuleList(members)
+        self.names = list(names) if names is not None else [f"member{i}" for i in range(len(members))]
+        self.register_buffer("pixel_mean", torch.tensor([n.pixel_mean for n in norms], dtype=torch.float32), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor([n.pixel_std for n in norms], dtype=torch.float32), persistent=False)
+        self.image_size = sizes[0]
+        modes = {m.mode for m in members}
+        self.mode = modes.pop() if len(modes) == 1 else MEMBER_MODE
+        self.refiner = None  # members apply their own refiners (their default); no ensemble-level refiner
+        if geometries[0] is not None:
+            self.geometry = geometries[0]  # default geometry: callers take their plain resize path
+        self.threshold = float(threshold)
+
+    def _member_mode(self, mode: str | None) -> str | None:
+        return None if mode in (None, MEMBER_MODE) else mode
+
+    @torch.no_grad()
+    def member_maps(self, images: torch.Tensor, mode: str | None = None, refine: bool | None = None) -> torch.Tensor:
+        """(K, B, H, W): every member's map, normalised with that member's statistics."""
+        mode = self._member_mode(mode)
+        maps = []
+        for k, member in enumerate(self.members):
+            m, _ = member(images, mode, refine)
+            maps.append((m.float() - self.pixel_mean[k]) / self.pixel_std[k])
+        return torch.stack(maps)
+
+    @torch.no_grad()
+    def forward(
+        self, images: torch.Tensor, mode: str | None = None, refine: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = self.member_maps(images, mode, refine).mean(0)
+        return maps, maps.flatten(1).max(1).values
+
+
+# ----------------------------------------------------------------------------------- threshold
+
+
+def estimated_normalisation(normalisations: Sequence[Normalisation | dict[str, Any]]) -> Normalisation:
+    """Ensemble statistics from the members' held-out statistics, in normalised map units.
+
+    threshold = mean of the members' thresholds, each as (threshold - pixel_mean) / pixel_std
+    (see the module docstring for why an image above it is flagged by some member).
+    image_mean / image_std are the analogous averages (an upper estimate of the ensemble's
+    held-out image-score mean and spread); the ensemble map is already normalised, so its
+    pixel_mean / pixel_std are 0 / 1.
+    """
+    norms = [_as_normalisation(n) for n in normalisations]
+    z = lambda value, n: (value - n.pixel_mean) / n.pixel_std  # noqa: E731
+    thresholds = [z(n.threshold, n) for n in norms]
+    return Normalisation(
+        image_mean=float(sum(z(n.image_mean, n) for n in norms) / len(norms)),
+        image_std=float(sum(n.image_std / n.pixel_std for n in norms) / len(norms)),
+        pixel_mean=0.0,
+        pixel_std=1.0,
+        threshold=float(sum(thresholds) / len(thresholds)),
+        extras={f"member{k}_threshold_normalised": float(t) for k, t in enumerate(thresholds)},
+    )
+
+
+# -------------------------------------------------------------------------------------- format
+
+
+def read_ensemble_manifest(path: Path | str) -> dict[str, Any]:
+    path = Path(path)
+    file = path / MANIFEST
+    if not file.is_file():
+        raise BundleError(f"{path}: incomplete ensemble, {MANIFEST} is missing")
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{file}: not valid JSON ({exc})") from exc
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{file}: not a {FORMAT} manifest")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise BundleError(f"{file}: ensemble format version {manifest['format_version']} is newer than this pni-ray; upgrade")
+    if not manifest.get("members"):
+        raise BundleError(f"{file}: the ensemble lists no members")
+    return manifest
+
+
+def is_ensemble(path: Path | str) -> bool:
+    """True when `path` holds an ensemble manifest (cheap: reads only manifest.json)."""
+    file = Path(path) / MANIFEST
+    try:
+        return json.loads(file.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def member_path(root: Path, relative: str) -> Path:
+    """A member's directory; refuses paths that leave the ensemble directory."""
+    rel = PurePosixPath(relative)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise BundleError(f"{root / MANIFEST}: member path {relative!r} must be relative and inside the ensemble")
+    return root.joinpath(*rel.parts)
+
+
+def _check_member_id(root: Path, entry: dict[str, Any]) -> Path:
+    path = member_path(root, entry["path"])
+    if not (path / BUNDLE_MANIFEST).is_file():
+        raise BundleError(f"{path}: ensemble member is missing (listed in {root / MANIFEST})")
+    found = model_id(path)
+    if found != entry["model_id"]:
+        raise BundleError(
+            f"{path / BUNDLE_MANIFEST}: member manifest differs from the one the ensemble was built with "
+            f"(model_id expected {entry['model_id'][:12]}..., got {found[:12]}...); rebuild the ensemble"
+        )
+    return path
+
+
+def verify_ensemble(path: Path | str) -> dict[str, Any]:
+    """Check every member's model_id and every member file's checksum; return the manifest."""
+    path = Path(path)
+    manifest = read_ensemble_manifest(path)
+    for entry in manifest["members"]:
+        verify_bundle(_check_member_id(path, entry))
+    return manifest
+
+
+def load_ensemble(path: Path | str) -> tuple[EnsembleDetector, dict[str, Any]]:
+    """Verified ensemble detector and its manifest (load_bundle checks each member's files)."""
+    path = Path(path)
+    manifest = read_ensemble_manifest(path)
+    for entry in manifest["members"]:
+        _check_member_id(path, entry)
+    detector, _ = load_ensemble_from_entries(path, manifest["members"])
+    detector.threshold = float(manifest["threshold"])
+    return detector, manifest
+
+
+def _holdout_paths(data_root: Path, category: str, manifests: list[dict[str, Any]]) -> list[Path]:
+    """train/good images that every member held out of its memory bank."""
+    from pni_ray.data.mvtec import load_category
+
+    shared = set(manifests[0].get("training", {}).get("holdout_images", []))
+    for m in manifests[1:]:
+        shared &= set(m.get("training", {}).get("holdout_images", []))
+    if len(shared) < 2:
+        raise ValueError(
+            f"members share {len(shared)} held-out training images; calibration needs at least 2 "
+            "(train the members with the same --seed, or build the ensemble without --calibrate)"
+        )
+    cat = load_category(data_root, category)
+    paths = [p for p in cat.train if p.name in shared]
+    if len(paths) != len(shared):
+        missing = sorted(shared - {p.name for p in paths})
+        raise ValueError(f"{cat.root / 'train' / 'good'}: held-out images not found: {missing[:5]}")
+    return paths
+
+
+def save_ensemble(
+    bundles: Sequence[Path | str],
+    out: Path | str,
+    overwrite: bool = False,
+    calibrate_root: Path | str | None = None,
+    batch_size: int = 8,
+) -> Path:
+    """Copy verified member bundles into `out` with an ensemble manifest; atomic like save_bundle."""
+    out = Path(out)
+    sources = [Path(b) for b in bundles]
+    if len(sources) < 2:
+        raise ValueError("an ensemble needs at least two bundles")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (--force) to replace it")
+    manifests, ids = [], []
+    for src in sources:
+        if is_ensemble(src):
+            raise BundleError(f"{src}: is an ensemble; build ensembles from single-backbone bundles")
+        manifests.append(verify_bundle(src))
+        ids.append(model_id(src))
+    if len(set(ids)) != len(ids):
+        dup = [str(s) for s, i in zip(sources, ids) if ids.count(i) > 1]
+        raise ValueError(f"the same model is listed twice: {dup}")
+    categories = sorted({m["category"] for m in manifests})
+    if len(categories) != 1:
+        raise ValueError(f"ensemble members must be of one category, got {categories}")
+    sizes = sorted({m["config"]["features"]["image_size"] for m in manifests})
+    if len(sizes) != 1:
+        raise ValueError(f"ensemble members must share one input size, got {sizes} px: retrain with one --image-size")
+
+    for src, m in zip(sources, manifests):
+        geometry = m["config"].get("geometry") or {}
+        if geometry.get("policy", "resize") != "resize" or geometry.get("tile", False):
+            raise ValueError(f"{src}: trained with geometry {geometry.get('policy')!r}"
+                             f"{' + tiling' if geometry.get('tile') else ''}; ensembles support the default resize only")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    (tmp / MEMBERS_DIR).mkdir(parents=True)
+    try:
+        entries = []
+        for k, (src, manifest, mid) in enumerate(zip(sources, manifests, ids)):
+            name = f"{k:02d}-{manifest['backbone']['name']}"
+            rel = f"{MEMBERS_DIR}/{name}"
+            dst = tmp / MEMBERS_DIR / name
+            shutil.copytree(src, dst)
+            verify_bundle(dst)
+            if model_id(dst) != mid:
+                raise BundleError(f"{src}: changed while it was being copied; retry")
+            norm = manifest["normalisation"]
+            entries.append({
+                "name": name,
+                "path": rel,
+                "model_id": mid,
+                "source": str(src.resolve()),
+                "backbone": manifest["backbone"]["name"],
+                "mode": manifest["mode"],
+                "normalisation": {k2: norm[k2] for k2 in ("image_mean", "image_std", "pixel_mean", "pixel_std", "threshold")},
+            })
+        norm_est = estimated_normalisation([m["normalisation"] for m in manifests])
+        normalisation, method = norm_est, "members"
+        if calibrate_root is not None:
+            from pni_ray.training import calibrate
+
+            detector, _ = load_ensemble_from_entries(tmp, entries)
+            paths = _holdout_paths(Path(calibrate_root), categories[0], manifests)
+            sigmas = {m["config"]["scoring"]["threshold_sigmas"] for m in manifests}
+            normalisation = calibrate(detector, paths, sizes[0], batch_size, max(sigmas))
+            normalisation.extras["members_threshold"] = norm_est.threshold
+            method = "holdout"
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "category": categories[0],
+            "mode": _common_mode(manifests),
+            "image_size": sizes[0],
+            "members": entries,
+            "combine": {
+                "map": "mean over members of (map - pixel_mean) / pixel_std (each member's held-out statistics)",
+                "image_score": "max of the combined map",
+            },
+            "normalisation": asdict(normalisation),
+            "threshold": normalisation.threshold,
+            "threshold_method": method,
+            "threshold_doc": (
+                "members: mean of the members' thresholds in their normalised units; an image above it is "
+                "above some member's own threshold"
+                if method == "members"
+                else "holdout: mean + k std of the ensemble's image scores on the train/good images every member held out"
+            ),
+            "versions": versions(),
+        }
+        atomic_write_json(tmp / MANIFEST, manifest)
+        _fsync_dir(tmp)
+        if out.exists():
+            trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_ensemble_from_entries(root: Path, entries: list[dict[str, Any]]) -> tuple[EnsembleDetector, list[dict]]:
+    """Detector of the listed members; each member bundle is verified by load_bundle."""
+    members, norms, manifests = [], [], []
+    for entry in entries:
+        trained, manifest = load_bundle(member_path(root, entry["path"]))
+        members.append(build_detector(trained))
+        norms.append(trained.normalisation)
+        manifests.append(manifest)
+    return EnsembleDetector(members, norms, names=[e["name"] for e in entries]).eval(), manifests
+
+
+def _common_mode(manifests: list[dict[str, Any]]) -> str:
+    modes = set()
+    for m in manifests:
+        cfg = m["config"]
+        modes.add(cfg["scoring"]["mode"] if m["mode"] == "pni" else "patchcore")
+    return modes.pop() if len(modes) == 1 else MEMBER_MODE

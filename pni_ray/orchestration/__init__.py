@@ -1,0 +1,1 @@
+"""Ray orchestration: training every category, batch scoring to Parquet."""

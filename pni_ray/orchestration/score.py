@@ -1,0 +1,771 @@
+"""`pni-ray score`: batch scoring of any number of images to Parquet, on Ray Data, never losing one.
+
+Pipeline (one Ray Data dataset, streamed)::
+
+    sorted, de-duplicated inputs -> chunks of --chunk-size paths (rows of `from_items`)
+      -> map(decode_chunk)            read, decode, resize; each bad file becomes an error
+      -> map(ScoreWorker)             actor pool: the model, --batch-size images per forward pass
+      -> map(encode_chunk)            maps back to each image's (H, W), encode, Parquet bytes
+      -> driver commits OUT/part-<chunk hash>.parquet atomically (temp file + rename)
+
+`--stages split` runs decode and encode as their own Ray tasks (the default when actors hold
+GPUs: CPUs decode while the GPU scores); `fused` (the default on CPUs) runs all three in the
+model actors, which on few cores beats paying an interpreter per extra worker process.
+
+Exactly once: a chunk's part file appears only when all of its rows exist, and a run first reads
+the `path` column of the committed parts and schedules only inputs without a row. A run killed
+anywhere (even by SIGKILL, even mid-rename) and rerun with the same OUT therefore ends with one row
+per input. Error rows are final: a rerun does not retry them (`--retry-failed` does).
+
+Input rules: INPUT is a file, a directory (recursive; image extensions only, hidden entries
+skipped), a glob (``**`` allowed) or a list file (``@list`` or a ``.txt``/``.lst`` file: one path,
+directory or glob per line, ``#`` comments, relative lines relative to the list file). Paths are
+made absolute and normalised but symlinks are not resolved; the same path given twice is scored
+once (counted as ``duplicates_ignored``), two different paths to the same bytes are two inputs.
+An explicit path that does not exist, a directory without images, or a glob that matches nothing
+gets an error row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import click
+import numpy as np
+
+from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError, is_image_file
+from pni_ray.results import (
+    MAP_FORMATS,
+    TABLE_FORMAT,
+    atomic_write_bytes,
+    atomic_write_json,
+    error_row,
+    now_utc,
+    part_files,
+    read_table,
+    rows_to_table,
+    schema,
+    scored_row,
+    table_to_parquet_bytes,
+    upsample_map,
+)
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 64
+DATASET_FILE = "_dataset.json"
+SUMMARY_FILE = "_summary.json"
+LOCK_FILE = "_lock"
+LIST_SUFFIXES = (".txt", ".lst")
+MAX_FAILURES_LISTED = 1000
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+EXIT_OK, EXIT_FAILED_INPUTS, EXIT_RUN_FAILED = 0, 1, 3  # click's usage errors exit 2
+
+
+class ScoreError(RuntimeError):
+    """A run that cannot start (bad model, OUT in use or holding another model's scores)."""
+
+
+class RunFailed(click.ClickException):
+    exit_code = EXIT_RUN_FAILED
+
+
+# ------------------------------------------------------------------------------------------
+# inputs
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Inputs:
+    """Sorted unique absolute paths, with errors known before decoding (missing, no glob match)."""
+
+    paths: list[str]
+    preset_errors: dict[str, str] = field(default_factory=dict)
+    duplicates: int = 0
+
+
+def _norm(path: str, base: str | None = None) -> str:
+    path = os.path.expanduser(path)
+    if base is not None and not os.path.isabs(path):
+        path = os.path.join(base, path)
+    return os.path.normpath(os.path.abspath(path))
+
+
+def _walk_images(folder: str) -> list[str]:
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(os.path.join(root, f) for f in files if is_image_file(Path(f)))
+    return found
+
+
+def _expand_one(spec: str, base: str | None, out: list[str], preset: dict[str, str]) -> None:
+    """A path, directory or glob (not a list file) -> paths appended to out."""
+    if _GLOB_CHARS.search(spec):
+        pattern = _norm(spec, base)
+        matches = sorted(glob.glob(pattern, recursive=True))
+        if not matches:
+            out.append(pattern)
+            preset[pattern] = f"{pattern}: no file matches this pattern"
+        for m in matches:
+            if os.path.isdir(m):
+                out.extend(_walk_images(m))  # a glob may match many folders: empty ones are not errors
+            else:
+                out.append(_norm(m))
+        return
+    path = _norm(spec, base)
+    if os.path.isdir(path):
+        found = _walk_images(path)
+        if not found:  # an empty camera folder is news, not silence
+            out.append(path)
+            preset[path] = f"{path}: directory contains no image files"
+        out.extend(found)
+    else:
+        out.append(path)  # missing files are decoded into "file not found" rows
+
+
+def _read_list(path: str) -> list[str]:
+    lines = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                lines.append(line)
+    return lines
+
+
+def expand_inputs(specs: Iterable[str]) -> Inputs:
+    """Files, directories, globs and list files -> the sorted, de-duplicated input list."""
+    collected: list[str] = []
+    preset: dict[str, str] = {}
+    for spec in specs:
+        spec = str(spec)
+        if spec.startswith("@") or (spec.lower().endswith(LIST_SUFFIXES) and os.path.isfile(spec)):
+            list_path = _norm(spec[1:] if spec.startswith("@") else spec)
+            try:
+                lines = _read_list(list_path)
+            except (OSError, UnicodeDecodeError) as exc:
+                collected.append(list_path)
+                preset[list_path] = f"{list_path}: cannot read the list file ({exc.__class__.__name__}: {exc})"
+                continue
+            for line in lines:
+                _expand_one(line, os.path.dirname(list_path), collected, preset)
+        else:
+            _expand_one(spec, None, collected, preset)
+    unique = sorted(set(collected))
+    return Inputs(unique, {p: preset[p] for p in unique if p in preset}, len(collected) - len(unique))
+
+
+def chunk_id(paths: Sequence[str]) -> str:
+    return hashlib.sha256("\0".join(paths).encode("utf-8", "surrogateescape")).hexdigest()[:24]
+
+
+def make_chunks(paths: Sequence[str], chunk_size: int = CHUNK_SIZE) -> list[list[str]]:
+    """Fixed-size consecutive chunks of an (already sorted) list: deterministic."""
+    if chunk_size < 1:
+        raise ValueError("chunk size must be >= 1")
+    return [list(paths[i: i + chunk_size]) for i in range(0, len(paths), chunk_size)]
+
+
+# ------------------------------------------------------------------------------------------
+# the model, described without building it
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    kind: str
+    image_size: tuple[int, int]  # (height, width) of the model input
+    threshold: float
+    model_id: str
+    category: str | None
+
+
+def describe_model(path: Path | str) -> ModelInfo:
+    """What the driver needs to know; verifies a bundle's checksums without building the network."""
+    from pni_ray.orchestration.model_loader import ExportModel, image_hw, model_kind
+
+    path = Path(path).resolve()
+    try:
+        kind = model_kind(path)
+    except ValueError as exc:
+        raise ScoreError(str(exc)) from exc
+    if kind in ("bundle", "ensemble"):
+        from pni_ray.bundle import BundleError, model_id, verify_bundle
+
+        try:
+            if kind == "ensemble":
+                from pni_ray.models.ensemble import verify_ensemble
+
+                manifest = verify_ensemble(path)
+            else:
+                manifest = verify_bundle(path)
+        except BundleError as exc:
+            raise ScoreError(str(exc)) from exc
+        norm = manifest.get("normalisation") or {}
+        threshold = norm.get("threshold", manifest.get("threshold"))
+        size = manifest.get("image_size") or manifest["config"]["features"]["image_size"]
+        return ModelInfo(str(path), kind, image_hw(size), float("inf") if threshold is None else float(threshold),
+                         model_id(path), manifest.get("category"))
+    model = ExportModel(path)
+    return ModelInfo(str(path), kind, model.image_size, model.threshold, model.model_id, model.category)
+
+
+# ------------------------------------------------------------------------------------------
+# pipeline stages (module-level functions and one class: Ray ships them to workers)
+# ------------------------------------------------------------------------------------------
+
+
+def decode_chunk(row: dict[str, Any], image_size: int | tuple[int, int], max_pixels: int) -> dict[str, Any]:
+    """Read, decode and resize one chunk; a file that cannot be used becomes an error, never raises."""
+    from pni_ray.data.images import load_rgb
+    from pni_ray.data.transforms import resize_rgb
+
+    meta = json.loads(row["meta"])
+    preset = meta.pop("preset", {})
+    errors: list[str | None] = []
+    hw: list[list[int] | None] = []
+    pixels: list[np.ndarray] = []
+    for path in meta["paths"]:
+        err = preset.get(path)
+        if err is None:
+            try:
+                rgb = load_rgb(path, max_pixels=max_pixels)
+                pixels.append(resize_rgb(rgb, tuple(image_size) if not isinstance(image_size, int) else image_size))
+                hw.append([int(rgb.shape[0]), int(rgb.shape[1])])
+            except ImageError as exc:
+                err = str(exc)
+            except MemoryError:
+                err = f"{path}: out of memory while decoding (lower --max-pixels or give workers more memory)"
+            except Exception as exc:  # noqa: BLE001 - one bad file must not stop the job
+                err = f"{path}: cannot decode ({exc.__class__.__name__}: {exc})"
+        if err is not None:
+            hw.append(None)
+        errors.append(err)
+    meta.update(errors=errors, hw=hw)
+    data = np.ascontiguousarray(np.stack(pixels)).tobytes() if pixels else b""
+    return {"chunk": row["chunk"], "meta": json.dumps(meta), "pixels": data}
+
+
+class ScoreWorker:
+    """One model per actor; torch (or ORT) threads pinned to the actor's CPUs.
+
+    With `decode` / `encode` (the stage functions' keyword arguments) the actor runs those stages
+    itself on each chunk: the fused pipeline, fewer processes, no pixels through the object store.
+    """
+
+    def __init__(self, model_path: str, threads: int = 1, batch_size: int = 8, device: str = "cpu",
+                 decode: dict[str, Any] | None = None, encode: dict[str, Any] | None = None) -> None:
+        self.decode, self.encode = decode, encode
+        threads = max(1, int(threads))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        try:
+            import torch
+
+            torch.set_num_threads(threads)
+        except ImportError:  # pragma: no cover - export-only installs
+            pass
+        from pni_ray.orchestration.model_loader import load_scoring_model
+
+        self.model = load_scoring_model(model_path, device=device, threads=threads)
+        self.batch_size = max(1, int(batch_size))
+
+    def _predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        batch = (images.astype(np.float32) / 255.0).transpose(0, 3, 1, 2)
+        maps, scores = self.model.predict(np.ascontiguousarray(batch))
+        return np.asarray(maps, np.float32), np.asarray(scores, np.float64).reshape(-1)
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        if self.decode is not None:
+            row = decode_chunk(row, **self.decode)
+        row = self.score(row)
+        return encode_chunk(row, **self.encode) if self.encode is not None else row
+
+    def score(self, row: dict[str, Any]) -> dict[str, Any]:
+        meta = json.loads(row["meta"])
+        paths, errors = meta["paths"], meta["errors"]
+        ok = [i for i, e in enumerate(errors) if e is None]
+        h, w = self.model.image_size
+        images = np.frombuffer(row["pixels"], np.uint8).reshape(len(ok), h, w, 3) if ok else None
+        maps = np.zeros((len(ok), h, w), np.float32)
+        scores = np.full(len(ok), np.nan)
+        failed: dict[int, str] = {}
+        for start in range(0, len(ok), self.batch_size):
+            stop = min(start + self.batch_size, len(ok))
+            try:
+                maps[start:stop], scores[start:stop] = self._predict(images[start:stop])
+            except Exception:  # noqa: BLE001 - retry one by one to isolate the culprit
+                for j in range(start, stop):
+                    try:
+                        maps[j: j + 1], scores[j: j + 1] = self._predict(images[j: j + 1])
+                    except Exception as exc:  # noqa: BLE001
+                        failed[j] = f"{paths[ok[j]]}: scoring failed ({exc.__class__.__name__}: {exc})"
+        out_scores: list[float | None] = [None] * len(paths)
+        keep = []
+        for j, i in enumerate(ok):
+            if j in failed:
+                errors[i] = failed[j]
+            elif not math.isfinite(scores[j]):
+                errors[i] = f"{paths[i]}: the model produced a non-finite score ({scores[j]})"
+            else:
+                out_scores[i] = float(scores[j])
+                keep.append(j)
+        meta.update(errors=errors, scores=out_scores)
+        return {"chunk": row["chunk"], "meta": json.dumps(meta),
+                "maps": np.ascontiguousarray(maps[keep]).tobytes()}
+
+
+def encode_chunk(row: dict[str, Any], map_format: str, model: dict[str, Any]) -> dict[str, Any]:
+    """Maps back to each image's own (H, W) (bilinear), encoded; the chunk as Parquet bytes."""
+    meta = json.loads(row["meta"])
+    paths, errors, scores, hw = meta["paths"], meta["errors"], meta["scores"], meta["hw"]
+    h, w = model["image_size"]
+    n_maps = sum(v is not None for v in scores)
+    maps = np.frombuffer(row["maps"], np.float32).reshape(n_maps, h, w)
+    scored_at = now_utc()
+    rows = []
+    j = 0
+    for i, path in enumerate(paths):
+        if scores[i] is None:
+            rows.append(error_row(path, model["category"], errors[i] or f"{path}: not scored", model["model_id"], scored_at))
+            continue
+        amap = maps[j]
+        j += 1
+        try:
+            full = upsample_map(amap, (hw[i][0], hw[i][1]))
+            rows.append(scored_row(path, model["category"], scores[i], model["threshold"], full, map_format,
+                                   model["model_id"], scored_at))
+        except Exception as exc:  # noqa: BLE001
+            rows.append(error_row(path, model["category"], f"{path}: encoding the map failed "
+                                  f"({exc.__class__.__name__}: {exc})", model["model_id"], scored_at))
+    table = rows_to_table(rows, schema(map_format, model["threshold"], {
+        "model_id": model["model_id"], "category": model["category"] or "", "model_path": model["path"]}))
+    n_failed = sum(r["error"] is not None for r in rows)
+    return {"chunk": row["chunk"], "parquet": table_to_parquet_bytes(table), "n": len(rows), "n_failed": n_failed}
+
+
+# ------------------------------------------------------------------------------------------
+# engines: a stream of encoded chunks
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    batch_size: int = 8
+    workers: int | None = None
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    map_format: str = "uint8"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    chunk_size: int = CHUNK_SIZE
+    address: str | None = None
+    threads: int | None = None  # local engine only; default: all cores
+    stages: str = "auto"  # fused: decode+score+encode in the model actors; split: separate task stages
+
+
+def _bound_worker(**kwargs: Any) -> type:
+    """ScoreWorker with its arguments baked in: no constructor arguments in Ray's object store."""
+
+    class BoundScoreWorker(ScoreWorker):
+        def __init__(self) -> None:
+            super().__init__(**kwargs)
+
+    return BoundScoreWorker
+
+
+def _chunk_rows(chunks: list[list[str]], preset: dict[str, str]) -> list[dict[str, Any]]:
+    return [{"chunk": chunk_id(c), "meta": json.dumps({"paths": c, "preset": {p: preset[p] for p in c if p in preset}})}
+            for c in chunks]
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Connect to ADDRESS (or $RAY_ADDRESS), else start embedded local Ray; True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # Ray starts workers at nice 15 (below its raylet); an embedded pipeline should run at the
+        # priority of the command that started it, or any other busy process on the box starves it.
+        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+                 _system_config={"worker_niceness": max(0, os.nice(0))}, **kwargs)
+    return True
+
+
+def _quiet_ray_data() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def run_ray(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Iterator[dict[str, Any]]:
+    """The Ray Data pipeline; yields encoded chunks as they finish."""
+    import ray
+    import ray.data
+
+    started = ensure_ray(opts.address)
+    try:
+        _quiet_ray_data()
+        resources = ray.cluster_resources()
+        if opts.workers:
+            workers = opts.workers
+        elif opts.gpus_per_worker > 0:
+            workers = max(1, int(resources.get("GPU", 0) // opts.gpus_per_worker))
+        else:
+            workers = max(1, int(resources.get("CPU", 1) // max(opts.cpus_per_worker, 1e-3)))
+        workers = max(1, min(workers, len(rows)))
+        model = {"image_size": info.image_size, "threshold": info.threshold, "model_id": info.model_id,
+                 "category": info.category, "path": info.path}
+        decode = {"image_size": info.image_size, "max_pixels": opts.max_pixels}
+        encode = {"map_format": opts.map_format, "model": model}
+        device = "cuda" if opts.gpus_per_worker > 0 else "cpu"
+        # fused on CPUs: each extra Ray worker process costs an interpreter and its imports, which on
+        # a few cores outweighs overlapping decode with inference; split when actors hold GPUs, so
+        # that CPU tasks decode while the GPU scores.
+        stages = opts.stages if opts.stages != "auto" else ("split" if opts.gpus_per_worker > 0 else "fused")
+        log.info("ray scoring: %d chunks, %d workers x %.2g CPU / %.2g GPU, %s stages", len(rows), workers,
+                 opts.cpus_per_worker, opts.gpus_per_worker, stages)
+        worker_args = {"model_path": info.path, "threads": max(1, int(opts.cpus_per_worker)),
+                       "batch_size": opts.batch_size, "device": device}
+        actors = {"compute": ray.data.ActorPoolStrategy(size=workers), "num_cpus": opts.cpus_per_worker,
+                  "num_gpus": opts.gpus_per_worker}
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+        if stages == "fused":
+            ds = ds.map(_bound_worker(**worker_args, decode=decode, encode=encode), **actors)
+        else:
+            # Decode/encode tasks reserve no CPU, so actors holding every CPU cannot starve them;
+            # their own concurrency bounds them.
+            io_tasks = ray.data.TaskPoolStrategy(size=max(2, workers))
+            ds = ds.map(decode_chunk, fn_kwargs=decode, num_cpus=0, compute=io_tasks)
+            ds = ds.map(_bound_worker(**worker_args), **actors)
+            ds = ds.map(encode_chunk, fn_kwargs=encode, num_cpus=0, compute=io_tasks)
+        yield from ds.iter_rows()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def run_local(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Iterator[dict[str, Any]]:
+    """The same stages in this process, no Ray: for small jobs, tests and machines without Ray."""
+    model = {"image_size": info.image_size, "threshold": info.threshold, "model_id": info.model_id,
+             "category": info.category, "path": info.path}
+    worker = ScoreWorker(info.path, threads=opts.threads or os.cpu_count() or 1, batch_size=opts.batch_size,
+                         decode={"image_size": info.image_size, "max_pixels": opts.max_pixels},
+                         encode={"map_format": opts.map_format, "model": model})
+    for row in rows:
+        yield worker(row)
+
+
+ENGINES = {"ray": run_ray, "local": run_local}
+
+
+# ------------------------------------------------------------------------------------------
+# output directory: lock, identity, commits, summary
+# ------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """One run per OUT at a time (an flock: released by the kernel even on SIGKILL)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise ScoreError(f"{out}: another pni-ray score run is writing here") from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def check_dataset(out: Path, info: ModelInfo, map_format: str) -> None:
+    """OUT holds the scores of one model in one map format; refuse to mix."""
+    path = out / DATASET_FILE
+    if path.is_file():
+        ds = json.loads(path.read_text())
+        if ds.get("model_id") != info.model_id:
+            raise ScoreError(f"{out} holds scores of another model (model_id {str(ds.get('model_id'))[:12]}..., "
+                             f"from {ds.get('model_path')}); this model is {info.model_id[:12]}...: use another --out")
+        if ds.get("map_format") != map_format:
+            raise ScoreError(f"{out} holds maps in format {ds.get('map_format')!r}, not {map_format!r}: "
+                             "use the same --map-format or another --out")
+        return
+    if part_files(out):
+        raise ScoreError(f"{out} has part files but no {DATASET_FILE}: not a pni-ray score output, use another --out")
+    atomic_write_json(path, {"format": TABLE_FORMAT, "model_id": info.model_id, "model_path": info.path,
+                             "model_kind": info.kind, "category": info.category, "threshold": _json_float(info.threshold),
+                             "map_format": map_format, "created_at": now_utc().isoformat()})
+
+
+def _json_float(x: float) -> float | None:
+    """JSON has no Infinity: a model without a threshold is written as null."""
+    return float(x) if math.isfinite(x) else None
+
+
+def remove_stale_temps(out: Path) -> int:
+    """Temp files of a run killed mid-write (only ever removed while holding the lock)."""
+    n = 0
+    for p in out.glob(".part-*.tmp"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def committed_paths(out: Path) -> set[str]:
+    return set(read_table(out, columns=["path"]).column("path").to_pylist())
+
+
+def commit(out: Path, result: dict[str, Any]) -> Path:
+    final = out / f"part-{result['chunk']}.parquet"
+    atomic_write_bytes(final, result["parquet"])
+    return final
+
+
+def retry_failed(out: Path) -> int:
+    """Rewrite each part without its error rows (atomic replace of the same name): they rerun."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    n = 0
+    for part in part_files(out):
+        table = pq.read_table(part)
+        bad = pc.is_valid(table.column("error"))
+        n_bad = pc.sum(bad).as_py() or 0
+        if not n_bad:
+            continue
+        kept = table.filter(pc.invert(bad))
+        if kept.num_rows:
+            atomic_write_bytes(part, table_to_parquet_bytes(kept))
+        else:
+            part.unlink()
+        n += n_bad
+    return n
+
+
+def summarise(out: Path, inputs: Inputs, info: ModelInfo, top_n: int = 20) -> dict[str, Any]:
+    """Counts over this run's inputs, read back from the committed parts (the source of truth)."""
+    table = read_table(out, columns=["path", "image_score", "is_anomalous", "error"])
+    wanted = set(inputs.paths)
+    paths = table.column("path").to_pylist()
+    scores = table.column("image_score").to_pylist()
+    flags = table.column("is_anomalous").to_pylist()
+    errs = table.column("error").to_pylist()
+    seen: dict[str, int] = {}
+    scored, failures = [], []
+    for p, s, a, e in zip(paths, scores, flags, errs):
+        if p not in wanted:
+            continue
+        seen[p] = seen.get(p, 0) + 1
+        if e is None:
+            scored.append((s, p, bool(a)))
+        else:
+            failures.append({"path": p, "error": e})
+    anomalous = sum(a for _, _, a in scored)
+    scored.sort(key=lambda t: (-t[0], t[1]))
+    failures.sort(key=lambda f: f["path"])
+    n_dup = sum(c - 1 for c in seen.values() if c > 1)
+    return {
+        "out": str(out),
+        "model": info.path,
+        "model_id": info.model_id,
+        "model_kind": info.kind,
+        "category": info.category,
+        "threshold": _json_float(info.threshold),
+        "inputs": len(inputs.paths),
+        "duplicates_ignored": inputs.duplicates,
+        "rows": sum(seen.values()),
+        "missing": len(wanted) - len(seen),
+        "duplicate_rows": n_dup,
+        "scored": len(scored),
+        "failed": len(failures),
+        "anomalous": int(anomalous),
+        "anomaly_rate": (anomalous / len(scored)) if scored else None,
+        "top": [{"path": p, "image_score": s, "is_anomalous": a} for s, p, a in scored[:top_n]],
+        "failures": failures[:MAX_FAILURES_LISTED],
+        "failures_truncated": len(failures) > MAX_FAILURES_LISTED,
+    }
+
+
+def score(
+    model: Path | str,
+    inputs: Sequence[str],
+    out: Path | str,
+    opts: Options | None = None,
+    engine: str = "ray",
+    top_n: int = 20,
+    progress: bool = False,
+    retry: bool = False,
+) -> dict[str, Any]:
+    """Score every input into OUT (resuming), write OUT/_summary.json, return the summary."""
+    opts = opts or Options()
+    if opts.map_format not in MAP_FORMATS:
+        raise ScoreError(f"map format must be one of {MAP_FORMATS}, got {opts.map_format!r}")
+    out = Path(out).resolve()
+    t0 = time.perf_counter()
+    info = describe_model(model)
+    expanded = expand_inputs(inputs)
+    with locked(out):
+        check_dataset(out, info, opts.map_format)
+        stale = remove_stale_temps(out)
+        retried = retry_failed(out) if retry else 0
+        done = committed_paths(out)
+        todo = [p for p in expanded.paths if p not in done]
+        rows = _chunk_rows(make_chunks(todo, opts.chunk_size), expanded.preset_errors)
+        log.info("%d inputs (%d duplicates ignored), %d already in %s, %d to score in %d chunks",
+                 len(expanded.paths), expanded.duplicates, len(expanded.paths) - len(todo), out, len(todo), len(rows))
+        n_done = n_failed = 0
+        t_run = time.perf_counter()
+        t_first = None
+        if rows:
+            from tqdm import tqdm
+
+            with tqdm(total=len(todo), unit="img", desc="score", disable=not progress, file=sys.stderr,
+                      dynamic_ncols=True) as bar:
+                for result in ENGINES[engine](rows, info, opts):
+                    commit(out, result)
+                    if t_first is None:
+                        t_first = time.perf_counter()
+                    n_done += int(result["n"])
+                    n_failed += int(result["n_failed"])
+                    bar.update(int(result["n"]))
+                    bar.set_postfix(failed=n_failed, refresh=False)
+        seconds = time.perf_counter() - t_run
+        summary = summarise(out, expanded, info, top_n=top_n)
+        summary["run"] = {
+            "engine": engine,
+            "map_format": opts.map_format,
+            "already_done": len(expanded.paths) - len(todo),
+            "scheduled": len(todo),
+            "scored_this_run": n_done,
+            "failed_this_run": n_failed,
+            "chunks": len(rows),
+            "stale_temp_files_removed": stale,
+            "error_rows_retried": retried,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "pipeline_seconds": round(seconds, 3),
+            # start-up (Ray, model loading) and the first chunk, then the steady state
+            "first_chunk_seconds": None if t_first is None else round(t_first - t_run, 3),
+            "images_per_s": round(n_done / seconds, 3) if n_done and seconds > 0 else None,
+            "finished_at": now_utc().isoformat(),
+        }
+        atomic_write_json(out / SUMMARY_FILE, summary)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------
+
+
+def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
+    rate = summary["anomaly_rate"]
+    run = summary.get("run", {})
+    click.echo(
+        f"{summary['inputs']} inputs: {summary['scored']} scored, {summary['failed']} failed, "
+        f"{summary['anomalous']} anomalous (rate {'n/a' if rate is None else f'{rate:.1%}'}); "
+        f"{run.get('already_done', 0)} were already in {out}"
+        + (f"; {run['images_per_s']:.1f} images/s" if run.get("images_per_s") else "")
+    )
+    if summary["missing"] or summary["duplicate_rows"]:
+        click.echo(f"WARNING: {summary['missing']} inputs have no row, {summary['duplicate_rows']} duplicate rows",
+                   err=True)
+    for row in summary["top"][:top]:
+        click.echo(f"  {row['image_score']:10.4f}  {'ANOMALOUS' if row['is_anomalous'] else 'ok       '}  {row['path']}")
+    for f in summary["failures"][:10]:
+        click.echo(f"  FAILED  {f['error']}", err=True)
+    if summary["failed"] > 10:
+        click.echo(f"  ... and {summary['failed'] - 10} more failures (see {out / SUMMARY_FILE})", err=True)
+    click.echo(f"table: {out}/part-*.parquet  summary: {out / SUMMARY_FILE}")
+
+
+@click.command("score")
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory of Parquet part files (reruns resume).")
+@click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else embedded local Ray).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Images per model forward pass.")
+@click.option("--workers", type=int, default=None, help="Model actors (default: CPUs / --cpus-per-worker).")
+@click.option("--cpus-per-worker", type=float, default=1.0, show_default=True,
+              help="CPUs per model actor (= its torch threads).")
+@click.option("--gpus-per-worker", type=float, default=0.0, show_default=True, help="GPUs per model actor.")
+@click.option("--map-format", type=click.Choice(MAP_FORMATS), default="uint8", show_default=True,
+              help="How anomaly maps are stored.")
+@click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Images above this many pixels are refused (decompression-bomb guard).")
+@click.option("--chunk-size", type=int, default=CHUNK_SIZE, show_default=True, help="Images per part file.")
+@click.option("--engine", type=click.Choice(sorted(ENGINES)), default="ray", show_default=True,
+              help="ray: Ray Data pipeline; local: the same stages in this process.")
+@click.option("--stages", type=click.Choice(["auto", "fused", "split"]), default="auto", show_default=True,
+              help="fused: model actors also decode and encode; split: separate decode/encode tasks "
+                   "(auto: split with GPUs, fused on CPUs).")
+@click.option("--threads", type=int, default=None, help="torch threads for --engine local (default: all cores).")
+@click.option("--top", "top_n", type=int, default=20, show_default=True, help="Most anomalous images in the summary.")
+@click.option("--retry-failed", is_flag=True, help="Drop OUT's error rows first so those inputs are tried again.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def score_cmd(model: Path, inputs: tuple[str, ...], out: Path, address: str | None, batch_size: int,
+              workers: int | None, cpus_per_worker: float, gpus_per_worker: float, map_format: str,
+              max_pixels: int, chunk_size: int, engine: str, stages: str, threads: int | None, top_n: int,
+              retry_failed: bool, progress: bool) -> None:
+    """Score every image of INPUT... with MODEL (a bundle or an export directory) into OUT.
+
+    INPUT: files, directories (recursive), globs, or list files (@FILE, or a .txt/.lst file; one path
+    per line). Exit status 0: every input scored; 1: some inputs have error rows; 2: usage error;
+    3: the run failed (rerun to resume).
+    """
+    opts = Options(batch_size=batch_size, workers=workers, cpus_per_worker=cpus_per_worker,
+                   gpus_per_worker=gpus_per_worker, map_format=map_format, max_pixels=max_pixels,
+                   chunk_size=chunk_size, address=address, threads=threads, stages=stages)
+    try:
+        summary = score(model, inputs, out, opts, engine=engine, top_n=top_n, progress=progress, retry=retry_failed)
+    except ScoreError as exc:
+        raise RunFailed(str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - exit 1 means "some inputs failed", so a crash must not use it
+        log.exception("scoring run failed")
+        raise RunFailed(f"scoring run failed ({exc.__class__.__name__}: {exc}); committed parts are kept, "
+                        "rerun the same command to resume") from exc
+    echo_summary(summary, out.resolve())
+    if summary["failed"] or summary["missing"]:
+        sys.exit(EXIT_FAILED_INPUTS)
+
+
+@click.command("report")
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--html", "html_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="HTML file to write (self-contained: opens offline).")
+@click.option("--top", "top_n", type=int, default=12, show_default=True, help="Most anomalous images shown.")
+@click.option("--title", default=None, help="Report title (default: from the output directory).")
+def report_cmd(out: Path, html_path: Path, top_n: int, title: str | None) -> None:
+    """Self-contained HTML report of a `pni-ray score` output directory OUT."""
+    from pni_ray.report import write_report
+
+    try:
+        info = write_report(out, html_path, top_n=top_n, title=title)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"report of {info['rows']} rows ({info['failed']} failed) -> {html_path}")

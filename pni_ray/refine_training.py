@@ -1,0 +1,258 @@
+"""Train the refinement network of a trained PNI model on synthetic defects (paper, Sec. 3.4).
+
+Only train/good images are read: never a test image, never a ground-truth mask. Synthetic
+defects (CutPaste, CutPaste-scar, DRAEM-style Perlin textures, strokes; `pni_ray.data.defects`)
+are drawn on those images with a seeded generator, the trained PNI model scores them, and the
+refiner learns to turn (image, PNI map) into the defect mask with the paper's loss
+(l_reg + l_grad) / 2. Targets are the masks in the refiner's u units (see
+`pni_ray.models.refiner`): 1 on a synthetic defect pixel, 0 elsewhere, where
+u = (map - pixel_mean) / (target_sigmas * pixel_std) with the model's held-out calibration.
+
+By default the defects are drawn on the PNI model's held-out calibration images: their maps
+are what the model produces on unseen normal images, whereas images in the memory bank score
+unrealistically low (their own patches are in C_emb).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pni_ray.config import RefinerConfig, TrainConfig
+from pni_ray.data.defects import DefectMix, sample_defect
+from pni_ray.data.images import list_images, load_rgb
+from pni_ray.data.transforms import resize_rgb, to_tensor
+from pni_ray.models.pni import TrainedModel, build_detector
+from pni_ray.models.refiner import MapRefiner, build_refiner, refinement_loss
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("holdout", "all")
+
+
+@dataclasses.dataclass
+class RefinerData:
+    """Synthetic training set: uint8 images, the PNI maps of those images, binary masks."""
+
+    images: torch.Tensor  # (N, H, W, 3) uint8
+    maps: torch.Tensor  # (N, H, W) float32, raw PNI scale
+    masks: torch.Tensor  # (N, H, W) bool
+    families: list[str]
+    sources: list[str]  # file name of the good image each sample was made from
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images = self.images[idx].permute(0, 3, 1, 2).float().div_(255.0)
+        return images, self.maps[idx], self.masks[idx].float()
+
+
+def good_images(data_root: Path | str, category: str) -> list[Path]:
+    """train/good of the category: the only folder this module reads."""
+    folder = Path(data_root) / category / "train" / "good"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no train/good folder to make synthetic defects from")
+    paths = list_images(folder)
+    if not paths:
+        raise ValueError(f"{folder}: no images to make synthetic defects from")
+    return paths
+
+
+def source_images(paths: list[Path], cfg: TrainConfig) -> list[Path]:
+    """The images defects are drawn on: PNI's held-out split (the same seeded split) or all."""
+    from pni_ray.training import split_holdout
+
+    source = cfg.refiner.source
+    if source not in SOURCES:
+        raise ValueError(f"refiner source must be one of {SOURCES}, got {source!r}")
+    if source == "all":
+        return paths
+    minimum = cfg.scoring.min_holdout if len(paths) > 2 else 0
+    _, holdout = split_holdout(paths, cfg.scoring.holdout_fraction, minimum, cfg.seed)
+    if not holdout:
+        log.warning("no held-out calibration images; drawing refiner defects on all train/good images")
+        return paths
+    return holdout
+
+
+@torch.no_grad()
+def make_refiner_data(
+    trained: TrainedModel, paths: list[Path], n_samples: int, seed: int, progress: bool = True, batch_size: int = 8
+) -> RefinerData:
+    """Seeded synthetic defects on `paths` (cycled in a shuffled order) and their PNI maps."""
+    cfg = trained.config
+    rcfg = cfg.refiner
+    size = cfg.features.image_size
+    rng = np.random.default_rng([seed, 0x5EF1])
+    mix = DefectMix(weights=dict(rcfg.defect_weights), p_normal=rcfg.p_normal)
+    goods = [resize_rgb(load_rgb(p), size) for p in paths]
+    order = rng.permutation(len(paths))
+    images, masks, families, sources = [], [], [], []
+    for i in tqdm(range(n_samples), desc="synthetic defects", unit="img", disable=not progress, leave=False):
+        k = int(order[i % len(order)])
+        image, mask, name = sample_defect(goods[k], rng, mix)
+        images.append(image)
+        masks.append(mask)
+        families.append(name)
+        sources.append(paths[k].name)
+    detector = build_detector(dataclasses.replace(trained, refiner=None))
+    maps = []
+    for i in tqdm(range(0, n_samples, batch_size), desc="PNI maps", unit="batch", disable=not progress, leave=False):
+        m, _ = detector(to_tensor(images[i : i + batch_size]), refine=False)
+        maps.append(m.float())
+    return RefinerData(
+        images=torch.from_numpy(np.stack(images)),
+        maps=torch.cat(maps),
+        masks=torch.from_numpy(np.stack(masks)),
+        families=families,
+        sources=sources,
+    )
+
+
+def defect_level(data: RefinerData, pixel_mean: float, pixel_std: float) -> float:
+    """Median normalised PNI score over the synthetic defect pixels, at least 1 (the auto target)."""
+    inside = data.maps[data.masks].double()
+    if inside.numel() == 0:
+        return 1.0
+    return max(1.0, float(((inside - pixel_mean) / pixel_std).median()))
+
+
+@torch.no_grad()
+def evaluate_refiner(refiner: MapRefiner, data: RefinerData, idx: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """Mean loss (and its parts) over samples `idx`, in u units, plus the identity baseline."""
+    refiner.eval()
+    sums: Counter = Counter()
+    for i in range(0, len(idx), batch_size):
+        b = idx[i : i + batch_size]
+        images, maps, masks = data.batch(b)
+        u = refiner.to_units(maps)
+        loss, parts = refinement_loss(refiner.refine_units(images, u), masks)
+        base, _ = refinement_loss(u, masks)
+        n = len(b)
+        sums["loss"] += float(loss) * n
+        sums["identity_loss"] += float(base) * n
+        for k, v in parts.items():
+            sums[k] += float(v) * n
+    return {k: v / max(len(idx), 1) for k, v in sums.items()}
+
+
+def fit_refiner(
+    refiner: MapRefiner,
+    data: RefinerData,
+    train_idx: torch.Tensor,
+    val_idx: torch.Tensor,
+    cfg: RefinerConfig,
+    seed: int,
+    progress: bool = True,
+) -> list[dict]:
+    """Adam on (l_reg + l_grad) / 2 against the masks; returns the per-epoch history."""
+    generator = torch.Generator().manual_seed(seed + 7)
+    encoder = [p for p in refiner.encoder.parameters() if p.requires_grad]
+    ids = {id(p) for p in encoder}
+    rest = [p for p in refiner.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": rest, "lr": cfg.lr}]
+    if cfg.encoder_lr_scale > 0:
+        groups.append({"params": encoder, "lr": cfg.lr * cfg.encoder_lr_scale})
+    else:  # a frozen encoder: no gradient is computed for it
+        for p in encoder:
+            p.requires_grad_(False)
+    optimiser = torch.optim.Adam(groups)
+    history = []
+    if len(val_idx):
+        history.append({"epoch": 0, **{f"val_{k}": v for k, v in evaluate_refiner(refiner, data, val_idx, cfg.batch_size).items()}})
+    bar = tqdm(range(cfg.epochs), desc="refiner", unit="epoch", disable=not progress, leave=False)
+    for epoch in bar:
+        refiner.train()
+        order = train_idx[torch.randperm(len(train_idx), generator=generator)]
+        total, count = 0.0, 0
+        for i in range(0, len(order), cfg.batch_size):
+            b = order[i : i + cfg.batch_size]
+            images, maps, masks = data.batch(b)
+            pred = refiner.refine_units(images, refiner.to_units(maps))
+            loss, _ = refinement_loss(pred, masks)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total += float(loss.detach()) * len(b)
+            count += len(b)
+        row: dict = {"epoch": epoch + 1, "train_loss": total / max(count, 1)}
+        if len(val_idx):
+            row.update({f"val_{k}": v for k, v in evaluate_refiner(refiner, data, val_idx, cfg.batch_size).items()})
+        history.append(row)
+        bar.set_postfix(loss=f"{row['train_loss']:.4f}", val=f"{row.get('val_loss', float('nan')):.4f}")
+        log.info("refiner epoch %d: %s", epoch + 1, {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
+    refiner.eval()
+    return history
+
+
+def train_refiner(
+    trained: TrainedModel, data_root: Path | str, category: str, progress: bool = True
+) -> TrainedModel:
+    """Train `trained.config.refiner` on synthetic defects of train/good; sets trained.refiner.
+
+    Seeded by trained.config.seed. The refiner carries the PNI model's held-out pixel statistics
+    so it maps raw maps to refined raw maps on its own. Returns `trained` (modified in place):
+    refiner set, config.refiner.enabled True, report["refiner"] and report["seconds"]["refiner"].
+    """
+    if trained.mlp is None and trained.config.mode == "pni":
+        raise ValueError("train_refiner needs a trained PNI model")
+    t0 = time.perf_counter()
+    cfg = trained.config
+    rcfg = cfg.refiner
+    if rcfg.n_samples < 2:
+        raise ValueError(f"refiner n_samples must be >= 2, got {rcfg.n_samples}")
+    if rcfg.epochs < 1 or rcfg.batch_size < 1:
+        raise ValueError(f"refiner epochs and batch_size must be >= 1, got {rcfg.epochs}, {rcfg.batch_size}")
+    seed = cfg.seed
+    paths = source_images(good_images(data_root, category), cfg)
+    log.info("%s: refiner on %d synthetic defects drawn on %d train/good images (%s)",
+             category, rcfg.n_samples, len(paths), rcfg.source)
+    data = make_refiner_data(trained, paths, rcfg.n_samples, seed, progress, cfg.batch_size)
+    t_data = time.perf_counter()
+
+    perm = torch.randperm(rcfg.n_samples, generator=torch.Generator().manual_seed(seed + 3))
+    n_val = min(rcfg.n_samples - 1, int(round(rcfg.val_fraction * rcfg.n_samples))) if rcfg.val_fraction > 0 else 0
+    val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+    norm = trained.normalisation
+    sigmas = rcfg.target_sigmas if rcfg.target_sigmas is not None else defect_level(data, norm.pixel_mean, norm.pixel_std)
+    refiner = build_refiner(rcfg, seed=seed)
+    refiner.set_map_statistics(norm.pixel_mean, norm.pixel_std, sigmas)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed + 5)
+        history = fit_refiner(refiner, data, train_idx, val_idx, rcfg, seed, progress)
+    t_fit = time.perf_counter()
+
+    inside = data.maps[data.masks]
+    outside = data.maps[~data.masks]
+    scale = norm.pixel_std * sigmas
+    facts = {
+        "n_samples": rcfg.n_samples,
+        "n_train": int(len(train_idx)),
+        "n_val": int(n_val),
+        "n_source_images": len(paths),
+        "source": rcfg.source,
+        "families": dict(sorted(Counter(data.families).items())),
+        "defect_pixel_fraction": float(data.masks.float().mean()),
+    }
+    trained.refiner = refiner
+    trained.config = cfg.replace(refiner=dataclasses.replace(rcfg, enabled=True))
+    report = trained.report if isinstance(trained.report, dict) else {}
+    report.setdefault("deterministic", {})["refiner"] = facts
+    report["refiner"] = {
+        "history": history,
+        # where the PNI maps of the synthetic data lie in the refiner's u units (target 1 / 0)
+        "target_sigmas": float(sigmas),
+        "u_inside_defects_mean": float((inside.mean() - norm.pixel_mean) / scale) if inside.numel() else None,
+        "u_outside_defects_mean": float((outside.mean() - norm.pixel_mean) / scale),
+    }
+    report.setdefault("seconds", {})["refiner"] = t_fit - t0
+    report["seconds"]["refiner_data"] = t_data - t0
+    trained.report = report
+    log.info("%s: refiner trained in %.1f s (data %.1f s); last epoch %s",
+             category, t_fit - t0, t_data - t0, history[-1] if history else None)
+    return trained

@@ -1,0 +1,203 @@
+"""Backbone ensembles: normalised-map averaging, the self-contained format, tampering, evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from pni_ray.bundle import BundleError, MEMORY, model_id, save_bundle
+from pni_ray.data.mvtec import load_category
+from pni_ray.data.transforms import load_batch
+from pni_ray.evaluate import evaluate_category
+from pni_ray.inference import load_detector
+from pni_ray.models.ensemble import EnsembleDetector, estimated_normalisation, save_ensemble, verify_ensemble
+from pni_ray.models.pni import Normalisation
+from pni_ray.training import train_category
+
+from conftest import tiny_config
+
+
+class ConstantMember(nn.Module):
+    """Stands in for a PNIDetector: returns a fixed map, records the mode it was asked for."""
+
+    def __init__(self, value: torch.Tensor, mode: str = "pni", image_size: int = 4) -> None:
+        super().__init__()
+        self.value, self.mode, self.image_size, self.calls = value, mode, image_size, []
+
+    def forward(self, images, mode=None, refine=None):
+        self.calls.append(mode)
+        maps = self.value.expand(images.shape[0], *self.value.shape).clone()
+        return maps, maps.flatten(1).max(1).values
+
+
+def test_ensemble_detector_math_on_fixed_maps():
+    a = torch.tensor([[0.0, 2.0], [4.0, 6.0]])
+    b = torch.tensor([[10.0, 10.0], [10.0, 30.0]])
+    ens = EnsembleDetector(
+        [ConstantMember(a, "pni"), ConstantMember(b, "patchcore")],
+        [Normalisation(pixel_mean=2.0, pixel_std=2.0), Normalisation(pixel_mean=10.0, pixel_std=10.0)],
+    )
+    maps, scores = ens(torch.zeros(3, 3, 2, 2))
+    expected = ((a - 2.0) / 2.0 + (b - 10.0) / 10.0) / 2.0  # [[-0.5, 0], [0.5, 2.0]]
+    assert torch.allclose(maps, expected.expand(3, 2, 2))
+    assert torch.allclose(scores, torch.full((3,), 2.0))
+    assert ens.mode == "member"  # members disagree: each scores in its own mode
+    ens(torch.zeros(1, 3, 2, 2), mode="position")
+    assert [m.calls for m in ens.members] == [[None, "position"], [None, "position"]]
+    with pytest.raises(ValueError, match="one input size"):
+        EnsembleDetector([ConstantMember(a, image_size=4), ConstantMember(b, image_size=8)], [Normalisation()] * 2)
+
+
+def test_estimated_threshold_is_mean_of_normalised_member_thresholds():
+    norm = estimated_normalisation([
+        Normalisation(image_mean=5.0, image_std=1.0, pixel_mean=1.0, pixel_std=2.0, threshold=8.0),
+        Normalisation(image_mean=0.5, image_std=0.1, pixel_mean=0.2, pixel_std=0.1, threshold=0.8),
+    ])
+    assert norm.threshold == pytest.approx(((8.0 - 1.0) / 2.0 + (0.8 - 0.2) / 0.1) / 2.0)
+    assert norm.image_mean == pytest.approx(((5.0 - 1.0) / 2.0 + (0.5 - 0.2) / 0.1) / 2.0)
+    assert (norm.pixel_mean, norm.pixel_std) == (0.0, 1.0)
+
+
+@pytest.fixture(scope="module")
+def lite1_bundle(synthetic_root, tmp_path_factory):
+    """A second backbone of the same category (washer), tiny config."""
+    cfg = tiny_config()
+    cfg = cfg.replace(features=dataclasses.replace(cfg.features, backbone="efficientnet_lite1"))
+    return save_bundle(train_category(synthetic_root, "washer", cfg, progress=False),
+                       tmp_path_factory.mktemp("lite1") / "washer-lite1")
+
+
+@pytest.fixture(scope="module")
+def ensemble_dir(bundle_tiny, lite1_bundle, tmp_path_factory):
+    from pni_ray.orchestration.train_all import ensemble_cmd
+
+    out = tmp_path_factory.mktemp("ens") / "washer-ensemble"
+    result = CliRunner().invoke(ensemble_cmd, [str(bundle_tiny), str(lite1_bundle), "--out", str(out), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "ensemble of 2 (washer)" in result.output
+    return out
+
+
+def test_ensemble_averages_members_normalised_maps(ensemble_dir, bundle_tiny, lite1_bundle, synthetic_root):
+    manifest = verify_ensemble(ensemble_dir)
+    assert manifest["format"] == "pni-ray-ensemble" and manifest["category"] == "washer"
+    members = manifest["members"]
+    assert [m["path"] for m in members] == ["members/00-efficientnet_lite0", "members/01-efficientnet_lite1"]
+    assert [m["model_id"] for m in members] == [model_id(bundle_tiny), model_id(lite1_bundle)]
+    for m in members:  # self-contained: byte-identical copies inside the ensemble
+        assert model_id(ensemble_dir / m["path"]) == m["model_id"]
+
+    images = load_batch([s.path for s in load_category(synthetic_root, "washer").test[:5]], 128)
+    expected, thresholds = [], []
+    for path in (bundle_tiny, lite1_bundle):
+        detector, member_manifest = load_detector(path)
+        norm = member_manifest["normalisation"]
+        maps, _ = detector(images)
+        expected.append((maps - norm["pixel_mean"]) / norm["pixel_std"])
+        thresholds.append((norm["threshold"] - norm["pixel_mean"]) / norm["pixel_std"])
+    expected_maps = (expected[0] + expected[1]) / 2
+
+    ensemble, ens_manifest = load_detector(ensemble_dir)
+    assert isinstance(ensemble, EnsembleDetector)
+    maps, scores = ensemble(images)
+    assert maps.shape == (5, 128, 128)
+    assert torch.allclose(maps, expected_maps, atol=1e-5)
+    assert torch.allclose(scores, expected_maps.flatten(1).amax(1), atol=1e-5)
+    assert ens_manifest["threshold_method"] == "members"
+    assert ens_manifest["threshold"] == pytest.approx(sum(thresholds) / 2)
+    assert ensemble.threshold == pytest.approx(ens_manifest["threshold"])
+
+
+def _copy(src, tmp_path, name):
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_tampered_or_swapped_member_is_refused(ensemble_dir, tmp_path):
+    flipped = _copy(ensemble_dir, tmp_path, "flipped")
+    target = flipped / "members" / "01-efficientnet_lite1" / MEMORY
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"01-efficientnet_lite1/memory.arrow: checksum mismatch"):
+        load_detector(flipped)
+    with pytest.raises(BundleError, match="checksum mismatch"):
+        verify_ensemble(flipped)
+
+    edited = _copy(ensemble_dir, tmp_path, "edited")  # member manifest edited: files still verify, id does not
+    member_manifest = edited / "members" / "00-efficientnet_lite0" / "manifest.json"
+    content = json.loads(member_manifest.read_text())
+    content["threshold"] = -1.0
+    member_manifest.write_text(json.dumps(content))
+    with pytest.raises(BundleError, match="00-efficientnet_lite0/manifest.json: member manifest differs"):
+        load_detector(edited)
+
+    missing = _copy(ensemble_dir, tmp_path, "missing")
+    shutil.rmtree(missing / "members" / "00-efficientnet_lite0")
+    with pytest.raises(BundleError, match="ensemble member is missing"):
+        load_detector(missing)
+
+    escaping = _copy(ensemble_dir, tmp_path, "escaping")
+    manifest = json.loads((escaping / "manifest.json").read_text())
+    manifest["members"][0]["path"] = "../flipped/members/00-efficientnet_lite0"
+    (escaping / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="must be relative and inside"):
+        load_detector(escaping)
+
+
+def test_evaluate_works_on_an_ensemble(ensemble_dir, synthetic_root):
+    from pni_ray.cli import main
+
+    detector, _ = load_detector(ensemble_dir)
+    results = evaluate_category(detector, load_category(synthetic_root, "washer"),
+                                modes=("patchcore", "pni"), progress=False)
+    assert set(results) == {"patchcore", "pni"}
+    for row in results.values():
+        for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
+            assert 0.0 <= row[key] <= 1.0
+        assert row["n_test_images"] == 10 and row["images_per_s"] > 0
+    assert results["pni"]["image_auroc"] > 0.8  # washer defects are easy for both members
+
+    cli = CliRunner().invoke(main, ["evaluate", str(ensemble_dir), str(synthetic_root), "--threads", "1"])
+    assert cli.exit_code == 0, cli.output
+    assert "pni" in cli.output and "image_auroc" in cli.output
+
+
+def test_calibrated_threshold_from_shared_holdout(bundle_tiny, lite1_bundle, synthetic_root, tmp_path):
+    from pni_ray.bundle import verify_bundle
+
+    out = save_ensemble([bundle_tiny, lite1_bundle], tmp_path / "cal", calibrate_root=synthetic_root)
+    detector, manifest = load_detector(out)
+    assert manifest["threshold_method"] == "holdout"
+    names = set(verify_bundle(bundle_tiny)["training"]["holdout_images"])
+    paths = [p for p in load_category(synthetic_root, "washer").train if p.name in names]
+    assert len(paths) >= 2
+    _, scores = detector(load_batch(paths, 128))
+    scores = scores.double()
+    assert manifest["threshold"] == pytest.approx(float(scores.mean() + 3.0 * scores.std()), rel=1e-5)
+    assert manifest["normalisation"]["extras"]["members_threshold"] > 0
+
+
+def test_bad_member_sets_are_refused(bundle_tiny, ensemble_dir, tmp_path):
+    with pytest.raises(ValueError, match="at least two"):
+        save_ensemble([bundle_tiny], tmp_path / "one")
+    with pytest.raises(ValueError, match="listed twice"):
+        save_ensemble([bundle_tiny, bundle_tiny], tmp_path / "dup")
+    other = _copy(bundle_tiny, tmp_path, "granite")  # same files, another category in its manifest
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["category"] = "granite"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="one category"):
+        save_ensemble([bundle_tiny, other], tmp_path / "mixed")
+    with pytest.raises(BundleError, match="is an ensemble"):
+        save_ensemble([bundle_tiny, ensemble_dir], tmp_path / "nested")
+    with pytest.raises(FileExistsError):
+        save_ensemble([bundle_tiny, other], ensemble_dir)
+    assert not list(tmp_path.glob(".*partial*"))  # failed builds leave no temp directories

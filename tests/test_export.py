@@ -1,0 +1,475 @@
+"""`pni-ray export`: ONNX graphs against torch, the torch-free runtime, op checks, TensorRT paths."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from export import opcheck, scorer_graph, tables, trt
+from export.onnx_export import ExportOptions, export_bundle, parity_figures, save_graph, torch_reference
+from export.runtime import load_exported
+from pni_ray.data.mvtec import load_category
+from pni_ray.data.transforms import load_batch
+from pni_ray.inference import load_detector
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+@pytest.fixture(scope="module")
+def images(synthetic_root) -> np.ndarray:
+    cat = load_category(synthetic_root, "washer")
+    return load_batch([s.path for s in cat.test], 128).numpy()  # 4 good + 6 defective
+
+
+@pytest.fixture(scope="module")
+def detector(bundle_tiny):
+    return load_detector(bundle_tiny)[0]
+
+
+@pytest.fixture(scope="module")
+def reference(detector, images):
+    return torch_reference(detector, images)
+
+
+@pytest.fixture(scope="module")
+def exported(bundle_tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "washer"
+    export_bundle(bundle_tiny, out, ExportOptions(max_batch=4))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cli_trt(bundle_tiny, tmp_path_factory):
+    """`pni-ray export --trt` here (no TensorRT, no GPU); coresets as inputs for coverage of that layout."""
+    from pni_ray.cli import main
+
+    out = tmp_path_factory.mktemp("cli") / "washer"
+    result = CliRunner().invoke(main, ["export", str(bundle_tiny), "--out", str(out), "--trt", "--fp16",
+                                       "--max-batch", "4", "--coresets", "input", "--threads", "1"])
+    return result, out
+
+
+# ---------------------------------------------------------------- parity per graph
+
+
+def test_backbone_graph_matches_torch(exported, detector, images):
+    (features,) = _session(exported / "backbone.onnx").run(None, {"images": images[:3]})
+    with torch.no_grad():
+        ref = detector.extractor(torch.from_numpy(images[:3])).numpy()
+    assert features.shape == ref.shape
+    assert _rel(features, ref) < 1e-5
+
+
+def test_mlp_graph_matches_torch(exported, detector, images):
+    with torch.no_grad():
+        features = detector.extractor(torch.from_numpy(images[:3]))
+        ref = detector.mlp.probabilities(features).permute(0, 2, 3, 1).numpy()  # the graph is channels last
+    (probs,) = _session(exported / "mlp.onnx").run(None, {"features": features.numpy()})
+    assert probs.shape == ref.shape
+    np.testing.assert_allclose(probs, ref, atol=1e-6, rtol=1e-4)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+
+
+def test_scorer_graph_matches_torch_scorer_and_mapper(exported, detector, images):
+    with torch.no_grad():
+        features = detector.extractor(torch.from_numpy(images))
+        probs = detector.mlp.probabilities(features)
+        patch_topk = detector.scorer(features, probs, detector.mode)
+        patch_dense = detector.scorer(features, probs, detector.mode, exact_dense=True)
+        maps = detector.mapper(patch_topk, images.shape[-2:])
+    patch, got_maps, scores = _session(exported / "scorer.onnx").run(
+        None, {"features": features.numpy(), "probabilities": probs.permute(0, 2, 3, 1).numpy()})
+    assert torch.equal(patch_topk, patch_dense)
+    # identical inputs -> identical masks (exact thresholds); only distance rounding remains
+    assert _rel(patch, patch_dense.numpy()) < 1e-5
+    assert _rel(got_maps, maps.numpy()) < 1e-5
+    np.testing.assert_allclose(scores, got_maps.reshape(len(got_maps), -1).max(1))
+
+
+def test_scorer_graph_every_mode(detector, bundle_tiny):
+    """The op-level scorer against torch's exact dense path in all five scoring modes."""
+    from export.onnx_export import scoring_tables
+
+    g = torch.Generator().manual_seed(3)
+    h, w = 16, 16
+    features = torch.randn(2, detector.scorer.memory.shape[1], h, w, generator=g) * 0.5 + detector.scorer.memory.mean(0).view(1, -1, 1, 1)
+    probs = torch.softmax(torch.randn(2, detector.mlp.n_classes, h, w, generator=g) * 3, dim=1)
+    st = scoring_tables(detector, bundle_tiny)
+    for mode in ("patchcore", "neighbourhood", "position", "pni", "pni_split"):
+        spec = scorer_graph.ScorerSpec(mode=mode, memory=st.memory, emb_to_dist=st.emb_to_dist,
+                                       masks=tables.mask_spec(mode, st, detector.scorer.tau), grid=(h, w),
+                                       image_size=(128, 128), blur_sigma=2.0, n_dist=detector.mlp.n_classes, chunk=100)
+        model = scorer_graph.build_scorer_graph(spec, opset=18)
+        assert opcheck.check_model(model, name=mode).ok
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        feeds = {"features": features.numpy()}
+        if spec.needs_probs:
+            feeds["probabilities"] = probs.permute(0, 2, 3, 1).numpy()
+        patch = session.run(["patch_scores"], feeds)[0]
+        with torch.no_grad():
+            ref = detector.scorer(features, probs, mode, exact_dense=True).numpy()
+        assert _rel(patch, ref) < 1e-5, mode
+
+
+def test_exact_thresholds_reproduce_the_torch_mask_bit_for_bit():
+    rng = np.random.default_rng(0)
+    n = 20000
+    inv = (1.0 / rng.integers(1, 40, n)).astype(np.float32)
+    p_x = np.where(rng.random(n) < 0.5, 0.0, rng.random(n) ** 6).astype(np.float32)
+    tau = 0.5 / 16384
+    for mode in ("pni", "neighbourhood"):
+        t = tables.exact_thresholds(mode, inv, p_x, tau)
+        finite = np.isfinite(t)
+        assert finite.any() and (mode != "pni" or (t == -np.inf).any())  # p(c|x) alone passes: always allowed
+        below = np.nextafter(t[finite], np.float32(0))
+        assert not tables.predicate(mode, below, inv[finite], p_x[finite], tau).any()
+        assert tables.predicate(mode, t[finite], inv[finite], p_x[finite], tau).all()
+        for g in (rng.random(n).astype(np.float32) * np.float32(0.05), rng.random(n).astype(np.float32)):
+            assert np.array_equal(g >= t, tables.predicate(mode, g, inv, p_x, tau))
+    # and against torch's own expression
+    g = torch.rand(n, generator=torch.Generator().manual_seed(1)) * 0.01
+    torch_mask = ((g * torch.from_numpy(inv) + torch.from_numpy(p_x)) * 0.5 > tau).numpy()
+    assert np.array_equal(torch_mask, g.numpy() >= tables.exact_thresholds("pni", inv, p_x, tau))
+
+
+@pytest.mark.parametrize("grid,size,sigma", [((16, 16), (128, 128), 2.0), ((13, 9), (100, 70), 4.0), ((8, 8), (64, 64), 0.0)])
+def test_map_matrices_equal_the_torch_mapper(grid, size, sigma):
+    from pni_ray.models.anomaly_map import AnomalyMapper
+
+    s = torch.rand(3, *grid, generator=torch.Generator().manual_seed(0))
+    ref = AnomalyMapper(sigma)(s, size).numpy()
+    ly, lxt = scorer_graph.map_matrices(grid, size, sigma)
+    got = ly @ s.numpy() @ lxt
+    assert got.shape == ref.shape and _rel(got, ref) < 1e-5
+
+
+# ---------------------------------------------------------------- end to end, runtime
+
+
+def test_runtime_matches_torch_bundle(exported, reference, images):
+    model = load_exported(exported, threads=1)
+    maps, scores = model.predict(images)
+    fig = parity_figures(*reference, maps, scores)
+    assert maps.shape == (len(images), 128, 128) and maps.dtype == np.float32
+    assert fig["max_rel_error"] <= 1e-3, fig
+    assert fig["ranking_identical"], fig
+    assert model.image_size == (128, 128)
+    assert model.threshold == json.loads((exported / "manifest.json").read_text())["threshold"]
+    from pni_ray.bundle import model_id
+
+    assert model.model_id == model_id(Path(model.manifest["source_bundle"]["path"]))
+    assert np.array_equal(scores > model.threshold, reference[1] > model.threshold)
+    # batches above max_batch are split; results do not depend on the batch size
+    one = np.concatenate([model.predict(images[i : i + 1])[0] for i in range(3)])
+    np.testing.assert_allclose(one, maps[:3], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="images must be"):
+        model.predict(images[:, :, :64])
+
+
+def test_runtime_imports_no_torch(exported, images, tmp_path):
+    np.save(tmp_path / "images.npy", images[:2])
+    code = f"""
+import sys, numpy as np
+from export.runtime import load_exported
+m = load_exported({str(exported)!r}, threads=1)
+maps, scores = m.predict(np.load({str(tmp_path / 'images.npy')!r}))
+np.save({str(tmp_path / 'maps.npy')!r}, maps)
+assert "torch" not in sys.modules, "the runtime imported torch"
+print("OK", sorted(k for k in sys.modules if k.split('.')[0] in ("torch", "timm", "pni_ray")))
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "OK []"
+    ref = load_exported(exported, threads=1).predict(images[:2])[0]
+    np.testing.assert_array_equal(np.load(tmp_path / "maps.npy"), ref)
+
+
+def test_tampered_or_incomplete_export_refused(exported, tmp_path):
+    copy_dir = tmp_path / "e"
+    shutil.copytree(exported, copy_dir)
+    data = bytearray((copy_dir / "scorer.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy_dir / "scorer.onnx").write_bytes(bytes(data))
+    with pytest.raises(tables.ExportError, match="scorer.onnx: checksum mismatch"):
+        load_exported(copy_dir)
+    (copy_dir / "c_emb.arrow").unlink()
+    with pytest.raises(tables.ExportError, match="c_emb.arrow: missing"):
+        tables.verify_export(copy_dir)
+    (copy_dir / "manifest.json").unlink()
+    with pytest.raises(tables.ExportError, match="manifest.json is missing"):
+        load_exported(copy_dir)
+
+
+def test_export_directory_contents(exported, bundle_tiny):
+    m = tables.verify_export(exported)
+    assert m["pipeline"] == ["backbone", "mlp", "scorer"]
+    assert set(m["files"]) == {"backbone.onnx", "mlp.onnx", "scorer.onnx", "c_emb.arrow", "c_dist.arrow",
+                               "emb_to_dist.arrow", "position_prior.arrow", "normalisation.arrow"}
+    for name in ("torch", "onnx", "onnxruntime", "pni_ray", "pyarrow"):
+        assert m["versions"][name]
+    st = tables.ScoringTables.read(exported)
+    bundle_memory = tables.read_arrow(bundle_tiny / "memory.arrow")
+    d = m["feature_dim"]
+    np.testing.assert_array_equal(st.memory, bundle_memory.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, d))
+    np.testing.assert_array_equal(st.emb_to_dist, bundle_memory.column("dist_index").to_numpy())
+    assert tables.read_normalisation(exported / "normalisation.arrow")["threshold"] == m["threshold"]
+    for name in m["pipeline"]:  # dynamic batch axis only
+        model = onnx.load(str(exported / m["graphs"][name]["file"]))
+        for vi in list(model.graph.input) + list(model.graph.output):
+            dims = vi.type.tensor_type.shape.dim
+            assert dims[0].dim_param == "batch" and all(d.HasField("dim_value") for d in dims[1:])
+
+
+def test_external_data_when_over_the_limit(exported, images, tmp_path):
+    model = onnx.load(str(exported / "scorer.onnx"))
+    record = save_graph(model, tmp_path, "scorer", external_data_bytes=0)
+    assert record["external_data"] == ["scorer.onnx.data"]
+    assert (tmp_path / "scorer.onnx.data").stat().st_size > (tmp_path / "scorer.onnx").stat().st_size
+    feats = _session(exported / "backbone.onnx").run(None, {"images": images[:1]})[0]
+    probs = _session(exported / "mlp.onnx").run(None, {"features": feats})[0]
+    feeds = {"features": feats, "probabilities": probs}
+    a = _session(exported / "scorer.onnx").run(["maps"], feeds)[0]
+    b = _session(tmp_path / "scorer.onnx").run(["maps"], feeds)[0]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_export_is_atomic(bundle_tiny, tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    import export.onnx_export
+
+    monkeypatch.setattr(export.onnx_export, "trace_to_onnx", boom)  # fails after the temp dir exists
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_bundle(bundle_tiny, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileExistsError):
+        export_bundle(bundle_tiny, tmp_path / "out")
+
+
+# ---------------------------------------------------------------- op check
+
+
+def test_exported_graphs_pass_the_tensorrt_op_check(exported):
+    m = json.loads((exported / "manifest.json").read_text())
+    assert all(r["ok"] for r in m["opcheck"]["reports"])
+    for name in m["pipeline"]:
+        report = opcheck.check_model(exported / m["graphs"][name]["file"])
+        assert report.ok, report.summary()
+        assert set(report.ops) <= opcheck.TRT10_OPS
+
+
+def _tiny_graph(op: str = "Relu", dims=("batch", 3, 8, 8), domain: str = "", opset: int = 17) -> onnx.ModelProto:
+    node = helper.make_node(op, ["x"], ["y"], domain=domain)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(dims))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(dims))])
+    imports = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    return helper.make_model(graph, opset_imports=imports)
+
+
+def test_op_check_rejects_unsupported_ops_dynamic_shapes_and_opsets():
+    assert opcheck.check_model(_tiny_graph()).ok
+    bad_op = opcheck.check_model(_tiny_graph("Det", dims=("batch", 3, 3)))
+    assert not bad_op.ok and any("operator Det is not supported" in p for p in bad_op.problems)
+    dynamic = opcheck.check_model(_tiny_graph(dims=("batch", 3, "height", "width")))
+    assert not dynamic.ok and any("dynamic non-batch axis [2, 3]" in p for p in dynamic.problems)
+    no_batch = opcheck.check_model(_tiny_graph(dims=(None, 3, 8, 8)))
+    assert not no_batch.ok
+    custom = opcheck.check_model(_tiny_graph("MyOp", domain="com.example"))
+    assert any("needs a TensorRT plugin" in p for p in custom.problems)
+    assert any("opset 21" in p for p in opcheck.check_model(_tiny_graph(opset=21)).problems)
+    nonzero = opcheck.check_model(_tiny_graph("NonZero", dims=("batch", 3)))
+    assert any("data-dependent shape" in p for p in nonzero.problems)
+    with pytest.raises(opcheck.OpCheckError, match="Det"):
+        opcheck.require_ok([bad_op])
+
+
+def test_op_check_rejects_runtime_reduce_axes():
+    nodes = [helper.make_node("Shape", ["x"], ["s"], start=3, end=4),
+             helper.make_node("Sub", ["s", "one"], ["axes"]),
+             helper.make_node("ReduceMax", ["x", "axes"], ["y"], keepdims=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [onnx.numpy_helper.from_array(np.array([1], np.int64), "one")])
+    report = opcheck.check_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    assert any("must be a build-time constant" in p for p in report.problems)
+
+
+# ---------------------------------------------------------------- TensorRT
+
+
+needs_no_trt = pytest.mark.skipif(not trt.missing_requirements(), reason="TensorRT and a GPU are present here")
+
+
+@needs_no_trt
+def test_trt_flag_fails_clearly_and_leaves_the_onnx_export(cli_trt, images, reference):
+    result, out = cli_trt
+    assert result.exit_code != 0
+    msg = result.output
+    assert "TensorRT engines were not built" in msg and "TensorRT Python package" in msg
+    assert f"python -m export.trt {out} --max-batch 4 --fp16" in msg
+    for graph in ("backbone", "mlp", "scorer"):
+        assert f"trtexec --onnx={out / (graph + '.onnx')} --saveEngine={out / (graph + '.engine')}" in msg
+    assert "--minShapes=images:1x3x128x128 --optShapes=images:4x3x128x128 --maxShapes=images:4x3x128x128 --fp16" in msg
+    assert "memory_neg2t:" in msg  # coresets-as-inputs: the static tables have fixed profile shapes
+    scorer_line = next(line for line in msg.splitlines() if "scorer.onnx" in line and "trtexec" in line)
+    assert "--fp16" not in scorer_line  # the scorer stays FP32
+    # the ONNX + Arrow export is complete, verified and usable
+    m = tables.verify_export(out)
+    assert m["scorer"]["coresets"] == "input" and not list(out.glob("*.engine"))
+    maps, scores = load_exported(out, threads=1).predict(images)
+    fig = parity_figures(*reference, maps, scores)
+    assert fig["max_rel_error"] <= 1e-3 and fig["ranking_identical"], fig
+
+
+def test_trt_build_with_a_stand_in_tensorrt(exported, tmp_path, monkeypatch):
+    """build_engines' calls into the TensorRT 10 API: profiles, FP16 per graph, files, manifest."""
+    calls: dict[str, dict] = {}
+
+    class Obj:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    class Builder:
+        def __init__(self, logger):
+            self.current = {}
+
+        def create_network(self, flags):
+            assert flags == 0
+            return Obj()
+
+        def create_builder_config(self):
+            cur = self.current
+            cur["flags"] = []
+            return Obj(set_memory_pool_limit=lambda pool, size: cur.__setitem__("workspace", size),
+                       set_flag=lambda f: cur["flags"].append(f),
+                       add_optimization_profile=lambda p: cur.__setitem__("profile", p.shapes))
+
+        def create_optimization_profile(self):
+            shapes = {}
+            return Obj(shapes=shapes, set_shape=lambda name, lo, opt, hi: shapes.__setitem__(name, (lo, opt, hi)))
+
+        def build_serialized_network(self, network, config):
+            calls[self.current["file"]] = self.current
+            return b"engine:" + self.current["file"].encode()
+
+    class Parser:
+        def __init__(self, network, logger):
+            self.builder = None
+
+        def parse_from_file(self, path):
+            Parser.last = Path(path).name
+            return True
+
+    fake = types.ModuleType("tensorrt")
+    fake.__version__ = "10.3.0"
+    fake.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level=None: None})
+    fake.MemoryPoolType = Obj(WORKSPACE="workspace")
+    fake.BuilderFlag = Obj(FP16="fp16")
+
+    def builder(logger):
+        b = Builder(logger)
+        orig = b.build_serialized_network
+
+        def build(network, config):
+            b.current["file"] = Parser.last
+            return orig(network, config)
+
+        b.build_serialized_network = build
+        return b
+
+    fake.Builder = builder
+    fake.OnnxParser = Parser
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt, "_cuda_device_problem", lambda: None)
+    folder = tmp_path / "e"
+    shutil.copytree(exported, folder)
+    info = trt.build_engines(folder, max_batch=6, fp16=True)
+    assert info["status"] == "built" and info["tensorrt_version"] == "10.3.0"
+    assert calls["backbone.onnx"]["profile"] == {"images": ((1, 3, 128, 128), (6, 3, 128, 128), (6, 3, 128, 128))}
+    assert calls["backbone.onnx"]["flags"] == ["fp16"] and calls["mlp.onnx"]["flags"] == ["fp16"]
+    assert calls["scorer.onnx"]["flags"] == []
+    assert set(calls["scorer.onnx"]["profile"]) == {"features", "probabilities"}
+    assert (folder / "scorer.engine").read_bytes() == b"engine:scorer.onnx"
+    m = tables.verify_export(folder)  # engines are checksummed into the manifest
+    assert set(m["tensorrt"]["engines"]) == {"backbone", "mlp", "scorer"} and "scorer.engine" in m["files"]
+
+
+# ---------------------------------------------------------------- coresets as inputs, polygraphy, refiner
+
+
+def test_coresets_as_inputs_match_constants(cli_trt, exported, images):
+    _, out = cli_trt
+    a = load_exported(exported, threads=1).predict(images[:4])
+    b = load_exported(out, threads=1).predict(images[:4])
+    np.testing.assert_allclose(b[0], a[0], rtol=1e-5, atol=1e-6)
+    assert {i.name for i in _session(out / "scorer.onnx").get_inputs()} == {
+        "features", "probabilities", "memory_neg2t", "memory_sq", "emb_to_dist", "mask_threshold"}
+
+
+@pytest.mark.skipif(shutil.which("polygraphy") is None and not (Path(sys.executable).parent / "polygraphy").exists(),
+                    reason="polygraphy not installed")
+def test_polygraphy_runs_every_graph_with_onnxrt(exported):
+    exe = shutil.which("polygraphy") or str(Path(sys.executable).parent / "polygraphy")
+    m = json.loads((exported / "manifest.json").read_text())
+    for name in m["pipeline"]:
+        graph = m["graphs"][name]
+        shapes = [f"{s['name']}:[{','.join(str(1 if not isinstance(d, int) else d) for d in s['shape'])}]" for s in graph["inputs"]]
+        proc = subprocess.run([exe, "run", str(exported / graph["file"]), "--onnxrt", "--input-shapes", *shapes],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and "PASSED" in proc.stdout + proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_refiner_graph_and_refined_scores(trained_tiny, images, tmp_path):
+    refiner_mod = pytest.importorskip("pni_ray.models.refiner")
+    from pni_ray.bundle import save_bundle
+    from pni_ray.config import RefinerConfig
+
+    cfg = RefinerConfig(enabled=True, pretrained=False, image_size=64, decoder_channels=(32, 24, 16, 16, 8))
+    trained = copy.copy(trained_tiny)
+    trained.config = trained.config.replace(refiner=cfg)
+    refiner = refiner_mod.build_refiner(cfg, pretrained=False)
+    refiner.set_map_statistics(trained.normalisation.pixel_mean, trained.normalisation.pixel_std)
+    torch.nn.init.normal_(refiner.head.weight, std=0.1)  # a non-trivial residual
+    trained.refiner = refiner
+    bundle = save_bundle(trained, tmp_path / "bundle")
+    out = export_bundle(bundle, tmp_path / "export", ExportOptions(max_batch=4)).path
+    detector = load_detector(bundle)[0]
+    m = tables.verify_export(out)
+    assert m["pipeline"][-1] == "refiner" and m["graphs"]["refiner"]["outputs"][1]["name"] == "scores"
+    x = torch.from_numpy(images[:3])
+    with torch.no_grad():
+        maps_in = detector(x, refine=False)[0]
+        ref = detector.refiner(x, maps_in).numpy()
+    refined, scores = _session(out / "refiner.onnx").run(None, {"images": images[:3], "maps": maps_in.numpy()})
+    assert _rel(refined, ref) < 1e-4
+    np.testing.assert_allclose(scores, refined.reshape(3, -1).max(1))
+    fig = parity_figures(*torch_reference(detector, images), *load_exported(out, threads=1).predict(images))
+    assert fig["max_rel_error"] <= 1e-3 and fig["ranking_identical"], fig

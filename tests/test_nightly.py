@@ -1,0 +1,109 @@
+"""jobs/nightly.py: config, date partitions, run summary, report, resume, exit codes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+
+from jobs import nightly
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_toml(path: Path, **values) -> Path:
+    lines = []
+    for k, v in values.items():
+        if isinstance(v, bool):
+            lines.append(f"{k} = {'true' if v else 'false'}")
+        elif isinstance(v, (int, float)):
+            lines.append(f"{k} = {v}")
+        elif isinstance(v, list):
+            lines.append(f"{k} = [{', '.join(json.dumps(x) for x in v)}]")
+        else:
+            lines.append(f"{k} = {json.dumps(v)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_config_parsing_and_validation(tmp_path):
+    cfg = nightly.load_config(write_toml(tmp_path / "n.toml", model="models/washer", inputs="img/{date}",
+                                         output_root="results", map_format="float16"))
+    assert cfg["model"] == str(tmp_path / "models" / "washer") and cfg["inputs"] == [str(tmp_path / "img" / "{date}")]
+    assert cfg["output_root"] == str(tmp_path / "results") and cfg["map_format"] == "float16" and cfg["top_n"] == 20
+    (tmp_path / "n.json").write_text(json.dumps({"model": "/m", "inputs": ["@lists/{date}.txt", "/abs/*.png"],
+                                                 "output_root": "/r", "engine": "local"}))
+    cfg = nightly.load_config(tmp_path / "n.json")
+    assert cfg["inputs"] == [f"@{tmp_path}/lists/{{date}}.txt", "/abs/*.png"] and cfg["engine"] == "local"
+    for bad, match in (({"model": "/m", "inputs": "/i"}, "missing required"),
+                       ({"model": "/m", "inputs": "/i", "output_root": "/o", "map_fromat": "uint8"}, "unknown keys"),
+                       ({"model": "/m", "inputs": "/i", "output_root": "/o", "map_format": "png"}, "map_format"),
+                       ({"model": "/m", "inputs": [1], "output_root": "/o"}, "inputs")):
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(nightly.ConfigError, match=match):
+            nightly.load_config(tmp_path / "bad.json")
+    (tmp_path / "broken.toml").write_text("model = \n")
+    with pytest.raises(nightly.ConfigError, match="TOML"):
+        nightly.load_config(tmp_path / "broken.toml")
+
+
+def test_dates_placeholders_partitions():
+    today = dt.date(2024, 3, 1)
+    assert nightly.resolve_date("yesterday", today) == dt.date(2024, 2, 29)
+    assert nightly.resolve_date("today", today) == today
+    assert nightly.resolve_date("2023-12-31", today) == dt.date(2023, 12, 31)
+    with pytest.raises(nightly.ConfigError):
+        nightly.resolve_date("last tuesday", today)
+    assert nightly.expand_placeholders(["/d/{yyyy}/{mm}/{dd}/*.png", "/l/{date}.txt", "x{yyyymmdd}"], today) == [
+        "/d/2024/03/01/*.png", "/l/2024-03-01.txt", "x20240301"]
+    with pytest.raises(nightly.ConfigError, match="placeholder"):
+        nightly.expand_placeholders(["/d/{day}"], today)
+    assert nightly.partition("/r", today) == Path("/r/dt=2024-03-01")
+
+
+def test_nightly_run_writes_partition_summary_report_and_resumes(tmp_path, synthetic_root, bundle_tiny):
+    day = "2024-05-01"
+    images = tmp_path / "line" / day
+    shutil.copytree(synthetic_root / "washer" / "test", images)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    config = write_toml(tmp_path / "nightly.toml", model=str(bundle_tiny), inputs=["line/{date}"],
+                        output_root="results", engine="local", top_n=3, chunk_size=8, date="yesterday")
+    code = nightly.main(["--config", str(config), "--date", day, "-q"])
+    assert code == nightly.EXIT_FAILED_INPUTS  # one bad input, fail_on_errors defaults to true
+    part = tmp_path / "results" / f"dt={day}"
+    record = json.loads((part / "_nightly.json").read_text())
+    n_images = len(list(images.rglob("*.png")))
+    assert record["date"] == day and record["exit_code"] == 1 and record["out"] == str(part)
+    assert record["counts"]["inputs"] == record["counts"]["rows"] == n_images
+    assert record["counts"]["failed"] == 1 and record["failures"][0]["path"] == str(images / "broken.png")
+    assert len(record["top"]) == 3 and record["top"][0]["image_score"] >= record["top"][-1]["image_score"]
+    assert record["anomaly_rate"] == record["counts"]["anomalous"] / record["counts"]["scored"]
+    assert (part / "_summary.json").is_file() and (part / "_report.html").read_text().startswith("<!doctype html>")
+    # the partitioned table: readable as a hive dataset, the dt column from the directory name
+    table = pads.dataset(tmp_path / "results", format="parquet", partitioning="hive").to_table()
+    assert table.num_rows == n_images and set(table.column("dt").to_pylist()) == {day}
+    # a rerun the same day resumes: nothing scheduled, nothing duplicated
+    write_toml(config, model=str(bundle_tiny), inputs=["line/{date}"], output_root="results", engine="local",
+               top_n=3, chunk_size=8, fail_on_errors=False)
+    code, record = nightly.run(config, date=day)
+    assert code == nightly.EXIT_OK and record["run"]["scheduled"] == 0 and record["counts"]["rows"] == n_images
+
+
+def test_nightly_exit_codes_for_bad_config_and_bad_model(tmp_path):
+    assert nightly.main(["--config", str(tmp_path / "nope.toml"), "-q"]) == nightly.EXIT_CONFIG
+    (tmp_path / "m").mkdir()
+    config = write_toml(tmp_path / "n.toml", model="m", inputs=["in"], output_root="out", engine="local")
+    assert nightly.main(["--config", str(config), "--date", "2024-01-02", "-q"]) == nightly.EXIT_RUN
+    record = json.loads((tmp_path / "out" / "dt=2024-01-02" / "_nightly.json").read_text())
+    assert "manifest.json" in record["error"]
+
+
+def test_entrypoint_runs_as_a_module():
+    proc = subprocess.run([sys.executable, "-m", "jobs.nightly", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and "--config" in proc.stdout

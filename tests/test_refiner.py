@@ -1,0 +1,333 @@
+"""Refinement network: loss, architecture, training on synthetic defects, bundles, evaluation."""
+
+from __future__ import annotations
+
+import builtins
+import copy
+import dataclasses
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import pni_ray.data.images
+import pni_ray.data.transforms
+import pni_ray.refine_training
+from pni_ray.config import RefinerConfig
+from pni_ray.models.backbones import create_classifier
+from pni_ray.models.refiner import MapRefiner, build_refiner, finite_differences, refinement_loss
+
+# seconds-scale refiner: 64 px network on the 128 px tiny model, a dozen samples
+TINY = dict(image_size=64, decoder_channels=(32, 24, 16, 16, 8), n_samples=16, epochs=5, batch_size=4,
+            lr=1e-3, val_fraction=0.25)
+
+
+def tiny_refiner_config(**changes) -> RefinerConfig:
+    return RefinerConfig(**{**TINY, **changes})
+
+
+# ---------------------------------------------------------------- loss
+
+
+def test_loss_constant_offset_has_no_gradient_term():
+    pred, target = torch.zeros(1, 4, 4), torch.ones(1, 4, 4)
+    loss, parts = refinement_loss(pred, target)
+    assert float(parts["l_reg"]) == 1.0 and float(parts["l_grad"]) == 0.0
+    assert float(loss) == 0.5
+
+
+def test_loss_hand_computed_stripe():
+    # pred [[0, 2], [0, 2]] against zeros: l_reg = (0+4+0+4)/4 = 2,
+    # dx = [[2], [2]] -> l_dx = 4; dy = [[0, 0]] -> l_dy = 0; l_grad = 2; loss = (2 + 2) / 2 = 2
+    pred = torch.tensor([[[0.0, 2.0], [0.0, 2.0]]])
+    loss, parts = refinement_loss(pred, torch.zeros_like(pred))
+    assert float(parts["l_reg"]) == 2.0
+    assert float(parts["l_dx"]) == 4.0 and float(parts["l_dy"]) == 0.0 and float(parts["l_grad"]) == 2.0
+    assert float(loss) == 2.0
+
+
+def test_loss_edge_misplacement_and_symmetry():
+    # a 1-pixel shift of a step edge: one column differs by 1 (l_reg = 3/9 per row... over 3x3)
+    target = torch.tensor([[[0.0, 1.0, 1.0]] * 3])
+    pred = torch.tensor([[[0.0, 0.0, 1.0]] * 3])
+    loss, parts = refinement_loss(pred, target)
+    assert float(parts["l_reg"]) == pytest.approx(3 / 9)
+    # dx target [1, 0], pred [0, 1] per row: squared diffs 1, 1 over 6 entries
+    assert float(parts["l_dx"]) == pytest.approx(6 / 6)
+    assert float(parts["l_dy"]) == 0.0
+    assert float(loss) == pytest.approx((3 / 9 + 0.5) / 2)
+    assert float(refinement_loss(target, pred)[0]) == pytest.approx(float(loss))
+    assert float(refinement_loss(target, target)[0]) == 0.0
+
+
+def test_loss_rejects_shape_mismatch_and_differences_shapes():
+    with pytest.raises(ValueError, match="differ in shape"):
+        refinement_loss(torch.zeros(1, 4, 4), torch.zeros(1, 4, 5))
+    dx, dy = finite_differences(torch.arange(12.0).view(1, 3, 4))
+    assert dx.shape == (1, 3, 3) and dy.shape == (1, 2, 4)
+    assert torch.all(dx == 1) and torch.all(dy == 4)
+
+
+# ---------------------------------------------------------------- architecture
+
+
+@pytest.fixture(scope="module")
+def tiny_refiner() -> MapRefiner:
+    return build_refiner(tiny_refiner_config())
+
+
+def test_forward_shape_and_identity_at_init(tiny_refiner):
+    g = torch.Generator().manual_seed(0)
+    images, maps = torch.rand(2, 3, 96, 80, generator=g), torch.rand(2, 96, 80, generator=g) * 5
+    tiny_refiner.set_map_statistics(1.5, 0.7)
+    with torch.no_grad():
+        out = tiny_refiner(images, maps)
+    assert out.shape == (2, 96, 80)
+    assert torch.equal(out, maps)  # zero-initialised head: residual exactly 0
+
+
+def test_extra_channel_is_zero_and_rgb_path_is_pretrained(tiny_refiner):
+    stem = tiny_refiner.encoder.conv_stem
+    reference = create_classifier("efficientnet_lite0").conv_stem.weight
+    assert stem.weight.shape[1] == 4 and type(stem).__name__ == "Conv2dSame"
+    assert torch.all(stem.weight[:, 3] == 0)
+    assert torch.equal(stem.weight[:, :3], reference)
+    # at init the map channel cannot change the encoder's features
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        a = tiny_refiner.encoder.forward_intermediates(torch.cat([x, torch.zeros(1, 1, 64, 64)], 1),
+                                                       indices=tiny_refiner.indices, intermediates_only=True)
+        b = tiny_refiner.encoder.forward_intermediates(torch.cat([x, torch.randn(1, 1, 64, 64) * 9], 1),
+                                                       indices=tiny_refiner.indices, intermediates_only=True)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_units_residual_and_blend():
+    ref = build_refiner(tiny_refiner_config(blend=0.25, target_sigmas=2.0), pretrained=False)
+    ref.set_map_statistics(10.0, 3.0)
+    maps = torch.full((1, 32, 32), 16.0)
+    assert torch.allclose(ref.to_units(maps), torch.ones(1, 32, 32))  # (16 - 10) / (2 * 3)
+    with torch.no_grad():
+        ref.head.bias.fill_(0.5)  # r = 0.5 everywhere
+        out = ref(torch.rand(1, 3, 32, 32), maps)
+        refined = ref.refine_units(torch.rand(1, 3, 32, 32), ref.to_units(maps))
+    # raw = map + blend * target_sigmas * std * r = 16 + 0.25 * 2 * 3 * 0.5
+    assert torch.allclose(out, torch.full_like(maps, 16.75))
+    assert torch.allclose(refined, torch.full_like(maps, 1.5))  # u + r
+    with pytest.raises(ValueError):
+        ref.set_map_statistics(0.0, 0.0)
+
+
+def test_densenet161_option_random_weights():
+    cfg = tiny_refiner_config(encoder="densenet161", pretrained=False, decoder_channels=(32, 16, 16, 8, 8))
+    ref = build_refiner(cfg)
+    assert ref.encoder.features.conv0.weight.shape[1] == 4
+    assert torch.all(ref.encoder.features.conv0.weight[:, 3] == 0)
+    maps = torch.rand(1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ref(torch.rand(1, 3, 64, 64), maps), maps)
+        torch.nn.init.normal_(ref.head.weight, std=0.1)
+        assert ref(torch.rand(1, 3, 64, 64), maps).shape == (1, 64, 64)
+
+
+def test_onnx_export_matches_torch(tmp_path):
+    import onnxruntime as ort
+
+    ref = build_refiner(tiny_refiner_config(), pretrained=False)
+    ref.set_map_statistics(0.5, 0.2)
+    torch.nn.init.normal_(ref.head.weight, std=0.1)  # a non-trivial residual
+    g = torch.Generator().manual_seed(1)
+    images, maps = torch.rand(2, 3, 72, 80, generator=g), torch.rand(2, 72, 80, generator=g)
+    with torch.no_grad():
+        expected = ref(images, maps)
+    assert not torch.allclose(expected, maps)
+    path = tmp_path / "refiner.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(ref, (images, maps), str(path), input_names=["images", "maps"],
+                          output_names=["refined"], dynamo=False, opset_version=17)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"images": images.numpy(), "maps": maps.numpy()})[0]
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-4)
+
+
+# ---------------------------------------------------------------- training
+
+
+class ReadRecorder:
+    """Records every path opened through builtins.open, os.open, PIL and pni-ray's loaders."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.paths: list[Path] = []
+        real_open, real_os_open, real_pil_open = builtins.open, os.open, PIL.Image.open
+        real_load_rgb = pni_ray.data.images.load_rgb
+
+        def record(path) -> None:
+            if isinstance(path, (str, bytes, os.PathLike)):
+                self.paths.append(Path(os.fsdecode(path)).resolve())
+
+        def wrap(fn):
+            def inner(file, *args, **kwargs):
+                record(file)
+                return fn(file, *args, **kwargs)
+
+            return inner
+
+        monkeypatch.setattr(builtins, "open", wrap(real_open))
+        monkeypatch.setattr(os, "open", wrap(real_os_open))
+        monkeypatch.setattr(PIL.Image, "open", wrap(real_pil_open))
+        for module in (pni_ray.data.images, pni_ray.data.transforms, pni_ray.refine_training):
+            monkeypatch.setattr(module, "load_rgb", wrap(real_load_rgb))
+
+    def under(self, root: Path) -> list[Path]:
+        root = root.resolve()
+        return [p for p in self.paths if p.is_relative_to(root)]
+
+
+@pytest.fixture(scope="module")
+def refined_tiny(trained_tiny, synthetic_root):
+    """(trained model with a refiner, every path read while training it)."""
+    from pni_ray.refine_training import train_refiner
+
+    mp = pytest.MonkeyPatch()
+    trained = copy.deepcopy(trained_tiny)
+    trained.config = trained.config.replace(refiner=tiny_refiner_config())
+    recorder = ReadRecorder(mp)
+    try:
+        out = train_refiner(trained, synthetic_root, "washer", progress=False)
+    finally:
+        mp.undo()
+    return out, recorder.paths
+
+
+def test_training_reads_only_train_good(refined_tiny, synthetic_root):
+    _, paths = refined_tiny
+    root = (synthetic_root / "washer").resolve()
+    read = sorted({p for p in paths if p.is_relative_to(root)})
+    assert read, "the recorder saw no image read at all: it is not recording"
+    assert all(p.relative_to(root).parts[:2] == ("train", "good") for p in read), read
+    assert not [p for p in read if p.relative_to(root).parts[0] in ("test", "ground_truth")]
+
+
+def test_read_recorder_catches_test_and_mask_reads(synthetic_root, monkeypatch):
+    """The recorder above would see a forbidden read: the no-test-read test can fail."""
+    root = synthetic_root / "washer"
+    test_image = next(p for p in sorted((root / "test").rglob("*.png")))
+    mask = next(p for p in sorted((root / "ground_truth").rglob("*.png")))
+    recorder = ReadRecorder(monkeypatch)
+    pni_ray.data.images.load_rgb(test_image)
+    pni_ray.data.images.load_mask(mask)
+    with open(mask, "rb"):
+        pass
+    seen = {p.relative_to(root.resolve()).parts[0] for p in recorder.under(root)}
+    assert seen == {"test", "ground_truth"}
+
+
+def test_training_improves_the_loss(refined_tiny):
+    trained, _ = refined_tiny
+    history = trained.report["refiner"]["history"]
+    assert history[0]["epoch"] == 0
+    start = history[0]["val_loss"]
+    assert start == pytest.approx(history[0]["val_identity_loss"])  # untrained = identity
+    assert history[-1]["val_loss"] < 0.9 * start, history
+    assert history[-1]["train_loss"] < history[1]["train_loss"], history
+    assert isinstance(trained.refiner, MapRefiner) and not trained.refiner.training
+    assert trained.config.refiner.enabled
+    facts = trained.report["deterministic"]["refiner"]
+    assert facts["n_samples"] == 16 and facts["n_val"] == 4 and facts["n_train"] == 12
+    # the refiner carries the model's held-out statistics
+    assert float(trained.refiner.map_mean) == pytest.approx(trained.normalisation.pixel_mean)
+    assert float(trained.refiner.map_std) == pytest.approx(trained.normalisation.pixel_std)
+
+
+def test_refiner_data_is_seeded(trained_tiny, synthetic_root):
+    from pni_ray.refine_training import good_images, make_refiner_data
+
+    trained = copy.deepcopy(trained_tiny)
+    trained.config = trained.config.replace(refiner=tiny_refiner_config(n_samples=4))
+    paths = good_images(synthetic_root, "washer")[:3]
+    a = make_refiner_data(trained, paths, 4, seed=0, progress=False)
+    b = make_refiner_data(trained, paths, 4, seed=0, progress=False)
+    c = make_refiner_data(trained, paths, 4, seed=1, progress=False)
+    assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks) and torch.equal(a.maps, b.maps)
+    assert not torch.equal(a.images, c.images)
+    assert a.maps.shape == (4, 128, 128) and a.masks.any()
+    # masks mark exactly the changed pixels of the good image they were drawn on
+    goods = {p.name: pni_ray.data.transforms.resize_rgb(pni_ray.data.images.load_rgb(p), 128) for p in paths}
+    for img, mask, src in zip(a.images.numpy(), a.masks.numpy(), a.sources):
+        assert np.array_equal(np.any(img != goods[src], axis=-1), mask)
+
+
+def test_bad_source_refused(trained_tiny, synthetic_root):
+    from pni_ray.refine_training import train_refiner
+
+    trained = copy.deepcopy(trained_tiny)
+    trained.config = trained.config.replace(refiner=tiny_refiner_config(source="test"))
+    with pytest.raises(ValueError, match="source"):
+        train_refiner(trained, synthetic_root, "washer", progress=False)
+
+
+# ---------------------------------------------------------------- bundle and evaluation
+
+
+@pytest.fixture(scope="module")
+def refined_bundle(refined_tiny, tmp_path_factory) -> Path:
+    from pni_ray.bundle import save_bundle
+
+    return save_bundle(refined_tiny[0], tmp_path_factory.mktemp("refined") / "washer")
+
+
+def test_bundle_roundtrip_with_refiner(refined_tiny, refined_bundle, synthetic_root):
+    from pni_ray.bundle import load_bundle
+    from pni_ray.data.mvtec import load_category
+    from pni_ray.data.transforms import load_batch
+    from pni_ray.models.pni import build_detector
+
+    trained, _ = refined_tiny
+    loaded, manifest = load_bundle(refined_bundle)
+    assert "refiner.safetensors" in manifest["files"]
+    assert manifest["config"]["refiner"]["enabled"] is True
+    assert manifest["training"]["refiner"]["n_samples"] == 16
+    state, state2 = trained.refiner.state_dict(), loaded.refiner.state_dict()
+    assert state.keys() == state2.keys() and all(torch.equal(state[k], state2[k]) for k in state)
+    cat = load_category(synthetic_root, "washer")
+    images = load_batch([s.path for s in cat.test[:4]], 128)
+    before, after = build_detector(trained), build_detector(loaded)
+    m1, s1 = before(images)
+    m2, s2 = after(images)
+    assert torch.equal(m1, m2) and torch.equal(s1, s2)
+    plain, _ = after(images, refine=False)
+    assert not torch.equal(plain, m2)  # the refiner is applied when present
+
+
+def test_evaluate_reports_pni_plus_refine(refined_bundle, synthetic_root, tmp_path):
+    from click.testing import CliRunner
+
+    from pni_ray.cli import main
+
+    out = tmp_path / "ablation.json"
+    result = CliRunner().invoke(main, ["evaluate", str(refined_bundle), str(synthetic_root), "--ablation",
+                                       "--json", str(out), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "pni+refine" in result.output
+    modes = json.loads(out.read_text())["modes"]
+    assert set(modes) == {"patchcore", "neighbourhood", "position", "pni", "pni+refine"}
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert 0.0 <= modes["pni+refine"][key] <= 1.0
+    assert modes["pni+refine"]["pixel_auroc"] != modes["pni"]["pixel_auroc"]
+
+
+def test_refine_config_roundtrips_through_dict():
+    from pni_ray.config import TrainConfig
+
+    cfg = TrainConfig(refiner=tiny_refiner_config(enabled=True))
+    again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert dataclasses.asdict(again.refiner) == {**dataclasses.asdict(cfg.refiner),
+                                                 "decoder_channels": list(cfg.refiner.decoder_channels)}
+    ref = build_refiner(again.refiner, pretrained=False)
+    assert [b.conv2.out_channels for b in ref.decoder] == list(TINY["decoder_channels"])

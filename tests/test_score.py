@@ -1,0 +1,408 @@
+"""`pni-ray score`: inputs, chunking, map codec, bad files, resume, Ray Data at scale, readers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pni_ray.data.images import load_rgb
+from pni_ray.orchestration.corpus import make_image_corpus, write_bad_inputs, write_odd_modes
+from pni_ray.orchestration.score import (
+    Options,
+    ScoreError,
+    chunk_id,
+    committed_paths,
+    decode_chunk,
+    expand_inputs,
+    make_chunks,
+    score,
+)
+from pni_ray.results import decode_map, decode_row, encode_map, part_files, read_table, upsample_map
+
+REPO = Path(__file__).resolve().parents[1]
+PNI_RAY = [sys.executable, "-c", "from pni_ray.cli import main; main()"]  # the console script's entry point
+# 1,000 for the acceptance run (PNI_RAY_SCORE_IMAGES=1000 pytest tests/test_score.py -m ray);
+# fewer by default to keep the suite short on two cores. The SIGKILL test needs >= 250.
+CORPUS_IMAGES = max(250, int(os.environ.get("PNI_RAY_SCORE_IMAGES", "300")))
+
+
+def sources(synthetic_root: Path) -> list[Path]:
+    return sorted((synthetic_root / "washer" / "test").glob("*/*.png"))
+
+
+def model_map(model, path: str) -> tuple[np.ndarray, float]:
+    """The model's own output for one file, upsampled to the file's size: the reference."""
+    from pni_ray.data.transforms import resize_rgb
+
+    rgb = load_rgb(path)
+    x = resize_rgb(rgb, tuple(model.image_size))[None].astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    maps, scores = model.predict(np.ascontiguousarray(x))
+    return upsample_map(maps[0], rgb.shape[:2]), float(scores[0])
+
+
+def check_exactly_once(out: Path, inputs: list[str]) -> None:
+    paths = read_table(out, columns=["path"]).column("path").to_pylist()
+    assert len(paths) == len(set(paths)), "duplicate rows"
+    assert sorted(paths) == sorted(inputs), "rows != inputs"
+
+
+# ------------------------------------------------------------------------------------------
+# no Ray
+# ------------------------------------------------------------------------------------------
+
+
+def test_expand_inputs_dirs_globs_lists_duplicates(tmp_path):
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    for rel in ("a/1.png", "a/sub/2.jpg", "a/.hidden.png", "a/.cache/3.png", "b/4.png", "b/5.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb).save(tmp_path / rel)
+    (tmp_path / "a" / "notes.txt").write_text("not scanned from a directory")
+    lst = tmp_path / "lists" / "inputs.lst"
+    lst.parent.mkdir()
+    lst.write_text("# comment\n\n../b/4.png\n../b/../b/4.png\n../missing.png\n../b/*.png\n../nomatch/*.png\n")
+    got = expand_inputs([str(tmp_path / "a"), f"@{lst}", str(tmp_path / "a" / "1.png")])
+    t = str(tmp_path)
+    assert got.paths == sorted([f"{t}/a/1.png", f"{t}/a/sub/2.jpg", f"{t}/b/4.png", f"{t}/b/5.png",
+                                f"{t}/missing.png", f"{t}/nomatch/*.png"])
+    assert got.duplicates == 3  # b/4.png twice more (normalised + glob), a/1.png once more
+    assert got.preset_errors == {f"{t}/nomatch/*.png": f"{t}/nomatch/*.png: no file matches this pattern"}
+    # a .txt/.lst argument that exists is a list file; order of arguments does not matter
+    again = expand_inputs([str(tmp_path / "a" / "1.png"), str(lst), str(tmp_path / "a")])
+    assert again.paths == got.paths
+
+
+def test_chunks_are_deterministic():
+    paths = [f"/d/{i:04d}.png" for i in range(130)]
+    chunks = make_chunks(paths, 64)
+    assert [len(c) for c in chunks] == [64, 64, 2]
+    assert [chunk_id(c) for c in chunks] == [chunk_id(c) for c in make_chunks(list(paths), 64)]
+    assert len({chunk_id(c) for c in chunks}) == 3
+    with pytest.raises(ValueError):
+        make_chunks(paths, 0)
+
+
+def test_map_codec_roundtrip():
+    rng = np.random.default_rng(0)
+    amap = (rng.random((37, 53)) * 20 + 5).astype(np.float32)
+    payload, dtype, lo, hi = encode_map(amap, "uint8")
+    assert dtype == "uint8" and len(payload) == 37 * 53 and lo == pytest.approx(amap.min())
+    back = decode_map(payload, dtype, 37, 53, lo, hi)
+    assert np.abs(back - amap).max() <= (hi - lo) / 510 + 1e-5
+    payload, dtype, lo, hi = encode_map(amap, "float16")
+    assert np.allclose(decode_map(payload, dtype, 37, 53), amap, rtol=1e-3)
+    assert encode_map(amap, "none")[0] is None and decode_map(None, None, 37, 53) is None
+    flat = np.full((4, 6), 3.5, np.float32)
+    assert np.allclose(decode_map(*encode_map(flat, "uint8")[:2], 4, 6, 3.5, 3.5), 3.5)
+    up = upsample_map(amap[:8, :8], (16, 24))
+    assert up.shape == (16, 24) and amap[:8, :8].min() - 1e-4 <= up.min() and up.max() <= amap[:8, :8].max() + 1e-4
+    with pytest.raises(ValueError):
+        encode_map(amap, "png")
+
+
+def test_decode_stage_names_every_bad_file_and_scores_odd_modes(tmp_path, synthetic_root):
+    rgb = load_rgb(sources(synthetic_root)[0])
+    bad = write_bad_inputs(tmp_path / "bad", rgb, max_pixels=200_000)
+    odd = write_odd_modes(tmp_path / "odd", rgb)
+    inputs = expand_inputs([str(p) for p in list(bad) + odd])  # errors known before decoding, too
+    paths = inputs.paths
+    assert len(paths) == len(bad) + len(odd)
+    row = {"chunk": "c", "meta": json.dumps({"paths": paths, "preset": inputs.preset_errors})}
+    decoded = decode_chunk(row, image_size=64, max_pixels=200_000)
+    meta = json.loads(decoded["meta"])
+    errors = dict(zip(meta["paths"], meta["errors"]))
+    assert len(bad) >= 12
+    for path, phrase in bad.items():
+        assert errors[str(path)] is not None, f"{path} decoded although it is bad"
+        assert str(path) in errors[str(path)] and phrase in errors[str(path)], errors[str(path)]
+    for path in odd:
+        assert errors[str(path)] is None, errors[str(path)]
+    assert len(decoded["pixels"]) == len(odd) * 64 * 64 * 3
+    rotated = [hw for p, hw in zip(meta["paths"], meta["hw"]) if p.endswith("exif_rotated.jpg")][0]
+    assert rotated == [rgb.shape[1], rgb.shape[0]] or rgb.shape[0] == rgb.shape[1]
+
+
+def test_model_loader_bundle(bundle_tiny):
+    from pni_ray.bundle import model_id
+    from pni_ray.orchestration.model_loader import load_scoring_model
+
+    model = load_scoring_model(bundle_tiny)
+    manifest = json.loads((bundle_tiny / "manifest.json").read_text())
+    assert model.kind == "bundle" and model.image_size == (128, 128) and model.category == "washer"
+    assert model.threshold == manifest["normalisation"]["threshold"] and model.model_id == model_id(bundle_tiny)
+    maps, scores = model.predict(np.random.default_rng(0).random((2, 3, 128, 128), dtype=np.float32))
+    assert maps.shape == (2, 128, 128) and scores.shape == (2,) and maps.dtype == np.float32
+    assert np.allclose(scores, maps.reshape(2, -1).max(1), rtol=1e-5)
+
+
+def test_model_loader_export(bundle_tiny, tmp_path):
+    runtime = pytest.importorskip("export.runtime")
+    from pni_ray.cli import main
+    from pni_ray.orchestration.model_loader import load_scoring_model
+
+    if "export" not in main.commands:
+        pytest.skip("export.runtime exists but no `pni-ray export` command to build an export directory")
+    out = tmp_path / "exported"
+    result = CliRunner().invoke(main, ["export", str(bundle_tiny), "--out", str(out), "--threads", "1"])
+    if result.exit_code != 0:  # the exporter has its own tests; this one is about the adapter
+        pytest.skip(f"`pni-ray export` could not export the tiny bundle: {result.output[-300:]}")
+    model = load_scoring_model(out, threads=1)
+    assert model.kind == "export" and model.image_size == (128, 128)
+    assert model.model_id == runtime.load_exported(out).model_id
+    x = np.random.default_rng(0).random((2, 3, 128, 128), dtype=np.float32)
+    ref_maps, ref_scores = load_scoring_model(bundle_tiny).predict(x)
+    maps, scores = model.predict(x)
+    assert maps.shape == (2, 128, 128) and np.allclose(scores, ref_scores, rtol=1e-3, atol=1e-3)
+
+
+def test_ensemble_is_a_torch_model(tmp_path):
+    from pni_ray.orchestration.model_loader import model_kind
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "pni-ray-ensemble"}))
+    assert model_kind(tmp_path) == "ensemble"
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "pni-ray-onnx"}))
+    assert model_kind(tmp_path) == "export"
+    with pytest.raises(ValueError, match="no manifest.json"):
+        model_kind(tmp_path / "nothing")
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory, synthetic_root):
+    root = tmp_path_factory.mktemp("small")
+    good = make_image_corpus(sources(synthetic_root), root / "good", 24)
+    rgb = load_rgb(sources(synthetic_root)[0])
+    (root / "bad").mkdir()
+    Image.fromarray(rgb).save(root / "bad" / "ok_until_broken.png")
+    data = (root / "bad" / "ok_until_broken.png").read_bytes()
+    (root / "bad" / "truncated.png").write_bytes(data[: len(data) // 3])
+    (root / "bad" / "empty.jpg").write_bytes(b"")
+    wide = root / "wide"
+    wide.mkdir()
+    Image.fromarray(np.ascontiguousarray(rgb[16:112])).resize((160, 96)).save(wide / "wide.png")
+    return root, good
+
+
+def test_local_engine_resume_retry_and_identity(small_set, bundle_tiny, tmp_path):
+    root, good = small_set
+    out = tmp_path / "out"
+    specs = [str(root / "good"), str(root / "bad"), str(root / "wide")]
+    expected = expand_inputs(specs).paths
+    opts = Options(chunk_size=4, threads=1)
+    first = score(bundle_tiny, specs, out, opts, engine="local")
+    assert first["rows"] == first["inputs"] == len(expected) == 28 and first["failed"] == 2
+    assert first["run"]["chunks"] == 7 and len(part_files(out)) == 7
+    check_exactly_once(out, expected)
+    # a crash leaves a stale temp file and loses a committed part: the rerun fixes exactly that
+    lost = part_files(out)[3]
+    lost_rows = pq.read_table(lost).num_rows
+    lost.unlink()
+    (out / ".part-deadbeef.parquet.1234abcd.tmp").write_bytes(b"half a parquet file")
+    second = score(bundle_tiny, specs, out, opts, engine="local")
+    assert second["run"]["scheduled"] == lost_rows and second["run"]["stale_temp_files_removed"] == 1
+    assert second["rows"] == 28 and second["duplicate_rows"] == 0 and second["missing"] == 0
+    check_exactly_once(out, expected)
+    # nothing to do: no new parts
+    parts = part_files(out)
+    third = score(bundle_tiny, specs, out, opts, engine="local")
+    assert third["run"]["scheduled"] == 0 and part_files(out) == parts
+    # error rows are final, unless retried: repair one bad file and retry
+    fixed = root / "bad" / "truncated.png"
+    original = fixed.read_bytes()
+    try:
+        fixed.write_bytes((root / "bad" / "ok_until_broken.png").read_bytes())
+        retried = score(bundle_tiny, specs, out, opts, engine="local", retry=True)
+    finally:
+        fixed.write_bytes(original)
+    assert retried["run"]["error_rows_retried"] == 2 and retried["failed"] == 1
+    check_exactly_once(out, expected)
+    # OUT holds one model's scores in one map format
+    with pytest.raises(ScoreError, match="map"):
+        score(bundle_tiny, specs, out, Options(map_format="float16", threads=1), engine="local")
+
+
+def test_float16_maps_at_original_resolution(small_set, bundle_tiny, tmp_path):
+    from pni_ray.orchestration.model_loader import load_scoring_model
+
+    root, _ = small_set
+    out = tmp_path / "f16"
+    summary = score(bundle_tiny, [str(root / "wide")], out, Options(map_format="float16", threads=1), engine="local")
+    assert summary["scored"] == 1
+    row = read_table(out).to_pylist()[0]
+    assert (row["height"], row["width"], row["map_dtype"]) == (96, 160, "float16")
+    ref, ref_score = model_map(load_scoring_model(bundle_tiny), row["path"])
+    assert np.allclose(decode_row(row), ref, rtol=2e-3, atol=1e-3)
+    assert row["image_score"] == pytest.approx(ref_score, rel=1e-4)
+
+
+def test_cli_exit_status(small_set, bundle_tiny, tmp_path):
+    from pni_ray.cli import main
+
+    root, _ = small_set
+    assert {"score", "report"} <= set(main.commands)
+    runner = CliRunner()
+    ok = runner.invoke(main, ["score", str(bundle_tiny), str(root / "wide"), "--out", str(tmp_path / "a"),
+                              "--engine", "local", "--threads", "1", "--no-progress"])
+    assert ok.exit_code == 0, ok.output
+    assert "1 inputs: 1 scored, 0 failed" in ok.output
+    bad = runner.invoke(main, ["score", str(bundle_tiny), str(root / "bad"), "--out", str(tmp_path / "b"),
+                               "--engine", "local", "--threads", "1", "--no-progress"])
+    assert bad.exit_code == 1 and "2 failed" in bad.output
+    summary = json.loads((tmp_path / "b" / "_summary.json").read_text())
+    assert {f["path"] for f in summary["failures"]} == {str(root / "bad" / "truncated.png"),
+                                                         str(root / "bad" / "empty.jpg")}
+    notamodel = runner.invoke(main, ["score", str(root), str(root / "wide"), "--out", str(tmp_path / "c")])
+    assert notamodel.exit_code == 3 and "manifest.json" in notamodel.output
+
+
+# ------------------------------------------------------------------------------------------
+# Ray: one module-scoped local Ray session for the tests below
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    from pni_ray.orchestration.score import ensure_ray
+
+    started = ensure_ray(num_cpus=2)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, synthetic_root):
+    """CORPUS_IMAGES good images, a dozen kinds of bad file, odd modes, non-square images, duplicates."""
+    root = tmp_path_factory.mktemp("corpus")
+    good = make_image_corpus(sources(synthetic_root), root / "good", CORPUS_IMAGES)
+    rgb = load_rgb(sources(synthetic_root)[0])
+    bad = write_bad_inputs(root / "bad", rgb)
+    odd = write_odd_modes(root / "odd", rgb)
+    Image.fromarray(np.ascontiguousarray(rgb[16:112])).resize((160, 96)).save(root / "odd" / "wide.png")
+    Image.fromarray(rgb).resize((200, 300)).save(root / "odd" / "tall.jpg", quality=92)
+    odd += [root / "odd" / "wide.png", root / "odd" / "tall.jpg"]
+    lst = root / "inputs.txt"
+    lst.write_text("# the bad files, relative to this list\n" + "".join(f"bad/{p.name}\n" for p in bad)
+                   + "good/00/img_00000.png\nodd\n")
+    specs = [str(root / "good"), str(root / "odd"), str(lst), str(root / "good" / "00" / "img_0000[0-4].png")]
+    return {"root": root, "good": good, "bad": bad, "odd": odd, "specs": specs}
+
+
+@pytest.fixture(scope="module")
+def scored_corpus(ray_session, corpus, bundle_tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scored") / "out"
+    t0 = time.perf_counter()
+    summary = score(bundle_tiny, corpus["specs"], out, Options(workers=2, batch_size=8), engine="ray")
+    summary["_wall"] = time.perf_counter() - t0
+    return out, summary
+
+
+@pytest.mark.ray
+def test_ray_many_images_and_bad_files_one_row_each(scored_corpus, corpus):
+    out, summary = scored_corpus
+    n_inputs = len(corpus["good"]) + len(corpus["bad"]) + len(corpus["odd"])
+    assert len(corpus["bad"]) >= 12
+    assert summary["inputs"] == summary["rows"] == n_inputs, summary
+    assert summary["duplicates_ignored"] == 1 + len(corpus["odd"]) + 5
+    assert summary["failed"] == len(corpus["bad"]) and summary["scored"] == n_inputs - len(corpus["bad"])
+    assert summary["missing"] == 0 and summary["duplicate_rows"] == 0
+    check_exactly_once(out, expand_inputs(corpus["specs"]).paths)
+    rows = {r["path"]: r for r in read_table(out, columns=["path", "error", "image_score", "anomaly_map"]).to_pylist()}
+    for path, phrase in corpus["bad"].items():
+        r = rows[str(path)]
+        assert r["error"] and str(path) in r["error"] and phrase in r["error"], r["error"]
+        assert r["image_score"] is None and r["anomaly_map"] is None
+    for path in corpus["odd"]:
+        assert rows[str(path)]["error"] is None and rows[str(path)]["image_score"] is not None
+    assert 0 < summary["anomalous"] < summary["scored"]
+    assert summary["top"][0]["image_score"] >= summary["top"][-1]["image_score"]
+    on_disk = json.loads((out / "_summary.json").read_text())
+    assert on_disk["rows"] == n_inputs and on_disk["run"]["engine"] == "ray"
+    print(f"\n{len(corpus['good'])}-image Ray run: {summary['_wall']:.1f} s wall, "
+          f"{summary['run']['images_per_s']} images/s, first chunk after {summary['run']['first_chunk_seconds']} s")
+
+
+@pytest.mark.ray
+def test_parquet_readable_by_pandas_pyarrow_duckdb(scored_corpus, corpus, bundle_tiny):
+    import duckdb
+    import pandas as pd
+    import pyarrow.dataset as pads
+
+    from pni_ray.orchestration.model_loader import load_scoring_model
+
+    out, summary = scored_corpus
+    n = summary["rows"]
+    df = pd.read_parquet(out)
+    table = pads.dataset(out, format="parquet").to_table()
+    con = duckdb.connect()
+    glob = str(out / "*.parquet")
+    assert len(df) == table.num_rows == con.execute(f"SELECT count(*) FROM read_parquet('{glob}')").fetchone()[0] == n
+    assert con.execute(f"SELECT count(error) FROM read_parquet('{glob}')").fetchone()[0] == summary["failed"]
+    assert list(df.columns)[:4] == ["path", "category", "image_score", "is_anomalous"]
+    meta = pq.read_schema(part_files(out)[0]).metadata
+    assert b"pni_ray.decode.uint8" in meta and float(meta[b"pni_ray.threshold"]) == summary["threshold"]
+
+    model = load_scoring_model(bundle_tiny)
+    top = summary["top"][0]["path"]
+    for path in (top, str(corpus["root"] / "odd" / "wide.png"), str(corpus["root"] / "odd" / "tall.jpg")):
+        ref, ref_score = model_map(model, path)
+        r = df[df.path == path].iloc[0]
+        span = float(r.map_max - r.map_min)
+        # pandas turns int columns with nulls (the error rows) into floats: int() them
+        from_pandas = r.map_min + np.frombuffer(r.anomaly_map, np.uint8).reshape(int(r.height), int(r.width)) / 255 * span
+        a = table.filter(pads.field("path") == path).to_pylist()[0]
+        from_arrow = decode_row(a)
+        blob, h, w, lo, hi = con.execute(
+            f"SELECT anomaly_map, height, width, map_min, map_max FROM read_parquet('{glob}') WHERE path = ?",
+            [path]).fetchone()
+        from_duckdb = decode_map(bytes(blob), "uint8", h, w, lo, hi)
+        assert ref.shape == (int(r.height), int(r.width)) == from_arrow.shape == from_duckdb.shape
+        tol = span / 510 + 1e-3 * max(1.0, abs(float(r.map_max)))
+        for got in (from_pandas, from_arrow, from_duckdb):
+            assert np.abs(got - ref).max() <= tol
+        assert r.image_score == pytest.approx(ref_score, rel=1e-4)
+        assert bool(r.is_anomalous) == (ref_score > model.threshold)
+
+
+@pytest.mark.ray
+def test_sigkill_mid_run_then_rerun_gives_each_input_once(ray_session, corpus, bundle_tiny, tmp_path):
+    """`pni-ray score` as its own process (a driver on this module's Ray cluster, as under `ray job
+    submit`), SIGKILLed once parts are committed, then rerun: every input exactly once."""
+    out = tmp_path / "killed"
+    specs = [str(corpus["root"] / "good" / "00")]  # 250 images, 32 chunks of 8
+    inputs = expand_inputs(specs).paths
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    cmd = [*PNI_RAY, "-q", "score", str(bundle_tiny), *specs, "--out", str(out),
+           "--chunk-size", "8", "--workers", "1", "--batch-size", "8", "--no-progress"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and len(part_files(out)) < 2:
+            time.sleep(0.05)
+        assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+        assert len(part_files(out)) >= 2, "no part file appeared in time"
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no cleanup of any kind; Ray reaps the dead driver's actors
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    t_kill = time.perf_counter() - t0
+    committed = committed_paths(out)
+    assert 0 < len(committed) < len(inputs), "the kill did not land mid-run"
+    summary = score(bundle_tiny, specs, out, Options(chunk_size=8, workers=1, stages="split"), engine="ray")
+    print(f"\nkilled after {t_kill:.1f} s with {len(committed)}/{len(inputs)} rows committed; "
+          f"rerun {summary['run']['seconds']:.1f} s (first chunk after {summary['run']['first_chunk_seconds']} s)")
+    assert summary["run"]["already_done"] == len(committed)
+    assert summary["run"]["scheduled"] == len(inputs) - len(committed)
+    assert summary["rows"] == summary["inputs"] == len(inputs) and summary["duplicate_rows"] == 0
+    check_exactly_once(out, inputs)

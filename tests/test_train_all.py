@@ -1,0 +1,206 @@
+"""`train-all` on a local Ray: same bundles as sequential training, fault isolation, resume.
+
+One Ray session for the whole module (ray.init costs seconds and hundreds of MB).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from pni_ray.bundle import MEMORY, model_id, save_bundle
+from pni_ray.orchestration.train_all import (
+    FAILED, SKIPPED, TRAINED, Pair, PairError, _failure_record, plan_pairs, task_options, train_all, train_all_cmd,
+)
+from pni_ray.training import train_category
+
+from conftest import tiny_config
+
+pytestmark = pytest.mark.ray
+
+CATEGORIES = ("weave", "granite", "washer")
+BACKBONE = "efficientnet_lite0"
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=128 * 2**20,
+             configure_logging=False, _system_config={"worker_niceness": 0})  # as train-all's own local Ray
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sequential_ids(synthetic_root, bundle_tiny, tmp_path_factory):
+    """model_id of `train_category` + `save_bundle` in this process (torch threads = 1, conftest)."""
+    ids = {"washer": model_id(bundle_tiny)}  # bundle_tiny is exactly that for washer
+    out = tmp_path_factory.mktemp("sequential")
+    for category in ("weave", "granite"):
+        ids[category] = model_id(save_bundle(train_category(synthetic_root, category, tiny_config(), progress=False),
+                                             out / category))
+    return ids
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_session, synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train_all")
+    lines: list[str] = []
+    result = train_all(synthetic_root, out, tiny_config(), categories=list(CATEGORIES), backbones=[BACKBONE],
+                       cpus_per_task=1, echo=lines.append, poll_seconds=0.2)
+    return result, out, lines
+
+
+def test_train_all_matches_sequential_training(first_run, sequential_ids):
+    import pyarrow.parquet as pq
+
+    result, out, lines = first_run
+    assert result.ok and result.counts == {TRAINED: 3, SKIPPED: 0, FAILED: 0}, result.rows
+    for category in CATEGORIES:
+        assert model_id(out / category / BACKBONE) == sequential_ids[category], category
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["category"] for r in summary["rows"]] == list(CATEGORIES)
+    table = pq.read_table(out / "summary.parquet").to_pylist()
+    assert [r["status"] for r in table] == [TRAINED] * 3
+    for row in table:
+        assert row["model_id"] == sequential_ids[row["category"]]
+        assert row["seconds"] > 0 and row["cpu_seconds"] > 0 and row["threads"] == 1 and row["device"] == "cpu"
+        assert row["peak_rss_mb"] > 100 and row["peak_rss_source"] in ("VmHWM", "ru_maxrss")
+        for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):  # synthetic data has a test split
+            assert 0.0 <= row[key] <= 1.0
+        assert row["n_test_images"] >= 6
+    assert any("3/3 finished: done 3  failed 0  running 0" in line for line in lines), lines
+    assert any("running 1" in line or "running 2" in line for line in lines), lines  # live progress saw tasks run
+    assert not (out / ".progress").exists()
+
+
+def _corrupt(path):
+    path.write_bytes(b"this is not a png")
+
+
+def test_broken_category_fails_alone_with_file_named(ray_session, synthetic_root, tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    os.symlink(synthetic_root / "weave", root / "weave")  # read in place
+    shutil.copytree(synthetic_root / "pillbox", root / "pillbox")
+    bad = sorted((root / "pillbox" / "train" / "good").iterdir())[3]
+    _corrupt(bad)
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(tiny_config().to_dict()))
+    out = tmp_path / "out"
+    cli = CliRunner().invoke(train_all_cmd, [
+        str(root), "--out", str(out), "--backbones", BACKBONE, "--config", str(config), "--no-eval",
+    ])
+    assert cli.exit_code == 1, cli.output
+    assert f"pillbox/train/good/{bad.name}" in cli.output  # the message names the file
+    rows = {r["category"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    assert rows["pillbox"]["status"] == FAILED and rows["pillbox"]["stage"] == "load"
+    assert "LayoutError" in rows["pillbox"]["error"] and f"train/good/{bad.name}" in rows["pillbox"]["error"]
+    assert rows["weave"]["status"] == TRAINED  # the other category finished
+    assert (out / "weave" / BACKBONE / "manifest.json").is_file()
+    assert not (out / "pillbox" / BACKBONE).exists()  # no half-written bundle
+
+
+def test_resume_skips_verified_and_retrains_tampered(ray_session, first_run, sequential_ids, synthetic_root, tmp_path):
+    _, first_out, _ = first_run
+    out = tmp_path / "out"
+    shutil.copytree(first_out, out)
+    tampered = out / "granite" / BACKBONE / MEMORY
+    data = bytearray(tampered.read_bytes())
+    data[-10] ^= 0xFF
+    tampered.write_bytes(bytes(data))
+    stale = out / "granite" / f".{BACKBONE}.partial-deadbeef"  # what a killed save would leave
+    stale.mkdir()
+    untouched = {c: (out / c / BACKBONE / MEMORY).stat().st_mtime_ns for c in ("weave", "washer")}
+
+    lines: list[str] = []
+    result = train_all(synthetic_root, out, tiny_config(), categories=list(CATEGORIES), backbones=[BACKBONE],
+                       cpus_per_task=1, echo=lines.append, poll_seconds=0.2)
+    rows = {r["category"]: r for r in result.rows}
+    assert result.ok and result.counts == {TRAINED: 1, SKIPPED: 2, FAILED: 0}
+    assert rows["granite"]["status"] == TRAINED and "checksum mismatch" in rows["granite"]["reason"]
+    assert model_id(out / "granite" / BACKBONE) == sequential_ids["granite"]
+    assert not stale.exists()
+    for category in ("weave", "washer"):
+        assert rows[category]["status"] == SKIPPED
+        assert (out / category / BACKBONE / MEMORY).stat().st_mtime_ns == untouched[category]
+        assert rows[category]["image_auroc"] is not None  # metrics of the same model carried from the last summary
+    assert any("skip  weave" in line for line in lines)
+
+
+def test_plan_force_and_changed_config(first_run):
+    _, out, _ = first_run
+    pairs = [Pair(c, BACKBONE) for c in CATEGORIES]
+    assert [p.action for p in plan_pairs(out, pairs, tiny_config())] == ["skip"] * 3
+    assert [p.action for p in plan_pairs(out, pairs, tiny_config(), force=True)] == ["train"] * 3
+    changed = tiny_config(seed=7)
+    plan = plan_pairs(out, pairs, changed)
+    assert [p.action for p in plan] == ["fail"] * 3  # a valid bundle of another config is not overwritten silently
+    assert "seed: 0 -> 7" in plan[0].reason and "--force" in plan[0].reason
+    assert plan_pairs(out, [Pair("pillbox", BACKBONE)], tiny_config())[0].action == "train"
+
+
+def test_system_failures_retried_application_errors_not(ray_session, tmp_path):
+    ray = ray_session
+
+    def crash_once(marker: str) -> str:
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)  # the worker dies: a system failure
+        return "recovered"
+
+    def app_error(counter: str) -> None:
+        with open(counter, "a") as fh:
+            fh.write("x")
+        raise PairError({"status": FAILED, "error": "ValueError: bad data"})
+
+    crash = ray.remote(**task_options(1, 0, max_retries=1))(crash_once)
+    assert ray.get(crash.remote(str(tmp_path / "crashed"))) == "recovered"
+
+    failing = ray.remote(**task_options(1, 0, max_retries=3))(app_error)
+    with pytest.raises(ray.exceptions.RayTaskError) as info:
+        ray.get(failing.remote(str(tmp_path / "count")))
+    assert (tmp_path / "count").read_text() == "x"  # ran once: application errors are not retried
+    record = _failure_record(Pair("c", "b"), info.value, system=False, max_retries=3)
+    assert record == {"status": FAILED, "error": "ValueError: bad data"}
+
+    always = ray.remote(**task_options(1, 0, max_retries=0))(lambda: os._exit(1))
+    with pytest.raises(ray.exceptions.RayError) as info:
+        ray.get(always.remote())
+    record = _failure_record(Pair("c", "b"), info.value, system=True, max_retries=0)
+    assert record["status"] == FAILED and record["error"].startswith("system failure after 0 retries")
+
+
+def test_gpu_tasks_build_the_extractor_on_their_device():
+    import torch
+
+    import pni_ray.training as training
+    from pni_ray.orchestration.train_all import DeviceExtractor, assigned_device, extractor_on
+
+    original = training.build_extractor
+    assert assigned_device(0) == torch.device("cpu")
+    with extractor_on(torch.device("cpu")):
+        assert training.build_extractor is original  # CPU: nothing is wrapped
+    with extractor_on(torch.device("meta")):
+        wrapped = training.build_extractor(tiny_config().features)
+        assert isinstance(wrapped, DeviceExtractor) and next(wrapped.inner.parameters()).device.type == "meta"
+        assert wrapped.dim == wrapped.inner.dim
+    assert training.build_extractor is original
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
+            assigned_device(1)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_train_pair_on_gpu(synthetic_root, tmp_path):
+    from pni_ray.bundle import verify_bundle
+    from pni_ray.orchestration.train_all import train_pair
+
+    record = train_pair(str(synthetic_root), "washer", tiny_config().to_dict(), str(tmp_path / "washer"), 1, gpus=1)
+    assert record["status"] == TRAINED and record["device"] == "cuda:0"
+    verify_bundle(tmp_path / "washer")
+    assert record["image_auroc"] > 0.8
