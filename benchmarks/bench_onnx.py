@@ -242,7 +242,8 @@ def main() -> int:
     out["parity"] = fig
     print(f"\nparity on {fig['n_images']} {category} test images: max abs map error {fig['max_abs_error']:.3g}, "
           f"max rel {fig['max_rel_error']:.3g}, image-score abs {fig['max_abs_score_error']:.3g}, "
-          f"ranking identical: {fig['ranking_identical']}, decisions identical: {fig['decisions_identical']}")
+          f"ranking identical: {fig['ranking_identical']}, decisions identical: {fig['decisions_identical']}, "
+          f"image AUROC torch {fig.get('image_auroc_torch', float('nan')):.4f} / onnxruntime {fig.get('image_auroc_onnxruntime', float('nan')):.4f}")
 
     # ---- sizes
     ours = dir_bytes(export_dir)

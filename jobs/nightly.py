@@ -74,7 +74,10 @@ def load_config(path: Path | str) -> dict[str, Any]:
         if path.suffix.lower() == ".json":
             raw = json.loads(text)
         else:
-            import tomllib
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
 
             raw = tomllib.loads(text.decode("utf-8"))
     except Exception as exc:  # noqa: BLE001 - TOML and JSON errors alike

@@ -56,3 +56,10 @@ def bottle_root() -> Path:
     if not (BOTTLE_ROOT / "bottle" / "train" / "good").is_dir():
         pytest.skip(f"real data not present at {BOTTLE_ROOT / 'bottle'}")
     return BOTTLE_ROOT
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """CLI commands under test may widen torch's thread pool; results depend on it, so reset."""
+    torch.set_num_threads(int(os.environ.get("PNI_RAY_TEST_THREADS", "1")))
+    yield

@@ -135,34 +135,66 @@ def _centre(sl: tuple[slice, slice]) -> tuple[int, int]:
     return ((sl[0].start + sl[0].stop - 1) // 2, (sl[1].start + sl[1].stop - 1) // 2)
 
 
-def _pill_centres(image: np.ndarray) -> list[tuple[int, int]]:
-    """Centres of the tablets: off-white (R > B) components on the blue tray."""
-    px = image.astype(int)
-    labels, _ = ndimage.label(px[..., 0] - px[..., 2] > -30)
-    return [_centre(sl) for sl in ndimage.find_objects(labels)]
+PILL_GRID = 5  # compartments per side of the pillbox tray
+
+
+def _compartments(size: int) -> list[tuple[int, int]]:
+    """Nominal compartment centres, row-major (the rendering jitters them by a pixel or two)."""
+    pitch = size / PILL_GRID
+    return [
+        (int(round((i + 0.5) * pitch - 0.5)), int(round((j + 0.5) * pitch - 0.5)))
+        for i in range(PILL_GRID)
+        for j in range(PILL_GRID)
+    ]
+
+
+def _content(image: np.ndarray, centre: tuple[int, int], size: int) -> str:
+    """What a compartment holds, from the mean colour of its centre: white / black tablet or tray."""
+    r = max(1, int(0.03 * size))
+    y, x = centre
+    mean = image[y - r : y + r + 1, x - r : x + r + 1].reshape(-1, 3).astype(float).mean(0)
+    if mean.min() > 140:
+        return "A"
+    if mean.max() < 90:
+        return "B"
+    assert mean[2] > mean[0] + 40, mean  # blue tray
+    return "E"
 
 
 def _window_diff(
-    a: np.ndarray, ca: tuple[int, int], b: np.ndarray, cb: tuple[int, int], h: int
+    a: np.ndarray, ca: tuple[int, int], b: np.ndarray, cb: tuple[int, int], h: int, reach: int = 2
 ) -> float:
-    """Smallest mean |a - b| of two (2h+1)^2 windows, allowing a 1 px misregistration."""
+    """Smallest mean |a - b| of two (2h+1)^2 windows, allowing a misregistration of +-reach px."""
     wa = a[ca[0] - h : ca[0] + h + 1, ca[1] - h : ca[1] + h + 1].astype(float)
     best = np.inf
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
+    for dy in range(-reach, reach + 1):
+        for dx in range(-reach, reach + 1):
             y, x = cb[0] + dy, cb[1] + dx
             wb = b[y - h : y + h + 1, x - h : x + h + 1].astype(float)
-            best = min(best, float(np.abs(wa - wb).mean()))
+            if wb.shape == wa.shape:
+                best = min(best, float(np.abs(wa - wb).mean()))
     return best
 
 
 def test_pillbox_defects_are_purely_logical() -> None:
-    """Moved/added tablets look like any other tablet; a vacated spot looks like tray.
+    """A defect puts in a fixed compartment what other compartments hold.
 
-    Local appearance carries no defect evidence: only the positions are wrong.
+    Good images always hold the same content in the compartments a defect
+    touches; the defective content (a tablet of the other type, no tablet, a
+    tablet where there never is one) looks exactly like another compartment of
+    the same image (noise only).  Local appearance carries no defect evidence:
+    only where the content is, is wrong.
     """
     size = 128
-    half = int(np.ceil(0.085 * size)) + 2
+    slots = _compartments(size)
+    half = int(np.ceil(0.065 * size)) + 2
+    inner = {
+        i * PILL_GRID + j for i in range(1, PILL_GRID - 1) for j in range(1, PILL_GRID - 1)
+    }
+    goods = [render("pillbox", image_seed(7, "pillbox", "train", i), None, size)[0] for i in range(16)]
+    layouts = [[_content(g, c, size) for c in slots] for g in goods]
+    fixed = {k for k in range(len(slots)) if len({lay[k] for lay in layouts}) == 1}
+    assert len(fixed) < len(slots)  # some compartments vary between good images
     for defect in DEFECT_TYPES["pillbox"]:
         for i in range(3):
             seed = image_seed(3, "pillbox", defect, i)
@@ -171,19 +203,29 @@ def test_pillbox_defects_are_purely_logical() -> None:
             assert np.array_equal((bad != good).any(axis=2), mask)
             labels, n = ndimage.label(mask)
             assert n == {"missing": 1, "misplaced": 2, "extra": 1}[defect]
-            assert len(_pill_centres(good)) == 4
-            centres = _pill_centres(bad)
-            assert len(centres) == {"missing": 3, "misplaced": 4, "extra": 5}[defect]
-            # All tablets in the defective image are the same sprite (noise only).
-            for c in centres[1:]:
-                assert _window_diff(bad, centres[0], bad, c, half) < 6.0
-            # Vacated places look like the tray at the centre of a good image,
-            # where no tablet ever is.
-            mid = (size // 2, size // 2)
-            for k, sl in enumerate(ndimage.find_objects(labels), start=1):
-                part = labels == k
-                if good[part].astype(int).sum() > bad[part].astype(int).sum():  # vacated
-                    assert _window_diff(bad, _centre(sl), good, mid, half) < 6.0
+            before = [_content(good, c, size) for c in slots]
+            after = [_content(bad, c, size) for c in slots]
+            touched = [k for k in range(len(slots)) if before[k] != after[k]]
+            assert len(touched) == n
+            kinds = {
+                "missing": {("A", "E"), ("B", "E")},
+                "extra": {("E", "A"), ("E", "B")},
+                "misplaced": {("A", "B"), ("B", "A")},
+            }[defect]
+            for k in touched:
+                # Only fixed inner compartments are touched, and with content their good
+                # images never hold there.
+                assert k in inner and k in fixed, (defect, i, k)
+                assert (layouts[0][k], after[k]) in kinds
+                assert before[k] == layouts[0][k]
+                # The footprint is the tablet's disc at that compartment.
+                comp = labels[slots[k]]
+                assert comp > 0
+                cy, cx = _centre(ndimage.find_objects(labels)[comp - 1])
+                assert abs(cy - slots[k][0]) <= 2 and abs(cx - slots[k][1]) <= 2
+                # What is there now looks like another compartment of the same image.
+                others = [c for j, c in enumerate(slots) if j != k and after[j] == after[k]]
+                assert others and min(_window_diff(bad, slots[k], bad, c, half) for c in others) < 6.0
 
 
 def test_sizes_honoured(tmp_path: Path) -> None:

@@ -197,8 +197,17 @@ class ModelInfo:
     category: str | None
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def describe_model(path: Path | str) -> ModelInfo:
-    """What the driver needs to know; verifies a bundle's checksums without building the network."""
+    """What the driver needs to know, without torch: the manifest, and the checksum of every file a
+    bundle lists (the actors verify again, with the backbone weights, when they load the model)."""
     from pni_ray.orchestration.model_loader import ExportModel, image_hw, model_kind
 
     path = Path(path).resolve()
@@ -207,22 +216,21 @@ def describe_model(path: Path | str) -> ModelInfo:
     except ValueError as exc:
         raise ScoreError(str(exc)) from exc
     if kind in ("bundle", "ensemble"):
-        from pni_ray.bundle import BundleError, model_id, verify_bundle
-
-        try:
-            if kind == "ensemble":
-                from pni_ray.models.ensemble import verify_ensemble
-
-                manifest = verify_ensemble(path)
-            else:
-                manifest = verify_bundle(path)
-        except BundleError as exc:
-            raise ScoreError(str(exc)) from exc
+        manifest = json.loads((path / "manifest.json").read_text())
+        for name, meta in (manifest.get("files") or {}).items():
+            file = path / name
+            if not file.is_file():
+                raise ScoreError(f"{file}: missing from the bundle (listed in manifest.json)")
+            if meta.get("sha256") and _sha256(file) != meta["sha256"]:
+                raise ScoreError(f"{file}: checksum mismatch: the file was modified or corrupted")
         norm = manifest.get("normalisation") or {}
         threshold = norm.get("threshold", manifest.get("threshold"))
-        size = manifest.get("image_size") or manifest["config"]["features"]["image_size"]
+        try:
+            size = manifest.get("image_size") or manifest["config"]["features"]["image_size"]
+        except (KeyError, TypeError) as exc:
+            raise ScoreError(f"{path}/manifest.json: no image size ({exc})") from exc
         return ModelInfo(str(path), kind, image_hw(size), float("inf") if threshold is None else float(threshold),
-                         model_id(path), manifest.get("category"))
+                         _sha256(path / "manifest.json"), manifest.get("category"))
     model = ExportModel(path)
     return ModelInfo(str(path), kind, model.image_size, model.threshold, model.model_id, model.category)
 
@@ -407,8 +415,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     else:
         # Ray starts workers at nice 15 (below its raylet); an embedded pipeline should run at the
         # priority of the command that started it, or any other busy process on the box starves it.
+        # No prestarted idle workers either: the pipeline starts exactly the processes it uses.
         ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-                 _system_config={"worker_niceness": max(0, os.nice(0))}, **kwargs)
+                 _system_config={"worker_niceness": max(0, os.nice(0)), "enable_worker_prestart": False,
+                                 "prestart_worker_first_driver": False}, **kwargs)
     return True
 
 

@@ -456,9 +456,10 @@ def _failure_record(pair: Pair, error: BaseException, system: bool, max_retries:
         return dict(error.record)
     cause = getattr(error, "cause", None) or error
     kind = f"system failure after {max_retries} retries: " if system else ""
-    first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+    text = lines[0] + (f" ... {lines[-1].strip()}" if len(lines) > 1 else "") if lines else ""  # last line: the root cause
     return {"category": pair.category, "backbone": pair.backbone, "status": FAILED, "stage": "ray",
-            "error": f"{kind}{type(cause).__name__}: {first}"}
+            "error": f"{kind}{type(cause).__name__}: {text}"}
 
 
 def train_all(
