@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from export import graph_passes, opcheck, scorer_graph, tables
 from pni_ray.bundle import model_id as bundle_model_id
 from pni_ray.bundle import read_arrow as bundle_read_arrow
 from pni_ray.bundle import versions as bundle_versions
+from pni_ray.fileio import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -299,15 +299,7 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
         }
         manifest["files"] = tables.file_records(tmp)
         tables.write_json(tmp / tables.MANIFEST, manifest)
-        _fsync_dir(tmp)
-        if out.exists():
-            trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -338,15 +330,6 @@ def export_versions() -> dict[str, str]:
     return out
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------- parity with torch

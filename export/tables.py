@@ -27,10 +27,7 @@ plus the entries of the sparse position prior.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +35,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
+
+from pni_ray.fileio import atomic_write_json as write_json  # noqa: F401 (used as tables.write_json)
+from pni_ray.fileio import sha256_file
 
 FORMAT = "pni-ray-export"
 FORMAT_VERSION = 1
@@ -63,23 +63,8 @@ class ExportError(ValueError):
 # ---------------------------------------------------------------------------- files and checksums
 
 
-def sha256_file(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Temp file + fsync + rename: a reader sees the old or the new manifest, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def write_arrow(path: Path, table: pa.Table) -> None:

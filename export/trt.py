@@ -20,16 +20,15 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
-import os
 import shlex
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from export import tables
+from pni_ray.fileio import atomic_write_bytes
 
 FP32_GRAPHS = ("scorer",)
 DEFAULT_WORKSPACE_GB = 4.0
@@ -151,7 +150,7 @@ def build_engines(folder: Path | str, max_batch: int | None = None, fp16: bool =
         graph = manifest["graphs"][name]
         use_fp16 = bool(fp16 and name not in FP32_GRAPHS)
         data = _build_one(trt, logger, folder / graph["file"], graph["inputs"], max_batch, use_fp16, workspace_gb)
-        _atomic_write(folder / engine_file(name), data)
+        atomic_write_bytes(folder / engine_file(name), data)
         engines[name] = {"file": engine_file(name), "fp16": use_fp16, "max_batch": max_batch}
     manifest["tensorrt"] = {
         "status": "built",
@@ -190,13 +189,6 @@ def _build_one(trt, logger, onnx_path: Path, inputs: list[dict], max_batch: int,
     return bytes(serialized)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _device_name() -> str:

@@ -7,9 +7,7 @@ every file's sha256 and refuses anything tampered with or incomplete.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import sys
 import uuid
@@ -25,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 import pni_ray
 from pni_ray.config import TrainConfig
+from pni_ray.fileio import atomic_write_bytes, atomic_write_json, replace_dir, sha256_file  # noqa: F401 (re-exported)
 from pni_ray.models.backbones import get_spec, offline_weight_path
 from pni_ray.models.neighbourhood import NeighbourhoodMLP
 from pni_ray.models.pni import Normalisation, TrainedModel
@@ -41,29 +40,6 @@ REFINER = "refiner.safetensors"
 
 class BundleError(ValueError):
     """A bundle that cannot be trusted; the message says which file and why."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file beside `path`, fsync, then rename over it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def write_arrow(path: Path, table: pa.Table) -> None:
@@ -163,30 +139,11 @@ def save_bundle(trained: TrainedModel, out: Path | str, overwrite: bool = False)
             "files": files,
         }
         atomic_write_json(tmp / MANIFEST, manifest)
-        _fsync_dir(tmp)
-        if out.exists():
-            trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_manifest(path: Path | str) -> dict[str, Any]:

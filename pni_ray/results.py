@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import uuid
 from datetime import datetime, timezone
 from typing import Any, Iterable, Sequence
 
@@ -43,6 +41,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+
+from pni_ray.fileio import atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
 
 MAP_FORMATS = ("uint8", "float16", "none")
 TABLE_FORMAT = "pni-ray-scores"
@@ -99,30 +99,6 @@ def schema(map_format: str = "uint8", threshold: float | None = None, extra: dic
     )
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Temp file beside `path`, fsync, rename over it, fsync the directory (torch-free twin of
-    `pni_ray.bundle.atomic_write_bytes`, so reading and reporting never import torch)."""
-    from pathlib import Path
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_json(path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 # ------------------------------------------------------------------------------------------

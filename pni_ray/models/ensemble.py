@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import uuid
 from dataclasses import asdict
@@ -41,7 +40,8 @@ import torch
 from torch import nn
 
 from pni_ray.bundle import MANIFEST as BUNDLE_MANIFEST
-from pni_ray.bundle import BundleError, _fsync_dir, atomic_write_json, load_bundle, model_id, verify_bundle, versions
+from pni_ray.bundle import BundleError, atomic_write_json, load_bundle, model_id, verify_bundle, versions
+from pni_ray.fileio import replace_dir
 from pni_ray.models.pni import Normalisation, PNIDetector, build_detector
 
 FORMAT = "pni-ray-ensemble"
@@ -326,15 +326,7 @@ def save_ensemble(
             "versions": versions(),
         }
         atomic_write_json(tmp / MANIFEST, manifest)
-        _fsync_dir(tmp)
-        if out.exists():
-            trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
