@@ -181,6 +181,8 @@ class Geometry:
         self.tile_size = int(cfg.tile_size or image_size)
         if cfg.max_pixels <= 0:
             raise ValueError(f"max_pixels must be positive, got {cfg.max_pixels}")
+        if not 0 <= cfg.pad_value <= 255:
+            raise ValueError(f"pad_value is a grey level in [0, 255], got {cfg.pad_value}")
         if cfg.policy != "resize" and not cfg.tile and self.image_size % 16:
             raise ValueError(f"policy {cfg.policy!r} needs an image size divisible by 16, got {self.image_size}")
         if cfg.tile:
