@@ -261,8 +261,9 @@ def _register_commands() -> None:
         main.add_command(command)
 
 
-_register_commands()
+if __name__ == "__main__":  # `python -m pni_ray.cli`: run the importable module, not this copy
+    from pni_ray.cli import main as packaged_main
 
-
-if __name__ == "__main__":
-    main()
+    packaged_main()
+else:
+    _register_commands()
