@@ -16,7 +16,8 @@ ratio train-all / sequential (target: <= 0.7x with 2 tasks on 2 cores).
 
 On a machine shared with other busy sessions the wall ratio says little: Linux's autogroup
 scheduler shares the CPUs equally between sessions, so the two Ray workers (one session) get no
-more CPU than the one sequential process did. The script therefore also prints the CPU time
+more CPU than the one sequential process did, and the load drifting between the two phases
+moves the ratio either way. The script therefore also prints the CPU time
 each phase obtained and the load average, and flags a busy machine.
 """
 
@@ -146,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         autogroup = Path("/proc/sys/kernel/sched_autogroup_enabled")
         grouped = autogroup.is_file() and autogroup.read_text().strip() == "1"
         print(f"NOTE: the machine was busy with other work (load > {os.cpu_count()} cores)"
-              + ("; with sched_autogroup on, this session's processes share one fair slice of the CPUs, "
-                 "so parallel tasks cannot gain on the sequential run and the ratio is not meaningful" if grouped else ""))
+              + ("; with sched_autogroup on, this session's processes share one fair slice of the CPUs, so "
+                 "the wall ratio mostly reflects how much CPU each phase was given (see 'CPU obtained'), "
+                 "not train-all's own overhead" if grouped else ""))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
