@@ -157,6 +157,41 @@ def train(data_root: Path, category: str, out: Path, backbone: str | None, force
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
+@click.option("--category", "-c", default=None, help="Category folder (default: the bundle's category).")
+@click.option("--epochs", type=int, default=None, help="Refiner epochs (default: the config's).")
+@click.option("--samples", type=int, default=None, help="Synthetic defect images (default: the config's).")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at OUT.")
+@click.option("--threads", type=int, default=None, help="torch threads (default: all cores).")
+def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epochs: int | None,
+           samples: int | None, force: bool, threads: int | None) -> None:
+    """Add a refinement network to a trained PNI BUNDLE (train/good of DATA_ROOT only) -> OUT.
+
+    Gives the same bundle as `pni-ray train --refine` with the same settings, without
+    retraining the PNI model.
+    """
+    from pni_ray.bundle import load_bundle, save_bundle
+    from pni_ray.refine_training import train_refiner
+
+    set_threads(threads)
+    if out.exists() and not force:
+        raise click.ClickException(f"{out} already exists; use --force to replace it")
+    if out.resolve() == bundle.resolve():
+        raise click.ClickException(f"{out}: write the refined bundle to a new directory, not over its source")
+    trained, manifest = load_bundle(bundle)
+    if trained.config.mode != "pni":
+        raise click.ClickException(f"{bundle} is a {trained.config.mode} bundle: the refiner needs a PNI bundle")
+    rcfg = trained.config.refiner
+    changes = {k: v for k, v in (("epochs", epochs), ("n_samples", samples)) if v is not None}
+    trained.config = trained.config.replace(refiner=dataclasses.replace(rcfg, enabled=True, **changes))
+    train_refiner(trained, data_root, category or manifest["category"])
+    save_bundle(trained, out, overwrite=force)
+    click.echo(f"refined {manifest['category']} in {trained.report['seconds']['refiner']:.1f} s -> {out}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--category", "-c", default=None, help="Category folder (default: the bundle's category).")
 @click.option("--mode", type=click.Choice(SCORE_MODES), default=None, help="Scoring mode (default: the bundle's).")
 @click.option("--ablation", is_flag=True, help="Score in every mode: patchcore, neighbourhood, position, pni.")

@@ -331,3 +331,29 @@ def test_refine_config_roundtrips_through_dict():
                                                  "decoder_channels": list(cfg.refiner.decoder_channels)}
     ref = build_refiner(again.refiner, pretrained=False)
     assert [b.conv2.out_channels for b in ref.decoder] == list(TINY["decoder_channels"])
+
+
+def test_refine_command_adds_the_refiner_train_would(trained_tiny, refined_tiny, synthetic_root, tmp_path):
+    """`pni-ray refine BUNDLE` on a saved PNI bundle gives the refiner `train --refine` trains in memory."""
+    from click.testing import CliRunner
+
+    from pni_ray.bundle import load_bundle, save_bundle
+    from pni_ray.cli import main
+
+    trained = copy.deepcopy(trained_tiny)
+    trained.config = trained.config.replace(refiner=tiny_refiner_config())
+    plain = save_bundle(trained, tmp_path / "plain")
+    out = tmp_path / "refined"
+    args = ["refine", str(plain), str(synthetic_root), "--out", str(out), "--threads", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    loaded, manifest = load_bundle(out)
+    assert manifest["config"]["refiner"]["enabled"] is True
+    expected = refined_tiny[0].refiner.state_dict()
+    got = loaded.refiner.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert torch.equal(loaded.memory, trained_tiny.memory)  # the PNI model itself is untouched
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code != 0 and "already exists" in again.output
+    onto_itself = CliRunner().invoke(main, ["refine", str(plain), str(synthetic_root), "--out", str(plain), "--force"])
+    assert onto_itself.exit_code != 0 and "new directory" in onto_itself.output
