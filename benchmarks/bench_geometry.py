@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def derived(src: Path, dst: Path, **kw) -> Path:
     """The derived bottle copy, written once (a finished copy is marked by a stamp file)."""
-    stamp = dst / f".complete-{kw}"
+    stamp = dst / ".complete"
     if not stamp.exists():
         t = time.perf_counter()
         derive_category(src, "bottle", dst, **kw)

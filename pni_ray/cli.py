@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -167,8 +166,8 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
            samples: int | None, force: bool, threads: int | None) -> None:
     """Add a refinement network to a trained PNI BUNDLE (train/good of DATA_ROOT only) -> OUT.
 
-    Gives the same bundle as `pni-ray train --refine` with the same settings, without
-    retraining the PNI model.
+    Trains the same refiner as `pni-ray train --refine` with the same settings (same seed,
+    same synthetic defects), without retraining the PNI model.
     """
     from pni_ray.bundle import load_bundle, save_bundle
     from pni_ray.refine_training import train_refiner
