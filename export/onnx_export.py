@@ -37,7 +37,7 @@ from torch import nn
 
 from export import graph_passes, opcheck, scorer_graph, tables
 from pni_ray.bundle import model_id as bundle_model_id
-from pni_ray.bundle import read_arrow as bundle_read_arrow
+from pni_ray.fileio import read_arrow as bundle_read_arrow
 from pni_ray.bundle import versions as bundle_versions
 from pni_ray.fileio import replace_dir
 

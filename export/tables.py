@@ -27,17 +27,15 @@ plus the entries of the sparse position prior.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
 
 from pni_ray.fileio import atomic_write_json as write_json  # noqa: F401 (used as tables.write_json)
-from pni_ray.fileio import sha256_file
+from pni_ray.fileio import read_arrow, read_manifest_json, sha256_file, write_arrow  # noqa: F401 (tables.read_arrow)
 
 FORMAT = "pni-ray-export"
 FORMAT_VERSION = 1
@@ -63,20 +61,6 @@ class ExportError(ValueError):
 # ---------------------------------------------------------------------------- files and checksums
 
 
-
-
-
-
-def write_arrow(path: Path, table: pa.Table) -> None:
-    with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-
-
-def read_arrow(path: Path) -> pa.Table:
-    with pa.memory_map(str(path), "r") as source:
-        return ipc.open_file(source).read_all()
-
-
 def file_records(folder: Path) -> dict[str, dict[str, Any]]:
     """sha256 and size of every regular file of `folder` except the manifest."""
     return {
@@ -87,22 +71,8 @@ def file_records(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def read_manifest(path: Path | str) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_dir():
-        raise ExportError(f"{path}: not an export directory")
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise ExportError(f"{path}: incomplete export, {MANIFEST} is missing")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"{manifest_path}: not valid JSON ({exc})") from exc
-    if manifest.get("format") != FORMAT:
-        raise ExportError(f"{manifest_path}: not a {FORMAT} manifest (a training bundle? run `pni-ray export` on it)")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise ExportError(f"{manifest_path}: format version {manifest['format_version']} is newer than this runtime "
-                          f"({FORMAT_VERSION}); upgrade pni-ray")
-    return manifest
+    return read_manifest_json(path, FORMAT, FORMAT_VERSION, ExportError, "export",
+                              hint=" (a training bundle? run `pni-ray export` on it)")
 
 
 def verify_export(path: Path | str) -> dict[str, Any]:

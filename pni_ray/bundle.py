@@ -7,7 +7,6 @@ every file's sha256 and refuses anything tampered with or incomplete.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import uuid
@@ -17,13 +16,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import torch
 from safetensors.torch import load_file, save_file
 
 import pni_ray
 from pni_ray.config import TrainConfig
 from pni_ray.fileio import atomic_write_bytes, atomic_write_json, replace_dir, sha256_file  # noqa: F401 (re-exported)
+from pni_ray.fileio import read_arrow, read_manifest_json, write_arrow  # noqa: F401 (re-exported)
 from pni_ray.models.backbones import get_spec, offline_weight_path
 from pni_ray.models.neighbourhood import NeighbourhoodMLP
 from pni_ray.models.pni import Normalisation, TrainedModel
@@ -40,16 +39,6 @@ REFINER = "refiner.safetensors"
 
 class BundleError(ValueError):
     """A bundle that cannot be trusted; the message says which file and why."""
-
-
-def write_arrow(path: Path, table: pa.Table) -> None:
-    with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-
-
-def read_arrow(path: Path) -> pa.Table:
-    with pa.memory_map(str(path), "r") as source:
-        return ipc.open_file(source).read_all()
 
 
 def memory_table(memory: torch.Tensor, emb_to_dist: torch.Tensor | None, dist_size: int) -> pa.Table:
@@ -147,24 +136,7 @@ def save_bundle(trained: TrainedModel, out: Path | str, overwrite: bool = False)
 
 
 def read_manifest(path: Path | str) -> dict[str, Any]:
-    path = Path(path)
-    manifest_path = path / MANIFEST
-    if not path.is_dir():
-        raise BundleError(f"{path}: not a bundle directory")
-    if not manifest_path.is_file():
-        raise BundleError(f"{path}: incomplete bundle, {MANIFEST} is missing")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from exc
-    if manifest.get("format") != FORMAT:
-        raise BundleError(f"{manifest_path}: not a {FORMAT} manifest")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise BundleError(
-            f"{manifest_path}: format version {manifest['format_version']} is newer than this pni-ray "
-            f"({FORMAT_VERSION}); upgrade pni-ray"
-        )
-    return manifest
+    return read_manifest_json(path, FORMAT, FORMAT_VERSION, BundleError, "bundle")
 
 
 def verify_bundle(path: Path | str) -> dict[str, Any]:

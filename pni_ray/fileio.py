@@ -1,7 +1,9 @@
-"""Crash-safe file writes and checksums, torch-free so the edge runtime and readers can share them.
+"""Crash-safe file writes, checksums and manifest/Arrow reading, torch-free so the edge runtime
+and readers can share them.
 
 Every write goes to a temporary sibling, is fsynced, and is renamed over its target: a reader
-sees the old file or the new one, never half of one.
+sees the old file or the new one, never half of one. Bundles, ensembles and export directories
+are folders with a `manifest.json`; one reader checks them all, so their errors read alike.
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ import shutil
 import uuid
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+MANIFEST = "manifest.json"
 
 
 def sha256_file(path: Path | str) -> str:
@@ -61,3 +68,46 @@ def replace_dir(tmp: Path, out: Path) -> None:
     else:
         os.replace(tmp, out)
     fsync_dir(out.parent)
+
+
+def write_arrow(path: Path | str, table: pa.Table) -> None:
+    """An Arrow IPC file (the caller writes into a temporary directory that is renamed whole)."""
+    with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def read_arrow(path: Path | str) -> pa.Table:
+    with pa.memory_map(str(path), "r") as source:
+        return ipc.open_file(source).read_all()
+
+
+def read_json(path: Path | str, error: type[Exception] = ValueError) -> Any:
+    """Parsed JSON of `path`; a syntax error is raised as `error` naming the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from exc
+
+
+def read_manifest_json(
+    folder: Path | str, fmt: str, version: int, error: type[Exception], kind: str, hint: str = ""
+) -> dict[str, Any]:
+    """`folder`/manifest.json, checked to be a `fmt` manifest no newer than `version`.
+
+    kind names the folder in messages ("bundle", "export", ...); hint is appended when the
+    manifest is of another format (e.g. what to run instead).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise error(f"{folder}: not {'an' if kind[:1] in 'aeiou' else 'a'} {kind} directory")
+    file = folder / MANIFEST
+    if not file.is_file():
+        raise error(f"{folder}: incomplete {kind}, {MANIFEST} is missing")
+    manifest = read_json(file, error)
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        raise error(f"{file}: not a {fmt} manifest{hint}")
+    found = manifest.get("format_version", 0)
+    if not isinstance(found, int) or found > version:
+        raise error(f"{file}: {kind} format version {found} is newer than this pni-ray reads ({version}); upgrade pni-ray")
+    return manifest

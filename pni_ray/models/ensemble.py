@@ -41,7 +41,7 @@ from torch import nn
 
 from pni_ray.bundle import MANIFEST as BUNDLE_MANIFEST
 from pni_ray.bundle import BundleError, atomic_write_json, load_bundle, model_id, verify_bundle, versions
-from pni_ray.fileio import replace_dir
+from pni_ray.fileio import read_manifest_json, replace_dir
 from pni_ray.models.pni import Normalisation, PNIDetector, build_detector
 
 FORMAT = "pni-ray-ensemble"
@@ -146,20 +146,9 @@ def estimated_normalisation(normalisations: Sequence[Normalisation | dict[str, A
 
 
 def read_ensemble_manifest(path: Path | str) -> dict[str, Any]:
-    path = Path(path)
-    file = path / MANIFEST
-    if not file.is_file():
-        raise BundleError(f"{path}: incomplete ensemble, {MANIFEST} is missing")
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{file}: not valid JSON ({exc})") from exc
-    if manifest.get("format") != FORMAT:
-        raise BundleError(f"{file}: not a {FORMAT} manifest")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise BundleError(f"{file}: ensemble format version {manifest['format_version']} is newer than this pni-ray; upgrade")
+    manifest = read_manifest_json(path, FORMAT, FORMAT_VERSION, BundleError, "ensemble")
     if not manifest.get("members"):
-        raise BundleError(f"{file}: the ensemble lists no members")
+        raise BundleError(f"{Path(path) / MANIFEST}: the ensemble lists no members")
     return manifest
 
 

@@ -8,11 +8,12 @@ bundle never needs the export package.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+from pni_ray.fileio import read_json
 
 BUNDLE_FORMAT = "pni-ray-bundle"  # == pni_ray.bundle.FORMAT, repeated to keep this import torch-free
 TORCH_FORMATS = {BUNDLE_FORMAT: "bundle", "pni-ray-ensemble": "ensemble"}  # loaded by load_detector
@@ -105,10 +106,9 @@ def model_kind(path: Path | str) -> str:
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         raise ValueError(f"{path}: not a model (no manifest.json): give a bundle or an export directory")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{manifest_path}: not valid JSON ({exc})") from exc
+    manifest = read_json(manifest_path)
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{manifest_path}: not a manifest (a JSON object)")
     return TORCH_FORMATS.get(manifest.get("format"), "export")
 
 

@@ -1,0 +1,113 @@
+"""Shared file helpers: atomic writes, checksums, the one manifest reader of bundles/ensembles/exports."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from pni_ray.fileio import (
+    atomic_write_json,
+    read_arrow,
+    read_json,
+    read_manifest_json,
+    replace_dir,
+    sha256_file,
+    write_arrow,
+)
+
+
+class FolderError(ValueError):
+    pass
+
+
+def manifest_dir(tmp_path, content) -> object:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    return folder
+
+
+def read(folder):
+    return read_manifest_json(folder, "fmt-x", 2, FolderError, "export", hint=" (try Y)")
+
+
+def test_manifest_reader_accepts_its_format(tmp_path):
+    folder = manifest_dir(tmp_path, {"format": "fmt-x", "format_version": 2, "a": 1})
+    assert read(folder)["a"] == 1
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "manifest.json: not valid JSON"),
+        ([1, 2], "manifest.json: not a fmt-x manifest (try Y)"),
+        ({"format": "other"}, "manifest.json: not a fmt-x manifest (try Y)"),
+        ({"format": "fmt-x", "format_version": 3}, "export format version 3 is newer than this pni-ray reads (2)"),
+    ],
+)
+def test_manifest_reader_names_the_file_and_the_problem(tmp_path, content, message):
+    folder = manifest_dir(tmp_path, content)
+    with pytest.raises(FolderError) as info:
+        read(folder)
+    assert str(info.value).startswith(str(tmp_path / "model" / "manifest.json"))
+    assert message in str(info.value)
+
+
+def test_manifest_reader_missing_folder_or_file(tmp_path):
+    with pytest.raises(FolderError, match="nowhere: not an export directory"):
+        read(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FolderError, match="empty: incomplete export, manifest.json is missing"):
+        read(tmp_path / "empty")
+
+
+def test_the_formats_use_it(tmp_path):
+    """Bundle, ensemble and export readers refuse each other's manifests with their own error."""
+    from export.tables import ExportError
+    from export.tables import read_manifest as read_export
+    from pni_ray.bundle import BundleError
+    from pni_ray.bundle import read_manifest as read_bundle
+    from pni_ray.models.ensemble import read_ensemble_manifest
+
+    folder = manifest_dir(tmp_path, {"format": "pni-ray-bundle", "format_version": 1})
+    with pytest.raises(ExportError, match="run `pni-ray export` on it"):
+        read_export(folder)
+    with pytest.raises(BundleError, match="not a pni-ray-ensemble manifest"):
+        read_ensemble_manifest(folder)
+    assert read_bundle(folder)["format"] == "pni-ray-bundle"
+    (folder / "manifest.json").write_text(json.dumps({"format": "pni-ray-bundle", "format_version": 99}))
+    with pytest.raises(BundleError, match="bundle format version 99 is newer"):
+        read_bundle(folder)
+
+
+def test_read_json_and_atomic_json(tmp_path):
+    path = tmp_path / "a.json"
+    atomic_write_json(path, {"b": 2, "a": [1]})
+    assert read_json(path) == {"a": [1], "b": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temporary left behind
+    path.write_text("[1,")
+    with pytest.raises(FolderError, match="a.json: not valid JSON"):
+        read_json(path, FolderError)
+
+
+def test_arrow_roundtrip_and_checksum(tmp_path):
+    table = pa.table({"x": [1, 2, 3]}).replace_schema_metadata({b"k": b"v"})
+    write_arrow(tmp_path / "t.arrow", table)
+    again = read_arrow(tmp_path / "t.arrow")
+    assert again.equals(table) and again.schema.metadata == {b"k": b"v"}
+    digest = sha256_file(tmp_path / "t.arrow")
+    write_arrow(tmp_path / "u.arrow", table)
+    assert sha256_file(tmp_path / "u.arrow") == digest  # same table, same bytes
+
+
+def test_replace_dir_swaps_whole_directories(tmp_path):
+    out = tmp_path / "out"
+    for version in ("old", "new"):
+        tmp = tmp_path / f".tmp-{version}"
+        tmp.mkdir()
+        (tmp / "file").write_text(version)
+        replace_dir(tmp, out)
+    assert (out / "file").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
