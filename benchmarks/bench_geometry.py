@@ -70,6 +70,17 @@ def derived(src: Path, dst: Path, **kw) -> Path:
     return dst
 
 
+def drop_lost_defects(root: Path) -> None:
+    """Remove test images whose whole defect was cropped away: labelled defective, nothing to see."""
+    lost = [s for s in load_category(root, "bottle").test
+            if s.mask_path is not None and not np.asarray(Image.open(s.mask_path)).any()]
+    for sample in lost:
+        sample.path.unlink()
+        sample.mask_path.unlink()
+    print(f"crop: dropped {len(lost)} test images whose defect lies wholly outside the crop: "
+          f"{[f'{s.defect_type}/{s.path.name}' for s in lost]}", flush=True)
+
+
 def run_one(name: str, root: Path, cfg: TrainConfig, expect_hw: tuple[int, int]) -> dict:
     """Train on root/bottle, evaluate patchcore (+ pni), check map sizes; one row of the table."""
     print(f"--- {name}: training ({cfg.geometry})", flush=True)
@@ -117,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = {e.strip() for e in args.experiments.split(",") if e.strip()}
     if "crop" in todo:
         root = derived(args.data, args.workdir / "crop", crop=CROP, size=CROP_SIZE)
-        empty = [s.path.name for s in load_category(root, "bottle").test if s.mask_path is not None
-                 and not np.asarray(Image.open(s.mask_path)).any()]
-        print(f"crop: {len(empty)} defect images lost their whole defect to the crop", flush=True)
+        drop_lost_defects(root)
         rows = {}
         for policy in ("resize", "letterbox", "short-side"):
             cfg = dataclasses.replace(base, geometry=GeometryConfig(policy=policy))
