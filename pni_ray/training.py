@@ -282,8 +282,11 @@ def train_category(
         dist_size = min(cfg.neighbourhood.dist_size, memory.shape[0])
         dist = memory[:dist_size]
         _, emb_to_dist = nearest_neighbours(memory, dist, cfg.scoring.chunk_patches)
-        _, targets = nearest_neighbours(rows, dist, cfg.scoring.chunk_patches)
-        _, nearest_emb = nearest_neighbours(rows, memory, cfg.scoring.chunk_patches)
+        log.info("%s: nearest C_dist entry (MLP targets) and C_emb entry (position prior) of %d patches",
+                 category, rows.shape[0])
+        chunk = cfg.scoring.chunk_patches
+        _, targets = nearest_neighbours(rows, dist, chunk, desc="nearest C_dist" if progress else None)
+        _, nearest_emb = nearest_neighbours(rows, memory, chunk, desc="nearest C_emb" if progress else None)
         prior = build_position_prior(nearest_emb.view(n_img, h, w), memory.shape[0], cfg.position.spread, valid)
         mlp, mlp_report = train_neighbourhood_mlp(
             feats, targets.view(n_img, h, w), dist_size, cfg.neighbourhood, cfg.seed, progress,

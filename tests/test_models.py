@@ -45,6 +45,8 @@ def test_squared_distances_and_nearest_match_brute_force():
     assert torch.allclose(squared_distances(x, m, (m * m).sum(1)), ref, atol=1e-4)
     d, i = nearest_neighbours(x, m, chunk=64)
     assert torch.equal(i, ref.argmin(1)) and torch.allclose(d, ref.min(1).values.sqrt(), atol=1e-4)
+    d2, i2 = nearest_neighbours(x, m, chunk=64, desc="progress bar shown")
+    assert torch.equal(d2, d) and torch.equal(i2, i)
 
 
 def test_masked_min_falls_back_to_nearest():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from pni_ray.config import SCORE_MODES
 
@@ -23,12 +24,16 @@ def squared_distances(x: torch.Tensor, memory: torch.Tensor, memory_sq: torch.Te
 
 
 def nearest_neighbours(
-    x: torch.Tensor, memory: torch.Tensor, chunk: int = 4096
+    x: torch.Tensor, memory: torch.Tensor, chunk: int = 4096, desc: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distance to and index of the nearest memory row for every row of x, in bounded chunks."""
+    """Distance to and index of the nearest memory row for every row of x, in bounded chunks.
+
+    desc: show a progress bar with this label (training assigns millions of patches when tiled).
+    """
     memory_sq = (memory * memory).sum(1)
     dists, idxs = [], []
-    for i in range(0, x.shape[0], chunk):
+    starts = range(0, x.shape[0], chunk)
+    for i in tqdm(starts, desc=desc, unit="chunk", disable=desc is None, leave=False):
         d, j = squared_distances(x[i : i + chunk], memory, memory_sq).min(1)
         dists.append(d.sqrt())
         idxs.append(j)
