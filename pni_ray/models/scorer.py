@@ -142,8 +142,10 @@ class PatchScorer(nn.Module):
             else:
                 p_n = probs.gather(1, self.emb_to_dist[idx]) * self.inv_cluster[idx]
         if mode in ("position", "pni", "pni_split"):
-            prior = self.position_prior[positions]
-            p_x = prior if idx is None else prior.gather(1, idx)
+            if idx is None:
+                p_x = self.position_prior[positions]
+            else:  # only the (P, k) entries: never materialise P full rows of the dense prior
+                p_x = self.position_prior[positions.unsqueeze(1), idx]
         if mode == "neighbourhood":
             return p_n > self.tau
         if mode == "position":
@@ -162,7 +164,7 @@ class PatchScorer(nn.Module):
     def _topk(self, dist_sq: torch.Tensor, probs: torch.Tensor | None, positions: torch.Tensor, mode: str) -> torch.Tensor:
         """Exact masked minimum via the k nearest entries; rows with none allowed go dense."""
         k = min(self.topk, dist_sq.shape[1])
-        vals, idx = torch.topk(dist_sq, k, dim=1, largest=False, sorted=True)
+        vals, idx = torch.topk(dist_sq, k, dim=1, largest=False, sorted=False)  # only their minimum is used
         allowed = self.allowed(probs, positions, idx, mode)
         masks = allowed if isinstance(allowed, tuple) else (allowed,)
         results = []
