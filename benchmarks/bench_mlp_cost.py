@@ -67,7 +67,7 @@ def main() -> None:
     n_pick = cfg.positions_per_image * batch_images
 
     def step_ours() -> None:
-        hidden = ours.hidden(ours.window(torch.cat([F.relu(ours.reduce(feats)), torch.ones_like(feats[:, :1])], 1)))
+        hidden = ours.hidden_features(feats)
         rows = hidden.permute(0, 2, 3, 1).reshape(-1, hidden.shape[1])
         pick = torch.randperm(rows.shape[0])[:n_pick]
         loss = F.cross_entropy(F.linear(rows[pick], ours.classifier.weight.flatten(1), ours.classifier.bias), labels[pick])

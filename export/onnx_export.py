@@ -20,10 +20,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import shutil
 import sys
 import tempfile
-import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +37,7 @@ from export import graph_passes, opcheck, scorer_graph, tables
 from pni_ray.bundle import model_id as bundle_model_id
 from pni_ray.fileio import read_arrow as bundle_read_arrow
 from pni_ray.bundle import versions as bundle_versions
-from pni_ray.fileio import replace_dir
+from pni_ray.fileio import staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -230,10 +228,7 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
     if mode != "patchcore" and detector.mlp is None:
         raise ValueError(f"{bundle} is a PatchCore-only bundle: it exports in mode 'patchcore' only")
     size = int(detector.image_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with staged_dir(out) as tmp:
         graphs: dict[str, dict[str, Any]] = {}
         models: dict[str, onnx.ModelProto] = {}
         example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -299,10 +294,6 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
         }
         manifest["files"] = tables.file_records(tmp)
         tables.write_json(tmp / tables.MANIFEST, manifest)
-        replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(out, manifest, reports)
 
 

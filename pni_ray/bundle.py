@@ -7,9 +7,7 @@ every file's sha256 and refuses anything tampered with or incomplete.
 
 from __future__ import annotations
 
-import shutil
 import sys
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,8 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import pni_ray
 from pni_ray.config import TrainConfig
-from pni_ray.fileio import atomic_write_bytes, atomic_write_json, replace_dir, sha256_file  # noqa: F401 (re-exported)
-from pni_ray.fileio import read_arrow, read_manifest_json, write_arrow  # noqa: F401 (re-exported)
+from pni_ray.fileio import atomic_write_json, read_arrow, read_manifest_json, sha256_file, staged_dir, write_arrow
 from pni_ray.models.backbones import get_spec, offline_weight_path
 from pni_ray.models.neighbourhood import NeighbourhoodMLP
 from pni_ray.models.pni import Normalisation, TrainedModel
@@ -98,10 +95,7 @@ def save_bundle(trained: TrainedModel, out: Path | str, overwrite: bool = False)
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--force) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with staged_dir(out) as tmp:
         write_arrow(tmp / MEMORY, memory_table(trained.memory, trained.emb_to_dist, trained.dist_size))
         if trained.position_prior is not None:
             write_arrow(tmp / PRIOR, prior_table(trained.position_prior))
@@ -128,10 +122,6 @@ def save_bundle(trained: TrainedModel, out: Path | str, overwrite: bool = False)
             "files": files,
         }
         atomic_write_json(tmp / MANIFEST, manifest)
-        replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
@@ -55,6 +56,24 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
 
 def atomic_write_json(path: Path | str, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+@contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A fresh hidden sibling of `out` to write a whole directory into.
+
+    When the block finishes it replaces `out` in one rename (replace_dir); when the block
+    raises it is removed, so a reader never sees a half-written bundle or export.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def replace_dir(tmp: Path, out: Path) -> None:

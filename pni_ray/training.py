@@ -97,7 +97,7 @@ def train_neighbourhood_mlp(
         for i in range(0, len(order), cfg.batch_images):
             batch = order[i : i + cfg.batch_images]
             if valid is None and crop is None:
-                hidden = mlp.hidden(mlp.window(_with_validity(mlp, features[batch])))
+                hidden = mlp.hidden_features(features[batch])
                 labels = targets[batch].reshape(-1)
             else:
                 hidden, labels, batch_valid = _cropped_batch(mlp, features, targets, valid, batch, crop, cfg.window, generator)
@@ -148,16 +148,11 @@ def _cropped_batch(
     r = window // 2
     ya, yb, xa, xb = max(0, y0 - r), min(h, y0 + ch + r), max(0, x0 - r), min(w, x0 + cw + r)
     x = features[:, :, ya:yb, xa:xb][batch]
-    hidden = mlp.hidden(mlp.window(_with_validity(mlp, x)))
+    hidden = mlp.hidden_features(x)
     hidden = hidden[:, :, y0 - ya : y0 - ya + ch, x0 - xa : x0 - xa + cw]
     labels = targets[:, y0 : y0 + ch, x0 : x0 + cw][batch].reshape(-1)
     ok = valid[:, y0 : y0 + ch, x0 : x0 + cw][batch] if valid is not None else torch.ones(len(batch), ch, cw, dtype=torch.bool)
     return hidden, labels, ok
-
-
-def _with_validity(mlp: NeighbourhoodMLP, features: torch.Tensor) -> torch.Tensor:
-    reduced = F.relu(mlp.reduce(features))
-    return torch.cat([reduced, torch.ones_like(reduced[:, :1])], dim=1)
 
 
 @torch.no_grad()

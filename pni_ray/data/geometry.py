@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from pni_ray.config import GeometryConfig, TrainConfig
 from pni_ray.data.images import ImageError, load_rgb
 from pni_ray.data.transforms import resize_rgb, to_tensor
+from pni_ray.evaluate import upsample_to
 
 if TYPE_CHECKING:
     from pni_ray.evaluate import ModeResult
@@ -426,7 +427,7 @@ def predict_images(
             for rgb in batch:
                 geometry._check_array(rgb)
             maps, scores = detector(to_tensor([resize_rgb(o, detector.image_size) for o in batch]), mode, use_refiner)
-            out_maps.extend(_upsample_np(m, o.shape[:2]) for m, o in zip(maps, batch))
+            out_maps.extend(upsample_to(m, o.shape[:2]) for m, o in zip(maps, batch))
             out_scores.extend(float(s) for s in scores)
         return out_maps, np.asarray(out_scores, dtype=np.float32)
     for sl in _chunks(len(images), geometry, batch_size):
@@ -435,12 +436,6 @@ def predict_images(
         out_maps.extend(geometry.restore(m, p).numpy() for m, p in zip(maps[name], prepared))
         out_scores.extend(float(s) for s in scores[name])
     return out_maps, np.asarray(out_scores, dtype=np.float32)
-
-
-def _upsample_np(map_: torch.Tensor, hw: tuple[int, int]) -> np.ndarray:
-    if tuple(map_.shape[-2:]) == tuple(hw):
-        return map_.numpy()
-    return F.interpolate(map_[None, None], size=hw, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
 @torch.no_grad()

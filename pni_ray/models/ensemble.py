@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import uuid
 from dataclasses import asdict
 from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
@@ -41,7 +40,7 @@ from torch import nn
 
 from pni_ray.bundle import MANIFEST as BUNDLE_MANIFEST
 from pni_ray.bundle import BundleError, atomic_write_json, load_bundle, model_id, verify_bundle, versions
-from pni_ray.fileio import read_manifest_json, replace_dir
+from pni_ray.fileio import read_manifest_json, staged_dir
 from pni_ray.models.pni import Normalisation, PNIDetector, build_detector
 
 FORMAT = "pni-ray-ensemble"
@@ -258,10 +257,8 @@ def save_ensemble(
             raise ValueError(f"{src}: trained with geometry {geometry.get('policy')!r}"
                              f"{' + tiling' if geometry.get('tile') else ''}; ensembles support the default resize only")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
-    (tmp / MEMBERS_DIR).mkdir(parents=True)
-    try:
+    with staged_dir(out) as tmp:
+        (tmp / MEMBERS_DIR).mkdir()
         entries = []
         for k, (src, manifest, mid) in enumerate(zip(sources, manifests, ids)):
             name = f"{k:02d}-{manifest['backbone']['name']}"
@@ -315,10 +312,6 @@ def save_ensemble(
             "versions": versions(),
         }
         atomic_write_json(tmp / MANIFEST, manifest)
-        replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -47,6 +47,7 @@ import click
 import numpy as np
 
 from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError, is_image_file
+from pni_ray.fileio import sha256_file
 from pni_ray.results import (
     MAP_FORMATS,
     TABLE_FORMAT,
@@ -197,14 +198,6 @@ class ModelInfo:
     category: str | None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def describe_model(path: Path | str) -> ModelInfo:
     """What the driver needs to know, without torch: the manifest, and the checksum of every file a
     bundle lists (the actors verify again, with the backbone weights, when they load the model)."""
@@ -221,7 +214,7 @@ def describe_model(path: Path | str) -> ModelInfo:
             file = path / name
             if not file.is_file():
                 raise ScoreError(f"{file}: missing from the bundle (listed in manifest.json)")
-            if meta.get("sha256") and _sha256(file) != meta["sha256"]:
+            if meta.get("sha256") and sha256_file(file) != meta["sha256"]:
                 raise ScoreError(f"{file}: checksum mismatch: the file was modified or corrupted")
         norm = manifest.get("normalisation") or {}
         threshold = norm.get("threshold", manifest.get("threshold"))
@@ -230,7 +223,7 @@ def describe_model(path: Path | str) -> ModelInfo:
         except (KeyError, TypeError) as exc:
             raise ScoreError(f"{path}/manifest.json: no image size ({exc})") from exc
         return ModelInfo(str(path), kind, image_hw(size), float("inf") if threshold is None else float(threshold),
-                         _sha256(path / "manifest.json"), manifest.get("category"))
+                         sha256_file(path / "manifest.json"), manifest.get("category"))
     model = ExportModel(path)
     return ModelInfo(str(path), kind, model.image_size, model.threshold, model.model_id, model.category)
 
