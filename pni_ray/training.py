@@ -18,13 +18,12 @@ from tqdm.auto import tqdm
 
 from pni_ray.config import NeighbourhoodConfig, TrainConfig
 from pni_ray.data.geometry import Geometry, candidate_rows, content_maps, extract_training_features
-from pni_ray.data.images import DEFAULT_MAX_PIXELS
 from pni_ray.data.mvtec import Category, load_category
-from pni_ray.data.transforms import load_batch
 from pni_ray.models.coreset import greedy_kcenter_order
 from pni_ray.models.features import PatchFeatureExtractor, build_extractor
 from pni_ray.models.neighbourhood import NeighbourhoodMLP
 from pni_ray.models.pni import Normalisation, PNIDetector, TrainedModel, build_detector
+from pni_ray.models.predict import detector_geometry
 from pni_ray.models.position_prior import build_position_prior
 from pni_ray.models.scorer import nearest_neighbours
 
@@ -34,18 +33,6 @@ log = logging.getLogger(__name__)
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
-
-
-@torch.no_grad()
-def extract_features(
-    extractor: PatchFeatureExtractor, paths: list[Path], image_size: int, batch_size: int, progress: bool, desc: str,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> torch.Tensor:
-    """(N, D, h, w) features of the images, decoded batch by batch."""
-    out = []
-    for i in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-        out.append(extractor(load_batch(paths[i : i + batch_size], image_size, max_pixels)))
-    return torch.cat(out)
 
 
 def split_holdout(paths: list[Path], fraction: float, minimum: int, seed: int) -> tuple[list[Path], list[Path]]:
@@ -192,27 +179,19 @@ def evaluate_mlp_masked(
 @torch.no_grad()
 def calibrate(
     detector: PNIDetector, paths: list[Path], image_size: int, batch_size: int, threshold_sigmas: float,
-    geometry: Geometry | None = None,
+    geometry: Geometry | None = None, name: str | None = None,
 ) -> Normalisation:
     """Score-scale and threshold from held-out good images, never from test images.
 
-    Under a non-default geometry the pixel statistics cover the image content only (no padding).
+    Maps and scores come from the scoring path itself (`content_maps`: the bundle's geometry, the
+    pixel statistics over the image content only); `name` "pni+refine" calibrates refined maps.
     """
     if not paths:
         return Normalisation()
-    if geometry is not None and not geometry.is_default:
-        content, s = content_maps(detector, geometry, paths, batch_size)
-        m = torch.cat([c.reshape(-1) for c in content])
-        s = s.double()
-    else:
-        maps, scores = [], []
-        for i in range(0, len(paths), batch_size):
-            max_pixels = geometry.max_pixels if geometry is not None else DEFAULT_MAX_PIXELS
-            m, s = detector(load_batch(paths[i : i + batch_size], image_size, max_pixels))
-            maps.append(m)
-            scores.append(s)
-        m = torch.cat(maps)
-        s = torch.cat(scores).double()
+    geometry = geometry or detector_geometry(detector)
+    content, scores = content_maps(detector, geometry, paths, batch_size, name)
+    m = torch.from_numpy(np.concatenate([c.reshape(-1) for c in content]))
+    s = torch.from_numpy(scores).double()
     image_std = float(s.std()) if len(s) > 1 else 0.0
     image_std = max(image_std, 1e-6 * max(1.0, abs(float(s.mean()))))
     return Normalisation(
@@ -243,14 +222,9 @@ def train_category(
     log.info("%s: %d memory-bank images, %d held out for calibration", category, len(memory_paths), len(holdout_paths))
     torch.manual_seed(cfg.seed)
     extractor = build_extractor(cfg.features)
-    valid = None  # (N, h, w) bool under a non-default geometry: False at letterbox / tiling padding
-    if geometry.is_default:
-        feats = extract_features(
-            extractor, memory_paths, cfg.features.image_size, cfg.batch_size, progress, "features", geometry.max_pixels
-        )
-    else:
-        log.info("%s: geometry %s", category, geometry.describe())
-        feats, valid = extract_training_features(extractor, geometry, memory_paths, cfg.batch_size, progress)
+    log.info("%s: geometry %s", category, geometry.describe())
+    # valid (N, h, w) bool: False at letterbox / tiling padding; None when every cell is content
+    feats, valid = extract_training_features(extractor, geometry, memory_paths, cfg.batch_size, progress)
     n_img, dim, h, w = feats.shape
     rows = feats.permute(0, 2, 3, 1).reshape(-1, dim)
     candidates = candidate_rows(valid, rows.shape[0], cfg.coreset.max_candidates, cfg.seed)
@@ -268,7 +242,7 @@ def train_category(
         "n_memory_images": n_img,
         "n_holdout_images": len(holdout_paths),
         "n_patches": int(rows.shape[0]),
-        **({} if geometry.is_default else {"n_valid_patches": n_patches, "n_candidates": int(pool.shape[0]), "grid": [h, w]}),
+        **({} if geometry.cfg.policy == "resize" and not geometry.tiled else {"n_valid_patches": n_patches, "n_candidates": int(pool.shape[0]), "grid": [h, w]}),
         "holdout_images": [p.name for p in holdout_paths],
     }
     emb_to_dist = prior = mlp = None

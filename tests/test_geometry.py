@@ -12,22 +12,14 @@ from PIL import Image
 
 from pni_ray.bundle import load_bundle, save_bundle
 from pni_ray.config import GeometryConfig, TrainConfig
-from pni_ray.data.geometry import (
-    STRIDE,
-    Geometry,
-    GeometryError,
-    blend_weights,
-    candidate_rows,
-    derive_category,
-    extract_training_features,
-    predict_images,
-    stitch,
-    tile_starts,
-)
+from pni_ray.data.geometry import candidate_rows, derive_category, extract_training_features
+from pni_ray.geometry import STRIDE, Geometry, GeometryError, blend_weights, resize_map, stitch, tile_starts, to_float
+from pni_ray.models.predict import features as geometry_features
+from pni_ray.models.predict import predict_images
 from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError
 from pni_ray.data.mvtec import load_category
 from pni_ray.data.transforms import load_batch, resize_rgb, to_tensor
-from pni_ray.evaluate import evaluate_category, run_modes, upsample_to
+from pni_ray.evaluate import evaluate_category, run_modes
 from pni_ray.inference import load_detector
 from pni_ray.models.coreset import greedy_kcenter_order
 from pni_ray.models.features import build_extractor
@@ -61,7 +53,7 @@ def test_defaults_keep_todays_behaviour():
     assert cfg.geometry.policy == "resize" and not cfg.geometry.tile
     assert cfg.geometry.max_pixels == DEFAULT_MAX_PIXELS
     assert cfg.coreset.max_candidates is None
-    assert Geometry.from_config(cfg).is_default
+    assert Geometry.from_config(cfg).canvas_hw() == (cfg.features.image_size,) * 2
     again = TrainConfig.from_dict(cfg.replace(geometry=GeometryConfig(policy="letterbox", tile_overlap=32)).to_dict())
     assert again.geometry.policy == "letterbox" and again.geometry.tile_overlap == 32
     old = cfg.to_dict()
@@ -105,26 +97,30 @@ def test_prepare_restore_round_trip(policy, kw, shape):
     hc, wc = p.canvas_hw
     assert p.original_hw == (h, w) and p.grid == (hc // STRIDE, wc // STRIDE)
     assert hc % STRIDE == 0 and wc % STRIDE == 0
-    back = geo.restore(p.image[0], p)  # the canvas itself as a "map": must come back as the image
-    assert back.shape == (h, w)
-    err = (back - torch.from_numpy(rgb[..., 0] / 255.0).float()).abs()
+    red = to_float(p.canvas)[0]
+    back = geo.restore(red, p)  # the canvas itself as a "map": must come back as the image
+    assert back.shape == (h, w) and back.dtype == np.float32
+    err = np.abs(back - rgb[..., 0] / np.float32(255.0))
     assert float(err.mean()) < 0.01 and float(err.max()) < 0.1, (policy, kw, shape, float(err.max()))
     if kw.get("tile") and kw.get("tile_scale", 1.0) == 1.0:
-        assert torch.equal(back, p.image[0, :h, :w])  # native-resolution tiling: content is the image
-    assert float(geo.image_score(p.image[0], p)) == pytest.approx(float(p.image[0].new_tensor(rgb[..., 0] / 255.0).max()), abs=0.02)
+        assert np.array_equal(back, red[:h, :w])  # native-resolution tiling: content is the image
+    assert geo.image_score(red, p) == pytest.approx(float((rgb[..., 0] / 255.0).max()), abs=0.02)
 
 
 def test_letterbox_canvas_and_validity():
     geo = geometry("letterbox", pad_value=7)
     p = geo.prepare(smooth_image(200, 320))  # scale 0.4 -> 80 x 128 centred: rows 24..104
     assert p.canvas_hw == (128, 128) and p.content == (24, 0, 104, 128)
-    assert bool((p.image[:, :24] == 7 / 255).all()) and bool((p.image[:, 104:] == 7 / 255).all())
-    expected = torch.zeros(16, 16, dtype=torch.bool)
+    assert bool((p.canvas[:24] == 7).all()) and bool((p.canvas[104:] == 7).all())
+    expected = np.zeros((16, 16), bool)
     expected[3:13] = True
-    assert torch.equal(p.valid, expected)
+    assert np.array_equal(p.valid, expected)
+    fill = p.fill_index().reshape(16, 16)  # padded cells take their nearest content cell's score
+    assert (fill[:3] == 3 * 16 + np.arange(16)).all() and (fill[13:] == 12 * 16 + np.arange(16)).all()
+    assert (fill[3:13] == np.arange(3 * 16, 13 * 16).reshape(10, 16)).all()
     p = geo.prepare(smooth_image(97, 250))  # 50 x 128 at rows 39..89: cells with >= 4 content rows
-    rows = torch.tensor([min(8 * i + 8, 89) - max(8 * i, 39) >= 4 for i in range(16)])
-    assert torch.equal(p.valid, rows[:, None].expand(16, 16))
+    rows = np.array([min(8 * i + 8, 89) - max(8 * i, 39) >= 4 for i in range(16)])
+    assert np.array_equal(p.valid, np.broadcast_to(rows[:, None], (16, 16)))
     assert geometry("letterbox").prepare(smooth_image(128, 128)).valid is None  # square: nothing padded
 
 
@@ -158,10 +154,10 @@ def test_stitching_keeps_constants_constant():
     weights = blend_weights(8, 2)
     assert float(weights.min()) > 0 and float(weights.max()) == 1.0
     offsets = [(y, x) for y in (0, 4, 8) for x in (0, 5, 10)]
-    feats = torch.full((len(offsets), 3, 8, 8), 2.5)
+    feats = np.full((len(offsets), 3, 8, 8), 2.5, np.float32)
     out = stitch(feats, offsets, (16, 18), weights)
     assert out.shape == (3, 16, 18)
-    assert torch.allclose(out, torch.full_like(out, 2.5), atol=1e-6)
+    assert np.allclose(out, 2.5, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(200, 320), (97, 250), (40, 50)])
@@ -172,8 +168,8 @@ def test_stitched_features_sit_at_their_whole_image_positions(shape):
     rgb = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
     p = geo.prepare(rgb)
     assert len(p.tiles) > 1 or shape == (40, 50)
-    stitched = geo.features(lambda x: F.avg_pool2d(x, STRIDE), [p])[0]
-    whole = F.avg_pool2d(p.image[None], STRIDE)[0]
+    stitched = geometry_features(lambda x: F.avg_pool2d(x, STRIDE), geo, [p])[0]
+    whole = F.avg_pool2d(torch.from_numpy(to_float(p.canvas))[None], STRIDE)[0]
     assert stitched.shape == whole.shape == (3, *p.grid)
     assert torch.allclose(stitched, whole, atol=1e-5)
     if shape == (40, 50):  # smaller than a tile: padded to 64 x 64, padding cells invalid
@@ -303,13 +299,25 @@ def test_tiled_model_works_on_the_whole_image_grid(trained_geo):
 
 def test_default_predict_matches_the_plain_detector(trained_tiny, synthetic_root):
     detector = build_detector(trained_tiny)
-    assert detector.geometry.is_default
+    assert detector.geometry.cfg == GeometryConfig()
     paths = [s.path for s in load_category(synthetic_root, "washer").test[:3]]
     images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
     images[1] = np.asarray(Image.fromarray(images[1]).resize((200, 90)))  # any size: squashed, upsampled back
     maps, scores = predict_images(detector, images)
     ref_maps, ref_scores = detector(to_tensor([resize_rgb(o, 128) for o in images]))  # today's path
     assert np.array_equal(scores, ref_scores.numpy())
-    assert all(np.array_equal(m, upsample_to(r, o.shape[:2])) for m, r, o in zip(maps, ref_maps, images))
+    assert all(np.array_equal(m, resize_map(r.numpy(), o.shape[:2])) for m, r, o in zip(maps, ref_maps, images))
     assert maps[1].shape == (90, 200)
     assert torch.equal(load_batch(paths[:1], 128)[0], to_tensor([resize_rgb(images[0], 128)])[0])
+
+
+@pytest.mark.parametrize("src,dst", [((16, 16), (128, 128)), ((10, 16), (80, 128)), ((128, 128), (200, 90)),
+                                     ((7, 5), (31, 64)), ((64, 64), (20, 30))])
+def test_the_one_map_resize_is_torch_bilinear(src, dst):
+    """resize_map (numpy, used by evaluate, score output and the edge runtime) = torch's bilinear."""
+    amap = np.random.default_rng(1).normal(size=src).astype(np.float32)
+    ref = F.interpolate(torch.from_numpy(amap)[None, None], size=dst, mode="bilinear", align_corners=False)[0, 0]
+    out = resize_map(amap, dst)
+    assert out.shape == dst and out.dtype == np.float32
+    assert np.abs(out - ref.numpy()).max() < 1e-5
+    assert resize_map(amap, src) is not None and np.array_equal(resize_map(amap, src), amap)

@@ -20,6 +20,14 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def resize_rgb(rgb: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize (H, W, 3) uint8 to size (square int or (h, w)) with PIL's bilinear filter (torch-free)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if rgb.shape[:2] == (h, w):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
+
+
 def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
 

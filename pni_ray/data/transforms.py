@@ -7,17 +7,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
-from pni_ray.data.images import DEFAULT_MAX_PIXELS, load_rgb
-
-
-def resize_rgb(rgb: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Resize (H, W, 3) uint8 to size (square int or (h, w)) with antialiased bilinear filtering."""
-    h, w = (size, size) if isinstance(size, int) else size
-    if rgb.shape[:2] == (h, w):
-        return rgb
-    return np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
+from pni_ray.data.images import DEFAULT_MAX_PIXELS, load_rgb, resize_rgb  # noqa: F401 (resize_rgb re-exported)
 
 
 def to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:

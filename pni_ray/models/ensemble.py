@@ -77,7 +77,7 @@ class EnsembleDetector(nn.Module):
         if len(sizes) != 1:
             raise ValueError(f"ensemble members must share one input size, got {sizes} px")
         geometries = [getattr(m, "geometry", None) for m in members]
-        if any(g is not None and not g.is_default for g in geometries):
+        if any(g is not None and (g.cfg.policy != "resize" or g.tiled) for g in geometries):
             raise ValueError("ensembles support members with the default geometry (resize, no tiling) only")
         norms = [_as_normalisation(n) for n in normalisations]
         for i, n in enumerate(norms):
@@ -202,23 +202,29 @@ def load_ensemble(path: Path | str) -> tuple[EnsembleDetector, dict[str, Any]]:
 
 
 def _holdout_paths(data_root: Path, category: str, manifests: list[dict[str, Any]]) -> list[Path]:
-    """train/good images that every member held out of its memory bank."""
-    from pni_ray.data.mvtec import load_category
-
-    shared = set(manifests[0].get("training", {}).get("holdout_images", []))
+    """train/good images that every member held out of its memory bank (and, for refined members,
+    of the refiner's synthetic defects: their manifests list only the images left for calibration)."""
+    shared = set(_calibration_images(manifests[0]))
     for m in manifests[1:]:
-        shared &= set(m.get("training", {}).get("holdout_images", []))
+        shared &= set(_calibration_images(m))
     if len(shared) < 2:
         raise ValueError(
             f"members share {len(shared)} held-out training images; calibration needs at least 2 "
             "(train the members with the same --seed, or build the ensemble without --calibrate)"
         )
-    cat = load_category(data_root, category)
-    paths = [p for p in cat.train if p.name in shared]
-    if len(paths) != len(shared):
-        missing = sorted(shared - {p.name for p in paths})
-        raise ValueError(f"{cat.root / 'train' / 'good'}: held-out images not found: {missing[:5]}")
+    folder = Path(data_root) / category / "train" / "good"
+    paths = [folder / name for name in sorted(shared)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise ValueError(f"{folder}: held-out images not found: {missing[:5]}")
     return paths
+
+
+def _calibration_images(manifest: dict[str, Any]) -> list[str]:
+    """The train/good images a member's normalisation came from (a refined bundle's third split)."""
+    training = manifest.get("training", {})
+    refiner = training.get("refiner") or {}
+    return refiner.get("calibration_images") or training.get("holdout_images", [])
 
 
 def save_ensemble(

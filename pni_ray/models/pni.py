@@ -78,8 +78,8 @@ class PNIDetector(nn.Module):
         self, images: list, mode: str | None = None, refine: bool | None = None, batch_size: int = 8
     ) -> tuple[list, "np.ndarray"]:
         """uint8 (H, W, 3) arrays of any size -> maps at each image's own size and image scores,
-        prepared with the bundle's geometry (pni_ray.data.geometry)."""
-        from pni_ray.data.geometry import predict_images
+        prepared with the bundle's geometry (pni_ray.geometry)."""
+        from pni_ray.models.predict import predict_images
 
         return predict_images(self, images, mode, refine, batch_size)
 
@@ -121,7 +121,7 @@ def build_detector(trained: TrainedModel, extractor: PatchFeatureExtractor | Non
         mode=cfg.scoring.mode if cfg.mode == "pni" else "patchcore",
         image_size=cfg.features.image_size,
     )
-    from pni_ray.data.geometry import Geometry
+    from pni_ray.geometry import Geometry
 
     detector.geometry = Geometry.from_config(cfg, tuple(trained.grid))  # how images are prepared and maps restored
     return detector.eval()

@@ -1,0 +1,389 @@
+"""Image geometry, torch-free: images of any shape -> model-input canvases -> maps at each image's own size.
+
+One `Geometry` (from `GeometryConfig`, the model image size S and the trained feature grid) is used
+by training, calibration, `evaluate`, batch scoring (torch bundles and exports) and the torch-free
+edge runtime alike, so every path sees the same pixels and restores maps with the same resize:
+
+* ``resize``     squash to S x S.
+* ``letterbox``  keep the aspect ratio, scale the long side to S, centre on an S x S canvas of grey
+  ``pad_value``. Feature-grid cells (stride 8) that are mostly padding are *invalid*: training
+  leaves them out of the coreset, the prior and the MLP loss; their patch scores are replaced by
+  the nearest valid cell's before the map is made; maps are cropped to the content before they are
+  resized to the original size, and the image score is the maximum over the content only.
+* ``short-side`` keep the aspect ratio, scale the short side to S and the long side to the nearest
+  multiple of 16; the feature grid has that shape and the prior is indexed on it. An image whose
+  grid differs from the training grid (another aspect ratio) is refused naming both shapes.
+* ``tile``       (any policy; the policy is then not used) the image is scaled by ``tile_scale``,
+  padded (invalid cells) to at least one tile and to a multiple of 8, and covered with overlapping
+  tiles of ``tile_size`` starting on the stride-8 grid. Tile features are stitched into one
+  whole-image grid with linear weights falling off over the overlap (`stitch`), so coreset, MLP,
+  prior and scoring all run on the whole-image grid.
+
+This module needs numpy and PIL only (never torch): the edge runtime imports it. Everything a
+deployment needs to reproduce a prepared image travels as (canvas, original size, content box).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from pni_ray.config import GeometryConfig
+from pni_ray.data.images import ImageError, load_rgb, resize_rgb
+
+POLICIES: tuple[str, ...] = ("resize", "letterbox", "short-side")
+STRIDE = 8  # feature stride of PatchFeatureExtractor (pni_ray.models.features.FEATURE_STRIDE)
+
+
+class GeometryError(ValueError):
+    """An image whose geometry does not fit the trained model (e.g. another aspect ratio)."""
+
+
+# -- the one map resize ----------------------------------------------------------------------------
+
+
+def bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices i0, i1 and weight of i1 for each output index: torch's bilinear, align_corners=False."""
+    scale = np.float32(n_in) / np.float32(n_out)  # float32 index arithmetic, as torch does for float maps
+    src = np.maximum(scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (src - i0.astype(np.float32)).astype(np.float32)
+
+
+def resize_map(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """(h, w) float map -> (H, W) float32, bilinear (align_corners=False, no antialias).
+
+    The single resize that brings every anomaly map back to its image's size: `evaluate`, the
+    Parquet maps of `pni-ray score` (bundles and exports) and the edge runtime all call it, so the
+    maps that were evaluated are the maps that are deployed.
+    """
+    amap = np.asarray(amap, dtype=np.float32)
+    h, w = int(hw[0]), int(hw[1])
+    if amap.shape == (h, w):
+        return amap
+    y0, y1, wy = bilinear_taps(amap.shape[0], h)
+    x0, x1, wx = bilinear_taps(amap.shape[1], w)
+    rows = amap[y0] * (np.float32(1) - wy)[:, None] + amap[y1] * wy[:, None]
+    return np.ascontiguousarray(rows[:, x0] * (np.float32(1) - wx) + rows[:, x1] * wx, dtype=np.float32)
+
+
+def to_float(canvases: np.ndarray) -> np.ndarray:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [0, 1]: the model input, torch or not."""
+    x = np.asarray(canvases).astype(np.float32) / 255.0
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+# -- grid helpers ----------------------------------------------------------------------------------
+
+
+def _ceil_to(value: int, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+def grid_of(canvas_hw: tuple[int, int]) -> tuple[int, int]:
+    return math.ceil(canvas_hw[0] / STRIDE), math.ceil(canvas_hw[1] / STRIDE)
+
+
+def _cover(lo: int, hi: int, n: int) -> np.ndarray:
+    starts = np.arange(n, dtype=np.float64) * STRIDE
+    return np.clip(np.minimum(starts + STRIDE, hi) - np.maximum(starts, lo), 0, None) / STRIDE
+
+
+def cell_validity(content: tuple[int, int, int, int], canvas_hw: tuple[int, int], min_fraction: float = 0.5) -> np.ndarray | None:
+    """(gh, gw) bool: cells whose area is at least `min_fraction` image content; None if all are."""
+    y0, x0, y1, x1 = content
+    gh, gw = grid_of(canvas_hw)
+    rows = _cover(y0, y1, gh) >= min_fraction
+    cols = _cover(x0, x1, gw) >= min_fraction
+    valid = rows[:, None] & cols[None, :]
+    return None if bool(valid.all()) else valid
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Tile starts (multiples of 8) covering [0, length) with at least `overlap` px between tiles.
+
+    `length` and `tile` are multiples of 8. The fewest tiles that respect the overlap are used and
+    spread evenly; the last tile ends exactly at `length`.
+    """
+    if length <= tile:
+        return [0]
+    step = tile - overlap
+    n = math.ceil((length - tile) / step) + 1
+    span = (length - tile) // STRIDE
+    return [int(round(i * span / (n - 1))) * STRIDE for i in range(n)]
+
+
+def blend_weights(tile_cells: int, overlap_cells: int) -> np.ndarray:
+    """(t, t) float32 linear ramp weights: 1 inside, falling to ~0 at the tile edges over the overlap."""
+    i = np.arange(tile_cells, dtype=np.float32)
+    if overlap_cells <= 0:
+        ramp = np.ones(tile_cells, np.float32)
+    else:
+        ramp = np.minimum((i + 0.5) / overlap_cells, (tile_cells - i - 0.5) / overlap_cells).clip(max=1.0)
+    return (ramp[:, None] * ramp[None, :]).astype(np.float32)
+
+
+def stitch(tile_features: np.ndarray, offsets: Sequence[tuple[int, int]], grid: tuple[int, int], weights: np.ndarray) -> np.ndarray:
+    """Tile feature grids (n, D, t, t) at cell offsets -> whole-image grid (D, gh, gw), weighted mean.
+
+    Used by the torch pipeline and the edge runtime alike (one stitching, float32 throughout).
+    """
+    tile_features = np.asarray(tile_features, np.float32)
+    n, d, th, tw = tile_features.shape
+    if (th, tw) != weights.shape:
+        raise ValueError(f"tile features {(th, tw)} != tile grid {weights.shape}")
+    acc = np.zeros((d, *grid), np.float32)
+    total = np.zeros(grid, np.float32)
+    for f, (oy, ox) in zip(tile_features, offsets):
+        acc[:, oy : oy + th, ox : ox + tw] += f * weights
+        total[oy : oy + th, ox : ox + tw] += weights
+    if bool((total <= 0).any()):
+        raise AssertionError("tiles do not cover the whole grid")  # tile_starts guarantees coverage
+    return acc / total
+
+
+# -- one prepared image ------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """One image made ready for the model, and what is needed to map results back to it."""
+
+    canvas: np.ndarray  # (Hc, Wc, 3) uint8: the model-input canvas
+    original_hw: tuple[int, int]  # (H, W) of the image as given
+    content: tuple[int, int, int, int]  # (y0, x0, y1, x1): the image's region in canvas pixels
+    tiles: tuple[tuple[int, int], ...] = ()  # (y, x) canvas offsets of tiles; () when not tiled
+    _valid: Any = field(default=False, repr=False)
+
+    @property
+    def canvas_hw(self) -> tuple[int, int]:
+        return int(self.canvas.shape[0]), int(self.canvas.shape[1])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return grid_of(self.canvas_hw)
+
+    @property
+    def valid(self) -> np.ndarray | None:
+        """(gh, gw) bool on the stride-8 grid, None when every cell is image content."""
+        if self._valid is False:
+            self._valid = cell_validity(self.content, self.canvas_hw)
+        return self._valid
+
+    def valid_grid(self) -> np.ndarray:
+        return self.valid if self.valid is not None else np.ones(self.grid, bool)
+
+    def fill_index(self) -> np.ndarray:
+        """(gh * gw,) int64 flat index of each cell's nearest valid cell (itself when valid).
+
+        Valid cells form a rectangle (a product of two intervals), so the nearest valid cell of any
+        cell is its coordinates clamped into that rectangle.
+        """
+        gh, gw = self.grid
+        valid = self.valid_grid()
+        rows, cols = np.flatnonzero(valid.any(1)), np.flatnonzero(valid.any(0))
+        if len(rows) == 0:
+            h, w = self.original_hw
+            raise GeometryError(f"a {w}x{h} image leaves no feature cell of image content on the "
+                                f"{self.canvas_hw[1]}x{self.canvas_hw[0]} canvas (too thin for this geometry)")
+        iy = np.clip(np.arange(gh), rows[0], rows[-1])
+        ix = np.clip(np.arange(gw), cols[0], cols[-1])
+        return (iy[:, None] * gw + ix[None, :]).reshape(-1).astype(np.int64)
+
+
+# -- the geometry -----------------------------------------------------------------------------------
+
+
+class Geometry:
+    """Prepares images for the model and restores maps to the images' own size (see module doc)."""
+
+    def __init__(self, cfg: GeometryConfig, image_size: int, grid: tuple[int, int] | None = None) -> None:
+        if cfg.policy not in POLICIES:
+            raise ValueError(f"unknown geometry policy {cfg.policy!r}; choose from {POLICIES}")
+        self.cfg = cfg
+        self.image_size = int(image_size)
+        self.grid = tuple(int(g) for g in grid) if grid is not None else None  # the trained grid, when known
+        self.tile_size = int(cfg.tile_size or image_size)
+        if cfg.max_pixels <= 0:
+            raise ValueError(f"max_pixels must be positive, got {cfg.max_pixels}")
+        if not 0 <= cfg.pad_value <= 255:
+            raise ValueError(f"pad_value is a grey level in [0, 255], got {cfg.pad_value}")
+        if cfg.policy != "resize" and not cfg.tile and self.image_size % 16:
+            raise ValueError(f"policy {cfg.policy!r} needs an image size divisible by 16, got {self.image_size}")
+        if cfg.tile:
+            if self.tile_size % 16 or self.tile_size <= 0:
+                raise ValueError(f"tile_size must be a positive multiple of 16, got {self.tile_size}")
+            if cfg.tile_overlap % STRIDE or not 0 <= cfg.tile_overlap < self.tile_size:
+                raise ValueError(
+                    f"tile_overlap must be a multiple of {STRIDE} in [0, tile_size={self.tile_size}), got {cfg.tile_overlap}"
+                )
+            if not cfg.tile_scale > 0:
+                raise ValueError(f"tile_scale must be positive, got {cfg.tile_scale}")
+            self.weights = blend_weights(self.tile_size // STRIDE, cfg.tile_overlap // STRIDE)
+
+    @classmethod
+    def from_config(cls, cfg: Any, grid: tuple[int, int] | None = None) -> "Geometry":
+        """From a TrainConfig (and the trained grid)."""
+        return cls(cfg.geometry, cfg.features.image_size, grid)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> "Geometry":
+        """From a bundle's or an export's manifest.json (config + grid), without torch."""
+        config = manifest.get("config") or {}
+        fields = {k: v for k, v in (config.get("geometry") or {}).items() if k in GeometryConfig.__dataclass_fields__}
+        grid = manifest.get("grid")
+        return cls(GeometryConfig(**fields), int(config["features"]["image_size"]), tuple(grid) if grid else None)
+
+    @property
+    def max_pixels(self) -> int:
+        return int(self.cfg.max_pixels)
+
+    @property
+    def tiled(self) -> bool:
+        return bool(self.cfg.tile)
+
+    @property
+    def pads(self) -> bool:
+        """Whether some cells can be padding (letterbox, tiling): the scorer then fills them."""
+        return self.tiled or self.cfg.policy == "letterbox"
+
+    def canvas_hw(self) -> tuple[int, int]:
+        """The model-input canvas of the trained grid (every scored image has it)."""
+        if self.cfg.policy == "resize" and not self.tiled:
+            return self.image_size, self.image_size
+        if self.grid is None:
+            raise ValueError(f"geometry '{self.describe()}' without a trained grid has no fixed canvas size")
+        return self.grid[0] * STRIDE, self.grid[1] * STRIDE
+
+    def model_input_hw(self) -> tuple[int, int]:
+        """What the backbone sees: one tile when tiling, else the canvas."""
+        return (self.tile_size, self.tile_size) if self.tiled else self.canvas_hw()
+
+    def mlp_crop(self) -> tuple[int, int] | None:
+        """Grid crop the neighbourhood MLP trains on: one tile's grid when tiling, else the whole grid."""
+        if not self.tiled:
+            return None
+        t = self.tile_size // STRIDE
+        return (t, t)
+
+    def describe(self) -> str:
+        if self.tiled:
+            c = self.cfg
+            return f"tiles {self.tile_size}px, overlap {c.tile_overlap}px, scale {c.tile_scale:g}"
+        return f"{self.cfg.policy} {self.image_size}px"
+
+    # -- images in ---------------------------------------------------------------------------
+
+    def load(self, path: Path | str) -> np.ndarray:
+        """Decode with this geometry's pixel limit (ImageError above it, never a silent downsample)."""
+        return load_rgb(path, self.max_pixels)
+
+    def _check_array(self, rgb: np.ndarray) -> None:
+        if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ImageError(
+                f"expected an (H, W, 3) uint8 RGB array, got {getattr(rgb, 'dtype', type(rgb))} "
+                f"{getattr(rgb, 'shape', '')}"
+            )
+        h, w = rgb.shape[:2]
+        if h == 0 or w == 0:
+            raise ImageError(f"image has zero size {w}x{h}")
+        if h * w > self.max_pixels:
+            raise ImageError(
+                f"image {w}x{h} = {h * w} pixels exceeds the limit of {self.max_pixels} "
+                f"(decompression-bomb guard; raise geometry.max_pixels if this image is genuine)"
+            )
+
+    def _canvas(self, resized: np.ndarray, canvas_hw: tuple[int, int], at: tuple[int, int]) -> np.ndarray:
+        canvas = np.full((*canvas_hw, 3), self.cfg.pad_value, dtype=np.uint8)
+        y, x = at
+        canvas[y : y + resized.shape[0], x : x + resized.shape[1]] = resized
+        return canvas
+
+    def tiles_for(self, canvas_hw: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+        """(y, x) tile offsets of a canvas; () when not tiling."""
+        if not self.tiled:
+            return ()
+        ys = tile_starts(canvas_hw[0], self.tile_size, self.cfg.tile_overlap)
+        xs = tile_starts(canvas_hw[1], self.tile_size, self.cfg.tile_overlap)
+        return tuple((y, x) for y in ys for x in xs)
+
+    def prepare(self, rgb: np.ndarray) -> Prepared:
+        """(H, W, 3) uint8 -> the model-input canvas, its content box and the way back."""
+        self._check_array(rgb)
+        h, w = rgb.shape[:2]
+        s = self.image_size
+        if self.tiled:
+            t = self.tile_size
+            hs, ws = max(1, round(h * self.cfg.tile_scale)), max(1, round(w * self.cfg.tile_scale))
+            hc, wc = _ceil_to(max(hs, t), STRIDE), _ceil_to(max(ws, t), STRIDE)
+            canvas = self._canvas(resize_rgb(rgb, (hs, ws)), (hc, wc), (0, 0))
+            return Prepared(canvas, (h, w), (0, 0, hs, ws), self.tiles_for((hc, wc)))
+        if self.cfg.policy == "resize":
+            return Prepared(resize_rgb(rgb, s), (h, w), (0, 0, s, s))
+        if self.cfg.policy == "letterbox":
+            scale = s / max(h, w)
+            hr, wr = min(s, max(1, round(h * scale))), min(s, max(1, round(w * scale)))
+            y0, x0 = (s - hr) // 2, (s - wr) // 2
+            canvas = self._canvas(resize_rgb(rgb, (hr, wr)), (s, s), (y0, x0))
+            return Prepared(canvas, (h, w), (y0, x0, y0 + hr, x0 + wr))
+        scale = s / min(h, w)  # short-side
+        if h <= w:
+            hr, wr = s, max(16, int(round(w * scale / 16)) * 16)
+        else:
+            hr, wr = max(16, int(round(h * scale / 16)) * 16), s
+        return Prepared(resize_rgb(rgb, (hr, wr)), (h, w), (0, 0, hr, wr))
+
+    def rebuild(self, canvas: np.ndarray, original_hw: Sequence[int], content: Sequence[int]) -> Prepared:
+        """A Prepared from what a pipeline stage shipped (canvas, original size, content box)."""
+        canvas = np.asarray(canvas, np.uint8)
+        hw = (int(canvas.shape[0]), int(canvas.shape[1]))
+        return Prepared(canvas, (int(original_hw[0]), int(original_hw[1])), tuple(int(c) for c in content),  # type: ignore[arg-type]
+                        self.tiles_for(hw))
+
+    def check(self, prepared: Prepared, grid: tuple[int, int] | None = None, name: str = "image") -> None:
+        """Refuse an image whose feature grid differs from the trained (or expected) one."""
+        expected = grid if grid is not None else self.grid
+        if expected is None or tuple(expected) == prepared.grid:
+            return
+        h, w = prepared.original_hw
+        hc, wc = prepared.canvas_hw
+        eh, ew = expected
+        raise GeometryError(
+            f"{name}: {w}x{h} becomes a {wc}x{hc} model input under '{self.describe()}', a {prepared.grid[0]}x"
+            f"{prepared.grid[1]} feature grid (h x w), but the model was trained on a {eh}x{ew} grid "
+            f"(model input {ew * STRIDE}x{eh * STRIDE}): score images of the training aspect ratio"
+            f"{' and size' if self.tiled else ''}, or retrain"
+        )
+
+    def tile_stack(self, prepared: Prepared) -> np.ndarray:
+        """(n_tiles, 3, t, t) float32 model inputs of a tiled image."""
+        t = self.tile_size
+        return to_float(np.stack([prepared.canvas[y : y + t, x : x + t] for y, x in prepared.tiles]))
+
+    def stitch_tiles(self, tile_features: np.ndarray, prepared: Prepared) -> np.ndarray:
+        """Features of `tile_stack(prepared)` -> the whole-image grid (D, gh, gw)."""
+        offsets = [(y // STRIDE, x // STRIDE) for y, x in prepared.tiles]
+        return stitch(tile_features, offsets, prepared.grid, self.weights)
+
+    # -- maps out ----------------------------------------------------------------------------
+
+    @staticmethod
+    def content_map(canvas_map: np.ndarray, prepared: Prepared) -> np.ndarray:
+        """The content region of a canvas-sized map."""
+        if tuple(canvas_map.shape[-2:]) != prepared.canvas_hw:
+            raise ValueError(f"map {tuple(canvas_map.shape)} is not canvas-sized {prepared.canvas_hw}")
+        y0, x0, y1, x1 = prepared.content
+        return canvas_map[y0:y1, x0:x1]
+
+    def restore(self, canvas_map: np.ndarray, prepared: Prepared) -> np.ndarray:
+        """A canvas map -> (H, W) float32 over the original image, padding cropped away."""
+        return resize_map(self.content_map(np.asarray(canvas_map, np.float32), prepared), prepared.original_hw)
+
+    def image_score(self, canvas_map: np.ndarray, prepared: Prepared) -> float:
+        """Maximum of the map over the image content (never over padding)."""
+        return float(self.content_map(np.asarray(canvas_map), prepared).max())

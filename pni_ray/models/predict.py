@@ -1,0 +1,137 @@
+"""Prepared images -> canvas maps and image scores with a torch detector: the one scoring path.
+
+`evaluate`, calibration, `PNIDetector.predict_images` and `pni-ray score` on a bundle all call
+`score_prepared`: images prepared by the bundle's `Geometry` (pni_ray.geometry), features (tiles
+stitched), p(c|N), the masked minimum, padded cells filled from their nearest content cell, the
+map, the refiner, and the image score as the maximum over the content. The default `resize` is
+one case of it (one tile-free canvas, no padding), not a second path.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from pni_ray.config import GeometryConfig
+from pni_ray.geometry import Geometry, Prepared, to_float
+
+NEEDS_MLP = ("neighbourhood", "pni", "pni_split")
+
+
+def detector_geometry(detector: Any) -> Geometry:
+    """The geometry a detector was trained with (recorded in its bundle); plain resize otherwise."""
+    geometry = getattr(detector, "geometry", None)
+    return geometry if geometry is not None else Geometry(GeometryConfig(), int(detector.image_size))
+
+
+def chunks(n: int, geometry: Geometry, batch_size: int) -> Iterable[slice]:
+    step = 1 if geometry.tiled else max(1, batch_size)  # a tiled image is already a batch of tiles
+    for i in range(0, n, step):
+        yield slice(i, min(n, i + step))
+
+
+def canvas_batch(prepared: Sequence[Prepared]) -> torch.Tensor:
+    """(B, 3, Hc, Wc) float32 in [0, 1] of same-sized canvases."""
+    return torch.from_numpy(to_float(np.stack([p.canvas for p in prepared])))
+
+
+@torch.no_grad()
+def features(extractor: torch.nn.Module, geometry: Geometry, prepared: Sequence[Prepared], tile_batch: int = 16) -> torch.Tensor:
+    """Feature grids (B, D, gh, gw) of prepared images (tiled ones stitched to the whole image)."""
+    if not geometry.tiled:
+        first = prepared[0]
+        for p in prepared[1:]:
+            geometry.check(p, first.grid)
+        return extractor(canvas_batch(prepared))
+    out = []
+    for p in prepared:
+        crops = torch.from_numpy(geometry.tile_stack(p))
+        feats = torch.cat([extractor(crops[i : i + tile_batch]) for i in range(0, len(crops), tile_batch)])
+        out.append(torch.from_numpy(geometry.stitch_tiles(feats.numpy(), p)))
+    return torch.stack(out)
+
+
+def fill_invalid(patch_scores: torch.Tensor, prepared: Sequence[Prepared]) -> torch.Tensor:
+    """Patch scores (B, gh, gw) with padded cells set to their nearest valid cell's score.
+
+    Padding features are far from every memory entry, so their raw scores are high; without this,
+    upsampling and the Gaussian blur would spill them into the image content along the border.
+    """
+    if all(p.valid is None for p in prepared):
+        return patch_scores
+    index = torch.from_numpy(np.stack([p.fill_index() for p in prepared]))
+    return torch.gather(patch_scores.flatten(1), 1, index).view_as(patch_scores)
+
+
+@torch.no_grad()
+def score_prepared(
+    detector: Any, geometry: Geometry, prepared: list[Prepared], names: Sequence[str], batch_size: int = 8,
+    t_prep: float = 0.0,
+) -> tuple[dict[str, list[np.ndarray]], dict[str, list[float]], dict[str, float]]:
+    """Canvas maps, image scores (max over the content) and seconds per mode name ("pni", "pni+refine")."""
+    for p in prepared:
+        geometry.check(p)
+    maps: dict[str, list[np.ndarray]] = {}
+    scores: dict[str, list[float]] = {}
+    seconds: dict[str, float] = {}
+    if getattr(detector, "extractor", None) is None:  # an ensemble: each mode runs the whole model
+        images = canvas_batch(prepared)
+        for name in names:
+            t2 = time.perf_counter()
+            batch_maps, _ = detector(images, name.removesuffix("+refine"), name.endswith("+refine"))
+            maps[name] = [m.float().numpy() for m in batch_maps]
+            seconds[name] = t_prep + time.perf_counter() - t2
+            scores[name] = [geometry.image_score(m, p) for m, p in zip(maps[name], prepared)]
+        return maps, scores, seconds
+    t0 = time.perf_counter()
+    feats = features(detector.extractor, geometry, prepared, tile_batch=batch_size)
+    t_feat = t_prep + time.perf_counter() - t0
+    modes = [n.removesuffix("+refine") for n in names]
+    p_dist, t_mlp = None, 0.0
+    if any(m in NEEDS_MLP for m in modes):
+        if detector.mlp is None:
+            raise ValueError(f"modes {modes} need the neighbourhood model; this bundle is PatchCore-only")
+        t1 = time.perf_counter()
+        p_dist = detector.mlp.probabilities(feats)
+        t_mlp = time.perf_counter() - t1
+    canvas = canvas_batch(prepared) if any(n.endswith("+refine") for n in names) else None
+    for name, mode in zip(names, modes):
+        t2 = time.perf_counter()
+        patch = fill_invalid(detector.scorer(feats, p_dist, mode), prepared)
+        batch_maps = detector.mapper(patch, prepared[0].canvas_hw)
+        if name.endswith("+refine"):
+            if detector.refiner is None:
+                raise ValueError("this bundle has no refiner")
+            batch_maps = detector.refiner(canvas, batch_maps)
+        maps[name] = [m.float().numpy() for m in batch_maps]
+        scores[name] = [geometry.image_score(m, p) for m, p in zip(maps[name], prepared)]
+        seconds[name] = t_feat + (t_mlp if mode in NEEDS_MLP else 0.0) + time.perf_counter() - t2
+    return maps, scores, seconds
+
+
+def default_name(detector: Any, mode: str | None = None, refine: bool | None = None) -> str:
+    """The mode name a detector scores with by default: its mode, "+refine" when it has a refiner."""
+    mode = mode or detector.mode
+    has_refiner = getattr(detector, "refiner", None) is not None
+    return f"{mode}+refine" if (refine if refine is not None else has_refiner) and has_refiner else mode
+
+
+@torch.no_grad()
+def predict_images(
+    detector: Any, images: Sequence[np.ndarray], mode: str | None = None, refine: bool | None = None,
+    batch_size: int = 8, geometry: Geometry | None = None,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """uint8 (H, W, 3) images of any size -> anomaly maps at each image's own (H, W), and image scores."""
+    geometry = geometry or detector_geometry(detector)
+    name = default_name(detector, mode, refine)
+    out_maps: list[np.ndarray] = []
+    out_scores: list[float] = []
+    for sl in chunks(len(images), geometry, batch_size):
+        prepared = [geometry.prepare(rgb) for rgb in images[sl]]
+        maps, scores, _ = score_prepared(detector, geometry, prepared, [name], batch_size)
+        out_maps.extend(geometry.restore(m, p) for m, p in zip(maps[name], prepared))
+        out_scores.extend(scores[name])
+    return out_maps, np.asarray(out_scores, dtype=np.float32)
