@@ -66,9 +66,8 @@ def plain_loop(bundle: str, root: str, out: str, batch_size: int, threads: int) 
     import torch
 
     from pni_ray.data.images import ImageError, is_image_file, load_rgb
-    from pni_ray.data.transforms import resize_rgb
     from pni_ray.orchestration.model_loader import load_scoring_model
-    from pni_ray.results import error_row, now_utc, rows_to_table, schema, scored_row, table_to_parquet_bytes, upsample_map
+    from pni_ray.results import error_row, now_utc, rows_to_table, schema, scored_row, table_to_parquet_bytes
 
     torch.set_num_threads(threads)
     model = load_scoring_model(bundle)
@@ -79,17 +78,15 @@ def plain_loop(bundle: str, root: str, out: str, batch_size: int, threads: int) 
         batch, ok = [], []
         for p in paths[i: i + batch_size]:
             try:
-                rgb = load_rgb(p)
-                batch.append(resize_rgb(rgb, model.image_size))
-                ok.append((p, rgb.shape[:2]))
+                batch.append(model.geometry.prepare(load_rgb(p)))
+                ok.append(p)
             except ImageError as exc:
                 rows.append(error_row(p, model.category, str(exc), model.model_id, now_utc()))
         if not batch:
             continue
-        x = np.stack(batch).astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-        maps, scores = model.predict(np.ascontiguousarray(x))
-        for (p, hw), m, s in zip(ok, maps, scores):
-            rows.append(scored_row(p, model.category, float(s), model.threshold, upsample_map(m, hw), "uint8",
+        maps, scores = model.canvas_maps(batch)
+        for p, prepared, m, s in zip(ok, batch, maps, scores):
+            rows.append(scored_row(p, model.category, float(s), model.threshold, model.geometry.restore(m, prepared), "uint8",
                                    model.model_id, now_utc()))
     Path(out).mkdir(parents=True, exist_ok=True)
     Path(out, "plain.parquet").write_bytes(table_to_parquet_bytes(rows_to_table(rows, schema("uint8", model.threshold))))

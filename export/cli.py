@@ -21,7 +21,7 @@ def _mib(n: int) -> str:
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Export directory to write (ONNX graphs, Arrow tables, manifest).")
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs TensorRT 10.x and a CUDA GPU here).")
-@click.option("--fp16", is_flag=True, help="FP16 TensorRT engines (all graphs but the FP32 scorer).")
+@click.option("--fp16", is_flag=True, help="FP16 TensorRT engines (all graphs but the FP32 softmax and scorer).")
 @click.option("--max-batch", type=int, default=16, show_default=True, help="Largest batch of the TensorRT profile and of runtime calls.")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (13..20 for TensorRT 10.0).")
 @click.option("--coresets", type=click.Choice(["constant", "input"]), default="constant", show_default=True,

@@ -1,11 +1,19 @@
 """Bundle -> export directory: ONNX graphs, Arrow tables and a checksummed manifest.
 
-    backbone.onnx   images (B, 3, S, S) in [0, 1] -> features (B, D, h, w)   normalisation, the two
-                    backbone stages and the p x p aggregation, traced from the torch extractor
-    mlp.onnx        features -> probabilities (B, h, w, K), channels last  softmax(logits / T) over C_dist
-    scorer.onnx     features [+ probabilities] -> patch_scores (B, h, w), maps (B, S, S), scores (B,)
-                    written op by op (export/scorer_graph.py)
+    backbone.onnx   images (B, 3, H, W) in [0, 1] -> features (B, D, h, w)   normalisation, the two
+                    backbone stages and the p x p aggregation, traced from the torch extractor;
+                    (H, W) is the bundle's canvas (resize, letterbox, short-side) or one tile
+    mlp.onnx        features -> logits (B, h, w, K), channels last            FP16-able
+    softmax.onnx    logits -> probabilities = softmax(logits / T) over C_dist  always FP32 (tau is
+                    ~1 / |C_emb|, in FP16's subnormal range)
+    scorer.onnx     features [+ probabilities] [+ fill_index] -> patch_scores (B, h, w), maps
+                    (B, H, W), scores (B,); written op by op (export/scorer_graph.py); fill_index
+                    (letterbox, tiling) sends padded cells to their nearest content cell
     refiner.onnx    images, maps -> refined_maps, scores                     when the bundle has one
+
+The runtime (export.runtime) prepares images with the bundle's geometry (pni_ray.geometry), runs
+the backbone per tile and stitches when tiling, takes image scores over the content only and
+restores maps to each image's size with the same resize `evaluate` uses.
     c_emb.arrow, c_dist.arrow, emb_to_dist.arrow, position_prior.arrow, normalisation.arrow
     manifest.json   config, graph signatures, op-check reports, versions, sha256 of every file
 
@@ -38,6 +46,8 @@ from pni_ray.bundle import model_id as bundle_model_id
 from pni_ray.fileio import read_arrow as bundle_read_arrow
 from pni_ray.bundle import versions as bundle_versions
 from pni_ray.fileio import staged_dir
+from pni_ray.geometry import STRIDE
+from pni_ray.models.predict import detector_geometry
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +55,9 @@ DEFAULT_OPSET = 17
 DEFAULT_MAX_BATCH = 16
 DEFAULT_CHUNK = 64
 EXTERNAL_DATA_BYTES = 2_000_000_000  # protobuf's hard limit is 2 GiB; stay clear of it
-GRAPH_FILES = {"backbone": "backbone.onnx", "mlp": "mlp.onnx", "scorer": "scorer.onnx", "refiner": "refiner.onnx"}
+GRAPH_FILES = {"backbone": "backbone.onnx", "mlp": "mlp.onnx", "softmax": "softmax.onnx", "scorer": "scorer.onnx",
+               "refiner": "refiner.onnx"}
+PIPELINE = ("backbone", "mlp", "softmax", "scorer", "refiner")
 EXPORTER = "torch.onnx TorchScript exporter (dynamo=False) + pni-ray static-shape folding; scorer via onnx.helper"
 
 
@@ -103,11 +115,13 @@ class _Backbone(nn.Module):
 
 
 class _MLP(nn.Module):
-    """NeighbourhoodMLP.probabilities, channels last: (B, h, w, K), with a static validity channel.
+    """NeighbourhoodMLP logits, channels last: (B, h, w, K), with a static validity channel.
 
-    Channels last because a softmax over axis 1 of an NCHW tensor is 15x slower in onnxruntime
-    than over the contiguous last axis (bottle: 1.9 s vs 0.12 s per batch of 4, 84% of the MLP
-    graph), and the scorer wants one row of K probabilities per patch anyway.
+    The softmax(logits / T) that follows is its own graph (`softmax_graph`), built FP32 even in an
+    FP16 TensorRT build: the probabilities compared with tau ~ 1 / |C_emb| lie in FP16's subnormal
+    range, where an FP16 softmax would flip mask entries. Channels last because a softmax over
+    axis 1 of an NCHW tensor is 15x slower in onnxruntime than over the contiguous last axis, and
+    the scorer wants one row of K probabilities per patch anyway.
     `torch.ones_like` exports as ConstantOfShape(Shape(x)), a shape computed at run time; x * 0 + 1
     is the same ones for finite x with shapes the parser sees at build time.
     """
@@ -121,7 +135,22 @@ class _MLP(nn.Module):
         reduced = F.relu(mlp.reduce(features))
         valid = reduced[:, :1] * 0.0 + 1.0
         logits = mlp.classifier(mlp.hidden(mlp.window(torch.cat([reduced, valid], dim=1))))
-        return torch.softmax(logits.permute(0, 2, 3, 1) / mlp.temperature, dim=-1)
+        return logits.permute(0, 2, 3, 1)
+
+
+def softmax_graph(grid: tuple[int, int], n_classes: int, temperature: float, opset: int) -> onnx.ModelProto:
+    """logits (B, h, w, K) -> probabilities = softmax(logits / T) over K, in FP32 (see _MLP)."""
+    h, w = grid
+    shape = [scorer_graph.BATCH, h, w, n_classes]
+    t = onnx.numpy_helper.from_array(np.asarray(temperature, np.float32), "temperature")
+    nodes = [onnx.helper.make_node("Div", ["logits", "temperature"], ["scaled"], name="scale"),
+             onnx.helper.make_node("Softmax", ["scaled"], ["probabilities"], axis=-1, name="softmax")]
+    graph = onnx.helper.make_graph(nodes, "pni_softmax",
+                                   [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, shape)],
+                                   [onnx.helper.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, shape)], [t])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)], producer_name="pni-ray")
+    model.ir_version = min(model.ir_version, 9)
+    return model
 
 
 class _Refiner(nn.Module):
@@ -227,33 +256,37 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
     needs_probs = mode in ("neighbourhood", "pni", "pni_split")
     if mode != "patchcore" and detector.mlp is None:
         raise ValueError(f"{bundle} is a PatchCore-only bundle: it exports in mode 'patchcore' only")
-    size = int(detector.image_size)
+    geometry = detector_geometry(detector)
+    canvas, model_input, grid = export_shapes(detector, geometry, bundle)
     with staged_dir(out) as tmp:
         graphs: dict[str, dict[str, Any]] = {}
         models: dict[str, onnx.ModelProto] = {}
-        example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(0)
+        example = torch.rand(2, 3, *model_input, generator=gen)
         models["backbone"] = trace_to_onnx(_Backbone(detector.extractor), (example,), ["images"], ["features"], options.opset)
-        with torch.no_grad():
-            features = detector.extractor(example)
-        d, h, w = features.shape[1:]
+        d = int(detector.scorer.memory.shape[1])
+        h, w = grid
         if needs_probs:
-            models["mlp"] = trace_to_onnx(_MLP(detector.mlp), (features,), ["features"], ["probabilities"], options.opset)
+            features = torch.rand(2, d, h, w, generator=gen)
+            models["mlp"] = trace_to_onnx(_MLP(detector.mlp), (features,), ["features"], ["logits"], options.opset)
+            models["softmax"] = softmax_graph(grid, int(detector.mlp.n_classes), float(detector.mlp.temperature), options.opset)
         st = scoring_tables(detector, bundle)
         if st.grid == (0, 0):
             st.grid = (h, w)
         if st.grid != (h, w):
-            raise ValueError(f"position prior grid {st.grid} differs from the backbone grid {(h, w)}")
+            raise ValueError(f"{bundle}: position prior grid {st.grid} differs from the bundle's feature grid {(h, w)}")
         tau = float(detector.scorer.tau)
         masks = tables.mask_spec(mode, st, tau)
         spec = scorer_graph.ScorerSpec(
-            mode=mode, memory=st.memory, emb_to_dist=st.emb_to_dist, masks=masks, grid=(h, w), image_size=(size, size),
+            mode=mode, memory=st.memory, emb_to_dist=st.emb_to_dist, masks=masks, grid=(h, w), image_size=canvas,
             blur_sigma=float(detector.mapper.sigma), n_dist=int(detector.mlp.n_classes) if detector.mlp is not None else 0,
-            coresets=options.coresets, chunk=options.chunk,
+            coresets=options.coresets, chunk=options.chunk, fill=geometry.pads,
         )
         models["scorer"] = scorer_graph.build_scorer_graph(spec, options.opset)
         if detector.refiner is not None:
-            maps = torch.rand(2, size, size, generator=torch.Generator().manual_seed(1))
-            models["refiner"] = trace_to_onnx(_Refiner(detector.refiner), (example, maps), ["images", "maps"],
+            images = torch.rand(2, 3, *canvas, generator=gen)
+            maps = torch.rand(2, *canvas, generator=torch.Generator().manual_seed(1))
+            models["refiner"] = trace_to_onnx(_Refiner(detector.refiner), (images, maps), ["images", "maps"],
                                               ["refined_maps", "scores"], options.opset)
         reports = [opcheck.check_model(m, options.target, name) for name, m in models.items()]
         opcheck.require_ok(reports)
@@ -270,7 +303,9 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
             "mode": mode,
             "config": bmanifest["config"],
             "backbone": bmanifest["backbone"],
-            "image_size": [size, size],
+            "image_size": list(canvas),  # the model-input canvas every image is prepared to
+            "model_input": list(model_input),  # what the backbone graph takes: the canvas, or one tile
+            "geometry": {"description": geometry.describe(), "fill_index": geometry.pads, "tiled": geometry.tiled},
             "grid": [h, w],
             "feature_dim": int(d),
             "n_memory": int(st.memory.shape[0]),
@@ -278,10 +313,11 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
             "tau": tau,
             "normalisation": bmanifest["normalisation"],
             "threshold": bmanifest["threshold"],
-            "pipeline": [n for n in ("backbone", "mlp", "scorer", "refiner") if n in graphs],
+            "pipeline": [n for n in PIPELINE if n in graphs],
             "graphs": graphs,
             "tables": table_files,
             "scorer": {"coresets": options.coresets, "chunk": options.chunk, "mask": "exact float32 thresholds",
+                       "fill_index": geometry.pads,
                        "layout": spec.layout, "distance": spec.distance if options.coresets == "constant" else "gemm",
                        "threshold_rows": scorer_graph.threshold_rows(spec) if spec.has_threshold else 0,
                        "n_threshold_entries": int(len(masks.threshold_index)) if masks.threshold_index is not None else 0},
@@ -295,6 +331,28 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
         manifest["files"] = tables.file_records(tmp)
         tables.write_json(tmp / tables.MANIFEST, manifest)
     return ExportResult(out, manifest, reports)
+
+
+def export_shapes(detector, geometry, bundle: Path) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(canvas, backbone input, feature grid) of a bundle's geometry, checked against the backbone.
+
+    Refuses here, at export time, what the graphs could not score the way the bundle was trained.
+    """
+    if geometry.grid is None:
+        raise ValueError(f"{bundle}: the bundle records no feature grid; its geometry cannot be exported")
+    canvas, model_input, grid = geometry.canvas_hw(), geometry.model_input_hw(), tuple(geometry.grid)
+    with torch.no_grad():
+        probe = detector.extractor(torch.zeros(1, 3, *model_input))
+    want = (model_input[0] // STRIDE, model_input[1] // STRIDE)
+    if tuple(probe.shape[-2:]) != want:
+        raise ValueError(f"{bundle}: the backbone gives a {tuple(probe.shape[-2:])} grid for a {model_input} input, "
+                         f"not {want}: its stride is not {STRIDE}, so the geometry '{geometry.describe()}' cannot be exported")
+    if not geometry.tiled and want != grid:
+        raise ValueError(f"{bundle}: the {canvas} canvas of '{geometry.describe()}' gives a {want} feature grid, but the "
+                         f"bundle was trained on {grid}; the bundle is inconsistent and cannot be exported")
+    if geometry.tiled and (canvas[0] < model_input[0] or canvas[1] < model_input[1]):
+        raise ValueError(f"{bundle}: the trained {canvas} canvas is smaller than one {model_input} tile")
+    return canvas, model_input, grid
 
 
 def _write_tables(folder: Path, st: tables.ScoringTables, detector, bmanifest: dict[str, Any]) -> dict[str, str]:

@@ -1,11 +1,15 @@
 """Score images from an export directory with onnxruntime, numpy and pyarrow -- no torch.
 
     model = load_exported("exports/bottle")          # verifies every file's sha256
-    maps, scores = model.predict(images)             # images: (B, 3, H, W) float32 in [0, 1]
+    maps, scores = model.predict_images(images)      # uint8 (H, W, 3) photos of any size
     anomalous = scores > model.threshold
 
-An edge box may have no torch at all, so this module (and export.tables, the only project
-module it imports) must never import it; a test runs it in a fresh interpreter and checks
+Images are prepared with the bundle's geometry by `pni_ray.geometry` (numpy + PIL), the module
+`evaluate` and `pni-ray score` use, and maps come back at each image's own size through its
+`resize_map`, so an export reproduces the evaluated bundle.
+
+An edge box may have no torch at all, so this module (and export.tables and pni_ray.geometry,
+the project modules it imports) must never import it; a test runs it in a fresh interpreter and checks
 `"torch" not in sys.modules`.
 """
 
@@ -18,8 +22,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from export import tables
+from pni_ray.geometry import Geometry, Prepared, to_float
 
-__all__ = ["ExportedModel", "load_exported"]
+__all__ = ["ExportedModel", "StagePipeline", "load_exported"]
 
 
 def _session_options(threads: int | None, optimization: str):
@@ -40,8 +45,81 @@ def _session_options(threads: int | None, optimization: str):
     return so
 
 
-class ExportedModel:
-    """The export's graphs chained: backbone -> (mlp) -> scorer -> (refiner)."""
+class StagePipeline:
+    """The export's stages chained on prepared images: backbone (per tile when tiling, stitched) ->
+    mlp (logits) -> softmax (FP32) -> scorer (padded cells filled) -> refiner; image scores are maxima
+    over each image's content, maps are restored to each image's size by `pni_ray.geometry`.
+
+    Subclasses run one stage: `run_stage(name, feeds) -> {output name: array}` (onnxruntime here,
+    TensorRT engines in export.trt), and set manifest, geometry, max_batch and `stages`.
+    """
+
+    manifest: dict[str, Any]
+    geometry: Geometry
+    max_batch: int
+    stages: tuple[str, ...]
+
+    def run_stage(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _batched(self, name: str, key: str, x: np.ndarray, out: str) -> np.ndarray:
+        return np.concatenate([self.run_stage(name, {key: x[i : i + self.max_batch]})[out]
+                               for i in range(0, len(x), self.max_batch)])
+
+    def canvas_maps(self, prepared: Sequence[Prepared], images: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Canvas maps (B, Hc, Wc) float32 and image scores (B,) (max over each image's content).
+
+        `images` (B, 3, Hc, Wc) float32 replaces the canvases' own pixels (untiled geometries only).
+        """
+        maps_out, scores_out = [], []
+        for i in range(0, len(prepared), self.max_batch):
+            batch = list(prepared[i : i + self.max_batch])
+            for p in batch:
+                self.geometry.check(p)
+            pixels = to_float(np.stack([p.canvas for p in batch])) if images is None else images[i : i + self.max_batch]
+            if self.geometry.tiled:
+                features = np.stack([self.geometry.stitch_tiles(
+                    self._batched("backbone", "images", self.geometry.tile_stack(p), "features"), p) for p in batch])
+            else:
+                features = self.run_stage("backbone", {"images": pixels})["features"]
+            feeds = {"features": features, **getattr(self, "table_feeds", {})}
+            if "mlp" in self.stages:
+                logits = self.run_stage("mlp", {"features": features})["logits"]
+                feeds["probabilities"] = self.run_stage("softmax", {"logits": logits})["probabilities"]
+            if self.manifest["scorer"].get("fill_index"):
+                feeds["fill_index"] = np.stack([p.fill_index() for p in batch])
+            maps = self.run_stage("scorer", feeds)["maps"]
+            if "refiner" in self.stages:
+                maps = self.run_stage("refiner", {"images": pixels, "maps": maps})["refined_maps"]
+            maps_out.append(np.asarray(maps, np.float32))
+            scores_out.extend(self.geometry.image_score(m, p) for m, p in zip(maps, batch))
+        if not maps_out:
+            return np.zeros((0, *self.geometry.canvas_hw()), np.float32), np.zeros(0, np.float32)
+        return np.concatenate(maps_out), np.asarray(scores_out, np.float32)
+
+    def predict_images(self, images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+        """uint8 (H, W, 3) images of any size -> maps at each image's own size and image scores."""
+        prepared = [self.geometry.prepare(rgb) for rgb in images]
+        maps, scores = self.canvas_maps(prepared)
+        return [self.geometry.restore(m, p) for m, p in zip(maps, prepared)], scores
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Model inputs (B, 3, Hc, Wc) float32 in [0, 1], whole canvases of content -> canvas maps, scores."""
+        images = np.asarray(images)
+        hw = self.geometry.canvas_hw()
+        if images.dtype != np.float32:
+            raise TypeError(f"images must be float32 in [0, 1], got {images.dtype}")
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != hw:
+            raise ValueError(f"images must be (B, 3, {hw[0]}, {hw[1]}), got {images.shape}")
+        if self.geometry.tiled:
+            raise ValueError("a tiled model scores photos (predict_images), not model inputs")
+        blank = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (*hw, 3))  # shape only: pixels come from `images`
+        prepared = [Prepared(blank, hw, (0, 0, *hw)) for _ in range(len(images))]
+        return self.canvas_maps(prepared, np.ascontiguousarray(images))
+
+
+class ExportedModel(StagePipeline):
+    """The export's ONNX graphs run by onnxruntime."""
 
     def __init__(self, path: Path | str, threads: int | None = None, providers: Sequence[str] | None = None,
                  verify: bool = True, optimization: str = "all", refine: bool = True) -> None:
@@ -50,7 +128,8 @@ class ExportedModel:
         self.path = Path(path)
         self.manifest: dict[str, Any] = tables.verify_export(self.path) if verify else tables.read_manifest(self.path)
         m = self.manifest
-        self.image_size: tuple[int, int] = tuple(m["image_size"])  # type: ignore[assignment]
+        self.geometry = Geometry.from_manifest(m)
+        self.image_size: tuple[int, int] = tuple(m["image_size"])  # type: ignore[assignment]  # the canvas
         self.model_id: str = m["model_id"]
         self.mode: str = m["mode"]
         self.max_batch: int = int(m.get("max_batch", 16))
@@ -67,44 +146,17 @@ class ExportedModel:
                 continue
             self.sessions[name] = ort.InferenceSession(str(self.path / m["graphs"][name]["file"]), options,
                                                        providers=providers)
+        self.stages = tuple(self.sessions)
         self.table_feeds = scorer_table_feeds(self.path, m) if m["scorer"]["coresets"] == "input" else {}
 
     @property
     def has_refiner(self) -> bool:
         return "refiner" in self.sessions
 
-    def _check(self, images: np.ndarray) -> np.ndarray:
-        images = np.asarray(images)
-        if images.dtype != np.float32:
-            raise TypeError(f"images must be float32 in [0, 1], got {images.dtype}")
-        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != self.image_size:
-            raise ValueError(f"images must be (B, 3, {self.image_size[0]}, {self.image_size[1]}), got {images.shape}")
-        return np.ascontiguousarray(images)
-
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(maps (B, H, W) float32, image scores (B,) float32) for images (B, 3, H, W) in [0, 1]."""
-        images = self._check(images)
-        if len(images) == 0:
-            return np.zeros((0, *self.image_size), np.float32), np.zeros(0, np.float32)
-        maps, scores = [], []
-        for i in range(0, len(images), self.max_batch):
-            m, s = self._predict_batch(images[i : i + self.max_batch])
-            maps.append(m)
-            scores.append(s)
-        return np.concatenate(maps), np.concatenate(scores)
-
-    def run_stage(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.sessions[name].run(None, feeds)
-
-    def _predict_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        (features,) = self.run_stage("backbone", {"images": images})
-        feeds = {"features": features, **self.table_feeds}
-        if "mlp" in self.sessions:
-            (feeds["probabilities"],) = self.run_stage("mlp", {"features": features})
-        _, maps, scores = self.run_stage("scorer", feeds)
-        if "refiner" in self.sessions:
-            maps, scores = self.run_stage("refiner", {"images": images, "maps": maps})
-        return maps, scores
+    def run_stage(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self.sessions[name]
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(None, feeds)))
 
     def normalise(self, maps: np.ndarray) -> np.ndarray:
         """Maps on the held-out scale: (map - pixel_mean) / pixel_std."""

@@ -1,7 +1,7 @@
 """The scoring graph, written op by op with onnx.helper (numpy + onnx, no torch).
 
-features (B, D, h, w) [+ probabilities (B, h, w, K), the MLP graph's channels-last output]
--> patch_scores (B, h, w), maps (B, H, W), scores (B,). Every op is in TensorRT 10's ONNX parser
+features (B, D, h, w) [+ probabilities (B, h, w, K), the softmax graph's channels-last output]
+[+ fill_index (B, h * w), letterbox / tiling] -> patch_scores (B, h, w), maps (B, H, W), scores (B,). Every op is in TensorRT 10's ONNX parser
 and every shape is static but the batch. The dense masked minimum of the torch scorer's
 `exact_dense=True` path, per chunk of c grid positions (P = B * c patches):
 
@@ -123,6 +123,7 @@ class ScorerSpec:
     inv_cluster: np.ndarray | None = None  # for mask="arithmetic"
     prior_dense: np.ndarray | None = None  # (hw, M) p(c|x), for mask="arithmetic"
     tau: float = 0.0  # for mask="arithmetic"
+    fill: bool = False  # input fill_index (B, h * w): patch scores of padded cells taken from content cells
 
     @property
     def needs_probs(self) -> bool:
@@ -304,7 +305,11 @@ def build_scorer_graph(spec: ScorerSpec, opset: int = 17) -> onnx.ModelProto:
     if spec.mode == "pni_split":
         total = b.op("Add", [b.op("Sqrt", [score_sq]), b.op("Sqrt", [clamp_add(gather(bests["b"]))])])
         score_sq = b.op("Mul", [b.op("Mul", [total, total]), b.const(np.array(0.25, np.float32), "quarter")])
-    patch = b.op("Reshape", [b.op("Sqrt", [score_sq], "patch_flat"), b.i64([-1, h, w])], "patch")
+    patch_flat = b.op("Sqrt", [score_sq], "patch_flat")
+    if spec.fill:  # letterbox / tiling: each cell's score from its nearest content cell (itself when content)
+        fill_index = graph_input("fill_index", TensorProto.INT64, [BATCH, hw])
+        patch_flat = b.op("GatherElements", [patch_flat, fill_index], "patch_filled", axis=1)
+    patch = b.op("Reshape", [patch_flat, b.i64([-1, h, w])], "patch")
     b.nodes.append(helper.make_node("Identity", [patch], ["patch_scores"], name="patch_scores_out"))
 
     ly, lxt = map_matrices(spec.grid, spec.image_size, spec.blur_sigma)

@@ -4,9 +4,12 @@
     model = TRTModel(EXPORT_DIR); maps, scores = model.predict(images)
 
 One engine per graph, built with the TensorRT Python API (10.x): explicit-batch network from the
-ONNX parser, one optimisation profile with batch 1 (min), max (opt) and max (max), FP16 when asked
-for every graph except the scorer. The scorer stays FP32: squared distances of ~100-dimensional
-features pass FP16's 65504 and its masked minimum is the exactness the export promises.
+ONNX parser, one optimisation profile with batch 1 (min), max (opt) and max (max) for every input
+with a batch axis (images or tiles, features, logits, fill_index), FP16 when asked for every graph
+except the softmax and the scorer. Those stay FP32: the probabilities compared with tau ~ 1 / |C_emb|
+lie in FP16's subnormal range (an FP16 softmax flips mask entries), squared distances of
+~100-dimensional features pass FP16's 65504, and the masked minimum is the exactness the export
+promises. The FP16 MLP hands its logits across the engine boundary as FP32 tensors.
 
 Import-safe everywhere: `tensorrt` and `cuda-python` are imported only when an engine is built
 or run. Where they or a CUDA device are missing, `TensorRTUnavailable` names what is missing
@@ -28,9 +31,11 @@ from typing import Any
 import numpy as np
 
 from export import tables
+from export.runtime import StagePipeline
 from pni_ray.fileio import atomic_write_bytes
+from pni_ray.geometry import Geometry
 
-FP32_GRAPHS = ("scorer",)
+FP32_GRAPHS = ("softmax", "scorer")  # never FP16: see the module doc
 DEFAULT_WORKSPACE_GB = 4.0
 MIN_TRT_MAJOR = 10
 
@@ -282,8 +287,9 @@ class _Engine:
         self.buffers = {}
 
 
-class TRTModel:
-    """The export's engines chained like runtime.ExportedModel: same predict() contract."""
+class TRTModel(StagePipeline):
+    """The export's engines chained like runtime.ExportedModel (the same StagePipeline: geometry,
+    tiles, fill_index, content scores, maps at each image's size)."""
 
     def __init__(self, path: Path | str, verify: bool = True) -> None:
         self.path = Path(path)
@@ -299,6 +305,7 @@ class TRTModel:
         from export.runtime import scorer_table_feeds  # numpy only
 
         cudart = _cudart()
+        self.geometry = Geometry.from_manifest(self.manifest)
         self.image_size = tuple(self.manifest["image_size"])
         self.model_id = self.manifest["model_id"]
         self.threshold = float(tables.read_normalisation(self.path / self.manifest["tables"]["normalisation"])["threshold"])
@@ -307,26 +314,10 @@ class TRTModel:
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines = {name: _Engine(trt, runtime, cudart, self.path / engines[name]["file"], feeds)
                         for name in self.manifest["pipeline"]}
+        self.stages = tuple(self.engines)
 
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        images = np.ascontiguousarray(images, dtype=np.float32)
-        if images.ndim != 4 or tuple(images.shape[1:]) != (3, *self.image_size):
-            raise ValueError(f"images must be (B, 3, {self.image_size[0]}, {self.image_size[1]}), got {images.shape}")
-        maps, scores = [], []
-        for i in range(0, len(images), self.max_batch):
-            x = images[i : i + self.max_batch]
-            features = self.engines["backbone"].run({"images": x})["features"]
-            feeds = {"features": features}
-            if "mlp" in self.engines:
-                feeds["probabilities"] = self.engines["mlp"].run({"features": features})["probabilities"]
-            out = self.engines["scorer"].run(feeds)
-            m, s = out["maps"], out["scores"]
-            if "refiner" in self.engines:
-                out = self.engines["refiner"].run({"images": x, "maps": m})
-                m, s = out["refined_maps"], out["scores"]
-            maps.append(m)
-            scores.append(s)
-        return np.concatenate(maps), np.concatenate(scores)
+    def run_stage(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.engines[name].run(feeds)
 
     def close(self) -> None:
         for engine in self.engines.values():
@@ -337,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.trt", description="Build TensorRT engines for an export directory.")
     parser.add_argument("export_dir", type=Path)
     parser.add_argument("--max-batch", type=int, default=None, help="largest batch of the optimisation profile")
-    parser.add_argument("--fp16", action="store_true", help="FP16 kernels (all graphs but the scorer)")
+    parser.add_argument("--fp16", action="store_true", help="FP16 kernels (all graphs but the softmax and the scorer)")
     parser.add_argument("--workspace-gb", type=float, default=DEFAULT_WORKSPACE_GB)
     args = parser.parse_args(argv)
     try:

@@ -72,6 +72,12 @@ def resize_map(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(rows[:, x0] * (np.float32(1) - wx) + rows[:, x1] * wx, dtype=np.float32)
 
 
+def restore_map(canvas_map: np.ndarray, content: Sequence[int], original_hw: Sequence[int]) -> np.ndarray:
+    """A canvas map -> (H, W) float32 over the original image: the content box cropped, then `resize_map`."""
+    y0, x0, y1, x1 = (int(c) for c in content)
+    return resize_map(np.asarray(canvas_map, np.float32)[y0:y1, x0:x1], (int(original_hw[0]), int(original_hw[1])))
+
+
 def to_float(canvases: np.ndarray) -> np.ndarray:
     """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [0, 1]: the model input, torch or not."""
     x = np.asarray(canvases).astype(np.float32) / 255.0
@@ -233,11 +239,20 @@ class Geometry:
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> "Geometry":
-        """From a bundle's or an export's manifest.json (config + grid), without torch."""
-        config = manifest.get("config") or {}
+        """From a bundle's, an ensemble's or an export's manifest.json (config + grid), without torch."""
+        config = manifest.get("config")
+        if config is None:  # an ensemble: members share the default resize and one image size
+            return cls(GeometryConfig(), int(manifest["image_size"]))
         fields = {k: v for k, v in (config.get("geometry") or {}).items() if k in GeometryConfig.__dataclass_fields__}
         grid = manifest.get("grid")
         return cls(GeometryConfig(**fields), int(config["features"]["image_size"]), tuple(grid) if grid else None)
+
+    def spec(self) -> dict[str, Any]:
+        """A JSON-able manifest excerpt that `from_manifest` turns back into this geometry (for workers)."""
+        from dataclasses import asdict
+
+        return {"config": {"geometry": asdict(self.cfg), "features": {"image_size": self.image_size}},
+                "grid": list(self.grid) if self.grid is not None else None}
 
     @property
     def max_pixels(self) -> int:
@@ -382,7 +397,8 @@ class Geometry:
 
     def restore(self, canvas_map: np.ndarray, prepared: Prepared) -> np.ndarray:
         """A canvas map -> (H, W) float32 over the original image, padding cropped away."""
-        return resize_map(self.content_map(np.asarray(canvas_map, np.float32), prepared), prepared.original_hw)
+        self.content_map(canvas_map, prepared)  # checks the map is canvas-sized
+        return restore_map(canvas_map, prepared.content, prepared.original_hw)
 
     def image_score(self, canvas_map: np.ndarray, prepared: Prepared) -> float:
         """Maximum of the map over the image content (never over padding)."""

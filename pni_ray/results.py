@@ -11,7 +11,7 @@ image_score     float64, null on error  raw image score (max of the model-size m
 is_anomalous    bool, null on error     image_score > the model's threshold
 anomaly_map     binary, null            the map at the image's own resolution, encoded per
                                         map_dtype (null on error or with --map-format none)
-map_dtype       string, null            "uint8" or "float16" (null when no map is stored)
+map_dtype       string, null            "uint8", "float16" or "float32" (null: no map stored)
 height, width   int32, null on error    the original image's size = the map's shape (H, W)
 map_min         float32, null on error  minimum of the full-resolution float map
 map_max         float32, null on error  maximum of the full-resolution float map
@@ -25,6 +25,9 @@ Decoding `anomaly_map` (row-major, C order, little-endian, shape (height, width)
 * ``uint8``:   ``map = map_min + q / 255 * (map_max - map_min)`` with
   ``q = frombuffer(anomaly_map, uint8)``: min/max-scaled per image, error <= range / 510.
 * ``float16``: ``map = frombuffer(anomaly_map, '<f2')``, raw values.
+* ``float32``: ``map = frombuffer(anomaly_map, '<f4')``, the exact float map (4x the bytes of uint8).
+
+Maps are brought to the image's size by `pni_ray.geometry.resize_map`, the resize `evaluate` uses.
 
 The same instructions are stored in the Parquet schema metadata (keys ``pni_ray.*``) and in the
 ``anomaly_map`` field's metadata, so any reader can decode a map without this module.
@@ -40,21 +43,22 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from pni_ray.fileio import atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
 
-MAP_FORMATS = ("uint8", "float16", "none")
+MAP_FORMATS = ("uint8", "float16", "float32", "none")
 TABLE_FORMAT = "pni-ray-scores"
 TABLE_VERSION = 1
 
 UINT8_DECODE = "map = map_min + frombuffer(anomaly_map, uint8).reshape(height, width) / 255 * (map_max - map_min)"
 FLOAT16_DECODE = "map = frombuffer(anomaly_map, '<f2').reshape(height, width)"
+FLOAT32_DECODE = "map = frombuffer(anomaly_map, '<f4').reshape(height, width)"
 
 _MAP_FIELD_META = {
     b"encoding": b"row-major (height, width); see map_dtype",
     b"uint8": UINT8_DECODE.encode(),
     b"float16": FLOAT16_DECODE.encode(),
+    b"float32": FLOAT32_DECODE.encode(),
 }
 
 COLUMNS = (
@@ -74,6 +78,7 @@ def schema(map_format: str = "uint8", threshold: float | None = None, extra: dic
         "pni_ray.map_layout": "row-major (height, width), little-endian",
         "pni_ray.decode.uint8": UINT8_DECODE,
         "pni_ray.decode.float16": FLOAT16_DECODE,
+        "pni_ray.decode.float32": FLOAT32_DECODE,
     }
     if threshold is not None:
         meta["pni_ray.threshold"] = repr(float(threshold))
@@ -104,15 +109,6 @@ def schema(map_format: str = "uint8", threshold: float | None = None, extra: dic
 # ------------------------------------------------------------------------------------------
 
 
-def upsample_map(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """(h, w) float map -> (H, W) float32 by bilinear resampling (PIL, torch-free)."""
-    amap = np.asarray(amap, dtype=np.float32)
-    h, w = int(hw[0]), int(hw[1])
-    if amap.shape == (h, w):
-        return amap
-    return np.asarray(Image.fromarray(amap, mode="F").resize((w, h), Image.BILINEAR), dtype=np.float32)
-
-
 def encode_map(amap: np.ndarray, map_format: str) -> tuple[bytes | None, str | None, float, float]:
     """Float map -> (payload, map_dtype, map_min, map_max); payload None for format "none"."""
     amap = np.ascontiguousarray(amap, dtype=np.float32)
@@ -121,6 +117,8 @@ def encode_map(amap: np.ndarray, map_format: str) -> tuple[bytes | None, str | N
         return None, None, lo, hi
     if map_format == "float16":
         return amap.astype("<f2").tobytes(), "float16", lo, hi
+    if map_format == "float32":
+        return amap.astype("<f4").tobytes(), "float32", lo, hi
     if map_format == "uint8":
         span = hi - lo
         q = np.zeros(amap.shape, np.uint8) if span <= 0 else np.rint((amap - lo) * (255.0 / span)).clip(0, 255).astype(np.uint8)
@@ -135,6 +133,8 @@ def decode_map(payload: bytes | None, map_dtype: str | None, height: int, width:
         return None
     if map_dtype == "float16":
         return np.frombuffer(payload, "<f2").reshape(int(height), int(width)).astype(np.float32)
+    if map_dtype == "float32":
+        return np.frombuffer(payload, "<f4").reshape(int(height), int(width)).copy()
     if map_dtype == "uint8":
         q = np.frombuffer(payload, np.uint8).reshape(int(height), int(width)).astype(np.float32)
         return (np.float32(map_min) + q / np.float32(255.0) * np.float32(map_max - map_min)).astype(np.float32)

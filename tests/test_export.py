@@ -85,11 +85,17 @@ def test_backbone_graph_matches_torch(exported, detector, images):
     assert _rel(features, ref) < 1e-5
 
 
+def _probabilities(folder: Path, features: np.ndarray) -> np.ndarray:
+    """mlp.onnx (logits) -> softmax.onnx (probabilities), as the runtime chains them."""
+    (logits,) = _session(folder / "mlp.onnx").run(None, {"features": features})
+    return _session(folder / "softmax.onnx").run(None, {"logits": logits})[0]
+
+
 def test_mlp_graph_matches_torch(exported, detector, images):
     with torch.no_grad():
         features = detector.extractor(torch.from_numpy(images[:3]))
         ref = detector.mlp.probabilities(features).permute(0, 2, 3, 1).numpy()  # the graph is channels last
-    (probs,) = _session(exported / "mlp.onnx").run(None, {"features": features.numpy()})
+    probs = _probabilities(exported, features.numpy())
     assert probs.shape == ref.shape
     np.testing.assert_allclose(probs, ref, atol=1e-6, rtol=1e-4)
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
@@ -134,6 +140,51 @@ def test_scorer_graph_every_mode(detector, bundle_tiny):
         with torch.no_grad():
             ref = detector.scorer(features, probs, mode, exact_dense=True).numpy()
         assert _rel(patch, ref) < 1e-5, mode
+
+
+def _allowed(probs: np.ndarray, st: tables.ScoringTables, tau: float) -> np.ndarray:
+    """(B, hw, M) mask of the exported scorer: G >= T with the exact float32 thresholds."""
+    t = tables.mask_spec("pni", st, tau).dense_threshold()  # (hw, M)
+    g = probs.reshape(len(probs), -1, probs.shape[-1])[:, :, st.emb_to_dist]  # (B, hw, M)
+    return g >= t[None]
+
+
+def test_fp16_build_keeps_the_mlp_mask_exact(exported, detector, bundle_tiny, images):
+    """An FP16 TensorRT build runs mlp.onnx in FP16 (its logits leave the engine FP16-rounded, as FP32
+    tensors) and softmax.onnx + scorer.onnx in FP32: the allowed sets are then exactly those of
+    torch's FP32 rule on the same logits. An FP16 softmax (the MLP graph's old layout) flips entries."""
+    from export.onnx_export import scoring_tables
+
+    with torch.no_grad():
+        features = detector.extractor(torch.from_numpy(images[:4])).numpy()
+    (logits,) = _session(exported / "mlp.onnx").run(None, {"features": features})
+    logits16 = logits.astype(np.float16).astype(np.float32)  # where TensorRT casts: the FP16 engine's output
+    probs = _session(exported / "softmax.onnx").run(None, {"logits": logits16})[0]
+    st = scoring_tables(detector, bundle_tiny)
+    tau = float(detector.scorer.tau)
+    with torch.no_grad():
+        ref_probs = torch.softmax(torch.from_numpy(logits16) / detector.mlp.temperature, dim=-1).numpy()
+    # torch's own float32 expression, (p_n + p_x) / 2 > tau, on the same logits
+    hw, m = st.grid[0] * st.grid[1], st.memory.shape[0]
+    p_x = np.zeros((hw, m), np.float32)
+    p_x[st.prior_position, st.prior_entry] = st.prior_prob
+    g_ref = ref_probs.reshape(len(ref_probs), hw, -1)[:, :, st.emb_to_dist]
+    torch_allowed = tables.predicate("pni", g_ref, st.inv_cluster[None, None], p_x[None], tau)
+    fp16_build = _allowed(probs, st, tau)
+    assert np.array_equal(fp16_build, torch_allowed)
+    assert 0 < fp16_build.mean() < 1
+    # the scorer graph with those probabilities gives torch's patch scores (same masks, FP32 distances)
+    spec_feeds = {"features": features, "probabilities": probs}
+    patch = _session(exported / "scorer.onnx").run(["patch_scores"], spec_feeds)[0]
+    with torch.no_grad():
+        ref_patch = detector.scorer(torch.from_numpy(features), torch.from_numpy(ref_probs).permute(0, 3, 1, 2),
+                                    "pni", exact_dense=True).numpy()
+    assert _rel(patch, ref_patch) < 1e-5
+    # the test can fail: a softmax in FP16 (what an FP16 engine of the old mlp graph computed) flips entries
+    x16 = (logits16 / np.float32(detector.mlp.temperature)).astype(np.float16)
+    e16 = np.exp(x16 - x16.max(-1, keepdims=True))
+    probs16 = (e16 / e16.sum(-1, keepdims=True, dtype=np.float16)).astype(np.float32)
+    assert not np.array_equal(_allowed(probs16, st, tau), torch_allowed)
 
 
 def test_exact_thresholds_reproduce_the_torch_mask_bit_for_bit():
@@ -205,8 +256,9 @@ print("OK", sorted(k for k in sys.modules if k.split('.')[0] in ("torch", "timm"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    # only the torch-free file helpers of pni_ray come along; no torch, no timm
-    assert proc.stdout.strip() == "OK ['pni_ray', 'pni_ray.fileio']"
+    # only torch-free pni_ray modules come along (file helpers, and the geometry evaluate uses); no torch, no timm
+    assert proc.stdout.strip() == ("OK ['pni_ray', 'pni_ray.config', 'pni_ray.data', 'pni_ray.data.images', "
+                                   "'pni_ray.fileio', 'pni_ray.geometry']")
     ref = load_exported(exported, threads=1).predict(images[:2])[0]
     np.testing.assert_array_equal(np.load(tmp_path / "maps.npy"), ref)
 
@@ -229,8 +281,8 @@ def test_tampered_or_incomplete_export_refused(exported, tmp_path):
 
 def test_export_directory_contents(exported, bundle_tiny):
     m = tables.verify_export(exported)
-    assert m["pipeline"] == ["backbone", "mlp", "scorer"]
-    assert set(m["files"]) == {"backbone.onnx", "mlp.onnx", "scorer.onnx", "c_emb.arrow", "c_dist.arrow",
+    assert m["pipeline"] == ["backbone", "mlp", "softmax", "scorer"]
+    assert set(m["files"]) == {"backbone.onnx", "mlp.onnx", "softmax.onnx", "scorer.onnx", "c_emb.arrow", "c_dist.arrow",
                                "emb_to_dist.arrow", "position_prior.arrow", "normalisation.arrow"}
     for name in ("torch", "onnx", "onnxruntime", "pni_ray", "pyarrow"):
         assert m["versions"][name]
@@ -253,8 +305,7 @@ def test_external_data_when_over_the_limit(exported, images, tmp_path):
     assert record["external_data"] == ["scorer.onnx.data"]
     assert (tmp_path / "scorer.onnx.data").stat().st_size > (tmp_path / "scorer.onnx").stat().st_size
     feats = _session(exported / "backbone.onnx").run(None, {"images": images[:1]})[0]
-    probs = _session(exported / "mlp.onnx").run(None, {"features": feats})[0]
-    feeds = {"features": feats, "probabilities": probs}
+    feeds = {"features": feats, "probabilities": _probabilities(exported, feats)}
     a = _session(exported / "scorer.onnx").run(["maps"], feeds)[0]
     b = _session(tmp_path / "scorer.onnx").run(["maps"], feeds)[0]
     np.testing.assert_array_equal(a, b)
@@ -336,12 +387,16 @@ def test_trt_flag_fails_clearly_and_leaves_the_onnx_export(cli_trt, images, refe
     msg = result.output
     assert "TensorRT engines were not built" in msg and "TensorRT Python package" in msg
     assert f"python -m export.trt {out} --max-batch 4 --fp16" in msg
-    for graph in ("backbone", "mlp", "scorer"):
+    for graph in ("backbone", "mlp", "softmax", "scorer"):
         assert f"trtexec --onnx={out / (graph + '.onnx')} --saveEngine={out / (graph + '.engine')}" in msg
     assert "--minShapes=images:1x3x128x128 --optShapes=images:4x3x128x128 --maxShapes=images:4x3x128x128 --fp16" in msg
     assert "memory_neg2t:" in msg  # coresets-as-inputs: the static tables have fixed profile shapes
     scorer_line = next(line for line in msg.splitlines() if "scorer.onnx" in line and "trtexec" in line)
     assert "--fp16" not in scorer_line  # the scorer stays FP32
+    softmax_line = next(line for line in msg.splitlines() if "softmax.onnx" in line and "trtexec" in line)
+    assert "--fp16" not in softmax_line and "--minShapes=logits:1x16x16x64" in softmax_line  # probabilities FP32
+    mlp_line = next(line for line in msg.splitlines() if "mlp.onnx" in line and "trtexec" in line)
+    assert "--fp16" in mlp_line
     # the ONNX + Arrow export is complete, verified and usable
     m = tables.verify_export(out)
     assert m["scorer"]["coresets"] == "input" and not list(out.glob("*.engine"))
@@ -416,11 +471,11 @@ def test_trt_build_with_a_stand_in_tensorrt(exported, tmp_path, monkeypatch):
     assert info["status"] == "built" and info["tensorrt_version"] == "10.3.0"
     assert calls["backbone.onnx"]["profile"] == {"images": ((1, 3, 128, 128), (6, 3, 128, 128), (6, 3, 128, 128))}
     assert calls["backbone.onnx"]["flags"] == ["fp16"] and calls["mlp.onnx"]["flags"] == ["fp16"]
-    assert calls["scorer.onnx"]["flags"] == []
+    assert calls["scorer.onnx"]["flags"] == [] and calls["softmax.onnx"]["flags"] == []
     assert set(calls["scorer.onnx"]["profile"]) == {"features", "probabilities"}
     assert (folder / "scorer.engine").read_bytes() == b"engine:scorer.onnx"
     m = tables.verify_export(folder)  # engines are checksummed into the manifest
-    assert set(m["tensorrt"]["engines"]) == {"backbone", "mlp", "scorer"} and "scorer.engine" in m["files"]
+    assert set(m["tensorrt"]["engines"]) == {"backbone", "mlp", "softmax", "scorer"} and "scorer.engine" in m["files"]
 
 
 # ---------------------------------------------------------------- coresets as inputs, polygraphy, refiner

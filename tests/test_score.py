@@ -28,7 +28,9 @@ from pni_ray.orchestration.score import (
     make_chunks,
     score,
 )
-from pni_ray.results import decode_map, decode_row, encode_map, part_files, read_table, upsample_map
+from pni_ray.config import GeometryConfig
+from pni_ray.geometry import Geometry, resize_map
+from pni_ray.results import decode_map, decode_row, encode_map, part_files, read_table
 
 REPO = Path(__file__).resolve().parents[1]
 PNI_RAY = [sys.executable, "-c", "from pni_ray.cli import main; main()"]  # the console script's entry point
@@ -42,13 +44,10 @@ def sources(synthetic_root: Path) -> list[Path]:
 
 
 def model_map(model, path: str) -> tuple[np.ndarray, float]:
-    """The model's own output for one file, upsampled to the file's size: the reference."""
-    from pni_ray.data.transforms import resize_rgb
-
-    rgb = load_rgb(path)
-    x = resize_rgb(rgb, tuple(model.image_size))[None].astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-    maps, scores = model.predict(np.ascontiguousarray(x))
-    return upsample_map(maps[0], rgb.shape[:2]), float(scores[0])
+    """The model's own output for one file, restored to the file's size: the reference."""
+    prepared = model.geometry.prepare(load_rgb(path))
+    maps, scores = model.canvas_maps([prepared])
+    return model.geometry.restore(maps[0], prepared), float(scores[0])
 
 
 def check_exactly_once(out: Path, inputs: list[str]) -> None:
@@ -104,7 +103,9 @@ def test_map_codec_roundtrip():
     assert encode_map(amap, "none")[0] is None and decode_map(None, None, 37, 53) is None
     flat = np.full((4, 6), 3.5, np.float32)
     assert np.allclose(decode_map(*encode_map(flat, "uint8")[:2], 4, 6, 3.5, 3.5), 3.5)
-    up = upsample_map(amap[:8, :8], (16, 24))
+    payload, dtype, lo, hi = encode_map(amap, "float32")
+    assert dtype == "float32" and np.array_equal(decode_map(payload, dtype, 37, 53), amap)
+    up = resize_map(amap[:8, :8], (16, 24))
     assert up.shape == (16, 24) and amap[:8, :8].min() - 1e-4 <= up.min() and up.max() <= amap[:8, :8].max() + 1e-4
     with pytest.raises(ValueError):
         encode_map(amap, "png")
@@ -118,7 +119,7 @@ def test_decode_stage_names_every_bad_file_and_scores_odd_modes(tmp_path, synthe
     paths = inputs.paths
     assert len(paths) == len(bad) + len(odd)
     row = {"chunk": "c", "meta": json.dumps({"paths": paths, "preset": inputs.preset_errors})}
-    decoded = decode_chunk(row, image_size=64, max_pixels=200_000)
+    decoded = decode_chunk(row, geometry=Geometry(GeometryConfig(), 64).spec(), max_pixels=200_000)
     meta = json.loads(decoded["meta"])
     errors = dict(zip(meta["paths"], meta["errors"]))
     assert len(bad) >= 12
@@ -140,7 +141,9 @@ def test_model_loader_bundle(bundle_tiny):
     manifest = json.loads((bundle_tiny / "manifest.json").read_text())
     assert model.kind == "bundle" and model.image_size == (128, 128) and model.category == "washer"
     assert model.threshold == manifest["normalisation"]["threshold"] and model.model_id == model_id(bundle_tiny)
-    maps, scores = model.predict(np.random.default_rng(0).random((2, 3, 128, 128), dtype=np.float32))
+    rng = np.random.default_rng(0)
+    prepared = [model.geometry.prepare(rng.integers(0, 256, (90, 140, 3), dtype=np.uint8)) for _ in range(2)]
+    maps, scores = model.canvas_maps(prepared)
     assert maps.shape == (2, 128, 128) and scores.shape == (2,) and maps.dtype == np.float32
     assert np.allclose(scores, maps.reshape(2, -1).max(1), rtol=1e-5)
 
@@ -159,9 +162,10 @@ def test_model_loader_export(bundle_tiny, tmp_path):
     model = load_scoring_model(out, threads=1)
     assert model.kind == "export" and model.image_size == (128, 128)
     assert model.model_id == runtime.load_exported(out).model_id
-    x = np.random.default_rng(0).random((2, 3, 128, 128), dtype=np.float32)
-    ref_maps, ref_scores = load_scoring_model(bundle_tiny).predict(x)
-    maps, scores = model.predict(x)
+    rng = np.random.default_rng(0)
+    prepared = [model.geometry.prepare(rng.integers(0, 256, (90, 140, 3), dtype=np.uint8)) for _ in range(2)]
+    ref_maps, ref_scores = load_scoring_model(bundle_tiny).canvas_maps(prepared)
+    maps, scores = model.canvas_maps(prepared)
     assert maps.shape == (2, 128, 128) and np.allclose(scores, ref_scores, rtol=1e-3, atol=1e-3)
 
 

@@ -33,25 +33,33 @@ def chunks(n: int, geometry: Geometry, batch_size: int) -> Iterable[slice]:
         yield slice(i, min(n, i + step))
 
 
-def canvas_batch(prepared: Sequence[Prepared]) -> torch.Tensor:
+def model_device(module: Any) -> torch.device:
+    """Where a detector's (or extractor's) weights live: inputs go there, results come back to the CPU."""
+    for tensor in getattr(module, "parameters", lambda: iter(()))():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def canvas_batch(prepared: Sequence[Prepared], device: torch.device | str = "cpu") -> torch.Tensor:
     """(B, 3, Hc, Wc) float32 in [0, 1] of same-sized canvases."""
-    return torch.from_numpy(to_float(np.stack([p.canvas for p in prepared])))
+    return torch.from_numpy(to_float(np.stack([p.canvas for p in prepared]))).to(device)
 
 
 @torch.no_grad()
 def features(extractor: torch.nn.Module, geometry: Geometry, prepared: Sequence[Prepared], tile_batch: int = 16) -> torch.Tensor:
     """Feature grids (B, D, gh, gw) of prepared images (tiled ones stitched to the whole image)."""
+    device = model_device(extractor)
     if not geometry.tiled:
         first = prepared[0]
         for p in prepared[1:]:
             geometry.check(p, first.grid)
-        return extractor(canvas_batch(prepared))
+        return extractor(canvas_batch(prepared, device))
     out = []
     for p in prepared:
-        crops = torch.from_numpy(geometry.tile_stack(p))
+        crops = torch.from_numpy(geometry.tile_stack(p)).to(device)
         feats = torch.cat([extractor(crops[i : i + tile_batch]) for i in range(0, len(crops), tile_batch)])
-        out.append(torch.from_numpy(geometry.stitch_tiles(feats.numpy(), p)))
-    return torch.stack(out)
+        out.append(torch.from_numpy(geometry.stitch_tiles(feats.float().cpu().numpy(), p)))
+    return torch.stack(out).to(device)
 
 
 def fill_invalid(patch_scores: torch.Tensor, prepared: Sequence[Prepared]) -> torch.Tensor:
@@ -62,7 +70,7 @@ def fill_invalid(patch_scores: torch.Tensor, prepared: Sequence[Prepared]) -> to
     """
     if all(p.valid is None for p in prepared):
         return patch_scores
-    index = torch.from_numpy(np.stack([p.fill_index() for p in prepared]))
+    index = torch.from_numpy(np.stack([p.fill_index() for p in prepared])).to(patch_scores.device)
     return torch.gather(patch_scores.flatten(1), 1, index).view_as(patch_scores)
 
 
@@ -78,11 +86,11 @@ def score_prepared(
     scores: dict[str, list[float]] = {}
     seconds: dict[str, float] = {}
     if getattr(detector, "extractor", None) is None:  # an ensemble: each mode runs the whole model
-        images = canvas_batch(prepared)
+        images = canvas_batch(prepared, model_device(detector))
         for name in names:
             t2 = time.perf_counter()
             batch_maps, _ = detector(images, name.removesuffix("+refine"), name.endswith("+refine"))
-            maps[name] = [m.float().numpy() for m in batch_maps]
+            maps[name] = [m.float().cpu().numpy() for m in batch_maps]
             seconds[name] = t_prep + time.perf_counter() - t2
             scores[name] = [geometry.image_score(m, p) for m, p in zip(maps[name], prepared)]
         return maps, scores, seconds
@@ -97,7 +105,7 @@ def score_prepared(
         t1 = time.perf_counter()
         p_dist = detector.mlp.probabilities(feats)
         t_mlp = time.perf_counter() - t1
-    canvas = canvas_batch(prepared) if any(n.endswith("+refine") for n in names) else None
+    canvas = canvas_batch(prepared, feats.device) if any(n.endswith("+refine") for n in names) else None
     for name, mode in zip(names, modes):
         t2 = time.perf_counter()
         patch = fill_invalid(detector.scorer(feats, p_dist, mode), prepared)
@@ -106,7 +114,7 @@ def score_prepared(
             if detector.refiner is None:
                 raise ValueError("this bundle has no refiner")
             batch_maps = detector.refiner(canvas, batch_maps)
-        maps[name] = [m.float().numpy() for m in batch_maps]
+        maps[name] = [m.float().cpu().numpy() for m in batch_maps]
         scores[name] = [geometry.image_score(m, p) for m, p in zip(maps[name], prepared)]
         seconds[name] = t_feat + (t_mlp if mode in NEEDS_MLP else 0.0) + time.perf_counter() - t2
     return maps, scores, seconds

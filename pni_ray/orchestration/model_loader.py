@@ -9,11 +9,12 @@ bundle never needs the export package.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
 from pni_ray.fileio import read_json
+from pni_ray.geometry import Geometry, Prepared
 
 BUNDLE_FORMAT = "pni-ray-bundle"  # == pni_ray.bundle.FORMAT, repeated to keep this import torch-free
 TORCH_FORMATS = {BUNDLE_FORMAT: "bundle", "pni-ray-ensemble": "ensemble"}  # loaded by load_detector
@@ -30,8 +31,10 @@ class ScoringModel(Protocol):
     category: str | None
     manifest: dict[str, Any]
 
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(B, 3, H, W) float32 in [0, 1] -> maps (B, H, W) float32, scores (B,) float32."""
+    geometry: Geometry  # how images are prepared and maps restored (the bundle's)
+
+    def canvas_maps(self, prepared: Sequence[Prepared]) -> tuple[np.ndarray, np.ndarray]:
+        """Prepared images -> canvas maps (B, Hc, Wc) float32, image scores (B,) over the content."""
         ...
 
 
@@ -60,21 +63,23 @@ class BundleModel:
 
         self.kind = kind
         self.path = Path(path)
+        from pni_ray.models.predict import default_name, detector_geometry
+
         self.detector, self.manifest = load_detector(self.path)
         self.device = torch.device(device)
         self.detector.to(self.device)
-        self.image_size = image_hw(self.detector.image_size)
+        self.geometry = detector_geometry(self.detector)
+        self.name = default_name(self.detector)  # its mode, "+refine" when it has a refiner
+        self.image_size = self.geometry.canvas_hw()
         self.threshold = _threshold(self.manifest)
         self.model_id = model_id(self.path)
         self.category = self.manifest.get("category")
 
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        import torch
+    def canvas_maps(self, prepared: Sequence[Prepared]) -> tuple[np.ndarray, np.ndarray]:
+        from pni_ray.models.predict import score_prepared
 
-        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
-        with torch.inference_mode():
-            maps, scores = self.detector(x)
-        return maps.float().cpu().numpy(), scores.float().cpu().numpy()
+        maps, scores, _ = score_prepared(self.detector, self.geometry, list(prepared), [self.name], len(prepared))
+        return np.stack(maps[self.name]).astype(np.float32), np.asarray(scores[self.name], np.float32)
 
 
 class ExportModel:
@@ -90,13 +95,14 @@ class ExportModel:
         self.path = Path(path)
         self.runtime = load_exported(self.path, threads=threads, **runtime_kwargs)
         self.manifest = dict(self.runtime.manifest)
+        self.geometry = self.runtime.geometry
         self.image_size = image_hw(self.runtime.image_size)
         self.threshold = float(self.runtime.threshold)
         self.model_id = str(self.runtime.model_id)
         self.category = self.manifest.get("category")
 
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        maps, scores = self.runtime.predict(np.ascontiguousarray(images, dtype=np.float32))
+    def canvas_maps(self, prepared: Sequence[Prepared]) -> tuple[np.ndarray, np.ndarray]:
+        maps, scores = self.runtime.canvas_maps(prepared)
         return np.asarray(maps, dtype=np.float32), np.asarray(scores, dtype=np.float32).reshape(-1)
 
 

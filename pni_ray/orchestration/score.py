@@ -3,9 +3,12 @@
 Pipeline (one Ray Data dataset, streamed)::
 
     sorted, de-duplicated inputs -> chunks of --chunk-size paths (rows of `from_items`)
-      -> map(decode_chunk)            read, decode, resize; each bad file becomes an error
-      -> map(ScoreWorker)             actor pool: the model, --batch-size images per forward pass
-      -> map(encode_chunk)            maps back to each image's (H, W), encode, Parquet bytes
+      -> map(decode_chunk)            read, decode, prepare with the model's geometry (resize,
+                                      letterbox, short-side, tiles: pni_ray.geometry, as `evaluate`);
+                                      each bad file or misfit image becomes an error
+      -> map(ScoreWorker)             actor pool: the model (bundle or export), --batch-size images
+                                      per forward pass, image scores over each image's content
+      -> map(encode_chunk)            maps back to each image's (H, W) with evaluate's resize, encode
       -> driver commits OUT/part-<chunk hash>.parquet atomically (temp file + rename)
 
 `--stages split` runs decode and encode as their own Ray tasks (the default when actors hold
@@ -48,6 +51,7 @@ import numpy as np
 
 from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError, is_image_file
 from pni_ray.fileio import sha256_file
+from pni_ray.geometry import Geometry, GeometryError, Prepared, restore_map
 from pni_ray.results import (
     MAP_FORMATS,
     TABLE_FORMAT,
@@ -61,7 +65,6 @@ from pni_ray.results import (
     schema,
     scored_row,
     table_to_parquet_bytes,
-    upsample_map,
 )
 
 log = logging.getLogger(__name__)
@@ -192,16 +195,17 @@ def make_chunks(paths: Sequence[str], chunk_size: int = CHUNK_SIZE) -> list[list
 class ModelInfo:
     path: str
     kind: str
-    image_size: tuple[int, int]  # (height, width) of the model input
+    image_size: tuple[int, int]  # (height, width) of the canvas every image is prepared to
     threshold: float
     model_id: str
     category: str | None
+    geometry: dict[str, Any] = field(default_factory=dict)  # Geometry.spec(): how decode prepares images
 
 
 def describe_model(path: Path | str) -> ModelInfo:
     """What the driver needs to know, without torch: the manifest, and the checksum of every file a
     bundle lists (the actors verify again, with the backbone weights, when they load the model)."""
-    from pni_ray.orchestration.model_loader import ExportModel, image_hw, model_kind
+    from pni_ray.orchestration.model_loader import ExportModel, model_kind
 
     path = Path(path).resolve()
     try:
@@ -219,13 +223,15 @@ def describe_model(path: Path | str) -> ModelInfo:
         norm = manifest.get("normalisation") or {}
         threshold = norm.get("threshold", manifest.get("threshold"))
         try:
-            size = manifest.get("image_size") or manifest["config"]["features"]["image_size"]
-        except (KeyError, TypeError) as exc:
-            raise ScoreError(f"{path}/manifest.json: no image size ({exc})") from exc
-        return ModelInfo(str(path), kind, image_hw(size), float("inf") if threshold is None else float(threshold),
-                         sha256_file(path / "manifest.json"), manifest.get("category"))
+            geometry = Geometry.from_manifest(manifest)
+            canvas = geometry.canvas_hw()
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ScoreError(f"{path}/manifest.json: no usable image geometry ({exc.__class__.__name__}: {exc})") from exc
+        return ModelInfo(str(path), kind, canvas, float("inf") if threshold is None else float(threshold),
+                         sha256_file(path / "manifest.json"), manifest.get("category"), geometry.spec())
     model = ExportModel(path)
-    return ModelInfo(str(path), kind, model.image_size, model.threshold, model.model_id, model.category)
+    return ModelInfo(str(path), kind, model.image_size, model.threshold, model.model_id, model.category,
+                     model.geometry.spec())
 
 
 # ------------------------------------------------------------------------------------------
@@ -233,33 +239,39 @@ def describe_model(path: Path | str) -> ModelInfo:
 # ------------------------------------------------------------------------------------------
 
 
-def decode_chunk(row: dict[str, Any], image_size: int | tuple[int, int], max_pixels: int) -> dict[str, Any]:
-    """Read, decode and resize one chunk; a file that cannot be used becomes an error, never raises."""
+def decode_chunk(row: dict[str, Any], geometry: dict[str, Any], max_pixels: int) -> dict[str, Any]:
+    """Read, decode and prepare one chunk with the model's geometry (pni_ray.geometry, as `evaluate`
+    does); a file that cannot be used, or whose geometry does not fit the model, becomes an error."""
     from pni_ray.data.images import load_rgb
-    from pni_ray.data.transforms import resize_rgb
 
+    geo = Geometry.from_manifest(geometry)
     meta = json.loads(row["meta"])
     preset = meta.pop("preset", {})
     errors: list[str | None] = []
     hw: list[list[int] | None] = []
+    content: list[list[int] | None] = []
     pixels: list[np.ndarray] = []
     for path in meta["paths"]:
         err = preset.get(path)
         if err is None:
             try:
-                rgb = load_rgb(path, max_pixels=max_pixels)
-                pixels.append(resize_rgb(rgb, tuple(image_size) if not isinstance(image_size, int) else image_size))
-                hw.append([int(rgb.shape[0]), int(rgb.shape[1])])
-            except ImageError as exc:
-                err = str(exc)
+                prepared = geo.prepare(load_rgb(path, max_pixels=max_pixels))
+                geo.check(prepared, name=path)
+                prepared.fill_index()  # an image too thin to leave content cells fails here, by name
+                pixels.append(prepared.canvas)
+                hw.append(list(prepared.original_hw))
+                content.append(list(prepared.content))
+            except (ImageError, GeometryError) as exc:
+                err = str(exc) if path in str(exc) else f"{path}: {exc}"
             except MemoryError:
                 err = f"{path}: out of memory while decoding (lower --max-pixels or give workers more memory)"
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the job
                 err = f"{path}: cannot decode ({exc.__class__.__name__}: {exc})"
         if err is not None:
             hw.append(None)
+            content.append(None)
         errors.append(err)
-    meta.update(errors=errors, hw=hw)
+    meta.update(errors=errors, hw=hw, content=content)
     data = np.ascontiguousarray(np.stack(pixels)).tobytes() if pixels else b""
     return {"chunk": row["chunk"], "meta": json.dumps(meta), "pixels": data}
 
@@ -287,9 +299,8 @@ class ScoreWorker:
         self.model = load_scoring_model(model_path, device=device, threads=threads)
         self.batch_size = max(1, int(batch_size))
 
-    def _predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        batch = (images.astype(np.float32) / 255.0).transpose(0, 3, 1, 2)
-        maps, scores = self.model.predict(np.ascontiguousarray(batch))
+    def _predict(self, prepared: list[Prepared]) -> tuple[np.ndarray, np.ndarray]:
+        maps, scores = self.model.canvas_maps(prepared)
         return np.asarray(maps, np.float32), np.asarray(scores, np.float64).reshape(-1)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -304,17 +315,18 @@ class ScoreWorker:
         ok = [i for i, e in enumerate(errors) if e is None]
         h, w = self.model.image_size
         images = np.frombuffer(row["pixels"], np.uint8).reshape(len(ok), h, w, 3) if ok else None
+        prepared = [self.model.geometry.rebuild(images[j], meta["hw"][i], meta["content"][i]) for j, i in enumerate(ok)]
         maps = np.zeros((len(ok), h, w), np.float32)
         scores = np.full(len(ok), np.nan)
         failed: dict[int, str] = {}
         for start in range(0, len(ok), self.batch_size):
             stop = min(start + self.batch_size, len(ok))
             try:
-                maps[start:stop], scores[start:stop] = self._predict(images[start:stop])
+                maps[start:stop], scores[start:stop] = self._predict(prepared[start:stop])
             except Exception:  # noqa: BLE001 - retry one by one to isolate the culprit
                 for j in range(start, stop):
                     try:
-                        maps[j: j + 1], scores[j: j + 1] = self._predict(images[j: j + 1])
+                        maps[j: j + 1], scores[j: j + 1] = self._predict(prepared[j: j + 1])
                     except Exception as exc:  # noqa: BLE001
                         failed[j] = f"{paths[ok[j]]}: scoring failed ({exc.__class__.__name__}: {exc})"
         out_scores: list[float | None] = [None] * len(paths)
@@ -333,9 +345,10 @@ class ScoreWorker:
 
 
 def encode_chunk(row: dict[str, Any], map_format: str, model: dict[str, Any]) -> dict[str, Any]:
-    """Maps back to each image's own (H, W) (bilinear), encoded; the chunk as Parquet bytes."""
+    """Canvas maps back to each image's own (H, W) (content cropped, `pni_ray.geometry.resize_map`,
+    the resize `evaluate` uses), encoded; the chunk as Parquet bytes."""
     meta = json.loads(row["meta"])
-    paths, errors, scores, hw = meta["paths"], meta["errors"], meta["scores"], meta["hw"]
+    paths, errors, scores, hw, content = meta["paths"], meta["errors"], meta["scores"], meta["hw"], meta["content"]
     h, w = model["image_size"]
     n_maps = sum(v is not None for v in scores)
     maps = np.frombuffer(row["maps"], np.float32).reshape(n_maps, h, w)
@@ -349,7 +362,7 @@ def encode_chunk(row: dict[str, Any], map_format: str, model: dict[str, Any]) ->
         amap = maps[j]
         j += 1
         try:
-            full = upsample_map(amap, (hw[i][0], hw[i][1]))
+            full = restore_map(amap, content[i], hw[i])
             rows.append(scored_row(path, model["category"], scores[i], model["threshold"], full, map_format,
                                    model["model_id"], scored_at))
         except Exception as exc:  # noqa: BLE001
@@ -443,7 +456,7 @@ def run_ray(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Itera
         workers = max(1, min(workers, len(rows)))
         model = {"image_size": info.image_size, "threshold": info.threshold, "model_id": info.model_id,
                  "category": info.category, "path": info.path}
-        decode = {"image_size": info.image_size, "max_pixels": opts.max_pixels}
+        decode = {"geometry": info.geometry, "max_pixels": opts.max_pixels}
         encode = {"map_format": opts.map_format, "model": model}
         device = "cuda" if opts.gpus_per_worker > 0 else "cpu"
         # fused on CPUs: each extra Ray worker process costs an interpreter and its imports, which on
@@ -477,7 +490,7 @@ def run_local(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Ite
     model = {"image_size": info.image_size, "threshold": info.threshold, "model_id": info.model_id,
              "category": info.category, "path": info.path}
     worker = ScoreWorker(info.path, threads=opts.threads or os.cpu_count() or 1, batch_size=opts.batch_size,
-                         decode={"image_size": info.image_size, "max_pixels": opts.max_pixels},
+                         decode={"geometry": info.geometry, "max_pixels": opts.max_pixels},
                          encode={"map_format": opts.map_format, "model": model})
     for row in rows:
         yield worker(row)
