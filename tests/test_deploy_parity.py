@@ -1,0 +1,91 @@
+"""Deploy exactly what was evaluated: for every geometry, `evaluate`, `score BUNDLE` and `score EXPORT`
+give the same image scores and maps on every test image (synthetic washer cropped to 80 x 128)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from export.deploy_parity import deployment_parity, within_limits
+from export.onnx_export import ExportOptions, export_bundle
+from export.runtime import load_exported
+from pni_ray.bundle import save_bundle
+from pni_ray.config import GeometryConfig
+from pni_ray.data.geometry import derive_category
+from pni_ray.training import train_category
+
+from conftest import tiny_config
+
+CROP = (24, 0, 80, 128)  # washer 128 x 128 -> 80 high x 128 wide
+GEOMETRIES = {
+    "resize": GeometryConfig(),
+    "letterbox": GeometryConfig(policy="letterbox", pad_value=255),
+    "short-side": GeometryConfig(policy="short-side"),
+    "tile": GeometryConfig(tile=True, tile_size=64, tile_overlap=16),
+}
+
+
+@pytest.fixture(scope="module")
+def crop_root(synthetic_root, tmp_path_factory):
+    root = tmp_path_factory.mktemp("crop")
+    derive_category(synthetic_root, "washer", root, crop=CROP)
+    return root
+
+
+@pytest.fixture(scope="module")
+def bundles(crop_root, tmp_path_factory):
+    small = dict(neighbourhood=dataclasses.replace(tiny_config().neighbourhood, epochs=2))
+    folder = tmp_path_factory.mktemp("geo-bundles")
+    return {name: save_bundle(train_category(crop_root, "washer", tiny_config(geometry=g, **small), progress=False),
+                              folder / name) for name, g in GEOMETRIES.items()}
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_evaluate_score_and_export_agree(bundles, crop_root, name, tmp_path):
+    figures = deployment_parity(bundles[name], crop_root, "washer", tmp_path, engine="local", threads=1)
+    assert figures["n_images"] >= 10
+    for key in ("score_bundle", "score_export"):
+        f = figures[key]
+        assert f["error_rows"] == 0 and f["summary_failed"] == 0, (key, f)
+        assert f["ranking_identical"], (key, f)
+    assert figures["score_bundle"]["max_rel_score_diff"] <= 1e-5  # the same torch code, batch for batch
+    assert figures["score_bundle"]["max_map_diff_of_range"] <= 1e-5
+    assert within_limits(figures), figures
+
+
+def test_export_manifest_records_the_geometry(bundles, tmp_path):
+    out = export_bundle(bundles["letterbox"], tmp_path / "lb", ExportOptions(max_batch=4)).path
+    model = load_exported(out, threads=1)
+    m = model.manifest
+    assert m["image_size"] == [128, 128] and m["model_input"] == [128, 128] and m["scorer"]["fill_index"]
+    assert {i.name for i in model.sessions["scorer"].get_inputs()} >= {"features", "probabilities", "fill_index"}
+    tiled = load_exported(export_bundle(bundles["tile"], tmp_path / "t", ExportOptions(max_batch=4)).path, threads=1)
+    assert tiled.manifest["model_input"] == [64, 64] and tiled.manifest["image_size"] == [80, 128]
+    assert tiled.manifest["grid"] == [10, 16]
+    short = load_exported(export_bundle(bundles["short-side"], tmp_path / "s", ExportOptions(max_batch=4)).path, threads=1)
+    assert short.manifest["image_size"] == [128, 208] and not short.manifest["scorer"]["fill_index"]
+    # another aspect ratio is refused by name for short-side, scored at its own size for letterbox
+    tall = np.full((128, 80, 3), 200, np.uint8)
+    maps, scores = model.predict_images([tall])
+    assert maps[0].shape == (128, 80) and np.isfinite(scores).all()
+    with pytest.raises(ValueError, match="trained on a"):
+        short.predict_images([tall])
+
+
+def test_score_refuses_a_misfit_image_as_an_error_row(bundles, tmp_path):
+    from PIL import Image
+
+    from export.deploy_parity import read_scores
+    from pni_ray.orchestration.score import Options, score
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.full((80, 128, 3), 120, np.uint8)).save(folder / "wide.png")
+    Image.fromarray(np.full((128, 80, 3), 120, np.uint8)).save(folder / "tall.png")
+    summary = score(bundles["short-side"], [str(folder)], tmp_path / "out", Options(threads=1), engine="local")
+    rows = read_scores(tmp_path / "out")
+    assert summary["rows"] == 2 and summary["failed"] == 1
+    assert rows[str(folder / "wide.png")]["error"] is None
+    assert "tall.png" in rows[str(folder / "tall.png")]["error"] and "trained on a" in rows[str(folder / "tall.png")]["error"]
