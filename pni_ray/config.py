@@ -107,6 +107,9 @@ class RefinerConfig:
     decoder_channels: tuple[int, ...] = (96, 64, 48, 32, 16)  # stride 16, 8, 4, 2, 1
     n_samples: int = 240  # synthetic defect images made from train/good
     source: str = "holdout"  # "holdout": PNI's held-out calibration images; "all": every train/good image
+    # share of PNI's held-out images kept away from the synthetic defects: the refined model's
+    # normalisation and threshold are computed on their refined maps (a third split)
+    calibration_fraction: float = 0.5
     p_normal: float = 0.1  # share of defect-free samples (target all zero)
     val_fraction: float = 0.1  # synthetic samples kept out of training to report a validation loss
     epochs: int = 8

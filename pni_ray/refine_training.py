@@ -10,7 +10,10 @@ u = (map - pixel_mean) / (target_sigmas * pixel_std) with the model's held-out c
 
 By default the defects are drawn on the PNI model's held-out calibration images: their maps
 are what the model produces on unseen normal images, whereas images in the memory bank score
-unrealistically low (their own patches are in C_emb).
+unrealistically low (their own patches are in C_emb). A share of those held-out images is kept
+away from the defects (a third split, `split_refiner_images`): the refined model's normalisation
+and threshold are computed on their refined maps (`recalibrate`), and the manifest lists both
+splits (training.refiner.source_images / calibration_images).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pni_ray.config import RefinerConfig, TrainConfig
 from pni_ray.data.defects import DefectMix, sample_defect
 from pni_ray.data.images import list_images, load_rgb
 from pni_ray.data.transforms import resize_rgb, to_tensor
-from pni_ray.models.pni import TrainedModel, build_detector
+from pni_ray.models.pni import Normalisation, TrainedModel, build_detector
 from pni_ray.models.refiner import MapRefiner, build_refiner, refinement_loss
 
 log = logging.getLogger(__name__)
@@ -63,21 +66,39 @@ def good_images(data_root: Path | str, category: str) -> list[Path]:
     return paths
 
 
-def source_images(paths: list[Path], cfg: TrainConfig) -> list[Path]:
-    """The images defects are drawn on: PNI's held-out split (the same seeded split) or all."""
+def split_refiner_images(paths: list[Path], cfg: TrainConfig) -> tuple[list[Path], list[Path]]:
+    """(defect sources, calibration images): the refiner's two splits of train/good.
+
+    PNI's held-out images (the memory bank never saw them) are split, seeded, into calibration
+    images (`refiner.calibration_fraction` of them, at least one) and the rest. Synthetic defects are
+    drawn on the rest ("holdout") or on every train/good image but the calibration ones ("all"), so
+    the refined model is calibrated on images neither the bank nor the refiner has seen.
+    """
     from pni_ray.training import split_holdout
 
-    source = cfg.refiner.source
-    if source not in SOURCES:
-        raise ValueError(f"refiner source must be one of {SOURCES}, got {source!r}")
-    if source == "all":
-        return paths
+    rcfg = cfg.refiner
+    if rcfg.source not in SOURCES:
+        raise ValueError(f"refiner source must be one of {SOURCES}, got {rcfg.source!r}")
+    if not 0 < rcfg.calibration_fraction < 1:
+        raise ValueError(f"refiner calibration_fraction must be in (0, 1), got {rcfg.calibration_fraction}")
     minimum = cfg.scoring.min_holdout if len(paths) > 2 else 0
     _, holdout = split_holdout(paths, cfg.scoring.holdout_fraction, minimum, cfg.seed)
-    if not holdout:
-        log.warning("no held-out calibration images; drawing refiner defects on all train/good images")
-        return paths
-    return holdout
+    if len(holdout) < 2:
+        raise ValueError(
+            f"{len(holdout)} held-out train/good image(s): the refiner needs at least 2 (one to draw defects on, "
+            "one to recalibrate the refined model on); raise scoring.holdout_fraction or add train images"
+        )
+    n_cal = min(len(holdout) - 1, max(1, int(round(rcfg.calibration_fraction * len(holdout)))))
+    perm = torch.randperm(len(holdout), generator=torch.Generator().manual_seed(cfg.seed + 11)).tolist()
+    calibration = sorted(holdout[i] for i in perm[:n_cal])
+    chosen = set(calibration)
+    pool = holdout if rcfg.source == "holdout" else paths
+    return [p for p in pool if p not in chosen], calibration
+
+
+def source_images(paths: list[Path], cfg: TrainConfig) -> list[Path]:
+    """The images defects are drawn on (see split_refiner_images)."""
+    return split_refiner_images(paths, cfg)[0]
 
 
 @torch.no_grad()
@@ -190,6 +211,33 @@ def fit_refiner(
     return history
 
 
+def parent_normalisation(norm: Normalisation) -> Normalisation:
+    """The unrefined model's statistics (a refined bundle keeps them as extras parent_*)."""
+    keys = ("image_mean", "image_std", "pixel_mean", "pixel_std", "threshold")
+    if all(f"parent_{k}" in norm.extras for k in keys):
+        return Normalisation(**{k: float(norm.extras[f"parent_{k}"]) for k in keys})
+    return norm
+
+
+def recalibrate(trained: TrainedModel, paths: list[Path]) -> Normalisation:
+    """Normalisation and threshold of the refined model from refined maps of `paths` (the third split).
+
+    The unrefined parent's statistics stay in `extras` (parent_*): its maps are on another scale.
+    """
+    from pni_ray.training import calibrate
+
+    cfg = trained.config
+    detector = build_detector(trained)
+    parent = parent_normalisation(trained.normalisation)
+    norm = calibrate(detector, paths, cfg.features.image_size, cfg.batch_size, cfg.scoring.threshold_sigmas,
+                     name=f"{detector.mode}+refine")
+    extras = dict(norm.extras)
+    extras.update({f"parent_{k}": float(getattr(parent, k))
+                   for k in ("image_mean", "image_std", "pixel_mean", "pixel_std", "threshold")})
+    extras["n_calibration"] = float(len(paths))
+    return dataclasses.replace(norm, extras=extras)
+
+
 def train_refiner(
     trained: TrainedModel, data_root: Path | str, category: str, progress: bool = True
 ) -> TrainedModel:
@@ -197,7 +245,8 @@ def train_refiner(
 
     Seeded by trained.config.seed. The refiner carries the PNI model's held-out pixel statistics
     so it maps raw maps to refined raw maps on its own. Returns `trained` (modified in place):
-    refiner set, config.refiner.enabled True, report["refiner"] and report["seconds"]["refiner"].
+    refiner set, config.refiner.enabled True, normalisation and threshold recomputed on refined maps
+    of the calibration split (`recalibrate`), report["refiner"] and report["seconds"]["refiner"].
     """
     if trained.mlp is None and trained.config.mode == "pni":
         raise ValueError("train_refiner needs a trained PNI model")
@@ -209,7 +258,7 @@ def train_refiner(
     if rcfg.epochs < 1 or rcfg.batch_size < 1:
         raise ValueError(f"refiner epochs and batch_size must be >= 1, got {rcfg.epochs}, {rcfg.batch_size}")
     seed = cfg.seed
-    paths = source_images(good_images(data_root, category), cfg)
+    paths, calibration = split_refiner_images(good_images(data_root, category), cfg)
     log.info("%s: refiner on %d synthetic defects drawn on %d train/good images (%s)",
              category, rcfg.n_samples, len(paths), rcfg.source)
     data = make_refiner_data(trained, paths, rcfg.n_samples, seed, progress, cfg.batch_size)
@@ -218,7 +267,7 @@ def train_refiner(
     perm = torch.randperm(rcfg.n_samples, generator=torch.Generator().manual_seed(seed + 3))
     n_val = min(rcfg.n_samples - 1, int(round(rcfg.val_fraction * rcfg.n_samples))) if rcfg.val_fraction > 0 else 0
     val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
-    norm = trained.normalisation
+    norm = parent_normalisation(trained.normalisation)
     sigmas = rcfg.target_sigmas if rcfg.target_sigmas is not None else defect_level(data, norm.pixel_mean, norm.pixel_std)
     refiner = build_refiner(rcfg, seed=seed)
     refiner.set_map_statistics(norm.pixel_mean, norm.pixel_std, sigmas)
@@ -241,6 +290,9 @@ def train_refiner(
     }
     trained.refiner = refiner
     trained.config = cfg.replace(refiner=dataclasses.replace(rcfg, enabled=True))
+    trained.normalisation = recalibrate(trained, calibration)
+    facts["source_images"] = [p.name for p in paths]
+    facts["calibration_images"] = [p.name for p in calibration]
     report = trained.report if isinstance(trained.report, dict) else {}
     report.setdefault("deterministic", {})["refiner"] = facts
     report["refiner"] = {

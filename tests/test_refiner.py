@@ -240,9 +240,9 @@ def test_training_improves_the_loss(refined_tiny):
     assert trained.config.refiner.enabled
     facts = trained.report["deterministic"]["refiner"]
     assert facts["n_samples"] == 16 and facts["n_val"] == 4 and facts["n_train"] == 12
-    # the refiner carries the model's held-out statistics
-    assert float(trained.refiner.map_mean) == pytest.approx(trained.normalisation.pixel_mean)
-    assert float(trained.refiner.map_std) == pytest.approx(trained.normalisation.pixel_std)
+    # the refiner carries the unrefined model's held-out statistics (its input maps' scale)
+    assert float(trained.refiner.map_mean) == pytest.approx(trained.normalisation.extras["parent_pixel_mean"])
+    assert float(trained.refiner.map_std) == pytest.approx(trained.normalisation.extras["parent_pixel_std"])
 
 
 def test_refiner_data_is_seeded(trained_tiny, synthetic_root):
@@ -357,3 +357,60 @@ def test_refine_command_adds_the_refiner_train_would(trained_tiny, refined_tiny,
     assert again.exit_code != 0 and "already exists" in again.output
     onto_itself = CliRunner().invoke(main, ["refine", str(plain), str(synthetic_root), "--out", str(plain), "--force"])
     assert onto_itself.exit_code != 0 and "new directory" in onto_itself.output
+
+
+def test_refined_bundle_is_recalibrated_on_a_third_split(trained_tiny, refined_tiny, refined_bundle, synthetic_root):
+    """Normalisation and threshold of a refined bundle come from refined maps of train/good images used
+    neither by the memory bank nor by the refiner's synthetic defects."""
+    from pni_ray.bundle import load_bundle
+    from pni_ray.data.mvtec import load_category
+    from pni_ray.models.pni import build_detector
+    from pni_ray.training import calibrate
+
+    trained, _ = refined_tiny
+    loaded, manifest = load_bundle(refined_bundle)
+    facts = manifest["training"]
+    holdout = set(facts["holdout_images"])
+    calibration, sources = set(facts["refiner"]["calibration_images"]), set(facts["refiner"]["source_images"])
+    train = {p.name for p in load_category(synthetic_root, "washer").train}
+    assert calibration and sources and calibration <= holdout  # never in the memory bank
+    assert not calibration & sources and sources <= holdout  # never a synthetic-defect image
+    assert facts["refiner"]["n_source_images"] == len(sources) and calibration | sources <= train
+    norm, parent = loaded.normalisation, trained_tiny.normalisation
+    assert norm.threshold != parent.threshold and norm.pixel_std != parent.pixel_std
+    assert norm.extras["parent_threshold"] == parent.threshold and norm.extras["n_calibration"] == len(calibration)
+    assert manifest["threshold"] == norm.threshold
+    # recomputed from the refined maps of exactly those images
+    cfg = loaded.config
+    paths = sorted(synthetic_root / "washer" / "train" / "good" / n for n in calibration)
+    again = calibrate(build_detector(loaded), paths, 128, 8, cfg.scoring.threshold_sigmas, name="pni+refine")
+    assert again.threshold == pytest.approx(norm.threshold, rel=1e-6)
+    assert again.pixel_mean == pytest.approx(norm.pixel_mean, rel=1e-6)
+    unrefined = calibrate(build_detector(loaded), paths, 128, 8, cfg.scoring.threshold_sigmas, name="pni")
+    assert unrefined.threshold != pytest.approx(norm.threshold, rel=1e-6)  # the refined maps, not the raw ones
+
+
+def test_refiner_splits_refuse_too_few_held_out_images(trained_tiny, synthetic_root):
+    from pni_ray.refine_training import good_images, split_refiner_images
+
+    paths = good_images(synthetic_root, "washer")
+    cfg = trained_tiny.config.replace(refiner=tiny_refiner_config())
+    sources, calibration = split_refiner_images(paths, cfg)
+    assert sources and calibration and not set(sources) & set(calibration)
+    every = split_refiner_images(paths, cfg.replace(refiner=dataclasses.replace(cfg.refiner, source="all")))
+    assert every[1] == calibration and set(every[0]) == set(paths) - set(calibration)
+    few = cfg.replace(scoring=dataclasses.replace(cfg.scoring, holdout_fraction=0.01, min_holdout=1))
+    with pytest.raises(ValueError, match="needs at least 2"):
+        split_refiner_images(paths, few)
+
+
+def test_ensemble_of_refined_bundles_uses_the_refined_statistics(refined_bundle, bundle_tiny, tmp_path):
+    from pni_ray.bundle import load_bundle
+    from pni_ray.models.ensemble import save_ensemble, verify_ensemble
+
+    out = save_ensemble([refined_bundle, bundle_tiny], tmp_path / "ens")
+    manifest = verify_ensemble(out)
+    refined_norm = load_bundle(refined_bundle)[0].normalisation
+    entry = manifest["members"][0]
+    assert entry["normalisation"]["threshold"] == refined_norm.threshold
+    assert entry["normalisation"]["pixel_std"] == refined_norm.pixel_std
