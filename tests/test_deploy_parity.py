@@ -89,3 +89,11 @@ def test_score_refuses_a_misfit_image_as_an_error_row(bundles, tmp_path):
     assert summary["rows"] == 2 and summary["failed"] == 1
     assert rows[str(folder / "wide.png")]["error"] is None
     assert "tall.png" in rows[str(folder / "tall.png")]["error"] and "trained on a" in rows[str(folder / "tall.png")]["error"]
+
+
+@pytest.mark.ray
+def test_ray_engine_scores_like_evaluate(bundles, crop_root, tmp_path):
+    pytest.importorskip("ray")
+    figures = deployment_parity(bundles["letterbox"], crop_root, "washer", tmp_path, engine="ray", threads=1)
+    assert within_limits(figures), figures
+    assert figures["score_bundle"]["max_rel_score_diff"] <= 1e-5
