@@ -13,9 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from pni_ray.bundle import MEMORY, model_id, save_bundle
-from pni_ray.orchestration.train_all import (
-    FAILED, SKIPPED, TRAINED, Pair, PairError, _failure_record, plan_pairs, task_options, train_all, train_all_cmd,
-)
+from pni_ray.orchestration.train_all import _failure_record, task_options, train_all
+from pni_ray.orchestration.train_all_cli import train_all_cmd
+from pni_ray.orchestration.train_plan import FAILED, SKIPPED, TRAINED, Pair, plan_pairs
+from pni_ray.orchestration.train_task import PairError
 from pni_ray.training import train_category
 
 from conftest import tiny_config
@@ -179,7 +180,7 @@ def test_gpu_tasks_build_the_extractor_on_their_device():
     import torch
 
     import pni_ray.training as training
-    from pni_ray.orchestration.train_all import DeviceExtractor, assigned_device, extractor_on
+    from pni_ray.orchestration.train_task import DeviceExtractor, assigned_device, extractor_on
 
     original = training.build_extractor
     assert assigned_device(0) == torch.device("cpu")
@@ -198,7 +199,7 @@ def test_gpu_tasks_build_the_extractor_on_their_device():
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
 def test_train_pair_on_gpu(synthetic_root, tmp_path):
     from pni_ray.bundle import verify_bundle
-    from pni_ray.orchestration.train_all import train_pair
+    from pni_ray.orchestration.train_task import train_pair
 
     record = train_pair(str(synthetic_root), "washer", tiny_config().to_dict(), str(tmp_path / "washer"), 1, gpus=1)
     assert record["status"] == TRAINED and record["device"] == "cuda:0"
