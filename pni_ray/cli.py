@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from pni_ray.config import SCORE_MODES
-from pni_ray.options import build_config, print_table, set_threads, train_options, training_threads
+from pni_ray.options import build_config, load_config_file, print_table, set_threads, train_options, training_threads
 
 log = logging.getLogger("pni_ray")
 
@@ -39,7 +39,7 @@ def main(verbose: int, quiet: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @train_options
 def train(data_root: Path, category: str, out: Path, backbone: str | None, force: bool, threads: int | None,
-          **overrides: Any) -> None:
+          config_file: Path | None, **overrides: Any) -> None:
     """Train one CATEGORY of an MVTec-layout DATA_ROOT from its train/good images.
 
     Gives the same bundle as `train-all` for the same config and --threads (both default to 1).
@@ -50,7 +50,7 @@ def train(data_root: Path, category: str, out: Path, backbone: str | None, force
     n_threads = training_threads(threads)
     if out.exists() and not force:
         raise click.ClickException(f"{out} already exists; use --force to replace it")
-    cfg = build_config(backbone=backbone, **overrides)
+    cfg = build_config(backbone=backbone, base=load_config_file(config_file), **overrides)
     trained = fit_category(data_root, category, cfg, n_threads)
     save_bundle(trained, out, overwrite=force)
     secs = trained.report["seconds"]

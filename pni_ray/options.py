@@ -8,7 +8,9 @@ with the same functions, which is what makes their bundles byte-identical.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import click
@@ -88,9 +90,30 @@ def build_config(
     return cfg.replace(**changes)
 
 
+def load_config_file(path: Path | None) -> TrainConfig | None:
+    """A TrainConfig JSON file, or a bundle's manifest.json (its `config`), as the base of the options."""
+    if path is None:
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(f"{path}: not a readable JSON file ({exc})", param_hint="--config") from exc
+    if isinstance(data, dict) and "config" in data and "format" in data:  # a bundle manifest
+        data = data["config"]
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{path}: expected a JSON object (a TrainConfig)", param_hint="--config")
+    try:
+        return TrainConfig.from_dict(data)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise click.BadParameter(f"{path}: not a TrainConfig ({type(exc).__name__}: {exc})", param_hint="--config") from exc
+
+
 def train_options(fn: Any) -> Any:
     """Options shared by `train` and `train-all`."""
     options = [
+        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     default=None,
+                     help="TrainConfig JSON (or a bundle's manifest.json) as the base; other options override it."),
         click.option("--image-size", type=int, default=None, help="Model input size in pixels (default 256)."),
         click.option("--coreset-ratio", type=float, default=None, help="Fraction of patches kept in C_emb."),
         click.option("--dist-size", type=int, default=None, help="|C_dist| (paper 2048, capped by |C_emb|)."),

@@ -17,7 +17,7 @@ from pni_ray.orchestration.train_all import _failure_record, task_options, train
 from pni_ray.orchestration.train_all_cli import train_all_cmd
 from pni_ray.orchestration.train_plan import FAILED, SKIPPED, TRAINED, Pair, plan_pairs
 from pni_ray.orchestration.train_task import PairError
-from pni_ray.training import train_category
+from pni_ray.fit import fit_category
 
 from conftest import tiny_config
 
@@ -37,14 +37,12 @@ def ray_session():
 
 
 @pytest.fixture(scope="module")
-def sequential_ids(synthetic_root, bundle_tiny, tmp_path_factory):
-    """model_id of `train_category` + `save_bundle` in this process (torch threads = 1, conftest)."""
-    ids = {"washer": model_id(bundle_tiny)}  # bundle_tiny is exactly that for washer
+def sequential_ids(synthetic_root, tmp_path_factory):
+    """model_id of `fit_category` (what `pni-ray train` runs) + `save_bundle` in this process, 1 thread."""
     out = tmp_path_factory.mktemp("sequential")
-    for category in ("weave", "granite"):
-        ids[category] = model_id(save_bundle(train_category(synthetic_root, category, tiny_config(), progress=False),
-                                             out / category))
-    return ids
+    return {category: model_id(save_bundle(fit_category(synthetic_root, category, tiny_config(), threads=1,
+                                                        progress=False), out / category))
+            for category in CATEGORIES}
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +203,26 @@ def test_train_pair_on_gpu(synthetic_root, tmp_path):
     assert record["status"] == TRAINED and record["device"] == "cuda:0"
     verify_bundle(tmp_path / "washer")
     assert record["image_auroc"] > 0.8
+
+
+def test_train_and_train_all_write_identical_bundles_at_their_defaults(first_run, synthetic_root, tmp_path):
+    """`pni-ray train` in a fresh process (torch would use every core) vs the train-all task (1 CPU)."""
+    import subprocess
+    import sys
+
+    _, out, _ = first_run
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(tiny_config().to_dict()))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PNI_RAY_THREADS", "PNI_RAY_TEST_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    single = tmp_path / "washer"
+    cmd = [sys.executable, "-c", "from pni_ray.cli import main; main()", "train", str(synthetic_root), "-c", "washer",
+           "--backbone", BACKBONE, "--config", str(config), "--out", str(single)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    task_bundle = out / "washer" / BACKBONE
+    names = sorted(p.name for p in task_bundle.iterdir())
+    assert names == sorted(p.name for p in single.iterdir())
+    for name in names:
+        assert (single / name).read_bytes() == (task_bundle / name).read_bytes(), name
+    assert json.loads((single / "manifest.json").read_text())["training"]["torch_threads"] == 1

@@ -5,15 +5,13 @@ Only argument handling lives here; the work is in train_all (driver), train_plan
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from pni_ray.config import TrainConfig
-from pni_ray.options import build_config, set_threads, train_options
+from pni_ray.options import build_config, load_config_file, set_threads, train_options
 from pni_ray.orchestration.ray_session import RayJoinError
 from pni_ray.orchestration.shared_storage import SharedStorageError
 from pni_ray.orchestration.train_all import FAILED, SKIPPED, TRAINED, format_table, train_all
@@ -21,15 +19,6 @@ from pni_ray.orchestration.train_all import FAILED, SKIPPED, TRAINED, format_tab
 
 def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
-
-
-def _load_config_file(path: Path | None) -> TrainConfig | None:
-    if path is None:
-        return None
-    data = json.loads(Path(path).read_text())
-    if isinstance(data, dict) and "config" in data and "format" in data:  # a bundle manifest
-        data = data["config"]
-    return TrainConfig.from_dict(data)
 
 
 @click.command("train-all")
@@ -46,8 +35,6 @@ def _load_config_file(path: Path | None) -> TrainConfig | None:
 @click.option("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray (default: all cores).")
 @click.option("--max-retries", type=int, default=2, help="Retries after a system failure (dead worker); errors are not retried.")
 @click.option("--no-eval", is_flag=True, help="Skip evaluating on the test split after training.")
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="TrainConfig JSON (or a bundle's manifest.json) as the base; other options override it.")
 @click.option("--force", is_flag=True, help="Retrain pairs whose bundle already exists and verifies.")
 @train_options
 def train_all_cmd(data_root: Path, out: Path, categories: str | None, backbones: str | None, address: str | None,
@@ -60,7 +47,7 @@ def train_all_cmd(data_root: Path, out: Path, categories: str | None, backbones:
     the same bundle as `pni-ray train` with the same thread count (both default to 1).
     """
     set_threads(1)  # the driver only waits; the tasks set their own thread counts
-    cfg = build_config(base=_load_config_file(config_file), **overrides)
+    cfg = build_config(base=load_config_file(config_file), **overrides)
     try:
         result = train_all(
             data_root, out, cfg, categories=_split(categories), backbones=_split(backbones), address=address,
