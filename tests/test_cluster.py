@@ -95,6 +95,26 @@ def test_train_all_refuses_output_a_node_cannot_see(live_cluster, synthetic_root
     assert not list(out.glob(".pni-ray-shared-storage-*"))  # the probe is cleaned up
 
 
+def test_embedded_ray_never_joins_a_cluster_left_running(live_cluster):
+    """No --address, no RAY_ADDRESS: a bare ray.init() would join what `ray start` recorded and refuse num_cpus."""
+    import subprocess
+    import sys
+
+    assert (live_cluster.temp_dir / "ray_current_cluster").is_file()
+    env = {**live_cluster.env, "RAY_TMPDIR": str(live_cluster.root)}  # where that record is looked up
+    code = (
+        "import ray\n"
+        "try:\n    ray.init(num_cpus=1)\nexcept ValueError as exc:\n    print('bare init refused:', exc)\n"
+        "else:\n    raise SystemExit('a bare ray.init() started its own Ray: this test proves nothing')\n"
+        "from pni_ray.orchestration.ray_session import join_ray\n"
+        "session = join_ray(num_cpus=1)\n"
+        "print('joined', session.source, len(ray.nodes()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "bare init refused" in done.stdout and "joined embedded 1" in done.stdout, done.stdout
+
+
 def _nightly_config(tmp_path: Path, model: Path, images: Path, chunk_size: int) -> tuple[Path, Path]:
     root = tmp_path / "results"
     config = tmp_path / "nightly.toml"

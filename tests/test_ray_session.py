@@ -43,7 +43,8 @@ def test_joining_passes_no_local_only_arguments(fake_ray, monkeypatch, via_env):
 def test_embedded_ray_gets_the_local_settings(fake_ray):
     session = join_ray(num_cpus=3, object_store_bytes=2**28, log_to_driver=False)
     (kwargs,) = fake_ray
-    assert "address" not in kwargs and kwargs["num_cpus"] == 3 and kwargs["object_store_memory"] == 2**28
+    assert kwargs["address"] == "local"  # never a cluster that `ray start` left running on this machine
+    assert kwargs["num_cpus"] == 3 and kwargs["object_store_memory"] == 2**28
     assert kwargs["include_dashboard"] is False and kwargs["log_to_driver"] is False
     assert kwargs["_system_config"]["worker_niceness"] >= 0
     assert session == ray_session.RaySession("local", "embedded", started=True, is_cluster=False)

@@ -60,11 +60,13 @@ def resolve_address(address: str | None) -> tuple[str | None, str]:
 def local_init_kwargs(num_cpus: int | None = None, object_store_bytes: int | None = None) -> dict[str, Any]:
     """ray.init arguments of the embedded Ray: this command's cores, no dashboard, no idle workers.
 
-    Ray starts workers at nice 15; an embedded Ray runs the job itself, so its workers get the
-    caller's priority (a busy machine otherwise starves them), and only the processes the job
-    asks for are started.
+    ``address="local"``: a bare ray.init() would join whatever `ray start` left running on this
+    machine (/tmp/ray/ray_current_cluster) and then refuse num_cpus. Ray starts workers at nice
+    15; an embedded Ray runs the job itself, so its workers get the caller's priority (a busy
+    machine otherwise starves them), and only the processes the job asks for are started.
     """
     kwargs: dict[str, Any] = {
+        "address": LOCAL,
         "num_cpus": num_cpus or os.cpu_count() or 1,
         "include_dashboard": False,
         "_system_config": {"worker_niceness": max(0, os.nice(0)), "enable_worker_prestart": False,
