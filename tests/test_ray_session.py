@@ -77,3 +77,17 @@ def test_refused_join_names_the_address_and_the_token_setting(monkeypatch):
     with pytest.raises(RayJoinError) as info:
         join_ray()
     assert "RAY_AUTH_MODE=token" not in str(info.value)
+
+
+def test_unreachable_cluster_without_token_mode_mentions_it(monkeypatch):
+    """Without RAY_AUTH_MODE=token Ray sends no token and ends with a bare ConnectionError."""
+    ray = pytest.importorskip("ray")
+
+    def unreachable(**kwargs):
+        raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.2:6390")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", unreachable)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(RayJoinError, match="(?s)from --address.*if the cluster uses token authentication"):
+        join_ray("127.0.0.2:6390")

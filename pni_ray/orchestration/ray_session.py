@@ -103,10 +103,16 @@ def join_ray(
 
 
 def join_error_message(address: str, source: str, exc: BaseException) -> str:
-    """What failed, which address (and from where), and the token-auth hint when it applies."""
+    """What failed, which address (and from where), and the token-auth hint when it may apply.
+
+    A client without RAY_AUTH_MODE=token sends no token; the GCS answers "Unauthenticated" and
+    ray.init gives up after its retries with a bare ConnectionError, so the hint goes with both.
+    """
     text = f"cannot join the Ray cluster at {address} (from {source}): {type(exc).__name__}: {exc}"
     auth = type(exc).__name__ == "AuthenticationError" or "authentication" in str(exc).lower()
-    if auth and os.environ.get(AUTH_MODE_ENV, "").lower() != "token":
-        text += (f"\nthe cluster uses token authentication: set {AUTH_MODE_ENV}=token and provide its token "
-                 "(~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN; `ray get-auth-token` on the head prints it)")
+    if (auth or isinstance(exc, ConnectionError)) and os.environ.get(AUTH_MODE_ENV, "").lower() != "token":
+        text += (f"\n{'the cluster uses' if auth else 'if the cluster uses'} token authentication (Ray turns it on for "
+                 f"`ray start --head` whenever a token exists): set {AUTH_MODE_ENV}=token and provide the cluster's "
+                 "token (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN; `ray get-auth-token` on the head "
+                 "prints it)")
     return text

@@ -142,6 +142,20 @@ def _failure_record(pair: Pair, error: BaseException, system: bool, max_retries:
             "error": f"{kind}{type(cause).__name__}: {text}"}
 
 
+@dataclass(frozen=True)
+class TaskSpec:
+    """What every task of one run gets besides its pair."""
+
+    data_root: Path
+    out: Path
+    cfg: TrainConfig
+    cpus: int
+    gpus: float
+    threads: int
+    evaluate: bool
+    max_retries: int
+
+
 def train_all(
     data_root: Path | str,
     out: Path | str,
@@ -213,20 +227,6 @@ def train_all(
                        "ray": ray_info, "config": cfg.to_dict(), "backbones": backbones, "counts": counts}
     )
     return result
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """What every task of one run gets besides its pair."""
-
-    data_root: Path
-    out: Path
-    cfg: TrainConfig
-    cpus: int
-    gpus: float
-    threads: int
-    evaluate: bool
-    max_retries: int
 
 
 def _run_tasks(
