@@ -210,6 +210,7 @@ def test_lost_worker_node_scoring_ends_with_every_input_once(live_cluster, bundl
     assert job.poll() is None, "the job finished before the node could be killed"
     live_cluster.kill_worker()
     output, _ = job.communicate(timeout=300)
+    print(f"scoring after the lost node: {'recovered inside Ray' if job.returncode == 0 else 'failed; rerun resumes'}")
     if job.returncode != 0:  # Ray could not recover the pipeline: a rerun resumes where it stopped
         rerun = live_cluster.submit(entry, "nightly-lost-node-rerun")
         assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
