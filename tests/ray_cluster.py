@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,15 +62,19 @@ def can_hide_directories() -> bool:
 
 
 class LocalCluster:
-    """Head + worker node via `ray start`; `submit` runs `ray job submit` against the dashboard."""
+    """Head + worker node via `ray start`; `submit` runs `ray job submit` against the dashboard.
 
-    def __init__(self, root: Path, hidden: Path | None = None) -> None:
-        self.root = root
-        self.hidden = hidden
+    Everything lives in a short directory under /tmp (removed by `stop`): Ray's Unix sockets go
+    under its temp dir and may not exceed 107 bytes, which pytest's deep tmp paths can.
+    """
+
+    def __init__(self, hide: bool = False) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="pnirc-", dir="/tmp"))
+        self.hidden = self.root / "hidden" if hide else None
         self.bin = Path(sys.executable).parent
         self.ray = str(self.bin / "ray")
-        self.temp_dir = root / "ray"
-        token = root / "auth_token"
+        self.temp_dir = self.root / "ray"
+        token = self.root / "auth_token"
         token.write_text(secrets.token_hex(32))
         self.gcs_port, self.dashboard_port, self.client_port, *self.agent_ports = free_ports(3 + 8)
         self.env = {**os.environ, "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -133,9 +138,11 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for name, proc in self.procs.items():
+                log = (self.root / f"{name}.log").read_text(errors="replace")
                 if proc.poll() is not None:
-                    raise ClusterUnavailable(f"`ray start` ({name}) exited with {proc.returncode}: "
-                                             + (self.root / f"{name}.log").read_text()[-1500:])
+                    raise ClusterUnavailable(f"`ray start` ({name}) exited with {proc.returncode}: {log[-1500:]}")
+                if "Failed to start the dashboard" in log:  # `ray start --block` keeps running without it
+                    raise ClusterUnavailable(f"the dashboard (needed by `ray job submit`) failed: {log[-1500:]}")
             nodes = self.alive_nodes()
             if len(nodes) >= n:
                 for node in nodes:
@@ -179,3 +186,4 @@ class LocalCluster:
                 pass
             proc.wait(timeout=30)
         self.procs.clear()
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,14 +26,13 @@ DAY = "2024-05-01"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    if shutil.which("ray") is None and not (Path(__import__("sys").executable).parent / "ray").exists():
-        pytest.skip("the `ray` command is not installed (pip install 'ray[default]')")
-    root = tmp_path_factory.mktemp("cluster")
-    c = LocalCluster(root, hidden=root / "hidden" if can_hide_directories() else None)
+def cluster():
+    if not (Path(sys.executable).parent / "ray").exists():
+        pytest.skip("the `ray` command is not installed beside this Python (pip install 'ray[default]')")
+    c = LocalCluster(hide=can_hide_directories())
     try:
         c.start()
-    except (ClusterUnavailable, OSError, __import__("subprocess").TimeoutExpired) as exc:
+    except (ClusterUnavailable, OSError, subprocess.TimeoutExpired) as exc:
         c.stop()
         pytest.skip(f"cannot start a local two-node Ray cluster: {exc}")
     yield c
@@ -97,9 +98,6 @@ def test_train_all_refuses_output_a_node_cannot_see(live_cluster, synthetic_root
 
 def test_embedded_ray_never_joins_a_cluster_left_running(live_cluster):
     """No --address, no RAY_ADDRESS: a bare ray.init() would join what `ray start` recorded and refuse num_cpus."""
-    import subprocess
-    import sys
-
     assert (live_cluster.temp_dir / "ray_current_cluster").is_file()
     env = {**live_cluster.env, "RAY_TMPDIR": str(live_cluster.root)}  # where that record is looked up
     code = (
@@ -168,7 +166,8 @@ def test_lost_worker_node_train_all_reports_the_pair_and_a_rerun_completes_it(
     from pni_ray.bundle import verify_bundle
 
     out = tmp_path / "bundles"
-    entry = train_all_entry(synthetic_root, out, "weave,granite,washer", tiny_json, "--max-retries", "0")
+    # 150 MLP epochs: each task trains for seconds, so the node dies while its task runs
+    entry = train_all_entry(synthetic_root, out, "weave,washer", tiny_json, "--max-retries", "0", "--epochs", "150")
     job = live_cluster.submit_async(entry, "train-lost-node")
     worker = live_cluster.node_ids["worker"]
 
