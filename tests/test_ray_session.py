@@ -58,16 +58,22 @@ def test_score_and_train_all_share_the_join(fake_ray, monkeypatch):
     assert fake_ray[-1]["address"] == "127.0.0.2:6390" and "num_cpus" not in fake_ray[-1]
 
 
-def test_refused_join_names_the_address_and_the_token_setting(monkeypatch):
+def _init_raises(monkeypatch, error: BaseException) -> None:
+    """ray.init fails with `error`; no token mode in the environment."""
     ray = pytest.importorskip("ray")
-    from ray.exceptions import AuthenticationError
 
-    def refuse(**kwargs):
-        raise AuthenticationError("Unauthorized: Missing authentication token")
+    def fail(**kwargs):
+        raise error
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(ray, "init", fail)
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+
+
+def test_refused_join_names_the_address_and_the_token_setting(monkeypatch):
+    from ray.exceptions import AuthenticationError
+
+    _init_raises(monkeypatch, AuthenticationError("Unauthorized: Missing authentication token"))
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.2:6390")
     with pytest.raises(RayJoinError) as info:
         join_ray()
@@ -81,13 +87,6 @@ def test_refused_join_names_the_address_and_the_token_setting(monkeypatch):
 
 def test_unreachable_cluster_without_token_mode_mentions_it(monkeypatch):
     """Without RAY_AUTH_MODE=token Ray sends no token and ends with a bare ConnectionError."""
-    ray = pytest.importorskip("ray")
-
-    def unreachable(**kwargs):
-        raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.2:6390")
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", unreachable)
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    _init_raises(monkeypatch, ConnectionError("Failed to connect to Ray cluster at 127.0.0.2:6390"))
     with pytest.raises(RayJoinError, match="(?s)from --address.*if the cluster uses token authentication"):
         join_ray("127.0.0.2:6390")

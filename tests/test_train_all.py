@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -226,3 +227,26 @@ def test_train_and_train_all_write_identical_bundles_at_their_defaults(first_run
     for name in names:
         assert (single / name).read_bytes() == (task_bundle / name).read_bytes(), name
     assert json.loads((single / "manifest.json").read_text())["training"]["torch_threads"] == 1
+
+
+def test_task_refuses_an_output_directory_that_is_not_the_drivers(synthetic_root, tmp_path):
+    """Each task re-checks the probe (nodes that joined after the pre-flight check)."""
+    from pni_ray.orchestration.shared_storage import Probe, probe_problem
+    from pni_ray.orchestration.train_task import train_pair
+
+    out = tmp_path / "out"
+    out.mkdir()
+    probe = Probe.write(out, synthetic_root)
+    assert probe_problem(probe) is None
+    elsewhere = Probe(str(tmp_path / "local-disk" / Path(probe.path).name), probe.token, probe.data_root)
+    assert "cannot read its probe file" in probe_problem(elsewhere)
+    assert "different directory" in probe_problem(Probe(probe.path, "0" * 32, probe.data_root))
+    assert "does not exist here" in probe_problem(Probe(probe.path, probe.token, str(tmp_path / "no-data")))
+    with pytest.raises(PairError) as info:
+        train_pair(str(synthetic_root), "washer", tiny_config().to_dict(), str(tmp_path / "local-disk" / "washer"), 1,
+                   probe=elsewhere)
+    record = info.value.record
+    assert record["stage"] == "storage" and "shared by every node" in record["error"]
+    assert not (tmp_path / "local-disk" / "washer").exists()  # nothing trained or written
+    probe.remove()
+    assert not Path(probe.path).exists()
