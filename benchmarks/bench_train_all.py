@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pni_ray.bundle import model_id, save_bundle
-    from pni_ray.cli import build_config
+    from pni_ray.options import build_config
     from pni_ray.data.synthetic import SyntheticSpec, make_synthetic
     from pni_ray.orchestration.train_all import train_all
     from pni_ray.training import train_category

@@ -36,7 +36,7 @@ def export_cmd(bundle: Path, out: Path, trt: bool, fp16: bool, max_batch: int, o
     from export import opcheck, tables
     from export.onnx_export import ExportOptions, export_bundle
     from pni_ray.bundle import BundleError
-    from pni_ray.cli import set_threads
+    from pni_ray.options import set_threads
 
     set_threads(threads)
     options = ExportOptions(opset=opset, max_batch=max_batch, coresets=coresets, chunk=chunk, mode=mode)

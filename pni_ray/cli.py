@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -12,17 +11,10 @@ from typing import Any
 
 import click
 
-from pni_ray.config import SCORE_MODES, TrainConfig
+from pni_ray.config import SCORE_MODES
+from pni_ray.options import build_config, load_config_file, print_table, set_threads, train_options, training_threads
 
 log = logging.getLogger("pni_ray")
-
-
-def set_threads(threads: int | None) -> None:
-    """Pin torch's intra-op threads: oversubscribed cores run 5-7x slower than pinned ones."""
-    import torch
-
-    n = threads or int(os.environ.get("PNI_RAY_THREADS", 0)) or max(1, (os.cpu_count() or 1))
-    torch.set_num_threads(n)
 
 
 def setup_logging(verbose: int) -> None:
@@ -39,93 +31,6 @@ def main(verbose: int, quiet: bool) -> None:
     setup_logging(-1 if quiet else verbose)
 
 
-def build_config(
-    backbone: str | None = None,
-    weights: str | None = None,
-    image_size: int | None = None,
-    coreset_ratio: float | None = None,
-    seed: int | None = None,
-    mode: str | None = None,
-    dist_size: int | None = None,
-    epochs: int | None = None,
-    refine: bool = False,
-    base: TrainConfig | None = None,
-    geometry: str | None = None,
-    tile: bool | None = None,
-    tile_size: int | None = None,
-    tile_overlap: int | None = None,
-    tile_scale: float | None = None,
-    coreset_candidates: int | None = None,
-) -> TrainConfig:
-    """TrainConfig defaults with the CLI's overrides; None keeps the default."""
-    cfg = base or TrainConfig()
-    features = dataclasses.replace(
-        cfg.features,
-        **{k: v for k, v in {"backbone": backbone, "weights": weights, "image_size": image_size}.items() if v is not None},
-    )
-    coreset = dataclasses.replace(
-        cfg.coreset,
-        **{k: v for k, v in {"ratio": coreset_ratio, "max_candidates": coreset_candidates}.items() if v is not None},
-    )
-    geometry_cfg = dataclasses.replace(
-        cfg.geometry,
-        **{k: v for k, v in {"policy": geometry, "tile": tile, "tile_size": tile_size, "tile_overlap": tile_overlap,
-                             "tile_scale": tile_scale}.items() if v is not None},
-    )
-    neighbourhood = dataclasses.replace(
-        cfg.neighbourhood,
-        **{k: v for k, v in {"dist_size": dist_size, "epochs": epochs}.items() if v is not None},
-    )
-    refiner = dataclasses.replace(cfg.refiner, enabled=refine or cfg.refiner.enabled)
-    changes: dict[str, Any] = {"features": features, "coreset": coreset, "neighbourhood": neighbourhood, "refiner": refiner,
-                               "geometry": geometry_cfg}
-    if seed is not None:
-        changes["seed"] = seed
-    if mode is not None:
-        changes["mode"] = mode
-    return cfg.replace(**changes)
-
-
-def train_options(fn: Any) -> Any:
-    """Options shared by `train` and `train-all`."""
-    options = [
-        click.option("--image-size", type=int, default=None, help="Model input size in pixels (default 256)."),
-        click.option("--coreset-ratio", type=float, default=None, help="Fraction of patches kept in C_emb."),
-        click.option("--dist-size", type=int, default=None, help="|C_dist| (paper 2048, capped by |C_emb|)."),
-        click.option("--epochs", type=int, default=None, help="Neighbourhood-MLP epochs."),
-        click.option("--seed", type=int, default=None, help="Random seed (default 0)."),
-        click.option("--mode", type=click.Choice(["pni", "patchcore"]), default=None,
-                     help="pni: full model; patchcore: memory bank only."),
-        click.option("--refine", is_flag=True, help="Also train the refinement network."),
-        click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
-                     help="Backbone weights file (.safetensors or .pth) instead of the registry's source."),
-        click.option("--threads", type=int, default=None, help="torch threads (default: all cores)."),
-        click.option("--geometry", type=click.Choice(["resize", "letterbox", "short-side"]), default=None,
-                     help="Image geometry: resize (squash, default), letterbox (pad), short-side (keep aspect)."),
-        click.option("--tile/--no-tile", default=None,
-                     help="Cover each image with overlapping model-size tiles stitched into one feature grid."),
-        click.option("--tile-size", type=int, default=None, help="Tile side in pixels (default: the image size)."),
-        click.option("--tile-overlap", type=int, default=None, help="Overlap between tiles in pixels (default 64)."),
-        click.option("--tile-scale", type=float, default=None, help="Scale images by this before tiling (default 1)."),
-        click.option("--coreset-candidates", type=int, default=None,
-                     help="Cap the coreset's candidate patch rows by a seeded subsample (keeps tiled training fast)."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def print_table(rows: dict[str, dict], keys: tuple[str, ...] = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "images_per_s")) -> None:
-    width = max([len("mode")] + [len(k) for k in rows])
-    click.echo(f"{'mode':<{width}}  " + "  ".join(f"{k:>12}" for k in keys))
-    for name, row in rows.items():
-        cells = []
-        for k in keys:
-            v = row.get(k)
-            cells.append(f"{'n/a':>12}" if v is None else f"{v:>12.4f}" if k != "images_per_s" else f"{v:>12.2f}")
-        click.echo(f"{name:<{width}}  " + "  ".join(cells))
-
-
 @main.command()
 @click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--category", "-c", required=True, help="Category folder under DATA_ROOT.")
@@ -134,20 +39,19 @@ def print_table(rows: dict[str, dict], keys: tuple[str, ...] = ("image_auroc", "
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @train_options
 def train(data_root: Path, category: str, out: Path, backbone: str | None, force: bool, threads: int | None,
-          **overrides: Any) -> None:
-    """Train one CATEGORY of an MVTec-layout DATA_ROOT from its train/good images."""
-    from pni_ray.bundle import save_bundle
-    from pni_ray.training import train_category
+          config_file: Path | None, **overrides: Any) -> None:
+    """Train one CATEGORY of an MVTec-layout DATA_ROOT from its train/good images.
 
-    set_threads(threads)
+    Gives the same bundle as `train-all` for the same config and --threads (both default to 1).
+    """
+    from pni_ray.bundle import save_bundle
+    from pni_ray.fit import fit_category
+
+    n_threads = training_threads(threads)
     if out.exists() and not force:
         raise click.ClickException(f"{out} already exists; use --force to replace it")
-    cfg = build_config(backbone=backbone, **overrides)
-    trained = train_category(data_root, category, cfg)
-    if cfg.refiner.enabled:
-        from pni_ray.refine_training import train_refiner
-
-        train_refiner(trained, data_root, category)
+    cfg = build_config(backbone=backbone, base=load_config_file(config_file), **overrides)
+    trained = fit_category(data_root, category, cfg, n_threads)
     save_bundle(trained, out, overwrite=force)
     secs = trained.report["seconds"]
     click.echo(f"trained {category} ({cfg.mode}, {cfg.features.backbone}) in {secs['total']:.1f} s -> {out}")
@@ -161,7 +65,8 @@ def train(data_root: Path, category: str, out: Path, backbone: str | None, force
 @click.option("--epochs", type=int, default=None, help="Refiner epochs (default: the config's).")
 @click.option("--samples", type=int, default=None, help="Synthetic defect images (default: the config's).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at OUT.")
-@click.option("--threads", type=int, default=None, help="torch threads (default: all cores).")
+@click.option("--threads", type=int, default=None,
+              help="torch threads (default 1, as `train --refine`: the count changes the refiner's floats).")
 def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epochs: int | None,
            samples: int | None, force: bool, threads: int | None) -> None:
     """Add a refinement network to a trained PNI BUNDLE (train/good of DATA_ROOT only) -> OUT.
@@ -169,10 +74,14 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
     Trains the same refiner as `pni-ray train --refine` with the same settings (same seed,
     same synthetic defects), without retraining the PNI model.
     """
+    import torch
+
     from pni_ray.bundle import load_bundle, save_bundle
+    from pni_ray.fit import record_threads
     from pni_ray.refine_training import train_refiner
 
-    set_threads(threads)
+    n_threads = training_threads(threads)
+    torch.set_num_threads(n_threads)
     if out.exists() and not force:
         raise click.ClickException(f"{out} already exists; use --force to replace it")
     if out.resolve() == bundle.resolve():
@@ -184,6 +93,7 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
     changes = {k: v for k, v in (("epochs", epochs), ("n_samples", samples)) if v is not None}
     trained.config = trained.config.replace(refiner=dataclasses.replace(rcfg, enabled=True, **changes))
     train_refiner(trained, data_root, category or manifest["category"])
+    record_threads(trained, n_threads)
     save_bundle(trained, out, overwrite=force)
     click.echo(f"refined {manifest['category']} in {trained.report['seconds']['refiner']:.1f} s -> {out}")
 
@@ -289,7 +199,7 @@ def _register_commands() -> None:
     """Commands that live beside the code they drive (Ray orchestration, export)."""
     from export.cli import export_cmd
     from pni_ray.orchestration.score import report_cmd, score_cmd
-    from pni_ray.orchestration.train_all import ensemble_cmd, train_all_cmd
+    from pni_ray.orchestration.train_all_cli import ensemble_cmd, train_all_cmd
 
     for command in (train_all_cmd, ensemble_cmd, score_cmd, report_cmd, export_cmd):
         main.add_command(command)

@@ -27,7 +27,7 @@ def run_demo(workdir: Path, categories: tuple[str, ...] = CATEGORIES, cfg: Train
     import ray
 
     from export.onnx_export import export_bundle
-    from pni_ray.cli import print_table
+    from pni_ray.options import print_table
     from pni_ray.orchestration.score import Options, ensure_ray, score
     from pni_ray.orchestration.train_all import train_all
     from pni_ray.report import write_report

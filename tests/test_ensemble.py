@@ -75,7 +75,7 @@ def lite1_bundle(synthetic_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ensemble_dir(bundle_tiny, lite1_bundle, tmp_path_factory):
-    from pni_ray.orchestration.train_all import ensemble_cmd
+    from pni_ray.orchestration.train_all_cli import ensemble_cmd
 
     out = tmp_path_factory.mktemp("ens") / "washer-ensemble"
     result = CliRunner().invoke(ensemble_cmd, [str(bundle_tiny), str(lite1_bundle), "--out", str(out), "--threads", "1"])

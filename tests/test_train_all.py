@@ -8,15 +8,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from pni_ray.bundle import MEMORY, model_id, save_bundle
-from pni_ray.orchestration.train_all import (
-    FAILED, SKIPPED, TRAINED, Pair, PairError, _failure_record, plan_pairs, task_options, train_all, train_all_cmd,
-)
-from pni_ray.training import train_category
+from pni_ray.orchestration.train_all import _failure_record, task_options, train_all
+from pni_ray.orchestration.train_all_cli import train_all_cmd
+from pni_ray.orchestration.train_plan import FAILED, SKIPPED, TRAINED, Pair, plan_pairs
+from pni_ray.orchestration.train_task import PairError
+from pni_ray.fit import fit_category
 
 from conftest import tiny_config
 
@@ -36,14 +38,12 @@ def ray_session():
 
 
 @pytest.fixture(scope="module")
-def sequential_ids(synthetic_root, bundle_tiny, tmp_path_factory):
-    """model_id of `train_category` + `save_bundle` in this process (torch threads = 1, conftest)."""
-    ids = {"washer": model_id(bundle_tiny)}  # bundle_tiny is exactly that for washer
+def sequential_ids(synthetic_root, tmp_path_factory):
+    """model_id of `fit_category` (what `pni-ray train` runs) + `save_bundle` in this process, 1 thread."""
     out = tmp_path_factory.mktemp("sequential")
-    for category in ("weave", "granite"):
-        ids[category] = model_id(save_bundle(train_category(synthetic_root, category, tiny_config(), progress=False),
-                                             out / category))
-    return ids
+    return {category: model_id(save_bundle(fit_category(synthetic_root, category, tiny_config(), threads=1,
+                                                        progress=False), out / category))
+            for category in CATEGORIES}
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,7 @@ def test_gpu_tasks_build_the_extractor_on_their_device():
     import torch
 
     import pni_ray.training as training
-    from pni_ray.orchestration.train_all import DeviceExtractor, assigned_device, extractor_on
+    from pni_ray.orchestration.train_task import DeviceExtractor, assigned_device, extractor_on
 
     original = training.build_extractor
     assert assigned_device(0) == torch.device("cpu")
@@ -198,9 +198,55 @@ def test_gpu_tasks_build_the_extractor_on_their_device():
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
 def test_train_pair_on_gpu(synthetic_root, tmp_path):
     from pni_ray.bundle import verify_bundle
-    from pni_ray.orchestration.train_all import train_pair
+    from pni_ray.orchestration.train_task import train_pair
 
     record = train_pair(str(synthetic_root), "washer", tiny_config().to_dict(), str(tmp_path / "washer"), 1, gpus=1)
     assert record["status"] == TRAINED and record["device"] == "cuda:0"
     verify_bundle(tmp_path / "washer")
     assert record["image_auroc"] > 0.8
+
+
+def test_train_and_train_all_write_identical_bundles_at_their_defaults(first_run, synthetic_root, tmp_path):
+    """`pni-ray train` in a fresh process (torch would use every core) vs the train-all task (1 CPU)."""
+    import subprocess
+    import sys
+
+    _, out, _ = first_run
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(tiny_config().to_dict()))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PNI_RAY_THREADS", "PNI_RAY_TEST_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    single = tmp_path / "washer"
+    cmd = [sys.executable, "-c", "from pni_ray.cli import main; main()", "train", str(synthetic_root), "-c", "washer",
+           "--backbone", BACKBONE, "--config", str(config), "--out", str(single)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    task_bundle = out / "washer" / BACKBONE
+    names = sorted(p.name for p in task_bundle.iterdir())
+    assert names == sorted(p.name for p in single.iterdir())
+    for name in names:
+        assert (single / name).read_bytes() == (task_bundle / name).read_bytes(), name
+    assert json.loads((single / "manifest.json").read_text())["training"]["torch_threads"] == 1
+
+
+def test_task_refuses_an_output_directory_that_is_not_the_drivers(synthetic_root, tmp_path):
+    """Each task re-checks the probe (nodes that joined after the pre-flight check)."""
+    from pni_ray.orchestration.shared_storage import Probe, probe_problem
+    from pni_ray.orchestration.train_task import train_pair
+
+    out = tmp_path / "out"
+    out.mkdir()
+    probe = Probe.write(out, synthetic_root)
+    assert probe_problem(probe) is None
+    elsewhere = Probe(str(tmp_path / "local-disk" / Path(probe.path).name), probe.token, probe.data_root)
+    assert "cannot read its probe file" in probe_problem(elsewhere)
+    assert "different directory" in probe_problem(Probe(probe.path, "0" * 32, probe.data_root))
+    assert "does not exist here" in probe_problem(Probe(probe.path, probe.token, str(tmp_path / "no-data")))
+    with pytest.raises(PairError) as info:
+        train_pair(str(synthetic_root), "washer", tiny_config().to_dict(), str(tmp_path / "local-disk" / "washer"), 1,
+                   probe=elsewhere)
+    record = info.value.record
+    assert record["stage"] == "storage" and "shared by every node" in record["error"]
+    assert not (tmp_path / "local-disk" / "washer").exists()  # nothing trained or written
+    probe.remove()
+    assert not Path(probe.path).exists()

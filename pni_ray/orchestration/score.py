@@ -409,23 +409,10 @@ def _chunk_rows(chunks: list[list[str]], preset: dict[str, str]) -> list[dict[st
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Connect to ADDRESS (or $RAY_ADDRESS), else start embedded local Ray; True if we started it."""
-    import ray
+    """Join Ray the one shared way (ray_session.join_ray); True if this call started it."""
+    from pni_ray.orchestration.ray_session import join_ray
 
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        # Ray starts workers at nice 15 (below its raylet); an embedded pipeline should run at the
-        # priority of the command that started it, or any other busy process on the box starves it.
-        # No prestarted idle workers either: the pipeline starts exactly the processes it uses.
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-                 _system_config={"worker_niceness": max(0, os.nice(0)), "enable_worker_prestart": False,
-                                 "prestart_worker_first_driver": False}, **kwargs)
-    return True
+    return join_ray(address, num_cpus=num_cpus, log_to_driver=True).started
 
 
 def _quiet_ray_data() -> None:

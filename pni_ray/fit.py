@@ -1,0 +1,46 @@
+"""One category trained the same way by `pni-ray train` and by each `train-all` task.
+
+torch's CPU kernels split reductions by thread, so the thread count changes the floats and
+with them the bundle's bytes. Both paths therefore train through `fit_category`, which sets an
+explicit thread count (options.training_threads: a fixed default, never "all cores") and records
+it in the manifest (`training.torch_threads`), so the same data, config, seed and thread count
+give the same bundle wherever it is trained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pni_ray.config import TrainConfig
+from pni_ray.data.mvtec import Category
+from pni_ray.models.pni import TrainedModel
+
+
+def record_threads(trained: TrainedModel, threads: int) -> None:
+    """Note the torch thread count in the facts the manifest stores (`training.torch_threads`)."""
+    report = trained.report if isinstance(trained.report, dict) else {}
+    report.setdefault("deterministic", {})["torch_threads"] = int(threads)
+    trained.report = report
+
+
+def fit_category(
+    data_root: Path | str,
+    category: str,
+    cfg: TrainConfig,
+    threads: int,
+    progress: bool = True,
+    category_data: Category | None = None,
+) -> TrainedModel:
+    """Train CATEGORY (and its refiner when the config enables it) with exactly `threads` torch threads."""
+    from pni_ray.training import train_category
+
+    torch.set_num_threads(int(threads))
+    trained = train_category(data_root, category, cfg, progress=progress, category_data=category_data)
+    if cfg.refiner.enabled:
+        from pni_ray.refine_training import train_refiner
+
+        train_refiner(trained, data_root, category)
+    record_threads(trained, threads)
+    return trained

@@ -1,0 +1,155 @@
+"""What the `pni-ray` commands share with the code they drive: thread policy, config overrides.
+
+Below both pni_ray.cli and pni_ray.orchestration (and export/, demo), so nothing here imports
+the CLI module: `train` and `train-all` build their TrainConfig and pick their torch threads
+with the same functions, which is what makes their bundles byte-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pni_ray.config import TrainConfig
+
+# Training threads: the thread count changes torch's float reductions (and so the bundle bytes),
+# so training never defaults to "all cores" (machine-dependent) but to one fixed count, the same
+# for `train` and for each `train-all` task (one CPU per task by default). The manifest records it.
+DEFAULT_TRAIN_THREADS = 1
+THREADS_ENV = "PNI_RAY_THREADS"
+
+
+def set_threads(threads: int | None) -> int:
+    """Pin torch's intra-op threads for inference-side commands (default: all cores).
+
+    Oversubscribed cores run 5-7x slower than pinned ones. Returns the count set.
+    """
+    import torch
+
+    n = threads or int(os.environ.get(THREADS_ENV, 0)) or max(1, (os.cpu_count() or 1))
+    torch.set_num_threads(n)
+    return n
+
+
+def training_threads(threads: int | None) -> int:
+    """torch threads for training: the explicit count, else DEFAULT_TRAIN_THREADS (never the core count)."""
+    if threads is not None and threads < 1:
+        raise click.UsageError(f"--threads must be at least 1, not {threads}")
+    return int(threads or DEFAULT_TRAIN_THREADS)
+
+
+def build_config(
+    backbone: str | None = None,
+    weights: str | None = None,
+    image_size: int | None = None,
+    coreset_ratio: float | None = None,
+    seed: int | None = None,
+    mode: str | None = None,
+    dist_size: int | None = None,
+    epochs: int | None = None,
+    refine: bool = False,
+    base: TrainConfig | None = None,
+    geometry: str | None = None,
+    tile: bool | None = None,
+    tile_size: int | None = None,
+    tile_overlap: int | None = None,
+    tile_scale: float | None = None,
+    coreset_candidates: int | None = None,
+) -> TrainConfig:
+    """TrainConfig defaults with the CLI's overrides; None keeps the default."""
+    cfg = base or TrainConfig()
+    features = dataclasses.replace(
+        cfg.features,
+        **{k: v for k, v in {"backbone": backbone, "weights": weights, "image_size": image_size}.items() if v is not None},
+    )
+    coreset = dataclasses.replace(
+        cfg.coreset,
+        **{k: v for k, v in {"ratio": coreset_ratio, "max_candidates": coreset_candidates}.items() if v is not None},
+    )
+    geometry_cfg = dataclasses.replace(
+        cfg.geometry,
+        **{k: v for k, v in {"policy": geometry, "tile": tile, "tile_size": tile_size, "tile_overlap": tile_overlap,
+                             "tile_scale": tile_scale}.items() if v is not None},
+    )
+    neighbourhood = dataclasses.replace(
+        cfg.neighbourhood,
+        **{k: v for k, v in {"dist_size": dist_size, "epochs": epochs}.items() if v is not None},
+    )
+    refiner = dataclasses.replace(cfg.refiner, enabled=refine or cfg.refiner.enabled)
+    changes: dict[str, Any] = {"features": features, "coreset": coreset, "neighbourhood": neighbourhood, "refiner": refiner,
+                               "geometry": geometry_cfg}
+    if seed is not None:
+        changes["seed"] = seed
+    if mode is not None:
+        changes["mode"] = mode
+    return cfg.replace(**changes)
+
+
+def load_config_file(path: Path | None) -> TrainConfig | None:
+    """A TrainConfig JSON file, or a bundle's manifest.json (its `config`), as the base of the options."""
+    if path is None:
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(f"{path}: not a readable JSON file ({exc})", param_hint="--config") from exc
+    if isinstance(data, dict) and "config" in data and "format" in data:  # a bundle manifest
+        data = data["config"]
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{path}: expected a JSON object (a TrainConfig)", param_hint="--config")
+    try:
+        return TrainConfig.from_dict(data)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise click.BadParameter(f"{path}: not a TrainConfig ({type(exc).__name__}: {exc})", param_hint="--config") from exc
+
+
+def train_options(fn: Any) -> Any:
+    """Options shared by `train` and `train-all`."""
+    options = [
+        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     default=None,
+                     help="TrainConfig JSON (or a bundle's manifest.json) as the base; other options override it."),
+        click.option("--image-size", type=int, default=None, help="Model input size in pixels (default 256)."),
+        click.option("--coreset-ratio", type=float, default=None, help="Fraction of patches kept in C_emb."),
+        click.option("--dist-size", type=int, default=None, help="|C_dist| (paper 2048, capped by |C_emb|)."),
+        click.option("--epochs", type=int, default=None, help="Neighbourhood-MLP epochs."),
+        click.option("--seed", type=int, default=None, help="Random seed (default 0)."),
+        click.option("--mode", type=click.Choice(["pni", "patchcore"]), default=None,
+                     help="pni: full model; patchcore: memory bank only."),
+        click.option("--refine", is_flag=True, help="Also train the refinement network."),
+        click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Backbone weights file (.safetensors or .pth) instead of the registry's source."),
+        click.option("--threads", type=int, default=None,
+                     help=f"torch threads for training (train: {DEFAULT_TRAIN_THREADS}; train-all: --cpus-per-task, "
+                          f"{DEFAULT_TRAIN_THREADS} by default). The count changes the floats, so it is never "
+                          "'all cores' and the manifest records it."),
+        click.option("--geometry", type=click.Choice(["resize", "letterbox", "short-side"]), default=None,
+                     help="Image geometry: resize (squash, default), letterbox (pad), short-side (keep aspect)."),
+        click.option("--tile/--no-tile", default=None,
+                     help="Cover each image with overlapping model-size tiles stitched into one feature grid."),
+        click.option("--tile-size", type=int, default=None, help="Tile side in pixels (default: the image size)."),
+        click.option("--tile-overlap", type=int, default=None, help="Overlap between tiles in pixels (default 64)."),
+        click.option("--tile-scale", type=float, default=None, help="Scale images by this before tiling (default 1)."),
+        click.option("--coreset-candidates", type=int, default=None,
+                     help="Cap the coreset's candidate patch rows by a seeded subsample (keeps tiled training fast)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def print_table(rows: dict[str, dict], keys: tuple[str, ...] = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "images_per_s")) -> None:
+    """Metrics per scoring mode as an aligned table (evaluate, demo)."""
+    width = max([len("mode")] + [len(k) for k in rows])
+    click.echo(f"{'mode':<{width}}  " + "  ".join(f"{k:>12}" for k in keys))
+    for name, row in rows.items():
+        cells = []
+        for k in keys:
+            v = row.get(k)
+            cells.append(f"{'n/a':>12}" if v is None else f"{v:>12.4f}" if k != "images_per_s" else f"{v:>12.2f}")
+        click.echo(f"{name:<{width}}  " + "  ".join(cells))

@@ -1,0 +1,118 @@
+"""One way to join Ray, shared by `train-all`, `score` and the nightly job.
+
+Where to run, in this order:
+
+1. ``--address`` (the command's flag, or the nightly config's ``address``): join that cluster;
+   ``--address local`` forces the embedded Ray even when ``RAY_ADDRESS`` is set;
+2. ``$RAY_ADDRESS``: join that cluster (``ray job submit`` sets it for its entrypoint, so a
+   submitted ``pni-ray train-all`` or ``python -m jobs.nightly`` runs on the cluster);
+3. otherwise an embedded local Ray for this command alone.
+
+Joining never passes local-only arguments (CPUs, GPUs, object store size, system config):
+Ray refuses them for an existing cluster, whose nodes declared their own resources.
+
+Token authentication (Ray 2.60 turns it on for ``ray start --head`` whenever a token exists,
+and for every embedded ``ray.init()``): every process that talks to the cluster needs
+``RAY_AUTH_MODE=token`` and the token, from ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
+``~/.ray/auth_token``. Ray never sends the token to an address it was given explicitly unless
+``RAY_AUTH_MODE=token`` is set, so a refused join says so instead of Ray's bare
+"Unauthorized". Jobs submitted with ``ray job submit`` inherit the head node's environment
+and need nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+ADDRESS_ENV = "RAY_ADDRESS"
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+LOCAL = "local"
+EMBEDDED, FLAG, ENV, EXISTING = "embedded", "--address", ADDRESS_ENV, "existing"
+
+
+class RayJoinError(ConnectionError):
+    """The cluster named by --address or $RAY_ADDRESS could not be joined (says which and why)."""
+
+
+@dataclass(frozen=True)
+class RaySession:
+    """Where this process runs Ray and whether it started it (then it must shut it down)."""
+
+    address: str  # the cluster's address, or "local"
+    source: str  # "--address", "RAY_ADDRESS", "embedded" or "existing" (ray.init called before)
+    started: bool
+    is_cluster: bool  # tasks may run on other machines, so their paths must be on shared storage
+
+
+def resolve_address(address: str | None) -> tuple[str | None, str]:
+    """(address to join or None for embedded Ray, where it came from)."""
+    if address:
+        return (None, EMBEDDED) if address == LOCAL else (address, FLAG)
+    env = os.environ.get(ADDRESS_ENV, "").strip()
+    if env and env != LOCAL:
+        return env, ENV
+    return None, EMBEDDED
+
+
+def local_init_kwargs(num_cpus: int | None = None, object_store_bytes: int | None = None) -> dict[str, Any]:
+    """ray.init arguments of the embedded Ray: this command's cores, no dashboard, no idle workers.
+
+    ``address="local"``: a bare ray.init() would join whatever `ray start` left running on this
+    machine (/tmp/ray/ray_current_cluster) and then refuse num_cpus. Ray starts workers at nice
+    15; an embedded Ray runs the job itself, so its workers get the caller's priority (a busy
+    machine otherwise starves them), and only the processes the job asks for are started.
+    """
+    kwargs: dict[str, Any] = {
+        "address": LOCAL,
+        "num_cpus": num_cpus or os.cpu_count() or 1,
+        "include_dashboard": False,
+        "_system_config": {"worker_niceness": max(0, os.nice(0)), "enable_worker_prestart": False,
+                           "prestart_worker_first_driver": False},
+    }
+    if object_store_bytes:
+        kwargs["object_store_memory"] = int(object_store_bytes)
+    return kwargs
+
+
+def join_ray(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    object_store_bytes: int | None = None,
+    log_to_driver: bool = True,
+) -> RaySession:
+    """Join --address, else $RAY_ADDRESS, else start an embedded Ray (num_cpus etc. apply to it only)."""
+    import ray
+
+    if ray.is_initialized():  # the caller's session (a test, a notebook, the demo): use it, leave it running
+        alive = sum(bool(n.get("Alive")) for n in ray.nodes())
+        return RaySession(ray.get_runtime_context().gcs_address, EXISTING, started=False, is_cluster=alive > 1)
+    target, source = resolve_address(address)
+    common: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": log_to_driver}
+    if target is None:
+        ray.init(**local_init_kwargs(num_cpus, object_store_bytes), **common)
+        return RaySession(LOCAL, EMBEDDED, started=True, is_cluster=False)
+    try:
+        ray.init(address=target, **common)
+    except Exception as exc:  # noqa: BLE001 - any failure to join is reported with where the address came from
+        raise RayJoinError(join_error_message(target, source, exc)) from exc
+    return RaySession(target, source, started=True, is_cluster=True)
+
+
+def join_error_message(address: str, source: str, exc: BaseException) -> str:
+    """What failed, which address (and from where), and the token-auth hint when it may apply.
+
+    A client without RAY_AUTH_MODE=token sends no token; the GCS answers "Unauthenticated" and
+    ray.init gives up after its retries with a bare ConnectionError, so the hint goes with both.
+    """
+    text = f"cannot join the Ray cluster at {address} (from {source}): {type(exc).__name__}: {exc}"
+    auth = type(exc).__name__ == "AuthenticationError" or "authentication" in str(exc).lower()
+    if (auth or isinstance(exc, ConnectionError)) and os.environ.get(AUTH_MODE_ENV, "").lower() != "token":
+        text += (f"\n{'the cluster uses' if auth else 'if the cluster uses'} token authentication (Ray turns it on for "
+                 f"`ray start --head` whenever a token exists): set {AUTH_MODE_ENV}=token and provide the cluster's "
+                 "token (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN; `ray get-auth-token` on the head "
+                 "prints it)")
+    return text

@@ -1,0 +1,105 @@
+"""Make sure every node sees the driver's OUT and DATA_ROOT before (and while) train-all trains.
+
+On a cluster, training tasks read DATA_ROOT and write their bundles to OUT themselves, so both
+must be the same directory on every node (NFS, a mounted bucket, a shared PVC). A path that is
+only on the driver's local disk would otherwise "work": each task would write its bundle to its
+own node's disk, where the driver and everyone else never find it.
+
+The driver writes a probe file with a random token into OUT. Before training, a zero-CPU task
+pinned to each alive node reads it back (and lists DATA_ROOT); any node that cannot is named in
+a clear error and nothing is trained. Every training task checks the probe again before it
+starts, which also covers nodes that join later (autoscaling).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PROBE_PREFIX = ".pni-ray-shared-storage-"
+
+
+class SharedStorageError(RuntimeError):
+    """OUT or DATA_ROOT is not visible from some node (names the node and the path)."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A file in OUT whose token proves that a node sees the driver's OUT, not a local look-alike."""
+
+    path: str
+    token: str
+    data_root: str
+
+    @classmethod
+    def write(cls, out: Path, data_root: Path) -> "Probe":
+        token = secrets.token_hex(16)
+        path = out / f"{PROBE_PREFIX}{token[:12]}.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"token": token, "host": socket.gethostname(), "pid": os.getpid()}))
+        os.replace(tmp, path)
+        return cls(str(path), token, str(data_root))
+
+    def remove(self) -> None:
+        Path(self.path).unlink(missing_ok=True)
+
+
+def probe_problem(probe: Probe) -> str | None:
+    """Why this process's node cannot use the driver's OUT / DATA_ROOT, or None when it can."""
+    out = str(Path(probe.path).parent)
+    try:
+        token = json.loads(Path(probe.path).read_text()).get("token")
+    except (OSError, ValueError) as exc:
+        return (f"output directory {out} is not the driver's: cannot read its probe file "
+                f"{Path(probe.path).name} ({type(exc).__name__}: {exc})")
+    if token != probe.token:
+        return f"output directory {out} is a different directory from the driver's (probe token differs)"
+    if not Path(probe.data_root).is_dir():
+        return f"data root {probe.data_root} does not exist here"
+    return None
+
+
+def _check_here(probe: Probe) -> dict[str, Any]:
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return {"node_id": ctx.get_node_id(), "host": socket.gethostname(), "problem": probe_problem(probe)}
+
+
+def check_all_nodes(probe: Probe, timeout_s: float = 120.0) -> list[dict[str, Any]]:
+    """Run the probe check on every alive node; raise SharedStorageError naming each node that fails."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    check = ray.remote(num_cpus=0, max_retries=0)(_check_here)
+    refs = {check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+                          name="pni-ray storage check").remote(probe): n for n in nodes}
+    ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    results, problems = [], []
+    for ref in ready:
+        node = refs[ref]
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayError as exc:  # the node died meanwhile: its tasks will be retried elsewhere
+            result = {"node_id": node["NodeID"], "host": None, "problem": None, "skipped": f"{type(exc).__name__}"}
+        results.append(result)
+        if result.get("problem"):
+            problems.append(f"{result['host']} ({node.get('NodeManagerAddress')}, node {node['NodeID'][:8]}): "
+                            f"{result['problem']}")
+    for ref in not_ready:
+        ray.cancel(ref, force=True)
+        node = refs[ref]
+        problems.append(f"{node.get('NodeManagerAddress')} (node {node['NodeID'][:8]}): no answer within {timeout_s:g} s")
+    if problems:
+        raise SharedStorageError(
+            "train-all needs OUT and DATA_ROOT on storage shared by every node (the same path everywhere: NFS, a "
+            "mounted bucket, a shared volume), because each task reads the images and writes its bundle itself. "
+            "Not shared with:\n  " + "\n  ".join(problems)
+        )
+    return results

@@ -1,0 +1,101 @@
+"""Click commands of the Ray-side training: `pni-ray train-all` and `pni-ray ensemble`.
+
+Only argument handling lives here; the work is in train_all (driver), train_plan and train_task.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pni_ray.options import build_config, load_config_file, set_threads, train_options
+from pni_ray.orchestration.ray_session import RayJoinError
+from pni_ray.orchestration.shared_storage import SharedStorageError
+from pni_ray.orchestration.train_all import FAILED, SKIPPED, TRAINED, format_table, train_all
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@click.command("train-all")
+@click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Bundles go to OUT/<category>/<backbone>/, the summary to OUT/summary.{json,parquet}.")
+@click.option("--categories", default=None, help="Comma-separated categories (default: every folder with train/).")
+@click.option("--backbones", default=None, help="Comma-separated backbones (default: the config's, efficientnet_lite2).")
+@click.option("--address", default=None,
+              help="Ray cluster to join (HOST:PORT of the head's GCS, or auto); default: $RAY_ADDRESS, else an "
+                   "embedded local Ray (`local` forces it).")
+@click.option("--cpus-per-task", type=int, default=1, help="CPUs (and torch threads) per training task.")
+@click.option("--gpus-per-task", type=float, default=0.0, help="GPUs per task (fractions share a GPU).")
+@click.option("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray (default: all cores).")
+@click.option("--max-retries", type=int, default=2, help="Retries after a system failure (dead worker); errors are not retried.")
+@click.option("--no-eval", is_flag=True, help="Skip evaluating on the test split after training.")
+@click.option("--force", is_flag=True, help="Retrain pairs whose bundle already exists and verifies.")
+@train_options
+def train_all_cmd(data_root: Path, out: Path, categories: str | None, backbones: str | None, address: str | None,
+                  cpus_per_task: int, gpus_per_task: float, num_cpus: int | None, max_retries: int, no_eval: bool,
+                  config_file: Path | None, force: bool, threads: int | None, **overrides: Any) -> None:
+    """Train every category x backbone of DATA_ROOT in parallel on Ray; resumable, fault-isolated.
+
+    Exits with status 1 when any pair failed (the others still finish; a rerun trains only what
+    is missing). --threads (torch threads per task) defaults to --cpus-per-task here; a pair gives
+    the same bundle as `pni-ray train` with the same thread count (both default to 1).
+    """
+    set_threads(1)  # the driver only waits; the tasks set their own thread counts
+    cfg = build_config(base=load_config_file(config_file), **overrides)
+    try:
+        result = train_all(
+            data_root, out, cfg, categories=_split(categories), backbones=_split(backbones), address=address,
+            cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task, threads=threads, force=force,
+            evaluate=not no_eval, max_retries=max_retries, num_cpus=num_cpus,
+        )
+    except SharedStorageError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except RayJoinError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(format_table(result.rows))
+    for row in result.failed:
+        click.echo(f"\nFAILED {row['category']}/{row['backbone']} ({row.get('stage')}): {row.get('error')}")
+    c = result.counts
+    click.echo(f"\n{c[TRAINED]} trained, {c[SKIPPED]} skipped, {c[FAILED]} failed in {result.wall_seconds:.1f} s; "
+               f"summary: {result.summary_json}, {result.summary_parquet}")
+    if not result.ok:
+        sys.exit(1)
+
+
+@click.command("ensemble")
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Ensemble directory to write.")
+@click.option("--force", is_flag=True, help="Replace an existing ensemble.")
+@click.option("--calibrate", "calibrate_root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="DATA_ROOT: set the threshold from the members' shared held-out train/good images "
+                   "(default: from the members' stored statistics).")
+@click.option("--threads", type=int, default=None)
+def ensemble_cmd(bundles: tuple[Path, ...], out: Path, force: bool, calibrate_root: Path | None, threads: int | None) -> None:
+    """Combine bundles of one category (e.g. one per backbone) into a self-contained ensemble.
+
+    BUNDLE... are copied into OUT with a manifest pinning each one's model_id.
+
+    Each member's maps are normalised with its own held-out statistics and averaged; the image
+    score is the maximum of the averaged map. `pni-ray evaluate OUT DATA_ROOT` scores it.
+    """
+    from pni_ray.bundle import BundleError, model_id
+    from pni_ray.models.ensemble import save_ensemble, verify_ensemble
+
+    set_threads(threads)
+    if out.exists() and not force:
+        raise click.ClickException(f"{out} already exists; use --force to replace it")
+    try:
+        path = save_ensemble(bundles, out, overwrite=force, calibrate_root=calibrate_root)
+    except (BundleError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    manifest = verify_ensemble(path)
+    for m in manifest["members"]:
+        click.echo(f"member {m['path']}: {m['backbone']} ({m['mode']}), model_id {m['model_id'][:12]}")
+    click.echo(f"ensemble of {len(manifest['members'])} ({manifest['category']}) -> {path}; threshold "
+               f"{manifest['threshold']:.4f} ({manifest['threshold_method']}); model_id {model_id(path)[:12]}")

@@ -1,0 +1,113 @@
+"""Planning of `train-all`: which (category, backbone) pairs to train, skip or refuse, before any task starts.
+
+Resume rules: a pair whose bundle exists and verifies (every checksum) with the same training
+config is skipped unless ``--force``; a bundle that fails verification is retrained; a verified
+bundle trained with a different config is not overwritten without ``--force`` (that pair fails
+with the differing keys named). Stale temp directories of a killed save are removed before
+retraining.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pni_ray.config import TrainConfig
+
+TRAINED, SKIPPED, FAILED = "trained", "skipped", "failed"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One unit of work: a category trained with one backbone, bundled at OUT/<category>/<backbone>."""
+
+    category: str
+    backbone: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.category}/{self.backbone}"
+
+    def bundle(self, out: Path) -> Path:
+        return out / self.category / self.backbone
+
+
+@dataclass
+class PlanItem:
+    """What the driver decided for a pair, and why (shown in the summary's `reason`)."""
+
+    pair: Pair
+    action: str  # "train" | "skip" | "fail"
+    reason: str
+    model_id: str | None = None
+
+
+def pair_config(cfg: TrainConfig, backbone: str) -> TrainConfig:
+    """The run's config with this pair's backbone."""
+    return cfg.replace(features=dataclasses.replace(cfg.features, backbone=backbone))
+
+
+def _canonical(obj: Any) -> Any:
+    """JSON round trip, so tuples/lists and int/float spellings compare as a manifest stores them."""
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return keys
+
+
+def plan_pairs(out: Path, pairs: list[Pair], cfg: TrainConfig, force: bool = False) -> list[PlanItem]:
+    """What to do with each pair: train, skip (verified bundle with this config) or fail."""
+    from pni_ray.bundle import BundleError, model_id, verify_bundle
+
+    plan = []
+    for pair in pairs:
+        path = pair.bundle(out)
+        if not path.exists():
+            plan.append(PlanItem(pair, "train", "new"))
+            continue
+        if force:
+            plan.append(PlanItem(pair, "train", "forced (--force)"))
+            continue
+        try:
+            manifest = verify_bundle(path)
+        except BundleError as exc:
+            plan.append(PlanItem(pair, "train", f"retrain: existing bundle failed verification: {exc}"))
+            continue
+        wanted = _canonical(pair_config(cfg, pair.backbone).to_dict())
+        diff = config_diff(_canonical(manifest.get("config", {})), wanted)
+        if manifest.get("category") != pair.category:
+            diff.insert(0, f"category: {manifest.get('category')!r} -> {pair.category!r}")
+        if diff:
+            shown = "; ".join(diff[:6]) + (f"; ... {len(diff) - 6} more" if len(diff) > 6 else "")
+            plan.append(PlanItem(
+                pair, "fail",
+                f"{path} is a valid bundle trained with a different config ({shown}); "
+                "use --force to retrain it or another --out",
+            ))
+            continue
+        plan.append(PlanItem(pair, "skip", "verified bundle with this config", model_id(path)))
+    return plan
+
+
+def remove_stale_temps(bundle: Path) -> list[Path]:
+    """Temp siblings (`.<name>.partial-*`, `.<name>.old-*`) a killed save left behind."""
+    removed = []
+    if bundle.parent.is_dir():
+        for pattern in (f".{bundle.name}.partial-*", f".{bundle.name}.old-*"):
+            for stale in bundle.parent.glob(pattern):
+                shutil.rmtree(stale, ignore_errors=True)
+                removed.append(stale)
+    return removed

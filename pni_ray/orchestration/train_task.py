@@ -1,0 +1,243 @@
+"""The body of one `train-all` Ray task: train, save and evaluate one (category, backbone) pair.
+
+The task receives only paths and a config dict; it reads the images from shared storage itself
+and writes its bundle to ``OUT/<category>/<backbone>/`` (atomic: temp directory + rename), so
+nothing large travels as an argument or through the object store; a small record comes back.
+
+- Threads: torch runs exactly ``threads`` intra-op threads (``--threads``, default
+  ``--cpus-per-task``), through the same `fit.fit_category` as `pni-ray train`, so a pair trained
+  here and by `train` with the same thread count gives the same bundle.
+- Shared storage: before anything else the task checks that it sees the driver's OUT (the
+  probe file, see shared_storage) and fails alone, naming its node, when it does not.
+- GPU tasks: Ray sets CUDA_VISIBLE_DEVICES to the task's GPU (`ray.get_gpu_ids()`), which torch
+  sees as cuda:0. `training.train_category` has no device argument, so what runs on the GPU is
+  the backbone: the feature extractor is wrapped (`DeviceExtractor`) to run on the assigned
+  device for the memory-bank features, the calibration and the evaluation, returning features
+  on the CPU; coreset selection, the neighbourhood MLP and the patch scoring stay on CPU
+  tensors. GPU bundles are not byte-identical to CPU bundles (different float kernels).
+- Errors: any application error raises `PairError` carrying the pair's record (Ray does not
+  retry it); a dead worker or a lost node is a system failure that Ray retries.
+- Peak memory is the worker process's peak resident set size (Linux VmHWM from
+  /proc/self/status, reset at the start of each task via /proc/self/clear_refs, so it is the
+  task's own peak including the ~0.3-0.5 GB of the worker's imports); where that reset is not
+  allowed it falls back to ``ru_maxrss`` (the worker's lifetime peak); ``peak_rss_source`` says
+  which.
+- Live progress: the task drops a small marker in ``OUT/.progress/`` when it starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from pni_ray.config import TrainConfig
+from pni_ray.orchestration.shared_storage import Probe, SharedStorageError, probe_problem
+from pni_ray.orchestration.train_plan import FAILED, TRAINED
+
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
+
+
+class PairError(RuntimeError):
+    """An application error of one pair; carries the pair's summary record (never retried)."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        super().__init__(record.get("error", "failed"))
+        self.record = record
+
+    def __reduce__(self):  # keep the record through pickling (Ray ships it to the driver)
+        return (PairError, (self.record,))
+
+
+def reset_peak_rss() -> str:
+    """Reset this process's VmHWM so the next reading is this task's peak; returns the method."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return "VmHWM"
+    except OSError:
+        return "ru_maxrss"
+
+
+def peak_rss_mb(source: str) -> float:
+    if source == "VmHWM":
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+        except OSError:
+            pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
+
+
+class DeviceExtractor(nn.Module):
+    """Runs a feature extractor on `device`; takes and returns CPU tensors (see module doc)."""
+
+    def __init__(self, inner: nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.inner = inner.to(device)
+        self.device = device
+
+    @property
+    def dim(self) -> int:
+        return self.inner.dim  # type: ignore[return-value]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.inner(images.to(self.device)).float().cpu()
+
+
+@contextlib.contextmanager
+def extractor_on(device: torch.device) -> Iterator[None]:
+    """Make `train_category` build its extractor on `device` (no-op on CPU)."""
+    if device.type == "cpu":
+        yield
+        return
+    import pni_ray.training as training
+
+    original = training.build_extractor
+    training.build_extractor = lambda cfg: DeviceExtractor(original(cfg), device)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        training.build_extractor = original  # type: ignore[assignment]
+
+
+def assigned_device(gpus: float) -> torch.device:
+    if gpus <= 0:
+        return torch.device("cpu")
+    ids: list = []
+    with contextlib.suppress(Exception):
+        import ray
+
+        if ray.is_initialized():
+            ids = list(ray.get_gpu_ids())
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"the task was given GPU(s) {ids} but torch sees no CUDA device "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch {torch.__version__})"
+        )
+    return torch.device("cuda", 0)  # Ray restricts CUDA_VISIBLE_DEVICES to the assigned GPU(s)
+
+
+def marker_path(progress_dir: str | None, key: str) -> Path | None:
+    """OUT/.progress/<category>__<backbone>.json: the driver shows the pair as running while it exists."""
+    return Path(progress_dir) / (key.replace("/", "__") + ".json") if progress_dir else None
+
+
+def _node_id() -> str | None:
+    with contextlib.suppress(Exception):
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    return None
+
+
+def train_pair(
+    data_root: str,
+    category: str,
+    cfg_dict: dict[str, Any],
+    bundle: str,
+    threads: int,
+    gpus: float = 0.0,
+    evaluate: bool = True,
+    progress_dir: str | None = None,
+    probe: Probe | None = None,
+) -> dict[str, Any]:
+    """Train, save and (when a test split exists) evaluate one pair; the body of each Ray task.
+
+    Raises PairError (with the record) on any application error.
+    """
+    from pni_ray.bundle import atomic_write_json, model_id, save_bundle
+    from pni_ray.data.mvtec import load_category
+    from pni_ray.fit import fit_category
+
+    source = reset_peak_rss()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
+    cfg = TrainConfig.from_dict(cfg_dict)
+    record: dict[str, Any] = {
+        "category": category,
+        "backbone": cfg.features.backbone,
+        "status": FAILED,
+        "stage": "setup",
+        "threads": threads,
+        "host": socket.gethostname(),
+        "node_id": _node_id(),
+        "pid": os.getpid(),
+        "peak_rss_source": source,
+    }
+    try:
+        if probe is not None:
+            record["stage"] = "storage"
+            problem = probe_problem(probe)
+            if problem:
+                raise SharedStorageError(f"on {record['host']} (node {(record['node_id'] or '?')[:8]}): {problem}; "
+                                           "OUT and DATA_ROOT must be on storage shared by every node")
+        marker = marker_path(progress_dir, f"{category}/{cfg.features.backbone}")
+        if marker is not None:  # progress only: never fails the pair
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                attempt = 1 + (json.loads(marker.read_text()).get("attempt", 0) if marker.exists() else 0)
+                record["attempt"] = attempt  # > 1 after a worker crash and retry
+                atomic_write_json(marker, {"started": time.time(), "host": record["host"], "pid": record["pid"],
+                                           "node_id": record["node_id"], "attempt": attempt})
+        record["stage"] = "setup"
+        device = assigned_device(gpus)
+        record["device"] = str(device)
+        record["stage"] = "load"
+        cat = load_category(data_root, category, **_load_kwargs(cfg))
+        record["stage"] = "train"
+        with extractor_on(device):
+            trained = fit_category(data_root, category, cfg, threads, progress=False, category_data=cat)
+        record["stage"] = "save"
+        save_bundle(trained, bundle, overwrite=True)
+        record.update(model_id=model_id(bundle), seconds=time.perf_counter() - t0,
+                      train_seconds=trained.report.get("seconds", {}))
+        if evaluate and cat.has_test:
+            record["stage"] = "evaluate"
+            from pni_ray.evaluate import evaluate_category
+            from pni_ray.inference import load_detector
+
+            t1 = time.perf_counter()
+            detector, _ = load_detector(bundle)
+            if device.type != "cpu":
+                detector.extractor = DeviceExtractor(detector.extractor, device)
+            result = next(iter(evaluate_category(detector, cat, progress=False).values()))
+            record.update({k: float(result[k]) for k in METRIC_KEYS})
+            record["n_test_images"] = int(result["n_test_images"])
+            record["eval_seconds"] = time.perf_counter() - t1
+        record["stage"] = "done"
+        record["status"] = TRAINED
+    except Exception as exc:  # noqa: BLE001 - every application error fails this pair alone
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["traceback"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-8:])
+        record.setdefault("seconds", time.perf_counter() - t0)
+        record.update(peak_rss_mb=peak_rss_mb(source), cpu_seconds=_cpu_seconds() - cpu0)
+        raise PairError(record) from None
+    record.update(peak_rss_mb=peak_rss_mb(source), cpu_seconds=_cpu_seconds() - cpu0)
+    return record
+
+
+def _load_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """The image-size limit train_category itself would load the category with."""
+    try:
+        from pni_ray.data.geometry import Geometry
+    except ImportError:  # pragma: no cover - older trees without image geometries
+        return {}
+    return {"max_pixels": Geometry.from_config(cfg).max_pixels}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this (worker) process, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
