@@ -113,7 +113,7 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
     """Metrics of BUNDLE (a bundle or an ensemble) on the test split of DATA_ROOT/CATEGORY."""
     from pni_ray.bundle import atomic_write_json
     from pni_ray.data.mvtec import load_category
-    from pni_ray.evaluate import ABLATION_MODES, evaluate_category
+    from pni_ray.evaluate import ABLATION_MODES, DIAGNOSTIC_KEYS, attach_diagnostics, evaluate_category, prior_diagnostics
     from pni_ray.inference import load_detector
 
     set_threads(threads)
@@ -133,6 +133,9 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
     results = evaluate_category(detector, cat, modes=modes, refine_modes=refine_modes, batch_size=batch_size)
     log.info("evaluated %d images in %.1f s", len(cat.test), time.perf_counter() - t0)
     print_table(results)
+    if ablation:
+        attach_diagnostics(results, prior_diagnostics(detector, cat, modes, batch_size), manifest)
+        print_table(results, DIAGNOSTIC_KEYS)
     if json_path:
         payload: dict[str, Any] = {"category": cat.name, "bundle": str(bundle), "n_test_images": len(cat.test)}
         if ablation:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 ScoreMode = Literal["patchcore", "neighbourhood", "position", "pni", "pni_split"]
 SCORE_MODES: tuple[str, ...] = ("patchcore", "neighbourhood", "position", "pni", "pni_split")
+COMBINE_RULES: tuple[str, ...] = ("both", "mean")  # how mode pni combines p(c|N) and p(c|x), see PatchScorer
 
 
 @dataclass(frozen=True)
@@ -56,20 +57,24 @@ class NeighbourhoodConfig:
     hidden: int = 128
     depth: int = 2  # hidden 1x1 layers after the window layer
     temperature: float = 2.0  # softmax temperature at inference (paper: 2)
-    epochs: int = 8
+    epochs: int = 12  # at most; training stops earlier when the validation loss stops improving
+    patience: int = 2  # epochs without a better validation loss before stopping (best epoch kept)
     batch_images: int = 8
     lr: float = 1e-3
-    lr_step: int = 3  # epochs per step decay
+    lr_step: int = 4  # epochs per step decay
     lr_gamma: float = 0.3
     val_fraction: float = 0.1
-    positions_per_image: int = 512  # positions sampled for the loss per image and epoch
+    positions_per_image: int | None = None  # None: every position of every image in each epoch
 
 
 @dataclass(frozen=True)
 class PositionConfig:
     """p(c | x): per-position histogram of nearest C_emb entries."""
 
-    spread: int = 1  # each hit is spread over a +-w window of grid positions
+    spread: int | None = None  # each hit counts at +-spread grid positions; None: chosen from held-out images
+    spread_candidates: tuple[int, ...] = (0, 1, 2, 4, 8)  # tried sharpest first when spread is None
+    min_keep: float = 0.9  # chosen spread: the sharpest whose mask still allows the nearest C_emb
+    # entry of this share of held-out good patches (normal data pays at most 1 - min_keep)
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,8 @@ class ScoringConfig:
     mode: str = "pni"
     blur_sigma: float = 4.0  # Gaussian blur of the upsampled map, in pixels (PatchCore: 4)
     tau_scale: float = 0.5  # tau = tau_scale / |C_emb| (paper: 1 / (2 |C_emb|))
+    combine: str = "both"  # mode pni: "both" priors must allow an entry, or the paper's "mean" > tau
+    image_window: int = 3  # image score = max of the map averaged over image_window^2 patches (0: plain max)
     chunk_patches: int = 4096  # patches per distance block: bounds memory
     holdout_fraction: float = 0.1  # train/good images kept out of the memory bank
     min_holdout: int = 2

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from pni_ray import metrics
 from pni_ray.data.mvtec import Category
-from pni_ray.models.predict import chunks, detector_geometry, score_prepared
+from pni_ray.geometry import STRIDE, Geometry
+from pni_ray.models.predict import NEEDS_MLP, chunks, detector_geometry, features, score_prepared
 
 ABLATION_MODES = ("patchcore", "neighbourhood", "position", "pni")
 
@@ -95,3 +96,85 @@ def evaluate_category(
             "n_test_images": len(paths),
         }
     return out
+
+
+def defect_cells(geometry: Geometry, mask: np.ndarray) -> np.ndarray:
+    """(gh, gw) bool: feature cells at least half covered by the defect mask, prepared like the image."""
+    rgb = np.repeat((np.asarray(mask, bool) * 255).astype(np.uint8)[..., None], 3, axis=2)
+    canvas = geometry.prepare(rgb).canvas[..., 0].astype(np.float32) / 255.0
+    gh, gw = canvas.shape[0] // STRIDE, canvas.shape[1] // STRIDE
+    cover = canvas[: gh * STRIDE, : gw * STRIDE].reshape(gh, STRIDE, gw, STRIDE).mean((1, 3))
+    return cover >= 0.5
+
+
+@torch.no_grad()
+def prior_diagnostics(
+    detector: Any, category: Category, modes: tuple[str, ...], batch_size: int = 8, progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Whether a prior bites, per mode: the mean share of C_emb allowed per patch, and on content
+    cells of good test images ("normal") and on defect cells ("defect") the share of patches whose
+    masked minimum differs from the plain nearest neighbour and the mean score change.
+
+    Test labels are read here only to report; nothing chosen at training time depends on them.
+    """
+    if getattr(detector, "scorer", None) is None:
+        return {}
+    geometry = detector_geometry(detector)
+    eps = 1e-6
+    acc = {m: {"allowed": [], "chg_n": [], "chg_d": [], "d_n": [], "d_d": []} for m in modes}
+    samples = category.test
+    for sl in tqdm(list(chunks(len(samples), geometry, batch_size)), desc="diagnostics", unit="batch",
+                   disable=not progress, leave=False):
+        batch = samples[sl]
+        prepared = [geometry.prepare(geometry.load(s.path)) for s in batch]
+        feats = features(detector.extractor, geometry, prepared, tile_batch=batch_size)
+        p_dist = detector.mlp.probabilities(feats) if detector.mlp is not None and any(m in NEEDS_MLP for m in modes) else None
+        valid = torch.from_numpy(np.stack([p.valid_grid() for p in prepared]))
+        normal = valid & torch.tensor([s.label == 0 for s in batch]).view(-1, 1, 1)
+        defect = valid & torch.from_numpy(np.stack([
+            defect_cells(geometry, category.mask(s, p.original_hw)) if s.label else np.zeros(p.grid, bool)
+            for s, p in zip(batch, prepared)
+        ]))
+        for mode in modes:
+            if mode in NEEDS_MLP and p_dist is None:
+                continue
+            d = detector.scorer.diagnose(feats, p_dist, mode)
+            change = (d["score"] - d["plain"]).cpu()
+            a = acc[mode]
+            a["allowed"].append(d["allowed_share"].cpu()[valid])
+            a["chg_n"].append((change > eps)[normal].float())
+            a["chg_d"].append((change > eps)[defect].float())
+            a["d_n"].append(change[normal])
+            a["d_d"].append(change[defect])
+    out: dict[str, dict[str, float]] = {}
+    for mode, a in acc.items():
+        if not a["allowed"]:
+            continue
+        mean = lambda parts: float(torch.cat(parts).double().mean()) if sum(len(p) for p in parts) else float("nan")  # noqa: E731
+        out[mode] = {
+            "allowed_share": mean(a["allowed"]),
+            "changed_normal": mean(a["chg_n"]),
+            "changed_defect": mean(a["chg_d"]),
+            "score_change_normal": mean(a["d_n"]),
+            "score_change_defect": mean(a["d_d"]),
+        }
+    return out
+
+
+DIAGNOSTIC_KEYS = ("allowed_share", "changed_normal", "changed_defect", "score_change_normal",
+                   "score_change_defect", "mlp_val_top1", "mlp_val_top5")
+
+
+def attach_diagnostics(results: dict[str, dict], diagnostics: dict[str, dict], manifest: dict[str, Any]) -> None:
+    """Put each mode's diagnostics (and the MLP's held-out top-1 / top-5 from training) under
+    results[mode]["diagnostics"] and, flat, beside the metrics for the table."""
+    mlp = ((manifest.get("training") or {}).get("mlp") or {}).get("best") or {}
+    for name, row in results.items():
+        mode = name.removesuffix("+refine")
+        diag = dict(diagnostics.get(mode, {}))
+        if mode in NEEDS_MLP and mlp:
+            diag["mlp_val_top1"] = mlp.get("val_top1")
+            diag["mlp_val_top5"] = mlp.get("val_top5")
+        if diag and not name.endswith("+refine"):
+            row["diagnostics"] = diag
+            row.update({k: v for k, v in diag.items() if k in DIAGNOSTIC_KEYS})

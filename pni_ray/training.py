@@ -6,6 +6,7 @@ Ray task, which is what makes their bundles byte-identical for the same seed.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -24,7 +25,7 @@ from pni_ray.models.features import PatchFeatureExtractor, build_extractor
 from pni_ray.models.neighbourhood import NeighbourhoodMLP
 from pni_ray.models.pni import Normalisation, PNIDetector, TrainedModel, build_detector
 from pni_ray.models.predict import detector_geometry
-from pni_ray.models.position_prior import build_position_prior
+from pni_ray.models.position_prior import SparsePositionPrior, build_position_prior, choose_spread
 from pni_ray.models.scorer import nearest_neighbours
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ def train_neighbourhood_mlp(
     optimiser = torch.optim.Adam(mlp.parameters(), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     history = []
+    best: tuple[float, int, dict] | None = None  # (val loss, epoch, weights) of the best epoch so far
+    per_image = cfg.positions_per_image or h * w  # None: every position
     bar = tqdm(range(cfg.epochs), desc="neighbourhood MLP", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         mlp.train()
@@ -90,11 +93,11 @@ def train_neighbourhood_mlp(
                 hidden, labels, batch_valid = _cropped_batch(mlp, features, targets, valid, batch, crop, cfg.window, generator)
             rows = hidden.permute(0, 2, 3, 1).reshape(-1, hidden.shape[1])
             if valid is None:
-                n_pick = min(rows.shape[0], cfg.positions_per_image * len(batch))
+                n_pick = min(rows.shape[0], per_image * len(batch))
                 pick = torch.randperm(rows.shape[0], generator=generator)[:n_pick]
             else:
                 allowed = batch_valid.reshape(-1).nonzero(as_tuple=True)[0]
-                n_pick = min(allowed.numel(), cfg.positions_per_image * len(batch))
+                n_pick = min(allowed.numel(), per_image * len(batch))
                 if n_pick == 0:
                     continue
                 pick = allowed[torch.randperm(allowed.numel(), generator=generator)[:n_pick]]
@@ -113,8 +116,24 @@ def train_neighbourhood_mlp(
         history.append({"epoch": epoch + 1, "train_loss": total / max(count, 1), **val})
         bar.set_postfix(loss=f"{total / max(count, 1):.3f}", val_acc=f"{val.get('val_top1', float('nan')):.3f}")
         log.info("MLP epoch %d: %s", epoch + 1, history[-1])
+        if "val_loss" in val:
+            if best is None or val["val_loss"] < best[0]:
+                best = (val["val_loss"], epoch + 1, copy.deepcopy(mlp.state_dict()))
+            elif epoch + 1 - best[1] >= cfg.patience:
+                log.info("MLP: validation loss has not improved for %d epochs; keeping epoch %d", cfg.patience, best[1])
+                break
+    bar.close()
+    if best is not None:
+        mlp.load_state_dict(best[2])
     mlp.eval()
-    return mlp, {"history": history, "n_train_images": len(train_idx), "n_val_images": n_val}
+    best_epoch = best[1] if best is not None else len(history)
+    return mlp, {
+        "history": history,
+        "best_epoch": best_epoch,
+        "best": history[best_epoch - 1] if history else {},
+        "n_train_images": len(train_idx),
+        "n_val_images": n_val,
+    }
 
 
 def _cropped_batch(
@@ -204,6 +223,37 @@ def calibrate(
     )
 
 
+def fit_position_prior(
+    extractor: PatchFeatureExtractor,
+    geometry: Geometry,
+    holdout_paths: list[Path],
+    memory: torch.Tensor,
+    nearest: torch.Tensor,
+    valid: torch.Tensor | None,
+    cfg: TrainConfig,
+    progress: bool,
+) -> tuple[SparsePositionPrior, int, dict[int, float]]:
+    """p(c|x) with the configured spread, or (spread None) the sharpest one held-out good images tolerate."""
+    n_entries = memory.shape[0]
+    if cfg.position.spread is not None:
+        return build_position_prior(nearest, n_entries, cfg.position.spread, valid), cfg.position.spread, {}
+    nearest_held = valid_held = None
+    if holdout_paths:
+        feats, valid_held = extract_training_features(
+            extractor, geometry, holdout_paths, cfg.batch_size, progress, desc="held-out features"
+        )
+        n, d, hh, ww = feats.shape
+        if (hh, ww) == tuple(nearest.shape[1:]):
+            rows = feats.permute(0, 2, 3, 1).reshape(-1, d)
+            _, idx = nearest_neighbours(rows, memory, cfg.scoring.chunk_patches)
+            nearest_held = idx.view(n, hh, ww)
+        else:
+            valid_held = None
+    tau = cfg.scoring.tau_scale / n_entries
+    return choose_spread(nearest, nearest_held, n_entries, cfg.position.spread_candidates, cfg.position.min_keep,
+                         tau, valid, valid_held)
+
+
 def train_category(
     data_root: Path | str,
     category: str,
@@ -256,7 +306,13 @@ def train_category(
         chunk = cfg.scoring.chunk_patches
         _, targets = nearest_neighbours(rows, dist, chunk, desc="nearest C_dist" if progress else None)
         _, nearest_emb = nearest_neighbours(rows, memory, chunk, desc="nearest C_emb" if progress else None)
-        prior = build_position_prior(nearest_emb.view(n_img, h, w), memory.shape[0], cfg.position.spread, valid)
+        prior, spread, keep = fit_position_prior(
+            extractor, geometry, holdout_paths, memory, nearest_emb.view(n_img, h, w), valid, cfg, progress
+        )
+        facts["position_spread"] = spread
+        facts["position_held_out_keep"] = {str(k): round(v, 6) for k, v in keep.items()}
+        log.info("%s: position prior spread %d (held-out keep rates %s)", category, spread,
+                 {k: round(v, 4) for k, v in keep.items()})
         mlp, mlp_report = train_neighbourhood_mlp(
             feats, targets.view(n_img, h, w), dist_size, cfg.neighbourhood, cfg.seed, progress,
             valid=valid, crop=geometry.mlp_crop(),

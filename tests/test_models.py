@@ -10,7 +10,7 @@ from pni_ray.models.anomaly_map import AnomalyMapper, gaussian_kernel1d
 from pni_ray.models.coreset import greedy_kcenter_order
 from pni_ray.models.neighbourhood import NeighbourhoodMLP
 from pni_ray.models.position_prior import build_position_prior
-from pni_ray.models.scorer import PatchScorer, masked_min, nearest_neighbours, squared_distances
+from pni_ray.models.scorer import PatchScorer, exact_sq_distances, masked_argmin, nearest_neighbours, squared_distances
 
 
 def _naive_greedy(x: torch.Tensor, n: int, start: int) -> list[int]:
@@ -49,13 +49,24 @@ def test_squared_distances_and_nearest_match_brute_force():
     assert torch.equal(d2, d) and torch.equal(i2, i)
 
 
-def test_masked_min_falls_back_to_nearest():
+def test_masked_argmin_marks_rows_with_nothing_allowed():
     d = torch.tensor([[4.0, 1.0, 9.0], [2.0, 3.0, 1.0]])
     allowed = torch.tensor([[True, False, True], [False, False, False]])
-    assert masked_min(d, allowed).tolist() == [4.0, 1.0]
+    assert masked_argmin(d, allowed).tolist() == [0, -1]
 
 
-def _scorer_setup(seed=0, m=300, k=20, d=8, h=4, w=5):
+def test_exact_distance_beats_the_gemm_expansion_near_zero():
+    g = torch.Generator().manual_seed(0)
+    memory = 100.0 + torch.randn(50, 64, generator=g)
+    x = memory[:8] + 1e-3 * torch.randn(8, 64, generator=g)
+    truth = ((x.double() - memory[:8].double()) ** 2).sum(1)
+    exact = exact_sq_distances(x, memory, torch.arange(8))
+    expanded = squared_distances(x, memory, (memory * memory).sum(1))[torch.arange(8), torch.arange(8)]
+    assert (exact.double() - truth).abs().max() < 1e-6
+    assert (expanded.double() - truth).abs().max() > 1e-3  # the expansion cancels catastrophically here
+
+
+def _scorer_setup(seed=0, m=300, k=20, d=8, h=4, w=5, combine="both"):
     g = torch.Generator().manual_seed(seed)
     memory = torch.randn(m, d, generator=g)
     emb_to_dist = torch.cat([torch.arange(k), torch.randint(0, k, (m - k,), generator=g)])
@@ -63,10 +74,11 @@ def _scorer_setup(seed=0, m=300, k=20, d=8, h=4, w=5):
     prior = prior / prior.sum(1, keepdim=True)
     feats = torch.randn(2, d, h, w, generator=g)
     p_dist = torch.softmax(3 * torch.randn(2, k, h, w, generator=g), dim=1)
-    return PatchScorer(memory, emb_to_dist, prior, tau_scale=0.5, topk=4), memory, emb_to_dist, prior, feats, p_dist
+    scorer = PatchScorer(memory, emb_to_dist, prior, tau_scale=0.5, topk=4, combine=combine)
+    return scorer, memory, emb_to_dist, prior, feats, p_dist
 
 
-def _reference(memory, emb_to_dist, prior, feats, p_dist, mode):
+def _reference(memory, emb_to_dist, prior, feats, p_dist, mode, combine="both"):
     """Per-patch loops straight from the paper's definition."""
     m = memory.shape[0]
     tau = 0.5 / m
@@ -80,27 +92,53 @@ def _reference(memory, emb_to_dist, prior, feats, p_dist, mode):
                 dist = ((memory - phi) ** 2).sum(1).sqrt()
                 p_n = p_dist[bi, :, y, x][emb_to_dist] / sizes[emb_to_dist]
                 p_x = prior[y * w + x]
+                both = (p_n > tau) & (p_x > tau) if combine == "both" else (p_n + p_x) / 2 > tau
                 masks = {"patchcore": torch.ones(m, dtype=torch.bool), "neighbourhood": p_n > tau,
-                         "position": p_x > tau, "pni": (p_n + p_x) / 2 > tau}
+                         "position": p_x > tau, "pni": both}
 
-                def mmin(mask):
-                    return dist[mask].min() if mask.any() else dist.min()
+                def mmin(mask, fallback=None):
+                    if mask.any():
+                        return dist[mask].min()
+                    return mmin(fallback) if fallback is not None else dist.min()
 
                 if mode == "pni_split":
                     out[bi, y, x] = (mmin(p_n > tau) + mmin(p_x > tau)) / 2
-                else:
-                    out[bi, y, x] = mmin(masks[mode])
+                else:  # pni: nothing allowed -> the position's entries -> everything
+                    out[bi, y, x] = mmin(masks[mode], p_x > tau if mode == "pni" else None)
     return out
 
 
+@pytest.mark.parametrize("combine", ["both", "mean"])
 @pytest.mark.parametrize("mode", ["patchcore", "neighbourhood", "position", "pni", "pni_split"])
-def test_scorer_modes_match_definition_topk_and_dense(mode):
-    scorer, memory, emb_to_dist, prior, feats, p_dist = _scorer_setup()
-    ref = _reference(memory, emb_to_dist, prior, feats, p_dist, mode)
+def test_scorer_modes_match_definition_topk_and_dense(mode, combine):
+    scorer, memory, emb_to_dist, prior, feats, p_dist = _scorer_setup(combine=combine)
+    ref = _reference(memory, emb_to_dist, prior, feats, p_dist, mode, combine)
     fast = scorer(feats, p_dist, mode)
     dense = scorer(feats, p_dist, mode, exact_dense=True)
     assert torch.allclose(fast, ref, atol=1e-4), (fast - ref).abs().max()
     assert torch.allclose(dense, ref, atol=1e-4)
+
+
+def test_pni_with_nothing_allowed_scores_against_the_position_not_the_nearest():
+    """A neighbourhood that vetoes everything the position allows must not lower the score to the
+    plain nearest neighbour (the old fallback): the patch is measured against what belongs here."""
+    memory = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    prior = torch.tensor([[0.0, 0.0, 1.0]])  # this position only ever saw entry 2
+    scorer = PatchScorer(memory, torch.tensor([0, 1, 2]), prior, tau_scale=0.5)
+    feats = torch.zeros(1, 2, 1, 1)  # sits on entry 0
+    p_dist = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)  # the neighbourhood wants entry 0 only
+    for dense in (False, True):
+        assert scorer(feats, p_dist, "pni", exact_dense=dense).item() == pytest.approx(10.0)
+        assert scorer(feats, p_dist, "patchcore", exact_dense=dense).item() == pytest.approx(0.0)
+
+
+def test_diagnose_reports_allowed_share_and_plain_scores():
+    scorer, *_, feats, p_dist = _scorer_setup()
+    d = scorer.diagnose(feats, p_dist, "position")
+    assert torch.allclose(d["score"], scorer(feats, p_dist, "position"))
+    assert torch.allclose(d["plain"], scorer(feats, p_dist, "patchcore"))
+    share = (scorer.position_prior > scorer.tau).float().mean(1).view(1, 4, 5).expand(2, 4, 5)
+    assert torch.allclose(d["allowed_share"], share)
 
 
 def test_pni_differs_from_patchcore_when_masks_bite():

@@ -111,6 +111,7 @@ def build_detector(trained: TrainedModel, extractor: PatchFeatureExtractor | Non
         prior,
         tau_scale=cfg.scoring.tau_scale,
         chunk_patches=cfg.scoring.chunk_patches,
+        combine=cfg.scoring.combine,
     )
     detector = PNIDetector(
         extractor or build_extractor(cfg.features),

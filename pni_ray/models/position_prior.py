@@ -62,3 +62,58 @@ def build_position_prior(
         prob=probs[position, entry].to(torch.float32),
     )
 
+
+
+def held_out_keep_rate(
+    prior: SparsePositionPrior, nearest: torch.Tensor, tau: float, valid: torch.Tensor | None = None
+) -> float:
+    """Share of held-out patches (N, h, w) whose nearest C_emb entry the prior allows (p(c|x) > tau)."""
+    n_img, h, w = nearest.shape
+    if (h, w) != tuple(prior.grid):
+        raise ValueError(f"held-out grid {(h, w)} differs from the prior's {tuple(prior.grid)}")
+    flat = torch.arange(h * w).repeat(n_img) * prior.n_entries + nearest.reshape(-1).long()
+    keys = prior.position.long() * prior.n_entries + prior.entry.long()
+    order = torch.argsort(keys)
+    keys, probs = keys[order], prior.prob[order]
+    at = torch.searchsorted(keys, flat).clamp_max(max(len(keys) - 1, 0))
+    hit = (keys[at] == flat) & (probs[at] > tau) if len(keys) else torch.zeros_like(flat, dtype=torch.bool)
+    keep = torch.ones_like(hit) if valid is None else valid.reshape(-1)
+    return float(hit[keep].float().mean()) if bool(keep.any()) else 1.0
+
+
+def choose_spread(
+    nearest: torch.Tensor,
+    nearest_held_out: torch.Tensor | None,
+    n_entries: int,
+    candidates: tuple[int, ...],
+    min_keep: float,
+    tau: float,
+    valid: torch.Tensor | None = None,
+    valid_held_out: torch.Tensor | None = None,
+) -> tuple[SparsePositionPrior, int, dict[int, float]]:
+    """The sharpest prior that normal data tolerates: the first spread (sharpest first) whose mask
+    keeps the nearest entry of at least `min_keep` of held-out good patches.
+
+    Aligned objects get a sharp prior (a part in the wrong place is caught); textures and objects
+    that move get a broad one. When no candidate reaches min_keep the one with the highest keep
+    rate is used (a very broad spread dilutes rare entries below tau, so keep is not monotone).
+    Without held-out patches the broadest candidate is used. Returns the prior, its spread and
+    every keep rate measured.
+    """
+    ordered = sorted(set(int(c) for c in candidates))
+    if not ordered or ordered[0] < 0:
+        raise ValueError(f"spread candidates must be non-negative integers, got {candidates}")
+    if nearest_held_out is None:
+        return build_position_prior(nearest, n_entries, ordered[-1], valid), ordered[-1], {}
+    rates: dict[int, float] = {}
+    priors: dict[int, SparsePositionPrior] = {}
+    for spread in ordered:
+        priors[spread] = build_position_prior(nearest, n_entries, spread, valid)
+        rates[spread] = held_out_keep_rate(priors[spread], nearest_held_out, tau, valid_held_out)
+        if rates[spread] >= min_keep:
+            return priors[spread], spread, rates
+        if len(priors) > 1:  # keep only the best so far in memory
+            worst = min(priors, key=lambda k: (rates[k], -k))
+            priors.pop(worst)
+    best = max(priors, key=lambda k: (rates[k], -k))
+    return priors[best], best, rates

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pni_ray.config import SCORE_MODES
+from pni_ray.config import COMBINE_RULES, SCORE_MODES
 
 INF = float("inf")
 
@@ -47,22 +47,42 @@ def nearest_neighbours(
     return torch.cat(dists), torch.cat(idxs)
 
 
-def masked_min(dist_sq: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Row-wise min over allowed entries; rows with nothing allowed fall back to the plain min."""
-    masked = torch.where(allowed, dist_sq, torch.full_like(dist_sq, INF)).min(1).values
-    return torch.where(torch.isinf(masked), dist_sq.min(1).values, masked)
+def masked_argmin(dist_sq: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Row-wise index of the nearest allowed entry; -1 where nothing is allowed."""
+    masked = torch.where(allowed, dist_sq, torch.full_like(dist_sq, INF))
+    best, idx = masked.min(1)
+    return torch.where(torch.isinf(best), torch.full_like(idx, -1), idx)
+
+
+def exact_sq_distances(x: torch.Tensor, memory: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """|x_i - memory[idx_i]|^2 computed as a difference, not from the GEMM expansion.
+
+    The expansion |x|^2 - 2 x.m + |m|^2 loses precision near zero distance and depends on the
+    summation order, so torch and an exported graph would disagree there; the chosen entry's
+    distance is recomputed exactly (P x D work, negligible next to the P x M search).
+    """
+    return (x - memory[idx]).pow(2).sum(1)
 
 
 class PatchScorer(nn.Module):
     """Features (B, D, h, w) [+ p(C_dist | N) (B, K, h, w)] -> patch scores (B, h, w).
 
-    Modes: `patchcore` (plain nearest neighbour), `neighbourhood` (mask from p(c|N) alone),
-    `position` (mask from p(c|x) alone), `pni` (mask from (p(c|N) + p(c|x)) / 2, the paper),
-    `pni_split` (the authors' released code: each prior masks on its own, scores averaged).
+    Modes: `patchcore` (plain nearest neighbour), `neighbourhood` (mask p(c|N) > tau), `position`
+    (mask p(c|x) > tau), `pni` (both priors, combined per `combine`), `pni_split` (the authors'
+    released code: each prior masks on its own, the two scores averaged).
+
+    combine "both" (default): an entry must be plausible under each prior, min(p(c|N), p(c|x)) >
+    tau. "mean": the paper's (p(c|N) + p(c|x)) / 2 > tau, under which a flat p(c|N) (above tau
+    for a third of C_emb on real data) re-admits entries the position never saw.
+
+    Nothing allowed: a `pni` patch whose neighbourhood vetoes every entry its position allows is
+    scored against the position's entries alone (what belongs here, far from a wrong patch), and
+    only where the position allows nothing either (padding) against all of C_emb.
 
     p(c|N) over C_emb spreads each C_dist entry's probability evenly over the C_emb entries
     nearest to it, so both priors are distributions over C_emb and tau = tau_scale / |C_emb|
-    compares like with like.
+    compares like with like. The chosen entry's distance is recomputed exactly
+    (`exact_sq_distances`).
     """
 
     def __init__(
@@ -73,14 +93,18 @@ class PatchScorer(nn.Module):
         tau_scale: float = 0.5,
         chunk_patches: int = 4096,
         topk: int = 32,
+        combine: str = "both",
     ) -> None:
         super().__init__()
+        if combine not in COMBINE_RULES:
+            raise ValueError(f"unknown prior combination {combine!r}; choose from {COMBINE_RULES}")
         memory = memory.float().contiguous()
         self.register_buffer("memory", memory)
         self.register_buffer("memory_sq", (memory * memory).sum(1))
         self.tau = tau_scale / memory.shape[0]
         self.chunk_patches = chunk_patches
         self.topk = topk
+        self.combine = combine
         if emb_to_dist is not None:
             emb_to_dist = emb_to_dist.long()
             sizes = torch.bincount(emb_to_dist, minlength=int(emb_to_dist.max()) + 1).float()
@@ -95,9 +119,10 @@ class PatchScorer(nn.Module):
     def n_memory(self) -> int:
         return int(self.memory.shape[0])
 
-    def forward(
-        self, features: torch.Tensor, p_dist: torch.Tensor | None = None, mode: str = "pni", exact_dense: bool = False
-    ) -> torch.Tensor:
+    def _rows(
+        self, features: torch.Tensor, p_dist: torch.Tensor | None, mode: str
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """One row per patch: features (P, D), probabilities (P, K) or None, grid positions (P,)."""
         if mode not in SCORE_MODES:
             raise ValueError(f"unknown scoring mode {mode!r}; choose from {SCORE_MODES}")
         b, d, h, w = features.shape
@@ -115,20 +140,48 @@ class PatchScorer(nn.Module):
                     f"position prior was built on a {self.position_prior.shape[0]}-position grid, "
                     f"features have {h}x{w}; score at the training geometry"
                 )
-        positions = torch.arange(h * w, device=features.device).repeat(b)
+        return rows, probs, torch.arange(h * w, device=features.device).repeat(b)
+
+    def forward(
+        self, features: torch.Tensor, p_dist: torch.Tensor | None = None, mode: str = "pni", exact_dense: bool = False
+    ) -> torch.Tensor:
+        b, _, h, w = features.shape
+        rows, probs, positions = self._rows(features, p_dist, mode)
         out = []
         for i in range(0, rows.shape[0], self.chunk_patches):
             sl = slice(i, i + self.chunk_patches)
-            dist_sq = squared_distances(rows[sl], self.memory, self.memory_sq)
+            x = rows[sl]
+            dist_sq = squared_distances(x, self.memory, self.memory_sq)
             chunk_probs = probs[sl] if probs is not None else None
             if mode == "patchcore":
-                best = dist_sq.min(1).values
+                choices = [dist_sq.argmin(1)]
             elif exact_dense:
-                best = self._dense(dist_sq, chunk_probs, positions[sl], mode)
+                choices = self._dense(dist_sq, chunk_probs, positions[sl], mode)
             else:
-                best = self._topk(dist_sq, chunk_probs, positions[sl], mode)
-            out.append(best.sqrt())
+                choices = self._topk(dist_sq, chunk_probs, positions[sl], mode)
+            best = [exact_sq_distances(x, self.memory, j).sqrt() for j in choices]
+            out.append(best[0] if len(best) == 1 else 0.5 * (best[0] + best[1]))
         return torch.cat(out).view(b, h, w)
+
+    @torch.no_grad()
+    def diagnose(self, features: torch.Tensor, p_dist: torch.Tensor | None, mode: str) -> dict[str, torch.Tensor]:
+        """Per patch (B, h, w): the mode's score, the plain nearest-neighbour score, the share of C_emb allowed."""
+        b, _, h, w = features.shape
+        rows, probs, positions = self._rows(features, p_dist, mode)
+        scores, plain, share = [], [], []
+        for i in range(0, rows.shape[0], self.chunk_patches):
+            sl = slice(i, i + self.chunk_patches)
+            dist_sq = squared_distances(rows[sl], self.memory, self.memory_sq)
+            if mode == "patchcore":
+                allowed = torch.ones_like(dist_sq, dtype=torch.bool)
+            else:
+                allowed = self.allowed(probs[sl] if probs is not None else None, positions[sl], None, mode)
+                allowed = allowed[0] & allowed[1] if isinstance(allowed, tuple) else allowed
+            share.append(allowed.float().mean(1))
+            plain.append(exact_sq_distances(rows[sl], self.memory, dist_sq.argmin(1)).sqrt())
+        scores = self.forward(features, p_dist, mode, exact_dense=True).reshape(-1)
+        view = lambda t: torch.cat(t).view(b, h, w)  # noqa: E731
+        return {"score": scores.view(b, h, w), "plain": view(plain), "allowed_share": view(share)}
 
     def allowed(
         self, probs: torch.Tensor | None, positions: torch.Tensor, idx: torch.Tensor | None, mode: str
@@ -142,42 +195,71 @@ class PatchScorer(nn.Module):
             else:
                 p_n = probs.gather(1, self.emb_to_dist[idx]) * self.inv_cluster[idx]
         if mode in ("position", "pni", "pni_split"):
-            if idx is None:
-                p_x = self.position_prior[positions]
-            else:  # only the (P, k) entries: never materialise P full rows of the dense prior
-                p_x = self.position_prior[positions.unsqueeze(1), idx]
+            p_x = self.position_mask_probs(positions, idx)
         if mode == "neighbourhood":
             return p_n > self.tau
         if mode == "position":
             return p_x > self.tau
         if mode == "pni":
-            return (p_n + p_x) * 0.5 > self.tau
+            if self.combine == "mean":
+                return (p_n + p_x) * 0.5 > self.tau
+            return (p_n > self.tau) & (p_x > self.tau)
         return p_n > self.tau, p_x > self.tau
 
-    def _dense(self, dist_sq: torch.Tensor, probs: torch.Tensor | None, positions: torch.Tensor, mode: str) -> torch.Tensor:
-        allowed = self.allowed(probs, positions, None, mode)
-        if mode == "pni_split":
-            a_n, a_x = allowed
-            return 0.25 * (masked_min(dist_sq, a_n).sqrt() + masked_min(dist_sq, a_x).sqrt()) ** 2
-        return masked_min(dist_sq, allowed)
+    def position_mask_probs(self, positions: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        """p(c|x) of all entries (idx None) or only the (P, k) entries in idx (never P dense rows)."""
+        if idx is None:
+            return self.position_prior[positions]
+        return self.position_prior[positions.unsqueeze(1), idx]
 
-    def _topk(self, dist_sq: torch.Tensor, probs: torch.Tensor | None, positions: torch.Tensor, mode: str) -> torch.Tensor:
-        """Exact masked minimum via the k nearest entries; rows with none allowed go dense."""
-        k = min(self.topk, dist_sq.shape[1])
-        vals, idx = torch.topk(dist_sq, k, dim=1, largest=False, sorted=False)  # only their minimum is used
-        allowed = self.allowed(probs, positions, idx, mode)
-        masks = allowed if isinstance(allowed, tuple) else (allowed,)
-        results = []
-        for j, mask in enumerate(masks):
-            best = torch.where(mask, vals, torch.full_like(vals, INF)).min(1).values
-            missing = torch.isinf(best).nonzero(as_tuple=True)[0]
+    def _fallback(self, dist_sq: torch.Tensor, positions: torch.Tensor, mode: str) -> torch.Tensor:
+        """Nearest entry for rows with nothing allowed: the position's entries (pni), else all."""
+        if mode == "pni":
+            j = masked_argmin(dist_sq, self.position_mask_probs(positions, None) > self.tau)
+            return torch.where(j < 0, dist_sq.argmin(1), j)
+        return dist_sq.argmin(1)
+
+    def _dense(
+        self, dist_sq: torch.Tensor, probs: torch.Tensor | None, positions: torch.Tensor, mode: str
+    ) -> list[torch.Tensor]:
+        """Chosen entry per row for each mask (two for pni_split), by the definition over all of C_emb."""
+        allowed = self.allowed(probs, positions, None, mode)
+        out = []
+        for mask, sub_mode in zip(*self._masks(allowed, mode)):
+            j = masked_argmin(dist_sq, mask)
+            missing = (j < 0).nonzero(as_tuple=True)[0]
             if missing.numel():
-                sub = self.allowed(
-                    probs[missing] if probs is not None else None, positions[missing], None, mode
-                )
-                sub_mask = sub[j] if isinstance(sub, tuple) else sub
-                best[missing] = masked_min(dist_sq[missing], sub_mask)
-            results.append(best)
-        if mode == "pni_split":
-            return 0.25 * (results[0].sqrt() + results[1].sqrt()) ** 2
-        return results[0]
+                j[missing] = self._fallback(dist_sq[missing], positions[missing], sub_mode)
+            out.append(j)
+        return out
+
+    def _topk(
+        self, dist_sq: torch.Tensor, probs: torch.Tensor | None, positions: torch.Tensor, mode: str
+    ) -> list[torch.Tensor]:
+        """The same choices as `_dense`, checking the mask on the k nearest entries only; rows
+        where none of them is allowed go dense."""
+        k = min(self.topk, dist_sq.shape[1])
+        vals, idx = torch.topk(dist_sq, k, dim=1, largest=False, sorted=False)
+        allowed = self.allowed(probs, positions, idx, mode)
+        out = []
+        for j, (mask, sub_mode) in enumerate(zip(*self._masks(allowed, mode))):
+            local = masked_argmin(vals, mask)
+            choice = idx.gather(1, local.clamp_min(0).unsqueeze(1)).squeeze(1)
+            missing = (local < 0).nonzero(as_tuple=True)[0]
+            if missing.numel():
+                sub = self.allowed(probs[missing] if probs is not None else None, positions[missing], None, mode)
+                sub_mask = self._masks(sub, mode)[0][j]
+                jj = masked_argmin(dist_sq[missing], sub_mask)
+                lost = (jj < 0).nonzero(as_tuple=True)[0]
+                if lost.numel():
+                    jj[lost] = self._fallback(dist_sq[missing[lost]], positions[missing[lost]], sub_mode)
+                choice[missing] = jj
+            out.append(choice)
+        return out
+
+    @staticmethod
+    def _masks(allowed: torch.Tensor | tuple[torch.Tensor, torch.Tensor], mode: str) -> tuple[tuple, tuple]:
+        """(masks, the mode each mask falls back like): pni_split's two masks score as their own modes."""
+        if isinstance(allowed, tuple):
+            return allowed, ("neighbourhood", "position")
+        return (allowed,), (mode,)
