@@ -51,11 +51,21 @@ def bundle_tiny(trained_tiny, tmp_path_factory) -> Path:
     return save_bundle(trained_tiny, tmp_path_factory.mktemp("bundles") / "washer")
 
 
+def real_category_root(category: str) -> Path:
+    """The MVTec AD root holding `category`, read in place; the test is skipped when it is absent."""
+    if not (BOTTLE_ROOT / category / "train" / "good").is_dir():
+        pytest.skip(f"real data not present at {BOTTLE_ROOT / category}")
+    return BOTTLE_ROOT
+
+
 @pytest.fixture(scope="session")
 def bottle_root() -> Path:
-    if not (BOTTLE_ROOT / "bottle" / "train" / "good").is_dir():
-        pytest.skip(f"real data not present at {BOTTLE_ROOT / 'bottle'}")
-    return BOTTLE_ROOT
+    return real_category_root("bottle")
+
+
+@pytest.fixture(scope="session")
+def transistor_root() -> Path:
+    return real_category_root("transistor")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,111 @@
+"""Does PNI earn its name? The mode table (with prior diagnostics and time per image) for real
+categories, in one run.
+
+    python benchmarks/bench_ablation.py [--data-root ../shared/data/mvtec_ad] [--categories bottle,transistor]
+                                        [--workdir DIR] [--threads 2] [--json FILE]
+
+Trains each category at the defaults (or reuses `--workdir/<category>` when it holds a bundle
+trained with the same config), then scores the test split in every mode. Rows: image AUROC,
+pixel AUROC, AUPRO, ms per image; and per mode the share of C_emb a patch may use, the share of
+good-image patches and of defect patches whose score the mask changed, the mean change on each,
+and the MLP's held-out top-1 / top-5. Categories absent from the data root are skipped with a
+message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pni_ray.bundle import load_bundle, read_manifest, save_bundle  # noqa: E402
+from pni_ray.config import TrainConfig  # noqa: E402
+from pni_ray.data.mvtec import load_category  # noqa: E402
+from pni_ray.evaluate import ABLATION_MODES, attach_diagnostics, evaluate_category, prior_diagnostics  # noqa: E402
+from pni_ray.models.pni import build_detector  # noqa: E402
+from pni_ray.training import train_category  # noqa: E402
+
+COLUMNS = (
+    ("image_auroc", "img AUROC", "{:.4f}"),
+    ("pixel_auroc", "pix AUROC", "{:.4f}"),
+    ("aupro", "AUPRO", "{:.4f}"),
+    ("ms_per_image", "ms/img", "{:.0f}"),
+    ("allowed_share", "allowed", "{:.4f}"),
+    ("changed_normal", "chg good", "{:.4f}"),
+    ("changed_defect", "chg defect", "{:.4f}"),
+    ("score_change_normal", "d good", "{:.3f}"),
+    ("score_change_defect", "d defect", "{:.3f}"),
+    ("mlp_val_top1", "MLP top1", "{:.3f}"),
+    ("mlp_val_top5", "MLP top5", "{:.3f}"),
+)
+
+
+def bundle_for(data_root: Path, category: str, workdir: Path, cfg: TrainConfig) -> tuple[Path, float | None]:
+    """A bundle of `category` trained with `cfg`: reused from workdir when its config matches."""
+    path = workdir / category
+    if (path / "manifest.json").is_file() and read_manifest(path).get("config") == json.loads(json.dumps(cfg.to_dict())):
+        return path, None
+    t0 = time.perf_counter()
+    trained = train_category(data_root, category, cfg, progress=True)
+    seconds = time.perf_counter() - t0
+    save_bundle(trained, path, overwrite=True)
+    return path, seconds
+
+
+def run_category(data_root: Path, category: str, workdir: Path, cfg: TrainConfig) -> dict:
+    bundle, train_s = bundle_for(data_root, category, workdir, cfg)
+    trained, manifest = load_bundle(bundle)
+    detector = build_detector(trained)
+    cat = load_category(data_root, category)
+    results = evaluate_category(detector, cat, modes=ABLATION_MODES, progress=True)
+    attach_diagnostics(results, prior_diagnostics(detector, cat, ABLATION_MODES), manifest)
+    for row in results.values():
+        row["ms_per_image"] = 1000.0 / row["images_per_s"]
+    training = manifest.get("training") or {}
+    return {"train_seconds": train_s, "position_spread": training.get("position_spread"),
+            "held_out_keep": training.get("position_held_out_keep"), "modes": results}
+
+
+def print_category(category: str, res: dict) -> None:
+    trained = f"trained in {res['train_seconds']:.0f} s" if res["train_seconds"] else "bundle reused"
+    print(f"\n{category} ({trained}; position spread {res['position_spread']}, held-out keep {res['held_out_keep']})")
+    print(f"{'mode':<14}" + "".join(f"{title:>11}" for _, title, _ in COLUMNS))
+    for mode, row in res["modes"].items():
+        cells = [fmt.format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in COLUMNS]
+        print(f"{mode:<14}" + "".join(f"{c:>11}" for c in cells))
+    m = res["modes"]
+    for key in ("pixel_auroc", "aupro", "image_auroc"):
+        print(f"  pni - patchcore {key}: {m['pni'][key] - m['patchcore'][key]:+.4f}; "
+              f"pni - position: {m['pni'][key] - m['position'][key]:+.4f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data" / "mvtec_ad")
+    parser.add_argument("--categories", default="bottle,transistor")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/bench_ablation"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None, help="also write every figure here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = TrainConfig()
+    out = {}
+    for category in args.categories.split(","):
+        if not (args.data_root / category / "train" / "good").is_dir():
+            print(f"skipping {category}: not found under {args.data_root}")
+            continue
+        out[category] = run_category(args.data_root, category, args.workdir, cfg)
+        print_category(category, out[category])
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
