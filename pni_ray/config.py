@@ -53,7 +53,7 @@ class NeighbourhoodConfig:
 
     window: int = 9  # paper p = 9
     dist_size: int = 2048  # |C_dist|, a prefix of the greedy order (capped by |C_emb|)
-    bottleneck: int = 16  # per-neighbour feature width before the window layer
+    bottleneck: int | None = 16  # per-neighbour feature width before the window layer (None: the feature dim)
     hidden: int = 128
     depth: int = 2  # hidden 1x1 layers after the window layer
     temperature: float = 2.0  # softmax temperature at inference (paper: 2)
@@ -190,3 +190,25 @@ def _build(cls: type, data: dict[str, Any]) -> Any:
         else:
             kwargs[key] = value
     return cls(**kwargs)
+
+
+def paper_config() -> TrainConfig:
+    """The authors' settings (PNI, ICCV 2023, and their released code) for users with a GPU.
+
+    480 px input, patch 5, a 1% coreset, p(c|N) from a 10 x 2048 MLP over the full 9 x 9 window
+    (no bottleneck: every neighbour's whole feature), p(c|x) spread +-4, the paper's mean of the
+    two priors against tau, blur sigma 8 and the map's plain maximum as image score. The backbone
+    stays the offline default: the paper's wide_resnet101_2 needs timm's hub or --weights. On the
+    project's 2-core CPU the MLP alone costs ~15 min per epoch on bottle (benchmarks/bench_mlp_cost.py).
+    """
+    base = TrainConfig()
+    return base.replace(
+        features=dataclasses.replace(base.features, image_size=480, patch_size=5),
+        coreset=dataclasses.replace(base.coreset, ratio=0.01),
+        neighbourhood=dataclasses.replace(base.neighbourhood, bottleneck=None, hidden=2048, depth=9),
+        position=dataclasses.replace(base.position, spread=4),
+        scoring=dataclasses.replace(base.scoring, combine="mean", blur_sigma=8.0, image_window=0),
+    )
+
+
+PRESETS = {"default": TrainConfig, "paper": paper_config}

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from pni_ray.config import TrainConfig
+from pni_ray.config import PRESETS, TrainConfig
 
 # Training threads: the thread count changes torch's float reductions (and so the bundle bytes),
 # so training never defaults to "all cores" (machine-dependent) but to one fixed count, the same
@@ -60,9 +60,14 @@ def build_config(
     tile_overlap: int | None = None,
     tile_scale: float | None = None,
     coreset_candidates: int | None = None,
+    preset: str | None = None,
 ) -> TrainConfig:
-    """TrainConfig defaults with the CLI's overrides; None keeps the default."""
-    cfg = base or TrainConfig()
+    """TrainConfig defaults (or a preset's, or a --config file's) with the CLI's overrides; None keeps the default."""
+    if preset is not None and base is not None:
+        raise click.UsageError("--preset and --config both give the base config: use one")
+    if preset is not None and preset not in PRESETS:
+        raise click.UsageError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    cfg = base or PRESETS[preset or "default"]()
     features = dataclasses.replace(
         cfg.features,
         **{k: v for k, v in {"backbone": backbone, "weights": weights, "image_size": image_size}.items() if v is not None},
@@ -114,6 +119,9 @@ def train_options(fn: Any) -> Any:
         click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      default=None,
                      help="TrainConfig JSON (or a bundle's manifest.json) as the base; other options override it."),
+        click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
+                     help="Base settings: default, or paper (the authors': 480 px, 1% coreset, 10 x 2048 MLP, "
+                          "+-4 spread, mean of the priors, blur 8; for a GPU). Other options override it."),
         click.option("--image-size", type=int, default=None, help="Model input size in pixels (default 256)."),
         click.option("--coreset-ratio", type=float, default=None, help="Fraction of patches kept in C_emb."),
         click.option("--dist-size", type=int, default=None, help="|C_dist| (paper 2048, capped by |C_emb|)."),

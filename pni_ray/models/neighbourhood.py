@@ -41,8 +41,9 @@ class NeighbourhoodMLP(nn.Module):
         self.feature_dim = feature_dim
         self.n_classes = n_classes
         self.temperature = cfg.temperature
-        self.reduce = nn.Conv2d(feature_dim, cfg.bottleneck, 1)
-        self.window = MaskedWindowConv(cfg.bottleneck + 1, cfg.hidden, cfg.window)
+        width = cfg.bottleneck or feature_dim  # None: each neighbour's whole feature (the paper)
+        self.reduce = nn.Conv2d(feature_dim, width, 1)
+        self.window = MaskedWindowConv(width + 1, cfg.hidden, cfg.window)
         layers: list[nn.Module] = []
         for _ in range(cfg.depth):
             layers += [nn.Conv2d(cfg.hidden, cfg.hidden, 1), nn.BatchNorm2d(cfg.hidden), nn.ReLU(inplace=True)]

@@ -40,8 +40,8 @@ def build_position_prior(
     counts = torch.zeros(h * w, n_entries, dtype=torch.float32)
     pos = torch.arange(h * w).view(h, w)
     keep = torch.ones_like(nearest, dtype=torch.bool) if valid is None else valid
-    for dy in range(-spread, spread + 1):
-        for dx in range(-spread, spread + 1):
+    for dy in range(-min(spread, h - 1), min(spread, h - 1) + 1):  # offsets past the grid reach nothing
+        for dx in range(-min(spread, w - 1), min(spread, w - 1) + 1):
             ys = slice(max(0, dy), h + min(0, dy))  # target rows
             xs = slice(max(0, dx), w + min(0, dx))
             ys_src = slice(max(0, -dy), h + min(0, -dy))

@@ -1,0 +1,100 @@
+"""The parts that make the priors bite: spread chosen on held-out patches, early-stopped MLP on
+every position, the image score over patch averages, the paper preset."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import click
+import numpy as np
+import pytest
+import torch
+
+from pni_ray.config import NeighbourhoodConfig, TrainConfig, paper_config
+from pni_ray.geometry import box_max
+from pni_ray.models.neighbourhood import NeighbourhoodMLP
+from pni_ray.models.position_prior import build_position_prior, choose_spread, held_out_keep_rate
+from pni_ray.options import build_config
+from pni_ray.training import train_neighbourhood_mlp
+
+
+def _aligned(n_img: int, h: int = 6, w: int = 6, jitter: int = 0, seed: int = 0) -> torch.Tensor:
+    """Nearest-entry grids of an 'object' whose entry at (y, x) is y * w + x, each image shifted by up
+    to `jitter` cells (clamped at the border, so every entry stays within `jitter` of its place)."""
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.arange(h).view(h, 1), torch.arange(w).view(1, w)
+    out = []
+    for _ in range(n_img):
+        dy, dx = torch.randint(-jitter, jitter + 1, (2,), generator=g).tolist() if jitter else (0, 0)
+        out.append((ys + dy).clamp(0, h - 1) * w + (xs + dx).clamp(0, w - 1))
+    return torch.stack(out)
+
+
+def test_keep_rate_counts_held_out_nearest_entries_the_prior_allows():
+    prior = build_position_prior(_aligned(5), 36, spread=0)
+    assert held_out_keep_rate(prior, _aligned(2), tau=0.01) == 1.0
+    shifted = (_aligned(2) + 1) % 36  # every entry where it was never seen
+    assert held_out_keep_rate(prior, shifted, tau=0.01) == 0.0
+    valid = torch.zeros(2, 6, 6, dtype=torch.bool)
+    valid[:, :, 0] = True  # only the first column counts
+    assert held_out_keep_rate(build_position_prior(_aligned(5), 36, 0), shifted, 0.01, valid) == 0.0
+
+
+def test_spread_is_the_sharpest_that_held_out_patches_tolerate():
+    train, held = _aligned(40), _aligned(10, jitter=1, seed=1)  # held-out parts sit up to a cell off
+    _, spread, rates = choose_spread(_aligned(40), _aligned(10), 36, (0, 1, 2), 0.9, tau=1e-3)
+    assert spread == 0 and list(rates) == [0]  # a perfectly aligned object: the sharpest, nothing else tried
+    _, spread, rates = choose_spread(train, held, 36, (0, 1, 2), 0.9, tau=1e-3)
+    assert spread == 1 and rates[0] < 0.9 <= rates[1]  # a one-cell jitter needs +-1
+    prior, spread, rates = choose_spread(train, None, 36, (0, 1, 2), 0.9, tau=1e-3)
+    assert spread == 2 and rates == {} and prior.grid == (6, 6)  # no held-out images: the broadest
+
+
+def test_spread_falls_back_to_the_best_keep_rate_when_none_is_tolerated():
+    g = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 36, (3, 6, 6), generator=g)
+    held = torch.randint(0, 36, (3, 6, 6), generator=g)
+    _, spread, rates = choose_spread(train, held, 36, (0, 1, 8), 0.999, tau=1e-3)
+    assert max(rates.values()) < 0.999 and rates[spread] == max(rates.values())
+
+
+def test_box_max_averages_before_the_maximum():
+    values = np.zeros((32, 32), np.float32)
+    values[5, 5] = 9.0  # one hot pixel
+    values[20:24, 20:24] = 4.0  # a 4 x 4 blob
+    assert box_max(values, 1) == 9.0
+    assert box_max(values, 4) == pytest.approx(4.0)
+    assert box_max(values, 64) == pytest.approx(values.mean())  # window clipped to the map
+
+
+def test_mlp_trains_on_every_position_and_keeps_its_best_epoch():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(12, 6, 8, 8, generator=g)
+    targets = (feats[:, 0] > 0).long()  # learnable from the centre only: neighbours carry some signal
+    cfg = NeighbourhoodConfig(window=3, bottleneck=4, hidden=8, depth=1, epochs=30, patience=1, lr=1e-2, batch_images=4)
+    mlp, report = train_neighbourhood_mlp(feats, targets, 2, cfg, seed=0, progress=False)
+    history = report["history"]
+    assert len(history) < cfg.epochs  # stopped early
+    best = min(history, key=lambda r: r["val_loss"])
+    assert report["best_epoch"] == best["epoch"] and report["best"] == best
+    assert history[-1]["epoch"] - report["best_epoch"] == cfg.patience
+    from pni_ray.training import evaluate_mlp
+
+    val = report["n_val_images"]
+    assert val >= 1
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(1))[:val]  # same split as training
+    assert evaluate_mlp(mlp, feats[perm], targets[perm])["val_loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+
+
+def test_paper_preset_and_its_full_width_mlp():
+    cfg = build_config(preset="paper", epochs=2)
+    assert cfg.features.image_size == 480 and cfg.features.patch_size == 5 and cfg.coreset.ratio == 0.01
+    assert cfg.neighbourhood.hidden == 2048 and cfg.neighbourhood.depth == 9 and cfg.neighbourhood.bottleneck is None
+    assert cfg.position.spread == 4 and cfg.scoring.combine == "mean" and cfg.scoring.blur_sigma == 8.0
+    assert cfg.neighbourhood.epochs == 2  # options still override the preset
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg == dataclasses.replace(paper_config(), neighbourhood=cfg.neighbourhood)
+    small = dataclasses.replace(cfg.neighbourhood, hidden=32, depth=2)
+    mlp = NeighbourhoodMLP(7, 5, small)
+    assert mlp.reduce.out_channels == 7 and mlp(torch.randn(1, 7, 9, 9)).shape == (1, 5, 9, 9)
+    with pytest.raises(click.UsageError, match="one"):
+        build_config(preset="paper", base=TrainConfig())
