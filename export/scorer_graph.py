@@ -327,8 +327,9 @@ def build_scorer_graph(spec: ScorerSpec, opset: int = 17) -> onnx.ModelProto:
                 mask = b.op("GreaterOrEqual", [g, t], "allowed")
         choices["a"].append(choose(dist, mask, near_position if spec.mode == "pni" else argmin(dist)))
 
-    memory_rows = b.op("Transpose", [b.op("Mul", [b.slice(weight, 0, d, 0, "neg2t"), b.const(np.array(-0.5, np.float32), "minus_half")],
-                                          "memory_t")], "memory_rows", perm=[1, 0])  # (M, D), exactly C
+    # C (M, D) from the weight's -2 C^T: scaling by powers of two is exact, and folded at session start
+    memory_t = b.op("Mul", [b.slice(weight, 0, d, 0, "neg2t"), b.const(np.array(-0.5, np.float32), "minus_half")], "memory_t")
+    memory_rows = b.op("Transpose", [memory_t], "memory_rows", perm=[1, 0])
 
     def exact_score(parts: list[str]) -> str:
         """|x - C[j]| for the chosen j, as a difference (torch: exact_sq_distances), (B, hw)."""
