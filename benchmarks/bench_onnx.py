@@ -166,7 +166,7 @@ def main() -> int:
     if args.variants:
         st = tables.ScoringTables.read(export_dir)
         mode = manifest["mode"]
-        masks = tables.mask_spec(mode, st, float(manifest["tau"]))
+        masks = tables.mask_spec(mode, st, float(manifest["tau"]), tables.combine_rule(manifest))
         h, w = manifest["grid"]
         base = dict(mode=mode, memory=st.memory, emb_to_dist=st.emb_to_dist, masks=masks, grid=(h, w),
                     image_size=(size, size), blur_sigma=float(manifest["config"]["scoring"]["blur_sigma"]),

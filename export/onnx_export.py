@@ -276,7 +276,8 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
         if st.grid != (h, w):
             raise ValueError(f"{bundle}: position prior grid {st.grid} differs from the bundle's feature grid {(h, w)}")
         tau = float(detector.scorer.tau)
-        masks = tables.mask_spec(mode, st, tau)
+        combine = str(detector.scorer.combine)
+        masks = tables.mask_spec(mode, st, tau, combine)
         spec = scorer_graph.ScorerSpec(
             mode=mode, memory=st.memory, emb_to_dist=st.emb_to_dist, masks=masks, grid=(h, w), image_size=canvas,
             blur_sigma=float(detector.mapper.sigma), n_dist=int(detector.mlp.n_classes) if detector.mlp is not None else 0,
@@ -311,6 +312,7 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
             "n_memory": int(st.memory.shape[0]),
             "dist_size": int(bmanifest["dist_size"]),
             "tau": tau,
+            "combine": combine,  # mode pni's rule (tables.combine_rule), from the bundle's config.scoring
             "normalisation": bmanifest["normalisation"],
             "threshold": bmanifest["threshold"],
             "pipeline": [n for n in PIPELINE if n in graphs],
@@ -385,14 +387,18 @@ def export_versions() -> dict[str, str]:
 
 
 def torch_reference(detector, images: np.ndarray, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """The bundle's own torch scoring (default top-k path) for `images` (N, 3, S, S) float32."""
-    maps, scores = [], []
+    """The bundle's own torch scoring (default top-k path) for `images` (N, 3, S, S) float32: maps,
+    and image scores as `evaluate` takes them (Geometry.image_score: averaged over image_window^2 patches)."""
+    from export.runtime import whole_canvas
+
+    geometry = detector_geometry(detector)
+    content = whole_canvas(tuple(images.shape[-2:]))
+    maps = []
     with torch.no_grad():
         for i in range(0, len(images), batch):
-            m, s = detector(torch.from_numpy(np.ascontiguousarray(images[i : i + batch])))
-            maps.append(m.numpy())
-            scores.append(s.numpy())
-    return np.concatenate(maps), np.concatenate(scores)
+            maps.append(detector(torch.from_numpy(np.ascontiguousarray(images[i : i + batch])))[0].numpy())
+    maps_all = np.concatenate(maps)
+    return maps_all, np.array([geometry.image_score(m, content) for m in maps_all], np.float32)
 
 
 def parity_figures(ref_maps: np.ndarray, ref_scores: np.ndarray, maps: np.ndarray, scores: np.ndarray) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import numpy as np
 from export import tables
 from pni_ray.geometry import Geometry, Prepared, to_float
 
-__all__ = ["ExportedModel", "StagePipeline", "load_exported"]
+__all__ = ["ExportedModel", "StagePipeline", "load_exported", "whole_canvas"]
 
 
 def _session_options(threads: int | None, optimization: str):
@@ -113,9 +113,14 @@ class StagePipeline:
             raise ValueError(f"images must be (B, 3, {hw[0]}, {hw[1]}), got {images.shape}")
         if self.geometry.tiled:
             raise ValueError("a tiled model scores photos (predict_images), not model inputs")
-        blank = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (*hw, 3))  # shape only: pixels come from `images`
-        prepared = [Prepared(blank, hw, (0, 0, *hw)) for _ in range(len(images))]
+        prepared = [whole_canvas(hw)] * len(images)
         return self.canvas_maps(prepared, np.ascontiguousarray(images))
+
+
+def whole_canvas(hw: tuple[int, int]) -> Prepared:
+    """A Prepared image that is all content, for model inputs given as arrays (its pixels are unused)."""
+    blank = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (*hw, 3))
+    return Prepared(blank, hw, (0, 0, *hw))
 
 
 class ExportedModel(StagePipeline):
@@ -147,7 +152,10 @@ class ExportedModel(StagePipeline):
             self.sessions[name] = ort.InferenceSession(str(self.path / m["graphs"][name]["file"]), options,
                                                        providers=providers)
         self.stages = tuple(self.sessions)
-        self.table_feeds = scorer_table_feeds(self.path, m) if m["scorer"]["coresets"] == "input" else {}
+        self.table_feeds: dict[str, np.ndarray] = {}
+        if m["scorer"]["coresets"] == "input":  # only what the graph takes (exports before pni's fallback: no position)
+            names = {i.name for i in self.sessions["scorer"].get_inputs()}
+            self.table_feeds = {k: v for k, v in scorer_table_feeds(self.path, m).items() if k in names}
 
     @property
     def has_refiner(self) -> bool:
@@ -166,7 +174,8 @@ class ExportedModel(StagePipeline):
 
 def scorer_table_feeds(path: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
     """Coresets fed as scorer inputs, built from the Arrow tables exactly as the exporter builds them."""
-    return tables.scorer_table_values(manifest["mode"], tables.ScoringTables.read(path), float(manifest["tau"]))
+    return tables.scorer_table_values(manifest["mode"], tables.ScoringTables.read(path), float(manifest["tau"]),
+                                      tables.combine_rule(manifest))
 
 
 def _same_float(a: float, b: float) -> bool:

@@ -5,20 +5,37 @@ features (B, D, h, w) [+ probabilities (B, h, w, K), the softmax graph's channel
 and every shape is static but the batch. The dense masked minimum of the torch scorer's
 `exact_dense=True` path, per chunk of c grid positions (P = B * c patches):
 
-  distances  MatMul([x, 1], [-2 C^T ; |c|^2])      (P, M) = |c|^2 - 2 x.c; no cdist. |x|^2 is added
-                                                    after the minimum (min_m(|x|^2 + d_m) =
-                                                    |x|^2 + min_m d_m), the clamp at 0 likewise
+  distances  MatMul([x, 1], [-2 C^T ; |c|^2])      (P, M) = |c|^2 - 2 x.c; no cdist. |x|^2 is not
+             Max(., -|x|^2)                         added (it shifts a row, not its argmin); the
+                                                    Max is torch's clamp at 0, which makes entries
+                                                    tie (first index wins) where rounding cancels
   mask       Gather(p^T, e2d, axis=0)               (M, B, c): p(c_dist[e2d[m]] | N), whole rows
              Less(., T^T) -> Transpose              refused entries; T = exact float32 thresholds
                                                     (export.tables), so the mask equals torch's
-                                                    (p_n + p_x) / 2 > tau bit for bit
-  masked min ReduceMin(d + Cast(refused) * 1e30)    allowed entries keep d exactly; rows with
-             Where(min > 5e29, ReduceMin(d), min)   nothing allowed fall back to the plain minimum
-  score      Sqrt(Max(|x|^2 + min, 0))
+                                                    float32 rule bit for bit (pni: both priors
+                                                    > tau, or their mean > tau)
+  choice     ArgMin(d + Cast(refused) * 1e30)       allowed entries keep d exactly; a patch with
+             Where(refused everything, fallback, .) nothing allowed takes the fallback: pni the
+                                                    nearest entry its position allows, the other
+                                                    masks the plain nearest entry
+  position   ArgMin(d + F)                          F: 0 where p(c|x) > tau, 1e30 elsewhere, 0 on
+                                                    rows that allow nothing (the plain minimum
+                                                    built in): mode position, pni_split's second
+                                                    half, pni's fallback
+  score      Sqrt(ReduceSumSquare(x - Gather(C, j)))  the chosen entry's distance recomputed as a
+                                                    difference, like torch's exact_sq_distances:
+                                                    the GEMM expansion cancels near zero distance
+                                                    (pni_split: the mean of its two scores)
   map        MatMul(L_y, MatMul(S, L_x^T))           bilinear upsampling and the separable Gaussian
                                                     blur with edge padding folded into two constant
                                                     matrices (H, h) and (w, W)
-  image      ReduceMax(map)
+  scores     ReduceMax(map)                         the map maximum (PatchCore, PNIDetector.forward);
+                                                    the runtime's image score is
+                                                    Geometry.image_score (content only, averaged
+                                                    over image_window^2 patches)
+
+C for the Gather is the distance weight's -2 C^T scaled back by -0.5 (exact: powers of two) and
+transposed, a constant subgraph folded at session start, so the file holds the coreset once.
 
 Why this form (bottle, 1 thread, batch 4; `benchmarks/bench_onnx.py --variants` times each
 alternative round-robin): onnxruntime's Gather copies single elements one by one but whole rows
@@ -27,12 +44,15 @@ than Cast + Mul + Add, a bool Transpose moves a quarter of the bytes of a float 
 input is an extra pass over the (P, M) output that the ones column avoids (Gemm: +16%), and
 chunks of 64 positions keep the (P, M) intermediates in cache (no chunking: +46%). Together
 2.05x faster than the plain Gather / GreaterOrEqual / Where / ReduceMin graph (2.64 s vs
-5.41 s per batch), with bit-identical maps.
+5.41 s per batch), with bit-identical maps. (Timed with the masked ReduceMin the graph had before
+the pni fallback and the exact distances; those cost two to three more passes over (P, M): the
+clamp, and the position's ArgMin next to the mask's: ~+30% for mode pni at M = 8192, D = 256.)
 
 Coresets as constants (default) or as graph inputs (`coresets="input"`): with constants
 onnxruntime pre-packs the MatMul weights at session start, TensorRT bakes them into the engine,
 and any ONNX runner (polygraphy, trtexec) runs the graph with nothing but the features; the
-position-dependent thresholds are stored sparse and expanded per chunk by constant folding. As
+position-dependent thresholds and the position mask are stored sparse and expanded per chunk by
+constant folding. As
 inputs (Gemm with bias), the runtime builds the same values from the Arrow tables
 (export.tables.scorer_table_values) and feeds them every call.
 """
@@ -135,7 +155,8 @@ class ScorerSpec:
 
     @property
     def has_position_mask(self) -> bool:
-        return self.mode in ("position", "pni_split")
+        """The static p(c|x) mask: the mask of position and pni_split's second half, pni's fallback."""
+        return self.mode in ("position", "pni", "pni_split")
 
 
 class _Builder:
@@ -212,8 +233,7 @@ def build_scorer_graph(spec: ScorerSpec, opset: int = 17) -> onnx.ModelProto:
         e2d = b.const(spec.emb_to_dist.astype(np.int64), "emb_to_dist") if spec.needs_probs else None
         if spec.has_threshold:
             threshold = None if (fast and t_cols > 1) else _threshold_const(b, masks, transposed=fast)
-        if spec.has_position_mask:
-            position = _position_const(b, masks, penalty=fast)
+        position = None  # constant: built per chunk (_position_const)
     elif spec.coresets == "input":
         if not fast:
             raise ValueError("coresets='input' is built with layout='fast' only")
@@ -237,23 +257,30 @@ def build_scorer_graph(spec: ScorerSpec, opset: int = 17) -> onnx.ModelProto:
         ones = b.op("Add", [b.op("Mul", [b.slice(rows, 0, 1, 2, "col0"), b.const(np.array(0.0, np.float32), "zero_")]),
                             b.const(np.array(1.0, np.float32), "one")], "ones")
         gemm_rows, gemm_d = b.op("Concat", [rows, ones], "rows_aug", axis=2), d + 1
-    inf = b.const(np.array(INF, np.float32), "inf")
-    big = b.const(np.array(BIG, np.float32), "big")
-    half_big = b.const(np.array(BIG / 2, np.float32), "half_big")
+    inf = None if fast else b.const(np.array(INF, np.float32), "inf")
+    masking = spec.mode != "patchcore"
+    big = b.const(np.array(BIG, np.float32), "big") if masking and fast else None
+    half_big = b.const(np.array(BIG / 2, np.float32), "half_big") if masking else None
+    neg_x_sq = b.op("Neg", [b.reduce("ReduceSumSquare", rows, [2], keepdims=1, hint="x_sq")], "neg_x_sq")  # (B, hw, 1)
 
-    def masked_min_where(dist: str, allowed: str) -> str:
-        best = b.reduce("ReduceMin", b.op("Where", [allowed, dist, inf], "masked"), [2], hint="masked_min")
-        plain = b.reduce("ReduceMin", dist, [2], hint="plain_min")
-        return b.op("Where", [b.op("Equal", [best, inf], "none_allowed"), plain, best], "best")
+    def masked(dist: str, mask: str) -> str:
+        """Refused entries out of the minimum: + BIG (fast layout, exact for the allowed), or +inf."""
+        return b.op("Add", [dist, mask], "masked") if fast else b.op("Where", [mask, dist, inf], "masked")
 
-    def masked_min_penalty(dist: str, penalty: str) -> str:
-        """dist + 0 where allowed (exact), dist + BIG elsewhere; nothing allowed -> plain minimum."""
-        best = b.reduce("ReduceMin", b.op("Add", [dist, penalty], "masked"), [2], hint="masked_min")
-        plain = b.reduce("ReduceMin", dist, [2], hint="plain_min")
-        return b.op("Where", [b.op("Greater", [best, half_big], "none_allowed"), plain, best], "best")
+    def argmin(values: str) -> str:
+        """(B, c, 1) int32, the first index on ties; int32 is TensorRT's own index type, so the Where /
+        Gather on choices never depend on a backend's int64 support."""
+        return b.op("Cast", [b.op("ArgMin", [values], "choice64", axis=2, keepdims=1)], "choice", to=TensorProto.INT32)
+
+    def choose(dist: str, mask: str, fallback: str) -> str:
+        """Index of the nearest allowed entry; `fallback` where the mask refuses every entry."""
+        values = masked(dist, mask)
+        j = argmin(values)
+        none = b.op("Greater", [b.op("GatherElements", [values, j], "chosen_value", axis=2), half_big], "none_allowed")
+        return b.op("Where", [none, fallback, j], "choice_or_fallback")
 
     chunk = max(1, min(int(spec.chunk), hw))
-    bests: dict[str, list[str]] = {"a": [], "b": []}
+    choices: dict[str, list[str]] = {"a": [], "b": []}
     for start in range(0, hw, chunk):
         end = min(hw, start + chunk)
         c = end - start
@@ -264,11 +291,24 @@ def build_scorer_graph(spec: ScorerSpec, opset: int = 17) -> onnx.ModelProto:
             dist_flat = b.op("MatMul", [flat, weight], "dist_flat")
         else:
             dist_flat = b.op("Gemm", [flat, weight, memory_sq], "dist_flat")
-        dist = b.op("Reshape", [dist_flat, b.i64([-1, c, m])], "dist")  # |c|^2 - 2 x.c, (B, c, M)
+        floor = neg_x_sq if whole else b.slice(neg_x_sq, start, end, 1, "neg_x_sq_chunk")
+        dist = b.op("Max", [b.op("Reshape", [dist_flat, b.i64([-1, c, m])], "dist_raw"), floor], "dist")  # (B, c, M)
         if spec.mode == "patchcore":
-            bests["a"].append(b.reduce("ReduceMin", dist, [2], hint="best"))
+            choices["a"].append(argmin(dist))
             continue
-        if spec.has_threshold and fast:  # G >= T decided entry-major, where Gather copies whole rows
+        near_position = None
+        if spec.has_position_mask:  # 0 / BIG with the plain minimum built in: no fallback needed
+            if position is None:
+                pm = _position_const(b, masks, fast, start, end)
+            else:
+                pm = position if whole else b.slice(position, start, end, 0, "position_chunk")
+            near_position = argmin(masked(dist, pm))
+        if spec.mode == "position":
+            choices["a"].append(near_position)
+            continue
+        if spec.mode == "pni_split":
+            choices["b"].append(near_position)
+        if fast:  # G >= T decided entry-major, where Gather copies whole rows
             pc = prob_cols if whole else b.slice(prob_cols, start, end, 2, "probs_chunk")
             g_cols = b.op("Gather", [pc, e2d], "p_entry", axis=0)  # (M, B, c): p(c_dist[e2d[m]] | N)
             if threshold is None:  # constant, position-dependent: this chunk's (M, 1, c) columns only
@@ -276,36 +316,32 @@ def build_scorer_graph(spec: ScorerSpec, opset: int = 17) -> onnx.ModelProto:
             else:
                 t = threshold if (t_cols == 1 or whole) else b.slice(threshold, start, end, 2, "threshold_chunk")
             refused = b.op("Transpose", [b.op("Less", [g_cols, t], "refused_cols")], "refused", perm=[1, 2, 0])
-            penalty = b.op("Mul", [b.op("Cast", [refused], "refused_f", to=TensorProto.FLOAT), big], "penalty")
-            bests["a"].append(masked_min_penalty(dist, penalty))
-        elif spec.has_threshold:
+            mask = b.op("Mul", [b.op("Cast", [refused], "refused_f", to=TensorProto.FLOAT), big], "penalty")
+        else:
             pr = prob_rows if whole else b.slice(prob_rows, start, end, 1, "probs_chunk")
             g = b.op("Gather", [pr, e2d], "p_entry", axis=2)  # (B, c, M)
             if spec.mask == "arithmetic":
-                allowed = _arithmetic_mask(b, spec, g, start, end)
+                mask = _arithmetic_mask(b, spec, g, start, end)
             else:
                 t = threshold if (t_cols == 1 or whole) else b.slice(threshold, start, end, 0, "threshold_chunk")
-                allowed = b.op("GreaterOrEqual", [g, t], "allowed")
-            bests["a"].append(masked_min_where(dist, allowed))
-        if spec.has_position_mask:
-            pm = position if whole else b.slice(position, start, end, 0, "position_chunk")
-            key = "b" if spec.mode == "pni_split" else "a"
-            bests[key].append(masked_min_penalty(dist, pm) if fast else masked_min_where(dist, pm))
+                mask = b.op("GreaterOrEqual", [g, t], "allowed")
+        choices["a"].append(choose(dist, mask, near_position if spec.mode == "pni" else argmin(dist)))
 
-    def gather(parts: list[str]) -> str:
-        return parts[0] if len(parts) == 1 else b.op("Concat", parts, "best_all", axis=1)
+    # C (M, D) from the weight's -2 C^T: scaling by powers of two is exact, and folded at session start
+    memory_t = b.op("Mul", [b.slice(weight, 0, d, 0, "neg2t"), b.const(np.array(-0.5, np.float32), "minus_half")], "memory_t")
+    memory_rows = b.op("Transpose", [memory_t], "memory_rows", perm=[1, 0])
 
-    x_sq = b.reduce("ReduceSumSquare", rows, [2], hint="x_sq")
-    zero = b.const(np.array(0.0, np.float32), "zero")
+    def exact_score(parts: list[str]) -> str:
+        """|x - C[j]| for the chosen j, as a difference (torch: exact_sq_distances), (B, hw)."""
+        j = parts[0] if len(parts) == 1 else b.op("Concat", parts, "choice_all", axis=1)
+        chosen = b.op("Gather", [memory_rows, b.op("Reshape", [j, b.i64([-1, hw])], "choice_flat")], "chosen", axis=0)
+        diff = b.op("Sub", [rows, chosen], "diff")  # (B, hw, D)
+        return b.op("Sqrt", [b.reduce("ReduceSumSquare", diff, [2], hint="exact_sq")], "exact")
 
-    def clamp_add(best: str) -> str:
-        return b.op("Max", [b.op("Add", [best, x_sq], "dist_sq"), zero], "dist_sq_clamped")
-
-    score_sq = clamp_add(gather(bests["a"]))
+    patch_flat = exact_score(choices["a"])
     if spec.mode == "pni_split":
-        total = b.op("Add", [b.op("Sqrt", [score_sq]), b.op("Sqrt", [clamp_add(gather(bests["b"]))])])
-        score_sq = b.op("Mul", [b.op("Mul", [total, total]), b.const(np.array(0.25, np.float32), "quarter")])
-    patch_flat = b.op("Sqrt", [score_sq], "patch_flat")
+        total = b.op("Add", [patch_flat, exact_score(choices["b"])], "split_sum")
+        patch_flat = b.op("Mul", [total, b.const(np.array(0.5, np.float32), "half")], "patch_flat")
     if spec.fill:  # letterbox / tiling: each cell's score from its nearest content cell (itself when content)
         fill_index = graph_input("fill_index", TensorProto.INT64, [BATCH, hw])
         patch_flat = b.op("GatherElements", [patch_flat, fill_index], "patch_filled", axis=1)
@@ -347,15 +383,18 @@ def scorer_inputs(spec: ScorerSpec) -> dict[str, tuple[int, list[int]]]:
 
 
 def _arithmetic_mask(b: _Builder, spec: ScorerSpec, g: str, start: int, end: int) -> str:
-    """(p_n + p_x) * 0.5 > tau spelled out as torch computes it (benchmark baseline, mode pni)."""
+    """torch's mask spelled out as it computes it (benchmark baseline, mode pni): (p_n > tau) &
+    (p_x > tau) for combine "both", (p_n + p_x) * 0.5 > tau for "mean"."""
     if spec.mode != "pni" or spec.coresets != "constant" or spec.inv_cluster is None or spec.prior_dense is None:
         raise ValueError("mask='arithmetic' is only built for mode pni with constant coresets")
     m = spec.masks.n_memory
-    rows = np.ascontiguousarray(spec.prior_dense[start:end], dtype=np.float32)
+    p_x = b.const(np.ascontiguousarray(spec.prior_dense[start:end], dtype=np.float32).reshape(end - start, m), "p_x")
+    tau = b.const(np.array(spec.tau, np.float32), "tau")
     p_n = b.op("Mul", [g, b.const(spec.inv_cluster.astype(np.float32), "inv_cluster")], "p_n")
-    total = b.op("Add", [p_n, b.const(rows.reshape(end - start, m), "p_x")], "p_sum")
-    half = b.op("Mul", [total, b.const(np.array(0.5, np.float32), "half")], "p_mean")
-    return b.op("Greater", [half, b.const(np.array(spec.tau, np.float32), "tau")], "allowed")
+    if spec.masks.combine == "both":
+        return b.op("And", [b.op("Greater", [p_n, tau], "n_allowed"), b.op("Greater", [p_x, tau], "x_allowed")], "allowed")
+    half = b.op("Mul", [b.op("Add", [p_n, p_x], "p_sum"), b.const(np.array(0.5, np.float32), "half")], "p_mean")
+    return b.op("Greater", [half, tau], "allowed")
 
 
 def threshold_rows(spec: ScorerSpec) -> int:
@@ -404,13 +443,24 @@ def _threshold_chunk_const(b: _Builder, masks: MaskSpec, start: int, end: int) -
     return b.op("Reshape", [scattered, b.i64([m, 1, c])], "threshold_chunk")
 
 
-def _position_const(b: _Builder, masks: MaskSpec, penalty: bool) -> str:
-    """The static p(c|x) > tau mask (hw, M): as bool, or as the additive penalty 0 / BIG."""
-    n = masks.hw * masks.n_memory
+def _position_const(b: _Builder, masks: MaskSpec, penalty: bool, start: int, end: int) -> str:
+    """Rows start..end (c, M) of the static p(c|x) > tau mask: bool, or the additive penalty 0 / BIG.
+
+    A row whose position allows nothing allows everything (the plain minimum, torch's last
+    fallback). Built per chunk, like the thresholds, so constant folding never holds the whole table.
+    """
+    m, c = masks.n_memory, end - start
     fill, hit = (BIG, 0.0) if penalty else (0.0, 1.0)
-    full = b.op("Expand", [b.const(np.array([fill], np.float32), "position_fill"), b.i64([n])], "position_flat")
-    values = b.const(np.full(len(masks.position_index), hit, np.float32), "position_values")
-    scattered = b.op("ScatterND", [full, b.i64(masks.position_index.reshape(-1, 1), "position_index"), values])
+    pos, ent = np.divmod(masks.position_index, m)
+    keep = (pos >= start) & (pos < end)
+    full = b.op("Expand", [b.const(np.array([fill], np.float32), "position_fill"), b.i64([c * m])], "position_flat")
+    values = b.const(np.full(int(keep.sum()), hit, np.float32), "position_values")
+    index = ((pos[keep] - start) * m + ent[keep]).reshape(-1, 1)
+    out = b.op("Reshape", [b.op("ScatterND", [full, b.i64(index, "position_index"), values]), b.i64([c, m])], "position")
+    empty = masks.position_rows_empty()[start:end].reshape(c, 1)
+    if empty.any():  # penalty * 0 on those rows; flags raised to 1
+        row = (~empty).astype(np.float32) if penalty else empty.astype(np.float32)
+        out = b.op("Mul" if penalty else "Max", [out, b.const(row, "position_empty_rows")], "position_full")
     if not penalty:
-        scattered = b.op("Greater", [scattered, b.const(np.array(0.5, np.float32), "half")], "position_flag")
-    return b.op("Reshape", [scattered, b.i64([masks.hw, masks.n_memory])], "position")
+        out = b.op("Greater", [out, b.const(np.array(0.5, np.float32), "half")], "position_flag")
+    return out

@@ -7,13 +7,17 @@ Exact mask thresholds
 ---------------------
 The torch scorer decides whether a memory entry m may serve patch p at grid position x with
 
-    allowed = ((probs[p, e2d[m]] * inv_cluster[m] + p_x[x, m]) * 0.5) > tau       (mode "pni")
+    p_n = probs[p, e2d[m]] * inv_cluster[m],  p_x = p(c_m | x)
+    allowed = (p_n > tau) & (p_x > tau)                    (mode "pni", combine "both", the default)
+    allowed = ((p_n + p_x) * 0.5) > tau                    (mode "pni", combine "mean", the paper)
+    allowed = p_n > tau                                    (mode "neighbourhood", pni_split's first half)
 
 in float32 (torch compares a float32 tensor with a Python float in float32). For fixed (x, m)
-the left side is a monotone non-decreasing function of g = probs[p, e2d[m]] (a product by a
-positive number, a sum and a halving are each monotone under round-to-nearest), so the set of
-float32 values g that pass is {g >= T[x, m]} for one float32 threshold T. We find T by a binary
-search over float32 bit patterns, evaluating the *same* float32 expression, so
+each is a monotone non-decreasing function of g = probs[p, e2d[m]] (a product by a positive
+number, a sum and a halving are each monotone under round-to-nearest; "both" is p_n > tau where
+p_x > tau and False elsewhere), so the set of float32 values g that pass is {g >= T[x, m]} for
+one float32 threshold T (+inf where nothing passes). We find T by a binary search over float32
+bit patterns, evaluating the *same* float32 expression, so
 
     G >= T   <=>   the torch expression is True        (bit for bit, for every g in [0, 1])
 
@@ -22,7 +26,11 @@ add and a comparison over a (patches x |C_emb|) tensor -- two fewer passes over 
 tensor of the model, and nothing left for a backend to contract into an FMA or re-associate
 (TensorRT fuses pointwise chains), which could otherwise flip entries that sit on the boundary.
 Where p(c|x) is zero (most of the table) T only depends on m, so T is stored as a per-entry base
-plus the entries of the sparse position prior.
+(+inf for "both") plus the entries of the sparse position prior.
+
+The static position mask p_x > tau is kept too (modes position, pni_split, and pni's fallback
+when its mask refuses every entry of a patch), with the torch scorer's last fallback built in: a
+position whose prior allows nothing allows every entry (the plain minimum).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pni_ray.config import COMBINE_RULES
 from pni_ray.fileio import atomic_write_json as write_json  # noqa: F401 (used as tables.write_json)
 from pni_ray.fileio import read_arrow, read_manifest_json, sha256_file, write_arrow  # noqa: F401 (tables.read_arrow)
 
@@ -200,19 +209,26 @@ def tau32(tau: float) -> np.float32:
     return np.float32(tau)
 
 
-def predicate(mode: str, g: np.ndarray, inv: np.ndarray, p_x: np.ndarray | float, tau: float) -> np.ndarray:
+def predicate(mode: str, g: np.ndarray, inv: np.ndarray, p_x: np.ndarray | float, tau: float,
+              combine: str = "both") -> np.ndarray:
     """The torch scorer's float32 mask expression for probabilities g (see the module doc)."""
     g = np.asarray(g, np.float32)
     p_n = g * np.asarray(inv, np.float32)
     t = tau32(tau)
     if mode == "pni":
-        return ((p_n + np.asarray(p_x, np.float32)) * HALF) > t
+        p_x = np.asarray(p_x, np.float32)
+        if combine == "both":
+            return (p_n > t) & (p_x > t)
+        if combine == "mean":
+            return ((p_n + p_x) * HALF) > t
+        raise ValueError(f"unknown prior combination {combine!r}; choose from {COMBINE_RULES}")
     if mode in ("neighbourhood", "pni_split"):
         return p_n > t
     raise ValueError(f"mode {mode!r} has no probability-dependent mask")
 
 
-def exact_thresholds(mode: str, inv: np.ndarray, p_x: np.ndarray | float, tau: float) -> np.ndarray:
+def exact_thresholds(mode: str, inv: np.ndarray, p_x: np.ndarray | float, tau: float,
+                     combine: str = "both") -> np.ndarray:
     """Smallest float32 g in [0, 1] with predicate(g) True, -inf if g = 0 passes, +inf if 1 fails.
 
     Vectorised binary search over float32 bit patterns (non-negative floats order like their bits).
@@ -221,7 +237,7 @@ def exact_thresholds(mode: str, inv: np.ndarray, p_x: np.ndarray | float, tau: f
     p_x = np.broadcast_to(np.asarray(p_x, np.float32), inv.shape)
 
     def passes(bits: np.ndarray) -> np.ndarray:
-        return predicate(mode, bits.astype(np.int32).view(np.float32), inv, p_x, tau)
+        return predicate(mode, bits.astype(np.int32).view(np.float32), inv, p_x, tau, combine)
 
     zero = np.zeros(inv.shape, np.int64)
     one = np.full(inv.shape, ONE_BITS, np.int64)
@@ -248,13 +264,14 @@ class MaskSpec:
 
     threshold_base (M,) + (threshold_index, threshold_value) sparse: allowed = G >= T[x, m] with
     T = base everywhere except at the flat indices x * M + m (modes pni / neighbourhood /
-    pni_split). position_index: flat indices x * M + m where p(c|x) > tau (modes position /
-    pni_split), the static mask.
+    pni_split; `combine` is the pni rule they encode). position_index: flat indices x * M + m
+    where p(c|x) > tau (modes position / pni_split, and pni's fallback), the static mask.
     """
 
     mode: str
     hw: int
     n_memory: int
+    combine: str = "both"
     threshold_base: np.ndarray | None = None
     threshold_index: np.ndarray | None = None
     threshold_value: np.ndarray | None = None
@@ -270,22 +287,34 @@ class MaskSpec:
         out[self.threshold_index] = self.threshold_value
         return out.reshape(self.hw, self.n_memory)
 
+    def position_rows_empty(self) -> np.ndarray:
+        """(hw,) bool: positions whose prior allows no entry at all."""
+        assert self.position_index is not None
+        return np.bincount(self.position_index // self.n_memory, minlength=self.hw) == 0
+
     def dense_position_mask(self) -> np.ndarray:
+        """(hw, M) bool: p(c|x) > tau, every entry where a position allows none (the plain minimum)."""
         out = np.zeros(self.hw * self.n_memory, bool)
         out[self.position_index] = True
-        return out.reshape(self.hw, self.n_memory)
+        out = out.reshape(self.hw, self.n_memory)
+        out[self.position_rows_empty()] = True
+        return out
 
 
-def mask_spec(mode: str, tables: ScoringTables, tau: float) -> MaskSpec:
+def mask_spec(mode: str, tables: ScoringTables, tau: float, combine: str = "both") -> MaskSpec:
+    """The masks of `mode` (pni: under the `combine` rule) at tau, from the scoring tables."""
+    if combine not in COMBINE_RULES:
+        raise ExportError(f"unknown prior combination {combine!r}; choose from {COMBINE_RULES}")
     m = tables.memory.shape[0]
     hw = tables.grid[0] * tables.grid[1]
-    spec = MaskSpec(mode=mode, hw=hw, n_memory=m)
+    spec = MaskSpec(mode=mode, hw=hw, n_memory=m, combine=combine)
     if mode == "patchcore":
         return spec
     if tables.inv_cluster is None:
         raise ExportError(f"mode {mode!r} needs the emb-to-dist map of a PNI bundle")
     if mode in ("neighbourhood", "pni", "pni_split"):
-        spec.threshold_base = exact_thresholds("pni" if mode == "pni" else "neighbourhood", tables.inv_cluster, 0.0, tau)
+        base_mode = "pni" if mode == "pni" else "neighbourhood"
+        spec.threshold_base = exact_thresholds(base_mode, tables.inv_cluster, 0.0, tau, combine)
     if mode in ("pni", "position", "pni_split"):
         if tables.prior_prob is None:
             raise ExportError(f"mode {mode!r} needs the position prior of a PNI bundle")
@@ -293,28 +322,33 @@ def mask_spec(mode: str, tables: ScoringTables, tau: float) -> MaskSpec:
         order = np.argsort(flat, kind="stable")
         flat, entry, prob = flat[order], tables.prior_entry[order], tables.prior_prob[order]
         if mode == "pni":
-            values = exact_thresholds("pni", tables.inv_cluster[entry], prob, tau)
+            values = exact_thresholds("pni", tables.inv_cluster[entry], prob, tau, combine)
             differs = values != spec.threshold_base[entry]
             spec.threshold_index, spec.threshold_value = flat[differs], values[differs]
-        else:
-            keep = prob > tau32(tau)
-            spec.position_index, spec.position_prob = flat[keep], prob[keep]
+        keep = prob > tau32(tau)
+        spec.position_index, spec.position_prob = flat[keep], prob[keep]
     return spec
 
 
-def scorer_table_values(mode: str, st: ScoringTables, tau: float) -> dict[str, np.ndarray]:
+def scorer_table_values(mode: str, st: ScoringTables, tau: float, combine: str = "both") -> dict[str, np.ndarray]:
     """Inputs of a coresets-as-inputs scorer graph, computed exactly as the graph constants are.
 
     memory_neg2t (D, M), memory_sq (M,), emb_to_dist (M,), mask_threshold (M, 1, hw or 1):
-    the transposed exact thresholds, position_penalty (hw, M): 0 where p(c|x) > tau, else PENALTY.
+    the transposed exact thresholds, position_penalty (hw, M): 0 where p(c|x) > tau (or the
+    position allows nothing), else PENALTY.
     """
     memory = st.memory.astype(np.float32)
     out = {"memory_neg2t": np.ascontiguousarray(np.float32(-2.0) * memory.T),
            "memory_sq": (memory * memory).sum(1, dtype=np.float32)}
-    masks = mask_spec(mode, st, tau)
+    masks = mask_spec(mode, st, tau, combine)
     if mode in ("neighbourhood", "pni", "pni_split"):
         out["emb_to_dist"] = st.emb_to_dist.astype(np.int64)
         out["mask_threshold"] = np.ascontiguousarray(masks.dense_threshold().T[:, None, :])
-    if mode in ("position", "pni_split"):
+    if mode in ("position", "pni", "pni_split"):
         out["position_penalty"] = np.where(masks.dense_position_mask(), np.float32(0), PENALTY).astype(np.float32)
     return out
+
+
+def combine_rule(manifest: dict[str, Any]) -> str:
+    """The pni combination rule an export's graphs were built with (exports before the rule: the mean)."""
+    return str(manifest.get("combine", "mean"))

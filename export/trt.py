@@ -8,8 +8,13 @@ ONNX parser, one optimisation profile with batch 1 (min), max (opt) and max (max
 with a batch axis (images or tiles, features, logits, fill_index), FP16 when asked for every graph
 except the softmax and the scorer. Those stay FP32: the probabilities compared with tau ~ 1 / |C_emb|
 lie in FP16's subnormal range (an FP16 softmax flips mask entries), squared distances of
-~100-dimensional features pass FP16's 65504, and the masked minimum is the exactness the export
-promises. The FP16 MLP hands its logits across the engine boundary as FP32 tensors.
+~100-dimensional features pass FP16's 65504, and the mask comparison G >= T (exact float32
+thresholds) and the chosen entry's distance, recomputed as |x - C[j]|, are the exactness the
+export promises. The FP16 MLP hands its logits across the engine boundary as FP32 tensors. The
+scorer's choices are int32 (TensorRT's index type). TensorRT's ArgMin need not take the first of
+exactly tied entries as torch and onnxruntime do; ties only arise where the distance expansion
+cancels (near zero distance), and the recomputed distances of tied entries differ by that
+rounding only.
 
 Import-safe everywhere: `tensorrt` and `cuda-python` are imported only when an engine is built
 or run. Where they or a CUDA device are missing, `TensorRTUnavailable` names what is missing

@@ -55,12 +55,26 @@ def test_evaluate_score_and_export_agree(bundles, crop_root, name, tmp_path):
     assert within_limits(figures), figures
 
 
+def test_the_pni_rule_and_image_window_travel_with_the_export(crop_root, tmp_path):
+    """A bundle trained with the paper's mean rule and a 2-patch image window: the export builds its
+    masks with that rule and its runtime takes image scores over that window, like `evaluate`."""
+    scoring = dataclasses.replace(tiny_config().scoring, combine="mean", image_window=2)
+    cfg = tiny_config(scoring=scoring, neighbourhood=dataclasses.replace(tiny_config().neighbourhood, epochs=2))
+    bundle = save_bundle(train_category(crop_root, "washer", cfg, progress=False), tmp_path / "bundle")
+    figures = deployment_parity(bundle, crop_root, "washer", tmp_path / "work", engine="local", threads=1)
+    assert within_limits(figures), figures
+    model = load_exported(tmp_path / "work" / "export", threads=1)
+    assert model.manifest["combine"] == "mean" and model.manifest["config"]["scoring"]["image_window"] == 2
+    assert model.geometry.image_window == 2
+
+
 def test_export_manifest_records_the_geometry(bundles, tmp_path):
     out = export_bundle(bundles["letterbox"], tmp_path / "lb", ExportOptions(max_batch=4)).path
     model = load_exported(out, threads=1)
     m = model.manifest
     assert m["image_size"] == [128, 128] and m["model_input"] == [128, 128] and m["scorer"]["fill_index"]
     assert {i.name for i in model.sessions["scorer"].get_inputs()} >= {"features", "probabilities", "fill_index"}
+    assert m["combine"] == "both" and model.geometry.image_window == m["config"]["scoring"]["image_window"] == 3
     tiled = load_exported(export_bundle(bundles["tile"], tmp_path / "t", ExportOptions(max_batch=4)).path, threads=1)
     assert tiled.manifest["model_input"] == [64, 64] and tiled.manifest["image_size"] == [80, 128]
     assert tiled.manifest["grid"] == [10, 16]

@@ -117,7 +117,8 @@ def test_scorer_graph_matches_torch_scorer_and_mapper(exported, detector, images
     np.testing.assert_allclose(scores, got_maps.reshape(len(got_maps), -1).max(1))
 
 
-def test_scorer_graph_every_mode(detector, bundle_tiny):
+@pytest.mark.parametrize("combine", ["both", "mean"])
+def test_scorer_graph_every_mode(detector, bundle_tiny, combine):
     """The op-level scorer against torch's exact dense path in all five scoring modes."""
     from export.onnx_export import scoring_tables
 
@@ -126,9 +127,11 @@ def test_scorer_graph_every_mode(detector, bundle_tiny):
     features = torch.randn(2, detector.scorer.memory.shape[1], h, w, generator=g) * 0.5 + detector.scorer.memory.mean(0).view(1, -1, 1, 1)
     probs = torch.softmax(torch.randn(2, detector.mlp.n_classes, h, w, generator=g) * 3, dim=1)
     st = scoring_tables(detector, bundle_tiny)
+    scorer = copy.copy(detector.scorer)
+    scorer.combine = combine
     for mode in ("patchcore", "neighbourhood", "position", "pni", "pni_split"):
         spec = scorer_graph.ScorerSpec(mode=mode, memory=st.memory, emb_to_dist=st.emb_to_dist,
-                                       masks=tables.mask_spec(mode, st, detector.scorer.tau), grid=(h, w),
+                                       masks=tables.mask_spec(mode, st, scorer.tau, combine), grid=(h, w),
                                        image_size=(128, 128), blur_sigma=2.0, n_dist=detector.mlp.n_classes, chunk=100)
         model = scorer_graph.build_scorer_graph(spec, opset=18)
         assert opcheck.check_model(model, name=mode).ok
@@ -138,21 +141,102 @@ def test_scorer_graph_every_mode(detector, bundle_tiny):
             feeds["probabilities"] = probs.permute(0, 2, 3, 1).numpy()
         patch = session.run(["patch_scores"], feeds)[0]
         with torch.no_grad():
-            ref = detector.scorer(features, probs, mode, exact_dense=True).numpy()
+            ref = scorer(features, probs, mode, exact_dense=True).numpy()
         assert _rel(patch, ref) < 1e-5, mode
 
 
-def _allowed(probs: np.ndarray, st: tables.ScoringTables, tau: float) -> np.ndarray:
+def _random_scorer(combine: str, seed: int = 0, m: int = 300, k: int = 20, d: int = 8, h: int = 6, w: int = 5):
+    """A torch scorer on random data built to hit every fallback, its tables, features and probabilities.
+
+    Sparse prior with two positions that allow nothing and a flat one; patches whose probabilities are all zero
+    (the neighbourhood refuses everything) or one-hot on a class (few entries, often none the
+    position allows); patches sitting exactly on a memory entry (distance 0: exact recomputation).
+    """
+    from pni_ray.models.scorer import PatchScorer
+
+    g = torch.Generator().manual_seed(seed)
+    memory = torch.randn(m, d, generator=g)
+    e2d = torch.cat([torch.arange(k), torch.randint(0, k, (m - k,), generator=g)])
+    prior = torch.rand(h * w, m, generator=g) ** 8
+    prior = torch.where(prior >= prior.topk(40, dim=1).values[:, -1:], prior, torch.zeros(()))  # 40 entries a position
+    prior[[0, 7]] = 0.0  # positions that allow nothing: the plain minimum
+    prior[6] = (torch.arange(m) < 200).float()  # flat: tau < p(c|x) <= 2 tau, "mean" needs p(c|N) too
+    prior = prior / prior.sum(1, keepdim=True).clamp_min(1e-30)
+    scorer = PatchScorer(memory, e2d, prior, tau_scale=0.9, topk=4, combine=combine)
+    near = torch.randint(0, m, (2 * h * w,), generator=g)
+    rows = memory[near] + 0.3 * torch.randn(2 * h * w, d, generator=g)
+    rows[::9] = memory[near[::9]]  # exactly on an entry
+    features = rows.view(2, h, w, d).permute(0, 3, 1, 2).contiguous()
+    probs = torch.softmax(3 * torch.randn(2, h, w, k, generator=g), dim=-1)
+    probs[0, 1] = 0.0  # a grid row of patches the neighbourhood refuses entirely
+    probs[1, 2] = torch.nn.functional.one_hot(torch.arange(w) % k, k).float()
+    pos, ent = prior.nonzero(as_tuple=True)
+    st = tables.ScoringTables(memory.numpy(), e2d.numpy().astype(np.int64), scorer.inv_cluster.numpy(), (h, w),
+                              pos.numpy(), ent.numpy(), prior[pos, ent].numpy())
+    return scorer, st, features, probs.permute(0, 3, 1, 2).contiguous()
+
+
+VARIANTS = {"default": {}, "inputs": {"coresets": "input"}, "naive": {"layout": "naive", "distance": "gemm"}}
+
+
+@pytest.mark.parametrize("combine", ["both", "mean"])
+def test_exported_scorer_equals_torch_on_random_data_with_every_fallback(combine):
+    """Every mode, both pni rules, each graph variant: the torch scorer's choices and exact distances,
+    including patches with nothing allowed (pni: the position's entries, then all)."""
+    scorer, st, features, probs = _random_scorer(combine)
+    b, _, h, w = features.shape
+    flat_probs = probs.permute(0, 2, 3, 1).reshape(b * h * w, -1)
+    positions = torch.arange(h * w).repeat(b)
+    pni = scorer.allowed(flat_probs, positions, None, "pni")
+    by_position = scorer.position_mask_probs(positions, None) > scorer.tau
+    assert (~pni.any(1) & by_position.any(1)).any()  # pni falls back to the position's entries
+    assert (~pni.any(1) & ~by_position.any(1)).any()  # ... and to all of C_emb
+    on_entry = torch.zeros(b * h * w, dtype=torch.bool)
+    on_entry[::9] = True
+    feeds_all = {"features": features.numpy(), "probabilities": probs.permute(0, 2, 3, 1).numpy()}
+    for mode in ("patchcore", "neighbourhood", "position", "pni", "pni_split"):
+        with torch.no_grad():
+            ref = scorer(features, probs, mode, exact_dense=True).numpy()
+            assert np.array_equal(scorer(features, probs, mode).numpy(), ref), mode
+        if mode == "patchcore":
+            assert (ref.reshape(-1)[on_entry.numpy()] == 0).all()  # exact: no GEMM cancellation left
+        masks = tables.mask_spec(mode, st, scorer.tau, combine)
+        variants = dict(VARIANTS)
+        if mode == "pni":
+            prior_dense = scorer.position_prior.numpy()
+            variants["arithmetic"] = dict(layout="naive", distance="gemm", mask="arithmetic", tau=scorer.tau,
+                                          inv_cluster=st.inv_cluster, prior_dense=prior_dense)
+        for name, kw in variants.items():
+            spec = scorer_graph.ScorerSpec(mode=mode, memory=st.memory, emb_to_dist=st.emb_to_dist, masks=masks,
+                                           grid=(h, w), image_size=(48, 40), blur_sigma=1.0, n_dist=probs.shape[1],
+                                           chunk=7, **kw)
+            model = scorer_graph.build_scorer_graph(spec)
+            assert opcheck.check_model(model, name=mode).ok
+            session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            names = {i.name for i in session.get_inputs()}
+            feeds = {k: v for k, v in feeds_all.items() if k in names}
+            if spec.coresets == "input":
+                feeds.update(tables.scorer_table_values(mode, st, scorer.tau, combine))
+            patch = session.run(["patch_scores"], feeds)[0]
+            assert np.abs(patch - ref).max() < 1e-5, (mode, name, np.abs(patch - ref).max())
+
+
+def _allowed(probs: np.ndarray, st: tables.ScoringTables, tau: float, mode: str = "pni",
+             combine: str = "both") -> np.ndarray:
     """(B, hw, M) mask of the exported scorer: G >= T with the exact float32 thresholds."""
-    t = tables.mask_spec("pni", st, tau).dense_threshold()  # (hw, M)
+    t = tables.mask_spec(mode, st, tau, combine).dense_threshold()  # (hw, M) or (1, M)
     g = probs.reshape(len(probs), -1, probs.shape[-1])[:, :, st.emb_to_dist]  # (B, hw, M)
     return g >= t[None]
+
+
+MASK_RULES = (("pni", "both"), ("pni", "mean"), ("neighbourhood", "both"))
 
 
 def test_fp16_build_keeps_the_mlp_mask_exact(exported, detector, bundle_tiny, images):
     """An FP16 TensorRT build runs mlp.onnx in FP16 (its logits leave the engine FP16-rounded, as FP32
     tensors) and softmax.onnx + scorer.onnx in FP32: the allowed sets are then exactly those of
-    torch's FP32 rule on the same logits. An FP16 softmax (the MLP graph's old layout) flips entries."""
+    torch's FP32 rule on the same logits, for either pni rule. An FP16 softmax (the MLP graph's old
+    layout) flips entries."""
     from export.onnx_export import scoring_tables
 
     with torch.no_grad():
@@ -164,27 +248,27 @@ def test_fp16_build_keeps_the_mlp_mask_exact(exported, detector, bundle_tiny, im
     tau = float(detector.scorer.tau)
     with torch.no_grad():
         ref_probs = torch.softmax(torch.from_numpy(logits16) / detector.mlp.temperature, dim=-1).numpy()
-    # torch's own float32 expression, (p_n + p_x) / 2 > tau, on the same logits
+    x16 = (logits16 / np.float32(detector.mlp.temperature)).astype(np.float16)
+    e16 = np.exp(x16 - x16.max(-1, keepdims=True))
+    probs16 = (e16 / e16.sum(-1, keepdims=True, dtype=np.float16)).astype(np.float32)  # an FP16 softmax
     hw, m = st.grid[0] * st.grid[1], st.memory.shape[0]
     p_x = np.zeros((hw, m), np.float32)
     p_x[st.prior_position, st.prior_entry] = st.prior_prob
     g_ref = ref_probs.reshape(len(ref_probs), hw, -1)[:, :, st.emb_to_dist]
-    torch_allowed = tables.predicate("pni", g_ref, st.inv_cluster[None, None], p_x[None], tau)
-    fp16_build = _allowed(probs, st, tau)
-    assert np.array_equal(fp16_build, torch_allowed)
-    assert 0 < fp16_build.mean() < 1
+    flipped = []
+    for mode, combine in MASK_RULES:  # torch's own float32 expression on the same logits
+        torch_allowed = tables.predicate(mode, g_ref, st.inv_cluster[None, None], p_x[None], tau, combine)
+        fp32 = _allowed(probs, st, tau, mode, combine)
+        assert np.array_equal(fp32, torch_allowed), (mode, combine)
+        assert 0 < fp32.mean() < 1
+        flipped.append(not np.array_equal(_allowed(probs16, st, tau, mode, combine), torch_allowed))
+    assert any(flipped)  # the test can fail: an FP16 softmax flips entries
     # the scorer graph with those probabilities gives torch's patch scores (same masks, FP32 distances)
-    spec_feeds = {"features": features, "probabilities": probs}
-    patch = _session(exported / "scorer.onnx").run(["patch_scores"], spec_feeds)[0]
+    patch = _session(exported / "scorer.onnx").run(["patch_scores"], {"features": features, "probabilities": probs})[0]
     with torch.no_grad():
         ref_patch = detector.scorer(torch.from_numpy(features), torch.from_numpy(ref_probs).permute(0, 3, 1, 2),
                                     "pni", exact_dense=True).numpy()
     assert _rel(patch, ref_patch) < 1e-5
-    # the test can fail: a softmax in FP16 (what an FP16 engine of the old mlp graph computed) flips entries
-    x16 = (logits16 / np.float32(detector.mlp.temperature)).astype(np.float16)
-    e16 = np.exp(x16 - x16.max(-1, keepdims=True))
-    probs16 = (e16 / e16.sum(-1, keepdims=True, dtype=np.float16)).astype(np.float32)
-    assert not np.array_equal(_allowed(probs16, st, tau), torch_allowed)
 
 
 def test_exact_thresholds_reproduce_the_torch_mask_bit_for_bit():
@@ -193,19 +277,36 @@ def test_exact_thresholds_reproduce_the_torch_mask_bit_for_bit():
     inv = (1.0 / rng.integers(1, 40, n)).astype(np.float32)
     p_x = np.where(rng.random(n) < 0.5, 0.0, rng.random(n) ** 6).astype(np.float32)
     tau = 0.5 / 16384
-    for mode in ("pni", "neighbourhood"):
-        t = tables.exact_thresholds(mode, inv, p_x, tau)
+    for mode, combine in MASK_RULES:
+        t = tables.exact_thresholds(mode, inv, p_x, tau, combine)
         finite = np.isfinite(t)
-        assert finite.any() and (mode != "pni" or (t == -np.inf).any())  # p(c|x) alone passes: always allowed
+        assert finite.any()
+        if combine == "mean":  # p(c|x) alone passes: always allowed
+            assert (t[p_x > 2 * tau] == -np.inf).any()
+        if mode == "pni" and combine == "both":  # never without both; never where the position refuses
+            assert not (t == -np.inf).any() and (t[p_x <= np.float32(tau)] == np.inf).all()
         below = np.nextafter(t[finite], np.float32(0))
-        assert not tables.predicate(mode, below, inv[finite], p_x[finite], tau).any()
-        assert tables.predicate(mode, t[finite], inv[finite], p_x[finite], tau).all()
+        assert not tables.predicate(mode, below, inv[finite], p_x[finite], tau, combine).any()
+        assert tables.predicate(mode, t[finite], inv[finite], p_x[finite], tau, combine).all()
         for g in (rng.random(n).astype(np.float32) * np.float32(0.05), rng.random(n).astype(np.float32)):
-            assert np.array_equal(g >= t, tables.predicate(mode, g, inv, p_x, tau))
-    # and against torch's own expression
+            assert np.array_equal(g >= t, tables.predicate(mode, g, inv, p_x, tau, combine))
+    # and against torch's own expressions
     g = torch.rand(n, generator=torch.Generator().manual_seed(1)) * 0.01
-    torch_mask = ((g * torch.from_numpy(inv) + torch.from_numpy(p_x)) * 0.5 > tau).numpy()
-    assert np.array_equal(torch_mask, g.numpy() >= tables.exact_thresholds("pni", inv, p_x, tau))
+    p_n, px = g * torch.from_numpy(inv), torch.from_numpy(p_x)
+    for combine, torch_mask in (("mean", (p_n + px) * 0.5 > tau), ("both", (p_n > tau) & (px > tau))):
+        assert np.array_equal(torch_mask.numpy(), g.numpy() >= tables.exact_thresholds("pni", inv, p_x, tau, combine))
+
+
+def test_both_rule_thresholds_carry_the_position_mask():
+    """combine "both": T[x, m] < +inf exactly where the position allows m (pni's first fallback)."""
+    _, st, _, _ = _random_scorer("both")
+    masks = tables.mask_spec("pni", st, 0.9 / st.memory.shape[0], "both")
+    finite = np.isfinite(masks.dense_threshold())
+    dense = masks.dense_position_mask()
+    empty = masks.position_rows_empty()
+    assert empty.sum() == 2 and dense[empty].all()  # positions that allow nothing allow everything
+    assert np.array_equal(finite[~empty], dense[~empty]) and not finite[empty].any()
+    assert (masks.threshold_base == np.inf).all()
 
 
 @pytest.mark.parametrize("grid,size,sigma", [((16, 16), (128, 128), 2.0), ((13, 9), (100, 70), 4.0), ((8, 8), (64, 64), 0.0)])
@@ -487,7 +588,7 @@ def test_coresets_as_inputs_match_constants(cli_trt, exported, images):
     b = load_exported(out, threads=1).predict(images[:4])
     np.testing.assert_allclose(b[0], a[0], rtol=1e-5, atol=1e-6)
     assert {i.name for i in _session(out / "scorer.onnx").get_inputs()} == {
-        "features", "probabilities", "memory_neg2t", "memory_sq", "emb_to_dist", "mask_threshold"}
+        "features", "probabilities", "memory_neg2t", "memory_sq", "emb_to_dist", "mask_threshold", "position_penalty"}
 
 
 @pytest.mark.skipif(shutil.which("polygraphy") is None and not (Path(sys.executable).parent / "polygraphy").exists(),

@@ -145,7 +145,11 @@ def test_model_loader_bundle(bundle_tiny):
     prepared = [model.geometry.prepare(rng.integers(0, 256, (90, 140, 3), dtype=np.uint8)) for _ in range(2)]
     maps, scores = model.canvas_maps(prepared)
     assert maps.shape == (2, 128, 128) and scores.shape == (2,) and maps.dtype == np.float32
-    assert np.allclose(scores, maps.reshape(2, -1).max(1), rtol=1e-5)
+    from pni_ray.geometry import STRIDE, box_max  # image score: the map's 3x3-patch average at its maximum
+
+    assert model.geometry.image_window == 3
+    assert np.allclose(scores, [box_max(m, 3 * STRIDE) for m in maps], rtol=1e-5)
+    assert (scores < maps.reshape(2, -1).max(1)).all()
 
 
 def test_model_loader_export(bundle_tiny, tmp_path):
