@@ -98,3 +98,14 @@ def test_paper_preset_and_its_full_width_mlp():
     assert mlp.reduce.out_channels == 7 and mlp(torch.randn(1, 7, 9, 9)).shape == (1, 5, 9, 9)
     with pytest.raises(click.UsageError, match="one"):
         build_config(preset="paper", base=TrainConfig())
+
+
+def test_torch_image_score_matches_the_geometry_box_maximum():
+    from pni_ray.models.anomaly_map import image_scores
+
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(3, 40, 56, generator=g)
+    for window in (0, 1, 5, 24, 80):
+        torch_scores = image_scores(maps, window)
+        numpy_scores = [box_max(m.numpy(), window) for m in maps]
+        assert torch.allclose(torch_scores, torch.tensor(numpy_scores, dtype=torch.float32), atol=1e-6), window

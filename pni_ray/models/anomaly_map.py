@@ -39,6 +39,10 @@ class AnomalyMapper(nn.Module):
         return maps.squeeze(1)
 
 
-def image_scores(maps: torch.Tensor) -> torch.Tensor:
-    """Image score = maximum of the map (PatchCore convention)."""
+def image_scores(maps: torch.Tensor, window: int = 0) -> torch.Tensor:
+    """Image score = maximum of the (B, H, W) maps averaged over window x window pixels (0 or 1:
+    the plain maximum); the torch twin of `pni_ray.geometry.box_max` for unpadded canvases."""
+    ky, kx = min(window, maps.shape[-2]), min(window, maps.shape[-1])
+    if ky > 1 or kx > 1:
+        maps = F.avg_pool2d(maps.unsqueeze(1), (max(ky, 1), max(kx, 1)), stride=1).squeeze(1)
     return maps.flatten(1).max(1).values

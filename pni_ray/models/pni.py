@@ -10,7 +10,7 @@ from torch import nn
 
 from pni_ray.config import TrainConfig
 from pni_ray.models.anomaly_map import AnomalyMapper, image_scores
-from pni_ray.models.features import PatchFeatureExtractor, build_extractor
+from pni_ray.models.features import FEATURE_STRIDE, PatchFeatureExtractor, build_extractor
 from pni_ray.models.neighbourhood import NeighbourhoodMLP
 from pni_ray.models.position_prior import SparsePositionPrior
 from pni_ray.models.scorer import PatchScorer
@@ -44,6 +44,7 @@ class PNIDetector(nn.Module):
         refiner: nn.Module | None = None,
         mode: str = "pni",
         image_size: int = 256,
+        image_window: int = 0,
     ) -> None:
         super().__init__()
         self.image_size = image_size
@@ -53,6 +54,7 @@ class PNIDetector(nn.Module):
         self.mlp = mlp
         self.refiner = refiner
         self.mode = mode if mlp is not None or mode == "patchcore" else "patchcore"
+        self.image_window = image_window  # patches; the score `pni_ray.geometry.Geometry.image_score` gives
 
     def patch_scores(self, images: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         mode = mode or self.mode
@@ -72,7 +74,7 @@ class PNIDetector(nn.Module):
         maps = self.mapper(self.patch_scores(images, mode), images.shape[-2:])
         if (refine if refine is not None else self.refiner is not None) and self.refiner is not None:
             maps = self.refiner(images, maps)
-        return maps, image_scores(maps)
+        return maps, image_scores(maps, self.image_window * FEATURE_STRIDE)
 
     def predict_images(
         self, images: list, mode: str | None = None, refine: bool | None = None, batch_size: int = 8
@@ -121,6 +123,7 @@ def build_detector(trained: TrainedModel, extractor: PatchFeatureExtractor | Non
         refiner=trained.refiner,
         mode=cfg.scoring.mode if cfg.mode == "pni" else "patchcore",
         image_size=cfg.features.image_size,
+        image_window=cfg.scoring.image_window,
     )
     from pni_ray.geometry import Geometry
 
