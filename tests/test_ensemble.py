@@ -8,6 +8,8 @@ import shutil
 
 import pytest
 import torch
+
+from pni_ray.models.anomaly_map import image_scores
 from click.testing import CliRunner
 from torch import nn
 
@@ -46,7 +48,7 @@ def test_ensemble_detector_math_on_fixed_maps():
     maps, scores = ens(torch.zeros(3, 3, 2, 2))
     expected = ((a - 2.0) / 2.0 + (b - 10.0) / 10.0) / 2.0  # [[-0.5, 0], [0.5, 2.0]]
     assert torch.allclose(maps, expected.expand(3, 2, 2))
-    assert torch.allclose(scores, torch.full((3,), 2.0))
+    assert torch.allclose(scores, torch.full((3,), 0.5))  # image score: the 2 x 2 map's average (window clipped)
     assert ens.mode == "member"  # members disagree: each scores in its own mode
     ens(torch.zeros(1, 3, 2, 2), mode="position")
     assert [m.calls for m in ens.members] == [[None, "position"], [None, "position"]]
@@ -108,7 +110,7 @@ def test_ensemble_averages_members_normalised_maps(ensemble_dir, bundle_tiny, li
     maps, scores = ensemble(images)
     assert maps.shape == (5, 128, 128)
     assert torch.allclose(maps, expected_maps, atol=1e-5)
-    assert torch.allclose(scores, expected_maps.flatten(1).amax(1), atol=1e-5)
+    assert torch.allclose(scores, image_scores(expected_maps, 24), atol=1e-5)  # the 3 x 3-patch box maximum
     assert ens_manifest["threshold_method"] == "members"
     assert ens_manifest["threshold"] == pytest.approx(sum(thresholds) / 2)
     assert ensemble.threshold == pytest.approx(ens_manifest["threshold"])

@@ -104,7 +104,9 @@ def test_prepare_restore_round_trip(policy, kw, shape):
     assert float(err.mean()) < 0.01 and float(err.max()) < 0.1, (policy, kw, shape, float(err.max()))
     if kw.get("tile") and kw.get("tile_scale", 1.0) == 1.0:
         assert np.array_equal(back, red[:h, :w])  # native-resolution tiling: content is the image
-    assert geo.image_score(red, p) == pytest.approx(float((rgb[..., 0] / 255.0).max()), abs=0.02)
+    plain = Geometry(geo.cfg, geo.image_size, image_window=0)  # the content maximum, no box average
+    assert plain.image_score(red, p) == pytest.approx(float((rgb[..., 0] / 255.0).max()), abs=0.02)
+    assert geo.image_score(red, p) <= plain.image_score(red, p) + 1e-6
 
 
 def test_letterbox_canvas_and_validity():
@@ -255,7 +257,8 @@ def test_letterbox_padding_never_in_the_coreset_or_prior(trained_geo, crop_root)
     prior = trained.position_prior
     assert prior.grid == (16, 16)
     pos_rows = (prior.position.long() // 16).unique()
-    assert int(pos_rows.min()) >= 3 - cfg.position.spread and int(pos_rows.max()) <= 12 + cfg.position.spread
+    spread = trained.report["deterministic"]["position_spread"]  # chosen on held-out images
+    assert int(pos_rows.min()) >= 3 - spread and int(pos_rows.max()) <= 12 + spread
 
 
 @pytest.mark.parametrize("name", list(GEOMETRIES))
@@ -305,7 +308,7 @@ def test_default_predict_matches_the_plain_detector(trained_tiny, synthetic_root
     images[1] = np.asarray(Image.fromarray(images[1]).resize((200, 90)))  # any size: squashed, upsampled back
     maps, scores = predict_images(detector, images)
     ref_maps, ref_scores = detector(to_tensor([resize_rgb(o, 128) for o in images]))  # today's path
-    assert np.array_equal(scores, ref_scores.numpy())
+    assert np.allclose(scores, ref_scores.numpy(), rtol=1e-5)  # box average: float64 (numpy) vs float32 (torch)
     assert all(np.array_equal(m, resize_map(r.numpy(), o.shape[:2])) for m, r, o in zip(maps, ref_maps, images))
     assert maps[1].shape == (90, 200)
     assert torch.equal(load_batch(paths[:1], 128)[0], to_tensor([resize_rgb(images[0], 128)])[0])

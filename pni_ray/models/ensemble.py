@@ -41,7 +41,10 @@ from torch import nn
 from pni_ray.bundle import MANIFEST as BUNDLE_MANIFEST
 from pni_ray.bundle import BundleError, atomic_write_json, load_bundle, model_id, verify_bundle, versions
 from pni_ray.fileio import read_manifest_json, staged_dir
+from pni_ray.config import ScoringConfig
 from pni_ray.models.pni import Normalisation, PNIDetector, build_detector
+from pni_ray.models.anomaly_map import image_scores
+from pni_ray.models.features import FEATURE_STRIDE
 
 FORMAT = "pni-ray-ensemble"
 FORMAT_VERSION = 1
@@ -113,7 +116,7 @@ class EnsembleDetector(nn.Module):
         self, images: torch.Tensor, mode: str | None = None, refine: bool | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         maps = self.member_maps(images, mode, refine).mean(0)
-        return maps, maps.flatten(1).max(1).values
+        return maps, image_scores(maps, ScoringConfig.image_window * FEATURE_STRIDE)
 
 
 # ----------------------------------------------------------------------------------- threshold
@@ -304,7 +307,7 @@ def save_ensemble(
             "members": entries,
             "combine": {
                 "map": "mean over members of (map - pixel_mean) / pixel_std (each member's held-out statistics)",
-                "image_score": "max of the combined map",
+                "image_score": "max of the combined map averaged over 3 x 3 patches (24 x 24 canvas pixels)",
             },
             "normalisation": asdict(normalisation),
             "threshold": normalisation.threshold,
