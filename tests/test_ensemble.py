@@ -9,7 +9,6 @@ import shutil
 import pytest
 import torch
 
-from pni_ray.models.anomaly_map import image_scores
 from click.testing import CliRunner
 from torch import nn
 
@@ -18,6 +17,7 @@ from pni_ray.data.mvtec import load_category
 from pni_ray.data.transforms import load_batch
 from pni_ray.evaluate import evaluate_category
 from pni_ray.inference import load_detector
+from pni_ray.models.anomaly_map import image_scores
 from pni_ray.models.ensemble import EnsembleDetector, estimated_normalisation, save_ensemble, verify_ensemble
 from pni_ray.models.pni import Normalisation
 from pni_ray.training import train_category
