@@ -19,7 +19,9 @@ torch's per-call and advanced-indexing overheads cost more than the arithmetic.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -94,47 +96,84 @@ def _bound_coordinates(rows: np.ndarray, mean: np.ndarray, basis: np.ndarray) ->
 
 
 class _Members:
-    """Per-centre member lists in one append-only buffer, rebuilt when stale entries fill it.
+    """Each centre's members as one segment of a flat buffer, sorted by distance, farthest first.
 
-    A point that moves to a new centre is appended to that centre's fresh segment and left in
-    its old segment as a stale entry (recognised through `assigned`), so a pick costs the
-    size of the clusters it visits, never N.
+    A point's distance to its centre only changes when it moves to a new centre, so sorted
+    segments stay sorted: the rule's candidates in a cluster (distance > gap / 2) are a
+    prefix found by bisection, a cluster's radius and farthest point are its first entry
+    (ties by lowest index), and members that move away all come from that prefix, so the
+    prefix's remaining entries are shifted up against the untouched rest. New centres'
+    segments are appended; the buffer is compacted when the holes fill it.
     """
 
-    def __init__(self, n_total: int, n_select: int) -> None:
-        self.buffer = np.empty(2 * n_total, dtype=np.int64)
-        self.buffer[:n_total] = np.arange(n_total)
+    def __init__(self, min_dist: np.ndarray, n_select: int) -> None:
+        n_total = min_dist.size
+        first = np.argsort(-min_dist, kind="stable")
+        self.points = np.empty(2 * n_total, dtype=np.int64)
+        self.dist = np.empty(2 * n_total, dtype=min_dist.dtype)
+        self.points[:n_total] = first
+        self.dist[:n_total] = min_dist[first]
         self.used = n_total
         self.start = np.zeros(n_select, dtype=np.int64)
         self.count = np.zeros(n_select, dtype=np.int64)
         self.count[0] = n_total
 
-    def gather(self, clusters: np.ndarray, assigned: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Live members of `clusters`, grouped cluster by cluster, and each one's position in `clusters`."""
-        counts = self.count[clusters]
-        owner = np.repeat(np.arange(clusters.size), counts)
-        offsets = np.cumsum(counts) - counts
-        positions = np.arange(owner.size) + np.repeat(self.start[clusters] - offsets, counts)
-        points = self.buffer[positions]
-        live = assigned[points] == clusters[owner]
-        return points[live], owner[live]
+    def prefix_ends(self, clusters: np.ndarray, half_gaps: np.ndarray) -> np.ndarray:
+        """Per cluster, the end of its entries with distance > half_gap (vectorised bisection)."""
+        lo = self.start[clusters]
+        hi = lo + self.count[clusters]
+        active = np.flatnonzero(lo < hi)
+        while active.size:
+            a_lo, a_hi = lo[active], hi[active]
+            mid = (a_lo + a_hi) >> 1
+            beyond = self.dist[mid] > half_gaps[active]
+            lo[active] = np.where(beyond, mid + 1, a_lo)
+            hi[active] = np.where(beyond, a_hi, mid)
+            active = active[lo[active] < hi[active]]
+        return lo
 
-    def append(self, cluster: int, points: np.ndarray, assigned: np.ndarray) -> None:
-        if self.used + points.size > self.buffer.size:
-            self._compact(assigned, cluster)
-        self.buffer[self.used : self.used + points.size] = points
+    def prefixes(self, clusters: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Buffer positions of each cluster's prefix (start .. end), grouped, and each one's cluster position."""
+        return _segments(self.start[clusters], ends - self.start[clusters])
+
+    def remove(self, clusters: np.ndarray, ends: np.ndarray, positions: np.ndarray, owner: np.ndarray,
+               keep: np.ndarray) -> None:
+        """Drop the prefix entries not in `keep`, shifting the kept ones up against the rest."""
+        kept_owner = owner[keep]
+        kept = np.bincount(kept_owner, minlength=clusters.size)
+        lengths = ends - self.start[clusters]
+        new_start = self.start[clusters] + lengths - kept
+        target = np.arange(kept_owner.size) + np.repeat(new_start - (np.cumsum(kept) - kept), kept)
+        self.points[target] = self.points[positions[keep]]
+        self.dist[target] = self.dist[positions[keep]]
+        self.count[clusters] -= lengths - kept
+        self.start[clusters] = new_start
+
+    def append(self, cluster: int, points: np.ndarray, dist: np.ndarray) -> None:
+        """New segment, sorted farthest first, ties by lowest index."""
+        if self.used + points.size > self.points.size:
+            self._compact(cluster)
+        order = np.lexsort((points, -dist))
+        end = self.used + points.size
+        self.points[self.used : end] = points[order]
+        self.dist[self.used : end] = dist[order]
         self.start[cluster] = self.used
         self.count[cluster] = points.size
-        self.used += points.size
+        self.used = end
 
-    def _compact(self, assigned: np.ndarray, new_cluster: int) -> None:
-        """Rewrite the buffer as live segments in centre order (the new centre's members excluded)."""
-        keep = np.flatnonzero(assigned != new_cluster)
-        owners = assigned[keep]
-        self.buffer[: keep.size] = keep[np.argsort(owners, kind="stable")]
-        self.count[:new_cluster] = np.bincount(owners, minlength=new_cluster)[:new_cluster]
-        self.start[:new_cluster] = np.cumsum(self.count[:new_cluster]) - self.count[:new_cluster]
-        self.used = keep.size
+    def _compact(self, n_clusters: int) -> None:
+        positions, _ = _segments(self.start[:n_clusters], self.count[:n_clusters])
+        self.points[: positions.size] = self.points[positions]
+        self.dist[: positions.size] = self.dist[positions]
+        self.start[:n_clusters] = np.cumsum(self.count[:n_clusters]) - self.count[:n_clusters]
+        self.used = positions.size
+
+
+def _segments(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated ranges start .. start + length, and for each position the index of its range."""
+    owner = np.repeat(np.arange(starts.size), lengths)
+    offsets = np.cumsum(lengths) - lengths
+    return np.arange(owner.size) + np.repeat(starts - offsets, lengths), owner
 
 
 def greedy_kcenter_order(
@@ -169,29 +208,43 @@ def greedy_kcenter_order(
     order = np.empty(n_select, dtype=np.int64)
     order[0] = current
     if n_select > 1:
-        _search(reduced, min_dist, order, chunk_size, progress)
+        with _one_thread():
+            _search(reduced, min_dist, order, chunk_size, progress)
     return torch.from_numpy(order)
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Per pick the search runs dozens of small ops; with several threads each one is a
+    parallel region, and on a loaded machine every region waits for a core (15x slower
+    measured). Row distances do not depend on the thread count, so the order is unchanged.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _search(reduced: torch.Tensor, min_dist: np.ndarray, order: np.ndarray, chunk_size: int, progress: bool) -> None:
-    """Picks 1 .. len(order) - 1, given pick 0 and every row's distance to it (both in place)."""
+    """Picks 1 .. len(order) - 1, given pick 0 and every row's distance to it (order filled in place)."""
     rows = reduced.numpy()
     n_total, width = rows.shape
     n_select = order.size
     dtype = rows.dtype
     buffer = np.empty((min(chunk_size, n_total), width), dtype=dtype)
-    assigned = np.zeros(n_total, dtype=np.int64)
-    members = _Members(n_total, n_select)
+    members = _Members(min_dist, n_select)
     radius = np.full(n_select, -np.inf, dtype=dtype)
     farthest = np.full(n_select, n_total, dtype=np.int64)  # lowest index at the radius
-    radius[0] = min_dist.max()
-    farthest[0] = int(np.argmax(min_dist))
+    radius[0], farthest[0] = members.dist[0], members.points[0]
     centres = np.empty((n_select, width), dtype=dtype)
     centres[0] = rows[order[0]]
 
     # Lower bounds from a few principal axes and the norm of the rest (low(x), see
-    # _bound_coordinates; |low(x) - low(y)| <= |x - y|). Both tests below add `slack`, far above float32 rounding of either side,
-    # so they only ever drop what the exact rule would drop or what cannot get closer.
+    # _bound_coordinates; |low(x) - low(y)| <= |x - y|). Both tests below add `slack`, far
+    # above float32 rounding of either side, so they only drop what the exact rule would
+    # drop or what provably cannot get closer.
     # Clusters: keep j while |low c_j - low p|^2 < 4 r_j^2 (1 + slack) + slack (|low c_j|^2 + |low p|^2),
     # i.e. key_j - 2 low(c_j).low(p) < -(1 - slack) |low p|^2 with
     # key_j = (1 - slack) |low c_j|^2 - 4 r_j^2 (1 + slack): one matrix-vector product per pick.
@@ -221,54 +274,32 @@ def _search(reduced: torch.Tensor, min_dist: np.ndarray, order: np.ndarray, chun
         centre = torch.from_numpy(centres[step])
         low_p, low_p_sq = low_rows[current], float(low_rows_sq[current])
         low[step], low_sq[step] = low_p, low_p_sq
-        bound = key[:step] - 2.0 * (low[:step] @ low_p)
+        bound = key[:step] - 2.0 * np.einsum("ij,j->i", low[:step], low_p)  # no BLAS threads
         maybe = np.flatnonzero(bound < -(1 - slack) * low_p_sq)
         gaps = _distances(centres, maybe, centre, buffer)
         visit = gaps < 2.0 * radius[maybe]
-        near, gaps = maybe[visit], gaps[visit]
-        points, owner = members.gather(near, assigned)
-        md = min_dist[points]
-        admitted = gaps[owner] < 2.0 * md  # the plain rule's candidates, exactly
-        points, owner, md = points[admitted], owner[admitted], md[admitted]
-        # Members: skip x when |low x - low p|^2 >= md^2 (1 + slack) + slack (|low x|^2 + |low p|^2):
-        # then the computed distance is >= md, so x is provably not closer.
+        near = maybe[visit]
+        # The plain rule's candidates in cluster j: distance d > gap_j / 2 (i.e. gap_j < 2 d), exactly.
+        ends = members.prefix_ends(near, gaps[visit] / 2)
+        positions, owner = members.prefixes(near, ends)
+        points, md = members.points[positions], members.dist[positions]
+        # Skip x when |low x - low p|^2 >= md^2 (1 + slack) + slack (|low x|^2 + |low p|^2):
+        # then its computed distance is >= md, so it provably does not get closer.
         diff = np.take(low_rows, points, axis=0) - low_p
         lb_sq = np.einsum("ij,ij->i", diff, diff)
         md64 = md.astype(np.float64)
-        maybe_closer = lb_sq < md64 * md64 * (1 + slack) + slack * (low_rows_sq[points] + low_p_sq)
-        points, owner, md = points[maybe_closer], owner[maybe_closer], md[maybe_closer]
-        dist = _distances(rows, points, centre, buffer)
-        closer = dist < md
-        moved, moved_dist = points[closer], dist[closer]
-        min_dist[moved] = moved_dist
-        assigned[moved] = step
-        members.append(step, moved, assigned)
-        if moved.size:
-            radius[step] = moved_dist.max()
-            farthest[step] = moved[moved_dist == radius[step]].min()
-            _shrink(near[np.unique(owner[closer])], members, assigned, min_dist, radius, farthest)
-        set_keys(near)
+        measure = np.flatnonzero(lb_sq < md64 * md64 * (1 + slack) + slack * (low_rows_sq[points] + low_p_sq))
+        dist = _distances(rows, points[measure], centre, buffer)
+        closer = dist < md[measure]
+        if closer.any():
+            keep = np.ones(points.size, dtype=bool)
+            keep[measure[closer]] = False
+            members.remove(near, ends, positions, owner, keep)
+            first = members.start[near]
+            radius[near], farthest[near] = members.dist[first], members.points[first]
+            set_keys(near)
+            members.append(step, points[measure[closer]], dist[closer])
+            radius[step], farthest[step] = members.dist[members.start[step]], members.points[members.start[step]]
         set_keys(slice(step, step + 1))
         bar.update(1)
     bar.close()
-
-
-def _shrink(
-    changed: np.ndarray,
-    members: _Members,
-    assigned: np.ndarray,
-    min_dist: np.ndarray,
-    radius: np.ndarray,
-    farthest: np.ndarray,
-) -> None:
-    """New radius and farthest point (lowest index at the radius) of clusters that lost members.
-
-    Each keeps its centre (distance 0 cannot be beaten), so no segment is empty.
-    """
-    points, owner = members.gather(changed, assigned)
-    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-    dist = min_dist[points]
-    new_radius = np.maximum.reduceat(dist, starts)
-    at_radius = dist == np.repeat(new_radius, np.diff(np.r_[starts, dist.size]))
-    radius[changed] = new_radius
-    farthest[changed] = np.minimum.reduceat(np.where(at_radius, points, len(min_dist)), starts)
