@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 # Principal axes of the projected rows used for the lower bounds: few enough that scanning
 # every centre per pick stays cheap, enough to prune most centres and members.
-BOUND_AXES = 16
+BOUND_AXES = 32
 # Rows sampled (evenly spaced) to estimate those axes; they only affect speed, never the order.
 BOUND_SAMPLE_ROWS = 65536
 
