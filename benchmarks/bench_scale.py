@@ -21,13 +21,16 @@ within 10%, peak memory within 20%).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +52,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None, help="keep inputs and outputs here (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args()
+
+
+@contextlib.contextmanager
+def scratch_dir(path: Path | None, prefix: str) -> Iterator[Path]:
+    """`path` (created) when given, so results are kept; else a temporary directory, removed after."""
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as name:
+        yield Path(name)
 
 
 def make_pool(folder: Path, count: int, size: int) -> list[Path]:
@@ -174,16 +188,8 @@ def score_once(bundle: Path, inputs: Path, out: Path, n: int, args: argparse.Nam
     }
 
 
-def main() -> int:
-    args = parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="pni-ray-scale-")
-        work = Path(tmp.name)
-    else:
-        work = args.workdir
-        work.mkdir(parents=True, exist_ok=True)
+def run_sizes(args: argparse.Namespace, work: Path, sizes: list[int]) -> list[dict]:
+    """Score each N cold; inputs, pool and outputs live under `work`."""
     bundle = args.bundle
     if bundle is None:
         from bench_score import tiny_bundle
@@ -195,12 +201,18 @@ def main() -> int:
         inputs = link_inputs(work, pool, n)
         out = work / f"out_{n}"
         if out.exists():
-            import shutil
-
             shutil.rmtree(out)
         row = score_once(bundle, inputs, out, n, args)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> int:
+    args = parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    with scratch_dir(args.workdir, "pni-ray-scale-") as work:
+        rows = run_sizes(args, work, sizes)
     print(f"\n`pni-ray score`, {args.image_size} x {args.image_size} PNG inputs, map format {args.map_format}")
     print("| N | seconds | images/s | after 1st chunk | driver peak MB | worker peak MB | Parquet bytes/image |")
     print("|---|---|---|---|---|---|---|")
@@ -215,8 +227,6 @@ def main() -> int:
               f"worker memory {b['worker_peak_mb'] / max(a['worker_peak_mb'], 1e-9):.3f}x (target <= 1.2)")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
-    if tmp is not None:
-        tmp.cleanup()
     return 0
 
 

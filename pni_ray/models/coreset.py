@@ -6,10 +6,11 @@ sequence as the embedding coreset C_emb, so one run yields both.
 Why it is organised around clusters: the plain triangle-inequality rule (a point x whose
 centre a(x) has d(new, a(x)) >= 2 d(x, a(x)) cannot get closer to the new centre) still
 tests every one of N points at every pick, which at 780k patches and 16k picks is the whole
-cost. Here each centre keeps its member list and radius (the largest member distance), so a
-pick only visits clusters whose radius lets the rule pass for some member, and a lower bound
-on distances from a few principal axes of the projected rows skips most clusters, and most
-of their members, without touching their 128-wide rows. The points the rule admits, the
+cost. Here each centre keeps its members sorted by distance (see _Members), so a pick only
+visits clusters whose radius lets the rule pass for some member and, in each, only the
+prefix of members the rule admits; a lower bound on distances (32 principal axes of the
+projected rows plus the norm of the rest) skips most clusters, and most admitted members,
+without touching their 128-wide rows. The points the rule admits, the
 expression that measures them and the tie rule (the lowest index among equal maxima) are
 the plain rule's, and a point is only skipped when the bound proves it is not closer, so the
 order is bit-for-bit the one the plain rule gives (tests/test_coreset.py checks it against
@@ -216,8 +217,8 @@ def greedy_kcenter_order(
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
     """Per pick the search runs dozens of small ops; with several threads each one is a
-    parallel region, and on a loaded machine every region waits for a core (15x slower
-    measured). Row distances do not depend on the thread count, so the order is unchanged.
+    parallel region, and on a loaded machine every region waits for a core (an order of
+    magnitude slower, measured with 2 threads on 2 busy cores). Row distances do not depend on the thread count, so the order is unchanged.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
