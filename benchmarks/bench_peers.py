@@ -220,20 +220,22 @@ def worker_anomalib_score(spec: dict) -> dict:
         path = Path(spec["state"]).with_suffix(".onnx")
         probe = torch.zeros(batch, 3, SIZE, SIZE)
         t0 = time.perf_counter()
-        torch.onnx.export(model, (probe,), str(path), input_names=["input"],
-                          output_names=["pred_score", "pred_label", "anomaly_map", "pred_mask"], dynamo=True)
+        torch.onnx.export(model, (probe,), str(path), input_names=["input"], dynamo=True)
         export_s = time.perf_counter() - t0
         options = ort.SessionOptions()
         options.intra_op_num_threads = spec["threads"]
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
+        # InferenceBatch's None fields are dropped by the exporter: the map is the 4-D output,
+        # the image score the 1-D one.
+        ranks = [len(o.shape) for o in session.get_outputs()]
+        i_map, i_score = ranks.index(4), ranks.index(1)
 
         def predict(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             n = len(x)
             padded = np.concatenate([x, np.zeros((batch - n, *x.shape[1:]), x.dtype)]) if n < batch else x
-            out = dict(zip(names, session.run(None, {"input": ((padded - 0.5) / 0.5).astype(np.float32)})))
-            return out["anomaly_map"][:n], out["pred_score"][:n]
+            out = session.run(None, {"input": ((padded - 0.5) / 0.5).astype(np.float32)})
+            return out[i_map][:n], out[i_score][:n]
     ips, maps, scores = timed_passes(predict, images, batch, spec["repeats"])
     np.savez(spec["maps"], maps=maps.reshape(len(images), SIZE, SIZE).astype(np.float32), scores=scores)
     out = {"images_per_s": ips, "score_rss_mb": peak_rss_mb()}
