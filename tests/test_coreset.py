@@ -1,0 +1,102 @@
+"""The pruned greedy k-center coreset returns exactly the order of the plain triangle-inequality search."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coreset_reference import greedy_kcenter_order_reference
+from pni_ray.models.coreset import greedy_kcenter_order, project_features, row_distances
+
+
+def blobs(n: int, dim: int, centres: int, seed: int) -> torch.Tensor:
+    """Clustered rows, like patch features: dense clusters at several scales."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(centres, dim, generator=g) * 4
+    scales = torch.rand(centres, 1, generator=g) * 1.5 + 0.1
+    pick = torch.randint(centres, (n,), generator=g)
+    return means[pick] + torch.randn(n, dim, generator=g) * scales[pick]
+
+
+def ties(n: int, dim: int, seed: int) -> torch.Tensor:
+    """Integer points on a small grid: many equal distances and duplicate rows."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 3, (n, dim), generator=g).float()
+
+
+def has_tied_pick(features: torch.Tensor, order: torch.Tensor) -> bool:
+    """Whether some pick had another point at exactly the same (farthest) distance."""
+    min_dist = torch.full((features.shape[0],), float("inf"))
+    for step, current in enumerate(order.tolist()):
+        if step and int((min_dist == min_dist[current]).sum()) > 1:
+            return True
+        min_dist = torch.minimum(min_dist, row_distances(features, features[current]))
+    return False
+
+
+@pytest.mark.parametrize(
+    "n, dim, n_select, projection_dim, seed",
+    [
+        (3000, 40, 300, 16, 0),  # projected, as in training
+        (2500, 24, 600, 128, 1),  # projection wider than the input: the rows themselves
+        (4000, 64, 800, 32, 2),  # many picks relative to N: the member buffer is compacted
+        (50, 8, 50, 8, 3),  # every row picked
+    ],
+)
+def test_order_identical_to_reference_on_blobs(n: int, dim: int, n_select: int, projection_dim: int, seed: int) -> None:
+    x = blobs(n, dim, 12, seed)
+    expected = greedy_kcenter_order_reference(x, n_select, projection_dim, chunk_size=1024, seed=seed, progress=False)
+    got = greedy_kcenter_order(x, n_select, projection_dim, chunk_size=1024, seed=seed, progress=False)
+    assert torch.equal(got, expected)
+
+
+def test_order_identical_with_ties_and_duplicates() -> None:
+    x = ties(1500, 6, 4)  # 729 distinct rows: the later picks are all at distance 0
+    expected = greedy_kcenter_order_reference(x, 900, None, chunk_size=512, seed=5, progress=False)
+    got = greedy_kcenter_order(x, 900, None, chunk_size=512, seed=5, progress=False)
+    assert has_tied_pick(x, expected), "the data must exercise the tie rule"
+    assert len(set(expected.tolist())) < 900, "the data must exercise repeated zero-distance picks"
+    assert torch.equal(got, expected)
+
+
+def test_tie_rule_is_lowest_index() -> None:
+    """The seeded start is the centre of four corners, all at one distance: the lowest index wins."""
+    start = int(torch.randint(5, (1,), generator=torch.Generator().manual_seed(0)))
+    corners = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [1.0, -1.0], [-1.0, -1.0]])
+    x = torch.cat([corners[:start], torch.zeros(1, 2), corners[start:]])
+    order = greedy_kcenter_order(x, 3, None, seed=0, progress=False)
+    assert order.tolist()[:2] == [start, 0 if start else 1]
+    assert torch.equal(order, greedy_kcenter_order_reference(x, 3, None, seed=0, progress=False))
+
+
+def test_order_identical_on_patch_like_features() -> None:
+    """Heavy-tailed, correlated, non-negative rows (post-ReLU CNN features), float32 defaults."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.relu(torch.randn(6000, 96, generator=g) @ torch.randn(96, 96, generator=g) * 0.3)
+    x = base * torch.rand(6000, 1, generator=g).pow(3) * 5
+    expected = greedy_kcenter_order_reference(x, 700, 32, chunk_size=2048, seed=11, progress=False)
+    assert torch.equal(greedy_kcenter_order(x, 700, 32, chunk_size=2048, seed=11, progress=False), expected)
+
+
+def test_reference_comparison_can_fail() -> None:
+    """A different seed gives a different order: equality above is not vacuous."""
+    x = blobs(2000, 16, 8, 9)
+    a = greedy_kcenter_order(x, 100, 8, seed=0, progress=False)
+    b = greedy_kcenter_order_reference(x, 100, 8, seed=1, progress=False)
+    assert not torch.equal(a, b)
+
+
+def test_projection_matches_reference_rows() -> None:
+    x = blobs(3000, 20, 4, 10)
+    reduced = project_features(x, 8, 1000, 3)
+    assert reduced.shape == (3000, 8)
+    assert torch.equal(project_features(x, 64, 1000, 3), x)
+
+
+def test_rejects_non_finite_and_empty_selection() -> None:
+    x = blobs(100, 4, 2, 0)
+    x[5, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        greedy_kcenter_order(x, 10, None, progress=False)
+    with pytest.raises(ValueError, match="positive"):
+        greedy_kcenter_order(x, 0, None, progress=False)
