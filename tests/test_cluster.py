@@ -7,6 +7,7 @@ reason, where the cluster cannot start.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -166,8 +167,12 @@ def test_lost_worker_node_train_all_reports_the_pair_and_a_rerun_completes_it(
     from pni_ray.bundle import verify_bundle
 
     out = tmp_path / "bundles"
-    # 150 MLP epochs: each task trains for seconds, so the node dies while its task runs
-    entry = train_all_entry(synthetic_root, out, "weave,washer", tiny_json, "--max-retries", "0", "--epochs", "150")
+    # 150 MLP epochs, no early stopping: each task trains for seconds, so the node dies while its task runs
+    slow = tiny_config()
+    slow = slow.replace(neighbourhood=dataclasses.replace(slow.neighbourhood, patience=1000))
+    slow_json = tmp_path / "slow.json"
+    slow_json.write_text(json.dumps(slow.to_dict()))
+    entry = train_all_entry(synthetic_root, out, "weave,washer", slow_json, "--max-retries", "0", "--epochs", "150")
     job = live_cluster.submit_async(entry, "train-lost-node")
     worker = live_cluster.node_ids["worker"]
 
