@@ -52,6 +52,18 @@ def test_evaluate_ablation_json(cli_bundle, synthetic_root, tmp_path):
         assert set(row) >= {"image_auroc", "pixel_auroc", "aupro", "f1_max", "images_per_s"}
     for mode in ("patchcore", "neighbourhood", "position", "pni"):
         assert mode in result.output
+    # whether each prior bites: in the JSON per mode and in the printed table
+    for mode, row in modes.items():
+        diag = row["diagnostics"]
+        assert 0.0 < diag["allowed_share"] <= 1.0
+        for key in ("changed_normal", "changed_defect"):
+            assert 0.0 <= diag[key] <= 1.0
+        assert diag["score_change_normal"] >= -1e-4 and diag["score_change_defect"] >= -1e-4  # masks only raise
+        assert ("mlp_val_top1" in diag) == (mode in ("neighbourhood", "pni"))
+    assert modes["patchcore"]["diagnostics"]["allowed_share"] == 1.0
+    assert modes["patchcore"]["diagnostics"]["changed_defect"] == 0.0
+    assert modes["position"]["diagnostics"]["allowed_share"] < 0.5  # the position prior narrows C_emb
+    assert "allowed_share" in result.output and "changed_defect" in result.output
 
 
 def test_train_bad_layout_names_the_file(tmp_path):
