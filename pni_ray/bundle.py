@@ -157,7 +157,7 @@ def load_bundle(path: Path | str) -> tuple[TrainedModel, dict[str, Any]]:
     """Verify and load; backbone weights are checked against the recorded checksum."""
     path = Path(path)
     manifest = verify_bundle(path)
-    cfg = TrainConfig.from_dict(manifest["config"])
+    cfg = TrainConfig.from_manifest(manifest["config"])
     recorded = manifest["backbone"].get("sha256")
     if recorded is not None:
         current = backbone_record(cfg).get("sha256")

@@ -92,6 +92,11 @@ class ScoringConfig:
     threshold_sigmas: float = 3.0  # threshold = mean + k std of held-out image scores
 
 
+# What bundles written before these ScoringConfig fields existed scored with: the paper's mean of
+# the priors and the map's plain maximum (their thresholds were calibrated on those scores).
+LEGACY_SCORING: dict[str, Any] = {"combine": "mean", "image_window": 0}
+
+
 @dataclass(frozen=True)
 class RefinerConfig:
     """Refinement network trained on synthetic defects (paper, Sec. 3.4).
@@ -171,6 +176,13 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         return _build(cls, data)
+
+    @classmethod
+    def from_manifest(cls, data: dict[str, Any]) -> "TrainConfig":
+        """A bundle's recorded config. Bundles written before a scoring field existed keep the rule
+        they were calibrated with (LEGACY_SCORING), not today's default."""
+        scoring = {**LEGACY_SCORING, **(data.get("scoring") or {})}
+        return _build(cls, {**data, "scoring": scoring})
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

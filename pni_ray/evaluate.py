@@ -7,6 +7,7 @@ are what a deployment of that mode would see.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,11 +100,17 @@ def evaluate_category(
 
 
 def defect_cells(geometry: Geometry, mask: np.ndarray) -> np.ndarray:
-    """(gh, gw) bool: feature cells at least half covered by the defect mask, prepared like the image."""
+    """(gh, gw) bool: feature cells at least half covered by the defect mask, prepared like the image
+    (padding counts as no defect, cells of a partial last row / column as in the feature grid)."""
     rgb = np.repeat((np.asarray(mask, bool) * 255).astype(np.uint8)[..., None], 3, axis=2)
-    canvas = geometry.prepare(rgb).canvas[..., 0].astype(np.float32) / 255.0
-    gh, gw = canvas.shape[0] // STRIDE, canvas.shape[1] // STRIDE
-    cover = canvas[: gh * STRIDE, : gw * STRIDE].reshape(gh, STRIDE, gw, STRIDE).mean((1, 3))
+    unpadded = Geometry(dataclasses.replace(geometry.cfg, pad_value=0), geometry.image_size, geometry.grid,
+                        geometry.image_window)
+    prepared = unpadded.prepare(rgb)
+    gh, gw = prepared.grid
+    canvas = np.zeros((gh * STRIDE, gw * STRIDE), np.float32)
+    hc, wc = prepared.canvas_hw
+    canvas[:hc, :wc] = prepared.canvas[..., 0] / np.float32(255.0)
+    cover = canvas.reshape(gh, STRIDE, gw, STRIDE).mean((1, 3))
     return cover >= 0.5
 
 

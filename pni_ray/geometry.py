@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pni_ray.config import GeometryConfig, ScoringConfig
+from pni_ray.config import LEGACY_SCORING, GeometryConfig, ScoringConfig
 from pni_ray.data.images import ImageError, load_rgb, resize_rgb
 
 POLICIES: tuple[str, ...] = ("resize", "letterbox", "short-side")
@@ -263,7 +263,7 @@ class Geometry:
             return cls(GeometryConfig(), int(manifest["image_size"]))
         fields = {k: v for k, v in (config.get("geometry") or {}).items() if k in GeometryConfig.__dataclass_fields__}
         grid = manifest.get("grid")
-        window = (config.get("scoring") or {}).get("image_window", ScoringConfig.image_window)
+        window = (config.get("scoring") or {}).get("image_window", LEGACY_SCORING["image_window"])  # old bundles: plain max
         return cls(GeometryConfig(**fields), int(config["features"]["image_size"]), tuple(grid) if grid else None,
                    int(window))
 

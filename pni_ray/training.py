@@ -248,6 +248,8 @@ def fit_position_prior(
             _, idx = nearest_neighbours(rows, memory, cfg.scoring.chunk_patches)
             nearest_held = idx.view(n, hh, ww)
         else:
+            log.warning("held-out images give a %dx%d grid, the memory bank %dx%d: position prior spread "
+                        "not measured, using the broadest candidate", hh, ww, *nearest.shape[1:])
             valid_held = None
     tau = cfg.scoring.tau_scale / n_entries
     return choose_spread(nearest, nearest_held, n_entries, cfg.position.spread_candidates, cfg.position.min_keep,

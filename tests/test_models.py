@@ -210,3 +210,29 @@ def test_anomaly_mapper_shape_and_blur():
     assert out.max() < 1.0 and out.min() >= 0 and out.sum() > 0
     assert torch.isclose(gaussian_kernel1d(2.0).sum(), torch.tensor(1.0))
     assert AnomalyMapper(0.0)(scores, (4, 4)).equal(scores)
+
+
+@pytest.mark.parametrize("combine", ["both", "mean"])
+def test_scorer_fallbacks_match_definition_when_masks_are_empty(combine):
+    """Sparse position priors and peaked p(c|N): many patches have nothing allowed, and the k
+    nearest rarely hold an allowed entry, so the dense path and both fallbacks are exercised."""
+    g = torch.Generator().manual_seed(1)
+    m, k, d, h, w = 200, 20, 8, 4, 5
+    memory = torch.randn(m, d, generator=g)
+    emb_to_dist = torch.cat([torch.arange(k), torch.randint(0, k, (m - k,), generator=g)])
+    prior = torch.rand(h * w, m, generator=g) ** 60
+    prior[3] = 0.0  # a position that never saw anything (padding)
+    prior = prior / prior.sum(1, keepdim=True).clamp_min(1e-12)
+    feats = torch.randn(2, d, h, w, generator=g)
+    p_dist = torch.softmax(30 * torch.randn(2, k, h, w, generator=g), dim=1)
+    scorer = PatchScorer(memory, emb_to_dist, prior, tau_scale=0.5, topk=2, combine=combine)
+    rows = p_dist.permute(0, 2, 3, 1).reshape(-1, k)
+    allowed = scorer.allowed(rows, torch.arange(h * w).repeat(2), None, "pni")
+    top2 = squared_distances(feats.permute(0, 2, 3, 1).reshape(-1, d), memory, (memory * memory).sum(1)).topk(2, largest=False).indices
+    assert (~allowed.gather(1, top2).any(1)).sum() >= 10  # the dense path is reached
+    if combine == "both":
+        assert (~allowed.any(1)).sum() >= 3  # and the fallback to the position's entries
+    for mode in ("neighbourhood", "position", "pni", "pni_split"):
+        ref = _reference(memory, emb_to_dist, prior, feats, p_dist, mode, combine)
+        assert torch.allclose(scorer(feats, p_dist, mode), ref, atol=1e-4), mode
+        assert torch.allclose(scorer(feats, p_dist, mode, exact_dense=True), ref, atol=1e-4), mode

@@ -35,9 +35,16 @@ def test_keep_rate_counts_held_out_nearest_entries_the_prior_allows():
     assert held_out_keep_rate(prior, _aligned(2), tau=0.01) == 1.0
     shifted = (_aligned(2) + 1) % 36  # every entry where it was never seen
     assert held_out_keep_rate(prior, shifted, tau=0.01) == 0.0
+    partly = _aligned(2).clone()
+    partly[:, :, 1:] = shifted[:, :, 1:]  # right where seen in column 0 only
     valid = torch.zeros(2, 6, 6, dtype=torch.bool)
-    valid[:, :, 0] = True  # only the first column counts
-    assert held_out_keep_rate(build_position_prior(_aligned(5), 36, 0), shifted, 0.01, valid) == 0.0
+    valid[:, :, 0] = True  # only the first column is image content
+    assert held_out_keep_rate(prior, partly, 0.01) == pytest.approx(1 / 6)
+    assert held_out_keep_rate(prior, partly, 0.01, valid) == 1.0
+    assert np.isnan(held_out_keep_rate(prior, partly, 0.01, torch.zeros_like(valid)))
+    # no held-out content at all: like no held-out images, the broadest candidate
+    _, spread, rates = choose_spread(_aligned(5), partly, 36, (0, 2), 0.9, 0.01, valid_held_out=torch.zeros_like(valid))
+    assert spread == 2 and rates == {}
 
 
 def test_spread_is_the_sharpest_that_held_out_patches_tolerate():
@@ -109,3 +116,33 @@ def test_torch_image_score_matches_the_geometry_box_maximum():
         torch_scores = image_scores(maps, window)
         numpy_scores = [box_max(m.numpy(), window) for m in maps]
         assert torch.allclose(torch_scores, torch.tensor(numpy_scores, dtype=torch.float32), atol=1e-6), window
+
+
+def test_bundles_from_before_the_scoring_fields_keep_their_rule():
+    """A manifest without scoring.combine / image_window was calibrated on the mean rule and the plain maximum."""
+    from pni_ray.config import LEGACY_SCORING
+    from pni_ray.geometry import Geometry
+
+    old = TrainConfig().to_dict()
+    for key in LEGACY_SCORING:
+        del old["scoring"][key]
+    cfg = TrainConfig.from_manifest(old)
+    assert cfg.scoring.combine == "mean" and cfg.scoring.image_window == 0
+    assert Geometry.from_manifest({"config": old, "grid": [32, 32]}).image_window == 0
+    assert TrainConfig.from_manifest(TrainConfig().to_dict()) == TrainConfig()  # new bundles: as recorded
+    assert TrainConfig.from_dict(old).scoring.combine == "both"  # a user's config file: today's defaults
+
+
+def test_defect_cells_ignore_padding_and_cover_the_last_partial_cell():
+    from pni_ray.config import GeometryConfig
+    from pni_ray.evaluate import defect_cells
+    from pni_ray.geometry import Geometry
+
+    mask = np.zeros((80, 128), bool)
+    mask[:, 120:] = True  # the last 8 columns
+    letterbox = Geometry(GeometryConfig(policy="letterbox", pad_value=255), 128)
+    cells = defect_cells(letterbox, mask)
+    assert cells.shape == letterbox.prepare(np.zeros((80, 128, 3), np.uint8)).grid
+    assert cells[:, -1].sum() == 10 and cells.sum() == 10  # the content rows of the last column, no padding
+    odd = Geometry(GeometryConfig(), 100)  # a 100 px canvas: a 13 x 13 grid, the last cell partial
+    assert defect_cells(odd, np.ones((50, 50), bool)).shape == (13, 13)

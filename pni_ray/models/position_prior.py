@@ -67,7 +67,8 @@ def build_position_prior(
 def held_out_keep_rate(
     prior: SparsePositionPrior, nearest: torch.Tensor, tau: float, valid: torch.Tensor | None = None
 ) -> float:
-    """Share of held-out patches (N, h, w) whose nearest C_emb entry the prior allows (p(c|x) > tau)."""
+    """Share of held-out patches (N, h, w) whose nearest C_emb entry the prior allows (p(c|x) > tau);
+    NaN when no held-out cell is image content."""
     n_img, h, w = nearest.shape
     if (h, w) != tuple(prior.grid):
         raise ValueError(f"held-out grid {(h, w)} differs from the prior's {tuple(prior.grid)}")
@@ -78,7 +79,7 @@ def held_out_keep_rate(
     at = torch.searchsorted(keys, flat).clamp_max(max(len(keys) - 1, 0))
     hit = (keys[at] == flat) & (probs[at] > tau) if len(keys) else torch.zeros_like(flat, dtype=torch.bool)
     keep = torch.ones_like(hit) if valid is None else valid.reshape(-1)
-    return float(hit[keep].float().mean()) if bool(keep.any()) else 1.0
+    return float(hit[keep].float().mean()) if bool(keep.any()) else float("nan")  # no held-out content
 
 
 def choose_spread(
@@ -103,7 +104,7 @@ def choose_spread(
     ordered = sorted(set(int(c) for c in candidates))
     if not ordered or ordered[0] < 0:
         raise ValueError(f"spread candidates must be non-negative integers, got {candidates}")
-    if nearest_held_out is None:
+    if nearest_held_out is None or (valid_held_out is not None and not bool(valid_held_out.any())):
         return build_position_prior(nearest, n_entries, ordered[-1], valid), ordered[-1], {}
     rates: dict[int, float] = {}
     priors: dict[int, SparsePositionPrior] = {}

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from pni_ray.config import GeometryConfig
+from pni_ray.config import GeometryConfig, ScoringConfig
 from pni_ray.geometry import Geometry, Prepared, to_float
 
 NEEDS_MLP = ("neighbourhood", "pni", "pni_split")
@@ -24,7 +24,10 @@ NEEDS_MLP = ("neighbourhood", "pni", "pni_split")
 def detector_geometry(detector: Any) -> Geometry:
     """The geometry a detector was trained with (recorded in its bundle); plain resize otherwise."""
     geometry = getattr(detector, "geometry", None)
-    return geometry if geometry is not None else Geometry(GeometryConfig(), int(detector.image_size))
+    if geometry is not None:
+        return geometry
+    return Geometry(GeometryConfig(), int(detector.image_size),
+                    image_window=int(getattr(detector, "image_window", ScoringConfig.image_window)))
 
 
 def chunks(n: int, geometry: Geometry, batch_size: int) -> Iterable[slice]:

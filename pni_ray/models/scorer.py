@@ -73,7 +73,7 @@ class PatchScorer(nn.Module):
 
     combine "both" (default): an entry must be plausible under each prior, min(p(c|N), p(c|x)) >
     tau. "mean": the paper's (p(c|N) + p(c|x)) / 2 > tau, under which a flat p(c|N) (above tau
-    for a third of C_emb on real data) re-admits entries the position never saw.
+    for two thirds of C_emb on real data) re-admits entries the position never saw.
 
     Nothing allowed: a `pni` patch whose neighbourhood vetoes every entry its position allows is
     scored against the position's entries alone (what belongs here, far from a wrong patch), and
