@@ -229,7 +229,7 @@ def recalibrate(trained: TrainedModel, paths: list[Path]) -> Normalisation:
     cfg = trained.config
     detector = build_detector(trained)
     parent = parent_normalisation(trained.normalisation)
-    norm = calibrate(detector, paths, cfg.features.image_size, cfg.batch_size, cfg.scoring.threshold_sigmas,
+    norm = calibrate(detector, paths, cfg.batch_size, cfg.scoring.threshold_sigmas,
                      name=f"{detector.mode}+refine")
     extras = dict(norm.extras)
     extras.update({f"parent_{k}": float(getattr(parent, k))

@@ -197,7 +197,7 @@ def evaluate_mlp_masked(
 
 @torch.no_grad()
 def calibrate(
-    detector: PNIDetector, paths: list[Path], image_size: int, batch_size: int, threshold_sigmas: float,
+    detector: PNIDetector, paths: list[Path], batch_size: int, threshold_sigmas: float,
     geometry: Geometry | None = None, name: str | None = None,
 ) -> Normalisation:
     """Score-scale and threshold from held-out good images, never from test images.
@@ -338,7 +338,7 @@ def train_category(
     )
     detector = build_detector(trained, extractor)
     trained.normalisation = calibrate(
-        detector, holdout_paths, cfg.features.image_size, cfg.batch_size, cfg.scoring.threshold_sigmas, geometry
+        detector, holdout_paths, cfg.batch_size, cfg.scoring.threshold_sigmas, geometry
     )
     seconds = {
         "features": t_feat - t0,

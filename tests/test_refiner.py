@@ -383,10 +383,10 @@ def test_refined_bundle_is_recalibrated_on_a_third_split(trained_tiny, refined_t
     # recomputed from the refined maps of exactly those images
     cfg = loaded.config
     paths = sorted(synthetic_root / "washer" / "train" / "good" / n for n in calibration)
-    again = calibrate(build_detector(loaded), paths, 128, 8, cfg.scoring.threshold_sigmas, name="pni+refine")
+    again = calibrate(build_detector(loaded), paths, 8, cfg.scoring.threshold_sigmas, name="pni+refine")
     assert again.threshold == pytest.approx(norm.threshold, rel=1e-6)
     assert again.pixel_mean == pytest.approx(norm.pixel_mean, rel=1e-6)
-    unrefined = calibrate(build_detector(loaded), paths, 128, 8, cfg.scoring.threshold_sigmas, name="pni")
+    unrefined = calibrate(build_detector(loaded), paths, 8, cfg.scoring.threshold_sigmas, name="pni")
     assert unrefined.threshold != pytest.approx(norm.threshold, rel=1e-6)  # the refined maps, not the raw ones
 
 

@@ -295,7 +295,7 @@ def save_ensemble(
             detector, _ = load_ensemble_from_entries(tmp, entries)
             paths = _holdout_paths(Path(calibrate_root), categories[0], manifests)
             sigmas = {m["config"]["scoring"]["threshold_sigmas"] for m in manifests}
-            normalisation = calibrate(detector, paths, sizes[0], batch_size, max(sigmas))
+            normalisation = calibrate(detector, paths, batch_size, max(sigmas))
             normalisation.extras["members_threshold"] = norm_est.threshold
             method = "holdout"
         manifest = {

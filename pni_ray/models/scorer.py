@@ -150,18 +150,24 @@ class PatchScorer(nn.Module):
         out = []
         for i in range(0, rows.shape[0], self.chunk_patches):
             sl = slice(i, i + self.chunk_patches)
-            x = rows[sl]
-            dist_sq = squared_distances(x, self.memory, self.memory_sq)
-            chunk_probs = probs[sl] if probs is not None else None
-            if mode == "patchcore":
-                choices = [dist_sq.argmin(1)]
-            elif exact_dense:
-                choices = self._dense(dist_sq, chunk_probs, positions[sl], mode)
-            else:
-                choices = self._topk(dist_sq, chunk_probs, positions[sl], mode)
-            best = [exact_sq_distances(x, self.memory, j).sqrt() for j in choices]
-            out.append(best[0] if len(best) == 1 else 0.5 * (best[0] + best[1]))
+            dist_sq = squared_distances(rows[sl], self.memory, self.memory_sq)
+            out.append(self._chunk_scores(rows[sl], dist_sq, probs[sl] if probs is not None else None,
+                                          positions[sl], mode, exact_dense))
         return torch.cat(out).view(b, h, w)
+
+    def _chunk_scores(
+        self, x: torch.Tensor, dist_sq: torch.Tensor, probs: torch.Tensor | None, positions: torch.Tensor,
+        mode: str, exact_dense: bool,
+    ) -> torch.Tensor:
+        """Scores of one chunk of patches: the chosen entries' exact distances (pni_split: their mean)."""
+        if mode == "patchcore":
+            choices = [dist_sq.argmin(1)]
+        elif exact_dense:
+            choices = self._dense(dist_sq, probs, positions, mode)
+        else:
+            choices = self._topk(dist_sq, probs, positions, mode)
+        best = [exact_sq_distances(x, self.memory, j).sqrt() for j in choices]
+        return best[0] if len(best) == 1 else 0.5 * (best[0] + best[1])
 
     @torch.no_grad()
     def diagnose(self, features: torch.Tensor, p_dist: torch.Tensor | None, mode: str) -> dict[str, torch.Tensor]:
@@ -171,17 +177,18 @@ class PatchScorer(nn.Module):
         scores, plain, share = [], [], []
         for i in range(0, rows.shape[0], self.chunk_patches):
             sl = slice(i, i + self.chunk_patches)
+            chunk_probs = probs[sl] if probs is not None else None
             dist_sq = squared_distances(rows[sl], self.memory, self.memory_sq)
             if mode == "patchcore":
-                allowed = torch.ones_like(dist_sq, dtype=torch.bool)
+                share.append(torch.ones(dist_sq.shape[0], device=dist_sq.device))
             else:
-                allowed = self.allowed(probs[sl] if probs is not None else None, positions[sl], None, mode)
+                allowed = self.allowed(chunk_probs, positions[sl], None, mode)
                 allowed = allowed[0] & allowed[1] if isinstance(allowed, tuple) else allowed
-            share.append(allowed.float().mean(1))
-            plain.append(exact_sq_distances(rows[sl], self.memory, dist_sq.argmin(1)).sqrt())
-        scores = self.forward(features, p_dist, mode, exact_dense=True).reshape(-1)
+                share.append(allowed.float().mean(1))
+            plain.append(self._chunk_scores(rows[sl], dist_sq, None, positions[sl], "patchcore", True))
+            scores.append(self._chunk_scores(rows[sl], dist_sq, chunk_probs, positions[sl], mode, True))
         view = lambda t: torch.cat(t).view(b, h, w)  # noqa: E731
-        return {"score": scores.view(b, h, w), "plain": view(plain), "allowed_share": view(share)}
+        return {"score": view(scores), "plain": view(plain), "allowed_share": view(share)}
 
     def allowed(
         self, probs: torch.Tensor | None, positions: torch.Tensor, idx: torch.Tensor | None, mode: str
@@ -242,18 +249,13 @@ class PatchScorer(nn.Module):
         vals, idx = torch.topk(dist_sq, k, dim=1, largest=False, sorted=False)
         allowed = self.allowed(probs, positions, idx, mode)
         out = []
-        for j, (mask, sub_mode) in enumerate(zip(*self._masks(allowed, mode))):
+        for j, mask in enumerate(self._masks(allowed, mode)[0]):
             local = masked_argmin(vals, mask)
             choice = idx.gather(1, local.clamp_min(0).unsqueeze(1)).squeeze(1)
             missing = (local < 0).nonzero(as_tuple=True)[0]
-            if missing.numel():
-                sub = self.allowed(probs[missing] if probs is not None else None, positions[missing], None, mode)
-                sub_mask = self._masks(sub, mode)[0][j]
-                jj = masked_argmin(dist_sq[missing], sub_mask)
-                lost = (jj < 0).nonzero(as_tuple=True)[0]
-                if lost.numel():
-                    jj[lost] = self._fallback(dist_sq[missing[lost]], positions[missing[lost]], sub_mode)
-                choice[missing] = jj
+            if missing.numel():  # the definition over all of C_emb, for these rows only
+                sub_probs = probs[missing] if probs is not None else None
+                choice[missing] = self._dense(dist_sq[missing], sub_probs, positions[missing], mode)[j]
             out.append(choice)
         return out
 
