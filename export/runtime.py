@@ -76,7 +76,9 @@ class StagePipeline:
             batch = list(prepared[i : i + self.max_batch])
             for p in batch:
                 self.geometry.check(p)
-            pixels = to_float(np.stack([p.canvas for p in batch])) if images is None else images[i : i + self.max_batch]
+            pixels = None  # the canvases as floats: only the untiled backbone and the refiner read them
+            if not self.geometry.tiled or "refiner" in self.stages:
+                pixels = to_float(np.stack([p.canvas for p in batch])) if images is None else images[i : i + self.max_batch]
             if self.geometry.tiled:
                 features = np.stack([self.geometry.stitch_tiles(
                     self._batched("backbone", "images", self.geometry.tile_stack(p), "features"), p) for p in batch])

@@ -103,12 +103,13 @@ def load_config_file(path: Path | None) -> TrainConfig | None:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise click.BadParameter(f"{path}: not a readable JSON file ({exc})", param_hint="--config") from exc
-    if isinstance(data, dict) and "config" in data and "format" in data:  # a bundle manifest
-        data = data["config"]
+    build = TrainConfig.from_dict
+    if isinstance(data, dict) and "config" in data and "format" in data:  # a bundle manifest: its own scoring rule
+        data, build = data["config"], TrainConfig.from_manifest
     if not isinstance(data, dict):
         raise click.BadParameter(f"{path}: expected a JSON object (a TrainConfig)", param_hint="--config")
     try:
-        return TrainConfig.from_dict(data)
+        return build(data)
     except (TypeError, ValueError, KeyError) as exc:
         raise click.BadParameter(f"{path}: not a TrainConfig ({type(exc).__name__}: {exc})", param_hint="--config") from exc
 

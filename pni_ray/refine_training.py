@@ -96,11 +96,6 @@ def split_refiner_images(paths: list[Path], cfg: TrainConfig) -> tuple[list[Path
     return [p for p in pool if p not in chosen], calibration
 
 
-def source_images(paths: list[Path], cfg: TrainConfig) -> list[Path]:
-    """The images defects are drawn on (see split_refiner_images)."""
-    return split_refiner_images(paths, cfg)[0]
-
-
 @torch.no_grad()
 def make_refiner_data(
     trained: TrainedModel, paths: list[Path], n_samples: int, seed: int, progress: bool = True, batch_size: int = 8

@@ -9,12 +9,12 @@ import numpy as np
 import torch
 
 from pni_ray.data.images import DEFAULT_MAX_PIXELS, load_rgb, resize_rgb  # noqa: F401 (resize_rgb re-exported)
+from pni_ray.geometry import to_float
 
 
 def to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
     """Stack (H, W, 3) uint8 arrays into (B, 3, H, W) float32 in [0, 1]."""
-    batch = np.stack(images).astype(np.float32) / 255.0
-    return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(to_float(np.stack(images)))
 
 
 def load_batch(paths: Sequence[Path], size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:

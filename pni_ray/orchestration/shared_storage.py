@@ -40,9 +40,9 @@ class Probe:
     def write(cls, out: Path, data_root: Path) -> "Probe":
         token = secrets.token_hex(16)
         path = out / f"{PROBE_PREFIX}{token[:12]}.json"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"token": token, "host": socket.gethostname(), "pid": os.getpid()}))
-        os.replace(tmp, path)
+        from pni_ray.fileio import atomic_write_json  # pyarrow-free start-up for the CLI
+
+        atomic_write_json(path, {"token": token, "host": socket.gethostname(), "pid": os.getpid()})
         return cls(str(path), token, str(data_root))
 
     def remove(self) -> None:

@@ -219,7 +219,7 @@ def train_all(
     if to_train:
         rows.update(_run_tasks(spec, to_train, address, num_cpus, echo, poll_seconds,
                                skipped=len(plan) - len(to_train), ray_info=ray_info))
-    ordered = [_finish_row(rows[p], out) for p in pairs]
+    ordered = [_finish_row(rows[p]) for p in pairs]
     counts = {s: sum(r["status"] == s for r in ordered) for s in (TRAINED, SKIPPED, FAILED)}
     result = TrainAllResult(ordered, time.perf_counter() - t_start, out, counts=counts)
     result.summary_json, result.summary_parquet = write_summary(
@@ -307,7 +307,7 @@ def _submit_and_wait(
     return rows
 
 
-def _finish_row(row: dict[str, Any], out: Path) -> dict[str, Any]:
+def _finish_row(row: dict[str, Any]) -> dict[str, Any]:
     row = dict(row)
     row["bundle"] = f"{row['category']}/{row['backbone']}"
     for key in ("seconds", "peak_rss_mb", "eval_seconds", "cpu_seconds"):

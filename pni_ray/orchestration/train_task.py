@@ -230,10 +230,8 @@ def train_pair(
 
 def _load_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     """The image-size limit train_category itself would load the category with."""
-    try:
-        from pni_ray.data.geometry import Geometry
-    except ImportError:  # pragma: no cover - older trees without image geometries
-        return {}
+    from pni_ray.geometry import Geometry
+
     return {"max_pixels": Geometry.from_config(cfg).max_pixels}
 
 
