@@ -87,6 +87,9 @@ class ScoringConfig:
     combine: str = "both"  # mode pni: "both" priors must allow an entry, or the paper's "mean" > tau
     image_window: int = 3  # image score = max of the map averaged over image_window^2 patches (0: plain max)
     chunk_patches: int = 4096  # patches per distance block: bounds memory
+    # modes position / pni ("both") search only the entries each position allows when the longest
+    # such list is at most this share of C_emb (same scores, ~|C_emb| / list length less work)
+    candidate_share: float = 0.25
     holdout_fraction: float = 0.1  # train/good images kept out of the memory bank
     min_holdout: int = 2
     threshold_sigmas: float = 3.0  # threshold = mean + k std of held-out image scores

@@ -10,7 +10,9 @@ from pni_ray.models.anomaly_map import AnomalyMapper, gaussian_kernel1d
 from pni_ray.models.coreset import greedy_kcenter_order
 from pni_ray.models.neighbourhood import NeighbourhoodMLP
 from pni_ray.models.position_prior import build_position_prior
-from pni_ray.models.scorer import PatchScorer, exact_sq_distances, masked_argmin, nearest_neighbours, squared_distances
+from pni_ray.models.scorer import (
+    PatchScorer, exact_sq_distances, masked_argmin, nearest_neighbours, position_candidates, squared_distances,
+)
 
 
 def _naive_greedy(x: torch.Tensor, n: int, start: int) -> list[int]:
@@ -236,3 +238,44 @@ def test_scorer_fallbacks_match_definition_when_masks_are_empty(combine):
         ref = _reference(memory, emb_to_dist, prior, feats, p_dist, mode, combine)
         assert torch.allclose(scorer(feats, p_dist, mode), ref, atol=1e-4), mode
         assert torch.allclose(scorer(feats, p_dist, mode, exact_dense=True), ref, atol=1e-4), mode
+
+
+def _sparse_setup(combine="both", empty_position=True):
+    """A prior that allows a few entries per position (aligned objects), one position none (padding)."""
+    scorer, memory, emb_to_dist, prior, feats, p_dist = _scorer_setup(combine=combine)
+    keep = prior >= prior.topk(6, dim=1).values[:, -1:]
+    sparse = torch.where(keep, prior, torch.zeros(()))
+    if empty_position:
+        sparse[7] = 0.0
+    sparse = sparse / sparse.sum(1, keepdim=True).clamp_min(1e-12)
+    scorer = PatchScorer(memory, emb_to_dist, sparse, tau_scale=0.5, topk=4, combine=combine)
+    return scorer, memory, emb_to_dist, sparse, feats, p_dist
+
+
+@pytest.mark.parametrize("mode", ["position", "pni"])
+def test_candidate_path_matches_definition(mode):
+    scorer, memory, emb_to_dist, prior, feats, p_dist = _sparse_setup()
+    assert scorer.uses_candidates(mode) and scorer.candidates.shape[1] <= 6
+    assert scorer.empty_positions.tolist() == [7]
+    ref = _reference(memory, emb_to_dist, prior, feats, p_dist, mode)
+    fast = scorer(feats, p_dist, mode)
+    assert torch.allclose(fast, ref, atol=1e-4), (fast - ref).abs().max()
+    assert torch.allclose(fast, scorer(feats, p_dist, mode, exact_dense=True), atol=1e-5)
+    # a chunk of one position at a time gives the same scores
+    scorer.chunk_patches = 1
+    assert torch.allclose(scorer(feats, p_dist, mode), fast)
+
+
+def test_candidate_path_only_where_it_is_the_same_rule():
+    scorer, *_ = _sparse_setup(combine="mean")
+    assert scorer.uses_candidates("position") and not scorer.uses_candidates("pni")  # mean admits more
+    assert not scorer.uses_candidates("neighbourhood") and not scorer.uses_candidates("pni_split")
+    broad, *_ = _scorer_setup()  # ~30% of C_emb allowed per position: the dense search is cheaper
+    assert broad.candidates is None and not broad.uses_candidates("pni")
+
+
+def test_position_candidates_table():
+    allowed = torch.tensor([[False, True, False, True], [False, False, False, False], [True, False, False, False]])
+    table, empty = position_candidates(allowed)
+    assert table.tolist() == [[1, 3], [0, 0], [0, 0]]
+    assert empty.tolist() == [False, True, False]

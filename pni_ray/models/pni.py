@@ -114,6 +114,7 @@ def build_detector(trained: TrainedModel, extractor: PatchFeatureExtractor | Non
         tau_scale=cfg.scoring.tau_scale,
         chunk_patches=cfg.scoring.chunk_patches,
         combine=cfg.scoring.combine,
+        candidate_share=cfg.scoring.candidate_share,
     )
     detector = PNIDetector(
         extractor or build_extractor(cfg.features),
