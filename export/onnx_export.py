@@ -278,10 +278,14 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
         tau = float(detector.scorer.tau)
         combine = str(detector.scorer.combine)
         masks = tables.mask_spec(mode, st, tau, combine)
+        candidates = empty = None
+        if detector.scorer.uses_candidates(mode) and options.coresets == "constant":  # torch's rule, same table
+            candidates, empty = tables.candidate_table(masks)
         spec = scorer_graph.ScorerSpec(
             mode=mode, memory=st.memory, emb_to_dist=st.emb_to_dist, masks=masks, grid=(h, w), image_size=canvas,
             blur_sigma=float(detector.mapper.sigma), n_dist=int(detector.mlp.n_classes) if detector.mlp is not None else 0,
-            coresets=options.coresets, chunk=options.chunk, fill=geometry.pads,
+            coresets=options.coresets, chunk=options.chunk, fill=geometry.pads, candidates=candidates,
+            empty_positions=empty,
         )
         models["scorer"] = scorer_graph.build_scorer_graph(spec, options.opset)
         if detector.refiner is not None:
@@ -322,7 +326,8 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
                        "fill_index": geometry.pads,
                        "layout": spec.layout, "distance": spec.distance if options.coresets == "constant" else "gemm",
                        "threshold_rows": scorer_graph.threshold_rows(spec) if spec.has_threshold else 0,
-                       "n_threshold_entries": int(len(masks.threshold_index)) if masks.threshold_index is not None else 0},
+                       "n_threshold_entries": int(len(masks.threshold_index)) if masks.threshold_index is not None else 0,
+                       "candidates_per_position": int(candidates.shape[1]) if candidates is not None else None},
             "opset": options.opset,
             "max_batch": options.max_batch,
             "opcheck": {"target": f"TensorRT {options.target}", "reports": [r.to_dict() for r in reports]},

@@ -144,6 +144,20 @@ class ScorerSpec:
     prior_dense: np.ndarray | None = None  # (hw, M) p(c|x), for mask="arithmetic"
     tau: float = 0.0  # for mask="arithmetic"
     fill: bool = False  # input fill_index (B, h * w): patch scores of padded cells taken from content cells
+    # modes position / pni ("both"): search each position's allowed entries only, like the torch
+    # scorer when it `uses_candidates` (constant coresets, the default layout); None: all of C_emb
+    candidates: np.ndarray | None = None  # (hw, k) int64, export.tables.candidate_table
+    empty_positions: np.ndarray | None = None  # positions that allow nothing: searched densely
+
+    def by_candidates(self) -> bool:
+        """Whether the graph searches candidates; refuses them outside their rule and variant."""
+        if self.candidates is None:
+            return False
+        if self.mode not in ("position", "pni") or (self.mode == "pni" and self.masks.combine != "both"):
+            raise ValueError(f"candidate search is the rule of modes position and pni (both), not {self.mode!r}")
+        if (self.coresets, self.layout, self.distance, self.mask) != ("constant", "fast", "augmented", "threshold"):
+            raise ValueError("candidate search is built with the default variant (constant coresets) only")
+        return True
 
     @property
     def needs_probs(self) -> bool:
@@ -211,6 +225,7 @@ def build_scorer_graph(spec: ScorerSpec, opset: int = 17) -> onnx.ModelProto:
         raise ValueError(f"mask tables are for {masks.hw} positions x {masks.n_memory} entries, "
                          f"the scorer has {hw} x {m}")
     fast = spec.layout == "fast"
+    by_candidates = spec.by_candidates()
     t_cols = threshold_rows(spec) if spec.has_threshold else 0
 
     def graph_input(name: str, dtype: int, shape: list) -> str:
@@ -250,7 +265,7 @@ def build_scorer_graph(spec: ScorerSpec, opset: int = 17) -> onnx.ModelProto:
     prob_rows = prob_cols = None
     if probs is not None:
         prob_rows = b.op("Reshape", [probs, b.i64([-1, hw, spec.n_dist])], "prob_rows")  # channels last already
-        if fast:
+        if fast and not by_candidates:
             prob_cols = b.op("Transpose", [prob_rows], "prob_cols", perm=[2, 0, 1])  # (K, B, hw)
     gemm_rows, gemm_d = rows, d
     if memory_sq is None:  # (B, hw, D + 1): a column of ones (x * 0 + 1, statically shaped) for |c|^2
@@ -281,7 +296,9 @@ def build_scorer_graph(spec: ScorerSpec, opset: int = 17) -> onnx.ModelProto:
 
     chunk = max(1, min(int(spec.chunk), hw))
     choices: dict[str, list[str]] = {"a": [], "b": []}
-    for start in range(0, hw, chunk):
+    if by_candidates:
+        choices["a"].append(_candidate_choices(b, spec, gemm_rows, neg_x_sq, prob_rows, weight, big, half_big, chunk))
+    for start in range(0, hw, chunk) if not by_candidates else ():
         end = min(hw, start + chunk)
         c = end - start
         whole = c == hw
@@ -366,6 +383,64 @@ def build_scorer_graph(spec: ScorerSpec, opset: int = 17) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="pni-ray")
     model.ir_version = min(model.ir_version, 9)  # onnxruntime / TensorRT 10 read IR <= 9 (ONNX 1.15+)
     return model
+
+
+def _candidate_choices(b: _Builder, spec: ScorerSpec, rows: str, neg_x_sq: str, prob_rows: str | None,
+                       weight: str, big: str, half_big: str, chunk: int) -> str:
+    """(B, hw, 1) int32 chosen entries of mode position / pni ("both") from each position's k
+    candidates, position-major per chunk of c positions:
+
+      distances  MatMul([x, 1] (c, B, D + 1), Gather([-2 C^T; |c|^2]^T, cand) (c, D + 1, k))
+                 the weight gathered per chunk is constant, folded at session start
+      mask       Gather(p (c * K, B), c * K + e2d[cand]) (c, k, B) -> Less(., T[cand]) -> Transpose
+                 whole rows of B, exact thresholds at the candidates (export.tables)
+      choice     ArgMin(d + refused * BIG), the position's nearest where nothing passes;
+                 Gather(cand) turns the local index into the C_emb entry
+      empty      positions that allow nothing: ArgMin over all of C_emb, scattered in
+    """
+    from export.tables import candidate_thresholds
+
+    cand = np.asarray(spec.candidates, np.int64)
+    hw, k = cand.shape
+    pni = spec.mode == "pni"
+    weight_rows = b.op("Transpose", [weight], "weight_rows", perm=[1, 0])  # (M, D + 1), folded
+    thresholds = candidate_thresholds(spec.masks, cand) if pni else None
+    prob_pkb = b.op("Transpose", [prob_rows], "prob_pkb", perm=[1, 2, 0]) if pni else None  # (hw, K, B)
+    parts = []
+    for start in range(0, hw, chunk):
+        end = min(hw, start + chunk)
+        c, cc = end - start, cand[start:end]
+        x = b.op("Transpose", [b.slice(rows, start, end, 1, "rows_chunk")], "rows_pbd", perm=[1, 0, 2])
+        wc = b.op("Transpose", [b.op("Gather", [weight_rows, b.i64(cc, "cand")], "cand_weight", axis=0)],
+                  "cand_weight_t", perm=[0, 2, 1])  # (c, D + 1, k)
+        floor = b.op("Transpose", [b.slice(neg_x_sq, start, end, 1, "neg_x_sq_chunk")], "floor_pb", perm=[1, 0, 2])
+        dist = b.op("Max", [b.op("MatMul", [x, wc], "cand_dist_raw"), floor], "cand_dist")  # (c, B, k)
+        nearest = b.op("ArgMin", [dist], "cand_nearest", axis=2, keepdims=1)  # (c, B, 1)
+        j = nearest
+        if pni:
+            pk = b.op("Reshape", [b.slice(prob_pkb, start, end, 0, "prob_chunk"), b.i64([c * spec.n_dist, -1])], "prob_flat")
+            at = np.arange(c)[:, None] * spec.n_dist + np.asarray(spec.emb_to_dist, np.int64)[cc]
+            g = b.op("Gather", [pk, b.i64(at, "cand_class")], "cand_p", axis=0)  # (c, k, B)
+            t = b.const(thresholds[start:end].reshape(c, k, 1), "cand_threshold")
+            refused = b.op("Transpose", [b.op("Less", [g, t], "cand_refused_kb")], "cand_refused", perm=[0, 2, 1])
+            values = b.op("Add", [dist, b.op("Mul", [b.op("Cast", [refused], "cand_refused_f", to=TensorProto.FLOAT), big])])
+            best = b.op("ArgMin", [values], "cand_best", axis=2, keepdims=1)
+            none = b.op("Greater", [b.op("GatherElements", [values, best], "cand_best_value", axis=2), half_big], "cand_none")
+            j = b.op("Where", [none, nearest, best], "cand_choice")
+        offset = b.i64((np.arange(c) * k).reshape(c, 1, 1), "cand_offset")
+        entry = b.op("Gather", [b.const(cc.reshape(-1).astype(np.int32), "cand_flat"), b.op("Add", [j, offset])],
+                     "cand_entry", axis=0)  # (c, B, 1) int32
+        parts.append(b.op("Transpose", [entry], "cand_entry_b", perm=[1, 0, 2]))
+    out = parts[0] if len(parts) == 1 else b.op("Concat", parts, "cand_choices", axis=1)  # (B, hw, 1)
+    empty = np.asarray(spec.empty_positions if spec.empty_positions is not None else [], np.int64)
+    if empty.size:
+        where = b.i64(empty, "empty_positions")
+        d_e = b.op("Max", [b.op("MatMul", [b.op("Gather", [rows, where], "empty_rows", axis=1), weight], "empty_dist_raw"),
+                           b.op("Gather", [neg_x_sq, where], "empty_floor", axis=1)], "empty_dist")
+        j_e = b.op("Cast", [b.op("ArgMin", [d_e], "empty_choice64", axis=2, keepdims=1)], "empty_choice", to=TensorProto.INT32)
+        index = b.op("Expand", [b.i64(empty.reshape(1, -1, 1), "empty_index"), b.op("Shape", [j_e], "empty_shape")])
+        out = b.op("ScatterElements", [out, index, j_e], "choices_filled", axis=1)
+    return out
 
 
 def scorer_inputs(spec: ScorerSpec) -> dict[str, tuple[int, list[int]]]:

@@ -330,6 +330,34 @@ def mask_spec(mode: str, tables: ScoringTables, tau: float, combine: str = "both
     return spec
 
 
+def candidate_table(masks: MaskSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Each position's allowed entries (p(c|x) > tau), ascending, as an (hw, k) int64 table padded
+    with the row's first entry, and the positions that allow none (rows of entry 0): the table
+    torch's `pni_ray.models.scorer.position_candidates` builds, for the candidate scorer graph."""
+    assert masks.position_index is not None
+    pos, ent = np.divmod(masks.position_index, masks.n_memory)  # sorted by position, then entry
+    counts = np.bincount(pos, minlength=masks.hw)
+    k = max(int(counts.max()) if counts.size else 0, 1)
+    starts = np.cumsum(counts) - counts
+    first = np.zeros(masks.hw, np.int64)
+    first[counts > 0] = ent[starts[counts > 0]]
+    table = np.repeat(first[:, None], k, axis=1)
+    table[pos, np.arange(pos.size) - starts[pos]] = ent
+    return table, np.flatnonzero(counts == 0)
+
+
+def candidate_thresholds(masks: MaskSpec, table: np.ndarray) -> np.ndarray:
+    """(hw, k) float32 exact thresholds T[x, m] at the candidate entries of `table`."""
+    assert masks.threshold_base is not None
+    out = masks.threshold_base[table].astype(np.float32)
+    if masks.threshold_index is not None and masks.threshold_index.size:
+        flat = np.arange(masks.hw)[:, None] * masks.n_memory + table
+        at = np.searchsorted(masks.threshold_index, flat).clip(max=masks.threshold_index.size - 1)
+        hit = masks.threshold_index[at] == flat
+        out[hit] = masks.threshold_value[at[hit]]
+    return out
+
+
 def scorer_table_values(mode: str, st: ScoringTables, tau: float, combine: str = "both") -> dict[str, np.ndarray]:
     """Inputs of a coresets-as-inputs scorer graph, computed exactly as the graph constants are.
 

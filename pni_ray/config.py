@@ -65,6 +65,9 @@ class NeighbourhoodConfig:
     lr_gamma: float = 0.3
     val_fraction: float = 0.1
     positions_per_image: int | None = None  # None: every position of every image in each epoch
+    # an epoch visits at most this many training images (a fresh seeded draw each epoch), so a
+    # 800-image category trains epochs as fast as a 250-image one; None: every image each epoch
+    images_per_epoch: int | None = 256
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from pni_ray.models.neighbourhood import NeighbourhoodMLP
 from pni_ray.models.pni import Normalisation, PNIDetector, TrainedModel, build_detector
 from pni_ray.models.predict import detector_geometry
 from pni_ray.models.position_prior import SparsePositionPrior, build_position_prior, choose_spread
-from pni_ray.models.scorer import nearest_neighbours
+from pni_ray.models.scorer import nearest_in_prefix_and_all, nearest_neighbours
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def train_neighbourhood_mlp(
     bar = tqdm(range(cfg.epochs), desc="neighbourhood MLP", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         mlp.train()
-        order = train_idx[torch.randperm(len(train_idx), generator=generator)]
+        order = train_idx[torch.randperm(len(train_idx), generator=generator)][: cfg.images_per_epoch]
         total, count = 0.0, 0
         for i in range(0, len(order), cfg.batch_images):
             batch = order[i : i + cfg.batch_images]
@@ -113,7 +113,7 @@ def train_neighbourhood_mlp(
             val = evaluate_mlp(mlp, features[val_idx], targets[val_idx]) if n_val else {}
         else:
             val = evaluate_mlp_masked(mlp, features, targets, valid, val_idx) if n_val else {}
-        history.append({"epoch": epoch + 1, "train_loss": total / max(count, 1), **val})
+        history.append({"epoch": epoch + 1, "train_images": len(order), "train_loss": total / max(count, 1), **val})
         bar.set_postfix(loss=f"{total / max(count, 1):.3f}", val_acc=f"{val.get('val_top1', float('nan')):.3f}")
         log.info("MLP epoch %d: %s", epoch + 1, history[-1])
         if "val_loss" in val:
@@ -306,8 +306,8 @@ def train_category(
         log.info("%s: nearest C_dist entry (MLP targets) and C_emb entry (position prior) of %d patches",
                  category, rows.shape[0])
         chunk = cfg.scoring.chunk_patches
-        _, targets = nearest_neighbours(rows, dist, chunk, desc="nearest C_dist" if progress else None)
-        _, nearest_emb = nearest_neighbours(rows, memory, chunk, desc="nearest C_emb" if progress else None)
+        targets, nearest_emb = nearest_in_prefix_and_all(rows, memory, dist_size, chunk,
+                                                         desc="nearest C_dist / C_emb" if progress else None)
         prior, spread, keep = fit_position_prior(
             extractor, geometry, holdout_paths, memory, nearest_emb.view(n_img, h, w), valid, cfg, progress
         )

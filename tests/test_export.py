@@ -630,3 +630,41 @@ def test_refiner_graph_and_refined_scores(trained_tiny, images, tmp_path):
     np.testing.assert_allclose(scores, refined.reshape(3, -1).max(1))
     fig = parity_figures(*torch_reference(detector, images), *load_exported(out, threads=1).predict(images))
     assert fig["max_rel_error"] <= 1e-3 and fig["ranking_identical"], fig
+
+
+@pytest.mark.parametrize("mode", ["position", "pni"])
+def test_candidate_scorer_graph_equals_torch(mode):
+    """The candidate graph (each position's allowed entries only, positions that allow nothing
+    searched densely) chooses what torch's candidate path and its dense definition choose."""
+    from pni_ray.models.scorer import position_candidates
+
+    from pni_ray.models.scorer import PatchScorer
+
+    dense, st, features, probs = _random_scorer("both")
+    assert not dense.uses_candidates(mode)  # its flat position allows 200 of 300 entries
+    scorer = PatchScorer(dense.memory, dense.emb_to_dist, dense.position_prior, tau_scale=0.9, candidate_share=1.0)
+    assert scorer.uses_candidates(mode) and scorer.candidates.shape[1] == 200
+    masks = tables.mask_spec(mode, st, scorer.tau, "both")
+    table, empty = tables.candidate_table(masks)
+    torch_table, torch_empty = position_candidates(scorer.position_prior > scorer.tau)
+    assert np.array_equal(table, torch_table.numpy()) and empty.tolist() == [0, 7] == torch_empty.nonzero().flatten().tolist()
+    spec = scorer_graph.ScorerSpec(mode=mode, memory=st.memory, emb_to_dist=st.emb_to_dist, masks=masks, grid=(6, 5),
+                                   image_size=(48, 40), blur_sigma=1.0, n_dist=probs.shape[1], chunk=7,
+                                   candidates=table, empty_positions=empty)
+    model = scorer_graph.build_scorer_graph(spec)
+    assert opcheck.check_model(model, name=mode).ok
+    assert "ScatterElements" in {n.op_type for n in model.graph.node}  # the empty positions' dense search
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"features": features.numpy()}
+    if mode == "pni":
+        feeds["probabilities"] = probs.permute(0, 2, 3, 1).numpy()
+    patch = session.run(["patch_scores"], feeds)[0]
+    with torch.no_grad():
+        ref = dense(features, probs, mode, exact_dense=True).numpy()
+        assert np.array_equal(scorer(features, probs, mode).numpy(), ref)
+    assert np.abs(patch - ref).max() < 1e-5  # same choices; only the last reduction's rounding differs
+    with pytest.raises(ValueError, match="candidate search"):
+        bad = scorer_graph.ScorerSpec(mode="neighbourhood", memory=st.memory, emb_to_dist=st.emb_to_dist, masks=masks,
+                                      grid=(6, 5), image_size=(48, 40), blur_sigma=1.0, n_dist=probs.shape[1],
+                                      candidates=table)
+        scorer_graph.build_scorer_graph(bad)

@@ -279,3 +279,14 @@ def test_position_candidates_table():
     table, empty = position_candidates(allowed)
     assert table.tolist() == [[1, 3], [0, 0], [0, 0]]
     assert empty.tolist() == [False, True, False]
+
+
+def test_nearest_in_prefix_and_all_is_two_searches_in_one():
+    from pni_ray.models.scorer import nearest_in_prefix_and_all
+
+    g = torch.Generator().manual_seed(0)
+    memory, x = torch.randn(300, 16, generator=g), torch.randn(1000, 16, generator=g)
+    near_prefix, near_all = nearest_in_prefix_and_all(x, memory, 40, chunk=128)
+    assert torch.equal(near_prefix, nearest_neighbours(x, memory[:40], 128)[1])
+    assert torch.equal(near_all, nearest_neighbours(x, memory, 128)[1])
+    assert (near_prefix < 40).all() and (near_all >= 40).any()

@@ -146,3 +146,17 @@ def test_defect_cells_ignore_padding_and_cover_the_last_partial_cell():
     assert cells[:, -1].sum() == 10 and cells.sum() == 10  # the content rows of the last column, no padding
     odd = Geometry(GeometryConfig(), 100)  # a 100 px canvas: a 13 x 13 grid, the last cell partial
     assert defect_cells(odd, np.ones((50, 50), bool)).shape == (13, 13)
+
+
+def test_mlp_epochs_visit_at_most_images_per_epoch():
+    """Big categories: each epoch a fresh seeded draw of images_per_epoch images, not all of them."""
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(12, 6, 8, 8, generator=g)
+    targets = (feats[:, 0] > 0).long()
+    base = NeighbourhoodConfig(window=3, bottleneck=4, hidden=8, depth=1, epochs=2, patience=5, batch_images=4)
+    _, capped = train_neighbourhood_mlp(feats, targets, 2, dataclasses.replace(base, images_per_epoch=5), 0, False)
+    _, full = train_neighbourhood_mlp(feats, targets, 2, dataclasses.replace(base, images_per_epoch=None), 0, False)
+    assert [r["train_images"] for r in capped["history"]] == [5, 5]
+    assert [r["train_images"] for r in full["history"]] == [11, 11]  # 12 images, 1 held for validation
+    again = train_neighbourhood_mlp(feats, targets, 2, dataclasses.replace(base, images_per_epoch=5), 0, False)[1]
+    assert again["history"] == capped["history"]  # seeded

@@ -47,6 +47,25 @@ def nearest_neighbours(
     return torch.cat(dists), torch.cat(idxs)
 
 
+def nearest_in_prefix_and_all(
+    x: torch.Tensor, memory: torch.Tensor, prefix: int, chunk: int = 4096, desc: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of the nearest row among memory[:prefix] and among all of memory, for every row of x.
+
+    C_dist is a prefix of C_emb, so one distance pass gives both training assignments (MLP targets
+    and position-prior hits) instead of a second pass over the first `prefix` columns.
+    """
+    memory_sq = (memory * memory).sum(1)
+    near_prefix, near_all = [], []
+    starts = range(0, x.shape[0], chunk)
+    for i in tqdm(starts, desc=desc, unit="chunk", disable=desc is None, leave=False):
+        d = squared_distances(x[i : i + chunk], memory, memory_sq)
+        near_prefix.append(d[:, :prefix].argmin(1))
+        near_all.append(d.argmin(1))
+    empty = torch.empty(0, dtype=torch.long)
+    return (torch.cat(near_prefix), torch.cat(near_all)) if near_all else (empty, empty)
+
+
 def masked_argmin(dist_sq: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Row-wise index of the nearest allowed entry; -1 where nothing is allowed."""
     masked = torch.where(allowed, dist_sq, torch.full_like(dist_sq, INF))
