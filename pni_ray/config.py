@@ -19,14 +19,17 @@ COMBINE_RULES: tuple[str, ...] = ("both", "mean")  # how mode pni combines p(c|N
 class FeatureConfig:
     """Backbone and patch-feature settings.
 
-    256 px input keeps a 200-image category trainable on 2 CPU cores in minutes while the
-    stride-8 grid (32 x 32) still resolves defects of ~10 px on MVTec-sized images.
+    320 px input: the stride-8 grid (40 x 40) resolves defects of ~8 px on MVTec-sized images and
+    gives the position prior cells small enough to tell a part's place from its neighbour's
+    (transistor pni pixel AUROC 0.9862 -> 0.9869, AUPRO 0.9402 -> 0.9524 from 256 px; bottle
+    0.9817 -> 0.9844, 0.9301 -> 0.9469), while a 200-image category still trains in minutes
+    on 2 CPU cores (1.56x the patches of 256 px).
     """
 
     backbone: str = "efficientnet_lite2"
     weights: str | None = None  # a user's .safetensors / .pth; None = the registry's source
     pretrained: bool = True  # False: seeded random weights (tests of architectures without weights)
-    image_size: int = 256
+    image_size: int = 320
     patch_size: int = 3  # p x p local average aggregation (PatchCore's p)
     projection_dim: int | None = None  # fixed feature dim by adaptive channel pooling
 
@@ -35,7 +38,7 @@ class FeatureConfig:
 class CoresetConfig:
     """Greedy k-center memory bank (PatchCore) that also orders entries for C_dist."""
 
-    ratio: float = 0.05  # bottle: 9.6k of 192k patches; 10% gave the same pixel AUROC at 2x the time
+    ratio: float = 0.05  # bottle: 15k of 301k patches; 1% loses 0.3 pt pixel AUROC / 0.96 pt AUPRO on transistor
     max_size: int = 16384  # caps scoring cost on big categories
     min_size: int = 64
     projection_dim: int = 128  # Johnson-Lindenstrauss projection used only for selection

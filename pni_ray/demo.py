@@ -6,6 +6,7 @@ test images to Parquet (through the torch-free runtime) -> HTML reports.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import click
 from pni_ray.bundle import atomic_write_json
 from pni_ray.config import TrainConfig
 from pni_ray.data.mvtec import load_category
-from pni_ray.data.synthetic import CATEGORIES, make_synthetic
+from pni_ray.data.synthetic import CATEGORIES, SYNTHETIC_SIZE, make_synthetic
 from pni_ray.evaluate import ABLATION_MODES, evaluate_category
 from pni_ray.inference import load_detector
 
@@ -32,7 +33,9 @@ def run_demo(workdir: Path, categories: tuple[str, ...] = CATEGORIES, cfg: Train
     from pni_ray.orchestration.train_all import train_all
     from pni_ray.report import write_report
 
-    cfg = cfg or TrainConfig()
+    if cfg is None:  # the synthetic images are SYNTHETIC_SIZE px: train at their own resolution
+        base = TrainConfig()
+        cfg = base.replace(features=dataclasses.replace(base.features, image_size=SYNTHETIC_SIZE))
     workdir = Path(workdir).resolve()
     data, bundles = workdir / "data", workdir / "bundles"
     t0 = time.perf_counter()

@@ -123,7 +123,7 @@ def train_options(fn: Any) -> Any:
         click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
                      help="Base settings: default, or paper (the authors': 480 px, 1% coreset, 10 x 2048 MLP, "
                           "+-4 spread, mean of the priors, blur 8; for a GPU). Other options override it."),
-        click.option("--image-size", type=int, default=None, help="Model input size in pixels (default 256)."),
+        click.option("--image-size", type=int, default=None, help="Model input size in pixels (default 320)."),
         click.option("--coreset-ratio", type=float, default=None, help="Fraction of patches kept in C_emb."),
         click.option("--dist-size", type=int, default=None, help="|C_dist| (paper 2048, capped by |C_emb|)."),
         click.option("--epochs", type=int, default=None, help="Neighbourhood-MLP epochs."),

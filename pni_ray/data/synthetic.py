@@ -58,7 +58,7 @@ DEFECT_TYPES: Mapping[str, tuple[str, ...]] = MappingProxyType(
 )
 
 MIN_SIZE = 32
-_DEFAULT_SIZE = 256
+SYNTHETIC_SIZE = 256  # px, what make_synthetic draws by default (the demo trains at it)
 _MAX_DEFECT_TRIES = 16
 
 Seed = Union[int, Sequence[int]]
@@ -77,7 +77,7 @@ DrawFn = Callable[
 class SyntheticSpec:
     """Image size and per-split counts; defaults keep a category under ~1 s."""
 
-    size: int = _DEFAULT_SIZE
+    size: int = SYNTHETIC_SIZE
     n_train: int = 32
     n_test_good: int = 8
     n_test_defect_per_type: int = 4
@@ -752,7 +752,7 @@ def render(
     category: str,
     seed: Seed,
     defect: Optional[str] = None,
-    size: int = _DEFAULT_SIZE,
+    size: int = SYNTHETIC_SIZE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render one image and its exact defect mask.
 
@@ -807,7 +807,7 @@ def _resolve_spec(size: int, spec: Optional[SyntheticSpec]) -> SyntheticSpec:
     """``spec`` gives counts and size; an explicit ``size`` must not contradict it."""
     if spec is None:
         return SyntheticSpec(size=size)
-    if size != _DEFAULT_SIZE and size != spec.size:
+    if size != SYNTHETIC_SIZE and size != spec.size:
         raise ValueError(f"size={size} conflicts with spec.size={spec.size}")
     return spec
 
@@ -815,7 +815,7 @@ def _resolve_spec(size: int, spec: Optional[SyntheticSpec]) -> SyntheticSpec:
 def make_synthetic(
     out: Path,
     seed: int = 0,
-    size: int = _DEFAULT_SIZE,
+    size: int = SYNTHETIC_SIZE,
     categories: Optional[Sequence[str]] = None,
     spec: Optional[SyntheticSpec] = None,
 ) -> list[Path]:

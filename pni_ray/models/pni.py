@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pni_ray.config import ScoringConfig, TrainConfig
+from pni_ray.config import FeatureConfig, ScoringConfig, TrainConfig
 from pni_ray.models.anomaly_map import AnomalyMapper, image_scores
 from pni_ray.models.features import FEATURE_STRIDE, PatchFeatureExtractor, build_extractor
 from pni_ray.models.neighbourhood import NeighbourhoodMLP
@@ -43,7 +43,7 @@ class PNIDetector(nn.Module):
         mlp: NeighbourhoodMLP | None = None,
         refiner: nn.Module | None = None,
         mode: str = "pni",
-        image_size: int = 256,
+        image_size: int = FeatureConfig.image_size,
         image_window: int = ScoringConfig.image_window,
     ) -> None:
         super().__init__()
