@@ -4,8 +4,8 @@ own PatchCore mode, so the gain of the position and neighbourhood priors cannot 
 Transistor is the category the priors exist for: a `misplaced` transistor (missing or rotated)
 is made of patches that look normal somewhere; only where they are says they are wrong. Reduced
 for CI: a 1% coreset (the authors' ratio) and 3 MLP epochs; everything else at the defaults.
-Measured at this config: pni - patchcore = +0.0111 pixel AUROC (0.9724 -> 0.9835), +0.0094 AUPRO
-(0.9204 -> 0.9298), +0.0133 image AUROC (0.9717 -> 0.9850); the margins keep about half of each.
+Measured at this config (320 px): pni - patchcore = +0.0264 pixel AUROC (0.9571 -> 0.9835), +0.0379
+AUPRO (0.9046 -> 0.9425), +0.0141 image AUROC (0.9792 -> 0.9933); the margins keep about half of each.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pni_ray.models.pni import build_detector
 from pni_ray.training import train_category
 
 # margins: the measured gains at this config with about half as slack (see the module doc)
-PIXEL_MARGIN = 0.005
-IMAGE_MARGIN = 0.005
-AUPRO_MARGIN = 0.004
+PIXEL_MARGIN = 0.013
+IMAGE_MARGIN = 0.007
+AUPRO_MARGIN = 0.019
 
 
 @pytest.fixture(scope="module")
