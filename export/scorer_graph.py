@@ -392,8 +392,10 @@ def _candidate_choices(b: _Builder, spec: ScorerSpec, rows: str, neg_x_sq: str, 
 
       distances  MatMul([x, 1] (c, B, D + 1), Gather([-2 C^T; |c|^2]^T, cand) (c, D + 1, k))
                  the weight gathered per chunk is constant, folded at session start
-      mask       Gather(p (c * K, B), c * K + e2d[cand]) (c, k, B) -> Less(., T[cand]) -> Transpose
-                 whole rows of B, exact thresholds at the candidates (export.tables)
+      mask       Gather(p (B, hw * K), x * K + e2d[cand], axis=1) (B, c, k) -> Less(., T[cand])
+                 -> Transpose: only the B * c * k probabilities used are read (transposing or
+                 slicing the whole (B, hw, K) tensor cost more than the rest of the graph),
+                 exact thresholds at the candidates (export.tables)
       choice     ArgMin(d + refused * BIG), the position's nearest where nothing passes;
                  Gather(cand) turns the local index into the C_emb entry
       empty      positions that allow nothing: ArgMin over all of C_emb, scattered in
@@ -405,7 +407,7 @@ def _candidate_choices(b: _Builder, spec: ScorerSpec, rows: str, neg_x_sq: str, 
     pni = spec.mode == "pni"
     weight_rows = b.op("Transpose", [weight], "weight_rows", perm=[1, 0])  # (M, D + 1), folded
     thresholds = candidate_thresholds(spec.masks, cand) if pni else None
-    prob_pkb = b.op("Transpose", [prob_rows], "prob_pkb", perm=[1, 2, 0]) if pni else None  # (hw, K, B)
+    prob_flat = b.op("Reshape", [prob_rows, b.i64([-1, hw * spec.n_dist])], "prob_flat") if pni else None
     parts = []
     for start in range(0, hw, chunk):
         end = min(hw, start + chunk)
@@ -418,11 +420,10 @@ def _candidate_choices(b: _Builder, spec: ScorerSpec, rows: str, neg_x_sq: str, 
         nearest = b.op("ArgMin", [dist], "cand_nearest", axis=2, keepdims=1)  # (c, B, 1)
         j = nearest
         if pni:
-            pk = b.op("Reshape", [b.slice(prob_pkb, start, end, 0, "prob_chunk"), b.i64([c * spec.n_dist, -1])], "prob_flat")
-            at = np.arange(c)[:, None] * spec.n_dist + np.asarray(spec.emb_to_dist, np.int64)[cc]
-            g = b.op("Gather", [pk, b.i64(at, "cand_class")], "cand_p", axis=0)  # (c, k, B)
-            t = b.const(thresholds[start:end].reshape(c, k, 1), "cand_threshold")
-            refused = b.op("Transpose", [b.op("Less", [g, t], "cand_refused_kb")], "cand_refused", perm=[0, 2, 1])
+            at = np.arange(start, end)[:, None] * spec.n_dist + np.asarray(spec.emb_to_dist, np.int64)[cc]
+            g = b.op("Gather", [prob_flat, b.i64(at, "cand_class")], "cand_p", axis=1)  # (B, c, k)
+            t = b.const(thresholds[start:end], "cand_threshold")  # (c, k)
+            refused = b.op("Transpose", [b.op("Less", [g, t], "cand_refused_bck")], "cand_refused", perm=[1, 0, 2])
             values = b.op("Add", [dist, b.op("Mul", [b.op("Cast", [refused], "cand_refused_f", to=TensorProto.FLOAT), big])])
             best = b.op("ArgMin", [values], "cand_best", axis=2, keepdims=1)
             none = b.op("Greater", [b.op("GatherElements", [values, best], "cand_best_value", axis=2), half_big], "cand_none")
