@@ -71,3 +71,12 @@ def test_masks_resized_nearest_to_the_common_resolution(tmp_path: Path) -> None:
     assert out.shape == (2, bench_peers.SIZE, bench_peers.SIZE)
     assert out.dtype == bool and not out[1].any()
     assert abs(out[0].mean() - (mask > 127).mean()) < 0.01
+
+
+def test_borrowed_bank_is_the_bundles_c_emb(bundle_tiny: Path, trained_tiny, tmp_path: Path) -> None:
+    import torch
+
+    fit = bench_peers.borrow_bank(str(bundle_tiny), str(tmp_path / "bank.pt"))
+    bank = torch.load(tmp_path / "bank.pt")
+    assert torch.equal(bank, trained_tiny.memory) and fit["entries"] == trained_tiny.memory.shape[0]
+    assert fit["fit_s"] != fit["fit_s"]  # NaN: no anomalib fit was measured
