@@ -81,10 +81,10 @@ def position_candidates(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     counts = torch.bincount(pos, minlength=allowed.shape[0])
     k = max(int(counts.max()) if counts.numel() else 0, 1)
     starts = torch.cumsum(counts, 0) - counts
-    first = torch.zeros(allowed.shape[0], dtype=torch.long)
+    first = torch.zeros(allowed.shape[0], dtype=torch.long, device=allowed.device)
     first[counts > 0] = ent[starts[counts > 0]]
     table = first.unsqueeze(1).repeat(1, k)
-    table[pos, torch.arange(pos.numel()) - starts[pos]] = ent
+    table[pos, torch.arange(pos.numel(), device=allowed.device) - starts[pos]] = ent
     return table, counts == 0
 
 
