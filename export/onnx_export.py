@@ -280,7 +280,9 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
         masks = tables.mask_spec(mode, st, tau, combine)
         candidates = empty = None
         if detector.scorer.uses_candidates(mode) and options.coresets == "constant":  # torch's rule, same table
-            candidates, empty = tables.candidate_table(masks)
+            table, empty_rows = tables.candidate_table(masks)
+            if scorer_graph.folded_candidate_bytes(table, d) <= scorer_graph.MAX_CANDIDATE_BYTES:
+                candidates, empty = table, empty_rows  # else the dense graph: the same choices
         spec = scorer_graph.ScorerSpec(
             mode=mode, memory=st.memory, emb_to_dist=st.emb_to_dist, masks=masks, grid=(h, w), image_size=canvas,
             blur_sigma=float(detector.mapper.sigma), n_dist=int(detector.mlp.n_classes) if detector.mlp is not None else 0,

@@ -71,6 +71,15 @@ from export.tables import PENALTY, MaskSpec
 BATCH = "batch"
 INF = np.float32(np.inf)
 BIG = PENALTY  # additive penalty of refused entries: far above any squared distance, far below overflow
+# the candidate graph's per-chunk gathered coreset rows are constants that onnxruntime folds at
+# session start: hw * k * (D + 1) floats (bottle, 320 px: 178 MB); above this the dense graph is used
+MAX_CANDIDATE_BYTES = 256 * 2**20
+
+
+def folded_candidate_bytes(candidates: np.ndarray, feature_dim: int) -> int:
+    """Bytes of the coreset rows the candidate graph gathers per position, once folded."""
+    hw, k = candidates.shape
+    return int(hw) * int(k) * (int(feature_dim) + 1) * 4
 
 
 def gaussian_kernel1d(sigma: float) -> np.ndarray:
@@ -283,9 +292,7 @@ def build_scorer_graph(spec: ScorerSpec, opset: int = 17) -> onnx.ModelProto:
         return b.op("Add", [dist, mask], "masked") if fast else b.op("Where", [mask, dist, inf], "masked")
 
     def argmin(values: str) -> str:
-        """(B, c, 1) int32, the first index on ties; int32 is TensorRT's own index type, so the Where /
-        Gather on choices never depend on a backend's int64 support."""
-        return b.op("Cast", [b.op("ArgMin", [values], "choice64", axis=2, keepdims=1)], "choice", to=TensorProto.INT32)
+        return _argmin32(b, values)
 
     def choose(dist: str, mask: str, fallback: str) -> str:
         """Index of the nearest allowed entry; `fallback` where the mask refuses every entry."""
@@ -385,6 +392,12 @@ def build_scorer_graph(spec: ScorerSpec, opset: int = 17) -> onnx.ModelProto:
     return model
 
 
+def _argmin32(b: _Builder, values: str) -> str:
+    """Index on the last of 3 axes, kept: (., ., 1) int32, the first index on ties; int32 is
+    TensorRT's own index type, so the Where / Gather on choices never depend on int64 support."""
+    return b.op("Cast", [b.op("ArgMin", [values], "choice64", axis=2, keepdims=1)], "choice", to=TensorProto.INT32)
+
+
 def _candidate_choices(b: _Builder, spec: ScorerSpec, rows: str, neg_x_sq: str, prob_rows: str | None,
                        weight: str, big: str, half_big: str, chunk: int) -> str:
     """(B, hw, 1) int32 chosen entries of mode position / pni ("both") from each position's k
@@ -417,7 +430,7 @@ def _candidate_choices(b: _Builder, spec: ScorerSpec, rows: str, neg_x_sq: str, 
                   "cand_weight_t", perm=[0, 2, 1])  # (c, D + 1, k)
         floor = b.op("Transpose", [b.slice(neg_x_sq, start, end, 1, "neg_x_sq_chunk")], "floor_pb", perm=[1, 0, 2])
         dist = b.op("Max", [b.op("MatMul", [x, wc], "cand_dist_raw"), floor], "cand_dist")  # (c, B, k)
-        nearest = b.op("ArgMin", [dist], "cand_nearest", axis=2, keepdims=1)  # (c, B, 1)
+        nearest = _argmin32(b, dist)  # (c, B, 1) int32
         j = nearest
         if pni:
             at = np.arange(start, end)[:, None] * spec.n_dist + np.asarray(spec.emb_to_dist, np.int64)[cc]
@@ -425,20 +438,23 @@ def _candidate_choices(b: _Builder, spec: ScorerSpec, rows: str, neg_x_sq: str, 
             t = b.const(thresholds[start:end], "cand_threshold")  # (c, k)
             refused = b.op("Transpose", [b.op("Less", [g, t], "cand_refused_bck")], "cand_refused", perm=[1, 0, 2])
             values = b.op("Add", [dist, b.op("Mul", [b.op("Cast", [refused], "cand_refused_f", to=TensorProto.FLOAT), big])])
-            best = b.op("ArgMin", [values], "cand_best", axis=2, keepdims=1)
+            best = _argmin32(b, values)
             none = b.op("Greater", [b.op("GatherElements", [values, best], "cand_best_value", axis=2), half_big], "cand_none")
             j = b.op("Where", [none, nearest, best], "cand_choice")
-        offset = b.i64((np.arange(c) * k).reshape(c, 1, 1), "cand_offset")
+        offset = b.const((np.arange(c) * k).reshape(c, 1, 1).astype(np.int32), "cand_offset")
         entry = b.op("Gather", [b.const(cc.reshape(-1).astype(np.int32), "cand_flat"), b.op("Add", [j, offset])],
                      "cand_entry", axis=0)  # (c, B, 1) int32
         parts.append(b.op("Transpose", [entry], "cand_entry_b", perm=[1, 0, 2]))
     out = parts[0] if len(parts) == 1 else b.op("Concat", parts, "cand_choices", axis=1)  # (B, hw, 1)
     empty = np.asarray(spec.empty_positions if spec.empty_positions is not None else [], np.int64)
-    if empty.size:
-        where = b.i64(empty, "empty_positions")
-        d_e = b.op("Max", [b.op("MatMul", [b.op("Gather", [rows, where], "empty_rows", axis=1), weight], "empty_dist_raw"),
-                           b.op("Gather", [neg_x_sq, where], "empty_floor", axis=1)], "empty_dist")
-        j_e = b.op("Cast", [b.op("ArgMin", [d_e], "empty_choice64", axis=2, keepdims=1)], "empty_choice", to=TensorProto.INT32)
+    if empty.size:  # chunk positions at a time, like the dense graph: (B, c, M) at most
+        found = []
+        for start in range(0, empty.size, chunk):
+            where = b.i64(empty[start : start + chunk], "empty_positions")
+            d_e = b.op("Max", [b.op("MatMul", [b.op("Gather", [rows, where], "empty_rows", axis=1), weight], "empty_dist_raw"),
+                               b.op("Gather", [neg_x_sq, where], "empty_floor", axis=1)], "empty_dist")
+            found.append(_argmin32(b, d_e))
+        j_e = found[0] if len(found) == 1 else b.op("Concat", found, "empty_choices", axis=1)
         index = b.op("Expand", [b.i64(empty.reshape(1, -1, 1), "empty_index"), b.op("Shape", [j_e], "empty_shape")])
         out = b.op("ScatterElements", [out, index, j_e], "choices_filled", axis=1)
     return out

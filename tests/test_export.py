@@ -668,3 +668,18 @@ def test_candidate_scorer_graph_equals_torch(mode):
                                       grid=(6, 5), image_size=(48, 40), blur_sigma=1.0, n_dist=probs.shape[1],
                                       candidates=table)
         scorer_graph.build_scorer_graph(bad)
+
+
+def test_candidate_graph_memory_bound(exported, bundle_tiny, tmp_path, monkeypatch):
+    """Long candidate lists would fold into GBs of constants: above the cap the export stays dense."""
+    assert scorer_graph.folded_candidate_bytes(np.zeros((1600, 165), np.int64), 168) == 1600 * 165 * 169 * 4
+    assert scorer_graph.folded_candidate_bytes(np.zeros((1600, 3760), np.int64), 168) > scorer_graph.MAX_CANDIDATE_BYTES
+    manifest = tables.read_manifest(exported)
+    if manifest["mode"] not in ("pni", "position"):
+        pytest.skip("the tiny bundle scores in a mode without candidates")
+    k = manifest["scorer"]["candidates_per_position"]
+    if k is None:
+        pytest.skip("the tiny bundle's prior is too broad for candidates")
+    monkeypatch.setattr(scorer_graph, "MAX_CANDIDATE_BYTES", 0)
+    out = export_bundle(bundle_tiny, tmp_path / "dense", ExportOptions(max_batch=4)).path
+    assert tables.read_manifest(out)["scorer"]["candidates_per_position"] is None

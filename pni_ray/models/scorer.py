@@ -241,9 +241,8 @@ class PatchScorer(nn.Module):
                 local = torch.where(j < 0, local, j)
             choice[sl] = cand.gather(1, local)
         empty = self.empty_positions
-        if empty.numel():
-            rows = x[empty].reshape(-1, d)
-            choice[empty] = squared_distances(rows, self.memory, self.memory_sq).argmin(1).view(-1, b)
+        if empty.numel():  # in bounded chunks: letterbox / tiled grids can have many such positions
+            choice[empty] = nearest_neighbours(x[empty].reshape(-1, d), self.memory, self.chunk_patches)[1].view(-1, b)
         rows = x.transpose(0, 1).reshape(-1, d)  # (B * hw, D), image-major like the output
         return exact_sq_distances(rows, self.memory, choice.t().reshape(-1)).sqrt()
 
