@@ -372,8 +372,9 @@ def run_all(args: argparse.Namespace, work: Path, python_a: Path | None) -> list
             d.mkdir(parents=True, exist_ok=True)
             base = {**common, "category": category, "ratio": bank_ratio(bank), "bundle": str(d / "bundle"),
                     "export": str(d / "export")}
+            cached = args.reuse and (d / "pni-fit.json").is_file()
             fits = {"pni-ray": fit_once(Path(sys.executable), "pni-fit", base, d / "pni-fit.json", args.reuse)}
-            if args.reuse and "error" not in fits["pni-ray"]:  # a reused bundle, exported by this checkout
+            if cached and "error" not in fits["pni-ray"]:  # a reused bundle, exported by this checkout
                 from export.onnx_export import ExportOptions, export_bundle
 
                 export_bundle(base["bundle"], base["export"], ExportOptions(), force=True)

@@ -254,7 +254,8 @@ def build_scorer_graph(spec: ScorerSpec, opset: int = 17) -> onnx.ModelProto:
             weight, memory_sq = b.const(np.concatenate([neg2t, sq[None]], 0), "memory_augmented"), None  # (D + 1, M)
         else:
             weight, memory_sq = b.const(neg2t, "memory_neg2t"), b.const(sq, "memory_sq")
-        e2d = b.const(spec.emb_to_dist.astype(np.int64), "emb_to_dist") if spec.needs_probs else None
+        # the candidate graph gathers e2d[cand] as its own constants
+        e2d = b.const(spec.emb_to_dist.astype(np.int64), "emb_to_dist") if spec.needs_probs and not by_candidates else None
         if spec.has_threshold:
             threshold = None if (fast and t_cols > 1) else _threshold_const(b, masks, transposed=fast)
         position = None  # constant: built per chunk (_position_const)

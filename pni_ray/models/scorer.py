@@ -28,18 +28,23 @@ def squared_distances(x: torch.Tensor, memory: torch.Tensor, memory_sq: torch.Te
     return torch.addmm(memory_sq.unsqueeze(0), x, memory.T, alpha=-2.0).add_(x_sq).clamp_min_(0.0)
 
 
-def nearest_neighbours(
-    x: torch.Tensor, memory: torch.Tensor, chunk: int = 4096, desc: str | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distance to and index of the nearest memory row for every row of x, in bounded chunks.
+def _distance_blocks(x: torch.Tensor, memory: torch.Tensor, chunk: int, desc: str | None):
+    """Squared distances of x's rows to memory, (chunk, M) block by block (bounded memory).
 
     desc: show a progress bar with this label (training assigns millions of patches when tiled).
     """
     memory_sq = (memory * memory).sum(1)
+    for i in tqdm(range(0, x.shape[0], chunk), desc=desc, unit="chunk", disable=desc is None, leave=False):
+        yield squared_distances(x[i : i + chunk], memory, memory_sq)
+
+
+def nearest_neighbours(
+    x: torch.Tensor, memory: torch.Tensor, chunk: int = 4096, desc: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distance to and index of the nearest memory row for every row of x, in bounded chunks."""
     dists, idxs = [], []
-    starts = range(0, x.shape[0], chunk)
-    for i in tqdm(starts, desc=desc, unit="chunk", disable=desc is None, leave=False):
-        d, j = squared_distances(x[i : i + chunk], memory, memory_sq).min(1)
+    for block in _distance_blocks(x, memory, chunk, desc):
+        d, j = block.min(1)
         dists.append(d.sqrt())
         idxs.append(j)
     if not dists:
@@ -55,13 +60,10 @@ def nearest_in_prefix_and_all(
     C_dist is a prefix of C_emb, so one distance pass gives both training assignments (MLP targets
     and position-prior hits) instead of a second pass over the first `prefix` columns.
     """
-    memory_sq = (memory * memory).sum(1)
     near_prefix, near_all = [], []
-    starts = range(0, x.shape[0], chunk)
-    for i in tqdm(starts, desc=desc, unit="chunk", disable=desc is None, leave=False):
-        d = squared_distances(x[i : i + chunk], memory, memory_sq)
-        near_prefix.append(d[:, :prefix].argmin(1))
-        near_all.append(d.argmin(1))
+    for block in _distance_blocks(x, memory, chunk, desc):
+        near_prefix.append(block[:, :prefix].argmin(1))
+        near_all.append(block.argmin(1))
     empty = torch.empty(0, dtype=torch.long)
     return (torch.cat(near_prefix), torch.cat(near_all)) if near_all else (empty, empty)
 
