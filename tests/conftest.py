@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -56,6 +57,18 @@ def real_category_root(category: str) -> Path:
     if not (BOTTLE_ROOT / category / "train" / "good").is_dir():
         pytest.skip(f"real data not present at {BOTTLE_ROOT / category}")
     return BOTTLE_ROOT
+
+
+@contextlib.contextmanager
+def both_cores():
+    """Torch on up to 2 threads for a real-data job: tests run one at a time, so the longest ones
+    take both cores (the suite's default is 1 thread), then the previous count is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

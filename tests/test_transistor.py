@@ -11,16 +11,14 @@ AUPRO (0.9046 -> 0.9425), +0.0141 image AUROC (0.9792 -> 0.9933); the margins ke
 from __future__ import annotations
 
 import dataclasses
-import os
-
 import pytest
-import torch
 
 from pni_ray.config import TrainConfig
 from pni_ray.data.mvtec import load_category
 from pni_ray.evaluate import evaluate_category, prior_diagnostics
 from pni_ray.models.pni import build_detector
 from pni_ray.training import train_category
+from conftest import both_cores
 
 # margins: the measured gains at this config with about half as slack (see the module doc)
 PIXEL_MARGIN = 0.013
@@ -30,13 +28,9 @@ AUPRO_MARGIN = 0.019
 
 @pytest.fixture(scope="module")
 def transistor_results(transistor_root):
-    """The suite's longest job: it runs alone, so it takes both cores (the suite's default is 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    try:
-        yield _train_and_evaluate(transistor_root)
-    finally:
-        torch.set_num_threads(before)
+    """The suite's longest job: it takes both cores."""
+    with both_cores():
+        return _train_and_evaluate(transistor_root)
 
 
 def _train_and_evaluate(transistor_root):
