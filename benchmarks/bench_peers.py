@@ -23,7 +23,9 @@ time anomalib's scoring; their accuracy is not its own (the bank is not its fit,
 3 x 3 AvgPool2d counts the zero padding at the border where pni-ray's pooling does not).
 
 Every fit and every scoring path runs in its own subprocess (peak RSS is that process's):
-pni-ray torch bundle, pni-ray ONNX Runtime export (`pni-ray export`), anomalib torch, and
+pni-ray torch bundle, pni-ray ONNX Runtime export (`pni-ray export`), with --int8 GRAPHS also
+that export with those graphs in INT8 (`pni-ray export --int8 ... --calibration
+<category>/train/good`, engine "onnxruntime-int8"), anomalib torch, and
 anomalib's graph exported to ONNX with torch's dynamo exporter (what anomalib's own
 `to_onnx` uses) and run in ONNX Runtime. images/s: median over --repeats interleaved rounds
 (each round times one pass of every path, so drifting load on a shared machine hits all
@@ -77,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--borrow-bank", default="", metavar="BANKS",
                    help="banks (e.g. 'default') at which anomalib skips its coreset and scores with pni-ray's "
                         "C_emb as its memory bank: same features, same size; its fit is then not measured")
+    p.add_argument("--int8", default="", metavar="GRAPHS",
+                   help="also time pni-ray's export with these graphs in INT8 (e.g. 'mlp' or 'backbone,mlp'), "
+                        "calibrated on the category's train/good")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
@@ -163,7 +168,8 @@ def worker_pni_score(spec: dict) -> dict:
     else:
         from export.runtime import load_exported
 
-        model = load_exported(spec["export"], threads=spec["threads"])
+        model = load_exported(spec["export_int8" if spec["engine"] == "onnxruntime-int8" else "export"],
+                              threads=spec["threads"])
         predict = model.predict
     ips, maps, scores = timed_passes(predict, images, spec["batch"], spec["repeats"])
     np.savez(spec["maps"], maps=maps.reshape(len(images), SIZE, SIZE).astype(np.float32), scores=scores)
@@ -371,17 +377,24 @@ def run_all(args: argparse.Namespace, work: Path, python_a: Path | None) -> list
             d = work / category / bank.replace("%", "pct")
             d.mkdir(parents=True, exist_ok=True)
             base = {**common, "category": category, "ratio": bank_ratio(bank), "bundle": str(d / "bundle"),
-                    "export": str(d / "export")}
+                    "export": str(d / "export"), "export_int8": str(d / "export-int8")}
             cached = args.reuse and (d / "pni-fit.json").is_file()
             fits = {"pni-ray": fit_once(Path(sys.executable), "pni-fit", base, d / "pni-fit.json", args.reuse)}
-            if cached and "error" not in fits["pni-ray"]:  # a reused bundle, exported by this checkout
+            engines = ["torch", "onnxruntime"]
+            if "error" not in fits["pni-ray"]:
                 from export.onnx_export import ExportOptions, export_bundle
 
-                export_bundle(base["bundle"], base["export"], ExportOptions(), force=True)
+                if cached:  # a reused bundle, exported by this checkout
+                    export_bundle(base["bundle"], base["export"], ExportOptions(), force=True)
+                if args.int8:
+                    export_bundle(base["bundle"], base["export_int8"], ExportOptions(
+                        int8=tuple(args.int8.split(",")), calibration=args.data_root / category / "train" / "good"),
+                        force=True)
+                    engines.append("onnxruntime-int8")
             print(f"{category} {bank}: pni-ray fit {fits['pni-ray']}", flush=True)
             paths = []
             if "error" not in fits["pni-ray"]:
-                paths += [("pni-ray", engine, Path(sys.executable), "pni-score", base) for engine in ("torch", "onnxruntime")]
+                paths += [("pni-ray", engine, Path(sys.executable), "pni-score", base) for engine in engines]
                 if python_a is not None:
                     spec = {**base, "bank": fits["pni-ray"]["entries"], "state": str(d / "anomalib_bank.pt")}
                     if bank in args.borrow_bank.split(","):

@@ -1,4 +1,4 @@
-"""`pni-ray export BUNDLE --out DIR [--trt] [--fp16] [--max-batch N] [--opset K]`.
+"""`pni-ray export BUNDLE --out DIR [--trt] [--fp16] [--int8 mlp --calibration DIR] [--max-batch N] [--opset K]`.
 
 Imported by `pni-ray` at start-up, so nothing heavy at module level.
 """
@@ -10,6 +10,9 @@ from pathlib import Path
 import click
 
 from pni_ray.config import SCORE_MODES
+
+# export.quantize loads onnx and onnxruntime only inside its functions
+from export.quantize import DEFAULT_CALIBRATION_IMAGES, QUANTIZABLE
 
 
 def _mib(n: int) -> str:
@@ -30,8 +33,16 @@ def _mib(n: int) -> str:
 @click.option("--chunk", type=int, default=64, show_default=True, help="Grid positions per scorer chunk.")
 @click.option("--force", is_flag=True, help="Replace an existing export directory.")
 @click.option("--threads", type=int, default=None, help="torch threads while tracing (default: all cores).")
+@click.option("--int8", "int8", multiple=True, type=click.Choice(QUANTIZABLE),
+              help="Quantise this graph to INT8 (static QDQ; repeat for both). mlp keeps bottle's metrics to "
+                   "four decimals; backbone costs accuracy: measure it on your data.")
+@click.option("--calibration", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder of good images the INT8 activation ranges are measured on (e.g. train/good).")
+@click.option("--calibration-images", type=click.IntRange(min=1), default=DEFAULT_CALIBRATION_IMAGES,
+              show_default=True, help="Calibration images used, evenly spaced over the folder's sorted listing.")
 def export_cmd(bundle: Path, out: Path, trt: bool, fp16: bool, max_batch: int, opset: int, coresets: str,
-               mode: str | None, chunk: int, force: bool, threads: int | None) -> None:
+               mode: str | None, chunk: int, force: bool, threads: int | None, int8: tuple[str, ...],
+               calibration: Path | None, calibration_images: int) -> None:
     """Export BUNDLE for edge deployment: ONNX graphs + Arrow tables (+ TensorRT engines with --trt)."""
     from export import opcheck, tables
     from export.onnx_export import ExportOptions, export_bundle
@@ -39,7 +50,9 @@ def export_cmd(bundle: Path, out: Path, trt: bool, fp16: bool, max_batch: int, o
     from pni_ray.options import set_threads
 
     set_threads(threads)
-    options = ExportOptions(opset=opset, max_batch=max_batch, coresets=coresets, chunk=chunk, mode=mode)
+    options = ExportOptions(opset=opset, max_batch=max_batch, coresets=coresets, chunk=chunk, mode=mode,
+                            int8=tuple(dict.fromkeys(int8)), calibration=calibration,
+                            calibration_images=calibration_images)
     try:
         result = export_bundle(bundle, out, options, force=force)
     except (FileExistsError, ValueError, BundleError, opcheck.OpCheckError, tables.ExportError) as exc:
@@ -54,6 +67,9 @@ def export_cmd(bundle: Path, out: Path, trt: bool, fp16: bool, max_batch: int, o
         click.echo(f"  {g['file']:<14} {_mib(manifest['files'][g['file']]['bytes']):>10}  {sig}")
     for report in result.reports:
         click.echo(f"  op check: {report.summary()}")
+    if manifest.get("int8"):
+        click.echo(f"  int8: {', '.join(manifest['int8']['graphs'])} calibrated on "
+                   f"{len(manifest['int8']['calibration_images'])} images of {manifest['int8']['calibration_dir']}")
     if fp16 and not trt:
         click.echo("note: --fp16 only affects TensorRT engines (--trt); the ONNX graphs are FP32", err=True)
     if trt:
@@ -64,4 +80,4 @@ def export_cmd(bundle: Path, out: Path, trt: bool, fp16: bool, max_batch: int, o
         except TensorRTUnavailable as exc:
             raise click.ClickException(str(exc)) from exc
         for name, record in info["engines"].items():
-            click.echo(f"  {record['file']:<14} TensorRT {info['tensorrt_version']} (fp16={record['fp16']}, batch 1..{record['max_batch']})")
+            click.echo(f"  {record['file']:<14} TensorRT {info['tensorrt_version']} (fp16={record['fp16']}, int8={record.get('int8', False)}, batch 1..{record['max_batch']})")

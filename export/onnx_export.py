@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export import graph_passes, opcheck, scorer_graph, tables
+from export import graph_passes, opcheck, quantize, scorer_graph, tables
 from pni_ray.bundle import model_id as bundle_model_id
 from pni_ray.fileio import read_arrow as bundle_read_arrow
 from pni_ray.bundle import versions as bundle_versions
@@ -70,6 +70,9 @@ class ExportOptions:
     mode: str | None = None  # scoring mode; None = the bundle's
     external_data_bytes: int = EXTERNAL_DATA_BYTES
     target: str = opcheck.DEFAULT_TARGET
+    int8: tuple[str, ...] = ()  # graphs to quantise (export.quantize.QUANTIZABLE); () = all FP32
+    calibration: Path | None = None  # folder of good images the INT8 ranges are measured on
+    calibration_images: int = quantize.DEFAULT_CALIBRATION_IMAGES
 
     def validate(self) -> None:
         lo, hi = 13, opcheck.TARGETS[self.target]["max_opset"]
@@ -81,6 +84,13 @@ class ExportOptions:
             raise ValueError(f"coresets must be 'constant' or 'input', got {self.coresets!r}")
         if self.chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+        unknown = sorted(set(self.int8) - set(quantize.QUANTIZABLE))
+        if unknown:
+            raise ValueError(f"--int8 {','.join(unknown)}: choose from {', '.join(quantize.QUANTIZABLE)} "
+                             "(the softmax and the scorer stay FP32)")
+        if self.int8 and self.calibration is None:
+            raise ValueError("--int8 needs --calibration DIR: a folder of good images (e.g. the category's "
+                             "train/good) to measure activation ranges on")
 
 
 @dataclass
@@ -295,6 +305,11 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
             maps = torch.rand(2, *canvas, generator=torch.Generator().manual_seed(1))
             models["refiner"] = trace_to_onnx(_Refiner(detector.refiner), (images, maps), ["images", "maps"],
                                               ["refined_maps", "scores"], options.opset)
+        int8 = None
+        if options.int8:
+            log.info("quantising %s to INT8 on %s", ", ".join(options.int8), options.calibration)
+            int8 = quantize.quantize_models(models, detector, geometry, options.int8, options.calibration,
+                                            options.calibration_images)
         reports = [opcheck.check_model(m, options.target, name) for name, m in models.items()]
         opcheck.require_ok(reports)
         for name, model in models.items():
@@ -331,6 +346,7 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
                        "n_threshold_entries": int(len(masks.threshold_index)) if masks.threshold_index is not None else 0,
                        "candidates_per_position": int(candidates.shape[1]) if candidates is not None else None},
             "opset": options.opset,
+            "int8": int8,  # None: every graph FP32
             "max_batch": options.max_batch,
             "opcheck": {"target": f"TensorRT {options.target}", "reports": [r.to_dict() for r in reports]},
             "tensorrt": {"engines": {}, "status": "not built"},

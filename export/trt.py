@@ -11,7 +11,9 @@ lie in FP16's subnormal range (an FP16 softmax flips mask entries), squared dist
 ~100-dimensional features pass FP16's 65504, and the mask comparison G >= T (exact float32
 thresholds) and the chosen entry's distance, recomputed as |x - C[j]|, are the exactness the
 export promises. The FP16 MLP hands its logits across the engine boundary as FP32 tensors. The
-scorer's choices are int32 (TensorRT's index type). TensorRT's ArgMin need not take the first of
+scorer's choices are int32 (TensorRT's index type). Graphs exported with --int8 carry symmetric
+int8 Q/DQ nodes (export.quantize): they are built as strongly typed networks, whose precision is
+the graph's own, so no precision flag (FP16 or INT8) is set for them. TensorRT's ArgMin need not take the first of
 exactly tied entries as torch and onnxruntime do; ties only arise where the distance expansion
 cancels (near zero distance), and the recomputed distances of tied entries differ by that
 rounding only.
@@ -41,6 +43,11 @@ from pni_ray.fileio import atomic_write_bytes
 from pni_ray.geometry import Geometry
 
 FP32_GRAPHS = ("softmax", "scorer")  # never FP16: see the module doc
+
+
+def int8_graphs(manifest: dict[str, Any]) -> set[str]:
+    """Graphs the export quantised (Q/DQ nodes): built strongly typed, with no precision flag."""
+    return set((manifest.get("int8") or {}).get("graphs", ()))
 DEFAULT_WORKSPACE_GB = 4.0
 MIN_TRT_MAJOR = 10
 
@@ -113,6 +120,7 @@ def trtexec_commands(folder: Path | str, manifest: dict[str, Any], max_batch: in
     """One trtexec line per graph, equivalent to `build_engines` (run from anywhere)."""
     folder = Path(folder)
     lines = []
+    quantised = int8_graphs(manifest)
     for name in manifest["pipeline"]:
         graph = manifest["graphs"][name]
         shapes: dict[str, list[str]] = {"min": [], "opt": [], "max": []}
@@ -122,7 +130,9 @@ def trtexec_commands(folder: Path | str, manifest: dict[str, Any], max_batch: in
         parts = ["trtexec", f"--onnx={folder / graph['file']}", f"--saveEngine={folder / engine_file(name)}",
                  f"--minShapes={','.join(shapes['min'])}", f"--optShapes={','.join(shapes['opt'])}",
                  f"--maxShapes={','.join(shapes['max'])}"]
-        if fp16 and name not in FP32_GRAPHS:
+        if name in quantised:
+            parts.append("--stronglyTyped")
+        elif fp16 and name not in FP32_GRAPHS:
             parts.append("--fp16")
         lines.append(" ".join(shlex.quote(p) for p in parts))
     return lines
@@ -156,12 +166,15 @@ def build_engines(folder: Path | str, max_batch: int | None = None, fp16: bool =
 
     logger = trt.Logger(trt.Logger.WARNING)
     engines: dict[str, Any] = {}
+    quantised = int8_graphs(manifest)
     for name in manifest["pipeline"]:
         graph = manifest["graphs"][name]
-        use_fp16 = bool(fp16 and name not in FP32_GRAPHS)
-        data = _build_one(trt, logger, folder / graph["file"], graph["inputs"], max_batch, use_fp16, workspace_gb)
+        int8 = name in quantised
+        use_fp16 = bool(fp16 and name not in FP32_GRAPHS and not int8)
+        data = _build_one(trt, logger, folder / graph["file"], graph["inputs"], max_batch, use_fp16, workspace_gb,
+                          strongly_typed=int8)
         atomic_write_bytes(folder / engine_file(name), data)
-        engines[name] = {"file": engine_file(name), "fp16": use_fp16, "max_batch": max_batch}
+        engines[name] = {"file": engine_file(name), "fp16": use_fp16, "int8": int8, "max_batch": max_batch}
     manifest["tensorrt"] = {
         "status": "built",
         "engines": engines,
@@ -177,9 +190,12 @@ def build_engines(folder: Path | str, max_batch: int | None = None, fp16: bool =
     return manifest["tensorrt"]
 
 
-def _build_one(trt, logger, onnx_path: Path, inputs: list[dict], max_batch: int, fp16: bool, workspace_gb: float) -> bytes:
+def _build_one(trt, logger, onnx_path: Path, inputs: list[dict], max_batch: int, fp16: bool, workspace_gb: float,
+               strongly_typed: bool = False) -> bytes:
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: networks are always explicit-batch
+    # TensorRT 10: networks are always explicit-batch; a Q/DQ graph is strongly typed (its own precisions)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # resolves external data next to the file
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -342,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for name, record in info["engines"].items():
-        print(f"{name}: {args.export_dir / record['file']} (fp16={record['fp16']}, max batch {record['max_batch']})")
+        print(f"{name}: {args.export_dir / record['file']} (fp16={record['fp16']}, int8={record.get('int8', False)}, max batch {record['max_batch']})")
     return 0
 
 

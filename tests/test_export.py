@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from export.runtime import load_exported
 from pni_ray.data.mvtec import load_category
 from pni_ray.data.transforms import load_batch
 from pni_ray.inference import load_detector
+from trt_stand_in import install as stand_in_tensorrt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -508,63 +508,7 @@ def test_trt_flag_fails_clearly_and_leaves_the_onnx_export(cli_trt, images, refe
 
 def test_trt_build_with_a_stand_in_tensorrt(exported, tmp_path, monkeypatch):
     """build_engines' calls into the TensorRT 10 API: profiles, FP16 per graph, files, manifest."""
-    calls: dict[str, dict] = {}
-
-    class Obj:
-        def __init__(self, **kw):
-            self.__dict__.update(kw)
-
-    class Builder:
-        def __init__(self, logger):
-            self.current = {}
-
-        def create_network(self, flags):
-            assert flags == 0
-            return Obj()
-
-        def create_builder_config(self):
-            cur = self.current
-            cur["flags"] = []
-            return Obj(set_memory_pool_limit=lambda pool, size: cur.__setitem__("workspace", size),
-                       set_flag=lambda f: cur["flags"].append(f),
-                       add_optimization_profile=lambda p: cur.__setitem__("profile", p.shapes))
-
-        def create_optimization_profile(self):
-            shapes = {}
-            return Obj(shapes=shapes, set_shape=lambda name, lo, opt, hi: shapes.__setitem__(name, (lo, opt, hi)))
-
-        def build_serialized_network(self, network, config):
-            calls[self.current["file"]] = self.current
-            return b"engine:" + self.current["file"].encode()
-
-    class Parser:
-        def __init__(self, network, logger):
-            self.builder = None
-
-        def parse_from_file(self, path):
-            Parser.last = Path(path).name
-            return True
-
-    fake = types.ModuleType("tensorrt")
-    fake.__version__ = "10.3.0"
-    fake.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level=None: None})
-    fake.MemoryPoolType = Obj(WORKSPACE="workspace")
-    fake.BuilderFlag = Obj(FP16="fp16")
-
-    def builder(logger):
-        b = Builder(logger)
-        orig = b.build_serialized_network
-
-        def build(network, config):
-            b.current["file"] = Parser.last
-            return orig(network, config)
-
-        b.build_serialized_network = build
-        return b
-
-    fake.Builder = builder
-    fake.OnnxParser = Parser
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    calls = stand_in_tensorrt(monkeypatch)
     monkeypatch.setattr(trt, "_cuda_device_problem", lambda: None)
     folder = tmp_path / "e"
     shutil.copytree(exported, folder)
@@ -573,6 +517,7 @@ def test_trt_build_with_a_stand_in_tensorrt(exported, tmp_path, monkeypatch):
     assert calls["backbone.onnx"]["profile"] == {"images": ((1, 3, 128, 128), (6, 3, 128, 128), (6, 3, 128, 128))}
     assert calls["backbone.onnx"]["flags"] == ["fp16"] and calls["mlp.onnx"]["flags"] == ["fp16"]
     assert calls["scorer.onnx"]["flags"] == [] and calls["softmax.onnx"]["flags"] == []
+    assert all(c["network_flags"] == 0 for c in calls.values())  # FP32 graphs: weakly typed
     assert set(calls["scorer.onnx"]["profile"]) == {"features", "probabilities"}
     assert (folder / "scorer.engine").read_bytes() == b"engine:scorer.onnx"
     m = tables.verify_export(folder)  # engines are checksummed into the manifest

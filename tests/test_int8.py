@@ -1,0 +1,133 @@
+"""`pni-ray export --int8`: static QDQ graphs calibrated on good images, what they keep, what they refuse."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from export import quantize, tables, trt
+from export.onnx_export import ExportOptions, export_bundle
+from export.runtime import load_exported
+from pni_ray.data.mvtec import load_category
+from pni_ray.data.transforms import load_batch
+from trt_stand_in import STRONGLY_TYPED
+from trt_stand_in import install as stand_in_tensorrt
+
+
+def _session(path) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def good_dir(synthetic_root):
+    return synthetic_root / "washer" / "train" / "good"
+
+
+@pytest.fixture(scope="module")
+def images(synthetic_root) -> np.ndarray:
+    return load_batch([s.path for s in load_category(synthetic_root, "washer").test], 128).numpy()
+
+
+@pytest.fixture(scope="module")
+def fp32_export(bundle_tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp32") / "washer"
+    export_bundle(bundle_tiny, out, ExportOptions(max_batch=4))
+    return out
+
+
+@pytest.fixture(scope="module")
+def int8_export(bundle_tiny, good_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "washer"
+    export_bundle(bundle_tiny, out, ExportOptions(max_batch=4, int8=("mlp",), calibration=good_dir, calibration_images=8))
+    return out
+
+
+def _ops(path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def test_only_the_chosen_graph_is_quantised_and_recorded(int8_export, good_dir):
+    m = tables.verify_export(int8_export)  # checksummed like any export
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(int8_export / "mlp.onnx")
+    for name in ("backbone", "softmax", "scorer"):
+        assert "QuantizeLinear" not in _ops(int8_export / f"{name}.onnx"), name
+    assert m["int8"]["graphs"] == ["mlp"]
+    assert len(m["int8"]["calibration_images"]) == 8
+    assert m["int8"]["calibration_dir"] == str(good_dir.resolve())
+    weights = [t for t in onnx.load(str(int8_export / "mlp.onnx")).graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert weights, "the MLP's weights are stored as int8"
+    zero_points = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(int8_export / "mlp.onnx")).graph.initializer
+                   if t.name.endswith("zero_point")]
+    assert zero_points and all(not z.any() for z in zero_points)  # symmetric: what TensorRT takes
+
+
+def test_int8_mlp_keeps_the_fp32_choices(int8_export, fp32_export, images):
+    """The INT8 MLP predicts what the FP32 one does, and the maps it leads to stay those of FP32."""
+    feats = _session(fp32_export / "backbone.onnx").run(None, {"images": images[:4]})[0]
+    a = _session(fp32_export / "mlp.onnx").run(None, {"features": feats})[0]
+    b = _session(int8_export / "mlp.onnx").run(None, {"features": feats})[0]
+    assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.9
+    assert np.abs(a - b).mean() < 0.05 * np.abs(a).mean()
+    maps32, scores32 = load_exported(fp32_export, threads=1).predict(images)
+    maps8, scores8 = load_exported(int8_export, threads=1).predict(images)
+    assert np.corrcoef(maps32.ravel(), maps8.ravel())[0, 1] > 0.99
+    assert np.corrcoef(scores32, scores8)[0, 1] > 0.99
+
+
+def test_int8_export_is_deterministic(bundle_tiny, good_dir, int8_export, tmp_path):
+    again = tmp_path / "again"
+    export_bundle(bundle_tiny, again, ExportOptions(max_batch=4, int8=("mlp",), calibration=good_dir, calibration_images=8))
+    assert tables.sha256_file(again / "mlp.onnx") == tables.sha256_file(int8_export / "mlp.onnx")
+
+
+def test_calibration_images_are_spread_over_the_folder(tmp_path):
+    for i in range(10):
+        (tmp_path / f"{i:02d}.png").write_bytes(b"")
+    assert [p.name for p in quantize.calibration_paths(tmp_path, 4)] == ["00.png", "02.png", "05.png", "07.png"]
+    assert len(quantize.calibration_paths(tmp_path, 50)) == 10
+
+
+def test_int8_refuses_what_it_cannot_do(bundle_tiny, good_dir, tmp_path):
+    with pytest.raises(ValueError, match="--calibration"):
+        ExportOptions(int8=("mlp",)).validate()
+    with pytest.raises(ValueError, match="scorer"):
+        ExportOptions(int8=("scorer",), calibration=good_dir).validate()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=f"{empty}: no images"):
+        export_bundle(bundle_tiny, tmp_path / "e1", ExportOptions(int8=("mlp",), calibration=empty))
+    with pytest.raises(ValueError, match="no such graph"):
+        export_bundle(bundle_tiny, tmp_path / "e2", ExportOptions(int8=("mlp",), calibration=good_dir, mode="patchcore"))
+    assert not (tmp_path / "e1").exists() and not (tmp_path / "e2").exists()  # nothing half-written
+
+
+def test_cli_int8_without_calibration_says_what_to_give(bundle_tiny, tmp_path):
+    from pni_ray.cli import main
+
+    result = CliRunner().invoke(main, ["export", str(bundle_tiny), "--out", str(tmp_path / "e"), "--int8", "mlp"])
+    assert result.exit_code != 0
+    assert "--int8 needs --calibration DIR" in result.output
+    assert not (tmp_path / "e").exists()
+
+
+def test_trt_builds_int8_graphs_strongly_typed(int8_export, tmp_path, monkeypatch):
+    """Q/DQ graphs carry their own precision: a strongly typed network and no FP16 flag, in the API
+    build and in the trtexec lines printed where TensorRT is missing."""
+    import shutil
+
+    calls = stand_in_tensorrt(monkeypatch)
+    monkeypatch.setattr(trt, "_cuda_device_problem", lambda: None)
+    folder = tmp_path / "e"
+    shutil.copytree(int8_export, folder)
+    info = trt.build_engines(folder, max_batch=4, fp16=True)
+    assert calls["mlp.onnx"]["network_flags"] == 1 << STRONGLY_TYPED and calls["mlp.onnx"]["flags"] == []
+    assert calls["backbone.onnx"]["network_flags"] == 0 and calls["backbone.onnx"]["flags"] == ["fp16"]
+    assert info["engines"]["mlp"]["int8"] and not info["engines"]["backbone"]["int8"]
+    lines = trt.trtexec_commands(folder, tables.verify_export(folder), 4, fp16=True)
+    mlp_line = next(line for line in lines if "mlp.onnx" in line)
+    assert "--stronglyTyped" in mlp_line and "--fp16" not in mlp_line
