@@ -344,7 +344,9 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
                        "layout": spec.layout, "distance": spec.distance if options.coresets == "constant" else "gemm",
                        "threshold_rows": scorer_graph.threshold_rows(spec) if spec.has_threshold else 0,
                        "n_threshold_entries": int(len(masks.threshold_index)) if masks.threshold_index is not None else 0,
-                       "candidates_per_position": int(candidates.shape[1]) if candidates is not None else None},
+                       "candidates_per_position": int(candidates.shape[1]) if candidates is not None else None,
+                       "candidate_chunk": scorer_graph.candidate_chunk(h * w, candidates.shape[1], d + 1, options.chunk)
+                       if candidates is not None else None},
             "opset": options.opset,
             "int8": int8,  # None: every graph FP32
             "max_batch": options.max_batch,

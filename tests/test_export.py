@@ -577,11 +577,16 @@ def test_refiner_graph_and_refined_scores(trained_tiny, images, tmp_path):
     assert fig["max_rel_error"] <= 1e-3 and fig["ranking_identical"], fig
 
 
+@pytest.mark.parametrize("chunks", ["one", "several"])
 @pytest.mark.parametrize("mode", ["position", "pni"])
-def test_candidate_scorer_graph_equals_torch(mode):
+def test_candidate_scorer_graph_equals_torch(mode, chunks, monkeypatch):
     """The candidate graph (each position's allowed entries only, positions that allow nothing
-    searched densely) chooses what torch's candidate path and its dense definition choose."""
+    searched densely) chooses what torch's candidate path and its dense definition choose, in one
+    chunk of positions (what the byte budget gives small grids) or several (large grids)."""
     from pni_ray.models.scorer import position_candidates
+
+    if chunks == "several":
+        monkeypatch.setattr(scorer_graph, "CANDIDATE_CHUNK_BYTES", 0)  # chunks of spec.chunk = 7 positions
 
     from pni_ray.models.scorer import PatchScorer
 
@@ -599,6 +604,8 @@ def test_candidate_scorer_graph_equals_torch(mode):
     model = scorer_graph.build_scorer_graph(spec)
     assert opcheck.check_model(model, name=mode).ok
     assert "ScatterElements" in {n.op_type for n in model.graph.node}  # the empty positions' dense search
+    n_matmuls = sum(n.op_type == "MatMul" and n.input[0].startswith("rows_pbd") for n in model.graph.node)
+    assert n_matmuls == (1 if chunks == "one" else 5)  # 30 positions
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     feeds = {"features": features.numpy()}
     if mode == "pni":
