@@ -387,10 +387,14 @@ def run_all(args: argparse.Namespace, work: Path, python_a: Path | None) -> list
                 if cached:  # a reused bundle, exported by this checkout
                     export_bundle(base["bundle"], base["export"], ExportOptions(), force=True)
                 if args.int8:
-                    export_bundle(base["bundle"], base["export_int8"], ExportOptions(
-                        int8=tuple(args.int8.split(",")), calibration=args.data_root / category / "train" / "good"),
-                        force=True)
-                    engines.append("onnxruntime-int8")
+                    try:
+                        export_bundle(base["bundle"], base["export_int8"], ExportOptions(
+                            int8=tuple(args.int8.split(",")), calibration=args.data_root / category / "train" / "good"),
+                            force=True)
+                        engines.append("onnxruntime-int8")
+                    except Exception as exc:  # noqa: BLE001 -- one failed path is a row, not a failed run
+                        rows.append({"category": category, "bank": bank, "system": "pni-ray", "engine": "onnxruntime-int8",
+                                     "error": f"int8 export: {exc}"})
             print(f"{category} {bank}: pni-ray fit {fits['pni-ray']}", flush=True)
             paths = []
             if "error" not in fits["pni-ray"]:

@@ -268,6 +268,10 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
         raise ValueError(f"{bundle} is a PatchCore-only bundle: it exports in mode 'patchcore' only")
     geometry = detector_geometry(detector)
     canvas, model_input, grid = export_shapes(detector, geometry, bundle)
+    calibration = None
+    if options.int8:  # refused before any graph is traced
+        quantize.check_graphs(options.int8, ["backbone", "mlp"] if needs_probs else ["backbone"])
+        calibration = quantize.calibration_paths(options.calibration, options.calibration_images)
     with staged_dir(out) as tmp:
         graphs: dict[str, dict[str, Any]] = {}
         models: dict[str, onnx.ModelProto] = {}
@@ -297,7 +301,7 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
             mode=mode, memory=st.memory, emb_to_dist=st.emb_to_dist, masks=masks, grid=(h, w), image_size=canvas,
             blur_sigma=float(detector.mapper.sigma), n_dist=int(detector.mlp.n_classes) if detector.mlp is not None else 0,
             coresets=options.coresets, chunk=options.chunk, fill=geometry.pads, candidates=candidates,
-            empty_positions=empty,
+            empty_positions=empty, max_batch=options.max_batch,
         )
         models["scorer"] = scorer_graph.build_scorer_graph(spec, options.opset)
         if detector.refiner is not None:
@@ -306,10 +310,10 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
             models["refiner"] = trace_to_onnx(_Refiner(detector.refiner), (images, maps), ["images", "maps"],
                                               ["refined_maps", "scores"], options.opset)
         int8 = None
-        if options.int8:
-            log.info("quantising %s to INT8 on %s", ", ".join(options.int8), options.calibration)
-            int8 = quantize.quantize_models(models, detector, geometry, options.int8, options.calibration,
-                                            options.calibration_images)
+        if calibration:
+            log.info("quantising %s to INT8 on %d images of %s", ", ".join(options.int8), len(calibration),
+                     options.calibration)
+            int8 = quantize.quantize_models(models, detector, geometry, options.int8, calibration)
         reports = [opcheck.check_model(m, options.target, name) for name, m in models.items()]
         opcheck.require_ok(reports)
         for name, model in models.items():
@@ -345,8 +349,7 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
                        "threshold_rows": scorer_graph.threshold_rows(spec) if spec.has_threshold else 0,
                        "n_threshold_entries": int(len(masks.threshold_index)) if masks.threshold_index is not None else 0,
                        "candidates_per_position": int(candidates.shape[1]) if candidates is not None else None,
-                       "candidate_chunk": scorer_graph.candidate_chunk(h * w, candidates.shape[1], d + 1, options.chunk)
-                       if candidates is not None else None},
+                       "candidate_chunk": spec.candidate_chunk() if candidates is not None else None},
             "opset": options.opset,
             "int8": int8,  # None: every graph FP32
             "max_batch": options.max_batch,

@@ -63,6 +63,8 @@ CONSTANT_INPUTS: dict[str, tuple[int, ...]] = {
 DATA_DEPENDENT_SHAPES = {"NonZero", "Unique", "Compress", "NonMaxSuppression", "StringSplit"}
 RESIZE_COORDINATE_MODES = {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners"}
 RESIZE_MODES = {"nearest", "linear"}
+# what TensorRT's DequantizeLinear takes as a constant input (weights); activations are float
+QUANTIZED_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.INT4}
 UNSUPPORTED_TYPES = {onnx.TensorProto.STRING, onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128,
                      onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
 
@@ -134,6 +136,11 @@ def check_model(model: onnx.ModelProto | str | Path, target: str = DEFAULT_TARGE
                     report.problems.append(f"{label}: mode {mode!r} unsupported")
                 if attrs.get("antialias", 0):
                     report.problems.append(f"{label}: antialiasing unsupported")
+            if node.op_type == "DequantizeLinear" and node.input[0] in init_types \
+                    and init_types[node.input[0]] not in QUANTIZED_TYPES:
+                report.problems.append(f"{label}: dequantises a {onnx.TensorProto.DataType.Name(init_types[node.input[0]])} "
+                                       "constant; TensorRT takes int8 / fp8 / int4 Q/DQ only (an int32 bias: quantise "
+                                       "without QuantizeBias)")
             if node.op_type == "ScatterND" and attrs.get("reduction", b"none") not in (b"none", "none"):
                 report.problems.append(f"{label}: ScatterND reduction other than 'none' unsupported")
             if node.op_type == "TopK" and len(node.input) > 1 and node.input[1] in init_values:
@@ -146,6 +153,7 @@ def check_model(model: onnx.ModelProto | str | Path, target: str = DEFAULT_TARGE
 
     init_values = {t.name: numpy_helper.to_array(t) for t in g.initializer if t.data_location != onnx.TensorProto.EXTERNAL
                    and len(t.dims) <= 1}
+    init_types = {t.name: t.data_type for t in g.initializer}
     walk(g, "")
     _check_shapes(model, report)
     return report

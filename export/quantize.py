@@ -100,20 +100,27 @@ def quantize_graph(model: onnx.ModelProto, input_name: str, batches: Sequence[np
         quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                        # biases stay float: TensorRT refuses a DequantizeLinear of int32 (onnx-tensorrt
+                        # #850), and onnxruntime quantises float biases itself when it fuses the Conv
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
         return onnx.load(str(dst))
 
 
-def quantize_models(models: dict[str, onnx.ModelProto], detector, geometry, graphs: Sequence[str],
-                    calibration: Path | str, n_images: int = DEFAULT_CALIBRATION_IMAGES) -> dict:
-    """Replace models[g] by its INT8 graph for each g in `graphs`; returns the manifest record."""
-    missing = [g for g in graphs if g not in models]
+def check_graphs(graphs: Sequence[str], exported: Sequence[str]) -> None:
+    """Refuse quantising a graph the export does not have (mode patchcore has no MLP)."""
+    missing = [g for g in graphs if g not in exported]
     if missing:
         raise ValueError(f"--int8 {','.join(missing)}: this export has no such graph (mode patchcore has no MLP)")
-    paths = calibration_paths(calibration, n_images)
+
+
+def quantize_models(models: dict[str, onnx.ModelProto], detector, geometry, graphs: Sequence[str],
+                    paths: Sequence[Path]) -> dict:
+    """Replace models[g] by its INT8 graph for each g in `graphs`, calibrated on `paths`
+    (`calibration_paths`); returns the manifest record."""
+    check_graphs(graphs, list(models))
     inputs = calibration_inputs(detector, geometry, paths, graphs)
     names = {"backbone": "images", "mlp": "features"}
     for g in graphs:
         models[g] = quantize_graph(models[g], names[g], inputs[g])
-    return {"graphs": sorted(graphs), "method": METHOD, "calibration_dir": str(Path(calibration).resolve()),
+    return {"graphs": sorted(graphs), "method": METHOD, "calibration_dir": str(Path(paths[0]).parent.resolve()),
             "calibration_images": [p.name for p in paths]}

@@ -75,18 +75,8 @@ BIG = PENALTY  # additive penalty of refused entries: far above any squared dist
 # session start: hw * k * (D + 1) floats (bottle, 320 px: 178 MB); above this the dense graph is used
 MAX_CANDIDATE_BYTES = 256 * 2**20
 # per-chunk intermediates of the candidate search ((c, B, D + 1) rows, (c, B, k) distances and
-# mask) at PLANNING_BATCH images stay under this: as few chunks as that allows, each a dozen nodes
+# mask) at the export's max batch stay under this: as few chunks as that allows, each a dozen nodes
 CANDIDATE_CHUNK_BYTES = 64 * 2**20
-PLANNING_BATCH = 16  # the export's default --max-batch
-
-
-def candidate_chunk(hw: int, k: int, row_width: int, chunk: int) -> int:
-    """Grid positions per chunk of the candidate search: as many as CANDIDATE_CHUNK_BYTES allows,
-    never fewer than `chunk`. Its work per position is small (k entries), so onnxruntime's fixed
-    cost per node dominated: one chunk of a 40 x 40 grid instead of 25 of 64 positions took the
-    bottle scorer (1% bank) from 28 to 17 ms per batch of 4."""
-    per_position = PLANNING_BATCH * (int(row_width) + 2 * int(k)) * 4
-    return max(1, min(int(hw), max(int(chunk), CANDIDATE_CHUNK_BYTES // per_position)))
 
 
 def folded_candidate_bytes(candidates: np.ndarray, feature_dim: int) -> int:
@@ -170,6 +160,17 @@ class ScorerSpec:
     # scorer when it `uses_candidates` (constant coresets, the default layout); None: all of C_emb
     candidates: np.ndarray | None = None  # (hw, k) int64, export.tables.candidate_table
     empty_positions: np.ndarray | None = None  # positions that allow nothing: searched densely
+    max_batch: int = 16  # the batch the candidate search's chunks are planned for (the export's --max-batch)
+
+    def candidate_chunk(self) -> int:
+        """Grid positions per chunk of the candidate search: as many as CANDIDATE_CHUNK_BYTES allows
+        at max_batch, never fewer than `chunk`. Its work per position is small (k entries), so
+        onnxruntime's fixed cost per node dominated: one chunk of a 40 x 40 grid instead of 25 of 64
+        positions took the bottle scorer (1% bank) from 28 to 17 ms per batch of 4."""
+        hw, k = self.candidates.shape
+        row_width = self.memory.shape[1] + 1  # [x, 1] against [-2 C^T; |c|^2]
+        per_position = max(1, int(self.max_batch)) * (row_width + 2 * k) * 4
+        return max(1, min(int(hw), max(int(self.chunk), CANDIDATE_CHUNK_BYTES // per_position)))
 
     def by_candidates(self) -> bool:
         """Whether the graph searches candidates; refuses them outside their rule and variant."""
@@ -318,8 +319,8 @@ def build_scorer_graph(spec: ScorerSpec, opset: int = 17) -> onnx.ModelProto:
     chunk = max(1, min(int(spec.chunk), hw))
     choices: dict[str, list[str]] = {"a": [], "b": []}
     if by_candidates:
-        cand_chunk = candidate_chunk(hw, spec.candidates.shape[1], gemm_d, chunk)
-        choices["a"].append(_candidate_choices(b, spec, gemm_rows, neg_x_sq, prob_rows, weight, big, half_big, cand_chunk))
+        choices["a"].append(_candidate_choices(b, spec, gemm_rows, neg_x_sq, prob_rows, weight, big, half_big,
+                                               spec.candidate_chunk()))
     for start in range(0, hw, chunk) if not by_candidates else ():
         end = min(hw, start + chunk)
         c = end - start

@@ -43,13 +43,13 @@ from pni_ray.fileio import atomic_write_bytes
 from pni_ray.geometry import Geometry
 
 FP32_GRAPHS = ("softmax", "scorer")  # never FP16: see the module doc
+DEFAULT_WORKSPACE_GB = 4.0
+MIN_TRT_MAJOR = 10
 
 
 def int8_graphs(manifest: dict[str, Any]) -> set[str]:
     """Graphs the export quantised (Q/DQ nodes): built strongly typed, with no precision flag."""
     return set((manifest.get("int8") or {}).get("graphs", ()))
-DEFAULT_WORKSPACE_GB = 4.0
-MIN_TRT_MAJOR = 10
 
 
 class TensorRTUnavailable(RuntimeError):

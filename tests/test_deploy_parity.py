@@ -111,3 +111,24 @@ def test_ray_engine_scores_like_evaluate(bundles, crop_root, tmp_path):
     figures = deployment_parity(bundles["letterbox"], crop_root, "washer", tmp_path, engine="ray", threads=1)
     assert within_limits(figures), figures
     assert figures["score_bundle"]["max_rel_score_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["letterbox", "tile"])
+def test_int8_export_calibrates_on_the_bundles_geometry(bundles, crop_root, name, tmp_path):
+    """--int8 backbone + mlp on a padded and on a tiled geometry: calibration images are prepared as
+    scoring prepares them (canvases, or tiles stitched into whole-image features), and the INT8
+    export ranks the test images as the FP32 one does."""
+    from pni_ray.data.mvtec import load_category
+
+    good = crop_root / "washer" / "train" / "good"
+    fp32 = load_exported(export_bundle(bundles[name], tmp_path / "fp32", ExportOptions(max_batch=4)).path, threads=1)
+    out = export_bundle(bundles[name], tmp_path / "int8", ExportOptions(max_batch=4, int8=("backbone", "mlp"),
+                                                                          calibration=good, calibration_images=6)).path
+    int8 = load_exported(out, threads=1)
+    assert int8.manifest["int8"]["graphs"] == ["backbone", "mlp"] and len(int8.manifest["int8"]["calibration_images"]) == 6
+    images = [int8.geometry.load(s.path) for s in load_category(crop_root, "washer").test]
+    maps32, scores32 = fp32.predict_images(images)
+    maps8, scores8 = int8.predict_images(images)
+    assert [m.shape for m in maps8] == [m.shape for m in maps32] == [im.shape[:2] for im in images]
+    assert np.corrcoef(np.concatenate([m.ravel() for m in maps32]), np.concatenate([m.ravel() for m in maps8]))[0, 1] > 0.9
+    assert np.corrcoef(scores32, scores8)[0, 1] > 0.9

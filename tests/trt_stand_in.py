@@ -6,7 +6,7 @@ import sys
 import types
 from pathlib import Path
 
-STRONGLY_TYPED = 5  # the enum's position in TensorRT 10 (any int: build_engines shifts by it)
+STRONGLY_TYPED = 1  # NetworkDefinitionCreationFlag.STRONGLY_TYPED's value in TensorRT 10 (build_engines shifts by it)
 
 
 class _Obj:
