@@ -13,8 +13,9 @@ ConvInteger path measured 3x slower than FP32).
 What may be quantised: the backbone and the neighbourhood MLP. The softmax and the scorer never are
 (the probabilities are compared with tau ~ 1 / |C_emb|; distances feed the scores).
 
-Measured on bottle (1% bank, 320 px, 2 threads, one run, `benchmarks/bench_peers.py --int8`): the
-MLP in INT8 keeps image / pixel AUROC / AUPRO to four decimals and cuts its graph ~3x; an INT8
+Measured (320 px, 2 threads, `benchmarks/bench_peers.py --int8 mlp`): the MLP in INT8 keeps bottle's
+and transistor's image / pixel AUROC / AUPRO to four decimals, changes the pni score of 1-2 in
+10,000 test patches (its logits leave the graph in int8 steps) and cuts its graph ~3x; an INT8
 backbone costs accuracy (README, "INT8 export") and is for users who measure it on their data.
 """
 
