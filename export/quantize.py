@@ -5,8 +5,10 @@ point 0), with ranges measured (MinMax) on calibration images prepared with the 
 geometry, so the graph needs no data at run time. onnxruntime runs QuantizeLinear / Conv /
 DequantizeLinear groups with int8 kernels (VNNI where the CPU has it), and symmetric int8 is the
 only form TensorRT's explicit quantization takes, so the same file builds a strongly typed INT8
-engine (export.trt). On bottle, symmetric int8 activations gave the same metrics and speed as
-uint8 ones.
+engine (export.trt). On bottle, the MLP ran as fast with symmetric int8 activations as with
+uint8 ones, at the same metrics; the backbone did not (onnxruntime: ~34 ms per batch of 4 with
+uint8 activations, ~90 with int8, ~60 in FP32), one more reason `--int8 backbone` is not the
+CPU path.
 Dynamic quantisation does not help here: it covers MatMul, and the MLP is convolutions (onnxruntime's
 ConvInteger path measured 3x slower than FP32).
 
