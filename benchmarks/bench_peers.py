@@ -92,6 +92,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM, the high-water mark of its own memory map. Linux carries
+    ru_maxrss across fork + exec, so a worker would report at least its parent's peak (the driver
+    that traced and quantised the exports) instead of its own."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

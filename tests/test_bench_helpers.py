@@ -80,3 +80,15 @@ def test_borrowed_bank_is_the_bundles_c_emb(bundle_tiny: Path, trained_tiny, tmp
     bank = torch.load(tmp_path / "bank.pt")
     assert torch.equal(bank, trained_tiny.memory) and fit["entries"] == trained_tiny.memory.shape[0]
     assert fit["fit_s"] != fit["fit_s"]  # NaN: no anomalib fit was measured
+
+
+def test_worker_peak_rss_is_its_own_not_its_parents() -> None:
+    """A scoring worker started by a driver that holds 400 MB reports its own peak: Linux carries
+    ru_maxrss across fork + exec, which made every worker report at least the driver's peak."""
+    ballast = np.ones(400 * 2**20, np.uint8)  # touched pages: the driver's RSS high-water mark
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from bench_peers import peak_rss_mb; "
+            "print(peak_rss_mb())")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(bench_peers.__file__).parent)],
+                         capture_output=True, text=True, check=True)
+    assert ballast.sum() > 0
+    assert float(out.stdout.split()[-1]) < 300, out.stdout  # the child imports numpy and friends, not 400 MB
