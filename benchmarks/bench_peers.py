@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -92,16 +91,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak RSS: VmHWM, the high-water mark of its own memory map. Linux carries
-    ru_maxrss across fork + exec, so a worker would report at least its parent's peak (the driver
-    that traced and quantised the exports) instead of its own."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's own peak RSS (VmHWM): ru_maxrss would carry the driver's peak (it traced and
+    quantised the exports) into every worker across fork + exec."""
+    from pni_ray.orchestration.process_memory import peak_rss_mb as own_peak_mb
+
+    return own_peak_mb("VmHWM")
 
 
 def test_split(data_root: Path, category: str) -> tuple[list[Path], np.ndarray, list[Path | None]]:

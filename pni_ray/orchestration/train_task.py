@@ -32,7 +32,6 @@ import json
 import os
 import resource
 import socket
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 from torch import nn
 
 from pni_ray.config import TrainConfig
+from pni_ray.orchestration.process_memory import peak_rss_mb, reset_peak_rss
 from pni_ray.orchestration.shared_storage import Probe, SharedStorageError, probe_problem
 from pni_ray.orchestration.train_plan import FAILED, TRAINED
 
@@ -57,28 +57,6 @@ class PairError(RuntimeError):
 
     def __reduce__(self):  # keep the record through pickling (Ray ships it to the driver)
         return (PairError, (self.record,))
-
-
-def reset_peak_rss() -> str:
-    """Reset this process's VmHWM so the next reading is this task's peak; returns the method."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return "VmHWM"
-    except OSError:
-        return "ru_maxrss"
-
-
-def peak_rss_mb(source: str) -> float:
-    if source == "VmHWM":
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-        except OSError:
-            pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
-    return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
 
 
 class DeviceExtractor(nn.Module):
