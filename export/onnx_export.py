@@ -73,6 +73,8 @@ class ExportOptions:
     int8: tuple[str, ...] = ()  # graphs to quantise (export.quantize.QUANTIZABLE); () = all FP32
     calibration: Path | None = None  # folder of good images the INT8 ranges are measured on
     calibration_images: int = quantize.DEFAULT_CALIBRATION_IMAGES
+    int8_activations: str = quantize.DEFAULT_ACTIVATIONS  # "uint8": onnxruntime CPU; "int8": TensorRT too
+    int8_fp32_convs: int = quantize.DEFAULT_FP32_CONVS  # the backbone's first convolutions kept FP32
 
     def validate(self) -> None:
         lo, hi = 13, opcheck.TARGETS[self.target]["max_opset"]
@@ -88,6 +90,10 @@ class ExportOptions:
         if unknown:
             raise ValueError(f"--int8 {','.join(unknown)}: choose from {', '.join(quantize.QUANTIZABLE)} "
                              "(the softmax and the scorer stay FP32)")
+        if self.int8_activations not in quantize.ACTIVATIONS:
+            raise ValueError(f"--int8-activations {self.int8_activations!r}: choose from {', '.join(quantize.ACTIVATIONS)}")
+        if self.int8_fp32_convs < 0:
+            raise ValueError(f"--int8-fp32-convs must be >= 0, got {self.int8_fp32_convs}")
         if self.int8 and self.calibration is None:
             raise ValueError("--int8 needs --calibration DIR: a folder of good images (e.g. the category's "
                              "train/good) to measure activation ranges on")
@@ -313,9 +319,15 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
         if calibration:
             log.info("quantising %s to INT8 on %d images of %s", ", ".join(options.int8), len(calibration),
                      options.calibration)
-            int8 = quantize.quantize_models(models, detector, geometry, options.int8, calibration)
+            int8 = quantize.quantize_models(models, detector, geometry, options.int8, calibration,
+                                           options.int8_activations, options.int8_fp32_convs)
         reports = [opcheck.check_model(m, options.target, name) for name, m in models.items()]
-        opcheck.require_ok(reports)
+        if int8 and not int8["tensorrt"]:  # uint8 activations: those graphs are for onnxruntime only
+            log.info("INT8 graphs %s use uint8 activations: onnxruntime runs them, TensorRT would not "
+                     "(export with --int8-activations int8 for TensorRT)", ", ".join(int8["graphs"]))
+            opcheck.require_ok([r for r in reports if r.graph not in int8["graphs"]])
+        else:
+            opcheck.require_ok(reports)
         for name, model in models.items():
             graphs[name] = save_graph(model, tmp, name, options.external_data_bytes)
         table_files = _write_tables(tmp, st, detector, bmanifest)

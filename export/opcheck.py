@@ -141,6 +141,14 @@ def check_model(model: onnx.ModelProto | str | Path, target: str = DEFAULT_TARGE
                 report.problems.append(f"{label}: dequantises a {onnx.TensorProto.DataType.Name(init_types[node.input[0]])} "
                                        "constant; TensorRT takes int8 / fp8 / int4 Q/DQ only (an int32 bias: quantise "
                                        "without QuantizeBias)")
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2 \
+                    and node.input[2] in init_types:
+                zero_type = init_types[node.input[2]]
+                zero = init_values.get(node.input[2])
+                if zero_type == onnx.TensorProto.UINT8 or (zero is not None and zero.any()):
+                    report.problems.append(f"{label}: {onnx.TensorProto.DataType.Name(zero_type)} Q/DQ with zero "
+                                           "point != 0; TensorRT takes symmetric int8 only (export with "
+                                           "--int8-activations int8)")
             if node.op_type == "ScatterND" and attrs.get("reduction", b"none") not in (b"none", "none"):
                 report.problems.append(f"{label}: ScatterND reduction other than 'none' unsupported")
             if node.op_type == "TopK" and len(node.input) > 1 and node.input[1] in init_values:

@@ -1,24 +1,26 @@
 """INT8 graphs for CPU and TensorRT INT8 deployments: static QDQ quantisation calibrated on good images.
 
-Why static QDQ: weights become int8 per output channel and activations int8, both symmetric (zero
-point 0), with ranges measured (MinMax) on calibration images prepared with the bundle's own
-geometry, so the graph needs no data at run time. onnxruntime runs QuantizeLinear / Conv /
-DequantizeLinear groups with int8 kernels (VNNI where the CPU has it), and symmetric int8 is the
-only form TensorRT's explicit quantization takes, so the same file builds a strongly typed INT8
-engine (export.trt). On bottle, the MLP ran as fast with symmetric int8 activations as with
-uint8 ones, at the same metrics; the backbone did not (onnxruntime: ~34 ms per batch of 4 with
-uint8 activations, ~90 with int8, ~60 in FP32), one more reason `--int8 backbone` is not the
-CPU path.
+Why static QDQ: weights become int8 per output channel and activations 8-bit per tensor, with
+ranges measured (MinMax) on calibration images prepared with the bundle's own geometry, so the
+graph needs no data at run time. Two activation types, because the two runtimes want different ones:
+
+- `uint8` (asymmetric, the default for onnxruntime): the U8S8 form onnxruntime's CPU kernels are
+  built for. The backbone's activations follow ReLU6, so an asymmetric range also spends all 256
+  steps on values that occur. Bottle, 2 threads: backbone ~34 ms per batch of 4 against ~60 in FP32.
+- `int8` (symmetric, zero point 0): the only form TensorRT's explicit quantization takes (a
+  strongly typed INT8 engine, export.trt). onnxruntime runs the backbone slower this way than in
+  FP32 (~90 ms), so it is the TensorRT choice, not a CPU one.
+
+The first `fp32_convs` convolutions of the backbone stay FP32 (default 6: on EfficientNet-Lite the
+stem and the first two blocks). They see raw pixels at the highest resolutions; quantised they
+cost transistor 0.003 AUPRO at a 1% bank, kept in FP32 the metrics are FP32's to 4e-4.
 Dynamic quantisation does not help here: it covers MatMul, and the MLP is convolutions (onnxruntime's
 ConvInteger path measured 3x slower than FP32).
 
 What may be quantised: the backbone and the neighbourhood MLP. The softmax and the scorer never are
 (the probabilities are compared with tau ~ 1 / |C_emb|; distances feed the scores).
 
-Measured (320 px, 2 threads, `benchmarks/bench_peers.py --int8 mlp`): the MLP in INT8 keeps bottle's
-and transistor's image / pixel AUROC / AUPRO to four decimals, changes the pni score of 1-2 in
-10,000 test patches (its logits leave the graph in int8 steps) and cuts its graph ~3x; an INT8
-backbone costs accuracy (README, "INT8 export") and is for users who measure it on their data.
+Measured (320 px, 2 threads, `benchmarks/bench_peers.py --int8 mlp,backbone`): README, "INT8 export".
 """
 
 from __future__ import annotations
@@ -35,8 +37,12 @@ if TYPE_CHECKING:  # onnx loads only when a graph is quantised: `pni-ray` import
 
 QUANTIZABLE = ("backbone", "mlp")
 DEFAULT_CALIBRATION_IMAGES = 32
+DEFAULT_FP32_CONVS = 6
 CALIBRATION_BATCH = 4
-METHOD = "static QDQ, symmetric int8: weights per output channel, activations per tensor (MinMax)"
+# activation type -> (onnxruntime QuantType name, symmetric)
+ACTIVATIONS = {"uint8": ("QUInt8", False), "int8": ("QInt8", True)}
+DEFAULT_ACTIVATIONS = "uint8"
+METHOD = "static QDQ: int8 weights per output channel (symmetric), {act} activations per tensor (MinMax)"
 
 
 def calibration_paths(folder: Path | str, n: int = DEFAULT_CALIBRATION_IMAGES) -> list[Path]:
@@ -82,8 +88,15 @@ def calibration_inputs(detector, geometry, paths: Sequence[Path], graphs: Sequen
     return out
 
 
-def quantize_graph(model: onnx.ModelProto, input_name: str, batches: Sequence[np.ndarray]) -> onnx.ModelProto:
-    """`model` with QDQ int8 nodes, activation ranges from `batches` of its input `input_name`."""
+def leading_convs(model: onnx.ModelProto, n: int) -> list[str]:
+    """Names of the first `n` Conv nodes of `model` in graph (topological) order."""
+    return [node.name for node in model.graph.node if node.op_type == "Conv"][:max(n, 0)]
+
+
+def quantize_graph(model: onnx.ModelProto, input_name: str, batches: Sequence[np.ndarray],
+                   activations: str = DEFAULT_ACTIVATIONS, fp32_convs: int = 0) -> tuple[onnx.ModelProto, list[str]]:
+    """`model` with QDQ nodes (int8 weights, `activations` activations), activation ranges from
+    `batches` of its input `input_name`, and the names of its first `fp32_convs` convolutions, left FP32."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -100,13 +113,16 @@ def quantize_graph(model: onnx.ModelProto, input_name: str, batches: Sequence[np
         src, pre, dst = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
         onnx.save_model(model, str(src))
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        qtype, symmetric = ACTIVATIONS[activations]
+        fp32_nodes = leading_convs(onnx.load(str(pre)), fp32_convs)  # names after pre-processing
         quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax,
+                        activation_type=getattr(QuantType, qtype), weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(fp32_nodes),
                         # biases stay float: TensorRT refuses a DequantizeLinear of int32 (onnx-tensorrt
                         # #850), and onnxruntime quantises float biases itself when it fuses the Conv
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
-        return onnx.load(str(dst))
+                        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
+                                       "QuantizeBias": False})
+        return onnx.load(str(dst)), fp32_nodes
 
 
 def check_graphs(graphs: Sequence[str], exported: Sequence[str]) -> None:
@@ -117,12 +133,17 @@ def check_graphs(graphs: Sequence[str], exported: Sequence[str]) -> None:
 
 
 def quantize_models(models: dict[str, onnx.ModelProto], detector, geometry, graphs: Sequence[str],
-                    paths: Sequence[Path]) -> dict:
+                    paths: Sequence[Path], activations: str = DEFAULT_ACTIVATIONS,
+                    fp32_convs: int = DEFAULT_FP32_CONVS) -> dict:
     """Replace models[g] by its INT8 graph for each g in `graphs` (`check_graphs` passed), calibrated
-    on `paths` (`calibration_paths`); returns the manifest record."""
+    on `paths` (`calibration_paths`), the backbone's first `fp32_convs` convolutions left FP32;
+    returns the manifest record."""
     inputs = calibration_inputs(detector, geometry, paths, graphs)
     names = {"backbone": "images", "mlp": "features"}
+    kept: dict[str, list[str]] = {}
     for g in graphs:
-        models[g] = quantize_graph(models[g], names[g], inputs[g])
-    return {"graphs": sorted(graphs), "method": METHOD, "calibration_dir": str(Path(paths[0]).parent.resolve()),
-            "calibration_images": [p.name for p in paths]}
+        models[g], kept[g] = quantize_graph(models[g], names[g], inputs[g], activations,
+                                            fp32_convs if g == "backbone" else 0)
+    return {"graphs": sorted(graphs), "activations": activations, "tensorrt": ACTIVATIONS[activations][1],
+            "method": METHOD.format(act=activations), "fp32_nodes": kept,
+            "calibration_dir": str(Path(paths[0]).parent.resolve()), "calibration_images": [p.name for p in paths]}

@@ -52,6 +52,16 @@ def int8_graphs(manifest: dict[str, Any]) -> set[str]:
     return set((manifest.get("int8") or {}).get("graphs", ()))
 
 
+def require_tensorrt_graphs(folder: Path, manifest: dict[str, Any]) -> None:
+    """Refuse an export whose INT8 graphs use uint8 activations (onnxruntime only): TensorRT's
+    explicit quantization takes symmetric int8 Q/DQ only."""
+    int8 = manifest.get("int8") or {}
+    if int8 and not int8.get("tensorrt", True):
+        raise ValueError(f"{folder}: its INT8 graphs ({', '.join(int8['graphs'])}) have {int8.get('activations')} "
+                         "activations, which onnxruntime runs and TensorRT does not; re-export with "
+                         "--int8-activations int8 (symmetric) to build TensorRT engines")
+
+
 class TensorRTUnavailable(RuntimeError):
     """TensorRT or a CUDA device is missing here; the message says what and how to build on the target."""
 
@@ -158,6 +168,7 @@ def build_engines(folder: Path | str, max_batch: int | None = None, fp16: bool =
     """Build `<graph>.engine` for every graph of the export and record them in its manifest."""
     folder = Path(folder)
     manifest = tables.verify_export(folder)
+    require_tensorrt_graphs(folder, manifest)
     max_batch = int(max_batch or manifest.get("max_batch", 16))
     missing = missing_requirements()
     if missing:
@@ -354,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         info = build_engines(args.export_dir, args.max_batch, args.fp16, args.workspace_gb)
-    except (TensorRTUnavailable, tables.ExportError) as exc:
+    except (TensorRTUnavailable, tables.ExportError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for name, record in info["engines"].items():

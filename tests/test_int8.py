@@ -40,10 +40,23 @@ def fp32_export(bundle_tiny, tmp_path_factory):
     return out
 
 
+TRT_INT8 = dict(max_batch=4, int8=("mlp",), calibration_images=8, int8_activations="int8")
+
+
 @pytest.fixture(scope="module")
 def int8_export(bundle_tiny, good_dir, tmp_path_factory):
+    """The MLP in symmetric int8: the form TensorRT builds."""
     out = tmp_path_factory.mktemp("int8") / "washer"
-    export_bundle(bundle_tiny, out, ExportOptions(max_batch=4, int8=("mlp",), calibration=good_dir, calibration_images=8))
+    export_bundle(bundle_tiny, out, ExportOptions(calibration=good_dir, **TRT_INT8))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cpu_int8_export(bundle_tiny, good_dir, tmp_path_factory):
+    """Backbone and MLP with the defaults: uint8 activations (onnxruntime), leading convolutions FP32."""
+    out = tmp_path_factory.mktemp("int8cpu") / "washer"
+    export_bundle(bundle_tiny, out, ExportOptions(max_batch=4, int8=("backbone", "mlp"), calibration=good_dir,
+                                                  calibration_images=8))
     return out
 
 
@@ -57,6 +70,7 @@ def test_only_the_chosen_graph_is_quantised_and_recorded(int8_export, good_dir):
     for name in ("backbone", "softmax", "scorer"):
         assert "QuantizeLinear" not in _ops(int8_export / f"{name}.onnx"), name
     assert m["int8"]["graphs"] == ["mlp"]
+    assert m["int8"]["activations"] == "int8" and m["int8"]["tensorrt"]
     assert len(m["int8"]["calibration_images"]) == 8
     assert m["int8"]["calibration_dir"] == str(good_dir.resolve())
     weights = [t for t in onnx.load(str(int8_export / "mlp.onnx")).graph.initializer if t.data_type == onnx.TensorProto.INT8]
@@ -81,8 +95,53 @@ def test_int8_mlp_keeps_the_fp32_choices(int8_export, fp32_export, images):
 
 def test_int8_export_is_deterministic(bundle_tiny, good_dir, int8_export, tmp_path):
     again = tmp_path / "again"
-    export_bundle(bundle_tiny, again, ExportOptions(max_batch=4, int8=("mlp",), calibration=good_dir, calibration_images=8))
+    export_bundle(bundle_tiny, again, ExportOptions(calibration=good_dir, **TRT_INT8))
     assert tables.sha256_file(again / "mlp.onnx") == tables.sha256_file(int8_export / "mlp.onnx")
+
+
+def test_cpu_int8_backbone_keeps_its_first_convolutions_fp32(cpu_int8_export, fp32_export, images):
+    """uint8 activations (asymmetric) everywhere but the backbone's first convolutions, which read float
+    weights; the maps stay those of FP32."""
+    m = tables.verify_export(cpu_int8_export)
+    assert m["int8"]["activations"] == "uint8" and not m["int8"]["tensorrt"]
+    kept = m["int8"]["fp32_nodes"]["backbone"]
+    assert len(kept) == quantize.DEFAULT_FP32_CONVS and m["int8"]["fp32_nodes"]["mlp"] == []
+    graph = onnx.load(str(cpu_int8_export / "backbone.onnx")).graph
+    dequantised = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    float_weights = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert [c.name for c in convs[: len(kept)]] == kept
+    assert all(c.input[1] in float_weights for c in convs[: len(kept)])
+    assert all(c.input[1] in dequantised for c in convs[len(kept):])
+    zero_types = {t.data_type for t in graph.initializer if t.name.endswith("zero_point") and not t.dims}
+    assert zero_types == {onnx.TensorProto.UINT8}
+    maps32, scores32 = load_exported(fp32_export, threads=1).predict(images)
+    maps8, scores8 = load_exported(cpu_int8_export, threads=1).predict(images)
+    assert np.corrcoef(maps32.ravel(), maps8.ravel())[0, 1] > 0.99
+    assert np.corrcoef(scores32, scores8)[0, 1] > 0.99
+
+
+def test_uint8_graphs_are_refused_by_tensorrt_with_what_to_do(cpu_int8_export, int8_export, tmp_path, monkeypatch):
+    """The op check names the asymmetric Q/DQ; a TensorRT build of such an export says how to re-export,
+    before looking for TensorRT; `--trt` with explicit uint8 is a usage error; `--trt` alone picks int8."""
+    from pni_ray.cli import main
+
+    report = opcheck.check_model(cpu_int8_export / "backbone.onnx")
+    assert not report.ok and all("--int8-activations int8" in p for p in report.problems)
+    assert opcheck.check_model(cpu_int8_export / "softmax.onnx").ok
+    with pytest.raises(ValueError, match="re-export with --int8-activations int8"):
+        trt.build_engines(cpu_int8_export, max_batch=4)
+    bundle = tables.read_manifest(int8_export)["source_bundle"]["path"]
+    args = ["export", bundle, "--int8", "mlp", "--calibration", str(tmp_path), "--trt"]
+    result = CliRunner().invoke(main, [*args[:2], "--out", str(tmp_path / "e"), *args[2:], "--int8-activations", "uint8"])
+    assert result.exit_code != 0 and "TensorRT takes symmetric int8" in result.output
+    stand_in_tensorrt(monkeypatch)
+    monkeypatch.setattr(trt, "_cuda_device_problem", lambda: None)
+    good = tables.read_manifest(int8_export)["int8"]["calibration_dir"]
+    result = CliRunner().invoke(main, ["export", bundle, "--out", str(tmp_path / "e"), "--int8", "mlp",
+                                       "--calibration", good, "--calibration-images", "4", "--trt"])
+    assert result.exit_code == 0, result.output
+    assert tables.read_manifest(tmp_path / "e")["int8"]["activations"] == "int8"
 
 
 def test_calibration_images_are_spread_over_the_folder(tmp_path):
@@ -97,6 +156,8 @@ def test_int8_refuses_what_it_cannot_do(bundle_tiny, good_dir, tmp_path):
         ExportOptions(int8=("mlp",)).validate()
     with pytest.raises(ValueError, match="scorer"):
         ExportOptions(int8=("scorer",), calibration=good_dir).validate()
+    with pytest.raises(ValueError, match="--int8-activations 'int4'"):
+        ExportOptions(int8=("mlp",), calibration=good_dir, int8_activations="int4").validate()
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match=f"{empty}: no images"):
