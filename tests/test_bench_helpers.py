@@ -57,9 +57,19 @@ def test_bank_ratio() -> None:
 
 def test_missing_anomalib_is_skipped_with_the_reason(tmp_path: Path) -> None:
     args = argparse.Namespace(anomalib_python=tmp_path / "nope" / "python")
-    python, note = bench_peers.anomalib_python(args)
-    assert python is None
+    python, note, engines = bench_peers.anomalib_python(args)
+    assert python is None and engines == []
     assert "anomalib skipped" in note and "--setup-anomalib" in note
+
+
+def test_anomalib_engines_follow_what_its_venv_imports(tmp_path: Path) -> None:
+    """OpenVINO rows need openvino (and nncf for INT8_PTQ) in anomalib's venv; missing ones are named."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\ncase "$2" in *nncf*) exit 1;; *openvino*) exit 0;; *) echo 2.7.0;; esac\n')
+    fake.chmod(0o755)
+    python, note, engines = bench_peers.anomalib_python(argparse.Namespace(anomalib_python=fake))
+    assert python == fake and engines == ["torch", "onnxruntime", "openvino"]
+    assert "anomalib 2.7.0" in note and "openvino-int8 skipped" in note and "nncf" in note
 
 
 def test_masks_resized_nearest_to_the_common_resolution(tmp_path: Path) -> None:
