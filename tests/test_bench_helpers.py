@@ -102,3 +102,13 @@ def test_worker_peak_rss_is_its_own_not_its_parents() -> None:
                          capture_output=True, text=True, check=True)
     assert ballast.sum() > 0
     assert float(out.stdout.split()[-1]) < 300, out.stdout  # the child imports numpy and friends, not 400 MB
+
+
+def test_ratio_paths_must_keep_their_systems_accuracy() -> None:
+    """A fast path that loses accuracy (anomalib's INT8_PTQ on bottle: 0.9606 / 0.8678) is not the peer the ratio uses."""
+    rows = [{"system": "anomalib", "engine": "torch", "pixel_auroc": 0.9842, "aupro": 0.9488},
+            {"system": "anomalib", "engine": "openvino", "pixel_auroc": 0.9841, "aupro": 0.9488},
+            {"system": "anomalib", "engine": "openvino-int8", "pixel_auroc": 0.9606, "aupro": 0.8678},
+            {"system": "pni-ray", "engine": "onnxruntime-int8", "pixel_auroc": 0.9, "aupro": 0.9}]
+    assert [r["engine"] for r in bench_peers.accurate_paths(rows, "anomalib")] == ["torch", "openvino"]
+    assert [r["engine"] for r in bench_peers.accurate_paths(rows, "pni-ray")] == ["onnxruntime-int8"]  # no torch row
