@@ -11,9 +11,11 @@ lie in FP16's subnormal range (an FP16 softmax flips mask entries), squared dist
 ~100-dimensional features pass FP16's 65504, and the mask comparison G >= T (exact float32
 thresholds) and the chosen entry's distance, recomputed as |x - C[j]|, are the exactness the
 export promises. The FP16 MLP hands its logits across the engine boundary as FP32 tensors. The
-scorer's choices are int32 (TensorRT's index type). Graphs exported with --int8 carry symmetric
-int8 Q/DQ nodes (export.quantize): they are built as strongly typed networks, whose precision is
-the graph's own, so no precision flag (FP16 or INT8) is set for them. TensorRT's ArgMin need not take the first of
+scorer's choices are int32 (TensorRT's index type). Graphs exported with --int8 and symmetric
+activations (`--int8-activations int8`, what `export --trt` picks) carry int8 Q/DQ nodes
+(export.quantize): they are built as strongly typed networks, whose precision is the graph's own,
+so no precision flag (FP16 or INT8) is set for them. An export with uint8 activations (onnxruntime's
+CPU form) is refused before any build, with what to re-export. TensorRT's ArgMin need not take the first of
 exactly tied entries as torch and onnxruntime do; ties only arise where the distance expansion
 cancels (near zero distance), and the recomputed distances of tied entries differ by that
 rounding only.
