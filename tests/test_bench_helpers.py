@@ -9,11 +9,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_peers  # noqa: E402
+import bench_pixel_loss  # noqa: E402
 import bench_scale  # noqa: E402
 
 
@@ -112,3 +114,29 @@ def test_ratio_paths_must_keep_their_systems_accuracy() -> None:
             {"system": "pni-ray", "engine": "onnxruntime-int8", "pixel_auroc": 0.9, "aupro": 0.9}]
     assert [r["engine"] for r in bench_peers.accurate_paths(rows, "anomalib")] == ["torch", "openvino"]
     assert [r["engine"] for r in bench_peers.accurate_paths(rows, "pni-ray")] == ["onnxruntime-int8"]  # no torch row
+
+
+def test_pixel_loss_splits_sum_to_one_minus_auroc() -> None:
+    """Each split of the wrongly ordered pairs sums to 1 - pixel AUROC (ties half), as pni_ray.metrics
+    computes it; a blurred map loses its pairs at normal pixels next to the defect, none on good images."""
+    from scipy.ndimage import gaussian_filter
+
+    from pni_ray.metrics import pixel_auroc
+
+    rng = np.random.default_rng(0)
+    masks = [np.zeros((64, 64), bool) for _ in range(3)]
+    masks[0][20:40, 20:36] = True
+    masks[1][5:9, 50:60] = True
+    maps = [gaussian_filter(m.astype(np.float32), 4) + 0.01 * rng.random(m.shape).astype(np.float32) for m in masks]
+    maps[1][0, 0] = maps[1][6, 52]  # an exact tie between a normal and a defect pixel
+    groups = [bench_pixel_loss.pixel_groups(m) for m in masks]
+    out = bench_pixel_loss.loss_by_group(np.concatenate([m.ravel() for m in maps]),
+                                         np.concatenate([g[0].ravel() for g in groups]),
+                                         np.concatenate([g[1].ravel() for g in groups]))
+    expected = pixel_auroc(masks, maps)
+    assert out["pixel_auroc"] == pytest.approx(expected, abs=1e-12)
+    assert sum(out["loss_by_defect_pixels"].values()) == pytest.approx(1 - expected, abs=1e-12)
+    assert sum(out["loss_by_normal_pixels"].values()) == pytest.approx(1 - expected, abs=1e-12)
+    near = out["loss_by_normal_pixels"]["0-8 px from a defect"] + out["loss_by_normal_pixels"]["8-24 px from a defect"]
+    assert near > 0.9 * (1 - expected) and out["loss_by_normal_pixels"]["good images"] < 0.05 * (1 - expected)
+    assert sum(out["normal_pixel_share"].values()) == pytest.approx(1.0)
