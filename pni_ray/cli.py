@@ -115,6 +115,7 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
     from pni_ray.data.mvtec import load_category
     from pni_ray.evaluate import ABLATION_MODES, DIAGNOSTIC_KEYS, attach_diagnostics, evaluate_category, prior_diagnostics
     from pni_ray.inference import load_detector
+    from pni_ray.models.predict import default_name
 
     set_threads(threads)
     detector, manifest = load_detector(bundle)
@@ -129,6 +130,8 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
         refine_modes = ("pni",) if getattr(detector, "refiner", None) is not None else ()
     else:
         modes = (mode or detector.mode,)
+        deployed = default_name(detector, modes[0])  # what `score` and the exports run: "+refine" with a refiner
+        refine_modes = modes if deployed.endswith("+refine") else ()
     t0 = time.perf_counter()
     results = evaluate_category(detector, cat, modes=modes, refine_modes=refine_modes, batch_size=batch_size)
     log.info("evaluated %d images in %.1f s", len(cat.test), time.perf_counter() - t0)
@@ -141,8 +144,8 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
         if ablation:
             payload["modes"] = results
         else:
-            payload.update(next(iter(results.values())))
-            payload["mode"] = modes[0]
+            payload.update(results[deployed])
+            payload["mode"] = deployed
         json_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(json_path, payload)
         click.echo(f"wrote {json_path}")

@@ -322,6 +322,26 @@ def test_evaluate_reports_pni_plus_refine(refined_bundle, synthetic_root, tmp_pa
     assert modes["pni+refine"]["pixel_auroc"] != modes["pni"]["pixel_auroc"]
 
 
+def test_plain_evaluate_scores_what_is_deployed(refined_bundle, synthetic_root, tmp_path):
+    """A refined bundle is scored with its refiner (`score`, exports): plain `evaluate` reports that map,
+    and shows the unrefined one beside it."""
+    from click.testing import CliRunner
+
+    from pni_ray.cli import main
+
+    out = tmp_path / "plain.json"
+    result = CliRunner().invoke(main, ["evaluate", str(refined_bundle), str(synthetic_root), "--json", str(out),
+                                       "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    assert payload["mode"] == "pni+refine" and "pni+refine" in result.output
+    ablation = tmp_path / "ablation.json"
+    CliRunner().invoke(main, ["evaluate", str(refined_bundle), str(synthetic_root), "--ablation", "--json",
+                              str(ablation), "--threads", "1"])
+    refined = json.loads(ablation.read_text())["modes"]["pni+refine"]
+    assert payload["pixel_auroc"] == pytest.approx(refined["pixel_auroc"], abs=1e-9)
+
+
 def test_refine_config_roundtrips_through_dict():
     from pni_ray.config import TrainConfig
 
