@@ -6,14 +6,15 @@ graph needs no data at run time. Two activation types, because the two runtimes 
 
 - `uint8` (asymmetric, the default for onnxruntime): the U8S8 form onnxruntime's CPU kernels are
   built for. The backbone's activations follow ReLU6, so an asymmetric range also spends all 256
-  steps on values that occur. Bottle, 2 threads: backbone ~34 ms per batch of 4 against ~60 in FP32.
+  steps on values that occur. Bottle, 2 threads: backbone ~34-40 ms per batch of 4 against ~60 in FP32.
 - `int8` (symmetric, zero point 0): the only form TensorRT's explicit quantization takes (a
   strongly typed INT8 engine, export.trt). onnxruntime runs the backbone slower this way than in
   FP32 (~90 ms), so it is the TensorRT choice, not a CPU one.
 
 The first `fp32_convs` convolutions of the backbone stay FP32 (default 6: on EfficientNet-Lite the
 stem and the first two blocks). They see raw pixels at the highest resolutions; quantised they
-cost transistor 0.003 AUPRO at a 1% bank, kept in FP32 the metrics are FP32's to 4e-4.
+cost transistor 0.003 AUPRO at a 1% bank; kept in FP32, pixel AUROC and AUPRO stay within 3e-4 of
+FP32's on bottle and transistor (uint8 activations; symmetric int8 with them not measured).
 Dynamic quantisation does not help here: it covers MatMul, and the MLP is convolutions (onnxruntime's
 ConvInteger path measured 3x slower than FP32).
 

@@ -113,7 +113,9 @@ def test_ratio_paths_must_keep_their_systems_accuracy() -> None:
             {"system": "anomalib", "engine": "openvino-int8", "pixel_auroc": 0.9606, "aupro": 0.8678},
             {"system": "pni-ray", "engine": "onnxruntime-int8", "pixel_auroc": 0.9, "aupro": 0.9}]
     assert [r["engine"] for r in bench_peers.accurate_paths(rows, "anomalib")] == ["torch", "openvino"]
-    assert [r["engine"] for r in bench_peers.accurate_paths(rows, "pni-ray")] == ["onnxruntime-int8"]  # no torch row
+    assert bench_peers.accurate_paths(rows, "pni-ray") == []  # no torch row to hold the INT8 path to
+    rows.append({"system": "pni-ray", "engine": "onnxruntime", "pixel_auroc": 0.9, "aupro": 0.9})
+    assert [r["engine"] for r in bench_peers.accurate_paths(rows, "pni-ray")] == ["onnxruntime"]
 
 
 def test_pixel_loss_splits_sum_to_one_minus_auroc() -> None:

@@ -129,6 +129,9 @@ def test_uint8_graphs_are_refused_by_tensorrt_with_what_to_do(cpu_int8_export, i
     report = opcheck.check_model(cpu_int8_export / "backbone.onnx")
     assert not report.ok and all("--int8-activations int8" in p for p in report.problems)
     assert opcheck.check_model(cpu_int8_export / "softmax.onnx").ok
+    other = opcheck.OpCheckReport(report.graph, report.target, problems=[*report.problems, "opset 99 is outside"])
+    assert opcheck.without_asymmetric_qdq(report).ok
+    assert opcheck.without_asymmetric_qdq(other).problems == ["opset 99 is outside"]  # only the Q/DQ form is excused
     with pytest.raises(ValueError, match="re-export with --int8-activations int8"):
         trt.build_engines(cpu_int8_export, max_batch=4)
     bundle = tables.read_manifest(int8_export)["source_bundle"]["path"]
