@@ -56,6 +56,11 @@ def export_cmd(bundle: Path, out: Path, trt: bool, fp16: bool, max_batch: int, o
     from pni_ray.bundle import BundleError
     from pni_ray.options import set_threads
 
+    if not int8 and (int8_activations is not None or int8_fp32_convs != DEFAULT_FP32_CONVS):
+        raise click.UsageError("--int8-activations / --int8-fp32-convs shape INT8 graphs: add --int8 mlp and/or "
+                               "--int8 backbone")
+    if int8_fp32_convs != DEFAULT_FP32_CONVS and "backbone" not in int8:
+        raise click.UsageError("--int8-fp32-convs applies to the backbone: add --int8 backbone")
     if trt and int8 and int8_activations == "uint8":
         raise click.UsageError("--trt with --int8-activations uint8: TensorRT takes symmetric int8 Q/DQ only "
                                "(drop --int8-activations, or give int8)")

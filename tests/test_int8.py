@@ -138,6 +138,12 @@ def test_uint8_graphs_are_refused_by_tensorrt_with_what_to_do(cpu_int8_export, i
     args = ["export", bundle, "--int8", "mlp", "--calibration", str(tmp_path), "--trt"]
     result = CliRunner().invoke(main, [*args[:2], "--out", str(tmp_path / "e"), *args[2:], "--int8-activations", "uint8"])
     assert result.exit_code != 0 and "TensorRT takes symmetric int8" in result.output
+    for extra, says in ((["--int8-activations", "int8"], "add --int8 mlp"), (["--int8-fp32-convs", "3"], "add --int8 mlp")):
+        result = CliRunner().invoke(main, ["export", bundle, "--out", str(tmp_path / "x"), *extra])
+        assert result.exit_code != 0 and says in result.output  # never silently ignored
+    result = CliRunner().invoke(main, ["export", bundle, "--out", str(tmp_path / "x"), "--int8", "mlp",
+                                       "--calibration", str(tmp_path), "--int8-fp32-convs", "3"])
+    assert result.exit_code != 0 and "add --int8 backbone" in result.output
     stand_in_tensorrt(monkeypatch)
     monkeypatch.setattr(trt, "_cuda_device_problem", lambda: None)
     good = tables.read_manifest(int8_export)["int8"]["calibration_dir"]
