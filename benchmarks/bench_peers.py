@@ -283,7 +283,6 @@ def worker_anomalib_score(spec: dict) -> dict:
             options.intra_op_num_threads = spec["threads"]
             options.inter_op_num_threads = 1
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            names = [o.name for o in session.get_outputs()]
             ranks = [len(o.shape) for o in session.get_outputs()]
 
             def run(x: np.ndarray) -> list[np.ndarray]:

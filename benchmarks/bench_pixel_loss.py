@@ -60,10 +60,10 @@ def loss_by_group(scores: np.ndarray, depth: np.ndarray, distance: np.ndarray) -
                          if len(pos) == 0 else "pixel AUROC needs normal pixels")
     neg_sorted, pos_sorted = np.sort(neg), np.sort(pos)
     # per defect pixel: normals above it, plus half the ties; per normal pixel: defects below it, plus half the ties
-    above = (len(neg) - np.searchsorted(neg_sorted, pos, "right")) + 0.5 * (
-        np.searchsorted(neg_sorted, pos, "right") - np.searchsorted(neg_sorted, pos, "left"))
-    below = np.searchsorted(pos_sorted, neg, "left") + 0.5 * (
-        np.searchsorted(pos_sorted, neg, "right") - np.searchsorted(pos_sorted, neg, "left"))
+    neg_le, neg_lt = np.searchsorted(neg_sorted, pos, "right"), np.searchsorted(neg_sorted, pos, "left")
+    pos_le, pos_lt = np.searchsorted(pos_sorted, neg, "right"), np.searchsorted(pos_sorted, neg, "left")
+    above = (len(neg) - neg_le) + 0.5 * (neg_le - neg_lt)
+    below = pos_lt + 0.5 * (pos_le - pos_lt)
     gd, gn = depth[is_defect], distance[~is_defect]
     names_n = [f"{lo}-{hi or 'inf'} px from a defect" for lo, hi in DISTANCES] + ["good images"]
     return {

@@ -322,12 +322,11 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
             int8 = quantize.quantize_models(models, detector, geometry, options.int8, calibration,
                                            options.int8_activations, options.int8_fp32_convs)
         reports = [opcheck.check_model(m, options.target, name) for name, m in models.items()]
-        if int8 and not int8["tensorrt"]:  # uint8 activations: those graphs are for onnxruntime only
+        ort_only = set(int8["graphs"]) if int8 and not int8["tensorrt"] else set()  # uint8 activations
+        if ort_only:
             log.info("INT8 graphs %s use uint8 activations: onnxruntime runs them, TensorRT would not "
-                     "(export with --int8-activations int8 for TensorRT)", ", ".join(int8["graphs"]))
-            opcheck.require_ok([opcheck.without_asymmetric_qdq(r) if r.graph in int8["graphs"] else r for r in reports])
-        else:
-            opcheck.require_ok(reports)
+                     "(export with --int8-activations int8 for TensorRT)", ", ".join(sorted(ort_only)))
+        opcheck.require_ok([opcheck.without_asymmetric_qdq(r) if r.graph in ort_only else r for r in reports])
         for name, model in models.items():
             graphs[name] = save_graph(model, tmp, name, options.external_data_bytes)
         table_files = _write_tables(tmp, st, detector, bmanifest)
