@@ -152,7 +152,7 @@ def main() -> int:
     f_np = model.run_stage("backbone", {"images": x})["features"]
     prof["onnxruntime"]["backbone"] = min(timed(model.run_stage, "backbone", {"images": x}) for _ in range(2))
     feeds = {"features": f_np, **model.table_feeds}
-    if "mlp" in model.sessions:  # torch's "mlp" = the MLP graph + the softmax graph
+    if "mlp" in model.stages:  # torch's "mlp" = the MLP graph + the softmax graph
         logits = model.run_stage("mlp", {"features": f_np})["logits"]
         prof["onnxruntime"]["mlp"] = min(timed(model.run_stage, "mlp", {"features": f_np}) for _ in range(2)) + min(
             timed(model.run_stage, "softmax", {"logits": logits}) for _ in range(2))

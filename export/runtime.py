@@ -1,4 +1,4 @@
-"""Score images from an export directory with onnxruntime, numpy and pyarrow -- no torch.
+"""Score images from an export directory with onnxruntime, onnx, numpy and pyarrow -- no torch.
 
     model = load_exported("exports/bottle")          # verifies every file's sha256
     maps, scores = model.predict_images(images)      # uint8 (H, W, 3) photos of any size
@@ -15,16 +15,21 @@ the project modules it imports) must never import it; a test runs it in a fresh 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import onnx
 
 from export import tables
+from export.fused import FusionError, fuse_stages
 from pni_ray.geometry import Geometry, Prepared, to_float
 
 __all__ = ["ExportedModel", "StagePipeline", "load_exported", "whole_canvas"]
+
+log = logging.getLogger(__name__)
 
 
 def _session_options(threads: int | None, optimization: str):
@@ -53,8 +58,9 @@ class StagePipeline:
     mlp (logits) -> softmax (FP32) -> scorer (padded cells filled) -> refiner; image scores are maxima
     over each image's content, maps are restored to each image's size by `pni_ray.geometry`.
 
-    Subclasses run one stage: `run_stage(name, feeds) -> {output name: array}` (onnxruntime here,
-    TensorRT engines in export.trt), and set manifest, geometry, max_batch and `stages`.
+    Subclasses run one stage: `run_stage(name, feeds) -> {output name: array}` and name its inputs
+    (`stage_inputs`): TensorRT engines in export.trt; onnxruntime here, which also overrides
+    `run_stages` to run the chain as one fused graph. They set manifest, geometry, max_batch, `stages`.
     """
 
     manifest: dict[str, Any]
@@ -64,6 +70,19 @@ class StagePipeline:
 
     def run_stage(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def stage_inputs(self, name: str) -> tuple[str, ...]:
+        """Input names of stage `name` (what `run_stages` feeds it from the names known so far)."""
+        raise NotImplementedError
+
+    def run_stages(self, names: Sequence[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run `names` in order, wired by tensor name: each stage reads, of its inputs, those in
+        `feeds` or produced by an earlier stage (tables a runtime holds itself are not fed).
+        Returns every tensor known at the end. A runtime may run the chain as one graph instead."""
+        env = dict(feeds)
+        for name in names:
+            env.update(self.run_stage(name, {k: env[k] for k in self.stage_inputs(name) if k in env}))
+        return env
 
     def _batched(self, name: str, key: str, x: np.ndarray, out: str) -> np.ndarray:
         return np.concatenate([self.run_stage(name, {key: x[i : i + self.max_batch]})[out]
@@ -75,32 +94,30 @@ class StagePipeline:
         `images` (B, 3, Hc, Wc) float32 replaces the canvases' own pixels (untiled geometries only).
         """
         maps_out, scores_out = [], []
+        chain = self.chained_stages()
         for i in range(0, len(prepared), self.max_batch):
             batch = list(prepared[i : i + self.max_batch])
             for p in batch:
                 self.geometry.check(p)
-            pixels = None  # the canvases as floats: only the untiled backbone and the refiner read them
-            if not self.geometry.tiled or "refiner" in self.stages:
-                pixels = to_float(np.stack([p.canvas for p in batch])) if images is None else images[i : i + self.max_batch]
-            if self.geometry.tiled:
-                features = np.stack([self.geometry.stitch_tiles(
+            feeds = dict(getattr(self, "table_feeds", {}))
+            if not self.geometry.tiled or "refiner" in self.stages:  # only these read the canvases' pixels
+                feeds["images"] = to_float(np.stack([p.canvas for p in batch])) if images is None else images[i : i + self.max_batch]
+            if self.geometry.tiled:  # the backbone per tile, stitched into one grid; the rest chained
+                feeds["features"] = np.stack([self.geometry.stitch_tiles(
                     self._batched("backbone", "images", self.geometry.tile_stack(p), "features"), p) for p in batch])
-            else:
-                features = self.run_stage("backbone", {"images": pixels})["features"]
-            feeds = {"features": features, **getattr(self, "table_feeds", {})}
-            if "mlp" in self.stages:
-                logits = self.run_stage("mlp", {"features": features})["logits"]
-                feeds["probabilities"] = self.run_stage("softmax", {"logits": logits})["probabilities"]
             if self.manifest["scorer"].get("fill_index"):
                 feeds["fill_index"] = np.stack([p.fill_index() for p in batch])
-            maps = self.run_stage("scorer", feeds)["maps"]
-            if "refiner" in self.stages:
-                maps = self.run_stage("refiner", {"images": pixels, "maps": maps})["refined_maps"]
+            maps = self.run_stages(chain, feeds)["refined_maps" if "refiner" in chain else "maps"]
             maps_out.append(np.asarray(maps, np.float32))
             scores_out.extend(self.geometry.image_score(m, p) for m, p in zip(maps, batch))
         if not maps_out:
             return np.zeros((0, *self.geometry.canvas_hw()), np.float32), np.zeros(0, np.float32)
         return np.concatenate(maps_out), np.asarray(scores_out, np.float32)
+
+    def chained_stages(self) -> tuple[str, ...]:
+        """The stages run per batch on whole canvases: all of them, but the backbone when tiled
+        (it runs per tile, and the tiles are stitched before the rest)."""
+        return tuple(s for s in self.stages if not (self.geometry.tiled and s == "backbone"))
 
     def predict_images(self, images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
         """uint8 (H, W, 3) images of any size -> maps at each image's own size and image scores."""
@@ -129,12 +146,11 @@ def whole_canvas(hw: tuple[int, int]) -> Prepared:
 
 
 class ExportedModel(StagePipeline):
-    """The export's ONNX graphs run by onnxruntime."""
+    """The export's ONNX graphs run by onnxruntime: the stages chained per batch as one fused graph
+    (export.fused; `fuse=False`: one session per stage, as TensorRT runs them)."""
 
     def __init__(self, path: Path | str, threads: int | None = None, providers: Sequence[str] | None = None,
-                 verify: bool = True, optimization: str = "all", refine: bool = True) -> None:
-        import onnxruntime as ort
-
+                 verify: bool = True, optimization: str = "all", refine: bool = True, fuse: bool = True) -> None:
         self.path = Path(path)
         self.manifest: dict[str, Any] = tables.verify_export(self.path) if verify else tables.read_manifest(self.path)
         m = self.manifest
@@ -148,28 +164,57 @@ class ExportedModel(StagePipeline):
             raise tables.ExportError(f"{self.path}: threshold in {tables.NORMALISATION} "
                                      f"({self.normalisation['threshold']}) differs from the manifest ({m['threshold']})")
         self.threshold: float = float(self.normalisation["threshold"])
-        options = _session_options(threads, optimization)
-        providers = list(providers or ["CPUExecutionProvider"])
-        self.sessions = {}
-        for name in m["pipeline"]:
-            if name == "refiner" and not refine:
-                continue
-            self.sessions[name] = ort.InferenceSession(str(self.path / m["graphs"][name]["file"]), options,
-                                                       providers=providers)
-        self.stages = tuple(self.sessions)
+        self._options = _session_options(threads, optimization)
+        self._providers = list(providers or ["CPUExecutionProvider"])
+        self.stages = tuple(name for name in m["pipeline"] if refine or name != "refiner")
+        graphs = {name: onnx.load(str(self.path / m["graphs"][name]["file"])) for name in self.stages}
+        self._inputs = {name: _graph_inputs(g) for name, g in graphs.items()}
+        self._sessions: dict[str, Any] = {}  # per stage, made when first run (the backbone per tile)
         self.table_feeds: dict[str, np.ndarray] = {}
         if m["scorer"]["coresets"] == "input":  # only what the graph takes (exports before pni's fallback: no position)
-            names = {i.name for i in self.sessions["scorer"].get_inputs()}
-            self.table_feeds = {k: v for k, v in scorer_table_feeds(self.path, m).items() if k in names}
+            self.table_feeds = {k: v for k, v in scorer_table_feeds(self.path, m).items() if k in self._inputs["scorer"]}
+        chain = self.chained_stages()
+        self.fused = None  # one session for the whole chain (export.fused), when the graphs allow it
+        if fuse and len(chain) > 1:
+            try:
+                graph = fuse_stages([(name, graphs[name]) for name in chain], [self._chain_output(chain)])
+            except FusionError as exc:
+                log.warning("%s: running the stages one by one (%s)", self.path, exc)
+            else:
+                self.fused = (chain, self._session(graph.SerializeToString()))
+        for name in self.stages:  # the rest now, so a broken graph fails at load, not mid-run
+            if self.fused is None or name not in chain:
+                self._sessions[name] = self._session(graphs[name].SerializeToString())
+
+    def _session(self, model: bytes):
+        import onnxruntime as ort
+
+        return ort.InferenceSession(model, self._options, providers=self._providers)
+
+    @staticmethod
+    def _chain_output(chain: Sequence[str]) -> str:
+        return "refined_maps" if "refiner" in chain else "maps"
 
     @property
     def has_refiner(self) -> bool:
-        return "refiner" in self.sessions
+        return "refiner" in self.stages
+
+    def stage_inputs(self, name: str) -> tuple[str, ...]:
+        return self._inputs[name]
 
     def run_stage(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        session = self.sessions[name]
-        names = [o.name for o in session.get_outputs()]
-        return dict(zip(names, session.run(None, feeds)))
+        """One stage's own graph (profiling, tiles); sessions of fused stages are made on first use."""
+        if name not in self._sessions:
+            self._sessions[name] = self._session(str(self.path / self.manifest["graphs"][name]["file"]))
+        session = self._sessions[name]
+        return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+    def run_stages(self, names: Sequence[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.fused is None or tuple(names) != self.fused[0]:
+            return super().run_stages(names, feeds)
+        session = self.fused[1]
+        out = self._chain_output(names)
+        return {out: session.run([out], {i.name: feeds[i.name] for i in session.get_inputs()})[0]}
 
     def normalise(self, maps: np.ndarray) -> np.ndarray:
         """Maps on the held-out scale: (map - pixel_mean) / pixel_std."""
@@ -183,12 +228,17 @@ def scorer_table_feeds(path: Path, manifest: dict[str, Any]) -> dict[str, np.nda
                                       tables.combine_rule(manifest))
 
 
+def _graph_inputs(model: "onnx.ModelProto") -> tuple[str, ...]:
+    initialisers = {t.name for t in model.graph.initializer}
+    return tuple(i.name for i in model.graph.input if i.name not in initialisers)
+
+
 def _same_float(a: float, b: float) -> bool:
     return a == b or (np.isnan(a) and np.isnan(b)) or bool(np.isclose(a, b, rtol=1e-12, atol=0))
 
 
 def load_exported(path: Path | str, threads: int | None = None, providers: Sequence[str] | None = None,
-                  verify: bool = True, optimization: str = "all", refine: bool = True) -> ExportedModel:
+                  verify: bool = True, optimization: str = "all", refine: bool = True, fuse: bool = True) -> ExportedModel:
     """Verify the export directory's checksums and open its graphs with onnxruntime."""
     return ExportedModel(path, threads=threads, providers=providers, verify=verify, optimization=optimization,
-                         refine=refine)
+                         refine=refine, fuse=fuse)

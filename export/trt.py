@@ -353,6 +353,9 @@ class TRTModel(StagePipeline):
     def run_stage(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.engines[name].run(feeds)
 
+    def stage_inputs(self, name: str) -> tuple[str, ...]:
+        return tuple(self.engines[name].inputs)  # tables among them were uploaded once, and are not fed
+
     def close(self) -> None:
         for engine in self.engines.values():
             engine.close()

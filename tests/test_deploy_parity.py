@@ -73,11 +73,16 @@ def test_export_manifest_records_the_geometry(bundles, tmp_path):
     model = load_exported(out, threads=1)
     m = model.manifest
     assert m["image_size"] == [128, 128] and m["model_input"] == [128, 128] and m["scorer"]["fill_index"]
-    assert {i.name for i in model.sessions["scorer"].get_inputs()} >= {"features", "probabilities", "fill_index"}
+    assert set(model.stage_inputs("scorer")) >= {"features", "probabilities", "fill_index"}
     assert m["combine"] == "both" and model.geometry.image_window == m["config"]["scoring"]["image_window"] == 3
     tiled = load_exported(export_bundle(bundles["tile"], tmp_path / "t", ExportOptions(max_batch=4)).path, threads=1)
     assert tiled.manifest["model_input"] == [64, 64] and tiled.manifest["image_size"] == [80, 128]
     assert tiled.manifest["grid"] == [10, 16]
+    # tiled: the backbone runs per tile, the rest as one fused graph, as the stages one by one would
+    assert tiled.fused[0] == ("mlp", "softmax", "scorer")
+    crop = np.random.default_rng(0).integers(0, 255, (80, 128, 3), np.uint8)
+    np.testing.assert_allclose(tiled.predict_images([crop])[0][0], load_exported(
+        tiled.path, threads=1, fuse=False).predict_images([crop])[0][0], rtol=1e-5, atol=1e-6)
     short = load_exported(export_bundle(bundles["short-side"], tmp_path / "s", ExportOptions(max_batch=4)).path, threads=1)
     assert short.manifest["image_size"] == [128, 208] and not short.manifest["scorer"]["fill_index"]
     # another aspect ratio is refused by name for short-side, scored at its own size for letterbox

@@ -343,6 +343,61 @@ def test_runtime_matches_torch_bundle(exported, reference, images):
         model.predict(images[:, :, :64])
 
 
+def test_fused_chain_equals_the_stages_one_by_one(exported, images):
+    """One fused session (export.fused) gives what the four stage sessions give."""
+    fused, staged = load_exported(exported, threads=1), load_exported(exported, threads=1, fuse=False)
+    assert fused.fused is not None and fused.fused[0] == fused.stages == ("backbone", "mlp", "softmax", "scorer")
+    assert staged.fused is None
+    (m1, s1), (m2, s2) = fused.predict(images), staged.predict(images)
+    assert _rel(m1, m2) <= 1e-6 and _rel(s1, s2) <= 1e-6
+    assert np.array_equal(np.argsort(s1, kind="stable"), np.argsort(s2, kind="stable"))
+    # the stage sessions stay usable one by one (profiling), made on first use
+    features = fused.run_stage("backbone", {"images": images[:2]})["features"]
+    assert features.shape[0] == 2 and fused.stage_inputs("scorer")[:2] == ("features", "probabilities")
+
+
+def _stage(name: str, nodes, inputs, outputs, inits=(), opset: int = 17) -> tuple[str, onnx.ModelProto]:
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [2])  # noqa: E731
+    graph = helper.make_graph(nodes, name, [vi(i) for i in inputs], [vi(o) for o in outputs], list(inits))
+    return name, helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_fuse_stages_wires_by_name_and_keeps_stages_apart():
+    from export.fused import fuse_stages
+
+    one = np.ones(2, np.float32)
+    a = _stage("a", [helper.make_node("Add", ["x", "c"], ["y"], name="n")], ["x"], ["y"],
+               [onnx.numpy_helper.from_array(one, "c")])
+    # b reads a's y and the shared input x, and has its own constant and node named like a's
+    b = _stage("b", [helper.make_node("Mul", ["y", "x"], ["t"], name="n"), helper.make_node("Add", ["t", "c"], ["z"], name="m")],
+               ["y", "x"], ["z"], [onnx.numpy_helper.from_array(3 * one, "c")])
+    # c reads z and a second graph input
+    c = _stage("c", [helper.make_node("Sub", ["z", "w"], ["y"], name="n")], ["z", "w"], ["y"])
+    fused = fuse_stages([a, b, c], ["y", "z"])
+    onnx.checker.check_model(fused)
+    assert [i.name for i in fused.graph.input] == ["x", "w"] and [o.name for o in fused.graph.output] == ["y", "z"]
+    x, w = np.array([1, 2], np.float32), np.array([10, 20], np.float32)
+    y, z = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x, "w": w})
+    np.testing.assert_array_equal(z, (x + 1) * x + 3)
+    np.testing.assert_array_equal(y, z - w)  # the latest stage's y, not a's
+
+
+def test_fuse_stages_refuses_what_it_cannot_rename():
+    from export.fused import FusionError, fuse_stages
+
+    a = _stage("a", [helper.make_node("Relu", ["x"], ["y"])], ["x"], ["y"])
+    with pytest.raises(FusionError, match="opset 13, an earlier stage 17"):
+        fuse_stages([a, _stage("b", [helper.make_node("Relu", ["y"], ["z"])], ["y"], ["z"], opset=13)], ["z"])
+    branch = helper.make_graph([helper.make_node("Identity", ["y"], ["o"])], "g", [], [helper.make_tensor_value_info("o", TensorProto.FLOAT, [2])])
+    cond = helper.make_node("If", ["flag"], ["z"], then_branch=branch, else_branch=branch, name="if")
+    b = _stage("b", [cond], ["y"], ["z"])
+    b[1].graph.input.append(helper.make_tensor_value_info("flag", TensorProto.BOOL, []))
+    with pytest.raises(FusionError, match="subgraph"):
+        fuse_stages([a, b], ["z"])
+    with pytest.raises(FusionError, match="no stage produces"):
+        fuse_stages([a], ["q"])
+
+
 def test_runtime_imports_no_torch(exported, images, tmp_path):
     np.save(tmp_path / "images.npy", images[:2])
     code = f"""
@@ -573,8 +628,12 @@ def test_refiner_graph_and_refined_scores(trained_tiny, images, tmp_path):
     refined, scores = _session(out / "refiner.onnx").run(None, {"images": images[:3], "maps": maps_in.numpy()})
     assert _rel(refined, ref) < 1e-4
     np.testing.assert_allclose(scores, refined.reshape(3, -1).max(1))
-    fig = parity_figures(*torch_reference(detector, images), *load_exported(out, threads=1).predict(images))
+    fused = load_exported(out, threads=1)
+    assert fused.fused[0] == tuple(m["pipeline"])  # the refiner is fused too: it reads `images` like the backbone
+    fig = parity_figures(*torch_reference(detector, images), *fused.predict(images))
     assert fig["max_rel_error"] <= 1e-3 and fig["ranking_identical"], fig
+    staged = load_exported(out, threads=1, fuse=False).predict(images)
+    np.testing.assert_allclose(fused.predict(images)[0], staged[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("chunks", ["one", "several"])
