@@ -10,6 +10,10 @@ pixel AUROC, AUPRO, ms per image; and per mode the share of C_emb a patch may us
 good-image patches and of defect patches whose score the mask changed, the mean change on each,
 and the MLP's held-out top-1 / top-5. Categories absent from the data root are skipped with a
 message.
+
+`--shift F` runs the same on copies of each category (written under --workdir, never into the
+data root) whose every image, and its mask, is rolled by a seeded random offset of up to F of its
+side: a category whose objects move, where the position prior must widen (or cost nothing).
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -86,6 +92,25 @@ def print_category(category: str, res: dict) -> None:
               f"pni - position: {m['pni'][key] - m['position'][key]:+.4f}")
 
 
+def shifted_copy(data_root: Path, category: str, out_root: Path, fraction: float, seed: int = 0) -> Path:
+    """Copy data_root/category to out_root/category with each image and its mask rolled together
+    by a seeded random offset of up to `fraction` of the side (wrapping round); returns out_root."""
+    src, dst = data_root / category, out_root / category
+    rng = np.random.default_rng(seed)
+    for image in sorted(src.glob("t*/*/*.png")):  # train/good, test/<defect>
+        rel = image.relative_to(src)
+        pixels = np.asarray(Image.open(image))
+        offset = tuple(int(v) for v in rng.uniform(-fraction, fraction, 2) * pixels.shape[:2])
+        pairs = [(image, dst / rel)]
+        if rel.parts[0] == "test" and rel.parts[1] != "good":
+            mask = Path("ground_truth") / rel.parts[1] / f"{image.stem}_mask.png"
+            pairs.append((src / mask, dst / mask))
+        for a, b in pairs:
+            b.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.roll(np.asarray(Image.open(a)), offset, axis=(0, 1))).save(b)
+    return out_root
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data" / "mvtec_ad")
@@ -93,6 +118,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench_ablation"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write every figure here")
+    parser.add_argument("--shift", type=float, default=0.0, metavar="F",
+                        help="score copies whose images are rolled by up to F of their side (objects that move)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = TrainConfig()
@@ -101,7 +128,11 @@ def main() -> None:
         if not (args.data_root / category / "train" / "good").is_dir():
             print(f"skipping {category}: not found under {args.data_root}")
             continue
-        out[category] = run_category(args.data_root, category, args.workdir, cfg)
+        if args.shift:
+            root = shifted_copy(args.data_root, category, args.workdir / f"shifted-{args.shift:g}" / "data", args.shift)
+            out[category] = run_category(root, category, args.workdir / f"shifted-{args.shift:g}", cfg)
+        else:
+            out[category] = run_category(args.data_root, category, args.workdir, cfg)
         print_category(category, out[category])
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

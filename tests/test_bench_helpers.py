@@ -14,6 +14,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import bench_ablation  # noqa: E402
 import bench_peers  # noqa: E402
 import bench_pixel_loss  # noqa: E402
 import bench_scale  # noqa: E402
@@ -142,3 +143,25 @@ def test_pixel_loss_splits_sum_to_one_minus_auroc() -> None:
     near = out["loss_by_normal_pixels"]["0-8 px from a defect"] + out["loss_by_normal_pixels"]["8-24 px from a defect"]
     assert near > 0.9 * (1 - expected) and out["loss_by_normal_pixels"]["good images"] < 0.05 * (1 - expected)
     assert sum(out["normal_pixel_share"].values()) == pytest.approx(1.0)
+
+
+def test_shifted_copy_rolls_each_image_with_its_mask(tmp_path: Path) -> None:
+    src = tmp_path / "data" / "cat"
+    marker = np.zeros((20, 30, 3), np.uint8)
+    marker[2, 3] = 255
+    for rel in ("train/good/000.png", "train/good/001.png", "test/good/000.png", "test/crack/000.png"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(marker).save(src / rel)
+    (src / "ground_truth/crack").mkdir(parents=True)
+    Image.fromarray(marker[..., 0]).save(src / "ground_truth/crack/000_mask.png")
+    out = bench_ablation.shifted_copy(tmp_path / "data", "cat", tmp_path / "shifted", 0.4)
+    where = {}
+    for path in sorted((out / "cat").rglob("*.png")):
+        lit = np.asarray(Image.open(path)).reshape(20, 30, -1).max(-1) > 0
+        assert lit.sum() == 1  # rolled, not cropped or resized
+        where[str(path.relative_to(out / "cat"))] = tuple(np.argwhere(lit)[0])
+    assert len(where) == 5
+    assert where["test/crack/000.png"] == where["ground_truth/crack/000_mask.png"]  # the mask moves with its image
+    assert len({where[k] for k in where if k.startswith("t")}) > 1  # images move by different offsets
+    again = bench_ablation.shifted_copy(tmp_path / "data", "cat", tmp_path / "again", 0.4)
+    assert all(np.array_equal(np.asarray(Image.open(out / "cat" / k)), np.asarray(Image.open(again / "cat" / k))) for k in where)
