@@ -5,7 +5,8 @@
 Exports the bundle (or uses --export-dir), loads the same test images for both, and times the
 full scoring path -- images -> maps + image scores -- of the torch bundle (`PNIDetector`, its
 default exact top-k scorer) and of `export.runtime` alternately, repeat by repeat, so load from
-other processes hits both alike; the median images/s of each and their ratio are printed.
+other processes hits both alike; the median images/s of each and their ratio are printed, and
+those of the export run one session per stage (`fuse=False`) against its default fused graph.
 
 Then: a per-stage profile of both, the scorer-graph variants behind the export's choices
 (chunking, coresets as constants or inputs, exact-threshold mask vs torch's arithmetic, ORT
@@ -121,23 +122,29 @@ def main() -> int:
             for i in range(0, n, args.batch):
                 detector(torch.from_numpy(images[i : i + args.batch]))
 
-    def run_ort() -> None:
-        for i in range(0, n, args.batch):
-            model.predict(images[i : i + args.batch])
+    staged = load_exported(export_dir, threads=args.threads, fuse=False)  # one session per stage
 
-    run_torch(), run_ort()  # warm-up: allocator, lazy kernels
-    t_torch, t_ort = [], []
+    def run_ort(runtime=model) -> None:
+        for i in range(0, n, args.batch):
+            runtime.predict(images[i : i + args.batch])
+
+    run_torch(), run_ort(), run_ort(staged)  # warm-up: allocator, lazy kernels
+    t_torch, t_ort, t_staged = [], [], []
     for r in range(args.repeats):
         t_torch.append(timed(run_torch))
         t_ort.append(timed(run_ort))
-        print(f"repeat {r + 1}: torch {n / t_torch[-1]:.2f} img/s   onnxruntime {n / t_ort[-1]:.2f} img/s")
-    torch_ips, ort_ips = n / statistics.median(t_torch), n / statistics.median(t_ort)
+        t_staged.append(timed(run_ort, staged))
+        print(f"repeat {r + 1}: torch {n / t_torch[-1]:.2f} img/s   onnxruntime {n / t_ort[-1]:.2f} img/s   "
+              f"(stage by stage {n / t_staged[-1]:.2f})")
+    torch_ips, ort_ips, staged_ips = (n / statistics.median(t) for t in (t_torch, t_ort, t_staged))
     out.update(images=n, batch=args.batch, repeats=args.repeats, torch_images_per_s=torch_ips,
-               ort_images_per_s=ort_ips, speedup=ort_ips / torch_ips)
+               ort_images_per_s=ort_ips, speedup=ort_ips / torch_ips, ort_staged_images_per_s=staged_ips,
+               fused_speedup=ort_ips / staged_ips, fused=model.fused is not None)
     print(f"\nscoring throughput, {args.threads} thread(s), batch {args.batch}, {n} {category} images x {args.repeats}:")
     print(f"  torch eager  {torch_ips:8.2f} images/s")
     print(f"  onnxruntime  {ort_ips:8.2f} images/s")
     print(f"  ratio        {ort_ips / torch_ips:8.2f}x  (target >= 1.5x)")
+    print(f"  onnxruntime, one session per stage {staged_ips:8.2f} images/s: the fused graph is {ort_ips / staged_ips:.2f}x")
 
     # ---- per-stage profile (one batch)
     x = images[: args.batch]

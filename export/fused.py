@@ -22,7 +22,16 @@ from onnx import helper
 
 
 class FusionError(ValueError):
-    """The graphs cannot be chained into one (different opsets, subgraphs, local functions)."""
+    """The graphs cannot be chained into one (different opsets, subgraphs, local functions,
+    external data, mismatched tensor types)."""
+
+
+MAX_FUSED_BYTES = 1_800_000_000  # a serialised ModelProto must stay under protobuf's 2 GB
+
+
+def _kind(t: onnx.TypeProto) -> tuple[int, int]:
+    """(element type, rank): what two ends of a wire must agree on (dimension names may differ)."""
+    return t.tensor_type.elem_type, len(t.tensor_type.shape.dim)
 
 
 def _opsets(stages: Sequence[tuple[str, onnx.ModelProto]]) -> dict[str, int]:
@@ -36,9 +45,12 @@ def _opsets(stages: Sequence[tuple[str, onnx.ModelProto]]) -> dict[str, int]:
 
 
 def _check_flat(name: str, model: onnx.ModelProto) -> None:
-    """Renaming is only sound for flat graphs: no subgraph may refer to outer names we rename."""
+    """Renaming is only sound for flat graphs: no subgraph may refer to outer names we rename; and
+    the fused graph is handed to onnxruntime in memory, so every weight must be in the model."""
     if model.functions or model.graph.sparse_initializer:
         raise FusionError(f"stage {name} has local functions or sparse initializers")
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        raise FusionError(f"stage {name} keeps weights in external data")
     for node in model.graph.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             raise FusionError(f"stage {name} has a subgraph ({node.op_type} {node.name})")
@@ -49,7 +61,12 @@ def fuse_stages(stages: Sequence[tuple[str, onnx.ModelProto]], outputs: Sequence
     stage producing each) that become the fused graph's outputs, under the same names."""
     if not stages:
         raise FusionError("no stages to fuse")
+    if len(set(outputs)) != len(outputs):
+        raise FusionError(f"outputs named twice: {list(outputs)}")
     opsets = _opsets(stages)
+    if sum(m.ByteSize() for _, m in stages) > MAX_FUSED_BYTES:
+        raise FusionError("the stages together pass protobuf's 2 GB limit for one model")
+    kinds: dict[str, tuple[int, int]] = {}  # fused tensor name -> (element type, rank) of stage outputs
     produced: dict[str, str] = {}  # stage output name -> its name in the fused graph
     graph_inputs: dict[str, onnx.ValueInfoProto] = {}
     nodes: list[onnx.NodeProto] = []
@@ -66,10 +83,13 @@ def fuse_stages(stages: Sequence[tuple[str, onnx.ModelProto]], outputs: Sequence
                 continue
             if vi.name in produced:
                 bound[vi.name] = produced[vi.name]
+                if kinds[produced[vi.name]] != _kind(vi.type):
+                    raise FusionError(f"stage {stage} reads {vi.name!r} as (type, rank) {_kind(vi.type)}, "
+                                      f"an earlier stage writes {kinds[produced[vi.name]]}")
             else:
                 seen = graph_inputs.setdefault(vi.name, vi)
-                if seen.type != vi.type:
-                    raise FusionError(f"input {vi.name!r} of stage {stage} differs in type from an earlier stage's")
+                if _kind(seen.type) != _kind(vi.type):
+                    raise FusionError(f"input {vi.name!r} of stage {stage} differs in type or rank from an earlier stage's")
                 bound[vi.name] = vi.name
 
         def rename(tensor: str) -> str:
@@ -83,7 +103,7 @@ def fuse_stages(stages: Sequence[tuple[str, onnx.ModelProto]], outputs: Sequence
         for node in g.node:
             copy = onnx.NodeProto()
             copy.CopyFrom(node)
-            copy.name = prefix + node.name
+            copy.name = prefix + node.name if node.name else ""  # unnamed stays unnamed: no clashes
             copy.input[:] = [rename(i) for i in node.input]
             copy.output[:] = [rename(o) for o in node.output]
             nodes.append(copy)
@@ -94,11 +114,15 @@ def fuse_stages(stages: Sequence[tuple[str, onnx.ModelProto]], outputs: Sequence
             value_info.append(copy)
         for out in g.output:
             produced[out.name] = rename(out.name)
+            kinds[produced[out.name]] = _kind(out.type)
             value_info.append(helper.make_value_info(produced[out.name], out.type))
     value_info = list({vi.name: vi for vi in reversed(value_info)}.values())  # one per name (the first)
     missing = [o for o in outputs if o not in produced]
     if missing:
         raise FusionError(f"no stage produces {missing}")
+    clash = [o for o in outputs if o in graph_inputs or produced[o] == o]
+    if clash:
+        raise FusionError(f"outputs {clash} are also inputs of the fused graph")
     out_info = []
     for name in outputs:  # an Identity gives each requested output its plain name
         nodes.append(helper.make_node("Identity", [produced[name]], [name], name=f"output/{name}"))

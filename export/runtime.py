@@ -21,10 +21,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import onnx
 
 from export import tables
-from export.fused import FusionError, fuse_stages
 from pni_ray.geometry import Geometry, Prepared, to_float
 
 __all__ = ["ExportedModel", "StagePipeline", "load_exported", "whole_canvas"]
@@ -76,12 +74,16 @@ class StagePipeline:
         raise NotImplementedError
 
     def run_stages(self, names: Sequence[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run `names` in order, wired by tensor name: each stage reads, of its inputs, those in
-        `feeds` or produced by an earlier stage (tables a runtime holds itself are not fed).
-        Returns every tensor known at the end. A runtime may run the chain as one graph instead."""
+        """Run `names` in order, wired by tensor name: each stage reads its inputs from `feeds` or
+        from an earlier stage's outputs (`stage_inputs` leaves out tables a runtime holds itself).
+        Returns at least the chain's last output (`maps`, `refined_maps` after a refiner); a runtime
+        that runs the chain as one graph returns only that."""
         env = dict(feeds)
         for name in names:
-            env.update(self.run_stage(name, {k: env[k] for k in self.stage_inputs(name) if k in env}))
+            missing = [k for k in self.stage_inputs(name) if k not in env]
+            if missing:
+                raise ValueError(f"stage {name} needs {missing}, given neither in the feeds nor by an earlier stage")
+            env.update(self.run_stage(name, {k: env[k] for k in self.stage_inputs(name)}))
         return env
 
     def _batched(self, name: str, key: str, x: np.ndarray, out: str) -> np.ndarray:
@@ -167,26 +169,42 @@ class ExportedModel(StagePipeline):
         self._options = _session_options(threads, optimization)
         self._providers = list(providers or ["CPUExecutionProvider"])
         self.stages = tuple(name for name in m["pipeline"] if refine or name != "refiner")
-        graphs = {name: onnx.load(str(self.path / m["graphs"][name]["file"])) for name in self.stages}
+        # graph structure without external weights: input names, and what fuse_stages needs (it
+        # refuses stages with external data, which then run from their files one by one)
+        graphs = {name: _load_graph(self._graph_file(name)) for name in self.stages}
         self._inputs = {name: _graph_inputs(g) for name, g in graphs.items()}
         self._sessions: dict[str, Any] = {}  # per stage, made when first run (the backbone per tile)
         self.table_feeds: dict[str, np.ndarray] = {}
         if m["scorer"]["coresets"] == "input":  # only what the graph takes (exports before pni's fallback: no position)
             self.table_feeds = {k: v for k, v in scorer_table_feeds(self.path, m).items() if k in self._inputs["scorer"]}
         chain = self.chained_stages()
-        self.fused = None  # one session for the whole chain (export.fused), when the graphs allow it
+        self.fused: tuple[tuple[str, ...], Any] | None = None  # one session for the chain (export.fused)
         if fuse and len(chain) > 1:
-            try:
-                graph = fuse_stages([(name, graphs[name]) for name in chain], [self._chain_output(chain)])
-            except FusionError as exc:
-                log.warning("%s: running the stages one by one (%s)", self.path, exc)
-            else:
-                self.fused = (chain, self._session(graph.SerializeToString()))
+            self.fused = self._fuse(chain, graphs)
+        del graphs
         for name in self.stages:  # the rest now, so a broken graph fails at load, not mid-run
             if self.fused is None or name not in chain:
-                self._sessions[name] = self._session(graphs[name].SerializeToString())
+                self._sessions[name] = self._session(str(self._graph_file(name)))
 
-    def _session(self, model: bytes):
+    def _graph_file(self, name: str) -> Path:
+        return self.path / self.manifest["graphs"][name]["file"]
+
+    def _fuse(self, chain: tuple[str, ...], graphs: dict[str, Any]) -> tuple[tuple[str, ...], Any] | None:
+        """The chain as one session, or None (logged) where the graphs cannot be fused or onnxruntime
+        refuses the fused graph: the stages then run one by one, as before fusion existed."""
+        from export.fused import FusionError, fuse_stages
+
+        try:
+            fused = fuse_stages([(name, graphs[name]) for name in chain], [self._chain_output(chain)])
+            return chain, self._session(fused.SerializeToString())
+        except FusionError as exc:
+            log.warning("%s: running the stages one by one (%s)", self.path, exc)
+        except Exception as exc:  # noqa: BLE001 - any refusal of the fused graph leaves the stages, which load on their own
+            log.warning("%s: onnxruntime refused the fused graph, running the stages one by one (%s: %s)",
+                        self.path, exc.__class__.__name__, exc)
+        return None
+
+    def _session(self, model: bytes | str):
         import onnxruntime as ort
 
         return ort.InferenceSession(model, self._options, providers=self._providers)
@@ -205,7 +223,7 @@ class ExportedModel(StagePipeline):
     def run_stage(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One stage's own graph (profiling, tiles); sessions of fused stages are made on first use."""
         if name not in self._sessions:
-            self._sessions[name] = self._session(str(self.path / self.manifest["graphs"][name]["file"]))
+            self._sessions[name] = self._session(str(self._graph_file(name)))
         session = self._sessions[name]
         return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
 
@@ -213,8 +231,12 @@ class ExportedModel(StagePipeline):
         if self.fused is None or tuple(names) != self.fused[0]:
             return super().run_stages(names, feeds)
         session = self.fused[1]
+        wanted = [i.name for i in session.get_inputs()]
+        missing = [k for k in wanted if k not in feeds]
+        if missing:
+            raise ValueError(f"{self.path}: the stages {', '.join(names)} need {missing}, which were not given")
         out = self._chain_output(names)
-        return {out: session.run([out], {i.name: feeds[i.name] for i in session.get_inputs()})[0]}
+        return {out: session.run([out], {k: feeds[k] for k in wanted})[0]}
 
     def normalise(self, maps: np.ndarray) -> np.ndarray:
         """Maps on the held-out scale: (map - pixel_mean) / pixel_std."""
@@ -228,7 +250,13 @@ def scorer_table_feeds(path: Path, manifest: dict[str, Any]) -> dict[str, np.nda
                                       tables.combine_rule(manifest))
 
 
-def _graph_inputs(model: "onnx.ModelProto") -> tuple[str, ...]:
+def _load_graph(path: Path) -> Any:
+    import onnx  # only at load: the runtime reads the graphs' structure and fuses them
+
+    return onnx.load(str(path), load_external_data=False)
+
+
+def _graph_inputs(model: Any) -> tuple[str, ...]:
     initialisers = {t.name for t in model.graph.initializer}
     return tuple(i.name for i in model.graph.input if i.name not in initialisers)
 

@@ -285,9 +285,9 @@ class _Engine:
             shape = self.engine.get_tensor_profile_shape(name, 0)[2]
             self._alloc(name, int(np.prod(shape)) * self.dtypes[name].itemsize)
         self.stream = _check(cudart.cudaStreamCreate())
-        for name, value in table_feeds.items():  # static tables: copied to the device once
-            if name in self.inputs:
-                self._upload(name, value)
+        self.tables = [name for name in table_feeds if name in self.inputs]
+        for name in self.tables:  # static tables: copied to the device once
+            self._upload(name, table_feeds[name])
 
     def _alloc(self, name: str, nbytes: int) -> None:
         ptr = _check(self.cudart.cudaMalloc(max(nbytes, 1)))
@@ -354,7 +354,8 @@ class TRTModel(StagePipeline):
         return self.engines[name].run(feeds)
 
     def stage_inputs(self, name: str) -> tuple[str, ...]:
-        return tuple(self.engines[name].inputs)  # tables among them were uploaded once, and are not fed
+        engine = self.engines[name]
+        return tuple(n for n in engine.inputs if n not in engine.tables)  # tables: uploaded once, never fed
 
     def close(self) -> None:
         for engine in self.engines.values():

@@ -356,6 +356,28 @@ def test_fused_chain_equals_the_stages_one_by_one(exported, images):
     assert features.shape[0] == 2 and fused.stage_inputs("scorer")[:2] == ("features", "probabilities")
 
 
+def test_unfusable_or_refused_graphs_run_stage_by_stage(exported, images, monkeypatch, caplog):
+    import export.fused as fused_mod
+
+    expected = load_exported(exported, threads=1).predict(images[:3])[0]
+
+    def refuse(*_):
+        raise fused_mod.FusionError("a test says no")
+
+    def broken(stages, outputs):  # a graph onnxruntime refuses: an output nothing produces
+        graph = helper.make_graph([], "g", [], [helper.make_tensor_value_info("maps", TensorProto.FLOAT, [1])])
+        return helper.make_model(graph)
+
+    for fake, said in ((refuse, "a test says no"), (broken, "onnxruntime refused the fused graph")):
+        monkeypatch.setattr(fused_mod, "fuse_stages", fake)
+        with caplog.at_level("WARNING", logger="export.runtime"):
+            model = load_exported(exported, threads=1)
+        assert model.fused is None and said in caplog.text
+        np.testing.assert_allclose(model.predict(images[:3])[0], expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"needs \['probabilities'\]"):
+        model.run_stages(("scorer",), {"features": np.zeros((1, 1, 1, 1), np.float32)})
+
+
 def _stage(name: str, nodes, inputs, outputs, inits=(), opset: int = 17) -> tuple[str, onnx.ModelProto]:
     vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [2])  # noqa: E731
     graph = helper.make_graph(nodes, name, [vi(i) for i in inputs], [vi(o) for o in outputs], list(inits))
@@ -396,6 +418,52 @@ def test_fuse_stages_refuses_what_it_cannot_rename():
         fuse_stages([a, b], ["z"])
     with pytest.raises(FusionError, match="no stage produces"):
         fuse_stages([a], ["q"])
+    with pytest.raises(FusionError, match="named twice"):
+        fuse_stages([a], ["y", "y"])
+    with pytest.raises(FusionError, match="also inputs"):  # a pass-through output would loop onto itself
+        fuse_stages([a, _stage("b", [], ["x"], ["x"])], ["x"])
+    ints = _stage("b", [helper.make_node("Relu", ["y"], ["z"])], ["y"], ["z"])
+    ints[1].graph.input[0].type.tensor_type.elem_type = TensorProto.INT64
+    with pytest.raises(FusionError, match="reads 'y' as"):
+        fuse_stages([a, ints], ["z"])
+    external = _stage("b", [helper.make_node("Add", ["y", "w"], ["z"])], ["y"], ["z"],
+                      [onnx.numpy_helper.from_array(np.ones(2, np.float32), "w")])
+    external[1].graph.initializer[0].data_location = onnx.TensorProto.EXTERNAL
+    with pytest.raises(FusionError, match="external data"):
+        fuse_stages([a, external], ["z"])
+
+
+def test_stage_pipeline_wires_stages_by_name():
+    """The stage-by-stage chain TensorRT runs: inputs from the feeds or earlier outputs, held tables never fed."""
+    from export.runtime import StagePipeline
+
+    class Fake(StagePipeline):
+        inputs = {"backbone": ("images",), "scorer": ("features", "images")}  # a table input is left out, as TRT does
+
+        def stage_inputs(self, name):
+            return self.inputs[name]
+
+        def run_stage(self, name, feeds):
+            assert set(feeds) == set(self.inputs[name])
+            if name == "backbone":
+                return {"features": feeds["images"] * 2}
+            return {"maps": feeds["features"] + feeds["images"], "scores": feeds["images"].max(keepdims=True)}
+
+    out = Fake().run_stages(("backbone", "scorer"), {"images": np.ones(3, np.float32), "fill_index": np.zeros(1)})
+    np.testing.assert_array_equal(out["maps"], [3, 3, 3])
+    with pytest.raises(ValueError, match=r"stage scorer needs \['images'\]"):
+        Fake().run_stages(("scorer",), {"features": np.ones(3, np.float32)})
+
+
+def test_fuse_stages_keeps_unnamed_nodes_unnamed():
+    from export.fused import fuse_stages
+
+    a = _stage("a", [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["y"], ["z"])], ["x"], ["z"])
+    fused = fuse_stages([a], ["z"])
+    assert [n.name for n in fused.graph.node] == ["", "", "output/z"]
+    x = np.array([-1, 2], np.float32)
+    out = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(out, [0, -2])
 
 
 def test_runtime_imports_no_torch(exported, images, tmp_path):
@@ -587,6 +655,8 @@ def test_coresets_as_inputs_match_constants(cli_trt, exported, images):
     a = load_exported(exported, threads=1).predict(images[:4])
     b = load_exported(out, threads=1).predict(images[:4])
     np.testing.assert_allclose(b[0], a[0], rtol=1e-5, atol=1e-6)
+    staged = load_exported(out, threads=1, fuse=False)  # the tables fed by name to the scorer stage alone
+    np.testing.assert_allclose(staged.predict(images[:4])[0], a[0], rtol=1e-5, atol=1e-6)
     assert {i.name for i in _session(out / "scorer.onnx").get_inputs()} == {
         "features", "probabilities", "memory_neg2t", "memory_sq", "emb_to_dist", "mask_threshold", "position_penalty"}
 
