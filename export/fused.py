@@ -2,8 +2,9 @@
 
 Four sessions back to back (backbone -> mlp -> softmax -> scorer) each wake their own thread
 pool, copy their outputs back to Python and hand them to the next; one graph keeps every
-intermediate inside onnxruntime (bottle, 1% bank, INT8 export, 2 threads, batch of 4: 88 -> 108
-images/s, maps bit for bit the same). The stage files stay as they are (TensorRT builds one engine
+intermediate inside onnxruntime (INT8 exports at a 1% bank, 2 threads, batches of 4, whole
+`predict`: bottle ~92 -> ~98 images/s, transistor ~88 -> ~93, the same maps bit for bit;
+`benchmarks/bench_onnx.py` times both). The stage files stay as they are (TensorRT builds one engine
 per graph, with a precision per graph); the fused graph is made in memory when a model is loaded.
 
 Wiring is by tensor name, as the stage pipeline wires them: a stage input takes the output of that
