@@ -57,6 +57,14 @@ def _check_flat(name: str, model: onnx.ModelProto) -> None:
             raise FusionError(f"stage {name} has a subgraph ({node.op_type} {node.name})")
 
 
+def _renamed(proto, name: str):
+    """A copy of an initializer or value info under another name."""
+    copy = type(proto)()
+    copy.CopyFrom(proto)
+    copy.name = name
+    return copy
+
+
 def fuse_stages(stages: Sequence[tuple[str, onnx.ModelProto]], outputs: Sequence[str]) -> onnx.ModelProto:
     """One graph running `stages` (name, model) in order; `outputs` names stage outputs (the latest
     stage producing each) that become the fused graph's outputs, under the same names."""
@@ -96,11 +104,8 @@ def fuse_stages(stages: Sequence[tuple[str, onnx.ModelProto]], outputs: Sequence
         def rename(tensor: str) -> str:
             return "" if tensor == "" else bound.get(tensor, prefix + tensor)  # "" = an omitted optional input
 
-        for t in g.initializer:
-            copy = onnx.TensorProto()
-            copy.CopyFrom(t)
-            copy.name = rename(t.name)
-            inits.append(copy)
+        inits.extend(_renamed(t, rename(t.name)) for t in g.initializer)
+        value_info.extend(_renamed(vi, rename(vi.name)) for vi in g.value_info)
         for node in g.node:
             copy = onnx.NodeProto()
             copy.CopyFrom(node)
@@ -108,11 +113,6 @@ def fuse_stages(stages: Sequence[tuple[str, onnx.ModelProto]], outputs: Sequence
             copy.input[:] = [rename(i) for i in node.input]
             copy.output[:] = [rename(o) for o in node.output]
             nodes.append(copy)
-        for vi in g.value_info:
-            copy = onnx.ValueInfoProto()
-            copy.CopyFrom(vi)
-            copy.name = rename(vi.name)
-            value_info.append(copy)
         for out in g.output:
             produced[out.name] = rename(out.name)
             kinds[produced[out.name]] = _kind(out.type)
