@@ -101,13 +101,13 @@ def shifted_copy(data_root: Path, category: str, out_root: Path, fraction: float
         rel = image.relative_to(src)
         pixels = np.asarray(Image.open(image))
         offset = tuple(int(v) for v in rng.uniform(-fraction, fraction, 2) * pixels.shape[:2])
-        pairs = [(image, dst / rel)]
+        pairs = [(pixels, dst / rel)]
         if rel.parts[0] == "test" and rel.parts[1] != "good":
             mask = Path("ground_truth") / rel.parts[1] / f"{image.stem}_mask.png"
-            pairs.append((src / mask, dst / mask))
-        for a, b in pairs:
-            b.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.roll(np.asarray(Image.open(a)), offset, axis=(0, 1))).save(b)
+            pairs.append((np.asarray(Image.open(src / mask)), dst / mask))
+        for values, out in pairs:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.roll(values, offset, axis=(0, 1))).save(out)
     return out_root
 
 

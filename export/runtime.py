@@ -80,11 +80,13 @@ class StagePipeline:
         that runs the chain as one graph returns only that."""
         env = dict(feeds)
         for name in names:
-            missing = [k for k in self.stage_inputs(name) if k not in env]
-            if missing:
-                raise ValueError(f"stage {name} needs {missing}, given neither in the feeds nor by an earlier stage")
-            env.update(self.run_stage(name, {k: env[k] for k in self.stage_inputs(name)}))
+            env.update(self.run_stage(name, _pick(env, self.stage_inputs(name), f"stage {name}")))
         return env
+
+    @staticmethod
+    def chain_output(chain: Sequence[str]) -> str:
+        """The map a chain of stages ends with: the refiner's when it has one, else the scorer's."""
+        return "refined_maps" if "refiner" in chain else "maps"
 
     def _batched(self, name: str, key: str, x: np.ndarray, out: str) -> np.ndarray:
         return np.concatenate([self.run_stage(name, {key: x[i : i + self.max_batch]})[out]
@@ -109,7 +111,7 @@ class StagePipeline:
                     self._batched("backbone", "images", self.geometry.tile_stack(p), "features"), p) for p in batch])
             if self.manifest["scorer"].get("fill_index"):
                 feeds["fill_index"] = np.stack([p.fill_index() for p in batch])
-            maps = self.run_stages(chain, feeds)["refined_maps" if "refiner" in chain else "maps"]
+            maps = self.run_stages(chain, feeds)[self.chain_output(chain)]
             maps_out.append(np.asarray(maps, np.float32))
             scores_out.extend(self.geometry.image_score(m, p) for m, p in zip(maps, batch))
         if not maps_out:
@@ -178,7 +180,8 @@ class ExportedModel(StagePipeline):
         if m["scorer"]["coresets"] == "input":  # only what the graph takes (exports before pni's fallback: no position)
             self.table_feeds = {k: v for k, v in scorer_table_feeds(self.path, m).items() if k in self._inputs["scorer"]}
         chain = self.chained_stages()
-        self.fused: tuple[tuple[str, ...], Any] | None = None  # one session for the chain (export.fused)
+        # (chain, its one session, the session's input names): export.fused; None: stage by stage
+        self.fused: tuple[tuple[str, ...], Any, tuple[str, ...]] | None = None
         if fuse and len(chain) > 1:
             self.fused = self._fuse(chain, graphs)
         del graphs
@@ -189,14 +192,15 @@ class ExportedModel(StagePipeline):
     def _graph_file(self, name: str) -> Path:
         return self.path / self.manifest["graphs"][name]["file"]
 
-    def _fuse(self, chain: tuple[str, ...], graphs: dict[str, Any]) -> tuple[tuple[str, ...], Any] | None:
+    def _fuse(self, chain: tuple[str, ...], graphs: dict[str, Any]) -> tuple[tuple[str, ...], Any, tuple[str, ...]] | None:
         """The chain as one session, or None (logged) where the graphs cannot be fused or onnxruntime
         refuses the fused graph: the stages then run one by one, as before fusion existed."""
         from export.fused import FusionError, fuse_stages
 
         try:
-            fused = fuse_stages([(name, graphs[name]) for name in chain], [self._chain_output(chain)])
-            return chain, self._session(fused.SerializeToString())
+            fused = fuse_stages([(name, graphs[name]) for name in chain], [self.chain_output(chain)])
+            session = self._session(fused.SerializeToString())
+            return chain, session, tuple(i.name for i in session.get_inputs())
         except FusionError as exc:
             log.warning("%s: running the stages one by one (%s)", self.path, exc)
         except Exception as exc:  # noqa: BLE001 - any refusal of the fused graph leaves the stages, which load on their own
@@ -208,10 +212,6 @@ class ExportedModel(StagePipeline):
         import onnxruntime as ort
 
         return ort.InferenceSession(model, self._options, providers=self._providers)
-
-    @staticmethod
-    def _chain_output(chain: Sequence[str]) -> str:
-        return "refined_maps" if "refiner" in chain else "maps"
 
     @property
     def has_refiner(self) -> bool:
@@ -230,13 +230,9 @@ class ExportedModel(StagePipeline):
     def run_stages(self, names: Sequence[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.fused is None or tuple(names) != self.fused[0]:
             return super().run_stages(names, feeds)
-        session = self.fused[1]
-        wanted = [i.name for i in session.get_inputs()]
-        missing = [k for k in wanted if k not in feeds]
-        if missing:
-            raise ValueError(f"{self.path}: the stages {', '.join(names)} need {missing}, which were not given")
-        out = self._chain_output(names)
-        return {out: session.run([out], {k: feeds[k] for k in wanted})[0]}
+        _, session, inputs = self.fused
+        out = self.chain_output(names)
+        return {out: session.run([out], _pick(feeds, inputs, f"{self.path}: the fused stages"))[0]}
 
     def normalise(self, maps: np.ndarray) -> np.ndarray:
         """Maps on the held-out scale: (map - pixel_mean) / pixel_std."""
@@ -248,6 +244,14 @@ def scorer_table_feeds(path: Path, manifest: dict[str, Any]) -> dict[str, np.nda
     """Coresets fed as scorer inputs, built from the Arrow tables exactly as the exporter builds them."""
     return tables.scorer_table_values(manifest["mode"], tables.ScoringTables.read(path), float(manifest["tau"]),
                                       tables.combine_rule(manifest))
+
+
+def _pick(env: dict[str, np.ndarray], wanted: Sequence[str], who: str) -> dict[str, np.ndarray]:
+    """The feeds `who` takes, or an error naming those that nothing gave."""
+    missing = [k for k in wanted if k not in env]
+    if missing:
+        raise ValueError(f"{who} needs {missing}, given neither in the feeds nor by an earlier stage")
+    return {k: env[k] for k in wanted}
 
 
 def _load_graph(path: Path) -> Any:
