@@ -38,7 +38,9 @@ class PatchFeatureExtractor(nn.Module):
         self.indices = stage_indices(body)
         self.stage_channels = [body.feature_info[i]["num_chs"] for i in self.indices]  # type: ignore[index]
         body.prune_intermediate_layers(self.indices, prune_head=True)  # type: ignore[operator]
-        self.body = body.eval()
+        # channels-last: oneDNN's CPU convolutions (depthwise ones above all) run ~1.7x faster on
+        # NHWC than on NCHW (efficientnet_lite2, 320 px, 2 threads: 28 vs 50 ms per image)
+        self.body = body.eval().to(memory_format=torch.channels_last)
         for p in self.body.parameters():
             p.requires_grad_(False)
         self.patch_size = cfg.patch_size
@@ -51,7 +53,7 @@ class PatchFeatureExtractor(nn.Module):
         return self.projection_dim or sum(self.stage_channels)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images - self.mean) / self.std
+        x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         stages = self.body.forward_intermediates(x, indices=self.indices, intermediates_only=True)  # type: ignore[operator]
         p = self.patch_size
         pooled = [F.avg_pool2d(s, p, stride=1, padding=p // 2, count_include_pad=False) for s in stages]
