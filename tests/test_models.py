@@ -49,6 +49,9 @@ def test_squared_distances_and_nearest_match_brute_force():
     assert torch.equal(i, ref.argmin(1)) and torch.allclose(d, ref.min(1).values.sqrt(), atol=1e-4)
     d2, i2 = nearest_neighbours(x, m, chunk=64, desc="progress bar shown")
     assert torch.equal(d2, d) and torch.equal(i2, i)
+    buffer = torch.full((300, 70), float("nan"))  # blocks are written into one reused buffer
+    assert squared_distances(x, m, (m * m).sum(1), out=buffer) is buffer and torch.allclose(buffer, ref, atol=1e-4)
+    assert torch.equal(nearest_neighbours(x, m, chunk=300)[1], i)  # one block, and 300 = 4 x 64 + 44 above
 
 
 def test_masked_argmin_marks_rows_with_nothing_allowed():
