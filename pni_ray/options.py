@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from pni_ray.config import PRESETS, TrainConfig
+from pni_ray.config import MLP_PRECISIONS, PRESETS, TrainConfig
 
 # Training threads: the thread count changes torch's float reductions (and so the bundle bytes),
 # so training never defaults to "all cores" (machine-dependent) but to one fixed count, the same
@@ -52,6 +52,7 @@ def build_config(
     mode: str | None = None,
     dist_size: int | None = None,
     epochs: int | None = None,
+    mlp_precision: str | None = None,
     refine: bool = False,
     base: TrainConfig | None = None,
     geometry: str | None = None,
@@ -83,7 +84,8 @@ def build_config(
     )
     neighbourhood = dataclasses.replace(
         cfg.neighbourhood,
-        **{k: v for k, v in {"dist_size": dist_size, "epochs": epochs}.items() if v is not None},
+        **{k: v for k, v in {"dist_size": dist_size, "epochs": epochs, "train_precision": mlp_precision}.items()
+           if v is not None},
     )
     refiner = dataclasses.replace(cfg.refiner, enabled=refine or cfg.refiner.enabled)
     changes: dict[str, Any] = {"features": features, "coreset": coreset, "neighbourhood": neighbourhood, "refiner": refiner,
@@ -127,6 +129,9 @@ def train_options(fn: Any) -> Any:
         click.option("--coreset-ratio", type=float, default=None, help="Fraction of patches kept in C_emb."),
         click.option("--dist-size", type=int, default=None, help="|C_dist| (paper 2048, capped by |C_emb|)."),
         click.option("--epochs", type=int, default=None, help="Neighbourhood-MLP epochs."),
+        click.option("--mlp-precision", type=click.Choice(list(MLP_PRECISIONS)), default=None,
+                     help="Neighbourhood-MLP training steps in float32 (default) or bfloat16 autocast: ~1.3x faster "
+                          "on CPUs with native bf16 (AVX512-BF16, AMX), same held-out accuracy on bottle."),
         click.option("--seed", type=int, default=None, help="Random seed (default 0)."),
         click.option("--mode", type=click.Choice(["pni", "patchcore"]), default=None,
                      help="pni: full model; patchcore: memory bank only."),

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pni_ray.config import NeighbourhoodConfig, TrainConfig
+from pni_ray.config import MLP_PRECISIONS, NeighbourhoodConfig, TrainConfig
 from pni_ray.data.geometry import Geometry, candidate_rows, content_maps, extract_training_features
 from pni_ray.data.mvtec import Category, load_category
 from pni_ray.models.coreset import greedy_kcenter_order
@@ -51,6 +51,20 @@ def coreset_size(n_patches: int, ratio: float, min_size: int, max_size: int) -> 
     return int(min(n_patches, max(min_size, min(max_size, math.ceil(ratio * n_patches)))))
 
 
+def training_autocast(precision: str) -> bool:
+    """Whether MLP training steps run under bf16 autocast; refuses bf16 where the CPU would emulate it."""
+    if precision not in MLP_PRECISIONS:
+        raise ValueError(f"unknown MLP training precision {precision!r}; choose from {MLP_PRECISIONS}")
+    if precision == "float32":
+        return False
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        raise ValueError(
+            "neighbourhood.train_precision 'bfloat16' needs a CPU with native bf16 (AVX512-BF16 or AMX); "
+            "this one would emulate it, far slower than float32: train with --mlp-precision float32"
+        )
+    return True
+
+
 def train_neighbourhood_mlp(
     features: torch.Tensor,
     targets: torch.Tensor,
@@ -79,6 +93,7 @@ def train_neighbourhood_mlp(
     history = []
     best: tuple[float, int, dict] | None = None  # (val loss, epoch, weights) of the best epoch so far
     per_image = cfg.positions_per_image or h * w  # None: every position
+    bf16 = training_autocast(cfg.train_precision)
     bar = tqdm(range(cfg.epochs), desc="neighbourhood MLP", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         mlp.train()
@@ -86,23 +101,13 @@ def train_neighbourhood_mlp(
         total, count = 0.0, 0
         for i in range(0, len(order), cfg.batch_images):
             batch = order[i : i + cfg.batch_images]
-            if valid is None and crop is None:
-                hidden = mlp.hidden_features(features[batch])
-                labels = targets[batch].reshape(-1)
-            else:
-                hidden, labels, batch_valid = _cropped_batch(mlp, features, targets, valid, batch, crop, cfg.window, generator)
-            rows = hidden.permute(0, 2, 3, 1).reshape(-1, hidden.shape[1])
-            if valid is None:
-                n_pick = min(rows.shape[0], per_image * len(batch))
-                pick = torch.randperm(rows.shape[0], generator=generator)[:n_pick]
-            else:
-                allowed = batch_valid.reshape(-1).nonzero(as_tuple=True)[0]
-                n_pick = min(allowed.numel(), per_image * len(batch))
-                if n_pick == 0:
-                    continue
-                pick = allowed[torch.randperm(allowed.numel(), generator=generator)[:n_pick]]
-            logits = F.linear(rows[pick], mlp.classifier.weight.flatten(1), mlp.classifier.bias)
-            loss = F.cross_entropy(logits, labels[pick])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                step = _batch_logits(mlp, features, targets, valid, batch, crop, cfg.window, per_image, generator)
+            if step is None:
+                continue
+            logits, labels = step
+            n_pick = labels.numel()
+            loss = F.cross_entropy(logits.float(), labels)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -134,6 +139,36 @@ def train_neighbourhood_mlp(
         "n_train_images": len(train_idx),
         "n_val_images": n_val,
     }
+
+
+def _batch_logits(
+    mlp: NeighbourhoodMLP,
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    valid: torch.Tensor | None,
+    batch: torch.Tensor,
+    crop: tuple[int, int] | None,
+    window: int,
+    per_image: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Logits and labels of one training batch's sampled valid positions (None: no valid position)."""
+    if valid is None and crop is None:
+        hidden = mlp.hidden_features(features[batch])
+        labels = targets[batch].reshape(-1)
+    else:
+        hidden, labels, batch_valid = _cropped_batch(mlp, features, targets, valid, batch, crop, window, generator)
+    rows = hidden.permute(0, 2, 3, 1).reshape(-1, hidden.shape[1])
+    if valid is None:
+        n_pick = min(rows.shape[0], per_image * len(batch))
+        pick = torch.randperm(rows.shape[0], generator=generator)[:n_pick]
+    else:
+        allowed = batch_valid.reshape(-1).nonzero(as_tuple=True)[0]
+        n_pick = min(allowed.numel(), per_image * len(batch))
+        if n_pick == 0:
+            return None
+        pick = allowed[torch.randperm(allowed.numel(), generator=generator)[:n_pick]]
+    return F.linear(rows[pick], mlp.classifier.weight.flatten(1), mlp.classifier.bias), labels[pick]
 
 
 def _cropped_batch(
@@ -308,6 +343,7 @@ def train_category(
         chunk = cfg.scoring.chunk_patches
         targets, nearest_emb = nearest_in_prefix_and_all(rows, memory, dist_size, chunk,
                                                          desc="nearest C_dist / C_emb" if progress else None)
+        t_assign = time.perf_counter()
         prior, spread, keep = fit_position_prior(
             extractor, geometry, holdout_paths, memory, nearest_emb.view(n_img, h, w), valid, cfg, progress
         )
@@ -315,6 +351,7 @@ def train_category(
         facts["position_held_out_keep"] = {str(k): round(v, 6) for k, v in keep.items()}
         log.info("%s: position prior spread %d (held-out keep rates %s)", category, spread,
                  {k: round(v, 4) for k, v in keep.items()})
+        t_prior = time.perf_counter()
         mlp, mlp_report = train_neighbourhood_mlp(
             feats, targets.view(n_img, h, w), dist_size, cfg.neighbourhood, cfg.seed, progress,
             valid=valid, crop=geometry.mlp_crop(),
@@ -343,7 +380,9 @@ def train_category(
     seconds = {
         "features": t_feat - t0,
         "coreset": t_coreset - t_feat,
-        "pni": t_pni - t_coreset,
+        "pni": t_pni - t_coreset,  # the three below, and building C_dist
+        **({"assignment": t_assign - t_coreset, "position_prior": t_prior - t_assign, "mlp": t_pni - t_prior}
+           if cfg.mode == "pni" else {}),
         "calibration": time.perf_counter() - t_pni,
         "total": time.perf_counter() - t0,
     }

@@ -160,3 +160,27 @@ def test_mlp_epochs_visit_at_most_images_per_epoch():
     assert [r["train_images"] for r in full["history"]] == [11, 11]  # 12 images, 1 held for validation
     again = train_neighbourhood_mlp(feats, targets, 2, dataclasses.replace(base, images_per_epoch=5), 0, False)[1]
     assert again["history"] == capped["history"]  # seeded
+
+
+def test_bf16_mlp_training_learns_as_float32_does_and_is_refused_where_emulated(monkeypatch):
+    """--mlp-precision bfloat16: autocast training steps, fp32 weights; refused on CPUs without native bf16."""
+    from pni_ray import training
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(12, 6, 8, 8, generator=g)
+    targets = (feats[:, 0] > 0).long()
+    base = NeighbourhoodConfig(window=3, bottleneck=4, hidden=8, depth=1, epochs=6, patience=6, lr=1e-2, batch_images=4)
+    assert build_config(mlp_precision="bfloat16").neighbourhood.train_precision == "bfloat16"
+    bf16 = dataclasses.replace(base, train_precision="bfloat16")
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        mlp32, rep32 = train_neighbourhood_mlp(feats, targets, 2, base, 0, False)
+        mlp16, rep16 = train_neighbourhood_mlp(feats, targets, 2, bf16, 0, False)
+        assert all(p.dtype == torch.float32 for p in mlp16.parameters())
+        assert not torch.equal(mlp16.classifier.weight, mlp32.classifier.weight)  # autocast was on
+        assert rep16["best"]["val_loss"] == pytest.approx(rep32["best"]["val_loss"], rel=0.05)
+        assert rep16 == train_neighbourhood_mlp(feats, targets, 2, bf16, 0, False)[1]  # seeded
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with pytest.raises(ValueError, match="native bf16"):
+        train_neighbourhood_mlp(feats, targets, 2, bf16, 0, False)
+    with pytest.raises(ValueError, match="float16"):
+        training.training_autocast("float16")
