@@ -11,6 +11,11 @@ good-image patches and of defect patches whose score the mask changed, the mean 
 and the MLP's held-out top-1 / top-5. Categories absent from the data root are skipped with a
 message.
 
+`--neighbourhood-cuts 4,16` also scores mode pni with p(c|N) cut at 4 and 16 times tau instead
+of tau (p(c|x)'s cut unchanged) and prints, per cut, the share of held-out good patches whose
+nearest entry the neighbourhood still allows (alone, and together with the position) and the
+metrics: does a stricter neighbourhood find defects, or only veto normal patches?
+
 `--shift F` runs the same on copies of each category (written under --workdir, never into the
 data root) whose every image, and its mask, is rolled by a seeded random offset of up to F of its
 side: a category whose objects move, where the position prior must widen (or cost nothing).
@@ -36,6 +41,8 @@ from pni_ray.config import TrainConfig  # noqa: E402
 from pni_ray.data.mvtec import load_category  # noqa: E402
 from pni_ray.evaluate import ABLATION_MODES, attach_diagnostics, evaluate_category, prior_diagnostics  # noqa: E402
 from pni_ray.models.pni import build_detector  # noqa: E402
+from pni_ray.models.predict import detector_geometry, features  # noqa: E402
+from pni_ray.models.scorer import nearest_neighbours  # noqa: E402
 from pni_ray.training import train_category  # noqa: E402
 
 COLUMNS = (
@@ -65,7 +72,41 @@ def bundle_for(data_root: Path, category: str, workdir: Path, cfg: TrainConfig) 
     return path, seconds
 
 
-def run_category(data_root: Path, category: str, workdir: Path, cfg: TrainConfig) -> dict:
+@torch.no_grad()
+def held_out_nearest_probs(detector, image_dir: Path, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """p(c|N) and p(c|x) of each held-out good patch's nearest C_emb entry, and tau."""
+    scorer, geometry = detector.scorer, detector_geometry(detector)
+    p_n, p_x = [], []
+    for i in range(0, len(names), 8):
+        prepared = [geometry.prepare(geometry.load(image_dir / n)) for n in names[i : i + 8]]
+        feats = features(detector.extractor, geometry, prepared)
+        b, d, h, w = feats.shape
+        rows = feats.permute(0, 2, 3, 1).reshape(-1, d)
+        nearest = nearest_neighbours(rows, scorer.memory, scorer.chunk_patches)[1]
+        probs = detector.mlp.probabilities(feats).permute(0, 2, 3, 1).reshape(rows.shape[0], -1)
+        p_n.append(probs.gather(1, scorer.emb_to_dist[nearest, None])[:, 0] * scorer.inv_cluster[nearest])
+        p_x.append(scorer.position_prior[torch.arange(h * w).repeat(b), nearest])
+    return torch.cat(p_n), torch.cat(p_x), scorer.tau
+
+
+def neighbourhood_cuts(detector, cat, manifest: dict, factors: list[float]) -> list[dict]:
+    """Mode pni with p(c|N) cut at factor x tau: held-out keep rates (train/good only) and test metrics."""
+    names = (manifest.get("training") or {}).get("holdout_images") or []
+    p_n, p_x, tau = held_out_nearest_probs(detector, cat.root / "train" / "good", names)
+    rows = []
+    try:
+        for factor in factors:
+            detector.scorer.tau_neighbourhood = factor * tau
+            metrics = evaluate_category(detector, cat, modes=("pni",), progress=False)["pni"]
+            rows.append({"factor": factor, "keep_neighbourhood": float((p_n > factor * tau).float().mean()),
+                         "keep_both": float(((p_n > factor * tau) & (p_x > tau)).float().mean()),
+                         **{k: metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro")}})
+    finally:
+        detector.scorer.tau_neighbourhood = tau
+    return rows
+
+
+def run_category(data_root: Path, category: str, workdir: Path, cfg: TrainConfig, cut_factors: list[float]) -> dict:
     bundle, train_s = bundle_for(data_root, category, workdir, cfg)
     trained, manifest = load_bundle(bundle)
     detector = build_detector(trained)
@@ -75,8 +116,9 @@ def run_category(data_root: Path, category: str, workdir: Path, cfg: TrainConfig
     for row in results.values():
         row["ms_per_image"] = 1000.0 / row["images_per_s"]
     training = manifest.get("training") or {}
+    cuts = neighbourhood_cuts(detector, cat, manifest, cut_factors) if cut_factors else []
     return {"train_seconds": train_s, "position_spread": training.get("position_spread"),
-            "held_out_keep": training.get("position_held_out_keep"), "modes": results}
+            "held_out_keep": training.get("position_held_out_keep"), "modes": results, "neighbourhood_cuts": cuts}
 
 
 def print_category(category: str, res: dict) -> None:
@@ -90,6 +132,10 @@ def print_category(category: str, res: dict) -> None:
     for key in ("pixel_auroc", "aupro", "image_auroc"):
         print(f"  pni - patchcore {key}: {m['pni'][key] - m['patchcore'][key]:+.4f}; "
               f"pni - position: {m['pni'][key] - m['position'][key]:+.4f}")
+    for cut in res.get("neighbourhood_cuts", []):
+        print(f"  pni, p(c|N) cut at {cut['factor']:g} tau: held-out keep {cut['keep_neighbourhood']:.4f} "
+              f"(with position {cut['keep_both']:.4f}); {cut['image_auroc']:.4f} / {cut['pixel_auroc']:.4f} / "
+              f"{cut['aupro']:.4f}")
 
 
 def shifted_copy(data_root: Path, category: str, out_root: Path, fraction: float, seed: int = 0) -> Path:
@@ -120,7 +166,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write every figure here")
     parser.add_argument("--shift", type=float, default=0.0, metavar="F",
                         help="score copies whose images are rolled by up to F of their side (objects that move)")
+    parser.add_argument("--neighbourhood-cuts", default="", metavar="F,F",
+                        help="also score pni with p(c|N) cut at these multiples of tau (e.g. 4,16)")
     args = parser.parse_args()
+    cut_factors = [float(f) for f in args.neighbourhood_cuts.split(",") if f]
     torch.set_num_threads(args.threads)
     cfg = TrainConfig()
     out = {}
@@ -130,9 +179,9 @@ def main() -> None:
             continue
         if args.shift:
             root = shifted_copy(args.data_root, category, args.workdir / f"shifted-{args.shift:g}" / "data", args.shift)
-            out[category] = run_category(root, category, args.workdir / f"shifted-{args.shift:g}", cfg)
+            out[category] = run_category(root, category, args.workdir / f"shifted-{args.shift:g}", cfg, cut_factors)
         else:
-            out[category] = run_category(args.data_root, category, args.workdir, cfg)
+            out[category] = run_category(args.data_root, category, args.workdir, cfg, cut_factors)
         print_category(category, out[category])
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

@@ -269,6 +269,18 @@ def test_candidate_path_matches_definition(mode):
     assert torch.allclose(scorer(feats, p_dist, mode), fast)
 
 
+def test_stricter_neighbourhood_cut_is_one_rule_on_every_path():
+    """tau_neighbourhood (benchmarks only) tightens p(c|N) alone: candidate and dense paths agree, and
+    the position's cut, hence its candidate table and mode position, are unchanged."""
+    scorer, *_, feats, p_dist = _sparse_setup()
+    base, table = scorer(feats, p_dist, "pni"), scorer.candidates.clone()
+    scorer.tau_neighbourhood = 40 * scorer.tau
+    strict = scorer(feats, p_dist, "pni")
+    assert torch.equal(scorer.candidates, table) and not torch.allclose(strict, base)
+    assert torch.allclose(strict, scorer(feats, p_dist, "pni", exact_dense=True), atol=1e-5)
+    assert torch.equal(scorer(feats, p_dist, "position"), scorer(feats, None, "position"))
+
+
 def test_candidate_path_only_where_it_is_the_same_rule():
     scorer, *_ = _sparse_setup(combine="mean")
     assert scorer.uses_candidates("position") and not scorer.uses_candidates("pni")  # mean admits more

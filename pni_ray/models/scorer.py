@@ -150,6 +150,9 @@ class PatchScorer(nn.Module):
         self.register_buffer("memory", memory)
         self.register_buffer("memory_sq", (memory * memory).sum(1))
         self.tau = tau_scale / memory.shape[0]
+        # p(c|N)'s own cut where it masks alone or beside p(c|x) ("both", pni_split): tau in every
+        # bundle; `benchmarks/bench_ablation.py --neighbourhood-cuts` raises it to try a stricter one
+        self.tau_neighbourhood = self.tau
         self.chunk_patches = chunk_patches
         self.topk = topk
         self.combine = combine
@@ -249,7 +252,7 @@ class PatchScorer(nn.Module):
             local = dist.argmin(2)
             if p is not None:  # both priors; nothing allowed -> the position's nearest (local)
                 p_n = p[sl].gather(2, self.emb_to_dist[cand].unsqueeze(1).expand(-1, b, -1))
-                allowed = p_n * self.inv_cluster[cand].unsqueeze(1) > self.tau
+                allowed = p_n * self.inv_cluster[cand].unsqueeze(1) > self.tau_neighbourhood
                 j = masked_argmin(dist.reshape(-1, k), allowed.reshape(-1, k)).view_as(local)
                 local = torch.where(j < 0, local, j)
             choice[sl] = cand.gather(1, local)
@@ -308,14 +311,14 @@ class PatchScorer(nn.Module):
         if mode in ("position", "pni", "pni_split"):
             p_x = self.position_mask_probs(positions, idx)
         if mode == "neighbourhood":
-            return p_n > self.tau
+            return p_n > self.tau_neighbourhood
         if mode == "position":
             return p_x > self.tau
         if mode == "pni":
             if self.combine == "mean":
                 return (p_n + p_x) * 0.5 > self.tau
-            return (p_n > self.tau) & (p_x > self.tau)
-        return p_n > self.tau, p_x > self.tau
+            return (p_n > self.tau_neighbourhood) & (p_x > self.tau)
+        return p_n > self.tau_neighbourhood, p_x > self.tau
 
     def position_mask_probs(self, positions: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
         """p(c|x) of all entries (idx None) or only the (P, k) entries in idx (never P dense rows)."""
