@@ -91,6 +91,9 @@ def held_out_nearest_probs(detector, image_dir: Path, names: list[str]) -> tuple
 
 def neighbourhood_cuts(detector, cat, manifest: dict, factors: list[float]) -> list[dict]:
     """Mode pni with p(c|N) cut at factor x tau: held-out keep rates (train/good only) and test metrics."""
+    if detector.scorer.combine != "both":
+        raise ValueError(f"{cat.name}: --neighbourhood-cuts needs scoring.combine 'both' (the paper's mean has one tau "
+                         f"for both priors), this bundle has {detector.scorer.combine!r}")
     names = (manifest.get("training") or {}).get("holdout_images") or []
     p_n, p_x, tau = held_out_nearest_probs(detector, cat.root / "train" / "good", names)
     rows = []

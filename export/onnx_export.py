@@ -296,9 +296,6 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
         if st.grid != (h, w):
             raise ValueError(f"{bundle}: position prior grid {st.grid} differs from the bundle's feature grid {(h, w)}")
         tau = float(detector.scorer.tau)
-        if detector.scorer.tau_neighbourhood != detector.scorer.tau:
-            raise ValueError(f"{bundle}: the export takes one tau for both priors; this detector's p(c|N) cut "
-                             f"({detector.scorer.tau_neighbourhood:.3g}) differs from tau ({tau:.3g})")
         combine = str(detector.scorer.combine)
         masks = tables.mask_spec(mode, st, tau, combine)
         candidates = empty = None

@@ -57,12 +57,18 @@ def training_autocast(precision: str) -> bool:
         raise ValueError(f"unknown MLP training precision {precision!r}; choose from {MLP_PRECISIONS}")
     if precision == "float32":
         return False
-    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    if not native_bf16():
         raise ValueError(
-            "neighbourhood.train_precision 'bfloat16' needs a CPU with native bf16 (AVX512-BF16 or AMX); "
-            "this one would emulate it, far slower than float32: train with --mlp-precision float32"
+            "neighbourhood.train_precision 'bfloat16' needs a CPU with native bf16 (AVX512-BF16 or AMX); this "
+            "one would emulate it, far slower than float32: train with --mlp-precision float32 (or set "
+            "neighbourhood.train_precision to \"float32\" in the --config file)"
         )
     return True
+
+
+def native_bf16() -> bool:
+    """AVX512-BF16 or AMX: the x86 instructions oneDNN's bf16 kernels need to beat float32."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def train_neighbourhood_mlp(
@@ -300,6 +306,8 @@ def train_category(
 ) -> TrainedModel:
     """Fit PatchCore memory bank and, in `pni` mode, the neighbourhood MLP and position prior."""
     t0 = time.perf_counter()
+    if cfg.mode == "pni":
+        training_autocast(cfg.neighbourhood.train_precision)  # refused before minutes of features, not after
     seed_everything(cfg.seed)
     geometry = Geometry.from_config(cfg)
     cat = category_data or load_category(data_root, category, max_pixels=geometry.max_pixels)
@@ -380,7 +388,7 @@ def train_category(
     seconds = {
         "features": t_feat - t0,
         "coreset": t_coreset - t_feat,
-        "pni": t_pni - t_coreset,  # the three below, and building C_dist
+        "pni": t_pni - t_coreset,  # = assignment + position_prior + mlp
         **({"assignment": t_assign - t_coreset, "position_prior": t_prior - t_assign, "mlp": t_pni - t_prior}
            if cfg.mode == "pni" else {}),
         "calibration": time.perf_counter() - t_pni,

@@ -279,6 +279,14 @@ def test_stricter_neighbourhood_cut_is_one_rule_on_every_path():
     assert torch.equal(scorer.candidates, table) and not torch.allclose(strict, base)
     assert torch.allclose(strict, scorer(feats, p_dist, "pni", exact_dense=True), atol=1e-5)
     assert torch.equal(scorer(feats, p_dist, "position"), scorer(feats, None, "position"))
+    for combine in ("both", "mean"):  # the top-k path of a broad prior, and the paper's mean (one tau)
+        broad, *_, feats, p_dist = _scorer_setup(combine=combine)
+        before = {m: broad(feats, p_dist, m) for m in ("neighbourhood", "pni", "pni_split")}
+        broad.tau_neighbourhood = 40 * broad.tau
+        for mode, base in before.items():
+            now = broad(feats, p_dist, mode)
+            assert torch.allclose(now, broad(feats, p_dist, mode, exact_dense=True), atol=1e-4), (combine, mode)
+            assert torch.equal(now, base) == (combine == "mean" and mode == "pni"), (combine, mode)
 
 
 def test_candidate_path_only_where_it_is_the_same_rule():
@@ -305,3 +313,22 @@ def test_nearest_in_prefix_and_all_is_two_searches_in_one():
     assert torch.equal(near_prefix, nearest_neighbours(x, memory[:40], 128)[1])
     assert torch.equal(near_all, nearest_neighbours(x, memory, 128)[1])
     assert (near_prefix < 40).all() and (near_all >= 40).any()
+
+
+def test_extractor_runs_channels_last_and_returns_contiguous_nchw():
+    """The backbone's convolutions run on NHWC (oneDNN's fast CPU layout); callers still get NCHW."""
+    from pni_ray.config import FeatureConfig
+    from pni_ray.models.features import build_extractor
+
+    extractor = build_extractor(FeatureConfig(backbone="efficientnet_lite0", pretrained=False, image_size=64))
+    stem = next(m for m in extractor.body.modules() if isinstance(m, torch.nn.Conv2d))
+    assert stem.weight.is_contiguous(memory_format=torch.channels_last) and not stem.weight.is_contiguous()
+    with torch.no_grad():
+        out = extractor(torch.rand(2, 3, 64, 64))
+    assert out.shape == (2, extractor.dim, 8, 8) and out.is_contiguous()
+
+
+def test_training_seconds_split_the_pni_stage(trained_tiny):
+    seconds = trained_tiny.report["seconds"]
+    parts = seconds["assignment"] + seconds["position_prior"] + seconds["mlp"]
+    assert parts == pytest.approx(seconds["pni"], rel=1e-9) and min(seconds.values()) >= 0.0

@@ -172,15 +172,20 @@ def test_bf16_mlp_training_learns_as_float32_does_and_is_refused_where_emulated(
     base = NeighbourhoodConfig(window=3, bottleneck=4, hidden=8, depth=1, epochs=6, patience=6, lr=1e-2, batch_images=4)
     assert build_config(mlp_precision="bfloat16").neighbourhood.train_precision == "bfloat16"
     bf16 = dataclasses.replace(base, train_precision="bfloat16")
-    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if training.native_bf16():
         mlp32, rep32 = train_neighbourhood_mlp(feats, targets, 2, base, 0, False)
         mlp16, rep16 = train_neighbourhood_mlp(feats, targets, 2, bf16, 0, False)
         assert all(p.dtype == torch.float32 for p in mlp16.parameters())
         assert not torch.equal(mlp16.classifier.weight, mlp32.classifier.weight)  # autocast was on
         assert rep16["best"]["val_loss"] == pytest.approx(rep32["best"]["val_loss"], rel=0.05)
         assert rep16 == train_neighbourhood_mlp(feats, targets, 2, bf16, 0, False)[1]  # seeded
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    monkeypatch.setattr(training, "native_bf16", lambda: False)
     with pytest.raises(ValueError, match="native bf16"):
         train_neighbourhood_mlp(feats, targets, 2, bf16, 0, False)
+    seen = []  # refused before any image is read or feature computed
+    monkeypatch.setattr(training, "load_category", lambda *a, **k: seen.append(a))
+    with pytest.raises(ValueError, match="--mlp-precision float32"):
+        training.train_category("nowhere", "c", build_config(mlp_precision="bfloat16"), progress=False)
+    assert seen == []
     with pytest.raises(ValueError, match="float16"):
         training.training_autocast("float16")

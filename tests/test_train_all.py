@@ -144,6 +144,23 @@ def test_plan_force_and_changed_config(first_run):
     assert plan_pairs(out, [Pair("pillbox", BACKBONE)], tiny_config())[0].action == "train"
 
 
+def test_a_config_field_added_since_a_bundle_was_written_is_no_difference():
+    """Bundles written before neighbourhood.train_precision existed trained in float32: skip, not fail."""
+    import dataclasses
+
+    from pni_ray.config import TrainConfig
+    from pni_ray.orchestration.train_plan import _canonical, config_diff, recorded_config
+
+    cfg = TrainConfig()
+    old = cfg.to_dict()
+    del old["neighbourhood"]["train_precision"]
+    assert config_diff(_canonical(recorded_config({"config": old})), _canonical(cfg.to_dict())) == []
+    bf16 = cfg.replace(neighbourhood=dataclasses.replace(cfg.neighbourhood, train_precision="bfloat16"))
+    assert config_diff(_canonical(recorded_config({"config": old})), _canonical(bf16.to_dict())) == [
+        "neighbourhood.train_precision: 'float32' -> 'bfloat16'"]
+    assert recorded_config({"config": {"from_the_future": 1}}) == {"from_the_future": 1}  # compared as stored
+
+
 def test_system_failures_retried_application_errors_not(ray_session, tmp_path):
     ray = ray_session
 

@@ -151,7 +151,7 @@ class PatchScorer(nn.Module):
         self.register_buffer("memory_sq", (memory * memory).sum(1))
         self.tau = tau_scale / memory.shape[0]
         # p(c|N)'s own cut where it masks alone or beside p(c|x) ("both", pni_split): tau in every
-        # bundle; `benchmarks/bench_ablation.py --neighbourhood-cuts` raises it to try a stricter one
+        # bundle (never saved, so exports take tau); `bench_ablation.py --neighbourhood-cuts` raises it
         self.tau_neighbourhood = self.tau
         self.chunk_patches = chunk_patches
         self.topk = topk

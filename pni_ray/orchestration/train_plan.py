@@ -68,6 +68,17 @@ def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[
     return keys
 
 
+def recorded_config(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A bundle's config with the fields added since it was written filled in as it trained (the
+    defaults of the time, or LEGACY_SCORING): a new field alone never makes a bundle "different".
+    A config this version cannot read is compared as stored."""
+    raw = manifest.get("config", {})
+    try:
+        return TrainConfig.from_manifest(raw).to_dict()
+    except (TypeError, ValueError):
+        return raw
+
+
 def plan_pairs(out: Path, pairs: list[Pair], cfg: TrainConfig, force: bool = False) -> list[PlanItem]:
     """What to do with each pair: train, skip (verified bundle with this config) or fail."""
     from pni_ray.bundle import BundleError, model_id, verify_bundle
@@ -87,7 +98,7 @@ def plan_pairs(out: Path, pairs: list[Pair], cfg: TrainConfig, force: bool = Fal
             plan.append(PlanItem(pair, "train", f"retrain: existing bundle failed verification: {exc}"))
             continue
         wanted = _canonical(pair_config(cfg, pair.backbone).to_dict())
-        diff = config_diff(_canonical(manifest.get("config", {})), wanted)
+        diff = config_diff(_canonical(recorded_config(manifest)), wanted)
         if manifest.get("category") != pair.category:
             diff.insert(0, f"category: {manifest.get('category')!r} -> {pair.category!r}")
         if diff:
