@@ -158,48 +158,37 @@ def _batch_logits(
     per_image: int,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Logits and labels of one training batch's sampled valid positions (None: no valid position)."""
+    """Logits and labels of one training batch's sampled valid positions (None: no valid position).
+
+    crop (ch, cw): the batch trains on a seeded random crop of the grid, its inputs widened by the
+    window radius so every cropped position sees its true neighbourhood.
+    """
     if valid is None and crop is None:
         hidden = mlp.hidden_features(features[batch])
         labels = targets[batch].reshape(-1)
     else:
-        hidden, labels, batch_valid = _cropped_batch(mlp, features, targets, valid, batch, crop, window, generator)
+        _, _, h, w = features.shape
+        ch, cw = (h, w) if crop is None else (min(h, crop[0]), min(w, crop[1]))
+        y0 = int(torch.randint(h - ch + 1, (1,), generator=generator)) if ch < h else 0
+        x0 = int(torch.randint(w - cw + 1, (1,), generator=generator)) if cw < w else 0
+        r = window // 2
+        ya, yb, xa, xb = max(0, y0 - r), min(h, y0 + ch + r), max(0, x0 - r), min(w, x0 + cw + r)
+        hidden = mlp.hidden_features(features[:, :, ya:yb, xa:xb][batch])
+        hidden = hidden[:, :, y0 - ya : y0 - ya + ch, x0 - xa : x0 - xa + cw]
+        labels = targets[:, y0 : y0 + ch, x0 : x0 + cw][batch].reshape(-1)
+        if valid is not None:
+            valid = valid[:, y0 : y0 + ch, x0 : x0 + cw][batch]
     rows = hidden.permute(0, 2, 3, 1).reshape(-1, hidden.shape[1])
     if valid is None:
         n_pick = min(rows.shape[0], per_image * len(batch))
         pick = torch.randperm(rows.shape[0], generator=generator)[:n_pick]
     else:
-        allowed = batch_valid.reshape(-1).nonzero(as_tuple=True)[0]
+        allowed = valid.reshape(-1).nonzero(as_tuple=True)[0]
         n_pick = min(allowed.numel(), per_image * len(batch))
         if n_pick == 0:
             return None
         pick = allowed[torch.randperm(allowed.numel(), generator=generator)[:n_pick]]
     return F.linear(rows[pick], mlp.classifier.weight.flatten(1), mlp.classifier.bias), labels[pick]
-
-
-def _cropped_batch(
-    mlp: NeighbourhoodMLP,
-    features: torch.Tensor,
-    targets: torch.Tensor,
-    valid: torch.Tensor | None,
-    batch: torch.Tensor,
-    crop: tuple[int, int] | None,
-    window: int,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Hidden activations, labels and validity of a (possibly cropped) batch, cropped alike."""
-    _, _, h, w = features.shape
-    ch, cw = (h, w) if crop is None else (min(h, crop[0]), min(w, crop[1]))
-    y0 = int(torch.randint(h - ch + 1, (1,), generator=generator)) if ch < h else 0
-    x0 = int(torch.randint(w - cw + 1, (1,), generator=generator)) if cw < w else 0
-    r = window // 2
-    ya, yb, xa, xb = max(0, y0 - r), min(h, y0 + ch + r), max(0, x0 - r), min(w, x0 + cw + r)
-    x = features[:, :, ya:yb, xa:xb][batch]
-    hidden = mlp.hidden_features(x)
-    hidden = hidden[:, :, y0 - ya : y0 - ya + ch, x0 - xa : x0 - xa + cw]
-    labels = targets[:, y0 : y0 + ch, x0 : x0 + cw][batch].reshape(-1)
-    ok = valid[:, y0 : y0 + ch, x0 : x0 + cw][batch] if valid is not None else torch.ones(len(batch), ch, cw, dtype=torch.bool)
-    return hidden, labels, ok
 
 
 @torch.no_grad()
