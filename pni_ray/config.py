@@ -109,6 +109,9 @@ class ScoringConfig:
 # What bundles written before these ScoringConfig fields existed scored with: the paper's mean of
 # the priors and the map's plain maximum (their thresholds were calibrated on those scores).
 LEGACY_SCORING: dict[str, Any] = {"combine": "mean", "image_window": 0}
+# How bundles written before these NeighbourhoodConfig fields existed trained their MLP: every
+# training image each epoch, in float32.
+LEGACY_NEIGHBOURHOOD: dict[str, Any] = {"images_per_epoch": None, "train_precision": "float32"}
 
 
 @dataclass(frozen=True)
@@ -193,10 +196,11 @@ class TrainConfig:
 
     @classmethod
     def from_manifest(cls, data: dict[str, Any]) -> "TrainConfig":
-        """A bundle's recorded config. Bundles written before a scoring field existed keep the rule
-        they were calibrated with (LEGACY_SCORING), not today's default."""
+        """A bundle's recorded config. Bundles written before a scoring or MLP field existed keep what
+        they were calibrated or trained with (LEGACY_SCORING, LEGACY_NEIGHBOURHOOD), not today's default."""
         scoring = {**LEGACY_SCORING, **(data.get("scoring") or {})}
-        return _build(cls, {**data, "scoring": scoring})
+        neighbourhood = {**LEGACY_NEIGHBOURHOOD, **(data.get("neighbourhood") or {})}
+        return _build(cls, {**data, "scoring": scoring, "neighbourhood": neighbourhood})
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

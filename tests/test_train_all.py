@@ -159,6 +159,9 @@ def test_a_config_field_added_since_a_bundle_was_written_is_no_difference():
     assert config_diff(_canonical(recorded_config({"config": old})), _canonical(bf16.to_dict())) == [
         "neighbourhood.train_precision: 'float32' -> 'bfloat16'"]
     assert recorded_config({"config": {"from_the_future": 1}}) == {"from_the_future": 1}  # compared as stored
+    del old["neighbourhood"]["images_per_epoch"]  # older still: every image each epoch, not today's 256
+    assert config_diff(_canonical(recorded_config({"config": old})), _canonical(cfg.to_dict())) == [
+        "neighbourhood.images_per_epoch: None -> 256"]
 
 
 def test_system_failures_retried_application_errors_not(ray_session, tmp_path):

@@ -69,9 +69,10 @@ def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[
 
 
 def recorded_config(manifest: dict[str, Any]) -> dict[str, Any]:
-    """A bundle's config with the fields added since it was written filled in as it trained (the
-    defaults of the time, or LEGACY_SCORING): a new field alone never makes a bundle "different".
-    A config this version cannot read is compared as stored."""
+    """A bundle's config with the fields added since it was written filled in as it trained
+    (`TrainConfig.from_manifest`: LEGACY_SCORING, LEGACY_NEIGHBOURHOOD), so a new field alone never
+    makes a bundle "different", and one that trained otherwise still is. A config this version
+    cannot read is compared as stored."""
     raw = manifest.get("config", {})
     try:
         return TrainConfig.from_manifest(raw).to_dict()
