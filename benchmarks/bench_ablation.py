@@ -41,7 +41,8 @@ from pni_ray.config import TrainConfig  # noqa: E402
 from pni_ray.data.mvtec import load_category  # noqa: E402
 from pni_ray.evaluate import ABLATION_MODES, attach_diagnostics, evaluate_category, prior_diagnostics  # noqa: E402
 from pni_ray.models.pni import build_detector  # noqa: E402
-from pni_ray.models.predict import detector_geometry, features  # noqa: E402
+from pni_ray.data.geometry import extract_training_features  # noqa: E402
+from pni_ray.models.predict import detector_geometry  # noqa: E402
 from pni_ray.models.scorer import nearest_neighbours  # noqa: E402
 from pni_ray.training import train_category  # noqa: E402
 
@@ -74,19 +75,19 @@ def bundle_for(data_root: Path, category: str, workdir: Path, cfg: TrainConfig) 
 
 @torch.no_grad()
 def held_out_nearest_probs(detector, image_dir: Path, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """p(c|N) and p(c|x) of each held-out good patch's nearest C_emb entry, and tau."""
+    """p(c|N) and p(c|x) of each held-out good patch's nearest C_emb entry (content cells, as training
+    measures the spread), and tau."""
     scorer, geometry = detector.scorer, detector_geometry(detector)
-    p_n, p_x = [], []
-    for i in range(0, len(names), 8):
-        prepared = [geometry.prepare(geometry.load(image_dir / n)) for n in names[i : i + 8]]
-        feats = features(detector.extractor, geometry, prepared)
-        b, d, h, w = feats.shape
-        rows = feats.permute(0, 2, 3, 1).reshape(-1, d)
-        nearest = nearest_neighbours(rows, scorer.memory, scorer.chunk_patches)[1]
-        probs = detector.mlp.probabilities(feats).permute(0, 2, 3, 1).reshape(rows.shape[0], -1)
-        p_n.append(probs.gather(1, scorer.emb_to_dist[nearest, None])[:, 0] * scorer.inv_cluster[nearest])
-        p_x.append(scorer.position_prior[torch.arange(h * w).repeat(b), nearest])
-    return torch.cat(p_n), torch.cat(p_x), scorer.tau
+    feats, valid = extract_training_features(detector.extractor, geometry, [image_dir / n for n in names], 8, False)
+    n, d, h, w = feats.shape
+    nearest = nearest_neighbours(feats.permute(0, 2, 3, 1).reshape(-1, d), scorer.memory, scorer.chunk_patches)[1]
+    dist_index = scorer.emb_to_dist[nearest].view(n, h * w, 1)
+    p_n = torch.cat([  # 8 images at a time: the (n, |C_dist|, h, w) probabilities are never held at once
+        detector.mlp.probabilities(feats[i : i + 8]).flatten(2).transpose(1, 2).gather(2, dist_index[i : i + 8])
+        for i in range(0, n, 8)]).reshape(-1) * scorer.inv_cluster[nearest]
+    p_x = scorer.position_prior[torch.arange(h * w).repeat(n), nearest]
+    keep = slice(None) if valid is None else valid.reshape(-1)
+    return p_n[keep], p_x[keep], scorer.tau
 
 
 def neighbourhood_cuts(detector, cat, manifest: dict, factors: list[float]) -> list[dict]:

@@ -28,11 +28,7 @@ def squared_distances(
     out: a (P, M) buffer to write into (block loops reuse one instead of faulting in a new one).
     """
     x_sq = (x * x).sum(1, keepdim=True)
-    if out is None:
-        dist = torch.addmm(memory_sq.unsqueeze(0), x, memory.T, alpha=-2.0)
-    else:
-        dist = torch.addmm(memory_sq.unsqueeze(0), x, memory.T, alpha=-2.0, out=out)
-    return dist.add_(x_sq).clamp_min_(0.0)
+    return torch.addmm(memory_sq.unsqueeze(0), x, memory.T, alpha=-2.0, out=out).add_(x_sq).clamp_min_(0.0)
 
 
 def _distance_blocks(x: torch.Tensor, memory: torch.Tensor, chunk: int, desc: str | None):
