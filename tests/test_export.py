@@ -86,7 +86,7 @@ def test_backbone_graph_matches_torch(exported, detector, images):
 
 
 def _probabilities(folder: Path, features: np.ndarray) -> np.ndarray:
-    """mlp.onnx (logits) -> softmax.onnx (probabilities), as the runtime chains them."""
+    """mlp.onnx (logits / T) -> softmax.onnx (probabilities), as the runtime chains them."""
     (logits,) = _session(folder / "mlp.onnx").run(None, {"features": features})
     return _session(folder / "softmax.onnx").run(None, {"logits": logits})[0]
 
@@ -99,6 +99,12 @@ def test_mlp_graph_matches_torch(exported, detector, images):
     assert probs.shape == ref.shape
     np.testing.assert_allclose(probs, ref, atol=1e-6, rtol=1e-4)
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    # the temperature is folded into the classifier: mlp.onnx gives logits / T, the softmax graph divides nothing
+    (logits,) = _session(exported / "mlp.onnx").run(None, {"features": features.numpy()})
+    with torch.no_grad():
+        ref_logits = (detector.mlp(features) / detector.mlp.temperature).permute(0, 2, 3, 1).numpy()
+    assert detector.mlp.temperature != 1 and _rel(logits, ref_logits) < 1e-5
+    assert [n.op_type for n in onnx.load(str(exported / "softmax.onnx")).graph.node] == ["Softmax"]
 
 
 def test_scorer_graph_matches_torch_scorer_and_mapper(exported, detector, images):
@@ -233,7 +239,7 @@ MASK_RULES = (("pni", "both"), ("pni", "mean"), ("neighbourhood", "both"))
 
 
 def test_fp16_build_keeps_the_mlp_mask_exact(exported, detector, bundle_tiny, images):
-    """An FP16 TensorRT build runs mlp.onnx in FP16 (its logits leave the engine FP16-rounded, as FP32
+    """An FP16 TensorRT build runs mlp.onnx in FP16 (its logits / T leave the engine FP16-rounded, as FP32
     tensors) and softmax.onnx + scorer.onnx in FP32: the allowed sets are then exactly those of
     torch's FP32 rule on the same logits, for either pni rule. An FP16 softmax (the MLP graph's old
     layout) flips entries."""
@@ -247,8 +253,8 @@ def test_fp16_build_keeps_the_mlp_mask_exact(exported, detector, bundle_tiny, im
     st = scoring_tables(detector, bundle_tiny)
     tau = float(detector.scorer.tau)
     with torch.no_grad():
-        ref_probs = torch.softmax(torch.from_numpy(logits16) / detector.mlp.temperature, dim=-1).numpy()
-    x16 = (logits16 / np.float32(detector.mlp.temperature)).astype(np.float16)
+        ref_probs = torch.softmax(torch.from_numpy(logits16), dim=-1).numpy()  # mlp.onnx's logits are already / T
+    x16 = logits16.astype(np.float16)
     e16 = np.exp(x16 - x16.max(-1, keepdims=True))
     probs16 = (e16 / e16.sum(-1, keepdims=True, dtype=np.float16)).astype(np.float32)  # an FP16 softmax
     hw, m = st.grid[0] * st.grid[1], st.memory.shape[0]
