@@ -34,6 +34,17 @@ inference threads, one stream, latency hint. images/s: median over --repeats int
 (each round times one pass of every path, so drifting load on a shared machine hits all
 alike) over the test split in batches of --batch, images already decoded (the same arrays
 for all paths, after one warm-up batch).
+
+Two ways to spend --threads cores (--layouts): `threads`, one process with --threads threads
+(torch threads, ONNX Runtime intra-op threads, OpenVINO inference threads), and `processes`,
+--threads processes of one thread each, each scoring its contiguous share of the test images
+(three passes per round), all started together once every one has loaded its model and run its
+warm-up batch: images/s is
+all images over the wall time from that common start to the last finish, score RSS the sum of
+the processes' peaks (each holds its own model). `processes` is how `pni-ray score` runs on a
+CPU node: one model actor per core with one thread each (--cpus-per-worker 1, its default).
+Both systems are timed in every layout asked for and each ratio takes each system's fastest
+accurate path, whatever its layout.
 Metrics are computed here, with pni_ray.metrics, on maps at that size for every row, against
 the ground-truth masks resized to it (nearest), so AUPRO is at one mask resolution.
 """
@@ -86,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--int8", default="", metavar="GRAPHS",
                    help="also time pni-ray's export with these graphs in INT8 (e.g. 'mlp' or 'backbone,mlp'), "
                         "calibrated on the category's train/good")
+    p.add_argument("--layouts", default="threads", metavar="LAYOUTS",
+                   help="comma-separated: 'threads' (one process, --threads threads) and/or 'processes' "
+                        "(--threads one-thread processes on shares of the images, as `pni-ray score` runs)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
@@ -118,9 +132,37 @@ def decoded_test_images(data_root: Path, category: str) -> np.ndarray:
     return load_batch(paths, SIZE).numpy()
 
 
-def timed_passes(predict, images: np.ndarray, batch: int, repeats: int) -> tuple[float, np.ndarray, np.ndarray]:
-    """Median images/s over `repeats` passes (after one warm-up batch) and the last pass's maps and scores."""
+LAYOUTS = ("threads", "processes")
+# layout `processes`: passes each worker makes over its share in one timed round. A share is 1/threads
+# of the images; one pass (~0.8 s at 2 workers) left the round's rate to the workers' start skew and
+# first batches (bottle INT8: 78 images/s over one pass, 101-108 over three, the same run's
+# `threads` layout 72-84)
+SHARE_PASSES = 3
+
+
+def image_share(images: np.ndarray, spec: dict) -> np.ndarray:
+    """This worker's contiguous share of the test images (layout `processes`), or all of them."""
+    index, count = spec.get("share", (0, 1))
+    return images[np.array_split(np.arange(len(images)), count)[index]]
+
+
+def wait_for_start(spec: dict) -> None:
+    """Layout `processes`: say this worker is loaded and warm, then wait for the driver's common start."""
+    barrier = spec.get("barrier")
+    if barrier:
+        Path(barrier, f"ready-{spec['share'][0]}").touch()
+        while not Path(barrier, "go").exists():
+            time.sleep(0.01)
+
+
+def timed_passes(predict, images: np.ndarray, spec: dict) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Median images/s over spec["repeats"] passes in batches of spec["batch"] (after one warm-up batch
+    and the common start of layout `processes`) with the wall-clock window of the passes, and the
+    last pass's maps and scores."""
+    batch, repeats = spec["batch"], spec["repeats"]
     predict(images[:batch])
+    wait_for_start(spec)
+    start = time.time()
     times, maps, scores = [], [], []
     for _ in range(repeats):
         maps, scores = [], []
@@ -130,7 +172,9 @@ def timed_passes(predict, images: np.ndarray, batch: int, repeats: int) -> tuple
             maps.append(m)
             scores.append(s)
         times.append(time.perf_counter() - t0)
-    return len(images) / statistics.median(times), np.concatenate(maps), np.concatenate(scores)
+    timing = {"images_per_s": len(images) / statistics.median(times), "window": [start, time.time()],
+              "images": len(images) * repeats}
+    return timing, np.concatenate(maps), np.concatenate(scores)
 
 
 def worker_pni_fit(spec: dict) -> dict:
@@ -163,7 +207,7 @@ def worker_pni_score(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    images = decoded_test_images(Path(spec["data_root"]), spec["category"])
+    images = image_share(decoded_test_images(Path(spec["data_root"]), spec["category"]), spec)
     if spec["engine"] == "torch":
         from pni_ray.inference import load_detector
 
@@ -179,9 +223,9 @@ def worker_pni_score(spec: dict) -> dict:
         model = load_exported(spec["export_int8" if spec["engine"] == "onnxruntime-int8" else "export"],
                               threads=spec["threads"])
         predict = model.predict
-    ips, maps, scores = timed_passes(predict, images, spec["batch"], spec["repeats"])
+    timing, maps, scores = timed_passes(predict, images, spec)
     np.savez(spec["maps"], maps=maps.reshape(len(images), SIZE, SIZE).astype(np.float32), scores=scores)
-    return {"images_per_s": ips, "score_rss_mb": peak_rss_mb()}
+    return {**timing, "score_rss_mb": peak_rss_mb()}
 
 
 def anomalib_model(bank: "object | None" = None):
@@ -257,15 +301,17 @@ def anomalib_openvino(onnx_path: Path, spec: dict, int8: bool):
         import nncf
 
         model = nncf.quantize(model, nncf.Dataset(anomalib_calibration(spec)))
+    # layout `processes`: OpenVINO pins each process's thread to a core of its own choosing, and
+    # processes that do not know of each other pick the same one (2 x 1 thread ran at one core's rate)
     return ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": spec["threads"], "NUM_STREAMS": 1,
-                                                  "PERFORMANCE_HINT": "LATENCY"})
+                                                  "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": "share" not in spec})
 
 
 def worker_anomalib_score(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    images = decoded_test_images(Path(spec["data_root"]), spec["category"])
+    images = image_share(decoded_test_images(Path(spec["data_root"]), spec["category"]), spec)
     model = anomalib_model(torch.load(spec["state"]))
     batch, engine = spec["batch"], spec["engine"]
     out: dict = {}
@@ -304,9 +350,9 @@ def worker_anomalib_score(spec: dict) -> dict:
             padded = np.concatenate([x, np.zeros((batch - n, *x.shape[1:]), x.dtype)]) if n < batch else x
             res = run(((padded - 0.5) / 0.5).astype(np.float32))
             return res[i_map][:n], res[i_score][:n]
-    ips, maps, scores = timed_passes(predict, images, batch, spec["repeats"])
+    timing, maps, scores = timed_passes(predict, images, spec)
     np.savez(spec["maps"], maps=maps.reshape(len(images), SIZE, SIZE).astype(np.float32), scores=scores)
-    return {"images_per_s": ips, "score_rss_mb": peak_rss_mb(), **out}
+    return {**timing, "score_rss_mb": peak_rss_mb(), **out}
 
 
 WORKERS = {"pni-fit": worker_pni_fit, "pni-score": worker_pni_score,
@@ -316,15 +362,56 @@ WORKERS = {"pni-fit": worker_pni_fit, "pni-score": worker_pni_score,
 # ----------------------------------------------------------------------------- driver
 
 
-def run_worker(python: Path, name: str, spec: dict) -> dict:
-    """One worker subprocess; its JSON result, or {"error": ...} with the tail of its stderr."""
+def _launch(python: Path, name: str, spec: dict) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), PYTHONPATH=str(REPO))
     cmd = [str(python), str(Path(__file__).resolve()), "--worker", name, "--spec", json.dumps(spec, default=str)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _result(proc: subprocess.Popen) -> dict:
+    """A worker's JSON result, or {"error": ...} with the tail of its stderr."""
+    out, err = proc.communicate()
     if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}",
-                "stderr_tail": proc.stderr[-3000:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return {"error": err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}",
+                "stderr_tail": err[-3000:]}
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_worker(python: Path, name: str, spec: dict) -> dict:
+    """One worker subprocess; its JSON result, or {"error": ...} with the tail of its stderr."""
+    return _result(_launch(python, name, spec))
+
+
+def run_scoring(python: Path, name: str, spec: dict, layout: str) -> dict:
+    """One timed pass of a scoring path in `layout` (see the module doc). `processes`: spec["threads"]
+    one-thread workers on shares of the images, released together once all are warm; their maps
+    are joined in image order into spec["maps"]."""
+    if layout == "threads":
+        return run_worker(python, name, spec)
+    import tempfile
+
+    n = int(spec["threads"])
+    maps = Path(spec["maps"])
+    shares = [{**spec, "threads": 1, "share": (i, n), "repeats": SHARE_PASSES,
+               "maps": str(maps.with_suffix(f".share{i}.npz"))} for i in range(n)]
+    with tempfile.TemporaryDirectory(prefix="pni-peers-barrier-") as barrier:
+        procs = [_launch(python, name, {**s, "barrier": barrier}) for s in shares]
+        while not all(Path(barrier, f"ready-{i}").exists() for i in range(n)):
+            if any(p.poll() is not None for p in procs):  # one failed before it was ready: no common start
+                break
+            time.sleep(0.05)
+        Path(barrier, "go").touch()
+        results = [_result(p) for p in procs]
+    errors = [r for r in results if "error" in r]
+    if errors:
+        return errors[0]
+    parts = [np.load(s["maps"]) for s in shares]
+    np.savez(maps, maps=np.concatenate([p["maps"] for p in parts]), scores=np.concatenate([p["scores"] for p in parts]))
+    for s in shares:
+        Path(s["maps"]).unlink()
+    start, end = min(r["window"][0] for r in results), max(r["window"][1] for r in results)
+    return {"images_per_s": sum(r["images"] for r in results) / (end - start),
+            "score_rss_mb": sum(r["score_rss_mb"] for r in results)}
 
 
 def masks_at(mask_paths: list[Path | None]) -> np.ndarray:
@@ -423,6 +510,15 @@ def borrow_bank(bundle: str, state: str) -> dict:
     return {"fit_s": float("nan"), "entries": int(memory.shape[0]), "bank_from": "pni-ray C_emb (fit not run)"}
 
 
+def maps_file(d: Path, system: str, engine: str, layout: str) -> Path:
+    return d / (f"{system}-{engine}.npz" if layout == "threads" else f"{system}-{engine}-{layout}.npz")
+
+
+def path_label(row: dict, threads: int) -> str:
+    """The engine, and for layout `processes` how the cores are spent."""
+    return row["engine"] + (f" ({threads} x 1 thread)" if row.get("layout") == "processes" else "")
+
+
 def run_all(args: argparse.Namespace, work: Path, python_a: Path | None, anomalib_engines: list[str]) -> list[dict]:
     """Fit both systems per category and bank, then time every scoring path in interleaved rounds.
 
@@ -430,6 +526,10 @@ def run_all(args: argparse.Namespace, work: Path, python_a: Path | None, anomali
     during the run (a shared machine) hits every path alike; images/s is the median over rounds.
     """
     rows: list[dict] = []
+    layouts = args.layouts.split(",")
+    unknown = [layout for layout in layouts if layout not in LAYOUTS]
+    if unknown:
+        raise SystemExit(f"--layouts {','.join(unknown)}: choose from {', '.join(LAYOUTS)}")
     common = {"data_root": str(args.data_root), "threads": args.threads, "batch": args.batch, "repeats": 1}
     for category in args.categories.split(","):
         _, labels, mask_paths = test_split(args.data_root, category)
@@ -469,21 +569,23 @@ def run_all(args: argparse.Namespace, work: Path, python_a: Path | None, anomali
                     print(f"{category} {bank}: anomalib fit {fits['anomalib']}", flush=True)
                     if "error" not in fits["anomalib"]:
                         paths += [("anomalib", engine, python_a, "anomalib-score", spec) for engine in anomalib_engines]
-            runs: dict[tuple[str, str], list[dict]] = {(p[0], p[1]): [] for p in paths}
+            timed = [(*path, layout) for path in paths for layout in layouts]
+            runs: dict[tuple[str, str, str], list[dict]] = {(p[0], p[1], p[5]): [] for p in timed}
             for _ in range(args.repeats):
-                for system, engine, python, worker, spec in paths:
-                    maps = d / f"{system}-{engine}.npz"
-                    runs[(system, engine)].append(run_worker(python, worker, {**spec, "engine": engine, "maps": str(maps)}))
-            for system, engine, *_ in paths:
-                row = {"category": category, "bank": bank, "system": system, "engine": engine, **fits[system]}
-                results = runs[(system, engine)]
+                for system, engine, python, worker, spec, layout in timed:
+                    runs[(system, engine, layout)].append(run_scoring(
+                        python, worker, {**spec, "engine": engine, "maps": str(maps_file(d, system, engine, layout))}, layout))
+            for system, engine, *_, layout in timed:
+                row = {"category": category, "bank": bank, "system": system, "engine": engine, "layout": layout,
+                       **fits[system]}
+                results = runs[(system, engine, layout)]
                 errors = [r for r in results if "error" in r]
                 if errors:
                     row.update(errors[-1])
                 else:
                     row["images_per_s"] = statistics.median(r["images_per_s"] for r in results)
                     row["score_rss_mb"] = max(r["score_rss_mb"] for r in results)
-                    row.update(metrics(d / f"{system}-{engine}.npz", labels, masks))
+                    row.update(metrics(maps_file(d, system, engine, layout), labels, masks))
                 rows.append(row)
                 print(row, flush=True)
             for system in ("pni-ray", "anomalib"):
@@ -501,7 +603,7 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
         vals = ["-" if c not in r else (f"{r[c]:.4f}" if c in ("image_auroc", "pixel_auroc", "aupro") else f"{r[c]:.1f}")
                 for c in cols]
         err = f" ({r['error']})" if "error" in r else ""
-        print(f"| {r['category']} | {r['bank']} | {r['system']} | {r['engine']}{err} | {r.get('entries', '-')} | "
+        print(f"| {r['category']} | {r['bank']} | {r['system']} | {path_label(r, args.threads)}{err} | {r.get('entries', '-')} | "
               + " | ".join(vals) + " |")
     print("\nratios pni-ray / anomalib (fit: anomalib s / pni-ray s; speed: pni-ray images/s / anomalib's best path;")
     print(f"  a path counts when its pixel AUROC and AUPRO are within {ACCURACY_TOLERANCE} of its system's torch path):")
@@ -515,10 +617,17 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
         fit = f"fit {best_peer['fit_s'] / best_ours['fit_s']:.1f}x faster" if own_fit else "fit not compared (borrowed bank)"
         accuracy = (f"pixel AUROC {best_ours['pixel_auroc'] - best_peer['pixel_auroc']:+.4f}, "
                     f"AUPRO {best_ours['aupro'] - best_peer['aupro']:+.4f}") if own_fit else "accuracy not compared"
-        dropped = [r["engine"] for r in here if r not in ours and r not in peer]
+        dropped = [path_label(r, args.threads) for r in here if r not in ours and r not in peer]
         print(f"  {category} {bank}: {fit}, scoring "
-              f"{best_ours['images_per_s'] / best_peer['images_per_s']:.2f}x ({best_ours['engine']} vs {best_peer['engine']}), "
+              f"{best_ours['images_per_s'] / best_peer['images_per_s']:.2f}x ({path_label(best_ours, args.threads)} vs {path_label(best_peer, args.threads)}), "
               + accuracy + (f"; left out, less accurate than their torch path: {', '.join(dropped)}" if dropped else ""))
+        for layout in dict.fromkeys(r.get("layout", "threads") for r in here):  # like for like, when both ran
+            mine = [r for r in ours if r.get("layout", "threads") == layout]
+            theirs = [r for r in peer if r.get("layout", "threads") == layout]
+            if len(set(r.get("layout", "threads") for r in here)) > 1 and mine and theirs:
+                a, b = max(mine, key=lambda r: r["images_per_s"]), max(theirs, key=lambda r: r["images_per_s"])
+                print(f"    both in layout {layout}: {a['images_per_s'] / b['images_per_s']:.2f}x "
+                      f"({a['engine']} {a['images_per_s']:.1f} vs {b['engine']} {b['images_per_s']:.1f} images/s)")
 
 
 def accurate_paths(rows: list[dict], system: str) -> list[dict]:

@@ -185,3 +185,57 @@ def test_neighbourhood_cuts_tighten_p_n_alone_and_restore_tau(bundle_tiny: Path,
     detector.scorer.combine = "mean"
     with pytest.raises(ValueError, match="combine 'both'"):
         bench_ablation.neighbourhood_cuts(detector, cat, manifest, [4.0])
+
+
+FAKE_WORKER = """
+import json, sys, time
+import numpy as np
+sys.path.insert(0, {bench!r})
+import bench_peers
+spec = json.loads(sys.argv[1])
+images = bench_peers.image_share(np.arange(10), spec)
+time.sleep(0.3 * spec["share"][0])  # the second worker loads later: the common start waits for it
+bench_peers.wait_for_start(spec)
+start = time.time()
+time.sleep(0.2)
+np.savez(spec["maps"], maps=images.astype(np.float32).reshape(-1, 1, 1), scores=images.astype(np.float32))
+print(json.dumps({{"images_per_s": 0.0, "window": [start, time.time()], "images": len(images),
+                  "score_rss_mb": 100.0 + spec["share"][0], "threads": spec["threads"]}}))
+"""
+
+
+def test_processes_layout_starts_the_workers_together_and_joins_their_shares(tmp_path: Path, monkeypatch) -> None:
+    """Layout `processes`: one-thread workers on contiguous shares, released together once all are
+    ready; images/s from the common window, RSS summed, maps joined in image order."""
+    code = FAKE_WORKER.format(bench=str(Path(bench_peers.__file__).parent))
+    seen = []
+
+    def launch(python, name, spec):
+        seen.append(spec)
+        return subprocess.Popen([sys.executable, "-c", code, __import__("json").dumps(spec)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    monkeypatch.setattr(bench_peers, "_launch", launch)
+    maps = tmp_path / "path.npz"
+    out = bench_peers.run_scoring(Path(sys.executable), "pni-score", {"threads": 2, "maps": str(maps)}, "processes")
+    assert [s["threads"] for s in seen] == [1, 1] and [tuple(s["share"]) for s in seen] == [(0, 2), (1, 2)]
+    joined = np.load(maps)
+    assert np.array_equal(joined["scores"], np.arange(10)) and joined["maps"].shape == (10, 1, 1)
+    assert not list(tmp_path.glob("*.share*.npz"))
+    # both timed windows start after the later worker is ready: ~0.2 s of wall for 10 images, not ~0.5
+    assert 10 / 0.45 < out["images_per_s"] < 10 / 0.19
+    assert out["score_rss_mb"] == 201.0
+    assert bench_peers.image_share(np.arange(5), {}).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_processes_layout_reports_a_worker_that_fails_before_it_is_ready(tmp_path: Path, monkeypatch) -> None:
+    def launch(python, name, spec):
+        code = "import sys; sys.exit('no model here')" if spec["share"][0] == 1 else FAKE_WORKER.format(
+            bench=str(Path(bench_peers.__file__).parent))
+        return subprocess.Popen([sys.executable, "-c", code, __import__("json").dumps(spec)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    monkeypatch.setattr(bench_peers, "_launch", launch)
+    out = bench_peers.run_scoring(Path(sys.executable), "pni-score", {"threads": 2, "maps": str(tmp_path / "m.npz")},
+                                  "processes")
+    assert out["error"] == "no model here"
