@@ -138,6 +138,7 @@ LAYOUTS = ("threads", "processes")
 # first batches (bottle INT8: 78 images/s over one pass, 101-108 over three, the same run's
 # `threads` layout 72-84)
 SHARE_PASSES = 3
+READY_TIMEOUT_S = 900  # layout `processes`: the longest a worker may take to load (anomalib's INT8 path quantises first)
 
 
 def image_share(images: np.ndarray, spec: dict) -> np.ndarray:
@@ -152,6 +153,8 @@ def wait_for_start(spec: dict) -> None:
     if barrier:
         Path(barrier, f"ready-{spec['share'][0]}").touch()
         while not Path(barrier, "go").exists():
+            if not Path(barrier).is_dir():  # the driver gave up (or died): no common start will come
+                raise SystemExit(f"barrier {barrier} removed before the start")
             time.sleep(0.01)
 
 
@@ -273,7 +276,8 @@ def anomalib_onnx(model, spec: dict) -> tuple[Path, float]:
     `spec["batch"]`; the file and the export seconds."""
     import torch
 
-    path = Path(spec["state"]).with_suffix(".onnx")
+    share = f".share{spec['share'][0]}" if "share" in spec else ""  # layout `processes`: a file per worker
+    path = Path(spec["state"]).with_suffix(f"{share}.onnx")
     t0 = time.perf_counter()
     torch.onnx.export(model, (torch.zeros(spec["batch"], 3, SIZE, SIZE),), str(path), input_names=["input"], dynamo=True)
     return path, time.perf_counter() - t0
@@ -301,10 +305,10 @@ def anomalib_openvino(onnx_path: Path, spec: dict, int8: bool):
         import nncf
 
         model = nncf.quantize(model, nncf.Dataset(anomalib_calibration(spec)))
-    # layout `processes`: OpenVINO pins each process's thread to a core of its own choosing, and
-    # processes that do not know of each other pick the same one (2 x 1 thread ran at one core's rate)
-    return ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": spec["threads"], "NUM_STREAMS": 1,
-                                                  "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": "share" not in spec})
+    config = {"INFERENCE_NUM_THREADS": spec["threads"], "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+    if "share" in spec:  # layout `processes`: OpenVINO pins each process's thread to a core of its own
+        config["ENABLE_CPU_PINNING"] = False  # choosing, and processes unaware of each other pick the same one
+    return ov.Core().compile_model(model, "CPU", config)
 
 
 def worker_anomalib_score(spec: dict) -> dict:
@@ -363,14 +367,30 @@ WORKERS = {"pni-fit": worker_pni_fit, "pni-score": worker_pni_score,
 
 
 def _launch(python: Path, name: str, spec: dict) -> subprocess.Popen:
+    """A worker subprocess writing to temporary files, not pipes: workers of layout `processes` run
+    unread until their common start, and a full pipe would stall one before it is ready."""
+    import tempfile
+
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), PYTHONPATH=str(REPO))
     cmd = [str(python), str(Path(__file__).resolve()), "--worker", name, "--spec", json.dumps(spec, default=str)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    files = (tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+"))
+    proc = subprocess.Popen(cmd, stdout=files[0], stderr=files[1], text=True, env=env)
+    proc.output_files = files  # type: ignore[attr-defined]
+    return proc
 
 
 def _result(proc: subprocess.Popen) -> dict:
     """A worker's JSON result, or {"error": ...} with the tail of its stderr."""
-    out, err = proc.communicate()
+    files = getattr(proc, "output_files", None)
+    if files is None:
+        out, err = proc.communicate()
+    else:
+        proc.wait()
+        for f in files:
+            f.seek(0)
+        out, err = (f.read() for f in files)
+        for f in files:
+            f.close()
     if proc.returncode != 0:
         return {"error": err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}",
                 "stderr_tail": err[-3000:]}
@@ -383,9 +403,10 @@ def run_worker(python: Path, name: str, spec: dict) -> dict:
 
 
 def run_scoring(python: Path, name: str, spec: dict, layout: str) -> dict:
-    """One timed pass of a scoring path in `layout` (see the module doc). `processes`: spec["threads"]
-    one-thread workers on shares of the images, released together once all are warm; their maps
-    are joined in image order into spec["maps"]."""
+    """One timed round of a scoring path in `layout` (see the module doc): `threads`, one pass by one
+    worker; `processes`, spec["threads"] one-thread workers making SHARE_PASSES passes over their
+    shares of the images, released together once all are warm, their maps joined in image order
+    into spec["maps"]."""
     if layout == "threads":
         return run_worker(python, name, spec)
     import tempfile
@@ -396,12 +417,21 @@ def run_scoring(python: Path, name: str, spec: dict, layout: str) -> dict:
                "maps": str(maps.with_suffix(f".share{i}.npz"))} for i in range(n)]
     with tempfile.TemporaryDirectory(prefix="pni-peers-barrier-") as barrier:
         procs = [_launch(python, name, {**s, "barrier": barrier}) for s in shares]
-        while not all(Path(barrier, f"ready-{i}").exists() for i in range(n)):
-            if any(p.poll() is not None for p in procs):  # one failed before it was ready: no common start
-                break
-            time.sleep(0.05)
-        Path(barrier, "go").touch()
-        results = [_result(p) for p in procs]
+        try:
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while not all(Path(barrier, f"ready-{i}").exists() for i in range(n)):
+                if any(p.poll() is not None for p in procs):  # one failed before it was ready: no common start
+                    break
+                if time.monotonic() > deadline:
+                    return {"error": f"{name}: {n} workers not ready after {READY_TIMEOUT_S} s"}
+                time.sleep(0.05)
+            Path(barrier, "go").touch()
+            results = [_result(p) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
     errors = [r for r in results if "error" in r]
     if errors:
         return errors[0]
@@ -522,7 +552,7 @@ def path_label(row: dict, threads: int) -> str:
 def run_all(args: argparse.Namespace, work: Path, python_a: Path | None, anomalib_engines: list[str]) -> list[dict]:
     """Fit both systems per category and bank, then time every scoring path in interleaved rounds.
 
-    Round r runs each path's worker for one timed pass, path after path, so load that drifts
+    Round r runs each path (in each layout) for one timed round (run_scoring), path after path, so load that drifts
     during the run (a shared machine) hits every path alike; images/s is the median over rounds.
     """
     rows: list[dict] = []
@@ -596,7 +626,7 @@ def run_all(args: argparse.Namespace, work: Path, python_a: Path | None, anomali
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     cols = ["fit_s", "fit_rss_mb", "images_per_s", "score_rss_mb", "image_auroc", "pixel_auroc", "aupro"]
-    print(f"\n{args.threads} thread(s), batch {args.batch}, median of {args.repeats} passes, maps and masks at {SIZE} px")
+    print(f"\n{args.threads} thread(s), batch {args.batch}, median of {args.repeats} rounds, maps and masks at {SIZE} px")
     print("| category | bank | system | engine | entries | " + " | ".join(cols) + " |")
     print("|" + "---|" * (5 + len(cols)))
     for r in rows:

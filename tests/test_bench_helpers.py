@@ -187,12 +187,13 @@ def test_neighbourhood_cuts_tighten_p_n_alone_and_restore_tau(bundle_tiny: Path,
         bench_ablation.neighbourhood_cuts(detector, cat, manifest, [4.0])
 
 
-FAKE_WORKER = """
+FAKE_WORKER = """#!{python}
 import json, sys, time
 import numpy as np
 sys.path.insert(0, {bench!r})
 import bench_peers
-spec = json.loads(sys.argv[1])
+spec = json.loads(sys.argv[-1])  # called as bench_peers._launch calls a python: SCRIPT --worker NAME --spec JSON
+sys.stderr.write("x" * 200_000)  # more than a pipe holds, before the common start
 images = bench_peers.image_share(np.arange(10), spec)
 time.sleep(0.3 * spec["share"][0])  # the second worker loads later: the common start waits for it
 bench_peers.wait_for_start(spec)
@@ -204,21 +205,30 @@ print(json.dumps({{"images_per_s": 0.0, "window": [start, time.time()], "images"
 """
 
 
+def _fake_python(tmp_path: Path, code: str) -> Path:
+    path = tmp_path / "fake-python"
+    path.write_text(code.format(python=sys.executable, bench=str(Path(bench_peers.__file__).parent)))
+    path.chmod(0o755)
+    return path
+
+
 def test_processes_layout_starts_the_workers_together_and_joins_their_shares(tmp_path: Path, monkeypatch) -> None:
     """Layout `processes`: one-thread workers on contiguous shares, released together once all are
-    ready; images/s from the common window, RSS summed, maps joined in image order."""
-    code = FAKE_WORKER.format(bench=str(Path(bench_peers.__file__).parent))
+    ready (even when they write more than a pipe holds first); images/s from the common window, RSS
+    summed, maps joined in image order."""
     seen = []
+    launch = bench_peers._launch
 
-    def launch(python, name, spec):
+    def spy(python, name, spec):
         seen.append(spec)
-        return subprocess.Popen([sys.executable, "-c", code, __import__("json").dumps(spec)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return launch(python, name, spec)
 
-    monkeypatch.setattr(bench_peers, "_launch", launch)
+    monkeypatch.setattr(bench_peers, "_launch", spy)
     maps = tmp_path / "path.npz"
-    out = bench_peers.run_scoring(Path(sys.executable), "pni-score", {"threads": 2, "maps": str(maps)}, "processes")
+    out = bench_peers.run_scoring(_fake_python(tmp_path, FAKE_WORKER), "pni-score", {"threads": 2, "maps": str(maps)},
+                                  "processes")
     assert [s["threads"] for s in seen] == [1, 1] and [tuple(s["share"]) for s in seen] == [(0, 2), (1, 2)]
+    assert all(s["repeats"] == bench_peers.SHARE_PASSES for s in seen)
     joined = np.load(maps)
     assert np.array_equal(joined["scores"], np.arange(10)) and joined["maps"].shape == (10, 1, 1)
     assert not list(tmp_path.glob("*.share*.npz"))
@@ -229,13 +239,27 @@ def test_processes_layout_starts_the_workers_together_and_joins_their_shares(tmp
 
 
 def test_processes_layout_reports_a_worker_that_fails_before_it_is_ready(tmp_path: Path, monkeypatch) -> None:
-    def launch(python, name, spec):
-        code = "import sys; sys.exit('no model here')" if spec["share"][0] == 1 else FAKE_WORKER.format(
-            bench=str(Path(bench_peers.__file__).parent))
-        return subprocess.Popen([sys.executable, "-c", code, __import__("json").dumps(spec)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    monkeypatch.setattr(bench_peers, "_launch", launch)
-    out = bench_peers.run_scoring(Path(sys.executable), "pni-score", {"threads": 2, "maps": str(tmp_path / "m.npz")},
-                                  "processes")
+    monkeypatch.setattr(bench_peers, "READY_TIMEOUT_S", 20)  # a driver that missed the failure times out instead
+    failing = FAKE_WORKER.replace("spec = json.loads(sys.argv[-1])",
+                                  "spec = json.loads(sys.argv[-1])\nif spec['share'][0] == 1: sys.exit('no model here')")
+    out = bench_peers.run_scoring(_fake_python(tmp_path, failing), "pni-score",
+                                  {"threads": 2, "maps": str(tmp_path / "m.npz")}, "processes")
     assert out["error"] == "no model here"
+
+
+def test_timed_passes_times_after_the_warm_up_and_the_common_start(tmp_path: Path) -> None:
+    calls = []
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+
+    def predict(x: np.ndarray):
+        calls.append((len(x), (barrier / "ready-0").exists()))
+        return np.zeros((len(x), 1)), np.zeros(len(x))
+
+    (barrier / "go").touch()
+    timing, maps, scores = bench_peers.timed_passes(predict, np.zeros((5, 1)), {"batch": 2, "repeats": 2,
+                                                                               "barrier": str(barrier), "share": (0, 1)})
+    assert (barrier / "ready-0").exists()
+    # the warm-up batch before this worker says it is ready, then 2 timed passes of 3 batches after
+    assert calls[0] == (2, False) and all(ready for _, ready in calls[1:]) and len(calls) == 1 + 2 * 3
+    assert timing["images"] == 10 and timing["window"][0] <= timing["window"][1] and len(scores) == 5
