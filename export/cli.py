@@ -12,7 +12,8 @@ import click
 from pni_ray.config import SCORE_MODES
 
 # export.quantize loads onnx and onnxruntime only inside its functions
-from export.quantize import ACTIVATIONS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_FP32_CONVS, QUANTIZABLE
+from export.quantize import (ACTIVATIONS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_FP32_CONVS, DEFAULT_WEIGHT_BITS,
+                             QUANTIZABLE, WEIGHT_BITS)
 
 
 def _mib(n: int) -> str:
@@ -35,8 +36,9 @@ def _mib(n: int) -> str:
 @click.option("--threads", type=int, default=None, help="torch threads while tracing (default: all cores).")
 @click.option("--int8", "int8", multiple=True, type=click.Choice(QUANTIZABLE),
               help="Quantise this graph to INT8 (static QDQ; repeat for both). With uint8 activations both kept bottle's "
-                   "and transistor's pixel AUROC / AUPRO within 3e-4 (image AUROC within 0.003); symmetric int8 "
-                   "(--trt) was not measured with them: measure it on your data.")
+                   "and transistor's pixel AUROC within 3e-4 and AUPRO within 0.0015 of FP32 (7-bit weights on an "
+                   "AVX2 CPU; 8-bit on an AVX-512 VNNI one); symmetric int8 (--trt) was not measured with them: "
+                   "measure it on your data.")
 @click.option("--calibration", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of good images the INT8 activation ranges are measured on (e.g. train/good).")
 @click.option("--calibration-images", type=click.IntRange(min=1), default=DEFAULT_CALIBRATION_IMAGES,
@@ -46,19 +48,25 @@ def _mib(n: int) -> str:
                    "Default: int8 with --trt, else uint8.")
 @click.option("--int8-fp32-convs", type=click.IntRange(min=0), default=DEFAULT_FP32_CONVS, show_default=True,
               help="The backbone's first N convolutions stay FP32 (raw pixels, highest resolutions).")
+@click.option("--int8-weight-bits", type=click.Choice([str(b) for b in WEIGHT_BITS]), default=str(DEFAULT_WEIGHT_BITS),
+              show_default=True,
+              help="Range of the int8 weights. 7 runs right on every CPU. 8 is exact only on CPUs with VNNI (AVX-512 "
+                   "VNNI, AVX-VNNI) and on GPUs: elsewhere onnxruntime's u8 x s8 products saturate int16.")
 def export_cmd(bundle: Path, out: Path, trt: bool, fp16: bool, max_batch: int, opset: int, coresets: str,
                mode: str | None, chunk: int, force: bool, threads: int | None, int8: tuple[str, ...],
                calibration: Path | None, calibration_images: int, int8_activations: str | None,
-               int8_fp32_convs: int) -> None:
+               int8_fp32_convs: int, int8_weight_bits: str) -> None:
     """Export BUNDLE for edge deployment: ONNX graphs + Arrow tables (+ TensorRT engines with --trt)."""
     from export import opcheck, tables
     from export.onnx_export import ExportOptions, export_bundle
     from pni_ray.bundle import BundleError
     from pni_ray.options import set_threads
 
-    if not int8 and (int8_activations is not None or int8_fp32_convs != DEFAULT_FP32_CONVS):
-        raise click.UsageError("--int8-activations / --int8-fp32-convs shape INT8 graphs: add --int8 mlp and/or "
-                               "--int8 backbone")
+    shaped = int8_activations is not None or int8_fp32_convs != DEFAULT_FP32_CONVS \
+        or int(int8_weight_bits) != DEFAULT_WEIGHT_BITS
+    if not int8 and shaped:
+        raise click.UsageError("--int8-activations / --int8-fp32-convs / --int8-weight-bits shape INT8 graphs: "
+                               "add --int8 mlp and/or --int8 backbone")
     if int8_fp32_convs != DEFAULT_FP32_CONVS and "backbone" not in int8:
         raise click.UsageError("--int8-fp32-convs applies to the backbone: add --int8 backbone")
     if trt and int8 and int8_activations == "uint8":
@@ -69,7 +77,7 @@ def export_cmd(bundle: Path, out: Path, trt: bool, fp16: bool, max_batch: int, o
                             int8=tuple(dict.fromkeys(int8)), calibration=calibration,
                             calibration_images=calibration_images,
                             int8_activations=int8_activations or ("int8" if trt else "uint8"),
-                            int8_fp32_convs=int8_fp32_convs)
+                            int8_fp32_convs=int8_fp32_convs, int8_weight_bits=int(int8_weight_bits))
     try:
         result = export_bundle(bundle, out, options, force=force)
     except (FileExistsError, ValueError, BundleError, opcheck.OpCheckError, tables.ExportError) as exc:

@@ -76,6 +76,7 @@ class ExportOptions:
     calibration_images: int = quantize.DEFAULT_CALIBRATION_IMAGES
     int8_activations: str = quantize.DEFAULT_ACTIVATIONS  # "uint8": onnxruntime CPU; "int8": TensorRT too
     int8_fp32_convs: int = quantize.DEFAULT_FP32_CONVS  # the backbone's first convolutions kept FP32
+    int8_weight_bits: int = quantize.DEFAULT_WEIGHT_BITS  # 7: no int16 saturation on CPUs without VNNI
 
     def validate(self) -> None:
         lo, hi = 13, opcheck.TARGETS[self.target]["max_opset"]
@@ -95,6 +96,9 @@ class ExportOptions:
             raise ValueError(f"--int8-activations {self.int8_activations!r}: choose from {', '.join(quantize.ACTIVATIONS)}")
         if self.int8_fp32_convs < 0:
             raise ValueError(f"--int8-fp32-convs must be >= 0, got {self.int8_fp32_convs}")
+        if self.int8_weight_bits not in quantize.WEIGHT_BITS:
+            raise ValueError(f"--int8-weight-bits {self.int8_weight_bits}: choose from "
+                             f"{', '.join(map(str, quantize.WEIGHT_BITS))}")
         if self.int8 and self.calibration is None:
             raise ValueError("--int8 needs --calibration DIR: a folder of good images (e.g. the category's "
                              "train/good) to measure activation ranges on")
@@ -328,7 +332,8 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
             log.info("quantising %s to INT8 on %d images of %s", ", ".join(options.int8), len(calibration),
                      options.calibration)
             int8 = quantize.quantize_models(models, detector, geometry, options.int8, calibration,
-                                           options.int8_activations, options.int8_fp32_convs)
+                                           options.int8_activations, options.int8_fp32_convs,
+                                           options.int8_weight_bits)
         reports = [opcheck.check_model(m, options.target, name) for name, m in models.items()]
         ort_only = set(int8["graphs"]) if int8 and not int8["tensorrt"] else set()  # uint8 activations
         if ort_only:

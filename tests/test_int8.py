@@ -143,7 +143,8 @@ def test_uint8_graphs_are_refused_by_tensorrt_with_what_to_do(cpu_int8_export, i
     args = ["export", bundle, "--int8", "mlp", "--calibration", str(tmp_path), "--trt"]
     result = CliRunner().invoke(main, [*args[:2], "--out", str(tmp_path / "e"), *args[2:], "--int8-activations", "uint8"])
     assert result.exit_code != 0 and "TensorRT takes symmetric int8" in result.output
-    for extra, says in ((["--int8-activations", "int8"], "add --int8 mlp"), (["--int8-fp32-convs", "3"], "add --int8 mlp")):
+    for extra, says in ((["--int8-activations", "int8"], "add --int8 mlp"), (["--int8-fp32-convs", "3"], "add --int8 mlp"),
+                        (["--int8-weight-bits", "8"], "add --int8 mlp")):
         result = CliRunner().invoke(main, ["export", bundle, "--out", str(tmp_path / "x"), *extra])
         assert result.exit_code != 0 and says in result.output  # never silently ignored
     result = CliRunner().invoke(main, ["export", bundle, "--out", str(tmp_path / "x"), "--int8", "mlp",
@@ -156,6 +157,27 @@ def test_uint8_graphs_are_refused_by_tensorrt_with_what_to_do(cpu_int8_export, i
                                        "--calibration", good, "--calibration-images", "4", "--trt"])
     assert result.exit_code == 0, result.output
     assert tables.read_manifest(tmp_path / "e")["int8"]["activations"] == "int8"
+
+
+def _int8_weights(path) -> list[np.ndarray]:
+    return [onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+            if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
+
+
+def test_weights_keep_to_seven_bits_unless_asked(bundle_tiny, good_dir, int8_export, tmp_path):
+    """7-bit weights (the default): a u8 x s8 pair sums within int16 (2 x 255 x 64 < 32767), so CPUs
+    without VNNI, whose onnxruntime kernels add such pairs in int16 and saturate, compute what VNNI
+    CPUs do. 8 bits fill the int8 range, recorded in the manifest."""
+    seven = _int8_weights(int8_export / "mlp.onnx")
+    assert seven and all(np.abs(w).max() <= 64 for w in seven)
+    assert max(np.abs(w).max() for w in seven) == 64
+    assert tables.read_manifest(int8_export)["int8"]["weight_bits"] == 7
+    out = tmp_path / "eight"
+    export_bundle(bundle_tiny, out, ExportOptions(calibration=good_dir, int8_weight_bits=8, **TRT_INT8))
+    assert max(np.abs(w).max() for w in _int8_weights(out / "mlp.onnx")) == 127
+    assert tables.read_manifest(out)["int8"]["weight_bits"] == 8
+    with pytest.raises(ValueError, match="--int8-weight-bits 6"):
+        ExportOptions(int8=("mlp",), calibration=good_dir, int8_weight_bits=6).validate()
 
 
 def test_calibration_images_are_spread_over_the_folder(tmp_path):
