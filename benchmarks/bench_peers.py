@@ -100,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layouts", default="threads", metavar="LAYOUTS",
                    help="comma-separated: 'threads' (one process, --threads threads) and/or 'processes' "
                         "(--threads one-thread processes on shares of the images, as `pni-ray score` runs)")
+    p.add_argument("--engines", default="", metavar="ENGINES",
+                   help="time only these paths, by engine name, for both systems (e.g. 'torch,onnxruntime-int8,"
+                        "openvino'); keep torch: it is the accuracy reference a faster path is held to")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
@@ -544,6 +547,14 @@ def maps_file(d: Path, system: str, engine: str, layout: str) -> Path:
     return d / (f"{system}-{engine}.npz" if layout == "threads" else f"{system}-{engine}-{layout}.npz")
 
 
+def chosen_engines(spec: str, known: set[str]) -> set[str] | None:
+    """--engines as a set (None: every path), refusing names no system runs here."""
+    chosen = set(spec.split(",")) if spec else None
+    if chosen and chosen - known:
+        raise SystemExit(f"--engines {','.join(sorted(chosen - known))}: choose from {', '.join(sorted(known))}")
+    return chosen
+
+
 def path_label(row: dict, threads: int) -> str:
     """The engine, and for layout `processes` how the cores are spent."""
     return row["engine"] + (f" ({threads} x 1 thread)" if row.get("layout") == "processes" else "")
@@ -561,6 +572,7 @@ def run_all(args: argparse.Namespace, work: Path, python_a: Path | None, anomali
     if unknown:
         raise SystemExit(f"--layouts {','.join(unknown)}: choose from {', '.join(LAYOUTS)}")
     common = {"data_root": str(args.data_root), "threads": args.threads, "batch": args.batch, "repeats": 1}
+    chosen = chosen_engines(args.engines, {"torch", "onnxruntime", "onnxruntime-int8", *anomalib_engines})
     for category in args.categories.split(","):
         _, labels, mask_paths = test_split(args.data_root, category)
         masks = masks_at(mask_paths)
@@ -587,6 +599,8 @@ def run_all(args: argparse.Namespace, work: Path, python_a: Path | None, anomali
                         rows.append({"category": category, "bank": bank, "system": "pni-ray", "engine": "onnxruntime-int8",
                                      "error": f"int8 export: {exc}"})
             print(f"{category} {bank}: pni-ray fit {fits['pni-ray']}", flush=True)
+            if chosen:
+                engines = [e for e in engines if e in chosen]
             paths = []
             if "error" not in fits["pni-ray"]:
                 paths += [("pni-ray", engine, Path(sys.executable), "pni-score", base) for engine in engines]
@@ -598,7 +612,8 @@ def run_all(args: argparse.Namespace, work: Path, python_a: Path | None, anomali
                         fits["anomalib"] = fit_once(python_a, "anomalib-fit", spec, d / "anomalib-fit.json", args.reuse)
                     print(f"{category} {bank}: anomalib fit {fits['anomalib']}", flush=True)
                     if "error" not in fits["anomalib"]:
-                        paths += [("anomalib", engine, python_a, "anomalib-score", spec) for engine in anomalib_engines]
+                        paths += [("anomalib", engine, python_a, "anomalib-score", spec) for engine in anomalib_engines
+                                  if not chosen or engine in chosen]
             timed = [(*path, layout) for path in paths for layout in layouts]
             runs: dict[tuple[str, str, str], list[dict]] = {(p[0], p[1], p[5]): [] for p in timed}
             for _ in range(args.repeats):

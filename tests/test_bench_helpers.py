@@ -58,6 +58,14 @@ def test_bank_ratio() -> None:
     assert bench_peers.bank_ratio("default") is None
 
 
+def test_engine_filter_names_what_it_refuses() -> None:
+    known = {"torch", "onnxruntime-int8", "openvino"}
+    assert bench_peers.chosen_engines("", known) is None  # every path
+    assert bench_peers.chosen_engines("torch,openvino", known) == {"torch", "openvino"}
+    with pytest.raises(SystemExit, match="--engines tensorrt: choose from onnxruntime-int8, openvino, torch"):
+        bench_peers.chosen_engines("torch,tensorrt", known)
+
+
 def test_missing_anomalib_is_skipped_with_the_reason(tmp_path: Path) -> None:
     args = argparse.Namespace(anomalib_python=tmp_path / "nope" / "python")
     python, note, engines = bench_peers.anomalib_python(args)
