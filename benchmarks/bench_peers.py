@@ -45,6 +45,8 @@ the processes' peaks (each holds its own model). `processes` is how `pni-ray sco
 CPU node: one model actor per core with one thread each (--cpus-per-worker 1, its default).
 Both systems are timed in every layout asked for and each ratio takes each system's fastest
 accurate path, whatever its layout.
+--engines torch,onnxruntime-int8,openvino times only those paths (both systems; torch stays, as
+the accuracy reference a faster path is held to): a repeat of the compared paths in minutes.
 Metrics are computed here, with pni_ray.metrics, on maps at that size for every row, against
 the ground-truth masks resized to it (nearest), so AUPRO is at one mask resolution.
 """
