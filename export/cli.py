@@ -46,28 +46,27 @@ def _mib(n: int) -> str:
 @click.option("--int8-activations", type=click.Choice(list(ACTIVATIONS)), default=None,
               help="uint8 (asymmetric: onnxruntime's fast CPU form) or int8 (symmetric: what TensorRT takes). "
                    "Default: int8 with --trt, else uint8.")
-@click.option("--int8-fp32-convs", type=click.IntRange(min=0), default=DEFAULT_FP32_CONVS, show_default=True,
-              help="The backbone's first N convolutions stay FP32 (raw pixels, highest resolutions).")
-@click.option("--int8-weight-bits", type=click.Choice([str(b) for b in WEIGHT_BITS]), default=str(DEFAULT_WEIGHT_BITS),
-              show_default=True,
-              help="Range of the int8 weights. 7 runs right on every CPU. 8 is exact only on CPUs with VNNI (AVX-512 "
-                   "VNNI, AVX-VNNI) and on GPUs: elsewhere onnxruntime's u8 x s8 products saturate int16.")
+@click.option("--int8-fp32-convs", type=click.IntRange(min=0), default=None,
+              help=f"The backbone's first N convolutions stay FP32 (raw pixels, highest resolutions). "
+                   f"Default: {DEFAULT_FP32_CONVS}.")
+@click.option("--int8-weight-bits", type=click.Choice([str(b) for b in WEIGHT_BITS]), default=None,
+              help=f"Range of the int8 weights (default: {DEFAULT_WEIGHT_BITS}, also with --trt). 7 runs right on every "
+                   "CPU. 8 only where every runtime is a VNNI CPU (AVX-512 VNNI, AVX-VNNI) or TensorRT: on other x86 "
+                   "CPUs onnxruntime's u8 x s8 products saturate int16.")
 def export_cmd(bundle: Path, out: Path, trt: bool, fp16: bool, max_batch: int, opset: int, coresets: str,
                mode: str | None, chunk: int, force: bool, threads: int | None, int8: tuple[str, ...],
                calibration: Path | None, calibration_images: int, int8_activations: str | None,
-               int8_fp32_convs: int, int8_weight_bits: str) -> None:
+               int8_fp32_convs: int | None, int8_weight_bits: str | None) -> None:
     """Export BUNDLE for edge deployment: ONNX graphs + Arrow tables (+ TensorRT engines with --trt)."""
     from export import opcheck, tables
     from export.onnx_export import ExportOptions, export_bundle
     from pni_ray.bundle import BundleError
     from pni_ray.options import set_threads
 
-    shaped = int8_activations is not None or int8_fp32_convs != DEFAULT_FP32_CONVS \
-        or int(int8_weight_bits) != DEFAULT_WEIGHT_BITS
-    if not int8 and shaped:
+    if not int8 and (int8_activations, int8_fp32_convs, int8_weight_bits) != (None, None, None):
         raise click.UsageError("--int8-activations / --int8-fp32-convs / --int8-weight-bits shape INT8 graphs: "
                                "add --int8 mlp and/or --int8 backbone")
-    if int8_fp32_convs != DEFAULT_FP32_CONVS and "backbone" not in int8:
+    if int8_fp32_convs is not None and "backbone" not in int8:
         raise click.UsageError("--int8-fp32-convs applies to the backbone: add --int8 backbone")
     if trt and int8 and int8_activations == "uint8":
         raise click.UsageError("--trt with --int8-activations uint8: TensorRT takes symmetric int8 Q/DQ only "
@@ -77,7 +76,8 @@ def export_cmd(bundle: Path, out: Path, trt: bool, fp16: bool, max_batch: int, o
                             int8=tuple(dict.fromkeys(int8)), calibration=calibration,
                             calibration_images=calibration_images,
                             int8_activations=int8_activations or ("int8" if trt else "uint8"),
-                            int8_fp32_convs=int8_fp32_convs, int8_weight_bits=int(int8_weight_bits))
+                            int8_fp32_convs=DEFAULT_FP32_CONVS if int8_fp32_convs is None else int8_fp32_convs,
+                            int8_weight_bits=int(int8_weight_bits or DEFAULT_WEIGHT_BITS))
     try:
         result = export_bundle(bundle, out, options, force=force)
     except (FileExistsError, ValueError, BundleError, opcheck.OpCheckError, tables.ExportError) as exc:
@@ -99,7 +99,8 @@ def export_cmd(bundle: Path, out: Path, trt: bool, fp16: bool, max_batch: int, o
         else:
             click.echo(f"  op check: {report.summary()}")
     if manifest.get("int8"):
-        click.echo(f"  int8: {', '.join(manifest['int8']['graphs'])} ({manifest['int8']['activations']} activations) calibrated on "
+        click.echo(f"  int8: {', '.join(manifest['int8']['graphs'])} ({manifest['int8']['activations']} activations, "
+                   f"{manifest['int8'].get('weight_bits', 8)}-bit weight range) calibrated on "
                    f"{len(manifest['int8']['calibration_images'])} images of {manifest['int8']['calibration_dir']}")
     if fp16 and not trt:
         click.echo("note: --fp16 only affects TensorRT engines (--trt); the ONNX graphs are FP32", err=True)

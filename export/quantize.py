@@ -11,16 +11,22 @@ graph needs no data at run time. Two activation types, because the two runtimes 
   strongly typed INT8 engine, export.trt). onnxruntime runs the backbone slower this way than in
   FP32 (~90 ms), so it is the TensorRT choice, not a CPU one.
 
-Weights keep to 7 bits ([-64, 64], onnxruntime's `reduce_range`) by default. CPUs without VNNI
-(AVX2 only, AVX-512 without VNNI) multiply u8 x s8 with VPMADDUBSW, which adds each pair of
-products into int16 and saturates: 255 x 127 x 2 does not fit, 255 x 64 x 2 does. Measured on an
-AVX2-only CPU, 8-bit weights made the symmetric-int8 MLP of the test bundle agree with FP32's
-argmax on 77% of patches (7 bits: 95%). `weight_bits=8` is for VNNI CPUs and TensorRT.
+Weights keep to a 7-bit range by default ([-64, 64]: onnxruntime's `reduce_range`, which also
+narrows the constant operands of element-wise ops, here the scalars 0 and 1, still exact; the
+activation ranges are not narrowed). x86 CPUs without VNNI (AVX2 only, AVX-512 without VNNI)
+multiply u8 x s8 with VPMADDUBSW, which adds each pair of products into int16 and saturates:
+255 x 127 x 2 does not fit, 255 x 64 x 2 does. Measured on an AVX2-only CPU, 8-bit weights made the
+symmetric-int8 MLP of the test bundle agree with FP32's argmax on 77% of patches (7 bits: 95%).
+The `--trt` form keeps 7 bits too: its graphs are also what onnxruntime runs where no engine is
+built. `weight_bits=8` is for deployments only on VNNI CPUs or TensorRT. (onnxruntime's session
+option `session.x64quantprecision` is meant to keep 8-bit weights exact on AVX2 at a cost in
+speed; not tried here.)
 
 The first `fp32_convs` convolutions of the backbone stay FP32 (default 6: on EfficientNet-Lite the
 stem and the first two blocks). They see raw pixels at the highest resolutions; quantised they
-cost transistor 0.003 AUPRO at a 1% bank; kept in FP32, pixel AUROC and AUPRO stay within 3e-4 of
-FP32's on bottle and transistor (uint8 activations; symmetric int8 with them not measured).
+cost transistor 0.003 AUPRO at a 1% bank; kept in FP32, pixel AUROC stays within 3e-4 and AUPRO
+within 0.0015 of FP32's on bottle and transistor (uint8 activations; 8-bit weights on an AVX-512
+VNNI CPU, 7-bit on an AVX2 one; symmetric int8 with them not measured).
 Dynamic quantisation does not help here: it covers MatMul, and the MLP is convolutions (onnxruntime's
 ConvInteger path measured 3x slower than FP32).
 
@@ -49,7 +55,7 @@ CALIBRATION_BATCH = 4
 # activation type -> (onnxruntime QuantType name, symmetric)
 ACTIVATIONS = {"uint8": ("QUInt8", False), "int8": ("QInt8", True)}
 DEFAULT_ACTIVATIONS = "uint8"
-# 7: weights in [-64, 64] (onnxruntime's reduce_range), so a u8 x s8 pair sum fits int16 on every CPU
+# 7: weights in [-64, 64] (onnxruntime's reduce_range), so a u8 x s8 pair sum fits int16 on every x86 CPU
 WEIGHT_BITS = (7, 8)
 DEFAULT_WEIGHT_BITS = 7
 METHOD = ("static QDQ: int8 weights per output channel (symmetric, {bits}-bit range), {act} activations "

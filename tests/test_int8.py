@@ -144,7 +144,8 @@ def test_uint8_graphs_are_refused_by_tensorrt_with_what_to_do(cpu_int8_export, i
     result = CliRunner().invoke(main, [*args[:2], "--out", str(tmp_path / "e"), *args[2:], "--int8-activations", "uint8"])
     assert result.exit_code != 0 and "TensorRT takes symmetric int8" in result.output
     for extra, says in ((["--int8-activations", "int8"], "add --int8 mlp"), (["--int8-fp32-convs", "3"], "add --int8 mlp"),
-                        (["--int8-weight-bits", "8"], "add --int8 mlp")):
+                        (["--int8-weight-bits", "8"], "add --int8 mlp"), (["--int8-weight-bits", "7"], "add --int8 mlp"),
+                        (["--int8-fp32-convs", "6"], "add --int8 mlp")):  # the default value, given, is not ignored either
         result = CliRunner().invoke(main, ["export", bundle, "--out", str(tmp_path / "x"), *extra])
         assert result.exit_code != 0 and says in result.output  # never silently ignored
     result = CliRunner().invoke(main, ["export", bundle, "--out", str(tmp_path / "x"), "--int8", "mlp",
@@ -156,12 +157,25 @@ def test_uint8_graphs_are_refused_by_tensorrt_with_what_to_do(cpu_int8_export, i
     result = CliRunner().invoke(main, ["export", bundle, "--out", str(tmp_path / "e"), "--int8", "mlp",
                                        "--calibration", good, "--calibration-images", "4", "--trt"])
     assert result.exit_code == 0, result.output
+    assert "7-bit weight range" in result.output
     assert tables.read_manifest(tmp_path / "e")["int8"]["activations"] == "int8"
+    assert tables.read_manifest(tmp_path / "e")["int8"]["weight_bits"] == 7  # --trt keeps 7 unless asked
+    result = CliRunner().invoke(main, ["export", bundle, "--out", str(tmp_path / "e8"), "--int8", "mlp",
+                                       "--calibration", good, "--calibration-images", "4", "--int8-weight-bits", "8"])
+    assert result.exit_code == 0, result.output
+    assert tables.read_manifest(tmp_path / "e8")["int8"]["weight_bits"] == 8
 
 
 def _int8_weights(path) -> list[np.ndarray]:
     return [onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
             if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
+
+
+def _activation_scales(path) -> list[float]:
+    """The scales of the graph's QuantizeLinear nodes: what the activations are quantised with at run time."""
+    graph = onnx.load(str(path)).graph
+    values = {t.name: float(onnx.numpy_helper.to_array(t)) for t in graph.initializer if not t.dims}
+    return [values[n.input[1]] for n in graph.node if n.op_type == "QuantizeLinear"]
 
 
 def test_weights_keep_to_seven_bits_unless_asked(bundle_tiny, good_dir, int8_export, tmp_path):
@@ -176,6 +190,7 @@ def test_weights_keep_to_seven_bits_unless_asked(bundle_tiny, good_dir, int8_exp
     export_bundle(bundle_tiny, out, ExportOptions(calibration=good_dir, int8_weight_bits=8, **TRT_INT8))
     assert max(np.abs(w).max() for w in _int8_weights(out / "mlp.onnx")) == 127
     assert tables.read_manifest(out)["int8"]["weight_bits"] == 8
+    assert _activation_scales(out / "mlp.onnx") == _activation_scales(int8_export / "mlp.onnx")  # weights only
     with pytest.raises(ValueError, match="--int8-weight-bits 6"):
         ExportOptions(int8=("mlp",), calibration=good_dir, int8_weight_bits=6).validate()
 
