@@ -62,6 +62,7 @@ def test_engine_filter_names_what_it_refuses() -> None:
     known = {"torch", "onnxruntime-int8", "openvino"}
     assert bench_peers.chosen_engines("", known) is None  # every path
     assert bench_peers.chosen_engines("torch,openvino", known) == {"torch", "openvino"}
+    assert bench_peers.chosen_engines("openvino, ", known) == {"torch", "openvino"}  # torch: the accuracy reference
     with pytest.raises(SystemExit, match="--engines tensorrt: choose from onnxruntime-int8, openvino, torch"):
         bench_peers.chosen_engines("torch,tensorrt", known)
 
