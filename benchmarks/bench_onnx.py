@@ -12,6 +12,9 @@ Then: a per-stage profile of both, the scorer-graph variants behind the export's
 (chunking, coresets as constants or inputs, exact-threshold mask vs torch's arithmetic, ORT
 optimisation level), parity figures on the images (--parity-all: the whole test split), and the
 export directory size against the authors' layout (10 x 2048 MLP + dense position histogram).
+
+--op-profile N: onnxruntime's own profile of the fused graph over N batches, summed per op type
+and per node (milliseconds per batch): which kernels the deployment path spends its time in.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", action="store_true", help="also time scorer-graph variants")
     p.add_argument("--parity-all", action="store_true", help="parity on every test image of the category")
+    p.add_argument("--op-profile", type=int, default=0, metavar="N",
+                   help="profile the fused graph's kernels over N batches (onnxruntime profiling)")
     p.add_argument("--json", type=Path, default=None, help="write every figure here")
     return p.parse_args()
 
@@ -71,6 +76,56 @@ def authors_layout_bytes(manifest: dict) -> dict[str, int]:
         "backbone_graph": backbone,
         "total": 4 * params + 4 * h * w * m + 4 * m * d + backbone,
     }
+
+
+def kernel_ms_per_run(events: list[dict], warmup: int = 1) -> tuple[dict[str, float], dict[str, float]]:
+    """onnxruntime profile events -> (ms per run by op type, ms per run by node), largest first.
+
+    Only kernel-time events count (the profile also has session and fence events); each node's
+    first `warmup` executions are dropped (first-run allocations), the rest averaged."""
+    seen: dict[str, int] = {}
+    total: dict[str, float] = {}
+    op_of: dict[str, str] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        node = e["name"][: -len("_kernel_time")]
+        seen[node] = seen.get(node, 0) + 1
+        op_of[node] = e.get("args", {}).get("op_name", "?")
+        if seen[node] > warmup:
+            total[node] = total.get(node, 0.0) + e["dur"] / 1000
+    by_node = {node: ms / (seen[node] - warmup) for node, ms in total.items()}
+    by_op: dict[str, float] = {}
+    for node, ms in by_node.items():
+        by_op[op_of[node]] = by_op.get(op_of[node], 0.0) + ms
+    order = lambda d: dict(sorted(d.items(), key=lambda kv: -kv[1]))  # noqa: E731
+    return order(by_op), order(by_node)
+
+
+def op_profile(model, x: np.ndarray, threads: int, runs: int) -> dict:
+    """The fused graph (as the runtime fuses it) in a profiling session, `runs` batches after a warm-up."""
+    import onnx
+    import onnxruntime as ort
+
+    from export.fused import fuse_stages
+    from export.runtime import _session_options
+
+    if model.fused is None:
+        raise SystemExit("--op-profile: this export runs stage by stage (no fused graph to profile)")
+    chain = model.fused[0]
+    fused = fuse_stages([(n, onnx.load(str(model.path / model.manifest["graphs"][n]["file"]))) for n in chain],
+                        [model.chain_output(chain)])
+    with tempfile.TemporaryDirectory(prefix="pni-ray-prof-") as tmp:
+        so = _session_options(threads, "all")
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tmp) / "ort")
+        sess = ort.InferenceSession(fused.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        feeds = {i.name: (x if i.name == "images" else model.table_feeds[i.name]) for i in sess.get_inputs()}
+        for _ in range(1 + runs):  # the first is a warm-up, dropped by kernel_ms_per_run
+            sess.run(None, feeds)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    by_op, by_node = kernel_ms_per_run(events, warmup=1)
+    return {"runs": runs, "ms_per_batch_by_op": by_op, "ms_per_batch_by_node": by_node}
 
 
 def timed(fn, *args) -> float:
@@ -170,6 +225,17 @@ def main() -> int:
     for stage in prof["torch"]:
         a, b = prof["torch"][stage], prof["onnxruntime"].get(stage, float("nan"))
         print(f"  {stage:<11} torch {a:7.3f}   onnxruntime {b:7.3f}   ({a / b:.2f}x)")
+
+    if args.op_profile:
+        prof_ops = op_profile(model, x, args.threads, args.op_profile)
+        out["op_profile"] = prof_ops
+        total = sum(prof_ops["ms_per_batch_by_op"].values())
+        print(f"\nfused graph kernels, ms per batch of {len(x)} ({total:.1f} ms in all):")
+        for op, ms in list(prof_ops["ms_per_batch_by_op"].items())[:12]:
+            print(f"  {op:<24} {ms:8.1f}   {100 * ms / total:5.1f}%")
+        print("  largest nodes:")
+        for node, ms in list(prof_ops["ms_per_batch_by_node"].items())[:10]:
+            print(f"    {node[:72]:<72} {ms:7.1f}")
 
     # ---- scorer-graph variants: what the export's choices buy
     if args.variants:

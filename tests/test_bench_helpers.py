@@ -272,3 +272,20 @@ def test_timed_passes_times_after_the_warm_up_and_the_common_start(tmp_path: Pat
     # the warm-up batch before this worker says it is ready, then 2 timed passes of 3 batches after
     assert calls[0] == (2, False) and all(ready for _, ready in calls[1:]) and len(calls) == 1 + 2 * 3
     assert timing["images"] == 10 and timing["window"][0] <= timing["window"][1] and len(scores) == 5
+
+
+def test_kernel_profile_drops_the_warm_up_and_sums_per_op() -> None:
+    import bench_onnx
+
+    def kernel(node: str, op: str, us: float) -> dict:
+        return {"cat": "Node", "name": f"{node}_kernel_time", "dur": us, "args": {"op_name": op}}
+
+    events = [{"cat": "Session", "name": "model_run", "dur": 9e9},
+              kernel("conv_a", "Conv", 9000), kernel("conv_b", "Conv", 5000), kernel("sm", "Softmax", 7000),  # warm-up
+              kernel("conv_a", "Conv", 2000), kernel("conv_b", "Conv", 1000), kernel("sm", "Softmax", 500),
+              {"cat": "Node", "name": "conv_a_fence_before", "dur": 10**6},
+              kernel("conv_a", "Conv", 4000), kernel("conv_b", "Conv", 1000), kernel("sm", "Softmax", 1500)]
+    by_op, by_node = bench_onnx.kernel_ms_per_run(events, warmup=1)
+    assert by_node == {"conv_a": 3.0, "conv_b": 1.0, "sm": 1.0}
+    assert by_op == {"Conv": 4.0, "Softmax": 1.0}
+    assert list(by_op) == ["Conv", "Softmax"]  # largest first
