@@ -39,7 +39,7 @@ def _session_options(threads: int | None, optimization: str):
     so.inter_op_num_threads = 1
     # no spinning for work: with stage-by-stage sessions, one's idle threads competed with the next
     # one's (bottle, 2 threads: 304 -> 199 ms per batch of 4 without); with the one fused session,
-    # spinning gains 10% on an idle machine but loses 17% beside one busy process (Ray's decode tasks)
+    # spinning gains 10% on an idle machine but loses 17% beside one busy process (other Ray workers)
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = {
