@@ -81,20 +81,22 @@ def authors_layout_bytes(manifest: dict) -> dict[str, int]:
 def kernel_ms_per_run(events: list[dict], warmup: int = 1) -> tuple[dict[str, float], dict[str, float]]:
     """onnxruntime profile events -> (ms per run by op type, ms per run by node), largest first.
 
-    Only kernel-time events count (the profile also has session and fence events); each node's
-    first `warmup` executions are dropped (first-run allocations), the rest averaged."""
-    seen: dict[str, int] = {}
-    total: dict[str, float] = {}
+    Runs are the profile's `model_run` events; a kernel event counts for the run whose time window
+    holds it (a node inside a loop counts each time it runs). The first `warmup` runs (first-run
+    allocations) are dropped and the rest averaged. Fence and session events are not kernel time."""
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    kept = runs[warmup:]
+    if not kept:
+        raise ValueError(f"the profile holds {len(runs)} run(s), fewer than warm-up {warmup} + 1")
+    start = kept[0][0]
+    by_node: dict[str, float] = {}
     op_of: dict[str, str] = {}
     for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e["ts"] < start:
             continue
         node = e["name"][: -len("_kernel_time")]
-        seen[node] = seen.get(node, 0) + 1
         op_of[node] = e.get("args", {}).get("op_name", "?")
-        if seen[node] > warmup:
-            total[node] = total.get(node, 0.0) + e["dur"] / 1000
-    by_node = {node: ms / (seen[node] - warmup) for node, ms in total.items()}
+        by_node[node] = by_node.get(node, 0.0) + e["dur"] / 1000 / len(kept)
     by_op: dict[str, float] = {}
     for node, ms in by_node.items():
         by_op[op_of[node]] = by_op.get(op_of[node], 0.0) + ms
@@ -102,19 +104,31 @@ def kernel_ms_per_run(events: list[dict], warmup: int = 1) -> tuple[dict[str, fl
     return order(by_op), order(by_node)
 
 
-def op_profile(model, x: np.ndarray, threads: int, runs: int) -> dict:
-    """The fused graph (as the runtime fuses it) in a profiling session, `runs` batches after a warm-up."""
+def profiled_graph(model):
+    """The fused graph as the runtime fuses it and its inputs, or exit naming why there is none."""
     import onnx
-    import onnxruntime as ort
 
     from export.fused import fuse_stages
-    from export.runtime import _session_options
 
     if model.fused is None:
-        raise SystemExit("--op-profile: this export runs stage by stage (no fused graph to profile)")
-    chain = model.fused[0]
-    fused = fuse_stages([(n, onnx.load(str(model.path / model.manifest["graphs"][n]["file"]))) for n in chain],
-                        [model.chain_output(chain)])
+        raise SystemExit(f"--op-profile: {model.path} runs stage by stage (no fused graph: see the warning logged "
+                         "when it loaded, or the export has a single stage)")
+    chain, _, inputs = model.fused
+    missing = [i for i in inputs if i != "images" and i not in model.table_feeds]
+    if missing:
+        raise SystemExit(f"--op-profile: the fused graph of {model.path} also takes {', '.join(missing)} "
+                         "(a tiled export, or one with filled cells): profile an untiled export")
+    return fuse_stages([(n, onnx.load(str(model.path / model.manifest["graphs"][n]["file"]))) for n in chain],
+                       [model.chain_output(chain)])
+
+
+def op_profile(model, x: np.ndarray, threads: int, runs: int) -> dict:
+    """The fused graph in a profiling session: one warm-up batch, then `runs` batches."""
+    import onnxruntime as ort
+
+    from export.runtime import _session_options
+
+    fused = profiled_graph(model)
     with tempfile.TemporaryDirectory(prefix="pni-ray-prof-") as tmp:
         so = _session_options(threads, "all")
         so.enable_profiling = True
@@ -136,6 +150,8 @@ def timed(fn, *args) -> float:
 
 def main() -> int:
     args = parse_args()
+    if args.op_profile < 0:
+        raise SystemExit(f"--op-profile {args.op_profile}: give a number of batches >= 1 (0: no profile)")
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
@@ -166,6 +182,8 @@ def main() -> int:
     t0 = time.perf_counter()
     model = load_exported(export_dir, threads=args.threads)
     out["ort_load_seconds"] = time.perf_counter() - t0
+    if args.op_profile:
+        profiled_graph(model)  # refuse now, not after every timing
     manifest = model.manifest
     cat = load_category(args.data_root, category)
     samples = cat.test

@@ -46,7 +46,9 @@ CPU node: one model actor per core with one thread each (--cpus-per-worker 1, it
 Both systems are timed in every layout asked for and each ratio takes each system's fastest
 accurate path, whatever its layout.
 --engines onnxruntime-int8,openvino times only those paths for both systems, and torch, which is
-always added as the accuracy reference a faster path is held to: a repeat of the compared paths.
+always added as the accuracy reference a faster path is held to: for repeating just the compared
+paths. A path that exists but is off in the run (onnxruntime-int8 without --int8, anomalib's without its venv)
+is refused with what turns it on.
 Metrics are computed here, with pni_ray.metrics, on maps at that size for every row, against
 the ground-truth masks resized to it (nearest), so AUPRO is at one mask resolution.
 """
@@ -549,10 +551,14 @@ def maps_file(d: Path, system: str, engine: str, layout: str) -> Path:
     return d / (f"{system}-{engine}.npz" if layout == "threads" else f"{system}-{engine}-{layout}.npz")
 
 
-def chosen_engines(spec: str, known: set[str]) -> set[str] | None:
+def chosen_engines(spec: str, known: set[str], absent: dict[str, str] | None = None) -> set[str] | None:
     """--engines as a set (None: every path), with torch added (the accuracy reference accurate_paths holds
-    the other paths to: without it no INT8 path would count), refusing names no system runs here."""
+    the other paths to: without it no INT8 path would count), refusing names no system runs here; `absent`
+    names paths that exist but are off in this run, with what turns them on."""
     chosen = {e.strip() for e in spec.split(",") if e.strip()}
+    off = sorted(chosen & set(absent or {}))
+    if off:
+        raise SystemExit("; ".join(f"--engines {e}: {absent[e]}" for e in off))  # type: ignore[index]
     if chosen - known:
         raise SystemExit(f"--engines {','.join(sorted(chosen - known))}: choose from {', '.join(sorted(known))}")
     return chosen | {"torch"} if chosen else None
@@ -575,7 +581,11 @@ def run_all(args: argparse.Namespace, work: Path, python_a: Path | None, anomali
     if unknown:
         raise SystemExit(f"--layouts {','.join(unknown)}: choose from {', '.join(LAYOUTS)}")
     common = {"data_root": str(args.data_root), "threads": args.threads, "batch": args.batch, "repeats": 1}
-    chosen = chosen_engines(args.engines, {"torch", "onnxruntime", "onnxruntime-int8", *anomalib_engines})
+    absent = {} if args.int8 else {"onnxruntime-int8": "needs --int8 GRAPHS (e.g. --int8 mlp,backbone)"}
+    if python_a is None:
+        absent.update({e: "needs anomalib (--anomalib-python, or --setup-anomalib VENV first)"
+                       for e in ("openvino", "openvino-int8")})
+    chosen = chosen_engines(args.engines, {"torch", "onnxruntime", "onnxruntime-int8", *anomalib_engines}, absent)
     for category in args.categories.split(","):
         _, labels, mask_paths = test_split(args.data_root, category)
         masks = masks_at(mask_paths)

@@ -65,6 +65,9 @@ def test_engine_filter_names_what_it_refuses() -> None:
     assert bench_peers.chosen_engines("openvino, ", known) == {"torch", "openvino"}  # torch: the accuracy reference
     with pytest.raises(SystemExit, match="--engines tensorrt: choose from onnxruntime-int8, openvino, torch"):
         bench_peers.chosen_engines("torch,tensorrt", known)
+    # a path that exists but is off in this run says what turns it on, instead of timing torch alone
+    with pytest.raises(SystemExit, match="--engines onnxruntime-int8: needs --int8"):
+        bench_peers.chosen_engines("onnxruntime-int8", known, {"onnxruntime-int8": "needs --int8 GRAPHS"})
 
 
 def test_missing_anomalib_is_skipped_with_the_reason(tmp_path: Path) -> None:
@@ -204,7 +207,7 @@ import bench_peers
 spec = json.loads(sys.argv[-1])  # called as bench_peers._launch calls a python: SCRIPT --worker NAME --spec JSON
 sys.stderr.write("x" * 200_000)  # more than a pipe holds, before the common start
 images = bench_peers.image_share(np.arange(10), spec)
-time.sleep(0.3 * spec["share"][0])  # the second worker loads later: the common start waits for it
+time.sleep(1.0 * spec["share"][0])  # the second worker loads 1 s later: the common start waits for it
 bench_peers.wait_for_start(spec)
 start = time.time()
 time.sleep(0.2)
@@ -241,8 +244,9 @@ def test_processes_layout_starts_the_workers_together_and_joins_their_shares(tmp
     joined = np.load(maps)
     assert np.array_equal(joined["scores"], np.arange(10)) and joined["maps"].shape == (10, 1, 1)
     assert not list(tmp_path.glob("*.share*.npz"))
-    # both timed windows start after the later worker is ready: ~0.2 s of wall for 10 images, not ~0.5
-    assert 10 / 0.45 < out["images_per_s"] < 10 / 0.19
+    # both timed windows start after the later worker is ready: ~0.2 s of wall for 10 images, not ~1.2
+    # (the bound leaves a loaded machine 0.6 s of scheduling delay)
+    assert 10 / 0.8 < out["images_per_s"] < 10 / 0.19
     assert out["score_rss_mb"] == 201.0
     assert bench_peers.image_share(np.arange(5), {}).tolist() == [0, 1, 2, 3, 4]
 
@@ -277,15 +281,21 @@ def test_timed_passes_times_after_the_warm_up_and_the_common_start(tmp_path: Pat
 def test_kernel_profile_drops_the_warm_up_and_sums_per_op() -> None:
     import bench_onnx
 
-    def kernel(node: str, op: str, us: float) -> dict:
-        return {"cat": "Node", "name": f"{node}_kernel_time", "dur": us, "args": {"op_name": op}}
+    def run(ts: float) -> dict:
+        return {"cat": "Session", "name": "model_run", "ts": ts, "dur": 90}
 
-    events = [{"cat": "Session", "name": "model_run", "dur": 9e9},
-              kernel("conv_a", "Conv", 9000), kernel("conv_b", "Conv", 5000), kernel("sm", "Softmax", 7000),  # warm-up
-              kernel("conv_a", "Conv", 2000), kernel("conv_b", "Conv", 1000), kernel("sm", "Softmax", 500),
-              {"cat": "Node", "name": "conv_a_fence_before", "dur": 10**6},
-              kernel("conv_a", "Conv", 4000), kernel("conv_b", "Conv", 1000), kernel("sm", "Softmax", 1500)]
+    def kernel(node: str, op: str, ts: float, us: float) -> dict:
+        return {"cat": "Node", "name": f"{node}_kernel_time", "ts": ts, "dur": us, "args": {"op_name": op}}
+
+    events = [{"cat": "Session", "name": "session_initialization", "ts": 0, "dur": 50},
+              run(100), kernel("conv_a", "Conv", 101, 9000), kernel("sm", "Softmax", 120, 7000),  # warm-up
+              run(200), kernel("conv_a", "Conv", 201, 2000), kernel("sm", "Softmax", 220, 500),
+              kernel("loop_body", "Add", 230, 1000), kernel("loop_body", "Add", 240, 1000),  # a node run twice in one run
+              {"cat": "Node", "name": "conv_a_fence_before", "ts": 205, "dur": 10**6},
+              run(300), kernel("conv_a", "Conv", 301, 4000), kernel("sm", "Softmax", 320, 1500)]
     by_op, by_node = bench_onnx.kernel_ms_per_run(events, warmup=1)
-    assert by_node == {"conv_a": 3.0, "conv_b": 1.0, "sm": 1.0}
-    assert by_op == {"Conv": 4.0, "Softmax": 1.0}
-    assert list(by_op) == ["Conv", "Softmax"]  # largest first
+    assert by_node == {"conv_a": 3.0, "sm": 1.0, "loop_body": 1.0}
+    assert by_op == {"Conv": 3.0, "Softmax": 1.0, "Add": 1.0}
+    assert list(by_op)[0] == "Conv"  # largest first
+    with pytest.raises(ValueError, match="holds 1 run"):
+        bench_onnx.kernel_ms_per_run(events[:4], warmup=1)
