@@ -190,19 +190,16 @@ def timed_passes(predict, images: np.ndarray, spec: dict) -> tuple[dict, np.ndar
 def worker_pni_fit(spec: dict) -> dict:
     import dataclasses
 
-    import torch
-
     from export.onnx_export import ExportOptions, export_bundle
     from pni_ray.bundle import save_bundle
     from pni_ray.config import TrainConfig
-    from pni_ray.training import train_category
+    from pni_ray.fit import fit_category
 
-    torch.set_num_threads(spec["threads"])
     cfg = TrainConfig()
     if spec["ratio"] is not None:
         cfg = dataclasses.replace(cfg, coreset=dataclasses.replace(cfg.coreset, ratio=spec["ratio"]))
-    t0 = time.perf_counter()
-    trained = train_category(spec["data_root"], spec["category"], cfg, progress=False)
+    t0 = time.perf_counter()  # as `pni-ray train` fits: its threads, its allocator policy
+    trained = fit_category(spec["data_root"], spec["category"], cfg, spec["threads"], progress=False)
     fit_s = time.perf_counter() - t0
     rss = peak_rss_mb()
     save_bundle(trained, spec["bundle"], overwrite=True)
@@ -216,6 +213,9 @@ def worker_pni_fit(spec: dict) -> dict:
 def worker_pni_score(spec: dict) -> dict:
     import torch
 
+    from pni_ray.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as `pni-ray score`'s model actors run
     torch.set_num_threads(spec["threads"])
     images = image_share(decoded_test_images(Path(spec["data_root"]), spec["category"]), spec)
     if spec["engine"] == "torch":

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from pni_ray.allocator import keep_freed_memory
 from pni_ray.config import SCORE_MODES
 from pni_ray.options import build_config, load_config_file, print_table, set_threads, train_options, training_threads
 
@@ -29,6 +30,10 @@ def setup_logging(verbose: int) -> None:
 def main(verbose: int, quiet: bool) -> None:
     """PNI anomaly detection: train from good images, score every image, export for edge GPUs."""
     setup_logging(-1 if quiet else verbose)
+    try:
+        keep_freed_memory()  # glibc keeps freed memory for reuse (pni_ray.allocator)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @main.command()

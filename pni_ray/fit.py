@@ -34,8 +34,10 @@ def fit_category(
     category_data: Category | None = None,
 ) -> TrainedModel:
     """Train CATEGORY (and its refiner when the config enables it) with exactly `threads` torch threads."""
+    from pni_ray.allocator import keep_freed_memory
     from pni_ray.training import train_category
 
+    keep_freed_memory()  # no page faults on every large tensor (pni_ray.allocator)
     torch.set_num_threads(int(threads))
     trained = train_category(data_root, category, cfg, progress=progress, category_data=category_data)
     if cfg.refiner.enabled:

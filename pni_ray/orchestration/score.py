@@ -285,6 +285,9 @@ class ScoreWorker:
 
     def __init__(self, model_path: str, threads: int = 1, batch_size: int = 8, device: str = "cpu",
                  decode: dict[str, Any] | None = None, encode: dict[str, Any] | None = None) -> None:
+        from pni_ray.allocator import keep_freed_memory
+
+        keep_freed_memory()
         self.decode, self.encode = decode, encode
         threads = max(1, int(threads))
         os.environ["OMP_NUM_THREADS"] = str(threads)
