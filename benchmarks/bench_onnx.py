@@ -104,22 +104,15 @@ def kernel_ms_per_run(events: list[dict], warmup: int = 1) -> tuple[dict[str, fl
     return order(by_op), order(by_node)
 
 
-def profiled_graph(model):
-    """The fused graph as the runtime fuses it and its inputs, or exit naming why there is none."""
-    import onnx
-
-    from export.fused import fuse_stages
-
+def refuse_unprofilable(model) -> None:
+    """Exit naming why --op-profile cannot profile this export's fused graph (checked before any timing)."""
     if model.fused is None:
         raise SystemExit(f"--op-profile: {model.path} runs stage by stage (no fused graph: see the warning logged "
                          "when it loaded, or the export has a single stage)")
-    chain, _, inputs = model.fused
-    missing = [i for i in inputs if i != "images" and i not in model.table_feeds]
+    missing = [i for i in model.fused[2] if i != "images" and i not in model.table_feeds]
     if missing:
         raise SystemExit(f"--op-profile: the fused graph of {model.path} also takes {', '.join(missing)} "
                          "(a tiled export, or one with filled cells): profile an untiled export")
-    return fuse_stages([(n, onnx.load(str(model.path / model.manifest["graphs"][n]["file"]))) for n in chain],
-                       [model.chain_output(chain)])
 
 
 def op_profile(model, x: np.ndarray, threads: int, runs: int) -> dict:
@@ -128,7 +121,8 @@ def op_profile(model, x: np.ndarray, threads: int, runs: int) -> dict:
 
     from export.runtime import _session_options
 
-    fused = profiled_graph(model)
+    refuse_unprofilable(model)
+    fused = model.fused_graph()
     with tempfile.TemporaryDirectory(prefix="pni-ray-prof-") as tmp:
         so = _session_options(threads, "all")
         so.enable_profiling = True
@@ -183,7 +177,7 @@ def main() -> int:
     model = load_exported(export_dir, threads=args.threads)
     out["ort_load_seconds"] = time.perf_counter() - t0
     if args.op_profile:
-        profiled_graph(model)  # refuse now, not after every timing
+        refuse_unprofilable(model)  # now, not after every timing
     manifest = model.manifest
     cat = load_category(args.data_root, category)
     samples = cat.test

@@ -196,11 +196,10 @@ class ExportedModel(StagePipeline):
     def _fuse(self, chain: tuple[str, ...], graphs: dict[str, Any]) -> tuple[tuple[str, ...], Any, tuple[str, ...]] | None:
         """The chain as one session, or None (logged) where the graphs cannot be fused or onnxruntime
         refuses the fused graph: the stages then run one by one, as before fusion existed."""
-        from export.fused import FusionError, fuse_stages
+        from export.fused import FusionError
 
         try:
-            fused = fuse_stages([(name, graphs[name]) for name in chain], [self.chain_output(chain)])
-            session = self._session(fused.SerializeToString())
+            session = self._session(self._fused_proto(chain, graphs).SerializeToString())
             return chain, session, tuple(i.name for i in session.get_inputs())
         except FusionError as exc:
             log.warning("%s: running the stages one by one (%s)", self.path, exc)
@@ -208,6 +207,19 @@ class ExportedModel(StagePipeline):
             log.warning("%s: onnxruntime refused the fused graph, running the stages one by one (%s: %s)",
                         self.path, exc.__class__.__name__, exc)
         return None
+
+    def _fused_proto(self, chain: tuple[str, ...], graphs: dict[str, Any]) -> Any:
+        from export.fused import fuse_stages
+
+        return fuse_stages([(name, graphs[name]) for name in chain], [self.chain_output(chain)])
+
+    def fused_graph(self) -> Any:
+        """The ONNX graph the fused session runs, rebuilt from the stage files (to profile or inspect it);
+        None when the stages run one by one."""
+        if self.fused is None:
+            return None
+        chain = self.fused[0]
+        return self._fused_proto(chain, {name: _load_graph(self._graph_file(name)) for name in chain})
 
     def _session(self, model: bytes | str):
         import onnxruntime as ort

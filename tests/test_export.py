@@ -360,6 +360,10 @@ def test_fused_chain_equals_the_stages_one_by_one(exported, images):
     # the stage sessions stay usable one by one (profiling), made on first use
     features = fused.run_stage("backbone", {"images": images[:2]})["features"]
     assert features.shape[0] == 2 and fused.stage_inputs("scorer")[:2] == ("features", "probabilities")
+    # the graph the fused session runs, rebuilt for profiling: same inputs, one output, no graph when unfused
+    graph = fused.fused_graph()
+    assert tuple(i.name for i in graph.graph.input) == fused.fused[2] and staged.fused_graph() is None
+    assert [o.name for o in graph.graph.output] == [fused.chain_output(fused.fused[0])]
 
 
 def test_unfusable_or_refused_graphs_run_stage_by_stage(exported, images, monkeypatch, caplog):
