@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pni_ray.config import COMBINE_RULES, SCORE_MODES
+from pni_ray.models.rowmin import first_argmin, row_min
 
 INF = float("inf")
 
@@ -51,7 +52,7 @@ def nearest_neighbours(
     """Distance to and index of the nearest memory row for every row of x, in bounded chunks."""
     dists, idxs = [], []
     for block in _distance_blocks(x, memory, chunk, desc):
-        d, j = block.min(1)
+        d, j = row_min(block)
         dists.append(d.sqrt())
         idxs.append(j)
     if not dists:
@@ -69,8 +70,8 @@ def nearest_in_prefix_and_all(
     """
     near_prefix, near_all = [], []
     for block in _distance_blocks(x, memory, chunk, desc):
-        near_prefix.append(block[:, :prefix].argmin(1))
-        near_all.append(block.argmin(1))
+        near_prefix.append(first_argmin(block[:, :prefix]))
+        near_all.append(first_argmin(block))
     empty = torch.empty(0, dtype=torch.long)
     return (torch.cat(near_prefix), torch.cat(near_all)) if near_all else (empty, empty)
 
@@ -78,7 +79,7 @@ def nearest_in_prefix_and_all(
 def masked_argmin(dist_sq: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Row-wise index of the nearest allowed entry; -1 where nothing is allowed."""
     masked = torch.where(allowed, dist_sq, torch.full_like(dist_sq, INF))
-    best, idx = masked.min(1)
+    best, idx = row_min(masked)
     return torch.where(torch.isinf(best), torch.full_like(idx, -1), idx)
 
 
@@ -264,7 +265,7 @@ class PatchScorer(nn.Module):
     ) -> torch.Tensor:
         """Scores of one chunk of patches: the chosen entries' exact distances (pni_split: their mean)."""
         if mode == "patchcore":
-            choices = [dist_sq.argmin(1)]
+            choices = [first_argmin(dist_sq)]
         elif exact_dense:
             choices = self._dense(dist_sq, probs, positions, mode)
         else:
@@ -326,8 +327,8 @@ class PatchScorer(nn.Module):
         """Nearest entry for rows with nothing allowed: the position's entries (pni), else all."""
         if mode == "pni":
             j = masked_argmin(dist_sq, self.position_mask_probs(positions, None) > self.tau)
-            return torch.where(j < 0, dist_sq.argmin(1), j)
-        return dist_sq.argmin(1)
+            return torch.where(j < 0, first_argmin(dist_sq), j)
+        return first_argmin(dist_sq)
 
     def _dense(
         self, dist_sq: torch.Tensor, probs: torch.Tensor | None, positions: torch.Tensor, mode: str
