@@ -31,6 +31,9 @@ from pni_ray.models.scorer import nearest_in_prefix_and_all, nearest_neighbours
 log = logging.getLogger(__name__)
 
 
+EVAL_ROWS = 8 * 40 * 40  # positions per validation batch: 8 images of a 320 px category's 40 x 40 grid
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
@@ -120,10 +123,7 @@ def train_neighbourhood_mlp(
             total += float(loss.detach()) * n_pick
             count += n_pick
         schedule.step()
-        if valid is None and crop is None:
-            val = evaluate_mlp(mlp, features[val_idx], targets[val_idx]) if n_val else {}
-        else:
-            val = evaluate_mlp_masked(mlp, features, targets, valid, val_idx) if n_val else {}
+        val = evaluate_mlp(mlp, features, targets, valid, val_idx) if n_val else {}
         history.append({"epoch": epoch + 1, "train_images": len(order), "train_loss": total / max(count, 1), **val})
         bar.set_postfix(loss=f"{total / max(count, 1):.3f}", val_acc=f"{val.get('val_top1', float('nan')):.3f}")
         log.info("MLP epoch %d: %s", epoch + 1, history[-1])
@@ -192,34 +192,40 @@ def _batch_logits(
 
 
 @torch.no_grad()
-def evaluate_mlp(mlp: NeighbourhoodMLP, features: torch.Tensor, targets: torch.Tensor) -> dict:
-    mlp.eval()
-    logits = torch.cat([mlp(features[i : i + 8]) for i in range(0, len(features), 8)])
-    loss = F.cross_entropy(logits, targets)
-    top1 = (logits.argmax(1) == targets).float().mean()
-    top5 = (logits.topk(min(5, logits.shape[1]), dim=1).indices == targets.unsqueeze(1)).any(1).float().mean()
-    return {"val_loss": float(loss), "val_top1": float(top1), "val_top5": float(top5)}
-
-
-@torch.no_grad()
-def evaluate_mlp_masked(
-    mlp: NeighbourhoodMLP, features: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None, idx: torch.Tensor
+def evaluate_mlp(
+    mlp: NeighbourhoodMLP, features: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None,
+    idx: torch.Tensor | None = None,
 ) -> dict:
-    """evaluate_mlp over valid positions only, one image at a time (bounded memory on big grids)."""
+    """Held-out cross-entropy, top-1 and top-5 of `mlp` on every (valid) position of `features`.
+
+    Batch by batch, logits channels-last (one contiguous row of classes per position, as
+    `NeighbourhoodMLP.probabilities` computes them): a (N, K, h, w) tensor of all held-out logits
+    was 1 GB on a 761-image category, and reductions over its strided class axis cost as much as
+    the forward pass. Top-k from one comparison: a label is in the top k when fewer than k classes
+    score strictly higher (no sort, no argmax). valid (N, h, w) bool: positions that count;
+    idx: the images to evaluate (default all). Batches hold at most EVAL_ROWS positions, so big
+    (tiled) grids go one image at a time.
+    """
     mlp.eval()
+    idx = torch.arange(len(features)) if idx is None else idx
+    batch = max(1, EVAL_ROWS // (features.shape[2] * features.shape[3]))
+    weight, bias = mlp.classifier.weight.flatten(1), mlp.classifier.bias
     loss = top1 = top5 = 0.0
     count = 0
-    for i in idx.tolist():
-        logits = mlp(features[i : i + 1])[0].flatten(1).T
-        labels = targets[i].reshape(-1)
+    for i in range(0, len(idx), batch):
+        images = idx[i : i + batch]
+        hidden = mlp.hidden_features(features[images]).permute(0, 2, 3, 1)
+        rows = F.linear(hidden, weight, bias).reshape(-1, weight.shape[0])
+        labels = targets[images].reshape(-1)
         if valid is not None:
-            keep = valid[i].reshape(-1)
-            logits, labels = logits[keep], labels[keep]
+            keep = valid[images].reshape(-1)
+            rows, labels = rows[keep], labels[keep]
         if labels.numel() == 0:
             continue
-        loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-        top1 += float((logits.argmax(1) == labels).sum())
-        top5 += float((logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.unsqueeze(1)).any(1).sum())
+        loss += float(F.cross_entropy(rows, labels, reduction="sum"))
+        higher = (rows > rows.gather(1, labels.unsqueeze(1))).sum(1)
+        top1 += float((higher == 0).sum())
+        top5 += float((higher < 5).sum())
         count += labels.numel()
     count = max(count, 1)
     return {"val_loss": loss / count, "val_top1": top1 / count, "val_top5": top5 / count}

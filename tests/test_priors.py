@@ -189,3 +189,35 @@ def test_bf16_mlp_training_learns_as_float32_does_and_is_refused_where_emulated(
     assert seen == []
     with pytest.raises(ValueError, match="float16"):
         training.training_autocast("float16")
+
+
+def test_mlp_validation_matches_the_plain_definition_and_respects_valid_and_idx():
+    """evaluate_mlp (channels-last batches, top-k by counting higher classes) gives the textbook
+    cross-entropy / argmax / topk figures of the full logits, over the chosen images and valid
+    positions only, whatever its batching."""
+    import torch.nn.functional as F
+
+    from pni_ray.models.neighbourhood import NeighbourhoodMLP
+    from pni_ray.training import evaluate_mlp
+
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    mlp = NeighbourhoodMLP(6, 9, NeighbourhoodConfig(window=3, bottleneck=4, hidden=8, depth=1)).eval()
+    feats, targets = torch.randn(7, 6, 50, 50, generator=g), torch.randint(0, 9, (7, 50, 50), generator=g)
+    valid = torch.rand(7, 50, 50, generator=g) > 0.3
+    idx = torch.tensor([5, 0, 3])  # 2,500 positions per image: one image per batch at most 3
+
+    def reference(keep: torch.Tensor) -> dict:
+        with torch.no_grad():
+            logits = mlp(feats[idx]).permute(0, 2, 3, 1).reshape(-1, 9)[keep]
+        labels = targets[idx].reshape(-1)[keep]
+        top5 = (logits.topk(5, dim=1).indices == labels.unsqueeze(1)).any(1).float().mean()
+        return {"val_loss": float(F.cross_entropy(logits, labels)), "val_top1": float((logits.argmax(1) == labels).float().mean()),
+                "val_top5": float(top5)}
+
+    for mask, keep in ((None, torch.ones(3 * 2500, dtype=torch.bool)), (valid, valid[idx].reshape(-1))):
+        got, want = evaluate_mlp(mlp, feats, targets, mask, idx), reference(keep)
+        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+        assert got["val_top1"] == pytest.approx(want["val_top1"], abs=1e-6)
+        assert got["val_top5"] == pytest.approx(want["val_top5"], abs=1e-6)
+    assert evaluate_mlp(mlp, feats, targets, torch.zeros_like(valid), idx)["val_loss"] == 0.0  # nothing valid
