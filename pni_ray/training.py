@@ -191,6 +191,20 @@ def _batch_logits(
     return F.linear(rows[pick], mlp.classifier.weight.flatten(1), mlp.classifier.bias), labels[pick]
 
 
+def _classes_ahead(rows: torch.Tensor, labels: torch.Tensor, check_nan: bool) -> torch.Tensor:
+    """How many classes rank before each row's label: score strictly higher, or tie it at a lower
+    index (argmax's first-index rule); n_classes where the row holds NaN (counted wrong)."""
+    own = rows.gather(1, labels.unsqueeze(1))
+    ahead = (rows > own).sum(1)
+    tied = ((rows == own).sum(1) > 1).nonzero(as_tuple=True)[0]  # the label always ties itself
+    if tied.numel():
+        earlier = torch.arange(rows.shape[1], device=rows.device) < labels[tied].unsqueeze(1)
+        ahead[tied] += ((rows[tied] == own[tied]) & earlier).sum(1)
+    if check_nan:
+        ahead[rows.isnan().any(1)] = rows.shape[1]
+    return ahead
+
+
 @torch.no_grad()
 def evaluate_mlp(
     mlp: NeighbourhoodMLP, features: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None,
@@ -201,8 +215,8 @@ def evaluate_mlp(
     Batch by batch, logits channels-last (one contiguous row of classes per position, as
     `NeighbourhoodMLP.probabilities` computes them): a (N, K, h, w) tensor of all held-out logits
     was 1 GB on a 761-image category, and reductions over its strided class axis cost as much as
-    the forward pass. Top-k from one comparison: a label is in the top k when fewer than k classes
-    score strictly higher (no sort, no argmax). valid (N, h, w) bool: positions that count;
+    the forward pass. Top-k by counting instead of sorting: a label is in the top k when fewer
+    than k classes rank before it (`_classes_ahead`: argmax's and topk's order, ties included). valid (N, h, w) bool: positions that count;
     idx: the images to evaluate (default all). Batches hold at most EVAL_ROWS positions, so big
     (tiled) grids go one image at a time.
     """
@@ -222,8 +236,9 @@ def evaluate_mlp(
             rows, labels = rows[keep], labels[keep]
         if labels.numel() == 0:
             continue
-        loss += float(F.cross_entropy(rows, labels, reduction="sum"))
-        higher = (rows > rows.gather(1, labels.unsqueeze(1))).sum(1)
+        batch_loss = float(F.cross_entropy(rows, labels, reduction="sum"))
+        higher = _classes_ahead(rows, labels, check_nan=not math.isfinite(batch_loss))
+        loss += batch_loss
         top1 += float((higher == 0).sum())
         top5 += float((higher < 5).sum())
         count += labels.numel()

@@ -334,7 +334,7 @@ def test_training_seconds_split_the_pni_stage(trained_tiny):
     assert parts == pytest.approx(seconds["pni"], rel=1e-9) and min(seconds.values()) >= 0.0
 
 
-@pytest.mark.parametrize("columns", [70, 256, 300, 2048, 3008])
+@pytest.mark.parametrize("columns", [70, 129, 256, 257, 300, 2048, 3008])
 def test_row_min_is_torch_min_with_ties_infinities_and_views(columns):
     """The grouped row minimum gives torch's values and first indices: ties (few distinct values),
     +inf rows (masked_argmin's "nothing allowed"), a NaN, and a prefix view of a wider block."""
@@ -346,14 +346,18 @@ def test_row_min_is_torch_min_with_ties_infinities_and_views(columns):
     tied[5, -1] = -1.0  # the minimum in the last (short) group
     tied[6, :] = 2.0  # one value throughout: index 0
     smooth = torch.randn(64, 3 * columns, generator=g)
-    for values in (tied, smooth, smooth[:, :columns], -tied):
+    zeros = torch.zeros(9, columns)
+    zeros[::2, columns // 2] = -0.0  # a signed zero after an unsigned one: torch keeps the first
+    for values in (tied, smooth, smooth[:, :columns], -tied, tied.double(), tied.bfloat16(), tied.clamp(max=5).long(),
+                   zeros, -zeros):
         expected = values.min(1)
         got = row_min(values, group=64)
         assert torch.equal(got[0], expected.values) and torch.equal(got[1], expected.indices)
+        assert torch.equal(got[0].signbit(), expected.values.signbit()) if values.is_floating_point() else True
         assert torch.equal(first_argmin(values, group=64), values.argmin(1))
     with_nan = smooth.clone()
     with_nan[7, 11] = float("nan")
-    assert torch.equal(first_argmin(with_nan), with_nan.argmin(1))
+    assert torch.equal(first_argmin(with_nan, group=64), with_nan.argmin(1))
     assert torch.equal(row_min(torch.zeros(0, columns))[1], torch.zeros(0, dtype=torch.long))
 
 
@@ -367,8 +371,10 @@ def test_nearest_assignment_uses_the_grouped_minimum_at_real_bank_sizes():
     for entries in (3008, 16384):
         memory = torch.randn(entries, 8, generator=g)
         memory[17] = memory[5]  # a duplicated entry: its first copy wins, as with torch
+        x[:3] = memory[5]  # ... for these rows, whose nearest entries are the two copies
         near_prefix, near_all = nearest_in_prefix_and_all(x, memory, 2048, chunk=256)
         dist = squared_distances(x, memory, (memory * memory).sum(1))
         assert torch.equal(near_all, dist.argmin(1)) and torch.equal(near_prefix, dist[:, :2048].argmin(1))
         d, i = nearest_neighbours(x, memory, chunk=256)
         assert torch.equal(i, near_all) and torch.equal(d, dist.min(1).values.sqrt())
+        assert (near_all[:3] == 5).all()

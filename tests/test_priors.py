@@ -191,21 +191,24 @@ def test_bf16_mlp_training_learns_as_float32_does_and_is_refused_where_emulated(
         training.training_autocast("float16")
 
 
-def test_mlp_validation_matches_the_plain_definition_and_respects_valid_and_idx():
+@pytest.mark.parametrize("eval_rows", [100, 2500, 5000, 8 * 40 * 40])
+def test_mlp_validation_matches_the_plain_definition_and_respects_valid_and_idx(monkeypatch, eval_rows):
     """evaluate_mlp (channels-last batches, top-k by counting higher classes) gives the textbook
     cross-entropy / argmax / topk figures of the full logits, over the chosen images and valid
     positions only, whatever its batching."""
     import torch.nn.functional as F
 
+    from pni_ray import training
     from pni_ray.models.neighbourhood import NeighbourhoodMLP
     from pni_ray.training import evaluate_mlp
 
+    monkeypatch.setattr(training, "EVAL_ROWS", eval_rows)  # batches of 1 (grid > budget), 1, 2 and 3 images
     g = torch.Generator().manual_seed(3)
     torch.manual_seed(3)
     mlp = NeighbourhoodMLP(6, 9, NeighbourhoodConfig(window=3, bottleneck=4, hidden=8, depth=1)).eval()
     feats, targets = torch.randn(7, 6, 50, 50, generator=g), torch.randint(0, 9, (7, 50, 50), generator=g)
     valid = torch.rand(7, 50, 50, generator=g) > 0.3
-    idx = torch.tensor([5, 0, 3])  # 2,500 positions per image: one image per batch at most 3
+    idx = torch.tensor([5, 0, 3])  # 2,500 positions per image
 
     def reference(keep: torch.Tensor) -> dict:
         with torch.no_grad():
@@ -221,3 +224,14 @@ def test_mlp_validation_matches_the_plain_definition_and_respects_valid_and_idx(
         assert got["val_top1"] == pytest.approx(want["val_top1"], abs=1e-6)
         assert got["val_top5"] == pytest.approx(want["val_top5"], abs=1e-6)
     assert evaluate_mlp(mlp, feats, targets, torch.zeros_like(valid), idx)["val_loss"] == 0.0  # nothing valid
+
+
+def test_mlp_validation_ranks_ties_as_argmax_and_topk_do_and_nan_rows_as_wrong():
+    from pni_ray.training import _classes_ahead
+
+    rows = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0], [2.0, 2.0, 2.0, 2.0], [0.0, float("nan"), 1.0, 5.0]])
+    labels = torch.tensor([2, 0, 3, 3])
+    # row 0: class 1 ties the label at a lower index; row 1: the label is the first of four ties;
+    # row 2: the last of four; row 3 holds NaN
+    assert _classes_ahead(rows, labels, check_nan=True).tolist() == [1, 0, 3, 4]
+    assert rows[:3].argmax(1).eq(labels[:3]).tolist() == [False, True, False]

@@ -22,9 +22,11 @@ def row_min(values: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, tor
 
     Columns are taken `group` at a time; the last M % group columns form one shorter group.
     """
+    if group < 1:
+        raise ValueError(f"group must be >= 1, got {group}")
     if (values.dim() != 2 or values.shape[0] == 0 or values.shape[1] < 2 * group or values.stride(1) != 1
             or values.dtype == torch.bool or values.is_complex()):
-        return values.min(1)
+        return _torch_min(values)
     rows, m = values.shape
     n_full = m // group
     groups = values[:, : n_full * group].view(rows, n_full, group)
@@ -34,7 +36,7 @@ def row_min(values: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, tor
         group_min = torch.cat([group_min, tail.amin(1, keepdim=True)], 1)  # the tail is group G
     best = group_min.amin(1)
     if torch.isnan(best).any():  # torch returns the NaN and its index: its own path decides
-        return values.min(1)
+        return _torch_min(values)
     g = (group_min == best.unsqueeze(1)).to(torch.uint8).argmax(1)  # first group holding the minimum
     in_full = g < n_full
     inside = groups[torch.arange(rows, device=values.device), g.clamp(max=n_full - 1)].argmin(1)
@@ -42,6 +44,12 @@ def row_min(values: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, tor
     if tail.shape[1] and not bool(in_full.all()):
         index = torch.where(in_full, index, n_full * group + tail.argmin(1))
     return values.gather(1, index.unsqueeze(1)).squeeze(1), index  # the value there: -0.0 stays -0.0
+
+
+def _torch_min(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's own row minimum, as the same plain (values, indices) tuple the fast path returns."""
+    out = values.min(1)
+    return out.values, out.indices
 
 
 def first_argmin(values: torch.Tensor, group: int = GROUP) -> torch.Tensor:
