@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_coreset.py --large --reference-picks 600
 
 Features are the training pool `pni-ray train` builds at the defaults (efficientnet_lite2,
-256 px, the held-out calibration images left out), extracted once and cached under --cache.
+320 px, the held-out calibration images left out), extracted once and cached under --cache.
 `--large` builds a big category first: transistor's train/good images with their three flips,
 grayscale, cropped to 1024 x 768 (846 images: 761 in the memory bank, 779k patches, |C_emb|
 capped at 16384) -- written under --large-root so `pni-ray train` can be timed on it too.
@@ -71,25 +71,30 @@ def make_large_category(source: Path, root: Path) -> Path:
     return root
 
 
-def training_pool(data_root: Path, category: str, cache: Path) -> torch.Tensor:
-    """(N, D) patch rows exactly as train_category hands them to the coreset at the defaults."""
+def training_pool(data_root: Path, category: str, cache: Path, cfg=None) -> torch.Tensor:
+    """(N, D) patch rows exactly as train_category hands them to the coreset (`cfg`: the defaults)."""
     from pni_ray.config import TrainConfig
+    from pni_ray.data.geometry import Geometry, candidate_rows, extract_training_features
     from pni_ray.data.mvtec import load_category
     from pni_ray.models.features import build_extractor
-    from pni_ray.training import extract_features, split_holdout
+    from pni_ray.training import split_holdout
 
+    cfg = cfg or TrainConfig()
     cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"{category}.pt"
+    path = cache / f"{category}-{cfg.features.backbone}-{cfg.features.image_size}px.pt"
     if path.is_file():
         return torch.load(path)
-    cfg = TrainConfig()
-    cat = load_category(data_root, category)
-    keep, _ = split_holdout(cat.train, cfg.scoring.holdout_fraction, cfg.scoring.min_holdout, cfg.seed)
+    geometry = Geometry.from_config(cfg)
+    cat = load_category(data_root, category, max_pixels=geometry.max_pixels)
+    keep, _ = split_holdout(cat.train, cfg.scoring.holdout_fraction,
+                            cfg.scoring.min_holdout if len(cat.train) > 2 else 0, cfg.seed)
     torch.manual_seed(cfg.seed)
-    feats = extract_features(build_extractor(cfg.features), keep, cfg.features.image_size, cfg.batch_size, True, "features")
-    rows = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).contiguous()
-    torch.save(rows, path)
-    return rows
+    feats, valid = extract_training_features(build_extractor(cfg.features), geometry, keep, cfg.batch_size, True)
+    rows = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+    candidates = candidate_rows(valid, rows.shape[0], cfg.coreset.max_candidates, cfg.seed)
+    pool = (rows if candidates is None else rows[candidates]).contiguous()
+    torch.save(pool, path)
+    return pool
 
 
 def main() -> None:

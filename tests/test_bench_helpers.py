@@ -15,6 +15,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_ablation  # noqa: E402
+import bench_coreset  # noqa: E402
 import bench_peers  # noqa: E402
 import bench_pixel_loss  # noqa: E402
 import bench_scale  # noqa: E402
@@ -299,3 +300,20 @@ def test_kernel_profile_drops_the_warm_up_and_sums_per_op() -> None:
     assert list(by_op)[0] == "Conv"  # largest first
     with pytest.raises(ValueError, match="holds 1 run"):
         bench_onnx.kernel_ms_per_run(events[:4], warmup=1)
+
+
+def test_coreset_benchmark_pool_is_what_training_selects_from(trained_tiny, synthetic_root: Path, tmp_path: Path) -> None:
+    """bench_coreset times the greedy search on train_category's own pool: the same rows, so the
+    same seeded order picks the trained model's memory bank bit for bit."""
+    import torch
+
+    from conftest import tiny_config
+    from pni_ray.models.coreset import greedy_kcenter_order
+
+    cfg = tiny_config()
+    pool = bench_coreset.training_pool(synthetic_root, "washer", tmp_path, cfg)
+    memory = trained_tiny.memory
+    order = greedy_kcenter_order(pool, memory.shape[0], cfg.coreset.projection_dim, cfg.coreset.chunk_size, cfg.seed,
+                                 progress=False)
+    assert torch.equal(pool[order], memory)
+    assert torch.equal(bench_coreset.training_pool(synthetic_root, "washer", tmp_path, cfg), pool)  # from the cache
