@@ -285,11 +285,15 @@ def _search(reduced: torch.Tensor, min_dist: np.ndarray, order: np.ndarray, chun
         positions, owner = members.prefixes(near, ends)
         points, md = members.points[positions], members.dist[positions]
         # Skip x when |low x - low p|^2 >= md^2 (1 + slack) + slack (|low x|^2 + |low p|^2):
-        # then its computed distance is >= md, so it provably does not get closer.
-        diff = np.take(low_rows, points, axis=0) - low_p
-        lb_sq = np.einsum("ij,ij->i", diff, diff)
+        # then its computed distance is >= md, so it provably does not get closer. The left side
+        # as |low x|^2 - 2 low x . low p + |low p|^2: one gather and one product per member
+        # instead of a difference and its squares (3x faster where the rule admits ~100k members
+        # a pick, as on transistor); its float32 rounding, a few 1e-7 of |low x|^2 + |low p|^2,
+        # is what the slack term (1e-4 of the same) absorbs.
+        sq_points = low_rows_sq[points]
+        lb_sq = sq_points - 2.0 * np.einsum("ij,j->i", np.take(low_rows, points, axis=0), low_p) + low_p_sq
         md64 = md.astype(np.float64)
-        measure = np.flatnonzero(lb_sq < md64 * md64 * (1 + slack) + slack * (low_rows_sq[points] + low_p_sq))
+        measure = np.flatnonzero(lb_sq < md64 * md64 * (1 + slack) + slack * (sq_points + low_p_sq))
         dist = _distances(rows, points[measure], centre, buffer)
         closer = dist < md[measure]
         if closer.any():
