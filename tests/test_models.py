@@ -378,3 +378,27 @@ def test_nearest_assignment_uses_the_grouped_minimum_at_real_bank_sizes():
         d, i = nearest_neighbours(x, memory, chunk=256)
         assert torch.equal(i, near_all) and torch.equal(d, dist.min(1).values.sqrt())
         assert (near_all[:3] == 5).all()
+
+
+@pytest.mark.parametrize("columns", [70, 257, 3008])
+def test_row_min_with_a_shift_is_the_minimum_of_the_clamped_distances(columns):
+    """row_min(|m|^2 - 2 x.m, shift=|x|^2) gives what the full (partial + |x|^2).clamp(0) pass
+    gives, bit for bit: entries clamped to 0 (several per row: the first wins, not the most
+    negative raw value), ordinary rows, and NaN."""
+    from pni_ray.models.rowmin import first_argmin, row_min
+
+    g = torch.Generator().manual_seed(columns)
+    partial = torch.rand(200, columns, generator=g) * 3 - 0.5  # -0.5: a few entries clamp below |x|^2 = 0.3 .. 2
+    shift = torch.rand(200, generator=g) * 1.7 + 0.3
+    partial[:20] = partial[:20].abs() + 1.0
+    partial[:20, 5::7] = -50.0 - torch.arange(len(range(5, columns, 7)))  # all clamp to 0; the raw minimum is the last
+    partial[20, -1] = -shift[20] - 1.0  # the only clamped entry, in the last column
+    full = (partial + shift.unsqueeze(1)).clamp_min(0.0)
+    expected = full.min(1)
+    got = row_min(partial, group=64, shift=shift)
+    assert torch.equal(got[0], expected.values) and torch.equal(got[1], expected.indices)
+    assert torch.equal(first_argmin(partial, group=64, shift=shift), full.argmin(1))
+    assert (got[1][:20] == 5).all() and got[1][20] == columns - 1
+    partial[30, 9] = float("nan")
+    full = (partial + shift.unsqueeze(1)).clamp_min(0.0)
+    assert torch.equal(first_argmin(partial, group=64, shift=shift), full.argmin(1))

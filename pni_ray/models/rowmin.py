@@ -17,16 +17,21 @@ import torch
 GROUP = 128  # columns per group: amin over (rows, M / GROUP, GROUP), then argmin over GROUP columns
 
 
-def row_min(values: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+def row_min(values: torch.Tensor, group: int = GROUP, shift: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """(R, M) -> (minimum, index of its first occurrence) of every row, as `values.min(1)`.
 
     Columns are taken `group` at a time; the last M % group columns form one shorter group.
+    shift (R,): the rows taken are (values + shift[:, None]).clamp_min(0) -- squared distances
+    from |m|^2 - 2 x.m and |x|^2 -- computed only where needed: that map never decreases, so a
+    group's minimum is the map of the group's raw minimum, and the same elementwise float32
+    operations give the same bits as the full (R, M) pass would.
     """
     if group < 1:
         raise ValueError(f"group must be >= 1, got {group}")
     if (values.dim() != 2 or values.shape[0] == 0 or values.shape[1] < 2 * group or values.stride(1) != 1
             or values.dtype == torch.bool or values.is_complex()):
-        return _torch_min(values)
+        return _torch_min(_shifted(values, shift))
     rows, m = values.shape
     n_full = m // group
     groups = values[:, : n_full * group].view(rows, n_full, group)
@@ -34,16 +39,26 @@ def row_min(values: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, tor
     group_min = groups.amin(2)  # (R, G)
     if tail.shape[1]:
         group_min = torch.cat([group_min, tail.amin(1, keepdim=True)], 1)  # the tail is group G
+    group_min = _shifted(group_min, shift)
     best = group_min.amin(1)
     if torch.isnan(best).any():  # torch returns the NaN and its index: its own path decides
-        return _torch_min(values)
+        return _torch_min(_shifted(values, shift))
     g = (group_min == best.unsqueeze(1)).to(torch.uint8).argmax(1)  # first group holding the minimum
     in_full = g < n_full
-    inside = groups[torch.arange(rows, device=values.device), g.clamp(max=n_full - 1)].argmin(1)
+    picked = torch.arange(rows, device=values.device)
+    inside = _shifted(groups[picked, g.clamp(max=n_full - 1)], shift).argmin(1)
     index = g * group + inside
     if tail.shape[1] and not bool(in_full.all()):
-        index = torch.where(in_full, index, n_full * group + tail.argmin(1))
-    return values.gather(1, index.unsqueeze(1)).squeeze(1), index  # the value there: -0.0 stays -0.0
+        index = torch.where(in_full, index, n_full * group + _shifted(tail, shift).argmin(1))
+    # the value there: -0.0 stays -0.0
+    return _shifted(values.gather(1, index.unsqueeze(1)), shift).squeeze(1), index
+
+
+def _shifted(values: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """(values + shift[:, None]).clamp_min(0) out of place, or values themselves without a shift."""
+    if shift is None:
+        return values
+    return (values + shift.unsqueeze(1)).clamp_min_(0.0)
 
 
 def _torch_min(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,6 +67,6 @@ def _torch_min(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out.values, out.indices
 
 
-def first_argmin(values: torch.Tensor, group: int = GROUP) -> torch.Tensor:
-    """(R, M) -> index of every row's first minimum, as `values.argmin(1)`."""
-    return row_min(values, group)[1]
+def first_argmin(values: torch.Tensor, group: int = GROUP, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """(R, M) -> index of every row's first minimum, as `values.argmin(1)` (shift: see row_min)."""
+    return row_min(values, group, shift)[1]

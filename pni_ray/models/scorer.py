@@ -28,12 +28,21 @@ def squared_distances(
     it 2.2x slower at P = 4096, M = 16384). Same formulation as the exported scorer graph.
     out: a (P, M) buffer to write into (block loops reuse one instead of faulting in a new one).
     """
-    x_sq = (x * x).sum(1, keepdim=True)
-    return torch.addmm(memory_sq.unsqueeze(0), x, memory.T, alpha=-2.0, out=out).add_(x_sq).clamp_min_(0.0)
+    partial, x_sq = partial_squared_distances(x, memory, memory_sq, out)
+    return partial.add_(x_sq.unsqueeze(1)).clamp_min_(0.0)
+
+
+def partial_squared_distances(
+    x: torch.Tensor, memory: torch.Tensor, memory_sq: torch.Tensor, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """|m|^2 - 2 x.m (P, M) and |x|^2 (P,): squared distances are (partial + |x|^2) clamped at 0,
+    which `row_min(partial, shift=|x|^2)` takes the minimum of without a pass over the block."""
+    return torch.addmm(memory_sq.unsqueeze(0), x, memory.T, alpha=-2.0, out=out), (x * x).sum(1)
 
 
 def _distance_blocks(x: torch.Tensor, memory: torch.Tensor, chunk: int, desc: str | None):
-    """Squared distances of x's rows to memory, (chunk, M) block by block (bounded memory).
+    """(|m|^2 - 2 x.m, |x|^2) of x's rows against memory, (chunk, M) block by block (bounded
+    memory; `partial_squared_distances`).
 
     Every block is a view of one reused buffer, valid until the next is yielded: a fresh
     (4096, 16384) block per chunk cost a third of the GEMM's time in page faults (training
@@ -43,7 +52,7 @@ def _distance_blocks(x: torch.Tensor, memory: torch.Tensor, chunk: int, desc: st
     buffer = torch.empty(min(chunk, x.shape[0]), memory.shape[0], dtype=memory.dtype, device=memory.device)
     for i in tqdm(range(0, x.shape[0], chunk), desc=desc, unit="chunk", disable=desc is None, leave=False):
         rows = x[i : i + chunk]
-        yield squared_distances(rows, memory, memory_sq, out=buffer[: rows.shape[0]])
+        yield partial_squared_distances(rows, memory, memory_sq, out=buffer[: rows.shape[0]])
 
 
 def nearest_neighbours(
@@ -51,8 +60,8 @@ def nearest_neighbours(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Distance to and index of the nearest memory row for every row of x, in bounded chunks."""
     dists, idxs = [], []
-    for block in _distance_blocks(x, memory, chunk, desc):
-        d, j = row_min(block)
+    for partial, x_sq in _distance_blocks(x, memory, chunk, desc):
+        d, j = row_min(partial, shift=x_sq)
         dists.append(d.sqrt())
         idxs.append(j)
     if not dists:
@@ -69,9 +78,9 @@ def nearest_in_prefix_and_all(
     and position-prior hits) instead of a second pass over the first `prefix` columns.
     """
     near_prefix, near_all = [], []
-    for block in _distance_blocks(x, memory, chunk, desc):
-        near_prefix.append(first_argmin(block[:, :prefix]))
-        near_all.append(first_argmin(block))
+    for partial, x_sq in _distance_blocks(x, memory, chunk, desc):
+        near_prefix.append(first_argmin(partial[:, :prefix], shift=x_sq))
+        near_all.append(first_argmin(partial, shift=x_sq))
     empty = torch.empty(0, dtype=torch.long)
     return (torch.cat(near_prefix), torch.cat(near_all)) if near_all else (empty, empty)
 
