@@ -17,6 +17,7 @@ Both run in this process at --threads torch threads, so their ratio is measured 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -81,7 +82,8 @@ def training_pool(data_root: Path, category: str, cache: Path, cfg=None) -> torc
 
     cfg = cfg or TrainConfig()
     cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"{category}-{cfg.features.backbone}-{cfg.features.image_size}px.pt"
+    key = hashlib.sha256(repr(cfg).encode()).hexdigest()[:12]  # every setting that shapes the pool
+    path = cache / f"{category}-{cfg.features.backbone}-{cfg.features.image_size}px-{key}.pt"
     if path.is_file():
         return torch.load(path)
     geometry = Geometry.from_config(cfg)

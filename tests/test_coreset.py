@@ -100,3 +100,19 @@ def test_rejects_non_finite_and_empty_selection() -> None:
         greedy_kcenter_order(x, 10, None, progress=False)
     with pytest.raises(ValueError, match="positive"):
         greedy_kcenter_order(x, 0, None, progress=False)
+
+
+@pytest.mark.parametrize(("dtype", "scales"), [(torch.float32, (1e-19, 1e-3, 1e3, 1e18)),
+                                               (torch.float64, (1e-21, 1e-19, 1e-3, 1e3, 1e18))])
+def test_order_identical_at_tiny_and_large_feature_scales(dtype: torch.dtype, scales: tuple[float, ...]) -> None:
+    """The members' bound is taken in float32 as |a|^2 - 2 a.b + |b|^2: where |x|^2 falls below
+    float32's normal range (float64 rows at 1e-21) its rounding is absolute, and the search must
+    still skip only what provably stays away. (Smaller still, squared distances themselves fall
+    below the normal range and the unpruned search's own float32 arithmetic stops being exact.)"""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(6, 32, generator=g, dtype=torch.float64)
+    rows = centres[torch.randint(0, 6, (1500,), generator=g)] + 0.01 * torch.randn(1500, 32, generator=g, dtype=torch.float64)
+    for scale in scales:
+        x = (rows * scale).to(dtype)
+        got = greedy_kcenter_order(x, 200, None, 65536, 0, progress=False)
+        assert torch.equal(got, greedy_kcenter_order_reference(x, 200, None, 65536, 0, progress=False)), scale

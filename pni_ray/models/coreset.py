@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 BOUND_AXES = 32
 # Rows sampled (evenly spaced) to estimate those axes; they only affect speed, never the order.
 BOUND_SAMPLE_ROWS = 65536
+TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32: bounds below it are not trusted
 
 
 def random_projection(dim_in: int, dim_out: int, seed: int) -> torch.Tensor:
@@ -289,11 +290,13 @@ def _search(reduced: torch.Tensor, min_dist: np.ndarray, order: np.ndarray, chun
         # as |low x|^2 - 2 low x . low p + |low p|^2: one gather and one product per member
         # instead of a difference and its squares (3x faster where the rule admits ~100k members
         # a pick, as on transistor); its float32 rounding, a few 1e-7 of |low x|^2 + |low p|^2,
-        # is what the slack term (1e-4 of the same) absorbs.
+        # is what the slack term (1e-4 of the same) absorbs: at most ~40 float32 roundings of it,
+        # 2.4e-6. Below float32's normal range rounding is absolute, not relative, so the test
+        # also never skips on a bound smaller than the smallest normal float32 (TINY).
         sq_points = low_rows_sq[points]
         lb_sq = sq_points - 2.0 * np.einsum("ij,j->i", np.take(low_rows, points, axis=0), low_p) + low_p_sq
         md64 = md.astype(np.float64)
-        measure = np.flatnonzero(lb_sq < md64 * md64 * (1 + slack) + slack * (sq_points + low_p_sq))
+        measure = np.flatnonzero(lb_sq < md64 * md64 * (1 + slack) + slack * (sq_points + low_p_sq) + TINY)
         dist = _distances(rows, points[measure], centre, buffer)
         closer = dist < md[measure]
         if closer.any():

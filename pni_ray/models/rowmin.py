@@ -25,7 +25,8 @@ def row_min(values: torch.Tensor, group: int = GROUP, shift: torch.Tensor | None
     shift (R,): the rows taken are (values + shift[:, None]).clamp_min(0) -- squared distances
     from |m|^2 - 2 x.m and |x|^2 -- computed only where needed: that map never decreases, so a
     group's minimum is the map of the group's raw minimum, and the same elementwise float32
-    operations give the same bits as the full (R, M) pass would.
+    operations give the same bits as the full (R, M) pass would (for shift >= 0 or +inf, as
+    |x|^2 always is; -inf would map +inf entries to NaN).
     """
     if group < 1:
         raise ValueError(f"group must be >= 1, got {group}")
