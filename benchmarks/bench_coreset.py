@@ -75,10 +75,10 @@ def make_large_category(source: Path, root: Path) -> Path:
 def training_pool(data_root: Path, category: str, cache: Path, cfg=None) -> torch.Tensor:
     """(N, D) patch rows exactly as train_category hands them to the coreset (`cfg`: the defaults)."""
     from pni_ray.config import TrainConfig
-    from pni_ray.data.geometry import Geometry, candidate_rows, extract_training_features
+    from pni_ray.data.geometry import Geometry, extract_training_features
     from pni_ray.data.mvtec import load_category
     from pni_ray.models.features import build_extractor
-    from pni_ray.training import split_holdout
+    from pni_ray.training import calibration_split, coreset_pool
 
     cfg = cfg or TrainConfig()
     cache.mkdir(parents=True, exist_ok=True)
@@ -88,13 +88,10 @@ def training_pool(data_root: Path, category: str, cache: Path, cfg=None) -> torc
         return torch.load(path)
     geometry = Geometry.from_config(cfg)
     cat = load_category(data_root, category, max_pixels=geometry.max_pixels)
-    keep, _ = split_holdout(cat.train, cfg.scoring.holdout_fraction,
-                            cfg.scoring.min_holdout if len(cat.train) > 2 else 0, cfg.seed)
+    keep, _ = calibration_split(cat.train, cfg)
     torch.manual_seed(cfg.seed)
     feats, valid = extract_training_features(build_extractor(cfg.features), geometry, keep, cfg.batch_size, True)
-    rows = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
-    candidates = candidate_rows(valid, rows.shape[0], cfg.coreset.max_candidates, cfg.seed)
-    pool = (rows if candidates is None else rows[candidates]).contiguous()
+    pool = coreset_pool(feats, valid, cfg)[1].contiguous()
     torch.save(pool, path)
     return pool
 

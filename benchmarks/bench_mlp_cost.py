@@ -70,7 +70,7 @@ def main() -> None:
         hidden = ours.hidden_features(feats)
         rows = hidden.permute(0, 2, 3, 1).reshape(-1, hidden.shape[1])
         pick = torch.randperm(rows.shape[0])[:n_pick]
-        loss = F.cross_entropy(F.linear(rows[pick], ours.classifier.weight.flatten(1), ours.classifier.bias), labels[pick])
+        loss = F.cross_entropy(ours.classify(rows[pick]), labels[pick])
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -74,15 +74,14 @@ def split_refiner_images(paths: list[Path], cfg: TrainConfig) -> tuple[list[Path
     drawn on the rest ("holdout") or on every train/good image but the calibration ones ("all"), so
     the refined model is calibrated on images neither the bank nor the refiner has seen.
     """
-    from pni_ray.training import split_holdout
+    from pni_ray.training import calibration_split
 
     rcfg = cfg.refiner
     if rcfg.source not in SOURCES:
         raise ValueError(f"refiner source must be one of {SOURCES}, got {rcfg.source!r}")
     if not 0 < rcfg.calibration_fraction < 1:
         raise ValueError(f"refiner calibration_fraction must be in (0, 1), got {rcfg.calibration_fraction}")
-    minimum = cfg.scoring.min_holdout if len(paths) > 2 else 0
-    _, holdout = split_holdout(paths, cfg.scoring.holdout_fraction, minimum, cfg.seed)
+    _, holdout = calibration_split(paths, cfg)
     if len(holdout) < 2:
         raise ValueError(
             f"{len(holdout)} held-out train/good image(s): the refiner needs at least 2 (one to draw defects on, "

@@ -50,6 +50,21 @@ def split_holdout(paths: list[Path], fraction: float, minimum: int, seed: int) -
     return keep, hold
 
 
+def calibration_split(paths: list[Path], cfg: TrainConfig) -> tuple[list[Path], list[Path]]:
+    """train/good -> (memory-bank images, held-out calibration images) by the config's rule: at
+    least scoring.min_holdout held out, none from a category of 2 images or fewer."""
+    minimum = cfg.scoring.min_holdout if len(paths) > 2 else 0
+    return split_holdout(paths, cfg.scoring.holdout_fraction, minimum, cfg.seed)
+
+
+def coreset_pool(features: torch.Tensor, valid: torch.Tensor | None, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D, h, w) training features -> (every patch row, the rows the greedy coreset chooses from):
+    valid positions only, seeded-subsampled to coreset.max_candidates."""
+    rows = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+    candidates = candidate_rows(valid, rows.shape[0], cfg.coreset.max_candidates, cfg.seed)
+    return rows, rows if candidates is None else rows[candidates]
+
+
 def coreset_size(n_patches: int, ratio: float, min_size: int, max_size: int) -> int:
     return int(min(n_patches, max(min_size, min(max_size, math.ceil(ratio * n_patches)))))
 
@@ -188,7 +203,7 @@ def _batch_logits(
         if n_pick == 0:
             return None
         pick = allowed[torch.randperm(allowed.numel(), generator=generator)[:n_pick]]
-    return F.linear(rows[pick], mlp.classifier.weight.flatten(1), mlp.classifier.bias), labels[pick]
+    return mlp.classify(rows[pick]), labels[pick]
 
 
 def _classes_ahead(rows: torch.Tensor, labels: torch.Tensor, check_nan: bool) -> torch.Tensor:
@@ -223,13 +238,12 @@ def evaluate_mlp(
     mlp.eval()
     idx = torch.arange(len(features)) if idx is None else idx
     batch = max(1, EVAL_ROWS // (features.shape[2] * features.shape[3]))
-    weight, bias = mlp.classifier.weight.flatten(1), mlp.classifier.bias
     loss = top1 = top5 = 0.0
     count = 0
     for i in range(0, len(idx), batch):
         images = idx[i : i + batch]
         hidden = mlp.hidden_features(features[images]).permute(0, 2, 3, 1)
-        rows = F.linear(hidden, weight, bias).reshape(-1, weight.shape[0])
+        rows = mlp.classify(hidden).reshape(-1, mlp.n_classes)
         labels = targets[images].reshape(-1)
         if valid is not None:
             keep = valid[images].reshape(-1)
@@ -321,9 +335,7 @@ def train_category(
     seed_everything(cfg.seed)
     geometry = Geometry.from_config(cfg)
     cat = category_data or load_category(data_root, category, max_pixels=geometry.max_pixels)
-    memory_paths, holdout_paths = split_holdout(
-        cat.train, cfg.scoring.holdout_fraction, cfg.scoring.min_holdout if len(cat.train) > 2 else 0, cfg.seed
-    )
+    memory_paths, holdout_paths = calibration_split(cat.train, cfg)
     log.info("%s: %d memory-bank images, %d held out for calibration", category, len(memory_paths), len(holdout_paths))
     torch.manual_seed(cfg.seed)
     extractor = build_extractor(cfg.features)
@@ -331,9 +343,7 @@ def train_category(
     # valid (N, h, w) bool: False at letterbox / tiling padding; None when every cell is content
     feats, valid = extract_training_features(extractor, geometry, memory_paths, cfg.batch_size, progress)
     n_img, dim, h, w = feats.shape
-    rows = feats.permute(0, 2, 3, 1).reshape(-1, dim)
-    candidates = candidate_rows(valid, rows.shape[0], cfg.coreset.max_candidates, cfg.seed)
-    pool = rows if candidates is None else rows[candidates]
+    rows, pool = coreset_pool(feats, valid, cfg)
     n_patches = rows.shape[0] if valid is None else int(valid.sum())
     n_select = min(pool.shape[0], coreset_size(n_patches, cfg.coreset.ratio, cfg.coreset.min_size, cfg.coreset.max_size))
     t_feat = time.perf_counter()

@@ -59,6 +59,11 @@ class NeighbourhoodMLP(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.hidden_features(features))
 
+    def classify(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) channels-last rows -> (..., K) logits: the classifier as one matrix product
+        over contiguous rows (training steps, validation, `probabilities`)."""
+        return F.linear(hidden, self.classifier.weight.flatten(1), self.classifier.bias)
+
     def probabilities(self, features: torch.Tensor) -> torch.Tensor:
         """Softmax with the paper's temperature over the class axis: (B, K, h, w).
 
@@ -67,5 +72,5 @@ class NeighbourhoodMLP(nn.Module):
         as in the exported MLP graph.
         """
         hidden = self.hidden_features(features).permute(0, 2, 3, 1)
-        logits = F.linear(hidden, self.classifier.weight.flatten(1), self.classifier.bias)  # (B, h, w, K) contiguous
+        logits = self.classify(hidden)  # (B, h, w, K) contiguous
         return torch.softmax(logits / self.temperature, dim=-1).permute(0, 3, 1, 2)
