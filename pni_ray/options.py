@@ -130,8 +130,9 @@ def train_options(fn: Any) -> Any:
         click.option("--dist-size", type=int, default=None, help="|C_dist| (paper 2048, capped by |C_emb|)."),
         click.option("--epochs", type=int, default=None, help="Neighbourhood-MLP epochs."),
         click.option("--mlp-precision", type=click.Choice(list(MLP_PRECISIONS)), default=None,
-                     help="Neighbourhood-MLP training steps in float32 (default) or bfloat16 autocast: ~1.3x faster "
-                          "on CPUs with native bf16 (AVX512-BF16, AMX), same held-out accuracy on bottle."),
+                     help="Neighbourhood-MLP training steps: auto (default: bfloat16 autocast where the CPU has "
+                          "native bf16, AVX512-BF16 or AMX, 1.2-1.6x faster at the same accuracy; else float32), "
+                          "float32 (the same model on every CPU type) or bfloat16."),
         click.option("--seed", type=int, default=None, help="Random seed (default 0)."),
         click.option("--mode", type=click.Choice(["pni", "patchcore"]), default=None,
                      help="pni: full model; patchcore: memory bank only."),

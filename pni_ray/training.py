@@ -69,19 +69,20 @@ def coreset_size(n_patches: int, ratio: float, min_size: int, max_size: int) -> 
     return int(min(n_patches, max(min_size, min(max_size, math.ceil(ratio * n_patches)))))
 
 
-def training_autocast(precision: str) -> bool:
-    """Whether MLP training steps run under bf16 autocast; refuses bf16 where the CPU would emulate it."""
+def training_precision(precision: str) -> str:
+    """The precision the MLP's training steps run in: 'auto' resolved for this CPU (bfloat16 where it
+    has native bf16, else float32); 'bfloat16' refused where the CPU would emulate it."""
     if precision not in MLP_PRECISIONS:
         raise ValueError(f"unknown MLP training precision {precision!r}; choose from {MLP_PRECISIONS}")
-    if precision == "float32":
-        return False
-    if not native_bf16():
+    if precision == "auto":
+        return "bfloat16" if native_bf16() else "float32"
+    if precision == "bfloat16" and not native_bf16():
         raise ValueError(
             "neighbourhood.train_precision 'bfloat16' needs a CPU with native bf16 (AVX512-BF16 or AMX); this "
-            "one would emulate it, far slower than float32: train with --mlp-precision float32 (or set "
+            "one would emulate it, far slower than float32: train with --mlp-precision float32 or auto (or set "
             "neighbourhood.train_precision to \"float32\" in the --config file)"
         )
-    return True
+    return precision
 
 
 def native_bf16() -> bool:
@@ -117,7 +118,8 @@ def train_neighbourhood_mlp(
     history = []
     best: tuple[float, int, dict] | None = None  # (val loss, epoch, weights) of the best epoch so far
     per_image = cfg.positions_per_image or h * w  # None: every position
-    bf16 = training_autocast(cfg.train_precision)
+    precision = training_precision(cfg.train_precision)
+    bf16 = precision == "bfloat16"
     bar = tqdm(range(cfg.epochs), desc="neighbourhood MLP", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         mlp.train()
@@ -159,6 +161,7 @@ def train_neighbourhood_mlp(
         "best": history[best_epoch - 1] if history else {},
         "n_train_images": len(train_idx),
         "n_val_images": n_val,
+        "precision": precision,
     }
 
 
@@ -331,7 +334,7 @@ def train_category(
     """Fit PatchCore memory bank and, in `pni` mode, the neighbourhood MLP and position prior."""
     t0 = time.perf_counter()
     if cfg.mode == "pni":
-        training_autocast(cfg.neighbourhood.train_precision)  # refused before minutes of features, not after
+        training_precision(cfg.neighbourhood.train_precision)  # refused before minutes of features, not after
     seed_everything(cfg.seed)
     geometry = Geometry.from_config(cfg)
     cat = category_data or load_category(data_root, category, max_pixels=geometry.max_pixels)

@@ -163,23 +163,34 @@ def test_mlp_epochs_visit_at_most_images_per_epoch():
 
 
 def test_bf16_mlp_training_learns_as_float32_does_and_is_refused_where_emulated(monkeypatch):
-    """--mlp-precision bfloat16: autocast training steps, fp32 weights; refused on CPUs without native bf16."""
+    """bfloat16: autocast training steps, fp32 weights; refused on CPUs without native bf16, where the
+    default 'auto' trains in float32 instead."""
     from pni_ray import training
 
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(12, 6, 8, 8, generator=g)
     targets = (feats[:, 0] > 0).long()
-    base = NeighbourhoodConfig(window=3, bottleneck=4, hidden=8, depth=1, epochs=6, patience=6, lr=1e-2, batch_images=4)
+    base = NeighbourhoodConfig(window=3, bottleneck=4, hidden=8, depth=1, epochs=6, patience=6, lr=1e-2, batch_images=4,
+                               train_precision="float32")
     assert build_config(mlp_precision="bfloat16").neighbourhood.train_precision == "bfloat16"
+    assert build_config().neighbourhood.train_precision == "auto"
     bf16 = dataclasses.replace(base, train_precision="bfloat16")
+    auto = dataclasses.replace(base, train_precision="auto")
     if training.native_bf16():
         mlp32, rep32 = train_neighbourhood_mlp(feats, targets, 2, base, 0, False)
         mlp16, rep16 = train_neighbourhood_mlp(feats, targets, 2, bf16, 0, False)
+        assert (rep32["precision"], rep16["precision"]) == ("float32", "bfloat16")
         assert all(p.dtype == torch.float32 for p in mlp16.parameters())
         assert not torch.equal(mlp16.classifier.weight, mlp32.classifier.weight)  # autocast was on
         assert rep16["best"]["val_loss"] == pytest.approx(rep32["best"]["val_loss"], rel=0.05)
         assert rep16 == train_neighbourhood_mlp(feats, targets, 2, bf16, 0, False)[1]  # seeded
+        mlp_auto, rep_auto = train_neighbourhood_mlp(feats, targets, 2, auto, 0, False)
+        assert rep_auto == rep16 and torch.equal(mlp_auto.classifier.weight, mlp16.classifier.weight)
     monkeypatch.setattr(training, "native_bf16", lambda: False)
+    mlp_auto, rep_auto = train_neighbourhood_mlp(feats, targets, 2, auto, 0, False)
+    mlp32, rep32 = train_neighbourhood_mlp(feats, targets, 2, base, 0, False)
+    assert rep_auto == rep32 and rep_auto["precision"] == "float32"
+    assert torch.equal(mlp_auto.classifier.weight, mlp32.classifier.weight)
     with pytest.raises(ValueError, match="native bf16"):
         train_neighbourhood_mlp(feats, targets, 2, bf16, 0, False)
     seen = []  # refused before any image is read or feature computed
@@ -188,7 +199,7 @@ def test_bf16_mlp_training_learns_as_float32_does_and_is_refused_where_emulated(
         training.train_category("nowhere", "c", build_config(mlp_precision="bfloat16"), progress=False)
     assert seen == []
     with pytest.raises(ValueError, match="float16"):
-        training.training_autocast("float16")
+        training.training_precision("float16")
 
 
 @pytest.mark.parametrize("eval_rows", [100, 2500, 5000, 8 * 40 * 40])
