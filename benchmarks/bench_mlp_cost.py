@@ -4,7 +4,8 @@ The paper's p(c | N) is an MLP of 10 fully connected layers of 2048 units over t
 neighbour features of a 9 x 9 window, predicting |C_dist| = 2048 classes, trained on every
 position. pni-ray's default (NeighbourhoodConfig) is a 1x1 bottleneck, a masked 9 x 9 window
 layer and `depth` 1x1 layers, trained on `positions_per_image` sampled positions per image and
-epoch. This script times Adam training steps of both, measured in one run at the same thread
+epoch. This script times float32 Adam training steps of both (the default's MLP trains in bf16
+where the CPU has it natively: NeighbourhoodConfig.train_precision), measured in one run at the same thread
 count on random features of the bottle model's width, and projects one epoch over a bottle-size
 category (188 memory images x 32 x 32 positions):
 

@@ -73,11 +73,11 @@ class NeighbourhoodConfig:
     # 800-image category trains epochs as fast as a 250-image one; None: every image each epoch
     images_per_epoch: int | None = 256
     # "bfloat16": the training steps' convolutions and matmuls under bf16 autocast (weights, loss,
-    # optimiser and validation stay fp32), as mixed-precision training does on a GPU: 1.2-1.6x
-    # faster where the CPU has native bf16 (AVX512-BF16, AMX), at the same held-out accuracy and
-    # test metrics on bottle and transistor; emulated, far slower, on CPUs without it.
-    # "auto": bfloat16 where the CPU has native bf16, else float32 (the manifest records which);
-    # "float32" gives the same model on every CPU type.
+    # optimiser and validation stay fp32), as mixed-precision training does on a GPU: 16-45%
+    # less MLP time (1.2-1.8x) where the CPU has native bf16 (AVX512-BF16, AMX), at the same held-out
+    # accuracy and test metrics on bottle and transistor; emulated, far slower, on CPUs without it.
+    # "auto": bfloat16 where the CPU has native bf16, else float32 (the manifest records which, as
+    # training.mlp.precision); "float32": the previous rounds' model.
     train_precision: str = "auto"
 
 
@@ -177,7 +177,8 @@ class GeometryConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines a trained bundle; same config + data + seed = same bundle."""
+    """Everything that determines a trained bundle; same config + data + seed + thread count = same bundle
+    on the same CPU type (with train_precision "auto" the MLP's precision follows the CPU)."""
 
     features: FeatureConfig = field(default_factory=FeatureConfig)
     coreset: CoresetConfig = field(default_factory=CoresetConfig)

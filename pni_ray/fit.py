@@ -4,7 +4,8 @@ torch's CPU kernels split reductions by thread, so the thread count changes the 
 with them the bundle's bytes. Both paths therefore train through `fit_category`, which sets an
 explicit thread count (options.training_threads: a fixed default, never "all cores") and records
 it in the manifest (`training.torch_threads`), so the same data, config, seed and thread count
-give the same bundle wherever it is trained.
+give the same bundle wherever it is trained on the same CPU type (the default MLP precision,
+"auto", follows the CPU: see NeighbourhoodConfig.train_precision).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ One Ray session for the whole module (ray.init costs seconds and hundreds of MB)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -142,22 +143,40 @@ def test_plan_force_and_changed_config(first_run):
     assert [p.action for p in plan] == ["fail"] * 3  # a valid bundle of another config is not overwritten silently
     assert "seed: 0 -> 7" in plan[0].reason and "--force" in plan[0].reason
     assert plan_pairs(out, [Pair("pillbox", BACKBONE)], tiny_config())[0].action == "train"
+    # the MLP's precision: "auto" accepts what the bundle trained in; an explicit one must be it
+    trained = json.loads((out / CATEGORIES[0] / BACKBONE / "manifest.json").read_text())["training"]["mlp"]["precision"]
+    other = {"float32": "bfloat16", "bfloat16": "float32"}[trained]
+
+    def with_precision(precision: str):
+        cfg = tiny_config()
+        return cfg.replace(neighbourhood=dataclasses.replace(cfg.neighbourhood, train_precision=precision))
+
+    assert [p.action for p in plan_pairs(out, pairs, with_precision(trained))] == ["skip"] * 3
+    plan = plan_pairs(out, pairs, with_precision(other))
+    assert [p.action for p in plan] == ["fail"] * 3
+    assert f"neighbourhood.train_precision: '{trained}' -> '{other}'" in plan[0].reason
 
 
 def test_a_config_field_added_since_a_bundle_was_written_is_no_difference():
-    """Bundles written before neighbourhood.train_precision existed trained in float32: skip, not fail."""
-    import dataclasses
-
+    """Bundles written before neighbourhood.train_precision existed trained in float32: skip, not fail,
+    whether float32 is asked for or today's "auto" (which accepts either precision); bfloat16 differs."""
     from pni_ray.config import TrainConfig
-    from pni_ray.orchestration.train_plan import _canonical, config_diff, recorded_config
+    from pni_ray.orchestration.train_plan import _canonical, config_diff, recorded_config, trained_precision
 
     cfg = TrainConfig()
+    assert cfg.neighbourhood.train_precision == "auto"
     fp32 = cfg.replace(neighbourhood=dataclasses.replace(cfg.neighbourhood, train_precision="float32"))
     old = fp32.to_dict()
     del old["neighbourhood"]["train_precision"]
-    assert config_diff(_canonical(recorded_config({"config": old})), _canonical(fp32.to_dict())) == []
-    assert config_diff(_canonical(recorded_config({"config": old})), _canonical(cfg.to_dict())) == [
-        "neighbourhood.train_precision: 'float32' -> 'auto'"]  # today's default is another choice
+    recorded = _canonical(recorded_config({"config": old}))
+    assert config_diff(recorded, _canonical(fp32.to_dict())) == []
+    assert recorded["neighbourhood"]["train_precision"] == "float32"
+    for wanted in ("auto", "float32"):
+        assert trained_precision({"config": old}, recorded, wanted) == wanted
+    assert trained_precision({"config": old}, recorded, "bfloat16") == "float32"  # -> a difference
+    new = {"config": cfg.to_dict(), "training": {"mlp": {"precision": "bfloat16"}}}  # "auto" that ran in bf16
+    assert [trained_precision(new, cfg.to_dict(), w) for w in ("auto", "float32", "bfloat16")] == [
+        "auto", "bfloat16", "bfloat16"]
     assert recorded_config({"config": {"from_the_future": 1}}) == {"from_the_future": 1}  # compared as stored
     del old["neighbourhood"]["images_per_epoch"]  # older still: every image each epoch, not today's 256
     assert config_diff(_canonical(recorded_config({"config": old})), _canonical(fp32.to_dict())) == [

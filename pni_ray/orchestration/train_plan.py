@@ -1,7 +1,7 @@
 """Planning of `train-all`: which (category, backbone) pairs to train, skip or refuse, before any task starts.
 
 Resume rules: a pair whose bundle exists and verifies (every checksum) with the same training
-config is skipped unless ``--force``; a bundle that fails verification is retrained; a verified
+config is skipped unless ``--force`` (the MLP's precision compared as `trained_precision` says); a bundle that fails verification is retrained; a verified
 bundle trained with a different config is not overwritten without ``--force`` (that pair fails
 with the differing keys named). Stale temp directories of a killed save are removed before
 retraining.
@@ -80,6 +80,17 @@ def recorded_config(manifest: dict[str, Any]) -> dict[str, Any]:
         return raw
 
 
+def trained_precision(manifest: dict[str, Any], recorded: dict[str, Any], wanted: str) -> str:
+    """The MLP precision to compare with the wanted one: any precision satisfies "auto" (bf16 or
+    float32 is what auto gives on some CPU, and both score the same to 4 decimals); an explicit
+    one must match what the bundle's MLP trained in (manifest training.mlp.precision, or the
+    config's value for bundles that trained before "auto" existed or without an MLP)."""
+    if wanted == "auto":
+        return wanted
+    ran = manifest.get("training", {}).get("mlp", {}).get("precision")
+    return ran or recorded.get("neighbourhood", {}).get("train_precision")
+
+
 def plan_pairs(out: Path, pairs: list[Pair], cfg: TrainConfig, force: bool = False) -> list[PlanItem]:
     """What to do with each pair: train, skip (verified bundle with this config) or fail."""
     from pni_ray.bundle import BundleError, model_id, verify_bundle
@@ -99,7 +110,11 @@ def plan_pairs(out: Path, pairs: list[Pair], cfg: TrainConfig, force: bool = Fal
             plan.append(PlanItem(pair, "train", f"retrain: existing bundle failed verification: {exc}"))
             continue
         wanted = _canonical(pair_config(cfg, pair.backbone).to_dict())
-        diff = config_diff(_canonical(recorded_config(manifest)), wanted)
+        recorded = _canonical(recorded_config(manifest))
+        if isinstance(recorded.get("neighbourhood"), dict) and "train_precision" in recorded["neighbourhood"]:
+            recorded["neighbourhood"]["train_precision"] = trained_precision(
+                manifest, recorded, wanted["neighbourhood"]["train_precision"])
+        diff = config_diff(recorded, wanted)
         if manifest.get("category") != pair.category:
             diff.insert(0, f"category: {manifest.get('category')!r} -> {pair.category!r}")
         if diff:
