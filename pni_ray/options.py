@@ -132,8 +132,8 @@ def train_options(fn: Any) -> Any:
         click.option("--mlp-precision", type=click.Choice(list(MLP_PRECISIONS)), default=None,
                      help="Neighbourhood-MLP training steps: auto (the default config's: bfloat16 autocast where "
                           "the CPU has native bf16, AVX512-BF16 or AMX, the MLP 1.2-1.8x faster at the same "
-                          "accuracy; else float32), float32 (the previous rounds' model) or bfloat16 (refused on "
-                          "CPUs that would emulate it)."),
+                          "accuracy; else float32), float32 (the previous rounds' model) or bfloat16 (pni mode refuses "
+                          "it on CPUs that would emulate it)."),
         click.option("--seed", type=int, default=None, help="Random seed (default 0)."),
         click.option("--mode", type=click.Choice(["pni", "patchcore"]), default=None,
                      help="pni: full model; patchcore: memory bank only."),

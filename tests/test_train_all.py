@@ -177,6 +177,10 @@ def test_a_config_field_added_since_a_bundle_was_written_is_no_difference():
     new = {"config": cfg.to_dict(), "training": {"mlp": {"precision": "bfloat16"}}}  # "auto" that ran in bf16
     assert [trained_precision(new, cfg.to_dict(), w) for w in ("auto", "float32", "bfloat16")] == [
         "auto", "bfloat16", "bfloat16"]
+    patchcore = cfg.replace(mode="patchcore").to_dict()  # no MLP: its precision never differs
+    assert trained_precision({"config": patchcore}, patchcore, "float32") == "float32"
+    for broken in ({"training": None}, {"training": {"mlp": None}}, {"training": []}):  # as configured
+        assert trained_precision(broken, recorded, "bfloat16") == "float32"
     assert recorded_config({"config": {"from_the_future": 1}}) == {"from_the_future": 1}  # compared as stored
     del old["neighbourhood"]["images_per_epoch"]  # older still: every image each epoch, not today's 256
     assert config_diff(_canonical(recorded_config({"config": old})), _canonical(fp32.to_dict())) == [

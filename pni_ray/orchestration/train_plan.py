@@ -82,12 +82,15 @@ def recorded_config(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def trained_precision(manifest: dict[str, Any], recorded: dict[str, Any], wanted: str) -> str:
     """The MLP precision to compare with the wanted one: any precision satisfies "auto" (bf16 or
-    float32 is what auto gives on some CPU, and both score the same to 4 decimals); an explicit
-    one must match what the bundle's MLP trained in (manifest training.mlp.precision, or the
-    config's value for bundles that trained before "auto" existed or without an MLP)."""
-    if wanted == "auto":
+    float32 is what auto gives on some CPU, and both score the same to 4 decimals), and any
+    satisfies a patchcore bundle (it has no MLP); an explicit one must match what the bundle's MLP
+    trained in (manifest training.mlp.precision, or the config's value for bundles that trained
+    before "auto" existed)."""
+    if wanted == "auto" or recorded.get("mode") == "patchcore":
         return wanted
-    ran = manifest.get("training", {}).get("mlp", {}).get("precision")
+    training = manifest.get("training")
+    mlp = training.get("mlp") if isinstance(training, dict) else None
+    ran = mlp.get("precision") if isinstance(mlp, dict) else None
     return ran or recorded.get("neighbourhood", {}).get("train_precision")
 
 
