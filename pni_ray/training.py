@@ -39,22 +39,19 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
 
 
-def split_holdout(paths: list[Path], fraction: float, minimum: int, seed: int) -> tuple[list[Path], list[Path]]:
-    """Seeded split of train/good into memory-bank images and held-out images for calibration."""
+def calibration_split(paths: list[Path], cfg: TrainConfig) -> tuple[list[Path], list[Path]]:
+    """train/good -> (memory-bank images, held-out calibration images): a seeded split holding out
+    scoring.holdout_fraction of the images, at least scoring.min_holdout, none from a category of 2
+    images or fewer."""
+    fraction = cfg.scoring.holdout_fraction
+    minimum = cfg.scoring.min_holdout if len(paths) > 2 else 0
     n_hold = max(minimum, int(round(fraction * len(paths)))) if fraction > 0 else 0
     if len(paths) - n_hold < 1:
         raise ValueError(f"need at least {n_hold + 1} train images to hold {n_hold} out, got {len(paths)}")
-    perm = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed)).tolist()
+    perm = torch.randperm(len(paths), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     hold = sorted(paths[i] for i in perm[:n_hold])
     keep = sorted(paths[i] for i in perm[n_hold:])
     return keep, hold
-
-
-def calibration_split(paths: list[Path], cfg: TrainConfig) -> tuple[list[Path], list[Path]]:
-    """train/good -> (memory-bank images, held-out calibration images) by the config's rule: at
-    least scoring.min_holdout held out, none from a category of 2 images or fewer."""
-    minimum = cfg.scoring.min_holdout if len(paths) > 2 else 0
-    return split_holdout(paths, cfg.scoring.holdout_fraction, minimum, cfg.seed)
 
 
 def coreset_pool(features: torch.Tensor, valid: torch.Tensor | None, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
