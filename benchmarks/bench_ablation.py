@@ -2,7 +2,7 @@
 categories, in one run.
 
     python benchmarks/bench_ablation.py [--data-root ../shared/data/mvtec_ad] [--categories bottle,transistor]
-                                        [--workdir DIR] [--threads 2] [--json FILE]
+                                        [--workdir DIR] [--threads 2] [--json FILE] [--seeds 0,1,2]
 
 Trains each category at the defaults (or reuses `--workdir/<category>` when it holds a bundle
 trained with the same config), then scores the test split in every mode. Rows: image AUROC,
@@ -15,6 +15,17 @@ message.
 of tau (p(c|x)'s cut unchanged) and prints, per cut, the share of held-out good patches whose
 nearest entry the neighbourhood still allows (alone, and together with the position) and the
 metrics: does a stricter neighbourhood find defects, or only veto normal patches?
+
+`--seeds 0,1,2` trains and scores each category once per seed (the seed draws the held-out split,
+the coreset's projection and the MLP's initialisation and batches) and ends with the spread: per mode
+and metric the mean and the range over seeds, and pni - patchcore per seed. A gain smaller than that
+spread is no gain. Seed 0's bundles live in `--workdir/<category>`, seed s's in
+`--workdir/seed-s/<category>`.
+
+`--neighbourhood-rescue 1000,100` also scores mode pni where an entry is allowed when both priors
+allow it (the default) or when p(c|N) alone exceeds 1000 (100) times tau: can the context let a
+normal patch's own entry back in where its position never saw it, without letting defects in?
+It prints the share of held-out good patches whose nearest entry is allowed without and with it.
 
 `--shift F` runs the same on copies of each category (written under --workdir, never into the
 data root) whose every image, and its mask, is rolled by a seeded random offset of up to F of its
@@ -43,7 +54,7 @@ from pni_ray.evaluate import ABLATION_MODES, attach_diagnostics, evaluate_catego
 from pni_ray.models.pni import build_detector  # noqa: E402
 from pni_ray.data.geometry import extract_training_features  # noqa: E402
 from pni_ray.models.predict import detector_geometry  # noqa: E402
-from pni_ray.models.scorer import nearest_neighbours  # noqa: E402
+from pni_ray.models.scorer import PatchScorer, nearest_neighbours  # noqa: E402
 from pni_ray.training import train_category  # noqa: E402
 
 COLUMNS = (
@@ -59,6 +70,7 @@ COLUMNS = (
     ("mlp_val_top1", "MLP top1", "{:.3f}"),
     ("mlp_val_top5", "MLP top5", "{:.3f}"),
 )
+METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
 
 def bundle_for(data_root: Path, category: str, workdir: Path, cfg: TrainConfig) -> tuple[Path, float | None]:
@@ -110,7 +122,52 @@ def neighbourhood_cuts(detector, cat, manifest: dict, factors: list[float]) -> l
     return rows
 
 
-def run_category(data_root: Path, category: str, workdir: Path, cfg: TrainConfig, cut_factors: list[float]) -> dict:
+
+class RescueScorer(PatchScorer):
+    """Mode pni with a third rule: both priors allow an entry (the default), or the neighbourhood alone
+    is confident in it (p(c|N) > rescue * tau), so a normal patch whose own entry its position never
+    saw can be let back in by its context. Scored by the definition (dense / top-k), not candidates."""
+
+    rescue = float("inf")
+
+    def allowed(self, probs, positions, idx, mode):
+        out = super().allowed(probs, positions, idx, mode)
+        if mode != "pni":
+            return out
+        p_n = probs[:, self.emb_to_dist] * self.inv_cluster if idx is None else \
+            probs.gather(1, self.emb_to_dist[idx]) * self.inv_cluster[idx]
+        return out | (p_n > self.rescue * self.tau)
+
+    def uses_candidates(self, mode: str) -> bool:
+        return False
+
+
+def neighbourhood_rescue(detector, cat, manifest: dict, factors: list[float]) -> list[dict]:
+    """Mode pni allowing also what p(c|N) alone puts above factor x tau: held-out keep (train/good only)
+    and test metrics. Does the neighbourhood let normal patches back in without letting defects in?"""
+    scorer = detector.scorer
+    if scorer.combine != "both":
+        raise ValueError(f"{cat.name}: --neighbourhood-rescue needs scoring.combine 'both', this bundle has "
+                         f"{scorer.combine!r}")
+    names = (manifest.get("training") or {}).get("holdout_images") or []
+    p_n, p_x, tau = held_out_nearest_probs(detector, cat.root / "train" / "good", names)
+    rows = []
+    try:
+        scorer.__class__ = RescueScorer
+        for factor in factors:
+            scorer.rescue = factor
+            metrics = evaluate_category(detector, cat, modes=("pni",), progress=False)["pni"]
+            both = (p_n > scorer.tau_neighbourhood) & (p_x > tau)
+            rows.append({"factor": factor, "keep_both": float(both.float().mean()),
+                         "keep_rescued": float((both | (p_n > factor * tau)).float().mean()),
+                         **{k: metrics[k] for k in METRICS}})
+    finally:
+        scorer.__class__ = PatchScorer
+        scorer.__dict__.pop("rescue", None)
+    return rows
+
+def run_category(data_root: Path, category: str, workdir: Path, cfg: TrainConfig, cut_factors: list[float],
+                 rescue_factors: list[float] = ()) -> dict:
     bundle, train_s = bundle_for(data_root, category, workdir, cfg)
     trained, manifest = load_bundle(bundle)
     detector = build_detector(trained)
@@ -121,8 +178,10 @@ def run_category(data_root: Path, category: str, workdir: Path, cfg: TrainConfig
         row["ms_per_image"] = 1000.0 / row["images_per_s"]
     training = manifest.get("training") or {}
     cuts = neighbourhood_cuts(detector, cat, manifest, cut_factors) if cut_factors else []
+    rescues = neighbourhood_rescue(detector, cat, manifest, list(rescue_factors)) if rescue_factors else []
     return {"train_seconds": train_s, "position_spread": training.get("position_spread"),
-            "held_out_keep": training.get("position_held_out_keep"), "modes": results, "neighbourhood_cuts": cuts}
+            "held_out_keep": training.get("position_held_out_keep"), "modes": results, "neighbourhood_cuts": cuts,
+            "neighbourhood_rescue": rescues}
 
 
 def print_category(category: str, res: dict) -> None:
@@ -140,6 +199,37 @@ def print_category(category: str, res: dict) -> None:
         print(f"  pni, p(c|N) cut at {cut['factor']:g} tau: held-out keep {cut['keep_neighbourhood']:.4f} "
               f"(with position {cut['keep_both']:.4f}); {cut['image_auroc']:.4f} / {cut['pixel_auroc']:.4f} / "
               f"{cut['aupro']:.4f}")
+    for row in res.get("neighbourhood_rescue", []):
+        print(f"  pni, or p(c|N) > {row['factor']:g} tau alone: held-out keep {row['keep_both']:.4f} -> "
+              f"{row['keep_rescued']:.4f}; {row['image_auroc']:.4f} / {row['pixel_auroc']:.4f} / {row['aupro']:.4f}")
+
+
+def seed_spread(runs: dict[int, dict]) -> dict[str, dict]:
+    """Per mode and metric over seeds: mean, min, max; and pni - patchcore (and - position) per seed."""
+    seeds = sorted(runs)
+    spread: dict[str, dict] = {}
+    for mode in runs[seeds[0]]["modes"]:
+        spread[mode] = {}
+        for key in METRICS:
+            values = [runs[s]["modes"][mode][key] for s in seeds]
+            spread[mode][key] = {"mean": float(np.mean(values)), "min": min(values), "max": max(values)}
+    for other in ("patchcore", "position"):
+        spread[f"pni - {other}"] = {
+            key: [runs[s]["modes"]["pni"][key] - runs[s]["modes"][other][key] for s in seeds] for key in METRICS}
+    return spread
+
+
+def print_seed_spread(category: str, runs: dict[int, dict]) -> None:
+    spread = seed_spread(runs)
+    print(f"\n{category} over seeds {', '.join(str(s) for s in sorted(runs))}: mean [min, max]")
+    print(f"{'mode':<14}" + "".join(f"{key:>26}" for key in METRICS))
+    for mode in runs[min(runs)]["modes"]:
+        cells = [f"{v['mean']:.4f} [{v['min']:.4f}, {v['max']:.4f}]" for v in spread[mode].values()]
+        print(f"{mode:<14}" + "".join(f"{c:>26}" for c in cells))
+    for other in ("patchcore", "position"):
+        diffs = spread[f"pni - {other}"]
+        print(f"  pni - {other} per seed: " + "; ".join(
+            f"{key} " + " ".join(f"{d:+.4f}" for d in diffs[key]) for key in METRICS))
 
 
 def shifted_copy(data_root: Path, category: str, out_root: Path, fraction: float, seed: int = 0) -> Path:
@@ -170,25 +260,38 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write every figure here")
     parser.add_argument("--shift", type=float, default=0.0, metavar="F",
                         help="score copies whose images are rolled by up to F of their side (objects that move)")
+    parser.add_argument("--seeds", default="0", metavar="S,S",
+                        help="train and score once per seed and print the spread over seeds (default 0)")
+    parser.add_argument("--neighbourhood-rescue", default="", metavar="F,F",
+                        help="also score pni allowing what p(c|N) alone puts above these multiples of tau (e.g. 1000,100)")
     parser.add_argument("--neighbourhood-cuts", default="", metavar="F,F",
                         help="also score pni with p(c|N) cut at these multiples of tau (e.g. 4,16)")
     args = parser.parse_args()
     cut_factors = [float(f) for f in args.neighbourhood_cuts.split(",") if f]
+    rescue_factors = [float(f) for f in args.neighbourhood_rescue.split(",") if f]
+    seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+    if not seeds:
+        parser.error("--seeds: give at least one seed, e.g. 0 or 0,1,2")
     torch.set_num_threads(args.threads)
-    cfg = TrainConfig()
-    out = {}
+    out: dict = {}
     for category in args.categories.split(","):
         if not (args.data_root / category / "train" / "good").is_dir():
             print(f"skipping {category}: not found under {args.data_root}")
             continue
+        root, workdir = args.data_root, args.workdir
         if args.shift:
-            root = shifted_copy(args.data_root, category, args.workdir / f"shifted-{args.shift:g}" / "data", args.shift)
-            out[category] = run_category(root, category, args.workdir / f"shifted-{args.shift:g}", cfg, cut_factors)
-        else:
-            out[category] = run_category(args.data_root, category, args.workdir, cfg, cut_factors)
-        print_category(category, out[category])
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
+            workdir = args.workdir / f"shifted-{args.shift:g}"
+            root = shifted_copy(args.data_root, category, workdir / "data", args.shift)
+        for seed in seeds:
+            runs = out.setdefault(category, {})
+            seed_dir = workdir if seed == 0 else workdir / f"seed-{seed}"
+            runs[seed] = run_category(root, category, seed_dir, TrainConfig(seed=seed), cut_factors, rescue_factors)
+            print_category(category if len(seeds) == 1 else f"{category}, seed {seed}", runs[seed])
+        if len(seeds) > 1:
+            print_seed_spread(category, out[category])
+    if args.json:  # one seed: {category: run}, as before; several: {category: {seed: run}}
+        flat = {c: runs[seeds[0]] for c, runs in out.items()} if len(seeds) == 1 else out
+        args.json.write_text(json.dumps(flat, indent=2))
 
 
 if __name__ == "__main__":

@@ -200,6 +200,46 @@ def test_neighbourhood_cuts_tighten_p_n_alone_and_restore_tau(bundle_tiny: Path,
         bench_ablation.neighbourhood_cuts(detector, cat, manifest, [4.0])
 
 
+
+
+def test_neighbourhood_rescue_only_adds_entries_and_restores_the_scorer(bundle_tiny: Path, synthetic_root: Path) -> None:
+    from pni_ray.bundle import load_bundle
+    from pni_ray.data.mvtec import load_category
+    from pni_ray.evaluate import evaluate_category
+    from pni_ray.models.pni import build_detector
+    from pni_ray.models.scorer import PatchScorer
+
+    trained, manifest = load_bundle(bundle_tiny)
+    detector, cat = build_detector(trained), load_category(synthetic_root, "washer")
+    never, always = bench_ablation.neighbourhood_rescue(detector, cat, manifest, [1e30, 0.0])
+    assert type(detector.scorer) is PatchScorer and "rescue" not in vars(detector.scorer)  # restored
+    plain = evaluate_category(detector, cat, modes=("pni",), progress=False)["pni"]
+    # nothing rescued: the definition's dense path gives what the candidate search gave
+    assert never["pixel_auroc"] == plain["pixel_auroc"] and never["aupro"] == plain["aupro"]
+    assert never["keep_rescued"] == never["keep_both"] <= always["keep_rescued"]
+    # p(c|N) > 0 everywhere: every entry is allowed, which is patchcore's plain nearest neighbour
+    patchcore = evaluate_category(detector, cat, modes=("patchcore",), progress=False)["patchcore"]
+    assert always["keep_rescued"] == 1.0 and always["aupro"] == patchcore["aupro"] != plain["aupro"]
+    detector.scorer.combine = "mean"
+    with pytest.raises(ValueError, match="combine 'both'"):
+        bench_ablation.neighbourhood_rescue(detector, cat, manifest, [4.0])
+
+def test_seed_spread_gives_mean_range_and_per_seed_gains(capsys) -> None:
+    def run(pc: float, pni: float) -> dict:
+        row = lambda v: {"image_auroc": 1.0, "pixel_auroc": v, "aupro": v - 0.05}  # noqa: E731
+        return {"modes": {"patchcore": row(pc), "position": row(pni), "pni": row(pni)}}
+
+    runs = {0: run(0.980, 0.990), 3: run(0.970, 0.975)}
+    spread = bench_ablation.seed_spread(runs)
+    assert spread["pni"]["pixel_auroc"]["min"] == 0.975 and spread["pni"]["pixel_auroc"]["max"] == 0.990
+    assert spread["patchcore"]["aupro"]["mean"] == pytest.approx(0.925)
+    assert spread["pni - patchcore"]["pixel_auroc"] == pytest.approx([0.010, 0.005])  # seed order
+    assert spread["pni - position"]["image_auroc"] == [0.0, 0.0]
+    bench_ablation.print_seed_spread("cat", runs)
+    printed = capsys.readouterr().out
+    assert "cat over seeds 0, 3" in printed and "0.9825 [0.9750, 0.9900]" in printed
+    assert "pixel_auroc +0.0100 +0.0050" in printed
+
 FAKE_WORKER = """#!{python}
 import json, sys, time
 import numpy as np
