@@ -102,13 +102,19 @@ def held_out_nearest_probs(detector, image_dir: Path, names: list[str]) -> tuple
     return p_n[keep], p_x[keep], scorer.tau
 
 
-def neighbourhood_cuts(detector, cat, manifest: dict, factors: list[float]) -> list[dict]:
-    """Mode pni with p(c|N) cut at factor x tau: held-out keep rates (train/good only) and test metrics."""
+def held_out_under_both(detector, cat, manifest: dict, option: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """`held_out_nearest_probs` of the bundle's held-out images, for an option that varies the rule
+    "both priors" (refused under the paper's mean, which has one tau for both priors)."""
     if detector.scorer.combine != "both":
-        raise ValueError(f"{cat.name}: --neighbourhood-cuts needs scoring.combine 'both' (the paper's mean has one tau "
+        raise ValueError(f"{cat.name}: {option} needs scoring.combine 'both' (the paper's mean has one tau "
                          f"for both priors), this bundle has {detector.scorer.combine!r}")
     names = (manifest.get("training") or {}).get("holdout_images") or []
-    p_n, p_x, tau = held_out_nearest_probs(detector, cat.root / "train" / "good", names)
+    return held_out_nearest_probs(detector, cat.root / "train" / "good", names)
+
+
+def neighbourhood_cuts(detector, cat, manifest: dict, factors: list[float]) -> list[dict]:
+    """Mode pni with p(c|N) cut at factor x tau: held-out keep rates (train/good only) and test metrics."""
+    p_n, p_x, tau = held_out_under_both(detector, cat, manifest, "--neighbourhood-cuts")
     rows = []
     try:
         for factor in factors:
@@ -116,11 +122,10 @@ def neighbourhood_cuts(detector, cat, manifest: dict, factors: list[float]) -> l
             metrics = evaluate_category(detector, cat, modes=("pni",), progress=False)["pni"]
             rows.append({"factor": factor, "keep_neighbourhood": float((p_n > factor * tau).float().mean()),
                          "keep_both": float(((p_n > factor * tau) & (p_x > tau)).float().mean()),
-                         **{k: metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro")}})
+                         **{k: metrics[k] for k in METRICS}})
     finally:
         detector.scorer.tau_neighbourhood = tau
     return rows
-
 
 
 class RescueScorer(PatchScorer):
@@ -146,11 +151,7 @@ def neighbourhood_rescue(detector, cat, manifest: dict, factors: list[float]) ->
     """Mode pni allowing also what p(c|N) alone puts above factor x tau: held-out keep (train/good only)
     and test metrics. Does the neighbourhood let normal patches back in without letting defects in?"""
     scorer = detector.scorer
-    if scorer.combine != "both":
-        raise ValueError(f"{cat.name}: --neighbourhood-rescue needs scoring.combine 'both', this bundle has "
-                         f"{scorer.combine!r}")
-    names = (manifest.get("training") or {}).get("holdout_images") or []
-    p_n, p_x, tau = held_out_nearest_probs(detector, cat.root / "train" / "good", names)
+    p_n, p_x, tau = held_out_under_both(detector, cat, manifest, "--neighbourhood-rescue")
     rows = []
     try:
         scorer.__class__ = RescueScorer
@@ -165,6 +166,7 @@ def neighbourhood_rescue(detector, cat, manifest: dict, factors: list[float]) ->
         scorer.__class__ = PatchScorer
         scorer.__dict__.pop("rescue", None)
     return rows
+
 
 def run_category(data_root: Path, category: str, workdir: Path, cfg: TrainConfig, cut_factors: list[float],
                  rescue_factors: list[float] = ()) -> dict:
