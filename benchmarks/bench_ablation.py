@@ -3,6 +3,7 @@ categories, in one run.
 
     python benchmarks/bench_ablation.py [--data-root ../shared/data/mvtec_ad] [--categories bottle,transistor]
                                         [--workdir DIR] [--threads 2] [--json FILE] [--seeds 0,1,2]
+                                        [--neighbourhood-cuts 4,16] [--neighbourhood-rescue 1000,100] [--shift F]
 
 Trains each category at the defaults (or reuses `--workdir/<category>` when it holds a bundle
 trained with the same config), then scores the test split in every mode. Rows: image AUROC,
@@ -109,6 +110,9 @@ def held_out_under_both(detector, cat, manifest: dict, option: str) -> tuple[tor
         raise ValueError(f"{cat.name}: {option} needs scoring.combine 'both' (the paper's mean has one tau "
                          f"for both priors), this bundle has {detector.scorer.combine!r}")
     names = (manifest.get("training") or {}).get("holdout_images") or []
+    if not names:
+        raise ValueError(f"{cat.name}: {option} measures held-out good images, and this bundle held none out "
+                         f"(scoring.holdout_fraction 0)")
     return held_out_nearest_probs(detector, cat.root / "train" / "good", names)
 
 
@@ -152,7 +156,7 @@ def neighbourhood_rescue(detector, cat, manifest: dict, factors: list[float]) ->
     and test metrics. Does the neighbourhood let normal patches back in without letting defects in?"""
     scorer = detector.scorer
     p_n, p_x, tau = held_out_under_both(detector, cat, manifest, "--neighbourhood-rescue")
-    rows = []
+    rows, own_class = [], type(scorer)
     try:
         scorer.__class__ = RescueScorer
         for factor in factors:
@@ -163,7 +167,7 @@ def neighbourhood_rescue(detector, cat, manifest: dict, factors: list[float]) ->
                          "keep_rescued": float((both | (p_n > factor * tau)).float().mean()),
                          **{k: metrics[k] for k in METRICS}})
     finally:
-        scorer.__class__ = PatchScorer
+        scorer.__class__ = own_class
         scorer.__dict__.pop("rescue", None)
     return rows
 
@@ -234,6 +238,13 @@ def print_seed_spread(category: str, runs: dict[int, dict]) -> None:
             f"{key} " + " ".join(f"{d:+.4f}" for d in diffs[key]) for key in METRICS))
 
 
+def json_figures(out: dict[str, dict[int, dict]]) -> dict:
+    """What --json writes: {category: run} for one seed (each run names its seed), or
+    {category: {"runs": {seed: run}, "spread": seed_spread(runs)}} for several."""
+    return {category: (next(iter(runs.values())) if len(runs) == 1 else {"runs": runs, "spread": seed_spread(runs)})
+            for category, runs in out.items()}
+
+
 def shifted_copy(data_root: Path, category: str, out_root: Path, fraction: float, seed: int = 0) -> Path:
     """Copy data_root/category to out_root/category with each image and its mask rolled together
     by a seeded random offset of up to `fraction` of the side (wrapping round); returns out_root."""
@@ -271,7 +282,7 @@ def main() -> None:
     args = parser.parse_args()
     cut_factors = [float(f) for f in args.neighbourhood_cuts.split(",") if f]
     rescue_factors = [float(f) for f in args.neighbourhood_rescue.split(",") if f]
-    seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+    seeds = list(dict.fromkeys(int(v) for v in args.seeds.split(",") if v.strip()))  # distinct, in order
     if not seeds:
         parser.error("--seeds: give at least one seed, e.g. 0 or 0,1,2")
     torch.set_num_threads(args.threads)
@@ -287,13 +298,13 @@ def main() -> None:
         for seed in seeds:
             runs = out.setdefault(category, {})
             seed_dir = workdir if seed == 0 else workdir / f"seed-{seed}"
-            runs[seed] = run_category(root, category, seed_dir, TrainConfig(seed=seed), cut_factors, rescue_factors)
+            runs[seed] = {"seed": seed, **run_category(root, category, seed_dir, TrainConfig(seed=seed), cut_factors,
+                                                       rescue_factors)}
             print_category(category if len(seeds) == 1 else f"{category}, seed {seed}", runs[seed])
         if len(seeds) > 1:
             print_seed_spread(category, out[category])
-    if args.json:  # one seed: {category: run}, as before; several: {category: {seed: run}}
-        flat = {c: runs[seeds[0]] for c, runs in out.items()} if len(seeds) == 1 else out
-        args.json.write_text(json.dumps(flat, indent=2))
+    if args.json:  # one seed: {category: run}, as before; several: {category: {"runs": {seed: run}, "spread": ...}}
+        args.json.write_text(json.dumps(json_figures(out), indent=2))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -200,8 +202,6 @@ def test_neighbourhood_cuts_tighten_p_n_alone_and_restore_tau(bundle_tiny: Path,
         bench_ablation.neighbourhood_cuts(detector, cat, manifest, [4.0])
 
 
-
-
 def test_neighbourhood_rescue_only_adds_entries_and_restores_the_scorer(bundle_tiny: Path, synthetic_root: Path) -> None:
     from pni_ray.bundle import load_bundle
     from pni_ray.data.mvtec import load_category
@@ -224,6 +224,30 @@ def test_neighbourhood_rescue_only_adds_entries_and_restores_the_scorer(bundle_t
     with pytest.raises(ValueError, match="combine 'both'"):
         bench_ablation.neighbourhood_rescue(detector, cat, manifest, [4.0])
 
+
+def test_rescue_rule_is_both_priors_or_a_confident_neighbourhood(bundle_tiny: Path) -> None:
+    from pni_ray.bundle import load_bundle
+    from pni_ray.models.pni import build_detector
+
+    scorer = build_detector(load_bundle(bundle_tiny)[0]).scorer
+    torch.manual_seed(0)
+    n_rows = 64
+    probs = torch.softmax(3 * torch.randn(n_rows, int(scorer.emb_to_dist.max()) + 1), 1)
+    positions = torch.randint(0, scorer.position_prior.shape[0], (n_rows,))
+    p_n = probs[:, scorer.emb_to_dist] * scorer.inv_cluster
+    both = (p_n > scorer.tau_neighbourhood) & (scorer.position_prior[positions] > scorer.tau)
+    scorer.__class__ = bench_ablation.RescueScorer
+    for factor in (3.0, 30.0):
+        scorer.rescue = factor
+        expected = both | (p_n > factor * scorer.tau)
+        assert (expected != both).any() and (expected != (p_n > factor * scorer.tau)).any()  # both parts matter
+        assert torch.equal(scorer.allowed(probs, positions, None, "pni"), expected)
+        idx = torch.randint(0, scorer.n_memory, (n_rows, 7))
+        assert torch.equal(scorer.allowed(probs, positions, idx, "pni"), expected.gather(1, idx))
+        assert torch.equal(scorer.allowed(probs, positions, None, "position"), scorer.position_prior[positions] > scorer.tau)
+    assert not scorer.uses_candidates("pni")
+
+
 def test_seed_spread_gives_mean_range_and_per_seed_gains(capsys) -> None:
     def run(pc: float, pni: float) -> dict:
         row = lambda v: {"image_auroc": 1.0, "pixel_auroc": v, "aupro": v - 0.05}  # noqa: E731
@@ -239,6 +263,35 @@ def test_seed_spread_gives_mean_range_and_per_seed_gains(capsys) -> None:
     printed = capsys.readouterr().out
     assert "cat over seeds 0, 3" in printed and "0.9825 [0.9750, 0.9900]" in printed
     assert "pixel_auroc +0.0100 +0.0050" in printed
+    figures = bench_ablation.json_figures({"cat": runs, "one": {2: runs[3]}})
+    assert figures["one"] is runs[3] and figures["cat"]["runs"] is runs
+    assert figures["cat"]["spread"]["pni - patchcore"]["pixel_auroc"] == pytest.approx([0.010, 0.005])
+
+
+def test_seeds_option_trains_each_distinct_seed_in_its_own_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+    (tmp_path / "data" / "cat" / "train" / "good").mkdir(parents=True)
+    calls = []
+
+    def fake_run(root, category, workdir, cfg, cut_factors, rescue_factors):
+        calls.append((category, workdir, cfg.seed))
+        v = 0.9 + cfg.seed / 100
+        row = {"image_auroc": 1.0, "pixel_auroc": v, "aupro": v}
+        return {"train_seconds": 1.0, "position_spread": 0, "held_out_keep": {},
+                "modes": {m: dict(row) for m in ("patchcore", "position", "pni")}}
+
+    monkeypatch.setattr(bench_ablation, "run_category", fake_run)
+    monkeypatch.setattr(bench_ablation, "print_category", lambda *a: None)
+    out = tmp_path / "abl.json"
+    monkeypatch.setattr(sys, "argv", ["bench_ablation.py", "--data-root", str(tmp_path / "data"), "--categories",
+                                      "cat,absent", "--workdir", str(tmp_path / "w"), "--seeds", "0,2,2",
+                                      "--json", str(out)])
+    bench_ablation.main()
+    assert calls == [("cat", tmp_path / "w", 0), ("cat", tmp_path / "w" / "seed-2", 2)]
+    saved = json.loads(out.read_text())
+    assert sorted(saved["cat"]["runs"]) == ["0", "2"] and saved["cat"]["runs"]["2"]["seed"] == 2
+    assert saved["cat"]["spread"]["pni"]["aupro"]["max"] == pytest.approx(0.92)
+    assert "skipping absent" in capsys.readouterr().out
+
 
 FAKE_WORKER = """#!{python}
 import json, sys, time
