@@ -28,6 +28,10 @@ allow it (the default) or when p(c|N) alone exceeds 1000 (100) times tau: can th
 normal patch's own entry back in where its position never saw it, without letting defects in?
 It prints the share of held-out good patches whose nearest entry is allowed without and with it.
 
+`--image-ranking` also says what holds image AUROC below 1: in mode pni, the (defect, good) test
+image pairs ranked the wrong way (the defect image scoring no higher), counted by good image and by
+defect type, and where on each of the three highest-scoring good images its map peaks.
+
 `--shift F` runs the same on copies of each category (written under --workdir, never into the
 data root) whose every image, and its mask, is rolled by a seeded random offset of up to F of its
 side: a category whose objects move, where the position prior must widen (or cost nothing).
@@ -51,7 +55,7 @@ sys.path.insert(0, str(REPO))
 from pni_ray.bundle import load_bundle, read_manifest, save_bundle  # noqa: E402
 from pni_ray.config import TrainConfig  # noqa: E402
 from pni_ray.data.mvtec import load_category  # noqa: E402
-from pni_ray.evaluate import ABLATION_MODES, attach_diagnostics, evaluate_category, prior_diagnostics  # noqa: E402
+from pni_ray.evaluate import ABLATION_MODES, attach_diagnostics, evaluate_category, prior_diagnostics, run_modes  # noqa: E402
 from pni_ray.models.pni import build_detector  # noqa: E402
 from pni_ray.data.geometry import extract_training_features  # noqa: E402
 from pni_ray.models.predict import detector_geometry  # noqa: E402
@@ -172,8 +176,35 @@ def neighbourhood_rescue(detector, cat, manifest: dict, factors: list[float]) ->
     return rows
 
 
+def image_ranking(detector, cat, mode: str = "pni", top_good: int = 3) -> dict:
+    """Which test images cost image AUROC in `mode`: wrongly ranked (defect, good) pairs by good image and
+    by defect type, and the map's peak (row, column, in the image's pixels) on the top-scoring good images."""
+    samples = cat.test
+    result = run_modes(detector, [s.path for s in samples], (mode,), progress=False)[mode]
+    scores = np.asarray(result.scores, dtype=np.float64)
+    good = [i for i, s in enumerate(samples) if not s.label]
+    bad = [i for i, s in enumerate(samples) if s.label]
+    by_good: dict[str, int] = {}
+    by_type: dict[str, int] = {}
+    for i in bad:
+        for j in good:
+            if scores[i] <= scores[j]:
+                name = f"{samples[j].defect_type}/{samples[j].path.name}"
+                by_good[name] = by_good.get(name, 0) + 1
+                by_type[samples[i].defect_type] = by_type.get(samples[i].defect_type, 0) + 1
+    peaks = []
+    for j in sorted(good, key=lambda k: -scores[k])[:top_good]:
+        m = np.asarray(result.maps[j])
+        row, col = np.unravel_index(int(np.argmax(m)), m.shape)
+        peaks.append({"image": f"{samples[j].defect_type}/{samples[j].path.name}", "score": float(scores[j]),
+                      "peak": [int(row), int(col)], "size": [int(m.shape[0]), int(m.shape[1])]})
+    order = lambda d: dict(sorted(d.items(), key=lambda kv: (-kv[1], kv[0])))  # noqa: E731
+    return {"mode": mode, "pairs": len(good) * len(bad), "misordered": sum(by_good.values()),
+            "by_good_image": order(by_good), "by_defect_type": order(by_type), "top_good": peaks}
+
+
 def run_category(data_root: Path, category: str, workdir: Path, cfg: TrainConfig, cut_factors: list[float],
-                 rescue_factors: list[float] = ()) -> dict:
+                 rescue_factors: list[float] = (), ranking: bool = False) -> dict:
     bundle, train_s = bundle_for(data_root, category, workdir, cfg)
     trained, manifest = load_bundle(bundle)
     detector = build_detector(trained)
@@ -185,9 +216,10 @@ def run_category(data_root: Path, category: str, workdir: Path, cfg: TrainConfig
     training = manifest.get("training") or {}
     cuts = neighbourhood_cuts(detector, cat, manifest, cut_factors) if cut_factors else []
     rescues = neighbourhood_rescue(detector, cat, manifest, list(rescue_factors)) if rescue_factors else []
+    ranked = image_ranking(detector, cat) if ranking else None
     return {"train_seconds": train_s, "position_spread": training.get("position_spread"),
             "held_out_keep": training.get("position_held_out_keep"), "modes": results, "neighbourhood_cuts": cuts,
-            "neighbourhood_rescue": rescues}
+            "neighbourhood_rescue": rescues, **({"image_ranking": ranked} if ranked else {})}
 
 
 def print_category(category: str, res: dict) -> None:
@@ -205,6 +237,13 @@ def print_category(category: str, res: dict) -> None:
         print(f"  pni, p(c|N) cut at {cut['factor']:g} tau: held-out keep {cut['keep_neighbourhood']:.4f} "
               f"(with position {cut['keep_both']:.4f}); {cut['image_auroc']:.4f} / {cut['pixel_auroc']:.4f} / "
               f"{cut['aupro']:.4f}")
+    if res.get("image_ranking"):
+        r = res["image_ranking"]
+        print(f"  {r['mode']}: {r['misordered']} of {r['pairs']} (defect, good) image pairs ranked the wrong way; "
+              f"by good image {r['by_good_image']}; by defect type {r['by_defect_type']}")
+        for g in r["top_good"]:
+            print(f"    good {g['image']}: score {g['score']:.3f}, map peak at row {g['peak'][0]}, column {g['peak'][1]} "
+                  f"of {g['size'][0]} x {g['size'][1]}")
     for row in res.get("neighbourhood_rescue", []):
         print(f"  pni, or p(c|N) > {row['factor']:g} tau alone: held-out keep {row['keep_both']:.4f} -> "
               f"{row['keep_rescued']:.4f}; {row['image_auroc']:.4f} / {row['pixel_auroc']:.4f} / {row['aupro']:.4f}")
@@ -273,6 +312,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write every figure here")
     parser.add_argument("--shift", type=float, default=0.0, metavar="F",
                         help="score copies whose images are rolled by up to F of their side (objects that move)")
+    parser.add_argument("--image-ranking", action="store_true",
+                        help="also list the (defect, good) image pairs pni ranks the wrong way, and where good maps peak")
     parser.add_argument("--seeds", default="0", metavar="S,S",
                         help="train and score once per seed and print the spread over seeds (default 0)")
     parser.add_argument("--neighbourhood-rescue", default="", metavar="F,F",
@@ -299,7 +340,7 @@ def main() -> None:
             runs = out.setdefault(category, {})
             seed_dir = workdir if seed == 0 else workdir / f"seed-{seed}"
             runs[seed] = {"seed": seed, **run_category(root, category, seed_dir, TrainConfig(seed=seed), cut_factors,
-                                                       rescue_factors)}
+                                                       rescue_factors, args.image_ranking)}
             print_category(category if len(seeds) == 1 else f"{category}, seed {seed}", runs[seed])
         if len(seeds) > 1:
             print_seed_spread(category, out[category])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -248,6 +249,32 @@ def test_rescue_rule_is_both_priors_or_a_confident_neighbourhood(bundle_tiny: Pa
     assert not scorer.uses_candidates("pni")
 
 
+def test_image_ranking_counts_the_pairs_image_auroc_loses(bundle_tiny: Path, synthetic_root: Path) -> None:
+    from pni_ray.bundle import load_bundle
+    from pni_ray.data.mvtec import load_category
+    from pni_ray.evaluate import evaluate_category, run_modes
+    from pni_ray.models.pni import build_detector
+
+    detector, cat = build_detector(load_bundle(bundle_tiny)[0]), load_category(synthetic_root, "washer")
+    # the lowest-scoring good image relabelled a defect: it ranks below every other good image
+    scores = run_modes(detector, [s.path for s in cat.test], ("patchcore",), progress=False)["patchcore"].scores
+    lowest = min((i for i, s in enumerate(cat.test) if not s.label), key=lambda i: scores[i])
+    test = list(cat.test)
+    test[lowest] = dataclasses.replace(test[lowest], defect_type="relabelled", mask_path=None)
+    cat = dataclasses.replace(cat, test=test)
+    ranked = bench_ablation.image_ranking(detector, cat, "patchcore")
+    n_good = sum(1 for s in cat.test if not s.label)
+    assert ranked["by_defect_type"].get("relabelled") == n_good
+    assert ranked["pairs"] == n_good * (len(cat.test) - n_good)
+    assert sum(ranked["by_good_image"].values()) == sum(ranked["by_defect_type"].values()) == ranked["misordered"]
+    auroc = evaluate_category(detector, cat, modes=("patchcore",), progress=False)["patchcore"]["image_auroc"]
+    # ties count whole here and half in AUROC; there are none between float32 maxima of different images
+    assert ranked["misordered"] > 0 and 1 - ranked["misordered"] / ranked["pairs"] == pytest.approx(auroc)
+    scores = [g["score"] for g in ranked["top_good"]]
+    assert scores == sorted(scores, reverse=True) and len(scores) == min(3, n_good)
+    assert all(0 <= g["peak"][0] < g["size"][0] and 0 <= g["peak"][1] < g["size"][1] for g in ranked["top_good"])
+
+
 def test_seed_spread_gives_mean_range_and_per_seed_gains(capsys) -> None:
     def run(pc: float, pni: float) -> dict:
         row = lambda v: {"image_auroc": 1.0, "pixel_auroc": v, "aupro": v - 0.05}  # noqa: E731
@@ -272,7 +299,8 @@ def test_seeds_option_trains_each_distinct_seed_in_its_own_folder(tmp_path: Path
     (tmp_path / "data" / "cat" / "train" / "good").mkdir(parents=True)
     calls = []
 
-    def fake_run(root, category, workdir, cfg, cut_factors, rescue_factors):
+    def fake_run(root, category, workdir, cfg, cut_factors, rescue_factors, ranking):
+        assert ranking is False
         calls.append((category, workdir, cfg.seed))
         v = 0.9 + cfg.seed / 100
         row = {"image_auroc": 1.0, "pixel_auroc": v, "aupro": v}
