@@ -43,6 +43,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -147,9 +148,7 @@ class RescueScorer(PatchScorer):
         out = super().allowed(probs, positions, idx, mode)
         if mode != "pni":
             return out
-        p_n = probs[:, self.emb_to_dist] * self.inv_cluster if idx is None else \
-            probs.gather(1, self.emb_to_dist[idx]) * self.inv_cluster[idx]
-        return out | (p_n > self.rescue * self.tau)
+        return out | (self.neighbourhood_mask_probs(probs, idx) > self.rescue * self.tau)
 
     def uses_candidates(self, mode: str) -> bool:
         return False
@@ -184,14 +183,12 @@ def image_ranking(detector, cat, mode: str = "pni", top_good: int = 3) -> dict:
     scores = np.asarray(result.scores, dtype=np.float64)
     good = [i for i, s in enumerate(samples) if not s.label]
     bad = [i for i, s in enumerate(samples) if s.label]
-    by_good: dict[str, int] = {}
-    by_type: dict[str, int] = {}
-    for i in bad:
-        for j in good:
-            if scores[i] <= scores[j]:
-                name = f"{samples[j].defect_type}/{samples[j].path.name}"
-                by_good[name] = by_good.get(name, 0) + 1
-                by_type[samples[i].defect_type] = by_type.get(samples[i].defect_type, 0) + 1
+    wrong = scores[bad][:, None] <= scores[good][None, :]  # (defect, good): the defect scores no higher
+    by_good = Counter({f"{samples[j].defect_type}/{samples[j].path.name}": int(n) for j, n in zip(good, wrong.sum(0)) if n})
+    by_type: Counter[str] = Counter()
+    for i, n in zip(bad, wrong.sum(1)):
+        if n:
+            by_type[samples[i].defect_type] += int(n)
     peaks = []
     for j in sorted(good, key=lambda k: -scores[k])[:top_good]:
         m = np.asarray(result.maps[j])

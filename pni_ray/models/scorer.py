@@ -309,11 +309,7 @@ class PatchScorer(nn.Module):
         """Which entries pass tau, for all entries (idx None) or the (P, k) entries in idx."""
         p_n = p_x = None
         if mode in ("neighbourhood", "pni", "pni_split"):
-            assert probs is not None
-            if idx is None:
-                p_n = probs[:, self.emb_to_dist] * self.inv_cluster
-            else:
-                p_n = probs.gather(1, self.emb_to_dist[idx]) * self.inv_cluster[idx]
+            p_n = self.neighbourhood_mask_probs(probs, idx)
         if mode in ("position", "pni", "pni_split"):
             p_x = self.position_mask_probs(positions, idx)
         if mode == "neighbourhood":
@@ -325,6 +321,14 @@ class PatchScorer(nn.Module):
                 return (p_n + p_x) * 0.5 > self.tau
             return (p_n > self.tau_neighbourhood) & (p_x > self.tau)
         return p_n > self.tau_neighbourhood, p_x > self.tau
+
+    def neighbourhood_mask_probs(self, probs: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        """p(c|N) over C_emb (each C_dist entry's probability shared by its C_emb entries) of all
+        entries (idx None) or only the (P, k) entries in idx, from the (P, |C_dist|) probabilities."""
+        assert probs is not None
+        if idx is None:
+            return probs[:, self.emb_to_dist] * self.inv_cluster
+        return probs.gather(1, self.emb_to_dist[idx]) * self.inv_cluster[idx]
 
     def position_mask_probs(self, positions: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
         """p(c|x) of all entries (idx None) or only the (P, k) entries in idx (never P dense rows)."""
