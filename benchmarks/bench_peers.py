@@ -25,7 +25,9 @@ time anomalib's scoring; their accuracy is not its own (the bank is not its fit,
 Every fit and every scoring path runs in its own subprocess (peak RSS is that process's):
 pni-ray torch bundle, pni-ray ONNX Runtime export (`pni-ray export`), with --int8 GRAPHS also
 that export with those graphs in INT8 (`pni-ray export --int8 ... --calibration
-<category>/train/good`, engine "onnxruntime-int8"), anomalib torch, and
+<category>/train/good`, engine "onnxruntime-int8"), that INT8 export with its backbone graph in
+OpenVINO at the plugin's default precision and the rest in onnxruntime (`pni-ray score
+--backbone-runtime openvino`, engine "onnxruntime-int8-ov", where OpenVINO imports), anomalib torch, and
 anomalib's graph exported to ONNX with torch's dynamo exporter (what anomalib's own
 `to_onnx` uses) and run in ONNX Runtime, and anomalib's OpenVINO export (that graph through
 `ov.convert_model`, engine "openvino") and its INT8_PTQ compression (`nncf.quantize` on the 32 train/good
@@ -56,6 +58,7 @@ the ground-truth masks resized to it (nearest), so AUPRO is at one mask resoluti
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -230,8 +233,9 @@ def worker_pni_score(spec: dict) -> dict:
     else:
         from export.runtime import load_exported
 
-        model = load_exported(spec["export_int8" if spec["engine"] == "onnxruntime-int8" else "export"],
-                              threads=spec["threads"])
+        engine = spec["engine"]
+        model = load_exported(spec["export_int8" if engine.startswith("onnxruntime-int8") else "export"],
+                              threads=spec["threads"], backbone_runtime="openvino" if engine.endswith("-ov") else "onnxruntime")
         predict = model.predict
     timing, maps, scores = timed_passes(predict, images, spec)
     np.savez(spec["maps"], maps=maps.reshape(len(images), SIZE, SIZE).astype(np.float32), scores=scores)
@@ -569,6 +573,9 @@ def path_label(row: dict, threads: int) -> str:
     return row["engine"] + (f" ({threads} x 1 thread)" if row.get("layout") == "processes" else "")
 
 
+PNI_INT8_ENGINES = ("onnxruntime-int8", "onnxruntime-int8-ov")  # the INT8 export; its backbone in OpenVINO
+
+
 def run_all(args: argparse.Namespace, work: Path, python_a: Path | None, anomalib_engines: list[str]) -> list[dict]:
     """Fit both systems per category and bank, then time every scoring path in interleaved rounds.
 
@@ -581,11 +588,13 @@ def run_all(args: argparse.Namespace, work: Path, python_a: Path | None, anomali
     if unknown:
         raise SystemExit(f"--layouts {','.join(unknown)}: choose from {', '.join(LAYOUTS)}")
     common = {"data_root": str(args.data_root), "threads": args.threads, "batch": args.batch, "repeats": 1}
-    absent = {} if args.int8 else {"onnxruntime-int8": "needs --int8 GRAPHS (e.g. --int8 mlp,backbone)"}
+    absent = {} if args.int8 else {e: "needs --int8 GRAPHS (e.g. --int8 mlp,backbone)" for e in PNI_INT8_ENGINES}
+    if importlib.util.find_spec("openvino") is None:
+        absent.setdefault("onnxruntime-int8-ov", f"needs OpenVINO in {sys.executable} (pip install 'pni-ray[openvino]')")
     if python_a is None:
         absent.update({e: "needs anomalib (--anomalib-python, or --setup-anomalib VENV first)"
                        for e in ("openvino", "openvino-int8")})
-    chosen = chosen_engines(args.engines, {"torch", "onnxruntime", "onnxruntime-int8", *anomalib_engines}, absent)
+    chosen = chosen_engines(args.engines, {"torch", "onnxruntime", *PNI_INT8_ENGINES, *anomalib_engines}, absent)
     for category in args.categories.split(","):
         _, labels, mask_paths = test_split(args.data_root, category)
         masks = masks_at(mask_paths)
@@ -607,7 +616,7 @@ def run_all(args: argparse.Namespace, work: Path, python_a: Path | None, anomali
                         export_bundle(base["bundle"], base["export_int8"], ExportOptions(
                             int8=tuple(args.int8.split(",")), calibration=args.data_root / category / "train" / "good"),
                             force=True)
-                        engines.append("onnxruntime-int8")
+                        engines += [e for e in PNI_INT8_ENGINES if e not in absent]
                     except Exception as exc:  # noqa: BLE001 -- one failed path is a row, not a failed run
                         rows.append({"category": category, "bank": bank, "system": "pni-ray", "engine": "onnxruntime-int8",
                                      "error": f"int8 export: {exc}"})

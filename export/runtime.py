@@ -110,6 +110,8 @@ class StagePipeline:
             if self.geometry.tiled:  # the backbone per tile, stitched into one grid; the rest chained
                 feeds["features"] = np.stack([self.geometry.stitch_tiles(
                     self._batched("backbone", "images", self.geometry.tile_stack(p), "features"), p) for p in batch])
+            elif "backbone" not in chain:  # a backbone in a runtime of its own (export.openvino_backbone)
+                feeds["features"] = self.run_stage("backbone", {"images": feeds["images"]})["features"]
             if self.manifest["scorer"].get("fill_index"):
                 feeds["fill_index"] = np.stack([p.fill_index() for p in batch])
             maps = self.run_stages(chain, feeds)[self.chain_output(chain)]
@@ -119,10 +121,14 @@ class StagePipeline:
             return np.zeros((0, *self.geometry.canvas_hw()), np.float32), np.zeros(0, np.float32)
         return np.concatenate(maps_out), np.asarray(scores_out, np.float32)
 
+    def backbone_apart(self) -> bool:
+        """Whether the backbone runs on its own before the chain: per tile when tiled (the tiles are
+        stitched before the rest), or in another runtime."""
+        return self.geometry.tiled
+
     def chained_stages(self) -> tuple[str, ...]:
-        """The stages run per batch on whole canvases: all of them, but the backbone when tiled
-        (it runs per tile, and the tiles are stitched before the rest)."""
-        return tuple(s for s in self.stages if not (self.geometry.tiled and s == "backbone"))
+        """The stages run per batch on whole canvases: all of them, but a backbone that runs apart."""
+        return tuple(s for s in self.stages if not (s == "backbone" and self.backbone_apart()))
 
     def predict_images(self, images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
         """uint8 (H, W, 3) images of any size -> maps at each image's own size and image scores."""
@@ -152,10 +158,19 @@ def whole_canvas(hw: tuple[int, int]) -> Prepared:
 
 class ExportedModel(StagePipeline):
     """The export's ONNX graphs run by onnxruntime: the stages chained per batch as one fused graph
-    (export.fused; `fuse=False`: one session per stage, as TensorRT runs them)."""
+    (export.fused; `fuse=False`: one session per stage, as TensorRT runs them).
+
+    `backbone_runtime="openvino"` compiles the backbone graph with OpenVINO instead (at
+    `backbone_precision`; export.openvino_backbone) and chains the other stages as before.
+    """
 
     def __init__(self, path: Path | str, threads: int | None = None, providers: Sequence[str] | None = None,
-                 verify: bool = True, optimization: str = "all", refine: bool = True, fuse: bool = True) -> None:
+                 verify: bool = True, optimization: str = "all", refine: bool = True, fuse: bool = True,
+                 backbone_runtime: str = "onnxruntime", backbone_precision: str = "auto") -> None:
+        from export.openvino_backbone import BACKBONE_RUNTIMES
+
+        if backbone_runtime not in BACKBONE_RUNTIMES:
+            raise ValueError(f"backbone runtime must be one of {BACKBONE_RUNTIMES}, got {backbone_runtime!r}")
         self.path = Path(path)
         self.manifest: dict[str, Any] = tables.verify_export(self.path) if verify else tables.read_manifest(self.path)
         m = self.manifest
@@ -172,6 +187,13 @@ class ExportedModel(StagePipeline):
         self._options = _session_options(threads, optimization)
         self._providers = list(providers or ["CPUExecutionProvider"])
         self.stages = tuple(name for name in m["pipeline"] if refine or name != "refiner")
+        self.backbone_runtime = backbone_runtime
+        self._openvino = None  # export.openvino_backbone.OpenVINOBackbone when the backbone runs there
+        if backbone_runtime == "openvino":
+            from export.openvino_backbone import OpenVINOBackbone
+
+            self._openvino = OpenVINOBackbone(self._graph_file("backbone"), threads=self._options.intra_op_num_threads,
+                                              precision=backbone_precision)
         # graph structure without external weights: input names, and what fuse_stages needs (it
         # refuses stages with external data, which then run from their files one by one)
         graphs = {name: _load_graph(self._graph_file(name)) for name in self.stages}
@@ -187,7 +209,7 @@ class ExportedModel(StagePipeline):
             self.fused = self._fuse(chain, graphs)
         del graphs
         for name in self.stages:  # the rest now, so a broken graph fails at load, not mid-run
-            if self.fused is None or name not in chain:
+            if (self.fused is None or name not in chain) and not (name == "backbone" and self._openvino):
                 self._sessions[name] = self._session(str(self._graph_file(name)))
 
     def _graph_file(self, name: str) -> Path:
@@ -233,8 +255,13 @@ class ExportedModel(StagePipeline):
     def stage_inputs(self, name: str) -> tuple[str, ...]:
         return self._inputs[name]
 
+    def backbone_apart(self) -> bool:
+        return self.geometry.tiled or self._openvino is not None
+
     def run_stage(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One stage's own graph (profiling, tiles); sessions of fused stages are made on first use."""
+        if name == "backbone" and self._openvino is not None:
+            return self._openvino.run(feeds)
         if name not in self._sessions:
             self._sessions[name] = self._session(str(self._graph_file(name)))
         session = self._sessions[name]
@@ -283,7 +310,10 @@ def _same_float(a: float, b: float) -> bool:
 
 
 def load_exported(path: Path | str, threads: int | None = None, providers: Sequence[str] | None = None,
-                  verify: bool = True, optimization: str = "all", refine: bool = True, fuse: bool = True) -> ExportedModel:
-    """Verify the export directory's checksums and open its graphs with onnxruntime."""
+                  verify: bool = True, optimization: str = "all", refine: bool = True, fuse: bool = True,
+                  backbone_runtime: str = "onnxruntime", backbone_precision: str = "auto") -> ExportedModel:
+    """Verify the export directory's checksums and open its graphs with onnxruntime (the backbone's
+    with OpenVINO when `backbone_runtime="openvino"`)."""
     return ExportedModel(path, threads=threads, providers=providers, verify=verify, optimization=optimization,
-                         refine=refine, fuse=fuse)
+                         refine=refine, fuse=fuse, backbone_runtime=backbone_runtime,
+                         backbone_precision=backbone_precision)

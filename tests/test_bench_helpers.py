@@ -74,6 +74,30 @@ def test_engine_filter_names_what_it_refuses() -> None:
         bench_peers.chosen_engines("onnxruntime-int8", known, {"onnxruntime-int8": "needs --int8 GRAPHS"})
 
 
+def test_pni_score_engines_pick_the_export_and_the_backbone_runtime(tmp_path: Path, monkeypatch) -> None:
+    """Engine onnxruntime-int8-ov times the INT8 export with its backbone in OpenVINO, the rest as before."""
+    import export.runtime
+
+    loaded = []
+
+    class Model:
+        def predict(self, x):
+            return np.zeros((len(x), bench_peers.SIZE, bench_peers.SIZE), np.float32), np.zeros(len(x), np.float32)
+
+    def fake_load(path, threads=None, backbone_runtime="onnxruntime"):
+        loaded.append((path, threads, backbone_runtime))
+        return Model()
+
+    monkeypatch.setattr(export.runtime, "load_exported", fake_load)
+    monkeypatch.setattr(bench_peers, "decoded_test_images", lambda root, cat: np.zeros((3, 3, 8, 8), np.float32))
+    spec = {"data_root": str(tmp_path), "category": "c", "threads": 1, "batch": 2, "repeats": 1,
+            "export": "E", "export_int8": "E8"}
+    for engine in ("onnxruntime", "onnxruntime-int8", "onnxruntime-int8-ov"):
+        out = bench_peers.worker_pni_score({**spec, "engine": engine, "maps": str(tmp_path / f"{engine}.npz")})
+        assert out["images_per_s"] > 0 and np.load(tmp_path / f"{engine}.npz")["maps"].shape[0] == 3
+    assert loaded == [("E", 1, "onnxruntime"), ("E8", 1, "onnxruntime"), ("E8", 1, "openvino")]
+
+
 def test_missing_anomalib_is_skipped_with_the_reason(tmp_path: Path) -> None:
     args = argparse.Namespace(anomalib_python=tmp_path / "nope" / "python")
     python, note, engines = bench_peers.anomalib_python(args)

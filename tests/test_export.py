@@ -366,6 +366,45 @@ def test_fused_chain_equals_the_stages_one_by_one(exported, images):
     assert [o.name for o in graph.graph.output] == [fused.chain_output(fused.fused[0])]
 
 
+def test_openvino_backbone_runs_apart_and_matches_onnxruntime(exported, reference, images):
+    """--backbone-runtime openvino: the backbone graph in OpenVINO, the other stages still one fused
+    onnxruntime graph; in f32 the maps are onnxruntime's to float rounding, in bf16 to its precision."""
+    pytest.importorskip("openvino")
+    base = load_exported(exported, threads=1)
+    f32 = load_exported(exported, threads=1, backbone_runtime="openvino", backbone_precision="f32")
+    assert base.chained_stages() == ("backbone", "mlp", "softmax", "scorer")
+    assert f32.chained_stages() == ("mlp", "softmax", "scorer") and f32.fused[0] == f32.chained_stages()
+    assert "backbone" not in f32._sessions and f32._openvino.precision == "f32"
+    calls = []
+    run = f32._openvino.run
+    f32._openvino.run = lambda feeds: calls.append(len(feeds["images"])) or run(feeds)
+    maps, scores = f32.predict(images)
+    assert calls == [4, 4, 2]  # max_batch 4: every batch's backbone ran in OpenVINO
+    ref_features = base.run_stage("backbone", {"images": images[:4]})["features"]
+    np.testing.assert_allclose(f32.run_stage("backbone", {"images": images[:4]})["features"], ref_features,
+                               rtol=1e-4, atol=1e-4)
+    fig = parity_figures(*reference, maps, scores)
+    assert fig["max_rel_error"] <= 1e-3 and fig["ranking_identical"], fig
+    bf16 = load_exported(exported, threads=1, backbone_runtime="openvino", backbone_precision="bf16")
+    assert bf16._openvino.precision in ("bf16", "f32")  # f32 where the CPU has no bf16 arithmetic
+    fig = parity_figures(*reference, *bf16.predict(images))
+    # bf16 keeps 8 bits of mantissa: the tiny model's maps move by up to ~30% of their range where a
+    # distance crosses a mask's cut; the images' order stays. Real data: bench_peers (accuracy measured)
+    assert fig["ranking_identical"], fig
+
+
+def test_openvino_backbone_refuses_clearly(exported, monkeypatch):
+    from export.openvino_backbone import OpenVINOUnavailable
+
+    with pytest.raises(ValueError, match="backbone runtime must be one of"):
+        load_exported(exported, backbone_runtime="tensorrt")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        load_exported(exported, backbone_runtime="openvino", backbone_precision="fp8")
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
+    with pytest.raises(OpenVINOUnavailable, match=r"pip install 'pni-ray\[openvino\]'"):
+        load_exported(exported, backbone_runtime="openvino")
+
+
 def test_unfusable_or_refused_graphs_run_stage_by_stage(exported, images, monkeypatch, caplog):
     import export.fused as fused_mod
 

@@ -173,6 +173,39 @@ def test_model_loader_export(bundle_tiny, tmp_path):
     assert maps.shape == (2, 128, 128) and np.allclose(scores, ref_scores, rtol=1e-3, atol=1e-3)
 
 
+def test_score_export_with_openvino_backbone(small_set, bundle_tiny, tmp_path):
+    """`pni-ray score EXPORT --backbone-runtime openvino`: every input gets its row, scores match the
+    onnxruntime run's; a bundle or a missing OpenVINO is refused before anything runs (exit 3)."""
+    pytest.importorskip("openvino")
+    from pni_ray.cli import main
+
+    root, _ = small_set
+    runner = CliRunner()
+    exported = tmp_path / "exported"
+    made = runner.invoke(main, ["export", str(bundle_tiny), "--out", str(exported), "--threads", "1"])
+    assert made.exit_code == 0, made.output
+    common = [str(root / "good"), "--engine", "local", "--threads", "1", "--no-progress"]
+    ort_run = runner.invoke(main, ["score", str(exported), *common, "--out", str(tmp_path / "ort")])
+    ov_run = runner.invoke(main, ["score", str(exported), *common, "--out", str(tmp_path / "ov"),
+                                  "--backbone-runtime", "openvino", "--backbone-precision", "f32"])
+    assert ort_run.exit_code == 0 and ov_run.exit_code == 0, ov_run.output
+    a, b = (read_table(tmp_path / d, columns=["path", "image_score"]).to_pandas().sort_values("path") for d in ("ort", "ov"))
+    assert len(b) == 24 and list(a["path"]) == list(b["path"])
+    np.testing.assert_allclose(b["image_score"], a["image_score"], rtol=1e-3, atol=1e-3)
+    bundle = runner.invoke(main, ["score", str(bundle_tiny), *common, "--out", str(tmp_path / "b"),
+                                  "--backbone-runtime", "openvino"])
+    assert bundle.exit_code == 3 and "export directories only" in bundle.output
+    with pytest.MonkeyPatch.context() as mp:
+        import importlib.util
+
+        real = importlib.util.find_spec
+        mp.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+        missing = runner.invoke(main, ["score", str(exported), *common, "--out", str(tmp_path / "c"),
+                                       "--backbone-runtime", "openvino"])
+    assert missing.exit_code == 3 and "pip install 'pni-ray[openvino]'" in missing.output
+    assert not (tmp_path / "b").exists() or not list((tmp_path / "b").glob("part-*"))
+
+
 def test_ensemble_is_a_torch_model(tmp_path):
     from pni_ray.orchestration.model_loader import model_kind
 

@@ -118,14 +118,20 @@ def model_kind(path: Path | str) -> str:
     return TORCH_FORMATS.get(manifest.get("format"), "export")
 
 
-def load_scoring_model(path: Path | str, device: str = "cpu", threads: int | None = None) -> ScoringModel:
+def load_scoring_model(path: Path | str, device: str = "cpu", threads: int | None = None,
+                       backbone_runtime: str = "onnxruntime", backbone_precision: str = "auto") -> ScoringModel:
     """A bundle or ensemble (torch) or an export directory (ONNX Runtime, imported lazily).
 
     `threads` pins ONNX Runtime's intra-op threads (torch's are the caller's torch.set_num_threads);
     `device` "cuda" puts a torch model on the GPU and asks ONNX Runtime for its CUDA provider.
+    `backbone_runtime` "openvino" runs an export's backbone with OpenVINO (export.openvino_backbone).
     """
     kind = model_kind(path)
     if kind in TORCH_FORMATS.values():
+        if backbone_runtime != "onnxruntime":
+            raise ValueError(f"{path} is a {kind}, scored by torch: backbone runtime {backbone_runtime!r} applies to "
+                             "export directories only (pni-ray export BUNDLE --out DIR, then score DIR)")
         return BundleModel(path, device=device, kind=kind)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
-    return ExportModel(path, threads=threads, providers=providers)
+    return ExportModel(path, threads=threads, providers=providers, backbone_runtime=backbone_runtime,
+                       backbone_precision=backbone_precision)

@@ -284,7 +284,8 @@ class ScoreWorker:
     """
 
     def __init__(self, model_path: str, threads: int = 1, batch_size: int = 8, device: str = "cpu",
-                 decode: dict[str, Any] | None = None, encode: dict[str, Any] | None = None) -> None:
+                 decode: dict[str, Any] | None = None, encode: dict[str, Any] | None = None,
+                 backbone_runtime: str = "onnxruntime", backbone_precision: str = "auto") -> None:
         from pni_ray.allocator import keep_freed_memory
 
         keep_freed_memory()
@@ -299,7 +300,8 @@ class ScoreWorker:
             pass
         from pni_ray.orchestration.model_loader import load_scoring_model
 
-        self.model = load_scoring_model(model_path, device=device, threads=threads)
+        self.model = load_scoring_model(model_path, device=device, threads=threads, backbone_runtime=backbone_runtime,
+                                        backbone_precision=backbone_precision)
         self.batch_size = max(1, int(batch_size))
 
     def _predict(self, prepared: list[Prepared]) -> tuple[np.ndarray, np.ndarray]:
@@ -394,6 +396,30 @@ class Options:
     address: str | None = None
     threads: int | None = None  # local engine only; default: all cores
     stages: str = "auto"  # fused: decode+score+encode in the model actors; split: separate task stages
+    backbone_runtime: str = "onnxruntime"  # exports only: "openvino" runs the backbone graph with OpenVINO
+    backbone_precision: str = "auto"  # OpenVINO's inference precision: auto (its CPU default), f32, bf16
+
+
+def check_runtime(info: ModelInfo, opts: Options) -> None:
+    """Refuse, before any actor starts, a backbone runtime the model or this machine cannot take."""
+    import importlib.util
+
+    if opts.backbone_runtime == "onnxruntime":
+        return
+    if opts.backbone_runtime != "openvino" or opts.backbone_precision not in ("auto", "f32", "bf16"):
+        raise ScoreError(f"backbone runtime {opts.backbone_runtime!r} at precision {opts.backbone_precision!r}: "
+                         "use onnxruntime, or openvino at auto, f32 or bf16")
+    if info.kind != "export":
+        raise ScoreError(f"{info.path} is a {info.kind}, scored by torch: --backbone-runtime openvino applies to "
+                         "export directories only (pni-ray export MODEL --out DIR, then score DIR)")
+    if importlib.util.find_spec("openvino") is None:
+        raise ScoreError("--backbone-runtime openvino needs OpenVINO, which is not installed: "
+                         "pip install 'pni-ray[openvino]' (or pip install openvino)")
+
+
+def runtime_args(opts: Options) -> dict[str, str]:
+    """How an export's graphs run (ScoreWorker's keyword arguments)."""
+    return {"backbone_runtime": opts.backbone_runtime, "backbone_precision": opts.backbone_precision}
 
 
 def _bound_worker(**kwargs: Any) -> type:
@@ -456,7 +482,7 @@ def run_ray(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Itera
         log.info("ray scoring: %d chunks, %d workers x %.2g CPU / %.2g GPU, %s stages", len(rows), workers,
                  opts.cpus_per_worker, opts.gpus_per_worker, stages)
         worker_args = {"model_path": info.path, "threads": max(1, int(opts.cpus_per_worker)),
-                       "batch_size": opts.batch_size, "device": device}
+                       "batch_size": opts.batch_size, "device": device, **runtime_args(opts)}
         actors = {"compute": ray.data.ActorPoolStrategy(size=workers), "num_cpus": opts.cpus_per_worker,
                   "num_gpus": opts.gpus_per_worker}
         ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
@@ -481,7 +507,7 @@ def run_local(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Ite
              "category": info.category, "path": info.path}
     worker = ScoreWorker(info.path, threads=opts.threads or os.cpu_count() or 1, batch_size=opts.batch_size,
                          decode={"geometry": info.geometry, "max_pixels": opts.max_pixels},
-                         encode={"map_format": opts.map_format, "model": model})
+                         encode={"map_format": opts.map_format, "model": model}, **runtime_args(opts))
     for row in rows:
         yield worker(row)
 
@@ -634,6 +660,7 @@ def score(
     out = Path(out).resolve()
     t0 = time.perf_counter()
     info = describe_model(model)
+    check_runtime(info, opts)
     expanded = expand_inputs(inputs)
     with locked(out):
         check_dataset(out, info, opts.map_format)
@@ -731,13 +758,19 @@ def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
               help="fused: model actors also decode and encode; split: separate decode/encode tasks "
                    "(auto: split with GPUs, fused on CPUs).")
 @click.option("--threads", type=int, default=None, help="torch threads for --engine local (default: all cores).")
+@click.option("--backbone-runtime", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime",
+              show_default=True, help="Exports only: run the backbone graph with OpenVINO (pip install "
+              "'pni-ray[openvino]'; faster on CPUs with AMX or AVX-512 BF16), the rest with onnxruntime.")
+@click.option("--backbone-precision", type=click.Choice(["auto", "f32", "bf16"]), default="auto", show_default=True,
+              help="OpenVINO's inference precision for --backbone-runtime openvino (auto: its CPU default, "
+                   "bf16 where native).")
 @click.option("--top", "top_n", type=int, default=20, show_default=True, help="Most anomalous images in the summary.")
 @click.option("--retry-failed", is_flag=True, help="Drop OUT's error rows first so those inputs are tried again.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def score_cmd(model: Path, inputs: tuple[str, ...], out: Path, address: str | None, batch_size: int,
               workers: int | None, cpus_per_worker: float, gpus_per_worker: float, map_format: str,
-              max_pixels: int, chunk_size: int, engine: str, stages: str, threads: int | None, top_n: int,
-              retry_failed: bool, progress: bool) -> None:
+              max_pixels: int, chunk_size: int, engine: str, stages: str, threads: int | None,
+              backbone_runtime: str, backbone_precision: str, top_n: int, retry_failed: bool, progress: bool) -> None:
     """Score every image of INPUT... with MODEL (a bundle or an export directory) into OUT.
 
     INPUT: files, directories (recursive), globs, or list files (@FILE, or a .txt/.lst file; one path
@@ -746,7 +779,8 @@ def score_cmd(model: Path, inputs: tuple[str, ...], out: Path, address: str | No
     """
     opts = Options(batch_size=batch_size, workers=workers, cpus_per_worker=cpus_per_worker,
                    gpus_per_worker=gpus_per_worker, map_format=map_format, max_pixels=max_pixels,
-                   chunk_size=chunk_size, address=address, threads=threads, stages=stages)
+                   chunk_size=chunk_size, address=address, threads=threads, stages=stages,
+                   backbone_runtime=backbone_runtime, backbone_precision=backbone_precision)
     try:
         summary = score(model, inputs, out, opts, engine=engine, top_n=top_n, progress=progress, retry=retry_failed)
     except ScoreError as exc:
