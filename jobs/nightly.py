@@ -15,8 +15,9 @@ Config (TOML or JSON; relative paths are relative to the config file; see nightl
     top_n        most anomalous images listed in the run summary (default 20)
     report       write dt=.../_report.html (default true)
     fail_on_errors  exit 1 when any input has an error row (default true)
-    engine, address, batch_size, workers, cpus_per_worker, gpus_per_worker, max_pixels, chunk_size:
-                 as for `pni-ray score`
+    engine, address, batch_size, workers, cpus_per_worker, gpus_per_worker, max_pixels, chunk_size,
+    backbone_runtime, backbone_precision:
+                 as for `pni-ray score` (backbone_runtime "openvino": exports only, OpenVINO installed)
 
 Writes, inside the partition: part-*.parquet (the table), _summary.json (counts, failures,
 anomaly rate, top N), _report.html, and _nightly.json (this run: config, date, timings, exit code).
@@ -54,6 +55,8 @@ DEFAULTS: dict[str, Any] = {
     "gpus_per_worker": 0.0,
     "max_pixels": 50_000_000,
     "chunk_size": 64,
+    "backbone_runtime": "onnxruntime",
+    "backbone_precision": "auto",
 }
 REQUIRED = ("model", "inputs", "output_root")
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_CONFIG, EXIT_RUN = 0, 1, 2, 3
@@ -99,6 +102,10 @@ def load_config(path: Path | str) -> dict[str, Any]:
         raise ConfigError(f"{path}: map_format must be uint8, float16 or none, not {cfg['map_format']!r}")
     if cfg["engine"] not in ("ray", "local"):
         raise ConfigError(f"{path}: engine must be ray or local, not {cfg['engine']!r}")
+    if cfg["backbone_runtime"] not in ("onnxruntime", "openvino"):
+        raise ConfigError(f"{path}: backbone_runtime must be onnxruntime or openvino, not {cfg['backbone_runtime']!r}")
+    if cfg["backbone_precision"] not in ("auto", "f32", "bf16"):
+        raise ConfigError(f"{path}: backbone_precision must be auto, f32 or bf16, not {cfg['backbone_precision']!r}")
     base = path.resolve().parent
 
     def rel(p: str) -> str:
@@ -161,7 +168,8 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
                               "started_at": started.isoformat()}
     opts = Options(batch_size=int(cfg["batch_size"]), workers=cfg["workers"], cpus_per_worker=float(cfg["cpus_per_worker"]),
                    gpus_per_worker=float(cfg["gpus_per_worker"]), map_format=cfg["map_format"],
-                   max_pixels=int(cfg["max_pixels"]), chunk_size=int(cfg["chunk_size"]), address=cfg["address"])
+                   max_pixels=int(cfg["max_pixels"]), chunk_size=int(cfg["chunk_size"]), address=cfg["address"],
+                   backbone_runtime=cfg["backbone_runtime"], backbone_precision=cfg["backbone_precision"])
     log.info("nightly %s: %d input specs -> %s", day, len(inputs), out)
     try:
         summary = score(cfg["model"], inputs, out, opts, engine=cfg["engine"], top_n=int(cfg["top_n"]),

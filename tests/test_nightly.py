@@ -44,7 +44,10 @@ def test_config_parsing_and_validation(tmp_path):
     for bad, match in (({"model": "/m", "inputs": "/i"}, "missing required"),
                        ({"model": "/m", "inputs": "/i", "output_root": "/o", "map_fromat": "uint8"}, "unknown keys"),
                        ({"model": "/m", "inputs": "/i", "output_root": "/o", "map_format": "png"}, "map_format"),
-                       ({"model": "/m", "inputs": [1], "output_root": "/o"}, "inputs")):
+                       ({"model": "/m", "inputs": [1], "output_root": "/o"}, "inputs"),
+                       ({"model": "/m", "inputs": "/i", "output_root": "/o", "backbone_runtime": "trt"}, "backbone_runtime"),
+                       ({"model": "/m", "inputs": "/i", "output_root": "/o", "backbone_precision": "fp16"},
+                        "backbone_precision")):
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         with pytest.raises(nightly.ConfigError, match=match):
             nightly.load_config(tmp_path / "bad.json")
@@ -102,6 +105,15 @@ def test_nightly_exit_codes_for_bad_config_and_bad_model(tmp_path):
     assert nightly.main(["--config", str(config), "--date", "2024-01-02", "-q"]) == nightly.EXIT_RUN
     record = json.loads((tmp_path / "out" / "dt=2024-01-02" / "_nightly.json").read_text())
     assert "manifest.json" in record["error"]
+
+
+def test_nightly_backbone_runtime_reaches_score(tmp_path, bundle_tiny):
+    """The config's backbone_runtime is score's: OpenVINO for a torch bundle is refused before scoring."""
+    config = write_toml(tmp_path / "n.toml", model=str(bundle_tiny), inputs=["in"], output_root="out", engine="local",
+                        backbone_runtime="openvino")
+    assert nightly.main(["--config", str(config), "--date", "2024-01-02", "-q"]) == nightly.EXIT_RUN
+    record = json.loads((tmp_path / "out" / "dt=2024-01-02" / "_nightly.json").read_text())
+    assert "export directories only" in record["error"] and record["config"]["backbone_runtime"] == "openvino"
 
 
 def test_entrypoint_runs_as_a_module():
