@@ -591,6 +591,8 @@ def run_all(args: argparse.Namespace, work: Path, python_a: Path | None, anomali
     absent = {} if args.int8 else {e: "needs --int8 GRAPHS (e.g. --int8 mlp,backbone)" for e in PNI_INT8_ENGINES}
     if importlib.util.find_spec("openvino") is None:
         absent.setdefault("onnxruntime-int8-ov", f"needs OpenVINO in {sys.executable} (pip install 'pni-ray[openvino]')")
+        if args.int8:
+            print(f"pni-ray engine onnxruntime-int8-ov skipped: {absent['onnxruntime-int8-ov']}", flush=True)
     if python_a is None:
         absent.update({e: "needs anomalib (--anomalib-python, or --setup-anomalib VENV first)"
                        for e in ("openvino", "openvino-int8")})
@@ -618,8 +620,8 @@ def run_all(args: argparse.Namespace, work: Path, python_a: Path | None, anomali
                             force=True)
                         engines += [e for e in PNI_INT8_ENGINES if e not in absent]
                     except Exception as exc:  # noqa: BLE001 -- one failed path is a row, not a failed run
-                        rows.append({"category": category, "bank": bank, "system": "pni-ray", "engine": "onnxruntime-int8",
-                                     "error": f"int8 export: {exc}"})
+                        rows += [{"category": category, "bank": bank, "system": "pni-ray", "engine": engine,
+                                  "error": f"int8 export: {exc}"} for engine in PNI_INT8_ENGINES if engine not in absent]
             print(f"{category} {bank}: pni-ray fit {fits['pni-ray']}", flush=True)
             if chosen:
                 engines = [e for e in engines if e in chosen]

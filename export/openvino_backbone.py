@@ -7,9 +7,9 @@ ran the MLP's 9 x 9 masked window 12x slower, and the scorer's exact masks want 
 with `backbone_runtime="openvino"` runs the backbone here and the rest as one fused onnxruntime graph.
 
 Precision: "auto" is the plugin's own default (bf16 where the CPU has it natively, else f32),
-"f32" keeps float32 arithmetic, "bf16" asks for bf16. bf16 moves the features (maps by up to
-~4% relative on bottle and transistor), so its accuracy is measured, not assumed:
-`python benchmarks/bench_peers.py ... --engines onnxruntime-int8,onnxruntime-int8-ov`.
+"f32" keeps float32 arithmetic, "bf16" asks for bf16. Maps differ from onnxruntime's (INT8 export,
+bottle and transistor: by up to 1.7-2.9% of their maximum in f32, 3.1-3.8% in bf16), so accuracy is
+measured, not assumed: `python benchmarks/bench_peers.py ... --engines onnxruntime-int8,onnxruntime-int8-ov`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,10 @@ def compile_config(threads: int, precision: str) -> dict[str, object]:
 
 
 class OpenVINOBackbone:
-    """`run({"images": x}) -> {"features": f}` for one backbone graph file, as an onnxruntime session would."""
+    """`run({"images": x}) -> {"features": f}` for one backbone graph file, as an onnxruntime session would.
+
+    One infer request: not for concurrent calls from several threads (a scoring actor runs one batch at a time).
+    """
 
     def __init__(self, graph: Path | str, threads: int, precision: str = "auto") -> None:
         config = compile_config(threads, precision)
@@ -60,11 +63,13 @@ class OpenVINOBackbone:
                                       f"({exc.__class__.__name__}: {exc}); use the default runtime 'onnxruntime'") from exc
         hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # what the plugin chose ("auto": its default)
         self.precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
-        self.input_name = compiled.inputs[0].get_any_name()
-        self.output_names = [o.get_any_name() for o in compiled.outputs]
+        port = compiled.inputs[0]
+        self.input_name = "images" if "images" in port.get_names() else port.get_any_name()
+        # the graph's own output names (a port may carry several names; keep "features" where it is one)
+        self.output_names = ["features" if "features" in o.get_names() else o.get_any_name() for o in compiled.outputs]
         self._request = compiled.create_infer_request()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        result = self._request.infer({self.input_name: np.ascontiguousarray(feeds[self.input_name], np.float32)})
+        result = self._request.infer({0: np.ascontiguousarray(feeds[self.input_name], np.float32)})
         # copies: the request reuses its output buffers on the next call
         return {name: np.array(result[i]) for i, name in enumerate(self.output_names)}

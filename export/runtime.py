@@ -110,7 +110,7 @@ class StagePipeline:
             if self.geometry.tiled:  # the backbone per tile, stitched into one grid; the rest chained
                 feeds["features"] = np.stack([self.geometry.stitch_tiles(
                     self._batched("backbone", "images", self.geometry.tile_stack(p), "features"), p) for p in batch])
-            elif "backbone" not in chain:  # a backbone in a runtime of its own (export.openvino_backbone)
+            elif self.backbone_apart():  # a backbone in a runtime of its own (export.openvino_backbone)
                 feeds["features"] = self.run_stage("backbone", {"images": feeds["images"]})["features"]
             if self.manifest["scorer"].get("fill_index"):
                 feeds["fill_index"] = np.stack([p.fill_index() for p in batch])
@@ -171,6 +171,8 @@ class ExportedModel(StagePipeline):
 
         if backbone_runtime not in BACKBONE_RUNTIMES:
             raise ValueError(f"backbone runtime must be one of {BACKBONE_RUNTIMES}, got {backbone_runtime!r}")
+        if backbone_runtime == "onnxruntime" and backbone_precision != "auto":
+            raise ValueError(f"backbone precision {backbone_precision!r} applies to the openvino backbone runtime only")
         self.path = Path(path)
         self.manifest: dict[str, Any] = tables.verify_export(self.path) if verify else tables.read_manifest(self.path)
         m = self.manifest
@@ -209,7 +211,7 @@ class ExportedModel(StagePipeline):
             self.fused = self._fuse(chain, graphs)
         del graphs
         for name in self.stages:  # the rest now, so a broken graph fails at load, not mid-run
-            if (self.fused is None or name not in chain) and not (name == "backbone" and self._openvino):
+            if (self.fused is None or name not in chain) and not (name == "backbone" and self._openvino is not None):
                 self._sessions[name] = self._session(str(self._graph_file(name)))
 
     def _graph_file(self, name: str) -> Path:
@@ -257,6 +259,11 @@ class ExportedModel(StagePipeline):
 
     def backbone_apart(self) -> bool:
         return self.geometry.tiled or self._openvino is not None
+
+    @property
+    def backbone_label(self) -> str:
+        """Where the backbone runs: "onnxruntime", or "openvino-" and the precision OpenVINO chose."""
+        return "onnxruntime" if self._openvino is None else f"openvino-{self._openvino.precision}"
 
     def run_stage(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One stage's own graph (profiling, tiles); sessions of fused stages are made on first use."""

@@ -102,10 +102,12 @@ def load_config(path: Path | str) -> dict[str, Any]:
         raise ConfigError(f"{path}: map_format must be uint8, float16 or none, not {cfg['map_format']!r}")
     if cfg["engine"] not in ("ray", "local"):
         raise ConfigError(f"{path}: engine must be ray or local, not {cfg['engine']!r}")
-    if cfg["backbone_runtime"] not in ("onnxruntime", "openvino"):
-        raise ConfigError(f"{path}: backbone_runtime must be onnxruntime or openvino, not {cfg['backbone_runtime']!r}")
-    if cfg["backbone_precision"] not in ("auto", "f32", "bf16"):
-        raise ConfigError(f"{path}: backbone_precision must be auto, f32 or bf16, not {cfg['backbone_precision']!r}")
+    from export.openvino_backbone import BACKBONE_RUNTIMES, PRECISIONS
+
+    if cfg["backbone_runtime"] not in BACKBONE_RUNTIMES:
+        raise ConfigError(f"{path}: backbone_runtime must be one of {BACKBONE_RUNTIMES}, not {cfg['backbone_runtime']!r}")
+    if cfg["backbone_precision"] not in PRECISIONS:
+        raise ConfigError(f"{path}: backbone_precision must be one of {PRECISIONS}, not {cfg['backbone_precision']!r}")
     base = path.resolve().parent
 
     def rel(p: str) -> str:

@@ -385,6 +385,10 @@ def test_openvino_backbone_runs_apart_and_matches_onnxruntime(exported, referenc
                                rtol=1e-4, atol=1e-4)
     fig = parity_figures(*reference, maps, scores)
     assert fig["max_rel_error"] <= 1e-3 and fig["ranking_identical"], fig
+    assert f32.backbone_label == "openvino-f32" and base.backbone_label == "onnxruntime"
+    apart = load_exported(exported, threads=1, backbone_runtime="openvino", backbone_precision="f32", fuse=False)
+    assert apart.fused is None and "backbone" not in apart._sessions  # stage by stage: the backbone still in OpenVINO
+    np.testing.assert_allclose(apart.predict(images)[0], maps, rtol=1e-5, atol=1e-5)
     bf16 = load_exported(exported, threads=1, backbone_runtime="openvino", backbone_precision="bf16")
     assert bf16._openvino.precision in ("bf16", "f32")  # f32 where the CPU has no bf16 arithmetic
     fig = parity_figures(*reference, *bf16.predict(images))
@@ -400,6 +404,8 @@ def test_openvino_backbone_refuses_clearly(exported, monkeypatch):
         load_exported(exported, backbone_runtime="tensorrt")
     with pytest.raises(ValueError, match="precision must be one of"):
         load_exported(exported, backbone_runtime="openvino", backbone_precision="fp8")
+    with pytest.raises(ValueError, match="applies to the openvino backbone runtime only"):
+        load_exported(exported, backbone_precision="bf16")
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
     with pytest.raises(OpenVINOUnavailable, match=r"pip install 'pni-ray\[openvino\]'"):
         load_exported(exported, backbone_runtime="openvino")

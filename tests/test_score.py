@@ -173,10 +173,12 @@ def test_model_loader_export(bundle_tiny, tmp_path):
     assert maps.shape == (2, 128, 128) and np.allclose(scores, ref_scores, rtol=1e-3, atol=1e-3)
 
 
-def test_score_export_with_openvino_backbone(small_set, bundle_tiny, tmp_path):
-    """`pni-ray score EXPORT --backbone-runtime openvino`: every input gets its row, scores match the
-    onnxruntime run's; a bundle or a missing OpenVINO is refused before anything runs (exit 3)."""
+def test_score_export_with_openvino_backbone(small_set, bundle_tiny, tmp_path, monkeypatch):
+    """`pni-ray score EXPORT --backbone-runtime openvino`: the backbone runs in OpenVINO, every input gets its
+    row, scores match the onnxruntime run's, OUT records the runtime and refuses another on resume; a bundle,
+    a GPU run, a precision without OpenVINO or a missing OpenVINO are refused before anything runs (exit 3)."""
     pytest.importorskip("openvino")
+    from export.openvino_backbone import OpenVINOBackbone
     from pni_ray.cli import main
 
     root, _ = small_set
@@ -185,25 +187,35 @@ def test_score_export_with_openvino_backbone(small_set, bundle_tiny, tmp_path):
     made = runner.invoke(main, ["export", str(bundle_tiny), "--out", str(exported), "--threads", "1"])
     assert made.exit_code == 0, made.output
     common = [str(root / "good"), "--engine", "local", "--threads", "1", "--no-progress"]
+    ov = ["--backbone-runtime", "openvino", "--backbone-precision", "f32"]
+    batches = []
+    run = OpenVINOBackbone.run
+    monkeypatch.setattr(OpenVINOBackbone, "run", lambda self, feeds: batches.append(len(feeds["images"])) or run(self, feeds))
     ort_run = runner.invoke(main, ["score", str(exported), *common, "--out", str(tmp_path / "ort")])
-    ov_run = runner.invoke(main, ["score", str(exported), *common, "--out", str(tmp_path / "ov"),
-                                  "--backbone-runtime", "openvino", "--backbone-precision", "f32"])
-    assert ort_run.exit_code == 0 and ov_run.exit_code == 0, ov_run.output
+    assert ort_run.exit_code == 0 and batches == [], ort_run.output
+    ov_run = runner.invoke(main, ["score", str(exported), *common, "--out", str(tmp_path / "ov"), *ov])
+    assert ov_run.exit_code == 0, ov_run.output
+    assert sum(batches) == 24  # every image's backbone ran in OpenVINO
     a, b = (read_table(tmp_path / d, columns=["path", "image_score"]).to_pandas().sort_values("path") for d in ("ort", "ov"))
     assert len(b) == 24 and list(a["path"]) == list(b["path"])
     np.testing.assert_allclose(b["image_score"], a["image_score"], rtol=1e-3, atol=1e-3)
-    bundle = runner.invoke(main, ["score", str(bundle_tiny), *common, "--out", str(tmp_path / "b"),
-                                  "--backbone-runtime", "openvino"])
-    assert bundle.exit_code == 3 and "export directories only" in bundle.output
-    with pytest.MonkeyPatch.context() as mp:
-        import importlib.util
-
-        real = importlib.util.find_spec
-        mp.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
-        missing = runner.invoke(main, ["score", str(exported), *common, "--out", str(tmp_path / "c"),
-                                       "--backbone-runtime", "openvino"])
+    summary = json.loads((tmp_path / "ov" / "_summary.json").read_text())
+    assert summary["run"]["backbone_runtime"] == "openvino-f32"
+    assert json.loads((tmp_path / "ort" / "_summary.json").read_text())["run"]["backbone_runtime"] == "onnxruntime"
+    mixed = runner.invoke(main, ["score", str(exported), *common, "--out", str(tmp_path / "ort"), *ov])
+    assert mixed.exit_code == 3 and "backbone ran in onnxruntime" in mixed.output
+    refused = {
+        "b": ([str(bundle_tiny), *common, "--backbone-runtime", "openvino"], "export directories only"),
+        "g": ([str(exported), *common, "--backbone-runtime", "openvino", "--gpus-per-worker", "1"], "on the CPU"),
+        "p": ([str(exported), *common, "--backbone-precision", "bf16"], "applies to --backbone-runtime openvino"),
+    }
+    for out, (args, phrase) in refused.items():
+        result = runner.invoke(main, ["score", *args, "--out", str(tmp_path / out)])
+        assert result.exit_code == 3 and phrase in result.output, (out, result.output)
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
+    missing = runner.invoke(main, ["score", str(exported), *common, "--out", str(tmp_path / "c"), *ov])
     assert missing.exit_code == 3 and "pip install 'pni-ray[openvino]'" in missing.output
-    assert not (tmp_path / "b").exists() or not list((tmp_path / "b").glob("part-*"))
+    assert not any((tmp_path / d).exists() for d in ("b", "g", "p", "c"))
 
 
 def test_ensemble_is_a_torch_model(tmp_path):

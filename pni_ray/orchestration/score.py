@@ -49,6 +49,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import click
 import numpy as np
 
+from export.openvino_backbone import BACKBONE_RUNTIMES, PRECISIONS
 from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError, is_image_file
 from pni_ray.fileio import sha256_file
 from pni_ray.geometry import Geometry, GeometryError, Prepared, restore_map
@@ -302,6 +303,8 @@ class ScoreWorker:
 
         self.model = load_scoring_model(model_path, device=device, threads=threads, backbone_runtime=backbone_runtime,
                                         backbone_precision=backbone_precision)
+        if backbone_runtime != "onnxruntime":
+            log.info("%s: backbone in %s, %d thread(s)", model_path, self.model.runtime.backbone_label, threads)
         self.batch_size = max(1, int(batch_size))
 
     def _predict(self, prepared: list[Prepared]) -> tuple[np.ndarray, np.ndarray]:
@@ -400,21 +403,35 @@ class Options:
     backbone_precision: str = "auto"  # OpenVINO's inference precision: auto (its CPU default), f32, bf16
 
 
-def check_runtime(info: ModelInfo, opts: Options) -> None:
-    """Refuse, before any actor starts, a backbone runtime the model or this machine cannot take."""
-    import importlib.util
+def check_runtime(info: ModelInfo, opts: Options) -> str:
+    """The backbone runtime as OUT records it ("onnxruntime", "openvino-bf16", ...), after refusing, before any
+    actor starts, one the model, the options or this machine cannot take: OpenVINO compiles the backbone here once."""
+    from export.openvino_backbone import OpenVINOBackbone, OpenVINOUnavailable
 
-    if opts.backbone_runtime == "onnxruntime":
-        return
-    if opts.backbone_runtime != "openvino" or opts.backbone_precision not in ("auto", "f32", "bf16"):
+    if opts.backbone_runtime not in BACKBONE_RUNTIMES or opts.backbone_precision not in PRECISIONS:
         raise ScoreError(f"backbone runtime {opts.backbone_runtime!r} at precision {opts.backbone_precision!r}: "
-                         "use onnxruntime, or openvino at auto, f32 or bf16")
+                         f"choose a runtime from {BACKBONE_RUNTIMES} and a precision from {PRECISIONS}")
+    if opts.backbone_runtime == "onnxruntime":
+        if opts.backbone_precision != "auto":
+            raise ScoreError(f"--backbone-precision {opts.backbone_precision} applies to --backbone-runtime openvino; "
+                             "onnxruntime runs the export's graphs as they are")
+        return "onnxruntime"
     if info.kind != "export":
         raise ScoreError(f"{info.path} is a {info.kind}, scored by torch: --backbone-runtime openvino applies to "
-                         "export directories only (pni-ray export MODEL --out DIR, then score DIR)")
-    if importlib.util.find_spec("openvino") is None:
-        raise ScoreError("--backbone-runtime openvino needs OpenVINO, which is not installed: "
-                         "pip install 'pni-ray[openvino]' (or pip install openvino)")
+                         "export directories only (pni-ray export BUNDLE --out DIR, then score DIR)")
+    if opts.gpus_per_worker > 0:
+        raise ScoreError("--backbone-runtime openvino runs the backbone on the CPU: with --gpus-per-worker the "
+                         "export runs on the GPU through onnxruntime (or TensorRT); drop one of the two")
+    from export import tables
+
+    graph = Path(info.path) / tables.read_manifest(Path(info.path))["graphs"]["backbone"]["file"]
+    try:
+        backbone = OpenVINOBackbone(graph, threads=1, precision=opts.backbone_precision)
+    except OpenVINOUnavailable as exc:
+        raise ScoreError(str(exc)) from exc
+    label = f"openvino-{backbone.precision}"
+    log.info("backbone runtime: %s (compiled once here to check it)", label)
+    return label
 
 
 def runtime_args(opts: Options) -> dict[str, str]:
@@ -535,8 +552,8 @@ def locked(out: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def check_dataset(out: Path, info: ModelInfo, map_format: str) -> None:
-    """OUT holds the scores of one model in one map format; refuse to mix."""
+def check_dataset(out: Path, info: ModelInfo, map_format: str, runtime: str = "onnxruntime") -> None:
+    """OUT holds the scores of one model in one map format from one backbone runtime; refuse to mix."""
     path = out / DATASET_FILE
     if path.is_file():
         ds = json.loads(path.read_text())
@@ -546,12 +563,16 @@ def check_dataset(out: Path, info: ModelInfo, map_format: str) -> None:
         if ds.get("map_format") != map_format:
             raise ScoreError(f"{out} holds maps in format {ds.get('map_format')!r}, not {map_format!r}: "
                              "use the same --map-format or another --out")
+        if ds.get("backbone_runtime", "onnxruntime") != runtime:  # OUTs written before the option: onnxruntime
+            raise ScoreError(f"{out} holds scores whose backbone ran in {ds.get('backbone_runtime', 'onnxruntime')}, "
+                             f"this run's would run in {runtime}: use the same --backbone-runtime and "
+                             "--backbone-precision, or another --out")
         return
     if part_files(out):
         raise ScoreError(f"{out} has part files but no {DATASET_FILE}: not a pni-ray score output, use another --out")
     atomic_write_json(path, {"format": TABLE_FORMAT, "model_id": info.model_id, "model_path": info.path,
                              "model_kind": info.kind, "category": info.category, "threshold": _json_float(info.threshold),
-                             "map_format": map_format, "created_at": now_utc().isoformat()})
+                             "map_format": map_format, "backbone_runtime": runtime, "created_at": now_utc().isoformat()})
 
 
 def _json_float(x: float) -> float | None:
@@ -660,10 +681,10 @@ def score(
     out = Path(out).resolve()
     t0 = time.perf_counter()
     info = describe_model(model)
-    check_runtime(info, opts)
+    runtime = check_runtime(info, opts)
     expanded = expand_inputs(inputs)
     with locked(out):
-        check_dataset(out, info, opts.map_format)
+        check_dataset(out, info, opts.map_format, runtime)
         stale = remove_stale_temps(out)
         retried = retry_failed(out) if retry else 0
         done = committed_paths(out)
@@ -692,6 +713,7 @@ def score(
         summary["run"] = {
             "engine": engine,
             "map_format": opts.map_format,
+            "backbone_runtime": runtime,
             "already_done": len(expanded.paths) - len(todo),
             "scheduled": len(todo),
             "scored_this_run": n_done,
@@ -758,10 +780,10 @@ def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
               help="fused: model actors also decode and encode; split: separate decode/encode tasks "
                    "(auto: split with GPUs, fused on CPUs).")
 @click.option("--threads", type=int, default=None, help="torch threads for --engine local (default: all cores).")
-@click.option("--backbone-runtime", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime",
+@click.option("--backbone-runtime", type=click.Choice(BACKBONE_RUNTIMES), default="onnxruntime",
               show_default=True, help="Exports only: run the backbone graph with OpenVINO (pip install "
-              "'pni-ray[openvino]'; faster on CPUs with AMX or AVX-512 BF16), the rest with onnxruntime.")
-@click.option("--backbone-precision", type=click.Choice(["auto", "f32", "bf16"]), default="auto", show_default=True,
+              "'pni-ray[openvino]'; measured faster on an AMX CPU), the rest with onnxruntime.")
+@click.option("--backbone-precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="OpenVINO's inference precision for --backbone-runtime openvino (auto: its CPU default, "
                    "bf16 where native).")
 @click.option("--top", "top_n", type=int, default=20, show_default=True, help="Most anomalous images in the summary.")
