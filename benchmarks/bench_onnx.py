@@ -48,6 +48,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--parity-all", action="store_true", help="parity on every test image of the category")
     p.add_argument("--op-profile", type=int, default=0, metavar="N",
                    help="profile the fused graph's kernels over N batches (onnxruntime profiling)")
+    p.add_argument("--backbone-runtime", choices=("onnxruntime", "openvino"), default="onnxruntime",
+                   help="where the export's backbone runs (as `pni-ray score --backbone-runtime`); with openvino the "
+                        "op profile covers the onnxruntime graph of the other stages")
     p.add_argument("--json", type=Path, default=None, help="write every figure here")
     return p.parse_args()
 
@@ -104,12 +107,18 @@ def kernel_ms_per_run(events: list[dict], warmup: int = 1) -> tuple[dict[str, fl
     return order(by_op), order(by_node)
 
 
+def openvino_untiled(model) -> bool:
+    """The backbone runs in OpenVINO on whole canvases, so its features are the fused graph's input."""
+    return model.backbone_label != "onnxruntime" and not model.geometry.tiled
+
+
 def refuse_unprofilable(model) -> None:
     """Exit naming why --op-profile cannot profile this export's fused graph (checked before any timing)."""
     if model.fused is None:
         raise SystemExit(f"--op-profile: {model.path} runs stage by stage (no fused graph: see the warning logged "
                          "when it loaded, or the export has a single stage)")
-    missing = [i for i in model.fused[2] if i != "images" and i not in model.table_feeds]
+    apart = {"features"} if openvino_untiled(model) else set()  # made by the OpenVINO backbone
+    missing = [i for i in model.fused[2] if i != "images" and i not in model.table_feeds and i not in apart]
     if missing:
         raise SystemExit(f"--op-profile: the fused graph of {model.path} also takes {', '.join(missing)} "
                          "(a tiled export, or one with filled cells): profile an untiled export")
@@ -128,7 +137,10 @@ def op_profile(model, x: np.ndarray, threads: int, runs: int) -> dict:
         so.enable_profiling = True
         so.profile_file_prefix = str(Path(tmp) / "ort")
         sess = ort.InferenceSession(fused.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        feeds = {i.name: (x if i.name == "images" else model.table_feeds[i.name]) for i in sess.get_inputs()}
+        made = {"images": x}
+        if openvino_untiled(model):  # the backbone runs in OpenVINO: the graph starts at its features
+            made["features"] = model.run_stage("backbone", {"images": x})["features"]
+        feeds = {i.name: made.get(i.name, model.table_feeds.get(i.name)) for i in sess.get_inputs()}
         for _ in range(1 + runs):  # the first is a warm-up, dropped by kernel_ms_per_run
             sess.run(None, feeds)
         events = json.loads(Path(sess.end_profiling()).read_text())
@@ -174,8 +186,9 @@ def main() -> int:
         print(f"exported {args.bundle} -> {export_dir} in {out['export_seconds']:.1f} s")
 
     t0 = time.perf_counter()
-    model = load_exported(export_dir, threads=args.threads)
+    model = load_exported(export_dir, threads=args.threads, backbone_runtime=args.backbone_runtime)
     out["ort_load_seconds"] = time.perf_counter() - t0
+    out["backbone_runtime"] = model.backbone_label
     if args.op_profile:
         refuse_unprofilable(model)  # now, not after every timing
     manifest = model.manifest
@@ -189,7 +202,8 @@ def main() -> int:
             for i in range(0, n, args.batch):
                 detector(torch.from_numpy(images[i : i + args.batch]))
 
-    staged = load_exported(export_dir, threads=args.threads, fuse=False)  # one session per stage
+    staged = load_exported(export_dir, threads=args.threads, fuse=False,  # one session per stage
+                           backbone_runtime=args.backbone_runtime)
 
     def run_ort(runtime=model) -> None:
         for i in range(0, n, args.batch):

@@ -447,6 +447,25 @@ def test_kernel_profile_drops_the_warm_up_and_sums_per_op() -> None:
         bench_onnx.kernel_ms_per_run(events[:4], warmup=1)
 
 
+def test_op_profile_of_an_openvino_backbone_model_starts_at_its_features(bundle_tiny: Path, tmp_path: Path) -> None:
+    """--backbone-runtime openvino: the profiled onnxruntime graph is the other stages, fed OpenVINO's features."""
+    pytest.importorskip("openvino")
+    import bench_onnx
+
+    from export.onnx_export import ExportOptions, export_bundle
+    from export.runtime import load_exported
+
+    export_bundle(bundle_tiny, tmp_path / "e", ExportOptions(max_batch=4))
+    model = load_exported(tmp_path / "e", threads=1, backbone_runtime="openvino", backbone_precision="f32")
+    bench_onnx.refuse_unprofilable(model)  # "features" is no longer an input it cannot feed
+    x = np.random.default_rng(0).random((2, 3, 128, 128), dtype=np.float32)
+    prof = bench_onnx.op_profile(model, x, threads=1, runs=1)
+    nodes = prof["ms_per_batch_by_node"]
+    assert nodes and not any(name.startswith("backbone/") for name in nodes) and any(n.startswith("scorer/") for n in nodes)
+    plain = load_exported(tmp_path / "e", threads=1)
+    assert any(n.startswith("backbone/") for n in bench_onnx.op_profile(plain, x, threads=1, runs=1)["ms_per_batch_by_node"])
+
+
 def test_coreset_benchmark_pool_is_what_training_selects_from(trained_tiny, synthetic_root: Path, tmp_path: Path) -> None:
     """bench_coreset times the greedy search on train_category's own pool: the same rows, so the
     same seeded order picks the trained model's memory bank bit for bit."""
