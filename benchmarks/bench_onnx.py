@@ -247,7 +247,7 @@ def main() -> int:
         feeds["probabilities"] = model.run_stage("softmax", {"logits": logits})["probabilities"]
     prof["onnxruntime"]["scorer+map"] = min(timed(model.run_stage, "scorer", feeds) for _ in range(2))
     out["profile_seconds_per_batch"] = prof
-    print(f"\nper stage, seconds per batch of {len(x)}:")
+    print(f"\nper stage, seconds per batch of {len(x)} (the export's backbone in {model.backbone_label}):")
     for stage in prof["torch"]:
         a, b = prof["torch"][stage], prof["onnxruntime"].get(stage, float("nan"))
         print(f"  {stage:<11} torch {a:7.3f}   onnxruntime {b:7.3f}   ({a / b:.2f}x)")
