@@ -113,16 +113,39 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
               help="Write the metrics as JSON here.")
 @click.option("--batch-size", type=int, default=8)
 @click.option("--threads", type=int, default=None)
+@click.option("--backbone-runtime", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime",
+              show_default=True, help="An export directory's backbone runtime, as for `pni-ray score`.")
+@click.option("--backbone-precision", type=click.Choice(["auto", "f32", "bf16"]), default="auto", show_default=True,
+              help="OpenVINO's inference precision for --backbone-runtime openvino.")
 def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | None, ablation: bool,
-             json_path: Path | None, batch_size: int, threads: int | None) -> None:
-    """Metrics of BUNDLE (a bundle or an ensemble) on the test split of DATA_ROOT/CATEGORY."""
+             json_path: Path | None, batch_size: int, threads: int | None, backbone_runtime: str,
+             backbone_precision: str) -> None:
+    """Metrics of BUNDLE (a bundle, an ensemble or an export directory) on the test split of DATA_ROOT/CATEGORY.
+
+    An export directory is scored as `pni-ray score` runs it (onnxruntime, or its backbone in OpenVINO
+    with --backbone-runtime openvino), in the one mode it was exported in.
+    """
     from pni_ray.bundle import atomic_write_json
     from pni_ray.data.mvtec import load_category
     from pni_ray.evaluate import ABLATION_MODES, DIAGNOSTIC_KEYS, attach_diagnostics, evaluate_category, prior_diagnostics
     from pni_ray.inference import load_detector
     from pni_ray.models.predict import default_name
+    from pni_ray.orchestration.model_loader import model_kind
 
     set_threads(threads)
+    try:
+        kind = model_kind(bundle)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if kind == "export":
+        if mode or ablation:
+            raise click.UsageError(f"{bundle} is an export directory, scored in the one mode it was exported in: "
+                                   "--mode and --ablation apply to bundles")
+        return evaluate_export(bundle, data_root, category, json_path, batch_size, threads, backbone_runtime,
+                               backbone_precision)
+    if backbone_runtime != "onnxruntime" or backbone_precision != "auto":
+        raise click.UsageError(f"{bundle} is a bundle, scored by torch: --backbone-runtime and --backbone-precision "
+                               "apply to export directories (pni-ray export BUNDLE --out DIR, then evaluate DIR)")
     detector, manifest = load_detector(bundle)
     geometry = getattr(detector, "geometry", None)
     kwargs = {"max_pixels": geometry.max_pixels} if geometry is not None else {}
@@ -151,6 +174,35 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
         else:
             payload.update(results[deployed])
             payload["mode"] = deployed
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(json_path, payload)
+        click.echo(f"wrote {json_path}")
+
+
+def evaluate_export(path: Path, data_root: Path, category: str | None, json_path: Path | None, batch_size: int,
+                    threads: int | None, backbone_runtime: str, backbone_precision: str) -> None:
+    """`evaluate` of an export directory: the deployment's own runtime, maps and image scores."""
+    from pni_ray.bundle import atomic_write_json
+    from pni_ray.data.mvtec import load_category
+    from pni_ray.evaluate import evaluate_model
+    from pni_ray.orchestration.model_loader import load_scoring_model
+
+    try:
+        model = load_scoring_model(path, threads=threads, backbone_runtime=backbone_runtime,
+                                   backbone_precision=backbone_precision)
+    except (RuntimeError, ValueError) as exc:  # a missing or refusing OpenVINO, a bad export: say which
+        raise click.ClickException(str(exc)) from exc
+    manifest = model.manifest
+    cat = load_category(data_root, category or manifest["category"], max_pixels=model.geometry.max_pixels)
+    name = manifest["mode"] + ("+refine" if "refiner" in model.runtime.stages else "")
+    t0 = time.perf_counter()
+    results = evaluate_model(model, cat, name, batch_size=batch_size)
+    log.info("evaluated %d images in %.1f s (backbone in %s)", len(cat.test), time.perf_counter() - t0,
+             model.runtime.backbone_label)
+    print_table(results)
+    if json_path:
+        payload: dict[str, Any] = {"category": cat.name, "export": str(path), "n_test_images": len(cat.test),
+                                   **results[name], "mode": name, "backbone_runtime": model.runtime.backbone_label}
         json_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(json_path, payload)
         click.echo(f"wrote {json_path}")

@@ -11,7 +11,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from pni_ray import metrics
 from pni_ray.data.mvtec import Category
-from pni_ray.geometry import STRIDE, Geometry
+from pni_ray.geometry import STRIDE, Geometry, Prepared
 from pni_ray.models.predict import NEEDS_MLP, chunks, detector_geometry, features, score_prepared
 
 ABLATION_MODES = ("patchcore", "neighbourhood", "position", "pni")
@@ -30,6 +30,31 @@ class ModeResult:
     maps: list[np.ndarray]  # one per test image, at the image's own size
     scores: np.ndarray
     seconds: float
+
+
+ScoreBatch = Callable[[list[Prepared], float], tuple[dict[str, list[np.ndarray]], dict[str, list[float]], dict[str, float]]]
+
+
+def _score_paths(geometry: Geometry, paths: list[Path], names: list[str], batch_size: int, score_batch: ScoreBatch,
+                 progress: bool) -> dict[str, ModeResult]:
+    """Load, prepare and check each batch of images, score it (`score_batch(prepared, seconds spent preparing)`
+    -> canvas maps, image scores and seconds per name), restore the maps to each image's own size."""
+    maps: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    scores: dict[str, list[float]] = {n: [] for n in names}
+    seconds = {n: 0.0 for n in names}
+    batches = list(chunks(len(paths), geometry, batch_size))
+    for sl in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
+        originals = [geometry.load(p) for p in paths[sl]]
+        t0 = time.perf_counter()
+        prepared = [geometry.prepare(o) for o in originals]
+        for p, path in zip(prepared, paths[sl]):
+            geometry.check(p, name=str(path))
+        batch_maps, batch_scores, batch_seconds = score_batch(prepared, time.perf_counter() - t0)
+        for n in names:
+            seconds[n] += batch_seconds[n]
+            scores[n].extend(batch_scores[n])
+            maps[n].extend(geometry.restore(m, p) for m, p in zip(batch_maps[n], prepared))
+    return {n: ModeResult(maps[n], np.asarray(scores[n], dtype=np.float32), seconds[n]) for n in names}
 
 
 @torch.no_grad()
@@ -49,24 +74,46 @@ def run_modes(
     """
     geometry = detector_geometry(detector)
     names = list(modes) + [f"{m}+refine" for m in refine_modes]
-    maps: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    scores: dict[str, list[float]] = {n: [] for n in names}
-    seconds = {n: 0.0 for n in names}
-    batches = list(chunks(len(paths), geometry, batch_size))
-    for sl in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
-        originals = [geometry.load(p) for p in paths[sl]]
+    return _score_paths(geometry, paths, names, batch_size,
+                        lambda prepared, t_prep: score_prepared(detector, geometry, prepared, names, batch_size, t_prep),
+                        progress)
+
+
+def run_model(model: Any, paths: list[Path], name: str, batch_size: int = 8, progress: bool = True) -> dict[str, ModeResult]:
+    """Maps and image scores of a scoring model (anything with `geometry` and `canvas_maps(prepared)`, such as
+    an export directory loaded by pni_ray.orchestration.model_loader): the images prepared, scored and restored
+    as `pni-ray score` does, so the metrics are the deployment's."""
+
+    def score_batch(prepared: list[Prepared], t_prep: float):
         t0 = time.perf_counter()
-        prepared = [geometry.prepare(o) for o in originals]
-        for p, path in zip(prepared, paths[sl]):
-            geometry.check(p, name=str(path))
-        batch_maps, batch_scores, batch_seconds = score_prepared(
-            detector, geometry, prepared, names, batch_size, time.perf_counter() - t0
-        )
-        for n in names:
-            seconds[n] += batch_seconds[n]
-            scores[n].extend(batch_scores[n])
-            maps[n].extend(geometry.restore(m, p) for m, p in zip(batch_maps[n], prepared))
-    return {n: ModeResult(maps[n], np.asarray(scores[n], dtype=np.float32), seconds[n]) for n in names}
+        maps, scores = model.canvas_maps(prepared)
+        return {name: list(maps)}, {name: [float(v) for v in scores]}, {name: t_prep + time.perf_counter() - t0}
+
+    return _score_paths(model.geometry, paths, [name], batch_size, score_batch, progress)
+
+
+def category_metrics(category: Category, results: dict[str, ModeResult]) -> dict[str, dict]:
+    """Per-name metrics dict: image_auroc, pixel_auroc, aupro, f1_max, images_per_s, n_test_images."""
+    labels = np.array([s.label for s in category.test])
+    masks = [category.mask(s, m.shape) for s, m in zip(category.test, next(iter(results.values())).maps)]
+    out: dict[str, dict] = {}
+    for name, res in results.items():
+        values = metrics.compute_all(labels, res.scores, masks, res.maps)
+        out[name] = {
+            "image_auroc": values["image_auroc"],
+            "pixel_auroc": values["pixel_auroc"],
+            "aupro": values["aupro"],
+            "f1_max": values["f1_max"],
+            "images_per_s": len(category.test) / res.seconds if res.seconds > 0 else float("nan"),
+            "n_test_images": len(category.test),
+        }
+    return out
+
+
+def _test_paths(category: Category) -> list[Path]:
+    if not category.test:
+        raise ValueError(f"{category.root}: no test images to evaluate on (test/<type>/ is empty)")
+    return [s.path for s in category.test]
 
 
 def evaluate_category(
@@ -78,25 +125,14 @@ def evaluate_category(
     progress: bool = True,
 ) -> dict[str, dict]:
     """Per-mode metrics dict: image_auroc, pixel_auroc, aupro, f1_max, images_per_s, n_test_images."""
-    if not category.test:
-        raise ValueError(f"{category.root}: no test images to evaluate on (test/<type>/ is empty)")
+    paths = _test_paths(category)
     modes = modes or (detector.mode,)
-    paths = [s.path for s in category.test]
-    labels = np.array([s.label for s in category.test])
-    results = run_modes(detector, paths, modes, batch_size, refine_modes, progress)
-    masks = [category.mask(s, m.shape) for s, m in zip(category.test, next(iter(results.values())).maps)]
-    out: dict[str, dict] = {}
-    for name, res in results.items():
-        values = metrics.compute_all(labels, res.scores, masks, res.maps)
-        out[name] = {
-            "image_auroc": values["image_auroc"],
-            "pixel_auroc": values["pixel_auroc"],
-            "aupro": values["aupro"],
-            "f1_max": values["f1_max"],
-            "images_per_s": len(paths) / res.seconds if res.seconds > 0 else float("nan"),
-            "n_test_images": len(paths),
-        }
-    return out
+    return category_metrics(category, run_modes(detector, paths, modes, batch_size, refine_modes, progress))
+
+
+def evaluate_model(model: Any, category: Category, name: str, batch_size: int = 8, progress: bool = True) -> dict[str, dict]:
+    """`{name: metrics}` of a scoring model (an export directory as `pni-ray score` runs it) on the test split."""
+    return category_metrics(category, run_model(model, _test_paths(category), name, batch_size, progress))
 
 
 def defect_cells(geometry: Geometry, mask: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import shutil
@@ -395,6 +396,35 @@ def test_openvino_backbone_runs_apart_and_matches_onnxruntime(exported, referenc
     # bf16 keeps 8 bits of mantissa: the tiny model's maps move by up to ~30% of their range where a
     # distance crosses a mask's cut; the images' order stays. Real data: bench_peers (accuracy measured)
     assert fig["ranking_identical"], fig
+
+
+def test_evaluate_an_export_directory_as_score_runs_it(exported, bundle_tiny, synthetic_root, tmp_path):
+    """`pni-ray evaluate EXPORT DATA`: the export's own maps (onnxruntime, or its backbone in OpenVINO) give
+    the bundle's metrics to float rounding; modes and runtimes that do not apply are refused."""
+    from pni_ray.cli import main
+
+    runner = CliRunner()
+    figures = {}
+    runs = {"bundle": [str(bundle_tiny)], "export": [str(exported)]}
+    if importlib.util.find_spec("openvino") is not None:
+        runs["openvino"] = [str(exported), "--backbone-runtime", "openvino", "--backbone-precision", "f32"]
+    for name, args in runs.items():
+        result = runner.invoke(main, ["evaluate", args[0], str(synthetic_root), *args[1:], "--threads", "1",
+                                      "--json", str(tmp_path / f"{name}.json")])
+        assert result.exit_code == 0, result.output
+        figures[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert figures["export"]["mode"] == figures["bundle"]["mode"] == "pni" and figures["export"]["n_test_images"] == 10
+    assert figures["export"]["backbone_runtime"] == "onnxruntime"
+    for name in runs:
+        for key in ("image_auroc", "pixel_auroc", "aupro"):
+            assert abs(figures[name][key] - figures["bundle"][key]) <= 2e-3, (name, key, figures)
+    if "openvino" in figures:
+        assert figures["openvino"]["backbone_runtime"] == "openvino-f32"
+    for args, phrase in (([str(exported), "--ablation"], "--mode and --ablation apply to bundles"),
+                         ([str(bundle_tiny), "--backbone-runtime", "openvino"], "apply to export directories"),
+                         ([str(tmp_path)], "no manifest.json")):
+        result = runner.invoke(main, ["evaluate", args[0], str(synthetic_root), *args[1:]])
+        assert result.exit_code != 0 and phrase in result.output, (args, result.output)
 
 
 def test_openvino_backbone_refuses_clearly(exported, monkeypatch):
