@@ -141,10 +141,13 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
         if mode or ablation:
             raise click.UsageError(f"{bundle} is an export directory, scored in the one mode it was exported in: "
                                    "--mode and --ablation apply to bundles")
+        if backbone_runtime == "onnxruntime" and backbone_precision != "auto":
+            raise click.UsageError("--backbone-precision needs --backbone-runtime openvino (onnxruntime runs the "
+                                   "export's graphs as they are)")
         return evaluate_export(bundle, data_root, category, json_path, batch_size, threads, backbone_runtime,
                                backbone_precision)
     if backbone_runtime != "onnxruntime" or backbone_precision != "auto":
-        raise click.UsageError(f"{bundle} is a bundle, scored by torch: --backbone-runtime and --backbone-precision "
+        raise click.UsageError(f"{bundle} is a {kind}, scored by torch: --backbone-runtime and --backbone-precision "
                                "apply to export directories (pni-ray export BUNDLE --out DIR, then evaluate DIR)")
     detector, manifest = load_detector(bundle)
     geometry = getattr(detector, "geometry", None)

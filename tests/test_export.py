@@ -759,7 +759,7 @@ def test_polygraphy_runs_every_graph_with_onnxrt(exported):
         assert proc.returncode == 0 and "PASSED" in proc.stdout + proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
-def test_refiner_graph_and_refined_scores(trained_tiny, images, tmp_path):
+def test_refiner_graph_and_refined_scores(trained_tiny, images, synthetic_root, tmp_path):
     refiner_mod = pytest.importorskip("pni_ray.models.refiner")
     from pni_ray.bundle import save_bundle
     from pni_ray.config import RefinerConfig
@@ -789,6 +789,27 @@ def test_refiner_graph_and_refined_scores(trained_tiny, images, tmp_path):
     assert fig["max_rel_error"] <= 1e-3 and fig["ranking_identical"], fig
     staged = load_exported(out, threads=1, fuse=False).predict(images)
     np.testing.assert_allclose(fused.predict(images)[0], staged[0], rtol=1e-5, atol=1e-6)
+    # `pni-ray evaluate EXPORT`: the refined export is evaluated as "pni+refine", with the bundle's metrics
+    from pni_ray.cli import main
+
+    runner = CliRunner()
+    runs = {"bundle": [str(bundle)], "export": [str(out)]}
+    if importlib.util.find_spec("openvino") is not None:  # the refiner reads `images` beside OpenVINO's features
+        runs["openvino"] = [str(out), "--backbone-runtime", "openvino", "--backbone-precision", "f32"]
+    figures = {}
+    for name, args in runs.items():
+        result = runner.invoke(main, ["evaluate", args[0], str(synthetic_root), *args[1:], "--threads", "1",
+                                      "--json", str(tmp_path / f"{name}.json")])
+        assert result.exit_code == 0, result.output
+        figures[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    for name in runs:
+        assert figures[name]["mode"] == "pni+refine", figures
+        for key in ("pixel_auroc", "aupro"):
+            assert abs(figures[name][key] - figures["bundle"][key]) <= 2e-3, (name, key, figures)
+    lone = runner.invoke(main, ["evaluate", str(out), str(synthetic_root), "--backbone-precision", "bf16"])
+    assert lone.exit_code != 0 and "needs --backbone-runtime openvino" in lone.output
+    lone = runner.invoke(main, ["evaluate", str(bundle), str(synthetic_root), "--backbone-precision", "bf16"])
+    assert lone.exit_code != 0 and "apply to export directories" in lone.output
 
 
 @pytest.mark.parametrize("chunks", ["one", "several"])
