@@ -13,7 +13,8 @@ import click
 
 from pni_ray.allocator import keep_freed_memory
 from pni_ray.config import SCORE_MODES
-from pni_ray.options import build_config, load_config_file, print_table, set_threads, train_options, training_threads
+from pni_ray.options import (backbone_option_error, backbone_options, build_config, load_config_file, print_table,
+                             set_threads, train_options, training_threads)
 
 log = logging.getLogger("pni_ray")
 
@@ -113,10 +114,7 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
               help="Write the metrics as JSON here.")
 @click.option("--batch-size", type=int, default=8)
 @click.option("--threads", type=int, default=None)
-@click.option("--backbone-runtime", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime",
-              show_default=True, help="An export directory's backbone runtime, as for `pni-ray score`.")
-@click.option("--backbone-precision", type=click.Choice(["auto", "f32", "bf16"]), default="auto", show_default=True,
-              help="OpenVINO's inference precision for --backbone-runtime openvino.")
+@backbone_options
 def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | None, ablation: bool,
              json_path: Path | None, batch_size: int, threads: int | None, backbone_runtime: str,
              backbone_precision: str) -> None:
@@ -141,9 +139,9 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
         if mode or ablation:
             raise click.UsageError(f"{bundle} is an export directory, scored in the one mode it was exported in: "
                                    "--mode and --ablation apply to bundles")
-        if backbone_runtime == "onnxruntime" and backbone_precision != "auto":
-            raise click.UsageError("--backbone-precision needs --backbone-runtime openvino (onnxruntime runs the "
-                                   "export's graphs as they are)")
+        error = backbone_option_error(backbone_runtime, backbone_precision)
+        if error:
+            raise click.UsageError(error)
         return evaluate_export(bundle, data_root, category, json_path, batch_size, threads, backbone_runtime,
                                backbone_precision)
     if backbone_runtime != "onnxruntime" or backbone_precision != "auto":

@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from export.openvino_backbone import BACKBONE_RUNTIMES, PRECISIONS
 from pni_ray.config import MLP_PRECISIONS, PRESETS, TrainConfig
 
 # Training threads: the thread count changes torch's float reductions (and so the bundle bytes),
@@ -157,6 +158,27 @@ def train_options(fn: Any) -> Any:
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def backbone_options(fn: Any) -> Any:
+    """--backbone-runtime and --backbone-precision, as `score` and `evaluate` take them (exports only)."""
+    fn = click.option("--backbone-precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+                      help="OpenVINO's inference precision for --backbone-runtime openvino (auto: its CPU default, "
+                           "bf16 where native).")(fn)
+    return click.option("--backbone-runtime", type=click.Choice(BACKBONE_RUNTIMES), default="onnxruntime",
+                        show_default=True, help="Exports only: run the backbone graph with OpenVINO (pip install "
+                        "'pni-ray[openvino]'; measured faster on an AMX CPU), the rest with onnxruntime.")(fn)
+
+
+def backbone_option_error(runtime: str, precision: str) -> str | None:
+    """Why --backbone-runtime RUNTIME --backbone-precision PRECISION cannot run, or None."""
+    if runtime not in BACKBONE_RUNTIMES or precision not in PRECISIONS:
+        return (f"backbone runtime {runtime!r} at precision {precision!r}: choose a runtime from {BACKBONE_RUNTIMES} "
+                f"and a precision from {PRECISIONS}")
+    if runtime == "onnxruntime" and precision != "auto":
+        return (f"--backbone-precision {precision} needs --backbone-runtime openvino: it applies to --backbone-runtime "
+                "openvino only (onnxruntime runs the export's graphs as they are)")
+    return None
 
 
 def print_table(rows: dict[str, dict], keys: tuple[str, ...] = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "images_per_s")) -> None:

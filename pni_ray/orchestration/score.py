@@ -49,10 +49,10 @@ from typing import Any, Iterable, Iterator, Sequence
 import click
 import numpy as np
 
-from export.openvino_backbone import BACKBONE_RUNTIMES, PRECISIONS
 from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError, is_image_file
 from pni_ray.fileio import sha256_file
 from pni_ray.geometry import Geometry, GeometryError, Prepared, restore_map
+from pni_ray.options import backbone_option_error, backbone_options
 from pni_ray.results import (
     MAP_FORMATS,
     TABLE_FORMAT,
@@ -201,11 +201,14 @@ class ModelInfo:
     model_id: str
     category: str | None
     geometry: dict[str, Any] = field(default_factory=dict)  # Geometry.spec(): how decode prepares images
+    backbone: str = "onnxruntime"  # where an export's backbone runs, as OUT records it ("openvino-bf16", ...)
 
 
-def describe_model(path: Path | str) -> ModelInfo:
+def describe_model(path: Path | str, backbone_runtime: str = "onnxruntime", backbone_precision: str = "auto") -> ModelInfo:
     """What the driver needs to know, without torch: the manifest, and the checksum of every file a
-    bundle lists (the actors verify again, with the backbone weights, when they load the model)."""
+    bundle lists (the actors verify again, with the backbone weights, when they load the model). An
+    export is loaded here with the actors' backbone runtime, so one OpenVINO cannot take fails now."""
+    from export.openvino_backbone import OpenVINOUnavailable
     from pni_ray.orchestration.model_loader import ExportModel, model_kind
 
     path = Path(path).resolve()
@@ -214,6 +217,9 @@ def describe_model(path: Path | str) -> ModelInfo:
     except ValueError as exc:
         raise ScoreError(str(exc)) from exc
     if kind in ("bundle", "ensemble"):
+        if backbone_runtime != "onnxruntime":
+            raise ScoreError(f"{path} is a {kind}, scored by torch: --backbone-runtime {backbone_runtime} applies to "
+                             "export directories only (pni-ray export BUNDLE --out DIR, then score DIR)")
         manifest = json.loads((path / "manifest.json").read_text())
         for name, meta in (manifest.get("files") or {}).items():
             file = path / name
@@ -230,9 +236,12 @@ def describe_model(path: Path | str) -> ModelInfo:
             raise ScoreError(f"{path}/manifest.json: no usable image geometry ({exc.__class__.__name__}: {exc})") from exc
         return ModelInfo(str(path), kind, canvas, float("inf") if threshold is None else float(threshold),
                          sha256_file(path / "manifest.json"), manifest.get("category"), geometry.spec())
-    model = ExportModel(path)
+    try:
+        model = ExportModel(path, backbone_runtime=backbone_runtime, backbone_precision=backbone_precision)
+    except OpenVINOUnavailable as exc:
+        raise ScoreError(str(exc)) from exc
     return ModelInfo(str(path), kind, model.image_size, model.threshold, model.model_id, model.category,
-                     model.geometry.spec())
+                     model.geometry.spec(), model.runtime.backbone_label)
 
 
 # ------------------------------------------------------------------------------------------
@@ -403,35 +412,14 @@ class Options:
     backbone_precision: str = "auto"  # OpenVINO's inference precision: auto (its CPU default), f32, bf16
 
 
-def check_runtime(info: ModelInfo, opts: Options) -> str:
-    """The backbone runtime as OUT records it ("onnxruntime", "openvino-bf16", ...), after refusing, before any
-    actor starts, one the model, the options or this machine cannot take: OpenVINO compiles the backbone here once."""
-    from export.openvino_backbone import OpenVINOBackbone, OpenVINOUnavailable
-
-    if opts.backbone_runtime not in BACKBONE_RUNTIMES or opts.backbone_precision not in PRECISIONS:
-        raise ScoreError(f"backbone runtime {opts.backbone_runtime!r} at precision {opts.backbone_precision!r}: "
-                         f"choose a runtime from {BACKBONE_RUNTIMES} and a precision from {PRECISIONS}")
-    if opts.backbone_runtime == "onnxruntime":
-        if opts.backbone_precision != "auto":
-            raise ScoreError(f"--backbone-precision {opts.backbone_precision} applies to --backbone-runtime openvino; "
-                             "onnxruntime runs the export's graphs as they are")
-        return "onnxruntime"
-    if info.kind != "export":
-        raise ScoreError(f"{info.path} is a {info.kind}, scored by torch: --backbone-runtime openvino applies to "
-                         "export directories only (pni-ray export BUNDLE --out DIR, then score DIR)")
-    if opts.gpus_per_worker > 0:
+def check_options(opts: Options) -> None:
+    """Refuse, before the model loads, a backbone runtime the options cannot take."""
+    error = backbone_option_error(opts.backbone_runtime, opts.backbone_precision)
+    if error:
+        raise ScoreError(error)
+    if opts.backbone_runtime != "onnxruntime" and opts.gpus_per_worker > 0:
         raise ScoreError("--backbone-runtime openvino runs the backbone on the CPU: with --gpus-per-worker the "
                          "export runs on the GPU through onnxruntime (or TensorRT); drop one of the two")
-    from export import tables
-
-    graph = Path(info.path) / tables.read_manifest(Path(info.path))["graphs"]["backbone"]["file"]
-    try:
-        backbone = OpenVINOBackbone(graph, threads=1, precision=opts.backbone_precision)
-    except OpenVINOUnavailable as exc:
-        raise ScoreError(str(exc)) from exc
-    label = f"openvino-{backbone.precision}"
-    log.info("backbone runtime: %s (compiled once here to check it)", label)
-    return label
 
 
 def runtime_args(opts: Options) -> dict[str, str]:
@@ -680,8 +668,9 @@ def score(
         raise ScoreError(f"map format must be one of {MAP_FORMATS}, got {opts.map_format!r}")
     out = Path(out).resolve()
     t0 = time.perf_counter()
-    info = describe_model(model)
-    runtime = check_runtime(info, opts)
+    check_options(opts)
+    info = describe_model(model, opts.backbone_runtime, opts.backbone_precision)
+    runtime = info.backbone
     expanded = expand_inputs(inputs)
     with locked(out):
         check_dataset(out, info, opts.map_format, runtime)
@@ -780,12 +769,7 @@ def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
               help="fused: model actors also decode and encode; split: separate decode/encode tasks "
                    "(auto: split with GPUs, fused on CPUs).")
 @click.option("--threads", type=int, default=None, help="torch threads for --engine local (default: all cores).")
-@click.option("--backbone-runtime", type=click.Choice(BACKBONE_RUNTIMES), default="onnxruntime",
-              show_default=True, help="Exports only: run the backbone graph with OpenVINO (pip install "
-              "'pni-ray[openvino]'; measured faster on an AMX CPU), the rest with onnxruntime.")
-@click.option("--backbone-precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-              help="OpenVINO's inference precision for --backbone-runtime openvino (auto: its CPU default, "
-                   "bf16 where native).")
+@backbone_options
 @click.option("--top", "top_n", type=int, default=20, show_default=True, help="Most anomalous images in the summary.")
 @click.option("--retry-failed", is_flag=True, help="Drop OUT's error rows first so those inputs are tried again.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
