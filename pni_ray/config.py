@@ -137,8 +137,10 @@ class RefinerConfig:
     pretrained: bool = True  # False: seeded random encoder (tests, or weights unavailable)
     image_size: int = 128  # resolution the network runs at; maps of any size are resized in and out
     decoder_channels: tuple[int, ...] = (96, 64, 48, 32, 16)  # stride 16, 8, 4, 2, 1
-    n_samples: int = 240  # synthetic defect images made from train/good
-    source: str = "holdout"  # "holdout": PNI's held-out calibration images; "all": every train/good image
+    n_samples: int = 480  # synthetic defect images made from train/good
+    # "all": every train/good image but the refiner's calibration split (README: bottle, 3 seeds);
+    # "holdout": only PNI's held-out images, whose maps are the unseen-image ones but which are few
+    source: str = "all"
     # share of PNI's held-out images kept away from the synthetic defects: the refined model's
     # normalisation and threshold are computed on their refined maps (a third split)
     calibration_fraction: float = 0.5

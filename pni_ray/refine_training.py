@@ -8,12 +8,15 @@ refiner learns to turn (image, PNI map) into the defect mask with the paper's lo
 `pni_ray.models.refiner`): 1 on a synthetic defect pixel, 0 elsewhere, where
 u = (map - pixel_mean) / (target_sigmas * pixel_std) with the model's held-out calibration.
 
-By default the defects are drawn on the PNI model's held-out calibration images: their maps
-are what the model produces on unseen normal images, whereas images in the memory bank score
-unrealistically low (their own patches are in C_emb). A share of those held-out images is kept
-away from the defects (a third split, `split_refiner_images`): the refined model's normalisation
-and threshold are computed on their refined maps (`recalibrate`), and the manifest lists both
-splits (training.refiner.source_images / calibration_images).
+By default (`refiner.source = "all"`) the defects are drawn on every train/good image except the
+refiner's calibration split. Images in the memory bank score lower than unseen ones (some of their
+own patches are in C_emb), which argued for drawing on the PNI model's held-out images only
+("holdout"); measured, the variety wins: the held-out images are 10% of train/good, half of them
+calibrate, and a refiner trained on that handful of images refines bottle's test maps less well
+(README, refiner rows). A share of the held-out images is always kept away from the defects (a
+third split, `split_refiner_images`): the refined model's normalisation and threshold are computed
+on their refined maps (`recalibrate`), and the manifest lists both splits
+(training.refiner.source_images / calibration_images).
 """
 
 from __future__ import annotations
