@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from pni_ray.allocator import keep_freed_memory
-from pni_ray.config import SCORE_MODES
+from pni_ray.config import REFINER_SOURCES, SCORE_MODES
 from pni_ray.options import (backbone_option_error, backbone_options, build_config, load_config_file, print_table,
                              set_threads, train_options, training_threads)
 
@@ -70,11 +70,14 @@ def train(data_root: Path, category: str, out: Path, backbone: str | None, force
 @click.option("--category", "-c", default=None, help="Category folder (default: the bundle's category).")
 @click.option("--epochs", type=int, default=None, help="Refiner epochs (default: the config's).")
 @click.option("--samples", type=int, default=None, help="Synthetic defect images (default: the config's).")
+@click.option("--source", type=click.Choice(REFINER_SOURCES), default=None,
+              help="Images the defects are drawn on (default: the config's; bundles trained before 'all' became "
+                   "the default keep 'holdout').")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at OUT.")
 @click.option("--threads", type=int, default=None,
               help="torch threads (default 1, as `train --refine`: the count changes the refiner's floats).")
 def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epochs: int | None,
-           samples: int | None, force: bool, threads: int | None) -> None:
+           samples: int | None, source: str | None, force: bool, threads: int | None) -> None:
     """Add a refinement network to a trained PNI BUNDLE (train/good of DATA_ROOT only) -> OUT.
 
     Trains the same refiner as `pni-ray train --refine` with the same settings (same seed,
@@ -96,7 +99,7 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
     if trained.config.mode != "pni":
         raise click.ClickException(f"{bundle} is a {trained.config.mode} bundle: the refiner needs a PNI bundle")
     rcfg = trained.config.refiner
-    changes = {k: v for k, v in (("epochs", epochs), ("n_samples", samples)) if v is not None}
+    changes = {k: v for k, v in (("epochs", epochs), ("n_samples", samples), ("source", source)) if v is not None}
     trained.config = trained.config.replace(refiner=dataclasses.replace(rcfg, enabled=True, **changes))
     train_refiner(trained, data_root, category or manifest["category"])
     record_threads(trained, n_threads)

@@ -359,6 +359,8 @@ def test_refine_command_adds_the_refiner_train_would(trained_tiny, refined_tiny,
 
     from pni_ray.bundle import load_bundle, save_bundle
     from pni_ray.cli import main
+    from pni_ray.refine_training import good_images
+    from pni_ray.training import calibration_split
 
     trained = copy.deepcopy(trained_tiny)
     trained.config = trained.config.replace(refiner=tiny_refiner_config())
@@ -377,6 +379,17 @@ def test_refine_command_adds_the_refiner_train_would(trained_tiny, refined_tiny,
     assert again.exit_code != 0 and "already exists" in again.output
     onto_itself = CliRunner().invoke(main, ["refine", str(plain), str(synthetic_root), "--out", str(plain), "--force"])
     assert onto_itself.exit_code != 0 and "new directory" in onto_itself.output
+    # --source overrides the bundle's config: defects on the held-out images only (an older bundle's default)
+    held = CliRunner().invoke(main, [*args[:4], str(tmp_path / "held"), "--threads", "1", "--source", "holdout"])
+    assert held.exit_code == 0, held.output
+    held_model, held_manifest = load_bundle(tmp_path / "held")
+    assert manifest["config"]["refiner"]["source"] == "all" and held_manifest["config"]["refiner"]["source"] == "holdout"
+    _, holdout = calibration_split(good_images(synthetic_root, "washer"), held_model.config)
+    holdout = {p.name for p in holdout}
+    assert set(held_manifest["training"]["refiner"]["source_images"]) < holdout
+    assert set(manifest["training"]["refiner"]["source_images"]) - holdout  # "all" reaches the bank's images
+    bad = CliRunner().invoke(main, [*args[:4], str(tmp_path / "bad"), "--source", "test"])
+    assert bad.exit_code != 0 and "'test' is not one of 'all', 'holdout'" in bad.output
 
 
 def test_refined_bundle_is_recalibrated_on_a_third_split(trained_tiny, refined_tiny, refined_bundle, synthetic_root):
