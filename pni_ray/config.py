@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 ScoreMode = Literal["patchcore", "neighbourhood", "position", "pni", "pni_split"]
 SCORE_MODES: tuple[str, ...] = ("patchcore", "neighbourhood", "position", "pni", "pni_split")
-REFINER_SOURCES = ("all", "holdout")  # RefinerConfig.source: images the synthetic defects are drawn on
+REFINER_SOURCES: tuple[str, ...] = ("all", "holdout")  # RefinerConfig.source: images the synthetic defects are drawn on
 MLP_PRECISIONS: tuple[str, ...] = ("auto", "float32", "bfloat16")  # NeighbourhoodConfig.train_precision
 COMBINE_RULES: tuple[str, ...] = ("both", "mean")  # how mode pni combines p(c|N) and p(c|x), see PatchScorer
 

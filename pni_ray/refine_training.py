@@ -41,7 +41,6 @@ from pni_ray.models.refiner import MapRefiner, build_refiner, refinement_loss
 log = logging.getLogger(__name__)
 
 
-
 @dataclasses.dataclass
 class RefinerData:
     """Synthetic training set: uint8 images, the PNI maps of those images, binary masks."""
