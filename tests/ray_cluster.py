@@ -1,7 +1,8 @@
 """A real two-node Ray cluster on this machine, started with `ray start` as a user would, for tests.
 
-Every node is a `ray start --block` in its own process group (so stopping or killing a node is
-one signal to that group and touches no other Ray on the machine), on loopback addresses only:
+Every node is a `ray start --block` in its own session (so stopping or killing a node touches
+no other Ray on the machine; its task workers take process groups of their own inside that
+session, so a lost node is every process of the session killed), on loopback addresses only:
 Ray turns 127.0.0.1 into the machine's network address, so the nodes take 127.0.0.2 (head) and
 127.0.0.3 (worker), which are loopback too. Ports are picked free, the temp dir is private,
 token authentication is on with a token file of this cluster's own (RAY_AUTH_TOKEN_PATH), and
@@ -14,6 +15,7 @@ worker is concerned: the shared-storage check must refuse it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -51,6 +53,17 @@ def free_ports(n: int) -> list[int]:
         for s in socks:
             s.close()
     return ports
+
+
+def session_pids(sid: int) -> list[int]:
+    """Every live process in session `sid` (a node started with start_new_session=True and all it spawned)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getsid(int(entry)) == sid:
+                    pids.append(int(entry))
+    return pids
 
 
 def can_hide_directories() -> bool:
@@ -152,9 +165,15 @@ class LocalCluster:
         raise ClusterUnavailable(f"the cluster did not reach {n} alive node(s) within {timeout_s:.0f} s")
 
     def kill_worker(self) -> None:
-        """SIGKILL the whole worker node (its raylet, agents and task workers): a lost machine."""
+        """SIGKILL the whole worker node (its raylet, agents and task workers): a lost machine.
+
+        Task workers run in process groups of their own inside the node's session, so a signal to
+        the node's group alone leaves a running task alive long enough to finish and report.
+        """
         proc = self.procs.pop("worker")
-        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in session_pids(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=30)
 
     def submit(self, entrypoint: list[str], submission_id: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
@@ -169,7 +188,7 @@ class LocalCluster:
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env)
 
     def stop(self) -> None:
-        """TERM then KILL each node's process group; nothing outside this cluster is touched."""
+        """TERM each node's process group, then KILL its whole session; nothing outside this cluster is touched."""
         for proc in self.procs.values():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -180,10 +199,9 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 pass
         for proc in self.procs.values():
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            for pid in session_pids(proc.pid):  # the group and any task worker left in its own group
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             proc.wait(timeout=30)
         self.procs.clear()
         shutil.rmtree(self.root, ignore_errors=True)
