@@ -1,0 +1,107 @@
+"""Every command the docs show names a real subcommand, script and option.
+
+README.md and jobs/README.md are read as a user reads them: the shell blocks and the inline
+`code` spans. Each `pni-ray ...` is walked through the click command tree; each
+`python benchmarks/X.py ...` / `python -m pkg.mod ...` of this repository is checked against the
+option strings its source declares. A renamed option or command fails here, not on a user's
+machine. Placeholders (`...`) and comments are skipped.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import click
+import pytest
+
+from pni_ray.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ("README.md", "jobs/README.md")
+
+
+def shown_commands(text: str) -> list[str]:
+    """Shell commands of the fenced blocks (continuations joined, comments cut) and inline spans."""
+    found = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line and not line.startswith("#"):
+                found.append(line)
+    found += re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    parts = [p.strip() for c in found for p in re.split(r"&&|;|\|", c)]
+    return [p for p in parts if p and "..." not in p]
+
+
+def _tokens(command: str) -> list[str]:
+    """Arguments after the program, optional ones shown as `[--opt X]` unbracketed."""
+    return [t.strip("[]") for t in shlex.split(command)[1:] if t.strip("[]")]
+
+
+def _is_option(token: str) -> bool:
+    return token.startswith("-") and token != "-" and not re.match(r"-\d", token)
+
+
+def cli_problems(command: str) -> list[str]:
+    """Unknown subcommands or options of one `pni-ray ...` line."""
+    tokens = _tokens(command)
+    cmd: click.Command = main
+    while isinstance(cmd, click.Group) and tokens and not tokens[0].startswith("-"):
+        sub = cmd.get_command(click.Context(cmd), tokens[0])
+        if sub is None:
+            return [f"no command {tokens[0]!r}"]
+        cmd, tokens = sub, tokens[1:]
+    known = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)} | {"-h", "--help"}
+    return [f"no option {t.split('=')[0]!r} on `{cmd.name}`" for t in tokens
+            if _is_option(t) and t.split("=")[0] not in known]
+
+
+def script_problems(command: str) -> list[str]:
+    """Unknown options of one `python benchmarks/X.py ...` or `python -m pkg.mod ...` of this repository."""
+    tokens = _tokens(command)
+    if tokens[0] == "-m":
+        path, args = ROOT / (tokens[1].replace(".", "/") + ".py"), tokens[2:]
+    else:
+        path, args = ROOT / tokens[0], tokens[1:]
+    if not path.is_file():
+        return [] if tokens[0] == "-m" else [f"no script {tokens[0]}"]  # -m of another package (pytest, venv)
+    declared = set(re.findall(r"[\"'](--?[A-Za-z][\w-]*)[\"']", path.read_text())) | {"-h", "--help"}
+    return [f"no option {t.split('=')[0]!r} in {path.relative_to(ROOT)}" for t in args
+            if _is_option(t) and t.split("=")[0] not in declared]
+
+
+def doc_commands() -> list[tuple[str, str]]:
+    pairs = []
+    for doc in DOCS:
+        for command in shown_commands((ROOT / doc).read_text()):
+            m = re.search(r"(?:^|\s)((?:pni-ray|python3?) .*)$", command)
+            if m and (m.group(1).startswith("pni-ray ") or re.match(r"python3? (-m \S+|benchmarks/)", m.group(1))):
+                pairs.append((doc, m.group(1)))
+    return pairs
+
+
+def test_docs_show_commands_to_check():
+    commands = doc_commands()
+    assert sum(c.startswith("pni-ray ") for _, c in commands) >= 20
+    assert sum("benchmarks/" in c for _, c in commands) >= 10
+    assert any(c.startswith("python -m jobs.nightly") for _, c in commands)
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_command_in_the_docs_exists_with_its_options(doc):
+    problems = [f"{c}: {p}" for d, c in doc_commands() if d == doc
+                for p in (cli_problems(c) if c.startswith("pni-ray ") else script_problems(c))]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_checker_catches_a_renamed_option_and_command():
+    assert cli_problems("pni-ray train DATA -c bottle --out B --threads 2") == []
+    assert cli_problems("pni-ray train DATA --tread 2") == ["no option '--tread' on `train`"]
+    assert cli_problems("pni-ray trian DATA") == ["no command 'trian'"]
+    assert cli_problems("pni-ray score EX IN --out O [--engnie local]") == ["no option '--engnie' on `score`"]
+    assert script_problems("python benchmarks/bench_scale.py --sizes 1000") == []
+    assert script_problems("python benchmarks/bench_scale.py --size 1000") == [
+        "no option '--size' in benchmarks/bench_scale.py"]
+    assert script_problems("python benchmarks/bench_nothing.py") == ["no script benchmarks/bench_nothing.py"]
