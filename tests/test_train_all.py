@@ -17,7 +17,17 @@ from click.testing import CliRunner
 from pni_ray.bundle import MEMORY, model_id, save_bundle
 from pni_ray.orchestration.train_all import _failure_record, task_options, train_all
 from pni_ray.orchestration.train_all_cli import train_all_cmd
-from pni_ray.orchestration.train_plan import FAILED, SKIPPED, TRAINED, Pair, plan_pairs
+from pni_ray.orchestration.train_plan import (
+    FAILED,
+    SKIPPED,
+    TRAINED,
+    Pair,
+    _canonical,
+    _refiner_if_trained,
+    config_diff,
+    plan_pairs,
+    recorded_config,
+)
 from pni_ray.orchestration.train_task import PairError
 from pni_ray.fit import fit_category
 
@@ -185,6 +195,25 @@ def test_a_config_field_added_since_a_bundle_was_written_is_no_difference():
     del old["neighbourhood"]["images_per_epoch"]  # older still: every image each epoch, not today's 256
     assert config_diff(_canonical(recorded_config({"config": old})), _canonical(fp32.to_dict())) == [
         "neighbourhood.images_per_epoch: None -> 256"]
+
+
+def test_refiner_settings_differ_only_where_a_refiner_was_trained(first_run):
+    """Bundles trained before the refiner's defaults changed (source "holdout", 240 samples) are skipped
+    when no refiner is wanted or was trained; a refined one, or one a refiner is now asked of, differs."""
+    _, out, _ = first_run
+    pairs = [Pair(c, BACKBONE) for c in CATEGORIES]
+    cfg = tiny_config()
+    older = cfg.replace(refiner=dataclasses.replace(cfg.refiner, source="holdout", n_samples=240))
+    assert [p.action for p in plan_pairs(out, pairs, older)] == ["skip"] * 3
+    refined = cfg.replace(refiner=dataclasses.replace(cfg.refiner, enabled=True))
+    plan = plan_pairs(out, pairs, refined)
+    assert [p.action for p in plan] == ["fail"] * 3 and "refiner.enabled: False -> True" in plan[0].reason
+    bundle = out / CATEGORIES[0] / BACKBONE  # as if trained with a refiner at the older settings
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["config"]["refiner"].update(enabled=True, source="holdout", n_samples=240)
+    recorded, wanted = (_refiner_if_trained(_canonical(c)) for c in (recorded_config(manifest), refined.to_dict()))
+    assert config_diff(recorded, wanted) == [
+        f"refiner.n_samples: 240 -> {refined.refiner.n_samples}", "refiner.source: 'holdout' -> 'all'"]
 
 
 def test_system_failures_retried_application_errors_not(ray_session, tmp_path):

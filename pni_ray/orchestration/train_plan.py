@@ -3,7 +3,8 @@
 Resume rules: a pair whose bundle exists and verifies (every checksum) with the same training
 config is skipped unless ``--force`` (the MLP's precision compared as `trained_precision` says); a bundle that fails verification is retrained; a verified
 bundle trained with a different config is not overwritten without ``--force`` (that pair fails
-with the differing keys named). Stale temp directories of a killed save are removed before
+with the differing keys named; the refiner's settings count only when a refiner was trained or is
+asked for). Stale temp directories of a killed save are removed before
 retraining.
 """
 
@@ -68,6 +69,15 @@ def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[
     return keys
 
 
+def _refiner_if_trained(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as it shapes the bundle: without a refiner (`refiner.enabled` false) the refiner's
+    other settings train nothing, so a changed refiner default never makes such a bundle different."""
+    refiner = config.get("refiner")
+    if isinstance(refiner, dict) and refiner.get("enabled") is False:
+        return {**config, "refiner": {"enabled": False}}
+    return config
+
+
 def recorded_config(manifest: dict[str, Any]) -> dict[str, Any]:
     """A bundle's config with the fields added since it was written filled in as it trained
     (`TrainConfig.from_manifest`: LEGACY_SCORING, LEGACY_NEIGHBOURHOOD), so a new field alone never
@@ -117,7 +127,7 @@ def plan_pairs(out: Path, pairs: list[Pair], cfg: TrainConfig, force: bool = Fal
         if isinstance(recorded.get("neighbourhood"), dict) and "train_precision" in recorded["neighbourhood"]:
             recorded["neighbourhood"]["train_precision"] = trained_precision(
                 manifest, recorded, wanted["neighbourhood"]["train_precision"])
-        diff = config_diff(recorded, wanted)
+        diff = config_diff(*(_refiner_if_trained(c) for c in (recorded, wanted)))
         if manifest.get("category") != pair.category:
             diff.insert(0, f"category: {manifest.get('category')!r} -> {pair.category!r}")
         if diff:
