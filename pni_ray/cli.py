@@ -71,8 +71,8 @@ def train(data_root: Path, category: str, out: Path, backbone: str | None, force
 @click.option("--epochs", type=int, default=None, help="Refiner epochs (default: the config's).")
 @click.option("--samples", type=int, default=None, help="Synthetic defect images (default: the config's).")
 @click.option("--source", type=click.Choice(REFINER_SOURCES), default=None,
-              help="Images the defects are drawn on (default: the config's; bundles trained before 'all' became "
-                   "the default keep 'holdout').")
+              help="Images the defects are drawn on (default: the config's). Bundles trained before 'all' became "
+                   "the default keep 'holdout' and 240 samples: give --source all --samples 480 for today's defaults.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at OUT.")
 @click.option("--threads", type=int, default=None,
               help="torch threads (default 1, as `train --refine`: the count changes the refiner's floats).")
@@ -80,8 +80,9 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
            samples: int | None, source: str | None, force: bool, threads: int | None) -> None:
     """Add a refinement network to a trained PNI BUNDLE (train/good of DATA_ROOT only) -> OUT.
 
-    Trains the same refiner as `pni-ray train --refine` with the same settings (same seed,
-    same synthetic defects), without retraining the PNI model.
+    Trains the refiner `pni-ray train --refine` would with the bundle's recorded config (same seed,
+    same synthetic defects), without retraining the PNI model; --epochs, --samples and --source
+    override that config.
     """
     import torch
 

@@ -116,6 +116,8 @@ LEGACY_SCORING: dict[str, Any] = {"combine": "mean", "image_window": 0}
 # How bundles written before these NeighbourhoodConfig fields existed trained their MLP: every
 # training image each epoch, in float32.
 LEGACY_NEIGHBOURHOOD: dict[str, Any] = {"images_per_epoch": None, "train_precision": "float32"}
+# Where bundles written before RefinerConfig.source existed drew the refiner's synthetic defects.
+LEGACY_REFINER: dict[str, Any] = {"source": "holdout"}
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,10 @@ class RefinerConfig:
     defect_weights: dict[str, float] = field(
         default_factory=lambda: {"cutpaste": 1.0, "cutpaste_scar": 1.0, "perlin": 1.0, "strokes": 1.0}
     )
+
+    def __post_init__(self) -> None:  # a config file's typo fails when it is read, not after PNI has trained
+        if self.source not in REFINER_SOURCES:
+            raise ValueError(f"refiner.source must be one of {', '.join(REFINER_SOURCES)}, got {self.source!r}")
 
 
 @dataclass(frozen=True)
@@ -204,10 +210,12 @@ class TrainConfig:
     @classmethod
     def from_manifest(cls, data: dict[str, Any]) -> "TrainConfig":
         """A bundle's recorded config. Bundles written before a scoring or MLP field existed keep what
-        they were calibrated or trained with (LEGACY_SCORING, LEGACY_NEIGHBOURHOOD), not today's default."""
+        they were calibrated or trained with (LEGACY_SCORING, LEGACY_NEIGHBOURHOOD, LEGACY_REFINER), not
+        today's default."""
         scoring = {**LEGACY_SCORING, **(data.get("scoring") or {})}
         neighbourhood = {**LEGACY_NEIGHBOURHOOD, **(data.get("neighbourhood") or {})}
-        return _build(cls, {**data, "scoring": scoring, "neighbourhood": neighbourhood})
+        refiner = {**LEGACY_REFINER, **(data.get("refiner") or {})}
+        return _build(cls, {**data, "scoring": scoring, "neighbourhood": neighbourhood, "refiner": refiner})
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pni_ray.config import REFINER_SOURCES, RefinerConfig, TrainConfig
+from pni_ray.config import RefinerConfig, TrainConfig
 from pni_ray.data.defects import DefectMix, sample_defect
 from pni_ray.data.images import list_images, load_rgb
 from pni_ray.data.transforms import resize_rgb, to_tensor
@@ -78,8 +78,6 @@ def split_refiner_images(paths: list[Path], cfg: TrainConfig) -> tuple[list[Path
     from pni_ray.training import calibration_split
 
     rcfg = cfg.refiner
-    if rcfg.source not in REFINER_SOURCES:
-        raise ValueError(f"refiner source must be one of {REFINER_SOURCES}, got {rcfg.source!r}")
     if not 0 < rcfg.calibration_fraction < 1:
         raise ValueError(f"refiner calibration_fraction must be in (0, 1), got {rcfg.calibration_fraction}")
     _, holdout = calibration_split(paths, cfg)

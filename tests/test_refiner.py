@@ -263,13 +263,25 @@ def test_refiner_data_is_seeded(trained_tiny, synthetic_root):
         assert np.array_equal(np.any(img != goods[src], axis=-1), mask)
 
 
-def test_bad_source_refused(trained_tiny, synthetic_root):
-    from pni_ray.refine_training import train_refiner
+def test_bad_source_refused_when_the_config_is_read():
+    from pni_ray.config import TrainConfig
 
-    trained = copy.deepcopy(trained_tiny)
-    trained.config = trained.config.replace(refiner=tiny_refiner_config(source="test"))
-    with pytest.raises(ValueError, match="source"):
-        train_refiner(trained, synthetic_root, "washer", progress=False)
+    with pytest.raises(ValueError, match="refiner.source must be one of all, holdout, got 'test'"):
+        tiny_refiner_config(source="test")
+    data = TrainConfig().to_dict()
+    data["refiner"]["source"] = "test"
+    with pytest.raises(ValueError, match="refiner.source"):  # a --config file: before any training
+        TrainConfig.from_dict(data)
+
+
+def test_a_bundle_written_before_source_existed_drew_on_the_holdout():
+    from pni_ray.config import TrainConfig
+
+    data = TrainConfig().to_dict()
+    assert TrainConfig.from_manifest(data).refiner.source == "all"  # recorded: kept
+    del data["refiner"]["source"]
+    assert TrainConfig.from_manifest(data).refiner.source == "holdout"
+    assert TrainConfig.from_dict(data).refiner.source == "all"  # a new config: today's default
 
 
 # ---------------------------------------------------------------- bundle and evaluation
