@@ -66,6 +66,27 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
+def kill_session(sid: int, rounds: int = 20) -> None:
+    """SIGKILL session `sid` until none of it is left alive (a process forked during a scan is caught
+    by the next one). Zombies, which no signal removes, count as gone."""
+    for _ in range(rounds):
+        alive = [pid for pid in session_pids(sid) if not _is_zombie(pid)]
+        if not alive:
+            return
+        for pid in alive:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # gone
+    return stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X")
+
+
 def can_hide_directories() -> bool:
     """Whether this process may make a private mount namespace (root, unshare available)."""
     if shutil.which("unshare") is None:
@@ -171,9 +192,7 @@ class LocalCluster:
         the node's group alone leaves a running task alive long enough to finish and report.
         """
         proc = self.procs.pop("worker")
-        for pid in session_pids(proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_session(proc.pid)
         proc.wait(timeout=30)
 
     def submit(self, entrypoint: list[str], submission_id: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
@@ -199,9 +218,7 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 pass
         for proc in self.procs.values():
-            for pid in session_pids(proc.pid):  # the group and any task worker left in its own group
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            kill_session(proc.pid)  # the group and any task worker left in its own group
             proc.wait(timeout=30)
         self.procs.clear()
         shutil.rmtree(self.root, ignore_errors=True)
