@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_ablation  # noqa: E402
 import bench_coreset  # noqa: E402
+import bench_neighbourhood_signal  # noqa: E402
 import bench_peers  # noqa: E402
 import bench_pixel_loss  # noqa: E402
 import bench_scale  # noqa: E402
@@ -225,6 +226,32 @@ def test_neighbourhood_cuts_tighten_p_n_alone_and_restore_tau(bundle_tiny: Path,
     detector.scorer.combine = "mean"
     with pytest.raises(ValueError, match="combine 'both'"):
         bench_ablation.neighbourhood_cuts(detector, cat, manifest, [4.0])
+
+
+def test_neighbourhood_signals_per_patch_and_their_aurocs(bundle_tiny: Path, synthetic_root: Path) -> None:
+    from pni_ray.bundle import load_bundle
+    from pni_ray.data.mvtec import load_category
+    from pni_ray.models.pni import build_detector
+
+    trained, _ = load_bundle(bundle_tiny)
+    detector, cat = build_detector(trained), load_category(synthetic_root, "washer")
+    signals = bench_neighbourhood_signal.patch_signals(detector, cat, batch_size=3)
+    normal, defect = signals["normal"], signals["defect"]
+    grid = trained.grid[0] * trained.grid[1]
+    assert len(normal["pni"]) == grid * sum(s.label == 0 for s in cat.test)  # every cell of every good image
+    assert 0 < len(defect["pni"]) < grid * sum(s.label == 1 for s in cat.test)  # mask-covered cells only
+    for group in (normal, defect):
+        assert set(group) == set(bench_neighbourhood_signal.SIGNALS)
+        assert np.all(group["pni"] >= group["patchcore"] - 1e-3)  # a masked minimum is never below the plain one
+        assert np.all(group["surprise"] >= 0) and np.all(group["relative surprise"] >= -1e-6)
+        assert np.all(group["distance to expected"] >= group["patchcore"] - 1e-3)  # a subset of C_emb
+    table = bench_neighbourhood_signal.signal_table(signals, betas=(0.5,))
+    assert table["patchcore"] > 0.9 and table["pni"] > 0.9  # the synthetic washer defects are easy
+    assert all(0.0 <= table[k] <= 1.0 for k in table if not k.startswith("corr"))
+    assert {"patchcore + 0.5 surprise", "pni + 0.5 surprise"} <= set(table)
+    swapped = {"normal": defect, "defect": normal}  # labels swapped: every AUROC mirrors
+    mirrored = bench_neighbourhood_signal.signal_table(swapped, betas=())
+    assert mirrored["surprise"] == pytest.approx(1 - table["surprise"])
 
 
 def test_neighbourhood_rescue_only_adds_entries_and_restores_the_scorer(bundle_tiny: Path, synthetic_root: Path) -> None:
