@@ -266,7 +266,7 @@ def demo(workdir: Path, threads: int | None) -> None:
 def _register_commands() -> None:
     """Commands that live beside the code they drive (Ray orchestration, export)."""
     from export.cli import export_cmd
-    from pni_ray.orchestration.score import report_cmd, score_cmd
+    from pni_ray.orchestration.score_cli import report_cmd, score_cmd
     from pni_ray.orchestration.train_all_cli import ensemble_cmd, train_all_cmd
 
     for command in (train_all_cmd, ensemble_cmd, score_cmd, report_cmd, export_cmd):

@@ -20,39 +20,30 @@ the `path` column of the committed parts and schedules only inputs without a row
 anywhere (even by SIGKILL, even mid-rename) and rerun with the same OUT therefore ends with one row
 per input. Error rows are final: a rerun does not retry them (`--retry-failed` does).
 
-Input rules: INPUT is a file, a directory (recursive; image extensions only, hidden entries
-skipped), a glob (``**`` allowed) or a list file (``@list`` or a ``.txt``/``.lst`` file: one path,
-directory or glob per line, ``#`` comments, relative lines relative to the list file). Paths are
-made absolute and normalised but symlinks are not resolved; the same path given twice is scored
-once (counted as ``duplicates_ignored``), two different paths to the same bytes are two inputs.
-An explicit path that does not exist, a directory without images, or a glob that matches nothing
-gets an error row.
+Inputs: `score_inputs` (files, directories, globs, list files). The command: `score_cli`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import glob
-import hashlib
 import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
-import click
 import numpy as np
 
-from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError, is_image_file
+from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError
 from pni_ray.fileio import sha256_file
 from pni_ray.geometry import Geometry, GeometryError, Prepared, restore_map
-from pni_ray.options import backbone_option_error, backbone_options
+from pni_ray.options import backbone_option_error
+from pni_ray.orchestration.score_inputs import CHUNK_SIZE, Inputs, chunk_id, expand_inputs, make_chunks
 from pni_ray.results import (
     MAP_FORMATS,
     TABLE_FORMAT,
@@ -70,121 +61,16 @@ from pni_ray.results import (
 
 log = logging.getLogger(__name__)
 
-CHUNK_SIZE = 64
 DATASET_FILE = "_dataset.json"
 SUMMARY_FILE = "_summary.json"
 LOCK_FILE = "_lock"
-LIST_SUFFIXES = (".txt", ".lst")
 MAX_FAILURES_LISTED = 1000
-_GLOB_CHARS = re.compile(r"[*?\[]")
 
 
-EXIT_OK, EXIT_FAILED_INPUTS, EXIT_RUN_FAILED = 0, 1, 3  # click's usage errors exit 2
 
 
 class ScoreError(RuntimeError):
     """A run that cannot start (bad model, OUT in use or holding another model's scores)."""
-
-
-class RunFailed(click.ClickException):
-    exit_code = EXIT_RUN_FAILED
-
-
-# ------------------------------------------------------------------------------------------
-# inputs
-# ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Inputs:
-    """Sorted unique absolute paths, with errors known before decoding (missing, no glob match)."""
-
-    paths: list[str]
-    preset_errors: dict[str, str] = field(default_factory=dict)
-    duplicates: int = 0
-
-
-def _norm(path: str, base: str | None = None) -> str:
-    path = os.path.expanduser(path)
-    if base is not None and not os.path.isabs(path):
-        path = os.path.join(base, path)
-    return os.path.normpath(os.path.abspath(path))
-
-
-def _walk_images(folder: str) -> list[str]:
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(os.path.join(root, f) for f in files if is_image_file(Path(f)))
-    return found
-
-
-def _expand_one(spec: str, base: str | None, out: list[str], preset: dict[str, str]) -> None:
-    """A path, directory or glob (not a list file) -> paths appended to out."""
-    if _GLOB_CHARS.search(spec):
-        pattern = _norm(spec, base)
-        matches = sorted(glob.glob(pattern, recursive=True))
-        if not matches:
-            out.append(pattern)
-            preset[pattern] = f"{pattern}: no file matches this pattern"
-        for m in matches:
-            if os.path.isdir(m):
-                out.extend(_walk_images(m))  # a glob may match many folders: empty ones are not errors
-            else:
-                out.append(_norm(m))
-        return
-    path = _norm(spec, base)
-    if os.path.isdir(path):
-        found = _walk_images(path)
-        if not found:  # an empty camera folder is news, not silence
-            out.append(path)
-            preset[path] = f"{path}: directory contains no image files"
-        out.extend(found)
-    else:
-        out.append(path)  # missing files are decoded into "file not found" rows
-
-
-def _read_list(path: str) -> list[str]:
-    lines = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if line and not line.startswith("#"):
-                lines.append(line)
-    return lines
-
-
-def expand_inputs(specs: Iterable[str]) -> Inputs:
-    """Files, directories, globs and list files -> the sorted, de-duplicated input list."""
-    collected: list[str] = []
-    preset: dict[str, str] = {}
-    for spec in specs:
-        spec = str(spec)
-        if spec.startswith("@") or (spec.lower().endswith(LIST_SUFFIXES) and os.path.isfile(spec)):
-            list_path = _norm(spec[1:] if spec.startswith("@") else spec)
-            try:
-                lines = _read_list(list_path)
-            except (OSError, UnicodeDecodeError) as exc:
-                collected.append(list_path)
-                preset[list_path] = f"{list_path}: cannot read the list file ({exc.__class__.__name__}: {exc})"
-                continue
-            for line in lines:
-                _expand_one(line, os.path.dirname(list_path), collected, preset)
-        else:
-            _expand_one(spec, None, collected, preset)
-    unique = sorted(set(collected))
-    return Inputs(unique, {p: preset[p] for p in unique if p in preset}, len(collected) - len(unique))
-
-
-def chunk_id(paths: Sequence[str]) -> str:
-    return hashlib.sha256("\0".join(paths).encode("utf-8", "surrogateescape")).hexdigest()[:24]
-
-
-def make_chunks(paths: Sequence[str], chunk_size: int = CHUNK_SIZE) -> list[list[str]]:
-    """Fixed-size consecutive chunks of an (already sorted) list: deterministic."""
-    if chunk_size < 1:
-        raise ValueError("chunk size must be >= 1")
-    return [list(paths[i: i + chunk_size]) for i in range(0, len(paths), chunk_size)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -719,99 +605,3 @@ def score(
         }
         atomic_write_json(out / SUMMARY_FILE, summary)
     return summary
-
-
-# ------------------------------------------------------------------------------------------
-# command line
-# ------------------------------------------------------------------------------------------
-
-
-def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
-    rate = summary["anomaly_rate"]
-    run = summary.get("run", {})
-    click.echo(
-        f"{summary['inputs']} inputs: {summary['scored']} scored, {summary['failed']} failed, "
-        f"{summary['anomalous']} anomalous (rate {'n/a' if rate is None else f'{rate:.1%}'}); "
-        f"{run.get('already_done', 0)} were already in {out}"
-        + (f"; {run['images_per_s']:.1f} images/s" if run.get("images_per_s") else "")
-    )
-    if summary["missing"] or summary["duplicate_rows"]:
-        click.echo(f"WARNING: {summary['missing']} inputs have no row, {summary['duplicate_rows']} duplicate rows",
-                   err=True)
-    for row in summary["top"][:top]:
-        click.echo(f"  {row['image_score']:10.4f}  {'ANOMALOUS' if row['is_anomalous'] else 'ok       '}  {row['path']}")
-    for f in summary["failures"][:10]:
-        click.echo(f"  FAILED  {f['error']}", err=True)
-    if summary["failed"] > 10:
-        click.echo(f"  ... and {summary['failed'] - 10} more failures (see {out / SUMMARY_FILE})", err=True)
-    click.echo(f"table: {out}/part-*.parquet  summary: {out / SUMMARY_FILE}")
-
-
-@click.command("score")
-@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("inputs", nargs=-1, required=True)
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Output directory of Parquet part files (reruns resume).")
-@click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else embedded local Ray).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Images per model forward pass.")
-@click.option("--workers", type=int, default=None, help="Model actors (default: CPUs / --cpus-per-worker).")
-@click.option("--cpus-per-worker", type=float, default=1.0, show_default=True,
-              help="CPUs per model actor (= its torch threads).")
-@click.option("--gpus-per-worker", type=float, default=0.0, show_default=True, help="GPUs per model actor.")
-@click.option("--map-format", type=click.Choice(MAP_FORMATS), default="uint8", show_default=True,
-              help="How anomaly maps are stored.")
-@click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
-              help="Images above this many pixels are refused (decompression-bomb guard).")
-@click.option("--chunk-size", type=int, default=CHUNK_SIZE, show_default=True, help="Images per part file.")
-@click.option("--engine", type=click.Choice(sorted(ENGINES)), default="ray", show_default=True,
-              help="ray: Ray Data pipeline; local: the same stages in this process.")
-@click.option("--stages", type=click.Choice(["auto", "fused", "split"]), default="auto", show_default=True,
-              help="fused: model actors also decode and encode; split: separate decode/encode tasks "
-                   "(auto: split with GPUs, fused on CPUs).")
-@click.option("--threads", type=int, default=None, help="torch threads for --engine local (default: all cores).")
-@backbone_options
-@click.option("--top", "top_n", type=int, default=20, show_default=True, help="Most anomalous images in the summary.")
-@click.option("--retry-failed", is_flag=True, help="Drop OUT's error rows first so those inputs are tried again.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
-def score_cmd(model: Path, inputs: tuple[str, ...], out: Path, address: str | None, batch_size: int,
-              workers: int | None, cpus_per_worker: float, gpus_per_worker: float, map_format: str,
-              max_pixels: int, chunk_size: int, engine: str, stages: str, threads: int | None,
-              backbone_runtime: str, backbone_precision: str, top_n: int, retry_failed: bool, progress: bool) -> None:
-    """Score every image of INPUT... with MODEL (a bundle or an export directory) into OUT.
-
-    INPUT: files, directories (recursive), globs, or list files (@FILE, or a .txt/.lst file; one path
-    per line). Exit status 0: every input scored; 1: some inputs have error rows; 2: usage error;
-    3: the run failed (rerun to resume).
-    """
-    opts = Options(batch_size=batch_size, workers=workers, cpus_per_worker=cpus_per_worker,
-                   gpus_per_worker=gpus_per_worker, map_format=map_format, max_pixels=max_pixels,
-                   chunk_size=chunk_size, address=address, threads=threads, stages=stages,
-                   backbone_runtime=backbone_runtime, backbone_precision=backbone_precision)
-    try:
-        summary = score(model, inputs, out, opts, engine=engine, top_n=top_n, progress=progress, retry=retry_failed)
-    except ScoreError as exc:
-        raise RunFailed(str(exc)) from exc
-    except Exception as exc:  # noqa: BLE001 - exit 1 means "some inputs failed", so a crash must not use it
-        log.exception("scoring run failed")
-        raise RunFailed(f"scoring run failed ({exc.__class__.__name__}: {exc}); committed parts are kept, "
-                        "rerun the same command to resume") from exc
-    echo_summary(summary, out.resolve())
-    if summary["failed"] or summary["missing"]:
-        sys.exit(EXIT_FAILED_INPUTS)
-
-
-@click.command("report")
-@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--html", "html_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="HTML file to write (self-contained: opens offline).")
-@click.option("--top", "top_n", type=int, default=12, show_default=True, help="Most anomalous images shown.")
-@click.option("--title", default=None, help="Report title (default: from the output directory).")
-def report_cmd(out: Path, html_path: Path, top_n: int, title: str | None) -> None:
-    """Self-contained HTML report of a `pni-ray score` output directory OUT."""
-    from pni_ray.report import write_report
-
-    try:
-        info = write_report(out, html_path, top_n=top_n, title=title)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"report of {info['rows']} rows ({info['failed']} failed) -> {html_path}")

@@ -1,0 +1,119 @@
+"""Click commands of batch scoring: `pni-ray score` and `pni-ray report`.
+
+Only argument handling and the printed summary live here; the work is in score (the driver and its
+Ray Data pipeline) and pni_ray.report.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pni_ray.data.images import DEFAULT_MAX_PIXELS
+from pni_ray.options import backbone_options
+from pni_ray.orchestration.score import ENGINES, SUMMARY_FILE, Options, ScoreError, score
+from pni_ray.orchestration.score_inputs import CHUNK_SIZE
+from pni_ray.results import MAP_FORMATS
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED_INPUTS, EXIT_RUN_FAILED = 0, 1, 3  # click's usage errors exit 2
+
+
+class RunFailed(click.ClickException):
+    exit_code = EXIT_RUN_FAILED
+
+
+def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
+    rate = summary["anomaly_rate"]
+    run = summary.get("run", {})
+    click.echo(
+        f"{summary['inputs']} inputs: {summary['scored']} scored, {summary['failed']} failed, "
+        f"{summary['anomalous']} anomalous (rate {'n/a' if rate is None else f'{rate:.1%}'}); "
+        f"{run.get('already_done', 0)} were already in {out}"
+        + (f"; {run['images_per_s']:.1f} images/s" if run.get("images_per_s") else "")
+    )
+    if summary["missing"] or summary["duplicate_rows"]:
+        click.echo(f"WARNING: {summary['missing']} inputs have no row, {summary['duplicate_rows']} duplicate rows",
+                   err=True)
+    for row in summary["top"][:top]:
+        click.echo(f"  {row['image_score']:10.4f}  {'ANOMALOUS' if row['is_anomalous'] else 'ok       '}  {row['path']}")
+    for f in summary["failures"][:10]:
+        click.echo(f"  FAILED  {f['error']}", err=True)
+    if summary["failed"] > 10:
+        click.echo(f"  ... and {summary['failed'] - 10} more failures (see {out / SUMMARY_FILE})", err=True)
+    click.echo(f"table: {out}/part-*.parquet  summary: {out / SUMMARY_FILE}")
+
+
+@click.command("score")
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory of Parquet part files (reruns resume).")
+@click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else embedded local Ray).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Images per model forward pass.")
+@click.option("--workers", type=int, default=None, help="Model actors (default: CPUs / --cpus-per-worker).")
+@click.option("--cpus-per-worker", type=float, default=1.0, show_default=True,
+              help="CPUs per model actor (= its torch threads).")
+@click.option("--gpus-per-worker", type=float, default=0.0, show_default=True, help="GPUs per model actor.")
+@click.option("--map-format", type=click.Choice(MAP_FORMATS), default="uint8", show_default=True,
+              help="How anomaly maps are stored.")
+@click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Images above this many pixels are refused (decompression-bomb guard).")
+@click.option("--chunk-size", type=int, default=CHUNK_SIZE, show_default=True, help="Images per part file.")
+@click.option("--engine", type=click.Choice(sorted(ENGINES)), default="ray", show_default=True,
+              help="ray: Ray Data pipeline; local: the same stages in this process.")
+@click.option("--stages", type=click.Choice(["auto", "fused", "split"]), default="auto", show_default=True,
+              help="fused: model actors also decode and encode; split: separate decode/encode tasks "
+                   "(auto: split with GPUs, fused on CPUs).")
+@click.option("--threads", type=int, default=None, help="torch threads for --engine local (default: all cores).")
+@backbone_options
+@click.option("--top", "top_n", type=int, default=20, show_default=True, help="Most anomalous images in the summary.")
+@click.option("--retry-failed", is_flag=True, help="Drop OUT's error rows first so those inputs are tried again.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def score_cmd(model: Path, inputs: tuple[str, ...], out: Path, address: str | None, batch_size: int,
+              workers: int | None, cpus_per_worker: float, gpus_per_worker: float, map_format: str,
+              max_pixels: int, chunk_size: int, engine: str, stages: str, threads: int | None,
+              backbone_runtime: str, backbone_precision: str, top_n: int, retry_failed: bool, progress: bool) -> None:
+    """Score every image of INPUT... with MODEL (a bundle or an export directory) into OUT.
+
+    INPUT: files, directories (recursive), globs, or list files (@FILE, or a .txt/.lst file; one path
+    per line). Exit status 0: every input scored; 1: some inputs have error rows; 2: usage error;
+    3: the run failed (rerun to resume).
+    """
+    opts = Options(batch_size=batch_size, workers=workers, cpus_per_worker=cpus_per_worker,
+                   gpus_per_worker=gpus_per_worker, map_format=map_format, max_pixels=max_pixels,
+                   chunk_size=chunk_size, address=address, threads=threads, stages=stages,
+                   backbone_runtime=backbone_runtime, backbone_precision=backbone_precision)
+    try:
+        summary = score(model, inputs, out, opts, engine=engine, top_n=top_n, progress=progress, retry=retry_failed)
+    except ScoreError as exc:
+        raise RunFailed(str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - exit 1 means "some inputs failed", so a crash must not use it
+        log.exception("scoring run failed")
+        raise RunFailed(f"scoring run failed ({exc.__class__.__name__}: {exc}); committed parts are kept, "
+                        "rerun the same command to resume") from exc
+    echo_summary(summary, out.resolve())
+    if summary["failed"] or summary["missing"]:
+        sys.exit(EXIT_FAILED_INPUTS)
+
+
+@click.command("report")
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--html", "html_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="HTML file to write (self-contained: opens offline).")
+@click.option("--top", "top_n", type=int, default=12, show_default=True, help="Most anomalous images shown.")
+@click.option("--title", default=None, help="Report title (default: from the output directory).")
+def report_cmd(out: Path, html_path: Path, top_n: int, title: str | None) -> None:
+    """Self-contained HTML report of a `pni-ray score` output directory OUT."""
+    from pni_ray.report import write_report
+
+    try:
+        info = write_report(out, html_path, top_n=top_n, title=title)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"report of {info['rows']} rows ({info['failed']} failed) -> {html_path}")

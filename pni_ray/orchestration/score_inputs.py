@@ -1,0 +1,120 @@
+"""What `pni-ray score` reads: INPUT specs expanded to a sorted, de-duplicated path list, and its chunks.
+
+INPUT is a file, a directory (recursive; image extensions only, hidden entries skipped), a glob (``**`` allowed) or a list file (``@list`` or a ``.txt``/``.lst`` file: one path,
+directory or glob per line, ``#`` comments, relative lines relative to the list file). Paths are
+made absolute and normalised but symlinks are not resolved; the same path given twice is scored
+once (counted as ``duplicates_ignored``), two different paths to the same bytes are two inputs.
+An explicit path that does not exist, a directory without images, or a glob that matches nothing
+gets an error row.
+
+Chunks are fixed-size runs of the sorted list, named by a hash of their paths, so a rerun over the
+same inputs makes the same chunks and finds its committed part files.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from pni_ray.data.images import is_image_file
+
+CHUNK_SIZE = 64
+LIST_SUFFIXES = (".txt", ".lst")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+@dataclass
+class Inputs:
+    """Sorted unique absolute paths, with errors known before decoding (missing, no glob match)."""
+
+    paths: list[str]
+    preset_errors: dict[str, str] = field(default_factory=dict)
+    duplicates: int = 0
+
+
+def _norm(path: str, base: str | None = None) -> str:
+    path = os.path.expanduser(path)
+    if base is not None and not os.path.isabs(path):
+        path = os.path.join(base, path)
+    return os.path.normpath(os.path.abspath(path))
+
+
+def _walk_images(folder: str) -> list[str]:
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(os.path.join(root, f) for f in files if is_image_file(Path(f)))
+    return found
+
+
+def _expand_one(spec: str, base: str | None, out: list[str], preset: dict[str, str]) -> None:
+    """A path, directory or glob (not a list file) -> paths appended to out."""
+    if _GLOB_CHARS.search(spec):
+        pattern = _norm(spec, base)
+        matches = sorted(glob.glob(pattern, recursive=True))
+        if not matches:
+            out.append(pattern)
+            preset[pattern] = f"{pattern}: no file matches this pattern"
+        for m in matches:
+            if os.path.isdir(m):
+                out.extend(_walk_images(m))  # a glob may match many folders: empty ones are not errors
+            else:
+                out.append(_norm(m))
+        return
+    path = _norm(spec, base)
+    if os.path.isdir(path):
+        found = _walk_images(path)
+        if not found:  # an empty camera folder is news, not silence
+            out.append(path)
+            preset[path] = f"{path}: directory contains no image files"
+        out.extend(found)
+    else:
+        out.append(path)  # missing files are decoded into "file not found" rows
+
+
+def _read_list(path: str) -> list[str]:
+    lines = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                lines.append(line)
+    return lines
+
+
+def expand_inputs(specs: Iterable[str]) -> Inputs:
+    """Files, directories, globs and list files -> the sorted, de-duplicated input list."""
+    collected: list[str] = []
+    preset: dict[str, str] = {}
+    for spec in specs:
+        spec = str(spec)
+        if spec.startswith("@") or (spec.lower().endswith(LIST_SUFFIXES) and os.path.isfile(spec)):
+            list_path = _norm(spec[1:] if spec.startswith("@") else spec)
+            try:
+                lines = _read_list(list_path)
+            except (OSError, UnicodeDecodeError) as exc:
+                collected.append(list_path)
+                preset[list_path] = f"{list_path}: cannot read the list file ({exc.__class__.__name__}: {exc})"
+                continue
+            for line in lines:
+                _expand_one(line, os.path.dirname(list_path), collected, preset)
+        else:
+            _expand_one(spec, None, collected, preset)
+    unique = sorted(set(collected))
+    return Inputs(unique, {p: preset[p] for p in unique if p in preset}, len(collected) - len(unique))
+
+
+def chunk_id(paths: Sequence[str]) -> str:
+    return hashlib.sha256("\0".join(paths).encode("utf-8", "surrogateescape")).hexdigest()[:24]
+
+
+def make_chunks(paths: Sequence[str], chunk_size: int = CHUNK_SIZE) -> list[list[str]]:
+    """Fixed-size consecutive chunks of an (already sorted) list: deterministic."""
+    if chunk_size < 1:
+        raise ValueError("chunk size must be >= 1")
+    return [list(paths[i: i + chunk_size]) for i in range(0, len(paths), chunk_size)]
