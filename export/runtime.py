@@ -178,7 +178,8 @@ class ExportedModel(StagePipeline):
         m = self.manifest
         self.geometry = Geometry.from_manifest(m)
         self.image_size: tuple[int, int] = tuple(m["image_size"])  # type: ignore[assignment]  # the canvas
-        self.model_id: str = m["model_id"]
+        self.model_id: str = tables.export_id(self.path)  # what scored: this export, not just its bundle
+        self.source_model_id: str = m["model_id"]  # the bundle it was exported from
         self.mode: str = m["mode"]
         self.max_batch: int = int(m.get("max_batch", 16))
         self.normalisation = tables.read_normalisation(self.path / m["tables"]["normalisation"])

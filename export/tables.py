@@ -84,6 +84,13 @@ def read_manifest(path: Path | str) -> dict[str, Any]:
                               hint=" (a training bundle? run `pni-ray export` on it)")
 
 
+def export_id(path: Path | str) -> str:
+    """Identity of an export: the sha256 of its manifest, which pins every graph and table file.
+    Two exports of one bundle (FP32 and INT8, another opset, TensorRT engines added) differ; the
+    manifest's `model_id` is the source bundle's, their common lineage."""
+    return sha256_file(Path(path) / MANIFEST)
+
+
 def verify_export(path: Path | str) -> dict[str, Any]:
     """Every file the manifest lists exists with its sha256, and every graph's files are listed."""
     path = Path(path)

@@ -341,7 +341,8 @@ class TRTModel(StagePipeline):
         cudart = _cudart()
         self.geometry = Geometry.from_manifest(self.manifest)
         self.image_size = tuple(self.manifest["image_size"])
-        self.model_id = self.manifest["model_id"]
+        self.model_id = tables.export_id(self.path)
+        self.source_model_id = self.manifest["model_id"]
         self.threshold = float(tables.read_normalisation(self.path / self.manifest["tables"]["normalisation"])["threshold"])
         self.max_batch = min(int(r["max_batch"]) for r in engines.values())
         feeds = scorer_table_feeds(self.path, self.manifest) if self.manifest["scorer"]["coresets"] == "input" else {}

@@ -341,7 +341,8 @@ def test_runtime_matches_torch_bundle(exported, reference, images):
     assert model.threshold == json.loads((exported / "manifest.json").read_text())["threshold"]
     from pni_ray.bundle import model_id
 
-    assert model.model_id == model_id(Path(model.manifest["source_bundle"]["path"]))
+    assert model.source_model_id == model_id(Path(model.manifest["source_bundle"]["path"]))
+    assert model.model_id == tables.export_id(exported) != model.source_model_id  # the export's own identity
     assert np.array_equal(scores > model.threshold, reference[1] > model.threshold)
     # batches above max_batch are split; results do not depend on the batch size
     one = np.concatenate([model.predict(images[i : i + 1])[0] for i in range(3)])

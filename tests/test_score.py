@@ -210,6 +210,46 @@ def test_score_export_with_openvino_backbone(small_set, bundle_tiny, tmp_path, m
     assert not any((tmp_path / d).exists() for d in ("b", "g", "p", "c"))
 
 
+def test_out_holds_one_model_refuses_another_export_of_the_same_bundle(small_set, bundle_tiny, tmp_path):
+    """Two exports of one bundle are two models (here: coresets as constants or as inputs; FP32 and INT8
+    alike): each has its own model_id, the bundle's id is their source, and an OUT of one refuses the
+    other, the bundle itself, another map format, and a model directory as OUT."""
+    from export.runtime import load_exported
+    from pni_ray.bundle import model_id
+    from pni_ray.cli import main
+
+    root, _ = small_set
+    runner = CliRunner()
+    exports = {}
+    for name, extra in (("constant", []), ("input", ["--coresets", "input"])):
+        exports[name] = tmp_path / name
+        made = runner.invoke(main, ["export", str(bundle_tiny), "--out", str(exports[name]), "--threads", "1", *extra])
+        assert made.exit_code == 0, made.output
+    loaded = {k: load_exported(v) for k, v in exports.items()}
+    assert loaded["constant"].model_id != loaded["input"].model_id
+    assert loaded["constant"].source_model_id == loaded["input"].source_model_id == model_id(bundle_tiny)
+    common = [str(root / "good"), "--engine", "local", "--threads", "1", "--no-progress"]
+    out = tmp_path / "out"
+    first = runner.invoke(main, ["score", str(exports["constant"]), *common, "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    dataset = json.loads((out / "_dataset.json").read_text())
+    assert dataset["model_id"] == loaded["constant"].model_id and dataset["source_model_id"] == model_id(bundle_tiny)
+    assert set(read_table(out, columns=["model_id"]).column("model_id").to_pylist()) == {loaded["constant"].model_id}
+    rows = len(read_table(out, columns=["path"]))
+    for model in (exports["input"], bundle_tiny):
+        mixed = runner.invoke(main, ["score", str(model), *common, "--out", str(out)])
+        assert mixed.exit_code == 3 and "holds scores of another model" in mixed.output, mixed.output
+    other_format = runner.invoke(main, ["score", str(exports["constant"]), *common, "--out", str(out),
+                                        "--map-format", "float16"])
+    assert other_format.exit_code == 3 and "holds maps in format 'uint8'" in other_format.output
+    assert len(read_table(out, columns=["path"])) == rows  # nothing added by the refused runs
+    for model_dir in (bundle_tiny, exports["input"]):
+        before = sorted(p.name for p in model_dir.iterdir())
+        into = runner.invoke(main, ["score", str(exports["constant"]), *common, "--out", str(model_dir)])
+        assert into.exit_code == 3 and "is a model directory" in into.output, into.output
+        assert sorted(p.name for p in model_dir.iterdir()) == before
+
+
 def test_ensemble_is_a_torch_model(tmp_path):
     from pni_ray.orchestration.model_loader import model_kind
 

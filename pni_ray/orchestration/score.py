@@ -88,6 +88,7 @@ class ModelInfo:
     category: str | None
     geometry: dict[str, Any] = field(default_factory=dict)  # Geometry.spec(): how decode prepares images
     backbone: str = "onnxruntime"  # where an export's backbone runs, as OUT records it ("openvino-bf16", ...)
+    source_model_id: str | None = None  # an export's bundle (its model_id is the export's own manifest)
 
 
 def describe_model(path: Path | str, backbone_runtime: str = "onnxruntime", backbone_precision: str = "auto") -> ModelInfo:
@@ -127,7 +128,7 @@ def describe_model(path: Path | str, backbone_runtime: str = "onnxruntime", back
     except OpenVINOUnavailable as exc:
         raise ScoreError(str(exc)) from exc
     return ModelInfo(str(path), kind, model.image_size, model.threshold, model.model_id, model.category,
-                     model.geometry.spec(), model.runtime.backbone_label)
+                     model.geometry.spec(), model.runtime.backbone_label, model.runtime.source_model_id)
 
 
 # ------------------------------------------------------------------------------------------
@@ -445,7 +446,8 @@ def check_dataset(out: Path, info: ModelInfo, map_format: str, runtime: str = "o
     if part_files(out):
         raise ScoreError(f"{out} has part files but no {DATASET_FILE}: not a pni-ray score output, use another --out")
     atomic_write_json(path, {"format": TABLE_FORMAT, "model_id": info.model_id, "model_path": info.path,
-                             "model_kind": info.kind, "category": info.category, "threshold": _json_float(info.threshold),
+                             "model_kind": info.kind, "source_model_id": info.source_model_id,
+                             "category": info.category, "threshold": _json_float(info.threshold),
                              "map_format": map_format, "backbone_runtime": runtime, "created_at": now_utc().isoformat()})
 
 
@@ -558,6 +560,9 @@ def score(
     info = describe_model(model, opts.backbone_runtime, opts.backbone_precision)
     runtime = info.backbone
     expanded = expand_inputs(inputs)
+    if (out / "manifest.json").exists():
+        raise ScoreError(f"{out} is a model directory (it holds manifest.json): scores go to a directory of "
+                         "their own; use another --out")
     with locked(out):
         check_dataset(out, info, opts.map_format, runtime)
         stale = remove_stale_temps(out)
