@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pni_ray.config import LEGACY_SCORING, GeometryConfig, ScoringConfig
-from pni_ray.data.images import ImageError, load_rgb, resize_rgb
+from pni_ray.data.images import TOO_BIG_HINT, ImageError, load_rgb, resize_rgb
 
 POLICIES: tuple[str, ...] = ("resize", "letterbox", "short-side")
 STRIDE = 8  # feature stride of PatchFeatureExtractor (pni_ray.models.features.FEATURE_STRIDE)
@@ -275,6 +275,12 @@ class Geometry:
         return cls(GeometryConfig(**fields), int(config["features"]["image_size"]), tuple(grid) if grid else None,
                    int(window))
 
+    def with_max_pixels(self, max_pixels: int) -> "Geometry":
+        """The same geometry with another image-size limit (a scoring run's --max-pixels)."""
+        from dataclasses import replace
+
+        return Geometry(replace(self.cfg, max_pixels=int(max_pixels)), self.image_size, self.grid, self.image_window)
+
     def spec(self) -> dict[str, Any]:
         """A JSON-able manifest excerpt that `from_manifest` turns back into this geometry (for workers)."""
         from dataclasses import asdict
@@ -339,7 +345,7 @@ class Geometry:
         if h * w > self.max_pixels:
             raise ImageError(
                 f"image {w}x{h} = {h * w} pixels exceeds the limit of {self.max_pixels} "
-                f"(decompression-bomb guard; raise geometry.max_pixels if this image is genuine)"
+                f"({TOO_BIG_HINT})"
             )
 
     def _canvas(self, resized: np.ndarray, canvas_hw: tuple[int, int], at: tuple[int, int]) -> np.ndarray:

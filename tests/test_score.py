@@ -250,6 +250,31 @@ def test_out_holds_one_model_refuses_another_export_of_the_same_bundle(small_set
         assert sorted(p.name for p in model_dir.iterdir()) == before
 
 
+def test_max_pixels_option_lifts_the_limit_past_the_training_config_and_pillow(bundle_tiny, tmp_path):
+    """--max-pixels is the limit a run decodes and prepares with: above the model's geometry.max_pixels
+    (50 MP) and above Pillow's own bomb warning (89.5 MP) alike; under the default both images are
+    refused with a message that says how to raise it."""
+    from PIL import Image
+
+    from pni_ray.cli import main
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    Image.new("L", (7200, 7200), 128).save(folder / "over_model_limit.png")  # 51.8 MP
+    Image.new("L", (9500, 9500), 128).save(folder / "over_pillow_limit.png")  # 90.3 MP
+    runner = CliRunner()
+    common = [str(bundle_tiny), str(folder), "--engine", "local", "--threads", "1", "--no-progress", "--map-format", "none"]
+    refused = runner.invoke(main, ["score", *common, "--out", str(tmp_path / "default")])
+    assert refused.exit_code == 1, refused.output
+    errors = read_table(tmp_path / "default", columns=["path", "error"]).to_pylist()
+    assert len(errors) == 2 and all("exceeds the limit of 50000000" in r["error"] and "--max-pixels" in r["error"]
+                                    for r in errors), errors
+    lifted = runner.invoke(main, ["score", *common, "--out", str(tmp_path / "lifted"), "--max-pixels", "100000000"])
+    assert lifted.exit_code == 0, lifted.output
+    rows = read_table(tmp_path / "lifted", columns=["path", "error", "image_score"]).to_pylist()
+    assert len(rows) == 2 and all(r["error"] is None and np.isfinite(r["image_score"]) for r in rows), rows
+
+
 def test_ensemble_is_a_torch_model(tmp_path):
     from pni_ray.orchestration.model_loader import model_kind
 

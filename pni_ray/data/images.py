@@ -10,6 +10,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: above every industrial sensor we target, below bombs
+TOO_BIG_HINT = ("decompression-bomb guard; if the image is genuine, raise the limit: `pni-ray score --max-pixels N`, "
+                "or geometry.max_pixels in the training config")
 
 
 class ImageError(ValueError):
@@ -32,27 +34,35 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
 
 
+def _pillow_allows(max_pixels: int) -> None:
+    """Pillow's own bomb check (a warning above Image.MAX_IMAGE_PIXELS, an error above twice it) must
+    not be stricter than ours, or a raised --max-pixels could never take effect: lift its limit to
+    ours (never lower it). Ours is checked on the header's size at every open."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = int(max_pixels)
+
+
 def _open(path: Path, max_pixels: int) -> Image.Image:
+    _pillow_allows(max_pixels)
     try:
         if path.stat().st_size == 0:
             raise ImageError(f"{path}: empty file (0 bytes)")
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below decides
             img = Image.open(path)
     except ImageError:
         raise
     except FileNotFoundError as exc:
         raise ImageError(f"{path}: file not found") from exc
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:  # above twice Pillow's limit, so above ours too
+        raise ImageError(f"{path}: exceeds the limit of {max_pixels} pixels (Pillow: {exc}) ({TOO_BIG_HINT})") from exc
+    except UnidentifiedImageError as exc:
         raise ImageError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from exc
     except OSError as exc:
         raise ImageError(f"{path}: cannot read ({exc})") from exc
     w, h = img.size
     if w * h > max_pixels:
-        raise ImageError(
-            f"{path}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
-            f"(decompression-bomb guard; raise max_pixels if this image is genuine)"
-        )
+        raise ImageError(f"{path}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} ({TOO_BIG_HINT})")
     if w == 0 or h == 0:
         raise ImageError(f"{path}: image has zero size {w}x{h}")
     return img

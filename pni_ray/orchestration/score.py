@@ -141,7 +141,7 @@ def decode_chunk(row: dict[str, Any], geometry: dict[str, Any], max_pixels: int)
     does); a file that cannot be used, or whose geometry does not fit the model, becomes an error."""
     from pni_ray.data.images import load_rgb
 
-    geo = Geometry.from_manifest(geometry)
+    geo = Geometry.from_manifest(geometry).with_max_pixels(max_pixels)  # the run's limit, not the training config's
     meta = json.loads(row["meta"])
     preset = meta.pop("preset", {})
     errors: list[str | None] = []
