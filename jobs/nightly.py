@@ -11,7 +11,7 @@ Config (TOML or JSON; relative paths are relative to the config file; see nightl
                  {yyyy}, {mm}, {dd}, {yyyymmdd} for the run date
     output_root  results go to OUTPUT_ROOT/dt=YYYY-MM-DD/ (required)
     date         "today" (default), "yesterday" or YYYY-MM-DD; --date overrides
-    map_format   uint8 (default) | float16 | none
+    map_format   uint8 (default) | float16 | float32 | none
     top_n        most anomalous images listed in the run summary (default 20)
     report       write dt=.../_report.html (default true)
     fail_on_errors  exit 1 when any input has an error row (default true)
@@ -23,7 +23,8 @@ Writes, inside the partition: part-*.parquet (the table), _summary.json (counts,
 anomaly rate, top N), _report.html, and _nightly.json (this run: config, date, timings, exit code).
 Rerunning for the same date resumes: only inputs without a row are scored.
 
-Exit status: 0 all scored; 1 some inputs failed (fail_on_errors); 2 bad config; 3 the run failed.
+Exit status: 0 all scored; 1 some inputs failed (fail_on_errors); 2 bad config (or no model at `model`);
+3 the run was refused or failed.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -98,8 +100,10 @@ def load_config(path: Path | str) -> dict[str, Any]:
         cfg["inputs"] = [cfg["inputs"]]
     if not isinstance(cfg["inputs"], list) or not all(isinstance(i, str) for i in cfg["inputs"]):
         raise ConfigError(f"{path}: inputs must be a string or a list of strings")
-    if cfg["map_format"] not in ("uint8", "float16", "none"):
-        raise ConfigError(f"{path}: map_format must be uint8, float16 or none, not {cfg['map_format']!r}")
+    from pni_ray.results import MAP_FORMATS
+
+    if cfg["map_format"] not in MAP_FORMATS:
+        raise ConfigError(f"{path}: map_format must be one of {', '.join(MAP_FORMATS)}, not {cfg['map_format']!r}")
     if cfg["engine"] not in ("ray", "local"):
         raise ConfigError(f"{path}: engine must be ray or local, not {cfg['engine']!r}")
     from export.openvino_backbone import BACKBONE_RUNTIMES, PRECISIONS
@@ -114,7 +118,7 @@ def load_config(path: Path | str) -> dict[str, Any]:
         if p.startswith("@"):
             return "@" + rel(p[1:])
         q = Path(p).expanduser()
-        return str(q if q.is_absolute() else base / q)
+        return os.path.normpath(q if q.is_absolute() else base / q)
 
     cfg["model"] = rel(str(cfg["model"]))
     cfg["output_root"] = rel(str(cfg["output_root"]))
@@ -162,6 +166,9 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
     t0 = time.perf_counter()
     started = now_utc()
     cfg = load_config(config_path)
+    if not Path(cfg["model"]).is_dir():  # a config naming no model is a config error (exit 2), not a failed run
+        raise ConfigError(f"{cfg['_config_path']}: model {cfg['model']} is not a directory (a bundle, or an export: "
+                          "`pni-ray export BUNDLE --out DIR`)")
     day = resolve_date(date or cfg["date"])
     inputs = expand_placeholders(cfg["inputs"], day)
     out = partition(cfg["output_root"], day)

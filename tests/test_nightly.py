@@ -54,6 +54,11 @@ def test_config_parsing_and_validation(tmp_path):
     (tmp_path / "broken.toml").write_text("model = \n")
     with pytest.raises(nightly.ConfigError, match="TOML"):
         nightly.load_config(tmp_path / "broken.toml")
+    cfg = nightly.load_config(write_toml(tmp_path / "up.toml", model="m", inputs="i", output_root="sub/../results",
+                                         map_format="float32"))
+    assert cfg["output_root"] == str(tmp_path / "results") and cfg["map_format"] == "float32"  # every MAP_FORMATS
+    assert nightly.main(["--config", str(tmp_path / "up.toml")]) == nightly.EXIT_CONFIG  # no model there: exit 2
+    assert not (tmp_path / "results").exists()
 
 
 def test_dates_placeholders_partitions():

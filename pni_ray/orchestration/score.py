@@ -596,7 +596,8 @@ def score(
             "backbone_runtime": runtime,
             "already_done": len(expanded.paths) - len(todo),
             "scheduled": len(todo),
-            "scored_this_run": n_done,
+            "rows_this_run": n_done,  # scored + failed
+            "scored_this_run": n_done - n_failed,
             "failed_this_run": n_failed,
             "chunks": len(rows),
             "stale_temp_files_removed": stale,

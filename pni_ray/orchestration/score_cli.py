@@ -83,7 +83,7 @@ def score_cmd(model: Path, inputs: tuple[str, ...], out: Path, address: str | No
 
     INPUT: files, directories (recursive), globs, or list files (@FILE, or a .txt/.lst file; one path
     per line). Exit status 0: every input scored; 1: some inputs have error rows; 2: usage error;
-    3: the run failed (rerun to resume).
+    3: the run was refused before it started (the message says what to change) or failed (rerun to resume).
     """
     opts = Options(batch_size=batch_size, workers=workers, cpus_per_worker=cpus_per_worker,
                    gpus_per_worker=gpus_per_worker, map_format=map_format, max_pixels=max_pixels,
