@@ -111,7 +111,9 @@ def model_kind(path: Path | str) -> str:
     path = Path(path)
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
-        raise ValueError(f"{path}: not a model (no manifest.json): give a bundle or an export directory")
+        inside = sorted(str(m.parent) for m in path.glob("*/manifest.json")) if path.is_dir() else []
+        hint = f"; models inside it: {', '.join(inside[:5])}" if inside else ""  # train-all's OUT/<category>
+        raise ValueError(f"{path}: not a model (no manifest.json): give a bundle or an export directory{hint}")
     manifest = read_json(manifest_path)
     if not isinstance(manifest, dict):
         raise ValueError(f"{manifest_path}: not a manifest (a JSON object)")
