@@ -243,6 +243,10 @@ def test_out_holds_one_model_refuses_another_export_of_the_same_bundle(small_set
                                         "--map-format", "float16"])
     assert other_format.exit_code == 3 and "holds maps in format 'uint8'" in other_format.output
     assert len(read_table(out, columns=["path"])) == rows  # nothing added by the refused runs
+    legacy = {k: v for k, v in dataset.items() if k != "source_model_id"}  # an OUT of an older pni-ray
+    (out / "_dataset.json").write_text(json.dumps({**legacy, "model_id": model_id(bundle_tiny)}))
+    old = runner.invoke(main, ["score", str(exports["constant"]), *common, "--out", str(out)])
+    assert old.exit_code == 3 and "older pni-ray" in old.output, old.output
     for model_dir in (bundle_tiny, exports["input"]):
         before = sorted(p.name for p in model_dir.iterdir())
         into = runner.invoke(main, ["score", str(exports["constant"]), *common, "--out", str(model_dir)])

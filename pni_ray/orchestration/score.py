@@ -432,6 +432,9 @@ def check_dataset(out: Path, info: ModelInfo, map_format: str, runtime: str = "o
     path = out / DATASET_FILE
     if path.is_file():
         ds = json.loads(path.read_text())
+        if "source_model_id" not in ds and ds.get("model_kind") == "export" and ds.get("model_id") == info.source_model_id:
+            raise ScoreError(f"{out} was written by an older pni-ray, which named an export by its bundle's id, so "
+                             "it cannot tell which export of that bundle (FP32, INT8, ...) scored it: use another --out")
         if ds.get("model_id") != info.model_id:
             raise ScoreError(f"{out} holds scores of another model (model_id {str(ds.get('model_id'))[:12]}..., "
                              f"from {ds.get('model_path')}); this model is {info.model_id[:12]}...: use another --out")
