@@ -32,7 +32,7 @@ def _mib(n: int) -> str:
               help="Coresets as scorer-graph constants or as inputs the runtime feeds from the Arrow tables.")
 @click.option("--mode", type=click.Choice(SCORE_MODES), default=None, help="Scoring mode (default: the bundle's).")
 @click.option("--chunk", type=int, default=64, show_default=True, help="Grid positions per scorer chunk.")
-@click.option("--force", is_flag=True, help="Replace an existing export directory.")
+@click.option("--force", is_flag=True, help="Replace an existing export directory (never a directory of anything else).")
 @click.option("--threads", type=int, default=None, help="torch threads while tracing (default: all cores).")
 @click.option("--int8", "int8", multiple=True, type=click.Choice(QUANTIZABLE),
               help="Quantise this graph to INT8 (static QDQ; repeat for both). With uint8 activations both kept bottle's "
@@ -61,6 +61,7 @@ def export_cmd(bundle: Path, out: Path, trt: bool, fp16: bool, max_batch: int, o
     from export import opcheck, tables
     from export.onnx_export import ExportOptions, export_bundle
     from pni_ray.bundle import BundleError
+    from pni_ray.fileio import check_replaceable
     from pni_ray.options import set_threads
 
     if not int8 and (int8_activations, int8_fp32_convs, int8_weight_bits) != (None, None, None):
@@ -79,6 +80,8 @@ def export_cmd(bundle: Path, out: Path, trt: bool, fp16: bool, max_batch: int, o
                             int8_fp32_convs=DEFAULT_FP32_CONVS if int8_fp32_convs is None else int8_fp32_convs,
                             int8_weight_bits=int(int8_weight_bits or DEFAULT_WEIGHT_BITS))
     try:
+        if force:  # an export directory (or an empty one) only: never a folder of anything else
+            check_replaceable(out, tables.FORMAT, "export")
         result = export_bundle(bundle, out, options, force=force)
     except (FileExistsError, ValueError, BundleError, opcheck.OpCheckError, tables.ExportError) as exc:
         raise click.ClickException(str(exc)) from exc

@@ -91,11 +91,15 @@ def versions() -> dict[str, str]:
 
 
 def save_bundle(trained: TrainedModel, out: Path | str, overwrite: bool = False) -> Path:
-    """Write the bundle atomically; returns its path. Same model -> byte-identical files."""
+    """Write the bundle atomically; returns its path. Same model -> byte-identical files.
+
+    overwrite replaces an existing bundle (or an empty directory) only: any other directory or
+    file at `out` raises fileio.NotReplaceable and is left as it was.
+    """
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--force) to replace it")
-    with staged_dir(out) as tmp:
+    with staged_dir(out, FORMAT, "bundle") as tmp:
         write_arrow(tmp / MEMORY, memory_table(trained.memory, trained.emb_to_dist, trained.dist_size))
         if trained.position_prior is not None:
             write_arrow(tmp / PRIOR, prior_table(trained.position_prior))

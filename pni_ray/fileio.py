@@ -22,6 +22,19 @@ import pyarrow.ipc as ipc
 
 MANIFEST = "manifest.json"
 
+# Formats of the directories written whole by staged_dir (== pni_ray.bundle.FORMAT, the ensemble's
+# and export.tables.FORMAT, repeated here to keep this module torch-free): what a replace may remove.
+STAGED_FORMATS: tuple[str, ...] = ("pni-ray-bundle", "pni-ray-ensemble", "pni-ray-export")
+STAGED_KIND = "pni-ray bundle, ensemble or export"  # what the messages call them
+_COUNT_CAP = 10_000  # files counted in a refused directory before saying "at least"
+
+
+class NotReplaceable(FileExistsError, ValueError):
+    """`--force` met a path that is not what the command writes: it is left alone; the message says what it holds.
+
+    A FileExistsError (what a refused overwrite raises) and a ValueError (what the CLIs report as errors).
+    """
+
 
 def sha256_file(path: Path | str) -> str:
     digest = hashlib.sha256()
@@ -58,18 +71,75 @@ def atomic_write_json(path: Path | str, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
+def _count_files(folder: Path) -> str:
+    """"N files" under folder (at any depth), counting no further than _COUNT_CAP."""
+    n = 0
+    for _, _, files in os.walk(folder):
+        n += len(files)
+        if n >= _COUNT_CAP:
+            return f"at least {_COUNT_CAP} files"
+    return f"{n} file{'' if n == 1 else 's'}"
+
+
+def manifest_format(folder: Path | str) -> str | None:
+    """The `format` of folder/manifest.json, or None when there is no readable manifest object."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    return fmt if isinstance(fmt, str) else None
+
+
+def check_replaceable(out: Path | str, formats: str | tuple[str, ...] = STAGED_FORMATS, kind: str = STAGED_KIND,
+                      option: str = "--out") -> None:
+    """Raise NotReplaceable unless replacing `out` whole loses nothing but a directory of its own kind.
+
+    Replaceable: a missing path, an empty directory, or a directory whose manifest.json has one of
+    `formats` (a bundle for `train --force`, an export directory for `export --force`). Anything else,
+    e.g. a folder of Parquet scores or a user's own files, is refused with what it holds.
+    """
+    out = Path(out)
+    formats = (formats,) if isinstance(formats, str) else tuple(formats)
+    if not out.exists() and not out.is_symlink():
+        return
+    advice = f"choose another {option} or remove it yourself"
+    if out.is_symlink() or not out.is_dir():
+        raise NotReplaceable(f"{out} is {'a link' if out.is_symlink() else 'a file'}, not {_a(kind)} directory: "
+                             f"--force replaces only {_a(kind)} directory; {advice}")
+    if not any(out.iterdir()):
+        return
+    fmt = manifest_format(out)
+    if fmt in formats:
+        return
+    if fmt is None:
+        holds = (f"an unreadable {MANIFEST}" if (out / MANIFEST).exists() else f"no {kind} manifest")
+        raise NotReplaceable(f"{out} holds {_count_files(out)} and {holds}; --force replaces only "
+                             f"{_a(kind)} directory (or an empty one): {advice}")
+    raise NotReplaceable(f"{out} holds a {fmt} manifest, not {_a(kind)}; --force replaces only "
+                         f"{_a(kind)} directory (or an empty one): {advice}")
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
+
+
 @contextmanager
-def staged_dir(out: Path) -> Iterator[Path]:
+def staged_dir(out: Path, replaces: str | tuple[str, ...] = STAGED_FORMATS, kind: str = STAGED_KIND) -> Iterator[Path]:
     """A fresh hidden sibling of `out` to write a whole directory into.
 
     When the block finishes it replaces `out` in one rename (replace_dir); when the block
-    raises it is removed, so a reader never sees a half-written bundle or export.
+    raises it is removed, so a reader never sees a half-written bundle or export. An existing
+    `out` must be replaceable (check_replaceable with `replaces`, any directory staged_dir writes
+    by default): checked before anything is written and again just before the rename.
     """
+    check_replaceable(out, replaces, kind)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
         yield tmp
+        check_replaceable(out, replaces, kind)  # minutes may have passed: something else may be there now
         replace_dir(tmp, out)
     finally:
         if tmp.exists():

@@ -1,0 +1,84 @@
+"""What an overwrite may remove (fileio.check_replaceable, staged_dir, save_bundle)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pni_ray.fileio import STAGED_FORMATS, NotReplaceable, check_replaceable, staged_dir
+
+
+def _manifest(folder, fmt):
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"format": fmt, "format_version": 1}))
+    (folder / "memory.arrow").write_bytes(b"x")
+    return folder
+
+
+def test_staged_formats_are_the_writers_formats():
+    from export.tables import FORMAT as EXPORT
+    from pni_ray.bundle import FORMAT as BUNDLE
+    from pni_ray.models.ensemble import FORMAT as ENSEMBLE
+
+    assert set(STAGED_FORMATS) == {BUNDLE, ENSEMBLE, EXPORT}
+
+
+def test_check_replaceable(tmp_path):
+    check_replaceable(tmp_path / "missing", "pni-ray-bundle", "bundle")
+    (tmp_path / "empty").mkdir()
+    check_replaceable(tmp_path / "empty", "pni-ray-bundle", "bundle")
+    check_replaceable(_manifest(tmp_path / "b", "pni-ray-bundle"), "pni-ray-bundle", "bundle")
+    with pytest.raises(NotReplaceable, match="holds a pni-ray-bundle manifest, not an export"):
+        check_replaceable(tmp_path / "b", "pni-ray-export", "export")
+    scores = _manifest(tmp_path / "scores", "pni-ray-scores")  # a Parquet/Arrow results folder is never replaced
+    with pytest.raises(NotReplaceable, match="pni-ray-scores"):
+        check_replaceable(scores, STAGED_FORMATS)
+    user = tmp_path / "user" / "deep"
+    user.mkdir(parents=True)
+    (user / "a.txt").write_text("a")
+    with pytest.raises(NotReplaceable, match=r"holds 1 file and no bundle manifest.*choose another --out") as info:
+        check_replaceable(tmp_path / "user", "pni-ray-bundle", "bundle")
+    assert str(tmp_path / "user") in str(info.value)
+    assert isinstance(info.value, FileExistsError) and isinstance(info.value, ValueError)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "manifest.json").write_text("{not json")
+    with pytest.raises(NotReplaceable, match="unreadable manifest.json"):
+        check_replaceable(tmp_path / "bad", "pni-ray-bundle", "bundle")
+    (tmp_path / "f").write_text("f")
+    with pytest.raises(NotReplaceable, match="is a file"):
+        check_replaceable(tmp_path / "f", "pni-ray-bundle", "bundle")
+
+
+def test_staged_dir_never_replaces_a_user_folder(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.parquet").write_bytes(b"PAR1")
+    with pytest.raises(NotReplaceable):
+        with staged_dir(out) as tmp:  # the default: only directories staged_dir itself writes
+            (tmp / "x").write_text("x")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "keep.parquet").is_file()
+    target = _manifest(tmp_path / "export", "pni-ray-export")
+    with staged_dir(target) as tmp:
+        (tmp / "new").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new"]
+
+
+def test_save_bundle_overwrites_bundles_only(bundle_tiny, tmp_path):
+    import shutil
+
+    from pni_ray.bundle import load_bundle, save_bundle, verify_bundle
+
+    trained, _ = load_bundle(bundle_tiny)
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle_tiny, copy)
+    (copy / "extra.txt").write_text("gone after the replace")
+    save_bundle(trained, copy, overwrite=True)  # a bundle is replaced whole
+    assert verify_bundle(copy)["category"] == "washer" and not (copy / "extra.txt").exists()
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "scores.parquet").write_bytes(b"PAR1")
+    with pytest.raises(NotReplaceable, match="no bundle manifest"):
+        save_bundle(trained, results, overwrite=True)
+    assert [p.name for p in results.iterdir()] == ["scores.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "results"]  # no temp dir left
