@@ -37,12 +37,72 @@ def main(verbose: int, quiet: bool) -> None:
         raise click.UsageError(str(exc)) from None
 
 
+def check_force_out(out: Path, force: bool, formats: str | tuple[str, ...], kind: str) -> None:
+    """Refuse an existing OUT without --force, and with it anything but a `kind` directory (or an empty one)."""
+    from pni_ray.fileio import NotReplaceable, check_replaceable
+
+    if out.exists() and not force:
+        raise click.ClickException(f"{out} already exists; use --force to replace it")
+    try:
+        check_replaceable(out, formats, kind)
+    except NotReplaceable as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def require_category(data_root: Path, category: str, given: bool, train_only: bool = False) -> None:
+    """A usage error (exit 2) naming what DATA_ROOT should hold, when DATA_ROOT/CATEGORY is no folder.
+
+    given: the user typed -c (else the category is the bundle's). train_only: the command reads
+    train/good only (refine), which must then exist.
+    """
+    from pni_ray.data.mvtec import list_categories, missing_category_message
+
+    message = missing_category_message(data_root, category)
+    if message is not None:
+        if not given:
+            message = (f"the bundle's category is {category!r}, and there is {message}\n"
+                       "Give -c NAME to read a category folder of another name.")
+        # the category name is wrong when DATA_ROOT holds categories; else DATA_ROOT is
+        wrong_name = given and bool(list_categories(data_root)) and not (data_root / "train").is_dir()
+        raise click.BadParameter(message, param_hint="'-c' / '--category'" if wrong_name else "'DATA_ROOT'")
+    good = data_root / category / "train" / "good"
+    if train_only and not good.is_dir():
+        raise click.ClickException(f"{good} is missing: this command reads the good images of train/good/")
+
+
+def load_category_checked(data_root: Path, category: str, given: bool, need_test: bool = False, **kwargs: Any):
+    """load_category with its layout problems as a click error (no traceback); need_test: test images too."""
+    from pni_ray.data.mvtec import LayoutError, load_category
+
+    require_category(data_root, category, given)
+    try:
+        cat = load_category(data_root, category, **kwargs)
+    except LayoutError as exc:
+        raise click.ClickException(str(exc)) from None
+    if need_test and not cat.test:
+        raise click.ClickException(
+            f"{cat.root}: no test images to evaluate on. evaluate reads {cat.root / 'test'}/<type>/ (test/good/ and "
+            "a folder per defect type, each defect image with a mask in ground_truth/<type>/<name>_mask.png); "
+            "train/good/ alone is enough for train, not for evaluate.")
+    return cat
+
+
+def warn_other_category(category: str | None, manifest: dict[str, Any], what: str) -> None:
+    """Warn on stderr when -c names another category than the one `what` was trained on (not refused:
+    the folder may only have been renamed)."""
+    recorded = manifest.get("category")
+    if category is not None and recorded is not None and category != recorded:
+        click.echo(f"warning: {what} was trained on category {recorded!r}, but -c gives {category!r}: unless "
+                   f"{category!r} is {recorded!r} under another name, the results describe a model of another "
+                   "category", err=True)
+
+
 @main.command()
 @click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--category", "-c", required=True, help="Category folder under DATA_ROOT.")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--backbone", default=None, help="Backbone name (pni-ray backbones lists them).")
-@click.option("--force", is_flag=True, help="Replace an existing bundle.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle (never a directory of anything else).")
 @train_options
 def train(data_root: Path, category: str, out: Path, backbone: str | None, force: bool, threads: int | None,
           config_file: Path | None, **overrides: Any) -> None:
@@ -50,15 +110,23 @@ def train(data_root: Path, category: str, out: Path, backbone: str | None, force
 
     Gives the same bundle as `train-all` for the same config and --threads (both default to 1).
     """
-    from pni_ray.bundle import save_bundle
+    from pni_ray.bundle import FORMAT, save_bundle
+    from pni_ray.data.mvtec import LayoutError
+    from pni_ray.fileio import NotReplaceable
     from pni_ray.fit import fit_category
 
     n_threads = training_threads(threads)
-    if out.exists() and not force:
-        raise click.ClickException(f"{out} already exists; use --force to replace it")
+    check_force_out(out, force, FORMAT, "bundle")
     cfg = build_config(backbone=backbone, base=load_config_file(config_file), **overrides)
-    trained = fit_category(data_root, category, cfg, n_threads)
-    save_bundle(trained, out, overwrite=force)
+    require_category(data_root, category, given=True)
+    try:
+        trained = fit_category(data_root, category, cfg, n_threads)
+    except LayoutError as exc:  # the category's files, checked before training
+        raise click.ClickException(str(exc)) from None
+    try:
+        save_bundle(trained, out, overwrite=force)
+    except NotReplaceable as exc:  # something else appeared at OUT while training
+        raise click.ClickException(str(exc)) from None
     secs = trained.report["seconds"]
     click.echo(f"trained {category} ({cfg.mode}, {cfg.features.backbone}) in {secs['total']:.1f} s -> {out}")
 
@@ -73,7 +141,7 @@ def train(data_root: Path, category: str, out: Path, backbone: str | None, force
 @click.option("--source", type=click.Choice(REFINER_SOURCES), default=None,
               help="Images the defects are drawn on (default: the config's). Bundles trained before 'all' became "
                    "the default keep 'holdout' and 240 samples: give --source all --samples 480 for today's defaults.")
-@click.option("--force", is_flag=True, help="Replace an existing bundle at OUT.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at OUT (never a directory of anything else).")
 @click.option("--threads", type=int, default=None,
               help="torch threads (default 1, as `train --refine`: the count changes the refiner's floats).")
 def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epochs: int | None,
@@ -86,25 +154,33 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
     """
     import torch
 
-    from pni_ray.bundle import load_bundle, save_bundle
+    from pni_ray.bundle import FORMAT, BundleError, load_bundle, save_bundle
+    from pni_ray.fileio import NotReplaceable
     from pni_ray.fit import record_threads
     from pni_ray.refine_training import train_refiner
 
     n_threads = training_threads(threads)
     torch.set_num_threads(n_threads)
-    if out.exists() and not force:
-        raise click.ClickException(f"{out} already exists; use --force to replace it")
-    if out.resolve() == bundle.resolve():
+    if out.exists() and out.resolve() == bundle.resolve():
         raise click.ClickException(f"{out}: write the refined bundle to a new directory, not over its source")
-    trained, manifest = load_bundle(bundle)
+    check_force_out(out, force, FORMAT, "bundle")
+    try:
+        trained, manifest = load_bundle(bundle)
+    except BundleError as exc:
+        raise click.ClickException(str(exc)) from None
     if trained.config.mode != "pni":
         raise click.ClickException(f"{bundle} is a {trained.config.mode} bundle: the refiner needs a PNI bundle")
+    require_category(data_root, category or manifest["category"], given=category is not None, train_only=True)
+    warn_other_category(category, manifest, str(bundle))
     rcfg = trained.config.refiner
     changes = {k: v for k, v in (("epochs", epochs), ("n_samples", samples), ("source", source)) if v is not None}
     trained.config = trained.config.replace(refiner=dataclasses.replace(rcfg, enabled=True, **changes))
     train_refiner(trained, data_root, category or manifest["category"])
     record_threads(trained, n_threads)
-    save_bundle(trained, out, overwrite=force)
+    try:
+        save_bundle(trained, out, overwrite=force)
+    except NotReplaceable as exc:  # something else appeared at OUT while training
+        raise click.ClickException(str(exc)) from None
     click.echo(f"refined {manifest['category']} in {trained.report['seconds']['refiner']:.1f} s -> {out}")
 
 
@@ -127,8 +203,7 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
     An export directory is scored as `pni-ray score` runs it (onnxruntime, or its backbone in OpenVINO
     with --backbone-runtime openvino), in the one mode it was exported in.
     """
-    from pni_ray.bundle import atomic_write_json
-    from pni_ray.data.mvtec import load_category
+    from pni_ray.bundle import BundleError, atomic_write_json
     from pni_ray.evaluate import ABLATION_MODES, DIAGNOSTIC_KEYS, attach_diagnostics, evaluate_category, prior_diagnostics
     from pni_ray.inference import load_detector
     from pni_ray.models.predict import default_name
@@ -151,10 +226,15 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
     if backbone_runtime != "onnxruntime" or backbone_precision != "auto":
         raise click.UsageError(f"{bundle} is a {kind}, scored by torch: --backbone-runtime and --backbone-precision "
                                "apply to export directories (pni-ray export BUNDLE --out DIR, then evaluate DIR)")
-    detector, manifest = load_detector(bundle)
+    try:
+        detector, manifest = load_detector(bundle)
+    except BundleError as exc:  # a tampered or incomplete bundle: say which file
+        raise click.ClickException(str(exc)) from None
     geometry = getattr(detector, "geometry", None)
     kwargs = {"max_pixels": geometry.max_pixels} if geometry is not None else {}
-    cat = load_category(data_root, category or manifest["category"], **kwargs)
+    cat = load_category_checked(data_root, category or manifest["category"], category is not None, need_test=True,
+                                **kwargs)
+    warn_other_category(category, manifest, str(bundle))
     refine_modes: tuple[str, ...] = ()
     if ablation:
         if detector.mode == "patchcore":
@@ -188,7 +268,6 @@ def evaluate_export(path: Path, data_root: Path, category: str | None, json_path
                     threads: int | None, backbone_runtime: str, backbone_precision: str) -> None:
     """`evaluate` of an export directory: the deployment's own runtime, maps and image scores."""
     from pni_ray.bundle import atomic_write_json
-    from pni_ray.data.mvtec import load_category
     from pni_ray.evaluate import evaluate_model
     from pni_ray.orchestration.model_loader import load_scoring_model
 
@@ -198,7 +277,9 @@ def evaluate_export(path: Path, data_root: Path, category: str | None, json_path
     except (RuntimeError, ValueError) as exc:  # a missing or refusing OpenVINO, a bad export: say which
         raise click.ClickException(str(exc)) from exc
     manifest = model.manifest
-    cat = load_category(data_root, category or manifest["category"], max_pixels=model.geometry.max_pixels)
+    cat = load_category_checked(data_root, category or manifest["category"], category is not None, need_test=True,
+                                max_pixels=model.geometry.max_pixels)
+    warn_other_category(category, manifest, str(path))
     name = manifest["mode"] + ("+refine" if "refiner" in model.runtime.stages else "")
     t0 = time.perf_counter()
     results = evaluate_model(model, cat, name, batch_size=batch_size)

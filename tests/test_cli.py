@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -70,8 +71,8 @@ def test_train_bad_layout_names_the_file(tmp_path):
     (tmp_path / "cat" / "train" / "good").mkdir(parents=True)
     (tmp_path / "cat" / "train" / "good" / "x.png").write_bytes(b"garbage")
     result = CliRunner().invoke(main, ["-q", "train", str(tmp_path), "-c", "cat", "--out", str(tmp_path / "o"), *TINY])
-    assert result.exit_code != 0
-    assert "x.png" in str(result.exception) or "x.png" in result.output
+    assert result.exit_code == 1  # a click error naming the file, not a traceback
+    assert isinstance(result.exception, SystemExit) and "x.png" in result.output
 
 
 def test_make_synthetic_and_backbones(tmp_path):
@@ -81,3 +82,137 @@ def test_make_synthetic_and_backbones(tmp_path):
     assert (tmp_path / "s" / "weave" / "train" / "good").is_dir()
     result = runner.invoke(main, ["backbones"])
     assert "efficientnet_lite0" in result.output and "wide_resnet50_2" in result.output
+
+
+# ---------------------------------------------------------------- --force replaces only its own kind
+
+
+def _user_folder(path):
+    """A folder that is no bundle: scoring results a user keeps."""
+    path.mkdir(parents=True)
+    (path / "part-0.parquet").write_bytes(b"PAR1")
+    (path / "part-1.parquet").write_bytes(b"PAR1")
+    return path
+
+
+def _no_traceback(result):
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # a click error, not a crash
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", ["train", "refine"])
+def test_force_leaves_a_folder_of_other_files_alone(command, cli_bundle, synthetic_root, tmp_path):
+    out = _user_folder(tmp_path / "results")
+    args = (["train", str(synthetic_root), "-c", "granite", *TINY] if command == "train"
+            else ["refine", str(cli_bundle), str(synthetic_root), "--threads", "1"])
+    result = CliRunner().invoke(main, ["-q", *args, "--out", str(out), "--force"])
+    assert result.exit_code == 1, result.output
+    _no_traceback(result)
+    assert str(out) in result.output and "holds 2 files and no bundle manifest" in result.output
+    assert "choose another --out or remove it yourself" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["part-0.parquet", "part-1.parquet"]
+
+
+def test_train_force_leaves_a_file_and_an_export_alone(synthetic_root, tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    result = CliRunner().invoke(main, ["-q", "train", str(synthetic_root), "-c", "granite", "--out", str(file),
+                                       "--force", *TINY])
+    assert result.exit_code == 1 and "is a file" in result.output and file.read_text() == "mine"
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    (export_dir / "manifest.json").write_text(json.dumps({"format": "pni-ray-export", "format_version": 1}))
+    result = CliRunner().invoke(main, ["-q", "train", str(synthetic_root), "-c", "granite", "--out", str(export_dir),
+                                       "--force", *TINY])
+    assert result.exit_code == 1 and "holds a pni-ray-export manifest, not a bundle" in result.output
+    assert (export_dir / "manifest.json").is_file()
+
+
+def test_train_force_replaces_an_empty_directory(synthetic_root, tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    result = CliRunner().invoke(main, ["-q", "train", str(synthetic_root), "-c", "granite", "--out", str(out),
+                                       "--force", "--backbone", "efficientnet_lite0", *TINY])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["format"] == "pni-ray-bundle"
+
+
+def test_export_force_leaves_other_folders_alone(cli_bundle, tmp_path):
+    results = _user_folder(tmp_path / "results")
+    result = CliRunner().invoke(main, ["-q", "export", str(cli_bundle), "--out", str(results), "--force"])
+    assert result.exit_code == 1, result.output
+    _no_traceback(result)
+    assert str(results) in result.output and "holds 2 files and no export manifest" in result.output
+    assert len(list(results.iterdir())) == 2
+    bundle_copy = tmp_path / "bundle"
+    shutil.copytree(cli_bundle, bundle_copy)
+    result = CliRunner().invoke(main, ["-q", "export", str(cli_bundle), "--out", str(bundle_copy), "--force"])
+    assert result.exit_code == 1 and "holds a pni-ray-bundle manifest, not an export" in result.output
+    assert sorted(p.name for p in bundle_copy.iterdir()) == sorted(p.name for p in cli_bundle.iterdir())
+
+
+# ---------------------------------------------------------------- DATA_ROOT / category mistakes
+
+
+def test_train_wrong_category_lists_the_categories(synthetic_root, tmp_path):
+    result = CliRunner().invoke(main, ["-q", "train", str(synthetic_root), "-c", "granit", "--out",
+                                       str(tmp_path / "o"), *TINY])
+    assert result.exit_code == 2, result.output
+    _no_traceback(result)
+    out = result.output
+    assert str(synthetic_root / "granit") in out and "'-c' / '--category'" in out
+    assert "DATA_ROOT is the folder that holds the category folders" in out and "train/good/" in out
+    assert "granite, pillbox, washer, weave" in out and "Did you mean -c granite?" in out
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_data_root_is_a_category_folder(synthetic_root, tmp_path):
+    result = CliRunner().invoke(main, ["-q", "train", str(synthetic_root / "granite"), "-c", "granite", "--out",
+                                       str(tmp_path / "o"), *TINY])
+    assert result.exit_code == 2, result.output
+    _no_traceback(result)
+    assert str(synthetic_root / "granite" / "granite") in result.output and "'DATA_ROOT'" in result.output
+    assert "looks like a category folder (it has train/): pass its parent" in result.output
+    assert str(synthetic_root.resolve()) in result.output
+
+
+def test_train_data_root_not_mvtec(tmp_path):
+    root = _user_folder(tmp_path / "results")
+    result = CliRunner().invoke(main, ["-q", "train", str(root), "-c", "bottle", "--out", str(tmp_path / "o"), *TINY])
+    assert result.exit_code == 2, result.output
+    _no_traceback(result)
+    assert str(root / "bottle") in result.output and "No category folders (sub-folders with train/)" in result.output
+
+
+def test_evaluate_and_refine_wrong_category(cli_bundle, synthetic_root, tmp_path):
+    for args in (["evaluate", str(cli_bundle), str(synthetic_root), "-c", "granit"],
+                 ["refine", str(cli_bundle), str(synthetic_root), "-c", "granit", "--out", str(tmp_path / "r")]):
+        result = CliRunner().invoke(main, ["-q", *args, "--threads", "1"])
+        assert result.exit_code == 2, result.output
+        _no_traceback(result)
+        assert str(synthetic_root / "granit") in result.output and "Did you mean -c granite?" in result.output
+    # the bundle's own category missing from DATA_ROOT: DATA_ROOT is what to fix, or -c
+    other = tmp_path / "other"
+    shutil.copytree(synthetic_root / "weave", other / "weave")
+    result = CliRunner().invoke(main, ["-q", "evaluate", str(cli_bundle), str(other), "--threads", "1"])
+    assert result.exit_code == 2 and "the bundle's category is 'granite'" in result.output
+    assert "Categories found under" in result.output and "weave" in result.output
+    _no_traceback(result)
+
+
+def test_evaluate_without_test_images(cli_bundle, synthetic_root, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(synthetic_root / "granite" / "train", root / "granite" / "train")
+    result = CliRunner().invoke(main, ["-q", "evaluate", str(cli_bundle), str(root), "--threads", "1"])
+    assert result.exit_code == 1, result.output
+    _no_traceback(result)
+    assert str(root / "granite") in result.output and "no test images to evaluate on" in result.output
+    assert "test/good/" in result.output
+
+
+def test_evaluate_other_category_warns(cli_bundle, synthetic_root):
+    result = CliRunner().invoke(main, ["-q", "evaluate", str(cli_bundle), str(synthetic_root), "-c", "weave",
+                                       "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "warning:" in result.stderr and "trained on category 'granite'" in result.stderr
+    assert "'weave'" in result.stderr and "image_auroc" in result.stdout

@@ -67,6 +67,40 @@ def list_categories(data_root: Path | str) -> list[str]:
     return sorted(p.name for p in data_root.iterdir() if p.is_dir() and (p / "train").is_dir())
 
 
+def missing_category_message(data_root: Path | str, category: str) -> str | None:
+    """Why DATA_ROOT/CATEGORY is no category folder, in words for the person who typed them; None if it is a folder.
+
+    Says what DATA_ROOT should be, lists the categories found under it, and, when DATA_ROOT itself
+    looks like a category folder (it has train/), says to pass its parent.
+    """
+    import difflib
+
+    data_root = Path(data_root)
+    root = data_root / category
+    if root.is_dir():
+        return None
+    lines = [f"no category folder {root}."]
+    lines.append("DATA_ROOT is the folder that holds the category folders (like bottle/), each with train/good/ "
+                 "of good images (and test/<type>/ with ground_truth/<type>/ masks for evaluate).")
+    is_category = (data_root / "train").is_dir()
+    if is_category:
+        parent = data_root.resolve().parent
+        lines.append(f"{data_root} itself looks like a category folder (it has train/): pass its parent as "
+                     f"DATA_ROOT: {parent} -c {data_root.resolve().name}")
+    try:
+        found = list_categories(data_root)
+    except OSError:
+        found = []
+    if found:
+        lines.append(f"Categories found under {data_root}: {', '.join(found)}.")
+        close = difflib.get_close_matches(category, found, n=1)
+        if close:
+            lines.append(f"Did you mean -c {close[0]}?")
+    elif not is_category:  # (a category folder holds none: said above)
+        lines.append(f"No category folders (sub-folders with train/) found under {data_root}.")
+    return "\n".join(lines)
+
+
 def load_category(
     data_root: Path | str, category: str, check_files: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> Category:
