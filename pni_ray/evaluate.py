@@ -8,6 +8,7 @@ are what a deployment of that mode would see.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from pni_ray.geometry import STRIDE, Geometry, Prepared
 from pni_ray.models.predict import NEEDS_MLP, chunks, detector_geometry, features, score_prepared
 
 ABLATION_MODES = ("patchcore", "neighbourhood", "position", "pni")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -113,6 +116,11 @@ def category_metrics(category: Category, results: dict[str, ModeResult]) -> dict
 def _test_paths(category: Category) -> list[Path]:
     if not category.test:
         raise ValueError(f"{category.root}: no test images to evaluate on (test/<type>/ is empty)")
+    if not category.has_test:
+        has = "defect" if category.test[0].label else "good"
+        log.warning("%s: the test split has %s images only (%d): the image AUROC and F1%s are undefined (n/a); "
+                    "put good images in test/good/ and defect images in test/<type>/", category.root, has,
+                    len(category.test), " and the pixel metrics" if has == "good" else "")
     return [s.path for s in category.test]
 
 

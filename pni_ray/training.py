@@ -54,6 +54,26 @@ def calibration_split(paths: list[Path], cfg: TrainConfig) -> tuple[list[Path], 
     return keep, hold
 
 
+# Below these counts a trained model still scores, but its threshold and metrics say little.
+MIN_MEMORY_IMAGES = 10
+MIN_HOLDOUT_IMAGES = 5
+
+
+def small_training_set_warning(n_memory: int, n_holdout: int) -> str | None:
+    """Why a split of train/good this small gives an unreliable model, or None when it is big enough."""
+    if n_memory >= MIN_MEMORY_IMAGES and n_holdout >= MIN_HOLDOUT_IMAGES:
+        return None
+    parts = []
+    if n_memory < MIN_MEMORY_IMAGES:
+        parts.append(f"only {n_memory} images in the memory bank (fewer than {MIN_MEMORY_IMAGES}): normal variation "
+                     "it has not seen will score as anomalous")
+    if n_holdout < MIN_HOLDOUT_IMAGES:
+        parts.append(f"only {n_holdout} held-out images calibrate the score scale and threshold (fewer than "
+                     f"{MIN_HOLDOUT_IMAGES})" + (": the threshold is the uncalibrated default" if not n_holdout else ""))
+    return ("small training set: " + "; ".join(parts) + ". The threshold and the metrics will be unreliable; "
+            "add good images to train/good/ (MVTec AD categories have 60 to 400).")
+
+
 def coreset_pool(features: torch.Tensor, valid: torch.Tensor | None, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, D, h, w) training features -> (every patch row, the rows the greedy coreset chooses from):
     valid positions only, seeded-subsampled to coreset.max_candidates."""
@@ -337,6 +357,9 @@ def train_category(
     cat = category_data or load_category(data_root, category, max_pixels=geometry.max_pixels)
     memory_paths, holdout_paths = calibration_split(cat.train, cfg)
     log.info("%s: %d memory-bank images, %d held out for calibration", category, len(memory_paths), len(holdout_paths))
+    small = small_training_set_warning(len(memory_paths), len(holdout_paths))
+    if small:
+        log.warning("%s: %s", category, small)
     torch.manual_seed(cfg.seed)
     extractor = build_extractor(cfg.features)
     log.info("%s: geometry %s", category, geometry.describe())

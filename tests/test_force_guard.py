@@ -1,8 +1,10 @@
-"""What an overwrite may remove (fileio.check_replaceable, staged_dir, save_bundle)."""
+"""What an overwrite may remove (fileio.check_replaceable, staged_dir, save_bundle), and the
+warnings of a too-small training set or test split."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -82,3 +84,42 @@ def test_save_bundle_overwrites_bundles_only(bundle_tiny, tmp_path):
         save_bundle(trained, results, overwrite=True)
     assert [p.name for p in results.iterdir()] == ["scores.parquet"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "results"]  # no temp dir left
+
+
+# ---------------------------------------------------------------- small data warnings
+
+
+def test_small_training_set_warning_thresholds():
+    from pni_ray.training import small_training_set_warning
+
+    assert small_training_set_warning(180, 20) is None
+    assert small_training_set_warning(10, 5) is None
+    message = small_training_set_warning(3, 2)
+    assert "only 3 images in the memory bank" in message and "only 2 held-out images" in message
+    assert "unreliable" in message
+    assert "uncalibrated default" in small_training_set_warning(40, 0)
+
+
+def test_training_on_five_images_warns(tmp_path, caplog):
+    from conftest import tiny_config
+
+    from pni_ray.data.synthetic import SyntheticSpec, make_synthetic
+    from pni_ray.training import train_category
+
+    make_synthetic(tmp_path, categories=["granite"],
+                   spec=SyntheticSpec(size=64, n_train=5, n_test_good=0, n_test_defect_per_type=0))
+    with caplog.at_level(logging.WARNING, logger="pni_ray"):
+        train_category(tmp_path, "granite", tiny_config(), progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("only 3 images in the memory bank" in w and "only 2 held-out images" in w and "unreliable" in w
+               for w in warnings), warnings
+
+
+def test_a_test_split_of_one_label_warns(tmp_path, caplog):
+    from pni_ray.data.mvtec import Category, TestSample
+    from pni_ray.evaluate import _test_paths
+
+    cat = Category(root=tmp_path, name="c", train=[], test=[TestSample(tmp_path / "a.png", "good", None)])
+    with caplog.at_level(logging.WARNING, logger="pni_ray"):
+        assert _test_paths(cat) == [tmp_path / "a.png"]
+    assert any("good images only" in r.getMessage() and "undefined" in r.getMessage() for r in caplog.records)
