@@ -13,7 +13,7 @@ import click
 
 from pni_ray.allocator import keep_freed_memory
 from pni_ray.config import REFINER_SOURCES, SCORE_MODES
-from pni_ray.options import (backbone_option_error, backbone_options, build_config, load_config_file, print_table,
+from pni_ray.options import (backbone_option_error, backbone_options, build_config, check_force_out, load_config_file, print_table,
                              set_threads, train_options, training_threads)
 
 log = logging.getLogger("pni_ray")
@@ -35,18 +35,6 @@ def main(verbose: int, quiet: bool) -> None:
         keep_freed_memory()  # glibc keeps freed memory for reuse (pni_ray.allocator)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-
-
-def check_force_out(out: Path, force: bool, formats: str | tuple[str, ...], kind: str) -> None:
-    """Refuse an existing OUT without --force, and with it anything but a `kind` directory (or an empty one)."""
-    from pni_ray.fileio import NotReplaceable, check_replaceable
-
-    if out.exists() and not force:
-        raise click.ClickException(f"{out} already exists; use --force to replace it")
-    try:
-        check_replaceable(out, formats, kind)
-    except NotReplaceable as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 def require_category(data_root: Path, category: str, given: bool, train_only: bool = False) -> None:

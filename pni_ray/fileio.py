@@ -22,10 +22,6 @@ import pyarrow.ipc as ipc
 
 MANIFEST = "manifest.json"
 
-# Formats of the directories written whole by staged_dir (== pni_ray.bundle.FORMAT, the ensemble's
-# and export.tables.FORMAT, repeated here to keep this module torch-free): what a replace may remove.
-STAGED_FORMATS: tuple[str, ...] = ("pni-ray-bundle", "pni-ray-ensemble", "pni-ray-export")
-STAGED_KIND = "pni-ray bundle, ensemble or export"  # what the messages call them
 _COUNT_CAP = 10_000  # files counted in a refused directory before saying "at least"
 
 
@@ -91,8 +87,7 @@ def manifest_format(folder: Path | str) -> str | None:
     return fmt if isinstance(fmt, str) else None
 
 
-def check_replaceable(out: Path | str, formats: str | tuple[str, ...] = STAGED_FORMATS, kind: str = STAGED_KIND,
-                      option: str = "--out") -> None:
+def check_replaceable(out: Path | str, formats: str | tuple[str, ...], kind: str, option: str = "--out") -> None:
     """Raise NotReplaceable unless replacing `out` whole loses nothing but a directory of its own kind.
 
     Replaceable: a missing path, an empty directory, or a directory whose manifest.json has one of
@@ -125,13 +120,13 @@ def _a(noun: str) -> str:
 
 
 @contextmanager
-def staged_dir(out: Path, replaces: str | tuple[str, ...] = STAGED_FORMATS, kind: str = STAGED_KIND) -> Iterator[Path]:
+def staged_dir(out: Path, replaces: str | tuple[str, ...], kind: str) -> Iterator[Path]:
     """A fresh hidden sibling of `out` to write a whole directory into.
 
     When the block finishes it replaces `out` in one rename (replace_dir); when the block
     raises it is removed, so a reader never sees a half-written bundle or export. An existing
-    `out` must be replaceable (check_replaceable with `replaces`, any directory staged_dir writes
-    by default): checked before anything is written and again just before the rename.
+    `out` must be replaceable (check_replaceable: missing, empty, or a directory of the writer's own
+    format `replaces`): checked before anything is written and again just before the rename.
     """
     check_replaceable(out, replaces, kind)
     out.parent.mkdir(parents=True, exist_ok=True)

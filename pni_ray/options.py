@@ -191,3 +191,15 @@ def print_table(rows: dict[str, dict], keys: tuple[str, ...] = ("image_auroc", "
             v = row.get(k)
             cells.append(f"{'n/a':>12}" if v is None else f"{v:>12.4f}" if k != "images_per_s" else f"{v:>12.2f}")
         click.echo(f"{name:<{width}}  " + "  ".join(cells))
+
+
+def check_force_out(out: Path, force: bool, formats: str | tuple[str, ...], kind: str) -> None:
+    """Refuse an existing OUT without --force, and with it anything but a `kind` directory (or an empty one)."""
+    from pni_ray.fileio import NotReplaceable, check_replaceable
+
+    if out.exists() and not force:
+        raise click.ClickException(f"{out} already exists; use --force to replace it")
+    try:
+        check_replaceable(out, formats, kind)
+    except NotReplaceable as exc:
+        raise click.ClickException(str(exc)) from None

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from pni_ray.fileio import STAGED_FORMATS, NotReplaceable, check_replaceable, staged_dir
+from pni_ray.fileio import NotReplaceable, check_replaceable, staged_dir
 
 
 def _manifest(folder, fmt):
@@ -16,14 +16,6 @@ def _manifest(folder, fmt):
     (folder / "manifest.json").write_text(json.dumps({"format": fmt, "format_version": 1}))
     (folder / "memory.arrow").write_bytes(b"x")
     return folder
-
-
-def test_staged_formats_are_the_writers_formats():
-    from export.tables import FORMAT as EXPORT
-    from pni_ray.bundle import FORMAT as BUNDLE
-    from pni_ray.models.ensemble import FORMAT as ENSEMBLE
-
-    assert set(STAGED_FORMATS) == {BUNDLE, ENSEMBLE, EXPORT}
 
 
 def test_check_replaceable(tmp_path):
@@ -35,7 +27,7 @@ def test_check_replaceable(tmp_path):
         check_replaceable(tmp_path / "b", "pni-ray-export", "export")
     scores = _manifest(tmp_path / "scores", "pni-ray-scores")  # a Parquet/Arrow results folder is never replaced
     with pytest.raises(NotReplaceable, match="pni-ray-scores"):
-        check_replaceable(scores, STAGED_FORMATS)
+        check_replaceable(scores, ("pni-ray-bundle", "pni-ray-export"), "bundle or export")
     user = tmp_path / "user" / "deep"
     user.mkdir(parents=True)
     (user / "a.txt").write_text("a")
@@ -57,11 +49,14 @@ def test_staged_dir_never_replaces_a_user_folder(tmp_path):
     out.mkdir()
     (out / "keep.parquet").write_bytes(b"PAR1")
     with pytest.raises(NotReplaceable):
-        with staged_dir(out) as tmp:  # the default: only directories staged_dir itself writes
+        with staged_dir(out, "pni-ray-export", "export") as tmp:  # only a directory of the writer's own format
             (tmp / "x").write_text("x")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "keep.parquet").is_file()
     target = _manifest(tmp_path / "export", "pni-ray-export")
-    with staged_dir(target) as tmp:
+    with pytest.raises(NotReplaceable, match="not an ensemble"):  # an export is not an ensemble's to replace
+        with staged_dir(target, "pni-ray-ensemble", "ensemble"):
+            pass
+    with staged_dir(target, "pni-ray-export", "export") as tmp:
         (tmp / "new").write_text("new")
     assert [p.name for p in target.iterdir()] == ["new"]
 
@@ -123,3 +118,18 @@ def test_a_test_split_of_one_label_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="pni_ray"):
         assert _test_paths(cat) == [tmp_path / "a.png"]
     assert any("good images only" in r.getMessage() and "undefined" in r.getMessage() for r in caplog.records)
+
+
+def test_ensemble_force_refuses_a_user_folder_before_reading_the_members(bundle_tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from pni_ray.cli import main
+
+    out = tmp_path / "reports"
+    out.mkdir()
+    (out / "week.html").write_text("<html></html>")
+    (tmp_path / "not-a-bundle").mkdir()  # never read: OUT is refused first
+    result = CliRunner().invoke(main, ["ensemble", str(bundle_tiny), str(tmp_path / "not-a-bundle"),
+                                       "--out", str(out), "--force"])
+    assert result.exit_code != 0 and "no ensemble manifest" in result.output, result.output
+    assert [p.name for p in out.iterdir()] == ["week.html"]

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from pni_ray.options import build_config, load_config_file, set_threads, train_options
+from pni_ray.options import build_config, check_force_out, load_config_file, set_threads, train_options
 from pni_ray.orchestration.ray_session import RayJoinError
 from pni_ray.orchestration.shared_storage import SharedStorageError
 from pni_ray.orchestration.train_all import FAILED, SKIPPED, TRAINED, format_table, train_all
@@ -71,7 +71,7 @@ def train_all_cmd(data_root: Path, out: Path, categories: str | None, backbones:
 @click.command("ensemble")
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Ensemble directory to write.")
-@click.option("--force", is_flag=True, help="Replace an existing ensemble.")
+@click.option("--force", is_flag=True, help="Replace an existing ensemble (never a directory of anything else).")
 @click.option("--calibrate", "calibrate_root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="DATA_ROOT: set the threshold from the members' shared held-out train/good images "
                    "(default: from the members' stored statistics).")
@@ -85,11 +85,11 @@ def ensemble_cmd(bundles: tuple[Path, ...], out: Path, force: bool, calibrate_ro
     score is the maximum of the averaged map. `pni-ray evaluate OUT DATA_ROOT` scores it.
     """
     from pni_ray.bundle import BundleError, model_id
+    from pni_ray.models.ensemble import FORMAT as ENSEMBLE_FORMAT
     from pni_ray.models.ensemble import save_ensemble, verify_ensemble
 
     set_threads(threads)
-    if out.exists() and not force:
-        raise click.ClickException(f"{out} already exists; use --force to replace it")
+    check_force_out(out, force, ENSEMBLE_FORMAT, "ensemble")  # before the members are checked and calibrated
     try:
         path = save_ensemble(bundles, out, overwrite=force, calibrate_root=calibrate_root)
     except (BundleError, ValueError) as exc:
