@@ -98,10 +98,13 @@ def check_replaceable(out: Path | str, formats: str | tuple[str, ...], kind: str
     formats = (formats,) if isinstance(formats, str) else tuple(formats)
     if not out.exists() and not out.is_symlink():
         return
-    advice = f"choose another {option} or remove it yourself"
-    if out.is_symlink() or not out.is_dir():
-        raise NotReplaceable(f"{out} is {'a link' if out.is_symlink() else 'a file'}, not {_a(kind)} directory: "
-                             f"--force replaces only {_a(kind)} directory; {advice}")
+    advice = f"choose another {option} or move it away yourself"
+    only = f"only {_a(kind)} directory (or an empty one) is ever replaced"
+    if out.is_symlink():
+        raise NotReplaceable(f"{out} is a symbolic link (to {os.readlink(out)}): {only}, not a link; give the "
+                             f"directory it points to, or {advice}")
+    if not out.is_dir():
+        raise NotReplaceable(f"{out} is a file, not {_a(kind)} directory: {only}; {advice}")
     if not any(out.iterdir()):
         return
     fmt = manifest_format(out)
@@ -109,8 +112,8 @@ def check_replaceable(out: Path | str, formats: str | tuple[str, ...], kind: str
         return
     if fmt is None:
         holds = (f"an unreadable {MANIFEST}" if (out / MANIFEST).exists() else f"no {kind} manifest")
-        raise NotReplaceable(f"{out} holds {_count_files(out)} and {holds}; --force replaces only "
-                             f"{_a(kind)} directory (or an empty one): {advice}")
+        raise NotReplaceable(f"{out} holds {_count_files(out)} and {holds}; {only}: {advice}")
+    raise NotReplaceable(f"{out} holds a {fmt} manifest, not {_a(kind)}; {only}: {advice}")
     raise NotReplaceable(f"{out} holds a {fmt} manifest, not {_a(kind)}; --force replaces only "
                          f"{_a(kind)} directory (or an empty one): {advice}")
 

@@ -109,7 +109,7 @@ def test_force_leaves_a_folder_of_other_files_alone(command, cli_bundle, synthet
     assert result.exit_code == 1, result.output
     _no_traceback(result)
     assert str(out) in result.output and "holds 2 files and no bundle manifest" in result.output
-    assert "choose another --out or remove it yourself" in result.output
+    assert "choose another --out or move it away yourself" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["part-0.parquet", "part-1.parquet"]
 
 

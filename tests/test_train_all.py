@@ -23,7 +23,7 @@ from pni_ray.orchestration.train_plan import (
     TRAINED,
     Pair,
     _canonical,
-    _refiner_if_trained,
+    _refiners_compared,
     config_diff,
     plan_pairs,
     recorded_config,
@@ -207,13 +207,35 @@ def test_refiner_settings_differ_only_where_a_refiner_was_trained(first_run):
     assert [p.action for p in plan_pairs(out, pairs, older)] == ["skip"] * 3
     refined = cfg.replace(refiner=dataclasses.replace(cfg.refiner, enabled=True))
     plan = plan_pairs(out, pairs, refined)
-    assert [p.action for p in plan] == ["fail"] * 3 and "refiner.enabled: False -> True" in plan[0].reason
+    assert [p.action for p in plan] == ["fail"] * 3
+    assert "(refiner.enabled: False -> True)" in plan[0].reason  # the one difference that matters, alone
     bundle = out / CATEGORIES[0] / BACKBONE  # as if trained with a refiner at the older settings
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["config"]["refiner"].update(enabled=True, source="holdout", n_samples=240)
-    recorded, wanted = (_refiner_if_trained(_canonical(c)) for c in (recorded_config(manifest), refined.to_dict()))
+    recorded, wanted = _refiners_compared(_canonical(recorded_config(manifest)), _canonical(refined.to_dict()))
     assert config_diff(recorded, wanted) == [
         f"refiner.n_samples: 240 -> {refined.refiner.n_samples}", "refiner.source: 'holdout' -> 'all'"]
+
+
+def test_a_folder_that_is_not_a_bundle_fails_its_pair_at_planning_and_is_kept(first_run, tmp_path):
+    """An interrupted copy (manifest cut short) or a user's folder at OUT/<category>/<backbone>: the pair
+    fails before any training, with what the folder holds, and nothing is deleted (also with --force)."""
+    _, first_out, _ = first_run
+    out = tmp_path / "out"
+    shutil.copytree(first_out, out)
+    manifest = out / "granite" / BACKBONE / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])
+    user = out / "washer" / BACKBONE
+    shutil.rmtree(user)
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    pairs = [Pair(c, BACKBONE) for c in CATEGORIES]
+    for force in (False, True):
+        plan = {p.pair.category: p for p in plan_pairs(out, pairs, tiny_config(), force=force)}
+        assert plan["granite"].action == "fail" and "unreadable manifest.json" in plan["granite"].reason
+        assert plan["washer"].action == "fail" and "holds 1 file and no bundle manifest" in plan["washer"].reason
+        assert plan["weave"].action == ("train" if force else "skip")
+    assert (user / "notes.txt").read_text() == "mine" and manifest.is_file()
 
 
 def test_system_failures_retried_application_errors_not(ray_session, tmp_path):

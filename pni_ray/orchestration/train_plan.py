@@ -1,6 +1,7 @@
 """Planning of `train-all`: which (category, backbone) pairs to train, skip or refuse, before any task starts.
 
-Resume rules: a pair whose bundle exists and verifies (every checksum) with the same training
+Resume rules: a folder at a pair's bundle path that is not a bundle (no readable bundle manifest)
+fails that pair at planning, naming what it holds; it is never deleted. A pair whose bundle exists and verifies (every checksum) with the same training
 config is skipped unless ``--force`` (the MLP's precision compared as `trained_precision` says); a bundle that fails verification is retrained; a verified
 bundle trained with a different config is not overwritten without ``--force`` (that pair fails
 with the differing keys named; the refiner's settings count only when a refiner was trained or is
@@ -69,13 +70,15 @@ def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[
     return keys
 
 
-def _refiner_if_trained(config: dict[str, Any]) -> dict[str, Any]:
-    """The config as it shapes the bundle: without a refiner (`refiner.enabled` false) the refiner's
-    other settings train nothing, so a changed refiner default never makes such a bundle different."""
-    refiner = config.get("refiner")
-    if isinstance(refiner, dict) and refiner.get("enabled") is False:
-        return {**config, "refiner": {"enabled": False}}
-    return config
+def _refiners_compared(recorded: dict[str, Any], wanted: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The two configs as they shape the bundle: where either side has no refiner (`refiner.enabled`
+    false) the refiner's other settings train nothing there, so only `enabled` is compared (a changed
+    refiner default never makes a refiner-less bundle different, and asking for a refiner says so first)."""
+    sides = (recorded.get("refiner"), wanted.get("refiner"))
+    if all(isinstance(r, dict) for r in sides) and False in (sides[0].get("enabled"), sides[1].get("enabled")):
+        return ({**recorded, "refiner": {"enabled": sides[0].get("enabled")}},
+                {**wanted, "refiner": {"enabled": sides[1].get("enabled")}})
+    return recorded, wanted
 
 
 def recorded_config(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -106,13 +109,19 @@ def trained_precision(manifest: dict[str, Any], recorded: dict[str, Any], wanted
 
 def plan_pairs(out: Path, pairs: list[Pair], cfg: TrainConfig, force: bool = False) -> list[PlanItem]:
     """What to do with each pair: train, skip (verified bundle with this config) or fail."""
-    from pni_ray.bundle import BundleError, model_id, verify_bundle
+    from pni_ray.bundle import FORMAT, BundleError, model_id, verify_bundle
+    from pni_ray.fileio import NotReplaceable, check_replaceable
 
     plan = []
     for pair in pairs:
         path = pair.bundle(out)
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             plan.append(PlanItem(pair, "train", "new"))
+            continue
+        try:  # what the save would refuse after training: refuse it now, and never delete it
+            check_replaceable(path, FORMAT, "bundle", option="OUT")
+        except NotReplaceable as exc:
+            plan.append(PlanItem(pair, "fail", str(exc)))
             continue
         if force:
             plan.append(PlanItem(pair, "train", "forced (--force)"))
@@ -127,7 +136,7 @@ def plan_pairs(out: Path, pairs: list[Pair], cfg: TrainConfig, force: bool = Fal
         if isinstance(recorded.get("neighbourhood"), dict) and "train_precision" in recorded["neighbourhood"]:
             recorded["neighbourhood"]["train_precision"] = trained_precision(
                 manifest, recorded, wanted["neighbourhood"]["train_precision"])
-        diff = config_diff(*(_refiner_if_trained(c) for c in (recorded, wanted)))
+        diff = config_diff(*_refiners_compared(recorded, wanted))
         if manifest.get("category") != pair.category:
             diff.insert(0, f"category: {manifest.get('category')!r} -> {pair.category!r}")
         if diff:
