@@ -273,8 +273,10 @@ def test_max_pixels_option_lifts_the_limit_past_the_training_config_and_pillow(b
     errors = read_table(tmp_path / "default", columns=["path", "error"]).to_pylist()
     assert len(errors) == 2 and all("exceeds the limit of 50000000" in r["error"] and "--max-pixels" in r["error"]
                                     for r in errors), errors
+    pillow_limit = Image.MAX_IMAGE_PIXELS
     lifted = runner.invoke(main, ["score", *common, "--out", str(tmp_path / "lifted"), "--max-pixels", "100000000"])
     assert lifted.exit_code == 0, lifted.output
+    assert Image.MAX_IMAGE_PIXELS == pillow_limit  # lifted for each open only, never left raised
     rows = read_table(tmp_path / "lifted", columns=["path", "error", "image_score"]).to_pylist()
     assert len(rows) == 2 and all(r["error"] is None and np.isfinite(r["image_score"]) for r in rows), rows
 

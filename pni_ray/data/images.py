@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import re
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: above every industrial sensor we target, below bombs
-TOO_BIG_HINT = ("decompression-bomb guard; if the image is genuine, raise the limit: `pni-ray score --max-pixels N`, "
-                "or geometry.max_pixels in the training config")
+TOO_BIG_HINT = ("decompression-bomb guard; if the image is genuine, raise the limit: --max-pixels N for `pni-ray score` "
+                "(max_pixels in the nightly config), geometry.max_pixels in the training config for train and evaluate")
+_PILLOW_LIMIT = threading.Lock()  # Image.MAX_IMAGE_PIXELS is process-global
 
 
 class ImageError(ValueError):
@@ -34,20 +39,26 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
 
 
-def _pillow_allows(max_pixels: int) -> None:
-    """Pillow's own bomb check (a warning above Image.MAX_IMAGE_PIXELS, an error above twice it) must
-    not be stricter than ours, or a raised --max-pixels could never take effect: lift its limit to
-    ours (never lower it). Ours is checked on the header's size at every open."""
-    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
-        Image.MAX_IMAGE_PIXELS = int(max_pixels)
+@contextmanager
+def _pillow_allows(max_pixels: int) -> Iterator[None]:
+    """Pillow's own bomb check (a warning above Image.MAX_IMAGE_PIXELS, an error above twice it, made
+    in Image.open) must not be stricter than ours, or a raised --max-pixels could never take effect:
+    for this open its limit is at least ours, then restored. Ours is checked on the header's size."""
+    with _PILLOW_LIMIT:
+        before = Image.MAX_IMAGE_PIXELS
+        if before is not None and before < max_pixels:
+            Image.MAX_IMAGE_PIXELS = int(max_pixels)
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = before
 
 
 def _open(path: Path, max_pixels: int) -> Image.Image:
-    _pillow_allows(max_pixels)
     try:
         if path.stat().st_size == 0:
             raise ImageError(f"{path}: empty file (0 bytes)")
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pillow_allows(max_pixels):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below decides
             img = Image.open(path)
     except ImageError:
@@ -55,7 +66,9 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     except FileNotFoundError as exc:
         raise ImageError(f"{path}: file not found") from exc
     except Image.DecompressionBombError as exc:  # above twice Pillow's limit, so above ours too
-        raise ImageError(f"{path}: exceeds the limit of {max_pixels} pixels (Pillow: {exc}) ({TOO_BIG_HINT})") from exc
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        raise ImageError(f"{path}: {size.group(1) + ' pixels' if size else 'an image size that'} exceeds the limit "
+                         f"of {max_pixels} ({TOO_BIG_HINT})") from exc
     except UnidentifiedImageError as exc:
         raise ImageError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from exc
     except OSError as exc:

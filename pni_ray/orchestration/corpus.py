@@ -54,7 +54,7 @@ def write_bad_inputs(folder: Path | str, rgb: np.ndarray, max_pixels: int = 50_0
                              "not a readable image"),
         "html_page.jpg": (b"<!doctype html><html><body>404 Not Found</body></html>", "not a readable image"),
         "bomb_over_limit.png": (png_header_only(side, side), "exceeds the limit"),
-        "bomb_pil_guard.png": (png_header_only(40_000, 40_000), "could be decompression bomb"),
+        "bomb_pil_guard.png": (png_header_only(40_000, 40_000), "1600000000 pixels exceeds the limit"),
         "zero_width.png": (png_header_only(0, 16), "not a readable image"),
         "inspection_report.pdf": (b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n%%EOF\n", "not a readable image"),
     }
