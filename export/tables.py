@@ -35,6 +35,8 @@ position whose prior allows nothing allows every entry (the plain minimum).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,11 +86,24 @@ def read_manifest(path: Path | str) -> dict[str, Any]:
                               hint=" (a training bundle? run `pni-ray export` on it)")
 
 
+# manifest fields that say where and with which tools an export was made, not what it computes
+# (the graph and table files' sha256 do): left out of its identity
+_NOT_IDENTITY = ("versions",)
+_NOT_IDENTITY_SOURCE = ("path",)
+
+
 def export_id(path: Path | str) -> str:
-    """Identity of an export: the sha256 of its manifest, which pins every graph and table file.
-    Two exports of one bundle (FP32 and INT8, another opset, TensorRT engines added) differ; the
-    manifest's `model_id` is the source bundle's, their common lineage."""
-    return sha256_file(Path(path) / MANIFEST)
+    """Identity of an export: the sha256 of its manifest (which pins every graph, table and engine
+    file) without where its bundle lay or which tool versions wrote it, so the same bundle exported
+    again from a copy, or after an upgrade that writes the same graphs, is the same model. Two exports
+    of one bundle that compute differently (FP32 and INT8, another opset, TensorRT engines added)
+    differ; the manifest's `model_id` is the source bundle's, their common lineage."""
+    manifest = read_manifest(path)
+    identity = {k: v for k, v in manifest.items() if k not in _NOT_IDENTITY}
+    source = identity.get("source_bundle")
+    if isinstance(source, dict):
+        identity["source_bundle"] = {k: v for k, v in source.items() if k not in _NOT_IDENTITY_SOURCE}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def verify_export(path: Path | str) -> dict[str, Any]:

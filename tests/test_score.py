@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -225,8 +226,14 @@ def test_out_holds_one_model_refuses_another_export_of_the_same_bundle(small_set
         exports[name] = tmp_path / name
         made = runner.invoke(main, ["export", str(bundle_tiny), "--out", str(exports[name]), "--threads", "1", *extra])
         assert made.exit_code == 0, made.output
-    loaded = {k: load_exported(v) for k, v in exports.items()}
+    copied = tmp_path / "copy-of-bundle"  # the same bundle from another path exports as the same model
+    shutil.copytree(bundle_tiny, copied)
+    again = runner.invoke(main, ["export", str(copied), "--out", str(tmp_path / "again"), "--threads", "1"])
+    assert again.exit_code == 0, again.output
+    loaded = {k: load_exported(v) for k, v in {**exports, "again": tmp_path / "again"}.items()}
     assert loaded["constant"].model_id != loaded["input"].model_id
+    assert loaded["again"].model_id == loaded["constant"].model_id
+    assert loaded["again"].manifest["source_bundle"]["path"] != loaded["constant"].manifest["source_bundle"]["path"]
     assert loaded["constant"].source_model_id == loaded["input"].source_model_id == model_id(bundle_tiny)
     common = [str(root / "good"), "--engine", "local", "--threads", "1", "--no-progress"]
     out = tmp_path / "out"
