@@ -23,21 +23,43 @@ DOCS = ("README.md", "jobs/README.md")
 
 
 def shown_commands(text: str) -> list[str]:
-    """Shell commands of the fenced blocks (continuations joined, comments cut) and inline spans."""
+    """Shell commands of the fenced blocks (backslash and indented continuations joined, comments cut)
+    and of the inline spans, split at `&&`, `;` and pipes (not at `a|b` choices or inside [...])."""
     found = []
     for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+        lines: list[str] = []
         for line in block.replace("\\\n", " ").splitlines():
-            line = line.split(" #", 1)[0].strip()
-            if line and not line.startswith("#"):
-                found.append(line)
+            line = line.split(" #", 1)[0].rstrip()
+            if lines and line[:1].isspace() and line.strip():  # a synopsis continued on the next line
+                lines[-1] += " " + line.strip()
+            elif line.strip() and not line.lstrip().startswith("#"):
+                lines.append(line.strip())
+        found += lines
     found += re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
-    parts = [p.strip() for c in found for p in re.split(r"&&|;|\|", c)]
-    return [p for p in parts if p and "..." not in p]
+    return [p for c in found for p in _split_shell(c) if p]
+
+
+def _split_shell(command: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    i = 0
+    while i < len(command):
+        ch = command[i]
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        for sep in ("&&", ";", " | "):
+            if depth == 0 and command.startswith(sep, i):
+                parts.append(current.strip())
+                current, i = "", i + len(sep)
+                break
+        else:
+            current += ch
+            i += 1
+    return parts + [current.strip()]
 
 
 def _tokens(command: str) -> list[str]:
-    """Arguments after the program, optional ones shown as `[--opt X]` unbracketed."""
-    return [t.strip("[]") for t in shlex.split(command)[1:] if t.strip("[]")]
+    """Arguments after the program, optional ones shown as `[--opt X]` unbracketed, placeholders
+    (`INPUT...`, `...`) dropped."""
+    return [t.strip("[]") for t in shlex.split(command)[1:] if t.strip("[]") and "..." not in t]
 
 
 def _is_option(token: str) -> bool:
@@ -77,6 +99,8 @@ def doc_commands() -> list[tuple[str, str]]:
     for doc in DOCS:
         for command in shown_commands((ROOT / doc).read_text()):
             m = re.search(r"(?:^|\s)((?:pni-ray|python3?) .*)$", command)
+            if m and m.group(1).split()[1] == "...":  # "pni-ray ... --address": any command
+                continue
             if m and (m.group(1).startswith("pni-ray ") or re.match(r"python3? (-m \S+|benchmarks/)", m.group(1))):
                 pairs.append((doc, m.group(1)))
     return pairs
@@ -101,6 +125,11 @@ def test_the_checker_catches_a_renamed_option_and_command():
     assert cli_problems("pni-ray train DATA --tread 2") == ["no option '--tread' on `train`"]
     assert cli_problems("pni-ray trian DATA") == ["no command 'trian'"]
     assert cli_problems("pni-ray score EX IN --out O [--engnie local]") == ["no option '--engnie' on `score`"]
+    block = "```\npni-ray train DATA -c C [--config F | --preset paper]\n      [--tile --tile-sise PX]\n```\n"
+    assert shown_commands(block) == ["pni-ray train DATA -c C [--config F | --preset paper] [--tile --tile-sise PX]"]
+    assert cli_problems(shown_commands(block)[0]) == ["no option '--tile-sise' on `train`"]  # continuation checked
+    assert shown_commands("`pni-ray score MODEL INPUT... --out O && pni-ray report O | tee x`") == [
+        "pni-ray score MODEL INPUT... --out O", "pni-ray report O", "tee x"]
     assert script_problems("python benchmarks/bench_scale.py --sizes 1000") == []
     assert script_problems("python benchmarks/bench_scale.py --size 1000") == [
         "no option '--size' in benchmarks/bench_scale.py"]
