@@ -301,6 +301,8 @@ def test_ensemble_is_a_torch_model(tmp_path):
     (tmp_path / "washer" / "efficientnet_lite0" / "manifest.json").write_text("{}")
     with pytest.raises(ValueError, match=r"models inside it: .*washer/efficientnet_lite0"):
         model_kind(tmp_path / "washer")
+    with pytest.raises(ValueError, match=r"models inside it: .*washer/efficientnet_lite0"):
+        model_kind(tmp_path)  # the train-all OUT itself
 
 
 @pytest.fixture(scope="module")

@@ -111,8 +111,10 @@ def model_kind(path: Path | str) -> str:
     path = Path(path)
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
-        inside = sorted(str(m.parent) for m in path.glob("*/manifest.json")) if path.is_dir() else []
-        hint = f"; models inside it: {', '.join(inside[:5])}" if inside else ""  # train-all's OUT/<category>
+        inside = sorted(str(m.parent) for pattern in ("*/manifest.json", "*/*/manifest.json")
+                        for m in path.glob(pattern)) if path.is_dir() else []  # train-all's OUT or OUT/<category>
+        more = f" and {len(inside) - 5} more" if len(inside) > 5 else ""
+        hint = f"; models inside it: {', '.join(inside[:5])}{more}" if inside else ""
         raise ValueError(f"{path}: not a model (no manifest.json): give a bundle or an export directory{hint}")
     manifest = read_json(manifest_path)
     if not isinstance(manifest, dict):
