@@ -297,12 +297,12 @@ def test_ensemble_is_a_torch_model(tmp_path):
     assert model_kind(tmp_path) == "export"
     with pytest.raises(ValueError, match="no manifest.json"):
         model_kind(tmp_path / "nothing")
-    (tmp_path / "washer" / "efficientnet_lite0").mkdir(parents=True)  # a train-all OUT/<category>
-    (tmp_path / "washer" / "efficientnet_lite0" / "manifest.json").write_text("{}")
-    with pytest.raises(ValueError, match=r"models inside it: .*washer/efficientnet_lite0"):
-        model_kind(tmp_path / "washer")
-    with pytest.raises(ValueError, match=r"models inside it: .*washer/efficientnet_lite0"):
-        model_kind(tmp_path)  # the train-all OUT itself
+    out = tmp_path / "bundles"  # a train-all OUT: OUT/<category>/<backbone>
+    (out / "washer" / "efficientnet_lite0").mkdir(parents=True)
+    (out / "washer" / "efficientnet_lite0" / "manifest.json").write_text("{}")
+    for given in (out / "washer", out):
+        with pytest.raises(ValueError, match=r"models inside it: .*washer/efficientnet_lite0"):
+            model_kind(given)
 
 
 @pytest.fixture(scope="module")
