@@ -33,7 +33,7 @@ ConvInteger path measured 3x slower than FP32).
 What may be quantised: the backbone and the neighbourhood MLP. The softmax and the scorer never are
 (the probabilities are compared with tau ~ 1 / |C_emb|; distances feed the scores).
 
-Measured (320 px, 2 threads, `benchmarks/bench_peers.py --int8 mlp,backbone`): README, "INT8 export".
+Measured (320 px, 2 threads, `benchmarks/bench_peers.py --int8 mlp,backbone`): docs/results.md (the INT8 rows).
 """
 
 from __future__ import annotations

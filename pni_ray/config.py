@@ -141,7 +141,7 @@ class RefinerConfig:
     image_size: int = 128  # resolution the network runs at; maps of any size are resized in and out
     decoder_channels: tuple[int, ...] = (96, 64, 48, 32, 16)  # stride 16, 8, 4, 2, 1
     n_samples: int = 480  # synthetic defect images made from train/good
-    # "all": every train/good image but the refiner's calibration split (README: bottle, 3 seeds);
+    # "all": every train/good image but the refiner's calibration split (docs/results.md: bottle, 3 seeds);
     # "holdout": only PNI's held-out images, whose maps are the unseen-image ones but which are few
     source: str = "all"
     # share of PNI's held-out images kept away from the synthetic defects: the refined model's

@@ -13,7 +13,7 @@ refiner's calibration split. Images in the memory bank score lower than unseen o
 own patches are in C_emb), which argued for drawing on the PNI model's held-out images only
 ("holdout"); measured, the variety wins: the held-out images are 10% of train/good, half of them
 calibrate, and a refiner trained on that handful of images refines bottle's test maps less well
-(README, refiner rows). A share of the held-out images is always kept away from the defects (a
+(README "Measured", refiner row; docs/results.md). A share of the held-out images is always kept away from the defects (a
 third split, `split_refiner_images`): the refined model's normalisation and threshold are computed
 on their refined maps (`recalibrate`), and the manifest lists both splits
 (training.refiner.source_images / calibration_images).

@@ -1,6 +1,6 @@
 """Every command the docs show names a real subcommand, script and option.
 
-README.md and jobs/README.md are read as a user reads them: the shell blocks and the inline
+README.md, jobs/README.md and docs/results.md are read as a user reads them: the shell blocks and the inline
 `code` spans. Each `pni-ray ...` is walked through the click command tree; each
 `python benchmarks/X.py ...` / `python -m pkg.mod ...` of this repository is checked against the
 option strings its source declares. A renamed option or command fails here, not on a user's
@@ -19,7 +19,7 @@ import pytest
 from pni_ray.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "jobs/README.md")
+DOCS = ("README.md", "jobs/README.md", "docs/results.md")
 
 
 def shown_commands(text: str) -> list[str]:
