@@ -61,7 +61,6 @@ def export_cmd(bundle: Path, out: Path, trt: bool, fp16: bool, max_batch: int, o
     from export import opcheck, tables
     from export.onnx_export import ExportOptions, export_bundle
     from pni_ray.bundle import BundleError
-    from pni_ray.fileio import check_replaceable
     from pni_ray.options import set_threads
 
     if not int8 and (int8_activations, int8_fp32_convs, int8_weight_bits) != (None, None, None):
@@ -80,8 +79,6 @@ def export_cmd(bundle: Path, out: Path, trt: bool, fp16: bool, max_batch: int, o
                             int8_fp32_convs=DEFAULT_FP32_CONVS if int8_fp32_convs is None else int8_fp32_convs,
                             int8_weight_bits=int(int8_weight_bits or DEFAULT_WEIGHT_BITS))
     try:
-        if force:  # an export directory (or an empty one) only: never a folder of anything else
-            check_replaceable(out, tables.FORMAT, "export")
         result = export_bundle(bundle, out, options, force=force)
     except (FileExistsError, ValueError, BundleError, opcheck.OpCheckError, tables.ExportError) as exc:
         raise click.ClickException(str(exc)) from exc

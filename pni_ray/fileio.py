@@ -114,8 +114,6 @@ def check_replaceable(out: Path | str, formats: str | tuple[str, ...], kind: str
         holds = (f"an unreadable {MANIFEST}" if (out / MANIFEST).exists() else f"no {kind} manifest")
         raise NotReplaceable(f"{out} holds {_count_files(out)} and {holds}; {only}: {advice}")
     raise NotReplaceable(f"{out} holds a {fmt} manifest, not {_a(kind)}; {only}: {advice}")
-    raise NotReplaceable(f"{out} holds a {fmt} manifest, not {_a(kind)}; --force replaces only "
-                         f"{_a(kind)} directory (or an empty one): {advice}")
 
 
 def _a(noun: str) -> str:

@@ -139,8 +139,6 @@ def describe_model(path: Path | str, backbone_runtime: str = "onnxruntime", back
 def decode_chunk(row: dict[str, Any], geometry: dict[str, Any], max_pixels: int) -> dict[str, Any]:
     """Read, decode and prepare one chunk with the model's geometry (pni_ray.geometry, as `evaluate`
     does); a file that cannot be used, or whose geometry does not fit the model, becomes an error."""
-    from pni_ray.data.images import load_rgb
-
     geo = Geometry.from_manifest(geometry).with_max_pixels(max_pixels)  # the run's limit, not the training config's
     meta = json.loads(row["meta"])
     preset = meta.pop("preset", {})
@@ -152,7 +150,7 @@ def decode_chunk(row: dict[str, Any], geometry: dict[str, Any], max_pixels: int)
         err = preset.get(path)
         if err is None:
             try:
-                prepared = geo.prepare(load_rgb(path, max_pixels=max_pixels))
+                prepared = geo.prepare(geo.load(path))
                 geo.check(prepared, name=path)
                 prepared.fill_index()  # an image too thin to leave content cells fails here, by name
                 pixels.append(prepared.canvas)
