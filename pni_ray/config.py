@@ -66,7 +66,7 @@ class NeighbourhoodConfig:
     patience: int = 2  # epochs without a better validation loss before stopping (best epoch kept)
     # 2 images (3,200 positions at 320 px) per Adam step at lr 2e-3: ~4x the steps of the earlier 8 at 1e-3
     # in the same epochs, which had stopped far from convergence (bottle held-out top-1 0.61 -> 0.76,
-    # transistor 0.50 -> 0.68, validation loss 1.94 -> 0.78 and 2.27 -> 1.05), in less time per epoch
+    # transistor 0.50 -> 0.68, validation loss 1.94 -> 0.78 and 2.27 -> 1.05), in about the same time
     batch_images: int = 2
     lr: float = 2e-3
     lr_step: int = 4  # epochs per step decay
