@@ -124,7 +124,7 @@ def held_out_under_both(detector, cat, manifest: dict, option: str) -> tuple[tor
 def neighbourhood_cuts(detector, cat, manifest: dict, factors: list[float]) -> list[dict]:
     """Mode pni with p(c|N) cut at factor x tau: held-out keep rates (train/good only) and test metrics."""
     p_n, p_x, tau = held_out_under_both(detector, cat, manifest, "--neighbourhood-cuts")
-    rows = []
+    rows, own = [], detector.scorer.tau_neighbourhood
     try:
         for factor in factors:
             detector.scorer.tau_neighbourhood = factor * tau
@@ -133,7 +133,7 @@ def neighbourhood_cuts(detector, cat, manifest: dict, factors: list[float]) -> l
                          "keep_both": float(((p_n > factor * tau) & (p_x > tau)).float().mean()),
                          **{k: metrics[k] for k in METRICS}})
     finally:
-        detector.scorer.tau_neighbourhood = tau
+        detector.scorer.tau_neighbourhood = own
     return rows
 
 

@@ -267,7 +267,8 @@ def main() -> int:
     if args.variants:
         st = tables.ScoringTables.read(export_dir)
         mode = manifest["mode"]
-        masks = tables.mask_spec(mode, st, float(manifest["tau"]), tables.combine_rule(manifest))
+        masks = tables.mask_spec(mode, st, float(manifest["tau"]), tables.combine_rule(manifest),
+                                 tables.neighbourhood_tau(manifest))
         h, w = manifest["grid"]
         base = dict(mode=mode, memory=st.memory, emb_to_dist=st.emb_to_dist, masks=masks, grid=(h, w),
                     image_size=(size, size), blur_sigma=float(manifest["config"]["scoring"]["blur_sigma"]),
@@ -285,7 +286,8 @@ def main() -> int:
             "naive: Gather last axis, GreaterOrEqual, Where(+inf)": dict(layout="naive", distance="gemm"),
             "naive + torch's arithmetic mask (Mul/Add/Mul/Greater)": dict(layout="naive", distance="gemm", mask="arithmetic",
                                                                        inv_cluster=st.inv_cluster, prior_dense=prior_dense,
-                                                                       tau=float(manifest["tau"])),
+                                                                       tau=float(manifest["tau"]),
+                                                                       tau_n=tables.neighbourhood_tau(manifest)),
         }
         from export.runtime import scorer_table_feeds
 

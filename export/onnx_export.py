@@ -307,9 +307,9 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
             st.grid = (h, w)
         if st.grid != (h, w):
             raise ValueError(f"{bundle}: position prior grid {st.grid} differs from the bundle's feature grid {(h, w)}")
-        tau = float(detector.scorer.tau)
+        tau, tau_n = float(detector.scorer.tau), float(detector.scorer.tau_neighbourhood)
         combine = str(detector.scorer.combine)
-        masks = tables.mask_spec(mode, st, tau, combine)
+        masks = tables.mask_spec(mode, st, tau, combine, tau_n)
         candidates = empty = None
         if detector.scorer.uses_candidates(mode) and options.coresets == "constant":  # torch's rule, same table
             table, empty_rows = tables.candidate_table(masks)
@@ -361,6 +361,7 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
             "n_memory": int(st.memory.shape[0]),
             "dist_size": int(bmanifest["dist_size"]),
             "tau": tau,
+            "tau_neighbourhood": tau_n,  # p(c|N)'s cut (tables.neighbourhood_tau), the bundle's chosen multiple of tau
             "combine": combine,  # mode pni's rule (tables.combine_rule), from the bundle's config.scoring
             "normalisation": bmanifest["normalisation"],
             "threshold": bmanifest["threshold"],

@@ -291,7 +291,7 @@ class ExportedModel(StagePipeline):
 def scorer_table_feeds(path: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
     """Coresets fed as scorer inputs, built from the Arrow tables exactly as the exporter builds them."""
     return tables.scorer_table_values(manifest["mode"], tables.ScoringTables.read(path), float(manifest["tau"]),
-                                      tables.combine_rule(manifest))
+                                      tables.combine_rule(manifest), tables.neighbourhood_tau(manifest))
 
 
 def _pick(env: dict[str, np.ndarray], wanted: Sequence[str], who: str) -> dict[str, np.ndarray]:

@@ -155,6 +155,7 @@ class ScorerSpec:
     inv_cluster: np.ndarray | None = None  # for mask="arithmetic"
     prior_dense: np.ndarray | None = None  # (hw, M) p(c|x), for mask="arithmetic"
     tau: float = 0.0  # for mask="arithmetic"
+    tau_n: float | None = None  # p(c|N)'s cut for mask="arithmetic" (combine "both"); None: tau
     fill: bool = False  # input fill_index (B, h * w): patch scores of padded cells taken from content cells
     # modes position / pni ("both"): search each position's allowed entries only, like the torch
     # scorer when it `uses_candidates` (constant coresets, the default layout); None: all of C_emb
@@ -491,7 +492,7 @@ def scorer_inputs(spec: ScorerSpec) -> dict[str, tuple[int, list[int]]]:
 
 
 def _arithmetic_mask(b: _Builder, spec: ScorerSpec, g: str, start: int, end: int) -> str:
-    """torch's mask spelled out as it computes it (benchmark baseline, mode pni): (p_n > tau) &
+    """torch's mask spelled out as it computes it (benchmark baseline, mode pni): (p_n > tau_n) &
     (p_x > tau) for combine "both", (p_n + p_x) * 0.5 > tau for "mean"."""
     if spec.mode != "pni" or spec.coresets != "constant" or spec.inv_cluster is None or spec.prior_dense is None:
         raise ValueError("mask='arithmetic' is only built for mode pni with constant coresets")
@@ -500,7 +501,8 @@ def _arithmetic_mask(b: _Builder, spec: ScorerSpec, g: str, start: int, end: int
     tau = b.const(np.array(spec.tau, np.float32), "tau")
     p_n = b.op("Mul", [g, b.const(spec.inv_cluster.astype(np.float32), "inv_cluster")], "p_n")
     if spec.masks.combine == "both":
-        return b.op("And", [b.op("Greater", [p_n, tau], "n_allowed"), b.op("Greater", [p_x, tau], "x_allowed")], "allowed")
+        tau_n = tau if spec.tau_n is None else b.const(np.array(spec.tau_n, np.float32), "tau_n")
+        return b.op("And", [b.op("Greater", [p_n, tau_n], "n_allowed"), b.op("Greater", [p_x, tau], "x_allowed")], "allowed")
     half = b.op("Mul", [b.op("Add", [p_n, p_x], "p_sum"), b.const(np.array(0.5, np.float32), "half")], "p_mean")
     return b.op("Greater", [half, tau], "allowed")
 

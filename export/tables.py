@@ -8,9 +8,11 @@ Exact mask thresholds
 The torch scorer decides whether a memory entry m may serve patch p at grid position x with
 
     p_n = probs[p, e2d[m]] * inv_cluster[m],  p_x = p(c_m | x)
-    allowed = (p_n > tau) & (p_x > tau)                    (mode "pni", combine "both", the default)
+    allowed = (p_n > tau_n) & (p_x > tau)                  (mode "pni", combine "both", the default)
     allowed = ((p_n + p_x) * 0.5) > tau                    (mode "pni", combine "mean", the paper)
-    allowed = p_n > tau                                    (mode "neighbourhood", pni_split's first half)
+    allowed = p_n > tau_n                                  (mode "neighbourhood", pni_split's first half)
+
+(tau_n: p(c|N)'s own cut, the bundle's neighbourhood_cut x tau)
 
 in float32 (torch compares a float32 tensor with a Python float in float32). For fixed (x, m)
 each is a monotone non-decreasing function of g = probs[p, e2d[m]] (a product by a positive
@@ -232,25 +234,27 @@ def tau32(tau: float) -> np.float32:
 
 
 def predicate(mode: str, g: np.ndarray, inv: np.ndarray, p_x: np.ndarray | float, tau: float,
-              combine: str = "both") -> np.ndarray:
-    """The torch scorer's float32 mask expression for probabilities g (see the module doc)."""
+              combine: str = "both", tau_n: float | None = None) -> np.ndarray:
+    """The torch scorer's float32 mask expression for probabilities g (see the module doc); tau_n:
+    p(c|N)'s own cut where it masks alone or beside p(c|x) ("both"), tau when None."""
     g = np.asarray(g, np.float32)
     p_n = g * np.asarray(inv, np.float32)
     t = tau32(tau)
+    t_n = t if tau_n is None else tau32(tau_n)
     if mode == "pni":
         p_x = np.asarray(p_x, np.float32)
         if combine == "both":
-            return (p_n > t) & (p_x > t)
+            return (p_n > t_n) & (p_x > t)
         if combine == "mean":
             return ((p_n + p_x) * HALF) > t
         raise ValueError(f"unknown prior combination {combine!r}; choose from {COMBINE_RULES}")
     if mode in ("neighbourhood", "pni_split"):
-        return p_n > t
+        return p_n > t_n
     raise ValueError(f"mode {mode!r} has no probability-dependent mask")
 
 
 def exact_thresholds(mode: str, inv: np.ndarray, p_x: np.ndarray | float, tau: float,
-                     combine: str = "both") -> np.ndarray:
+                     combine: str = "both", tau_n: float | None = None) -> np.ndarray:
     """Smallest float32 g in [0, 1] with predicate(g) True, -inf if g = 0 passes, +inf if 1 fails.
 
     Vectorised binary search over float32 bit patterns (non-negative floats order like their bits).
@@ -259,7 +263,7 @@ def exact_thresholds(mode: str, inv: np.ndarray, p_x: np.ndarray | float, tau: f
     p_x = np.broadcast_to(np.asarray(p_x, np.float32), inv.shape)
 
     def passes(bits: np.ndarray) -> np.ndarray:
-        return predicate(mode, bits.astype(np.int32).view(np.float32), inv, p_x, tau, combine)
+        return predicate(mode, bits.astype(np.int32).view(np.float32), inv, p_x, tau, combine, tau_n)
 
     zero = np.zeros(inv.shape, np.int64)
     one = np.full(inv.shape, ONE_BITS, np.int64)
@@ -323,8 +327,10 @@ class MaskSpec:
         return out
 
 
-def mask_spec(mode: str, tables: ScoringTables, tau: float, combine: str = "both") -> MaskSpec:
-    """The masks of `mode` (pni: under the `combine` rule) at tau, from the scoring tables."""
+def mask_spec(mode: str, tables: ScoringTables, tau: float, combine: str = "both",
+              tau_n: float | None = None) -> MaskSpec:
+    """The masks of `mode` (pni: under the `combine` rule) at tau (p(c|N): tau_n, tau when None),
+    from the scoring tables."""
     if combine not in COMBINE_RULES:
         raise ExportError(f"unknown prior combination {combine!r}; choose from {COMBINE_RULES}")
     m = tables.memory.shape[0]
@@ -336,7 +342,7 @@ def mask_spec(mode: str, tables: ScoringTables, tau: float, combine: str = "both
         raise ExportError(f"mode {mode!r} needs the emb-to-dist map of a PNI bundle")
     if mode in ("neighbourhood", "pni", "pni_split"):
         base_mode = "pni" if mode == "pni" else "neighbourhood"
-        spec.threshold_base = exact_thresholds(base_mode, tables.inv_cluster, 0.0, tau, combine)
+        spec.threshold_base = exact_thresholds(base_mode, tables.inv_cluster, 0.0, tau, combine, tau_n)
     if mode in ("pni", "position", "pni_split"):
         if tables.prior_prob is None:
             raise ExportError(f"mode {mode!r} needs the position prior of a PNI bundle")
@@ -344,7 +350,7 @@ def mask_spec(mode: str, tables: ScoringTables, tau: float, combine: str = "both
         order = np.argsort(flat, kind="stable")
         flat, entry, prob = flat[order], tables.prior_entry[order], tables.prior_prob[order]
         if mode == "pni":
-            values = exact_thresholds("pni", tables.inv_cluster[entry], prob, tau, combine)
+            values = exact_thresholds("pni", tables.inv_cluster[entry], prob, tau, combine, tau_n)
             differs = values != spec.threshold_base[entry]
             spec.threshold_index, spec.threshold_value = flat[differs], values[differs]
         keep = prob > tau32(tau)
@@ -380,7 +386,8 @@ def candidate_thresholds(masks: MaskSpec, table: np.ndarray) -> np.ndarray:
     return out
 
 
-def scorer_table_values(mode: str, st: ScoringTables, tau: float, combine: str = "both") -> dict[str, np.ndarray]:
+def scorer_table_values(mode: str, st: ScoringTables, tau: float, combine: str = "both",
+                        tau_n: float | None = None) -> dict[str, np.ndarray]:
     """Inputs of a coresets-as-inputs scorer graph, computed exactly as the graph constants are.
 
     memory_neg2t (D, M), memory_sq (M,), emb_to_dist (M,), mask_threshold (M, 1, hw or 1):
@@ -390,7 +397,7 @@ def scorer_table_values(mode: str, st: ScoringTables, tau: float, combine: str =
     memory = st.memory.astype(np.float32)
     out = {"memory_neg2t": np.ascontiguousarray(np.float32(-2.0) * memory.T),
            "memory_sq": (memory * memory).sum(1, dtype=np.float32)}
-    masks = mask_spec(mode, st, tau, combine)
+    masks = mask_spec(mode, st, tau, combine, tau_n)
     if mode in ("neighbourhood", "pni", "pni_split"):
         out["emb_to_dist"] = st.emb_to_dist.astype(np.int64)
         out["mask_threshold"] = np.ascontiguousarray(masks.dense_threshold().T[:, None, :])
@@ -402,3 +409,8 @@ def scorer_table_values(mode: str, st: ScoringTables, tau: float, combine: str =
 def combine_rule(manifest: dict[str, Any]) -> str:
     """The pni combination rule an export's graphs were built with (exports before the rule: the mean)."""
     return str(manifest.get("combine", "mean"))
+
+
+def neighbourhood_tau(manifest: dict[str, Any]) -> float:
+    """p(c|N)'s cut an export's graphs were built with (exports before the chosen cut: tau)."""
+    return float(manifest.get("tau_neighbourhood", manifest["tau"]))

@@ -119,6 +119,7 @@ def save_bundle(trained: TrainedModel, out: Path | str, overwrite: bool = False)
             "grid": list(trained.grid),
             "n_memory": int(trained.memory.shape[0]),
             "dist_size": trained.dist_size,
+            "neighbourhood_cut": trained.neighbourhood_cut,
             "normalisation": asdict(trained.normalisation),
             "threshold": trained.normalisation.threshold,
             "training": trained.report.get("deterministic", {}),
@@ -210,5 +211,6 @@ def load_bundle(path: Path | str) -> tuple[TrainedModel, dict[str, Any]]:
         grid=tuple(manifest["grid"]),  # type: ignore[arg-type]
         feature_dim=d,
         refiner=refiner,
+        neighbourhood_cut=float(manifest.get("neighbourhood_cut", 1.0)),  # bundles before the cut: tau
     )
     return trained, manifest

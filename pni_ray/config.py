@@ -83,6 +83,13 @@ class NeighbourhoodConfig:
     # "auto": bfloat16 where the CPU has native bf16, else float32 (the manifest records which, as
     # training.mlp.precision); "float32": the previous rounds' model.
     train_precision: str = "auto"
+    # p(c|N) allows an entry above cut x tau where it masks alone or beside p(c|x) (combine "both",
+    # pni_split). None: the strictest of cut_candidates under which held-out good patches keep their
+    # nearest entry at a rate >= min_keep (training images only), so a confident MLP masks harder
+    # and an unsure one stays at tau; 1.0: tau, the paper's cut
+    cut: float | None = None
+    cut_candidates: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
+    min_keep: float = 0.95
 
 
 @dataclass(frozen=True)
@@ -116,9 +123,9 @@ class ScoringConfig:
 # What bundles written before these ScoringConfig fields existed scored with: the paper's mean of
 # the priors and the map's plain maximum (their thresholds were calibrated on those scores).
 LEGACY_SCORING: dict[str, Any] = {"combine": "mean", "image_window": 0}
-# How bundles written before these NeighbourhoodConfig fields existed trained their MLP: every
-# training image each epoch, in float32.
-LEGACY_NEIGHBOURHOOD: dict[str, Any] = {"images_per_epoch": None, "train_precision": "float32"}
+# How bundles written before these NeighbourhoodConfig fields existed trained their MLP (every
+# training image each epoch, in float32) and cut p(c|N) (at tau).
+LEGACY_NEIGHBOURHOOD: dict[str, Any] = {"images_per_epoch": None, "train_precision": "float32", "cut": 1.0}
 # Where bundles written before RefinerConfig.source existed drew the refiner's synthetic defects.
 LEGACY_REFINER: dict[str, Any] = {"source": "holdout"}
 
@@ -253,7 +260,7 @@ def paper_config() -> TrainConfig:
     return base.replace(
         features=dataclasses.replace(base.features, image_size=480, patch_size=5),
         coreset=dataclasses.replace(base.coreset, ratio=0.01),
-        neighbourhood=dataclasses.replace(base.neighbourhood, bottleneck=None, hidden=2048, depth=9),
+        neighbourhood=dataclasses.replace(base.neighbourhood, bottleneck=None, hidden=2048, depth=9, cut=1.0),
         position=dataclasses.replace(base.position, spread=4),
         scoring=dataclasses.replace(base.scoring, combine="mean", blur_sigma=8.0, image_window=0),
     )

@@ -10,6 +10,7 @@ import copy
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,11 @@ from pni_ray.data.geometry import Geometry, candidate_rows, content_maps, extrac
 from pni_ray.data.mvtec import Category, load_category
 from pni_ray.models.coreset import greedy_kcenter_order
 from pni_ray.models.features import PatchFeatureExtractor, build_extractor
-from pni_ray.models.neighbourhood import NeighbourhoodMLP
+from pni_ray.models.neighbourhood import NeighbourhoodMLP, choose_cut
 from pni_ray.models.pni import Normalisation, PNIDetector, TrainedModel, build_detector
 from pni_ray.models.predict import detector_geometry
 from pni_ray.models.position_prior import SparsePositionPrior, build_position_prior, choose_spread
-from pni_ray.models.scorer import nearest_in_prefix_and_all, nearest_neighbours
+from pni_ray.models.scorer import cluster_weights, nearest_in_prefix_and_all, nearest_neighbours
 
 log = logging.getLogger(__name__)
 
@@ -308,37 +309,75 @@ def calibrate(
     )
 
 
-def fit_position_prior(
+@dataclass
+class HeldOut:
+    """Held-out good images as the priors' cuts see them: features (N, D, h, w), each patch's nearest
+    C_emb entry (N, h, w), and which cells are image content (None: all)."""
+
+    features: torch.Tensor
+    nearest: torch.Tensor
+    valid: torch.Tensor | None
+
+    def content(self) -> torch.Tensor:
+        """(N * h * w,) bool: cells that are image content."""
+        return torch.ones(self.nearest.numel(), dtype=torch.bool) if self.valid is None else self.valid.reshape(-1)
+
+
+def held_out_patches(
     extractor: PatchFeatureExtractor,
     geometry: Geometry,
     holdout_paths: list[Path],
     memory: torch.Tensor,
-    nearest: torch.Tensor,
-    valid: torch.Tensor | None,
+    grid: tuple[int, int],
     cfg: TrainConfig,
     progress: bool,
+) -> HeldOut | None:
+    """Features and nearest C_emb entries of the held-out images; None without held-out images or
+    when they give another grid than the memory bank's (the priors' cuts then fall back, logged)."""
+    if not holdout_paths:
+        return None
+    feats, valid = extract_training_features(
+        extractor, geometry, holdout_paths, cfg.batch_size, progress, desc="held-out features"
+    )
+    n, d, hh, ww = feats.shape
+    if (hh, ww) != tuple(grid):
+        log.warning("held-out images give a %dx%d grid, the memory bank %dx%d: the priors' cuts are not "
+                    "measured (position prior: the broadest spread; p(c|N): tau)", hh, ww, *grid)
+        return None
+    _, idx = nearest_neighbours(feats.permute(0, 2, 3, 1).reshape(-1, d), memory, cfg.scoring.chunk_patches)
+    return HeldOut(feats, idx.view(n, hh, ww), valid)
+
+
+def fit_position_prior(
+    held: HeldOut | None, memory: torch.Tensor, nearest: torch.Tensor, valid: torch.Tensor | None, cfg: TrainConfig
 ) -> tuple[SparsePositionPrior, int, dict[int, float]]:
     """p(c|x) with the configured spread, or (spread None) the sharpest one held-out good images tolerate."""
     n_entries = memory.shape[0]
     if cfg.position.spread is not None:
         return build_position_prior(nearest, n_entries, cfg.position.spread, valid), cfg.position.spread, {}
-    nearest_held = valid_held = None
-    if holdout_paths:
-        feats, valid_held = extract_training_features(
-            extractor, geometry, holdout_paths, cfg.batch_size, progress, desc="held-out features"
-        )
-        n, d, hh, ww = feats.shape
-        if (hh, ww) == tuple(nearest.shape[1:]):
-            rows = feats.permute(0, 2, 3, 1).reshape(-1, d)
-            _, idx = nearest_neighbours(rows, memory, cfg.scoring.chunk_patches)
-            nearest_held = idx.view(n, hh, ww)
-        else:
-            log.warning("held-out images give a %dx%d grid, the memory bank %dx%d: position prior spread "
-                        "not measured, using the broadest candidate", hh, ww, *nearest.shape[1:])
-            valid_held = None
     tau = cfg.scoring.tau_scale / n_entries
-    return choose_spread(nearest, nearest_held, n_entries, cfg.position.spread_candidates, cfg.position.min_keep,
-                         tau, valid, valid_held)
+    return choose_spread(nearest, held.nearest if held else None, n_entries, cfg.position.spread_candidates,
+                         cfg.position.min_keep, tau, valid, held.valid if held else None)
+
+
+@torch.no_grad()
+def fit_neighbourhood_cut(
+    held: HeldOut | None, mlp: NeighbourhoodMLP, emb_to_dist: torch.Tensor, n_entries: int, cfg: TrainConfig
+) -> tuple[float, dict[float, float]]:
+    """p(c|N)'s cut in multiples of tau: the configured one, or (cut None) the strictest held-out good
+    patches tolerate (`choose_cut`)."""
+    if cfg.neighbourhood.cut is not None:
+        return float(cfg.neighbourhood.cut), {}
+    if held is None:
+        return 1.0, {}
+    weights = cluster_weights(emb_to_dist)
+    nearest = held.nearest.reshape(len(held.features), -1)
+    p_nearest = torch.cat([  # a few images at a time: (n, |C_dist|, h, w) probabilities are never held at once
+        mlp.probabilities(held.features[i : i + 8]).flatten(2).gather(1, emb_to_dist[nearest[i : i + 8]].unsqueeze(1))
+        .squeeze(1) * weights[nearest[i : i + 8]]
+        for i in range(0, len(held.features), 8)]).reshape(-1)
+    tau = cfg.scoring.tau_scale / n_entries
+    return choose_cut(p_nearest[held.content()], tau, cfg.neighbourhood.cut_candidates, cfg.neighbourhood.min_keep)
 
 
 def train_category(
@@ -384,7 +423,7 @@ def train_category(
         "holdout_images": [p.name for p in holdout_paths],
     }
     emb_to_dist = prior = mlp = None
-    dist_size = 0
+    dist_size, cut = 0, 1.0
     if cfg.mode == "pni":
         dist_size = min(cfg.neighbourhood.dist_size, memory.shape[0])
         dist = memory[:dist_size]
@@ -395,9 +434,8 @@ def train_category(
         targets, nearest_emb = nearest_in_prefix_and_all(rows, memory, dist_size, chunk,
                                                          desc="nearest C_dist / C_emb" if progress else None)
         t_assign = time.perf_counter()
-        prior, spread, keep = fit_position_prior(
-            extractor, geometry, holdout_paths, memory, nearest_emb.view(n_img, h, w), valid, cfg, progress
-        )
+        held = held_out_patches(extractor, geometry, holdout_paths, memory, (h, w), cfg, progress)
+        prior, spread, keep = fit_position_prior(held, memory, nearest_emb.view(n_img, h, w), valid, cfg)
         facts["position_spread"] = spread
         facts["position_held_out_keep"] = {str(k): round(v, 6) for k, v in keep.items()}
         log.info("%s: position prior spread %d (held-out keep rates %s)", category, spread,
@@ -409,6 +447,11 @@ def train_category(
         )
         facts["mlp"] = mlp_report
         facts["position_prior_nnz"] = int(prior.prob.numel())
+        cut, cut_keep = fit_neighbourhood_cut(held, mlp, emb_to_dist, memory.shape[0], cfg)
+        facts["neighbourhood_cut"] = cut
+        facts["neighbourhood_held_out_keep"] = {f"{k:g}": round(v, 6) for k, v in cut_keep.items()}
+        log.info("%s: p(c|N) cut at %g tau (held-out keep rates %s)", category, cut,
+                 {f"{k:g}": round(v, 4) for k, v in cut_keep.items()})
     elif cfg.mode != "patchcore":
         raise ValueError(f"unknown training mode {cfg.mode!r}: use 'pni' or 'patchcore'")
     t_pni = time.perf_counter()
@@ -423,6 +466,7 @@ def train_category(
         normalisation=Normalisation(),
         grid=(h, w),
         feature_dim=dim,
+        neighbourhood_cut=cut,
     )
     detector = build_detector(trained, extractor)
     trained.normalisation = calibrate(

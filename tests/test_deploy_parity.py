@@ -68,6 +68,19 @@ def test_the_pni_rule_and_image_window_travel_with_the_export(crop_root, tmp_pat
     assert model.geometry.image_window == 2
 
 
+def test_a_chosen_neighbourhood_cut_travels_with_the_export(crop_root, tmp_path):
+    """A bundle whose p(c|N) cut was chosen above tau (min_keep lowered so the rule picks one): the
+    export builds its masks at that cut, and evaluate, score BUNDLE and score EXPORT agree."""
+    neighbourhood = dataclasses.replace(tiny_config().neighbourhood, epochs=2, min_keep=0.5)
+    trained = train_category(crop_root, "washer", tiny_config(neighbourhood=neighbourhood), progress=False)
+    assert trained.neighbourhood_cut > 1.0
+    bundle = save_bundle(trained, tmp_path / "bundle")
+    figures = deployment_parity(bundle, crop_root, "washer", tmp_path / "work", engine="local", threads=1)
+    assert within_limits(figures), figures
+    manifest = load_exported(tmp_path / "work" / "export", threads=1).manifest
+    assert manifest["tau_neighbourhood"] == pytest.approx(trained.neighbourhood_cut * manifest["tau"], rel=1e-12)
+
+
 def test_export_manifest_records_the_geometry(bundles, tmp_path):
     out = export_bundle(bundles["letterbox"], tmp_path / "lb", ExportOptions(max_batch=4)).path
     model = load_exported(out, threads=1)

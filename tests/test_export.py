@@ -186,11 +186,14 @@ def _random_scorer(combine: str, seed: int = 0, m: int = 300, k: int = 20, d: in
 VARIANTS = {"default": {}, "inputs": {"coresets": "input"}, "naive": {"layout": "naive", "distance": "gemm"}}
 
 
-@pytest.mark.parametrize("combine", ["both", "mean"])
-def test_exported_scorer_equals_torch_on_random_data_with_every_fallback(combine):
+@pytest.mark.parametrize("combine,cut", [("both", 1.0), ("mean", 1.0), ("both", 6.0)])
+def test_exported_scorer_equals_torch_on_random_data_with_every_fallback(combine, cut):
     """Every mode, both pni rules, each graph variant: the torch scorer's choices and exact distances,
-    including patches with nothing allowed (pni: the position's entries, then all)."""
+    including patches with nothing allowed (pni: the position's entries, then all); with p(c|N) cut
+    at tau and at a chosen multiple of it (the bundle's neighbourhood_cut)."""
     scorer, st, features, probs = _random_scorer(combine)
+    scorer.tau_neighbourhood = cut * scorer.tau
+    tau_n = scorer.tau_neighbourhood
     b, _, h, w = features.shape
     flat_probs = probs.permute(0, 2, 3, 1).reshape(b * h * w, -1)
     positions = torch.arange(h * w).repeat(b)
@@ -207,12 +210,12 @@ def test_exported_scorer_equals_torch_on_random_data_with_every_fallback(combine
             assert np.array_equal(scorer(features, probs, mode).numpy(), ref), mode
         if mode == "patchcore":
             assert (ref.reshape(-1)[on_entry.numpy()] == 0).all()  # exact: no GEMM cancellation left
-        masks = tables.mask_spec(mode, st, scorer.tau, combine)
+        masks = tables.mask_spec(mode, st, scorer.tau, combine, tau_n)
         variants = dict(VARIANTS)
         if mode == "pni":
             prior_dense = scorer.position_prior.numpy()
             variants["arithmetic"] = dict(layout="naive", distance="gemm", mask="arithmetic", tau=scorer.tau,
-                                          inv_cluster=st.inv_cluster, prior_dense=prior_dense)
+                                          tau_n=tau_n, inv_cluster=st.inv_cluster, prior_dense=prior_dense)
         for name, kw in variants.items():
             spec = scorer_graph.ScorerSpec(mode=mode, memory=st.memory, emb_to_dist=st.emb_to_dist, masks=masks,
                                            grid=(h, w), image_size=(48, 40), blur_sigma=1.0, n_dist=probs.shape[1],
@@ -223,7 +226,7 @@ def test_exported_scorer_equals_torch_on_random_data_with_every_fallback(combine
             names = {i.name for i in session.get_inputs()}
             feeds = {k: v for k, v in feeds_all.items() if k in names}
             if spec.coresets == "input":
-                feeds.update(tables.scorer_table_values(mode, st, scorer.tau, combine))
+                feeds.update(tables.scorer_table_values(mode, st, scorer.tau, combine, tau_n))
             patch = session.run(["patch_scores"], feeds)[0]
             assert np.abs(patch - ref).max() < 1e-5, (mode, name, np.abs(patch - ref).max())
 

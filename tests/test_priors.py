@@ -12,7 +12,7 @@ import torch
 
 from pni_ray.config import NeighbourhoodConfig, TrainConfig, paper_config
 from pni_ray.geometry import box_max
-from pni_ray.models.neighbourhood import NeighbourhoodMLP
+from pni_ray.models.neighbourhood import NeighbourhoodMLP, choose_cut
 from pni_ray.models.position_prior import build_position_prior, choose_spread, held_out_keep_rate
 from pni_ray.options import build_config
 from pni_ray.training import train_neighbourhood_mlp
@@ -116,6 +116,65 @@ def test_torch_image_score_matches_the_geometry_box_maximum():
         torch_scores = image_scores(maps, window)
         numpy_scores = [box_max(m.numpy(), window) for m in maps]
         assert torch.allclose(torch_scores, torch.tensor(numpy_scores, dtype=torch.float32), atol=1e-6), window
+
+
+def test_neighbourhood_cut_is_the_strictest_that_held_out_patches_tolerate():
+    tau = 0.01
+    p = torch.tensor([0.005, 0.02, 0.05, 0.05, 0.09, 0.2, 0.3, 0.5, 0.7, 0.9])  # p(c|N) of held-out nearest entries
+    cut, rates = choose_cut(p, tau, (2.0, 4.0, 8.0, 16.0), min_keep=0.8)
+    assert cut == 4.0 and rates == {1.0: 0.9, 2.0: 0.8, 4.0: 0.8, 8.0: 0.6, 16.0: 0.5}  # tau is always measured
+    assert choose_cut(p, tau, (2.0, 4.0), min_keep=0.95) == (1.0, {1.0: 0.9, 2.0: 0.8, 4.0: 0.8})  # none: tau
+    assert choose_cut(p, tau, (2.0, 4.0, 8.0, 16.0), min_keep=0.5)[0] == 16.0
+    assert choose_cut(torch.zeros(0), tau, (2.0,), 0.9) == (1.0, {})  # no held-out patches: tau
+    with pytest.raises(ValueError, match=">= 1"):
+        choose_cut(p, tau, (0.5, 2.0), 0.9)  # never looser than tau
+
+
+def test_training_chooses_the_cut_and_the_bundle_scores_with_it(synthetic_root, tmp_path):
+    """The chosen cut is the rule's on this model's own held-out keep rates, is recorded, travels
+    with the bundle into the scorer, and a fixed `cut` skips the choice."""
+    from conftest import tiny_config
+
+    from pni_ray.bundle import load_bundle, save_bundle
+    from pni_ray.models.pni import build_detector
+    from pni_ray.training import train_category
+
+    base = tiny_config().neighbourhood
+    cfg = tiny_config(neighbourhood=dataclasses.replace(base, epochs=2, min_keep=0.5))
+    trained = train_category(synthetic_root, "washer", cfg, progress=False)
+    facts = trained.report["deterministic"]
+    rates = {float(k): v for k, v in facts["neighbourhood_held_out_keep"].items()}
+    assert rates[1.0] >= rates[2.0] >= rates[4.0]  # a stricter cut never keeps more
+    assert trained.neighbourhood_cut == facts["neighbourhood_cut"] == max(c for c, r in rates.items() if r >= 0.5)
+    assert trained.neighbourhood_cut > 1.0
+    loaded, manifest = load_bundle(save_bundle(trained, tmp_path / "b"))
+    assert manifest["neighbourhood_cut"] == loaded.neighbourhood_cut == trained.neighbourhood_cut
+    scorer = build_detector(loaded).scorer
+    assert scorer.tau_neighbourhood == trained.neighbourhood_cut * scorer.tau
+    fixed = train_category(synthetic_root, "washer", tiny_config(neighbourhood=dataclasses.replace(base, epochs=2, cut=3.0)),
+                           progress=False)
+    assert fixed.neighbourhood_cut == 3.0 and fixed.report["deterministic"]["neighbourhood_held_out_keep"] == {}
+
+
+def test_bundles_from_before_the_neighbourhood_cut_score_at_tau(bundle_tiny, tmp_path):
+    """A manifest without neighbourhood_cut (and a config without neighbourhood.cut) cut p(c|N) at tau."""
+    import json
+    import shutil
+
+    from pni_ray.bundle import MANIFEST, load_bundle
+    from pni_ray.fileio import sha256_file
+
+    old = tmp_path / "old"
+    shutil.copytree(bundle_tiny, old)
+    manifest = json.loads((old / MANIFEST).read_text())
+    manifest["neighbourhood_cut"] = 7.0
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    assert load_bundle(old)[0].neighbourhood_cut == 7.0  # the recorded cut rules
+    del manifest["neighbourhood_cut"], manifest["config"]["neighbourhood"]["cut"]
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    trained, _ = load_bundle(old)
+    assert trained.neighbourhood_cut == 1.0 and trained.config.neighbourhood.cut == 1.0
+    assert sha256_file(old / "memory.arrow") == sha256_file(bundle_tiny / "memory.arrow")
 
 
 def test_bundles_from_before_the_scoring_fields_keep_their_rule():

@@ -74,3 +74,25 @@ class NeighbourhoodMLP(nn.Module):
         hidden = self.hidden_features(features).permute(0, 2, 3, 1)
         logits = self.classify(hidden)  # (B, h, w, K) contiguous
         return torch.softmax(logits / self.temperature, dim=-1).permute(0, 3, 1, 2)
+
+
+def choose_cut(
+    p_nearest: torch.Tensor, tau: float, candidates: tuple[float, ...], min_keep: float
+) -> tuple[float, dict[float, float]]:
+    """How hard p(c|N) may mask: the largest cut (a multiple of tau, never below 1) under which
+    held-out good patches keep their nearest C_emb entry allowed (p_nearest > cut x tau) at a rate
+    of at least `min_keep`.
+
+    The same rule as the position prior's spread, on training images only: a confident MLP (its
+    probability mass on the right entries) gets a strict mask that vetoes implausible entries for
+    defects, an unsure one stays at tau. p_nearest: p(c|N) of each held-out patch's nearest entry;
+    empty (no held-out images) gives tau. Returns the cut and every keep rate measured.
+    """
+    ordered = sorted({float(c) for c in candidates} | {1.0})
+    if ordered[0] < 1.0:
+        raise ValueError(f"neighbourhood cut candidates must be >= 1 (multiples of tau), got {candidates}")
+    if p_nearest.numel() == 0:
+        return 1.0, {}
+    rates = {c: float((p_nearest > c * tau).double().mean()) for c in ordered}
+    passing = [c for c in ordered if rates[c] >= min_keep]
+    return (max(passing) if passing else 1.0), rates

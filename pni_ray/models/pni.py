@@ -102,6 +102,7 @@ class TrainedModel:
     feature_dim: int
     refiner: torch.nn.Module | None = None
     report: dict = field(default_factory=dict)
+    neighbourhood_cut: float = 1.0  # p(c|N) masks above this multiple of tau (chosen at training)
 
 
 def build_detector(trained: TrainedModel, extractor: PatchFeatureExtractor | None = None) -> PNIDetector:
@@ -115,6 +116,7 @@ def build_detector(trained: TrainedModel, extractor: PatchFeatureExtractor | Non
         chunk_patches=cfg.scoring.chunk_patches,
         combine=cfg.scoring.combine,
         candidate_share=cfg.scoring.candidate_share,
+        neighbourhood_cut=trained.neighbourhood_cut,
     )
     detector = PNIDetector(
         extractor or build_extractor(cfg.features),
