@@ -13,9 +13,10 @@ and the MLP's held-out top-1 / top-5. Categories absent from the data root are s
 message.
 
 `--neighbourhood-cuts 4,16` also scores mode pni with p(c|N) cut at 4 and 16 times tau instead
-of tau (p(c|x)'s cut unchanged) and prints, per cut, the share of held-out good patches whose
-nearest entry the neighbourhood still allows (alone, and together with the position) and the
-metrics: does a stricter neighbourhood find defects, or only veto normal patches?
+of the bundle's own cut (`neighbourhood_cut`, chosen at training; p(c|x)'s cut unchanged) and
+prints, per cut, the share of held-out good patches whose nearest entry the neighbourhood still
+allows (alone, and together with the position) and the metrics: does a stricter neighbourhood find
+defects, or only veto normal patches?
 
 `--seeds 0,1,2` trains and scores each category once per seed (the seed draws the held-out split,
 the coreset's projection and the MLP's initialisation and batches) and ends with the spread: per mode
@@ -215,13 +216,16 @@ def run_category(data_root: Path, category: str, workdir: Path, cfg: TrainConfig
     rescues = neighbourhood_rescue(detector, cat, manifest, list(rescue_factors)) if rescue_factors else []
     ranked = image_ranking(detector, cat) if ranking else None
     return {"train_seconds": train_s, "position_spread": training.get("position_spread"),
-            "held_out_keep": training.get("position_held_out_keep"), "modes": results, "neighbourhood_cuts": cuts,
+            "held_out_keep": training.get("position_held_out_keep"),
+            "neighbourhood_cut": training.get("neighbourhood_cut", 1.0),
+            "neighbourhood_held_out_keep": training.get("neighbourhood_held_out_keep"), "modes": results, "neighbourhood_cuts": cuts,
             "neighbourhood_rescue": rescues, **({"image_ranking": ranked} if ranked else {})}
 
 
 def print_category(category: str, res: dict) -> None:
     trained = f"trained in {res['train_seconds']:.0f} s" if res["train_seconds"] else "bundle reused"
-    print(f"\n{category} ({trained}; position spread {res['position_spread']}, held-out keep {res['held_out_keep']})")
+    print(f"\n{category} ({trained}; position spread {res['position_spread']}, held-out keep {res['held_out_keep']}; "
+          f"p(c|N) cut {res.get('neighbourhood_cut', 1.0):g} tau, held-out keep {res.get('neighbourhood_held_out_keep')})")
     print(f"{'mode':<14}" + "".join(f"{title:>11}" for _, title, _ in COLUMNS))
     for mode, row in res["modes"].items():
         cells = [fmt.format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in COLUMNS]

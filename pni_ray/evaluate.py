@@ -217,8 +217,8 @@ DIAGNOSTIC_KEYS = ("allowed_share", "changed_normal", "changed_defect", "score_c
 
 
 def attach_diagnostics(results: dict[str, dict], diagnostics: dict[str, dict], manifest: dict[str, Any]) -> None:
-    """Put each mode's diagnostics (and the MLP's held-out top-1 / top-5 from training) under
-    results[mode]["diagnostics"] and, flat, beside the metrics for the table."""
+    """Put each mode's diagnostics (and, from training, the MLP's held-out top-1 / top-5 and p(c|N)'s
+    cut) under results[mode]["diagnostics"] and, flat, beside the metrics for the table."""
     mlp = ((manifest.get("training") or {}).get("mlp") or {}).get("best") or {}
     for name, row in results.items():
         mode = name.removesuffix("+refine")
@@ -226,6 +226,8 @@ def attach_diagnostics(results: dict[str, dict], diagnostics: dict[str, dict], m
         if mode in NEEDS_MLP and mlp:
             diag["mlp_val_top1"] = mlp.get("val_top1")
             diag["mlp_val_top5"] = mlp.get("val_top5")
+        if mode in NEEDS_MLP:
+            diag["neighbourhood_cut"] = float(manifest.get("neighbourhood_cut", 1.0))  # p(c|N) > cut x tau
         if diag and not name.endswith("+refine"):
             row["diagnostics"] = diag
             row.update({k: v for k, v in diag.items() if k in DIAGNOSTIC_KEYS})

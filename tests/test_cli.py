@@ -61,6 +61,7 @@ def test_evaluate_ablation_json(cli_bundle, synthetic_root, tmp_path):
             assert 0.0 <= diag[key] <= 1.0
         assert diag["score_change_normal"] >= -1e-4 and diag["score_change_defect"] >= -1e-4  # masks only raise
         assert ("mlp_val_top1" in diag) == (mode in ("neighbourhood", "pni"))
+        assert ("neighbourhood_cut" in diag) == (mode in ("neighbourhood", "pni"))
     assert modes["patchcore"]["diagnostics"]["allowed_share"] == 1.0
     assert modes["patchcore"]["diagnostics"]["changed_defect"] == 0.0
     assert modes["position"]["diagnostics"]["allowed_share"] < 0.5  # the position prior narrows C_emb
