@@ -434,7 +434,8 @@ def train_category(
         targets, nearest_emb = nearest_in_prefix_and_all(rows, memory, dist_size, chunk,
                                                          desc="nearest C_dist / C_emb" if progress else None)
         t_assign = time.perf_counter()
-        held = held_out_patches(extractor, geometry, holdout_paths, memory, (h, w), cfg, progress)
+        measured = cfg.position.spread is None or cfg.neighbourhood.cut is None  # else nothing reads held-out patches
+        held = held_out_patches(extractor, geometry, holdout_paths if measured else [], memory, (h, w), cfg, progress)
         prior, spread, keep = fit_position_prior(held, memory, nearest_emb.view(n_img, h, w), valid, cfg)
         facts["position_spread"] = spread
         facts["position_held_out_keep"] = {str(k): round(v, 6) for k, v in keep.items()}
