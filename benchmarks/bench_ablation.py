@@ -218,7 +218,9 @@ def run_category(data_root: Path, category: str, workdir: Path, cfg: TrainConfig
     return {"train_seconds": train_s, "position_spread": training.get("position_spread"),
             "held_out_keep": training.get("position_held_out_keep"),
             "neighbourhood_cut": training.get("neighbourhood_cut", 1.0),
-            "neighbourhood_held_out_keep": training.get("neighbourhood_held_out_keep"), "modes": results, "neighbourhood_cuts": cuts,
+            "neighbourhood_held_out_keep": dict(sorted((training.get("neighbourhood_held_out_keep") or {}).items(),
+                                                       key=lambda kv: float(kv[0]))),
+            "modes": results, "neighbourhood_cuts": cuts,
             "neighbourhood_rescue": rescues, **({"image_ranking": ranked} if ranked else {})}
 
 
