@@ -217,7 +217,7 @@ def run_category(data_root: Path, category: str, workdir: Path, cfg: TrainConfig
     ranked = image_ranking(detector, cat) if ranking else None
     return {"train_seconds": train_s, "position_spread": training.get("position_spread"),
             "held_out_keep": training.get("position_held_out_keep"),
-            "neighbourhood_cut": training.get("neighbourhood_cut", 1.0),
+            "neighbourhood_cut": manifest.get("neighbourhood_cut", 1.0),
             "neighbourhood_held_out_keep": dict(sorted((training.get("neighbourhood_held_out_keep") or {}).items(),
                                                        key=lambda kv: float(kv[0]))),
             "modes": results, "neighbourhood_cuts": cuts,

@@ -91,6 +91,14 @@ class NeighbourhoodConfig:
     cut_candidates: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
     min_keep: float = 0.95
 
+    def __post_init__(self) -> None:  # a config file's bad cut fails when it is read, not after the MLP trained
+        if self.cut is not None and not self.cut >= 1.0:
+            raise ValueError(f"neighbourhood.cut is a multiple of tau, >= 1 (or null: chosen), got {self.cut!r}")
+        if not self.cut_candidates or min(self.cut_candidates) < 1.0:
+            raise ValueError(f"neighbourhood.cut_candidates must be multiples of tau >= 1, got {self.cut_candidates!r}")
+        if not 0.0 < self.min_keep <= 1.0:
+            raise ValueError(f"neighbourhood.min_keep is a share of held-out patches in (0, 1], got {self.min_keep!r}")
+
 
 @dataclass(frozen=True)
 class PositionConfig:

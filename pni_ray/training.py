@@ -371,11 +371,13 @@ def fit_neighbourhood_cut(
     if held is None:
         return 1.0, {}
     weights = cluster_weights(emb_to_dist)
-    nearest = held.nearest.reshape(len(held.features), -1)
-    p_nearest = torch.cat([  # a few images at a time: (n, |C_dist|, h, w) probabilities are never held at once
-        mlp.probabilities(held.features[i : i + 8]).flatten(2).gather(1, emb_to_dist[nearest[i : i + 8]].unsqueeze(1))
-        .squeeze(1) * weights[nearest[i : i + 8]]
-        for i in range(0, len(held.features), 8)]).reshape(-1)
+    n, _, h, w = held.features.shape
+    nearest = held.nearest.reshape(n, -1)
+    step = max(1, EVAL_ROWS // (h * w))  # images per pass: (step, |C_dist|, h, w) probabilities at most
+    p_nearest = torch.cat([
+        mlp.probabilities(held.features[i : i + step]).flatten(2)
+        .gather(1, emb_to_dist[nearest[i : i + step]].unsqueeze(1)).squeeze(1) * weights[nearest[i : i + step]]
+        for i in range(0, n, step)]).reshape(-1)
     tau = cfg.scoring.tau_scale / n_entries
     return choose_cut(p_nearest[held.content()], tau, cfg.neighbourhood.cut_candidates, cfg.neighbourhood.min_keep)
 

@@ -208,7 +208,7 @@ def test_shifted_copy_rolls_each_image_with_its_mask(tmp_path: Path) -> None:
     assert all(np.array_equal(np.asarray(Image.open(out / "cat" / k)), np.asarray(Image.open(again / "cat" / k))) for k in where)
 
 
-def test_neighbourhood_cuts_tighten_p_n_alone_and_restore_tau(bundle_tiny: Path, synthetic_root: Path) -> None:
+def test_neighbourhood_cuts_tighten_p_n_alone_and_restore_the_bundles_cut(bundle_tiny: Path, synthetic_root: Path) -> None:
     from pni_ray.bundle import load_bundle
     from pni_ray.data.mvtec import load_category
     from pni_ray.evaluate import evaluate_category
@@ -217,8 +217,10 @@ def test_neighbourhood_cuts_tighten_p_n_alone_and_restore_tau(bundle_tiny: Path,
     trained, manifest = load_bundle(bundle_tiny)
     detector, cat = build_detector(trained), load_category(synthetic_root, "washer")
     tau = detector.scorer.tau
+    own = detector.scorer.tau_neighbourhood = 3.0 * tau  # as a bundle whose chosen cut is 3 tau
     loose, strict = bench_ablation.neighbourhood_cuts(detector, cat, manifest, [1.0, 1e6])
-    assert detector.scorer.tau_neighbourhood == tau  # restored
+    assert detector.scorer.tau_neighbourhood == own  # restored: the bundle's cut, not tau
+    detector.scorer.tau_neighbourhood = tau
     plain = evaluate_category(detector, cat, modes=("pni",), progress=False)["pni"]
     assert loose["pixel_auroc"] == plain["pixel_auroc"] and loose["aupro"] == plain["aupro"]
     assert 0.5 < loose["keep_neighbourhood"] <= 1.0 and strict["keep_neighbourhood"] == 0.0

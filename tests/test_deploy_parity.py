@@ -7,11 +7,15 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from export.deploy_parity import deployment_parity, within_limits
 from export.onnx_export import ExportOptions, export_bundle
 from export.runtime import load_exported
 from pni_ray.bundle import save_bundle
+from pni_ray.data.transforms import load_batch
+from pni_ray.data.mvtec import load_category
+from pni_ray.models.pni import build_detector
 from pni_ray.config import GeometryConfig
 from pni_ray.data.geometry import derive_category
 from pni_ray.training import train_category
@@ -74,6 +78,11 @@ def test_a_chosen_neighbourhood_cut_travels_with_the_export(crop_root, tmp_path)
     neighbourhood = dataclasses.replace(tiny_config().neighbourhood, epochs=2, min_keep=0.5)
     trained = train_category(crop_root, "washer", tiny_config(neighbourhood=neighbourhood), progress=False)
     assert trained.neighbourhood_cut > 1.0
+    detector = build_detector(trained)
+    images = load_batch([s.path for s in load_category(crop_root, "washer").test], 128)
+    at_cut = detector.patch_scores(images, "pni")
+    detector.scorer.tau_neighbourhood = detector.scorer.tau
+    assert not torch.equal(detector.patch_scores(images, "pni"), at_cut)  # the cut decides scores: a graph at tau differs
     bundle = save_bundle(trained, tmp_path / "bundle")
     figures = deployment_parity(bundle, crop_root, "washer", tmp_path / "work", engine="local", threads=1)
     assert within_limits(figures), figures

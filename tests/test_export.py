@@ -208,6 +208,10 @@ def test_exported_scorer_equals_torch_on_random_data_with_every_fallback(combine
         with torch.no_grad():
             ref = scorer(features, probs, mode, exact_dense=True).numpy()
             assert np.array_equal(scorer(features, probs, mode).numpy(), ref), mode
+            if cut != 1.0 and mode in ("neighbourhood", "pni", "pni_split"):  # the cut decides scores here
+                at_tau = copy.copy(scorer)
+                at_tau.tau_neighbourhood = scorer.tau
+                assert not np.array_equal(at_tau(features, probs, mode, exact_dense=True).numpy(), ref), mode
         if mode == "patchcore":
             assert (ref.reshape(-1)[on_entry.numpy()] == 0).all()  # exact: no GEMM cancellation left
         masks = tables.mask_spec(mode, st, scorer.tau, combine, tau_n)

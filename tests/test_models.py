@@ -270,7 +270,7 @@ def test_candidate_path_matches_definition(mode):
 
 
 def test_stricter_neighbourhood_cut_is_one_rule_on_every_path():
-    """tau_neighbourhood (benchmarks only) tightens p(c|N) alone: candidate and dense paths agree, and
+    """tau_neighbourhood (the bundle's chosen cut x tau) tightens p(c|N) alone: candidate and dense paths agree, and
     the position's cut, hence its candidate table and mode position, are unchanged."""
     scorer, *_, feats, p_dist = _sparse_setup()
     base, table = scorer(feats, p_dist, "pni"), scorer.candidates.clone()

@@ -130,6 +130,15 @@ def test_neighbourhood_cut_is_the_strictest_that_held_out_patches_tolerate():
         choose_cut(p, tau, (0.5, 2.0), 0.9)  # never looser than tau
 
 
+@pytest.mark.parametrize("bad", [{"cut": 0.5}, {"cut": 0}, {"cut_candidates": (0.5, 2.0)}, {"cut_candidates": ()},
+                                 {"min_keep": 0.0}, {"min_keep": 1.5}])
+def test_a_bad_neighbourhood_cut_setting_fails_when_the_config_is_read(bad):
+    with pytest.raises(ValueError, match="neighbourhood"):
+        TrainConfig.from_dict({"neighbourhood": bad})
+    assert TrainConfig.from_dict({"neighbourhood": {"cut": None}}).neighbourhood.cut is None  # JSON null: chosen
+    assert TrainConfig.from_dict({"neighbourhood": {"cut": 4}}).neighbourhood.cut == 4
+
+
 def test_training_chooses_the_cut_and_the_bundle_scores_with_it(synthetic_root, tmp_path):
     """The chosen cut is the rule's on this model's own held-out keep rates, is recorded, travels
     with the bundle into the scorer, and a fixed `cut` skips the choice."""

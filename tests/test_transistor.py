@@ -5,7 +5,7 @@ Transistor is the category the priors exist for: a `misplaced` transistor (missi
 is made of patches that look normal somewhere; only where they are says they are wrong. Reduced
 for CI: a 1% coreset (the authors' ratio) and 3 MLP epochs; everything else at the defaults.
 Measured at this config (320 px): pni - patchcore = +0.0268 pixel AUROC (0.9571 -> 0.9839), +0.0402
-AUPRO (0.9046 -> 0.9448), +0.0121 image AUROC (0.9792 -> 0.9913), with p(c|N) cut at the chosen 8 tau
+AUPRO (0.9046 -> 0.9448), +0.0121 image AUROC (0.9792 -> 0.9912), with p(c|N) cut at the chosen 8 tau
 (at tau: +0.0266 / +0.0381 / +0.0141); the margins keep about half of each.
 The MLP's held-out top-1 after its 3 epochs: 0.587 at the default steps (2 images per step, lr 2e-3),
 0.372 at the previous 8 images per step, lr 1e-3, whose MLP had not converged in 12.
@@ -39,8 +39,11 @@ def transistor_results(transistor_root):
 
 def _train_and_evaluate(transistor_root):
     cfg = TrainConfig()
+    # float32 MLP steps on every CPU ("auto" takes bf16 where native): the chosen p(c|N) cut sits near a
+    # boundary at this reduced config (16 tau keeps 0.949 of held-out patches against 0.95), so the
+    # figures below are pinned to the float32 MLP they were measured with
     cfg = cfg.replace(coreset=dataclasses.replace(cfg.coreset, ratio=0.01),
-                      neighbourhood=dataclasses.replace(cfg.neighbourhood, epochs=3))
+                      neighbourhood=dataclasses.replace(cfg.neighbourhood, epochs=3, train_precision="float32"))
     trained = train_category(transistor_root, "transistor", cfg, progress=False)
     detector = build_detector(trained)
     cat = load_category(transistor_root, "transistor")
