@@ -27,7 +27,7 @@ from pni_ray.models.neighbourhood import NeighbourhoodMLP, choose_cut
 from pni_ray.models.pni import Normalisation, PNIDetector, TrainedModel, build_detector
 from pni_ray.models.predict import detector_geometry
 from pni_ray.models.position_prior import SparsePositionPrior, build_position_prior, choose_spread
-from pni_ray.models.scorer import cluster_weights, nearest_in_prefix_and_all, nearest_neighbours
+from pni_ray.models.scorer import PatchScorer, nearest_in_prefix_and_all, nearest_neighbours
 
 log = logging.getLogger(__name__)
 
@@ -362,24 +362,24 @@ def fit_position_prior(
 
 @torch.no_grad()
 def fit_neighbourhood_cut(
-    held: HeldOut | None, mlp: NeighbourhoodMLP, emb_to_dist: torch.Tensor, n_entries: int, cfg: TrainConfig
+    held: HeldOut | None, mlp: NeighbourhoodMLP, memory: torch.Tensor, emb_to_dist: torch.Tensor, cfg: TrainConfig
 ) -> tuple[float, dict[float, float]]:
     """p(c|N)'s cut in multiples of tau: the configured one, or (cut None) the strictest held-out good
-    patches tolerate (`choose_cut`)."""
+    patches tolerate (`choose_cut`), with p(c|N) over C_emb as the scorer computes it."""
     if cfg.neighbourhood.cut is not None:
         return float(cfg.neighbourhood.cut), {}
     if held is None:
         return 1.0, {}
-    weights = cluster_weights(emb_to_dist)
+    scorer = PatchScorer(memory, emb_to_dist, tau_scale=cfg.scoring.tau_scale)
     n, _, h, w = held.features.shape
-    nearest = held.nearest.reshape(n, -1)
+    nearest = held.nearest.reshape(-1, 1)
     step = max(1, EVAL_ROWS // (h * w))  # images per pass: (step, |C_dist|, h, w) probabilities at most
     p_nearest = torch.cat([
-        mlp.probabilities(held.features[i : i + step]).flatten(2)
-        .gather(1, emb_to_dist[nearest[i : i + step]].unsqueeze(1)).squeeze(1) * weights[nearest[i : i + step]]
+        scorer.neighbourhood_mask_probs(mlp.probabilities(held.features[i : i + step]).permute(0, 2, 3, 1)
+                                        .reshape(-1, mlp.n_classes), nearest[i * h * w : (i + step) * h * w])
         for i in range(0, n, step)]).reshape(-1)
-    tau = cfg.scoring.tau_scale / n_entries
-    return choose_cut(p_nearest[held.content()], tau, cfg.neighbourhood.cut_candidates, cfg.neighbourhood.min_keep)
+    return choose_cut(p_nearest[held.content()], scorer.tau, cfg.neighbourhood.cut_candidates,
+                      cfg.neighbourhood.min_keep)
 
 
 def train_category(
@@ -450,7 +450,7 @@ def train_category(
         )
         facts["mlp"] = mlp_report
         facts["position_prior_nnz"] = int(prior.prob.numel())
-        cut, cut_keep = fit_neighbourhood_cut(held, mlp, emb_to_dist, memory.shape[0], cfg)
+        cut, cut_keep = fit_neighbourhood_cut(held, mlp, memory, emb_to_dist, cfg)
         facts["neighbourhood_cut"] = cut
         facts["neighbourhood_held_out_keep"] = {f"{k:g}": round(v, 6) for k, v in cut_keep.items()}
         log.info("%s: p(c|N) cut at %g tau (held-out keep rates %s)", category, cut,

@@ -85,14 +85,6 @@ def nearest_in_prefix_and_all(
     return (torch.cat(near_prefix), torch.cat(near_all)) if near_all else (empty, empty)
 
 
-def cluster_weights(emb_to_dist: torch.Tensor) -> torch.Tensor:
-    """(M,) 1 / (number of C_emb entries sharing each entry's C_dist entry): p(c|N) over C_emb is
-    p(C_dist entry | N) spread evenly over the C_emb entries nearest to it."""
-    emb_to_dist = emb_to_dist.long()
-    sizes = torch.bincount(emb_to_dist, minlength=int(emb_to_dist.max()) + 1).float()
-    return 1.0 / sizes[emb_to_dist]
-
-
 def masked_argmin(dist_sq: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Row-wise index of the nearest allowed entry; -1 where nothing is allowed."""
     masked = torch.where(allowed, dist_sq, torch.full_like(dist_sq, INF))
@@ -173,8 +165,9 @@ class PatchScorer(nn.Module):
         self.combine = combine
         if emb_to_dist is not None:
             emb_to_dist = emb_to_dist.long()
+            sizes = torch.bincount(emb_to_dist, minlength=int(emb_to_dist.max()) + 1).float()
             self.register_buffer("emb_to_dist", emb_to_dist)
-            self.register_buffer("inv_cluster", cluster_weights(emb_to_dist))
+            self.register_buffer("inv_cluster", 1.0 / sizes[emb_to_dist])
         else:
             self.emb_to_dist = None
             self.inv_cluster = None
