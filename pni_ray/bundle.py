@@ -7,6 +7,7 @@ every file's sha256 and refuses anything tampered with or incomplete.
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -212,5 +213,7 @@ def load_bundle(path: Path | str) -> tuple[TrainedModel, dict[str, Any]]:
         feature_dim=d,
         refiner=refiner,
         neighbourhood_cut=float(manifest.get("neighbourhood_cut", 1.0)),  # bundles before the cut: tau
+        # the training facts travel with the model, so a bundle written from it (refine) keeps them
+        report={"deterministic": copy.deepcopy(manifest.get("training", {}))},
     )
     return trained, manifest

@@ -387,6 +387,10 @@ def test_refine_command_adds_the_refiner_train_would(trained_tiny, refined_tiny,
     got = loaded.refiner.state_dict()
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     assert torch.equal(loaded.memory, trained_tiny.memory)  # the PNI model itself is untouched
+    parent = json.loads((plain / "manifest.json").read_text())["training"]
+    facts = manifest["training"]  # the PNI model's training facts are kept beside the refiner's
+    assert {k: v for k, v in facts.items() if k != "refiner"} == parent and "mlp" in parent, facts.keys()
+    assert facts["refiner"]["torch_threads"] == 1 and facts["refiner"]["calibration_images"]
     again = CliRunner().invoke(main, args)
     assert again.exit_code != 0 and "already exists" in again.output
     onto_itself = CliRunner().invoke(main, ["refine", str(plain), str(synthetic_root), "--out", str(plain), "--force"])
