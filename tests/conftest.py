@@ -59,12 +59,18 @@ def real_category_root(category: str) -> Path:
     return BOTTLE_ROOT
 
 
+def cores_per_worker() -> int:
+    """The cores this test process may use: all of them, or its share under pytest-xdist's `-n N`."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
 @contextlib.contextmanager
 def both_cores():
-    """Torch on up to 2 threads for a real-data job: tests run one at a time, so the longest ones
-    take both cores (the suite's default is 1 thread), then the previous count is restored."""
+    """Torch on up to 2 threads for a real-data job when this process has the cores to itself (the
+    suite's default is 1 thread; beside another busy process 2 threads ran 5-7x slower, so under
+    `-n 2` on 2 cores it stays at 1), then the previous count is restored."""
     before = torch.get_num_threads()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(min(2, cores_per_worker()))
     try:
         yield
     finally:
@@ -86,3 +92,12 @@ def _one_torch_thread():
     """CLI commands under test may widen torch's thread pool; results depend on it, so reset."""
     torch.set_num_threads(int(os.environ.get("PNI_RAY_TEST_THREADS", "1")))
     yield
+
+
+# the longest modules first: under `-n 2` (pyproject's addopts) the last minutes are short tests, not a real-data fit
+SLOW_MODULES_FIRST = ("test_transistor.py", "test_cluster.py", "test_bottle.py", "test_score.py", "test_deploy_parity.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every module keeps its order
