@@ -214,6 +214,6 @@ def load_bundle(path: Path | str) -> tuple[TrainedModel, dict[str, Any]]:
         refiner=refiner,
         neighbourhood_cut=float(manifest.get("neighbourhood_cut", 1.0)),  # bundles before the cut: tau
         # the training facts travel with the model, so a bundle written from it (refine) keeps them
-        report={"deterministic": copy.deepcopy(manifest.get("training", {}))},
+        report={"deterministic": copy.deepcopy(manifest.get("training") or {})},
     )
     return trained, manifest

@@ -144,6 +144,7 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
 
     from pni_ray.bundle import FORMAT, BundleError, load_bundle, save_bundle
     from pni_ray.fileio import NotReplaceable
+    from pni_ray.fit import record_threads
     from pni_ray.refine_training import train_refiner
 
     n_threads = training_threads(threads)
@@ -163,8 +164,7 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
     changes = {k: v for k, v in (("epochs", epochs), ("n_samples", samples), ("source", source)) if v is not None}
     trained.config = trained.config.replace(refiner=dataclasses.replace(rcfg, enabled=True, **changes))
     train_refiner(trained, data_root, category or manifest["category"])
-    # the PNI model's facts (its torch_threads included) stay as trained; the refiner's count is its own
-    trained.report["deterministic"]["refiner"]["torch_threads"] = n_threads
+    record_threads(trained, n_threads, "refiner")  # the PNI model's own count stays as trained
     try:
         save_bundle(trained, out, overwrite=force)
     except NotReplaceable as exc:  # something else appeared at OUT while training

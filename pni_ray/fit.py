@@ -19,10 +19,13 @@ from pni_ray.data.mvtec import Category
 from pni_ray.models.pni import TrainedModel
 
 
-def record_threads(trained: TrainedModel, threads: int) -> None:
-    """Note the torch thread count in the facts the manifest stores (`training.torch_threads`)."""
+def record_threads(trained: TrainedModel, threads: int, stage: str | None = None) -> None:
+    """Note the torch thread count in the facts the manifest stores: the PNI model's
+    (`training.torch_threads`), or a later stage's (`training.refiner.torch_threads`), which
+    `pni-ray refine` may train with another count than its parent bundle's."""
     report = trained.report if isinstance(trained.report, dict) else {}
-    report.setdefault("deterministic", {})["torch_threads"] = int(threads)
+    facts = report.setdefault("deterministic", {})
+    (facts.setdefault(stage, {}) if stage else facts)["torch_threads"] = int(threads)
     trained.report = report
 
 
@@ -45,5 +48,6 @@ def fit_category(
         from pni_ray.refine_training import train_refiner
 
         train_refiner(trained, data_root, category)
+        record_threads(trained, threads, "refiner")
     record_threads(trained, threads)
     return trained

@@ -61,7 +61,8 @@ def real_category_root(category: str) -> Path:
 
 def cores_per_worker() -> int:
     """The cores this test process may use: all of them, or its share under pytest-xdist's `-n N`."""
-    return max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 
 @contextlib.contextmanager

@@ -374,8 +374,11 @@ def test_refine_command_adds_the_refiner_train_would(trained_tiny, refined_tiny,
     from pni_ray.refine_training import good_images
     from pni_ray.training import calibration_split
 
+    from pni_ray.fit import record_threads
+
     trained = copy.deepcopy(trained_tiny)
     trained.config = trained.config.replace(refiner=tiny_refiner_config())
+    record_threads(trained, 2)  # trained on 2 threads, refined on 1 below
     plain = save_bundle(trained, tmp_path / "plain")
     out = tmp_path / "refined"
     args = ["refine", str(plain), str(synthetic_root), "--out", str(out), "--threads", "1"]
@@ -390,7 +393,7 @@ def test_refine_command_adds_the_refiner_train_would(trained_tiny, refined_tiny,
     parent = json.loads((plain / "manifest.json").read_text())["training"]
     facts = manifest["training"]  # the PNI model's training facts are kept beside the refiner's
     assert {k: v for k, v in facts.items() if k != "refiner"} == parent and "mlp" in parent, facts.keys()
-    assert facts["refiner"]["torch_threads"] == 1 and facts["refiner"]["calibration_images"]
+    assert facts["torch_threads"] == 2 and facts["refiner"]["torch_threads"] == 1, facts["refiner"]
     again = CliRunner().invoke(main, args)
     assert again.exit_code != 0 and "already exists" in again.output
     onto_itself = CliRunner().invoke(main, ["refine", str(plain), str(synthetic_root), "--out", str(plain), "--force"])
@@ -406,6 +409,21 @@ def test_refine_command_adds_the_refiner_train_would(trained_tiny, refined_tiny,
     assert set(manifest["training"]["refiner"]["source_images"]) - holdout  # "all" reaches the bank's images
     bad = CliRunner().invoke(main, [*args[:4], str(tmp_path / "bad"), "--source", "test"])
     assert bad.exit_code != 0 and "'test' is not one of 'all', 'holdout'" in bad.output
+
+
+def test_train_refine_records_the_refiners_threads_where_refine_does(trained_tiny, synthetic_root, monkeypatch):
+    """`train --refine` (fit_category) notes the refiner's torch threads at training.refiner.torch_threads,
+    as `pni-ray refine` does, beside the PNI model's training.torch_threads."""
+    import pni_ray.refine_training
+    import pni_ray.training
+    from pni_ray.fit import fit_category
+
+    trained = copy.deepcopy(trained_tiny)
+    monkeypatch.setattr(pni_ray.training, "train_category", lambda *args, **kwargs: trained)
+    monkeypatch.setattr(pni_ray.refine_training, "train_refiner", lambda model, *args, **kwargs: model)
+    cfg = trained.config.replace(refiner=dataclasses.replace(tiny_refiner_config(), enabled=True))
+    facts = fit_category(synthetic_root, "washer", cfg, threads=1, progress=False).report["deterministic"]
+    assert facts["torch_threads"] == 1 and facts["refiner"]["torch_threads"] == 1, facts
 
 
 def test_refined_bundle_is_recalibrated_on_a_third_split(trained_tiny, refined_tiny, refined_bundle, synthetic_root):

@@ -34,7 +34,7 @@ MIN_MLP_TOP1 = 0.5  # measured 0.587 (see the module doc)
 
 @pytest.fixture(scope="module")
 def transistor_results(transistor_root):
-    """The suite's longest job: it takes both cores when the suite runs one test at a time."""
+    """The suite's longest job: up to 2 torch threads, as many as this test process has cores for."""
     with both_cores():
         return _train_and_evaluate(transistor_root)
 
