@@ -371,10 +371,9 @@ def test_refine_command_adds_the_refiner_train_would(trained_tiny, refined_tiny,
 
     from pni_ray.bundle import load_bundle, save_bundle
     from pni_ray.cli import main
+    from pni_ray.fit import record_threads
     from pni_ray.refine_training import good_images
     from pni_ray.training import calibration_split
-
-    from pni_ray.fit import record_threads
 
     trained = copy.deepcopy(trained_tiny)
     trained.config = trained.config.replace(refiner=tiny_refiner_config())
