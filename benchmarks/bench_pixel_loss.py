@@ -6,12 +6,14 @@
 1 - pixel AUROC is the share of (defect pixel, normal pixel) pairs the map orders wrongly (ties
 count half). Each wrong pair is charged once to its defect pixel, grouped by depth inside the
 mask, and once to its normal pixel, grouped by distance to the nearest defect pixel of its image
-(normal pixels of good images form their own group); each split sums to 1 - AUROC. A prior over
-which memory entries are plausible changes patch scores; it cannot separate a normal pixel from a
-defect that its stride-8 patch and the blur overlap, so the near-defect groups bound what the
-priors can win on a category, and what the refiner is for. Maps are compared at each image's own
-size in float64 (bottle: 67M pixels, ~2 GB per mode while sorting). Depth inside a mask counts
-only mask pixels, so a defect cut by the image border is deeper there than it looks.
+(normal pixels of good images form their own group); each split sums to 1 - AUROC. The same two
+charges are also split by the test folder (defect type) of the pixel's image: which defects score
+too low, and around which ones normal pixels score too high. A prior over which memory entries are
+plausible changes patch scores; it cannot separate a normal pixel from a defect that its stride-8
+patch and the blur overlap, nor raise a defect whose features are close to what is normal at that
+place, so these splits bound what the priors can win on a category. Maps are compared at each
+image's own size in float64 (bottle at 320 px: 8.5M pixels). Depth inside a mask counts only mask
+pixels, so a defect cut by the image border is deeper there than it looks.
 """
 
 from __future__ import annotations
@@ -50,8 +52,11 @@ def pixel_groups(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return depth.astype(np.int16), distance.astype(np.int16)
 
 
-def loss_by_group(scores: np.ndarray, depth: np.ndarray, distance: np.ndarray) -> dict[str, object]:
-    """AUROC and the share of wrongly ordered pairs charged to each defect and each normal group."""
+def loss_by_group(scores: np.ndarray, depth: np.ndarray, distance: np.ndarray,
+                  kind: np.ndarray | None = None, kind_names: tuple[str, ...] = ()) -> dict[str, object]:
+    """AUROC and the share of wrongly ordered pairs charged to each defect and each normal group; with
+    `kind` (per pixel, the index in `kind_names` of its image's test folder, e.g. the defect type) also
+    charged to the defect pixels and to the normal pixels of each kind."""
     is_defect = depth >= 0
     pos, neg = scores[is_defect].astype(np.float64), scores[~is_defect].astype(np.float64)
     pairs = float(len(pos)) * float(len(neg))
@@ -66,13 +71,19 @@ def loss_by_group(scores: np.ndarray, depth: np.ndarray, distance: np.ndarray) -
     below = pos_lt + 0.5 * (pos_le - pos_lt)
     gd, gn = depth[is_defect], distance[~is_defect]
     names_n = [f"{lo}-{hi or 'inf'} px from a defect" for lo, hi in DISTANCES] + ["good images"]
-    return {
+    out: dict[str, object] = {
         "pixel_auroc": 1.0 - float(above.sum()) / pairs,
         "loss_by_defect_pixels": {f"{lo}-{hi or 'inf'} px deep": float(above[gd == i].sum()) / pairs
                                   for i, (lo, hi) in enumerate(DEPTHS)},
         "loss_by_normal_pixels": {name: float(below[gn == i].sum()) / pairs for i, name in enumerate(names_n)},
         "normal_pixel_share": {name: float((gn == i).mean()) for i, name in enumerate(names_n)},
     }
+    if kind is not None:
+        kd, kn = kind[is_defect], kind[~is_defect]
+        out["loss_by_defect_pixels_of"] = {name: float(above[kd == i].sum()) / pairs for i, name in enumerate(kind_names)
+                                           if (kd == i).any()}
+        out["loss_by_normal_pixels_of"] = {name: float(below[kn == i].sum()) / pairs for i, name in enumerate(kind_names)}
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     groups = [pixel_groups(cat.mask(s, m.shape) > 0) for s, m in zip(cat.test, first.maps)]
     depth = np.concatenate([g[0].ravel() for g in groups])
     distance = np.concatenate([g[1].ravel() for g in groups])
-    out = {name: loss_by_group(np.concatenate([m.ravel() for m in res.maps]), depth, distance)
+    kinds = tuple(sorted({s.defect_type for s in cat.test}))
+    kind = np.concatenate([np.full(m.size, kinds.index(s.defect_type), np.int16) for s, m in zip(cat.test, first.maps)])
+    out = {name: loss_by_group(np.concatenate([m.ravel() for m in res.maps]), depth, distance, kind, kinds)
            for name, res in results.items()}
     for name, r in out.items():
         print(f"{category} {name}: pixel AUROC {r['pixel_auroc']:.4f}, lost {1 - r['pixel_auroc']:.4f}")
@@ -113,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             for group, value in r[key].items():
                 share = r["normal_pixel_share"].get(group)
                 print(f"  {group:<28} {value:.4f}" + (f"   ({share:.1%} of normal pixels)" if share is not None else ""))
+        for kind_name, value in r["loss_by_defect_pixels_of"].items():
+            print(f"  defect pixels of {kind_name:<16} {value:.4f}   (normal pixels of those images: "
+                  f"{r['loss_by_normal_pixels_of'][kind_name]:.4f})")
     if args.json:
         args.json.write_text(json.dumps({"category": category, "modes": out}, indent=2))
     return 0

@@ -173,10 +173,12 @@ def test_pixel_loss_splits_sum_to_one_minus_auroc() -> None:
     masks[1][5:9, 50:60] = True
     maps = [gaussian_filter(m.astype(np.float32), 4) + 0.01 * rng.random(m.shape).astype(np.float32) for m in masks]
     maps[1][0, 0] = maps[1][6, 52]  # an exact tie between a normal and a defect pixel
+    maps[0] *= 3  # the first image's defect (type "big") scores high, the second's ("small") low
     groups = [bench_pixel_loss.pixel_groups(m) for m in masks]
+    kind = np.concatenate([np.full(m.size, k, np.int16) for m, k in zip(masks, (0, 1, 2))])
     out = bench_pixel_loss.loss_by_group(np.concatenate([m.ravel() for m in maps]),
                                          np.concatenate([g[0].ravel() for g in groups]),
-                                         np.concatenate([g[1].ravel() for g in groups]))
+                                         np.concatenate([g[1].ravel() for g in groups]), kind, ("big", "small", "good"))
     expected = pixel_auroc(masks, maps)
     assert out["pixel_auroc"] == pytest.approx(expected, abs=1e-12)
     assert sum(out["loss_by_defect_pixels"].values()) == pytest.approx(1 - expected, abs=1e-12)
@@ -184,6 +186,12 @@ def test_pixel_loss_splits_sum_to_one_minus_auroc() -> None:
     near = out["loss_by_normal_pixels"]["0-8 px from a defect"] + out["loss_by_normal_pixels"]["8-24 px from a defect"]
     assert near > 0.9 * (1 - expected) and out["loss_by_normal_pixels"]["good images"] < 0.05 * (1 - expected)
     assert sum(out["normal_pixel_share"].values()) == pytest.approx(1.0)
+    by_defect, by_normal = out["loss_by_defect_pixels_of"], out["loss_by_normal_pixels_of"]
+    assert set(by_defect) == {"big", "small"} and set(by_normal) == {"big", "small", "good"}
+    assert sum(by_defect.values()) == pytest.approx(1 - expected, abs=1e-12)
+    assert sum(by_normal.values()) == pytest.approx(1 - expected, abs=1e-12)
+    # the low-scoring defect loses its pairs to the normal pixels around the high-scoring one
+    assert by_defect["small"] > 0.9 * (1 - expected) and by_normal["big"] > 0.9 * (1 - expected)
 
 
 def test_shifted_copy_rolls_each_image_with_its_mask(tmp_path: Path) -> None:
