@@ -1,0 +1,69 @@
+"""What `pni-ray score`'s driver knows of a model without building it (no torch): its kind, canvas,
+threshold, identity and geometry, with every listed file's checksum verified before any work starts."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pni_ray.fileio import sha256_file
+from pni_ray.geometry import Geometry
+
+
+class ScoreError(RuntimeError):
+    """A run that cannot start (bad model, OUT in use or holding another model's scores)."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    kind: str
+    image_size: tuple[int, int]  # (height, width) of the canvas every image is prepared to
+    threshold: float
+    model_id: str
+    category: str | None
+    geometry: dict[str, Any] = field(default_factory=dict)  # Geometry.spec(): how decode prepares images
+    backbone: str = "onnxruntime"  # where an export's backbone runs, as OUT records it ("openvino-bf16", ...)
+    source_model_id: str | None = None  # an export's bundle (its model_id is the export's own manifest)
+
+
+def describe_model(path: Path | str, backbone_runtime: str = "onnxruntime", backbone_precision: str = "auto") -> ModelInfo:
+    """What the driver needs to know, without torch: the manifest, and the checksum of every file a
+    bundle lists (the actors verify again, with the backbone weights, when they load the model). An
+    export is loaded here with the actors' backbone runtime, so one OpenVINO cannot take fails now."""
+    from export.openvino_backbone import OpenVINOUnavailable
+    from pni_ray.orchestration.model_loader import ExportModel, model_kind
+
+    path = Path(path).resolve()
+    try:
+        kind = model_kind(path)
+    except ValueError as exc:
+        raise ScoreError(str(exc)) from exc
+    if kind in ("bundle", "ensemble"):
+        if backbone_runtime != "onnxruntime":
+            raise ScoreError(f"{path} is a {kind}, scored by torch: --backbone-runtime {backbone_runtime} applies to "
+                             "export directories only (pni-ray export BUNDLE --out DIR, then score DIR)")
+        manifest = json.loads((path / "manifest.json").read_text())
+        for name, meta in (manifest.get("files") or {}).items():
+            file = path / name
+            if not file.is_file():
+                raise ScoreError(f"{file}: missing from the bundle (listed in manifest.json)")
+            if meta.get("sha256") and sha256_file(file) != meta["sha256"]:
+                raise ScoreError(f"{file}: checksum mismatch: the file was modified or corrupted")
+        norm = manifest.get("normalisation") or {}
+        threshold = norm.get("threshold", manifest.get("threshold"))
+        try:
+            geometry = Geometry.from_manifest(manifest)
+            canvas = geometry.canvas_hw()
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ScoreError(f"{path}/manifest.json: no usable image geometry ({exc.__class__.__name__}: {exc})") from exc
+        return ModelInfo(str(path), kind, canvas, float("inf") if threshold is None else float(threshold),
+                         sha256_file(path / "manifest.json"), manifest.get("category"), geometry.spec())
+    try:
+        model = ExportModel(path, backbone_runtime=backbone_runtime, backbone_precision=backbone_precision)
+    except OpenVINOUnavailable as exc:
+        raise ScoreError(str(exc)) from exc
+    return ModelInfo(str(path), kind, model.image_size, model.threshold, model.model_id, model.category,
+                     model.geometry.spec(), model.runtime.backbone_label, model.runtime.source_model_id)

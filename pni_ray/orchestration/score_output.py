@@ -1,0 +1,160 @@
+"""`pni-ray score`'s output directory: one run at a time (a lock), one model and map format per OUT
+(its identity file), atomic part commits, error rows made retryable, and the summary read back from
+the committed parts, which are the only source of truth."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+from pni_ray.orchestration.score_inputs import Inputs
+from pni_ray.orchestration.score_model import ModelInfo, ScoreError
+from pni_ray.results import (
+    TABLE_FORMAT,
+    atomic_write_bytes,
+    atomic_write_json,
+    now_utc,
+    part_files,
+    read_table,
+    table_to_parquet_bytes,
+)
+
+DATASET_FILE = "_dataset.json"
+SUMMARY_FILE = "_summary.json"
+LOCK_FILE = "_lock"
+MAX_FAILURES_LISTED = 1000
+
+
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """One run per OUT at a time (an flock: released by the kernel even on SIGKILL)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise ScoreError(f"{out}: another pni-ray score run is writing here") from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def check_dataset(out: Path, info: ModelInfo, map_format: str, runtime: str = "onnxruntime") -> None:
+    """OUT holds the scores of one model in one map format from one backbone runtime; refuse to mix."""
+    path = out / DATASET_FILE
+    if path.is_file():
+        ds = json.loads(path.read_text())
+        if "source_model_id" not in ds and ds.get("model_kind") == "export" and ds.get("model_id") == info.source_model_id:
+            raise ScoreError(f"{out} was written by an older pni-ray, which named an export by its bundle's id, so "
+                             "it cannot tell which export of that bundle (FP32, INT8, ...) scored it: use another --out")
+        if ds.get("model_id") != info.model_id:
+            raise ScoreError(f"{out} holds scores of another model (model_id {str(ds.get('model_id'))[:12]}..., "
+                             f"from {ds.get('model_path')}); this model is {info.model_id[:12]}...: use another --out")
+        if ds.get("map_format") != map_format:
+            raise ScoreError(f"{out} holds maps in format {ds.get('map_format')!r}, not {map_format!r}: "
+                             "use the same --map-format or another --out")
+        if ds.get("backbone_runtime", "onnxruntime") != runtime:  # OUTs written before the option: onnxruntime
+            raise ScoreError(f"{out} holds scores whose backbone ran in {ds.get('backbone_runtime', 'onnxruntime')}, "
+                             f"this run's would run in {runtime}: use the same --backbone-runtime and "
+                             "--backbone-precision, or another --out")
+        return
+    if part_files(out):
+        raise ScoreError(f"{out} has part files but no {DATASET_FILE}: not a pni-ray score output, use another --out")
+    atomic_write_json(path, {"format": TABLE_FORMAT, "model_id": info.model_id, "model_path": info.path,
+                             "model_kind": info.kind, "source_model_id": info.source_model_id,
+                             "category": info.category, "threshold": json_float(info.threshold),
+                             "map_format": map_format, "backbone_runtime": runtime, "created_at": now_utc().isoformat()})
+
+
+def json_float(x: float) -> float | None:
+    """JSON has no Infinity: a model without a threshold is written as null."""
+    return float(x) if math.isfinite(x) else None
+
+
+def remove_stale_temps(out: Path) -> int:
+    """Temp files of a run killed mid-write (only ever removed while holding the lock)."""
+    n = 0
+    for p in out.glob(".part-*.tmp"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def committed_paths(out: Path) -> set[str]:
+    return set(read_table(out, columns=["path"]).column("path").to_pylist())
+
+
+def commit(out: Path, result: dict[str, Any]) -> Path:
+    final = out / f"part-{result['chunk']}.parquet"
+    atomic_write_bytes(final, result["parquet"])
+    return final
+
+
+def retry_failed(out: Path) -> int:
+    """Rewrite each part without its error rows (atomic replace of the same name): they rerun."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    n = 0
+    for part in part_files(out):
+        table = pq.read_table(part)
+        bad = pc.is_valid(table.column("error"))
+        n_bad = pc.sum(bad).as_py() or 0
+        if not n_bad:
+            continue
+        kept = table.filter(pc.invert(bad))
+        if kept.num_rows:
+            atomic_write_bytes(part, table_to_parquet_bytes(kept))
+        else:
+            part.unlink()
+        n += n_bad
+    return n
+
+
+def summarise(out: Path, inputs: Inputs, info: ModelInfo, top_n: int = 20) -> dict[str, Any]:
+    """Counts over this run's inputs, read back from the committed parts (the source of truth)."""
+    table = read_table(out, columns=["path", "image_score", "is_anomalous", "error"])
+    wanted = set(inputs.paths)
+    paths = table.column("path").to_pylist()
+    scores = table.column("image_score").to_pylist()
+    flags = table.column("is_anomalous").to_pylist()
+    errs = table.column("error").to_pylist()
+    seen: dict[str, int] = {}
+    scored, failures = [], []
+    for p, s, a, e in zip(paths, scores, flags, errs):
+        if p not in wanted:
+            continue
+        seen[p] = seen.get(p, 0) + 1
+        if e is None:
+            scored.append((s, p, bool(a)))
+        else:
+            failures.append({"path": p, "error": e})
+    anomalous = sum(a for _, _, a in scored)
+    scored.sort(key=lambda t: (-t[0], t[1]))
+    failures.sort(key=lambda f: f["path"])
+    n_dup = sum(c - 1 for c in seen.values() if c > 1)
+    return {
+        "out": str(out),
+        "model": info.path,
+        "model_id": info.model_id,
+        "model_kind": info.kind,
+        "category": info.category,
+        "threshold": json_float(info.threshold),
+        "inputs": len(inputs.paths),
+        "duplicates_ignored": inputs.duplicates,
+        "rows": sum(seen.values()),
+        "missing": len(wanted) - len(seen),
+        "duplicate_rows": n_dup,
+        "scored": len(scored),
+        "failed": len(failures),
+        "anomalous": int(anomalous),
+        "anomaly_rate": (anomalous / len(scored)) if scored else None,
+        "top": [{"path": p, "image_score": s, "is_anomalous": a} for s, p, a in scored[:top_n]],
+        "failures": failures[:MAX_FAILURES_LISTED],
+        "failures_truncated": len(failures) > MAX_FAILURES_LISTED,
+    }
