@@ -160,6 +160,13 @@ def test_ratio_paths_must_keep_their_systems_accuracy() -> None:
     assert [r["engine"] for r in bench_peers.accurate_paths(rows, "pni-ray")] == ["onnxruntime"]
 
 
+def test_memory_bank_seconds_are_the_stages_patchcore_fits() -> None:
+    row = {"stages_s": {"features": 7.5, "coreset": 3.5, "assignment": 8.0, "mlp": 80.0, "calibration": 1.0}}
+    assert bench_peers.memory_bank_seconds(row) == 11.0
+    assert bench_peers.memory_bank_seconds({"stages_s": {"features": 7.5}}) is None  # an older fit record
+    assert bench_peers.memory_bank_seconds({"fit_s": float("nan")}) is None  # a borrowed bank
+
+
 def test_pixel_loss_splits_sum_to_one_minus_auroc() -> None:
     """Each split of the wrongly ordered pairs sums to 1 - pixel AUROC (ties half), as pni_ray.metrics
     computes it; a blurred map loses its pairs at normal pixels next to the defect, none on good images."""
