@@ -126,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             for group, value in r[key].items():
                 share = r["normal_pixel_share"].get(group)
                 print(f"  {group:<28} {value:.4f}" + (f"   ({share:.1%} of normal pixels)" if share is not None else ""))
-        for kind_name, value in r["loss_by_defect_pixels_of"].items():
-            print(f"  defect pixels of {kind_name:<16} {value:.4f}   (normal pixels of those images: "
-                  f"{r['loss_by_normal_pixels_of'][kind_name]:.4f})")
+        for kind_name, value in r["loss_by_normal_pixels_of"].items():
+            on_defects = r["loss_by_defect_pixels_of"].get(kind_name)
+            print(f"  {kind_name + ' images':<28} " + (f"defect pixels {on_defects:.4f}, " if on_defects is not None else "")
+                  + f"normal pixels {value:.4f}")
     if args.json:
         args.json.write_text(json.dumps({"category": category, "modes": out}, indent=2))
     return 0

@@ -20,8 +20,8 @@ from PIL import Image
 from pni_ray.data.images import load_rgb
 from pni_ray.orchestration.corpus import make_image_corpus, write_bad_inputs, write_odd_modes
 from pni_ray.orchestration.score import Options, ScoreError, decode_chunk, score
-from pni_ray.orchestration.score_output import committed_paths
 from pni_ray.orchestration.score_inputs import chunk_id, expand_inputs, make_chunks
+from pni_ray.orchestration.score_output import committed_paths
 from pni_ray.config import GeometryConfig
 from pni_ray.geometry import Geometry, resize_map
 from pni_ray.results import decode_map, decode_row, encode_map, part_files, read_table

@@ -341,8 +341,6 @@ def run_local(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Ite
 ENGINES = {"ray": run_ray, "local": run_local}
 
 
-
-
 def score(
     model: Path | str,
     inputs: Sequence[str],

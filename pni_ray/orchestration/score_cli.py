@@ -16,8 +16,8 @@ import click
 from pni_ray.data.images import DEFAULT_MAX_PIXELS
 from pni_ray.options import backbone_options
 from pni_ray.orchestration.score import ENGINES, Options, ScoreError, score
-from pni_ray.orchestration.score_output import SUMMARY_FILE
 from pni_ray.orchestration.score_inputs import CHUNK_SIZE
+from pni_ray.orchestration.score_output import SUMMARY_FILE
 from pni_ray.results import MAP_FORMATS
 
 log = logging.getLogger(__name__)
