@@ -132,7 +132,8 @@ def train_neighbourhood_mlp(
     n_val = min(n_img - 1, max(1, int(round(cfg.val_fraction * n_img)))) if n_img > 1 else 0
     val_idx, train_idx = perm[:n_val], perm[n_val:]
     optimiser = torch.optim.Adam(mlp.parameters(), lr=cfg.lr)
-    schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    batches = math.ceil(min(len(train_idx), cfg.images_per_epoch or len(train_idx)) / cfg.batch_images)
+    schedule = learning_rate_schedule(optimiser, cfg, batches)
     history = []
     best: tuple[float, int, dict] | None = None  # (val loss, epoch, weights) of the best epoch so far
     per_image = cfg.positions_per_image or h * w  # None: every position
@@ -147,17 +148,16 @@ def train_neighbourhood_mlp(
             batch = order[i : i + cfg.batch_images]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 step = _batch_logits(mlp, features, targets, valid, batch, crop, cfg.window, per_image, generator)
-            if step is None:
-                continue
-            logits, labels = step
-            n_pick = labels.numel()
-            loss = F.cross_entropy(logits.float(), labels)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            total += float(loss.detach()) * n_pick
-            count += n_pick
-        schedule.step()
+            if step is not None:
+                logits, labels = step
+                n_pick = labels.numel()
+                loss = F.cross_entropy(logits.float(), labels)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                total += float(loss.detach()) * n_pick
+                count += n_pick
+            schedule.step()  # per batch, skipped or not: the schedule follows the plan, not the data
         val = evaluate_mlp(mlp, features, targets, valid, val_idx) if n_val else {}
         history.append({"epoch": epoch + 1, "train_images": len(order), "train_loss": total / max(count, 1), **val})
         bar.set_postfix(loss=f"{total / max(count, 1):.3f}", val_acc=f"{val.get('val_top1', float('nan')):.3f}")
@@ -181,6 +181,20 @@ def train_neighbourhood_mlp(
         "n_val_images": n_val,
         "precision": precision,
     }
+
+
+def learning_rate_schedule(
+    optimiser: torch.optim.Optimizer, cfg: NeighbourhoodConfig, batches_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The MLP's learning rate, stepped once per batch over epochs x batches_per_epoch batches.
+
+    "cosine" anneals from cfg.lr towards 0 along a half cosine; "step" multiplies it by lr_gamma at
+    the start of every lr_step-th epoch (the same rates as a per-epoch StepLR).
+    """
+    if cfg.lr_schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimiser, step_size=cfg.lr_step * batches_per_epoch, gamma=cfg.lr_gamma)
+    total = max(1, cfg.epochs * batches_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
 
 
 def _batch_logits(

@@ -93,6 +93,41 @@ def test_mlp_trains_on_every_position_and_keeps_its_best_epoch():
     assert evaluate_mlp(mlp, feats[perm], targets[perm])["val_loss"] == pytest.approx(best["val_loss"], rel=1e-5)
 
 
+def _rates(cfg: NeighbourhoodConfig, batches: int) -> list[float]:
+    from pni_ray.training import learning_rate_schedule
+
+    optimiser = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    schedule = learning_rate_schedule(optimiser, cfg, batches)
+    rates = []
+    for _ in range(cfg.epochs * batches):
+        rates.append(optimiser.param_groups[0]["lr"])
+        optimiser.step()
+        schedule.step()
+    return rates
+
+
+def test_mlp_learning_rate_follows_a_cosine_over_every_batch_or_the_old_steps():
+    cosine = _rates(NeighbourhoodConfig(epochs=4, lr=4e-3), batches=5)
+    assert len(cosine) == 20 and cosine[0] == 4e-3
+    assert all(a > b for a, b in zip(cosine, cosine[1:]))  # falls at every batch, not per epoch
+    assert cosine[10] == pytest.approx(2e-3) and 0 < cosine[-1] < 4e-3 * 0.01
+    # "step": the same rates a per-epoch StepLR gave (bundles before the cosine), bit for bit
+    cfg = NeighbourhoodConfig(epochs=9, lr=2e-3, lr_schedule="step", lr_step=4, lr_gamma=0.3)
+    optimiser = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    per_epoch = torch.optim.lr_scheduler.StepLR(optimiser, step_size=4, gamma=0.3)
+    expected = []
+    for _ in range(cfg.epochs):
+        expected += [optimiser.param_groups[0]["lr"]] * 3
+        optimiser.step()
+        per_epoch.step()
+    assert _rates(cfg, batches=3) == expected and expected[-1] == 2e-3 * 0.3 * 0.3
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig.from_dict({"neighbourhood": {"lr_schedule": "linear"}})
+    old = TrainConfig().to_dict()
+    del old["neighbourhood"]["lr_schedule"]  # a manifest from before the field: its MLP trained on steps
+    assert TrainConfig.from_manifest(old).neighbourhood.lr_schedule == "step"
+
+
 def test_paper_preset_and_its_full_width_mlp():
     cfg = build_config(preset="paper", epochs=2)
     assert cfg.features.image_size == 480 and cfg.features.patch_size == 5 and cfg.coreset.ratio == 0.01
