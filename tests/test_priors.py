@@ -107,11 +107,11 @@ def _rates(cfg: NeighbourhoodConfig, batches: int) -> list[float]:
 
 
 def test_mlp_learning_rate_follows_a_cosine_over_every_batch_or_the_old_steps():
-    cosine = _rates(NeighbourhoodConfig(epochs=4, lr=4e-3), batches=5)
+    cosine = _rates(NeighbourhoodConfig(epochs=4, lr=4e-3, lr_schedule="cosine"), batches=5)
     assert len(cosine) == 20 and cosine[0] == 4e-3
     assert all(a > b for a, b in zip(cosine, cosine[1:]))  # falls at every batch, not per epoch
     assert cosine[10] == pytest.approx(2e-3) and 0 < cosine[-1] < 4e-3 * 0.01
-    # "step": the same rates a per-epoch StepLR gave (bundles before the cosine), bit for bit
+    # "step" (the default) stepped per batch: the same rates a per-epoch StepLR gives, bit for bit
     cfg = NeighbourhoodConfig(epochs=9, lr=2e-3, lr_schedule="step", lr_step=4, lr_gamma=0.3)
     optimiser = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
     per_epoch = torch.optim.lr_scheduler.StepLR(optimiser, step_size=4, gamma=0.3)
@@ -123,9 +123,6 @@ def test_mlp_learning_rate_follows_a_cosine_over_every_batch_or_the_old_steps():
     assert _rates(cfg, batches=3) == expected and expected[-1] == 2e-3 * 0.3 * 0.3
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainConfig.from_dict({"neighbourhood": {"lr_schedule": "linear"}})
-    old = TrainConfig().to_dict()
-    del old["neighbourhood"]["lr_schedule"]  # a manifest from before the field: its MLP trained on steps
-    assert TrainConfig.from_manifest(old).neighbourhood.lr_schedule == "step"
 
 
 def test_paper_preset_and_its_full_width_mlp():
