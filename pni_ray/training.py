@@ -132,7 +132,7 @@ def train_neighbourhood_mlp(
     n_val = min(n_img - 1, max(1, int(round(cfg.val_fraction * n_img)))) if n_img > 1 else 0
     val_idx, train_idx = perm[:n_val], perm[n_val:]
     optimiser = torch.optim.Adam(mlp.parameters(), lr=cfg.lr)
-    batches = math.ceil(min(len(train_idx), cfg.images_per_epoch or len(train_idx)) / cfg.batch_images)
+    batches = math.ceil(len(train_idx[: cfg.images_per_epoch]) / cfg.batch_images)  # as the epoch loop draws them
     schedule = learning_rate_schedule(optimiser, cfg, batches)
     history = []
     best: tuple[float, int, dict] | None = None  # (val loss, epoch, weights) of the best epoch so far

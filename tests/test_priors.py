@@ -123,6 +123,33 @@ def test_mlp_learning_rate_follows_a_cosine_over_every_batch_or_the_old_steps():
     assert _rates(cfg, batches=3) == expected and expected[-1] == 2e-3 * 0.3 * 0.3
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainConfig.from_dict({"neighbourhood": {"lr_schedule": "linear"}})
+    old = TrainConfig().to_dict()
+    del old["neighbourhood"]["lr_schedule"]  # a manifest from before the field: its MLP trained on steps
+    assert TrainConfig.from_manifest(old).neighbourhood.lr_schedule == "step" == NeighbourhoodConfig().lr_schedule
+
+
+def test_mlp_training_sets_the_scheduled_rate_at_every_batch(monkeypatch):
+    """Inside training: 7 training images capped at 5 per epoch in batches of 2 (the last one partial) is
+    3 batches an epoch, each at the rate a per-epoch StepLR gives its epoch."""
+    seen = []
+    step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(8, 6, 6, 6, generator=g)  # 1 validation image, 7 training images
+    cfg = NeighbourhoodConfig(window=3, bottleneck=4, hidden=8, depth=1, epochs=9, patience=9, lr=2e-3,
+                              batch_images=2, images_per_epoch=5, lr_step=4, lr_gamma=0.3)
+    _, report = train_neighbourhood_mlp(feats, (feats[:, 0] > 0).long(), 2, cfg, seed=0, progress=False)
+    assert len(report["history"]) == 9
+    assert seen == [2e-3] * 12 + [2e-3 * 0.3] * 12 + [2e-3 * 0.3 * 0.3] * 3
+    seen.clear()
+    train_neighbourhood_mlp(feats, (feats[:, 0] > 0).long(), 2, dataclasses.replace(cfg, lr_schedule="cosine"),
+                            seed=0, progress=False)
+    assert len(seen) == 27 and seen[0] == 2e-3 and all(a > b for a, b in zip(seen, seen[1:]))
 
 
 def test_paper_preset_and_its_full_width_mlp():
