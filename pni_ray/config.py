@@ -99,6 +99,9 @@ class NeighbourhoodConfig:
     min_keep: float = 0.95
 
     def __post_init__(self) -> None:  # a config file's bad cut fails when it is read, not after the MLP trained
+        if self.batch_images < 1 or (self.images_per_epoch is not None and self.images_per_epoch < 1):
+            raise ValueError(f"neighbourhood.batch_images and images_per_epoch must be >= 1 (images_per_epoch may be "
+                             f"null: all), got {self.batch_images!r}, {self.images_per_epoch!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"neighbourhood.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.cut is not None and not self.cut >= 1.0:

@@ -190,8 +190,8 @@ def test_neighbourhood_cut_is_the_strictest_that_held_out_patches_tolerate():
 
 
 @pytest.mark.parametrize("bad", [{"cut": 0.5}, {"cut": 0}, {"cut_candidates": (0.5, 2.0)}, {"cut_candidates": ()},
-                                 {"min_keep": 0.0}, {"min_keep": 1.5}])
-def test_a_bad_neighbourhood_cut_setting_fails_when_the_config_is_read(bad):
+                                 {"min_keep": 0.0}, {"min_keep": 1.5}, {"batch_images": 0}, {"images_per_epoch": 0}])
+def test_a_bad_neighbourhood_setting_fails_when_the_config_is_read(bad):
     with pytest.raises(ValueError, match="neighbourhood"):
         TrainConfig.from_dict({"neighbourhood": bad})
     assert TrainConfig.from_dict({"neighbourhood": {"cut": None}}).neighbourhood.cut is None  # JSON null: chosen
