@@ -75,7 +75,8 @@ def make_large_category(source: Path, root: Path) -> Path:
 def training_pool(data_root: Path, category: str, cache: Path, cfg=None) -> torch.Tensor:
     """(N, D) patch rows exactly as train_category hands them to the coreset (`cfg`: the defaults)."""
     from pni_ray.config import TrainConfig
-    from pni_ray.data.geometry import Geometry, extract_training_features
+    from pni_ray.geometry import Geometry
+    from pni_ray.predict import extract_training_features
     from pni_ray.data.mvtec import load_category
     from pni_ray.models.features import build_extractor
     from pni_ray.training import calibration_split, coreset_pool

@@ -26,7 +26,7 @@ from bench_geometry import CROP, CROP_SIZE, DATA  # noqa: E402
 from export.deploy_parity import deployment_parity, within_limits  # noqa: E402
 from pni_ray.bundle import save_bundle  # noqa: E402
 from pni_ray.config import FeatureConfig, GeometryConfig, TrainConfig  # noqa: E402
-from pni_ray.data.geometry import derive_category  # noqa: E402
+from pni_ray.data.mvtec import derive_category  # noqa: E402
 from pni_ray.training import train_category  # noqa: E402
 
 

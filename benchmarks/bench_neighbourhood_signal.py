@@ -41,7 +41,7 @@ BETAS = (0.1, 0.25, 0.5, 1.0)
 def patch_signals(detector: Any, category: Any, batch_size: int = 8) -> dict[str, dict[str, np.ndarray]]:
     """{"normal" | "defect": {signal: (n,) values}} over the test split's content cells."""
     from pni_ray.evaluate import defect_cells
-    from pni_ray.models.predict import chunks, detector_geometry, features
+    from pni_ray.predict import chunks, detector_geometry, features
     from pni_ray.models.rowmin import first_argmin
     from pni_ray.models.scorer import squared_distances
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def detector_max_pixels(detector: Any) -> int:
-    from pni_ray.models.predict import detector_geometry
+    from pni_ray.predict import detector_geometry
 
     return detector_geometry(detector).max_pixels
 

@@ -23,7 +23,7 @@ from export.onnx_export import ExportOptions, export_bundle
 from pni_ray.data.mvtec import load_category
 from pni_ray.evaluate import run_modes
 from pni_ray.inference import load_detector
-from pni_ray.models.predict import default_name
+from pni_ray.predict import default_name
 from pni_ray.orchestration.score import Options, score
 from pni_ray.results import decode_row, read_table
 

@@ -48,7 +48,7 @@ from pni_ray.fileio import read_arrow as bundle_read_arrow
 from pni_ray.bundle import versions as bundle_versions
 from pni_ray.fileio import staged_dir
 from pni_ray.geometry import STRIDE
-from pni_ray.models.predict import detector_geometry
+from pni_ray.predict import detector_geometry
 
 log = logging.getLogger(__name__)
 

@@ -85,7 +85,7 @@ def calibration_inputs(detector, geometry, paths: Sequence[Path], graphs: Sequen
     import torch
 
     from pni_ray.geometry import to_float
-    from pni_ray.models.predict import features
+    from pni_ray.predict import features
 
     out: dict[str, list[np.ndarray]] = {g: [] for g in graphs}
     for i in range(0, len(paths), CALIBRATION_BATCH):

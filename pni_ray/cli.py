@@ -194,7 +194,7 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
     from pni_ray.bundle import BundleError, atomic_write_json
     from pni_ray.evaluate import ABLATION_MODES, DIAGNOSTIC_KEYS, attach_diagnostics, evaluate_category, prior_diagnostics
     from pni_ray.inference import load_detector
-    from pni_ray.models.predict import default_name
+    from pni_ray.predict import default_name, detector_geometry
     from pni_ray.orchestration.model_loader import model_kind
 
     set_threads(threads)
@@ -218,10 +218,8 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
         detector, manifest = load_detector(bundle)
     except BundleError as exc:  # a tampered or incomplete bundle: say which file
         raise click.ClickException(str(exc)) from None
-    geometry = getattr(detector, "geometry", None)
-    kwargs = {"max_pixels": geometry.max_pixels} if geometry is not None else {}
     cat = load_category_checked(data_root, category or manifest["category"], category is not None, need_test=True,
-                                **kwargs)
+                                max_pixels=detector_geometry(detector).max_pixels)
     warn_other_category(category, manifest, str(bundle))
     refine_modes: tuple[str, ...] = ()
     if ablation:

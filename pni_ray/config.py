@@ -197,7 +197,7 @@ class RefinerConfig:
 
 @dataclass(frozen=True)
 class GeometryConfig:
-    """How images of any shape become model inputs and maps return at their size (pni_ray.data.geometry).
+    """How images of any shape become model inputs and maps return at their size (pni_ray.geometry).
 
     policy: "resize" squashes to image_size x image_size (today's behaviour); "letterbox" keeps the
     aspect ratio and pads to the square (padding excluded from coreset, prior, MLP loss and

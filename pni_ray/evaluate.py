@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from pni_ray import metrics
 from pni_ray.data.mvtec import Category
 from pni_ray.geometry import STRIDE, Geometry, Prepared
-from pni_ray.models.predict import NEEDS_MLP, chunks, detector_geometry, features, score_prepared
+from pni_ray.predict import NEEDS_MLP, chunks, detector_geometry, features, score_prepared
 
 ABLATION_MODES = ("patchcore", "neighbourhood", "position", "pni")
 

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pni_ray.config import LEGACY_SCORING, GeometryConfig, ScoringConfig
-from pni_ray.data.images import TOO_BIG_HINT, ImageError, load_rgb, resize_rgb
+from pni_ray.data.images import TOO_BIG_HINT, ImageError, load_rgb, resize_rgb, to_float
 
 POLICIES: tuple[str, ...] = ("resize", "letterbox", "short-side")
 STRIDE = 8  # feature stride of PatchFeatureExtractor (pni_ray.models.features.FEATURE_STRIDE)
@@ -76,12 +76,6 @@ def restore_map(canvas_map: np.ndarray, content: Sequence[int], original_hw: Seq
     """A canvas map -> (H, W) float32 over the original image: the content box cropped, then `resize_map`."""
     y0, x0, y1, x1 = (int(c) for c in content)
     return resize_map(np.asarray(canvas_map, np.float32)[y0:y1, x0:x1], (int(original_hw[0]), int(original_hw[1])))
-
-
-def to_float(canvases: np.ndarray) -> np.ndarray:
-    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [0, 1]: the model input, torch or not."""
-    x = np.asarray(canvases).astype(np.float32) / 255.0
-    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
 
 
 # -- grid helpers ----------------------------------------------------------------------------------

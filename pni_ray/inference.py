@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 def load_detector(path: Path | str) -> tuple["PNIDetector | EnsembleDetector", dict[str, Any]]:
     """Verified detector and its manifest; ensembles are recognised by their manifest."""
-    from pni_ray.models.ensemble import is_ensemble, load_ensemble
+    from pni_ray.ensemble_bundle import is_ensemble, load_ensemble
 
     if is_ensemble(path):
         return load_ensemble(path)

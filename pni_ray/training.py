@@ -19,15 +19,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pni_ray.config import MLP_PRECISIONS, NeighbourhoodConfig, TrainConfig
-from pni_ray.data.geometry import Geometry, candidate_rows, content_maps, extract_training_features
 from pni_ray.data.mvtec import Category, load_category
-from pni_ray.models.coreset import greedy_kcenter_order
+from pni_ray.geometry import Geometry
+from pni_ray.models.coreset import candidate_rows, greedy_kcenter_order
 from pni_ray.models.features import PatchFeatureExtractor, build_extractor
 from pni_ray.models.neighbourhood import NeighbourhoodMLP, choose_cut
 from pni_ray.models.pni import Normalisation, PNIDetector, TrainedModel, build_detector
-from pni_ray.models.predict import detector_geometry
 from pni_ray.models.position_prior import SparsePositionPrior, build_position_prior, choose_spread
 from pni_ray.models.scorer import PatchScorer, nearest_in_prefix_and_all, nearest_neighbours
+from pni_ray.predict import content_maps, detector_geometry, extract_training_features
 
 log = logging.getLogger(__name__)
 

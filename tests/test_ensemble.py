@@ -18,7 +18,8 @@ from pni_ray.data.transforms import load_batch
 from pni_ray.evaluate import evaluate_category
 from pni_ray.inference import load_detector
 from pni_ray.models.anomaly_map import image_scores
-from pni_ray.models.ensemble import EnsembleDetector, estimated_normalisation, save_ensemble, verify_ensemble
+from pni_ray.models.ensemble import EnsembleDetector, estimated_normalisation
+from pni_ray.ensemble_bundle import save_ensemble, verify_ensemble
 from pni_ray.models.pni import Normalisation
 from pni_ray.training import train_category
 

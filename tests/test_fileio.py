@@ -69,7 +69,7 @@ def test_the_formats_use_it(tmp_path):
     from export.tables import read_manifest as read_export
     from pni_ray.bundle import BundleError
     from pni_ray.bundle import read_manifest as read_bundle
-    from pni_ray.models.ensemble import read_ensemble_manifest
+    from pni_ray.ensemble_bundle import read_ensemble_manifest
 
     folder = manifest_dir(tmp_path, {"format": "pni-ray-bundle", "format_version": 1})
     with pytest.raises(ExportError, match="run `pni-ray export` on it"):

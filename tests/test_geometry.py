@@ -12,10 +12,12 @@ from PIL import Image
 
 from pni_ray.bundle import load_bundle, save_bundle
 from pni_ray.config import GeometryConfig, TrainConfig
-from pni_ray.data.geometry import candidate_rows, derive_category, extract_training_features
+from pni_ray.data.mvtec import derive_category
+from pni_ray.models.coreset import candidate_rows
+from pni_ray.predict import extract_training_features
 from pni_ray.geometry import STRIDE, Geometry, GeometryError, blend_weights, resize_map, stitch, tile_starts, to_float
-from pni_ray.models.predict import features as geometry_features
-from pni_ray.models.predict import predict_images
+from pni_ray.predict import features as geometry_features
+from pni_ray.predict import detector_geometry, predict_images
 from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError
 from pni_ray.data.mvtec import load_category
 from pni_ray.data.transforms import load_batch, resize_rgb, to_tensor
@@ -274,20 +276,20 @@ def test_maps_come_back_at_the_original_size(trained_geo, crop_root, name, tmp_p
     metrics = evaluate_category(detector, cat, modes=("pni",), progress=False)["pni"]
     assert 0.5 < metrics["pixel_auroc"] <= 1.0
     images = [np.asarray(Image.open(p).convert("RGB")) for p in paths[:3]]
-    maps, scores = detector.predict_images(images)
+    maps, scores = predict_images(detector, images)
     assert [m.shape for m in maps] == [(80, 128)] * 3
     assert np.allclose(scores, results["pni"].scores[:3]) and np.allclose(maps[0], results["pni"].maps[0])
     if name == "letterbox":  # any aspect ratio works; maps at each image's own size
         odd = [np.asarray(Image.fromarray(images[0]).resize(s[::-1])) for s in SHAPES]
-        assert [m.shape for m in detector.predict_images(odd)[0]] == SHAPES
+        assert [m.shape for m in predict_images(detector, odd)[0]] == SHAPES
     else:  # short-side / tiles: the grid is fixed by training; another aspect is refused by name
         with pytest.raises(GeometryError, match="trained on a"):
-            detector.predict_images([np.ascontiguousarray(images[0].transpose(1, 0, 2))])
+            predict_images(detector, [np.ascontiguousarray(images[0].transpose(1, 0, 2))])
     # the bundle records the geometry and a reloaded detector applies it identically
     path = save_bundle(trained, tmp_path / name)
     reloaded, manifest = load_detector(path)
     assert manifest["config"]["geometry"] == dataclasses.asdict(trained.config.geometry)
-    again_maps, again_scores = reloaded.predict_images(images)
+    again_maps, again_scores = predict_images(reloaded, images)
     assert np.array_equal(again_scores, scores) and all(np.array_equal(a, b) for a, b in zip(again_maps, maps))
     assert load_bundle(path)[0].grid == trained.grid
 
@@ -302,7 +304,7 @@ def test_tiled_model_works_on_the_whole_image_grid(trained_geo):
 
 def test_default_predict_matches_the_plain_detector(trained_tiny, synthetic_root):
     detector = build_detector(trained_tiny)
-    assert detector.geometry.cfg == GeometryConfig()
+    assert detector_geometry(detector).cfg == GeometryConfig()
     paths = [s.path for s in load_category(synthetic_root, "washer").test[:3]]
     images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
     images[1] = np.asarray(Image.fromarray(images[1]).resize((200, 90)))  # any size: squashed, upsampled back

@@ -474,7 +474,7 @@ def test_refiner_splits_refuse_too_few_held_out_images(trained_tiny, synthetic_r
 
 def test_ensemble_of_refined_bundles_uses_the_refined_statistics(refined_bundle, bundle_tiny, tmp_path):
     from pni_ray.bundle import load_bundle
-    from pni_ray.models.ensemble import save_ensemble, verify_ensemble
+    from pni_ray.ensemble_bundle import save_ensemble, verify_ensemble
 
     out = save_ensemble([refined_bundle, bundle_tiny], tmp_path / "ens")
     manifest = verify_ensemble(out)

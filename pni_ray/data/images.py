@@ -133,3 +133,9 @@ def load_mask(path: Path | str, expected_hw: tuple[int, int] | None = None) -> n
             f"{path}: mask is {arr.shape[1]}x{arr.shape[0]} but its image is {expected_hw[1]}x{expected_hw[0]}"
         )
     return arr > 127
+
+
+def to_float(canvases: np.ndarray) -> np.ndarray:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [0, 1]: the model input, torch or not."""
+    x = np.asarray(canvases).astype(np.float32) / 255.0
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))

@@ -151,3 +151,35 @@ def load_category(
     if problems:
         raise LayoutError(root, problems)
     return Category(root=root, name=category, train=train, test=test)
+
+
+def derive_category(
+    src_root: Path | str,
+    category: str,
+    dst_root: Path | str,
+    crop: tuple[int, int, int, int] | None = None,
+    size: tuple[int, int] | None = None,
+) -> Path:
+    """Write a copy of an MVTec-layout category with every image and mask cropped and/or resized alike.
+
+    crop (top, left, height, width) is applied first, then size (height, width): images bilinear,
+    masks nearest. For geometry experiments (non-square crops, upscaled sets); writes PNGs.
+    """
+    from PIL import Image
+
+    src, dst = Path(src_root) / category, Path(dst_root) / category
+    files = [p for p in sorted(src.rglob("*")) if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")]
+    for path in files:
+        rel = path.relative_to(src)
+        is_mask = rel.parts[0] == "ground_truth"
+        img = Image.open(path)
+        img = img.convert("L" if is_mask else "RGB")
+        if crop is not None:
+            top, left, h, w = crop
+            img = img.crop((left, top, left + w, top + h))
+        if size is not None:
+            img = img.resize((size[1], size[0]), Image.NEAREST if is_mask else Image.BILINEAR)
+        out = (dst / rel).with_suffix(".png")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        img.save(out)
+    return dst

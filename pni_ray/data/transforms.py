@@ -8,8 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pni_ray.data.images import DEFAULT_MAX_PIXELS, load_rgb, resize_rgb  # noqa: F401 (resize_rgb re-exported)
-from pni_ray.geometry import to_float
+from pni_ray.data.images import DEFAULT_MAX_PIXELS, load_rgb, resize_rgb, to_float  # noqa: F401 (resize_rgb re-exported)
 
 
 def to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:

@@ -311,3 +311,18 @@ def _search(reduced: torch.Tensor, min_dist: np.ndarray, order: np.ndarray, chun
         set_keys(slice(step, step + 1))
         bar.update(1)
     bar.close()
+
+
+def candidate_rows(valid: torch.Tensor | None, n_rows: int, max_candidates: int | None, seed: int) -> torch.Tensor | None:
+    """Row indices the coreset may choose from: valid positions, seeded-subsampled to the cap.
+
+    None means "every row" (no padding, no cap): the caller keeps its original, copy-free path.
+    """
+    idx = None
+    if valid is not None and not bool(valid.all()):
+        idx = valid.reshape(-1).nonzero(as_tuple=True)[0]
+    n = n_rows if idx is None else idx.numel()
+    if max_candidates and n > max_candidates:
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 2))[:max_candidates].sort().values
+        idx = pick if idx is None else idx[pick]
+    return idx

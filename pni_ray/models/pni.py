@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -55,6 +54,8 @@ class PNIDetector(nn.Module):
         self.refiner = refiner
         self.mode = mode if mlp is not None or mode == "patchcore" else "patchcore"
         self.image_window = image_window  # patches; the score `pni_ray.geometry.Geometry.image_score` gives
+        self.config: TrainConfig | None = None  # the bundle's config and feature grid (build_detector): its geometry
+        self.grid: tuple[int, int] | None = None
 
     def patch_scores(self, images: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         mode = mode or self.mode
@@ -75,15 +76,6 @@ class PNIDetector(nn.Module):
         if (refine if refine is not None else self.refiner is not None) and self.refiner is not None:
             maps = self.refiner(images, maps)
         return maps, image_scores(maps, self.image_window * FEATURE_STRIDE)
-
-    def predict_images(
-        self, images: list, mode: str | None = None, refine: bool | None = None, batch_size: int = 8
-    ) -> tuple[list, "np.ndarray"]:
-        """uint8 (H, W, 3) arrays of any size -> maps at each image's own size and image scores,
-        prepared with the bundle's geometry (pni_ray.geometry)."""
-        from pni_ray.models.predict import predict_images
-
-        return predict_images(self, images, mode, refine, batch_size)
 
 
 @dataclass
@@ -128,7 +120,7 @@ def build_detector(trained: TrainedModel, extractor: PatchFeatureExtractor | Non
         image_size=cfg.features.image_size,
         image_window=cfg.scoring.image_window,
     )
-    from pni_ray.geometry import Geometry
-
-    detector.geometry = Geometry.from_config(cfg, tuple(trained.grid))  # how images are prepared and maps restored
+    # what pni_ray.predict.detector_geometry rebuilds the bundle's geometry from (how images are
+    # prepared and maps restored); plain data, so this layer never handles images
+    detector.config, detector.grid = cfg, tuple(trained.grid)
     return detector.eval()

@@ -63,7 +63,7 @@ class BundleModel:
 
         self.kind = kind
         self.path = Path(path)
-        from pni_ray.models.predict import default_name, detector_geometry
+        from pni_ray.predict import default_name, detector_geometry
 
         self.detector, self.manifest = load_detector(self.path)
         self.device = torch.device(device)
@@ -76,7 +76,7 @@ class BundleModel:
         self.category = self.manifest.get("category")
 
     def canvas_maps(self, prepared: Sequence[Prepared]) -> tuple[np.ndarray, np.ndarray]:
-        from pni_ray.models.predict import score_prepared
+        from pni_ray.predict import score_prepared
 
         maps, scores, _ = score_prepared(self.detector, self.geometry, list(prepared), [self.name], len(prepared))
         return np.stack(maps[self.name]).astype(np.float32), np.asarray(scores[self.name], np.float32)

@@ -85,8 +85,8 @@ def ensemble_cmd(bundles: tuple[Path, ...], out: Path, force: bool, calibrate_ro
     score is the maximum of the averaged map. `pni-ray evaluate OUT DATA_ROOT` scores it.
     """
     from pni_ray.bundle import BundleError, model_id
-    from pni_ray.models.ensemble import FORMAT as ENSEMBLE_FORMAT
-    from pni_ray.models.ensemble import save_ensemble, verify_ensemble
+    from pni_ray.ensemble_bundle import FORMAT as ENSEMBLE_FORMAT
+    from pni_ray.ensemble_bundle import save_ensemble, verify_ensemble
 
     set_threads(threads)
     check_force_out(out, force, ENSEMBLE_FORMAT, "ensemble")  # before the members are checked and calibrated

@@ -1,19 +1,23 @@
 """Prepared images -> canvas maps and image scores with a torch detector: the one scoring path.
 
-`evaluate`, calibration, `PNIDetector.predict_images` and `pni-ray score` on a bundle all call
+`evaluate`, calibration, `predict_images` and `pni-ray score` on a bundle all call
 `score_prepared`: images prepared by the bundle's `Geometry` (pni_ray.geometry), features (tiles
 stitched), p(c|N), the masked minimum, padded cells filled from their nearest content cell, the
 map, the refiner, and the image score as the maximum over the content. The default `resize` is
-one case of it (one tile-free canvas, no padding), not a second path.
+one case of it (one tile-free canvas, no padding), not a second path. Training reads its features
+through the same `features` (`extract_training_features`). This sits above `pni_ray.models` (pure
+torch) and `pni_ray.geometry` (images and maps, torch-free): the models never see a file or a canvas.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from pni_ray.config import GeometryConfig, ScoringConfig
 from pni_ray.geometry import Geometry, Prepared, to_float
@@ -22,10 +26,11 @@ NEEDS_MLP = ("neighbourhood", "pni", "pni_split")
 
 
 def detector_geometry(detector: Any) -> Geometry:
-    """The geometry a detector was trained with (recorded in its bundle); plain resize otherwise."""
-    geometry = getattr(detector, "geometry", None)
-    if geometry is not None:
-        return geometry
+    """The geometry a detector was trained with (its bundle's config and grid, which `build_detector`
+    records on it); plain resize for a detector built by hand."""
+    cfg = getattr(detector, "config", None)
+    if cfg is not None:
+        return Geometry.from_config(cfg, getattr(detector, "grid", None))
     return Geometry(GeometryConfig(), int(detector.image_size),
                     image_window=int(getattr(detector, "image_window", ScoringConfig.image_window)))
 
@@ -146,3 +151,60 @@ def predict_images(
         out_maps.extend(geometry.restore(m, p) for m, p in zip(maps[name], prepared))
         out_scores.extend(scores[name])
     return out_maps, np.asarray(out_scores, dtype=np.float32)
+
+
+@torch.no_grad()
+def content_maps(
+    detector: object, geometry: Geometry, paths: Sequence[Path], batch_size: int, name: str | None = None
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Maps over the image content (canvas resolution, padding cropped) and image scores: calibration.
+
+    `name` is the mode name to score with ("pni", "pni+refine"); default: the detector's own.
+    """
+    name = name or default_name(detector)
+    maps_out: list[np.ndarray] = []
+    scores_out: list[float] = []
+    for sl in chunks(len(paths), geometry, batch_size):
+        prepared = [geometry.prepare(geometry.load(p)) for p in paths[sl]]
+        maps, scores, _ = score_prepared(detector, geometry, prepared, [name], batch_size)
+        maps_out.extend(geometry.content_map(m, p) for m, p in zip(maps[name], prepared))
+        scores_out.extend(scores[name])
+    return maps_out, np.asarray(scores_out, dtype=np.float64)
+
+
+@torch.no_grad()
+def extract_training_features(
+    extractor: torch.nn.Module,
+    geometry: Geometry,
+    paths: Sequence[Path],
+    batch_size: int,
+    progress: bool = True,
+    desc: str = "features",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N, D, gh, gw) features (a view of channels-last storage: rows = a free reshape) and (N, gh, gw)
+    validity, None when every cell of every image is content (no padding).
+
+    Every image must give the same grid (short-side and tiling keep the aspect ratio): the first
+    image sets it and any other is refused with both shapes in the message.
+    """
+    feats: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    grid: tuple[int, int] | None = None
+    n_done = 0
+    for sl in tqdm(list(chunks(len(paths), geometry, batch_size)), desc=desc, unit="batch", disable=not progress, leave=False):
+        prepared = [geometry.prepare(geometry.load(p)) for p in paths[sl]]
+        if grid is None:
+            grid = prepared[0].grid
+        for p, path in zip(prepared, paths[sl]):
+            geometry.check(p, grid, name=str(path))
+        batch = features(extractor, geometry, prepared, tile_batch=batch_size)
+        if feats is None:
+            feats = torch.empty(len(paths), grid[0], grid[1], batch.shape[1], dtype=batch.dtype)
+            valid = torch.empty(len(paths), grid[0], grid[1], dtype=torch.bool)
+        assert valid is not None
+        feats[n_done : n_done + len(prepared)] = batch.permute(0, 2, 3, 1)
+        valid[n_done : n_done + len(prepared)] = torch.from_numpy(np.stack([p.valid_grid() for p in prepared]))
+        n_done += len(prepared)
+    if feats is None or valid is None:
+        raise ValueError("no training images")
+    return feats.permute(0, 3, 1, 2), (None if bool(valid.all()) else valid)

@@ -1,0 +1,228 @@
+"""Ensembles on disk: several bundles of one category as one model directory (PNI paper, Sec. 4).
+
+Format (`pni-ray ensemble BUNDLE... --out DIR`): a self-contained directory
+
+    DIR/manifest.json        {"format": "pni-ray-ensemble", "members": [{"path", "model_id", ...}], ...}
+    DIR/members/00-<backbone>/  a verbatim copy of each member bundle
+
+written atomically (temp sibling + rename). Loading checks that each member's manifest still
+hashes to the recorded model_id and that every member file matches its checksum, so a
+tampered, swapped or missing member is refused with the file named.
+
+The detector itself (pure torch) is `pni_ray.models.ensemble.EnsembleDetector`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path, PurePosixPath
+from typing import Any, Sequence
+
+from pni_ray.bundle import MANIFEST as BUNDLE_MANIFEST
+from pni_ray.bundle import BundleError, atomic_write_json, load_bundle, model_id, verify_bundle, versions
+from pni_ray.fileio import read_manifest_json, staged_dir
+from pni_ray.models.ensemble import MEMBER_MODE, EnsembleDetector, estimated_normalisation
+from pni_ray.models.pni import build_detector
+
+FORMAT = "pni-ray-ensemble"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MEMBERS_DIR = "members"
+
+
+def read_ensemble_manifest(path: Path | str) -> dict[str, Any]:
+    manifest = read_manifest_json(path, FORMAT, FORMAT_VERSION, BundleError, "ensemble")
+    if not manifest.get("members"):
+        raise BundleError(f"{Path(path) / MANIFEST}: the ensemble lists no members")
+    return manifest
+
+
+def is_ensemble(path: Path | str) -> bool:
+    """True when `path` holds an ensemble manifest (cheap: reads only manifest.json)."""
+    file = Path(path) / MANIFEST
+    try:
+        return json.loads(file.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def member_path(root: Path, relative: str) -> Path:
+    """A member's directory; refuses paths that leave the ensemble directory."""
+    rel = PurePosixPath(relative)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise BundleError(f"{root / MANIFEST}: member path {relative!r} must be relative and inside the ensemble")
+    return root.joinpath(*rel.parts)
+
+
+def _check_member_id(root: Path, entry: dict[str, Any]) -> Path:
+    path = member_path(root, entry["path"])
+    if not (path / BUNDLE_MANIFEST).is_file():
+        raise BundleError(f"{path}: ensemble member is missing (listed in {root / MANIFEST})")
+    found = model_id(path)
+    if found != entry["model_id"]:
+        raise BundleError(
+            f"{path / BUNDLE_MANIFEST}: member manifest differs from the one the ensemble was built with "
+            f"(model_id expected {entry['model_id'][:12]}..., got {found[:12]}...); rebuild the ensemble"
+        )
+    return path
+
+
+def verify_ensemble(path: Path | str) -> dict[str, Any]:
+    """Check every member's model_id and every member file's checksum; return the manifest."""
+    path = Path(path)
+    manifest = read_ensemble_manifest(path)
+    for entry in manifest["members"]:
+        verify_bundle(_check_member_id(path, entry))
+    return manifest
+
+
+def load_ensemble(path: Path | str) -> tuple[EnsembleDetector, dict[str, Any]]:
+    """Verified ensemble detector and its manifest (load_bundle checks each member's files)."""
+    path = Path(path)
+    manifest = read_ensemble_manifest(path)
+    for entry in manifest["members"]:
+        _check_member_id(path, entry)
+    detector, _ = load_ensemble_from_entries(path, manifest["members"])
+    detector.threshold = float(manifest["threshold"])
+    return detector, manifest
+
+
+def _holdout_paths(data_root: Path, category: str, manifests: list[dict[str, Any]]) -> list[Path]:
+    """train/good images that every member held out of its memory bank (and, for refined members,
+    of the refiner's synthetic defects: their manifests list only the images left for calibration)."""
+    shared = set(_calibration_images(manifests[0]))
+    for m in manifests[1:]:
+        shared &= set(_calibration_images(m))
+    if len(shared) < 2:
+        raise ValueError(
+            f"members share {len(shared)} held-out training images; calibration needs at least 2 "
+            "(train the members with the same --seed, or build the ensemble without --calibrate)"
+        )
+    folder = Path(data_root) / category / "train" / "good"
+    paths = [folder / name for name in sorted(shared)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise ValueError(f"{folder}: held-out images not found: {missing[:5]}")
+    return paths
+
+
+def _calibration_images(manifest: dict[str, Any]) -> list[str]:
+    """The train/good images a member's normalisation came from (a refined bundle's third split)."""
+    training = manifest.get("training", {})
+    refiner = training.get("refiner") or {}
+    return refiner.get("calibration_images") or training.get("holdout_images", [])
+
+
+def save_ensemble(
+    bundles: Sequence[Path | str],
+    out: Path | str,
+    overwrite: bool = False,
+    calibrate_root: Path | str | None = None,
+    batch_size: int = 8,
+) -> Path:
+    """Copy verified member bundles into `out` with an ensemble manifest; atomic like save_bundle."""
+    out = Path(out)
+    sources = [Path(b) for b in bundles]
+    if len(sources) < 2:
+        raise ValueError("an ensemble needs at least two bundles")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (--force) to replace it")
+    manifests, ids = [], []
+    for src in sources:
+        if is_ensemble(src):
+            raise BundleError(f"{src}: is an ensemble; build ensembles from single-backbone bundles")
+        manifests.append(verify_bundle(src))
+        ids.append(model_id(src))
+    if len(set(ids)) != len(ids):
+        dup = [str(s) for s, i in zip(sources, ids) if ids.count(i) > 1]
+        raise ValueError(f"the same model is listed twice: {dup}")
+    categories = sorted({m["category"] for m in manifests})
+    if len(categories) != 1:
+        raise ValueError(f"ensemble members must be of one category, got {categories}")
+    sizes = sorted({m["config"]["features"]["image_size"] for m in manifests})
+    if len(sizes) != 1:
+        raise ValueError(f"ensemble members must share one input size, got {sizes} px: retrain with one --image-size")
+
+    for src, m in zip(sources, manifests):
+        geometry = m["config"].get("geometry") or {}
+        if geometry.get("policy", "resize") != "resize" or geometry.get("tile", False):
+            raise ValueError(f"{src}: trained with geometry {geometry.get('policy')!r}"
+                             f"{' + tiling' if geometry.get('tile') else ''}; ensembles support the default resize only")
+
+    with staged_dir(out, FORMAT, "ensemble") as tmp:
+        (tmp / MEMBERS_DIR).mkdir()
+        entries = []
+        for k, (src, manifest, mid) in enumerate(zip(sources, manifests, ids)):
+            name = f"{k:02d}-{manifest['backbone']['name']}"
+            rel = f"{MEMBERS_DIR}/{name}"
+            dst = tmp / MEMBERS_DIR / name
+            shutil.copytree(src, dst)
+            verify_bundle(dst)
+            if model_id(dst) != mid:
+                raise BundleError(f"{src}: changed while it was being copied; retry")
+            norm = manifest["normalisation"]
+            entries.append({
+                "name": name,
+                "path": rel,
+                "model_id": mid,
+                "source": str(src.resolve()),
+                "backbone": manifest["backbone"]["name"],
+                "mode": manifest["mode"],
+                "normalisation": {k2: norm[k2] for k2 in ("image_mean", "image_std", "pixel_mean", "pixel_std", "threshold")},
+            })
+        norm_est = estimated_normalisation([m["normalisation"] for m in manifests])
+        normalisation, method = norm_est, "members"
+        if calibrate_root is not None:
+            from pni_ray.training import calibrate
+
+            detector, _ = load_ensemble_from_entries(tmp, entries)
+            paths = _holdout_paths(Path(calibrate_root), categories[0], manifests)
+            sigmas = {m["config"]["scoring"]["threshold_sigmas"] for m in manifests}
+            normalisation = calibrate(detector, paths, batch_size, max(sigmas))
+            normalisation.extras["members_threshold"] = norm_est.threshold
+            method = "holdout"
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "category": categories[0],
+            "mode": _common_mode(manifests),
+            "image_size": sizes[0],
+            "members": entries,
+            "combine": {
+                "map": "mean over members of (map - pixel_mean) / pixel_std (each member's held-out statistics)",
+                "image_score": "max of the combined map averaged over 3 x 3 patches (24 x 24 canvas pixels)",
+            },
+            "normalisation": asdict(normalisation),
+            "threshold": normalisation.threshold,
+            "threshold_method": method,
+            "threshold_doc": (
+                "members: mean of the members' thresholds in their normalised units; an image above it is "
+                "above some member's own threshold"
+                if method == "members"
+                else "holdout: mean + k std of the ensemble's image scores on the train/good images every member held out"
+            ),
+            "versions": versions(),
+        }
+        atomic_write_json(tmp / MANIFEST, manifest)
+    return out
+
+
+def load_ensemble_from_entries(root: Path, entries: list[dict[str, Any]]) -> tuple[EnsembleDetector, list[dict]]:
+    """Detector of the listed members; each member bundle is verified by load_bundle."""
+    members, norms, manifests = [], [], []
+    for entry in entries:
+        trained, manifest = load_bundle(member_path(root, entry["path"]))
+        members.append(build_detector(trained))
+        norms.append(trained.normalisation)
+        manifests.append(manifest)
+    return EnsembleDetector(members, norms, names=[e["name"] for e in entries]).eval(), manifests
+
+
+def _common_mode(manifests: list[dict[str, Any]]) -> str:
+    modes = set()
+    for m in manifests:
+        cfg = m["config"]
+        modes.add(cfg["scoring"]["mode"] if m["mode"] == "pni" else "patchcore")
+    return modes.pop() if len(modes) == 1 else MEMBER_MODE
