@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -135,6 +135,22 @@ def default_name(detector: Any, mode: str | None = None, refine: bool | None = N
     return f"{mode}+refine" if (refine if refine is not None else has_refiner) and has_refiner else mode
 
 
+def _maps_in_batches(
+    detector: Any, geometry: Geometry, items: Sequence[Any], prepare: Callable[[Any], Prepared],
+    finish: Callable[[np.ndarray, Prepared], np.ndarray], name: str, batch_size: int,
+) -> tuple[list[np.ndarray], list[float]]:
+    """Each item prepared, scored in batches under one mode name, its canvas map finished (restored to
+    the image's size, or cropped to its content)."""
+    out_maps: list[np.ndarray] = []
+    out_scores: list[float] = []
+    for sl in chunks(len(items), geometry, batch_size):
+        prepared = [prepare(item) for item in items[sl]]
+        maps, scores, _ = score_prepared(detector, geometry, prepared, [name], batch_size)
+        out_maps.extend(finish(m, p) for m, p in zip(maps[name], prepared))
+        out_scores.extend(scores[name])
+    return out_maps, out_scores
+
+
 @torch.no_grad()
 def predict_images(
     detector: Any, images: Sequence[np.ndarray], mode: str | None = None, refine: bool | None = None,
@@ -142,15 +158,9 @@ def predict_images(
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """uint8 (H, W, 3) images of any size -> anomaly maps at each image's own (H, W), and image scores."""
     geometry = geometry or detector_geometry(detector)
-    name = default_name(detector, mode, refine)
-    out_maps: list[np.ndarray] = []
-    out_scores: list[float] = []
-    for sl in chunks(len(images), geometry, batch_size):
-        prepared = [geometry.prepare(rgb) for rgb in images[sl]]
-        maps, scores, _ = score_prepared(detector, geometry, prepared, [name], batch_size)
-        out_maps.extend(geometry.restore(m, p) for m, p in zip(maps[name], prepared))
-        out_scores.extend(scores[name])
-    return out_maps, np.asarray(out_scores, dtype=np.float32)
+    maps, scores = _maps_in_batches(detector, geometry, images, geometry.prepare, geometry.restore,
+                                    default_name(detector, mode, refine), batch_size)
+    return maps, np.asarray(scores, dtype=np.float32)
 
 
 @torch.no_grad()
@@ -161,15 +171,9 @@ def content_maps(
 
     `name` is the mode name to score with ("pni", "pni+refine"); default: the detector's own.
     """
-    name = name or default_name(detector)
-    maps_out: list[np.ndarray] = []
-    scores_out: list[float] = []
-    for sl in chunks(len(paths), geometry, batch_size):
-        prepared = [geometry.prepare(geometry.load(p)) for p in paths[sl]]
-        maps, scores, _ = score_prepared(detector, geometry, prepared, [name], batch_size)
-        maps_out.extend(geometry.content_map(m, p) for m, p in zip(maps[name], prepared))
-        scores_out.extend(scores[name])
-    return maps_out, np.asarray(scores_out, dtype=np.float64)
+    maps, scores = _maps_in_batches(detector, geometry, paths, lambda path: geometry.prepare(geometry.load(path)),
+                                    geometry.content_map, name or default_name(detector), batch_size)
+    return maps, np.asarray(scores, dtype=np.float64)
 
 
 @torch.no_grad()
