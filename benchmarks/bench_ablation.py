@@ -59,9 +59,8 @@ from pni_ray.config import TrainConfig  # noqa: E402
 from pni_ray.data.mvtec import load_category  # noqa: E402
 from pni_ray.evaluate import ABLATION_MODES, attach_diagnostics, evaluate_category, prior_diagnostics, run_modes  # noqa: E402
 from pni_ray.models.pni import build_detector  # noqa: E402
-from pni_ray.predict import extract_training_features  # noqa: E402
-from pni_ray.predict import detector_geometry  # noqa: E402
 from pni_ray.models.scorer import PatchScorer, nearest_neighbours  # noqa: E402
+from pni_ray.predict import detector_geometry, extract_training_features  # noqa: E402
 from pni_ray.training import train_category  # noqa: E402
 
 COLUMNS = (

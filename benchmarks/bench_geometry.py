@@ -33,8 +33,7 @@ import torch
 from PIL import Image
 
 from pni_ray.config import GeometryConfig, TrainConfig
-from pni_ray.data.mvtec import derive_category
-from pni_ray.data.mvtec import load_category
+from pni_ray.data.mvtec import derive_category, load_category
 from pni_ray.evaluate import evaluate_category, run_modes
 from pni_ray.models.pni import build_detector
 from pni_ray.training import train_category

@@ -102,14 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     from pni_ray.data.mvtec import load_category
     from pni_ray.evaluate import run_modes
     from pni_ray.inference import load_detector
+    from pni_ray.predict import detector_geometry
 
     detector, manifest = load_detector(args.bundle)
     category = args.category or manifest["category"]
     if not (args.data_root / category).is_dir():
         print(f"skipped: {args.data_root / category} is absent")
         return 0
-    geometry = getattr(detector, "geometry", None)  # as `pni-ray evaluate` loads it
-    cat = load_category(args.data_root, category, **({"max_pixels": geometry.max_pixels} if geometry is not None else {}))
+    cat = load_category(args.data_root, category, max_pixels=detector_geometry(detector).max_pixels)  # as `evaluate` does
     modes = tuple(args.modes.split(","))
     results = run_modes(detector, [s.path for s in cat.test], modes, refine_modes=modes[-1:] if args.refine else ())
     first = next(iter(results.values()))

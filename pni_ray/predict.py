@@ -165,7 +165,7 @@ def predict_images(
 
 @torch.no_grad()
 def content_maps(
-    detector: object, geometry: Geometry, paths: Sequence[Path], batch_size: int, name: str | None = None
+    detector: Any, geometry: Geometry, paths: Sequence[Path], batch_size: int, name: str | None = None
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Maps over the image content (canvas resolution, padding cropped) and image scores: calibration.
 

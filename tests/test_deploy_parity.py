@@ -14,8 +14,7 @@ from export.onnx_export import ExportOptions, export_bundle
 from export.runtime import load_exported
 from pni_ray.bundle import save_bundle
 from pni_ray.config import GeometryConfig
-from pni_ray.data.mvtec import derive_category
-from pni_ray.data.mvtec import load_category
+from pni_ray.data.mvtec import derive_category, load_category
 from pni_ray.data.transforms import load_batch
 from pni_ray.models.pni import build_detector
 from pni_ray.training import train_category

@@ -13,14 +13,16 @@ from click.testing import CliRunner
 from torch import nn
 
 from pni_ray.bundle import BundleError, MEMORY, model_id, save_bundle
+from pni_ray.config import GeometryConfig, TrainConfig
 from pni_ray.data.mvtec import load_category
 from pni_ray.data.transforms import load_batch
+from pni_ray.ensemble_bundle import save_ensemble, verify_ensemble
 from pni_ray.evaluate import evaluate_category
 from pni_ray.inference import load_detector
 from pni_ray.models.anomaly_map import image_scores
 from pni_ray.models.ensemble import EnsembleDetector, estimated_normalisation
-from pni_ray.ensemble_bundle import save_ensemble, verify_ensemble
 from pni_ray.models.pni import Normalisation
+from pni_ray.predict import detector_geometry
 from pni_ray.training import train_category
 
 from conftest import tiny_config
@@ -55,6 +57,12 @@ def test_ensemble_detector_math_on_fixed_maps():
     assert [m.calls for m in ens.members] == [[None, "position"], [None, "position"]]
     with pytest.raises(ValueError, match="one input size"):
         EnsembleDetector([ConstantMember(a, image_size=4), ConstantMember(b, image_size=8)], [Normalisation()] * 2)
+    # members scored through another geometry than a plain resize are refused (their bundle's config says)
+    odd = ConstantMember(b)
+    odd.config = TrainConfig().replace(geometry=GeometryConfig(policy="letterbox"))
+    with pytest.raises(ValueError, match="default geometry"):
+        EnsembleDetector([ConstantMember(a), odd], [Normalisation()] * 2)
+    assert detector_geometry(ens).cfg == GeometryConfig() and detector_geometry(ens).image_window == ens.image_window
 
 
 def test_estimated_threshold_is_mean_of_normalised_member_thresholds():

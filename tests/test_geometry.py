@@ -304,7 +304,8 @@ def test_tiled_model_works_on_the_whole_image_grid(trained_geo):
 
 def test_default_predict_matches_the_plain_detector(trained_tiny, synthetic_root):
     detector = build_detector(trained_tiny)
-    assert detector_geometry(detector).cfg == GeometryConfig()
+    assert detector.config is trained_tiny.config and detector.grid == tuple(trained_tiny.grid)
+    assert detector_geometry(detector).cfg == GeometryConfig() and detector_geometry(detector).grid == detector.grid
     paths = [s.path for s in load_category(synthetic_root, "washer").test[:3]]
     images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
     images[1] = np.asarray(Image.fromarray(images[1]).resize((200, 90)))  # any size: squashed, upsampled back

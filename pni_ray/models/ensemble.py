@@ -14,7 +14,8 @@ that no member would raise, so on good images its false-alarm rate is at most th
 combined rate (in practice lower, since averaging cancels member-specific noise). This needs
 no data. ``--calibrate DATA_ROOT`` instead scores the train/good images that every member
 held out of its memory bank and sets mean + k std of the ensemble's own image scores, exactly
-like a single bundle's threshold; the manifest records which method was used.
+like a single bundle's threshold (`pni_ray.ensemble_bundle.save_ensemble`); the manifest records which
+method was used.
 
 The on-disk format (a directory of member bundles) is `pni_ray.ensemble_bundle`.
 """
@@ -76,7 +77,9 @@ class EnsembleDetector(nn.Module):
         modes = {m.mode for m in members}
         self.mode = modes.pop() if len(modes) == 1 else MEMBER_MODE
         self.refiner = None  # members apply their own refiners (their default); no ensemble-level refiner
-        self.config, self.grid = configs[0], getattr(members[0], "grid", None)  # the members' geometry (plain resize)
+        # one image window for the ensemble's own score (forward) and its geometry (plain resize, as the
+        # members'): pni_ray.predict.detector_geometry and an ensemble manifest's Geometry both read the default
+        self.image_window = ScoringConfig.image_window
         self.threshold = float(threshold)
 
     def _member_mode(self, mode: str | None) -> str | None:
@@ -97,7 +100,7 @@ class EnsembleDetector(nn.Module):
         self, images: torch.Tensor, mode: str | None = None, refine: bool | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         maps = self.member_maps(images, mode, refine).mean(0)
-        return maps, image_scores(maps, ScoringConfig.image_window * FEATURE_STRIDE)
+        return maps, image_scores(maps, self.image_window * FEATURE_STRIDE)
 
 
 # ----------------------------------------------------------------------------------- threshold
