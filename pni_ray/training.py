@@ -193,8 +193,7 @@ def learning_rate_schedule(
     """
     if cfg.lr_schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimiser, step_size=cfg.lr_step * batches_per_epoch, gamma=cfg.lr_gamma)
-    total = max(1, cfg.epochs * batches_per_epoch)
-    return torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(1, cfg.epochs * batches_per_epoch))
 
 
 def _batch_logits(
