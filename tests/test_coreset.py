@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from coreset_reference import greedy_kcenter_order_reference
-from pni_ray.models.coreset import greedy_kcenter_order, project_features, row_distances
+from pni_ray.models.coreset import _Members, greedy_kcenter_order, project_features, row_distances
 
 
 def blobs(n: int, dim: int, centres: int, seed: int) -> torch.Tensor:
@@ -76,6 +77,43 @@ def test_order_identical_on_patch_like_features() -> None:
     x = base * torch.rand(6000, 1, generator=g).pow(3) * 5
     expected = greedy_kcenter_order_reference(x, 700, 32, chunk_size=2048, seed=11, progress=False)
     assert torch.equal(greedy_kcenter_order(x, 700, 32, chunk_size=2048, seed=11, progress=False), expected)
+
+
+def test_order_identical_on_unstructured_rows() -> None:
+    """Isotropic rows, like a texture's features: no clusters, so the triangle rule admits most members
+    every pick and the members' lower bound does the pruning."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(5000, 64, generator=g)
+    expected = greedy_kcenter_order_reference(x, 600, 48, chunk_size=2048, seed=13, progress=False)
+    assert torch.equal(greedy_kcenter_order(x, 600, 48, chunk_size=2048, seed=13, progress=False), expected)
+
+
+def test_members_keep_their_bounds_through_moves_and_compaction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each member's stored bound rows are its own table rows after removals, appends and compaction
+    (a stale row would be a wrong bound: a point skipped that should be measured)."""
+    compactions = []
+    compact = _Members._compact
+    monkeypatch.setattr(_Members, "_compact", lambda self, n: (compactions.append(n), compact(self, n)))
+    rng = np.random.default_rng(0)
+    n = 400
+    dist = rng.random(n).astype(np.float32)
+    low, low_sq = rng.random((n, 5)).astype(np.float32), rng.random(n).astype(np.float32)
+    members = _Members(dist, 60, low, low_sq)
+    for step in range(1, 60):  # move a random share of some clusters' prefixes to a new centre
+        clusters = np.flatnonzero(members.count[:step] > 0)
+        clusters = rng.choice(clusters, size=min(3, clusters.size), replace=False)
+        ends = members.start[clusters] + (members.count[clusters] + 1) // 2
+        positions, owner = members.prefixes(clusters, ends)
+        keep = rng.random(positions.size) > 0.3
+        moving = members.points[positions[~keep]]
+        new_dist = rng.random(moving.size).astype(np.float32)
+        members.remove(clusters, ends, positions, owner, keep)
+        members.append(step, moving, new_dist)
+    live, _ = members.prefixes(np.arange(60), members.start[:60] + members.count[:60])
+    assert sorted(members.points[live].tolist()) == list(range(n))  # every point in exactly one cluster
+    assert np.array_equal(members.low[live], low[members.points[live]])
+    assert np.array_equal(members.low_sq[live], low_sq[members.points[live]])
+    assert compactions, "the appends must fill the buffer once"
 
 
 def test_reference_comparison_can_fail() -> None:

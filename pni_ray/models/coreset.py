@@ -108,17 +108,26 @@ class _Members:
     segments are appended; the buffer is compacted when the holes fill it.
     """
 
-    def __init__(self, min_dist: np.ndarray, n_select: int) -> None:
+    def __init__(self, min_dist: np.ndarray, n_select: int, low_rows: np.ndarray, low_rows_sq: np.ndarray) -> None:
         n_total = min_dist.size
         first = np.argsort(-min_dist, kind="stable")
         self.points = np.empty(2 * n_total, dtype=np.int64)
         self.dist = np.empty(2 * n_total, dtype=min_dist.dtype)
         self.points[:n_total] = first
         self.dist[:n_total] = min_dist[first]
+        # each member's bound coordinates and their squared norm (rows of low_rows, low_rows_sq), stored
+        # beside it: a pick reads its clusters' prefixes as runs of consecutive rows, not a random row each
+        self.low_rows, self.low_rows_sq = low_rows, low_rows_sq
+        self.low = np.empty((2 * n_total, low_rows.shape[1]), dtype=low_rows.dtype)
+        self.low_sq = np.empty(2 * n_total, dtype=low_rows_sq.dtype)
+        self.low[:n_total], self.low_sq[:n_total] = low_rows[first], low_rows_sq[first]
         self.used = n_total
         self.start = np.zeros(n_select, dtype=np.int64)
         self.count = np.zeros(n_select, dtype=np.int64)
         self.count[0] = n_total
+
+    def _buffers(self) -> tuple[np.ndarray, ...]:
+        return self.points, self.dist, self.low, self.low_sq
 
     def prefix_ends(self, clusters: np.ndarray, half_gaps: np.ndarray) -> np.ndarray:
         """Per cluster, the end of its entries with distance > half_gap (vectorised bisection)."""
@@ -146,8 +155,11 @@ class _Members:
         lengths = ends - self.start[clusters]
         new_start = self.start[clusters] + lengths - kept
         target = np.arange(kept_owner.size) + np.repeat(new_start - (np.cumsum(kept) - kept), kept)
-        self.points[target] = self.points[positions[keep]]
-        self.dist[target] = self.dist[positions[keep]]
+        source = positions[keep]
+        moved = target != source  # entries after a prefix's last removed one are in place already
+        target, source = target[moved], source[moved]
+        for buffer in self._buffers():
+            buffer[target] = buffer[source]
         self.count[clusters] -= lengths - kept
         self.start[clusters] = new_start
 
@@ -159,14 +171,16 @@ class _Members:
         end = self.used + points.size
         self.points[self.used : end] = points[order]
         self.dist[self.used : end] = dist[order]
+        self.low[self.used : end] = self.low_rows[points[order]]
+        self.low_sq[self.used : end] = self.low_rows_sq[points[order]]
         self.start[cluster] = self.used
         self.count[cluster] = points.size
         self.used = end
 
     def _compact(self, n_clusters: int) -> None:
         positions, _ = _segments(self.start[:n_clusters], self.count[:n_clusters])
-        self.points[: positions.size] = self.points[positions]
-        self.dist[: positions.size] = self.dist[positions]
+        for buffer in self._buffers():
+            buffer[: positions.size] = buffer[positions]
         self.start[:n_clusters] = np.cumsum(self.count[:n_clusters]) - self.count[:n_clusters]
         self.used = positions.size
 
@@ -236,10 +250,8 @@ def _search(reduced: torch.Tensor, min_dist: np.ndarray, order: np.ndarray, chun
     n_select = order.size
     dtype = rows.dtype
     buffer = np.empty((min(chunk_size, n_total), width), dtype=dtype)
-    members = _Members(min_dist, n_select)
     radius = np.full(n_select, -np.inf, dtype=dtype)
     farthest = np.full(n_select, n_total, dtype=np.int64)  # lowest index at the radius
-    radius[0], farthest[0] = members.dist[0], members.points[0]
     centres = np.empty((n_select, width), dtype=dtype)
     centres[0] = rows[order[0]]
 
@@ -256,6 +268,8 @@ def _search(reduced: torch.Tensor, min_dist: np.ndarray, order: np.ndarray, chun
     low_rows = np.concatenate([_bound_coordinates(rows[i : i + chunk_size], mean, basis)
                                for i in range(0, n_total, chunk_size)])
     low_rows_sq = np.einsum("ij,ij->i", low_rows, low_rows, dtype=np.float64).astype(np.float32)
+    members = _Members(min_dist, n_select, low_rows, low_rows_sq)
+    radius[0], farthest[0] = members.dist[0], members.points[0]
     low = np.empty((n_select, axes + 1), dtype=np.float32)
     low_sq = np.empty(n_select, dtype=np.float32)
     key = np.empty(n_select, dtype=np.float32)
@@ -293,8 +307,8 @@ def _search(reduced: torch.Tensor, min_dist: np.ndarray, order: np.ndarray, chun
         # is what the slack term (1e-4 of the same) absorbs: at most ~40 float32 roundings of it,
         # 2.4e-6. Below float32's normal range rounding is absolute, not relative, so the test
         # also never skips on a bound smaller than the smallest normal float32 (TINY).
-        sq_points = low_rows_sq[points]
-        lb_sq = sq_points - 2.0 * np.einsum("ij,j->i", np.take(low_rows, points, axis=0), low_p) + low_p_sq
+        sq_points = members.low_sq[positions]  # = low_rows_sq[points], read in runs
+        lb_sq = sq_points - 2.0 * np.einsum("ij,j->i", np.take(members.low, positions, axis=0), low_p) + low_p_sq
         md64 = md.astype(np.float64)
         measure = np.flatnonzero(lb_sq < md64 * md64 * (1 + slack) + slack * (sq_points + low_p_sq) + TINY)
         dist = _distances(rows, points[measure], centre, buffer)
