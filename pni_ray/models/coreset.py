@@ -98,7 +98,8 @@ def _bound_coordinates(rows: np.ndarray, mean: np.ndarray, basis: np.ndarray) ->
 
 
 class _Members:
-    """Each centre's members as one segment of a flat buffer, sorted by distance, farthest first.
+    """Each centre's members as one segment of a flat buffer, sorted by distance, farthest first,
+    each with its bound row (see _search) beside it.
 
     A point's distance to its centre only changes when it moves to a new centre, so sorted
     segments stay sorted: the rule's candidates in a cluster (distance > gap / 2) are a
