@@ -2,12 +2,16 @@
 
     .venv/bin/python benchmarks/bench_coreset.py --category bottle --reference-picks 2000
     .venv/bin/python benchmarks/bench_coreset.py --large --reference-picks 600
+    .venv/bin/python benchmarks/bench_coreset.py --texture --reference-picks 500
 
 Features are the training pool `pni-ray train` builds at the defaults (efficientnet_lite2,
 320 px, the held-out calibration images left out), extracted once and cached under --cache.
 `--large` builds a big category first: transistor's train/good images with their three flips,
 grayscale, cropped to 1024 x 768 (846 images: 761 in the memory bank, 779k patches, |C_emb|
 capped at 16384) -- written under --large-root so `pni-ray train` can be timed on it too.
+`--texture` writes the synthetic granite texture at a real category's size instead (320 px, 220
+train/good images, pni_ray.data.synthetic): features without clusters, where the triangle rule
+admits most members every pick and the members' lower bound does the pruning.
 
 The previous implementation (tests/coreset_reference.py) runs for --reference-picks picks
 (all of them with --reference-picks 0); its prefix of the order must equal the new one's.
@@ -32,6 +36,8 @@ sys.path.insert(0, str(REPO / "tests"))
 LARGE_NAME = "transistor_x4"
 LARGE_IMAGES = 846
 LARGE_CROP = (1024, 768)  # width, height: non-square like the field case in issue 15
+TEXTURE_NAME = "granite"
+TEXTURE_TRAIN, TEXTURE_SIZE = 220, 320
 
 
 def parse_args() -> argparse.Namespace:
@@ -39,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data" / "mvtec_ad")
     p.add_argument("--category", default="bottle")
     p.add_argument("--large", action="store_true", help="build and use the 846-image flipped-transistor category")
+    p.add_argument("--texture", action="store_true", help="build and use a 220-image synthetic granite texture")
     p.add_argument("--large-root", type=Path, default=Path("/tmp/pni_large"))
     p.add_argument("--cache", type=Path, default=Path("/tmp/pni_coreset_cache"))
     p.add_argument("--threads", type=int, default=1)
@@ -69,6 +76,17 @@ def make_large_category(source: Path, root: Path) -> Path:
                 left, top = (w - cw) // 2, (h - ch) // 2
                 gray.crop((left, top, left + cw, top + ch)).save(out / f"{n:04d}.png")
             n += 1
+    return root
+
+
+def make_texture_category(root: Path, n_train: int = TEXTURE_TRAIN, size: int = TEXTURE_SIZE) -> Path:
+    """The synthetic granite texture with `n_train` train/good images of `size` px under root (kept if there)."""
+    from pni_ray.data.synthetic.generate import SyntheticSpec, make_synthetic
+
+    train = root / TEXTURE_NAME / "train" / "good"
+    if not (train.is_dir() and len(list(train.glob("*.png"))) == n_train):
+        make_synthetic(root, seed=0, categories=[TEXTURE_NAME],
+                       spec=SyntheticSpec(size=size, n_train=n_train, n_test_good=0, n_test_defect_per_type=0))
     return root
 
 
@@ -107,8 +125,12 @@ def main() -> None:
     from pni_ray.training import coreset_size
 
     data_root, category = args.data_root, args.category
+    if args.large and args.texture:
+        raise SystemExit("--large and --texture each pick the data set: give one")
     if args.large:
         data_root, category = make_large_category(args.data_root, args.large_root), LARGE_NAME
+    elif args.texture:
+        data_root, category = make_texture_category(args.large_root / "texture"), TEXTURE_NAME
     rows = training_pool(data_root, category, args.cache)
     c = TrainConfig().coreset
     n_select = coreset_size(rows.shape[0], c.ratio, c.min_size, c.max_size)

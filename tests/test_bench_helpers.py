@@ -525,3 +525,19 @@ def test_coreset_benchmark_pool_is_what_training_selects_from(trained_tiny, synt
                                  progress=False)
     assert torch.equal(pool[order], memory)
     assert torch.equal(bench_coreset.training_pool(synthetic_root, "washer", tmp_path, cfg), pool)  # from the cache
+
+
+def test_coreset_benchmark_texture_category_is_built_once(tmp_path: Path) -> None:
+    """--texture's granite set: an MVTec layout of n_train train/good images at the asked size, reused when there."""
+    from PIL import Image
+
+    from pni_ray.data.mvtec import load_category
+
+    root = bench_coreset.make_texture_category(tmp_path, n_train=3, size=64)
+    category = load_category(root, bench_coreset.TEXTURE_NAME)
+    assert len(category.train) == 3 and not category.test
+    with Image.open(category.train[0]) as im:
+        assert im.size == (64, 64)
+    stamp = category.train[0].stat().st_mtime_ns
+    bench_coreset.make_texture_category(tmp_path, n_train=3, size=64)
+    assert category.train[0].stat().st_mtime_ns == stamp
