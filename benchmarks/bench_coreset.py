@@ -101,7 +101,8 @@ def training_pool(data_root: Path, category: str, cache: Path, cfg=None) -> torc
 
     cfg = cfg or TrainConfig()
     cache.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(repr(cfg).encode()).hexdigest()[:12]  # every setting that shapes the pool
+    # every setting that shapes the pool, and where its images are (two roots may share a category name)
+    key = hashlib.sha256(f"{cfg!r} {Path(data_root).resolve()}".encode()).hexdigest()[:12]
     path = cache / f"{category}-{cfg.features.backbone}-{cfg.features.image_size}px-{key}.pt"
     if path.is_file():
         return torch.load(path)

@@ -541,3 +541,20 @@ def test_coreset_benchmark_texture_category_is_built_once(tmp_path: Path) -> Non
     stamp = category.train[0].stat().st_mtime_ns
     bench_coreset.make_texture_category(tmp_path, n_train=3, size=64)
     assert category.train[0].stat().st_mtime_ns == stamp
+
+
+def test_coreset_benchmark_pool_cache_tells_data_roots_apart(synthetic_root: Path, tmp_path: Path) -> None:
+    """Two data roots with a category of the same name get their own cached pools."""
+    import shutil
+
+    from conftest import tiny_config
+
+    cfg = tiny_config()
+    other = tmp_path / "other"
+    shutil.copytree(synthetic_root / "washer", other / "washer")
+    for image in sorted((other / "washer" / "train" / "good").glob("*.png"))[:-2]:
+        image.unlink()  # a smaller washer: a different pool
+    cache = tmp_path / "cache"
+    a = bench_coreset.training_pool(synthetic_root, "washer", cache, cfg)
+    b = bench_coreset.training_pool(other, "washer", cache, cfg)
+    assert b.shape[0] < a.shape[0]
