@@ -44,9 +44,11 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data" / "mvtec_ad")
     p.add_argument("--category", default="bottle")
-    p.add_argument("--large", action="store_true", help="build and use the 846-image flipped-transistor category")
-    p.add_argument("--texture", action="store_true", help="build and use a 220-image synthetic granite texture")
-    p.add_argument("--large-root", type=Path, default=Path("/tmp/pni_large"))
+    data_set = p.add_mutually_exclusive_group()
+    data_set.add_argument("--large", action="store_true", help="build and use the 846-image flipped-transistor category")
+    data_set.add_argument("--texture", action="store_true", help="build and use a 220-image synthetic granite texture")
+    p.add_argument("--large-root", type=Path, default=Path("/tmp/pni_large"),
+                   help="where --large (and --texture, under texture/) write their images")
     p.add_argument("--cache", type=Path, default=Path("/tmp/pni_coreset_cache"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reference-picks", type=int, default=1000, help="picks timed for the previous code (0: all)")
@@ -81,12 +83,17 @@ def make_large_category(source: Path, root: Path) -> Path:
 
 def make_texture_category(root: Path, n_train: int = TEXTURE_TRAIN, size: int = TEXTURE_SIZE) -> Path:
     """The synthetic granite texture with `n_train` train/good images of `size` px under root (kept if there)."""
+    from PIL import Image
+
     from pni_ray.data.synthetic.generate import SyntheticSpec, make_synthetic
 
-    train = root / TEXTURE_NAME / "train" / "good"
-    if not (train.is_dir() and len(list(train.glob("*.png"))) == n_train):
-        make_synthetic(root, seed=0, categories=[TEXTURE_NAME],
-                       spec=SyntheticSpec(size=size, n_train=n_train, n_test_good=0, n_test_defect_per_type=0))
+    images = sorted((root / TEXTURE_NAME / "train" / "good").glob("*.png"))
+    if images and len(images) == n_train:
+        with Image.open(images[0]) as im:
+            if im.size == (size, size):
+                return root
+    make_synthetic(root, seed=0, categories=[TEXTURE_NAME],
+                   spec=SyntheticSpec(size=size, n_train=n_train, n_test_good=0, n_test_defect_per_type=0))
     return root
 
 
@@ -126,8 +133,6 @@ def main() -> None:
     from pni_ray.training import coreset_size
 
     data_root, category = args.data_root, args.category
-    if args.large and args.texture:
-        raise SystemExit("--large and --texture each pick the data set: give one")
     if args.large:
         data_root, category = make_large_category(args.data_root, args.large_root), LARGE_NAME
     elif args.texture:

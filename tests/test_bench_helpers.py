@@ -541,6 +541,9 @@ def test_coreset_benchmark_texture_category_is_built_once(tmp_path: Path) -> Non
     stamp = category.train[0].stat().st_mtime_ns
     bench_coreset.make_texture_category(tmp_path, n_train=3, size=64)
     assert category.train[0].stat().st_mtime_ns == stamp
+    bench_coreset.make_texture_category(tmp_path, n_train=3, size=72)  # another size: written anew
+    with Image.open(category.train[0]) as im:
+        assert im.size == (72, 72)
 
 
 def test_coreset_benchmark_pool_cache_tells_data_roots_apart(synthetic_root: Path, tmp_path: Path) -> None:

@@ -169,11 +169,12 @@ class _Members:
         if self.used + points.size > self.points.size:
             self._compact(cluster)
         order = np.lexsort((points, -dist))
+        points = points[order]
         end = self.used + points.size
-        self.points[self.used : end] = points[order]
+        self.points[self.used : end] = points
         self.dist[self.used : end] = dist[order]
-        self.low[self.used : end] = self.low_rows[points[order]]
-        self.low_sq[self.used : end] = self.low_rows_sq[points[order]]
+        self.low[self.used : end] = self.low_rows[points]
+        self.low_sq[self.used : end] = self.low_rows_sq[points]
         self.start[cluster] = self.used
         self.count[cluster] = points.size
         self.used = end
