@@ -84,7 +84,7 @@ def calibration_inputs(detector, geometry, paths: Sequence[Path], graphs: Sequen
     when tiling) and MLP inputs (features from the FP32 backbone, stitched when tiling)."""
     import torch
 
-    from pni_ray.geometry import to_float
+    from pni_ray.data.images import to_float
     from pni_ray.predict import features
 
     out: dict[str, list[np.ndarray]] = {g: [] for g in graphs}

@@ -23,7 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from export import tables
-from pni_ray.geometry import Geometry, Prepared, to_float
+from pni_ray.data.images import to_float
+from pni_ray.geometry import Geometry, Prepared
 
 __all__ = ["ExportedModel", "StagePipeline", "load_exported", "whole_canvas"]
 

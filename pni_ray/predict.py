@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from pni_ray.config import GeometryConfig, ScoringConfig
-from pni_ray.geometry import Geometry, Prepared, to_float
+from pni_ray.data.images import to_float
+from pni_ray.geometry import Geometry, Prepared
 
 NEEDS_MLP = ("neighbourhood", "pni", "pni_split")
 

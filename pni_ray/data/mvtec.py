@@ -172,8 +172,8 @@ def derive_category(
     for path in files:
         rel = path.relative_to(src)
         is_mask = rel.parts[0] == "ground_truth"
-        img = Image.open(path)
-        img = img.convert("L" if is_mask else "RGB")
+        with Image.open(path) as src_img:
+            img = src_img.convert("L" if is_mask else "RGB")
         if crop is not None:
             top, left, h, w = crop
             img = img.crop((left, top, left + w, top + h))
