@@ -20,7 +20,9 @@ Config (TOML or JSON; relative paths are relative to the config file; see nightl
                  as for `pni-ray score` (backbone_runtime "openvino": exports only, OpenVINO installed)
 
 Writes, inside the partition: part-*.parquet (the table), _summary.json (counts, failures,
-anomaly rate, top N), _report.html, and _nightly.json (this run: config, date, timings, exit code).
+anomaly rate, top N), _report.html, and _nightly.json (this run: config, date, timings, exit code;
+its status is "running" from the start until the run is "finished", "refused" or "failed", so a
+killed run never leaves an earlier run's record behind).
 Rerunning for the same date resumes: only inputs without a row are scored.
 
 Exit status: 0 all scored; 1 some inputs failed (fail_on_errors); 2 bad config (or no model at `model`);
@@ -180,13 +182,18 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
                    max_pixels=int(cfg["max_pixels"]), chunk_size=int(cfg["chunk_size"]), address=cfg["address"],
                    backbone_runtime=cfg["backbone_runtime"], backbone_precision=cfg["backbone_precision"])
     log.info("nightly %s: %d input specs -> %s", day, len(inputs), out)
+    # until this run ends, its record says so: a killed run leaves "running", not yesterday's counts
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "_nightly.json", {**record, "status": "running"})
     try:
         summary = score(cfg["model"], inputs, out, opts, engine=cfg["engine"], top_n=int(cfg["top_n"]),
                         progress=progress)
-    except ScoreError as exc:
-        record.update(error=str(exc), exit_code=EXIT_RUN)
-        out.mkdir(parents=True, exist_ok=True)
+    except Exception as exc:  # noqa: BLE001 - refused or crashed: the record says which, then the exit code
+        record.update(status="refused" if isinstance(exc, ScoreError) else "failed", exit_code=EXIT_RUN,
+                      error=str(exc) if isinstance(exc, ScoreError) else f"{exc.__class__.__name__}: {exc}")
         atomic_write_json(out / "_nightly.json", record)
+        if not isinstance(exc, ScoreError):
+            raise
         return EXIT_RUN, record
     report_path = None
     if cfg["report"] and summary["rows"]:
@@ -198,6 +205,7 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
     failed = summary["failed"] + summary["missing"]
     code = EXIT_FAILED_INPUTS if failed and cfg["fail_on_errors"] else EXIT_OK
     record.update(
+        status="finished",
         finished_at=now_utc().isoformat(),
         seconds=round(time.perf_counter() - t0, 3),
         exit_code=code,

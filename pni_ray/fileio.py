@@ -53,13 +53,21 @@ def fsync_dir(path: Path | str) -> None:
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """Write to a temp sibling, fsync, rename over path. A failed write (a full disk) removes its temp
+    file and names path in the error, which a bare write error does not."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
     fsync_dir(path.parent)
 
 

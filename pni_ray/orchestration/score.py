@@ -41,7 +41,7 @@ import numpy as np
 from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError
 from pni_ray.geometry import Geometry, GeometryError, Prepared, restore_map
 from pni_ray.options import backbone_option_error
-from pni_ray.orchestration.score_inputs import CHUNK_SIZE, chunk_id, expand_inputs, make_chunks
+from pni_ray.orchestration.score_inputs import CHUNK_SIZE, chunk_id, expand_inputs, make_chunks, row_path
 from pni_ray.orchestration.score_model import ModelInfo, ScoreError, describe_model
 from pni_ray.orchestration.score_output import (
     SUMMARY_FILE,
@@ -195,19 +195,29 @@ def encode_chunk(row: dict[str, Any], map_format: str, model: dict[str, Any]) ->
     j = 0
     for i, path in enumerate(paths):
         if scores[i] is None:
-            rows.append(error_row(path, model["category"], errors[i] or f"{path}: not scored", model["model_id"], scored_at))
+            error = row_path(errors[i] or f"{path}: not scored")
+            rows.append(error_row(row_path(path), model["category"], error, model["model_id"], scored_at))
             continue
         amap = maps[j]
         j += 1
         try:
             full = restore_map(amap, content[i], hw[i])
-            rows.append(scored_row(path, model["category"], scores[i], model["threshold"], full, map_format,
+            rows.append(scored_row(row_path(path), model["category"], scores[i], model["threshold"], full, map_format,
                                    model["model_id"], scored_at))
         except Exception as exc:  # noqa: BLE001
-            rows.append(error_row(path, model["category"], f"{path}: encoding the map failed "
-                                  f"({exc.__class__.__name__}: {exc})", model["model_id"], scored_at))
-    table = rows_to_table(rows, schema(map_format, model["threshold"], {
-        "model_id": model["model_id"], "category": model["category"] or "", "model_path": model["path"]}))
+            rows.append(error_row(row_path(path), model["category"], row_path(f"{path}: encoding the map failed "
+                                  f"({exc.__class__.__name__}: {exc})"), model["model_id"], scored_at))
+    table_schema = schema(map_format, model["threshold"], {
+        "model_id": model["model_id"], "category": model["category"] or "", "model_path": model["path"]})
+    try:
+        table = rows_to_table(rows, table_schema)
+    except Exception as exc:  # noqa: BLE001 - a chunk that cannot be stored would fail every rerun: store why
+        log.error("chunk %s: its rows could not be stored (%s: %s); writing error rows", row["chunk"],
+                  exc.__class__.__name__, exc)
+        rows = [error_row(r["path"], model["category"], f"{r['path']}: its row could not be stored "
+                          f"({exc.__class__.__name__}: {exc}); rerun with --retry-failed once fixed",
+                          model["model_id"], scored_at) for r in rows]
+        table = rows_to_table(rows, table_schema)
     n_failed = sum(r["error"] is not None for r in rows)
     return {"chunk": row["chunk"], "parquet": table_to_parquet_bytes(table), "n": len(rows), "n_failed": n_failed}
 
@@ -234,7 +244,14 @@ class Options:
 
 
 def check_options(opts: Options) -> None:
-    """Refuse, before the model loads, a backbone runtime the options cannot take."""
+    """Refuse, before the model loads or OUT is touched, options no run can take."""
+    for name, value in (("batch size", opts.batch_size), ("chunk size", opts.chunk_size),
+                        ("max pixels", opts.max_pixels), ("workers", opts.workers), ("threads", opts.threads)):
+        if value is not None and value < 1:
+            raise ScoreError(f"{name} must be >= 1, got {value}")
+    if opts.cpus_per_worker <= 0 or opts.gpus_per_worker < 0:
+        raise ScoreError(f"CPUs per worker must be > 0 and GPUs per worker >= 0, got {opts.cpus_per_worker} and "
+                         f"{opts.gpus_per_worker}")
     error = backbone_option_error(opts.backbone_runtime, opts.backbone_precision)
     if error:
         raise ScoreError(error)
@@ -367,9 +384,10 @@ def score(
     with locked(out):
         check_dataset(out, info, opts.map_format, runtime)
         stale = remove_stale_temps(out)
-        retried = retry_failed(out) if retry else 0
+        (out / SUMMARY_FILE).unlink(missing_ok=True)  # until this run finishes, no summary claims OUT is complete
+        retried = retry_failed(out, {row_path(p) for p in expanded.paths}) if retry else 0
         done = committed_paths(out)
-        todo = [p for p in expanded.paths if p not in done]
+        todo = [p for p in expanded.paths if row_path(p) not in done]
         rows = _chunk_rows(make_chunks(todo, opts.chunk_size), expanded.preset_errors)
         log.info("%d inputs (%d duplicates ignored), %d already in %s, %d to score in %d chunks",
                  len(expanded.paths), expanded.duplicates, len(expanded.paths) - len(todo), out, len(todo), len(rows))

@@ -56,24 +56,24 @@ def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory of Parquet part files (reruns resume).")
 @click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else embedded local Ray).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Images per model forward pass.")
-@click.option("--workers", type=int, default=None, help="Model actors (default: CPUs / --cpus-per-worker).")
-@click.option("--cpus-per-worker", type=float, default=1.0, show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per model forward pass.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Model actors (default: CPUs / --cpus-per-worker).")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="CPUs per model actor (= its torch threads).")
-@click.option("--gpus-per-worker", type=float, default=0.0, show_default=True, help="GPUs per model actor.")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=0.0, show_default=True, help="GPUs per model actor.")
 @click.option("--map-format", type=click.Choice(MAP_FORMATS), default="uint8", show_default=True,
               help="How anomaly maps are stored.")
-@click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
+@click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Images above this many pixels are refused (decompression-bomb guard).")
-@click.option("--chunk-size", type=int, default=CHUNK_SIZE, show_default=True, help="Images per part file.")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=CHUNK_SIZE, show_default=True, help="Images per part file.")
 @click.option("--engine", type=click.Choice(sorted(ENGINES)), default="ray", show_default=True,
               help="ray: Ray Data pipeline; local: the same stages in this process.")
 @click.option("--stages", type=click.Choice(["auto", "fused", "split"]), default="auto", show_default=True,
               help="fused: model actors also decode and encode; split: separate decode/encode tasks "
                    "(auto: split with GPUs, fused on CPUs).")
-@click.option("--threads", type=int, default=None, help="torch threads for --engine local (default: all cores).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads for --engine local (default: all cores).")
 @backbone_options
-@click.option("--top", "top_n", type=int, default=20, show_default=True, help="Most anomalous images in the summary.")
+@click.option("--top", "top_n", type=click.IntRange(min=0), default=20, show_default=True, help="Most anomalous images in the summary.")
 @click.option("--retry-failed", is_flag=True, help="Drop OUT's error rows first so those inputs are tried again.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def score_cmd(model: Path, inputs: tuple[str, ...], out: Path, address: str | None, batch_size: int,

@@ -1,11 +1,18 @@
 """What `pni-ray score` reads: INPUT specs expanded to a sorted, de-duplicated path list, and its chunks.
 
 INPUT is a file, a directory (recursive; image extensions only, hidden entries skipped), a glob (``**`` allowed) or a list file (``@list`` or a ``.txt``/``.lst`` file: one path,
-directory or glob per line, ``#`` comments, relative lines relative to the list file). Paths are
-made absolute and normalised but symlinks are not resolved; the same path given twice is scored
-once (counted as ``duplicates_ignored``), two different paths to the same bytes are two inputs.
-An explicit path that does not exist, a directory without images, or a glob that matches nothing
-gets an error row.
+directory or glob per line, ``#`` comments, surrounding spaces dropped, relative lines relative to
+the list file; write ``./#name`` for a file whose name starts with ``#``). A spec naming a path that
+exists is taken literally even when it holds glob characters (``a[1].png``); only one that names no
+path is a glob. Paths are made absolute and normalised but symlinks are not resolved; the same path
+given twice is scored once (counted as ``duplicates_ignored``), two different paths to the same bytes
+are two inputs. Directories are walked into symlinked subdirectories too, each real directory once
+(a link to a directory already walked, or to one of its ancestors, is skipped with a warning).
+An explicit path that does not exist, a directory without images, a subdirectory that cannot be
+read, or a glob that matches nothing gets an error row.
+
+The table's ``path`` column holds `row_path` of each input: the path itself, except that bytes of a
+file name that are not UTF-8 (which Parquet strings cannot hold) are written as ``\\xNN`` escapes.
 
 Chunks are fixed-size runs of the sorted list, named by a hash of their paths, so a rerun over the
 same inputs makes the same chunks and finds its committed part files.
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,6 +30,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from pni_ray.data.images import is_image_file
+
+log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 64
 LIST_SUFFIXES = (".txt", ".lst")
@@ -44,17 +54,42 @@ def _norm(path: str, base: str | None = None) -> str:
     return os.path.normpath(os.path.abspath(path))
 
 
-def _walk_images(folder: str) -> list[str]:
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+def row_path(path: str) -> str:
+    """The `path` column's text for an input path: the path itself where it is valid UTF-8, else
+    its undecodable bytes as ``\\xNN`` (os.fsdecode keeps them as lone surrogates, which Arrow
+    refuses: one such name used to fail its whole chunk on every rerun)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _walk_images(folder: str, preset: dict[str, str]) -> list[str]:
+    """Image files below folder, into symlinked subdirectories (each real directory once); a
+    subdirectory that cannot be listed becomes an error row instead of vanishing from the run."""
+    found: list[str] = []
+    unreadable: list[str] = []
+
+    def _unreadable(exc: OSError) -> None:
+        unreadable.append(_norm(str(exc.filename)) if exc.filename else folder)
+        preset[unreadable[-1]] = f"{unreadable[-1]}: cannot list this directory ({exc.strerror or exc}); its images were not scored"
+
+    top = os.path.realpath(folder)
+    walked = {top}
+    for root, dirs, files in os.walk(folder, onerror=_unreadable, followlinks=True):
+        keep = []
+        for d in sorted(d for d in dirs if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(root, d))
+            if real in walked or top.startswith(real.rstrip(os.sep) + os.sep):  # walked already, or holds this tree
+                log.warning("%s: links to %s, which this input already walks; not walked twice", os.path.join(root, d), real)
+                continue
+            walked.add(real)
+            keep.append(d)
+        dirs[:] = keep
         found.extend(os.path.join(root, f) for f in files if is_image_file(Path(f)))
-    return found
+    return found + unreadable
 
 
 def _expand_one(spec: str, base: str | None, out: list[str], preset: dict[str, str]) -> None:
     """A path, directory or glob (not a list file) -> paths appended to out."""
-    if _GLOB_CHARS.search(spec):
+    if _GLOB_CHARS.search(spec) and not os.path.lexists(_norm(spec, base)):
         pattern = _norm(spec, base)
         matches = sorted(glob.glob(pattern, recursive=True))
         if not matches:
@@ -62,13 +97,13 @@ def _expand_one(spec: str, base: str | None, out: list[str], preset: dict[str, s
             preset[pattern] = f"{pattern}: no file matches this pattern"
         for m in matches:
             if os.path.isdir(m):
-                out.extend(_walk_images(m))  # a glob may match many folders: empty ones are not errors
+                out.extend(_walk_images(m, preset))  # a glob may match many folders: empty ones are not errors
             else:
                 out.append(_norm(m))
         return
     path = _norm(spec, base)
     if os.path.isdir(path):
-        found = _walk_images(path)
+        found = _walk_images(path, preset)
         if not found:  # an empty camera folder is news, not silence
             out.append(path)
             preset[path] = f"{path}: directory contains no image files"

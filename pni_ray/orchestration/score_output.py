@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterator
 
-from pni_ray.orchestration.score_inputs import Inputs
+from pni_ray.orchestration.score_inputs import Inputs, row_path
 from pni_ray.orchestration.score_model import ModelInfo, ScoreError
 from pni_ray.results import (
     TABLE_FORMAT,
@@ -32,8 +32,13 @@ MAX_FAILURES_LISTED = 1000
 @contextlib.contextmanager
 def locked(out: Path) -> Iterator[None]:
     """One run per OUT at a time (an flock: released by the kernel even on SIGKILL)."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK_FILE, "a+") as fh:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fh = open(out / LOCK_FILE, "a+")
+    except OSError as exc:
+        raise ScoreError(f"{out}: cannot write the output directory ({exc.strerror or exc}: {exc.filename or out}); "
+                         "choose a writable --out") from exc
+    with fh:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
@@ -77,9 +82,9 @@ def json_float(x: float) -> float | None:
 
 
 def remove_stale_temps(out: Path) -> int:
-    """Temp files of a run killed mid-write (only ever removed while holding the lock)."""
+    """Temp files of a run killed mid-write: parts, summary, identity (removed only while holding the lock)."""
     n = 0
-    for p in out.glob(".part-*.tmp"):
+    for p in out.glob(".*.tmp"):
         p.unlink(missing_ok=True)
         n += 1
     return n
@@ -95,15 +100,18 @@ def commit(out: Path, result: dict[str, Any]) -> Path:
     return final
 
 
-def retry_failed(out: Path) -> int:
-    """Rewrite each part without its error rows (atomic replace of the same name): they rerun."""
+def retry_failed(out: Path, paths: set[str]) -> int:
+    """Rewrite each part without the error rows of `paths` (this run's inputs, as `row_path` writes
+    them; atomic replace of the same name), so those inputs rerun; other inputs' error rows stay."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    wanted = pa.array(sorted(paths), type=pa.string())
     n = 0
     for part in part_files(out):
         table = pq.read_table(part)
-        bad = pc.is_valid(table.column("error"))
+        bad = pc.and_(pc.is_valid(table.column("error")), pc.is_in(table.column("path"), value_set=wanted))
         n_bad = pc.sum(bad).as_py() or 0
         if not n_bad:
             continue
@@ -119,7 +127,7 @@ def retry_failed(out: Path) -> int:
 def summarise(out: Path, inputs: Inputs, info: ModelInfo, top_n: int = 20) -> dict[str, Any]:
     """Counts over this run's inputs, read back from the committed parts (the source of truth)."""
     table = read_table(out, columns=["path", "image_score", "is_anomalous", "error"])
-    wanted = set(inputs.paths)
+    wanted = {row_path(p) for p in inputs.paths}
     paths = table.column("path").to_pylist()
     scores = table.column("image_score").to_pylist()
     flags = table.column("is_anomalous").to_pylist()

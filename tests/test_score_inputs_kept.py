@@ -1,0 +1,194 @@
+"""`pni-ray score` keeps every input: names that look like globs or are not UTF-8, symlinked and
+unreadable folders, --retry-failed's scope, a crash's summary, bad options, failed writes."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from jobs import nightly
+from pni_ray.orchestration import score as score_module
+from pni_ray.orchestration.score import Options, ScoreError, score
+from pni_ray.orchestration.score_inputs import expand_inputs, row_path
+from pni_ray.orchestration.score_output import remove_stale_temps
+from pni_ray.fileio import atomic_write_bytes
+from pni_ray.results import read_table
+
+
+def _image(synthetic_root: Path) -> bytes:
+    return sorted((synthetic_root / "washer" / "test" / "good").glob("*.png"))[0].read_bytes()
+
+
+def _rows(out: Path) -> dict[str, str | None]:
+    table = read_table(out, columns=["path", "error"]).to_pylist()
+    paths = [r["path"] for r in table]
+    assert len(paths) == len(set(paths)), "duplicate rows"
+    return {r["path"]: r["error"] for r in table}
+
+
+def test_an_existing_name_with_glob_characters_is_taken_literally(tmp_path):
+    for name in ("a[1].png", "a1.png", "b?.png"):
+        (tmp_path / name).write_bytes(b"x")
+    t = str(tmp_path)
+    assert expand_inputs([f"{t}/a[1].png"]).paths == [f"{t}/a[1].png"]  # not the glob's a1.png
+    assert expand_inputs([f"{t}/b?.png"]).paths == [f"{t}/b?.png"]
+    assert expand_inputs([f"{t}/a?.png"]).paths == [f"{t}/a1.png"]  # names no file: a glob
+    lst = tmp_path / "in.lst"
+    lst.write_text("a[1].png\n./#hash.png\n")
+    got = expand_inputs([f"@{lst}"])
+    assert got.paths == [f"{t}/#hash.png", f"{t}/a[1].png"]
+
+
+def test_walk_follows_symlinked_folders_once_and_reports_unreadable_ones(tmp_path, monkeypatch):
+    root = tmp_path / "line"
+    for rel in ("cam1/1.png", "cam2/locked/2.png", "elsewhere/3.png"):
+        (tmp_path / rel if rel.startswith("elsewhere") else root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel if rel.startswith("elsewhere") else root / rel).write_bytes(b"x")
+    os.symlink(tmp_path / "elsewhere", root / "linked")  # a folder outside the tree: walked
+    os.symlink(root / "cam1", root / "zz_again")  # a second way into cam1: not walked twice
+    os.symlink(tmp_path, root / "cam1" / "up")  # holds the whole tree: a loop, skipped
+    real_scandir = os.scandir
+    locked = str(root / "cam2" / "locked")
+
+    def scandir(path="."):  # root bypasses chmod 000: refuse the listing as a locked folder would
+        if os.fspath(path) == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    got = expand_inputs([str(root)])
+    assert got.paths == sorted([f"{root}/cam1/1.png", f"{root}/linked/3.png", locked])
+    assert "cannot list this directory" in got.preset_errors[locked] and "Permission denied" in got.preset_errors[locked]
+
+
+def test_a_name_that_is_not_utf8_is_scored_once_and_resumed(bundle_tiny, synthetic_root, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    data = _image(synthetic_root)
+    for name in (b"a.png", b"bad\xff.png", b"c.png"):
+        with open(os.path.join(os.fsencode(folder), name), "wb") as fh:
+            fh.write(data)
+    out = tmp_path / "out"
+    first = score(bundle_tiny, [str(folder)], out, Options(chunk_size=2, threads=1), engine="local")
+    assert first["scored"] == 3 and first["failed"] == 0 and first["missing"] == 0
+    assert _rows(out).keys() == {f"{folder}/a.png", f"{folder}/bad\\xff.png", f"{folder}/c.png"}
+    again = score(bundle_tiny, [str(folder)], out, Options(chunk_size=2, threads=1), engine="local")
+    assert again["run"]["scheduled"] == 0 and again["rows"] == 3 and again["duplicate_rows"] == 0
+    assert row_path("plain/ü.png") == "plain/ü.png"
+
+
+def test_retry_failed_retries_only_this_runs_inputs(bundle_tiny, synthetic_root, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "junk.png").write_bytes(b"not an image")
+    (tmp_path / "b" / "junk.png").write_bytes(b"not an image either")
+    (tmp_path / "b" / "good.png").write_bytes(_image(synthetic_root))
+    out = tmp_path / "out"
+    opts = Options(chunk_size=4, threads=1)
+    assert score(bundle_tiny, [str(tmp_path / "a"), str(tmp_path / "b")], out, opts, engine="local")["failed"] == 2
+    retried = score(bundle_tiny, [str(tmp_path / "b")], out, opts, engine="local", retry=True)
+    assert retried["run"]["error_rows_retried"] == 1 and retried["failed"] == 1
+    rows = _rows(out)
+    assert len(rows) == 3 and rows[str(tmp_path / "a" / "junk.png")] is not None  # not this run's: kept
+
+
+def test_a_run_removes_the_last_summary_until_it_finishes(bundle_tiny, synthetic_root, tmp_path, monkeypatch):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.png").write_bytes(_image(synthetic_root))
+    out = tmp_path / "out"
+    opts = Options(chunk_size=2, threads=1)
+    score(bundle_tiny, [str(folder / "0.png")], out, opts, engine="local")
+    assert json.loads((out / "_summary.json").read_text())["inputs"] == 1
+    run_local = score_module.ENGINES["local"]
+
+    def crash_after_one_chunk(rows, info, opts):
+        stream = run_local(rows, info, opts)
+        yield next(stream)
+        raise RuntimeError("killed")
+
+    monkeypatch.setitem(score_module.ENGINES, "local", crash_after_one_chunk)
+    with pytest.raises(RuntimeError, match="killed"):
+        score(bundle_tiny, [str(folder)], out, opts, engine="local")
+    assert not (out / "_summary.json").exists()  # no longer "1 input, complete"
+    monkeypatch.setitem(score_module.ENGINES, "local", run_local)
+    done = score(bundle_tiny, [str(folder)], out, opts, engine="local")
+    assert done["rows"] == 4 and done["run"]["scheduled"] == 1 and (out / "_summary.json").is_file()
+
+
+def test_rows_that_cannot_be_stored_become_error_rows(bundle_tiny, synthetic_root, tmp_path, monkeypatch):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(_image(synthetic_root))
+    real = score_module.rows_to_table
+    calls = []
+
+    def refuse_once(rows, schema):
+        calls.append(len(rows))
+        if len(calls) == 1:
+            raise ValueError("a value Arrow refuses")
+        return real(rows, schema)
+
+    monkeypatch.setattr(score_module, "rows_to_table", refuse_once)
+    summary = score(bundle_tiny, [str(tmp_path / "in")], tmp_path / "out", Options(threads=1), engine="local")
+    assert summary["failed"] == 1 and summary["missing"] == 0
+    assert "could not be stored (ValueError: a value Arrow refuses)" in summary["failures"][0]["error"]
+
+
+def test_bad_options_and_unwritable_out_are_refused_before_anything_is_written(bundle_tiny, tmp_path):
+    from pni_ray.cli import main
+
+    for bad in (Options(chunk_size=0), Options(batch_size=0), Options(max_pixels=0), Options(workers=0),
+                Options(cpus_per_worker=0)):
+        with pytest.raises(ScoreError, match="must be"):
+            score(bundle_tiny, [str(tmp_path)], tmp_path / "out", bad, engine="local")
+    assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(main, ["score", str(bundle_tiny), str(tmp_path), "--out", str(tmp_path / "o"),
+                                       "--chunk-size", "0"])
+    assert result.exit_code == 2 and "--chunk-size" in result.output and not (tmp_path / "o").exists()
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.raises(ScoreError, match="cannot write the output directory"):
+        score(bundle_tiny, [str(tmp_path)], tmp_path / "file" / "out", Options(threads=1), engine="local")
+
+
+def test_a_failed_write_names_its_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    target = tmp_path / "_summary.json"
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left on device") as err:
+        atomic_write_bytes(target, b"{}")
+    assert str(target) in str(err.value) and list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    (tmp_path / "._summary.json.0123abcd.tmp").write_bytes(b"{")  # a kill between write and rename
+    (tmp_path / ".part-x.parquet.0123abcd.tmp").write_bytes(b"P")
+    assert remove_stale_temps(tmp_path) == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_nightly_record_says_running_until_the_run_ends(bundle_tiny, tmp_path, monkeypatch):
+    from pni_ray.orchestration import score as score_mod
+
+    config = tmp_path / "n.json"
+    config.write_text(json.dumps({"model": str(bundle_tiny), "inputs": ["in"], "output_root": "out", "engine": "local"}))
+    record_path = tmp_path / "out" / "dt=2024-01-02" / "_nightly.json"
+    seen = []
+
+    def crash(*args, **kwargs):
+        seen.append(json.loads(record_path.read_text())["status"])
+        raise RuntimeError("node lost")
+
+    monkeypatch.setattr(score_mod, "score", crash)
+    assert nightly.main(["--config", str(config), "--date", "2024-01-02", "-q"]) == nightly.EXIT_RUN
+    record = json.loads(record_path.read_text())
+    assert seen == ["running"] and record["status"] == "failed" and "node lost" in record["error"]
+    monkeypatch.undo()
+    (tmp_path / "in").mkdir()
+    code, record = nightly.run(config, date="2024-01-02")
+    assert record["status"] == "finished" and code == nightly.EXIT_FAILED_INPUTS  # an empty folder is a failed input
