@@ -8,7 +8,7 @@ Config (TOML or JSON; relative paths are relative to the config file; see nightl
 
     model        bundle or export directory (required)
     inputs       list of files, directories, globs or list files (required); may use {date},
-                 {yyyy}, {mm}, {dd}, {yyyymmdd} for the run date
+                 {yyyy}, {mm}, {dd}, {yyyymmdd} for the run date ({{ and }}: literal braces)
     output_root  results go to OUTPUT_ROOT/dt=YYYY-MM-DD/ (required)
     date         "today" (default), "yesterday" or YYYY-MM-DD; --date overrides
     map_format   uint8 (default) | float16 | float32 | none
@@ -152,7 +152,8 @@ def expand_placeholders(inputs: list[str], day: dt.date) -> list[str]:
         try:
             out.append(spec.format_map(values))
         except (KeyError, ValueError, IndexError) as exc:
-            raise ConfigError(f"input {spec!r}: unknown placeholder ({exc}); use {sorted(values)}") from exc
+            raise ConfigError(f"input {spec!r}: unknown placeholder ({exc}); use {sorted(values)}, and {{{{ / }}}} "
+                              "for a literal brace") from exc
     return out
 
 

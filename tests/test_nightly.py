@@ -70,8 +70,9 @@ def test_dates_placeholders_partitions():
         nightly.resolve_date("last tuesday", today)
     assert nightly.expand_placeholders(["/d/{yyyy}/{mm}/{dd}/*.png", "/l/{date}.txt", "x{yyyymmdd}"], today) == [
         "/d/2024/03/01/*.png", "/l/2024-03-01.txt", "x20240301"]
-    with pytest.raises(nightly.ConfigError, match="placeholder"):
+    with pytest.raises(nightly.ConfigError, match="placeholder.*literal brace"):
         nightly.expand_placeholders(["/d/{day}"], today)
+    assert nightly.expand_placeholders(["/d/{{raw}}/{date}"], today) == ["/d/{raw}/2024-03-01"]
     assert nightly.partition("/r", today) == Path("/r/dt=2024-03-01")
 
 
