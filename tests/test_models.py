@@ -158,6 +158,14 @@ def test_scorer_rejects_wrong_grid_and_mode():
         scorer(torch.randn(1, 8, 3, 3), torch.rand(1, 20, 3, 3), "pni")
     with pytest.raises(ValueError, match="unknown scoring mode"):
         scorer(feats, p_dist, "magic")
+    # a transposed grid has the same number of positions: refused once the scorer knows its grid
+    transposed = (feats.transpose(2, 3).contiguous(), p_dist.transpose(2, 3).contiguous())
+    assert scorer(*transposed, "pni").shape == (2, 5, 4)  # without the grid, only h * w is checked
+    _, memory, emb_to_dist, prior, _, _ = _scorer_setup()
+    gridded = PatchScorer(memory, emb_to_dist, prior, tau_scale=0.5, topk=4, grid=(4, 5))
+    assert torch.equal(gridded(feats, p_dist, "pni"), scorer(feats, p_dist, "pni"))
+    with pytest.raises(ValueError, match="built on a 4x5 grid, features have 5x4"):
+        gridded(*transposed, "pni")
 
 
 def test_neighbourhood_mlp_never_sees_the_centre():

@@ -109,6 +109,7 @@ def build_detector(trained: TrainedModel, extractor: PatchFeatureExtractor | Non
         combine=cfg.scoring.combine,
         candidate_share=cfg.scoring.candidate_share,
         neighbourhood_cut=trained.neighbourhood_cut,
+        grid=tuple(trained.grid),  # type: ignore[arg-type]
     )
     detector = PNIDetector(
         extractor or build_extractor(cfg.features),

@@ -149,8 +149,11 @@ class PatchScorer(nn.Module):
         combine: str = "both",
         candidate_share: float = 0.25,
         neighbourhood_cut: float = 1.0,
+        grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
+        # the (h, w) grid the position prior was built on: a transposed grid has the same h * w
+        self.grid = (int(grid[0]), int(grid[1])) if grid is not None else None
         if combine not in COMBINE_RULES:
             raise ValueError(f"unknown prior combination {combine!r}; choose from {COMBINE_RULES}")
         memory = memory.float().contiguous()
@@ -197,11 +200,11 @@ class PatchScorer(nn.Module):
         if mode != "position" and p_dist is None:
             raise ValueError(f"mode {mode!r} needs neighbourhood probabilities")
         h, w = features.shape[-2:]
-        if self.position_prior is not None and self.position_prior.shape[0] != h * w:
-            raise ValueError(
-                f"position prior was built on a {self.position_prior.shape[0]}-position grid, "
-                f"features have {h}x{w}; score at the training geometry"
-            )
+        prior = self.position_prior
+        if prior is not None and (prior.shape[0] != h * w or self.grid not in (None, (h, w))):
+            built = "x".join(map(str, self.grid)) if self.grid else f"{prior.shape[0]}-position"
+            raise ValueError(f"position prior was built on a {built} grid, features have {h}x{w}; score at the "
+                             "training geometry")
 
     def _rows(
         self, features: torch.Tensor, p_dist: torch.Tensor | None, mode: str
