@@ -85,7 +85,9 @@ def file_records(folder: Path) -> dict[str, dict[str, Any]]:
 
 def read_manifest(path: Path | str) -> dict[str, Any]:
     return read_manifest_json(path, FORMAT, FORMAT_VERSION, ExportError, "export",
-                              hint=" (a training bundle? run `pni-ray export` on it)")
+                              hint=" (a training bundle? run `pni-ray export` on it)",
+                              required={"files": dict, "graphs": dict, "tables": dict, "pipeline": list,
+                                        "scorer": dict, "mode": str, "tau": float})
 
 
 # manifest fields that say where and with which tools an export was made, not what it computes
@@ -114,7 +116,10 @@ def verify_export(path: Path | str) -> dict[str, Any]:
     manifest = read_manifest(path)
     files = manifest.get("files", {})
     needed = set()
-    for graph in manifest.get("graphs", {}).values():
+    for name, graph in manifest["graphs"].items():
+        if not isinstance(graph, dict) or not isinstance(graph.get("file"), str):
+            raise ExportError(f"{path / MANIFEST}: graphs[{name!r}] names no file: the manifest was edited or "
+                              "truncated; export the bundle again")
         needed.add(graph["file"])
         needed.update(graph.get("external_data", []))
     needed.update(manifest.get("tables", {}).values())

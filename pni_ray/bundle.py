@@ -16,11 +16,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 
 import pni_ray
 from pni_ray.config import TrainConfig
-from pni_ray.fileio import atomic_write_json, read_arrow, read_manifest_json, sha256_file, staged_dir, write_arrow
+from pni_ray.fileio import (atomic_write_bytes, atomic_write_json, read_arrow, read_manifest_json, sha256_file, staged_dir,
+                            write_arrow)
 from pni_ray.models.backbones import get_spec, offline_weight_path
 from pni_ray.models.neighbourhood import NeighbourhoodMLP
 from pni_ray.models.pni import Normalisation, TrainedModel
@@ -104,10 +106,13 @@ def save_bundle(trained: TrainedModel, out: Path | str, overwrite: bool = False)
         write_arrow(tmp / MEMORY, memory_table(trained.memory, trained.emb_to_dist, trained.dist_size))
         if trained.position_prior is not None:
             write_arrow(tmp / PRIOR, prior_table(trained.position_prior))
+        # safetensors' save_file creates its file 0600 (unreadable to other users of a shared bundle
+        # store); its bytes written here get the umask's mode, like every other bundle file, and an fsync
         if trained.mlp is not None:
-            save_file({k: v.contiguous() for k, v in trained.mlp.state_dict().items()}, str(tmp / MLP))
+            atomic_write_bytes(tmp / MLP, save_tensors({k: v.contiguous() for k, v in trained.mlp.state_dict().items()}))
         if trained.refiner is not None:
-            save_file({k: v.contiguous() for k, v in trained.refiner.state_dict().items()}, str(tmp / REFINER))
+            atomic_write_bytes(tmp / REFINER,
+                               save_tensors({k: v.contiguous() for k, v in trained.refiner.state_dict().items()}))
         files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
         manifest = {
             "format": FORMAT,
@@ -131,8 +136,13 @@ def save_bundle(trained: TrainedModel, out: Path | str, overwrite: bool = False)
     return out
 
 
+# what loading reads from a bundle's manifest (checked when it is read: a KeyError names nothing)
+REQUIRED_KEYS: dict[str, type] = {"category": str, "mode": str, "config": dict, "files": dict, "backbone": dict,
+                                  "normalisation": dict, "grid": list}
+
+
 def read_manifest(path: Path | str) -> dict[str, Any]:
-    return read_manifest_json(path, FORMAT, FORMAT_VERSION, BundleError, "bundle")
+    return read_manifest_json(path, FORMAT, FORMAT_VERSION, BundleError, "bundle", required=REQUIRED_KEYS)
 
 
 def verify_bundle(path: Path | str) -> dict[str, Any]:

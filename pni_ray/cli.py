@@ -24,7 +24,33 @@ def setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def _input_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message names the file and what is wrong with it (images, data layout, geometry,
+    bundles, exports): a user's to fix, shown as one line, not a traceback."""
+    from export.tables import ExportError
+    from pni_ray.bundle import BundleError
+    from pni_ray.data.images import ImageError
+    from pni_ray.data.mvtec import LayoutError
+    from pni_ray.geometry import GeometryError
+
+    return ImageError, LayoutError, GeometryError, BundleError, ExportError
+
+
+class Commands(click.Group):
+    """The command group; an input error raised anywhere in a command reaches the user as `Error: ...`."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.ClickException:
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything else keeps its traceback
+            if isinstance(exc, _input_errors()):
+                raise click.ClickException(str(exc)) from None
+            raise
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.version_option(package_name="pni-ray")

@@ -36,6 +36,12 @@ class FeatureConfig:
     patch_size: int = 3  # p x p local average aggregation (PatchCore's p)
     projection_dim: int | None = None  # fixed feature dim by adaptive channel pooling
 
+    def __post_init__(self) -> None:  # fails when the config is read, not deep inside the backbone
+        _require(self.image_size >= 32, f"features.image_size must be >= 32 pixels (a 2 x 2 grid of stride-16 "
+                                        f"features), got {self.image_size!r}")
+        _require(self.patch_size >= 1 and self.patch_size % 2 == 1,
+                 f"features.patch_size is an odd number of patches >= 1, got {self.patch_size!r}")
+
 
 @dataclass(frozen=True)
 class CoresetConfig:
@@ -47,6 +53,11 @@ class CoresetConfig:
     projection_dim: int = 128  # Johnson-Lindenstrauss projection used only for selection
     chunk_size: int = 65536  # rows per distance update: bounds memory at a million patches
     max_candidates: int | None = None  # seeded subsample of patch rows the greedy search runs over (tiling)
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.ratio <= 1.0, f"coreset.ratio is the share of patches kept, in (0, 1], got {self.ratio!r}")
+        _require(1 <= self.min_size <= self.max_size,
+                 f"coreset sizes need 1 <= min_size <= max_size, got {self.min_size!r} and {self.max_size!r}")
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,11 @@ class NeighbourhoodConfig:
     min_keep: float = 0.95
 
     def __post_init__(self) -> None:  # a config file's bad cut fails when it is read, not after the MLP trained
+        _require(self.epochs >= 1 and self.dist_size >= 1 and self.hidden >= 1 and self.depth >= 0,
+                 f"neighbourhood needs epochs, dist_size and hidden >= 1 and depth >= 0, got {self.epochs!r}, "
+                 f"{self.dist_size!r}, {self.hidden!r}, {self.depth!r}")
+        _require(self.lr > 0 and self.temperature > 0,
+                 f"neighbourhood.lr and temperature must be > 0, got {self.lr!r} and {self.temperature!r}")
         if self.batch_images < 1 or (self.images_per_epoch is not None and self.images_per_epoch < 1):
             raise ValueError(f"neighbourhood.batch_images and images_per_epoch must be >= 1 (images_per_epoch may be "
                              f"null: all), got {self.batch_images!r}, {self.images_per_epoch!r}")
@@ -252,8 +268,34 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+# a config file's JSON values against the fields' annotations (strings, under `from __future__ import annotations`)
+_JSON_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _check_type(cls: type, key: str, annotation: str, value: Any) -> None:
+    """Refuse a value of the wrong JSON type ("epochs": "3") when the config is read, not minutes into training."""
+    for part in (p.strip() for p in annotation.split("|")):
+        if part == "None" and value is None:
+            return
+        if part in _JSON_TYPES:
+            if isinstance(value, _JSON_TYPES[part]) and (part == "bool" or not isinstance(value, bool)):
+                return
+        elif part.startswith(("tuple", "list")):
+            if isinstance(value, (list, tuple)):
+                return
+        elif part != "None":  # a type this check does not know: left to the dataclass
+            return
+    raise ValueError(f"{cls.__name__}.{key} must be {annotation}, got {value!r}")
+
+
 def _build(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild nested frozen dataclasses, refusing unknown keys so typos fail loudly."""
+    """Rebuild nested frozen dataclasses, refusing unknown keys so typos fail loudly, and values of the
+    wrong type."""
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(names)
     if unknown:
@@ -261,9 +303,12 @@ def _build(cls: type, data: dict[str, Any]) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         default = names[key].default_factory() if names[key].default_factory is not dataclasses.MISSING else names[key].default  # type: ignore[misc]
-        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ValueError(f"{cls.__name__}.{key} is a section of settings (a JSON object), got {value!r}")
             kwargs[key] = _build(type(default), value)
         else:
+            _check_type(cls, key, str(names[key].type), value)
             kwargs[key] = value
     return cls(**kwargs)
 

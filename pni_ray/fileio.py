@@ -139,6 +139,7 @@ def staged_dir(out: Path, replaces: str | tuple[str, ...], kind: str) -> Iterato
     """
     check_replaceable(out, replaces, kind)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(out)
     tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
@@ -148,6 +149,19 @@ def staged_dir(out: Path, replaces: str | tuple[str, ...], kind: str) -> Iterato
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_siblings(out: Path) -> list[Path]:
+    """What a write of `out` killed mid-way left beside it: `.<name>.partial-*` (never renamed into
+    place), and `.<name>.old-*` (a replaced copy not yet deleted) once `out` exists. Without `out`, an
+    `.old-*` may be the only copy of the previous `out`, so it stays. Returns what was removed."""
+    removed = []
+    patterns = [f".{out.name}.partial-*"] + ([f".{out.name}.old-*"] if out.exists() else [])
+    for pattern in patterns:
+        for stale in out.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale)
+    return removed
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
@@ -167,6 +181,11 @@ def write_arrow(path: Path | str, table: pa.Table) -> None:
     """An Arrow IPC file (the caller writes into a temporary directory that is renamed whole)."""
     with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
+    fd = os.open(path, os.O_RDONLY)  # on disk before the directory is renamed into place
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_arrow(path: Path | str) -> pa.Table:
@@ -184,9 +203,13 @@ def read_json(path: Path | str, error: type[Exception] = ValueError) -> Any:
 
 
 def read_manifest_json(
-    folder: Path | str, fmt: str, version: int, error: type[Exception], kind: str, hint: str = ""
+    folder: Path | str, fmt: str, version: int, error: type[Exception], kind: str, hint: str = "",
+    required: dict[str, type] | None = None,
 ) -> dict[str, Any]:
-    """`folder`/manifest.json, checked to be a `fmt` manifest no newer than `version`.
+    """`folder`/manifest.json, checked to be a `fmt` manifest no newer than `version`, holding each
+    `required` key with a value of its type, and (when it lists `files`) each file by a plain name
+    inside the folder with a sha256: a hand-edited manifest fails here, naming the key, not later
+    as a KeyError.
 
     kind names the folder in messages ("bundle", "export", ...); hint is appended when the
     manifest is of another format (e.g. what to run instead).
@@ -201,6 +224,17 @@ def read_manifest_json(
     if not isinstance(manifest, dict) or manifest.get("format") != fmt:
         raise error(f"{file}: not a {fmt} manifest{hint}")
     found = manifest.get("format_version", 0)
-    if not isinstance(found, int) or found > version:
+    if not isinstance(found, int) or isinstance(found, bool):
+        raise error(f"{file}: format_version must be an integer, got {found!r}")
+    if found > version:
         raise error(f"{file}: {kind} format version {found} is newer than this pni-ray reads ({version}); upgrade pni-ray")
+    for key, kind_of in (required or {}).items():
+        if not isinstance(manifest.get(key), kind_of):
+            raise error(f"{file}: {key!r} is missing or not a {kind_of.__name__} (got {manifest.get(key)!r:.60}); "
+                        f"the manifest was edited or truncated: restore the {kind}")
+    for name, meta in (manifest.get("files") or {}).items():
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise error(f"{file}: files lists {name!r}, not a file name inside the {kind}: restore the {kind}")
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
+            raise error(f"{file}: files[{name!r}] has no sha256: restore the {kind}")
     return manifest

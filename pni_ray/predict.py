@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from pni_ray.config import GeometryConfig, ScoringConfig
 from pni_ray.data.images import to_float
-from pni_ray.geometry import Geometry, Prepared
+from pni_ray.geometry import Geometry, GeometryError, Prepared
 
 NEEDS_MLP = ("neighbourhood", "pni", "pni_split")
 
@@ -201,7 +201,13 @@ def extract_training_features(
         if grid is None:
             grid = prepared[0].grid
         for p, path in zip(prepared, paths[sl]):
-            geometry.check(p, grid, name=str(path))
+            if p.grid != grid:  # not geometry.check's message: there is no trained model yet
+                h, w = p.original_hw
+                raise GeometryError(
+                    f"{path}: {w}x{h} gives a {p.grid[0]}x{p.grid[1]} feature grid under '{geometry.describe()}', but "
+                    f"{paths[0]} gives {grid[0]}x{grid[1]}: the training images must share one aspect ratio"
+                    f"{' and size' if geometry.tiled else ''} under this geometry; use --geometry resize or letterbox, "
+                    "or crop them alike")
         batch = features(extractor, geometry, prepared, tile_batch=batch_size)
         if feats is None:
             feats = torch.empty(len(paths), grid[0], grid[1], batch.shape[1], dtype=batch.dtype)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pni_ray.config import MLP_PRECISIONS, NeighbourhoodConfig, TrainConfig
-from pni_ray.data.mvtec import Category, load_category
+from pni_ray.data.mvtec import Category, LayoutError, load_category
 from pni_ray.geometry import Geometry
 from pni_ray.models.coreset import candidate_rows, greedy_kcenter_order
 from pni_ray.models.features import PatchFeatureExtractor, build_extractor
@@ -42,13 +42,19 @@ def seed_everything(seed: int) -> None:
 
 def calibration_split(paths: list[Path], cfg: TrainConfig) -> tuple[list[Path], list[Path]]:
     """train/good -> (memory-bank images, held-out calibration images): a seeded split holding out
-    scoring.holdout_fraction of the images, at least scoring.min_holdout, none from a category of 2
-    images or fewer."""
+    scoring.holdout_fraction of the images, at least scoring.min_holdout.
+
+    Too few images for that is refused: a model without held-out images has no threshold, so it
+    would flag nothing (holdout_fraction 0 asks for that explicitly)."""
     fraction = cfg.scoring.holdout_fraction
-    minimum = cfg.scoring.min_holdout if len(paths) > 2 else 0
-    n_hold = max(minimum, int(round(fraction * len(paths)))) if fraction > 0 else 0
+    n_hold = max(cfg.scoring.min_holdout, int(round(fraction * len(paths)))) if fraction > 0 else 0
     if len(paths) - n_hold < 1:
-        raise ValueError(f"need at least {n_hold + 1} train images to hold {n_hold} out, got {len(paths)}")
+        good = Path(paths[0]).parent if paths else Path("train/good")
+        raise LayoutError(good.parent.parent, [
+            f"{good}: {len(paths)} good training image(s); at least {n_hold + 1} are needed: {n_hold} held out to "
+            "calibrate the score scale and threshold (scoring.min_holdout), the rest for the memory bank. Add good "
+            "images (MVTec AD categories have 60 to 400), or set scoring.holdout_fraction to 0 for a model without "
+            "a threshold"])
     perm = torch.randperm(len(paths), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     hold = sorted(paths[i] for i in perm[:n_hold])
     keep = sorted(paths[i] for i in perm[n_hold:])

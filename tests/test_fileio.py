@@ -71,7 +71,9 @@ def test_the_formats_use_it(tmp_path):
     from pni_ray.bundle import read_manifest as read_bundle
     from pni_ray.ensemble_bundle import read_ensemble_manifest
 
-    folder = manifest_dir(tmp_path, {"format": "pni-ray-bundle", "format_version": 1})
+    complete = {"category": "c", "mode": "pni", "config": {}, "files": {}, "backbone": {}, "normalisation": {},
+                "grid": [40, 40]}
+    folder = manifest_dir(tmp_path, {"format": "pni-ray-bundle", "format_version": 1, **complete})
     with pytest.raises(ExportError, match="run `pni-ray export` on it"):
         read_export(folder)
     with pytest.raises(BundleError, match="not a pni-ray-ensemble manifest"):
@@ -80,6 +82,25 @@ def test_the_formats_use_it(tmp_path):
     (folder / "manifest.json").write_text(json.dumps({"format": "pni-ray-bundle", "format_version": 99}))
     with pytest.raises(BundleError, match="bundle format version 99 is newer"):
         read_bundle(folder)
+    # a hand-edited manifest fails when read, naming what is wrong, not later as a KeyError
+    base = {"format": "pni-ray-bundle", "format_version": 1, **complete}
+    for change, match in (({"mode": None}, "'mode' is missing or not a str"),
+                          ({"format_version": "1"}, "format_version must be an integer"),
+                          ({"files": {"../../other/memory.arrow": {"sha256": "0"}}}, "not a file name inside the bundle"),
+                          ({"files": {"memory.arrow": {"bytes": 3}}}, r"files\['memory.arrow'\] has no sha256")):
+        (folder / "manifest.json").write_text(json.dumps({**base, **change}))
+        with pytest.raises(BundleError, match=match):
+            read_bundle(folder)
+    export = {"format": "pni-ray-export", "format_version": 1, "files": {}, "graphs": {"mlp": {}}, "tables": {},
+              "pipeline": [], "scorer": {}, "mode": "pni", "tau": 1e-4}
+    (folder / "manifest.json").write_text(json.dumps({**export, "graphs": {}, "tau": None}))
+    with pytest.raises(ExportError, match="'tau' is missing or not a float"):
+        read_export(folder)
+    from export.tables import verify_export
+
+    (folder / "manifest.json").write_text(json.dumps(export))
+    with pytest.raises(ExportError, match=r"graphs\['mlp'\] names no file"):
+        verify_export(folder)
 
 
 def test_read_json_and_atomic_json(tmp_path):

@@ -65,7 +65,7 @@ def test_save_is_atomic(trained_tiny, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(bundle_mod, "save_file", boom)
+    monkeypatch.setattr(bundle_mod, "save_tensors", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         save_bundle(trained_tiny, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []  # neither the bundle nor its temp directory remain

@@ -143,6 +143,17 @@ def test_resume_skips_verified_and_retrains_tampered(ray_session, first_run, seq
     assert any("skip  weave" in line for line in lines)
 
 
+def test_a_category_or_backbone_named_twice_is_one_pair(first_run, synthetic_root, tmp_path):
+    """--categories washer,washer used to train the pair twice at once into one folder."""
+    _, first_out, _ = first_run
+    out = tmp_path / "out"
+    shutil.copytree(first_out, out)
+    lines: list[str] = []
+    result = train_all(synthetic_root, out, tiny_config(), categories=["washer", "washer"],
+                       backbones=[BACKBONE, BACKBONE], cpus_per_task=1, echo=lines.append)
+    assert [(r["category"], r["status"]) for r in result.rows] == [("washer", SKIPPED)]  # verified: no Ray needed
+
+
 def test_plan_force_and_changed_config(first_run):
     _, out, _ = first_run
     pairs = [Pair(c, BACKBONE) for c in CATEGORIES]

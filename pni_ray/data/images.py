@@ -84,7 +84,10 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
 def image_size(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """(width, height) from the header, after EXIF orientation, without decoding pixels."""
     img = _open(Path(path), max_pixels)
-    orientation = img.getexif().get(0x0112, 1)
+    try:  # a PNG's EXIF chunk may follow its pixels: reading it reads the whole file
+        orientation = img.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{path}: corrupt or truncated image data ({exc.__class__.__name__}: {exc})") from exc
     w, h = img.size
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 

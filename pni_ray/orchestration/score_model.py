@@ -34,6 +34,7 @@ def describe_model(path: Path | str, backbone_runtime: str = "onnxruntime", back
     bundle lists (the actors verify again, with the backbone weights, when they load the model). An
     export is loaded here with the actors' backbone runtime, so one OpenVINO cannot take fails now."""
     from export.openvino_backbone import OpenVINOUnavailable
+    from export.tables import ExportError
     from pni_ray.orchestration.model_loader import ExportModel, model_kind
 
     path = Path(path).resolve()
@@ -63,7 +64,7 @@ def describe_model(path: Path | str, backbone_runtime: str = "onnxruntime", back
                          sha256_file(path / "manifest.json"), manifest.get("category"), geometry.spec())
     try:
         model = ExportModel(path, backbone_runtime=backbone_runtime, backbone_precision=backbone_precision)
-    except OpenVINOUnavailable as exc:
+    except (OpenVINOUnavailable, ExportError) as exc:  # a tampered export is refused before the run, naming the file
         raise ScoreError(str(exc)) from exc
     return ModelInfo(str(path), kind, model.image_size, model.threshold, model.model_id, model.category,
                      model.geometry.spec(), model.runtime.backbone_label, model.runtime.source_model_id)

@@ -39,7 +39,7 @@ from pni_ray.config import TrainConfig
 from pni_ray.options import training_threads
 from pni_ray.orchestration.ray_session import RaySession, join_ray
 from pni_ray.orchestration.shared_storage import Probe, check_all_nodes
-from pni_ray.orchestration.train_plan import FAILED, SKIPPED, TRAINED, Pair, PlanItem, pair_config, plan_pairs, remove_stale_temps
+from pni_ray.orchestration.train_plan import FAILED, SKIPPED, TRAINED, Pair, PlanItem, pair_config, plan_pairs
 from pni_ray.orchestration.train_task import METRIC_KEYS, PairError, marker_path, train_pair
 
 log = logging.getLogger(__name__)
@@ -180,10 +180,11 @@ def train_all(
     t_start = time.perf_counter()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     data_root, out = Path(data_root).resolve(), Path(out).resolve()
-    categories = list(categories) if categories else list_categories(data_root)
+    # each named once (a repeat would train the same pair twice at once into one folder)
+    categories = list(dict.fromkeys(categories)) if categories else list_categories(data_root)
     if not categories:
         raise click.UsageError(f"{data_root}: no category folders (expected <category>/train/good/)")
-    backbones = list(backbones) if backbones else [cfg.features.backbone]
+    backbones = list(dict.fromkeys(backbones)) if backbones else [cfg.features.backbone]
     for name in backbones:
         try:
             get_spec(name)  # an unknown backbone is a usage error, before anything starts
@@ -218,7 +219,7 @@ def train_all(
                                 "threads": threads, "max_retries": max_retries}
     if to_train:
         rows.update(_run_tasks(spec, to_train, address, num_cpus, echo, poll_seconds,
-                               skipped=len(plan) - len(to_train), ray_info=ray_info))
+                               skipped=sum(item.action == "skip" for item in plan), ray_info=ray_info))
     ordered = [_finish_row(rows[p]) for p in pairs]
     counts = {s: sum(r["status"] == s for r in ordered) for s in (TRAINED, SKIPPED, FAILED)}
     result = TrainAllResult(ordered, time.perf_counter() - t_start, out, counts=counts)
@@ -263,8 +264,7 @@ def _submit_and_wait(
     remote = ray.remote(**task_options(spec.cpus, spec.gpus, spec.max_retries))(train_pair)
     pending: dict[Any, PlanItem] = {}
     for item in items:
-        bundle = item.pair.bundle(spec.out)
-        remove_stale_temps(bundle)
+        bundle = item.pair.bundle(spec.out)  # what a killed save left beside it goes when it is saved (staged_dir)
         marker = marker_path(str(progress_dir), item.pair.key)
         if marker is not None and marker.exists():
             marker.unlink()

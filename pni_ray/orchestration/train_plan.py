@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,14 +148,3 @@ def plan_pairs(out: Path, pairs: list[Pair], cfg: TrainConfig, force: bool = Fal
             continue
         plan.append(PlanItem(pair, "skip", "verified bundle with this config", model_id(path)))
     return plan
-
-
-def remove_stale_temps(bundle: Path) -> list[Path]:
-    """Temp siblings (`.<name>.partial-*`, `.<name>.old-*`) a killed save left behind."""
-    removed = []
-    if bundle.parent.is_dir():
-        for pattern in (f".{bundle.name}.partial-*", f".{bundle.name}.old-*"):
-            for stale in bundle.parent.glob(pattern):
-                shutil.rmtree(stale, ignore_errors=True)
-                removed.append(stale)
-    return removed

@@ -1,0 +1,130 @@
+"""Errors a user can fix reach them as one line naming the file and what to do: bad training images,
+too few of them, mixed aspect ratios, bad config values, tampered exports; and what a killed save
+leaves behind is cleaned up by the next save."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pni_ray.cli import main
+from pni_ray.config import TrainConfig
+from pni_ray.data.images import ImageError, image_size
+from conftest import tiny_config
+
+
+def _category(root: Path, synthetic_root: Path, n: int, name: str = "cat") -> Path:
+    good = root / name / "train" / "good"
+    good.mkdir(parents=True)
+    for src in sorted((synthetic_root / "washer" / "train" / "good").glob("*.png"))[:n]:
+        shutil.copy(src, good / src.name)
+    return good
+
+
+def _train(tmp_path: Path, root: Path, *extra: str, name: str = "cat"):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(tiny_config().to_dict()))
+    return CliRunner().invoke(main, ["train", str(root), "-c", name, "--out", str(tmp_path / "B"),
+                                     "--config", str(config), *extra])
+
+
+def test_a_truncated_png_is_named_when_its_header_is_read(tmp_path, synthetic_root):
+    src = sorted((synthetic_root / "washer" / "train" / "good").glob("*.png"))[0]
+    data = src.read_bytes()  # a PNG without EXIF in its header: Pillow reads to the end looking for one
+    (tmp_path / "half.png").write_bytes(data[: len(data) // 2])
+    with Image.open(src) as image:
+        assert image_size(src) == image.size
+    with pytest.raises(ImageError, match=r"half\.png: corrupt or truncated"):
+        image_size(tmp_path / "half.png")
+
+
+def test_training_input_errors_are_one_line_naming_the_file(tmp_path, synthetic_root):
+    root = tmp_path / "data"
+    good = _category(root, synthetic_root, 8)
+    data = sorted(good.glob("*.png"))[3].read_bytes()
+    Image.open(sorted(good.glob("*.png"))[3]).convert("RGB").save(good / "zz_broken.jpg")
+    jpeg = (good / "zz_broken.jpg").read_bytes()
+    (good / "zz_broken.jpg").write_bytes(jpeg[: len(jpeg) // 3])  # header fine, pixels cut
+    result = _train(tmp_path, root)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"Error: {good / 'zz_broken.jpg'}: corrupt or truncated" in result.output
+    # under short-side, images of another aspect ratio: said at training, with what to do
+    (good / "zz_broken.jpg").unlink()
+    Image.open(good / sorted(p.name for p in good.glob("*.png"))[0]).resize((128, 64)).save(good / "zz_wide.png")
+    result = _train(tmp_path, root, "--geometry", "short-side")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "zz_wide.png" in result.output and "must share one aspect ratio" in result.output
+    assert "--geometry resize or letterbox" in result.output
+    assert data  # the category itself is fine otherwise
+
+
+def test_too_few_good_images_are_refused_with_what_to_add(tmp_path, synthetic_root):
+    root = tmp_path / "data"
+    good = _category(root, synthetic_root, 2)
+    result = _train(tmp_path, root)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"{good}: 2 good training image(s); at least 3 are needed" in result.output
+    assert not (tmp_path / "B").exists()
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"neighbourhood": {"epochs": "3"}}, "NeighbourhoodConfig.epochs must be int, got '3'"),
+    ({"neighbourhood": None}, "neighbourhood is a section of settings"),
+    ({"features": {"image_size": 7}}, "image_size must be >= 32"),
+    ({"features": {"patch_size": 4}}, "patch_size is an odd number"),
+    ({"coreset": {"ratio": 5}}, r"coreset.ratio is the share of patches kept, in \(0, 1\]"),
+    ({"coreset": {"min_size": 0}}, "min_size <= max_size"),
+    ({"neighbourhood": {"epochs": 0}}, "epochs, dist_size and hidden >= 1"),
+    ({"neighbourhood": {"dist_size": 0}}, "epochs, dist_size and hidden >= 1"),
+    ({"neighbourhood": {"lr": 0}}, "lr and temperature must be > 0"),
+    ({"seed": True}, "TrainConfig.seed must be int"),
+])
+def test_bad_config_values_fail_when_the_config_is_read(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.from_dict(bad)
+
+
+def test_config_values_of_the_right_types_still_read():
+    cfg = TrainConfig.from_dict({"neighbourhood": {"lr": 1, "cut": None, "cut_candidates": [1, 2]},
+                                 "features": {"projection_dim": None}, "coreset": {"ratio": 1}})
+    assert cfg.neighbourhood.lr == 1 and cfg.coreset.ratio == 1 and cfg.features.projection_dim is None
+
+
+def test_scoring_a_tampered_export_is_refused_before_the_run(bundle_tiny, tmp_path, synthetic_root):
+    from export.onnx_export import export_bundle
+    from pni_ray.orchestration.score import ScoreError, score
+
+    export = tmp_path / "E"
+    export_bundle(bundle_tiny, export)
+    table = next(p for p in export.iterdir() if p.suffix == ".arrow")
+    data = bytearray(table.read_bytes())
+    data[-12] ^= 0xFF
+    table.write_bytes(bytes(data))
+    with pytest.raises(ScoreError, match=rf"{table.name}: checksum mismatch"):
+        score(export, [str(synthetic_root / "washer" / "test" / "good")], tmp_path / "out", engine="local")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_save_removes_what_a_killed_save_left(tmp_path, trained_tiny):
+    from pni_ray.bundle import save_bundle
+
+    out = tmp_path / "B"
+    partial = tmp_path / ".B.partial-deadbeef"  # a save killed before its rename
+    partial.mkdir()
+    save_bundle(trained_tiny, out)
+    assert not partial.exists()
+    old = tmp_path / ".B.old-cafef00d"  # a replace killed before it deleted the replaced copy
+    old.mkdir()
+    save_bundle(trained_tiny, out, overwrite=True)
+    assert not old.exists()
+    shutil.rmtree(out)
+    (tmp_path / ".B.old-0badc0de").mkdir()  # without B, the only copy of the last bundle: kept
+    save_bundle(trained_tiny, out)
+    assert (tmp_path / ".B.old-0badc0de").exists()
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # safetensors' own writer made its file 0600
