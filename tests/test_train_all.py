@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -152,6 +153,9 @@ def test_a_category_or_backbone_named_twice_is_one_pair(first_run, synthetic_roo
     result = train_all(synthetic_root, out, tiny_config(), categories=["washer", "washer"],
                        backbones=[BACKBONE, BACKBONE], cpus_per_task=1, echo=lines.append)
     assert [(r["category"], r["status"]) for r in result.rows] == [("washer", SKIPPED)]  # verified: no Ray needed
+    with pytest.raises(click.UsageError, match=r"(?s)--categories wsher: .*Did you mean washer\?"):
+        train_all(synthetic_root, out, tiny_config(), categories=["washer", "wsher"], backbones=[BACKBONE],
+                  cpus_per_task=1, echo=lines.append)
 
 
 def test_plan_force_and_changed_config(first_run):

@@ -174,7 +174,7 @@ def train_all(
     poll_seconds: float = 0.5,
 ) -> TrainAllResult:
     """Train every (category, backbone) pair as Ray tasks; write bundles and the summary to `out`."""
-    from pni_ray.data.mvtec import list_categories
+    from pni_ray.data.mvtec import list_categories, missing_category_message
     from pni_ray.models.backbones import get_spec
 
     t_start = time.perf_counter()
@@ -184,6 +184,10 @@ def train_all(
     categories = list(dict.fromkeys(categories)) if categories else list_categories(data_root)
     if not categories:
         raise click.UsageError(f"{data_root}: no category folders (expected <category>/train/good/)")
+    for category in categories:  # a misspelt name is a usage error now, not a failed task after Ray started
+        message = missing_category_message(data_root, category)
+        if message is not None:
+            raise click.UsageError(f"--categories {category}: there is {message}".replace("Did you mean -c ", "Did you mean "))
     backbones = list(dict.fromkeys(backbones)) if backbones else [cfg.features.backbone]
     for name in backbones:
         try:
