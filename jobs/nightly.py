@@ -157,6 +157,14 @@ def expand_placeholders(inputs: list[str], day: dt.date) -> list[str]:
     return out
 
 
+def _record_status(out: Path) -> str | None:
+    """The status of OUT's last run record (None: none, or unreadable)."""
+    try:
+        return json.loads((out / "_nightly.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def partition(output_root: str | Path, day: dt.date) -> Path:
     return Path(output_root) / f"dt={day.isoformat()}"
 
@@ -164,6 +172,7 @@ def partition(output_root: str | Path, day: dt.date) -> Path:
 def run(config_path: Path | str, date: str | None = None, progress: bool = False) -> tuple[int, dict[str, Any]]:
     """The whole nightly run; returns (exit code, run record written to _nightly.json)."""
     from pni_ray.orchestration.score import Options, ScoreError, score
+    from pni_ray.orchestration.score_output import OutInUse
     from pni_ray.results import atomic_write_json, now_utc
 
     t0 = time.perf_counter()
@@ -183,12 +192,23 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
                    max_pixels=int(cfg["max_pixels"]), chunk_size=int(cfg["chunk_size"]), address=cfg["address"],
                    backbone_runtime=cfg["backbone_runtime"], backbone_precision=cfg["backbone_precision"])
     log.info("nightly %s: %d input specs -> %s", day, len(inputs), out)
-    # until this run ends, its record says so: a killed run leaves "running", not yesterday's counts
+    # until this run ends, its record says so: a killed run leaves "running", not yesterday's counts (a
+    # record already "running" is left alone: it may be a live run's, which holds OUT's lock)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "_nightly.json", {**record, "status": "running"})
+    if _record_status(out) != "running":
+        atomic_write_json(out / "_nightly.json", {**record, "status": "running"})
     try:
         summary = score(cfg["model"], inputs, out, opts, engine=cfg["engine"], top_n=int(cfg["top_n"]),
                         progress=progress)
+        report_path = None
+        if cfg["report"] and summary["rows"]:
+            from pni_ray.report import write_report
+
+            report_path = out / "_report.html"
+            write_report(out, report_path, top_n=int(cfg["report_top"]),
+                         title=f"pni-ray nightly {day.isoformat()}: {summary.get('category') or ''}")
+    except OutInUse as exc:  # another run of this day is writing: its record is its own
+        return EXIT_RUN, {**record, "status": "refused", "exit_code": EXIT_RUN, "error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - refused or crashed: the record says which, then the exit code
         record.update(status="refused" if isinstance(exc, ScoreError) else "failed", exit_code=EXIT_RUN,
                       error=str(exc) if isinstance(exc, ScoreError) else f"{exc.__class__.__name__}: {exc}")
@@ -196,13 +216,6 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
         if not isinstance(exc, ScoreError):
             raise
         return EXIT_RUN, record
-    report_path = None
-    if cfg["report"] and summary["rows"]:
-        from pni_ray.report import write_report
-
-        report_path = out / "_report.html"
-        write_report(out, report_path, top_n=int(cfg["report_top"]),
-                     title=f"pni-ray nightly {day.isoformat()}: {summary.get('category') or ''}")
     failed = summary["failed"] + summary["missing"]
     code = EXIT_FAILED_INPUTS if failed and cfg["fail_on_errors"] else EXIT_OK
     record.update(

@@ -173,7 +173,10 @@ def load_bundle(path: Path | str) -> tuple[TrainedModel, dict[str, Any]]:
     """Verify and load; backbone weights are checked against the recorded checksum."""
     path = Path(path)
     manifest = verify_bundle(path)
-    cfg = TrainConfig.from_manifest(manifest["config"])
+    try:
+        cfg = TrainConfig.from_manifest(manifest["config"])
+    except (TypeError, ValueError) as exc:  # a hand-edited config, or one a later pni-ray refuses: name it
+        raise BundleError(f"{path / 'manifest.json'}: its config cannot be read ({exc}); retrain the bundle") from exc
     recorded = manifest["backbone"].get("sha256")
     if recorded is not None:
         current = backbone_record(cfg).get("sha256")

@@ -55,7 +55,7 @@ class CoresetConfig:
     max_candidates: int | None = None  # seeded subsample of patch rows the greedy search runs over (tiling)
 
     def __post_init__(self) -> None:
-        _require(0.0 < self.ratio <= 1.0, f"coreset.ratio is the share of patches kept, in (0, 1], got {self.ratio!r}")
+        _require(self.ratio > 0.0, f"coreset.ratio is the share of patches kept, > 0 (1: every patch), got {self.ratio!r}")
         _require(1 <= self.min_size <= self.max_size,
                  f"coreset sizes need 1 <= min_size <= max_size, got {self.min_size!r} and {self.max_size!r}")
 
@@ -277,19 +277,22 @@ def _require(ok: bool, message: str) -> None:
 _JSON_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 
 
-def _check_type(cls: type, key: str, annotation: str, value: Any) -> None:
-    """Refuse a value of the wrong JSON type ("epochs": "3") when the config is read, not minutes into training."""
+def _checked(cls: type, key: str, annotation: str, value: Any) -> Any:
+    """The value, refused when of the wrong JSON type ("epochs": "3") as the config is read, not minutes
+    into training. A whole number written as a float (5e7, as some JSON writers do) reads as an int."""
     for part in (p.strip() for p in annotation.split("|")):
         if part == "None" and value is None:
-            return
+            return value
+        if part == "int" and isinstance(value, float) and value.is_integer():
+            return int(value)
         if part in _JSON_TYPES:
             if isinstance(value, _JSON_TYPES[part]) and (part == "bool" or not isinstance(value, bool)):
-                return
+                return value
         elif part.startswith(("tuple", "list")):
             if isinstance(value, (list, tuple)):
-                return
+                return value
         elif part != "None":  # a type this check does not know: left to the dataclass
-            return
+            return value
     raise ValueError(f"{cls.__name__}.{key} must be {annotation}, got {value!r}")
 
 
@@ -308,8 +311,7 @@ def _build(cls: type, data: dict[str, Any]) -> Any:
                 raise ValueError(f"{cls.__name__}.{key} is a section of settings (a JSON object), got {value!r}")
             kwargs[key] = _build(type(default), value)
         else:
-            _check_type(cls, key, str(names[key].type), value)
-            kwargs[key] = value
+            kwargs[key] = _checked(cls, key, str(names[key].type), value)
     return cls(**kwargs)
 
 

@@ -8,6 +8,7 @@ are folders with a `manifest.json`; one reader checks them all, so their errors 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -156,7 +157,8 @@ def remove_stale_siblings(out: Path) -> list[Path]:
     place), and `.<name>.old-*` (a replaced copy not yet deleted) once `out` exists. Without `out`, an
     `.old-*` may be the only copy of the previous `out`, so it stays. Returns what was removed."""
     removed = []
-    patterns = [f".{out.name}.partial-*"] + ([f".{out.name}.old-*"] if out.exists() else [])
+    name, suffix = glob.escape(out.name), "[0-9a-f]" * 8  # exactly staged_dir's and replace_dir's names
+    patterns = [f".{name}.partial-{suffix}"] + ([f".{name}.old-{suffix}"] if out.exists() else [])
     for pattern in patterns:
         for stale in out.parent.glob(pattern):
             shutil.rmtree(stale, ignore_errors=True)

@@ -70,32 +70,35 @@ def build_config(
     if preset is not None and preset not in PRESETS:
         raise click.UsageError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     cfg = base or PRESETS[preset or "default"]()
-    features = dataclasses.replace(
-        cfg.features,
-        **{k: v for k, v in {"backbone": backbone, "weights": weights, "image_size": image_size}.items() if v is not None},
-    )
-    coreset = dataclasses.replace(
-        cfg.coreset,
-        **{k: v for k, v in {"ratio": coreset_ratio, "max_candidates": coreset_candidates}.items() if v is not None},
-    )
-    geometry_cfg = dataclasses.replace(
-        cfg.geometry,
-        **{k: v for k, v in {"policy": geometry, "tile": tile, "tile_size": tile_size, "tile_overlap": tile_overlap,
-                             "tile_scale": tile_scale}.items() if v is not None},
-    )
-    neighbourhood = dataclasses.replace(
-        cfg.neighbourhood,
-        **{k: v for k, v in {"dist_size": dist_size, "epochs": epochs, "train_precision": mlp_precision}.items()
-           if v is not None},
-    )
-    refiner = dataclasses.replace(cfg.refiner, enabled=refine or cfg.refiner.enabled)
-    changes: dict[str, Any] = {"features": features, "coreset": coreset, "neighbourhood": neighbourhood, "refiner": refiner,
-                               "geometry": geometry_cfg}
-    if seed is not None:
-        changes["seed"] = seed
-    if mode is not None:
-        changes["mode"] = mode
-    return cfg.replace(**changes)
+    try:  # a flag out of range (--epochs 0) fails the config's own check: a usage error, not a traceback
+        features = dataclasses.replace(
+            cfg.features,
+            **{k: v for k, v in {"backbone": backbone, "weights": weights, "image_size": image_size}.items() if v is not None},
+        )
+        coreset = dataclasses.replace(
+            cfg.coreset,
+            **{k: v for k, v in {"ratio": coreset_ratio, "max_candidates": coreset_candidates}.items() if v is not None},
+        )
+        geometry_cfg = dataclasses.replace(
+            cfg.geometry,
+            **{k: v for k, v in {"policy": geometry, "tile": tile, "tile_size": tile_size, "tile_overlap": tile_overlap,
+                                 "tile_scale": tile_scale}.items() if v is not None},
+        )
+        neighbourhood = dataclasses.replace(
+            cfg.neighbourhood,
+            **{k: v for k, v in {"dist_size": dist_size, "epochs": epochs, "train_precision": mlp_precision}.items()
+               if v is not None},
+        )
+        refiner = dataclasses.replace(cfg.refiner, enabled=refine or cfg.refiner.enabled)
+        changes: dict[str, Any] = {"features": features, "coreset": coreset, "neighbourhood": neighbourhood, "refiner": refiner,
+                                   "geometry": geometry_cfg}
+        if seed is not None:
+            changes["seed"] = seed
+        if mode is not None:
+            changes["mode"] = mode
+        return cfg.replace(**changes)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def load_config_file(path: Path | None) -> TrainConfig | None:

@@ -50,7 +50,8 @@ def test_walk_follows_symlinked_folders_once_and_reports_unreadable_ones(tmp_pat
         (tmp_path / rel if rel.startswith("elsewhere") else root / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel if rel.startswith("elsewhere") else root / rel).write_bytes(b"x")
     os.symlink(tmp_path / "elsewhere", root / "linked")  # a folder outside the tree: walked
-    os.symlink(root / "cam1", root / "zz_again")  # a second way into cam1: not walked twice
+    os.symlink(tmp_path / "elsewhere", root / "cam2" / "linked_too")  # the same folder again: once
+    os.symlink(root / "cam1", root / "a_again")  # sorts before cam1: cam1 still walked under its own name
     os.symlink(tmp_path, root / "cam1" / "up")  # holds the whole tree: a loop, skipped
     real_scandir = os.scandir
     locked = str(root / "cam2" / "locked")
@@ -143,7 +144,7 @@ def test_rows_that_cannot_be_stored_become_error_rows(bundle_tiny, synthetic_roo
 def test_bad_options_and_unwritable_out_are_refused_before_anything_is_written(bundle_tiny, tmp_path):
     from pni_ray.cli import main
 
-    for bad in (Options(chunk_size=0), Options(batch_size=0), Options(max_pixels=0), Options(workers=0),
+    for bad in (Options(chunk_size=0), Options(batch_size=0), Options(max_pixels=0), Options(workers=-1),
                 Options(cpus_per_worker=0)):
         with pytest.raises(ScoreError, match="must be"):
             score(bundle_tiny, [str(tmp_path)], tmp_path / "out", bad, engine="local")
@@ -192,3 +193,25 @@ def test_nightly_record_says_running_until_the_run_ends(bundle_tiny, tmp_path, m
     (tmp_path / "in").mkdir()
     code, record = nightly.run(config, date="2024-01-02")
     assert record["status"] == "finished" and code == nightly.EXIT_FAILED_INPUTS  # an empty folder is a failed input
+
+
+def test_nightly_record_after_a_failed_report_and_beside_a_live_run(bundle_tiny, synthetic_root, tmp_path, monkeypatch):
+    from pni_ray import report
+    from pni_ray.orchestration.score_output import locked
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(_image(synthetic_root))
+    config = tmp_path / "n.json"
+    config.write_text(json.dumps({"model": str(bundle_tiny), "inputs": ["in"], "output_root": "out", "engine": "local"}))
+    out = tmp_path / "out" / "dt=2024-01-02"
+    monkeypatch.setattr(report, "write_report", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(OSError):
+        nightly.run(config, date="2024-01-02")
+    record = json.loads((out / "_nightly.json").read_text())
+    assert record["status"] == "failed" and "No space left" in record["error"]  # not "running" forever
+    live = {"status": "running", "started_at": "a live run's"}
+    (out / "_nightly.json").write_text(json.dumps(live))
+    with locked(out):  # that live run holds OUT
+        code, refused = nightly.run(config, date="2024-01-02")
+    assert code == nightly.EXIT_RUN and refused["status"] == "refused" and "another pni-ray score run" in refused["error"]
+    assert json.loads((out / "_nightly.json").read_text()) == live  # its record is left to it

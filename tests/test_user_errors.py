@@ -77,7 +77,7 @@ def test_too_few_good_images_are_refused_with_what_to_add(tmp_path, synthetic_ro
     ({"neighbourhood": None}, "neighbourhood is a section of settings"),
     ({"features": {"image_size": 7}}, "image_size must be >= 32"),
     ({"features": {"patch_size": 4}}, "patch_size is an odd number"),
-    ({"coreset": {"ratio": 5}}, r"coreset.ratio is the share of patches kept, in \(0, 1\]"),
+    ({"coreset": {"ratio": 0}}, r"coreset.ratio is the share of patches kept, > 0"),
     ({"coreset": {"min_size": 0}}, "min_size <= max_size"),
     ({"neighbourhood": {"epochs": 0}}, "epochs, dist_size and hidden >= 1"),
     ({"neighbourhood": {"dist_size": 0}}, "epochs, dist_size and hidden >= 1"),
@@ -91,8 +91,10 @@ def test_bad_config_values_fail_when_the_config_is_read(bad, match):
 
 def test_config_values_of_the_right_types_still_read():
     cfg = TrainConfig.from_dict({"neighbourhood": {"lr": 1, "cut": None, "cut_candidates": [1, 2]},
-                                 "features": {"projection_dim": None}, "coreset": {"ratio": 1}})
-    assert cfg.neighbourhood.lr == 1 and cfg.coreset.ratio == 1 and cfg.features.projection_dim is None
+                                 "features": {"projection_dim": None}, "coreset": {"ratio": 5},
+                                 "geometry": {"max_pixels": 5e7}})
+    assert cfg.neighbourhood.lr == 1 and cfg.coreset.ratio == 5 and cfg.features.projection_dim is None
+    assert cfg.geometry.max_pixels == 50_000_000 and isinstance(cfg.geometry.max_pixels, int)
 
 
 def test_scoring_a_tampered_export_is_refused_before_the_run(bundle_tiny, tmp_path, synthetic_root):
@@ -114,7 +116,7 @@ def test_a_save_removes_what_a_killed_save_left(tmp_path, trained_tiny):
     from pni_ray.bundle import save_bundle
 
     out = tmp_path / "B"
-    partial = tmp_path / ".B.partial-deadbeef"  # a save killed before its rename
+    partial = tmp_path / ".B.partial-deadbeef"  # a save killed before its rename (8 hex digits, as staged_dir names it)
     partial.mkdir()
     save_bundle(trained_tiny, out)
     assert not partial.exists()
@@ -126,5 +128,13 @@ def test_a_save_removes_what_a_killed_save_left(tmp_path, trained_tiny):
     (tmp_path / ".B.old-0badc0de").mkdir()  # without B, the only copy of the last bundle: kept
     save_bundle(trained_tiny, out)
     assert (tmp_path / ".B.old-0badc0de").exists()
+    other = tmp_path / ".B.partial-x.partial-12345678"  # another bundle's (B.partial-x) staging: not ours
+    other.mkdir()
+    (tmp_path / "cam[1]").mkdir()
+    glob_like = tmp_path / ".cam1.partial-12345678"  # a name that cam[1] as a glob pattern would match
+    glob_like.mkdir()
+    save_bundle(trained_tiny, out, overwrite=True)
+    save_bundle(trained_tiny, tmp_path / "cam[1]", overwrite=True)
+    assert other.exists() and glob_like.exists()
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
     assert len(set(modes.values())) == 1, modes  # safetensors' own writer made its file 0600

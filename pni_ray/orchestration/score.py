@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError
 from pni_ray.geometry import Geometry, GeometryError, Prepared, restore_map
@@ -211,7 +212,7 @@ def encode_chunk(row: dict[str, Any], map_format: str, model: dict[str, Any]) ->
         "model_id": model["model_id"], "category": model["category"] or "", "model_path": model["path"]})
     try:
         table = rows_to_table(rows, table_schema)
-    except Exception as exc:  # noqa: BLE001 - a chunk that cannot be stored would fail every rerun: store why
+    except (ValueError, TypeError, pa.ArrowException) as exc:  # a value Arrow refuses would fail every rerun: store why
         log.error("chunk %s: its rows could not be stored (%s: %s); writing error rows", row["chunk"],
                   exc.__class__.__name__, exc)
         rows = [error_row(r["path"], model["category"], f"{r['path']}: its row could not be stored "
@@ -246,9 +247,11 @@ class Options:
 def check_options(opts: Options) -> None:
     """Refuse, before the model loads or OUT is touched, options no run can take."""
     for name, value in (("batch size", opts.batch_size), ("chunk size", opts.chunk_size),
-                        ("max pixels", opts.max_pixels), ("workers", opts.workers), ("threads", opts.threads)):
+                        ("max pixels", opts.max_pixels), ("threads", opts.threads)):
         if value is not None and value < 1:
             raise ScoreError(f"{name} must be >= 1, got {value}")
+    if opts.workers is not None and opts.workers < 0:
+        raise ScoreError(f"workers must be >= 0 (0 or none: one per CPU or GPU), got {opts.workers}")
     if opts.cpus_per_worker <= 0 or opts.gpus_per_worker < 0:
         raise ScoreError(f"CPUs per worker must be > 0 and GPUs per worker >= 0, got {opts.cpus_per_worker} and "
                          f"{opts.gpus_per_worker}")

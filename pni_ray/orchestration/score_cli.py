@@ -57,7 +57,8 @@ def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
               help="Output directory of Parquet part files (reruns resume).")
 @click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else embedded local Ray).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per model forward pass.")
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="Model actors (default: CPUs / --cpus-per-worker).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Model actors (default or 0: CPUs / --cpus-per-worker).")
 @click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="CPUs per model actor (= its torch threads).")
 @click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=0.0, show_default=True, help="GPUs per model actor.")
@@ -74,7 +75,7 @@ def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads for --engine local (default: all cores).")
 @backbone_options
 @click.option("--top", "top_n", type=click.IntRange(min=0), default=20, show_default=True, help="Most anomalous images in the summary.")
-@click.option("--retry-failed", is_flag=True, help="Drop OUT's error rows first so those inputs are tried again.")
+@click.option("--retry-failed", is_flag=True, help="Drop the error rows of this run's inputs from OUT first, so they are tried again.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def score_cmd(model: Path, inputs: tuple[str, ...], out: Path, address: str | None, batch_size: int,
               workers: int | None, cpus_per_worker: float, gpus_per_worker: float, map_format: str,

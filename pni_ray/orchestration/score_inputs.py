@@ -6,8 +6,9 @@ the list file; write ``./#name`` for a file whose name starts with ``#``). A spe
 exists is taken literally even when it holds glob characters (``a[1].png``); only one that names no
 path is a glob. Paths are made absolute and normalised but symlinks are not resolved; the same path
 given twice is scored once (counted as ``duplicates_ignored``), two different paths to the same bytes
-are two inputs. Directories are walked into symlinked subdirectories too, each real directory once
-(a link to a directory already walked, or to one of its ancestors, is skipped with a warning).
+are two inputs. Directories are walked into symlinked subdirectories too: a link to a folder outside
+the tree is walked (once, however many links lead there); a link into the tree, or to a folder that
+holds it, is skipped with a warning, since that folder is walked under its own name.
 An explicit path that does not exist, a directory without images, a subdirectory that cannot be
 read, or a glob that matches nothing gets an error row.
 
@@ -62,8 +63,8 @@ def row_path(path: str) -> str:
 
 
 def _walk_images(folder: str, preset: dict[str, str]) -> list[str]:
-    """Image files below folder, into symlinked subdirectories (each real directory once); a
-    subdirectory that cannot be listed becomes an error row instead of vanishing from the run."""
+    """Image files below folder, into symlinked subdirectories that lead out of it (each such folder
+    once); a subdirectory that cannot be listed becomes an error row instead of vanishing from the run."""
     found: list[str] = []
     unreadable: list[str] = []
 
@@ -72,15 +73,18 @@ def _walk_images(folder: str, preset: dict[str, str]) -> list[str]:
         preset[unreadable[-1]] = f"{unreadable[-1]}: cannot list this directory ({exc.strerror or exc}); its images were not scored"
 
     top = os.path.realpath(folder)
-    walked = {top}
+    linked: set[str] = set()  # real folders outside the tree already walked through a link
     for root, dirs, files in os.walk(folder, onerror=_unreadable, followlinks=True):
         keep = []
         for d in sorted(d for d in dirs if not d.startswith(".")):
-            real = os.path.realpath(os.path.join(root, d))
-            if real in walked or top.startswith(real.rstrip(os.sep) + os.sep):  # walked already, or holds this tree
-                log.warning("%s: links to %s, which this input already walks; not walked twice", os.path.join(root, d), real)
-                continue
-            walked.add(real)
+            path = os.path.join(root, d)
+            if os.path.islink(path):  # plain folders are always walked, under their own names
+                real = os.path.realpath(path)
+                inside = real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+                if inside or top.startswith(real.rstrip(os.sep) + os.sep) or real in linked:
+                    log.warning("%s: links to %s, which this input already walks; not walked twice", path, real)
+                    continue
+                linked.add(real)
             keep.append(d)
         dirs[:] = keep
         found.extend(os.path.join(root, f) for f in files if is_image_file(Path(f)))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pni_ray.config import TrainConfig
 from pni_ray.fileio import sha256_file
 from pni_ray.geometry import Geometry
 
@@ -53,6 +54,11 @@ def describe_model(path: Path | str, backbone_runtime: str = "onnxruntime", back
                 raise ScoreError(f"{file}: missing from the bundle (listed in manifest.json)")
             if meta.get("sha256") and sha256_file(file) != meta["sha256"]:
                 raise ScoreError(f"{file}: checksum mismatch: the file was modified or corrupted")
+        try:  # what the actors will build from it: refused here, before the run, naming the file
+            if kind == "bundle":
+                TrainConfig.from_manifest(manifest.get("config") or {})
+        except (TypeError, ValueError) as exc:
+            raise ScoreError(f"{path}/manifest.json: its config cannot be read ({exc}); retrain the bundle") from exc
         norm = manifest.get("normalisation") or {}
         threshold = norm.get("threshold", manifest.get("threshold"))
         try:

@@ -29,6 +29,10 @@ LOCK_FILE = "_lock"
 MAX_FAILURES_LISTED = 1000
 
 
+class OutInUse(ScoreError):
+    """Another run holds OUT's lock."""
+
+
 @contextlib.contextmanager
 def locked(out: Path) -> Iterator[None]:
     """One run per OUT at a time (an flock: released by the kernel even on SIGKILL)."""
@@ -42,7 +46,7 @@ def locked(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
-            raise ScoreError(f"{out}: another pni-ray score run is writing here") from exc
+            raise OutInUse(f"{out}: another pni-ray score run is writing here") from exc
         try:
             yield
         finally:
