@@ -359,3 +359,21 @@ def test_task_refuses_an_output_directory_that_is_not_the_drivers(synthetic_root
     assert not (tmp_path / "local-disk" / "washer").exists()  # nothing trained or written
     probe.remove()
     assert not Path(probe.path).exists()
+
+
+def test_a_killed_drivers_probe_file_is_removed_by_the_next_run(tmp_path):
+    """train-all's shared-storage probe in OUT: a dead driver's (this host, pid gone) goes when the next
+    probe is written; a live process's and another host's stay."""
+    import socket
+    import subprocess
+    import sys
+
+    from pni_ray.orchestration.shared_storage import PROBE_PREFIX, Probe
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, live, elsewhere = (tmp_path / f"{PROBE_PREFIX}{n}.json" for n in ("dead", "live", "elsewhere"))
+    dead.write_text(json.dumps({"token": "t", "host": socket.gethostname(), "pid": int(finished.stdout)}))
+    live.write_text(json.dumps({"token": "t", "host": socket.gethostname(), "pid": os.getpid()}))
+    elsewhere.write_text(json.dumps({"token": "t", "host": "another-node", "pid": int(finished.stdout)}))
+    probe = Probe.write(tmp_path, tmp_path)
+    assert not dead.exists() and live.exists() and elsewhere.exists() and Path(probe.path).exists()

@@ -38,6 +38,7 @@ class Probe:
 
     @classmethod
     def write(cls, out: Path, data_root: Path) -> "Probe":
+        remove_dead_probes(out)
         token = secrets.token_hex(16)
         path = out / f"{PROBE_PREFIX}{token[:12]}.json"
         from pni_ray.fileio import atomic_write_json  # pyarrow-free start-up for the CLI
@@ -47,6 +48,25 @@ class Probe:
 
     def remove(self) -> None:
         Path(self.path).unlink(missing_ok=True)
+
+
+def remove_dead_probes(out: Path) -> list[Path]:
+    """Probe files a killed driver on this host left in OUT (its pid gone); a live run's, or another
+    host's, stay. Returns what was removed."""
+    removed = []
+    for path in Path(out).glob(f"{PROBE_PREFIX}*.json"):
+        try:
+            meta = json.loads(path.read_text())
+            pid = int(meta["pid"])
+            if meta.get("host") != socket.gethostname():
+                continue
+            os.kill(pid, 0)  # raises when no such process
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        except (OSError, ValueError, KeyError, TypeError):  # unreadable, or alive but another user's: left
+            continue
+    return removed
 
 
 def probe_problem(probe: Probe) -> str | None:
