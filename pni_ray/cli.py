@@ -150,8 +150,8 @@ def train(data_root: Path, category: str, out: Path, backbone: str | None, force
 @click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--category", "-c", default=None, help="Category folder (default: the bundle's category).")
-@click.option("--epochs", type=int, default=None, help="Refiner epochs (default: the config's).")
-@click.option("--samples", type=int, default=None, help="Synthetic defect images (default: the config's).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Refiner epochs (default: the config's).")
+@click.option("--samples", type=click.IntRange(min=2), default=None, help="Synthetic defect images (default: the config's).")
 @click.option("--source", type=click.Choice(REFINER_SOURCES), default=None,
               help="Images the defects are drawn on (default: the config's). Bundles trained before 'all' became "
                    "the default keep 'holdout' and 240 samples: give --source all --samples 480 for today's defaults.")
@@ -206,8 +206,8 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
 @click.option("--ablation", is_flag=True, help="Score in every mode: patchcore, neighbourhood, position, pni.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the metrics as JSON here.")
-@click.option("--batch-size", type=int, default=8)
-@click.option("--threads", type=int, default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8)
+@click.option("--threads", type=click.IntRange(min=1), default=None)
 @backbone_options
 def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | None, ablation: bool,
              json_path: Path | None, batch_size: int, threads: int | None, backbone_runtime: str,
@@ -316,21 +316,29 @@ def make_synthetic_cmd(out: Path, seed: int, size: int, categories: str | None) 
     from pni_ray.data.synthetic import make_synthetic
 
     cats = categories.split(",") if categories else None
-    for path in make_synthetic(out, seed=seed, size=size, categories=cats):
+    try:
+        paths = make_synthetic(out, seed=seed, size=size, categories=cats)
+    except ValueError as exc:  # an unknown category or size: the user's to fix
+        raise click.UsageError(str(exc)) from None
+    for path in paths:
         click.echo(str(path))
 
 
 @main.command("make-defects")
 @click.argument("image_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--kind", "kinds", multiple=True, help="Defect family (repeatable): cutpaste, cutpaste_scar, perlin, strokes.")
-@click.option("-n", "--n-per-kind", type=int, default=4)
+@click.option("--kind", "kinds", multiple=True, type=click.Choice(["cutpaste", "cutpaste_scar", "perlin", "strokes"]),
+              help="Defect family (repeatable; default: all).")
+@click.option("-n", "--n-per-kind", type=click.IntRange(min=1), default=4)
 @click.option("--seed", type=int, default=0)
 def make_defects_cmd(image_dir: Path, out: Path, kinds: tuple[str, ...], n_per_kind: int, seed: int) -> None:
     """Write examples of each synthetic defect family (the refiner's training data) to OUT."""
     from pni_ray.data.defects import write_defect_examples
 
-    written = write_defect_examples(image_dir, out, kinds=list(kinds) or None, n_per_kind=n_per_kind, seed=seed)
+    try:
+        written = write_defect_examples(image_dir, out, kinds=list(kinds) or None, n_per_kind=n_per_kind, seed=seed)
+    except ValueError as exc:  # no images in IMAGE_DIR (a bad image is an ImageError naming it)
+        raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {len(written)} files; overview: {out / 'overview.png'}")
 
 

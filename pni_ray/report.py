@@ -181,6 +181,10 @@ def _load_original(path: str, max_pixels: int = 50_000_000) -> np.ndarray | None
 def _read_light(out: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
     rows: list[dict[str, Any]] = []
     for part in part_files(out):
+        missing = [c for c in LIGHT_COLUMNS if c not in pq.read_schema(part).names]
+        if missing:
+            raise ValueError(f"{part}: not a pni-ray score part file (it has no {missing[0]!r} column); report reads "
+                             "the OUT directory of `pni-ray score`")
         t = pq.read_table(part, columns=LIGHT_COLUMNS)
         for i, r in enumerate(t.to_pylist()):
             r["_part"], r["_index"] = part, i

@@ -138,3 +138,34 @@ def test_a_save_removes_what_a_killed_save_left(tmp_path, trained_tiny):
     assert other.exists() and glob_like.exists()
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
     assert len(set(modes.values())) == 1, modes  # safetensors' own writer made its file 0600
+
+
+def test_small_commands_refuse_bad_input_in_one_line(tmp_path, synthetic_root):
+    """make-defects, make-synthetic, refine and report: a user's mistake is an error line, not a traceback."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    runner = CliRunner()
+    good = synthetic_root / "washer" / "train" / "good"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    data = sorted(good.glob("*.png"))[0].read_bytes()
+    (tmp_path / "broken" / "half.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "foreign").mkdir()
+    pq.write_table(pa.table({"x": [1, 2]}), tmp_path / "foreign" / "part-0.parquet")
+    cases = [
+        (["make-defects", str(good), str(tmp_path / "d1"), "--kind", "bogus"], 2, "'bogus' is not one of"),
+        (["make-defects", str(good), str(tmp_path / "d2"), "-n", "0"], 2, "-n"),
+        (["make-defects", str(tmp_path / "empty"), str(tmp_path / "d3")], 1, "no images"),
+        (["make-defects", str(tmp_path / "broken"), str(tmp_path / "d4")], 1, "half.png: corrupt or truncated"),
+        (["make-synthetic", str(tmp_path / "s"), "--size", "128", "--categories", "tile"], 2, "unknown category 'tile'"),
+        (["refine", str(tmp_path), str(synthetic_root), "--out", str(tmp_path / "r"), "--epochs", "0"], 2, "--epochs"),
+        (["refine", str(tmp_path), str(synthetic_root), "--out", str(tmp_path / "r"), "--samples", "1"], 2, "--samples"),
+        (["report", str(tmp_path / "foreign"), "--html", str(tmp_path / "r.html")], 1, "not a pni-ray score part file"),
+        (["report", str(tmp_path / "foreign"), "--html", str(tmp_path / "r.html"), "--top", "-1"], 2, "--top"),
+        (["evaluate", str(tmp_path), str(synthetic_root), "--threads", "0"], 2, "--threads"),
+    ]
+    for args, code, phrase in cases:
+        result = runner.invoke(main, args)
+        assert result.exit_code == code and phrase in result.output, (args, result.output)
+        assert "Traceback" not in result.output, args

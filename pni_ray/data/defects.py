@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 from scipy import ndimage
+
+from pni_ray.data.images import load_rgb
 
 __all__ = [
     "DEFECT_FAMILIES",
@@ -425,12 +427,6 @@ def sample_defect(
 # previews
 
 
-def _load_rgb(path: Path) -> np.ndarray:
-    """Any PIL mode (L, P, RGBA, 16-bit, EXIF-rotated) to uint8 RGB."""
-    with Image.open(path) as im:
-        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-
-
 def _thumbnail_with_outline(image: np.ndarray, mask: np.ndarray, size: int) -> Image.Image:
     """Downscaled image with the mask outlined in red, tiny defects kept visible."""
     h, w = mask.shape
@@ -486,7 +482,7 @@ def write_defect_examples(
         for i in range(n_per_kind):
             p = paths[i % len(paths)]
             if p not in cache:
-                cache[p] = _load_rgb(p)
+                cache[p] = load_rgb(p)  # as training reads it; a bad file is an ImageError naming it
             # independent stream per (kind, example): stable under changes to kinds
             rng = np.random.default_rng([seed, family_index[kind], i])
             img, mask = DEFECT_FAMILIES[kind](cache[p], rng)

@@ -108,7 +108,7 @@ def score_cmd(model: Path, inputs: tuple[str, ...], out: Path, address: str | No
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--html", "html_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="HTML file to write (self-contained: opens offline).")
-@click.option("--top", "top_n", type=int, default=12, show_default=True, help="Most anomalous images shown.")
+@click.option("--top", "top_n", type=click.IntRange(min=0), default=12, show_default=True, help="Most anomalous images shown.")
 @click.option("--title", default=None, help="Report title (default: from the output directory).")
 def report_cmd(out: Path, html_path: Path, top_n: int, title: str | None) -> None:
     """Self-contained HTML report of a `pni-ray score` output directory OUT."""
