@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from pni_ray.allocator import keep_freed_memory
-from pni_ray.config import REFINER_SOURCES, SCORE_MODES
+from pni_ray.config import DEFECT_KINDS, REFINER_SOURCES, SCORE_MODES
 from pni_ray.options import (backbone_option_error, backbone_options, build_config, check_force_out, load_config_file, print_table,
                              set_threads, train_options, training_threads)
 
@@ -85,14 +85,12 @@ def require_category(data_root: Path, category: str, given: bool, train_only: bo
 
 
 def load_category_checked(data_root: Path, category: str, given: bool, need_test: bool = False, **kwargs: Any):
-    """load_category with its layout problems as a click error (no traceback); need_test: test images too."""
-    from pni_ray.data.mvtec import LayoutError, load_category
+    """load_category after the folder check (its layout problems reach the user as one line, `Commands`);
+    need_test: test images too."""
+    from pni_ray.data.mvtec import load_category
 
     require_category(data_root, category, given)
-    try:
-        cat = load_category(data_root, category, **kwargs)
-    except LayoutError as exc:
-        raise click.ClickException(str(exc)) from None
+    cat = load_category(data_root, category, **kwargs)
     if need_test and not cat.test:
         raise click.ClickException(
             f"{cat.root}: no test images to evaluate on. evaluate reads {cat.root / 'test'}/<type>/ (test/good/ and "
@@ -125,7 +123,6 @@ def train(data_root: Path, category: str, out: Path, backbone: str | None, force
     Gives the same bundle as `train-all` for the same config and --threads (both default to 1).
     """
     from pni_ray.bundle import FORMAT, save_bundle
-    from pni_ray.data.mvtec import LayoutError
     from pni_ray.fileio import NotReplaceable
     from pni_ray.fit import fit_category
 
@@ -133,10 +130,7 @@ def train(data_root: Path, category: str, out: Path, backbone: str | None, force
     check_force_out(out, force, FORMAT, "bundle")
     cfg = build_config(backbone=backbone, base=load_config_file(config_file), **overrides)
     require_category(data_root, category, given=True)
-    try:
-        trained = fit_category(data_root, category, cfg, n_threads)
-    except LayoutError as exc:  # the category's files, checked before training
-        raise click.ClickException(str(exc)) from None
+    trained = fit_category(data_root, category, cfg, n_threads)  # the category's files are checked first
     try:
         save_bundle(trained, out, overwrite=force)
     except NotReplaceable as exc:  # something else appeared at OUT while training
@@ -168,7 +162,7 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
     """
     import torch
 
-    from pni_ray.bundle import FORMAT, BundleError, load_bundle, save_bundle
+    from pni_ray.bundle import FORMAT, load_bundle, save_bundle
     from pni_ray.fileio import NotReplaceable
     from pni_ray.fit import record_threads
     from pni_ray.refine_training import train_refiner
@@ -178,10 +172,7 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
     if out.exists() and out.resolve() == bundle.resolve():
         raise click.ClickException(f"{out}: write the refined bundle to a new directory, not over its source")
     check_force_out(out, force, FORMAT, "bundle")
-    try:
-        trained, manifest = load_bundle(bundle)
-    except BundleError as exc:
-        raise click.ClickException(str(exc)) from None
+    trained, manifest = load_bundle(bundle)  # a tampered or incomplete bundle: one line naming the file (Commands)
     if trained.config.mode != "pni":
         raise click.ClickException(f"{bundle} is a {trained.config.mode} bundle: the refiner needs a PNI bundle")
     require_category(data_root, category or manifest["category"], given=category is not None, train_only=True)
@@ -217,7 +208,7 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
     An export directory is scored as `pni-ray score` runs it (onnxruntime, or its backbone in OpenVINO
     with --backbone-runtime openvino), in the one mode it was exported in.
     """
-    from pni_ray.bundle import BundleError, atomic_write_json
+    from pni_ray.bundle import atomic_write_json
     from pni_ray.evaluate import ABLATION_MODES, DIAGNOSTIC_KEYS, attach_diagnostics, evaluate_category, prior_diagnostics
     from pni_ray.inference import load_detector
     from pni_ray.predict import default_name, detector_geometry
@@ -240,10 +231,7 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
     if backbone_runtime != "onnxruntime" or backbone_precision != "auto":
         raise click.UsageError(f"{bundle} is a {kind}, scored by torch: --backbone-runtime and --backbone-precision "
                                "apply to export directories (pni-ray export BUNDLE --out DIR, then evaluate DIR)")
-    try:
-        detector, manifest = load_detector(bundle)
-    except BundleError as exc:  # a tampered or incomplete bundle: say which file
-        raise click.ClickException(str(exc)) from None
+    detector, manifest = load_detector(bundle)  # a tampered or incomplete bundle: one line naming the file (Commands)
     cat = load_category_checked(data_root, category or manifest["category"], category is not None, need_test=True,
                                 max_pixels=detector_geometry(detector).max_pixels)
     warn_other_category(category, manifest, str(bundle))
@@ -327,7 +315,7 @@ def make_synthetic_cmd(out: Path, seed: int, size: int, categories: str | None) 
 @main.command("make-defects")
 @click.argument("image_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--kind", "kinds", multiple=True, type=click.Choice(["cutpaste", "cutpaste_scar", "perlin", "strokes"]),
+@click.option("--kind", "kinds", multiple=True, type=click.Choice(DEFECT_KINDS),
               help="Defect family (repeatable; default: all).")
 @click.option("-n", "--n-per-kind", type=click.IntRange(min=1), default=4)
 @click.option("--seed", type=int, default=0)

@@ -167,6 +167,11 @@ LEGACY_NEIGHBOURHOOD: dict[str, Any] = {"images_per_epoch": None, "train_precisi
 LEGACY_REFINER: dict[str, Any] = {"source": "holdout"}
 
 
+# the synthetic defect families the refiner draws (pni_ray.data.defects.DEFECT_FAMILIES, in that order);
+# named here so the CLI and configs know them without importing the drawing code
+DEFECT_KINDS: tuple[str, ...] = ("cutpaste", "cutpaste_scar", "perlin", "strokes")
+
+
 @dataclass(frozen=True)
 class RefinerConfig:
     """Refinement network trained on synthetic defects (paper, Sec. 3.4).
@@ -202,9 +207,7 @@ class RefinerConfig:
     encoder_lr_scale: float = 0.1  # the pretrained encoder learns at lr * encoder_lr_scale
     target_sigmas: float | None = None  # None: the median z of synthetic-defect pixels (>= 1), see above
     blend: float = 0.5  # final map = (1 - blend) * input map + blend * refined
-    defect_weights: dict[str, float] = field(
-        default_factory=lambda: {"cutpaste": 1.0, "cutpaste_scar": 1.0, "perlin": 1.0, "strokes": 1.0}
-    )
+    defect_weights: dict[str, float] = field(default_factory=lambda: {kind: 1.0 for kind in DEFECT_KINDS})
 
     def __post_init__(self) -> None:  # a config file's typo fails when it is read, not after PNI has trained
         if self.source not in REFINER_SOURCES:

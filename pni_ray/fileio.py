@@ -41,8 +41,8 @@ def sha256_file(path: Path | str) -> str:
     return digest.hexdigest()
 
 
-def fsync_dir(path: Path | str) -> None:
-    """Persist a rename: the directory entry itself must reach the disk."""
+def fsync_path(path: Path | str) -> None:
+    """Persist a file's bytes, or a directory's entries after a rename; a path that cannot be opened is left."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -69,7 +69,7 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
         if exc.filename is None:
             exc.filename = str(path)
         raise
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def atomic_write_json(path: Path | str, obj: Any) -> None:
@@ -168,7 +168,7 @@ def remove_stale_siblings(out: Path) -> list[Path]:
 
 def replace_dir(tmp: Path, out: Path) -> None:
     """Move a fully written directory `tmp` to `out`, replacing any previous `out` whole."""
-    fsync_dir(tmp)
+    fsync_path(tmp)
     if out.exists():
         trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(out, trash)
@@ -176,18 +176,14 @@ def replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, out)
-    fsync_dir(out.parent)
+    fsync_path(out.parent)
 
 
 def write_arrow(path: Path | str, table: pa.Table) -> None:
     """An Arrow IPC file (the caller writes into a temporary directory that is renamed whole)."""
     with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
-    fd = os.open(path, os.O_RDONLY)  # on disk before the directory is renamed into place
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path)  # on disk before the directory is renamed into place
 
 
 def read_arrow(path: Path | str) -> pa.Table:

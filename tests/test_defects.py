@@ -23,6 +23,12 @@ from pni_ray.data.defects import (
 FAMILIES = sorted(DEFECT_FAMILIES)
 
 
+def test_the_config_names_every_defect_family_in_order():
+    from pni_ray.config import DEFECT_KINDS
+
+    assert tuple(DEFECT_FAMILIES) == DEFECT_KINDS  # the CLI's --kind choices and the refiner's default weights
+
+
 def _natural(h: int, w: int, seed: int) -> np.ndarray:
     """Smooth colour gradients plus sensor-like noise: a stand-in for a photo."""
     rng = np.random.default_rng(seed)

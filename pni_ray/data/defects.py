@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from pni_ray.config import DEFECT_KINDS
 from pni_ray.data.images import load_rgb
 
 __all__ = [
@@ -379,9 +380,7 @@ class DefectMix:
     start-up rather than silently never drawing a family.
     """
 
-    weights: dict[str, float] = field(
-        default_factory=lambda: {"cutpaste": 1, "cutpaste_scar": 1, "perlin": 1, "strokes": 1}
-    )
+    weights: dict[str, float] = field(default_factory=lambda: {kind: 1 for kind in DEFECT_KINDS})
     p_normal: float = 0.0
 
     def __post_init__(self) -> None:

@@ -187,7 +187,10 @@ def encode_chunk(row: dict[str, Any], map_format: str, model: dict[str, Any]) ->
     """Canvas maps back to each image's own (H, W) (content cropped, `pni_ray.geometry.resize_map`,
     the resize `evaluate` uses), encoded; the chunk as Parquet bytes."""
     meta = json.loads(row["meta"])
-    paths, errors, scores, hw, content = meta["paths"], meta["errors"], meta["scores"], meta["hw"], meta["content"]
+    scores, hw, content = meta["scores"], meta["hw"], meta["content"]
+    # the table's text, once: a file name's non-UTF-8 bytes as \xNN (`row_path`), in paths and messages alike
+    paths = [row_path(p) for p in meta["paths"]]
+    errors = [None if e is None else row_path(e) for e in meta["errors"]]
     h, w = model["image_size"]
     n_maps = sum(v is not None for v in scores)
     maps = np.frombuffer(row["maps"], np.float32).reshape(n_maps, h, w)
@@ -196,18 +199,17 @@ def encode_chunk(row: dict[str, Any], map_format: str, model: dict[str, Any]) ->
     j = 0
     for i, path in enumerate(paths):
         if scores[i] is None:
-            error = row_path(errors[i] or f"{path}: not scored")
-            rows.append(error_row(row_path(path), model["category"], error, model["model_id"], scored_at))
+            rows.append(error_row(path, model["category"], errors[i] or f"{path}: not scored", model["model_id"], scored_at))
             continue
         amap = maps[j]
         j += 1
         try:
             full = restore_map(amap, content[i], hw[i])
-            rows.append(scored_row(row_path(path), model["category"], scores[i], model["threshold"], full, map_format,
+            rows.append(scored_row(path, model["category"], scores[i], model["threshold"], full, map_format,
                                    model["model_id"], scored_at))
         except Exception as exc:  # noqa: BLE001
-            rows.append(error_row(row_path(path), model["category"], row_path(f"{path}: encoding the map failed "
-                                  f"({exc.__class__.__name__}: {exc})"), model["model_id"], scored_at))
+            rows.append(error_row(path, model["category"], f"{path}: encoding the map failed "
+                                  f"({exc.__class__.__name__}: {exc})", model["model_id"], scored_at))
     table_schema = schema(map_format, model["threshold"], {
         "model_id": model["model_id"], "category": model["category"] or "", "model_path": model["path"]})
     try:
