@@ -184,7 +184,8 @@ class ExportedModel(StagePipeline):
         self.mode: str = m["mode"]
         self.max_batch: int = int(m.get("max_batch", 16))
         self.normalisation = tables.read_normalisation(self.path / m["tables"]["normalisation"])
-        if not _same_float(self.normalisation["threshold"], m["threshold"]):
+        recorded = float("inf") if m["threshold"] is None else float(m["threshold"])  # null: no threshold
+        if not _same_float(self.normalisation["threshold"], recorded):
             raise tables.ExportError(f"{self.path}: threshold in {tables.NORMALISATION} "
                                      f"({self.normalisation['threshold']}) differs from the manifest ({m['threshold']})")
         self.threshold: float = float(self.normalisation["threshold"])

@@ -221,7 +221,7 @@ def load_bundle(path: Path | str) -> tuple[TrainedModel, dict[str, Any]]:
         emb_to_dist=emb_to_dist,
         position_prior=prior,
         mlp=mlp,
-        normalisation=Normalisation(**manifest["normalisation"]),
+        normalisation=Normalisation.from_record(manifest["normalisation"]),
         grid=tuple(manifest["grid"]),  # type: ignore[arg-type]
         feature_dim=d,
         refiner=refiner,

@@ -85,7 +85,8 @@ def load_ensemble(path: Path | str) -> tuple[EnsembleDetector, dict[str, Any]]:
     for entry in manifest["members"]:
         _check_member_id(path, entry)
     detector, _ = load_ensemble_from_entries(path, manifest["members"])
-    detector.threshold = float(manifest["threshold"])
+    threshold = manifest["threshold"]  # null: no threshold (strict JSON has no Infinity)
+    detector.threshold = float("inf") if threshold is None else float(threshold)
     return detector, manifest
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -72,8 +73,25 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     fsync_path(path.parent)
 
 
+def finite_json(obj: Any) -> Any:
+    """obj with every non-finite float (a threshold of +inf, an undefined AUROC) as None: JSON has no
+    Infinity or NaN, and strict readers (JavaScript's JSON.parse, Go, jq --strict) refuse a file
+    that holds one. Readers take null back as "none" (`Normalisation.from_record`: no threshold)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if hasattr(obj, "dtype") and getattr(obj, "ndim", None) == 0:  # a numpy / torch scalar
+        return finite_json(obj.item())
+    return obj
+
+
 def atomic_write_json(path: Path | str, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    """Strict JSON (non-finite floats written as null), written atomically."""
+    text = json.dumps(finite_json(obj), indent=2, sort_keys=True, default=str, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def _count_files(folder: Path) -> str:

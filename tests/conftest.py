@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -50,6 +51,13 @@ def bundle_tiny(trained_tiny, tmp_path_factory) -> Path:
     from pni_ray.bundle import save_bundle
 
     return save_bundle(trained_tiny, tmp_path_factory.mktemp("bundles") / "washer")
+
+
+def strict_json(path: Path):
+    """Parse as a strict reader (JavaScript's JSON.parse) would: Infinity and NaN are not JSON."""
+    def refuse(token):
+        raise ValueError(f"{path}: {token} is not JSON")
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
 
 
 def real_category_root(category: str) -> Path:

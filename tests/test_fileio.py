@@ -7,6 +7,7 @@ import json
 import pyarrow as pa
 import pytest
 
+from conftest import strict_json
 from pni_ray.fileio import (
     atomic_write_json,
     read_arrow,
@@ -111,6 +112,16 @@ def test_read_json_and_atomic_json(tmp_path):
     path.write_text("[1,")
     with pytest.raises(FolderError, match="a.json: not valid JSON"):
         read_json(path, FolderError)
+
+
+def test_atomic_json_is_strict_json(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "m.json"
+    atomic_write_json(path, {"threshold": float("inf"), "auroc": float("nan"), "rows": [1.5, float("-inf")],
+                             "nested": {"x": (np.float32("inf"), np.float64(2.5))}, "n": 3})
+    assert strict_json(path) == {"threshold": None, "auroc": None, "rows": [1.5, None],
+                                 "nested": {"x": [None, 2.5]}, "n": 3}
 
 
 def test_arrow_roundtrip_and_checksum(tmp_path):

@@ -37,7 +37,7 @@ MEMBER_MODE = "member"  # score every member in its own bundle's mode
 
 
 def _as_normalisation(value: Normalisation | dict[str, Any]) -> Normalisation:
-    return value if isinstance(value, Normalisation) else Normalisation(**value)
+    return value if isinstance(value, Normalisation) else Normalisation.from_record(value)
 
 
 class EnsembleDetector(nn.Module):

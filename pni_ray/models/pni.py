@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,6 +30,16 @@ class Normalisation:
     pixel_std: float = 1.0
     threshold: float = float("inf")
     extras: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Normalisation:
+        """From a manifest's record, where a model without a threshold has null (strict JSON has no
+        Infinity; manifests written before that hold Infinity, which Python reads as inf too)."""
+        values = dict(record)
+        if values.get("threshold") is None:
+            values["threshold"] = float("inf")
+        values["extras"] = {k: float("nan") if v is None else float(v) for k, v in (values.get("extras") or {}).items()}
+        return cls(**values)
 
 
 class PNIDetector(nn.Module):

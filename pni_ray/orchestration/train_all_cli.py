@@ -97,5 +97,7 @@ def ensemble_cmd(bundles: tuple[Path, ...], out: Path, force: bool, calibrate_ro
     manifest = verify_ensemble(path)
     for m in manifest["members"]:
         click.echo(f"member {m['path']}: {m['backbone']} ({m['mode']}), model_id {m['model_id'][:12]}")
+    threshold = manifest["threshold"]  # null: a member without held-out images has none, so the ensemble has none
+    said = "none (a member has no held-out images)" if threshold is None else f"{threshold:.4f}"
     click.echo(f"ensemble of {len(manifest['members'])} ({manifest['category']}) -> {path}; threshold "
-               f"{manifest['threshold']:.4f} ({manifest['threshold_method']}); model_id {model_id(path)[:12]}")
+               f"{said} ({manifest['threshold_method']}); model_id {model_id(path)[:12]}")
