@@ -8,9 +8,11 @@ are folders with a `manifest.json`; one reader checks them all, so their errors 
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -21,6 +23,8 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 
@@ -158,16 +162,50 @@ def staged_dir(out: Path, replaces: str | tuple[str, ...], kind: str) -> Iterato
     """
     check_replaceable(out, replaces, kind)
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_siblings(out)
-    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    with writer_lock(out):  # under it, any partial sibling is a dead writer's: safe to remove
+        remove_stale_siblings(out)
+        tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir()
+        try:
+            yield tmp
+            check_replaceable(out, replaces, kind)  # minutes may have passed: something else may be there now
+            replace_dir(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def writer_lock(out: Path) -> Iterator[None]:
+    """Writers of one `out` take turns, on an flock of `.<name>.lock` beside it (released by the
+    kernel even on SIGKILL). Without it a second writer's stale-sibling cleanup deleted the first
+    one's directory while it was being written. The holder removes the file when done; a waiter
+    that then wakes on the removed file's lock finds the path gone or another file there, and
+    takes the lock again on what is there now, so only one writer ever holds the lock on the
+    path's current file and nothing is left beside `out`."""
+    path = out.with_name(f".{out.name}.lock")
+    said = False
+    while True:
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not said:
+                log.info("%s: another process is writing it; waiting for it to finish", out)
+                said = True
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fh.fileno()).st_ino:
+            break
+        fh.close()  # the holder removed the file we waited on: lock the path's current file
     try:
-        yield tmp
-        check_replaceable(out, replaces, kind)  # minutes may have passed: something else may be there now
-        replace_dir(tmp, out)
+        yield
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        path.unlink(missing_ok=True)  # while still locked: a waiter on this file sees it gone and retries
+        fh.close()
 
 
 def remove_stale_siblings(out: Path) -> list[Path]:

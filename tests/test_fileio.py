@@ -15,6 +15,7 @@ from pni_ray.fileio import (
     read_manifest_json,
     replace_dir,
     sha256_file,
+    staged_dir,
     write_arrow,
 )
 
@@ -143,3 +144,36 @@ def test_replace_dir_swaps_whole_directories(tmp_path):
         replace_dir(tmp, out)
     assert (out / "file").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_writers_of_one_directory_take_turns(tmp_path):
+    """A second writer of the same bundle path waits for the first instead of deleting its
+    half-written directory as a stale leftover (which failed the first with FileNotFoundError)."""
+    import threading
+
+    out, entered, go, results = tmp_path / "B", threading.Event(), threading.Event(), {}
+
+    def write(name, wait):
+        try:
+            with staged_dir(out, "pni-ray-bundle", "bundle") as tmp:
+                entered.set()
+                if wait:
+                    go.wait(30)
+                (tmp / "manifest.json").write_text(json.dumps({"format": "pni-ray-bundle", "by": name}))
+            results[name] = "ok"
+        except Exception as exc:  # noqa: BLE001 (the test reports what failed)
+            results[name] = repr(exc)
+
+    first = threading.Thread(target=write, args=("first", True))
+    first.start()
+    assert entered.wait(30)
+    entered.clear()
+    second = threading.Thread(target=write, args=("second", False))
+    second.start()
+    assert not entered.wait(0.5)  # the second waits at the lock while the first writes
+    go.set()
+    first.join(30)
+    second.join(30)
+    assert results == {"first": "ok", "second": "ok"}
+    assert json.loads((out / "manifest.json").read_text())["by"] == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["B"]  # no partial, old copy or lock file left
