@@ -144,6 +144,31 @@ def test_resume_skips_verified_and_retrains_tampered(ray_session, first_run, seq
     assert any("skip  weave" in line for line in lines)
 
 
+def test_resume_after_a_killed_driver_keeps_each_pairs_metrics(first_run, synthetic_root, tmp_path):
+    """A driver killed before it wrote summary.json lost the metrics of every pair its tasks had
+    trained and evaluated: the rerun skipped those verified bundles with no metrics. Each task now
+    leaves its evaluation beside its bundle (.<backbone>.metrics.json, with the model_id it is of)."""
+    _, first_out, _ = first_run
+    out = tmp_path / "out"
+    shutil.copytree(first_out, out)
+    (out / "summary.json").unlink()  # killed before the summary was written
+    (out / "summary.parquet").unlink()
+    result = train_all(synthetic_root, out, tiny_config(), categories=list(CATEGORIES), backbones=[BACKBONE],
+                       cpus_per_task=1, echo=lambda line: None)  # every pair verified: no Ray needed
+    first = {r["category"]: r for r in first_run[0].rows}
+    for row in result.rows:
+        assert row["status"] == SKIPPED
+        for key in ("image_auroc", "pixel_auroc", "aupro", "n_test_images"):
+            assert row[key] == first[row["category"]][key], (row["category"], key)
+    # metrics of another model are not taken: a stale file beside a bundle is ignored
+    stale = out / "weave" / f".{BACKBONE}.metrics.json"
+    stale.write_text(stale.read_text().replace(first["weave"]["model_id"], "0" * 64))
+    (out / "summary.json").unlink()
+    result = train_all(synthetic_root, out, tiny_config(), categories=["weave"], backbones=[BACKBONE],
+                       cpus_per_task=1, echo=lambda line: None)
+    assert result.rows[0]["status"] == SKIPPED and result.rows[0].get("image_auroc") is None
+
+
 def test_a_category_or_backbone_named_twice_is_one_pair(first_run, synthetic_root, tmp_path):
     """--categories washer,washer used to train the pair twice at once into one folder."""
     _, first_out, _ = first_run

@@ -108,6 +108,25 @@ def assigned_device(gpus: float) -> torch.device:
     return torch.device("cuda", 0)  # Ray restricts CUDA_VISIBLE_DEVICES to the assigned GPU(s)
 
 
+def metrics_path(bundle: str | Path) -> Path:
+    """OUT/<category>/.<backbone>.metrics.json: a pair's evaluation, kept beside its bundle with the
+    model_id it is of, so a rerun that skips the bundle still reports it when the driver that saw
+    it was killed before writing summary.json."""
+    bundle = Path(bundle)
+    return bundle.with_name(f".{bundle.name}.metrics.json")
+
+
+def recorded_metrics(bundle: str | Path, model_id: str) -> dict[str, Any]:
+    """The metrics `metrics_path` holds for this very model; {} when absent, unreadable or of another."""
+    try:
+        data = json.loads(metrics_path(bundle).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("model_id") != model_id:
+        return {}
+    return {k: data[k] for k in (*METRIC_KEYS, "n_test_images") if data.get(k) is not None}
+
+
 def marker_path(progress_dir: str | None, key: str) -> Path | None:
     """OUT/.progress/<category>__<backbone>.json: the driver shows the pair as running while it exists."""
     return Path(progress_dir) / (key.replace("/", "__") + ".json") if progress_dir else None
@@ -194,6 +213,8 @@ def train_pair(
             record.update({k: float(result[k]) for k in METRIC_KEYS})
             record["n_test_images"] = int(result["n_test_images"])
             record["eval_seconds"] = time.perf_counter() - t1
+            atomic_write_json(metrics_path(bundle), {"model_id": record["model_id"], **{
+                k: record[k] for k in (*METRIC_KEYS, "n_test_images", "eval_seconds")}})
         record["stage"] = "done"
         record["status"] = TRAINED
     except Exception as exc:  # noqa: BLE001 - every application error fails this pair alone
