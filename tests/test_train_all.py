@@ -153,6 +153,10 @@ def test_resume_after_a_killed_driver_keeps_each_pairs_metrics(first_run, synthe
     shutil.copytree(first_out, out)
     (out / "summary.json").unlink()  # killed before the summary was written
     (out / "summary.parquet").unlink()
+    progress = out / ".progress"  # and before it removed its finished tasks' progress markers
+    progress.mkdir()
+    for category in CATEGORIES:
+        (progress / f"{category}__{BACKBONE}.json").write_text("{}")
     result = train_all(synthetic_root, out, tiny_config(), categories=list(CATEGORIES), backbones=[BACKBONE],
                        cpus_per_task=1, echo=lambda line: None)  # every pair verified: no Ray needed
     first = {r["category"]: r for r in first_run[0].rows}
@@ -160,6 +164,7 @@ def test_resume_after_a_killed_driver_keeps_each_pairs_metrics(first_run, synthe
         assert row["status"] == SKIPPED
         for key in ("image_auroc", "pixel_auroc", "aupro", "n_test_images"):
             assert row[key] == first[row["category"]][key], (row["category"], key)
+    assert not progress.exists()
     # metrics of another model are not taken: a stale file beside a bundle is ignored
     stale = out / "weave" / f".{BACKBONE}.metrics.json"
     stale.write_text(stale.read_text().replace(first["weave"]["model_id"], "0" * 64))

@@ -226,6 +226,7 @@ def train_all(
     if to_train:
         rows.update(_run_tasks(spec, to_train, address, num_cpus, echo, poll_seconds,
                                skipped=sum(item.action == "skip" for item in plan), ray_info=ray_info))
+    _clear_progress(out, pairs)
     ordered = [_finish_row(rows[p]) for p in pairs]
     counts = {s: sum(r["status"] == s for r in ordered) for s in (TRAINED, SKIPPED, FAILED)}
     result = TrainAllResult(ordered, time.perf_counter() - t_start, out, counts=counts)
@@ -308,9 +309,19 @@ def _submit_and_wait(
                 where = f" on node {row['node_id'][:8]}" if row.get("node_id") else ""
                 echo(f"done  {item.pair.key} in {row.get('seconds', 0):.1f} s{where}{metric}")
         progress.update([i.pair for i in pending.values()])
-    with contextlib.suppress(OSError):
-        progress_dir.rmdir()
     return rows
+
+
+def _clear_progress(out: Path, pairs: list[Pair]) -> None:
+    """Remove this run's pairs' progress markers and OUT/.progress/ once empty: a killed driver left
+    the markers of tasks that had finished, which no later run (skipping those pairs) removed."""
+    progress_dir = out / PROGRESS_DIR
+    for pair in pairs:
+        marker = marker_path(str(progress_dir), pair.key)
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: another run's pairs are still running
+        progress_dir.rmdir()
 
 
 def _finish_row(row: dict[str, Any]) -> dict[str, Any]:
