@@ -100,8 +100,13 @@ def calibration_inputs(detector, geometry, paths: Sequence[Path], graphs: Sequen
             else:
                 out["backbone"].append(to_float(np.stack([p.canvas for p in prepared])))
         if "mlp" in out:
-            with torch.no_grad():
-                out["mlp"].append(features(detector.extractor, geometry, prepared).float().cpu().numpy())
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # torch's conv floats follow its thread count: one count, one export
+            try:
+                with torch.no_grad():
+                    out["mlp"].append(features(detector.extractor, geometry, prepared).float().cpu().numpy())
+            finally:
+                torch.set_num_threads(threads)
     return out
 
 

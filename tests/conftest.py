@@ -98,9 +98,14 @@ def transistor_root() -> Path:
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
-    """CLI commands under test may widen torch's thread pool; results depend on it, so reset."""
-    torch.set_num_threads(int(os.environ.get("PNI_RAY_TEST_THREADS", "1")))
+    """CLI commands under test may widen torch's thread pool; results depend on it, so reset, also
+    after the test: a module- or session-scoped fixture is set up before this one runs, so a thread
+    count left by the previous module's last test would reach it (an in-process `score` left 2, and
+    the next module's INT8 export, calibrated at 2 threads, differed from one made at 1)."""
+    threads = int(os.environ.get("PNI_RAY_TEST_THREADS", "1"))
+    torch.set_num_threads(threads)
     yield
+    torch.set_num_threads(threads)
 
 
 # the longest modules first: under `-n 2` (pyproject's addopts) the last minutes are short tests, not a real-data fit

@@ -94,9 +94,19 @@ def test_int8_mlp_keeps_the_fp32_choices(int8_export, fp32_export, images):
 
 
 def test_int8_export_is_deterministic(bundle_tiny, good_dir, int8_export, tmp_path):
-    again = tmp_path / "again"
-    export_bundle(bundle_tiny, again, ExportOptions(calibration=good_dir, **TRT_INT8))
-    assert tables.sha256_file(again / "mlp.onnx") == tables.sha256_file(int8_export / "mlp.onnx")
+    """Also across the caller's torch thread count: the MLP's calibration features come from torch,
+    whose conv floats follow the thread count (the INT8 ranges, and so the file, moved with it)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    for n in (1, 2):
+        again = tmp_path / f"again-{n}"
+        torch.set_num_threads(n)
+        try:
+            export_bundle(bundle_tiny, again, ExportOptions(calibration=good_dir, **TRT_INT8))
+        finally:
+            torch.set_num_threads(threads)
+        assert tables.sha256_file(again / "mlp.onnx") == tables.sha256_file(int8_export / "mlp.onnx"), n
 
 
 def test_cpu_int8_backbone_keeps_its_first_convolutions_fp32(cpu_int8_export, fp32_export, images):
