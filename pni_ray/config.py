@@ -7,6 +7,7 @@ The configs are frozen dataclasses so a trained bundle can record exactly what b
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -250,6 +251,12 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 16  # images per backbone forward
 
+    def __post_init__(self) -> None:
+        # a bundle's manifest is strict JSON (no Infinity or NaN): a non-finite setting could not be written
+        # and read back as itself (an infinite neighbourhood.cut would read back as null, "chosen")
+        for path, value in _floats(self):
+            _require(math.isfinite(value), f"{path} must be a finite number, got {value!r}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -269,6 +276,20 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _floats(config: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Every float setting of a config and its sections (tuples included), named by its dotted path."""
+    out: list[tuple[str, float]] = []
+    for f in dataclasses.fields(config):
+        value, path = getattr(config, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.extend(_floats(value, f"{path}."))
+        elif isinstance(value, float):
+            out.append((path, value))
+        elif isinstance(value, (tuple, list)):
+            out.extend((path, v) for v in value if isinstance(v, float))
+    return out
 
 
 def _require(ok: bool, message: str) -> None:

@@ -8,6 +8,7 @@ are folders with a `manifest.json`; one reader checks them all, so their errors 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import hashlib
@@ -179,33 +180,47 @@ def staged_dir(out: Path, replaces: str | tuple[str, ...], kind: str) -> Iterato
 def writer_lock(out: Path) -> Iterator[None]:
     """Writers of one `out` take turns, on an flock of `.<name>.lock` beside it (released by the
     kernel even on SIGKILL). Without it a second writer's stale-sibling cleanup deleted the first
-    one's directory while it was being written. The holder removes the file when done; a waiter
-    that then wakes on the removed file's lock finds the path gone or another file there, and
-    takes the lock again on what is there now, so only one writer ever holds the lock on the
-    path's current file and nothing is left beside `out`."""
+    one's directory while it was being written. The holder removes the file when done (a killed
+    holder's file is reused by the next writer); a waiter that then wakes on the removed file's lock
+    finds the path gone or another file there and locks what is there now, so only one writer ever
+    holds the lock on the path's current file. Opened read-only (flock needs no write access), so a
+    file left by another user's killed save never refuses this one. Where the file system has no
+    flock, writers run unserialised, as before, with a warning."""
     path = out.with_name(f".{out.name}.lock")
     said = False
+    fd: int | None
     while True:
-        fh = open(path, "a+")
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not said:
-                log.info("%s: another process is writing it; waiting for it to finish", out)
-                said = True
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not said:
+                    log.info("%s: another process is writing it; waiting for it to finish", out)
+                    said = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # ENOLCK / EOPNOTSUPP on some network and FUSE file systems
+            os.close(fd)
+            log.warning("%s: cannot lock %s (%s); writing without serialising against other writers", out, path, exc)
+            fd = None
+            break
+        except BaseException:  # Ctrl-C while waiting
+            os.close(fd)
+            raise
         try:
             current = os.stat(path).st_ino
         except FileNotFoundError:
             current = None
-        if current == os.fstat(fh.fileno()).st_ino:
+        if current == os.fstat(fd).st_ino:
             break
-        fh.close()  # the holder removed the file we waited on: lock the path's current file
+        os.close(fd)  # the holder removed the file we waited on: lock the path's current file
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)  # while still locked: a waiter on this file sees it gone and retries
-        fh.close()
+        if fd is not None:
+            with contextlib.suppress(OSError):  # while still locked: a waiter on this file sees it gone and retries
+                path.unlink()
+            os.close(fd)
 
 
 def remove_stale_siblings(out: Path) -> list[Path]:

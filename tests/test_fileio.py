@@ -152,6 +152,8 @@ def test_writers_of_one_directory_take_turns(tmp_path):
     import threading
 
     out, entered, go, results = tmp_path / "B", threading.Event(), threading.Event(), {}
+    stale = tmp_path / ".B.lock"  # a killed save's lock file is reused, even read-only
+    stale.touch(mode=0o444)
 
     def write(name, wait):
         try:

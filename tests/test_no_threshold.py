@@ -37,7 +37,7 @@ def test_export_score_and_ensemble_without_threshold(no_threshold_bundle, synthe
     from click.testing import CliRunner
 
     from pni_ray.cli import main
-    from pni_ray.ensemble_bundle import load_ensemble, save_ensemble
+    from pni_ray.ensemble_bundle import load_ensemble
 
     export = tmp_path / "export"
     result = CliRunner().invoke(main, ["export", str(no_threshold_bundle), "--out", str(export)])
@@ -57,7 +57,35 @@ def test_export_score_and_ensemble_without_threshold(no_threshold_bundle, synthe
         strict_json(out / "_dataset.json")
 
     second = train_without_holdout(synthetic_root, tmp_path / "washer-seed1", seed=1)
-    ensemble = save_ensemble([no_threshold_bundle, second], tmp_path / "ensemble")
+    ensemble = tmp_path / "ensemble"
+    result = CliRunner().invoke(main, ["ensemble", str(no_threshold_bundle), str(second), "--out", str(ensemble)])
+    assert result.exit_code == 0, result.output
+    assert "threshold none (a member has no held-out images)" in result.output
     assert strict_json(ensemble / "manifest.json")["threshold"] is None
     detector, _ = load_ensemble(ensemble)
     assert detector.threshold == math.inf
+
+
+def test_null_reads_back_as_what_json_could_not_hold():
+    from pni_ray.models.pni import Normalisation
+
+    norm = Normalisation.from_record({"image_mean": 1.0, "image_std": 2.0, "pixel_mean": 0.0, "pixel_std": 1.0,
+                                      "threshold": None, "extras": {"parent_threshold": None, "n_holdout": None,
+                                                                    "members_threshold": 3.5}})
+    assert norm.threshold == math.inf and norm.extras["parent_threshold"] == math.inf
+    assert math.isnan(norm.extras["n_holdout"]) and norm.extras["members_threshold"] == 3.5
+
+
+@pytest.mark.parametrize("section, key, value", [("neighbourhood", "cut", math.inf),
+                                                 ("neighbourhood", "cut_candidates", [1.0, math.inf]),
+                                                 ("scoring", "blur_sigma", math.nan)])
+def test_a_setting_json_cannot_hold_is_refused(section, key, value):
+    """An infinite neighbourhood.cut was accepted, then written as null (= chosen) and read back as
+    another config; refused when the config is read, from a file or from code."""
+    from pni_ray.config import TrainConfig
+
+    with pytest.raises(ValueError, match=rf"{section}\.{key} must be a finite number"):
+        TrainConfig.from_dict({section: {key: value}})
+    with pytest.raises(ValueError, match="must be a finite number"):
+        cfg = TrainConfig()
+        cfg.replace(**{section: dataclasses.replace(getattr(cfg, section), **{key: tuple(value) if isinstance(value, list) else value})})

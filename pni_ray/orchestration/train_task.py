@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import resource
 import socket
@@ -44,6 +45,8 @@ from pni_ray.config import TrainConfig
 from pni_ray.orchestration.process_memory import peak_rss_mb, reset_peak_rss
 from pni_ray.orchestration.shared_storage import Probe, SharedStorageError, probe_problem
 from pni_ray.orchestration.train_plan import FAILED, TRAINED
+
+log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 
@@ -213,8 +216,11 @@ def train_pair(
             record.update({k: float(result[k]) for k in METRIC_KEYS})
             record["n_test_images"] = int(result["n_test_images"])
             record["eval_seconds"] = time.perf_counter() - t1
-            atomic_write_json(metrics_path(bundle), {"model_id": record["model_id"], **{
-                k: record[k] for k in (*METRIC_KEYS, "n_test_images", "eval_seconds")}})
+            try:  # a convenience for reruns: a failed write does not fail a trained, evaluated pair
+                atomic_write_json(metrics_path(bundle), {"model_id": record["model_id"], **{
+                    k: record[k] for k in (*METRIC_KEYS, "n_test_images")}})
+            except OSError as exc:
+                log.warning("%s: metrics not kept beside the bundle (%s)", bundle, exc)
         record["stage"] = "done"
         record["status"] = TRAINED
     except Exception as exc:  # noqa: BLE001 - every application error fails this pair alone
