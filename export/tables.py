@@ -187,7 +187,7 @@ def normalisation_table(norm: dict[str, Any]) -> pa.Table:
     cols = {k: [float(norm[k])] for k in ("image_mean", "image_std", "pixel_mean", "pixel_std")}
     cols["threshold"] = [float("inf") if norm["threshold"] is None else float(norm["threshold"])]
     for k, v in sorted((norm.get("extras") or {}).items()):
-        cols[f"extra.{k}"] = [(float("inf") if k.endswith("threshold") else float("nan")) if v is None else float(v)]
+        cols[f"extra.{k}"] = [(float("inf") if "threshold" in k else float("nan")) if v is None else float(v)]
     return pa.table({k: pa.array(v, type=pa.float64()) for k, v in cols.items()},
                     metadata={"doc": "maps normalise as (map - pixel_mean) / pixel_std; "
                                      "an image is anomalous when its raw score exceeds threshold"})

@@ -289,6 +289,8 @@ def _floats(config: Any, prefix: str = "") -> list[tuple[str, float]]:
             out.append((path, value))
         elif isinstance(value, (tuple, list)):
             out.extend((path, v) for v in value if isinstance(v, float))
+        elif isinstance(value, dict):  # refiner.defect_weights
+            out.extend((f"{path}.{k}", v) for k, v in value.items() if isinstance(v, float))
     return out
 
 

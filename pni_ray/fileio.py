@@ -183,14 +183,29 @@ def writer_lock(out: Path) -> Iterator[None]:
     one's directory while it was being written. The holder removes the file when done (a killed
     holder's file is reused by the next writer); a waiter that then wakes on the removed file's lock
     finds the path gone or another file there and locks what is there now, so only one writer ever
-    holds the lock on the path's current file. Opened read-only (flock needs no write access), so a
-    file left by another user's killed save never refuses this one. Where the file system has no
-    flock, writers run unserialised, as before, with a warning."""
+    holds the lock on the path's current file. Opened read-only (flock needs no write access). Where
+    the file cannot be opened (another user's, unreadable) or the file system has no flock, the
+    save goes on unserialised, as before, with a warning: a lock never refuses a save."""
     path = out.with_name(f".{out.name}.lock")
+    fd = _locked_fd(path, out)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):  # while still locked: a waiter on this file sees it gone and retries
+                path.unlink()
+            os.close(fd)
+
+
+def _locked_fd(path: Path, out: Path) -> int | None:
+    """A descriptor holding the flock on the path's current file, or None when no lock can be had."""
     said = False
-    fd: int | None
     while True:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+        except OSError as exc:
+            log.warning("%s: cannot open %s (%s); writing without serialising against other writers", out, path, exc)
+            return None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -199,28 +214,20 @@ def writer_lock(out: Path) -> Iterator[None]:
                     log.info("%s: another process is writing it; waiting for it to finish", out)
                     said = True
                 fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
         except OSError as exc:  # ENOLCK / EOPNOTSUPP on some network and FUSE file systems
             os.close(fd)
             log.warning("%s: cannot lock %s (%s); writing without serialising against other writers", out, path, exc)
-            fd = None
-            break
-        except BaseException:  # Ctrl-C while waiting
+            return None
+        except BaseException:  # Ctrl-C while waiting: the descriptor (and any lock it holds) goes
             os.close(fd)
             raise
-        try:
-            current = os.stat(path).st_ino
-        except FileNotFoundError:
-            current = None
-        if current == os.fstat(fd).st_ino:
-            break
+        if same:
+            return fd
         os.close(fd)  # the holder removed the file we waited on: lock the path's current file
-    try:
-        yield
-    finally:
-        if fd is not None:
-            with contextlib.suppress(OSError):  # while still locked: a waiter on this file sees it gone and retries
-                path.unlink()
-            os.close(fd)
 
 
 def remove_stale_siblings(out: Path) -> list[Path]:

@@ -179,3 +179,35 @@ def test_writers_of_one_directory_take_turns(tmp_path):
     assert results == {"first": "ok", "second": "ok"}
     assert json.loads((out / "manifest.json").read_text())["by"] == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["B"]  # no partial, old copy or lock file left
+
+
+@pytest.mark.parametrize("failing", ["open", "flock"])
+def test_a_lock_that_cannot_be_had_never_refuses_a_save(tmp_path, monkeypatch, caplog, failing):
+    """Another user's unreadable lock file (os.open: EACCES; root ignores modes, so it is simulated)
+    or a file system without flock (ENOLCK): the save goes on unserialised, with a warning."""
+    import errno
+    import logging
+    import os
+
+    from pni_ray import fileio
+
+    real_open = os.open
+
+    def refusing_open(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    def refusing_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    if failing == "open":
+        monkeypatch.setattr(fileio.os, "open", refusing_open)
+    else:
+        monkeypatch.setattr(fileio.fcntl, "flock", refusing_flock)
+    out = tmp_path / "B"
+    with caplog.at_level(logging.WARNING, logger="pni_ray.fileio"):
+        with staged_dir(out, "pni-ray-bundle", "bundle") as tmp:
+            (tmp / "manifest.json").write_text(json.dumps({"format": "pni-ray-bundle"}))
+    assert (out / "manifest.json").is_file()
+    assert "writing without serialising" in caplog.text

@@ -78,13 +78,14 @@ def test_null_reads_back_as_what_json_could_not_hold():
 
 @pytest.mark.parametrize("section, key, value", [("neighbourhood", "cut", math.inf),
                                                  ("neighbourhood", "cut_candidates", [1.0, math.inf]),
-                                                 ("scoring", "blur_sigma", math.nan)])
+                                                 ("scoring", "blur_sigma", math.nan),
+                                                 ("refiner", "defect_weights", {"perlin": math.inf})])
 def test_a_setting_json_cannot_hold_is_refused(section, key, value):
     """An infinite neighbourhood.cut was accepted, then written as null (= chosen) and read back as
     another config; refused when the config is read, from a file or from code."""
     from pni_ray.config import TrainConfig
 
-    with pytest.raises(ValueError, match=rf"{section}\.{key} must be a finite number"):
+    with pytest.raises(ValueError, match=rf"{section}\.{key}(\.perlin)? must be a finite number"):
         TrainConfig.from_dict({section: {key: value}})
     with pytest.raises(ValueError, match="must be a finite number"):
         cfg = TrainConfig()
