@@ -38,9 +38,8 @@ class Normalisation:
         values = dict(record)
         if values.get("threshold") is None:
             values["threshold"] = float("inf")
-        # an extra that is a threshold (a refined model's parent_threshold, an ensemble's members_threshold,
-        # member0_threshold_normalised)
-        # was +inf when null; any other null extra was NaN
+        # a null extra naming a threshold (parent_threshold, members_threshold, member0_threshold_normalised)
+        # was +inf; any other null extra was NaN
         values["extras"] = {k: (float("inf") if "threshold" in k else float("nan")) if v is None else float(v)
                             for k, v in (values.get("extras") or {}).items()}
         return cls(**values)
