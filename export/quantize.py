@@ -85,6 +85,7 @@ def calibration_inputs(detector, geometry, paths: Sequence[Path], graphs: Sequen
     import torch
 
     from pni_ray.data.images import to_float
+    from pni_ray.models.threads import one_thread
     from pni_ray.predict import features
 
     out: dict[str, list[np.ndarray]] = {g: [] for g in graphs}
@@ -100,13 +101,8 @@ def calibration_inputs(detector, geometry, paths: Sequence[Path], graphs: Sequen
             else:
                 out["backbone"].append(to_float(np.stack([p.canvas for p in prepared])))
         if "mlp" in out:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # torch's conv floats follow its thread count: one count, one export
-            try:
-                with torch.no_grad():
-                    out["mlp"].append(features(detector.extractor, geometry, prepared).float().cpu().numpy())
-            finally:
-                torch.set_num_threads(threads)
+            with one_thread(), torch.no_grad():  # torch's conv floats follow its thread count: one count, one export
+                out["mlp"].append(features(detector.extractor, geometry, prepared).float().cpu().numpy())
     return out
 
 

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from export import tables
+from pni_ray.config import float_from_json
 from pni_ray.data.images import to_float
 from pni_ray.geometry import Geometry, Prepared
 
@@ -184,8 +185,7 @@ class ExportedModel(StagePipeline):
         self.mode: str = m["mode"]
         self.max_batch: int = int(m.get("max_batch", 16))
         self.normalisation = tables.read_normalisation(self.path / m["tables"]["normalisation"])
-        recorded = float("inf") if m["threshold"] is None else float(m["threshold"])  # null: no threshold
-        if not _same_float(self.normalisation["threshold"], recorded):
+        if not _same_float(self.normalisation["threshold"], float_from_json("threshold", m["threshold"])):
             raise tables.ExportError(f"{self.path}: threshold in {tables.NORMALISATION} "
                                      f"({self.normalisation['threshold']}) differs from the manifest ({m['threshold']})")
         self.threshold: float = float(self.normalisation["threshold"])

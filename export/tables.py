@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pni_ray.config import COMBINE_RULES
+from pni_ray.config import COMBINE_RULES, float_from_json
 from pni_ray.fileio import atomic_write_json as write_json  # noqa: F401 (used as tables.write_json)
 from pni_ray.fileio import read_arrow, read_manifest_json, sha256_file, write_arrow  # noqa: F401 (tables.read_arrow)
 
@@ -183,11 +183,9 @@ def prior_table(grid: tuple[int, int], n_entries: int, position: np.ndarray, ent
 
 
 def normalisation_table(norm: dict[str, Any]) -> pa.Table:
-    # null in a manifest is a value JSON cannot hold: no threshold (+inf) or an undefined extra (NaN); Arrow holds both
-    cols = {k: [float(norm[k])] for k in ("image_mean", "image_std", "pixel_mean", "pixel_std")}
-    cols["threshold"] = [float("inf") if norm["threshold"] is None else float(norm["threshold"])]
+    cols = {k: [float_from_json(k, norm[k])] for k in ("image_mean", "image_std", "pixel_mean", "pixel_std", "threshold")}
     for k, v in sorted((norm.get("extras") or {}).items()):
-        cols[f"extra.{k}"] = [(float("inf") if "threshold" in k else float("nan")) if v is None else float(v)]
+        cols[f"extra.{k}"] = [float_from_json(k, v)]
     return pa.table({k: pa.array(v, type=pa.float64()) for k, v in cols.items()},
                     metadata={"doc": "maps normalise as (map - pixel_mean) / pixel_std; "
                                      "an image is anomalous when its raw score exceeds threshold"})

@@ -294,6 +294,14 @@ def _floats(config: Any, prefix: str = "") -> list[tuple[str, float]]:
     return out
 
 
+def float_from_json(key: str, value: Any) -> float:
+    """A number a strict-JSON record held (pni_ray.fileio.finite_json writes what JSON cannot hold
+    as null): null under a key naming a threshold was +inf (a model without one), any other null NaN."""
+    if value is None:
+        return float("inf") if "threshold" in key else float("nan")
+    return float(value)
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 from pni_ray.bundle import MANIFEST as BUNDLE_MANIFEST
 from pni_ray.bundle import BundleError, atomic_write_json, load_bundle, model_id, verify_bundle, versions
+from pni_ray.config import float_from_json
 from pni_ray.fileio import read_manifest_json, staged_dir
 from pni_ray.models.ensemble import MEMBER_MODE, EnsembleDetector, estimated_normalisation
 from pni_ray.models.pni import build_detector
@@ -85,8 +86,7 @@ def load_ensemble(path: Path | str) -> tuple[EnsembleDetector, dict[str, Any]]:
     for entry in manifest["members"]:
         _check_member_id(path, entry)
     detector, _ = load_ensemble_from_entries(path, manifest["members"])
-    threshold = manifest["threshold"]  # null: no threshold (strict JSON has no Infinity)
-    detector.threshold = float("inf") if threshold is None else float(threshold)
+    detector.threshold = float_from_json("threshold", manifest["threshold"])
     return detector, manifest
 
 

@@ -20,13 +20,13 @@ torch's per-call and advanced-indexing overheads cost more than the arithmetic.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from pni_ray.models.threads import one_thread
 
 # Principal axes of the projected rows used for the lower bounds: few enough that scanning
 # every centre per pick stays cheap, enough to prune most centres and members.
@@ -226,23 +226,9 @@ def greedy_kcenter_order(
     order = np.empty(n_select, dtype=np.int64)
     order[0] = current
     if n_select > 1:
-        with _one_thread():
+        with one_thread():  # the picks' small ops; row distances do not follow the thread count, so the order is unchanged
             _search(reduced, min_dist, order, chunk_size, progress)
     return torch.from_numpy(order)
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Per pick the search runs dozens of small ops; with several threads each one is a
-    parallel region, and on a loaded machine every region waits for a core (an order of
-    magnitude slower, measured with 2 threads on 2 busy cores). Row distances do not depend on the thread count, so the order is unchanged.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _search(reduced: torch.Tensor, min_dist: np.ndarray, order: np.ndarray, chunk_size: int, progress: bool) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pni_ray.config import FeatureConfig, ScoringConfig, TrainConfig
+from pni_ray.config import FeatureConfig, ScoringConfig, TrainConfig, float_from_json
 from pni_ray.models.anomaly_map import AnomalyMapper, image_scores
 from pni_ray.models.features import FEATURE_STRIDE, PatchFeatureExtractor, build_extractor
 from pni_ray.models.neighbourhood import NeighbourhoodMLP
@@ -36,12 +36,8 @@ class Normalisation:
         """From a manifest's record, where a model without a threshold has null (strict JSON has no
         Infinity; manifests written before that hold Infinity, which Python reads as inf too)."""
         values = dict(record)
-        if values.get("threshold") is None:
-            values["threshold"] = float("inf")
-        # a null extra naming a threshold (parent_threshold, members_threshold, member0_threshold_normalised)
-        # was +inf; any other null extra was NaN
-        values["extras"] = {k: (float("inf") if "threshold" in k else float("nan")) if v is None else float(v)
-                            for k, v in (values.get("extras") or {}).items()}
+        values["threshold"] = float_from_json("threshold", values.get("threshold"))
+        values["extras"] = {k: float_from_json(k, v) for k, v in (values.get("extras") or {}).items()}
         return cls(**values)
 
 

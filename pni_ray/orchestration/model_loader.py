@@ -13,6 +13,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from pni_ray.config import float_from_json
 from pni_ray.fileio import read_json
 from pni_ray.geometry import Geometry, Prepared
 
@@ -48,8 +49,7 @@ def image_hw(size: Any) -> tuple[int, int]:
 
 def _threshold(manifest: dict[str, Any]) -> float:
     norm = manifest.get("normalisation") or {}
-    value = norm.get("threshold", manifest.get("threshold"))
-    return float("inf") if value is None else float(value)
+    return float_from_json("threshold", norm.get("threshold", manifest.get("threshold")))
 
 
 class BundleModel:

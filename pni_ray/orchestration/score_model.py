@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pni_ray.config import TrainConfig
+from pni_ray.config import TrainConfig, float_from_json
 from pni_ray.fileio import sha256_file
 from pni_ray.geometry import Geometry
 
@@ -66,7 +66,7 @@ def describe_model(path: Path | str, backbone_runtime: str = "onnxruntime", back
             canvas = geometry.canvas_hw()
         except (KeyError, TypeError, ValueError) as exc:
             raise ScoreError(f"{path}/manifest.json: no usable image geometry ({exc.__class__.__name__}: {exc})") from exc
-        return ModelInfo(str(path), kind, canvas, float("inf") if threshold is None else float(threshold),
+        return ModelInfo(str(path), kind, canvas, float_from_json("threshold", threshold),
                          sha256_file(path / "manifest.json"), manifest.get("category"), geometry.spec())
     try:
         model = ExportModel(path, backbone_runtime=backbone_runtime, backbone_precision=backbone_precision)

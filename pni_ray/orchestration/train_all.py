@@ -40,7 +40,7 @@ from pni_ray.options import training_threads
 from pni_ray.orchestration.ray_session import RaySession, join_ray
 from pni_ray.orchestration.shared_storage import Probe, check_all_nodes
 from pni_ray.orchestration.train_plan import FAILED, SKIPPED, TRAINED, Pair, PlanItem, pair_config, plan_pairs
-from pni_ray.orchestration.train_task import METRIC_KEYS, PairError, marker_path, recorded_metrics, train_pair
+from pni_ray.orchestration.train_task import METRIC_KEYS, PairError, marker_path, metric_fields, recorded_metrics, train_pair
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def train_all(
                    "model_id": item.model_id, "reason": item.reason}
             prev = previous.get(item.pair.key)
             if prev and prev.get("model_id") == item.model_id:  # metrics of this very model, from the last run
-                row.update({k: prev[k] for k in (*METRIC_KEYS, "n_test_images") if prev.get(k) is not None})
+                row.update(metric_fields(prev))
             else:  # the last run's driver died before its summary: its task left them beside the bundle
                 row.update(recorded_metrics(item.pair.bundle(out), item.model_id))
             rows[item.pair] = row

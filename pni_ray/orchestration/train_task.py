@@ -127,7 +127,12 @@ def recorded_metrics(bundle: str | Path, model_id: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict) or data.get("model_id") != model_id:
         return {}
-    return {k: data[k] for k in (*METRIC_KEYS, "n_test_images") if data.get(k) is not None}
+    return metric_fields(data)
+
+
+def metric_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """A row's or record's evaluation: the metrics and test-image count it holds (None left out)."""
+    return {k: record[k] for k in (*METRIC_KEYS, "n_test_images") if record.get(k) is not None}
 
 
 def marker_path(progress_dir: str | None, key: str) -> Path | None:
@@ -217,8 +222,7 @@ def train_pair(
             record["n_test_images"] = int(result["n_test_images"])
             record["eval_seconds"] = time.perf_counter() - t1
             try:  # a convenience for reruns: a failed write does not fail a trained, evaluated pair
-                atomic_write_json(metrics_path(bundle), {"model_id": record["model_id"], **{
-                    k: record[k] for k in (*METRIC_KEYS, "n_test_images")}})
+                atomic_write_json(metrics_path(bundle), {"model_id": record["model_id"], **metric_fields(record)})
             except OSError as exc:
                 log.warning("%s: metrics not kept beside the bundle (%s)", bundle, exc)
         record["stage"] = "done"
