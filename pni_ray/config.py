@@ -133,10 +133,21 @@ class NeighbourhoodConfig:
 class PositionConfig:
     """p(c | x): per-position histogram of nearest C_emb entries."""
 
-    spread: int | None = None  # each hit counts at +-spread grid positions; None: chosen from held-out images
-    spread_candidates: tuple[int, ...] = (0, 1, 2, 4, 8)  # tried sharpest first when spread is None
+    # each hit counts within +-spread grid positions (a square), a half step adding the four cells one
+    # further along the axes (0.5: the 5-cell cross); None: chosen from held-out images
+    spread: float | None = None
+    spread_candidates: tuple[float, ...] = (0, 0.5, 1, 1.5, 2, 4, 8)  # tried sharpest first when spread is None
     min_keep: float = 0.9  # chosen spread: the sharpest whose mask still allows the nearest C_emb
     # entry of this share of held-out good patches (normal data pays at most 1 - min_keep)
+
+    def __post_init__(self) -> None:  # a bad spread fails when the config is read, not after the features
+        for spread in ((self.spread,) if self.spread is not None else ()) + tuple(self.spread_candidates):
+            _require(isinstance(spread, (int, float)) and not isinstance(spread, bool),
+                     f"position spreads are numbers, got {spread!r}")
+            spread_value(spread)
+        _require(bool(self.spread_candidates), "position.spread_candidates must list at least one spread")
+        if not 0.0 < self.min_keep <= 1.0:
+            raise ValueError(f"position.min_keep is a share of held-out patches in (0, 1], got {self.min_keep!r}")
 
 
 @dataclass(frozen=True)
@@ -292,6 +303,15 @@ def _floats(config: Any, prefix: str = "") -> list[tuple[str, float]]:
         elif isinstance(value, dict):  # refiner.defect_weights
             out.extend((f"{path}.{k}", v) for k, v in value.items() if isinstance(v, float))
     return out
+
+
+def spread_value(spread: float) -> int | float:
+    """A spread as stored and logged: a whole number as an int (bundles of integer spreads stay as
+    they were), a half step as a float; anything else is refused."""
+    doubled = float(spread) * 2
+    if not (doubled >= 0 and doubled.is_integer()):
+        raise ValueError(f"a position spread is a non-negative multiple of 0.5, got {spread!r}")
+    return int(spread) if doubled % 2 == 0 else float(spread)
 
 
 def float_from_json(key: str, value: Any) -> float:

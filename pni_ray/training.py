@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pni_ray.config import MLP_PRECISIONS, NeighbourhoodConfig, TrainConfig
+from pni_ray.config import MLP_PRECISIONS, NeighbourhoodConfig, TrainConfig, spread_value
 from pni_ray.data.mvtec import Category, LayoutError, load_category
 from pni_ray.geometry import Geometry
 from pni_ray.models.coreset import candidate_rows, greedy_kcenter_order
@@ -369,11 +369,12 @@ def held_out_patches(
 
 def fit_position_prior(
     held: HeldOut | None, memory: torch.Tensor, nearest: torch.Tensor, valid: torch.Tensor | None, cfg: TrainConfig
-) -> tuple[SparsePositionPrior, int, dict[int, float]]:
+) -> tuple[SparsePositionPrior, int | float, dict[int | float, float]]:
     """p(c|x) with the configured spread, or (spread None) the sharpest one held-out good images tolerate."""
     n_entries = memory.shape[0]
     if cfg.position.spread is not None:
-        return build_position_prior(nearest, n_entries, cfg.position.spread, valid), cfg.position.spread, {}
+        spread = spread_value(cfg.position.spread)
+        return build_position_prior(nearest, n_entries, spread, valid), spread, {}
     tau = cfg.scoring.tau_scale / n_entries
     return choose_spread(nearest, held.nearest if held else None, n_entries, cfg.position.spread_candidates,
                          cfg.position.min_keep, tau, valid, held.valid if held else None)
@@ -460,7 +461,7 @@ def train_category(
         prior, spread, keep = fit_position_prior(held, memory, nearest_emb.view(n_img, h, w), valid, cfg)
         facts["position_spread"] = spread
         facts["position_held_out_keep"] = {str(k): round(v, 6) for k, v in keep.items()}
-        log.info("%s: position prior spread %d (held-out keep rates %s)", category, spread,
+        log.info("%s: position prior spread %g (held-out keep rates %s)", category, spread,
                  {k: round(v, 4) for k, v in keep.items()})
         t_prior = time.perf_counter()
         mlp, mlp_report = train_neighbourhood_mlp(

@@ -9,7 +9,7 @@ from pni_ray.config import NeighbourhoodConfig
 from pni_ray.models.anomaly_map import AnomalyMapper, gaussian_kernel1d
 from pni_ray.models.coreset import greedy_kcenter_order
 from pni_ray.models.neighbourhood import NeighbourhoodMLP
-from pni_ray.models.position_prior import build_position_prior
+from pni_ray.models.position_prior import build_position_prior, window_offsets
 from pni_ray.models.scorer import (
     PatchScorer, exact_sq_distances, masked_argmin, nearest_neighbours, position_candidates, squared_distances,
 )
@@ -212,6 +212,39 @@ def test_position_prior_spreads_and_normalises():
     assert prior.prob.numel() == int((dense > 0).sum())  # stored sparse: non-zeros only
     spread0 = build_position_prior(nearest, 6, spread=0).dense()
     assert spread0[0, 5] == 0 and spread0[4, 5] == 0.5
+
+
+def _window_histogram(nearest: torch.Tensor, n_entries: int, spread: float) -> torch.Tensor:
+    """Brute force: every hit counted at each grid cell of its window, then normalised per cell."""
+    n_img, h, w = nearest.shape
+    r = int(spread)
+    counts = torch.zeros(h * w, n_entries)
+    for i in range(n_img):
+        for y in range(h):
+            for x in range(w):
+                for ty in range(h):
+                    for tx in range(w):
+                        dy, dx = abs(ty - y), abs(tx - x)
+                        inside = max(dy, dx) <= r or (spread != r and min(dy, dx) == 0 and max(dy, dx) == r + 1)
+                        if inside:
+                            counts[ty * w + tx, nearest[i, y, x]] += 1
+    return counts / counts.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("spread", [0, 0.5, 1, 1.5, 2, 8])
+def test_position_prior_windows_match_brute_force(spread):
+    nearest = torch.randint(0, 7, (3, 4, 5), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(build_position_prior(nearest, 7, spread).dense(), _window_histogram(nearest, 7, spread))
+
+
+def test_half_step_windows_sit_between_the_squares():
+    assert window_offsets(0) == [(0, 0)]
+    cross = set(window_offsets(0.5))
+    assert cross == {(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)}  # no diagonal
+    square = set(window_offsets(1))
+    assert cross < square and len(square) == 9
+    assert square < set(window_offsets(1.5)) < set(window_offsets(2))
+    assert len(window_offsets(1.5)) == 13 and (2, 0) in window_offsets(1.5) and (2, 1) not in window_offsets(1.5)
 
 
 def test_anomaly_mapper_shape_and_blur():

@@ -47,14 +47,38 @@ def test_keep_rate_counts_held_out_nearest_entries_the_prior_allows():
     assert spread == 2 and rates == {}
 
 
+def _axis_shifted(n_img: int, seed: int, h: int = 6, w: int = 6) -> torch.Tensor:
+    """Like `_aligned`, each image shifted by one cell along one axis or not at all: never diagonally."""
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.arange(h).view(h, 1), torch.arange(w).view(1, w)
+    moves = [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)]
+    out = []
+    for i in torch.randint(0, len(moves), (n_img,), generator=g).tolist():
+        dy, dx = moves[i]
+        out.append((ys + dy).clamp(0, h - 1) * w + (xs + dx).clamp(0, w - 1))
+    return torch.stack(out)
+
+
 def test_spread_is_the_sharpest_that_held_out_patches_tolerate():
     train, held = _aligned(40), _aligned(10, jitter=1, seed=1)  # held-out parts sit up to a cell off
-    _, spread, rates = choose_spread(_aligned(40), _aligned(10), 36, (0, 1, 2), 0.9, tau=1e-3)
+    ladder = (0, 0.5, 1, 2)
+    _, spread, rates = choose_spread(_aligned(40), _aligned(10), 36, ladder, 0.9, tau=1e-3)
     assert spread == 0 and list(rates) == [0]  # a perfectly aligned object: the sharpest, nothing else tried
-    _, spread, rates = choose_spread(train, held, 36, (0, 1, 2), 0.9, tau=1e-3)
-    assert spread == 1 and rates[0] < 0.9 <= rates[1]  # a one-cell jitter needs +-1
+    _, spread, rates = choose_spread(train, held, 36, ladder, 0.9, tau=1e-3)
+    assert spread == 1 and rates[0] < rates[0.5] < 0.9 <= rates[1]  # a diagonal jitter needs the 3 x 3 square
+    _, spread, rates = choose_spread(train, _axis_shifted(10, seed=2), 36, ladder, 0.9, tau=1e-3)
+    assert spread == 0.5 and isinstance(spread, float) and rates[0] < 0.9 and rates[0.5] == 1.0 and 1 not in rates
     prior, spread, rates = choose_spread(train, None, 36, (0, 1, 2), 0.9, tau=1e-3)
     assert spread == 2 and rates == {} and prior.grid == (6, 6)  # no held-out images: the broadest
+
+
+def test_spreads_are_multiples_of_a_half_step():
+    assert TrainConfig.from_dict({"position": {"spread": 0.5}}).position.spread == 0.5
+    for bad in ({"spread": 0.3}, {"spread": -1}, {"spread_candidates": [0, 0.25]}, {"spread_candidates": []}):
+        with pytest.raises(ValueError, match="spread"):
+            TrainConfig.from_dict({"position": bad})
+    with pytest.raises(ValueError, match="multiple of 0.5"):
+        choose_spread(_aligned(2), _aligned(2), 36, (0, 0.7), 0.9, tau=1e-3)
 
 
 def test_spread_falls_back_to_the_best_keep_rate_when_none_is_tolerated():

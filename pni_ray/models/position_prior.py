@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pni_ray.config import spread_value
+
 
 @dataclass
 class SparsePositionPrior:
@@ -29,10 +31,23 @@ class SparsePositionPrior:
         return out
 
 
+def window_offsets(spread: float) -> list[tuple[int, int]]:
+    """Grid offsets a hit counts at: the square within +-floor(spread); a half step (0.5, 1.5, ...)
+    adds the four cells one further along the axes. So 0.5 is the 5-cell cross between the single
+    cell (0) and the 3 x 3 square (1), the symmetric window between two squares: the spread rule can
+    stop there when the square is more than normal data needs."""
+    r = int(spread_value(spread))
+    offsets = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+    if spread_value(spread) != r:
+        offsets += [(-r - 1, 0), (0, -r - 1), (0, r + 1), (r + 1, 0)]
+    return sorted(offsets)
+
+
 def build_position_prior(
-    nearest: torch.Tensor, n_entries: int, spread: int, valid: torch.Tensor | None = None
+    nearest: torch.Tensor, n_entries: int, spread: float, valid: torch.Tensor | None = None
 ) -> SparsePositionPrior:
-    """Histogram from nearest-entry indices (N_img, h, w); each hit counts at +-spread positions.
+    """Histogram from nearest-entry indices (N_img, h, w); each hit counts at every offset of the
+    spread's window (`window_offsets`).
 
     `valid` (N_img, h, w) bool excludes padded positions (letterbox) from the counts.
     """
@@ -40,17 +55,18 @@ def build_position_prior(
     counts = torch.zeros(h * w, n_entries, dtype=torch.float32)
     pos = torch.arange(h * w).view(h, w)
     keep = torch.ones_like(nearest, dtype=torch.bool) if valid is None else valid
-    for dy in range(-min(spread, h - 1), min(spread, h - 1) + 1):  # offsets past the grid reach nothing
-        for dx in range(-min(spread, w - 1), min(spread, w - 1) + 1):
-            ys = slice(max(0, dy), h + min(0, dy))  # target rows
-            xs = slice(max(0, dx), w + min(0, dx))
-            ys_src = slice(max(0, -dy), h + min(0, -dy))
-            xs_src = slice(max(0, -dx), w + min(0, -dx))
-            target = pos[ys, xs].reshape(-1)
-            src = nearest[:, ys_src, xs_src].reshape(n_img, -1)
-            mask = keep[:, ys_src, xs_src].reshape(n_img, -1)
-            rows = target.expand(n_img, -1)[mask]
-            counts.index_put_((rows, src[mask].long()), torch.ones(int(mask.sum())), accumulate=True)
+    for dy, dx in window_offsets(spread):
+        if abs(dy) >= h or abs(dx) >= w:  # offsets past the grid reach nothing
+            continue
+        ys = slice(max(0, dy), h + min(0, dy))  # target rows
+        xs = slice(max(0, dx), w + min(0, dx))
+        ys_src = slice(max(0, -dy), h + min(0, -dy))
+        xs_src = slice(max(0, -dx), w + min(0, -dx))
+        target = pos[ys, xs].reshape(-1)
+        src = nearest[:, ys_src, xs_src].reshape(n_img, -1)
+        mask = keep[:, ys_src, xs_src].reshape(n_img, -1)
+        rows = target.expand(n_img, -1)[mask]
+        counts.index_put_((rows, src[mask].long()), torch.ones(int(mask.sum())), accumulate=True)
     totals = counts.sum(1, keepdim=True)
     probs = torch.where(totals > 0, counts / totals.clamp_min(1e-12), counts)
     position, entry = probs.nonzero(as_tuple=True)
@@ -61,7 +77,6 @@ def build_position_prior(
         entry=entry.to(torch.int32),
         prob=probs[position, entry].to(torch.float32),
     )
-
 
 
 def held_out_keep_rate(
@@ -86,12 +101,12 @@ def choose_spread(
     nearest: torch.Tensor,
     nearest_held_out: torch.Tensor | None,
     n_entries: int,
-    candidates: tuple[int, ...],
+    candidates: tuple[float, ...],
     min_keep: float,
     tau: float,
     valid: torch.Tensor | None = None,
     valid_held_out: torch.Tensor | None = None,
-) -> tuple[SparsePositionPrior, int, dict[int, float]]:
+) -> tuple[SparsePositionPrior, int | float, dict[int | float, float]]:
     """The sharpest prior that normal data tolerates: the first spread (sharpest first) whose mask
     keeps the nearest entry of at least `min_keep` of held-out good patches.
 
@@ -101,13 +116,13 @@ def choose_spread(
     Without held-out patches the broadest candidate is used. Returns the prior, its spread and
     every keep rate measured.
     """
-    ordered = sorted(set(int(c) for c in candidates))
-    if not ordered or ordered[0] < 0:
-        raise ValueError(f"spread candidates must be non-negative integers, got {candidates}")
+    ordered = sorted(set(spread_value(c) for c in candidates))
+    if not ordered:
+        raise ValueError("no spread candidates given")
     if nearest_held_out is None or (valid_held_out is not None and not bool(valid_held_out.any())):
         return build_position_prior(nearest, n_entries, ordered[-1], valid), ordered[-1], {}
-    rates: dict[int, float] = {}
-    priors: dict[int, SparsePositionPrior] = {}
+    rates: dict[int | float, float] = {}
+    priors: dict[int | float, SparsePositionPrior] = {}
     for spread in ordered:
         priors[spread] = build_position_prior(nearest, n_entries, spread, valid)
         rates[spread] = held_out_keep_rate(priors[spread], nearest_held_out, tau, valid_held_out)
