@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -141,13 +142,12 @@ class PositionConfig:
     # entry of this share of held-out good patches (normal data pays at most 1 - min_keep)
 
     def __post_init__(self) -> None:  # a bad spread fails when the config is read, not after the features
+        _require(isinstance(self.spread_candidates, (tuple, list)) and bool(self.spread_candidates),
+                 f"position.spread_candidates must list at least one spread, got {self.spread_candidates!r}")
         for spread in ((self.spread,) if self.spread is not None else ()) + tuple(self.spread_candidates):
-            _require(isinstance(spread, (int, float)) and not isinstance(spread, bool),
+            _require(isinstance(spread, numbers.Real) and not isinstance(spread, bool),
                      f"position spreads are numbers, got {spread!r}")
             spread_value(spread)
-        _require(bool(self.spread_candidates), "position.spread_candidates must list at least one spread")
-        if not 0.0 < self.min_keep <= 1.0:
-            raise ValueError(f"position.min_keep is a share of held-out patches in (0, 1], got {self.min_keep!r}")
 
 
 @dataclass(frozen=True)

@@ -214,27 +214,32 @@ def test_position_prior_spreads_and_normalises():
     assert spread0[0, 5] == 0 and spread0[4, 5] == 0.5
 
 
-def _window_histogram(nearest: torch.Tensor, n_entries: int, spread: float) -> torch.Tensor:
-    """Brute force: every hit counted at each grid cell of its window, then normalised per cell."""
+def _window_histogram(nearest: torch.Tensor, n_entries: int, spread: float, valid: torch.Tensor) -> torch.Tensor:
+    """Brute force: every valid hit counted at each grid cell of its window, then normalised per cell."""
     n_img, h, w = nearest.shape
     r = int(spread)
     counts = torch.zeros(h * w, n_entries)
     for i in range(n_img):
         for y in range(h):
             for x in range(w):
+                if not valid[i, y, x]:
+                    continue
                 for ty in range(h):
                     for tx in range(w):
                         dy, dx = abs(ty - y), abs(tx - x)
                         inside = max(dy, dx) <= r or (spread != r and min(dy, dx) == 0 and max(dy, dx) == r + 1)
                         if inside:
                             counts[ty * w + tx, nearest[i, y, x]] += 1
-    return counts / counts.sum(1, keepdim=True)
+    return counts / counts.sum(1, keepdim=True).clamp_min(1e-12)
 
 
-@pytest.mark.parametrize("spread", [0, 0.5, 1, 1.5, 2, 8])
+@pytest.mark.parametrize("spread", [0, 0.5, 1, 1.5, 2, 8, 10**9])
 def test_position_prior_windows_match_brute_force(spread):
-    nearest = torch.randint(0, 7, (3, 4, 5), generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(build_position_prior(nearest, 7, spread).dense(), _window_histogram(nearest, 7, spread))
+    g = torch.Generator().manual_seed(0)
+    nearest = torch.randint(0, 7, (3, 4, 5), generator=g)
+    valid = torch.rand(3, 4, 5, generator=g) > 0.3  # padded cells count nowhere
+    built = build_position_prior(nearest, 7, spread, valid).dense()
+    assert torch.allclose(built, _window_histogram(nearest, 7, spread, valid))
 
 
 def test_half_step_windows_sit_between_the_squares():
@@ -245,6 +250,8 @@ def test_half_step_windows_sit_between_the_squares():
     assert cross < square and len(square) == 9
     assert square < set(window_offsets(1.5)) < set(window_offsets(2))
     assert len(window_offsets(1.5)) == 13 and (2, 0) in window_offsets(1.5) and (2, 1) not in window_offsets(1.5)
+    assert window_offsets(10**9, (3, 4)) == window_offsets(3, (3, 4))  # the whole grid, not 10^18 offsets
+    assert max(abs(dy) for dy, _ in window_offsets(2.5, (3, 4))) == 2
 
 
 def test_anomaly_mapper_shape_and_blur():

@@ -74,9 +74,16 @@ def test_spread_is_the_sharpest_that_held_out_patches_tolerate():
 
 def test_spreads_are_multiples_of_a_half_step():
     assert TrainConfig.from_dict({"position": {"spread": 0.5}}).position.spread == 0.5
-    for bad in ({"spread": 0.3}, {"spread": -1}, {"spread_candidates": [0, 0.25]}, {"spread_candidates": []}):
+    for bad in ({"spread": 0.3}, {"spread": -1}, {"spread": float("nan")}, {"spread": float("inf")},
+                {"spread_candidates": [0, 0.25]}):
+        with pytest.raises(ValueError, match="multiple of 0.5"):
+            TrainConfig.from_dict({"position": bad})
+    for bad in ({"spread": True}, {"spread": "1"}, {"spread_candidates": []}, {"spread_candidates": [0, "1"]}):
         with pytest.raises(ValueError, match="spread"):
             TrainConfig.from_dict({"position": bad})
+    # a bundle of the earlier ladder still reads
+    old = TrainConfig.from_manifest({**TrainConfig().to_dict(), "position": {"spread": 1, "spread_candidates": [0, 1, 2, 4, 8]}})
+    assert old.position.spread == 1 and tuple(old.position.spread_candidates) == (0, 1, 2, 4, 8)
     with pytest.raises(ValueError, match="multiple of 0.5"):
         choose_spread(_aligned(2), _aligned(2), 36, (0, 0.7), 0.9, tau=1e-3)
 

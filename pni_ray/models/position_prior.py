@@ -31,15 +31,22 @@ class SparsePositionPrior:
         return out
 
 
-def window_offsets(spread: float) -> list[tuple[int, int]]:
+def window_offsets(spread: float, grid: tuple[int, int] | None = None) -> list[tuple[int, int]]:
     """Grid offsets a hit counts at: the square within +-floor(spread); a half step (0.5, 1.5, ...)
     adds the four cells one further along the axes. So 0.5 is the 5-cell cross between the single
     cell (0) and the 3 x 3 square (1), the symmetric window between two squares: the spread rule can
-    stop there when the square is more than normal data needs."""
-    r = int(spread_value(spread))
+    stop there when the square is more than normal data needs. With `grid` (h, w), offsets that
+    reach past it are left out (a spread of 10^6 is the whole grid, not 10^12 offsets)."""
+    spread = spread_value(spread)
+    r = int(spread)
+    half = spread != r
+    if grid is not None and r >= max(grid):
+        r, half = max(grid) - 1, False
     offsets = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
-    if spread_value(spread) != r:
+    if half:
         offsets += [(-r - 1, 0), (0, -r - 1), (0, r + 1), (r + 1, 0)]
+    if grid is not None:
+        offsets = [(dy, dx) for dy, dx in offsets if abs(dy) < grid[0] and abs(dx) < grid[1]]
     return sorted(offsets)
 
 
@@ -55,9 +62,7 @@ def build_position_prior(
     counts = torch.zeros(h * w, n_entries, dtype=torch.float32)
     pos = torch.arange(h * w).view(h, w)
     keep = torch.ones_like(nearest, dtype=torch.bool) if valid is None else valid
-    for dy, dx in window_offsets(spread):
-        if abs(dy) >= h or abs(dx) >= w:  # offsets past the grid reach nothing
-            continue
+    for dy, dx in window_offsets(spread, (h, w)):
         ys = slice(max(0, dy), h + min(0, dy))  # target rows
         xs = slice(max(0, dx), w + min(0, dx))
         ys_src = slice(max(0, -dy), h + min(0, -dy))
