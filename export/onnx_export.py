@@ -290,7 +290,7 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
     if options.int8:  # refused before any graph is traced
         quantize.check_graphs(options.int8, ["backbone", "mlp"] if needs_probs else ["backbone"])
         calibration = quantize.calibration_paths(options.calibration, options.calibration_images)
-    with staged_dir(out, tables.FORMAT, "export") as tmp:
+    with staged_dir(out, tables.FORMAT, "export", force) as tmp:
         graphs: dict[str, dict[str, Any]] = {}
         models: dict[str, onnx.ModelProto] = {}
         gen = torch.Generator().manual_seed(0)

@@ -102,7 +102,7 @@ def save_bundle(trained: TrainedModel, out: Path | str, overwrite: bool = False)
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--force) to replace it")
-    with staged_dir(out, FORMAT, "bundle") as tmp:
+    with staged_dir(out, FORMAT, "bundle", overwrite) as tmp:
         write_arrow(tmp / MEMORY, memory_table(trained.memory, trained.emb_to_dist, trained.dist_size))
         if trained.position_prior is not None:
             write_arrow(tmp / PRIOR, prior_table(trained.position_prior))

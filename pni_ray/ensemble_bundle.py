@@ -152,7 +152,7 @@ def save_ensemble(
             raise ValueError(f"{src}: trained with geometry {geometry.get('policy')!r}"
                              f"{' + tiling' if geometry.get('tile') else ''}; ensembles support the default resize only")
 
-    with staged_dir(out, FORMAT, "ensemble") as tmp:
+    with staged_dir(out, FORMAT, "ensemble", overwrite) as tmp:
         (tmp / MEMBERS_DIR).mkdir()
         entries = []
         for k, (src, manifest, mid) in enumerate(zip(sources, manifests, ids)):

@@ -153,27 +153,38 @@ def _a(noun: str) -> str:
 
 
 @contextmanager
-def staged_dir(out: Path, replaces: str | tuple[str, ...], kind: str) -> Iterator[Path]:
+def staged_dir(out: Path, replaces: str | tuple[str, ...], kind: str, overwrite: bool = True) -> Iterator[Path]:
     """A fresh hidden sibling of `out` to write a whole directory into.
 
     When the block finishes it replaces `out` in one rename (replace_dir); when the block
     raises it is removed, so a reader never sees a half-written bundle or export. An existing
     `out` must be replaceable (check_replaceable: missing, empty, or a directory of the writer's own
     format `replaces`): checked before anything is written and again just before the rename.
+    Without `overwrite` an existing `out` is refused, checked again once this writer holds the lock
+    and before the rename: two saves started side by side without --force no longer both pass the
+    callers' early check, the second then silently replacing the first.
     """
     check_replaceable(out, replaces, kind)
     out.parent.mkdir(parents=True, exist_ok=True)
     with writer_lock(out):  # under it, any partial sibling is a dead writer's: safe to remove
+        _refuse_existing(out, overwrite)
         remove_stale_siblings(out)
         tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
         tmp.mkdir()
         try:
             yield tmp
+            _refuse_existing(out, overwrite)  # where no lock could be had, another writer may have finished
             check_replaceable(out, replaces, kind)  # minutes may have passed: something else may be there now
             replace_dir(tmp, out)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if not overwrite and out.exists():
+        raise FileExistsError(f"{out} already exists: another process wrote it while this one was writing; "
+                              "pass --force to replace it")
 
 
 @contextmanager

@@ -81,6 +81,49 @@ def test_save_bundle_overwrites_bundles_only(bundle_tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "results"]  # no temp dir left
 
 
+def test_two_saves_without_force_never_replace_each_other(bundle_tiny, tmp_path, monkeypatch):
+    """Both pass save_bundle's early "already exists" check before either has written; the second then
+    waited at the lock and replaced the first's bundle. Now it is refused once it holds the lock."""
+    import threading
+
+    from pni_ray import bundle as bundle_module
+    from pni_ray.bundle import load_bundle, save_bundle, verify_bundle
+
+    trained, _ = load_bundle(bundle_tiny)
+    out, entered, go, results = tmp_path / "B", threading.Event(), threading.Event(), {}
+    real_write = bundle_module.write_arrow
+
+    def slow_first_write(path, table):
+        if threading.current_thread().name == "first" and not entered.is_set():
+            entered.set()
+            go.wait(30)
+        return real_write(path, table)
+
+    monkeypatch.setattr(bundle_module, "write_arrow", slow_first_write)
+
+    def save(name):
+        try:
+            save_bundle(trained, out, overwrite=False)
+            results[name] = "ok"
+        except Exception as exc:  # noqa: BLE001 (the test reports what failed)
+            results[name] = exc
+
+    first = threading.Thread(target=save, args=("first",), name="first")
+    first.start()
+    assert entered.wait(30)  # the first holds the lock, its bundle half-written; nothing at B yet
+    second = threading.Thread(target=save, args=("second",), name="second")
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()  # past the early check, waiting at the lock
+    go.set()
+    first.join(30)
+    second.join(30)
+    assert results["first"] == "ok"
+    assert isinstance(results["second"], FileExistsError) and "--force" in str(results["second"])
+    assert verify_bundle(out)["category"] == "washer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["B"]  # no partial or lock file left
+
+
 # ---------------------------------------------------------------- small data warnings
 
 
