@@ -123,7 +123,6 @@ def train(data_root: Path, category: str, out: Path, backbone: str | None, force
     Gives the same bundle as `train-all` for the same config and --threads (both default to 1).
     """
     from pni_ray.bundle import FORMAT, save_bundle
-    from pni_ray.fileio import NotReplaceable
     from pni_ray.fit import fit_category
 
     n_threads = training_threads(threads)
@@ -133,7 +132,7 @@ def train(data_root: Path, category: str, out: Path, backbone: str | None, force
     trained = fit_category(data_root, category, cfg, n_threads)  # the category's files are checked first
     try:
         save_bundle(trained, out, overwrite=force)
-    except NotReplaceable as exc:  # something else appeared at OUT while training
+    except FileExistsError as exc:  # something else appeared at OUT while training (NotReplaceable is one)
         raise click.ClickException(str(exc)) from None
     secs = trained.report["seconds"]
     click.echo(f"trained {category} ({cfg.mode}, {cfg.features.backbone}) in {secs['total']:.1f} s -> {out}")
@@ -163,7 +162,6 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
     import torch
 
     from pni_ray.bundle import FORMAT, load_bundle, save_bundle
-    from pni_ray.fileio import NotReplaceable
     from pni_ray.fit import record_threads
     from pni_ray.refine_training import train_refiner
 
@@ -184,7 +182,7 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
     record_threads(trained, n_threads, "refiner")  # the PNI model's own count stays as trained
     try:
         save_bundle(trained, out, overwrite=force)
-    except NotReplaceable as exc:  # something else appeared at OUT while training
+    except FileExistsError as exc:  # something else appeared at OUT while training (NotReplaceable is one)
         raise click.ClickException(str(exc)) from None
     click.echo(f"refined {manifest['category']} in {trained.report['seconds']['refiner']:.1f} s -> {out}")
 

@@ -183,7 +183,7 @@ def staged_dir(out: Path, replaces: str | tuple[str, ...], kind: str, overwrite:
 
 def _refuse_existing(out: Path, overwrite: bool) -> None:
     if not overwrite and out.exists():
-        raise FileExistsError(f"{out} already exists: another process wrote it while this one was writing; "
+        raise FileExistsError(f"{out} already exists: another save wrote it while this one was running; "
                               "pass --force to replace it")
 
 

@@ -124,6 +124,27 @@ def test_two_saves_without_force_never_replace_each_other(bundle_tiny, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["B"]  # no partial or lock file left
 
 
+def test_train_refused_because_another_save_got_there_first_says_so_in_one_line(synthetic_root, trained_tiny, tmp_path,
+                                                                               monkeypatch):
+    """Another `pni-ray train` of the same OUT finished while this one trained: one `Error:` line, no traceback."""
+    from click.testing import CliRunner
+
+    from pni_ray import fit
+    from pni_ray.bundle import save_bundle
+    from pni_ray.cli import main
+
+    out = tmp_path / "B"
+
+    def other_save_first(*args, **kwargs):
+        save_bundle(trained_tiny, out)
+        return trained_tiny
+
+    monkeypatch.setattr(fit, "fit_category", other_save_first)
+    result = CliRunner().invoke(main, ["train", str(synthetic_root), "-c", "washer", "--out", str(out)])
+    assert result.exit_code == 1 and not isinstance(result.exception, FileExistsError), result.output
+    assert "Error:" in result.output and "already exists" in result.output and "--force" in result.output
+
+
 # ---------------------------------------------------------------- small data warnings
 
 
