@@ -216,6 +216,8 @@ def run_category(data_root: Path, category: str, workdir: Path, cfg: TrainConfig
     ranked = image_ranking(detector, cat) if ranking else None
     return {"train_seconds": train_s, "position_spread": training.get("position_spread"),
             "held_out_keep": training.get("position_held_out_keep"),
+            "position_min_count": training.get("position_min_count", 1),
+            "min_count_held_out_keep": training.get("position_min_count_held_out_keep"),
             "neighbourhood_cut": manifest.get("neighbourhood_cut", 1.0),
             "neighbourhood_held_out_keep": dict(sorted((training.get("neighbourhood_held_out_keep") or {}).items(),
                                                        key=lambda kv: float(kv[0]))),
@@ -226,6 +228,7 @@ def run_category(data_root: Path, category: str, workdir: Path, cfg: TrainConfig
 def print_category(category: str, res: dict) -> None:
     trained = f"trained in {res['train_seconds']:.0f} s" if res["train_seconds"] else "bundle reused"
     print(f"\n{category} ({trained}; position spread {res['position_spread']}, held-out keep {res['held_out_keep']}; "
+          f"entries seen >= {res.get('position_min_count', 1)} times, held-out keep {res.get('min_count_held_out_keep')}; "
           f"p(c|N) cut {res.get('neighbourhood_cut', 1.0):g} tau, held-out keep {res.get('neighbourhood_held_out_keep')})")
     print(f"{'mode':<14}" + "".join(f"{title:>11}" for _, title, _ in COLUMNS))
     for mode, row in res["modes"].items():

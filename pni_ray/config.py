@@ -140,6 +140,10 @@ class PositionConfig:
     spread_candidates: tuple[float, ...] = (0, 0.5, 1, 1.5, 2, 4, 8)  # tried sharpest first when spread is None
     min_keep: float = 0.9  # chosen spread: the sharpest whose mask still allows the nearest C_emb
     # entry of this share of held-out good patches (normal data pays at most 1 - min_keep)
+    # within the spread's window an entry is allowed only where it was the nearest at least min_count
+    # times; None: the largest of min_count_candidates under which held-out keep stays >= min_keep
+    min_count: int | None = None
+    min_count_candidates: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16)
 
     def __post_init__(self) -> None:  # a bad spread fails when the config is read, not after the features
         _require(isinstance(self.spread_candidates, (tuple, list)) and bool(self.spread_candidates),
@@ -148,6 +152,11 @@ class PositionConfig:
             _require(isinstance(spread, numbers.Real) and not isinstance(spread, bool),
                      f"position spreads are numbers, got {spread!r}")
             spread_value(spread)
+        counts = ((self.min_count,) if self.min_count is not None else ()) + tuple(self.min_count_candidates)
+        _require(bool(self.min_count_candidates) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 1
+                                                         for c in counts),
+                 f"position.min_count and min_count_candidates are whole numbers >= 1, got {self.min_count!r} and "
+                 f"{self.min_count_candidates!r}")
 
 
 @dataclass(frozen=True)
@@ -175,6 +184,8 @@ LEGACY_SCORING: dict[str, Any] = {"combine": "mean", "image_window": 0}
 # training image each epoch, in float32, on step decay) and cut p(c|N) (at tau).
 LEGACY_NEIGHBOURHOOD: dict[str, Any] = {"images_per_epoch": None, "train_precision": "float32", "cut": 1.0,
                                          "lr_schedule": "step"}
+# How bundles written before PositionConfig.min_count existed built p(c|x): every entry seen once.
+LEGACY_POSITION: dict[str, Any] = {"min_count": 1}
 # Where bundles written before RefinerConfig.source existed drew the refiner's synthetic defects.
 LEGACY_REFINER: dict[str, Any] = {"source": "holdout"}
 
@@ -278,12 +289,14 @@ class TrainConfig:
     @classmethod
     def from_manifest(cls, data: dict[str, Any]) -> "TrainConfig":
         """A bundle's recorded config. Bundles written before a scoring or MLP field existed keep what
-        they were calibrated or trained with (LEGACY_SCORING, LEGACY_NEIGHBOURHOOD, LEGACY_REFINER), not
-        today's default."""
+        they were calibrated or trained with (LEGACY_SCORING, LEGACY_NEIGHBOURHOOD, LEGACY_POSITION,
+        LEGACY_REFINER), not today's default."""
         scoring = {**LEGACY_SCORING, **(data.get("scoring") or {})}
         neighbourhood = {**LEGACY_NEIGHBOURHOOD, **(data.get("neighbourhood") or {})}
+        position = {**LEGACY_POSITION, **(data.get("position") or {})}
         refiner = {**LEGACY_REFINER, **(data.get("refiner") or {})}
-        return _build(cls, {**data, "scoring": scoring, "neighbourhood": neighbourhood, "refiner": refiner})
+        return _build(cls, {**data, "scoring": scoring, "neighbourhood": neighbourhood, "position": position,
+                            "refiner": refiner})
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -383,7 +396,7 @@ def paper_config() -> TrainConfig:
         features=dataclasses.replace(base.features, image_size=480, patch_size=5),
         coreset=dataclasses.replace(base.coreset, ratio=0.01),
         neighbourhood=dataclasses.replace(base.neighbourhood, bottleneck=None, hidden=2048, depth=9, cut=1.0),
-        position=dataclasses.replace(base.position, spread=4),
+        position=dataclasses.replace(base.position, spread=4, min_count=1),
         scoring=dataclasses.replace(base.scoring, combine="mean", blur_sigma=8.0, image_window=0),
     )
 

@@ -25,7 +25,13 @@ from pni_ray.models.coreset import candidate_rows, greedy_kcenter_order
 from pni_ray.models.features import PatchFeatureExtractor, build_extractor
 from pni_ray.models.neighbourhood import NeighbourhoodMLP, choose_cut
 from pni_ray.models.pni import Normalisation, PNIDetector, TrainedModel, build_detector
-from pni_ray.models.position_prior import SparsePositionPrior, build_position_prior, choose_spread
+from pni_ray.models.position_prior import (
+    SparsePositionPrior,
+    choose_min_count,
+    choose_spread,
+    position_counts,
+    prior_from_counts,
+)
 from pni_ray.models.scorer import PatchScorer, nearest_in_prefix_and_all, nearest_neighbours
 from pni_ray.predict import content_maps, detector_geometry, extract_training_features
 
@@ -367,17 +373,38 @@ def held_out_patches(
     return HeldOut(feats, idx.view(n, hh, ww), valid)
 
 
+@dataclass
+class PositionFit:
+    """p(c|x) and how it was chosen: the window (spread) and how often an entry must have been seen
+    in it (min_count), each with the held-out keep rates measured (empty where configured)."""
+
+    prior: SparsePositionPrior
+    spread: int | float
+    spread_keep: dict[int | float, float]
+    min_count: int
+    count_keep: dict[int, float]
+
+
 def fit_position_prior(
     held: HeldOut | None, memory: torch.Tensor, nearest: torch.Tensor, valid: torch.Tensor | None, cfg: TrainConfig
-) -> tuple[SparsePositionPrior, int | float, dict[int | float, float]]:
-    """p(c|x) with the configured spread, or (spread None) the sharpest one held-out good images tolerate."""
+) -> PositionFit:
+    """p(c|x) with the configured spread and count, or (None) the sharpest held-out good images tolerate:
+    first the spread, then the count within it."""
     n_entries = memory.shape[0]
-    if cfg.position.spread is not None:
-        spread = spread_value(cfg.position.spread)
-        return build_position_prior(nearest, n_entries, spread, valid), spread, {}
     tau = cfg.scoring.tau_scale / n_entries
-    return choose_spread(nearest, held.nearest if held else None, n_entries, cfg.position.spread_candidates,
-                         cfg.position.min_keep, tau, valid, held.valid if held else None)
+    held_nearest, held_valid = (held.nearest, held.valid) if held else (None, None)
+    if cfg.position.spread is not None:
+        spread, spread_keep = spread_value(cfg.position.spread), {}
+    else:
+        _, spread, spread_keep = choose_spread(nearest, held_nearest, n_entries, cfg.position.spread_candidates,
+                                               cfg.position.min_keep, tau, valid, held_valid)
+    counts, grid = position_counts(nearest, n_entries, spread, valid), tuple(nearest.shape[1:])
+    if cfg.position.min_count is not None:
+        return PositionFit(prior_from_counts(counts, grid, cfg.position.min_count), spread, spread_keep,
+                           cfg.position.min_count, {})
+    prior, min_count, count_keep = choose_min_count(counts, grid, held_nearest, cfg.position.min_count_candidates,
+                                                    cfg.position.min_keep, tau, held_valid)
+    return PositionFit(prior, spread, spread_keep, min_count, count_keep)
 
 
 @torch.no_grad()
@@ -456,13 +483,18 @@ def train_category(
         targets, nearest_emb = nearest_in_prefix_and_all(rows, memory, dist_size, chunk,
                                                          desc="nearest C_dist / C_emb" if progress else None)
         t_assign = time.perf_counter()
-        measured = cfg.position.spread is None or cfg.neighbourhood.cut is None  # else nothing reads held-out patches
+        measured = (cfg.position.spread is None or cfg.position.min_count is None
+                    or cfg.neighbourhood.cut is None)  # else nothing reads held-out patches
         held = held_out_patches(extractor, geometry, holdout_paths if measured else [], memory, (h, w), cfg, progress)
-        prior, spread, keep = fit_position_prior(held, memory, nearest_emb.view(n_img, h, w), valid, cfg)
-        facts["position_spread"] = spread
-        facts["position_held_out_keep"] = {str(k): round(v, 6) for k, v in keep.items()}
-        log.info("%s: position prior spread %g (held-out keep rates %s)", category, spread,
-                 {k: round(v, 4) for k, v in keep.items()})
+        fit = fit_position_prior(held, memory, nearest_emb.view(n_img, h, w), valid, cfg)
+        prior = fit.prior
+        facts["position_spread"] = fit.spread
+        facts["position_held_out_keep"] = {str(k): round(v, 6) for k, v in fit.spread_keep.items()}
+        facts["position_min_count"] = fit.min_count
+        facts["position_min_count_held_out_keep"] = {str(k): round(v, 6) for k, v in fit.count_keep.items()}
+        log.info("%s: position prior spread %g (held-out keep rates %s), entries seen >= %d times there "
+                 "(keep rates %s)", category, fit.spread, {k: round(v, 4) for k, v in fit.spread_keep.items()},
+                 fit.min_count, {k: round(v, 4) for k, v in fit.count_keep.items()})
         t_prior = time.perf_counter()
         mlp, mlp_report = train_neighbourhood_mlp(
             feats, targets.view(n_img, h, w), dist_size, cfg.neighbourhood, cfg.seed, progress,

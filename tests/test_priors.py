@@ -13,7 +13,14 @@ import torch
 from pni_ray.config import NeighbourhoodConfig, TrainConfig, paper_config
 from pni_ray.geometry import box_max
 from pni_ray.models.neighbourhood import NeighbourhoodMLP, choose_cut
-from pni_ray.models.position_prior import build_position_prior, choose_spread, held_out_keep_rate
+from pni_ray.models.position_prior import (
+    build_position_prior,
+    choose_min_count,
+    choose_spread,
+    held_out_keep_rate,
+    position_counts,
+    prior_from_counts,
+)
 from pni_ray.options import build_config
 from pni_ray.training import train_neighbourhood_mlp
 
@@ -86,6 +93,45 @@ def test_spreads_are_multiples_of_a_half_step():
     assert old.position.spread == 1 and tuple(old.position.spread_candidates) == (0, 1, 2, 4, 8)
     with pytest.raises(ValueError, match="multiple of 0.5"):
         choose_spread(_aligned(2), _aligned(2), 36, (0, 0.7), 0.9, tau=1e-3)
+
+
+def test_min_count_leaves_out_entries_seen_too_rarely_at_a_place():
+    nearest = torch.zeros(3, 1, 2, dtype=torch.long)
+    nearest[0, 0, 0] = 1  # entry 1 seen once at cell 0, entry 0 twice there
+    counts = position_counts(nearest, 2, spread=0)
+    assert counts.tolist() == [[2.0, 1.0], [3.0, 0.0]]
+    assert prior_from_counts(counts, (1, 2), 1).dense().tolist() == [[pytest.approx(2 / 3), pytest.approx(1 / 3)], [1.0, 0.0]]
+    assert prior_from_counts(counts, (1, 2), 2).dense().tolist() == [[1.0, 0.0], [1.0, 0.0]]  # renormalised
+    assert build_position_prior(nearest, 2, 0, min_count=3).dense().tolist() == [[0.0, 0.0], [1.0, 0.0]]
+
+
+def test_min_count_is_the_largest_that_held_out_patches_tolerate():
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randint(0, 36, (1, 6, 6), generator=g)  # one odd training image: each entry seen once there
+    train = torch.cat([_aligned(40), noise])
+    counts, ladder = position_counts(train, 36, 0), (1, 2, 4, 16, 64)
+    _, k, rates = choose_min_count(counts, (6, 6), _aligned(10), ladder, 0.9, tau=1e-3)
+    assert k == 16 and rates == {1: 1.0, 2: 1.0, 4: 1.0, 16: 1.0, 64: 0.0}  # seen 40 times: up to 40 tolerated
+    held = _aligned(10)
+    held[:2] = noise  # two held-out images look like the odd one: they need entries seen once
+    exact = (noise != _aligned(1)).float().mean().item()  # cells where the odd image differs
+    _, k, rates = choose_min_count(counts, (6, 6), held, ladder, 0.9, tau=1e-3)
+    assert k == 1 and rates[2] == pytest.approx(1 - 0.2 * exact) and list(rates) == [1, 2]
+    prior, k, rates = choose_min_count(counts, (6, 6), None, ladder, 0.9, tau=1e-3)
+    assert k == 1 and rates == {} and prior.prob.numel() == int((counts > 0).sum())  # nothing held out: every entry
+    with pytest.raises(ValueError, match=">= 1"):
+        choose_min_count(counts, (6, 6), held, (0, 1), 0.9, tau=1e-3)
+
+
+def test_min_count_settings_and_older_bundles():
+    assert TrainConfig().position.min_count is None and paper_config().position.min_count == 1
+    assert TrainConfig.from_dict({"position": {"min_count": 2}}).position.min_count == 2
+    for bad in ({"min_count": 0}, {"min_count": 1.5}, {"min_count": "2"}, {"min_count_candidates": []},
+                {"min_count_candidates": [1, 2.5]}, {"min_count": True}):
+        with pytest.raises(ValueError, match="min_count"):
+            TrainConfig.from_dict({"position": bad})
+    old = {**TrainConfig().to_dict(), "position": {"spread": None, "spread_candidates": [0, 1, 2, 4, 8], "min_keep": 0.9}}
+    assert TrainConfig.from_manifest(old).position.min_count == 1  # built before the count: every entry seen once
 
 
 def test_spread_falls_back_to_the_best_keep_rate_when_none_is_tolerated():

@@ -50,14 +50,12 @@ def window_offsets(spread: float, grid: tuple[int, int] | None = None) -> list[t
     return sorted(offsets)
 
 
-def build_position_prior(
+def position_counts(
     nearest: torch.Tensor, n_entries: int, spread: float, valid: torch.Tensor | None = None
-) -> SparsePositionPrior:
-    """Histogram from nearest-entry indices (N_img, h, w); each hit counts at every offset of the
-    spread's window (`window_offsets`).
-
-    `valid` (N_img, h, w) bool excludes padded positions (letterbox) from the counts.
-    """
+) -> torch.Tensor:
+    """(h * w, |C_emb|) float32: how often each entry was the nearest within each position's window
+    (`window_offsets`), from nearest-entry indices (N_img, h, w). `valid` (N_img, h, w) bool excludes
+    padded positions (letterbox) from the counts."""
     n_img, h, w = nearest.shape
     counts = torch.zeros(h * w, n_entries, dtype=torch.float32)
     pos = torch.arange(h * w).view(h, w)
@@ -72,16 +70,31 @@ def build_position_prior(
         mask = keep[:, ys_src, xs_src].reshape(n_img, -1)
         rows = target.expand(n_img, -1)[mask]
         counts.index_put_((rows, src[mask].long()), torch.ones(int(mask.sum())), accumulate=True)
+    return counts
+
+
+def prior_from_counts(counts: torch.Tensor, grid: tuple[int, int], min_count: int = 1) -> SparsePositionPrior:
+    """The histogram normalised per position, leaving out entries counted fewer than `min_count`
+    times there (as if never seen: an entry that was the nearest once in 200 images is no evidence
+    that it belongs at that place)."""
+    counts = torch.where(counts >= min_count, counts, torch.zeros(()))
     totals = counts.sum(1, keepdim=True)
     probs = torch.where(totals > 0, counts / totals.clamp_min(1e-12), counts)
     position, entry = probs.nonzero(as_tuple=True)
     return SparsePositionPrior(
-        grid=(h, w),
-        n_entries=n_entries,
+        grid=tuple(grid),
+        n_entries=counts.shape[1],
         position=position.to(torch.int32),
         entry=entry.to(torch.int32),
         prob=probs[position, entry].to(torch.float32),
     )
+
+
+def build_position_prior(
+    nearest: torch.Tensor, n_entries: int, spread: float, valid: torch.Tensor | None = None, min_count: int = 1
+) -> SparsePositionPrior:
+    """p(c|x) from nearest-entry indices (N_img, h, w): `position_counts`, then `prior_from_counts`."""
+    return prior_from_counts(position_counts(nearest, n_entries, spread, valid), tuple(nearest.shape[1:]), min_count)
 
 
 def held_out_keep_rate(
@@ -138,3 +151,33 @@ def choose_spread(
             priors.pop(worst)
     best = max(priors, key=lambda k: (rates[k], -k))
     return priors[best], best, rates
+
+
+def choose_min_count(
+    counts: torch.Tensor,
+    grid: tuple[int, int],
+    nearest_held_out: torch.Tensor | None,
+    candidates: tuple[int, ...],
+    min_keep: float,
+    tau: float,
+    valid_held_out: torch.Tensor | None = None,
+) -> tuple[SparsePositionPrior, int, dict[int, float]]:
+    """After the spread, how often an entry must have been seen at a place to be allowed there: the
+    largest candidate under which held-out good patches still keep their nearest entry at a rate
+    >= min_keep (the rule the spread follows, one step sharper). The smallest candidate is the
+    fallback when none is tolerated or nothing is held out. Returns the prior, the count and every
+    keep rate measured."""
+    ordered = sorted(set(int(c) for c in candidates))
+    if not ordered or ordered[0] < 1:
+        raise ValueError(f"min-count candidates must be whole numbers >= 1, got {candidates}")
+    chosen, prior = ordered[0], prior_from_counts(counts, grid, ordered[0])
+    rates: dict[int, float] = {}
+    if nearest_held_out is None or (valid_held_out is not None and not bool(valid_held_out.any())):
+        return prior, chosen, rates
+    for k in ordered:
+        candidate = prior if k == chosen else prior_from_counts(counts, grid, k)
+        rates[k] = held_out_keep_rate(candidate, nearest_held_out, tau, valid_held_out)
+        if rates[k] < min_keep:
+            break  # a larger count only removes entries (tau is far below any count / total): no larger one passes
+        chosen, prior = k, candidate
+    return prior, chosen, rates
