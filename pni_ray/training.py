@@ -367,7 +367,7 @@ def held_out_patches(
     n, d, hh, ww = feats.shape
     if (hh, ww) != tuple(grid):
         log.warning("held-out images give a %dx%d grid, the memory bank %dx%d: the priors' cuts are not "
-                    "measured (position prior: the broadest spread; p(c|N): tau)", hh, ww, *grid)
+                    "measured (position prior: the broadest spread, entries seen once; p(c|N): tau)", hh, ww, *grid)
         return None
     _, idx = nearest_neighbours(feats.permute(0, 2, 3, 1).reshape(-1, d), memory, cfg.scoring.chunk_patches)
     return HeldOut(feats, idx.view(n, hh, ww), valid)

@@ -102,7 +102,10 @@ def test_min_count_leaves_out_entries_seen_too_rarely_at_a_place():
     assert counts.tolist() == [[2.0, 1.0], [3.0, 0.0]]
     assert prior_from_counts(counts, (1, 2), 1).dense().tolist() == [[pytest.approx(2 / 3), pytest.approx(1 / 3)], [1.0, 0.0]]
     assert prior_from_counts(counts, (1, 2), 2).dense().tolist() == [[1.0, 0.0], [1.0, 0.0]]  # renormalised
-    assert build_position_prior(nearest, 2, 0, min_count=3).dense().tolist() == [[0.0, 0.0], [1.0, 0.0]]
+    # no entry seen 3 times at cell 0: its most frequent one stays (an empty place would allow everything)
+    assert build_position_prior(nearest, 2, 0, min_count=3).dense().tolist() == [[1.0, 0.0], [1.0, 0.0]]
+    varied = torch.tensor([[[0]], [[1]], [[2]]])  # three images, three entries once each at the one cell
+    assert build_position_prior(varied, 3, 0, min_count=2).dense().tolist() == [[pytest.approx(1 / 3)] * 3]
 
 
 def test_min_count_is_the_largest_that_held_out_patches_tolerate():
@@ -111,12 +114,19 @@ def test_min_count_is_the_largest_that_held_out_patches_tolerate():
     train = torch.cat([_aligned(40), noise])
     counts, ladder = position_counts(train, 36, 0), (1, 2, 4, 16, 64)
     _, k, rates = choose_min_count(counts, (6, 6), _aligned(10), ladder, 0.9, tau=1e-3)
-    assert k == 16 and rates == {1: 1.0, 2: 1.0, 4: 1.0, 16: 1.0, 64: 0.0}  # seen 40 times: up to 40 tolerated
+    assert k == 64 and set(rates.values()) == {1.0}  # each place's own entry, seen 40 times, always stays
     held = _aligned(10)
     held[:2] = noise  # two held-out images look like the odd one: they need entries seen once
     exact = (noise != _aligned(1)).float().mean().item()  # cells where the odd image differs
     _, k, rates = choose_min_count(counts, (6, 6), held, ladder, 0.9, tau=1e-3)
-    assert k == 1 and rates[2] == pytest.approx(1 - 0.2 * exact) and list(rates) == [1, 2]
+    assert k == 1 and rates[2] == pytest.approx(1 - 0.2 * exact) and list(rates) == list(ladder)
+    assert max(rates[c] for c in ladder[1:]) < 0.9
+    # the rate need not fall with the count: an entry diluted below tau at 1 passes it at 2
+    spread_out = torch.zeros(40, 1, 1, dtype=torch.long)
+    spread_out[:30, 0, 0] = torch.arange(30) + 1  # 30 entries once each, entry 0 ten times
+    diluted = position_counts(spread_out, 31, 0)  # p(entry 0) = 0.25 at k = 1, 1.0 at k = 2
+    _, k, rates = choose_min_count(diluted, (1, 1), torch.zeros(4, 1, 1, dtype=torch.long), (1, 2), 0.9, tau=0.3)
+    assert rates == {1: 0.0, 2: 1.0} and k == 2
     prior, k, rates = choose_min_count(counts, (6, 6), None, ladder, 0.9, tau=1e-3)
     assert k == 1 and rates == {} and prior.prob.numel() == int((counts > 0).sum())  # nothing held out: every entry
     with pytest.raises(ValueError, match=">= 1"):

@@ -76,10 +76,11 @@ def position_counts(
 def prior_from_counts(counts: torch.Tensor, grid: tuple[int, int], min_count: int = 1) -> SparsePositionPrior:
     """The histogram normalised per position, leaving out entries counted fewer than `min_count`
     times there (as if never seen: an entry that was the nearest once in 200 images is no evidence
-    that it belongs at that place)."""
-    counts = torch.where(counts >= min_count, counts, torch.zeros(()))
-    totals = counts.sum(1, keepdim=True)
-    probs = torch.where(totals > 0, counts / totals.clamp_min(1e-12), counts)
+    that it belongs at that place). A position is never emptied: where no entry reaches min_count,
+    its most frequent ones stay (an empty position would allow every entry, the opposite of sharper)."""
+    need = counts.amax(1, keepdim=True).clamp_max(min_count)  # 0 on positions nothing reached
+    probs = counts.masked_fill(counts < need, 0.0)
+    probs /= probs.sum(1, keepdim=True).clamp_min(1e-12)  # rows of zeros stay zeros
     position, entry = probs.nonzero(as_tuple=True)
     return SparsePositionPrior(
         grid=tuple(grid),
@@ -164,9 +165,10 @@ def choose_min_count(
 ) -> tuple[SparsePositionPrior, int, dict[int, float]]:
     """After the spread, how often an entry must have been seen at a place to be allowed there: the
     largest candidate under which held-out good patches still keep their nearest entry at a rate
-    >= min_keep (the rule the spread follows, one step sharper). The smallest candidate is the
-    fallback when none is tolerated or nothing is held out. Returns the prior, the count and every
-    keep rate measured."""
+    >= min_keep (the rule the spread follows, one step sharper). Every candidate is measured: a
+    larger count shrinks each position's total, which can lift diluted entries above tau, so the
+    rate need not fall with the count. The smallest candidate is the fallback when none is tolerated
+    or nothing is held out. Returns the prior, the count and every keep rate measured."""
     ordered = sorted(set(int(c) for c in candidates))
     if not ordered or ordered[0] < 1:
         raise ValueError(f"min-count candidates must be whole numbers >= 1, got {candidates}")
@@ -175,9 +177,8 @@ def choose_min_count(
     if nearest_held_out is None or (valid_held_out is not None and not bool(valid_held_out.any())):
         return prior, chosen, rates
     for k in ordered:
-        candidate = prior if k == chosen else prior_from_counts(counts, grid, k)
+        candidate = prior if k == ordered[0] else prior_from_counts(counts, grid, k)
         rates[k] = held_out_keep_rate(candidate, nearest_held_out, tau, valid_held_out)
-        if rates[k] < min_keep:
-            break  # a larger count only removes entries (tau is far below any count / total): no larger one passes
-        chosen, prior = k, candidate
+        if rates[k] >= min_keep:
+            chosen, prior = k, candidate
     return prior, chosen, rates
