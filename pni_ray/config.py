@@ -145,7 +145,9 @@ class PositionConfig:
     min_count: int | None = None
     min_count_candidates: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16)
 
-    def __post_init__(self) -> None:  # a bad spread fails when the config is read, not after the features
+    def __post_init__(self) -> None:  # a bad spread or count fails when the config is read, not after the features
+        _require(isinstance(self.min_count_candidates, (tuple, list)),
+                 f"position.min_count_candidates must be a list, got {self.min_count_candidates!r}")
         _require(isinstance(self.spread_candidates, (tuple, list)) and bool(self.spread_candidates),
                  f"position.spread_candidates must list at least one spread, got {self.spread_candidates!r}")
         for spread in ((self.spread,) if self.spread is not None else ()) + tuple(self.spread_candidates):
