@@ -26,14 +26,15 @@ def setup_logging(verbose: int) -> None:
 
 def _input_errors() -> tuple[type[Exception], ...]:
     """Errors whose message names the file and what is wrong with it (images, data layout, geometry,
-    bundles, exports): a user's to fix, shown as one line, not a traceback."""
+    bundles, exports, an output another save got to first): a user's to fix, shown as one line, not a
+    traceback."""
     from export.tables import ExportError
     from pni_ray.bundle import BundleError
     from pni_ray.data.images import ImageError
     from pni_ray.data.mvtec import LayoutError
     from pni_ray.geometry import GeometryError
 
-    return ImageError, LayoutError, GeometryError, BundleError, ExportError
+    return ImageError, LayoutError, GeometryError, BundleError, ExportError, FileExistsError
 
 
 class Commands(click.Group):
@@ -130,10 +131,7 @@ def train(data_root: Path, category: str, out: Path, backbone: str | None, force
     cfg = build_config(backbone=backbone, base=load_config_file(config_file), **overrides)
     require_category(data_root, category, given=True)
     trained = fit_category(data_root, category, cfg, n_threads)  # the category's files are checked first
-    try:
-        save_bundle(trained, out, overwrite=force)
-    except FileExistsError as exc:  # something else appeared at OUT while training (NotReplaceable is one)
-        raise click.ClickException(str(exc)) from None
+    save_bundle(trained, out, overwrite=force)  # something at OUT by now: one Error: line (Commands)
     secs = trained.report["seconds"]
     click.echo(f"trained {category} ({cfg.mode}, {cfg.features.backbone}) in {secs['total']:.1f} s -> {out}")
 
@@ -180,10 +178,7 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
     trained.config = trained.config.replace(refiner=dataclasses.replace(rcfg, enabled=True, **changes))
     train_refiner(trained, data_root, category or manifest["category"])
     record_threads(trained, n_threads, "refiner")  # the PNI model's own count stays as trained
-    try:
-        save_bundle(trained, out, overwrite=force)
-    except FileExistsError as exc:  # something else appeared at OUT while training (NotReplaceable is one)
-        raise click.ClickException(str(exc)) from None
+    save_bundle(trained, out, overwrite=force)  # something at OUT by now: one Error: line (Commands)
     click.echo(f"refined {manifest['category']} in {trained.report['seconds']['refiner']:.1f} s -> {out}")
 
 
