@@ -395,15 +395,17 @@ def fit_position_prior(
     held_nearest, held_valid = (held.nearest, held.valid) if held else (None, None)
     if cfg.position.spread is not None:
         spread, spread_keep = spread_value(cfg.position.spread), {}
+        counts = position_counts(nearest, n_entries, spread, valid)
     else:
-        _, spread, spread_keep = choose_spread(nearest, held_nearest, n_entries, cfg.position.spread_candidates,
-                                               cfg.position.min_keep, tau, valid, held_valid)
-    counts, grid = position_counts(nearest, n_entries, spread, valid), tuple(nearest.shape[1:])
+        counts, spread, spread_keep = choose_spread(nearest, held_nearest, n_entries, cfg.position.spread_candidates,
+                                                    cfg.position.min_keep, tau, valid, held_valid)
+    grid = tuple(nearest.shape[1:])
     if cfg.position.min_count is not None:
         return PositionFit(prior_from_counts(counts, grid, cfg.position.min_count), spread, spread_keep,
                            cfg.position.min_count, {})
+    known = {1: spread_keep[spread]} if spread in spread_keep else {}  # the spread rule measured count 1
     prior, min_count, count_keep = choose_min_count(counts, grid, held_nearest, cfg.position.min_count_candidates,
-                                                    cfg.position.min_keep, tau, held_valid)
+                                                    cfg.position.min_keep, tau, held_valid, measured=known)
     return PositionFit(prior, spread, spread_keep, min_count, count_keep)
 
 

@@ -75,8 +75,9 @@ def test_spread_is_the_sharpest_that_held_out_patches_tolerate():
     assert spread == 1 and rates[0] < rates[0.5] < 0.9 <= rates[1]  # a diagonal jitter needs the 3 x 3 square
     _, spread, rates = choose_spread(train, _axis_shifted(10, seed=2), 36, ladder, 0.9, tau=1e-3)
     assert spread == 0.5 and isinstance(spread, float) and rates[0] < 0.9 and rates[0.5] == 1.0 and 1 not in rates
-    prior, spread, rates = choose_spread(train, None, 36, (0, 1, 2), 0.9, tau=1e-3)
-    assert spread == 2 and rates == {} and prior.grid == (6, 6)  # no held-out images: the broadest
+    counts, spread, rates = choose_spread(train, None, 36, (0, 1, 2), 0.9, tau=1e-3)
+    assert spread == 2 and rates == {}  # no held-out images: the broadest
+    assert torch.equal(counts, position_counts(train, 36, 2))  # the chosen spread's counts, for the count rule
 
 
 def test_spreads_are_multiples_of_a_half_step():
@@ -131,6 +132,9 @@ def test_min_count_is_the_largest_that_held_out_patches_tolerate():
     assert k == 1 and rates == {} and prior.prob.numel() == int((counts > 0).sum())  # nothing held out: every entry
     with pytest.raises(ValueError, match=">= 1"):
         choose_min_count(counts, (6, 6), held, (0, 1), 0.9, tau=1e-3)
+    # a rate the spread rule already measured is taken, not measured again (nor one off the ladder)
+    _, k, rates = choose_min_count(counts, (6, 6), held, ladder, 0.9, tau=1e-3, measured={1: 0.5, 2: 0.95, 3: 1.0})
+    assert k == 2 and rates[1] == 0.5 and rates[2] == 0.95 and 3 not in rates and list(rates) == list(ladder)
 
 
 def test_min_count_settings_and_older_bundles():

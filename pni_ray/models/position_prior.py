@@ -125,33 +125,35 @@ def choose_spread(
     tau: float,
     valid: torch.Tensor | None = None,
     valid_held_out: torch.Tensor | None = None,
-) -> tuple[SparsePositionPrior, int | float, dict[int | float, float]]:
+) -> tuple[torch.Tensor, int | float, dict[int | float, float]]:
     """The sharpest prior that normal data tolerates: the first spread (sharpest first) whose mask
     keeps the nearest entry of at least `min_keep` of held-out good patches.
 
     Aligned objects get a sharp prior (a part in the wrong place is caught); textures and objects
     that move get a broad one. When no candidate reaches min_keep the one with the highest keep
     rate is used (a very broad spread dilutes rare entries below tau, so keep is not monotone).
-    Without held-out patches the broadest candidate is used. Returns the prior, its spread and
-    every keep rate measured.
+    Without held-out patches the broadest candidate is used. Returns the chosen spread's counts
+    (`position_counts`, for `choose_min_count` and `prior_from_counts`), the spread and every keep
+    rate measured.
     """
     ordered = sorted(set(spread_value(c) for c in candidates))
     if not ordered:
         raise ValueError("no spread candidates given")
     if nearest_held_out is None or (valid_held_out is not None and not bool(valid_held_out.any())):
-        return build_position_prior(nearest, n_entries, ordered[-1], valid), ordered[-1], {}
+        return position_counts(nearest, n_entries, ordered[-1], valid), ordered[-1], {}
+    grid = tuple(nearest.shape[1:])
     rates: dict[int | float, float] = {}
-    priors: dict[int | float, SparsePositionPrior] = {}
+    counts: dict[int | float, torch.Tensor] = {}
     for spread in ordered:
-        priors[spread] = build_position_prior(nearest, n_entries, spread, valid)
-        rates[spread] = held_out_keep_rate(priors[spread], nearest_held_out, tau, valid_held_out)
+        counts[spread] = position_counts(nearest, n_entries, spread, valid)
+        rates[spread] = held_out_keep_rate(prior_from_counts(counts[spread], grid), nearest_held_out, tau,
+                                           valid_held_out)
         if rates[spread] >= min_keep:
-            return priors[spread], spread, rates
-        if len(priors) > 1:  # keep only the best so far in memory
-            worst = min(priors, key=lambda k: (rates[k], -k))
-            priors.pop(worst)
-    best = max(priors, key=lambda k: (rates[k], -k))
-    return priors[best], best, rates
+            return counts[spread], spread, rates
+        if len(counts) > 1:  # keep only the best so far in memory
+            counts.pop(min(counts, key=lambda k: (rates[k], -k)))
+    best = max(counts, key=lambda k: (rates[k], -k))
+    return counts[best], best, rates
 
 
 def choose_min_count(
@@ -162,23 +164,25 @@ def choose_min_count(
     min_keep: float,
     tau: float,
     valid_held_out: torch.Tensor | None = None,
+    measured: dict[int, float] | None = None,
 ) -> tuple[SparsePositionPrior, int, dict[int, float]]:
     """After the spread, how often an entry must have been seen at a place to be allowed there: the
     largest candidate under which held-out good patches still keep their nearest entry at a rate
     >= min_keep (the rule the spread follows, one step sharper). Every candidate is measured: a
     larger count shrinks each position's total, which can lift diluted entries above tau, so the
     rate need not fall with the count. The smallest candidate is the fallback when none is tolerated
-    or nothing is held out. Returns the prior, the count and every keep rate measured."""
+    or nothing is held out. `measured` holds keep rates already known for some counts (the spread
+    rule measured count 1), which are not measured again. Returns the prior, the count and every
+    keep rate."""
     ordered = sorted(set(int(c) for c in candidates))
     if not ordered or ordered[0] < 1:
         raise ValueError(f"min-count candidates must be whole numbers >= 1, got {candidates}")
-    chosen, prior = ordered[0], prior_from_counts(counts, grid, ordered[0])
-    rates: dict[int, float] = {}
     if nearest_held_out is None or (valid_held_out is not None and not bool(valid_held_out.any())):
-        return prior, chosen, rates
+        return prior_from_counts(counts, grid, ordered[0]), ordered[0], {}
+    rates = {k: v for k, v in (measured or {}).items() if k in ordered}
     for k in ordered:
-        candidate = prior if k == ordered[0] else prior_from_counts(counts, grid, k)
-        rates[k] = held_out_keep_rate(candidate, nearest_held_out, tau, valid_held_out)
-        if rates[k] >= min_keep:
-            chosen, prior = k, candidate
-    return prior, chosen, rates
+        if k not in rates:
+            rates[k] = held_out_keep_rate(prior_from_counts(counts, grid, k), nearest_held_out, tau, valid_held_out)
+    passing = [k for k in ordered if rates[k] >= min_keep]
+    chosen = passing[-1] if passing else ordered[0]
+    return prior_from_counts(counts, grid, chosen), chosen, dict(sorted(rates.items()))
