@@ -22,7 +22,7 @@ from pni_ray.models.position_prior import (
     prior_from_counts,
 )
 from pni_ray.options import build_config
-from pni_ray.training import train_neighbourhood_mlp
+from pni_ray.training import HeldOut, fit_position_prior, train_neighbourhood_mlp
 
 
 def _aligned(n_img: int, h: int = 6, w: int = 6, jitter: int = 0, seed: int = 0) -> torch.Tensor:
@@ -152,8 +152,41 @@ def test_spread_falls_back_to_the_best_keep_rate_when_none_is_tolerated():
     g = torch.Generator().manual_seed(0)
     train = torch.randint(0, 36, (3, 6, 6), generator=g)
     held = torch.randint(0, 36, (3, 6, 6), generator=g)
-    _, spread, rates = choose_spread(train, held, 36, (0, 1, 8), 0.999, tau=1e-3)
+    counts, spread, rates = choose_spread(train, held, 36, (0, 1, 8), 0.999, tau=1e-3)
     assert max(rates.values()) < 0.999 and rates[spread] == max(rates.values())
+    assert torch.equal(counts, position_counts(train, 36, spread))  # the best spread's counts
+    # the whole grid dilutes every entry below tau: the best is a middle spread, not the last tried
+    odd = torch.rand(3, 6, 6, generator=g) < 0.5
+    held = _aligned(3).masked_scatter(odd, torch.randint(0, 36, (int(odd.sum()),), generator=g))
+    counts, spread, rates = choose_spread(_aligned(5), held, 36, (0, 1, 8), 0.999, tau=0.05)
+    assert spread == 1 and rates[8] == 0.0 < rates[0] < rates[1] < 0.999
+    assert torch.equal(counts, position_counts(_aligned(5), 36, 1))
+
+
+def test_fit_position_prior_is_the_spread_rule_then_the_count_rule():
+    g = torch.Generator().manual_seed(3)
+    train = torch.cat([_aligned(40, jitter=1, seed=4), torch.randint(0, 36, (2, 6, 6), generator=g)])
+    held_nearest = _aligned(10, jitter=1, seed=6)
+    odd = torch.rand(held_nearest.shape, generator=g) < 0.06  # a few held-out cells no training image shows there
+    held_nearest[odd] = torch.randint(0, 36, (int(odd.sum()),), generator=g)
+    held = HeldOut(torch.zeros(10, 1, 6, 6), held_nearest, None)
+    cfg = TrainConfig()
+    tau = cfg.scoring.tau_scale / 36
+    fit = fit_position_prior(held, torch.zeros(36, 1), train, None, cfg)
+    _, spread, spread_keep = choose_spread(train, held.nearest, 36, cfg.position.spread_candidates,
+                                           cfg.position.min_keep, tau)
+    assert (fit.spread, fit.spread_keep) == (spread, spread_keep)
+    expected = build_position_prior(train, 36, spread, min_count=fit.min_count)
+    assert torch.equal(fit.prior.dense(), expected.dense())
+    for k, rate in fit.count_keep.items():  # every count's rate, count 1's taken from the spread rule
+        measured = held_out_keep_rate(build_position_prior(train, 36, spread, min_count=k), held.nearest, tau)
+        assert rate == pytest.approx(measured, abs=0)
+    assert fit.count_keep[1] == spread_keep[spread] < 1.0 and fit.min_count > 1
+    assert fit.min_count == max(k for k, r in fit.count_keep.items() if r >= cfg.position.min_keep)
+    fixed = fit_position_prior(held, torch.zeros(36, 1), train, None,
+                               TrainConfig.from_dict({"position": {"spread": 1, "min_count": 3}}))
+    assert (fixed.spread, fixed.min_count, fixed.spread_keep, fixed.count_keep) == (1, 3, {}, {})
+    assert torch.equal(fixed.prior.dense(), build_position_prior(train, 36, 1, min_count=3).dense())
 
 
 def test_box_max_averages_before_the_maximum():
