@@ -143,17 +143,13 @@ def choose_spread(
         return position_counts(nearest, n_entries, ordered[-1], valid), ordered[-1], {}
     grid = tuple(nearest.shape[1:])
     rates: dict[int | float, float] = {}
-    counts: dict[int | float, torch.Tensor] = {}
-    for spread in ordered:
-        counts[spread] = position_counts(nearest, n_entries, spread, valid)
-        rates[spread] = held_out_keep_rate(prior_from_counts(counts[spread], grid), nearest_held_out, tau,
-                                           valid_held_out)
+    for spread in ordered:  # one dense (h * w, |C_emb|) count table at a time
+        counts = position_counts(nearest, n_entries, spread, valid)
+        rates[spread] = held_out_keep_rate(prior_from_counts(counts, grid), nearest_held_out, tau, valid_held_out)
         if rates[spread] >= min_keep:
-            return counts[spread], spread, rates
-        if len(counts) > 1:  # keep only the best so far in memory
-            counts.pop(min(counts, key=lambda k: (rates[k], -k)))
-    best = max(counts, key=lambda k: (rates[k], -k))
-    return counts[best], best, rates
+            return counts, spread, rates
+    best = max(rates, key=lambda k: (rates[k], -k))
+    return (counts if best == ordered[-1] else position_counts(nearest, n_entries, best, valid)), best, rates
 
 
 def choose_min_count(
