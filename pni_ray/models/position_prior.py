@@ -176,9 +176,14 @@ def choose_min_count(
     if nearest_held_out is None or (valid_held_out is not None and not bool(valid_held_out.any())):
         return prior_from_counts(counts, grid, ordered[0]), ordered[0], {}
     rates = {k: v for k, v in (measured or {}).items() if k in ordered}
+    chosen, prior = ordered[0], None
     for k in ordered:
+        candidate = None
         if k not in rates:
-            rates[k] = held_out_keep_rate(prior_from_counts(counts, grid, k), nearest_held_out, tau, valid_held_out)
-    passing = [k for k in ordered if rates[k] >= min_keep]
-    chosen = passing[-1] if passing else ordered[0]
-    return prior_from_counts(counts, grid, chosen), chosen, dict(sorted(rates.items()))
+            candidate = prior_from_counts(counts, grid, k)
+            rates[k] = held_out_keep_rate(candidate, nearest_held_out, tau, valid_held_out)
+        if rates[k] >= min_keep:
+            chosen, prior = k, candidate
+    if prior is None:  # the chosen count's rate was given, or none passed: built once, here
+        prior = prior_from_counts(counts, grid, chosen)
+    return prior, chosen, dict(sorted(rates.items()))
