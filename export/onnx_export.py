@@ -149,6 +149,9 @@ class _MLP(nn.Module):
     entries. Channels last because a softmax over axis 1 of an NCHW tensor is 15x slower in
     onnxruntime than over the contiguous last axis, and the scorer wants one row of K
     probabilities per patch anyway.
+    The classifier is a MatMul over the channels-last hidden layer plus its bias (not a 1 x 1 Conv
+    followed by a Transpose of the logits): the Transpose moves 128 channels instead of K, and INT8
+    graphs get the classifier as the MatMul whose output `export.quantize.float_logits` keeps float.
     `torch.ones_like` exports as ConstantOfShape(Shape(x)), a shape computed at run time; x * 0 + 1
     is the same ones for finite x with shapes the parser sees at build time.
     """
@@ -164,8 +167,8 @@ class _MLP(nn.Module):
         mlp = self.mlp
         reduced = F.relu(mlp.reduce(features))
         valid = reduced[:, :1] * 0.0 + 1.0
-        logits = mlp.classifier(mlp.hidden(mlp.window(torch.cat([reduced, valid], dim=1))))
-        return logits.permute(0, 2, 3, 1)
+        hidden = mlp.hidden(mlp.window(torch.cat([reduced, valid], dim=1))).permute(0, 2, 3, 1)
+        return torch.matmul(hidden, mlp.classifier.weight.flatten(1).T) + mlp.classifier.bias  # MatMul + Add
 
 
 def softmax_graph(grid: tuple[int, int], n_classes: int, opset: int) -> onnx.ModelProto:

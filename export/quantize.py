@@ -31,7 +31,8 @@ Dynamic quantisation does not help here: it covers MatMul, and the MLP is convol
 ConvInteger path measured 3x slower than FP32).
 
 What may be quantised: the backbone and the neighbourhood MLP. The softmax and the scorer never are
-(the probabilities are compared with tau ~ 1 / |C_emb|; distances feed the scores).
+(the probabilities are compared with tau ~ 1 / |C_emb|; distances feed the scores), and neither are the
+MLP's logits: its classifier reads 8-bit inputs and weights and writes float (`float_logits`).
 
 Measured (320 px, 2 threads, `benchmarks/bench_peers.py --int8 mlp,backbone`): docs/results.md (the INT8 rows).
 """
@@ -59,7 +60,7 @@ DEFAULT_ACTIVATIONS = "uint8"
 WEIGHT_BITS = (7, 8)
 DEFAULT_WEIGHT_BITS = 7
 METHOD = ("static QDQ: int8 weights per output channel (symmetric, {bits}-bit range), {act} activations "
-          "per tensor (MinMax)")
+          "per tensor (MinMax); the MLP's logits and classifier bias float")
 
 
 def calibration_paths(folder: Path | str, n: int = DEFAULT_CALIBRATION_IMAGES) -> list[Path]:
@@ -111,12 +112,88 @@ def leading_convs(model: onnx.ModelProto, n: int) -> list[str]:
     return [node.name for node in model.graph.node if node.op_type == "Conv"][:max(n, 0)]
 
 
+def classifier_nodes(model: onnx.ModelProto) -> tuple[onnx.NodeProto, onnx.NodeProto]:
+    """(MatMul, Add) that end the MLP graph: the classifier and its bias, producing the only output."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    add = producer.get(model.graph.output[0].name)
+    matmul = producer.get(add.input[0]) if add is not None and add.op_type == "Add" else None
+    if matmul is None or matmul.op_type != "MatMul":
+        raise ValueError("the MLP graph does not end in its classifier's MatMul + Add")
+    return matmul, add
+
+
+def _bypass_qdq(graph: onnx.GraphProto, tensor: str) -> None:
+    """Drop a QuantizeLinear -> DequantizeLinear round trip after `tensor`: what read the round trip's
+    output reads `tensor`; where that output is the graph's, `tensor` takes its name instead."""
+    readers = [n for n in graph.node if tensor in n.input]
+    if len(readers) != 1 or readers[0].op_type != "QuantizeLinear":
+        return
+    quant = readers[0]
+    dequants = [n for n in graph.node if quant.output[0] in n.input]
+    if len(dequants) != 1 or dequants[0].op_type != "DequantizeLinear":
+        return
+    dequant = dequants[0]
+    graph.node.remove(quant)
+    graph.node.remove(dequant)
+    old, new = (tensor, dequant.output[0]) if dequant.output[0] in {o.name for o in graph.output} \
+        else (dequant.output[0], tensor)
+    for node in graph.node:
+        node.input[:] = [new if i == old else i for i in node.input]
+        node.output[:] = [new if o == old else o for o in node.output]
+
+
+def float_logits(model: onnx.ModelProto, classifier: tuple[str, str], contrib: bool) -> onnx.ModelProto:
+    """The quantised MLP with its logits left float: no QuantizeLinear -> DequantizeLinear after the
+    classifier's MatMul or its bias (the bias Add is kept out of quantisation, so the bias stays float).
+    `classifier`: the names of that MatMul and Add (`classifier_nodes` of the graph before quantisation).
+
+    Why: 8-bit logits cost accuracy (2,048 classes, a softmax compared with tau ~ 1 / |C_emb| after it)
+    and time: the DequantizeLinear of the (B, h, w, K) logits was one of the fused graph's largest kernels
+    (6.4 of 44 ms per batch of 8 on a quiet machine, 13 of 58 ms on a busy one; transistor at 1%, one
+    thread). With `contrib` (uint8 activations, graphs
+    onnxruntime runs, not TensorRT) the classifier becomes onnxruntime's MatMulIntegerToFloat with the
+    bias fused: uint8 x int8 products written once as float logits (onnxruntime fuses DequantizeLinear ->
+    MatMul itself but leaves the bias as a separate pass over the logits). Symmetric int8 (TensorRT)
+    keeps DequantizeLinear -> MatMul -> Add, which TensorRT runs in int8 with a float output.
+    """
+    import onnx
+    from onnx import helper
+
+    from export.graph_passes import prune
+
+    g = model.graph
+    matmul, add = (next(n for n in g.node if n.name == name) for name in classifier)
+    _bypass_qdq(g, matmul.output[0])
+    _bypass_qdq(g, add.output[0])
+    if not contrib:
+        return prune(model)  # the round trips' scales and zero points
+    producer = {o: n for n in g.node for o in n.output}
+    dq_a, dq_w = producer[matmul.input[0]], producer[matmul.input[1]]
+    inits = {t.name for t in g.initializer}
+    if dq_a.op_type != "DequantizeLinear" or dq_w.op_type != "DequantizeLinear" or add.input[1] not in inits:
+        raise ValueError("the MLP's classifier is not DequantizeLinear x DequantizeLinear -> MatMul + a constant bias")
+    zero_w = dq_w.input[2] if len(dq_w.input) > 2 else ""
+    fused = helper.make_node("MatMulIntegerToFloat",
+                             [dq_a.input[0], dq_w.input[0], dq_a.input[1], dq_w.input[1], dq_a.input[2], zero_w, add.input[1]],
+                             [add.output[0]], name="classifier_MatMulIntegerToFloat", domain="com.microsoft")
+    at = list(g.node).index(matmul)
+    for node in (matmul, add):
+        g.node.remove(node)
+    g.node.insert(at, fused)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    model = prune(model)  # the DequantizeLinear nodes only the MatMul read
+    onnx.checker.check_model(model)
+    return model
+
+
 def quantize_graph(model: onnx.ModelProto, input_name: str, batches: Sequence[np.ndarray],
                    activations: str = DEFAULT_ACTIVATIONS, fp32_convs: int = 0,
-                   weight_bits: int = DEFAULT_WEIGHT_BITS) -> tuple[onnx.ModelProto, list[str]]:
+                   weight_bits: int = DEFAULT_WEIGHT_BITS, logits: bool = False) -> tuple[onnx.ModelProto, list[str]]:
     """`model` with QDQ nodes (int8 weights in a `weight_bits` range, `activations` activations),
     activation ranges from `batches` of its input `input_name`, and the names of its first
-    `fp32_convs` convolutions, left FP32."""
+    `fp32_convs` convolutions, left FP32. `logits`: the graph is the MLP, whose classifier output stays
+    float (`float_logits`)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -134,16 +211,20 @@ def quantize_graph(model: onnx.ModelProto, input_name: str, batches: Sequence[np
         onnx.save_model(model, str(src))
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         qtype, symmetric = ACTIVATIONS[activations]
-        fp32_nodes = leading_convs(onnx.load(str(pre)), fp32_convs)  # names after pre-processing
+        prepared = onnx.load(str(pre))
+        fp32_nodes = leading_convs(prepared, fp32_convs)  # names after pre-processing
+        classifier = tuple(n.name for n in classifier_nodes(prepared)) if logits else ()
+        bias = list(classifier[1:])  # the bias stays a float Add
         quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=getattr(QuantType, qtype), weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(fp32_nodes),
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(fp32_nodes) + bias,
                         reduce_range=weight_bits == 7,
                         # biases stay float: TensorRT refuses a DequantizeLinear of int32 (onnx-tensorrt
                         # #850), and onnxruntime quantises float biases itself when it fuses the Conv
                         extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
                                        "QuantizeBias": False})
-        return onnx.load(str(dst)), fp32_nodes
+        quantized = onnx.load(str(dst))
+        return (float_logits(quantized, classifier, contrib=not symmetric) if logits else quantized), fp32_nodes
 
 
 def check_graphs(graphs: Sequence[str], exported: Sequence[str]) -> None:
@@ -164,7 +245,7 @@ def quantize_models(models: dict[str, onnx.ModelProto], detector, geometry, grap
     kept: dict[str, list[str]] = {}
     for g in graphs:
         models[g], kept[g] = quantize_graph(models[g], names[g], inputs[g], activations,
-                                            fp32_convs if g == "backbone" else 0, weight_bits)
+                                            fp32_convs if g == "backbone" else 0, weight_bits, logits=g == "mlp")
     return {"graphs": sorted(graphs), "activations": activations, "tensorrt": ACTIVATIONS[activations][1],
             "weight_bits": weight_bits, "method": METHOD.format(act=activations, bits=weight_bits), "fp32_nodes": kept,
             "calibration_dir": str(Path(paths[0]).parent.resolve()), "calibration_images": [p.name for p in paths]}

@@ -270,3 +270,59 @@ def test_op_check_refuses_what_tensorrt_cannot_dequantise(int8_export):
     assert not report.ok and any("INT32" in p and "bias_dq" in p for p in report.problems), report.problems
     for name in ("backbone", "mlp"):
         assert opcheck.check_model(int8_export / f"{name}.onnx").ok
+
+
+def _logit_producer(path) -> tuple[onnx.GraphProto, onnx.NodeProto]:
+    graph = onnx.load(str(path)).graph
+    return graph, next(n for n in graph.node if "logits" in n.output)
+
+
+def _classifier(bundle) -> tuple[np.ndarray, np.ndarray]:
+    """The bundle's classifier weight (K, hidden) and bias, divided by the temperature as the export folds it."""
+    from export.onnx_export import load_source
+
+    mlp = load_source(bundle)[0].mlp
+    t = float(mlp.temperature)
+    return (mlp.classifier.weight.detach().flatten(1).numpy() / t, mlp.classifier.bias.detach().numpy() / t)
+
+
+def test_int8_logits_stay_float_with_the_exact_bias(int8_export, cpu_int8_export, fp32_export, bundle_tiny, images):
+    """Both INT8 forms quantise the classifier's inputs and weights, never its output: no QuantizeLinear
+    reads the logits or the MatMul before the bias, and the bias is the model's own float one (not an
+    8-bit copy). onnxruntime's form (uint8) is one MatMulIntegerToFloat with the bias fused, excused by
+    the op check as onnxruntime's; TensorRT's (int8) stays standard DequantizeLinear -> MatMul -> Add."""
+    _, bias = _classifier(bundle_tiny)
+    feats = _session(fp32_export / "backbone.onnx").run(None, {"images": images[:4]})[0]
+    ref = _session(fp32_export / "mlp.onnx").run(None, {"features": feats})[0]
+    errors = {}
+    for form, folder in (("int8", int8_export), ("uint8", cpu_int8_export)):
+        graph, last = _logit_producer(folder / "mlp.onnx")
+        values = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+        producer = {o: n for n in graph.node for o in n.output}
+        assert not any("logits" in n.input for n in graph.node)  # the float logits are the output, read by nothing
+        if form == "uint8":
+            assert (last.op_type, last.domain) == ("MatMulIntegerToFloat", "com.microsoft")
+            np.testing.assert_array_equal(values[last.input[6]], bias)
+            report = opcheck.check_model(folder / "mlp.onnx")
+            assert not report.ok and any(opcheck.ONNXRUNTIME_CONTRIB in p for p in report.problems)
+            assert opcheck.without_asymmetric_qdq(report).ok
+        else:
+            assert last.op_type == "Add" and producer[last.input[0]].op_type == "MatMul"
+            assert [n.op_type for n in graph.node if last.input[0] in n.input] == ["Add"]  # no Q/DQ in between
+            np.testing.assert_array_equal(values[last.input[1]], bias)
+            assert opcheck.check_model(folder / "mlp.onnx").ok
+        (logits,) = _session(folder / "mlp.onnx").run(None, {"features": feats})
+        assert (logits.argmax(-1) == ref.argmax(-1)).mean() > 0.9, form
+        errors[form] = float(np.abs(logits - ref).mean() / np.abs(ref).mean())
+    assert max(errors.values()) < 0.05, errors
+
+
+def test_float_logits_refuses_a_graph_without_its_classifier():
+    """The pass reads the MLP's last two nodes; any other ending is named, not rewritten blindly."""
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Relu", ["x"], ["logits"], name="relu")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])])
+    with pytest.raises(ValueError, match="classifier"):
+        quantize.classifier_nodes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
