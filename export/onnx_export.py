@@ -151,7 +151,8 @@ class _MLP(nn.Module):
     probabilities per patch anyway.
     The classifier is a MatMul over the channels-last hidden layer plus its bias (not a 1 x 1 Conv
     followed by a Transpose of the logits): the Transpose moves 128 channels instead of K, and INT8
-    graphs get the classifier as the MatMul whose output `export.quantize.float_logits` keeps float.
+    graphs get the classifier as the MatMul whose output `export.quantize.float_logits` keeps float
+    (onnxruntime runs it as MatMulIntegerToFloat with the bias fused: `export.runtime`).
     `torch.ones_like` exports as ConstantOfShape(Shape(x)), a shape computed at run time; x * 0 + 1
     is the same ones for finite x with shapes the parser sees at build time.
     """
@@ -162,13 +163,15 @@ class _MLP(nn.Module):
         with torch.no_grad():
             self.mlp.classifier.weight.div_(float(mlp.temperature))
             self.mlp.classifier.bias.div_(float(mlp.temperature))
+        # (hidden, K): the MatMul's constant as stored, not a Flatten + Transpose of the Conv weight
+        self.register_buffer("classifier_weight", self.mlp.classifier.weight.detach().flatten(1).T.contiguous())
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         mlp = self.mlp
         reduced = F.relu(mlp.reduce(features))
         valid = reduced[:, :1] * 0.0 + 1.0
         hidden = mlp.hidden(mlp.window(torch.cat([reduced, valid], dim=1))).permute(0, 2, 3, 1)
-        return torch.matmul(hidden, mlp.classifier.weight.flatten(1).T) + mlp.classifier.bias  # MatMul + Add
+        return torch.matmul(hidden, self.classifier_weight) + mlp.classifier.bias  # MatMul + Add
 
 
 def softmax_graph(grid: tuple[int, int], n_classes: int, opset: int) -> onnx.ModelProto:

@@ -64,8 +64,6 @@ DATA_DEPENDENT_SHAPES = {"NonZero", "Unique", "Compress", "NonMaxSuppression", "
 RESIZE_COORDINATE_MODES = {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners"}
 RESIZE_MODES = {"nearest", "linear"}
 ASYMMETRIC_QDQ = "TensorRT takes symmetric int8 only (export with --int8-activations int8)"
-# onnxruntime's own operators, in graphs meant for onnxruntime only (uint8 INT8: export.quantize.float_logits)
-ONNXRUNTIME_CONTRIB = "an onnxruntime contrib operator"
 # what TensorRT's DequantizeLinear takes as a constant input (weights); activations are float
 QUANTIZED_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.INT4}
 UNSUPPORTED_TYPES = {onnx.TensorProto.STRING, onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128,
@@ -121,9 +119,7 @@ def check_model(model: onnx.ModelProto | str | Path, target: str = DEFAULT_TARGE
         for node in graph.node:
             label = f"{node.op_type} node {node.name or node.output[0]!r}{where}"
             report.ops[node.op_type] = report.ops.get(node.op_type, 0) + 1
-            if node.domain == "com.microsoft":
-                report.problems.append(f"{label}: {ONNXRUNTIME_CONTRIB}; {ASYMMETRIC_QDQ}")
-            elif node.domain not in ("", "ai.onnx"):
+            if node.domain not in ("", "ai.onnx"):
                 report.problems.append(f"{label}: custom domain {node.domain!r} needs a TensorRT plugin")
             elif node.op_type not in TRT10_OPS:
                 report.problems.append(f"{label}: operator {node.op_type} is not supported by TensorRT {target}'s ONNX parser")
@@ -222,8 +218,7 @@ def check_files(paths: dict[str, Path], target: str = DEFAULT_TARGET) -> list[Op
 
 
 def without_asymmetric_qdq(report: OpCheckReport) -> OpCheckReport:
-    """The report less the problems of the uint8 INT8 form (asymmetric Q/DQ, and the onnxruntime contrib
-    operator it is fused into): what matters for graphs meant for onnxruntime only."""
+    """The report less its asymmetric-Q/DQ problems: what matters for graphs meant for onnxruntime only."""
     return OpCheckReport(report.graph, report.target, dict(report.ops),
                          [p for p in report.problems if ASYMMETRIC_QDQ not in p])
 

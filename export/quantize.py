@@ -27,8 +27,8 @@ stem and the first two blocks). They see raw pixels at the highest resolutions; 
 cost transistor 0.003 AUPRO at a 1% bank; kept in FP32, pixel AUROC stays within 3e-4 and AUPRO
 within 0.0015 of FP32's on bottle and transistor (uint8 activations; 8-bit weights on an AVX-512
 VNNI CPU, 7-bit on an AVX2 one; symmetric int8 with them not measured).
-Dynamic quantisation does not help here: it covers MatMul, and the MLP is convolutions (onnxruntime's
-ConvInteger path measured 3x slower than FP32).
+Dynamic quantisation does not help here: it covers MatMul, and the MLP is convolutions but for its
+classifier (onnxruntime's ConvInteger path measured 3x slower than FP32).
 
 What may be quantised: the backbone and the neighbourhood MLP. The softmax and the scorer never are
 (the probabilities are compared with tau ~ 1 / |C_emb|; distances feed the scores), and neither are the
@@ -60,7 +60,8 @@ DEFAULT_ACTIVATIONS = "uint8"
 WEIGHT_BITS = (7, 8)
 DEFAULT_WEIGHT_BITS = 7
 METHOD = ("static QDQ: int8 weights per output channel (symmetric, {bits}-bit range), {act} activations "
-          "per tensor (MinMax); the MLP's logits and classifier bias float")
+          "per tensor (MinMax)")
+LOGITS = "; the MLP's classifier bias and logits float"
 
 
 def calibration_paths(folder: Path | str, n: int = DEFAULT_CALIBRATION_IMAGES) -> list[Path]:
@@ -122,69 +123,29 @@ def classifier_nodes(model: onnx.ModelProto) -> tuple[onnx.NodeProto, onnx.NodeP
     return matmul, add
 
 
-def _bypass_qdq(graph: onnx.GraphProto, tensor: str) -> None:
-    """Drop a QuantizeLinear -> DequantizeLinear round trip after `tensor`: what read the round trip's
-    output reads `tensor`; where that output is the graph's, `tensor` takes its name instead."""
-    readers = [n for n in graph.node if tensor in n.input]
-    if len(readers) != 1 or readers[0].op_type != "QuantizeLinear":
-        return
-    quant = readers[0]
-    dequants = [n for n in graph.node if quant.output[0] in n.input]
-    if len(dequants) != 1 or dequants[0].op_type != "DequantizeLinear":
-        return
-    dequant = dequants[0]
-    graph.node.remove(quant)
-    graph.node.remove(dequant)
-    old, new = (tensor, dequant.output[0]) if dequant.output[0] in {o.name for o in graph.output} \
-        else (dequant.output[0], tensor)
-    for node in graph.node:
-        node.input[:] = [new if i == old else i for i in node.input]
-        node.output[:] = [new if o == old else o for o in node.output]
-
-
-def float_logits(model: onnx.ModelProto, classifier: tuple[str, str], contrib: bool) -> onnx.ModelProto:
-    """The quantised MLP with its logits left float: no QuantizeLinear -> DequantizeLinear after the
-    classifier's MatMul or its bias (the bias Add is kept out of quantisation, so the bias stays float).
-    `classifier`: the names of that MatMul and Add (`classifier_nodes` of the graph before quantisation).
+def float_logits(model: onnx.ModelProto, classifier: tuple[str, str]) -> onnx.ModelProto:
+    """The quantised MLP with its logits left float: the classifier's MatMul (8-bit inputs and weights)
+    feeds the bias Add directly, with no QuantizeLinear -> DequantizeLinear round trip between them; the
+    Add itself was kept out of quantisation, so the bias and the logits stay float. `classifier`: the
+    names of that MatMul and Add (`classifier_nodes` of the graph before quantisation).
 
     Why: 8-bit logits cost accuracy (2,048 classes, a softmax compared with tau ~ 1 / |C_emb| after it)
     and time: the DequantizeLinear of the (B, h, w, K) logits was one of the fused graph's largest kernels
     (6.4 of 44 ms per batch of 8 on a quiet machine, 13 of 58 ms on a busy one; transistor at 1%, one
-    thread). With `contrib` (uint8 activations, graphs
-    onnxruntime runs, not TensorRT) the classifier becomes onnxruntime's MatMulIntegerToFloat with the
-    bias fused: uint8 x int8 products written once as float logits (onnxruntime fuses DequantizeLinear ->
-    MatMul itself but leaves the bias as a separate pass over the logits). Symmetric int8 (TensorRT)
-    keeps DequantizeLinear -> MatMul -> Add, which TensorRT runs in int8 with a float output.
+    thread). The file stays standard Q/DQ (TensorRT runs DequantizeLinear -> MatMul -> Add in int8 with a
+    float output); onnxruntime gets the classifier as one MatMulIntegerToFloat with the bias fused when the
+    runtime loads the graph (`export.graph_passes.integer_matmul_to_float`).
     """
-    import onnx
-    from onnx import helper
+    from export.graph_passes import bypass_qdq, prune
 
-    from export.graph_passes import prune
-
-    g = model.graph
-    matmul, add = (next(n for n in g.node if n.name == name) for name in classifier)
-    _bypass_qdq(g, matmul.output[0])
-    _bypass_qdq(g, add.output[0])
-    if not contrib:
-        return prune(model)  # the round trips' scales and zero points
-    producer = {o: n for n in g.node for o in n.output}
-    dq_a, dq_w = producer[matmul.input[0]], producer[matmul.input[1]]
-    inits = {t.name for t in g.initializer}
-    if dq_a.op_type != "DequantizeLinear" or dq_w.op_type != "DequantizeLinear" or add.input[1] not in inits:
-        raise ValueError("the MLP's classifier is not DequantizeLinear x DequantizeLinear -> MatMul + a constant bias")
-    zero_w = dq_w.input[2] if len(dq_w.input) > 2 else ""
-    fused = helper.make_node("MatMulIntegerToFloat",
-                             [dq_a.input[0], dq_w.input[0], dq_a.input[1], dq_w.input[1], dq_a.input[2], zero_w, add.input[1]],
-                             [add.output[0]], name="classifier_MatMulIntegerToFloat", domain="com.microsoft")
-    at = list(g.node).index(matmul)
-    for node in (matmul, add):
-        g.node.remove(node)
-    g.node.insert(at, fused)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    model = prune(model)  # the DequantizeLinear nodes only the MatMul read
-    onnx.checker.check_model(model)
-    return model
+    matmul, add = (next((n for n in model.graph.node if n.name == name), None) for name in classifier)
+    if matmul is None or add is None:
+        raise ValueError(f"the quantised MLP graph lost its classifier nodes {classifier}")
+    bypass_qdq(model.graph, matmul.output[0])
+    readers = [n for n in model.graph.node if matmul.output[0] in n.input]
+    if readers != [add]:
+        raise ValueError(f"the MLP's classifier output is read by {[n.op_type for n in readers]}, not only its bias Add")
+    return prune(model)  # the round trip's scale and zero point
 
 
 def quantize_graph(model: onnx.ModelProto, input_name: str, batches: Sequence[np.ndarray],
@@ -224,7 +185,7 @@ def quantize_graph(model: onnx.ModelProto, input_name: str, batches: Sequence[np
                         extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
                                        "QuantizeBias": False})
         quantized = onnx.load(str(dst))
-        return (float_logits(quantized, classifier, contrib=not symmetric) if logits else quantized), fp32_nodes
+        return (float_logits(quantized, classifier) if logits else quantized), fp32_nodes
 
 
 def check_graphs(graphs: Sequence[str], exported: Sequence[str]) -> None:
@@ -247,5 +208,6 @@ def quantize_models(models: dict[str, onnx.ModelProto], detector, geometry, grap
         models[g], kept[g] = quantize_graph(models[g], names[g], inputs[g], activations,
                                             fp32_convs if g == "backbone" else 0, weight_bits, logits=g == "mlp")
     return {"graphs": sorted(graphs), "activations": activations, "tensorrt": ACTIVATIONS[activations][1],
-            "weight_bits": weight_bits, "method": METHOD.format(act=activations, bits=weight_bits), "fp32_nodes": kept,
+            "weight_bits": weight_bits, "method": METHOD.format(act=activations, bits=weight_bits) + (LOGITS if "mlp" in graphs else ""),
+            "fp32_nodes": kept,
             "calibration_dir": str(Path(paths[0]).parent.resolve()), "calibration_images": [p.name for p in paths]}

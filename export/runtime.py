@@ -215,7 +215,7 @@ class ExportedModel(StagePipeline):
         del graphs
         for name in self.stages:  # the rest now, so a broken graph fails at load, not mid-run
             if (self.fused is None or name not in chain) and not (name == "backbone" and self._openvino is not None):
-                self._sessions[name] = self._session(str(self._graph_file(name)))
+                self._sessions[name] = self._stage_session(name)
 
     def _graph_file(self, name: str) -> Path:
         return self.path / self.manifest["graphs"][name]["file"]
@@ -237,7 +237,10 @@ class ExportedModel(StagePipeline):
 
     def _fused_proto(self, chain: tuple[str, ...], graphs: dict[str, Any]) -> Any:
         from export.fused import fuse_stages
+        from export.graph_passes import integer_matmul_to_float
 
+        for name in chain:  # onnxruntime's own form of INT8 products (the files stay standard ONNX)
+            integer_matmul_to_float(graphs[name])
         return fuse_stages([(name, graphs[name]) for name in chain], [self.chain_output(chain)])
 
     def fused_graph(self) -> Any:
@@ -252,6 +255,17 @@ class ExportedModel(StagePipeline):
         import onnxruntime as ort
 
         return ort.InferenceSession(model, self._options, providers=self._providers)
+
+    def _stage_session(self, name: str):
+        """One stage's session: from its file, or, where the graph has INT8 products with a bias (the INT8
+        MLP's classifier), from the graph in onnxruntime's form (export.graph_passes.integer_matmul_to_float)."""
+        from export.graph_passes import integer_matmul_to_float
+
+        file = self._graph_file(name)
+        graph = _load_graph(file)
+        if self.manifest["graphs"][name].get("external_data") or not integer_matmul_to_float(graph):
+            return self._session(str(file))
+        return self._session(graph.SerializeToString())
 
     @property
     def has_refiner(self) -> bool:
@@ -273,7 +287,7 @@ class ExportedModel(StagePipeline):
         if name == "backbone" and self._openvino is not None:
             return self._openvino.run(feeds)
         if name not in self._sessions:
-            self._sessions[name] = self._session(str(self._graph_file(name)))
+            self._sessions[name] = self._stage_session(name)
         session = self._sessions[name]
         return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
 

@@ -287,10 +287,10 @@ def _classifier(bundle) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_int8_logits_stay_float_with_the_exact_bias(int8_export, cpu_int8_export, fp32_export, bundle_tiny, images):
-    """Both INT8 forms quantise the classifier's inputs and weights, never its output: no QuantizeLinear
-    reads the logits or the MatMul before the bias, and the bias is the model's own float one (not an
-    8-bit copy). onnxruntime's form (uint8) is one MatMulIntegerToFloat with the bias fused, excused by
-    the op check as onnxruntime's; TensorRT's (int8) stays standard DequantizeLinear -> MatMul -> Add."""
+    """Both INT8 forms quantise the classifier's inputs and weights, never its output: its MatMul feeds
+    the bias Add directly (no QuantizeLinear -> DequantizeLinear between them or after), and the bias is
+    the model's own float one (not an 8-bit copy). The files stay standard ONNX: TensorRT's op check
+    passes the int8 form, and the uint8 form fails it only for its asymmetric Q/DQ."""
     _, bias = _classifier(bundle_tiny)
     feats = _session(fp32_export / "backbone.onnx").run(None, {"images": images[:4]})[0]
     ref = _session(fp32_export / "mlp.onnx").run(None, {"features": feats})[0]
@@ -299,26 +299,81 @@ def test_int8_logits_stay_float_with_the_exact_bias(int8_export, cpu_int8_export
         graph, last = _logit_producer(folder / "mlp.onnx")
         values = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
         producer = {o: n for n in graph.node for o in n.output}
-        assert not any("logits" in n.input for n in graph.node)  # the float logits are the output, read by nothing
-        if form == "uint8":
-            assert (last.op_type, last.domain) == ("MatMulIntegerToFloat", "com.microsoft")
-            np.testing.assert_array_equal(values[last.input[6]], bias)
-            report = opcheck.check_model(folder / "mlp.onnx")
-            assert not report.ok and any(opcheck.ONNXRUNTIME_CONTRIB in p for p in report.problems)
-            assert opcheck.without_asymmetric_qdq(report).ok
-        else:
-            assert last.op_type == "Add" and producer[last.input[0]].op_type == "MatMul"
-            assert [n.op_type for n in graph.node if last.input[0] in n.input] == ["Add"]  # no Q/DQ in between
-            np.testing.assert_array_equal(values[last.input[1]], bias)
-            assert opcheck.check_model(folder / "mlp.onnx").ok
+        matmul = producer[last.input[0]]
+        assert (last.op_type, matmul.op_type) == ("Add", "MatMul")
+        assert [producer[i].op_type for i in matmul.input] == ["DequantizeLinear"] * 2
+        assert [n.op_type for n in graph.node if matmul.output[0] in n.input] == ["Add"]  # no Q/DQ in between
+        np.testing.assert_array_equal(values[last.input[1]], bias)
+        report = opcheck.check_model(folder / "mlp.onnx")
+        assert report.ok if form == "int8" else opcheck.without_asymmetric_qdq(report).ok, report.problems
         (logits,) = _session(folder / "mlp.onnx").run(None, {"features": feats})
         assert (logits.argmax(-1) == ref.argmax(-1)).mean() > 0.9, form
         errors[form] = float(np.abs(logits - ref).mean() / np.abs(ref).mean())
     assert max(errors.values()) < 0.05, errors
 
 
-def test_float_logits_refuses_a_graph_without_its_classifier():
-    """The pass reads the MLP's last two nodes; any other ending is named, not rewritten blindly."""
+def test_onnxruntime_runs_the_classifier_as_one_integer_product(int8_export, cpu_int8_export, bundle_tiny, images):
+    """What onnxruntime loads (fused or stage by stage): the classifier as one MatMulIntegerToFloat with
+    the float bias fused and uint8 activations (the int8 form's requantised beside it, zero point + 128),
+    computing what the file's standard graph computes."""
+    import copy
+
+    from export.graph_passes import integer_matmul_to_float
+
+    _, bias = _classifier(bundle_tiny)
+    for folder in (int8_export, cpu_int8_export):
+        model = load_exported(folder, threads=1)
+        graph = model.fused_graph().graph
+        fused = [n for n in graph.node if n.domain == "com.microsoft"]
+        assert [n.op_type for n in fused] == ["MatMulIntegerToFloat"], folder
+        node = fused[0]
+        values = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+        np.testing.assert_array_equal(values[node.input[6]], bias)
+        k = len(bias)
+        assert values[node.input[2]].shape == () and values[node.input[3]].shape == (k,)  # a per tensor, w per column
+        assert values[node.input[4]].dtype == np.uint8 and values[node.input[4]].shape == ()
+        assert values[node.input[5]].shape == (k,) and values[node.input[1]].dtype == np.int8
+        staged = load_exported(folder, threads=1, fuse=False)
+        np.testing.assert_allclose(model.predict(images[:4])[0], staged.predict(images[:4])[0], rtol=1e-5, atol=1e-5)
+        plain = onnx.load(str(folder / "mlp.onnx"))
+        rewritten = copy.deepcopy(plain)
+        assert integer_matmul_to_float(rewritten) == 1
+        shape = [d.dim_value for d in plain.graph.input[0].type.tensor_type.shape.dim[1:]]
+        feats = np.random.default_rng(0).random((2, *shape), dtype=np.float32) * 2
+        a = ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"features": feats})[0]
+        b = ort.InferenceSession(rewritten.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"features": feats})[0]
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(np.abs(a).max()))
+
+
+def test_integer_matmul_to_float_leaves_what_it_cannot_read_exactly():
+    """Weights scaled per row (axis 0) or a MatMul without a constant bias stay as they are."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.graph_passes import integer_matmul_to_float
+
+    def graph(axis: int, bias: bool) -> onnx.ModelProto:
+        inits = [numpy_helper.from_array(np.array(0.1, np.float32), "sa"), numpy_helper.from_array(np.array(3, np.uint8), "za"),
+                 numpy_helper.from_array(np.ones((4, 4), np.int8), "w"), numpy_helper.from_array(np.ones(4, np.float32), "sw"),
+                 numpy_helper.from_array(np.zeros(4, np.int8), "zw"), numpy_helper.from_array(np.ones(4, np.float32), "b")]
+        nodes = [helper.make_node("QuantizeLinear", ["x", "sa", "za"], ["xq"]),
+                 helper.make_node("DequantizeLinear", ["xq", "sa", "za"], ["xd"]),
+                 helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=axis),
+                 helper.make_node("MatMul", ["xd", "wd"], ["y" if not bias else "m"])]
+        if bias:
+            nodes.append(helper.make_node("Add", ["m", "b"], ["y"]))
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    assert integer_matmul_to_float(graph(axis=1, bias=True)) == 1
+    for axis, bias in ((0, True), (1, False)):
+        model = graph(axis, bias)
+        before = model.SerializeToString()
+        assert integer_matmul_to_float(model) == 0 and model.SerializeToString() == before
+
+
+def test_classifier_nodes_refuses_a_graph_without_its_classifier():
+    """float_logits reads the MLP's last two nodes; any other ending is named, not rewritten blindly."""
     from onnx import TensorProto, helper
 
     node = helper.make_node("Relu", ["x"], ["logits"], name="relu")
