@@ -287,46 +287,55 @@ def bypass_qdq(graph: onnx.GraphProto, tensor: str) -> bool:
     return True
 
 
-def _unsigned_activation(graph: onnx.GraphProto, quant: onnx.NodeProto | None, zero: str,
-                         consts: dict[str, onnx.TensorProto]) -> tuple[str, str] | None:
-    """(uint8 tensor, its zero point) for the activation a QuantizeLinear writes: its own output where it
-    is uint8, else a uint8 twin (zero point + 128, the same scale: q + 128 exactly, so q - z is unchanged)
-    beside it. onnxruntime's MatMulIntegerToFloat runs u8 x s8 on its fast kernels and int8 x int8 ~5x
-    slower (INT8 MLP, batch 8, 1 thread: 189 against 38 ms); its own Q/DQ fusions make the same swap.
-    None where the activation is not a QuantizeLinear's output with a constant scalar zero point."""
-    if quant is None or quant.op_type != "QuantizeLinear" or not zero or zero not in consts or consts[zero].dims:
+def _unsigned_activation(graph: onnx.GraphProto, dequant: onnx.NodeProto, producer: dict[str, onnx.NodeProto],
+                         consts: dict[str, onnx.TensorProto], twins: dict[str, tuple[str, str]]) -> tuple[str, str] | None:
+    """(uint8 tensor, its zero point) holding what `dequant` dequantises: the QuantizeLinear's own output
+    where it is uint8, else a uint8 twin beside it (zero point + 128, the same scale: q + 128 exactly, for
+    round-half-to-even and saturation alike, so q - z is unchanged), made once per QuantizeLinear (`twins`).
+    onnxruntime's MatMulIntegerToFloat runs u8 x s8 on its fast kernels and int8 x int8 ~5x slower (INT8
+    MLP, batch 8, 1 thread: 189 against 38 ms); its own Q/DQ fusions make the same swap. None unless the
+    QuantizeLinear and `dequant` share one constant scalar scale and zero point."""
+    quant = producer.get(dequant.input[0])
+    if quant is None or quant.op_type != "QuantizeLinear" or quant.domain not in ("", "ai.onnx") \
+            or len(quant.input) < 3 or len(dequant.input) < 3 or list(quant.input[1:3]) != list(dequant.input[1:3]):
+        return None
+    scale, zero = quant.input[1], quant.input[2]
+    if scale not in consts or zero not in consts or consts[scale].dims or consts[zero].dims:
         return None
     value = numpy_helper.to_array(consts[zero])
     if value.dtype == np.uint8:
         return quant.output[0], zero
     if value.dtype != np.int8:
         return None
-    twin_zero = numpy_helper.from_array((value.astype(np.int16) + 128).astype(np.uint8), f"{zero}_uint8")
-    graph.initializer.append(twin_zero)
-    consts[twin_zero.name] = twin_zero
-    twin = helper.make_node("QuantizeLinear", [quant.input[0], quant.input[1], twin_zero.name],
-                            [f"{quant.output[0]}_uint8"], name=f"{quant.name}_uint8")
-    graph.node.insert(list(graph.node).index(quant) + 1, twin)
-    return twin.output[0], twin_zero.name
+    if quant.output[0] not in twins:
+        twin_zero = numpy_helper.from_array((value.astype(np.int16) + 128).astype(np.uint8), f"{quant.output[0]}_zero_uint8")
+        graph.initializer.append(twin_zero)
+        twin = helper.make_node("QuantizeLinear", [quant.input[0], scale, twin_zero.name], [f"{quant.output[0]}_uint8"],
+                                name=f"{quant.name or quant.output[0]}_uint8")
+        graph.node.insert(list(graph.node).index(quant) + 1, twin)
+        twins[quant.output[0]] = (twin.output[0], twin_zero.name)
+    return twins[quant.output[0]]
 
 
 def integer_matmul_to_float(model: onnx.ModelProto) -> int:
     """Rewrite, in place, DequantizeLinear(a) x DequantizeLinear(w) -> MatMul -> Add(constant bias) as
     onnxruntime's MatMulIntegerToFloat (com.microsoft) with the bias fused; returns how many were rewritten.
 
-    For onnxruntime only (the runtime applies it to the graphs it loads; the files stay standard ONNX,
-    which TensorRT parses). onnxruntime fuses DequantizeLinear -> MatMul into that operator itself but
-    leaves the bias as a separate Add, a second pass over the output: for the INT8 MLP's (B, h, w, 2,048)
-    logits that Add costs as much as the products (MLP graph alone, bottle, batch 8, 1 thread: 38 ms
-    against 22 ms with the bias fused), and the standard MatMulInteger -> Cast -> Mul -> Add form its
-    own bias fusion looks for is constant-folded before that fusion runs. Matched: `a` an activation with
-    a per-tensor scale and zero point, `w` a constant 2-D weight with one scale (and zero point) per
-    output column (axis 1), the bias a constant of one value per column. Activations quantised to int8
-    (the TensorRT form) are quantised to uint8 for it instead (`_unsigned_activation`).
+    For onnxruntime's CPU kernels only (the runtime applies it to the graphs it loads for the CPU provider;
+    the files stay standard ONNX, which TensorRT parses). onnxruntime fuses DequantizeLinear -> MatMul into
+    that operator itself but leaves the bias as a separate Add, a second pass over the output: for the
+    INT8 MLP's (B, h, w, 2,048) logits that Add costs as much as the products (MLP graph alone, bottle,
+    batch 8, 1 thread: 38 ms against 22 ms with the bias fused), and the standard MatMulInteger -> Cast ->
+    Mul -> Add form its own bias fusion looks for is constant-folded before that fusion runs. Matched:
+    `a` an activation quantised per tensor (QuantizeLinear -> DequantizeLinear with one constant scale and
+    zero point; int8 ones are requantised to uint8, `_unsigned_activation`), `w` a constant 2-D int8 or
+    uint8 weight with one scale (and zero point) per output column (axis 1), a float32 bias of one value per
+    column as the Add's second input, and a MatMul output that is not a graph output. Anything else stays.
     """
     g = model.graph
     producer = {o: n for n in g.node for o in n.output}
     consts = {t.name: t for t in g.initializer}
+    outputs = {o.name for o in g.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for n in g.node:
         for i in n.input:
@@ -335,28 +344,35 @@ def integer_matmul_to_float(model: onnx.ModelProto) -> int:
     def dims(name: str) -> list[int] | None:
         return list(consts[name].dims) if name in consts else None
 
+    def dtype(name: str) -> int | None:
+        return consts[name].data_type if name in consts else None
+
+    standard = ("", "ai.onnx")
+    twins: dict[str, tuple[str, str]] = {}
     rewritten = 0
-    for matmul in [n for n in g.node if n.op_type == "MatMul"]:
+    for matmul in [n for n in g.node if n.op_type == "MatMul" and n.domain in standard]:
         dq_a, dq_w = producer.get(matmul.input[0]), producer.get(matmul.input[1])
         adds = readers.get(matmul.output[0], [])
-        if not (dq_a and dq_w and dq_a.op_type == dq_w.op_type == "DequantizeLinear" and len(adds) == 1
-                and adds[0].op_type == "Add" and adds[0].input[0] == matmul.output[0]):
+        if not (dq_a and dq_w and dq_a.op_type == dq_w.op_type == "DequantizeLinear" and dq_a.domain in standard
+                and dq_w.domain in standard and len(adds) == 1 and adds[0].op_type == "Add" and adds[0].domain in standard
+                and adds[0].input[0] == matmul.output[0] and matmul.output[0] not in outputs):
             continue
         add, w = adds[0], dims(dq_w.input[0])
         axis = next((a.i for a in dq_w.attribute if a.name == "axis"), 1)
-        scale_a, zero_a = dq_a.input[1], dq_a.input[2] if len(dq_a.input) > 2 else ""
         scale_w, zero_w = dq_w.input[1], dq_w.input[2] if len(dq_w.input) > 2 else ""
         if (w is None or len(w) != 2 or axis not in (1, -1) or dims(scale_w) != [w[1]]
-                or (zero_w and dims(zero_w) != [w[1]]) or dims(scale_a) != [] or (zero_a and dims(zero_a) != [])
-                or dims(add.input[1]) not in ([w[1]], [1, w[1]])):
+                or dtype(dq_w.input[0]) not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+                or (zero_w and dims(zero_w) != [w[1]]) or dims(add.input[1]) != [w[1]]
+                or dtype(add.input[1]) != onnx.TensorProto.FLOAT):
             continue
-        quant_a = _unsigned_activation(g, producer.get(dq_a.input[0]), zero_a, consts)
-        if quant_a is None:
+        activation = _unsigned_activation(g, dq_a, producer, consts, twins)
+        if activation is None:
             continue
-        a, zero_a = quant_a
+        a, zero_a = activation
         fused = helper.make_node("MatMulIntegerToFloat",
-                                 [a, dq_w.input[0], scale_a, scale_w, zero_a, zero_w, add.input[1]],
-                                 [add.output[0]], name=f"{matmul.name}_MatMulIntegerToFloat", domain="com.microsoft")
+                                 [a, dq_w.input[0], dq_a.input[1], scale_w, zero_a, zero_w, add.input[1]],
+                                 [add.output[0]], name=f"{matmul.name or matmul.output[0]}_MatMulIntegerToFloat",
+                                 domain="com.microsoft")
         g.node.insert(list(g.node).index(matmul), fused)
         g.node.remove(matmul)
         g.node.remove(add)

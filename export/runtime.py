@@ -191,6 +191,9 @@ class ExportedModel(StagePipeline):
         self.threshold: float = float(self.normalisation["threshold"])
         self._options = _session_options(threads, optimization)
         self._providers = list(providers or ["CPUExecutionProvider"])
+        # onnxruntime's CPU contrib kernels (MatMulIntegerToFloat) for INT8 products; other providers
+        # (CUDA has no such kernel) get the files' standard graphs
+        self._cpu_kernels = self._providers[0] == "CPUExecutionProvider"
         self.stages = tuple(name for name in m["pipeline"] if refine or name != "refiner")
         self.backbone_runtime = backbone_runtime
         self._openvino = None  # export.openvino_backbone.OpenVINOBackbone when the backbone runs there
@@ -239,7 +242,7 @@ class ExportedModel(StagePipeline):
         from export.fused import fuse_stages
         from export.graph_passes import integer_matmul_to_float
 
-        for name in chain:  # onnxruntime's own form of INT8 products (the files stay standard ONNX)
+        for name in chain if self._cpu_kernels else ():  # onnxruntime's form of INT8 products; files stay standard
             integer_matmul_to_float(graphs[name])
         return fuse_stages([(name, graphs[name]) for name in chain], [self.chain_output(chain)])
 
@@ -257,13 +260,16 @@ class ExportedModel(StagePipeline):
         return ort.InferenceSession(model, self._options, providers=self._providers)
 
     def _stage_session(self, name: str):
-        """One stage's session: from its file, or, where the graph has INT8 products with a bias (the INT8
-        MLP's classifier), from the graph in onnxruntime's form (export.graph_passes.integer_matmul_to_float)."""
+        """One stage's session: from its file, or, on the CPU provider where the graph has INT8 products with a
+        bias (the INT8 MLP's classifier), from the graph in onnxruntime's form
+        (export.graph_passes.integer_matmul_to_float)."""
         from export.graph_passes import integer_matmul_to_float
 
         file = self._graph_file(name)
+        if not self._cpu_kernels or self.manifest["graphs"][name].get("external_data"):
+            return self._session(str(file))
         graph = _load_graph(file)
-        if self.manifest["graphs"][name].get("external_data") or not integer_matmul_to_float(graph):
+        if not integer_matmul_to_float(graph):
             return self._session(str(file))
         return self._session(graph.SerializeToString())
 

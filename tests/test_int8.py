@@ -345,31 +345,77 @@ def test_onnxruntime_runs_the_classifier_as_one_integer_product(int8_export, cpu
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(np.abs(a).max()))
 
 
-def test_integer_matmul_to_float_leaves_what_it_cannot_read_exactly():
-    """Weights scaled per row (axis 0) or a MatMul without a constant bias stay as they are."""
+def _qdq_matmul(zero_a: np.ndarray, axis: int = 1, bias: bool = True, shared: bool = False,
+                output_product: bool = False) -> onnx.ModelProto:
+    """x -> QuantizeLinear / DequantizeLinear (scale 0.5, zero point `zero_a`) -> MatMul with int8 weights
+    per column -> Add(bias): the INT8 classifier's pattern in small; `shared`: a second MatMul reads the
+    same activation; `output_product`: the first MatMul's output is also a graph output."""
     from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array(0.5, np.float32), "sa"), numpy_helper.from_array(zero_a, "za"),
+             numpy_helper.from_array(rng.integers(-64, 65, (4, 4)).astype(np.int8), "w"),
+             numpy_helper.from_array(rng.random(4).astype(np.float32) + 0.1, "sw"),
+             numpy_helper.from_array(np.zeros(4, np.int8), "zw"), numpy_helper.from_array(rng.random(4).astype(np.float32), "b")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sa", "za"], ["xq"], name="q"),
+             helper.make_node("DequantizeLinear", ["xq", "sa", "za"], ["xd"], name="dq"),
+             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=axis, name="dqw"),
+             helper.make_node("MatMul", ["xd", "wd"], ["m" if bias else "y"], name="mm")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])]
+    if bias:
+        nodes.append(helper.make_node("Add", ["m", "b"], ["y"], name="add"))
+    if shared:
+        nodes += [helper.make_node("MatMul", ["xd", "wd"], ["m2"], name="mm2"), helper.make_node("Add", ["m2", "b"], ["y2"], name="add2")]
+        outputs.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["batch", 4]))
+    if output_product:
+        outputs.append(helper.make_tensor_value_info("m", TensorProto.FLOAT, ["batch", 4]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])], outputs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_integer_matmul_to_float_computes_what_the_standard_graph_does():
+    """Exact wherever the 8-bit activation rounds half to even or saturates, for int8 zero points at
+    both ends and in the middle (requantised to uint8, zero point + 128) and for uint8; an activation two
+    products read gets one uint8 twin."""
+    import copy
 
     from export.graph_passes import integer_matmul_to_float
 
-    def graph(axis: int, bias: bool) -> onnx.ModelProto:
-        inits = [numpy_helper.from_array(np.array(0.1, np.float32), "sa"), numpy_helper.from_array(np.array(3, np.uint8), "za"),
-                 numpy_helper.from_array(np.ones((4, 4), np.int8), "w"), numpy_helper.from_array(np.ones(4, np.float32), "sw"),
-                 numpy_helper.from_array(np.zeros(4, np.int8), "zw"), numpy_helper.from_array(np.ones(4, np.float32), "b")]
-        nodes = [helper.make_node("QuantizeLinear", ["x", "sa", "za"], ["xq"]),
-                 helper.make_node("DequantizeLinear", ["xq", "sa", "za"], ["xd"]),
-                 helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=axis),
-                 helper.make_node("MatMul", ["xd", "wd"], ["y" if not bias else "m"])]
-        if bias:
-            nodes.append(helper.make_node("Add", ["m", "b"], ["y"]))
-        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], inits)
-        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    ties = np.arange(-140, 141, dtype=np.float32) / 2  # every half step over [-70, 70] at scale 0.5: ties, saturation
+    x = np.ascontiguousarray(np.resize(ties, (len(ties) // 4 + 1) * 4).reshape(-1, 4))
+    for zero in (np.array(-128, np.int8), np.array(0, np.int8), np.array(127, np.int8), np.array(7, np.uint8)):
+        for shared in (False, True):
+            plain = _qdq_matmul(zero, shared=shared)
+            fast = copy.deepcopy(plain)
+            assert integer_matmul_to_float(fast) == (2 if shared else 1)
+            assert sum(n.op_type == "QuantizeLinear" for n in fast.graph.node) == 1  # one twin (the int8 one pruned)
+            want = ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+            got = ort.InferenceSession(fast.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+            for a, b in zip(got, want):
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
 
-    assert integer_matmul_to_float(graph(axis=1, bias=True)) == 1
-    for axis, bias in ((0, True), (1, False)):
-        model = graph(axis, bias)
+
+def test_integer_matmul_to_float_leaves_what_it_cannot_read_exactly():
+    """Weights scaled per row (axis 0), a MatMul without a constant bias, or one whose product is itself
+    a graph output stay as they are."""
+    from export.graph_passes import integer_matmul_to_float
+
+    for model in (_qdq_matmul(np.array(3, np.uint8), axis=0), _qdq_matmul(np.array(3, np.uint8), bias=False),
+                  _qdq_matmul(np.array(3, np.uint8), output_product=True)):
         before = model.SerializeToString()
         assert integer_matmul_to_float(model) == 0 and model.SerializeToString() == before
+
+
+def test_other_providers_get_the_standard_graph(cpu_int8_export):
+    """MatMulIntegerToFloat is a CPU kernel (CUDA has none): with another provider first the runtime
+    loads the files' standard graphs."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # onnxruntime warns that CUDA is not available here, then uses the CPU
+        model = load_exported(cpu_int8_export, threads=1, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert not [n for n in model.fused_graph().graph.node if n.domain == "com.microsoft"]
+    assert [n for n in load_exported(cpu_int8_export, threads=1).fused_graph().graph.node if n.domain == "com.microsoft"]
 
 
 def test_classifier_nodes_refuses_a_graph_without_its_classifier():
