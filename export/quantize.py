@@ -207,7 +207,7 @@ def quantize_models(models: dict[str, onnx.ModelProto], detector, geometry, grap
     for g in graphs:
         models[g], kept[g] = quantize_graph(models[g], names[g], inputs[g], activations,
                                             fp32_convs if g == "backbone" else 0, weight_bits, logits=g == "mlp")
+    method = METHOD.format(act=activations, bits=weight_bits) + (LOGITS if "mlp" in graphs else "")
     return {"graphs": sorted(graphs), "activations": activations, "tensorrt": ACTIVATIONS[activations][1],
-            "weight_bits": weight_bits, "method": METHOD.format(act=activations, bits=weight_bits) + (LOGITS if "mlp" in graphs else ""),
-            "fp32_nodes": kept,
+            "weight_bits": weight_bits, "method": method, "fp32_nodes": kept,
             "calibration_dir": str(Path(paths[0]).parent.resolve()), "calibration_images": [p.name for p in paths]}
