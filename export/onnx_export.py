@@ -160,11 +160,11 @@ class _MLP(nn.Module):
     def __init__(self, mlp: nn.Module) -> None:
         super().__init__()
         self.mlp = copy.deepcopy(mlp).eval()
+        t = float(mlp.temperature)
         with torch.no_grad():
-            self.mlp.classifier.weight.div_(float(mlp.temperature))
-            self.mlp.classifier.bias.div_(float(mlp.temperature))
-        # (hidden, K): the MatMul's constant as stored, not a Flatten + Transpose of the Conv weight
-        self.register_buffer("classifier_weight", self.mlp.classifier.weight.detach().flatten(1).T.contiguous())
+            self.mlp.classifier.bias.div_(t)
+        # (hidden, K) / T: the MatMul's constant as stored, not a Flatten + Transpose of the Conv weight
+        self.register_buffer("classifier_weight", (self.mlp.classifier.weight.detach().flatten(1).T / t).contiguous())
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         mlp = self.mlp
