@@ -17,8 +17,9 @@ the same memory-bank size: "1%" is 1% of pni-ray's candidate patches, "default" 
 pni-ray's default ratio; anomalib's coreset ratio is set so its bank has exactly that many
 entries. pni-ray holds 10% of train/good out for calibration (its default); anomalib fits on
 all of train/good. pni-ray runs in its default `pni` mode. `--borrow-bank default` times
-anomalib's scoring at pni-ray's default bank without its fit (its greedy coreset needs most of an
-hour there on 2 cores): anomalib then scores with pni-ray's C_emb of the same size. Those rows
+anomalib's scoring at pni-ray's default bank without its fit (its greedy coreset takes 26-29 minutes
+there on 2 cores of an AMX Xeon, longer on slower CPUs): anomalib then scores with pni-ray's C_emb of
+the same size. Those rows
 time anomalib's scoring; their accuracy is not its own (the bank is not its fit, and anomalib's
 3 x 3 AvgPool2d counts the zero padding at the border where pni-ray's pooling does not).
 
@@ -541,7 +542,7 @@ def fit_once(python: Path, name: str, spec: dict, cache: Path, reuse: bool) -> d
 
 def borrow_bank(bundle: str, state: str) -> dict:
     """anomalib's memory bank = pni-ray's C_emb (same size; border features differ): times anomalib's scoring at a
-    bank size whose greedy coreset would take it most of an hour (0.19 s per pick at 320 px)."""
+    bank size whose greedy coreset would take it half an hour or more (0.1-0.19 s per pick at 320 px, by CPU)."""
     import torch
 
     from pni_ray.bundle import load_bundle
