@@ -19,9 +19,9 @@ entries. pni-ray holds 10% of train/good out for calibration (its default); anom
 all of train/good. pni-ray runs in its default `pni` mode. `--borrow-bank default` times
 anomalib's scoring at pni-ray's default bank without its fit (its greedy coreset takes 26-29 minutes
 there on 2 cores of an AMX Xeon, longer on slower CPUs): anomalib then scores with pni-ray's C_emb of
-the same size. Those rows
-time anomalib's scoring; their accuracy is not its own (the bank is not its fit, and anomalib's
-3 x 3 AvgPool2d counts the zero padding at the border where pni-ray's pooling does not).
+the same size. Those rows time anomalib's scoring; their accuracy is not its own (the bank is not
+its fit, and anomalib's 3 x 3 AvgPool2d counts the zero padding at the border where pni-ray's
+pooling does not).
 
 Every fit and every scoring path runs in its own subprocess (peak RSS is that process's):
 pni-ray torch bundle, pni-ray ONNX Runtime export (`pni-ray export`), with --int8 GRAPHS also
@@ -542,7 +542,8 @@ def fit_once(python: Path, name: str, spec: dict, cache: Path, reuse: bool) -> d
 
 def borrow_bank(bundle: str, state: str) -> dict:
     """anomalib's memory bank = pni-ray's C_emb (same size; border features differ): times anomalib's scoring at a
-    bank size whose greedy coreset would take it half an hour or more (0.1-0.19 s per pick at 320 px, by CPU)."""
+    bank size whose greedy coreset takes it about half an hour or more (0.105-0.17 s per pick at 320 px on an AMX Xeon,
+    more on slower CPUs)."""
     import torch
 
     from pni_ray.bundle import load_bundle
