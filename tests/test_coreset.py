@@ -88,6 +88,36 @@ def test_order_identical_on_unstructured_rows() -> None:
     assert torch.equal(greedy_kcenter_order(x, 600, 48, chunk_size=2048, seed=13, progress=False), expected)
 
 
+def test_bound_products_on_the_callers_threads_keep_the_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The members' bound products on the caller's two threads (from any size up here) give the reference
+    order; each is the plain product, and the search's other ops stay on one thread between them."""
+    import pni_ray.models.coreset as coreset
+
+    monkeypatch.setattr(coreset, "PARALLEL_BOUND_ROWS", 1)
+    products, seen = coreset._BoundProducts.__call__, []
+
+    def spy(self: coreset._BoundProducts, low: np.ndarray, positions: np.ndarray, low_p: np.ndarray) -> np.ndarray:
+        out = products(self, low, positions, low_p)
+        seen.append((self.threads, torch.get_num_threads(), positions.size))
+        np.testing.assert_allclose(out, np.take(low, positions, axis=0) @ low_p, rtol=1e-5, atol=1e-5)
+        return out
+
+    monkeypatch.setattr(coreset._BoundProducts, "__call__", spy)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(5000, 64, generator=g)  # unstructured: most members admitted every pick
+    expected = greedy_kcenter_order_reference(x, 600, 48, chunk_size=2048, seed=13, progress=False)
+    caller = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = greedy_kcenter_order(x, 600, 48, chunk_size=2048, seed=13, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(caller)
+    assert torch.equal(got, expected)
+    assert sum(size for *_, size in seen) > 100_000, "the products must have had members to bound"
+    assert all(threads == 2 and now == 1 for threads, now, _ in seen)
+
+
 def test_members_keep_their_bounds_through_moves_and_compaction(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each member's stored bound rows are its own table rows after removals, appends and compaction
     (a stale row would be a wrong bound: a point skipped that should be measured)."""
