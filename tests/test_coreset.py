@@ -88,34 +88,71 @@ def test_order_identical_on_unstructured_rows() -> None:
     assert torch.equal(greedy_kcenter_order(x, 600, 48, chunk_size=2048, seed=13, progress=False), expected)
 
 
-def test_bound_products_on_the_callers_threads_keep_the_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The members' bound products on the caller's two threads (from any size up here) give the reference
-    order; each is the plain product, and the search's other ops stay on one thread between them."""
+def _spy_bound_products(monkeypatch: pytest.MonkeyPatch, threshold: int) -> tuple[list, list]:
+    """Record each bound product (size, result checked against float64) and each torch mv (rows, threads)."""
     import pni_ray.models.coreset as coreset
 
-    monkeypatch.setattr(coreset, "PARALLEL_BOUND_ROWS", 1)
-    products, seen = coreset._BoundProducts.__call__, []
+    monkeypatch.setattr(coreset, "PARALLEL_BOUND_ROWS", threshold)
+    products, mv, calls, mvs = coreset._BoundProducts.__call__, torch.mv, [], []
 
     def spy(self: coreset._BoundProducts, low: np.ndarray, positions: np.ndarray, low_p: np.ndarray) -> np.ndarray:
         out = products(self, low, positions, low_p)
-        seen.append((self.threads, torch.get_num_threads(), positions.size))
-        np.testing.assert_allclose(out, np.take(low, positions, axis=0) @ low_p, rtol=1e-5, atol=1e-5)
+        rows = np.take(low, positions, axis=0).astype(np.float64)
+        exact = rows @ low_p.astype(np.float64)
+        # IEEE float32 in any summation order: within 40 roundings of sum |x_i p_i| (the bound's slack is far wider)
+        assert np.all(np.abs(out - exact) <= 40 * np.finfo(np.float32).eps * (np.abs(rows) @ np.abs(low_p)) + 1e-30)
+        assert np.shares_memory(out, self.out.numpy()), "the result must be the reused buffer"
+        calls.append(positions.size)
         return out
 
+    def mv_spy(*args: object, **kwargs: object) -> torch.Tensor:
+        mvs.append((args[0].shape[0], torch.get_num_threads()))  # type: ignore[union-attr]
+        return mv(*args, **kwargs)
+
     monkeypatch.setattr(coreset._BoundProducts, "__call__", spy)
-    g = torch.Generator().manual_seed(12)
-    x = torch.randn(5000, 64, generator=g)  # unstructured: most members admitted every pick
-    expected = greedy_kcenter_order_reference(x, 600, 48, chunk_size=2048, seed=13, progress=False)
+    monkeypatch.setattr(torch, "mv", mv_spy)
+    return calls, mvs
+
+
+def _order_at_two_threads(x: torch.Tensor) -> torch.Tensor:
     caller = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        got = greedy_kcenter_order(x, 600, 48, chunk_size=2048, seed=13, progress=False)
-        assert torch.get_num_threads() == 2
+        order = greedy_kcenter_order(x, 600, 48, chunk_size=2048, seed=13, progress=False)
+        assert torch.get_num_threads() == 2, "the caller's thread count is restored"
     finally:
         torch.set_num_threads(caller)
+    return order
+
+
+def test_bound_products_on_the_callers_threads_keep_the_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The members' bound products run on the caller's two threads from PARALLEL_BOUND_ROWS members up and
+    on one below, into one reused buffer, and give the reference order; the search's other ops stay on one."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(5000, 64, generator=g)  # unstructured: most members admitted every pick
+    expected = greedy_kcenter_order_reference(x, 600, 48, chunk_size=2048, seed=13, progress=False)
+    calls, mvs = _spy_bound_products(monkeypatch, threshold=4600)
+    assert torch.equal(_order_at_two_threads(x), expected)
+    assert len(mvs) == len(calls) and sum(calls) > 100_000, "every product ran, with members to bound"
+    assert any(n >= 4600 for n in calls) and any(n < 4600 for n in calls), "both sides of the threshold"
+    assert all(threads == (2 if n >= 4600 else 1) for n, threads in mvs)
+
+
+def test_bound_products_leave_lowered_matmul_precision_to_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With torch's float32 products lowered (bf16 on CPUs that have it: rounding ~9x the bound's slack)
+    torch mv is not used, and the order stays the reference's."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4000, 24, generator=g) @ torch.randn(24, 256, generator=g)  # rank 24 in 256 dimensions
+    calls, mvs = _spy_bound_products(monkeypatch, threshold=1)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")  # the projection too: the reference runs under it as well
+    try:
+        expected = greedy_kcenter_order_reference(x, 600, 48, chunk_size=2048, seed=13, progress=False)
+        got = _order_at_two_threads(x)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert calls and not mvs
     assert torch.equal(got, expected)
-    assert sum(size for *_, size in seen) > 100_000, "the products must have had members to bound"
-    assert all(threads == 2 and now == 1 for threads, now, _ in seen)
 
 
 def test_members_keep_their_bounds_through_moves_and_compaction(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,8 @@ expression that measures them and the tie rule (the lowest index among equal max
 the plain rule's, and a point is only skipped when the bound proves it is not closer, so the
 order is bit-for-bit the one the plain rule gives (tests/test_coreset.py checks it against
 that implementation). Bookkeeping is numpy: per pick it touches a few thousand entries, where
-torch's per-call and advanced-indexing overheads cost more than the arithmetic.
+torch's per-call and advanced-indexing overheads cost more than the arithmetic. The exception is the
+members' bound products, up to ~100k rows a pick on transistor: torch, on the caller's threads.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ BOUND_AXES = 32
 BOUND_SAMPLE_ROWS = 65536
 TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32: bounds below it are not trusted
 # A pick's members' bound products run on the caller's threads from this many members up (transistor
-# admits ~100k a pick: 2.2x on two cores); fewer run on one, where a parallel region costs more than it saves.
+# admits ~100k a pick; one-off, 100k random rows: 1.8 ms for numpy's take + einsum, 0.82 ms for torch's
+# index_select + mv on two threads); fewer run on one, where a parallel region costs more than it saves.
 PARALLEL_BOUND_ROWS = 32768
 
 
@@ -230,19 +232,38 @@ def greedy_kcenter_order(
     order[0] = current
     if n_select > 1:
         threads = torch.get_num_threads()
-        with one_thread():  # the picks' small ops; row distances do not follow the thread count, so the order is unchanged
+        # the picks' small ops on one thread (row distances do not follow the thread count, so the order is
+        # unchanged); the members' bound products alone may use the caller's `threads` (_BoundProducts)
+        with one_thread():
             _search(reduced, min_dist, order, chunk_size, progress, threads)
     return torch.from_numpy(order)
 
 
-class _BoundProducts:
-    """low[positions] @ low_p in float32 through buffers reused from pick to pick (a fresh ~13 MB array a
-    pick fragmented the heap: +0.45 GB peak RSS in transistor's fit), on `threads` torch threads when
-    there are PARALLEL_BOUND_ROWS positions or more (inside the search's one-thread block; one again
-    after). Only lower bounds are made of it, so its rounding, whatever the thread count, moves no
-    pick (see _search's slack). The result is a view of the buffer, valid until the next call."""
+def ieee_float32_matmul() -> bool:
+    """Whether torch's float32 matrix products are plain IEEE float32 here. A caller may have lowered
+    them (`torch.set_float32_matmul_precision("medium")`, or the mkldnn fp32_precision "bf16"/"tf32"),
+    which on CPUs with bf16 makes their rounding far larger than a bound's slack allows."""
+    mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    precision = getattr(mkldnn, "fp32_precision", "none")
+    if precision not in ("none", "ieee"):
+        return False
+    try:
+        return precision == "ieee" or torch.get_float32_matmul_precision() == "highest"
+    except RuntimeError:  # torch refuses to read one precision API after the other was set
+        return False
 
-    def __init__(self, width: int, threads: int) -> None:
+
+class _BoundProducts:
+    """low[positions] @ low_p in float32 through buffers reused from pick to pick (a fresh torch tensor a
+    pick raised transistor's fit's peak RSS from 2.30 to 2.79 GB under pni_ray.allocator's policy of
+    keeping freed memory). torch `mv` on the caller's threads where there are PARALLEL_BOUND_ROWS
+    positions or more (inside the search's one-thread block; the count is restored after) and its float32
+    products are IEEE; else numpy's on one thread. Only lower bounds are made of it, so IEEE rounding,
+    whatever the summation order, moves no pick (see _search's slack). The result is a view of the
+    buffer, valid until the next call."""
+
+    def __init__(self, n_rows: int, width: int, threads: int) -> None:
+        self.n_rows = n_rows  # no pick admits more members than there are rows
         self.threads = threads
         self.rows = torch.empty(0, width, dtype=torch.float32)
         self.out = torch.empty(0, dtype=torch.float32)
@@ -250,19 +271,21 @@ class _BoundProducts:
     def __call__(self, low: np.ndarray, positions: np.ndarray, low_p: np.ndarray) -> np.ndarray:
         n = positions.size
         if n > self.out.shape[0]:
-            size = max(n, 2 * self.out.shape[0])
+            size = min(max(n, 2 * self.out.shape[0]), max(n, self.n_rows))
             self.rows = torch.empty(size, self.rows.shape[1], dtype=torch.float32)
             self.out = torch.empty(size, dtype=torch.float32)
         rows, out = self.rows[:n], self.out[:n]
-        parallel = self.threads > 1 and n >= PARALLEL_BOUND_ROWS
-        if parallel:
-            torch.set_num_threads(self.threads)
+        if not ieee_float32_matmul():
+            np.take(low, positions, axis=0, out=rows.numpy())
+            return np.einsum("ij,j->i", rows.numpy(), low_p, out=out.numpy())
+        before = torch.get_num_threads()
         try:
+            if self.threads > 1 and n >= PARALLEL_BOUND_ROWS:
+                torch.set_num_threads(self.threads)
             torch.index_select(torch.from_numpy(low), 0, torch.from_numpy(positions), out=rows)
             torch.mv(rows, torch.from_numpy(low_p), out=out)
         finally:
-            if parallel:
-                torch.set_num_threads(1)
+            torch.set_num_threads(before)
         return out.numpy()
 
 
@@ -294,7 +317,7 @@ def _search(reduced: torch.Tensor, min_dist: np.ndarray, order: np.ndarray, chun
                                for i in range(0, n_total, chunk_size)])
     low_rows_sq = np.einsum("ij,ij->i", low_rows, low_rows, dtype=np.float64).astype(np.float32)
     members = _Members(min_dist, n_select, low_rows, low_rows_sq)
-    bound_products = _BoundProducts(low_rows.shape[1], threads)
+    bound_products = _BoundProducts(n_total, low_rows.shape[1], threads)
     radius[0], farthest[0] = members.dist[0], members.points[0]
     low = np.empty((n_select, axes + 1), dtype=np.float32)
     low_sq = np.empty(n_select, dtype=np.float32)
