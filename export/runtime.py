@@ -191,9 +191,10 @@ class ExportedModel(StagePipeline):
         self.threshold: float = float(self.normalisation["threshold"])
         self._options = _session_options(threads, optimization)
         self._providers = list(providers or ["CPUExecutionProvider"])
-        # onnxruntime's CPU contrib kernels (MatMulIntegerToFloat) for INT8 products; other providers
-        # (CUDA has no such kernel) get the files' standard graphs
-        self._cpu_kernels = self._providers[0] == "CPUExecutionProvider"
+        # the INT8 graphs whose products onnxruntime's CPU contrib kernels run (MatMulIntegerToFloat); other
+        # providers (CUDA has no such kernel) get the files' standard graphs, and so do FP32 graphs
+        cpu_kernels = self._providers[0] == "CPUExecutionProvider"
+        self._integer_graphs = set((m.get("int8") or {}).get("graphs", ())) if cpu_kernels else set()
         self.stages = tuple(name for name in m["pipeline"] if refine or name != "refiner")
         self.backbone_runtime = backbone_runtime
         self._openvino = None  # export.openvino_backbone.OpenVINOBackbone when the backbone runs there
@@ -242,7 +243,7 @@ class ExportedModel(StagePipeline):
         from export.fused import fuse_stages
         from export.graph_passes import integer_matmul_to_float
 
-        for name in chain if self._cpu_kernels else ():  # onnxruntime's form of INT8 products; files stay standard
+        for name in self._integer_graphs.intersection(chain):  # onnxruntime's form of INT8 products; files stay standard
             integer_matmul_to_float(graphs[name])
         return fuse_stages([(name, graphs[name]) for name in chain], [self.chain_output(chain)])
 
@@ -266,7 +267,7 @@ class ExportedModel(StagePipeline):
         from export.graph_passes import integer_matmul_to_float
 
         file = self._graph_file(name)
-        if not self._cpu_kernels or self.manifest["graphs"][name].get("external_data"):
+        if name not in self._integer_graphs or self.manifest["graphs"][name].get("external_data"):
             return self._session(str(file))
         graph = _load_graph(file)
         if not integer_matmul_to_float(graph):

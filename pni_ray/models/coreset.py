@@ -265,17 +265,18 @@ class _BoundProducts:
     def __init__(self, n_rows: int, width: int, threads: int) -> None:
         self.n_rows = n_rows  # no pick admits more members than there are rows
         self.threads = threads
+        self.ieee = ieee_float32_matmul()  # read once: the search does not change it
         self.rows = torch.empty(0, width, dtype=torch.float32)
         self.out = torch.empty(0, dtype=torch.float32)
 
     def __call__(self, low: np.ndarray, positions: np.ndarray, low_p: np.ndarray) -> np.ndarray:
         n = positions.size
         if n > self.out.shape[0]:
-            size = min(max(n, 2 * self.out.shape[0]), max(n, self.n_rows))
+            size = max(n, min(2 * self.out.shape[0], self.n_rows))
             self.rows = torch.empty(size, self.rows.shape[1], dtype=torch.float32)
             self.out = torch.empty(size, dtype=torch.float32)
         rows, out = self.rows[:n], self.out[:n]
-        if not ieee_float32_matmul():
+        if not self.ieee:
             np.take(low, positions, axis=0, out=rows.numpy())
             return np.einsum("ij,j->i", rows.numpy(), low_p, out=out.numpy())
         before = torch.get_num_threads()
