@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
 
 from coreset_reference import greedy_kcenter_order_reference
-from pni_ray.models.coreset import _Members, greedy_kcenter_order, project_features, row_distances
+from pni_ray.models.coreset import _Members, _segments, greedy_kcenter_order, project_features, row_distances
 
 
 def blobs(n: int, dim: int, centres: int, seed: int) -> torch.Tensor:
@@ -88,71 +90,42 @@ def test_order_identical_on_unstructured_rows() -> None:
     assert torch.equal(greedy_kcenter_order(x, 600, 48, chunk_size=2048, seed=13, progress=False), expected)
 
 
-def _spy_bound_products(monkeypatch: pytest.MonkeyPatch, threshold: int) -> tuple[list, list]:
-    """Record each bound product (size, result checked against float64) and each torch mv (rows, threads)."""
+@pytest.mark.parametrize("threads", [2, 3])
+def test_members_bounded_on_the_callers_threads_keep_the_order(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    """Picks whose visited clusters hold PARALLEL_MEMBERS members or more bound them in one run per
+    thread, on this thread and the pool's, smaller ones in one run here; the order is the reference's, and
+    the caller's thread count is restored."""
     import pni_ray.models.coreset as coreset
 
-    monkeypatch.setattr(coreset, "PARALLEL_BOUND_ROWS", threshold)
-    products, mv, calls, mvs = coreset._BoundProducts.__call__, torch.mv, [], []
+    monkeypatch.setattr(coreset, "PARALLEL_MEMBERS", 600)  # blobs below: 480-630 members a pick
+    picks: list[tuple[int, int, list[int]]] = []  # per pick: clusters, their members, the threads of its runs
+    admit, kernel = coreset._Members.admit, coreset._admit
 
-    def spy(self: coreset._BoundProducts, low: np.ndarray, positions: np.ndarray, low_p: np.ndarray) -> np.ndarray:
-        out = products(self, low, positions, low_p)
-        rows = np.take(low, positions, axis=0).astype(np.float64)
-        exact = rows @ low_p.astype(np.float64)
-        # IEEE float32 in any summation order: within 40 roundings of sum |x_i p_i| (the bound's slack is far wider)
-        assert np.all(np.abs(out - exact) <= 40 * np.finfo(np.float32).eps * (np.abs(rows) @ np.abs(low_p)) + 1e-30)
-        assert np.shares_memory(out, self.out.numpy()), "the result must be the reused buffer"
-        calls.append(positions.size)
-        return out
+    def admit_spy(self, clusters, *rest):  # type: ignore[no-untyped-def]
+        picks.append((clusters.size, int(self.count[clusters].sum()), []))
+        return admit(self, clusters, *rest)
 
-    def mv_spy(*args: object, **kwargs: object) -> torch.Tensor:
-        mvs.append((args[0].shape[0], torch.get_num_threads()))  # type: ignore[union-attr]
-        return mv(*args, **kwargs)
+    def kernel_spy(*args):  # type: ignore[no-untyped-def]
+        picks[-1][2].append(threading.get_ident())
+        return kernel(*args)
 
-    monkeypatch.setattr(coreset._BoundProducts, "__call__", spy)
-    monkeypatch.setattr(torch, "mv", mv_spy)
-    return calls, mvs
-
-
-def _order_at_two_threads(x: torch.Tensor) -> torch.Tensor:
+    monkeypatch.setattr(coreset._Members, "admit", admit_spy)
+    monkeypatch.setattr(coreset, "_admit", kernel_spy)
+    x = blobs(5000, 64, 8, 3)
+    expected = greedy_kcenter_order_reference(x, 600, 48, chunk_size=2048, seed=13, progress=False)
     caller = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     try:
-        order = greedy_kcenter_order(x, 600, 48, chunk_size=2048, seed=13, progress=False)
-        assert torch.get_num_threads() == 2, "the caller's thread count is restored"
+        got = greedy_kcenter_order(x, 600, 48, chunk_size=2048, seed=13, progress=False)
+        assert torch.get_num_threads() == threads, "the caller's thread count is restored"
     finally:
         torch.set_num_threads(caller)
-    return order
-
-
-def test_bound_products_on_the_callers_threads_keep_the_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The members' bound products run on the caller's two threads from PARALLEL_BOUND_ROWS members up and
-    on one below, into one reused buffer, and give the reference order; the search's other ops stay on one."""
-    g = torch.Generator().manual_seed(12)
-    x = torch.randn(5000, 64, generator=g)  # unstructured: most members admitted every pick
-    expected = greedy_kcenter_order_reference(x, 600, 48, chunk_size=2048, seed=13, progress=False)
-    calls, mvs = _spy_bound_products(monkeypatch, threshold=4600)
-    assert torch.equal(_order_at_two_threads(x), expected)
-    assert len(mvs) == len(calls) and sum(calls) > 100_000, "every product ran, with members to bound"
-    assert any(n >= 4600 for n in calls) and any(n < 4600 for n in calls), "both sides of the threshold"
-    assert all(threads == (2 if n >= 4600 else 1) for n, threads in mvs)
-
-
-def test_bound_products_leave_lowered_matmul_precision_to_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With torch's float32 products lowered (bf16 on CPUs that have it: rounding ~9x the bound's slack)
-    torch mv is not used, and the order stays the reference's."""
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(4000, 24, generator=g) @ torch.randn(24, 256, generator=g)  # rank 24 in 256 dimensions
-    calls, mvs = _spy_bound_products(monkeypatch, threshold=1)
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")  # the projection too: the reference runs under it as well
-    try:
-        expected = greedy_kcenter_order_reference(x, 600, 48, chunk_size=2048, seed=13, progress=False)
-        got = _order_at_two_threads(x)
-    finally:
-        torch.set_float32_matmul_precision(precision)
-    assert calls and not mvs
     assert torch.equal(got, expected)
+    main = threading.get_ident()
+    split = [ids for k, n, ids in picks if n >= 600 and k >= threads]
+    assert len(split) > 50 and len(split) < len(picks) - 50, "picks on both sides of the threshold"
+    assert all(len(ids) == threads and ids.count(main) == 1 for ids in split), "a run here, the others on the pool"
+    assert all(ids == [main] for k, n, ids in picks if n < 600 or k < threads)
 
 
 def test_members_keep_their_bounds_through_moves_and_compaction(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -169,18 +142,76 @@ def test_members_keep_their_bounds_through_moves_and_compaction(monkeypatch: pyt
     for step in range(1, 60):  # move a random share of some clusters' prefixes to a new centre
         clusters = np.flatnonzero(members.count[:step] > 0)
         clusters = rng.choice(clusters, size=min(3, clusters.size), replace=False)
-        ends = members.start[clusters] + (members.count[clusters] + 1) // 2
-        positions, owner = members.prefixes(clusters, ends)
-        keep = rng.random(positions.size) > 0.3
-        moving = members.points[positions[~keep]]
+        positions, owner = _segments(members.start[clusters], (members.count[clusters] + 1) // 2)  # prefixes
+        leave = rng.random(positions.size) < 0.3
+        moving = members.points[positions[leave]]
+        staying = [members.points[members.start[j]:members.start[j] + members.count[j]] for j in clusters]
+        staying = [seg[~np.isin(seg, moving)] for seg in staying]
         new_dist = rng.random(moving.size).astype(np.float32)
-        members.remove(clusters, ends, positions, owner, keep)
+        members.remove(clusters, positions[leave], owner[leave])
+        for j, seg in zip(clusters, staying):  # the rest of each segment, in its order, at its end
+            assert np.array_equal(members.points[members.start[j]:members.start[j] + members.count[j]], seg)
         members.append(step, moving, new_dist)
-    live, _ = members.prefixes(np.arange(60), members.start[:60] + members.count[:60])
+    live, _ = _segments(members.start[:60], members.count[:60])
     assert sorted(members.points[live].tolist()) == list(range(n))  # every point in exactly one cluster
     assert np.array_equal(members.low[live], low[members.points[live]])
     assert np.array_equal(members.low_sq[live], low_sq[members.points[live]])
     assert compactions, "the appends must fill the buffer once"
+
+
+def test_admit_finds_exactly_the_prefix_members_the_bound_cannot_rule_out() -> None:
+    """_admit's one pass equals the rule written out in numpy: in each visited cluster the members farther
+    than half its gap (a prefix of the sorted segment), and of those the ones whose float64 lower bound
+    |low x - low p|^2 is below md^2 (1 + slack) + slack (|low x|^2 + |low p|^2) + tiny."""
+    rng = np.random.default_rng(5)
+    n, slack = 3000, 1e-4
+    dist = (rng.random(n) * 8).astype(np.float32)
+    low = rng.normal(size=(n, 9)).astype(np.float32)
+    low_sq = np.einsum("ij,ij->i", low, low).astype(np.float32)
+    members = _Members(dist, 8, low, low_sq)
+    for step in range(1, 8):  # split the buffer into segments of unequal length, each sorted
+        positions, owner = _segments(members.start[:step], members.count[:step] // 3)
+        members.remove(np.arange(step), positions, owner)
+        members.append(step, members.points[positions].copy(), dist[members.points[positions]])
+    clusters = np.array([6, 0, 3, 5], dtype=np.int64)
+    half_gaps = np.array([1.0, 4.0, 0.0, 6.0], dtype=np.float32)
+    low_p = rng.normal(size=9).astype(np.float32)
+    low_p_sq = float(np.dot(low_p.astype(np.float64), low_p))
+    found, owner = members.admit(clusters, half_gaps, low_p, low_p_sq, slack)
+    expected, expected_owner = [], []
+    for k, j in enumerate(clusters):
+        segment = np.arange(members.start[j], members.start[j] + members.count[j])
+        prefix = segment[members.dist[segment] > half_gaps[k]]
+        assert np.array_equal(prefix, segment[: prefix.size]), "the rule's candidates are a prefix"
+        rows = members.low[prefix].astype(np.float64)
+        sq, md = members.low_sq[prefix].astype(np.float64), members.dist[prefix].astype(np.float64)
+        lb = sq - 2.0 * rows @ low_p.astype(np.float64) + low_p_sq
+        keep = prefix[lb < md * md * (1 + slack) + slack * (sq + low_p_sq) + float(np.finfo(np.float32).tiny)]
+        expected += keep.tolist()
+        expected_owner += [k] * keep.size
+    assert 0 < len(expected) < sum(members.count[j] for j in clusters), "some members admitted, some ruled out"
+    assert found.tolist() == expected and owner.tolist() == expected_owner
+
+
+def test_loops_compile_without_a_cache_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where numba finds no directory to cache compiled code in (a read-only install without a home), it
+    refuses cache=True at import; the module then compiles its loops without the cache and gives the
+    same order."""
+    import importlib.util
+
+    import numba.core.caching
+    import pni_ray.models.coreset as cached
+
+    monkeypatch.setattr(numba.core.caching.CacheImpl, "_locator_classes", [])
+    with pytest.raises(RuntimeError, match="no locator"):  # what numba does without a place to cache
+        numba.njit(cache=True)(lambda x: x)
+    spec = importlib.util.spec_from_file_location("coreset_uncached", cached.__file__)
+    uncached = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(uncached)  # type: ignore[union-attr]
+    assert uncached._admit._cache.__class__.__name__ == "NullCache"
+    x = blobs(1500, 16, 6, 4)
+    assert torch.equal(uncached.greedy_kcenter_order(x, 200, 8, progress=False),
+                       cached.greedy_kcenter_order(x, 200, 8, progress=False))
 
 
 def test_reference_comparison_can_fail() -> None:

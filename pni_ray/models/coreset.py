@@ -14,15 +14,21 @@ without touching their 128-wide rows. The points the rule admits, the
 expression that measures them and the tie rule (the lowest index among equal maxima) are
 the plain rule's, and a point is only skipped when the bound proves it is not closer, so the
 order is bit-for-bit the one the plain rule gives (tests/test_coreset.py checks it against
-that implementation). Bookkeeping is numpy: per pick it touches a few thousand entries, where
-torch's per-call and advanced-indexing overheads cost more than the arithmetic. The exception is the
-members' bound products, up to ~100k rows a pick on transistor: torch, on the caller's threads.
+that implementation). Per-cluster bookkeeping is numpy: per pick it touches a few thousand
+entries, where torch's per-call and advanced-indexing overheads cost more than the arithmetic.
+Per-member work is not: the rule admits ~100k members a pick on transistor and most of the data
+on a texture, so finding each prefix, bounding its members and moving the ones that get closer
+run as two compiled loops (numba, _admit and _drop) that read each member's bound row once, in
+place, with no gathered copy. Exact distances stay torch's (row_distances), the plain rule's
+expression.
 """
 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -35,10 +41,9 @@ BOUND_AXES = 32
 # Rows sampled (evenly spaced) to estimate those axes; they only affect speed, never the order.
 BOUND_SAMPLE_ROWS = 65536
 TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32: bounds below it are not trusted
-# A pick's members' bound products run on the caller's threads from this many members up (transistor
-# admits ~100k a pick; one-off, 100k random rows: 1.8 ms for numpy's take + einsum, 0.82 ms for torch's
-# index_select + mv on two threads); fewer run on one, where a parallel region costs more than it saves.
-PARALLEL_BOUND_ROWS = 32768
+# A pick's members are bounded on the caller's threads where its visited clusters hold this many (transistor
+# admits ~100k a pick, a texture most of its rows); fewer on one, where handing work to a thread costs more.
+PARALLEL_MEMBERS = 32768
 
 
 def random_projection(dim_in: int, dim_out: int, seed: int) -> torch.Tensor:
@@ -114,7 +119,8 @@ class _Members:
     segments are appended; the buffer is compacted when the holes fill it.
     """
 
-    def __init__(self, min_dist: np.ndarray, n_select: int, low_rows: np.ndarray, low_rows_sq: np.ndarray) -> None:
+    def __init__(self, min_dist: np.ndarray, n_select: int, low_rows: np.ndarray, low_rows_sq: np.ndarray,
+                 threads: int = 1) -> None:
         n_total = min_dist.size
         first = np.argsort(-min_dist, kind="stable")
         self.points = np.empty(2 * n_total, dtype=np.int64)
@@ -131,43 +137,59 @@ class _Members:
         self.start = np.zeros(n_select, dtype=np.int64)
         self.count = np.zeros(n_select, dtype=np.int64)
         self.count[0] = n_total
+        self.n_total = n_total
+        self.found: list[np.ndarray] = []  # per run of admit: the positions it found, and their clusters
+        self.found_owner: list[np.ndarray] = []
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="coreset") if threads > 1 else None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
     def _buffers(self) -> tuple[np.ndarray, ...]:
         return self.points, self.dist, self.low, self.low_sq
 
-    def prefix_ends(self, clusters: np.ndarray, half_gaps: np.ndarray) -> np.ndarray:
-        """Per cluster, the end of its entries with distance > half_gap (vectorised bisection)."""
-        lo = self.start[clusters]
-        hi = lo + self.count[clusters]
-        active = np.flatnonzero(lo < hi)
-        while active.size:
-            a_lo, a_hi = lo[active], hi[active]
-            mid = (a_lo + a_hi) >> 1
-            beyond = self.dist[mid] > half_gaps[active]
-            lo[active] = np.where(beyond, mid + 1, a_lo)
-            hi[active] = np.where(beyond, a_hi, mid)
-            active = active[lo[active] < hi[active]]
-        return lo
+    def admit(self, clusters: np.ndarray, half_gaps: np.ndarray, low_p: np.ndarray, low_p_sq: float,
+              slack: float) -> tuple[np.ndarray, np.ndarray]:
+        """Buffer positions of the members to measure exactly (grouped by cluster, ascending) and each
+        one's cluster position in `clusters` (see _admit). Views of buffers the next call overwrites.
+        On `threads` > 1, clusters holding PARALLEL_MEMBERS members or more are split into `threads` runs
+        of about equal members, one on this thread and the others on the pool's; the runs' results are
+        concatenated in cluster order, so they are the one run's."""
+        if not clusters.size:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+        sizes = np.cumsum(self.count[clusters])
+        parts = self.threads if clusters.size >= self.threads and sizes[-1] >= PARALLEL_MEMBERS else 1
+        cuts = [0, *np.searchsorted(sizes, sizes[-1] * np.arange(1, parts) / parts).tolist(), clusters.size]
+        runs = [(clusters[a:b], half_gaps[a:b], self._found(part, int(self.count[clusters[a:b]].sum())))
+                for part, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
+        args = (self.start, self.count, self.dist, self.low, self.low_sq)
+        bound = (low_p, np.float64(low_p_sq), slack, TINY)
+        futures = [self.pool.submit(_admit, *args, c, h, *bound, *out) for c, h, out in runs[1:]]  # type: ignore[union-attr]
+        counts = [_admit(*args, runs[0][0], runs[0][1], *bound, *runs[0][2])]
+        counts += [future.result() for future in futures]
+        if parts == 1:
+            return self.found[0][: counts[0]], self.found_owner[0][: counts[0]]
+        positions = np.concatenate([self.found[part][:n] for part, n in enumerate(counts)])
+        owner = np.concatenate([self.found_owner[part][:n] + cuts[part] for part, n in enumerate(counts)])
+        return positions, owner
 
-    def prefixes(self, clusters: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Buffer positions of each cluster's prefix (start .. end), grouped, and each one's cluster position."""
-        return _segments(self.start[clusters], ends - self.start[clusters])
+    def _found(self, part: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+        """Run `part`'s output buffers, grown (here, before any run starts) to hold `capacity` members."""
+        while len(self.found) <= part:
+            self.found.append(np.empty(0, dtype=np.int64))
+            self.found_owner.append(np.empty(0, dtype=np.int64))
+        if self.found[part].size < capacity:
+            size = max(capacity, min(2 * self.found[part].size, self.n_total))
+            self.found[part] = np.empty(size, dtype=np.int64)
+            self.found_owner[part] = np.empty(size, dtype=np.int64)
+        return self.found[part], self.found_owner[part]
 
-    def remove(self, clusters: np.ndarray, ends: np.ndarray, positions: np.ndarray, owner: np.ndarray,
-               keep: np.ndarray) -> None:
-        """Drop the prefix entries not in `keep`, shifting the kept ones up against the rest."""
-        kept_owner = owner[keep]
-        kept = np.bincount(kept_owner, minlength=clusters.size)
-        lengths = ends - self.start[clusters]
-        new_start = self.start[clusters] + lengths - kept
-        target = np.arange(kept_owner.size) + np.repeat(new_start - (np.cumsum(kept) - kept), kept)
-        source = positions[keep]
-        moved = target != source  # entries after a prefix's last removed one are in place already
-        target, source = target[moved], source[moved]
-        for buffer in self._buffers():
-            buffer[target] = buffer[source]
-        self.count[clusters] -= lengths - kept
-        self.start[clusters] = new_start
+    def remove(self, clusters: np.ndarray, positions: np.ndarray, owner: np.ndarray) -> None:
+        """Drop the entries at `positions` (grouped by cluster position `owner`, ascending, inside their
+        clusters' prefixes), shifting each prefix's other entries up against the rest."""
+        _drop(self.start, self.count, self.points, self.dist, self.low, self.low_sq, clusters, positions, owner)
 
     def append(self, cluster: int, points: np.ndarray, dist: np.ndarray) -> None:
         """New segment, sorted farthest first, ties by lowest index."""
@@ -197,6 +219,84 @@ def _segments(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.n
     owner = np.repeat(np.arange(starts.size), lengths)
     offsets = np.cumsum(lengths) - lengths
     return np.arange(owner.size) + np.repeat(starts - offsets, lengths), owner
+
+
+def _compiled(fastmath: set[str] | bool = False):  # type: ignore[no-untyped-def]
+    """numba.njit, releasing the GIL, with numba's on-disk cache where it finds a place to write one (next
+    to this file, or the user's cache directory); where it finds none (a read-only install without a home)
+    numba refuses `cache=True` at import, so the loops are then compiled afresh in each process (~2 s)."""
+    def wrap(fn):  # type: ignore[no-untyped-def]
+        try:
+            return numba.njit(cache=True, nogil=True, fastmath=fastmath)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return numba.njit(nogil=True, fastmath=fastmath)(fn)
+    return wrap
+
+
+@_compiled(fastmath={"reassoc", "contract"})
+def _dot(low, i, low_p):  # pragma: no cover - compiled
+    """low[i] . low_p in float64, summed in any order (so it vectorises): its rounding stays ~1e-16 of
+    |low x| |low p|, which the bound test's slack (1e-4) does not notice."""
+    dot = 0.0
+    for a in range(low_p.size):
+        dot += np.float64(low[i, a]) * np.float64(low_p[a])
+    return dot
+
+
+@_compiled()
+def _admit(start, count, dist, low, low_sq, clusters, half_gaps, low_p, low_p_sq, slack, tiny, found, found_owner):  # pragma: no cover - compiled
+    """Per cluster, bisect the end of its prefix (distance > half gap: the plain rule's candidates), then
+    keep the prefix's members whose lower bound does not prove them no closer to the pick:
+    |low x - low p|^2 < md^2 (1 + slack) + slack (|low x|^2 + |low p|^2) + tiny, in float64 (see _search).
+    One pass over each prefix's bound rows, in place: no gathered copy of them."""
+    n = 0
+    for k in range(clusters.size):
+        j = clusters[k]
+        lo = start[j]
+        hi = lo + count[j]
+        half = half_gaps[k]
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if dist[mid] > half:
+                lo = mid + 1
+            else:
+                hi = mid
+        for i in range(start[j], lo):
+            dot = _dot(low, i, low_p)
+            sq = np.float64(low_sq[i])
+            md = np.float64(dist[i])
+            if sq - 2.0 * dot + low_p_sq < md * md * (1.0 + slack) + slack * (sq + low_p_sq) + tiny:
+                found[n] = i
+                found_owner[n] = k
+                n += 1
+    return n
+
+
+@_compiled()
+def _drop(start, count, points, dist, low, low_sq, clusters, positions, owner):  # pragma: no cover - compiled
+    """Remove the entries at `positions` (grouped by cluster position `owner`, ascending) from their
+    clusters' prefixes: the other entries before the last removed one keep their order and move up against
+    the entries after it, which stay in place."""
+    r = positions.size - 1
+    while r >= 0:
+        k = owner[r]
+        j = clusters[k]
+        first = start[j]
+        write = positions[r] + 1
+        i = positions[r]
+        while i >= first:
+            if r >= 0 and owner[r] == k and positions[r] == i:
+                r -= 1
+            else:
+                write -= 1
+                if write != i:
+                    points[write] = points[i]
+                    dist[write] = dist[i]
+                    low[write] = low[i]
+                    low_sq[write] = low_sq[i]
+            i -= 1
+        count[j] -= write - first
+        start[j] = write
 
 
 def greedy_kcenter_order(
@@ -232,68 +332,17 @@ def greedy_kcenter_order(
     order[0] = current
     if n_select > 1:
         threads = torch.get_num_threads()
-        # the picks' small ops on one thread (row distances do not follow the thread count, so the order is
-        # unchanged); the members' bound products alone may use the caller's `threads` (_BoundProducts)
+        # the picks' small torch ops on one thread (row distances do not follow the thread count, so the
+        # order is unchanged); the members' bounds may use the caller's `threads` (_Members.admit)
         with one_thread():
             _search(reduced, min_dist, order, chunk_size, progress, threads)
     return torch.from_numpy(order)
 
 
-def ieee_float32_matmul() -> bool:
-    """Whether torch's float32 matrix products are plain IEEE float32 here. A caller may have lowered
-    them (`torch.set_float32_matmul_precision("medium")`, or the mkldnn fp32_precision "bf16"/"tf32"),
-    which on CPUs with bf16 makes their rounding far larger than a bound's slack allows."""
-    mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    precision = getattr(mkldnn, "fp32_precision", "none")
-    if precision not in ("none", "ieee"):
-        return False
-    try:
-        return precision == "ieee" or torch.get_float32_matmul_precision() == "highest"
-    except RuntimeError:  # torch refuses to read one precision API after the other was set
-        return False
-
-
-class _BoundProducts:
-    """low[positions] @ low_p in float32 through buffers reused from pick to pick (a fresh torch tensor a
-    pick raised transistor's fit's peak RSS from 2.30 to 2.79 GB under pni_ray.allocator's policy of
-    keeping freed memory). torch `mv` on the caller's threads where there are PARALLEL_BOUND_ROWS
-    positions or more (inside the search's one-thread block; the count is restored after) and its float32
-    products are IEEE; else numpy's on one thread. Only lower bounds are made of it, so IEEE rounding,
-    whatever the summation order, moves no pick (see _search's slack). The result is a view of the
-    buffer, valid until the next call."""
-
-    def __init__(self, n_rows: int, width: int, threads: int) -> None:
-        self.n_rows = n_rows  # no pick admits more members than there are rows
-        self.threads = threads
-        self.ieee = ieee_float32_matmul()  # read once: the search does not change it
-        self.rows = torch.empty(0, width, dtype=torch.float32)
-        self.out = torch.empty(0, dtype=torch.float32)
-
-    def __call__(self, low: np.ndarray, positions: np.ndarray, low_p: np.ndarray) -> np.ndarray:
-        n = positions.size
-        if n > self.out.shape[0]:
-            size = max(n, min(2 * self.out.shape[0], self.n_rows))
-            self.rows = torch.empty(size, self.rows.shape[1], dtype=torch.float32)
-            self.out = torch.empty(size, dtype=torch.float32)
-        rows, out = self.rows[:n], self.out[:n]
-        if not self.ieee:
-            np.take(low, positions, axis=0, out=rows.numpy())
-            return np.einsum("ij,j->i", rows.numpy(), low_p, out=out.numpy())
-        before = torch.get_num_threads()
-        try:
-            if self.threads > 1 and n >= PARALLEL_BOUND_ROWS:
-                torch.set_num_threads(self.threads)
-            torch.index_select(torch.from_numpy(low), 0, torch.from_numpy(positions), out=rows)
-            torch.mv(rows, torch.from_numpy(low_p), out=out)
-        finally:
-            torch.set_num_threads(before)
-        return out.numpy()
-
-
 def _search(reduced: torch.Tensor, min_dist: np.ndarray, order: np.ndarray, chunk_size: int, progress: bool,
             threads: int = 1) -> None:
     """Picks 1 .. len(order) - 1, given pick 0 and every row's distance to it (order filled in place);
-    `threads`: what the members' bound products may use."""
+    `threads`: what the members' bounds may use."""
     rows = reduced.numpy()
     n_total, width = rows.shape
     n_select = order.size
@@ -317,8 +366,7 @@ def _search(reduced: torch.Tensor, min_dist: np.ndarray, order: np.ndarray, chun
     low_rows = np.concatenate([_bound_coordinates(rows[i : i + chunk_size], mean, basis)
                                for i in range(0, n_total, chunk_size)])
     low_rows_sq = np.einsum("ij,ij->i", low_rows, low_rows, dtype=np.float64).astype(np.float32)
-    members = _Members(min_dist, n_select, low_rows, low_rows_sq)
-    bound_products = _BoundProducts(n_total, low_rows.shape[1], threads)
+    members = _Members(min_dist, n_select, low_rows, low_rows_sq, threads)
     radius[0], farthest[0] = members.dist[0], members.points[0]
     low = np.empty((n_select, axes + 1), dtype=np.float32)
     low_sq = np.empty(n_select, dtype=np.float32)
@@ -332,49 +380,43 @@ def _search(reduced: torch.Tensor, min_dist: np.ndarray, order: np.ndarray, chun
     set_keys(slice(0, 1))
     bar = tqdm(total=n_select, desc="coreset", unit="pt", disable=not progress, leave=False)
     bar.update(1)
-    for step in range(1, n_select):
-        top = radius[:step].max()
-        current = int(farthest[:step][radius[:step] == top].min())
-        order[step] = current
-        centres[step] = rows[current]
-        centre = torch.from_numpy(centres[step])
-        low_p, low_p_sq = low_rows[current], float(low_rows_sq[current])
-        low[step], low_sq[step] = low_p, low_p_sq
-        bound = key[:step] - 2.0 * np.einsum("ij,j->i", low[:step], low_p)  # no BLAS threads
-        maybe = np.flatnonzero(bound < -(1 - slack) * low_p_sq)
-        gaps = _distances(centres, maybe, centre, buffer)
-        visit = gaps < 2.0 * radius[maybe]
-        near = maybe[visit]
-        # The plain rule's candidates in cluster j: distance d > gap_j / 2 (i.e. gap_j < 2 d), exactly.
-        ends = members.prefix_ends(near, gaps[visit] / 2)
-        positions, owner = members.prefixes(near, ends)
-        points, md = members.points[positions], members.dist[positions]
-        # Skip x when |low x - low p|^2 >= md^2 (1 + slack) + slack (|low x|^2 + |low p|^2):
-        # then its computed distance is >= md, so it provably does not get closer. The left side
-        # as |low x|^2 - 2 low x . low p + |low p|^2: one gather and one product per member
-        # instead of a difference and its squares (3x faster where the rule admits ~100k members
-        # a pick, as on transistor); its float32 rounding, a few 1e-7 of |low x|^2 + |low p|^2,
-        # is what the slack term (1e-4 of the same) absorbs: at most ~40 float32 roundings of it,
-        # 2.4e-6. Below float32's normal range rounding is absolute, not relative, so the test
-        # also never skips on a bound smaller than the smallest normal float32 (TINY).
-        sq_points = members.low_sq[positions]  # = low_rows_sq[points], read in runs
-        lb_sq = sq_points - 2.0 * bound_products(members.low, positions, low_p) + low_p_sq
-        md64 = md.astype(np.float64)
-        measure = np.flatnonzero(lb_sq < md64 * md64 * (1 + slack) + slack * (sq_points + low_p_sq) + TINY)
-        dist = _distances(rows, points[measure], centre, buffer)
-        closer = dist < md[measure]
-        if closer.any():
-            keep = np.ones(points.size, dtype=bool)
-            keep[measure[closer]] = False
-            members.remove(near, ends, positions, owner, keep)
-            first = members.start[near]
-            radius[near], farthest[near] = members.dist[first], members.points[first]
-            set_keys(near)
-            members.append(step, points[measure[closer]], dist[closer])
-            radius[step], farthest[step] = members.dist[members.start[step]], members.points[members.start[step]]
-        set_keys(slice(step, step + 1))
-        bar.update(1)
-    bar.close()
+    try:
+        for step in range(1, n_select):
+            top = radius[:step].max()
+            current = int(farthest[:step][radius[:step] == top].min())
+            order[step] = current
+            centres[step] = rows[current]
+            centre = torch.from_numpy(centres[step])
+            low_p, low_p_sq = low_rows[current], float(low_rows_sq[current])
+            low[step], low_sq[step] = low_p, low_p_sq
+            bound = key[:step] - 2.0 * np.einsum("ij,j->i", low[:step], low_p)  # no BLAS threads
+            maybe = np.flatnonzero(bound < -(1 - slack) * low_p_sq)
+            gaps = _distances(centres, maybe, centre, buffer)
+            visit = gaps < 2.0 * radius[maybe]
+            near = maybe[visit]
+            # The plain rule's candidates in cluster j: distance d > gap_j / 2 (i.e. gap_j < 2 d), exactly.
+            # Skip x when |low x - low p|^2 >= md^2 (1 + slack) + slack (|low x|^2 + |low p|^2):
+            # then its computed distance is >= md, so it provably does not get closer. The left side
+            # as |low x|^2 - 2 low x . low p + |low p|^2, in float64 over the float32 bound rows: the rows'
+            # rounding, a few 1e-7 of |low x|^2 + |low p|^2, and the sum's are far inside the slack term
+            # (1e-4 of the same). Below float32's normal range the rows' rounding is absolute, not relative,
+            # so the test also never skips on a bound smaller than the smallest normal float32 (TINY).
+            positions, owner = members.admit(near, gaps[visit] / 2, low_p, low_p_sq, slack)
+            points, md = members.points[positions], members.dist[positions]
+            dist = _distances(rows, points, centre, buffer)
+            closer = dist < md
+            if closer.any():
+                members.remove(near, positions[closer], owner[closer])
+                first = members.start[near]
+                radius[near], farthest[near] = members.dist[first], members.points[first]
+                set_keys(near)
+                members.append(step, points[closer], dist[closer])
+                radius[step], farthest[step] = members.dist[members.start[step]], members.points[members.start[step]]
+            set_keys(slice(step, step + 1))
+            bar.update(1)
+    finally:
+        members.close()
+        bar.close()
 
 
 def candidate_rows(valid: torch.Tensor | None, n_rows: int, max_candidates: int | None, seed: int) -> torch.Tensor | None:
