@@ -159,36 +159,59 @@ def test_members_keep_their_bounds_through_moves_and_compaction(monkeypatch: pyt
     assert compactions, "the appends must fill the buffer once"
 
 
+def test_drop_refuses_a_member_outside_its_cluster() -> None:
+    """A position that is not in its cluster's segment (a wrong owner) is an error, not an endless loop."""
+    rng = np.random.default_rng(1)
+    members = _Members(rng.random(50).astype(np.float32), 4, rng.random((50, 3)).astype(np.float32),
+                       rng.random(50).astype(np.float32))
+    positions, owner = _segments(members.start[:1], np.array([3]))  # cluster 0's first three members
+    moving = members.points[positions].copy()
+    members.remove(np.arange(1), positions, owner)
+    members.append(1, moving, np.array([0.5, 0.4, 0.3], dtype=np.float32))
+    with pytest.raises(ValueError, match="outside its cluster"):
+        members.remove(np.array([1]), np.array([members.start[0]]), np.array([0]))
+
+
 def test_admit_finds_exactly_the_prefix_members_the_bound_cannot_rule_out() -> None:
     """_admit's one pass equals the rule written out in numpy: in each visited cluster the members farther
-    than half its gap (a prefix of the sorted segment), and of those the ones whose float64 lower bound
-    |low x - low p|^2 is below md^2 (1 + slack) + slack (|low x|^2 + |low p|^2) + tiny."""
+    than half its gap (a prefix of the sorted segment; a member exactly at half the gap is not in it), and
+    of those the ones whose float64 lower bound |low x - low p|^2 is below md^2 (1 + slack) + slack
+    (|low x|^2 + |low p|^2) + tiny. Members sit on the half gaps and inside the slack band, so a bisection
+    that took ties in or a test without the slack would find other members."""
     rng = np.random.default_rng(5)
     n, slack = 3000, 1e-4
-    dist = (rng.random(n) * 8).astype(np.float32)
     low = rng.normal(size=(n, 9)).astype(np.float32)
+    low_p = rng.normal(size=9).astype(np.float32)
+    near_p = rng.random(n) < 0.3  # bound rows close to the pick's: small bounds
+    low[near_p] = low_p + rng.normal(scale=0.01, size=(int(near_p.sum()), 9)).astype(np.float32)
     low_sq = np.einsum("ij,ij->i", low, low).astype(np.float32)
+    gap = np.linalg.norm(low.astype(np.float64) - low_p, axis=1)
+    dist = (rng.random(n) * 8).astype(np.float32)
+    in_band = rng.random(n) < 0.3  # md just under |low x - low p|: admitted only through the slack
+    dist[in_band] = (gap[in_band] * (1 - 2e-5)).astype(np.float32)
     members = _Members(dist, 8, low, low_sq)
     for step in range(1, 8):  # split the buffer into segments of unequal length, each sorted
         positions, owner = _segments(members.start[:step], members.count[:step] // 3)
         members.remove(np.arange(step), positions, owner)
         members.append(step, members.points[positions].copy(), dist[members.points[positions]])
     clusters = np.array([6, 0, 3, 5], dtype=np.int64)
-    half_gaps = np.array([1.0, 4.0, 0.0, 6.0], dtype=np.float32)
-    low_p = rng.normal(size=9).astype(np.float32)
+    half_gaps = members.dist[members.start[clusters] + members.count[clusters] // 2]  # ties with a member
     low_p_sq = float(np.dot(low_p.astype(np.float64), low_p))
     found, owner = members.admit(clusters, half_gaps, low_p, low_p_sq, slack)
-    expected, expected_owner = [], []
+    expected, expected_owner, banded = [], [], 0
     for k, j in enumerate(clusters):
         segment = np.arange(members.start[j], members.start[j] + members.count[j])
         prefix = segment[members.dist[segment] > half_gaps[k]]
         assert np.array_equal(prefix, segment[: prefix.size]), "the rule's candidates are a prefix"
+        assert members.dist[segment[prefix.size]] == half_gaps[k], "a member at exactly half the gap"
         rows = members.low[prefix].astype(np.float64)
         sq, md = members.low_sq[prefix].astype(np.float64), members.dist[prefix].astype(np.float64)
         lb = sq - 2.0 * rows @ low_p.astype(np.float64) + low_p_sq
-        keep = prefix[lb < md * md * (1 + slack) + slack * (sq + low_p_sq) + float(np.finfo(np.float32).tiny)]
-        expected += keep.tolist()
-        expected_owner += [k] * keep.size
+        admitted = lb < md * md * (1 + slack) + slack * (sq + low_p_sq) + float(np.finfo(np.float32).tiny)
+        banded += int((admitted & (lb >= md * md)).sum())
+        expected += prefix[admitted].tolist()
+        expected_owner += [k] * int(admitted.sum())
+    assert banded > 0, "some members admitted only through the slack"
     assert 0 < len(expected) < sum(members.count[j] for j in clusters), "some members admitted, some ruled out"
     assert found.tolist() == expected and owner.tolist() == expected_owner
 
@@ -241,9 +264,9 @@ def test_rejects_non_finite_and_empty_selection() -> None:
 @pytest.mark.parametrize(("dtype", "scales"), [(torch.float32, (1e-19, 1e-3, 1e3, 1e18)),
                                                (torch.float64, (1e-21, 1e-19, 1e-3, 1e3, 1e18))])
 def test_order_identical_at_tiny_and_large_feature_scales(dtype: torch.dtype, scales: tuple[float, ...]) -> None:
-    """The members' bound is taken in float32 as |a|^2 - 2 a.b + |b|^2: where |x|^2 falls below
-    float32's normal range (float64 rows at 1e-21) its rounding is absolute, and the search must
-    still skip only what provably stays away. (Smaller still, squared distances themselves fall
+    """The members' bound is taken as |a|^2 - 2 a.b + |b|^2 over bound rows stored in float32: where |x|^2
+    falls below float32's normal range (float64 rows at 1e-21) their rounding is absolute, and the search
+    must still skip only what provably stays away. (Smaller still, squared distances themselves fall
     below the normal range and the unpruned search's own float32 arithmetic stops being exact.)"""
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(6, 32, generator=g, dtype=torch.float64)

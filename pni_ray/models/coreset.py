@@ -154,9 +154,10 @@ class _Members:
               slack: float) -> tuple[np.ndarray, np.ndarray]:
         """Buffer positions of the members to measure exactly (grouped by cluster, ascending) and each
         one's cluster position in `clusters` (see _admit). Views of buffers the next call overwrites.
-        On `threads` > 1, clusters holding PARALLEL_MEMBERS members or more are split into `threads` runs
-        of about equal members, one on this thread and the others on the pool's; the runs' results are
-        concatenated in cluster order, so they are the one run's."""
+        On `threads` > 1, where the visited clusters hold PARALLEL_MEMBERS members or more (and there are at
+        least `threads` of them), they are split into `threads` runs of whole clusters holding about equal
+        members, one on this thread and the others on the pool's; the runs' results are concatenated in
+        cluster order, so they are the one run's."""
         if not clusters.size:
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
         sizes = np.cumsum(self.count[clusters])
@@ -235,8 +236,8 @@ def _compiled(fastmath: set[str] | bool = False):  # type: ignore[no-untyped-def
 
 @_compiled(fastmath={"reassoc", "contract"})
 def _dot(low, i, low_p):  # pragma: no cover - compiled
-    """low[i] . low_p in float64, summed in any order (so it vectorises): its rounding stays ~1e-16 of
-    |low x| |low p|, which the bound test's slack (1e-4) does not notice."""
+    """low[i] . low_p in float64, summed in any order (so it vectorises): its rounding, at most ~33 float64
+    roundings of sum |low x_a low p_a| (~4e-15 of it), is far inside the bound test's slack (1e-4)."""
     dot = 0.0
     for a in range(low_p.size):
         dot += np.float64(low[i, a]) * np.float64(low_p[a])
@@ -282,6 +283,8 @@ def _drop(start, count, points, dist, low, low_sq, clusters, positions, owner): 
         k = owner[r]
         j = clusters[k]
         first = start[j]
+        if positions[r] < first or positions[r] >= first + count[j]:  # would loop for ever below
+            raise ValueError("coreset: a member to drop lies outside its cluster's segment")
         write = positions[r] + 1
         i = positions[r]
         while i >= first:
