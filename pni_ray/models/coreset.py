@@ -137,9 +137,7 @@ class _Members:
         self.start = np.zeros(n_select, dtype=np.int64)
         self.count = np.zeros(n_select, dtype=np.int64)
         self.count[0] = n_total
-        self.n_total = n_total
-        self.found: list[np.ndarray] = []  # per run of admit: the positions it found, and their clusters
-        self.found_owner: list[np.ndarray] = []
+        self.found: list[tuple[np.ndarray, np.ndarray]] = []  # per run of admit: positions found, their clusters
         self.threads = threads
         self.pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="coreset") if threads > 1 else None
 
@@ -160,32 +158,34 @@ class _Members:
         cluster order, so they are the one run's."""
         if not clusters.size:
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-        sizes = np.cumsum(self.count[clusters])
-        parts = self.threads if clusters.size >= self.threads and sizes[-1] >= PARALLEL_MEMBERS else 1
-        cuts = [0, *np.searchsorted(sizes, sizes[-1] * np.arange(1, parts) / parts).tolist(), clusters.size]
-        runs = [(clusters[a:b], half_gaps[a:b], self._found(part, int(self.count[clusters[a:b]].sum())))
+        members = np.concatenate([[0], np.cumsum(self.count[clusters])])  # before each cluster, and in all
+        parts = self.threads if clusters.size >= self.threads and members[-1] >= PARALLEL_MEMBERS else 1
+        splits = np.searchsorted(members[1:], members[-1] * np.arange(1, parts) / parts).tolist()
+        cuts = [0, *splits, clusters.size]
+        runs = [(clusters[a:b], half_gaps[a:b], self._found(part, int(members[b] - members[a])))
                 for part, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
         args = (self.start, self.count, self.dist, self.low, self.low_sq)
         bound = (low_p, np.float64(low_p_sq), slack, TINY)
-        futures = [self.pool.submit(_admit, *args, c, h, *bound, *out) for c, h, out in runs[1:]]  # type: ignore[union-attr]
+        futures = [self.pool.submit(_admit, *args, c, h, *bound, *out)  # type: ignore[union-attr]
+                   for c, h, out in runs[1:]]
         counts = [_admit(*args, runs[0][0], runs[0][1], *bound, *runs[0][2])]
         counts += [future.result() for future in futures]
         if parts == 1:
-            return self.found[0][: counts[0]], self.found_owner[0][: counts[0]]
-        positions = np.concatenate([self.found[part][:n] for part, n in enumerate(counts)])
-        owner = np.concatenate([self.found_owner[part][:n] + cuts[part] for part, n in enumerate(counts)])
-        return positions, owner
+            found, owner = runs[0][2]
+            return found[: counts[0]], owner[: counts[0]]
+        outs = [out for _, _, out in runs]
+        return (np.concatenate([run_found[:n] for (run_found, _), n in zip(outs, counts)]),
+                np.concatenate([run_owner[:n] + a for (_, run_owner), n, a in zip(outs, counts, cuts)]))
 
     def _found(self, part: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
-        """Run `part`'s output buffers, grown (here, before any run starts) to hold `capacity` members."""
+        """Run `part`'s output buffers (positions, cluster positions), grown here, before any run starts, to
+        hold `capacity` members."""
         while len(self.found) <= part:
-            self.found.append(np.empty(0, dtype=np.int64))
-            self.found_owner.append(np.empty(0, dtype=np.int64))
-        if self.found[part].size < capacity:
-            size = max(capacity, min(2 * self.found[part].size, self.n_total))
-            self.found[part] = np.empty(size, dtype=np.int64)
-            self.found_owner[part] = np.empty(size, dtype=np.int64)
-        return self.found[part], self.found_owner[part]
+            self.found.append((np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)))
+        if self.found[part][0].size < capacity:
+            size = max(capacity, min(2 * self.found[part][0].size, self.low_rows.shape[0]))
+            self.found[part] = (np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64))
+        return self.found[part]
 
     def remove(self, clusters: np.ndarray, positions: np.ndarray, owner: np.ndarray) -> None:
         """Drop the entries at `positions` (grouped by cluster position `owner`, ascending, inside their
@@ -245,7 +245,8 @@ def _dot(low, i, low_p):  # pragma: no cover - compiled
 
 
 @_compiled()
-def _admit(start, count, dist, low, low_sq, clusters, half_gaps, low_p, low_p_sq, slack, tiny, found, found_owner):  # pragma: no cover - compiled
+def _admit(start, count, dist, low, low_sq, clusters, half_gaps, low_p, low_p_sq, slack, tiny,
+           found, found_owner):  # pragma: no cover - compiled
     """Per cluster, bisect the end of its prefix (distance > half gap: the plain rule's candidates), then
     keep the prefix's members whose lower bound does not prove them no closer to the pick:
     |low x - low p|^2 < md^2 (1 + slack) + slack (|low x|^2 + |low p|^2) + tiny, in float64 (see _search).
