@@ -19,9 +19,18 @@ from pni_ray.options import (backbone_option_error, backbone_options, build_conf
 log = logging.getLogger("pni_ray")
 
 
+OWN_LOGGERS = ("pni_ray", "export")  # this project's packages: their INFO lines say what the command does
+
+
 def setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose < 0 else logging.INFO if verbose == 0 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    """This project's loggers at INFO, other libraries' from WARNING up (onnxruntime's quantiser logs
+    dozens of INFO lines per INT8 export on the root logger). -q: warnings only; -v: this project's
+    DEBUG and the others' INFO; -vv: everything at DEBUG."""
+    own = logging.WARNING if verbose < 0 else logging.INFO if verbose == 0 else logging.DEBUG
+    others = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=others, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(own)
 
 
 def _input_errors() -> tuple[type[Exception], ...]:
@@ -52,7 +61,8 @@ class Commands(click.Group):
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-v", "--verbose", count=True,
+              help="More log output: -v this project's debug lines and other libraries' info, -vv all debug.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.version_option(package_name="pni-ray")
 def main(verbose: int, quiet: bool) -> None:

@@ -7,7 +7,8 @@ column          type                    meaning
 ==============  ======================  ===================================================
 path            string                  absolute path of the input as given (not resolved)
 category        string                  the model's category (what the image was scored as)
-image_score     float64, null on error  raw image score (max of the model-size map)
+image_score     float64, null on error  raw image score: max of the model-size map averaged
+                                        over image_window^2 patches (usually below map_max)
 is_anomalous    bool, null on error     image_score > the model's threshold
 anomaly_map     binary, null            the map at the image's own resolution, encoded per
                                         map_dtype (null on error or with --map-format none)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -217,3 +219,21 @@ def test_evaluate_other_category_warns(cli_bundle, synthetic_root):
     assert result.exit_code == 0, result.output
     assert "warning:" in result.stderr and "trained on category 'granite'" in result.stderr
     assert "'weave'" in result.stderr and "image_auroc" in result.stdout
+
+
+@pytest.mark.parametrize("flags, shown", [((), {"ours", "exported"}), (("-q",), set()),
+                                           (("-v",), {"ours", "exported", "debug", "third-party"})])
+def test_logging_shows_this_projects_lines_and_keeps_other_libraries_quiet(flags, shown):
+    """onnxruntime's quantiser logs INFO lines on the root logger: shown only with -v."""
+    script = (
+        "import logging, sys\n"
+        "from pni_ray.cli import main\n"
+        "main.add_command(__import__('click').command('probe')(lambda: [\n"
+        "    logging.info('third-party'), logging.getLogger('pni_ray.training').info('ours'),\n"
+        "    logging.getLogger('export.quantize').info('exported'), logging.getLogger('pni_ray.x').debug('debug')]))\n"
+        "main(sys.argv[1:], standalone_mode=False)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, *flags, "probe"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    printed = {word for word in ("ours", "exported", "debug", "third-party") if f": {word}" in run.stderr}
+    assert printed == shown, run.stderr

@@ -19,7 +19,7 @@ from PIL import Image
 
 from pni_ray.data.images import load_rgb
 from pni_ray.orchestration.corpus import make_image_corpus, write_bad_inputs, write_odd_modes
-from pni_ray.orchestration.score import Options, ScoreError, decode_chunk, score
+from pni_ray.orchestration.score import Options, ScoreError, decode_chunk, score, worker_count
 from pni_ray.orchestration.score_inputs import chunk_id, expand_inputs, make_chunks
 from pni_ray.orchestration.score_output import committed_paths
 from pni_ray.config import GeometryConfig
@@ -374,6 +374,20 @@ def test_float16_maps_at_original_resolution(small_set, bundle_tiny, tmp_path):
     assert row["image_score"] == pytest.approx(ref_score, rel=1e-4)
 
 
+def test_worker_count_follows_the_cluster_and_is_cut_to_the_chunks_with_a_log_line(caplog):
+    cpus = {"CPU": 8.0}
+    assert worker_count(Options(), cpus, 100) == 8
+    assert worker_count(Options(cpus_per_worker=2.0), cpus, 100) == 4
+    assert worker_count(Options(gpus_per_worker=0.5), {"CPU": 8.0, "GPU": 2.0}, 100) == 4
+    assert worker_count(Options(workers=3), cpus, 100) == 3
+    with caplog.at_level("INFO", logger="pni_ray.orchestration.score"):
+        assert worker_count(Options(workers=3), cpus, 100) == 3
+        assert not caplog.records  # nothing cut, nothing said
+        assert worker_count(Options(workers=3, chunk_size=64), cpus, 1) == 1
+    assert "1 chunk(s) to score, of at most 64 images each (--chunk-size): 1 worker(s), not 3" in caplog.text
+    assert worker_count(Options(), cpus, 0) == 1  # nothing left to score still starts one actor
+
+
 def test_cli_exit_status(small_set, bundle_tiny, tmp_path):
     from pni_ray.cli import main
 
@@ -384,6 +398,7 @@ def test_cli_exit_status(small_set, bundle_tiny, tmp_path):
                               "--engine", "local", "--threads", "1", "--no-progress"])
     assert ok.exit_code == 0, ok.output
     assert "1 inputs: 1 scored, 0 failed" in ok.output
+    assert "highest image scores (1 of 1 scored; the table has every row):" in ok.output
     bad = runner.invoke(main, ["score", str(bundle_tiny), str(root / "bad"), "--out", str(tmp_path / "b"),
                                "--engine", "local", "--threads", "1", "--no-progress"])
     assert bad.exit_code == 1 and "2 failed" in bad.output

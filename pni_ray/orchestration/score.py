@@ -302,6 +302,21 @@ def _quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+def worker_count(opts: Options, resources: dict[str, float], n_chunks: int) -> int:
+    """Model actors for a run: --workers, else the cluster's GPUs or CPUs over each actor's share; never
+    more than the chunks to score, since an actor scores whole chunks (the cut is logged, not silent)."""
+    if opts.workers:
+        workers = opts.workers
+    elif opts.gpus_per_worker > 0:
+        workers = max(1, int(resources.get("GPU", 0) // opts.gpus_per_worker))
+    else:
+        workers = max(1, int(resources.get("CPU", 1) // max(opts.cpus_per_worker, 1e-3)))
+    if workers > max(1, n_chunks):
+        log.info("ray scoring: %d chunk(s) to score, of at most %d images each (--chunk-size): %d worker(s), not %d",
+                 n_chunks, opts.chunk_size, max(1, n_chunks), workers)
+    return max(1, min(workers, n_chunks))
+
+
 def run_ray(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Iterator[dict[str, Any]]:
     """The Ray Data pipeline; yields encoded chunks as they finish."""
     import ray
@@ -310,14 +325,7 @@ def run_ray(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Itera
     started = ensure_ray(opts.address)
     try:
         _quiet_ray_data()
-        resources = ray.cluster_resources()
-        if opts.workers:
-            workers = opts.workers
-        elif opts.gpus_per_worker > 0:
-            workers = max(1, int(resources.get("GPU", 0) // opts.gpus_per_worker))
-        else:
-            workers = max(1, int(resources.get("CPU", 1) // max(opts.cpus_per_worker, 1e-3)))
-        workers = max(1, min(workers, len(rows)))
+        workers = worker_count(opts, ray.cluster_resources(), len(rows))
         model = {"image_size": info.image_size, "threshold": info.threshold, "model_id": info.model_id,
                  "category": info.category, "path": info.path}
         decode = {"geometry": info.geometry, "max_pixels": opts.max_pixels}

@@ -41,7 +41,10 @@ def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
     if summary["missing"] or summary["duplicate_rows"]:
         click.echo(f"WARNING: {summary['missing']} inputs have no row, {summary['duplicate_rows']} duplicate rows",
                    err=True)
-    for row in summary["top"][:top]:
+    shown = summary["top"][:top]
+    if shown:
+        click.echo(f"highest image scores ({len(shown)} of {summary['scored']} scored; the table has every row):")
+    for row in shown:
         click.echo(f"  {row['image_score']:10.4f}  {'ANOMALOUS' if row['is_anomalous'] else 'ok       '}  {row['path']}")
     for f in summary["failures"][:10]:
         click.echo(f"  FAILED  {f['error']}", err=True)
@@ -58,7 +61,7 @@ def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
 @click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else embedded local Ray).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per model forward pass.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Model actors (default or 0: CPUs / --cpus-per-worker).")
+              help="Model actors (default or 0: CPUs / --cpus-per-worker); never more than the chunks to score.")
 @click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="CPUs per model actor (= its torch threads).")
 @click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=0.0, show_default=True, help="GPUs per model actor.")
@@ -81,7 +84,7 @@ def score_cmd(model: Path, inputs: tuple[str, ...], out: Path, address: str | No
               workers: int | None, cpus_per_worker: float, gpus_per_worker: float, map_format: str,
               max_pixels: int, chunk_size: int, engine: str, stages: str, threads: int | None,
               backbone_runtime: str, backbone_precision: str, top_n: int, retry_failed: bool, progress: bool) -> None:
-    """Score every image of INPUT... with MODEL (a bundle or an export directory) into OUT.
+    """Score every image of INPUT... with MODEL (a bundle, an ensemble or an export directory) into OUT.
 
     INPUT: files, directories (recursive), globs, or list files (@FILE, or a .txt/.lst file; one path
     per line). Exit status 0: every input scored; 1: some inputs have error rows; 2: usage error;
