@@ -256,11 +256,13 @@ def _classes_ahead(rows: torch.Tensor, labels: torch.Tensor, check_nan: bool) ->
     """How many classes rank before each row's label: score strictly higher, or tie it at a lower
     index (argmax's first-index rule); n_classes where the row holds NaN (counted wrong)."""
     own = rows.gather(1, labels.unsqueeze(1))
-    ahead = (rows > own).sum(1)
-    tied = ((rows == own).sum(1) > 1).nonzero(as_tuple=True)[0]  # the label always ties itself
+    # counted in int32: a bool sum's default int64 copies the whole (rows, classes) mask first, which
+    # took half of each epoch's validation pass
+    ahead = (rows > own).sum(1, dtype=torch.int32)
+    tied = ((rows == own).sum(1, dtype=torch.int32) > 1).nonzero(as_tuple=True)[0]  # the label always ties itself
     if tied.numel():
         earlier = torch.arange(rows.shape[1], device=rows.device) < labels[tied].unsqueeze(1)
-        ahead[tied] += ((rows[tied] == own[tied]) & earlier).sum(1)
+        ahead[tied] += ((rows[tied] == own[tied]) & earlier).sum(1, dtype=torch.int32)
     if check_nan:
         ahead[rows.isnan().any(1)] = rows.shape[1]
     return ahead
