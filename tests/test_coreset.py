@@ -275,3 +275,16 @@ def test_order_identical_at_tiny_and_large_feature_scales(dtype: torch.dtype, sc
         x = (rows * scale).to(dtype)
         got = greedy_kcenter_order(x, 200, None, 65536, 0, progress=False)
         assert torch.equal(got, greedy_kcenter_order_reference(x, 200, None, 65536, 0, progress=False)), scale
+
+
+def test_loops_compile_one_signature_for_float32_and_float64_inputs() -> None:
+    """numba numbers a new cache entry from the index it read, so two processes first compiling different
+    signatures at once can pair one's index entry with the other's machine code. float32 and float64
+    features therefore reach the compiled loops as the same types (distances widened to float64, exactly)."""
+    from pni_ray.models import coreset
+
+    for dtype in (torch.float32, torch.float64):
+        order = greedy_kcenter_order(blobs(4000, 24, 5, 7).to(dtype), 120, 16, 1024, seed=0, progress=False)
+        assert order.unique().numel() == 120
+    for loop in (coreset._admit, coreset._drop):  # (_dot is compiled into _admit)
+        assert len(loop.signatures) == 1, (loop.__name__, loop.signatures)

@@ -124,7 +124,11 @@ class _Members:
         n_total = min_dist.size
         first = np.argsort(-min_dist, kind="stable")
         self.points = np.empty(2 * n_total, dtype=np.int64)
-        self.dist = np.empty(2 * n_total, dtype=min_dist.dtype)
+        # float64 for float32 and float64 inputs alike (exact: float32 values widen without rounding, and
+        # every comparison with them gives what it gave in float32), so the compiled loops see one signature:
+        # two processes first compiling different signatures at once can pair numba's cache index with the
+        # other one's machine code (each numbers its new entry from the index it read)
+        self.dist = np.empty(2 * n_total, dtype=np.float64)
         self.points[:n_total] = first
         self.dist[:n_total] = min_dist[first]
         # each member's bound coordinates and their squared norm (rows of low_rows, low_rows_sq), stored
@@ -158,6 +162,7 @@ class _Members:
         cluster order, so they are the one run's."""
         if not clusters.size:
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+        half_gaps = half_gaps.astype(np.float64, copy=False)  # exact; one compiled signature (see __init__)
         members = np.concatenate([[0], np.cumsum(self.count[clusters])])  # before each cluster, and in all
         parts = self.threads if clusters.size >= self.threads and members[-1] >= PARALLEL_MEMBERS else 1
         splits = np.searchsorted(members[1:], members[-1] * np.arange(1, parts) / parts).tolist()
