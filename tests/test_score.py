@@ -388,6 +388,24 @@ def test_worker_count_follows_the_cluster_and_is_cut_to_the_chunks_with_a_log_li
     assert worker_count(Options(), cpus, 0) == 1  # nothing left to score still starts one actor
 
 
+def test_cli_cluster_it_cannot_join_is_one_line_saying_what_to_change(small_set, bundle_tiny, tmp_path, monkeypatch):
+    """A refused join (no token, wrong address) scored nothing: exit 3 with join_ray's message, no traceback
+    and no "rerun to resume"."""
+    from pni_ray.cli import main
+    from pni_ray.orchestration import ray_session
+
+    def refuse(address, **kwargs):
+        raise ray_session.RayJoinError(f"cannot join the Ray cluster at {address} (from --address): set RAY_AUTH_MODE=token")
+
+    monkeypatch.setattr(ray_session, "join_ray", refuse)
+    root, _ = small_set
+    result = CliRunner().invoke(main, ["score", str(bundle_tiny), str(root / "wide"), "--out", str(tmp_path / "s"),
+                                       "--address", "127.0.0.1:6999", "--no-progress"])
+    assert result.exit_code == 3, result.output
+    assert "cannot join the Ray cluster at 127.0.0.1:6999 (from --address): set RAY_AUTH_MODE=token" in result.output
+    assert "Traceback" not in result.output and "rerun" not in result.output
+
+
 def test_cli_exit_status(small_set, bundle_tiny, tmp_path):
     from pni_ray.cli import main
 

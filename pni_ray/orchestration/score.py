@@ -289,7 +289,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Join Ray the one shared way (ray_session.join_ray); True if this call started it."""
     from pni_ray.orchestration.ray_session import join_ray
 
-    return join_ray(address, num_cpus=num_cpus, log_to_driver=True).started
+    session = join_ray(address, num_cpus=num_cpus, log_to_driver=True)
+    log.info("ray: %s (from %s)", "embedded, this command's alone" if session.address == "local" else session.address,
+             session.source)
+    return session.started
 
 
 def _quiet_ray_data() -> None:

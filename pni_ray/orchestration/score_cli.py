@@ -15,6 +15,7 @@ import click
 
 from pni_ray.data.images import DEFAULT_MAX_PIXELS
 from pni_ray.options import backbone_options
+from pni_ray.orchestration.ray_session import RayJoinError
 from pni_ray.orchestration.score import ENGINES, Options, ScoreError, score
 from pni_ray.orchestration.score_inputs import CHUNK_SIZE
 from pni_ray.orchestration.score_output import SUMMARY_FILE
@@ -58,7 +59,9 @@ def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory of Parquet part files (reruns resume).")
-@click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else embedded local Ray).")
+@click.option("--address", default=None,
+              help="Ray cluster address (default: $RAY_ADDRESS, else embedded local Ray; 'local': embedded even with "
+                   "$RAY_ADDRESS set).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per model forward pass.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Model actors (default or 0: CPUs / --cpus-per-worker); never more than the chunks to score.")
@@ -98,6 +101,8 @@ def score_cmd(model: Path, inputs: tuple[str, ...], out: Path, address: str | No
         summary = score(model, inputs, out, opts, engine=engine, top_n=top_n, progress=progress, retry=retry_failed)
     except ScoreError as exc:
         raise RunFailed(str(exc)) from exc
+    except RayJoinError as exc:  # nothing was scored: what to change, not a traceback and "rerun to resume"
+        raise RunFailed(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - exit 1 means "some inputs failed", so a crash must not use it
         log.exception("scoring run failed")
         raise RunFailed(f"scoring run failed ({exc.__class__.__name__}: {exc}); committed parts are kept, "
