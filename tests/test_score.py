@@ -360,6 +360,21 @@ def test_local_engine_resume_retry_and_identity(small_set, bundle_tiny, tmp_path
         score(bundle_tiny, specs, out, Options(map_format="float16", threads=1), engine="local")
 
 
+def test_a_bundle_records_torch_and_resumes_an_out_that_said_onnxruntime(small_set, bundle_tiny, tmp_path):
+    """A bundle's backbone runs in torch, and OUT says so; OUTs of bundles written when every model recorded
+    "onnxruntime" still resume (a bundle has one runtime, so only its model_id must match)."""
+    root, _ = small_set
+    out = tmp_path / "b"
+    first = score(bundle_tiny, [str(root / "wide")], out, Options(threads=1), engine="local")
+    dataset = out / "_dataset.json"
+    assert first["run"]["backbone_runtime"] == "torch" and json.loads(dataset.read_text())["backbone_runtime"] == "torch"
+    legacy = json.loads(dataset.read_text())
+    legacy["backbone_runtime"] = "onnxruntime"
+    dataset.write_text(json.dumps(legacy))
+    again = score(bundle_tiny, [str(root / "wide")], out, Options(threads=1), engine="local")
+    assert again["scored"] == 1 and again["run"]["already_done"] == 1
+
+
 def test_float16_maps_at_original_resolution(small_set, bundle_tiny, tmp_path):
     from pni_ray.orchestration.model_loader import load_scoring_model
 

@@ -26,7 +26,7 @@ class ModelInfo:
     model_id: str
     category: str | None
     geometry: dict[str, Any] = field(default_factory=dict)  # Geometry.spec(): how decode prepares images
-    backbone: str = "onnxruntime"  # where an export's backbone runs, as OUT records it ("openvino-bf16", ...)
+    backbone: str = "onnxruntime"  # where the backbone runs, as OUT records it: "torch" (bundles), "openvino-bf16", ...
     source_model_id: str | None = None  # an export's bundle (its model_id is the export's own manifest)
 
 
@@ -67,7 +67,7 @@ def describe_model(path: Path | str, backbone_runtime: str = "onnxruntime", back
         except (KeyError, TypeError, ValueError) as exc:
             raise ScoreError(f"{path}/manifest.json: no usable image geometry ({exc.__class__.__name__}: {exc})") from exc
         return ModelInfo(str(path), kind, canvas, float_from_json("threshold", threshold),
-                         sha256_file(path / "manifest.json"), manifest.get("category"), geometry.spec())
+                         sha256_file(path / "manifest.json"), manifest.get("category"), geometry.spec(), backbone="torch")
     try:
         model = ExportModel(path, backbone_runtime=backbone_runtime, backbone_precision=backbone_precision)
     except (OpenVINOUnavailable, ExportError) as exc:  # a tampered export is refused before the run, naming the file

@@ -67,7 +67,9 @@ def check_dataset(out: Path, info: ModelInfo, map_format: str, runtime: str = "o
         if ds.get("map_format") != map_format:
             raise ScoreError(f"{out} holds maps in format {ds.get('map_format')!r}, not {map_format!r}: "
                              "use the same --map-format or another --out")
-        if ds.get("backbone_runtime", "onnxruntime") != runtime:  # OUTs written before the option: onnxruntime
+        # an export's backbone may run in several runtimes; a bundle's only in torch (OUTs written before
+        # bundles recorded "torch" say "onnxruntime" there, or nothing: the same model either way)
+        if info.kind == "export" and ds.get("backbone_runtime", "onnxruntime") != runtime:
             raise ScoreError(f"{out} holds scores whose backbone ran in {ds.get('backbone_runtime', 'onnxruntime')}, "
                              f"this run's would run in {runtime}: use the same --backbone-runtime and "
                              "--backbone-precision, or another --out")
