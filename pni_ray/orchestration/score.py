@@ -287,10 +287,10 @@ def _chunk_rows(chunks: list[list[str]], preset: dict[str, str]) -> list[dict[st
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Join Ray the one shared way (ray_session.join_ray); True if this call started it."""
-    from pni_ray.orchestration.ray_session import join_ray
+    from pni_ray.orchestration.ray_session import LOCAL, join_ray
 
     session = join_ray(address, num_cpus=num_cpus, log_to_driver=True)
-    log.info("ray: %s (from %s)", "embedded, this command's alone" if session.address == "local" else session.address,
+    log.info("ray: %s (from %s)", "embedded, this command's alone" if session.address == LOCAL else session.address,
              session.source)
     return session.started
 
@@ -314,10 +314,11 @@ def worker_count(opts: Options, resources: dict[str, float], n_chunks: int) -> i
         workers = max(1, int(resources.get("GPU", 0) // opts.gpus_per_worker))
     else:
         workers = max(1, int(resources.get("CPU", 1) // max(opts.cpus_per_worker, 1e-3)))
-    if workers > max(1, n_chunks):
+    used = max(1, min(workers, n_chunks))
+    if used < workers:
         log.info("ray scoring: %d chunk(s) to score, of at most %d images each (--chunk-size): %d worker(s), not %d",
-                 n_chunks, opts.chunk_size, max(1, n_chunks), workers)
-    return max(1, min(workers, n_chunks))
+                 n_chunks, opts.chunk_size, used, workers)
+    return used
 
 
 def run_ray(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Iterator[dict[str, Any]]:
