@@ -375,6 +375,30 @@ def test_a_bundle_records_torch_and_resumes_an_out_that_said_onnxruntime(small_s
     assert again["scored"] == 1 and again["run"]["already_done"] == 1
 
 
+def test_a_run_that_committed_nothing_does_not_bind_out(small_set, bundle_tiny, tmp_path, monkeypatch):
+    """A run that fails before its first part (a refused Ray join, a wrong --address) leaves OUT's identity
+    file; the next run, with another map format, takes OUT instead of being told to use another --out.
+    Once a part is committed the identity binds."""
+    import pni_ray.orchestration.score as score_module
+
+    root, _ = small_set
+    out = tmp_path / "refused"
+
+    def refused(rows, info, opts):
+        raise ScoreError("cannot join the Ray cluster at 127.0.0.1:1")
+        yield  # a generator, as the engines are
+
+    monkeypatch.setitem(score_module.ENGINES, "local", refused)
+    with pytest.raises(ScoreError, match="cannot join"):
+        score(bundle_tiny, [str(root / "wide")], out, Options(threads=1), engine="local")
+    assert json.loads((out / "_dataset.json").read_text())["map_format"] == "uint8" and not part_files(out)
+    monkeypatch.undo()
+    taken = score(bundle_tiny, [str(root / "wide")], out, Options(map_format="float16", threads=1), engine="local")
+    assert taken["scored"] == 1 and json.loads((out / "_dataset.json").read_text())["map_format"] == "float16"
+    with pytest.raises(ScoreError, match="holds maps in format 'float16'"):
+        score(bundle_tiny, [str(root / "wide")], out, Options(threads=1), engine="local")
+
+
 def test_float16_maps_at_original_resolution(small_set, bundle_tiny, tmp_path):
     from pni_ray.orchestration.model_loader import load_scoring_model
 

@@ -54,9 +54,13 @@ def locked(out: Path) -> Iterator[None]:
 
 
 def check_dataset(out: Path, info: ModelInfo, map_format: str, runtime: str = "onnxruntime") -> None:
-    """OUT holds the scores of one model in one map format from one backbone runtime; refuse to mix."""
+    """OUT holds the scores of one model in one map format from one backbone runtime; refuse to mix.
+
+    The identity binds OUT once a part is committed: a run that committed none (a refused Ray join, a
+    wrong --address, a kill before the first chunk) leaves an identity that the next run replaces."""
     path = out / DATASET_FILE
-    if path.is_file():
+    parts = part_files(out)
+    if path.is_file() and parts:
         ds = json.loads(path.read_text())
         if "source_model_id" not in ds and ds.get("model_kind") == "export" and ds.get("model_id") == info.source_model_id:
             raise ScoreError(f"{out} was written by an older pni-ray, which named an export by its bundle's id, so "
@@ -74,7 +78,7 @@ def check_dataset(out: Path, info: ModelInfo, map_format: str, runtime: str = "o
                              f"this run's would run in {runtime}: use the same --backbone-runtime and "
                              "--backbone-precision, or another --out")
         return
-    if part_files(out):
+    if parts:
         raise ScoreError(f"{out} has part files but no {DATASET_FILE}: not a pni-ray score output, use another --out")
     atomic_write_json(path, {"format": TABLE_FORMAT, "model_id": info.model_id, "model_path": info.path,
                              "model_kind": info.kind, "source_model_id": info.source_model_id,
