@@ -165,13 +165,51 @@ def test_resume_after_a_killed_driver_keeps_each_pairs_metrics(first_run, synthe
         for key in ("image_auroc", "pixel_auroc", "aupro", "n_test_images"):
             assert row[key] == first[row["category"]][key], (row["category"], key)
     assert not progress.exists()
-    # metrics of another model are not taken: a stale file beside a bundle is ignored
+    # metrics of another model are not taken: a stale file beside a bundle is ignored, and the bundle,
+    # with no metrics of its own on record, is evaluated (not retrained)
     stale = out / "weave" / f".{BACKBONE}.metrics.json"
     stale.write_text(stale.read_text().replace(first["weave"]["model_id"], "0" * 64))
     (out / "summary.json").unlink()
+    lines: list[str] = []
     result = train_all(synthetic_root, out, tiny_config(), categories=["weave"], backbones=[BACKBONE],
-                       cpus_per_task=1, echo=lambda line: None)
-    assert result.rows[0]["status"] == SKIPPED and result.rows[0].get("image_auroc") is None
+                       cpus_per_task=1, echo=lines.append, poll_seconds=0.2)
+    row = result.rows[0]
+    assert row["status"] == SKIPPED and row["model_id"] == first["weave"]["model_id"] and "evaluated" in row["reason"]
+    assert row["image_auroc"] == first["weave"]["image_auroc"] and row["aupro"] == first["weave"]["aupro"]
+    assert any(line.startswith("evaluated  weave/") for line in lines), lines
+    assert json.loads(stale.read_text())["model_id"] == first["weave"]["model_id"]
+
+
+def test_a_bundle_saved_but_never_evaluated_is_evaluated_on_the_rerun(first_run, synthetic_root, tmp_path):
+    """A pair whose bundle was saved but not evaluated (its evaluation failed on a test image, its run was
+    killed while evaluating, or the run had --no-eval) was skipped on every rerun with no metrics and exit
+    0. A rerun that evaluates now evaluates that bundle without retraining it; a --no-eval rerun, or a
+    category without a test split, only skips it."""
+    _, first_out, _ = first_run
+    out = tmp_path / "out"
+    shutil.copytree(first_out, out)
+    for name in ("summary.json", "summary.parquet", f"washer/.{BACKBONE}.metrics.json"):
+        (out / name).unlink()  # killed after the save, before the evaluation was written anywhere
+    bundle_files = {p: p.stat().st_mtime_ns for p in (out / "washer" / BACKBONE).iterdir()}
+    no_eval = train_all(synthetic_root, out, tiny_config(), categories=["washer"], backbones=[BACKBONE],
+                        cpus_per_task=1, evaluate=False, echo=lambda line: None)
+    assert no_eval.rows[0]["status"] == SKIPPED and no_eval.rows[0].get("image_auroc") is None
+    lines: list[str] = []
+    fixed = train_all(synthetic_root, out, tiny_config(), categories=["washer"], backbones=[BACKBONE],
+                      cpus_per_task=1, echo=lines.append, poll_seconds=0.2)
+    first = {r["category"]: r for r in first_run[0].rows}
+    assert fixed.ok and fixed.rows[0]["status"] == SKIPPED and "evaluated" in fixed.rows[0]["reason"]
+    assert fixed.rows[0]["image_auroc"] == first["washer"]["image_auroc"]
+    assert any(line.startswith("evaluated  washer/") for line in lines), lines
+    assert {p: p.stat().st_mtime_ns for p in (out / "washer" / BACKBONE).iterdir()} == bundle_files  # not retrained
+    data = tmp_path / "data"  # the same category without its test split: nothing to evaluate, a plain skip
+    shutil.copytree(synthetic_root / "washer" / "train", data / "washer" / "train")
+    for name in ("summary.json", f"washer/.{BACKBONE}.metrics.json"):
+        (out / name).unlink()
+    bare = train_all(data, out, tiny_config(), categories=["washer"], backbones=[BACKBONE], cpus_per_task=1,
+                     echo=lambda line: None)
+    assert bare.rows[0]["status"] == SKIPPED and bare.rows[0].get("image_auroc") is None
+    assert "evaluated" not in bare.rows[0]["reason"]
 
 
 def test_a_category_or_backbone_named_twice_is_one_pair(first_run, synthetic_root, tmp_path):

@@ -11,7 +11,8 @@ the summary. Only small records travel back; bundles are written by the tasks.
 - Fault isolation: a pair that raises fails alone and is not retried; a dead worker (OOM kill,
   segfault) or a lost node is a system failure and is retried ``--max-retries`` times, then
   reported as failed; the command exits non-zero when any pair failed, and a rerun with the
-  same OUT trains exactly the pairs without a verified bundle.
+  same OUT trains exactly the pairs without a verified bundle, and evaluates (a task that does not
+  train) a verified bundle with no metrics of it on record (saved, then its evaluation failed).
 - Summary: one row per pair (category, backbone, status, node id and host, seconds, peak memory,
   metrics when the category has a test split), written atomically to ``OUT/summary.json`` and
   ``OUT/summary.parquet``.
@@ -213,13 +214,17 @@ def train_all(
                 row.update(metric_fields(prev))
             else:  # the last run's driver died before its summary: its task left them beside the bundle
                 row.update(recorded_metrics(item.pair.bundle(out), item.model_id))
+            if evaluate and "image_auroc" not in row and _has_test_split(data_root, item.pair.category):
+                # saved, then its evaluation failed or its run was killed: evaluate it, do not retrain it
+                item.action, item.reason = "evaluate", f"{item.reason}; evaluated (no metrics of it on record)"
+                continue
             rows[item.pair] = row
             echo(f"skip  {item.pair.key}: {item.reason}")
         elif item.action == "fail":
             rows[item.pair] = {"category": item.pair.category, "backbone": item.pair.backbone, "status": FAILED,
                                "stage": "plan", "error": item.reason}
             echo(f"FAIL  {item.pair.key}: {item.reason}")
-    to_train = [item for item in plan if item.action == "train"]
+    to_train = [item for item in plan if item.action in ("train", "evaluate")]
     spec = TaskSpec(data_root, out, cfg, cpus_per_task, gpus_per_task, threads, evaluate, max_retries)
     ray_info: dict[str, Any] = {"cpus_per_task": cpus_per_task, "gpus_per_task": gpus_per_task,
                                 "threads": threads, "max_retries": max_retries}
@@ -277,7 +282,7 @@ def _submit_and_wait(
             marker.unlink()
         ref = remote.options(name=f"train {item.pair.key}").remote(
             str(spec.data_root), item.pair.category, pair_config(spec.cfg, item.pair.backbone).to_dict(), str(bundle),
-            spec.threads, spec.gpus, spec.evaluate, str(progress_dir), probe,
+            spec.threads, spec.gpus, spec.evaluate, str(progress_dir), probe, item.action == "train",
         )
         pending[ref] = item
     echo(f"train-all: {len(items)} task(s) on Ray ({session.address} from {session.source}, {spec.cpus} CPU"
@@ -307,9 +312,20 @@ def _submit_and_wait(
                 progress.done += 1
                 metric = f", image AUROC {row['image_auroc']:.3f}" if row.get("image_auroc") is not None else ""
                 where = f" on node {row['node_id'][:8]}" if row.get("node_id") else ""
-                echo(f"done  {item.pair.key} in {row.get('seconds', 0):.1f} s{where}{metric}")
+                done = "done " if item.action == "train" else "evaluated"
+                echo(f"{done}  {item.pair.key} in {row.get('seconds', 0):.1f} s{where}{metric}")
         progress.update([i.pair for i in pending.values()])
     return rows
+
+
+def _has_test_split(data_root: Path, category: str) -> bool:
+    """Whether evaluating a category's bundle gives metrics (test/good and a defect type; names only)."""
+    from pni_ray.data.mvtec import LayoutError, load_category
+
+    try:
+        return load_category(data_root, category, check_files=False).has_test
+    except LayoutError:  # what is wrong with the category is reported where it is loaded to be evaluated
+        return True
 
 
 def _clear_progress(out: Path, pairs: list[Pair]) -> None:

@@ -2,7 +2,8 @@
 
 Resume rules: a folder at a pair's bundle path that is not a bundle (no readable bundle manifest)
 fails that pair at planning, naming what it holds; it is never deleted. A pair whose bundle exists and verifies (every checksum) with the same training
-config is skipped unless ``--force`` (the MLP's precision compared as `trained_precision` says); a bundle that fails verification is retrained; a verified
+config is skipped unless ``--force`` (the MLP's precision compared as `trained_precision` says; the driver
+evaluates a skipped bundle that has no metrics on record, see train_all); a bundle that fails verification is retrained; a verified
 bundle trained with a different config is not overwritten without ``--force`` (that pair fails
 with the differing keys named; the refiner's settings count only when a refiner was trained or is
 asked for). Stale temp directories of a killed save are removed before

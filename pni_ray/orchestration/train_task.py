@@ -44,7 +44,7 @@ from torch import nn
 from pni_ray.config import TrainConfig
 from pni_ray.orchestration.process_memory import peak_rss_mb, reset_peak_rss
 from pni_ray.orchestration.shared_storage import Probe, SharedStorageError, probe_problem
-from pni_ray.orchestration.train_plan import FAILED, TRAINED
+from pni_ray.orchestration.train_plan import FAILED, SKIPPED, TRAINED
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,12 @@ def train_pair(
     evaluate: bool = True,
     progress_dir: str | None = None,
     probe: Probe | None = None,
+    train: bool = True,
 ) -> dict[str, Any]:
     """Train, save and (when a test split exists) evaluate one pair; the body of each Ray task.
 
+    train False: the verified bundle already there is only evaluated (a run that saved it and then
+    failed or was killed while evaluating); its record says "skipped" with the metrics.
     Raises PairError (with the record) on any application error.
     """
     from pni_ray.bundle import atomic_write_json, model_id, save_bundle
@@ -201,13 +204,14 @@ def train_pair(
         record["device"] = str(device)
         record["stage"] = "load"
         cat = load_category(data_root, category, **_load_kwargs(cfg))
-        record["stage"] = "train"
-        with extractor_on(device):
-            trained = fit_category(data_root, category, cfg, threads, progress=False, category_data=cat)
-        record["stage"] = "save"
-        save_bundle(trained, bundle, overwrite=True)
-        record.update(model_id=model_id(bundle), seconds=time.perf_counter() - t0,
-                      train_seconds=trained.report.get("seconds", {}))
+        if train:
+            record["stage"] = "train"
+            with extractor_on(device):
+                trained = fit_category(data_root, category, cfg, threads, progress=False, category_data=cat)
+            record["stage"] = "save"
+            save_bundle(trained, bundle, overwrite=True)
+            record.update(train_seconds=trained.report.get("seconds", {}))
+        record.update(model_id=model_id(bundle), seconds=time.perf_counter() - t0)
         if evaluate and cat.has_test:
             record["stage"] = "evaluate"
             from pni_ray.evaluate import evaluate_category
@@ -225,8 +229,10 @@ def train_pair(
                 atomic_write_json(metrics_path(bundle), {"model_id": record["model_id"], **metric_fields(record)})
             except OSError as exc:
                 log.warning("%s: metrics not kept beside the bundle (%s)", bundle, exc)
+        if not train:  # the task's time is its evaluation's
+            record["seconds"] = time.perf_counter() - t0
         record["stage"] = "done"
-        record["status"] = TRAINED
+        record["status"] = TRAINED if train else SKIPPED
     except Exception as exc:  # noqa: BLE001 - every application error fails this pair alone
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-8:])
