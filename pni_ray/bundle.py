@@ -185,6 +185,16 @@ def load_bundle(path: Path | str) -> tuple[TrainedModel, dict[str, Any]]:
                 f"{path}: backbone weights differ from those the bundle was trained with "
                 f"({manifest['backbone'].get('source')}: expected sha256 {recorded[:12]}..., found {str(current)[:12]}...)"
             )
+    try:  # a manifest edited to disagree with its files (a size in config, a key in metadata): named, not a traceback
+        trained = _model_from_files(path, manifest, cfg)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise BundleError(f"{path / MANIFEST}: does not match the bundle's files ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200]}); the manifest was edited: restore or retrain the bundle") from exc
+    return trained, manifest
+
+
+def _model_from_files(path: Path, manifest: dict[str, Any], cfg: TrainConfig) -> TrainedModel:
+    """The memory bank, C_dist map, priors and networks of a verified bundle, as its manifest describes them."""
     table = read_arrow(path / MEMORY)
     d = int(table.schema.metadata[b"feature_dim"])
     dist_size = int(table.schema.metadata[b"dist_size"])
@@ -213,7 +223,7 @@ def load_bundle(path: Path | str) -> tuple[TrainedModel, dict[str, Any]]:
         refiner = build_refiner(cfg.refiner, pretrained=False)
         refiner.load_state_dict(load_file(str(path / REFINER)))
         refiner.eval()
-    trained = TrainedModel(
+    return TrainedModel(
         category=manifest["category"],
         config=cfg,
         memory=memory,
@@ -229,4 +239,3 @@ def load_bundle(path: Path | str) -> tuple[TrainedModel, dict[str, Any]]:
         # the training facts travel with the model, so a bundle written from it (refine) keeps them
         report={"deterministic": copy.deepcopy(manifest.get("training") or {})},
     )
-    return trained, manifest

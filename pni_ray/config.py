@@ -18,6 +18,8 @@ REFINER_SOURCES: tuple[str, ...] = ("all", "holdout")  # RefinerConfig.source: i
 MLP_PRECISIONS: tuple[str, ...] = ("auto", "float32", "bfloat16")  # NeighbourhoodConfig.train_precision
 LR_SCHEDULES: tuple[str, ...] = ("cosine", "step")  # NeighbourhoodConfig.lr_schedule
 COMBINE_RULES: tuple[str, ...] = ("both", "mean")  # how mode pni combines p(c|N) and p(c|x), see PatchScorer
+TRAIN_MODES: tuple[str, ...] = ("pni", "patchcore")  # TrainConfig.mode
+GEOMETRY_POLICIES: tuple[str, ...] = ("resize", "letterbox", "short-side")  # GeometryConfig.policy
 
 
 @dataclass(frozen=True)
@@ -120,8 +122,11 @@ class NeighbourhoodConfig:
         if self.batch_images < 1 or (self.images_per_epoch is not None and self.images_per_epoch < 1):
             raise ValueError(f"neighbourhood.batch_images and images_per_epoch must be >= 1 (images_per_epoch may be "
                              f"null: all), got {self.batch_images!r}, {self.images_per_epoch!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"neighbourhood.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        _one_of("neighbourhood.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _one_of("neighbourhood.train_precision", self.train_precision, MLP_PRECISIONS)
+        _require(isinstance(self.cut_candidates, (tuple, list))
+                 and all(_is_number(c) for c in self.cut_candidates),
+                 f"neighbourhood.cut_candidates must be a list of numbers, got {self.cut_candidates!r}")
         if self.cut is not None and not self.cut >= 1.0:
             raise ValueError(f"neighbourhood.cut is a multiple of tau, >= 1 (or null: chosen), got {self.cut!r}")
         if not self.cut_candidates or min(self.cut_candidates) < 1.0:
@@ -177,6 +182,18 @@ class ScoringConfig:
     holdout_fraction: float = 0.1  # train/good images kept out of the memory bank
     min_holdout: int = 2
     threshold_sigmas: float = 3.0  # threshold = mean + k std of held-out image scores
+
+    def __post_init__(self) -> None:  # a config file's bad rule fails when it is read, not after the MLP trained
+        _one_of("scoring.mode", self.mode, SCORE_MODES)
+        _one_of("scoring.combine", self.combine, COMBINE_RULES)
+        _require(self.tau_scale > 0 and self.blur_sigma >= 0 and self.image_window >= 0 and self.chunk_patches >= 1,
+                 f"scoring needs tau_scale > 0, blur_sigma >= 0, image_window >= 0 and chunk_patches >= 1, got "
+                 f"{self.tau_scale!r}, {self.blur_sigma!r}, {self.image_window!r}, {self.chunk_patches!r}")
+        _require(0.0 < self.candidate_share <= 1.0,
+                 f"scoring.candidate_share is a share of C_emb in (0, 1], got {self.candidate_share!r}")
+        _require(0.0 <= self.holdout_fraction < 1.0 and self.min_holdout >= 0,
+                 f"scoring.holdout_fraction is a share of train/good in [0, 1) and min_holdout >= 0, got "
+                 f"{self.holdout_fraction!r} and {self.min_holdout!r}")
 
 
 # What bundles written before these ScoringConfig fields existed scored with: the paper's mean of
@@ -235,8 +252,22 @@ class RefinerConfig:
     defect_weights: dict[str, float] = field(default_factory=lambda: {kind: 1.0 for kind in DEFECT_KINDS})
 
     def __post_init__(self) -> None:  # a config file's typo fails when it is read, not after PNI has trained
-        if self.source not in REFINER_SOURCES:
-            raise ValueError(f"refiner.source must be one of {', '.join(REFINER_SOURCES)}, got {self.source!r}")
+        _one_of("refiner.source", self.source, REFINER_SOURCES)
+        _require(isinstance(self.defect_weights, dict) and bool(self.defect_weights)
+                 and set(self.defect_weights) <= set(DEFECT_KINDS)
+                 and all(_is_number(w) and w >= 0 for w in self.defect_weights.values())
+                 and sum(self.defect_weights.values()) > 0,
+                 f"refiner.defect_weights maps defect kinds ({', '.join(DEFECT_KINDS)}) to weights >= 0, not all 0, "
+                 f"got {self.defect_weights!r}")
+        _require(isinstance(self.decoder_channels, (tuple, list)) and bool(self.decoder_channels)
+                 and all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in self.decoder_channels),
+                 f"refiner.decoder_channels is a list of whole numbers >= 1, got {self.decoder_channels!r}")
+        _require(self.n_samples >= 2 and self.epochs >= 1 and self.batch_size >= 1 and self.image_size >= 32,
+                 f"refiner needs n_samples >= 2, epochs >= 1, batch_size >= 1 and image_size >= 32, got "
+                 f"{self.n_samples!r}, {self.epochs!r}, {self.batch_size!r}, {self.image_size!r}")
+        for name in ("calibration_fraction", "p_normal", "val_fraction", "blend"):
+            value = getattr(self, name)
+            _require(0.0 <= value <= 1.0, f"refiner.{name} is a share in [0, 1], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -258,6 +289,9 @@ class GeometryConfig:
     pad_value: int = 0  # grey level of letterbox / tiling padding
     max_pixels: int = 50_000_000  # larger images are refused (= pni_ray.data.images.DEFAULT_MAX_PIXELS)
 
+    def __post_init__(self) -> None:
+        _one_of("geometry.policy", self.policy, GEOMETRY_POLICIES)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -276,6 +310,7 @@ class TrainConfig:
     batch_size: int = 16  # images per backbone forward
 
     def __post_init__(self) -> None:
+        _one_of("mode", self.mode, TRAIN_MODES)
         # a bundle's manifest is strict JSON (no Infinity or NaN): a non-finite setting could not be written
         # and read back as itself (an infinite neighbourhood.cut would read back as null, "chosen")
         for path, value in _floats(self):
@@ -340,6 +375,14 @@ def float_from_json(key: str, value: Any) -> float:
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def _one_of(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    _require(value in choices, f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 # a config file's JSON values against the fields' annotations (strings, under `from __future__ import annotations`)

@@ -15,7 +15,6 @@ The detector itself (pure torch) is `pni_ray.models.ensemble.EnsembleDetector`.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
@@ -23,7 +22,7 @@ from typing import Any, Sequence
 from pni_ray.bundle import MANIFEST as BUNDLE_MANIFEST
 from pni_ray.bundle import BundleError, atomic_write_json, load_bundle, model_id, verify_bundle, versions
 from pni_ray.config import float_from_json
-from pni_ray.fileio import read_manifest_json, staged_dir
+from pni_ray.fileio import copy_tree_durable, read_manifest_json, staged_dir
 from pni_ray.models.ensemble import MEMBER_MODE, EnsembleDetector, estimated_normalisation
 from pni_ray.models.pni import build_detector
 
@@ -34,9 +33,20 @@ MEMBERS_DIR = "members"
 
 
 def read_ensemble_manifest(path: Path | str) -> dict[str, Any]:
-    manifest = read_manifest_json(path, FORMAT, FORMAT_VERSION, BundleError, "ensemble")
-    if not manifest.get("members"):
-        raise BundleError(f"{Path(path) / MANIFEST}: the ensemble lists no members")
+    """The manifest, its members' entries and threshold checked: an edited one fails here naming the key."""
+    manifest = read_manifest_json(path, FORMAT, FORMAT_VERSION, BundleError, "ensemble", required={"members": list})
+    file = Path(path) / MANIFEST
+    if not manifest["members"]:
+        raise BundleError(f"{file}: the ensemble lists no members")
+    for i, entry in enumerate(manifest["members"]):
+        missing = [k for k in ("path", "name", "model_id") if not isinstance(entry, dict) or not isinstance(entry.get(k), str)]
+        if missing:
+            raise BundleError(f"{file}: members[{i}] has no {', '.join(missing)} (a string each); the manifest was "
+                              "edited or truncated: rebuild the ensemble")
+    threshold = manifest.get("threshold", "<absent>")
+    if threshold is not None and (not isinstance(threshold, (int, float)) or isinstance(threshold, bool)):
+        raise BundleError(f"{file}: 'threshold' must be a number or null, got {threshold!r:.60}; "
+                          "the manifest was edited or truncated: rebuild the ensemble")
     return manifest
 
 
@@ -159,7 +169,7 @@ def save_ensemble(
             name = f"{k:02d}-{manifest['backbone']['name']}"
             rel = f"{MEMBERS_DIR}/{name}"
             dst = tmp / MEMBERS_DIR / name
-            shutil.copytree(src, dst)
+            copy_tree_durable(src, dst)
             verify_bundle(dst)
             if model_id(dst) != mid:
                 raise BundleError(f"{src}: changed while it was being copied; retry")

@@ -59,6 +59,19 @@ def fsync_path(path: Path | str) -> None:
         os.close(fd)
 
 
+def copy_tree_durable(src: Path | str, dst: Path | str) -> None:
+    """shutil.copytree, each copied file and folder fsynced: a copy into a staged directory is on disk
+    before that directory is renamed into place (a power loss then leaves the old one or the whole new one)."""
+    def copy_and_sync(a: str, b: str) -> str:
+        shutil.copy2(a, b)
+        fsync_path(b)
+        return b
+
+    shutil.copytree(src, dst, copy_function=copy_and_sync)
+    for folder in sorted({p for p in Path(dst).rglob("*") if p.is_dir()} | {Path(dst)}, reverse=True):
+        fsync_path(folder)
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     """Write to a temp sibling, fsync, rename over path. A failed write (a full disk) removes its temp
     file and names path in the error, which a bare write error does not."""

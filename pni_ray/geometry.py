@@ -35,7 +35,6 @@ import numpy as np
 from pni_ray.config import LEGACY_SCORING, GeometryConfig, ScoringConfig
 from pni_ray.data.images import TOO_BIG_HINT, ImageError, load_rgb, resize_rgb, to_float
 
-POLICIES: tuple[str, ...] = ("resize", "letterbox", "short-side")
 STRIDE = 8  # feature stride of PatchFeatureExtractor (pni_ray.models.features.FEATURE_STRIDE)
 
 
@@ -226,8 +225,6 @@ class Geometry:
         self, cfg: GeometryConfig, image_size: int, grid: tuple[int, int] | None = None,
         image_window: int = ScoringConfig.image_window,
     ) -> None:
-        if cfg.policy not in POLICIES:
-            raise ValueError(f"unknown geometry policy {cfg.policy!r}; choose from {POLICIES}")
         self.cfg = cfg
         self.image_size = int(image_size)
         self.grid = tuple(int(g) for g in grid) if grid is not None else None  # the trained grid, when known

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from export.openvino_backbone import BACKBONE_RUNTIMES, PRECISIONS
-from pni_ray.config import MLP_PRECISIONS, PRESETS, TrainConfig
+from pni_ray.config import GEOMETRY_POLICIES, MLP_PRECISIONS, PRESETS, TrainConfig
 
 # Training threads: the thread count changes torch's float reductions (and so the bundle bytes),
 # so training never defaults to "all cores" (machine-dependent) but to one fixed count, the same
@@ -96,9 +96,23 @@ def build_config(
             changes["seed"] = seed
         if mode is not None:
             changes["mode"] = mode
-        return cfg.replace(**changes)
+        cfg = cfg.replace(**changes)
+        check_model_names(cfg)
+        return cfg
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+
+
+def check_model_names(cfg: TrainConfig) -> None:
+    """An unknown backbone or refiner encoder (a --config file's typo) refused before any image is read."""
+    from pni_ray.models.backbones import get_spec
+
+    get_spec(cfg.features.backbone)
+    if cfg.refiner.enabled:
+        try:
+            get_spec(cfg.refiner.encoder)
+        except ValueError as exc:
+            raise ValueError(f"refiner.encoder: {exc}") from None
 
 
 def load_config_file(path: Path | None) -> TrainConfig | None:
@@ -148,7 +162,7 @@ def train_options(fn: Any) -> Any:
                      help=f"torch threads for training (train: {DEFAULT_TRAIN_THREADS}; train-all: --cpus-per-task, "
                           f"{DEFAULT_TRAIN_THREADS} by default). The count changes the floats, so it is never "
                           "'all cores' and the manifest records it."),
-        click.option("--geometry", type=click.Choice(["resize", "letterbox", "short-side"]), default=None,
+        click.option("--geometry", type=click.Choice(GEOMETRY_POLICIES), default=None,
                      help="Image geometry: resize (squash, default), letterbox (pad), short-side (keep aspect)."),
         click.option("--tile/--no-tile", default=None,
                      help="Cover each image with overlapping model-size tiles stitched into one feature grid."),

@@ -511,8 +511,6 @@ def train_category(
         facts["neighbourhood_held_out_keep"] = {f"{k:g}": round(v, 6) for k, v in cut_keep.items()}
         log.info("%s: p(c|N) cut at %g tau (held-out keep rates %s)", category, cut,
                  {f"{k:g}": round(v, 4) for k, v in cut_keep.items()})
-    elif cfg.mode != "patchcore":
-        raise ValueError(f"unknown training mode {cfg.mode!r}: use 'pni' or 'patchcore'")
     t_pni = time.perf_counter()
     trained = TrainedModel(
         category=category,

@@ -162,6 +162,16 @@ def test_tampered_or_swapped_member_is_refused(ensemble_dir, tmp_path):
     with pytest.raises(BundleError, match="must be relative and inside"):
         load_detector(escaping)
 
+    for name, edit, said in (("no-id", lambda m: m["members"][0].pop("model_id"), r"members\[0\] has no model_id"),
+                             ("no-threshold", lambda m: m.pop("threshold"), "'threshold' must be a number or null"),
+                             ("no-members", lambda m: m.pop("members"), "'members' is missing or not a list")):
+        edited = _copy(ensemble_dir, tmp_path, name)  # an edited ensemble manifest: named, not a KeyError
+        manifest = json.loads((edited / "manifest.json").read_text())
+        edit(manifest)
+        (edited / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(BundleError, match=said):
+            load_detector(edited)
+
 
 def test_evaluate_works_on_an_ensemble(ensemble_dir, synthetic_root):
     from pni_ray.cli import main

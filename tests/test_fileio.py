@@ -10,6 +10,7 @@ import pytest
 from conftest import strict_json
 from pni_ray.fileio import (
     atomic_write_json,
+    copy_tree_durable,
     read_arrow,
     read_json,
     read_manifest_json,
@@ -133,6 +134,22 @@ def test_arrow_roundtrip_and_checksum(tmp_path):
     digest = sha256_file(tmp_path / "t.arrow")
     write_arrow(tmp_path / "u.arrow", table)
     assert sha256_file(tmp_path / "u.arrow") == digest  # same table, same bytes
+
+
+def test_a_durable_copy_fsyncs_every_file_and_folder_it_makes(tmp_path, monkeypatch):
+    import pni_ray.fileio as fileio
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.bin").write_bytes(b"a" * 10)
+    (src / "sub" / "b.bin").write_bytes(b"b" * 20)
+    synced: list[str] = []
+    real = fileio.fsync_path
+    monkeypatch.setattr(fileio, "fsync_path", lambda path: (synced.append(str(path)), real(path)))
+    copy_tree_durable(src, tmp_path / "dst")
+    dst = tmp_path / "dst"
+    assert (dst / "sub" / "b.bin").read_bytes() == b"b" * 20
+    assert {str(dst / "a.bin"), str(dst / "sub" / "b.bin"), str(dst / "sub"), str(dst)} <= set(synced)
 
 
 def test_replace_dir_swaps_whole_directories(tmp_path):

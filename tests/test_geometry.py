@@ -75,7 +75,7 @@ def test_cli_flags_build_the_geometry():
 
 
 def test_bad_geometry_settings_refused():
-    with pytest.raises(ValueError, match="unknown geometry policy"):
+    with pytest.raises(ValueError, match="geometry.policy must be one of resize, letterbox, short-side"):
         geometry("stretch")
     with pytest.raises(ValueError, match="tile_overlap"):
         geometry(tile=True, tile_overlap=12)

@@ -58,6 +58,18 @@ def test_tampered_and_incomplete_bundles_refused(bundle_tiny, tmp_path):
     with pytest.raises(BundleError, match="manifest.json is missing"):
         verify_bundle(copy)
 
+    import json
+
+    for name, edit in (("hidden", lambda m: m["config"]["neighbourhood"].update(hidden=65)),  # the MLP's shape
+                       ("normalisation", lambda m: m["normalisation"].update(bogus=1))):
+        edited = tmp_path / name  # files verify, the manifest disagrees with them: named, not a traceback
+        shutil.copytree(bundle_tiny, edited)
+        manifest = json.loads((edited / "manifest.json").read_text())
+        edit(manifest)
+        (edited / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(BundleError, match=f"{name}/manifest.json: does not match the bundle's files"):
+            load_bundle(edited)
+
 
 def test_save_is_atomic(trained_tiny, tmp_path, monkeypatch):
     import pni_ray.bundle as bundle_mod

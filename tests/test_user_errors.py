@@ -83,10 +83,33 @@ def test_too_few_good_images_are_refused_with_what_to_add(tmp_path, synthetic_ro
     ({"neighbourhood": {"dist_size": 0}}, "epochs, dist_size and hidden >= 1"),
     ({"neighbourhood": {"lr": 0}}, "lr and temperature must be > 0"),
     ({"seed": True}, "TrainConfig.seed must be int"),
+    # choices and shapes that used to pass the reading and fail minutes later (after the MLP trained)
+    ({"mode": "foo"}, "mode must be one of pni, patchcore, got 'foo'"),
+    ({"scoring": {"mode": "foo"}}, "scoring.mode must be one of"),
+    ({"scoring": {"combine": "x"}}, "scoring.combine must be one of both, mean"),
+    ({"scoring": {"holdout_fraction": 2.0}}, "holdout_fraction is a share of train/good in"),
+    ({"geometry": {"policy": "x"}}, "geometry.policy must be one of resize, letterbox, short-side"),
+    ({"neighbourhood": {"train_precision": "fp8"}}, "neighbourhood.train_precision must be one of"),
+    ({"neighbourhood": {"cut_candidates": ["a"]}}, "cut_candidates must be a list of numbers"),
+    ({"refiner": {"defect_weights": {"bogus": 1}}}, "refiner.defect_weights maps defect kinds"),
+    ({"refiner": {"defect_weights": [1, 2]}}, "refiner.defect_weights maps defect kinds"),
+    ({"refiner": {"decoder_channels": ["a"]}}, "decoder_channels is a list of whole numbers"),
+    ({"refiner": {"n_samples": 0}}, "refiner needs n_samples >= 2"),
 ])
 def test_bad_config_values_fail_when_the_config_is_read(bad, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig.from_dict(bad)
+
+
+def test_an_unknown_backbone_or_refiner_encoder_in_a_config_file_is_a_usage_error(tmp_path, synthetic_root):
+    for config, said in (({"features": {"backbone": "nope"}}, "unknown backbone 'nope'"),
+                         ({"refiner": {"enabled": True, "encoder": "nope"}}, "refiner.encoder: unknown backbone 'nope'")):
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(config))
+        result = CliRunner().invoke(main, ["train", str(synthetic_root), "-c", "washer", "--out", str(tmp_path / "B"),
+                                           "--config", str(path)])
+        assert result.exit_code == 2 and said in result.output and "Traceback" not in result.output, result.output
+        assert not (tmp_path / "B").exists()
 
 
 def test_config_values_of_the_right_types_still_read():

@@ -26,9 +26,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -372,18 +370,15 @@ def write_summary(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pni_ray.bundle import atomic_write_json
+    from pni_ray.fileio import atomic_write_bytes, atomic_write_json
 
     json_path, parquet_path = out / SUMMARY_JSON, out / SUMMARY_PARQUET
     atomic_write_json(json_path, {"format": "pni-ray-train-all-summary", **meta, "rows": rows})
     schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in PARQUET_COLUMNS])
     table = pa.Table.from_pylist([{name: row.get(name) for name, _ in PARQUET_COLUMNS} for row in rows], schema=schema)
-    tmp = parquet_path.with_name(f".{parquet_path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, parquet_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    atomic_write_bytes(parquet_path, buffer.getvalue().to_pybytes())
     return json_path, parquet_path
 
 
