@@ -186,12 +186,13 @@ class ScoringConfig:
     def __post_init__(self) -> None:  # a config file's bad rule fails when it is read, not after the MLP trained
         _one_of("scoring.mode", self.mode, SCORE_MODES)
         _one_of("scoring.combine", self.combine, COMBINE_RULES)
-        _require(self.tau_scale > 0 and self.blur_sigma >= 0 and self.image_window >= 0 and self.chunk_patches >= 1,
+        # comparisons a NaN passes: TrainConfig names a non-finite setting as such
+        _require(not (self.tau_scale <= 0 or self.blur_sigma < 0) and self.image_window >= 0 and self.chunk_patches >= 1,
                  f"scoring needs tau_scale > 0, blur_sigma >= 0, image_window >= 0 and chunk_patches >= 1, got "
                  f"{self.tau_scale!r}, {self.blur_sigma!r}, {self.image_window!r}, {self.chunk_patches!r}")
-        _require(0.0 < self.candidate_share <= 1.0,
+        _require(not (self.candidate_share <= 0.0 or self.candidate_share > 1.0),
                  f"scoring.candidate_share is a share of C_emb in (0, 1], got {self.candidate_share!r}")
-        _require(0.0 <= self.holdout_fraction < 1.0 and self.min_holdout >= 0,
+        _require(not (self.holdout_fraction < 0.0 or self.holdout_fraction >= 1.0) and self.min_holdout >= 0,
                  f"scoring.holdout_fraction is a share of train/good in [0, 1) and min_holdout >= 0, got "
                  f"{self.holdout_fraction!r} and {self.min_holdout!r}")
 
@@ -255,8 +256,8 @@ class RefinerConfig:
         _one_of("refiner.source", self.source, REFINER_SOURCES)
         _require(isinstance(self.defect_weights, dict) and bool(self.defect_weights)
                  and set(self.defect_weights) <= set(DEFECT_KINDS)
-                 and all(_is_number(w) and w >= 0 for w in self.defect_weights.values())
-                 and sum(self.defect_weights.values()) > 0,
+                 and all(_is_number(w) and not w < 0 for w in self.defect_weights.values())
+                 and not sum(self.defect_weights.values()) <= 0,
                  f"refiner.defect_weights maps defect kinds ({', '.join(DEFECT_KINDS)}) to weights >= 0, not all 0, "
                  f"got {self.defect_weights!r}")
         _require(isinstance(self.decoder_channels, (tuple, list)) and bool(self.decoder_channels)
@@ -267,7 +268,7 @@ class RefinerConfig:
                  f"{self.n_samples!r}, {self.epochs!r}, {self.batch_size!r}, {self.image_size!r}")
         for name in ("calibration_fraction", "p_normal", "val_fraction", "blend"):
             value = getattr(self, name)
-            _require(0.0 <= value <= 1.0, f"refiner.{name} is a share in [0, 1], got {value!r}")
+            _require(not (value < 0.0 or value > 1.0), f"refiner.{name} is a share in [0, 1], got {value!r}")
 
 
 @dataclass(frozen=True)
