@@ -149,14 +149,16 @@ def test_worker_peak_rss_is_its_own_not_its_parents() -> None:
 
 
 def test_ratio_paths_must_keep_their_systems_accuracy() -> None:
-    """A fast path that loses accuracy (anomalib's INT8_PTQ on bottle: 0.9606 / 0.8678) is not the peer the ratio uses."""
-    rows = [{"system": "anomalib", "engine": "torch", "pixel_auroc": 0.9842, "aupro": 0.9488},
-            {"system": "anomalib", "engine": "openvino", "pixel_auroc": 0.9841, "aupro": 0.9488},
-            {"system": "anomalib", "engine": "openvino-int8", "pixel_auroc": 0.9606, "aupro": 0.8678},
-            {"system": "pni-ray", "engine": "onnxruntime-int8", "pixel_auroc": 0.9, "aupro": 0.9}]
+    """A fast path that loses accuracy (anomalib's INT8_PTQ on bottle: 0.9606 / 0.8678) is not the peer the
+    ratio uses; image AUROC counts too."""
+    rows = [{"system": "anomalib", "engine": "torch", "image_auroc": 1.0, "pixel_auroc": 0.9842, "aupro": 0.9488},
+            {"system": "anomalib", "engine": "openvino", "image_auroc": 1.0, "pixel_auroc": 0.9841, "aupro": 0.9488},
+            {"system": "anomalib", "engine": "openvino-int8", "image_auroc": 1.0, "pixel_auroc": 0.9606, "aupro": 0.8678},
+            {"system": "anomalib", "engine": "onnxruntime", "image_auroc": 0.99, "pixel_auroc": 0.9842, "aupro": 0.9488},
+            {"system": "pni-ray", "engine": "onnxruntime-int8", "image_auroc": 0.9, "pixel_auroc": 0.9, "aupro": 0.9}]
     assert [r["engine"] for r in bench_peers.accurate_paths(rows, "anomalib")] == ["torch", "openvino"]
     assert bench_peers.accurate_paths(rows, "pni-ray") == []  # no torch row to hold the INT8 path to
-    rows.append({"system": "pni-ray", "engine": "onnxruntime", "pixel_auroc": 0.9, "aupro": 0.9})
+    rows.append({"system": "pni-ray", "engine": "onnxruntime", "image_auroc": 0.9, "pixel_auroc": 0.9, "aupro": 0.9})
     assert [r["engine"] for r in bench_peers.accurate_paths(rows, "pni-ray")] == ["onnxruntime"]
 
 
@@ -463,8 +465,9 @@ def test_timed_passes_times_after_the_warm_up_and_the_common_start(tmp_path: Pat
     timing, maps, scores = bench_peers.timed_passes(predict, np.zeros((5, 1)), {"batch": 2, "repeats": 2,
                                                                                "barrier": str(barrier), "share": (0, 1)})
     assert (barrier / "ready-0").exists()
-    # the warm-up batch before this worker says it is ready, then 2 timed passes of 3 batches after
-    assert calls[0] == (2, False) and all(ready for _, ready in calls[1:]) and len(calls) == 1 + 2 * 3
+    # the warm-up batches (the full one and the last one's size) before this worker says it is ready, then
+    # 2 timed passes of 3 batches after
+    assert calls[:2] == [(2, False), (1, False)] and all(ready for _, ready in calls[2:]) and len(calls) == 2 + 2 * 3
     assert timing["images"] == 10 and timing["window"][0] <= timing["window"][1] and len(scores) == 5
 
 
