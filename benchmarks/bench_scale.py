@@ -9,7 +9,7 @@ px, PNG) hard-linked N times under nested folders of 1000 files: every input is 
 path that is decoded in full, while the disk holds only the pool (the pool stays in the page
 cache, so file reads are cheaper than cold production storage). Each N runs `pni-ray score
 BUNDLE DIR --out OUT` cold, in a subprocess, as a user would; its process tree is polled (/proc)
-every --poll seconds for peak RSS: the driver (the `pni-ray` process itself) and the largest
+every --poll seconds for each process's peak RSS so far (VmHWM, so spikes between polls count): the driver (the `pni-ray` process itself) and the largest
 Ray worker. Without --bundle a tiny 128 px washer bundle is trained first (seconds), so the
 figures measure the pipeline (decode, resize, Ray, map encoding, Parquet), not the model.
 
@@ -94,18 +94,27 @@ def link_inputs(folder: Path, pool: list[Path], n: int) -> Path:
     return root
 
 
+def _peak_rss_bytes(pid: str) -> int:
+    """The process's peak RSS so far (VmHWM, kept by the kernel), so a spike between two polls still counts;
+    its current RSS where /proc has no VmHWM."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def _proc_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (parent pid, RSS bytes, command line), read from /proc (Linux)."""
+    """pid -> (parent pid, peak RSS bytes so far, command line), read from /proc (Linux)."""
     table = {}
-    page = os.sysconf("SC_PAGE_SIZE")
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
                 stat = f.read()
-            with open(f"/proc/{entry}/statm") as f:
-                rss = int(f.read().split()[1]) * page
+            rss = _peak_rss_bytes(entry)
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:

@@ -49,6 +49,17 @@ def test_tree_memory_sees_the_process_peak() -> None:
     assert memory.worker == 0  # not a Ray worker
 
 
+def test_tree_memory_sees_a_spike_between_two_polls() -> None:
+    """200 MB held for 0.05 s, then freed, polled every 1 s: RSS read at the polls would miss it, VmHWM keeps it."""
+    code = ("import time; time.sleep(0.3); x = bytearray(200 * 2**20); x[::4096] = b'1' * len(x[::4096]); "
+            "time.sleep(0.05); del x; time.sleep(1.5)")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    memory = bench_scale.TreeMemory(proc.pid, 1.0)
+    proc.wait()
+    memory.stop()
+    assert memory.driver >= 200 * 2**20
+
+
 def test_scratch_dir_keeps_a_given_folder_and_removes_a_temporary_one(tmp_path: Path) -> None:
     with bench_scale.scratch_dir(tmp_path / "keep", "x-") as kept:
         (kept / "f").write_text("1")
