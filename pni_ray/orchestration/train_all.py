@@ -310,7 +310,7 @@ def _submit_and_wait(
                 progress.done += 1
                 metric = f", image AUROC {row['image_auroc']:.3f}" if row.get("image_auroc") is not None else ""
                 where = f" on node {row['node_id'][:8]}" if row.get("node_id") else ""
-                done = "done " if item.action == "train" else "evaluated"
+                done = "done" if item.action == "train" else "evaluated"
                 echo(f"{done}  {item.pair.key} in {row.get('seconds', 0):.1f} s{where}{metric}")
         progress.update([i.pair for i in pending.values()])
     return rows
