@@ -43,7 +43,7 @@ its coreset's per-pick temporaries then fragment the heap until the machine runs
 images/s: median over --repeats interleaved rounds
 (each round times one pass of every path, so drifting load on a shared machine hits all
 alike) over the test split in batches of --batch, images already decoded (the same arrays
-for all paths, after one warm-up batch).
+for all paths, after a warm-up batch of each size a pass meets).
 
 Two ways to spend --threads cores (--layouts): `threads`, one process with --threads threads
 (torch threads, ONNX Runtime intra-op threads, OpenVINO inference threads), and `processes`,
@@ -182,8 +182,8 @@ def wait_for_start(spec: dict) -> None:
 
 
 def timed_passes(predict, images: np.ndarray, spec: dict) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Median images/s over spec["repeats"] passes in batches of spec["batch"] (after one warm-up batch
-    and the common start of layout `processes`) with the wall-clock window of the passes, and the
+    """Median images/s over spec["repeats"] passes in batches of spec["batch"] (after a warm-up batch of
+    each size a pass meets, and the common start of layout `processes`) with the wall-clock window of the passes, and the
     last pass's maps and scores."""
     batch, repeats = spec["batch"], spec["repeats"]
     predict(images[:batch])

@@ -188,8 +188,9 @@ def load_bundle(path: Path | str) -> tuple[TrainedModel, dict[str, Any]]:
     try:  # a manifest edited to disagree with its files (a size in config, a key in metadata): named, not a traceback
         trained = _model_from_files(path, manifest, cfg)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise BundleError(f"{path / MANIFEST}: does not match the bundle's files ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:200]}); the manifest was edited: restore or retrain the bundle") from exc
+        raise BundleError(f"{path / MANIFEST}: the bundle's files cannot be read as it describes them ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200]}); an edited manifest: restore or retrain the bundle "
+                          "(if it was not edited, report this with the bundle)") from exc
     return trained, manifest
 
 

@@ -190,8 +190,8 @@ class ScoringConfig:
         _require(not (self.tau_scale <= 0 or self.blur_sigma < 0) and self.image_window >= 0 and self.chunk_patches >= 1,
                  f"scoring needs tau_scale > 0, blur_sigma >= 0, image_window >= 0 and chunk_patches >= 1, got "
                  f"{self.tau_scale!r}, {self.blur_sigma!r}, {self.image_window!r}, {self.chunk_patches!r}")
-        _require(not (self.candidate_share <= 0.0 or self.candidate_share > 1.0),
-                 f"scoring.candidate_share is a share of C_emb in (0, 1], got {self.candidate_share!r}")
+        _require(not self.candidate_share < 0.0,  # 0: always the dense search; >= 1: always the candidate lists
+                 f"scoring.candidate_share is a share of C_emb, >= 0, got {self.candidate_share!r}")
         _require(not (self.holdout_fraction < 0.0 or self.holdout_fraction >= 1.0) and self.min_holdout >= 0,
                  f"scoring.holdout_fraction is a share of train/good in [0, 1) and min_holdout >= 0, got "
                  f"{self.holdout_fraction!r} and {self.min_holdout!r}")
@@ -266,9 +266,10 @@ class RefinerConfig:
         _require(self.n_samples >= 2 and self.epochs >= 1 and self.batch_size >= 1 and self.image_size >= 32,
                  f"refiner needs n_samples >= 2, epochs >= 1, batch_size >= 1 and image_size >= 32, got "
                  f"{self.n_samples!r}, {self.epochs!r}, {self.batch_size!r}, {self.image_size!r}")
-        for name in ("calibration_fraction", "p_normal", "val_fraction", "blend"):
+        for name in ("calibration_fraction", "p_normal", "val_fraction"):
             value = getattr(self, name)
             _require(not (value < 0.0 or value > 1.0), f"refiner.{name} is a share in [0, 1], got {value!r}")
+        _require(not self.blend < 0.0, f"refiner.blend is >= 0 (1: the refined map alone), got {self.blend!r}")
 
 
 @dataclass(frozen=True)

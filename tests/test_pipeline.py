@@ -67,7 +67,7 @@ def test_tampered_and_incomplete_bundles_refused(bundle_tiny, tmp_path):
         manifest = json.loads((edited / "manifest.json").read_text())
         edit(manifest)
         (edited / "manifest.json").write_text(json.dumps(manifest))
-        with pytest.raises(BundleError, match=f"{name}/manifest.json: does not match the bundle's files"):
+        with pytest.raises(BundleError, match=f"{name}/manifest.json: the bundle's files cannot be read as it describes"):
             load_bundle(edited)
 
 

@@ -174,7 +174,7 @@ def test_resume_after_a_killed_driver_keeps_each_pairs_metrics(first_run, synthe
     result = train_all(synthetic_root, out, tiny_config(), categories=["weave"], backbones=[BACKBONE],
                        cpus_per_task=1, echo=lines.append, poll_seconds=0.2)
     row = result.rows[0]
-    assert row["status"] == SKIPPED and row["model_id"] == first["weave"]["model_id"] and "evaluated" in row["reason"]
+    assert row["status"] == SKIPPED and row["model_id"] == first["weave"]["model_id"] and "evaluation only" in row["reason"]
     assert row["image_auroc"] == first["weave"]["image_auroc"] and row["aupro"] == first["weave"]["aupro"]
     assert any(line.startswith("evaluated  weave/") for line in lines), lines
     assert json.loads(stale.read_text())["model_id"] == first["weave"]["model_id"]
@@ -191,14 +191,16 @@ def test_a_bundle_saved_but_never_evaluated_is_evaluated_on_the_rerun(first_run,
     for name in ("summary.json", "summary.parquet", f"washer/.{BACKBONE}.metrics.json"):
         (out / name).unlink()  # killed after the save, before the evaluation was written anywhere
     bundle_files = {p: p.stat().st_mtime_ns for p in (out / "washer" / BACKBONE).iterdir()}
+    quiet: list[str] = []
     no_eval = train_all(synthetic_root, out, tiny_config(), categories=["washer"], backbones=[BACKBONE],
-                        cpus_per_task=1, evaluate=False, echo=lambda line: None)
+                        cpus_per_task=1, evaluate=False, echo=quiet.append)
     assert no_eval.rows[0]["status"] == SKIPPED and no_eval.rows[0].get("image_auroc") is None
+    assert "evaluation only" not in no_eval.rows[0]["reason"] and not any("task(s) on Ray" in line for line in quiet), quiet
     lines: list[str] = []
     fixed = train_all(synthetic_root, out, tiny_config(), categories=["washer"], backbones=[BACKBONE],
                       cpus_per_task=1, echo=lines.append, poll_seconds=0.2)
     first = {r["category"]: r for r in first_run[0].rows}
-    assert fixed.ok and fixed.rows[0]["status"] == SKIPPED and "evaluated" in fixed.rows[0]["reason"]
+    assert fixed.ok and fixed.rows[0]["status"] == SKIPPED and "evaluation only" in fixed.rows[0]["reason"]
     assert fixed.rows[0]["image_auroc"] == first["washer"]["image_auroc"]
     assert any(line.startswith("evaluated  washer/") for line in lines), lines
     assert {p: p.stat().st_mtime_ns for p in (out / "washer" / BACKBONE).iterdir()} == bundle_files  # not retrained
@@ -209,7 +211,7 @@ def test_a_bundle_saved_but_never_evaluated_is_evaluated_on_the_rerun(first_run,
     bare = train_all(data, out, tiny_config(), categories=["washer"], backbones=[BACKBONE], cpus_per_task=1,
                      echo=lambda line: None)
     assert bare.rows[0]["status"] == SKIPPED and bare.rows[0].get("image_auroc") is None
-    assert "evaluated" not in bare.rows[0]["reason"]
+    assert "evaluation only" not in bare.rows[0]["reason"]
 
 
 def test_a_category_or_backbone_named_twice_is_one_pair(first_run, synthetic_root, tmp_path):

@@ -118,6 +118,23 @@ def test_config_values_of_the_right_types_still_read():
                                  "geometry": {"max_pixels": 5e7}})
     assert cfg.neighbourhood.lr == 1 and cfg.coreset.ratio == 5 and cfg.features.projection_dim is None
     assert cfg.geometry.max_pixels == 50_000_000 and isinstance(cfg.geometry.max_pixels, int)
+    # values with a meaning at the ends of their range still read: 0 always searches densely, above 1 always
+    # uses the candidate lists; a blend above 1 pushes the map past the refined one
+    for share in (0.0, 2.0):
+        assert TrainConfig.from_manifest({"scoring": {"candidate_share": share}}).scoring.candidate_share == share
+    assert TrainConfig.from_dict({"refiner": {"blend": 1.5}}).refiner.blend == 1.5
+
+
+def test_backbone_given_on_the_command_line_replaces_an_unknown_one_in_the_config():
+    """train-all --backbones names what it trains: a config file's unknown backbone is then not refused."""
+    import click
+
+    from pni_ray.options import build_config
+
+    base = TrainConfig().replace(features=TrainConfig().features.__class__(backbone="nope"))
+    with pytest.raises(click.UsageError, match="unknown backbone 'nope'"):
+        build_config(base=base)
+    assert build_config(base=base, backbone="efficientnet_lite0").features.backbone == "efficientnet_lite0"
 
 
 def test_scoring_a_tampered_export_is_refused_before_the_run(bundle_tiny, tmp_path, synthetic_root):

@@ -12,7 +12,8 @@ the summary. Only small records travel back; bundles are written by the tasks.
   segfault) or a lost node is a system failure and is retried ``--max-retries`` times, then
   reported as failed; the command exits non-zero when any pair failed, and a rerun with the
   same OUT trains exactly the pairs without a verified bundle, and evaluates (a task that does not
-  train) a verified bundle with no metrics of it on record (saved, then its evaluation failed).
+  train) a verified bundle with no metrics of it on record (saved, then its evaluation failed or the
+  run was killed, or trained by a --no-eval run).
 - Summary: one row per pair (category, backbone, status, node id and host, seconds, peak memory,
   metrics when the category has a test split), written atomically to ``OUT/summary.json`` and
   ``OUT/summary.parquet``.
@@ -214,7 +215,7 @@ def train_all(
                 row.update(recorded_metrics(item.pair.bundle(out), item.model_id))
             if evaluate and "image_auroc" not in row and _has_test_split(data_root, item.pair.category):
                 # saved, then its evaluation failed or its run was killed: evaluate it, do not retrain it
-                item.action, item.reason = "evaluate", f"{item.reason}; evaluated (no metrics of it on record)"
+                item.action, item.reason = "evaluate", f"{item.reason}; no metrics of it on record: evaluation only"
                 continue
             rows[item.pair] = row
             echo(f"skip  {item.pair.key}: {item.reason}")

@@ -34,7 +34,8 @@ def _split(value: str | None) -> list[str] | None:
 @click.option("--gpus-per-task", type=float, default=0.0, help="GPUs per task (fractions share a GPU).")
 @click.option("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray (default: all cores).")
 @click.option("--max-retries", type=int, default=2, help="Retries after a system failure (dead worker); errors are not retried.")
-@click.option("--no-eval", is_flag=True, help="Skip evaluating on the test split after training.")
+@click.option("--no-eval", is_flag=True, help="Skip evaluating on the test split after training (a later run "
+              "without it evaluates the verified bundles that have no metrics, without retraining them).")
 @click.option("--force", is_flag=True, help="Retrain pairs whose bundle already exists and verifies.")
 @train_options
 def train_all_cmd(data_root: Path, out: Path, categories: str | None, backbones: str | None, address: str | None,
@@ -47,7 +48,8 @@ def train_all_cmd(data_root: Path, out: Path, categories: str | None, backbones:
     the same bundle as `pni-ray train` with the same thread count (both default to 1).
     """
     set_threads(1)  # the driver only waits; the tasks set their own thread counts
-    cfg = build_config(base=load_config_file(config_file), **overrides)
+    named = _split(backbones)  # the config's backbone is checked only where no --backbones replaces it
+    cfg = build_config(base=load_config_file(config_file), backbone=named[0] if named else None, **overrides)
     try:
         result = train_all(
             data_root, out, cfg, categories=_split(categories), backbones=_split(backbones), address=address,

@@ -43,7 +43,7 @@ class PlanItem:
     """What the driver decided for a pair, and why (shown in the summary's `reason`)."""
 
     pair: Pair
-    action: str  # "train" | "skip" | "fail"
+    action: str  # "train" | "skip" | "fail"; the driver turns a "skip" without metrics into "evaluate"
     reason: str
     model_id: str | None = None
 

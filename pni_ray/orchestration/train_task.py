@@ -236,7 +236,10 @@ def train_pair(
     except Exception as exc:  # noqa: BLE001 - every application error fails this pair alone
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-8:])
-        record.setdefault("seconds", time.perf_counter() - t0)
+        if train:
+            record.setdefault("seconds", time.perf_counter() - t0)
+        else:  # an evaluation-only task's time is all of it
+            record["seconds"] = time.perf_counter() - t0
         record.update(peak_rss_mb=peak_rss_mb(source), cpu_seconds=_cpu_seconds() - cpu0)
         raise PairError(record) from None
     record.update(peak_rss_mb=peak_rss_mb(source), cpu_seconds=_cpu_seconds() - cpu0)
