@@ -91,6 +91,7 @@ OPENVINO_PINS = ["openvino==2026.4.1", "nncf==3.4.0"]  # anomalib's OpenVINO exp
 DEFAULT_ANOMALIB_PYTHON = Path("/tmp/anomalib-venv/bin/python")
 ACCURACY_TOLERANCE = 0.002  # image / pixel AUROC and AUPRO a path may lose against its system's torch path and count
 ALLOCATORS = ("same", "glibc")  # --anomalib-allocator
+ANOMALIB_SEED = 0  # anomalib's fit, seeded like pni-ray's default config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -282,6 +283,10 @@ def worker_anomalib_fit(spec: dict) -> dict:
 
     peer_allocator(spec)
     torch.set_num_threads(spec["threads"])
+    # anomalib's coreset draws its start (torch) and its projection (torch and numpy's global state):
+    # seeded as pni-ray's fit is (seed 0), so its metrics no longer move from one run's fit to the next
+    torch.manual_seed(ANOMALIB_SEED)
+    np.random.seed(ANOMALIB_SEED)
     paths = load_category(Path(spec["data_root"]), spec["category"]).train
     model = anomalib_model()
     t0 = time.perf_counter()
