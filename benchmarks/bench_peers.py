@@ -16,7 +16,8 @@ upsampled and concatenated), the same inputs at pni-ray's default size decoded o
 the same memory-bank size: "1%" is 1% of pni-ray's candidate patches, "default" is
 pni-ray's default ratio; anomalib's coreset ratio is set so its bank has exactly that many
 entries. pni-ray holds 10% of train/good out for calibration (its default); anomalib fits on
-all of train/good. pni-ray runs in its default `pni` mode. `--borrow-bank default` times
+all of train/good. Both fits are seeded (pni-ray's config seed 0; anomalib's coreset start and
+projection with ANOMALIB_SEED), so a rerun refits the same banks. pni-ray runs in its default `pni` mode. `--borrow-bank default` times
 anomalib's scoring at pni-ray's default bank without its fit (its greedy coreset takes 26-29 minutes
 there on 2 cores of an AMX Xeon, longer on slower CPUs): anomalib then scores with pni-ray's C_emb of
 the same size. Those rows time anomalib's scoring; their accuracy is not its own (the bank is not
