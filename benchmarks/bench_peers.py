@@ -350,8 +350,8 @@ def anomalib_openvino(onnx_path: Path, spec: dict, batch: int, int8: str | None)
     if int8:
         import nncf
 
-        # the backbone alone (the MatMuls left out) loses as much as the whole graph on bottle (1% bank:
-        # pixel AUROC 0.9841 -> 0.9592), with nncf's MIXED preset too, and also misses the accuracy gate
+        # the backbone alone (the MatMuls left out) loses as much as the whole graph (bottle, 1% bank: pixel
+        # AUROC 0.9842 -> 0.9650 in docs/results.md's fifteenth run; nncf's MIXED preset, tried once, no better)
         ignored = nncf.IgnoredScope(types=["MatMul"]) if int8 == "backbone" else None
         model = nncf.quantize(model, nncf.Dataset(anomalib_calibration(spec, batch)), ignored_scope=ignored)
     config = {"INFERENCE_NUM_THREADS": spec["threads"], "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
