@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pni_ray.bundle import save_bundle
@@ -47,7 +48,10 @@ def main() -> None:
         print(f"training {category} at defaults (no --bundle given) ...")
         save_bundle(train_category(data_root, category, TrainConfig(), progress=False), bundle)
     detector, manifest = load_detector(bundle)
-    paths = [s.path for s in load_category(data_root, category).test][: args.n_images]
+    test = [s.path for s in load_category(data_root, category).test]
+    # evenly spaced over the test split, so every defect type and good images are timed (the split is
+    # sorted by type: its first 16 images are all one type)
+    paths = [test[i] for i in np.linspace(0, len(test) - 1, min(args.n_images, len(test))).round().astype(int)]
     images = load_batch(paths, detector.image_size)
     timings = {"patchcore": [], "pni": []}
     with torch.no_grad():
