@@ -156,12 +156,10 @@ class PositionConfig:
         _require(isinstance(self.spread_candidates, (tuple, list)) and bool(self.spread_candidates),
                  f"position.spread_candidates must list at least one spread, got {self.spread_candidates!r}")
         for spread in ((self.spread,) if self.spread is not None else ()) + tuple(self.spread_candidates):
-            _require(isinstance(spread, numbers.Real) and not isinstance(spread, bool),
-                     f"position spreads are numbers, got {spread!r}")
+            _require(_is_number(spread), f"position spreads are numbers, got {spread!r}")
             spread_value(spread)
         counts = ((self.min_count,) if self.min_count is not None else ()) + tuple(self.min_count_candidates)
-        _require(bool(self.min_count_candidates) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 1
-                                                         for c in counts),
+        _require(bool(self.min_count_candidates) and all(_is_count(c) for c in counts),
                  f"position.min_count and min_count_candidates are whole numbers >= 1, got {self.min_count!r} and "
                  f"{self.min_count_candidates!r}")
 
@@ -261,7 +259,7 @@ class RefinerConfig:
                  f"refiner.defect_weights maps defect kinds ({', '.join(DEFECT_KINDS)}) to weights >= 0, not all 0, "
                  f"got {self.defect_weights!r}")
         _require(isinstance(self.decoder_channels, (tuple, list)) and bool(self.decoder_channels)
-                 and all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in self.decoder_channels),
+                 and all(_is_count(c) for c in self.decoder_channels),
                  f"refiner.decoder_channels is a list of whole numbers >= 1, got {self.decoder_channels!r}")
         _require(self.n_samples >= 2 and self.epochs >= 1 and self.batch_size >= 1 and self.image_size >= 32,
                  f"refiner needs n_samples >= 2, epochs >= 1, batch_size >= 1 and image_size >= 32, got "
@@ -385,6 +383,11 @@ def _one_of(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_count(value: Any) -> bool:
+    """A whole number >= 1 (JSON's true is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 # a config file's JSON values against the fields' annotations (strings, under `from __future__ import annotations`)

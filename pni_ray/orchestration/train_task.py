@@ -210,8 +210,8 @@ def train_pair(
                 trained = fit_category(data_root, category, cfg, threads, progress=False, category_data=cat)
             record["stage"] = "save"
             save_bundle(trained, bundle, overwrite=True)
-            record.update(train_seconds=trained.report.get("seconds", {}))
-        record.update(model_id=model_id(bundle), seconds=time.perf_counter() - t0)
+            record.update(train_seconds=trained.report.get("seconds", {}), seconds=time.perf_counter() - t0)
+        record["model_id"] = model_id(bundle)
         if evaluate and cat.has_test:
             record["stage"] = "evaluate"
             from pni_ray.evaluate import evaluate_category
@@ -229,17 +229,14 @@ def train_pair(
                 atomic_write_json(metrics_path(bundle), {"model_id": record["model_id"], **metric_fields(record)})
             except OSError as exc:
                 log.warning("%s: metrics not kept beside the bundle (%s)", bundle, exc)
-        if not train:  # the task's time is its evaluation's
+        if not train:  # an evaluation-only task's time is all of it
             record["seconds"] = time.perf_counter() - t0
         record["stage"] = "done"
         record["status"] = TRAINED if train else SKIPPED
     except Exception as exc:  # noqa: BLE001 - every application error fails this pair alone
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-8:])
-        if train:
-            record.setdefault("seconds", time.perf_counter() - t0)
-        else:  # an evaluation-only task's time is all of it
-            record["seconds"] = time.perf_counter() - t0
+        record.setdefault("seconds", time.perf_counter() - t0)  # a trained pair's stops at its save
         record.update(peak_rss_mb=peak_rss_mb(source), cpu_seconds=_cpu_seconds() - cpu0)
         raise PairError(record) from None
     record.update(peak_rss_mb=peak_rss_mb(source), cpu_seconds=_cpu_seconds() - cpu0)
