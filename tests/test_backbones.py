@@ -61,6 +61,27 @@ def test_feature_aggregation_and_projection():
     assert (p3[..., 1:] - p3[..., :-1]).abs().mean() < (p1[..., 1:] - p1[..., :-1]).abs().mean()
 
 
+def test_border_patches_average_zeros_outside_the_grid_as_patchcore_does():
+    """pool_padding "zeros" (the default, PatchCore's and anomalib's p x p mean) counts the cells outside the
+    grid as zeros; "inside" averages only the cells inside. So on the stride-8 stage, whose cells are not
+    resampled, the two agree inside and differ at the border by the share of the window inside the grid:
+    4/9 at a corner, 6/9 along an edge (p = 3)."""
+    x = torch.rand(1, 3, 96, 96)
+    with torch.no_grad():
+        zeros = build_extractor(FeatureConfig(backbone="efficientnet_lite0", pretrained=False))(x)
+        inside = build_extractor(FeatureConfig(backbone="efficientnet_lite0", pretrained=False, pool_padding="inside"))(x)
+    assert FeatureConfig().pool_padding == "zeros"
+    z, i = zeros[0, :40], inside[0, :40]  # efficientnet_lite0's stride-8 stage: 40 channels
+    torch.testing.assert_close(z[:, 1:-1, 1:-1], i[:, 1:-1, 1:-1])
+    for corner in ((0, 0), (0, -1), (-1, 0), (-1, -1)):
+        torch.testing.assert_close(z[:, corner[0], corner[1]], i[:, corner[0], corner[1]] * 4 / 9)
+    torch.testing.assert_close(z[:, 0, 1:-1], i[:, 0, 1:-1] * 6 / 9)
+    torch.testing.assert_close(z[:, 1:-1, -1], i[:, 1:-1, -1] * 6 / 9)
+    assert not torch.allclose(z[:, 0], i[:, 0])  # the test can fail: the border differs
+    with pytest.raises(ValueError, match="features.pool_padding must be one of zeros, inside"):
+        FeatureConfig(pool_padding="reflect")
+
+
 def test_user_weights_file_safetensors_and_pth(tmp_path):
     from safetensors.torch import save_file
 

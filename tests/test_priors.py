@@ -384,6 +384,16 @@ def test_bundles_from_before_the_scoring_fields_keep_their_rule():
     assert TrainConfig.from_dict(old).scoring.combine == "both"  # a user's config file: today's defaults
 
 
+def test_bundles_from_before_pool_padding_keep_their_border_features():
+    """A manifest without features.pool_padding built its bank from border patches averaged over the cells
+    inside the grid; loading it must extract features the same way, while a config file gets today's zeros."""
+    old = TrainConfig().to_dict()
+    del old["features"]["pool_padding"]
+    assert TrainConfig.from_manifest(old).features.pool_padding == "inside"
+    assert TrainConfig.from_dict(old).features.pool_padding == "zeros"
+    assert TrainConfig.from_manifest(TrainConfig().to_dict()).features.pool_padding == "zeros"
+
+
 def test_defect_cells_ignore_padding_and_cover_the_last_partial_cell():
     from pni_ray.config import GeometryConfig
     from pni_ray.evaluate import defect_cells

@@ -4,12 +4,13 @@ own PatchCore mode, so the gain of the position and neighbourhood priors cannot 
 Transistor is the category the priors exist for: a `misplaced` transistor (missing or rotated)
 is made of patches that look normal somewhere; only where they are says they are wrong. Reduced
 for CI: a 1% coreset (the authors' ratio) and 3 MLP epochs; everything else at the defaults.
-Measured at this config (320 px, 2 torch threads): pni - patchcore = +0.0268 pixel AUROC (0.9571 ->
-0.9839), +0.0402 AUPRO (0.9046 -> 0.9448), +0.0121 image AUROC (0.9792 -> 0.9912), with p(c|N) cut at
-the chosen 8 tau (at tau: +0.0266 / +0.0381 / +0.0141); the margins keep about half of each. Under the
-suite's `-n 2` the fit runs on 1 thread (`both_cores`): the same cut (16 tau keeps 0.9486) and
-+0.0267 / +0.0393 / +0.0121.
-The MLP's held-out top-1 after its 3 epochs: 0.587 at the default steps (2 images per step, lr 2e-3),
+Measured at this config (320 px, 1 or 2 torch threads alike), with PatchCore's zero padding at the
+grid's border (features.pool_padding "zeros"): pni - patchcore = +0.0198 pixel AUROC (0.9692 -> 0.9890),
++0.0215 AUPRO (0.9374 -> 0.9589), image AUROC 0.9996 -> 1.0000 (patchcore's border artifact gone, image
+AUROC leaves no margin to ask for), with p(c|N) cut at the chosen 8 tau (held-out keep 0.972, 16 tau
+0.932); the margins keep about half of each. Before the border change (cells outside not counted):
++0.0268 / +0.0402 / +0.0121 from a patchcore of 0.9571 / 0.9046 / 0.9792.
+The MLP's held-out top-1 after its 3 epochs: 0.582 at the default steps (0.587 before the border change) (2 images per step, lr 2e-3),
 0.372 at the previous 8 images per step, lr 1e-3, whose MLP had not converged in 12.
 """
 
@@ -26,10 +27,10 @@ from pni_ray.training import train_category
 from conftest import both_cores
 
 # margins: the measured gains at this config with about half as slack (see the module doc)
-PIXEL_MARGIN = 0.013
-IMAGE_MARGIN = 0.007
-AUPRO_MARGIN = 0.019
-MIN_MLP_TOP1 = 0.5  # measured 0.587 (see the module doc)
+PIXEL_MARGIN = 0.010
+AUPRO_MARGIN = 0.011
+MIN_IMAGE_AUROC = 0.995  # measured 1.0000 for pni (patchcore 0.9996)
+MIN_MLP_TOP1 = 0.5  # measured 0.582 (see the module doc)
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +42,9 @@ def transistor_results(transistor_root):
 
 def _train_and_evaluate(transistor_root):
     cfg = TrainConfig()
-    # float32 MLP steps on every CPU ("auto" takes bf16 where native): the chosen p(c|N) cut sits near a
-    # boundary at this reduced config (16 tau keeps 0.949 of held-out patches against 0.95), so the
-    # figures below are pinned to the float32 MLP they were measured with
+    # float32 MLP steps on every CPU ("auto" takes bf16 where native): the chosen p(c|N) cut can sit near a
+    # boundary at this reduced config (before the border change 16 tau kept 0.949 of held-out patches
+    # against 0.95), so the figures above are pinned to the float32 MLP they were measured with
     cfg = cfg.replace(coreset=dataclasses.replace(cfg.coreset, ratio=0.01),
                       neighbourhood=dataclasses.replace(cfg.neighbourhood, epochs=3, train_precision="float32"))
     trained = train_category(transistor_root, "transistor", cfg, progress=False)
@@ -61,20 +62,21 @@ def test_pni_beats_patchcore_on_transistor(transistor_results):
     pni, patchcore = results["pni"], results["patchcore"]
     assert pni["pixel_auroc"] >= patchcore["pixel_auroc"] + PIXEL_MARGIN, results
     assert pni["aupro"] >= patchcore["aupro"] + AUPRO_MARGIN, results
-    assert pni["image_auroc"] >= patchcore["image_auroc"] + IMAGE_MARGIN, results
+    assert pni["image_auroc"] >= max(patchcore["image_auroc"], MIN_IMAGE_AUROC), results
 
 
 @pytest.mark.slow
 def test_pni_keeps_what_the_position_prior_finds(transistor_results):
     """Combining with p(c|N) must not give back what p(c|x) alone finds over patchcore (the paper's
-    mean gave back nearly all of it). The chosen p(c|N) cut trades both ways at this config
-    (8 tau against tau: -0.0021 image AUROC, +0.0002 pixel AUROC, +0.0021 AUPRO), so the
-    check is on the share of position's gain that pni keeps, not on equality."""
+    mean gave back nearly all of it). The chosen p(c|N) cut trades both ways (measured at this config:
+    pni - position -0.0001 pixel AUROC, -0.0004 AUPRO), so the check is on the share of position's gain
+    that pni keeps, not on equality; image AUROC, 1.0000 in both, must not fall below position's."""
     _, results, _ = transistor_results
-    for key in ("pixel_auroc", "aupro", "image_auroc"):
+    for key in ("pixel_auroc", "aupro"):
         gain = results["position"][key] - results["patchcore"][key]
         assert gain > 0, (key, results)
         assert results["pni"][key] - results["patchcore"][key] >= 0.75 * gain, (key, results)
+    assert results["pni"]["image_auroc"] >= results["position"]["image_auroc"] - 0.002, results
 
 
 @pytest.mark.slow
@@ -98,7 +100,7 @@ def test_the_neighbourhood_mlp_learns_its_task(transistor_results):
 @pytest.mark.slow
 def test_the_neighbourhood_cut_is_chosen_above_tau(transistor_results):
     """A trained MLP is confident enough on held-out good patches for a cut above tau (measured 8 tau at
-    this config: held-out keep 0.979, 16 tau 0.949 < 0.95), and the chosen cut keeps >= min_keep."""
+    this config: held-out keep 0.972, 16 tau 0.932 < 0.95), and the chosen cut keeps >= min_keep."""
     trained, _, _ = transistor_results
     facts = trained.report["deterministic"]
     cut, keep = facts["neighbourhood_cut"], facts["neighbourhood_held_out_keep"]

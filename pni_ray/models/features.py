@@ -44,6 +44,7 @@ class PatchFeatureExtractor(nn.Module):
         for p in self.body.parameters():
             p.requires_grad_(False)
         self.patch_size = cfg.patch_size
+        self.count_padding = cfg.pool_padding == "zeros"  # PatchCore's border: zeros outside count in the mean
         self.projection_dim = cfg.projection_dim
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
@@ -56,7 +57,8 @@ class PatchFeatureExtractor(nn.Module):
         x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         stages = self.body.forward_intermediates(x, indices=self.indices, intermediates_only=True)  # type: ignore[operator]
         p = self.patch_size
-        pooled = [F.avg_pool2d(s, p, stride=1, padding=p // 2, count_include_pad=False) for s in stages]
+        pooled = [F.avg_pool2d(s, p, stride=1, padding=p // 2, count_include_pad=self.count_padding)
+                  for s in stages]
         size = pooled[0].shape[-2:]
         pooled = [pooled[0]] + [F.interpolate(s, size=size, mode="bilinear", align_corners=False) for s in pooled[1:]]
         features = torch.cat(pooled, dim=1)
