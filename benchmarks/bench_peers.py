@@ -21,8 +21,8 @@ projection with ANOMALIB_SEED), so a rerun refits the same banks. pni-ray runs i
 anomalib's scoring at pni-ray's default bank without its fit (its greedy coreset takes 26-29 minutes
 there on 2 cores of an AMX Xeon, longer on slower CPUs): anomalib then scores with pni-ray's C_emb of
 the same size. Those rows time anomalib's scoring; their accuracy is not its own (the bank is not
-its fit, and anomalib's 3 x 3 AvgPool2d counts the zero padding at the border where pni-ray's
-pooling does not).
+its fit; bundles trained before pni-ray's `features.pool_padding` averaged border patches over the
+cells inside the grid, where anomalib's 3 x 3 AvgPool2d, like pni-ray's default now, counts the zero padding).
 
 Every fit and every scoring path runs in its own subprocess (peak RSS is that process's):
 pni-ray torch bundle, pni-ray ONNX Runtime export (`pni-ray export`), with --int8 GRAPHS also
@@ -599,7 +599,8 @@ def fit_once(python: Path, name: str, spec: dict, cache: Path, reuse: bool) -> d
 
 
 def borrow_bank(bundle: str, state: str) -> dict:
-    """anomalib's memory bank = pni-ray's C_emb (same size; border features differ): times anomalib's scoring at a
+    """anomalib's memory bank = pni-ray's C_emb (same size; border features differ for bundles of pool_padding
+    "inside"): times anomalib's scoring at a
     bank size whose greedy coreset takes it about half an hour or more (0.105-0.17 s per pick at 320 px on an AMX Xeon,
     more on slower CPUs)."""
     import torch

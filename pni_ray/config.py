@@ -39,12 +39,10 @@ class FeatureConfig:
     pretrained: bool = True  # False: seeded random weights (tests of architectures without weights)
     image_size: int = 320
     patch_size: int = 3  # p x p local average aggregation (PatchCore's p)
-    # what the p x p average does at the grid's border. "zeros": cells outside count as zero, as in PatchCore's
-    # reference code and anomalib, so a border patch's feature, and its distance to the bank, shrinks (by 4/9 at a
-    # corner for p = 3). "inside": the mean of the cells inside the grid, full-scale at the border (pni-ray before
-    # this setting existed). There the backbone's own zero padding makes border features vary most between
-    # images: 52 of transistor's 60 good test images peaked on the map's border, and its image AUROC went
-    # 0.9946 -> 1.0000 with "zeros" (docs/results.md, "The border of the feature grid")
+    # the p x p average at the grid's border. "zeros": cells outside count as zero, as in PatchCore's reference
+    # code and anomalib, so a border patch's feature and its distance to the bank shrink (4/9 at a corner, p = 3);
+    # "inside": the mean of the cells inside, full-scale where the backbone's own padding makes features vary
+    # most between images, so good images peaked on the border (docs/results.md, "The border of the feature grid")
     pool_padding: str = "zeros"
     projection_dim: int | None = None  # fixed feature dim by adaptive channel pooling
 
@@ -217,6 +215,10 @@ LEGACY_POSITION: dict[str, Any] = {"min_count": 1}
 LEGACY_REFINER: dict[str, Any] = {"source": "holdout"}
 # How bundles written before FeatureConfig.pool_padding existed averaged border patches (their banks hold those).
 LEGACY_FEATURES: dict[str, Any] = {"pool_padding": "inside"}
+# every config section's legacy values, the one list TrainConfig.from_manifest fills a bundle's config from
+LEGACY_SECTIONS: dict[str, dict[str, Any]] = {"features": LEGACY_FEATURES, "scoring": LEGACY_SCORING,
+                                              "neighbourhood": LEGACY_NEIGHBOURHOOD, "position": LEGACY_POSITION,
+                                              "refiner": LEGACY_REFINER}
 
 
 # the synthetic defect families the refiner draws (pni_ray.data.defects.DEFECT_FAMILIES, in that order);
@@ -295,7 +297,10 @@ class GeometryConfig:
     policy: str = "resize"  # resize | letterbox | short-side
     tile: bool = False
     tile_size: int = 0  # pixels; 0 = features.image_size
-    tile_overlap: int = 64  # pixels between neighbouring tiles, a multiple of 8
+    # pixels between neighbouring tiles, a multiple of 8. Each tile's edge cells are averaged as the grid's border
+    # (features.pool_padding "zeros" shrinks them); the overlap's linear weights give them 1/16 of a stitched cell
+    # at 64 px, while 0 would leave seams of shrunk features inside the image
+    tile_overlap: int = 64
     tile_scale: float = 1.0  # the image is scaled by this before tiling (1.0 = native resolution)
     pad_value: int = 0  # grey level of letterbox / tiling padding
     max_pixels: int = 50_000_000  # larger images are refused (= pni_ray.data.images.DEFAULT_MAX_PIXELS)
@@ -336,16 +341,10 @@ class TrainConfig:
 
     @classmethod
     def from_manifest(cls, data: dict[str, Any]) -> "TrainConfig":
-        """A bundle's recorded config. Bundles written before a scoring or MLP field existed keep what
-        they were calibrated or trained with (LEGACY_FEATURES, LEGACY_SCORING, LEGACY_NEIGHBOURHOOD,
-        LEGACY_POSITION, LEGACY_REFINER), not today's default."""
-        features = {**LEGACY_FEATURES, **(data.get("features") or {})}
-        scoring = {**LEGACY_SCORING, **(data.get("scoring") or {})}
-        neighbourhood = {**LEGACY_NEIGHBOURHOOD, **(data.get("neighbourhood") or {})}
-        position = {**LEGACY_POSITION, **(data.get("position") or {})}
-        refiner = {**LEGACY_REFINER, **(data.get("refiner") or {})}
-        return _build(cls, {**data, "features": features, "scoring": scoring, "neighbourhood": neighbourhood, "position": position,
-                            "refiner": refiner})
+        """A bundle's recorded config. Bundles written before a field existed keep what they were trained
+        or calibrated with (LEGACY_SECTIONS), not today's default."""
+        return _build(cls, {**data, **{section: {**legacy, **(data.get(section) or {})}
+                                       for section, legacy in LEGACY_SECTIONS.items()}})
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

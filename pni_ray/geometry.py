@@ -17,7 +17,8 @@ edge runtime alike, so every path sees the same pixels and restores maps with th
   padded (invalid cells) to at least one tile and to a multiple of 8, and covered with overlapping
   tiles of ``tile_size`` starting on the stride-8 grid. Tile features are stitched into one
   whole-image grid with linear weights falling off over the overlap (`stitch`), so coreset, MLP,
-  prior and scoring all run on the whole-image grid.
+  prior and scoring all run on the whole-image grid. The weights also hide each tile's own border
+  (its edge cells are pooled as the image's border is) wherever a neighbouring tile overlaps it.
 
 This module needs numpy and PIL only (never torch): the edge runtime imports it. Everything a
 deployment needs to reproduce a prepared image travels as (canvas, original size, content box).

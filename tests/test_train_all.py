@@ -282,6 +282,21 @@ def test_a_config_field_added_since_a_bundle_was_written_is_no_difference():
         "neighbourhood.images_per_epoch: None -> 256"]
 
 
+def test_a_bundle_from_before_pool_padding_differs_from_todays_defaults():
+    """Its bank holds border patches averaged over the cells inside the grid: train-all must not skip it as
+    up to date under today's zeros (it names the setting), and must skip it where "inside" is asked for."""
+    from pni_ray.config import TrainConfig
+    from pni_ray.orchestration.train_plan import _canonical, config_diff, recorded_config
+
+    cfg = TrainConfig()
+    old = cfg.to_dict()
+    del old["features"]["pool_padding"]
+    recorded = _canonical(recorded_config({"config": old}))
+    assert config_diff(recorded, _canonical(cfg.to_dict())) == ["features.pool_padding: 'inside' -> 'zeros'"]
+    inside = cfg.replace(features=dataclasses.replace(cfg.features, pool_padding="inside"))
+    assert config_diff(recorded, _canonical(inside.to_dict())) == []
+
+
 def test_refiner_settings_differ_only_where_a_refiner_was_trained(first_run):
     """Bundles trained before the refiner's defaults changed (source "holdout", 240 samples) are skipped
     when no refiner is wanted or was trained; a refined one, or one a refiner is now asked of, differs."""

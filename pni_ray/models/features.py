@@ -44,7 +44,7 @@ class PatchFeatureExtractor(nn.Module):
         for p in self.body.parameters():
             p.requires_grad_(False)
         self.patch_size = cfg.patch_size
-        self.count_padding = cfg.pool_padding == "zeros"  # PatchCore's border: zeros outside count in the mean
+        self.pool_padding = cfg.pool_padding
         self.projection_dim = cfg.projection_dim
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
@@ -57,13 +57,15 @@ class PatchFeatureExtractor(nn.Module):
         x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         stages = self.body.forward_intermediates(x, indices=self.indices, intermediates_only=True)  # type: ignore[operator]
         p = self.patch_size
-        if self.count_padding:
+        if self.pool_padding == "zeros":
             # zeros padded explicitly, then an unpadded mean: the same numbers as a padded pool that counts
             # the padding, but OpenVINO's CPU plugin ran the INT8 export's padded-and-counted AveragePool
             # wrongly (bottle's features off by up to 90% of their range, image AUROC 0.65), not this form
             pooled = [F.avg_pool2d(F.pad(s, (p // 2,) * 4), p, stride=1) for s in stages]
-        else:
+        elif self.pool_padding == "inside":
             pooled = [F.avg_pool2d(s, p, stride=1, padding=p // 2, count_include_pad=False) for s in stages]
+        else:
+            raise ValueError(f"unknown pool_padding {self.pool_padding!r}")
         size = pooled[0].shape[-2:]
         pooled = [pooled[0]] + [F.interpolate(s, size=size, mode="bilinear", align_corners=False) for s in pooled[1:]]
         features = torch.cat(pooled, dim=1)

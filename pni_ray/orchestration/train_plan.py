@@ -83,7 +83,7 @@ def _refiners_compared(recorded: dict[str, Any], wanted: dict[str, Any]) -> tupl
 
 def recorded_config(manifest: dict[str, Any]) -> dict[str, Any]:
     """A bundle's config with the fields added since it was written filled in as it trained
-    (`TrainConfig.from_manifest`: LEGACY_SCORING, LEGACY_NEIGHBOURHOOD), so a new field alone never
+    (`TrainConfig.from_manifest`: pni_ray.config.LEGACY_SECTIONS), so a new field alone never
     makes a bundle "different", and one that trained otherwise still is. A config this version
     cannot read is compared as stored."""
     raw = manifest.get("config", {})
