@@ -118,7 +118,10 @@ class NeighbourhoodConfig:
     # and an unsure one stays at tau; 1.0: tau, the paper's cut
     cut: float | None = None
     cut_candidates: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
-    min_keep: float = 0.95
+    # 0.99 (0.95 before the border rule): at 0.95 a weak MLP (60 transistor images, held-out top-1 0.52) took
+    # 8 tau and put pni 0.0075 image AUROC / 0.0054 AUPRO under position; at 0.99 it takes 2 tau and matches it,
+    # while bottle and transistor move within their seeds' noise (docs/results.md, "The neighbourhood's keep rate")
+    min_keep: float = 0.99
 
     def __post_init__(self) -> None:  # a config file's bad cut fails when it is read, not after the MLP trained
         _require(self.epochs >= 1 and self.dist_size >= 1 and self.hidden >= 1 and self.depth >= 0,
