@@ -36,6 +36,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
+
+from pni_ray.orchestration.process_memory import vm_hwm_bytes  # noqa: E402
+
 PNI_RAY = [sys.executable, "-c", "from pni_ray.cli import main; main()"]  # what the `pni-ray` script runs
 FILES_PER_DIR = 1000
 
@@ -95,12 +98,11 @@ def link_inputs(folder: Path, pool: list[Path], n: int) -> Path:
 
 
 def _peak_rss_bytes(pid: str) -> int:
-    """The process's peak RSS so far (VmHWM, kept by the kernel), so a spike between two polls still counts;
-    its current RSS where /proc has no VmHWM."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+    """The process's peak RSS so far (VmHWM), so a spike between two polls still counts; its current RSS
+    where /proc has no VmHWM."""
+    hwm = vm_hwm_bytes(pid)
+    if hwm is not None:
+        return hwm
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 

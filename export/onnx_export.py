@@ -46,7 +46,6 @@ from export import graph_passes, opcheck, quantize, scorer_graph, tables
 from pni_ray.bundle import model_id as bundle_model_id
 from pni_ray.fileio import read_arrow as bundle_read_arrow
 from pni_ray.bundle import versions as bundle_versions
-from pni_ray.config import TrainConfig
 from pni_ray.fileio import staged_dir
 from pni_ray.geometry import STRIDE
 from pni_ray.predict import detector_geometry
@@ -358,7 +357,7 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
                               "files": bmanifest["files"]},
             "category": bmanifest["category"],
             "mode": mode,
-            "config": TrainConfig.from_manifest(bmanifest["config"]).to_dict(),  # as it trained: legacy fields filled
+            "config": detector.config.to_dict(),  # as it trained (load_bundle filled in the legacy fields)
             "backbone": bmanifest["backbone"],
             "image_size": list(canvas),  # the model-input canvas every image is prepared to
             "model_input": list(model_input),  # what the backbone graph takes: the canvas, or one tile

@@ -62,10 +62,8 @@ class PatchFeatureExtractor(nn.Module):
             # the padding, but OpenVINO's CPU plugin ran the INT8 export's padded-and-counted AveragePool
             # wrongly (bottle's features off by up to 90% of their range, image AUROC 0.65), not this form
             pooled = [F.avg_pool2d(F.pad(s, (p // 2,) * 4), p, stride=1) for s in stages]
-        elif self.pool_padding == "inside":
+        else:  # "inside" (FeatureConfig refuses any other rule)
             pooled = [F.avg_pool2d(s, p, stride=1, padding=p // 2, count_include_pad=False) for s in stages]
-        else:
-            raise ValueError(f"unknown pool_padding {self.pool_padding!r}")
         size = pooled[0].shape[-2:]
         pooled = [pooled[0]] + [F.interpolate(s, size=size, mode="bilinear", align_corners=False) for s in pooled[1:]]
         features = torch.cat(pooled, dim=1)

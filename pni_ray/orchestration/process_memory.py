@@ -22,14 +22,21 @@ def reset_peak_rss() -> str:
         return "ru_maxrss"
 
 
+def vm_hwm_bytes(pid: str = "self") -> int | None:
+    """A process's VmHWM (peak RSS so far, kept by the kernel) in bytes; None where /proc has none."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mb(source: str = "VmHWM") -> float:
     """Peak RSS in MB by `source` ("VmHWM", falling back to "ru_maxrss" where /proc has none)."""
-    if source == "VmHWM":
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-        except OSError:
-            pass
+    hwm = vm_hwm_bytes() if source == "VmHWM" else None
+    if hwm is not None:
+        return hwm / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
     return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
