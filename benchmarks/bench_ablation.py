@@ -3,7 +3,7 @@ categories, in one run.
 
     python benchmarks/bench_ablation.py [--data-root ../shared/data/mvtec_ad] [--categories bottle,transistor]
                                         [--workdir DIR] [--threads 2] [--json FILE] [--seeds 0,1,2]
-                                        [--neighbourhood-cuts 4,16] [--neighbourhood-rescue 1000,100] [--shift F]
+                                        [--neighbourhood-cuts 4,16] [--neighbourhood-rescue 1000,100] [--shift F] [--rotate DEG]
 
 Trains each category at the defaults (or reuses `--workdir/<category>` when it holds a bundle
 trained with the same config), then scores the test split in every mode. Rows: image AUROC,
@@ -36,6 +36,9 @@ defect type, and where on each of the three highest-scoring good images its map 
 `--shift F` runs the same on copies of each category (written under --workdir, never into the
 data root) whose every image, and its mask, is rolled by a seeded random offset of up to F of its
 side: a category whose objects move, where the position prior must widen (or cost nothing).
+`--rotate DEG` turns each image and its mask about its centre by a seeded random angle of up to DEG
+degrees either way (180: any orientation, as screws and hazelnuts lie), the uncovered corners filled
+by reflection; with `--shift` too, each image is turned, then rolled.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from scipy import ndimage
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -289,20 +293,27 @@ def json_figures(out: dict[str, dict[int, dict]]) -> dict:
             for category, runs in out.items()}
 
 
-def shifted_copy(data_root: Path, category: str, out_root: Path, fraction: float, seed: int = 0) -> Path:
-    """Copy data_root/category to out_root/category with each image and its mask rolled together
-    by a seeded random offset of up to `fraction` of the side (wrapping round); returns out_root."""
+def moved_copy(data_root: Path, category: str, out_root: Path, shift: float = 0.0, rotate: float = 0.0,
+               seed: int = 0) -> Path:
+    """Copy data_root/category to out_root/category with each image and its mask moved together: rotated
+    about its centre by a seeded random angle of up to `rotate` degrees either way (the corners the turn
+    uncovers filled by reflecting the image, so they hold no constant colour to recognise), then rolled
+    by a seeded random offset of up to `shift` of the side (wrapping round). Returns out_root.
+    With rotate 0 the offsets are those of the shift-only copies of earlier rounds (the same draws)."""
     src, dst = data_root / category, out_root / category
     rng = np.random.default_rng(seed)
     for image in sorted(src.glob("t*/*/*.png")):  # train/good, test/<defect>
         rel = image.relative_to(src)
         pixels = np.asarray(Image.open(image))
-        offset = tuple(int(v) for v in rng.uniform(-fraction, fraction, 2) * pixels.shape[:2])
-        pairs = [(pixels, dst / rel)]
+        offset = tuple(int(v) for v in rng.uniform(-shift, shift, 2) * pixels.shape[:2])
+        angle = float(rng.uniform(-rotate, rotate)) if rotate else 0.0
+        pairs = [(pixels, dst / rel, 1, "reflect")]  # image: bilinear
         if rel.parts[0] == "test" and rel.parts[1] != "good":
             mask = Path("ground_truth") / rel.parts[1] / f"{image.stem}_mask.png"
-            pairs.append((np.asarray(Image.open(src / mask)), dst / mask))
-        for values, out in pairs:
+            pairs.append((np.asarray(Image.open(src / mask)), dst / mask, 0, "constant"))  # mask: nearest, 0 outside
+        for values, out, order, fill in pairs:
+            if angle:
+                values = ndimage.rotate(values, angle, axes=(1, 0), reshape=False, order=order, mode=fill).astype(values.dtype)
             out.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.roll(values, offset, axis=(0, 1))).save(out)
     return out_root
@@ -317,6 +328,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write every figure here")
     parser.add_argument("--shift", type=float, default=0.0, metavar="F",
                         help="score copies whose images are rolled by up to F of their side (objects that move)")
+    parser.add_argument("--rotate", type=float, default=0.0, metavar="DEG",
+                        help="score copies whose images are turned by up to DEG degrees either way (objects that turn; "
+                             "with --shift, turned then rolled)")
     parser.add_argument("--image-ranking", action="store_true",
                         help="also list the (defect, good) image pairs pni ranks the wrong way, and where good maps peak")
     parser.add_argument("--seeds", default="0", metavar="S,S",
@@ -338,9 +352,10 @@ def main() -> None:
             print(f"skipping {category}: not found under {args.data_root}")
             continue
         root, workdir = args.data_root, args.workdir
-        if args.shift:
-            workdir = args.workdir / f"shifted-{args.shift:g}"
-            root = shifted_copy(args.data_root, category, workdir / "data", args.shift)
+        if args.shift or args.rotate:
+            moved = "-".join(([f"shifted-{args.shift:g}"] if args.shift else []) + ([f"rotated-{args.rotate:g}"] if args.rotate else []))
+            workdir = args.workdir / moved
+            root = moved_copy(args.data_root, category, workdir / "data", args.shift, args.rotate)
         for seed in seeds:
             runs = out.setdefault(category, {})
             seed_dir = workdir if seed == 0 else workdir / f"seed-{seed}"

@@ -214,7 +214,7 @@ def test_pixel_loss_splits_sum_to_one_minus_auroc() -> None:
     assert by_defect["small"] > 0.9 * (1 - expected) and by_normal["big"] > 0.9 * (1 - expected)
 
 
-def test_shifted_copy_rolls_each_image_with_its_mask(tmp_path: Path) -> None:
+def test_moved_copy_rolls_each_image_with_its_mask(tmp_path: Path) -> None:
     src = tmp_path / "data" / "cat"
     marker = np.zeros((20, 30, 3), np.uint8)
     marker[2, 3] = 255
@@ -223,7 +223,7 @@ def test_shifted_copy_rolls_each_image_with_its_mask(tmp_path: Path) -> None:
         Image.fromarray(marker).save(src / rel)
     (src / "ground_truth/crack").mkdir(parents=True)
     Image.fromarray(marker[..., 0]).save(src / "ground_truth/crack/000_mask.png")
-    out = bench_ablation.shifted_copy(tmp_path / "data", "cat", tmp_path / "shifted", 0.4)
+    out = bench_ablation.moved_copy(tmp_path / "data", "cat", tmp_path / "shifted", shift=0.4)
     where = {}
     for path in sorted((out / "cat").rglob("*.png")):
         lit = np.asarray(Image.open(path)).reshape(20, 30, -1).max(-1) > 0
@@ -232,8 +232,34 @@ def test_shifted_copy_rolls_each_image_with_its_mask(tmp_path: Path) -> None:
     assert len(where) == 5
     assert where["test/crack/000.png"] == where["ground_truth/crack/000_mask.png"]  # the mask moves with its image
     assert len({where[k] for k in where if k.startswith("t")}) > 1  # images move by different offsets
-    again = bench_ablation.shifted_copy(tmp_path / "data", "cat", tmp_path / "again", 0.4)
+    again = bench_ablation.moved_copy(tmp_path / "data", "cat", tmp_path / "again", shift=0.4)
     assert all(np.array_equal(np.asarray(Image.open(out / "cat" / k)), np.asarray(Image.open(again / "cat" / k))) for k in where)
+
+
+def test_moved_copy_turns_each_image_with_its_mask(tmp_path: Path) -> None:
+    src = tmp_path / "data" / "cat"
+    image = np.full((41, 41, 3), 40, np.uint8)
+    image[4:12, 18:24] = 250  # a block above the centre: where it lands says the angle
+    for rel in ("train/good/000.png", "train/good/001.png", "train/good/002.png", "test/crack/000.png"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(src / rel)
+    (src / "ground_truth/crack").mkdir(parents=True)
+    Image.fromarray(np.where(image[..., 0] > 128, 255, 0).astype(np.uint8)).save(src / "ground_truth/crack/000_mask.png")
+    out = bench_ablation.moved_copy(tmp_path / "data", "cat", tmp_path / "turned", rotate=180)
+    centre = {}
+    for path in sorted((out / "cat").rglob("*.png")):
+        pixels = np.asarray(Image.open(path))
+        lit = (pixels if pixels.ndim == 2 else pixels[..., 0]) > 128
+        assert pixels.shape[:2] == (41, 41) and 30 <= lit.sum() <= 66  # turned in place, not resized or cropped
+        if pixels.ndim == 3:  # the image: no empty corners, the board reflected into them
+            assert 30 <= pixels[..., 0][~lit].min() and pixels[..., 0][~lit].max() < 128
+        centre[str(path.relative_to(out / "cat"))] = np.argwhere(lit).mean(0)
+    assert np.allclose(centre["test/crack/000.png"], centre["ground_truth/crack/000_mask.png"], atol=1.0)  # mask turns with it
+    angles = {round(float(np.degrees(np.arctan2(c[1] - 20, 20 - c[0])))) for k, c in centre.items() if k.startswith("train")}
+    assert len(angles) == 3  # each image its own angle
+    assert all(np.linalg.norm(c - 20) == pytest.approx(12.5, abs=1.5) for c in centre.values())  # about the centre
+    again = bench_ablation.moved_copy(tmp_path / "data", "cat", tmp_path / "again", rotate=180)
+    assert all(np.array_equal(np.asarray(Image.open(out / "cat" / k)), np.asarray(Image.open(again / "cat" / k))) for k in centre)
 
 
 def test_neighbourhood_cuts_tighten_p_n_alone_and_restore_the_bundles_cut(bundle_tiny: Path, synthetic_root: Path) -> None:
