@@ -38,7 +38,8 @@ data root) whose every image, and its mask, is rolled by a seeded random offset 
 side: a category whose objects move, where the position prior must widen (or cost nothing).
 `--rotate DEG` turns each image and its mask about its centre by a seeded random angle of up to DEG
 degrees either way (180: any orientation, as screws and hazelnuts lie), the uncovered corners filled
-by reflection; with `--shift` too, each image is turned, then rolled.
+by reflection (image and mask alike); with `--shift` too, each image is turned, then rolled. The copies
+are drawn with seed 0 whatever `--seeds` says: the seeds change the fits, not the copies.
 """
 
 from __future__ import annotations
@@ -297,7 +298,8 @@ def moved_copy(data_root: Path, category: str, out_root: Path, shift: float = 0.
                seed: int = 0) -> Path:
     """Copy data_root/category to out_root/category with each image and its mask moved together: rotated
     about its centre by a seeded random angle of up to `rotate` degrees either way (the corners the turn
-    uncovers filled by reflecting the image, so they hold no constant colour to recognise), then rolled
+    uncovers filled by reflecting the image, so they hold no constant colour to recognise, and the mask
+    alike, so a defect reflected into a corner is labelled there too), then rolled
     by a seeded random offset of up to `shift` of the side (wrapping round). Returns out_root.
     With rotate 0 the offsets are those of the shift-only copies of earlier rounds (the same draws)."""
     src, dst = data_root / category, out_root / category
@@ -310,7 +312,7 @@ def moved_copy(data_root: Path, category: str, out_root: Path, shift: float = 0.
         pairs = [(pixels, dst / rel, 1, "reflect")]  # image: bilinear
         if rel.parts[0] == "test" and rel.parts[1] != "good":
             mask = Path("ground_truth") / rel.parts[1] / f"{image.stem}_mask.png"
-            pairs.append((np.asarray(Image.open(src / mask)), dst / mask, 0, "constant"))  # mask: nearest, 0 outside
+            pairs.append((np.asarray(Image.open(src / mask)), dst / mask, 0, "reflect"))  # mask: nearest, reflected alike
         for values, out, order, fill in pairs:
             if angle:
                 values = ndimage.rotate(values, angle, axes=(1, 0), reshape=False, order=order, mode=fill).astype(values.dtype)

@@ -232,6 +232,10 @@ def test_moved_copy_rolls_each_image_with_its_mask(tmp_path: Path) -> None:
     assert len(where) == 5
     assert where["test/crack/000.png"] == where["ground_truth/crack/000_mask.png"]  # the mask moves with its image
     assert len({where[k] for k in where if k.startswith("t")}) > 1  # images move by different offsets
+    rng = np.random.default_rng(0)  # the draws of earlier rounds' shift-only copies: two per image, in path order
+    for name in ("test/crack/000.png", "test/good/000.png", "train/good/000.png", "train/good/001.png"):
+        dy, dx = (int(v) for v in rng.uniform(-0.4, 0.4, 2) * (20, 30))
+        assert where[name] == ((2 + dy) % 20, (3 + dx) % 30)
     again = bench_ablation.moved_copy(tmp_path / "data", "cat", tmp_path / "again", shift=0.4)
     assert all(np.array_equal(np.asarray(Image.open(out / "cat" / k)), np.asarray(Image.open(again / "cat" / k))) for k in where)
 
@@ -258,8 +262,17 @@ def test_moved_copy_turns_each_image_with_its_mask(tmp_path: Path) -> None:
     angles = {round(float(np.degrees(np.arctan2(c[1] - 20, 20 - c[0])))) for k, c in centre.items() if k.startswith("train")}
     assert len(angles) == 3  # each image its own angle
     assert all(np.linalg.norm(c - 20) == pytest.approx(12.5, abs=1.5) for c in centre.values())  # about the centre
+    assert set(np.unique(np.asarray(Image.open(out / "cat/ground_truth/crack/000_mask.png")))) <= {0, 255}  # nearest, not blended
     again = bench_ablation.moved_copy(tmp_path / "data", "cat", tmp_path / "again", rotate=180)
     assert all(np.array_equal(np.asarray(Image.open(out / "cat" / k)), np.asarray(Image.open(again / "cat" / k))) for k in centre)
+    # turned, then rolled: each image is its turned copy rolled by the offset drawn before its angle
+    both = bench_ablation.moved_copy(tmp_path / "data", "cat", tmp_path / "both", shift=0.25, rotate=180)
+    rng = np.random.default_rng(0)
+    for name in ("test/crack/000.png", "train/good/000.png", "train/good/001.png", "train/good/002.png"):  # path order
+        offset = tuple(int(v) for v in rng.uniform(-0.25, 0.25, 2) * (41, 41))
+        rng.uniform(-180, 180)  # the angle, the same draw as the turned-only copy's
+        turned = np.asarray(Image.open(out / "cat" / name))
+        assert np.array_equal(np.asarray(Image.open(both / "cat" / name)), np.roll(turned, offset, axis=(0, 1)))
 
 
 def test_neighbourhood_cuts_tighten_p_n_alone_and_restore_the_bundles_cut(bundle_tiny: Path, synthetic_root: Path) -> None:
