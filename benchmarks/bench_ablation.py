@@ -353,16 +353,17 @@ def main() -> None:
         if not (args.data_root / category / "train" / "good").is_dir():
             print(f"skipping {category}: not found under {args.data_root}")
             continue
-        root, workdir = args.data_root, args.workdir
+        root, workdir, moved_record = args.data_root, args.workdir, {}
         if args.shift or args.rotate:
+            moved_record = {"copy": {"shift": args.shift, "rotate": args.rotate, "seed": 0}}  # in --json: which copies
             moved = "-".join(([f"shifted-{args.shift:g}"] if args.shift else []) + ([f"rotated-{args.rotate:g}"] if args.rotate else []))
             workdir = args.workdir / moved
             root = moved_copy(args.data_root, category, workdir / "data", args.shift, args.rotate)
         for seed in seeds:
             runs = out.setdefault(category, {})
             seed_dir = workdir if seed == 0 else workdir / f"seed-{seed}"
-            runs[seed] = {"seed": seed, **run_category(root, category, seed_dir, TrainConfig(seed=seed), cut_factors,
-                                                       rescue_factors, args.image_ranking)}
+            runs[seed] = {"seed": seed, **moved_record, **run_category(root, category, seed_dir, TrainConfig(seed=seed),
+                                                                       cut_factors, rescue_factors, args.image_ranking)}
             print_category(category if len(seeds) == 1 else f"{category}, seed {seed}", runs[seed])
         if len(seeds) > 1:
             print_seed_spread(category, out[category])

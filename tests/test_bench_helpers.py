@@ -441,6 +441,23 @@ def test_seeds_option_trains_each_distinct_seed_in_its_own_folder(tmp_path: Path
     assert "skipping absent" in capsys.readouterr().out
 
 
+
+def test_moved_copies_have_their_own_workdir_and_say_so_in_the_json(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "data" / "cat" / "train" / "good").mkdir(parents=True)
+    copies, calls = [], []
+    monkeypatch.setattr(bench_ablation, "moved_copy", lambda data, cat, out, shift, rotate: copies.append(
+        (out, shift, rotate)) or tmp_path / "copied")
+    monkeypatch.setattr(bench_ablation, "run_category", lambda root, cat, workdir, cfg, *a: calls.append(
+        (root, workdir)) or {"modes": {}})
+    monkeypatch.setattr(bench_ablation, "print_category", lambda *a: None)
+    out = tmp_path / "abl.json"
+    monkeypatch.setattr(sys, "argv", ["bench_ablation.py", "--data-root", str(tmp_path / "data"), "--categories", "cat",
+                                      "--workdir", str(tmp_path / "w"), "--rotate", "90", "--json", str(out)])
+    bench_ablation.main()
+    assert copies == [(tmp_path / "w" / "rotated-90" / "data", 0.0, 90.0)]
+    assert calls == [(tmp_path / "copied", tmp_path / "w" / "rotated-90")]
+    assert json.loads(out.read_text())["cat"]["copy"] == {"shift": 0.0, "rotate": 90.0, "seed": 0}
+
 FAKE_WORKER = """#!{python}
 import json, sys, time
 import numpy as np
