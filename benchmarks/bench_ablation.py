@@ -356,8 +356,8 @@ def main() -> None:
         root, workdir, moved_record = args.data_root, args.workdir, {}
         if args.shift or args.rotate:
             moved_record = {"copy": {"shift": args.shift, "rotate": args.rotate, "seed": 0}}  # in --json: which copies
-            moved = "-".join(([f"shifted-{args.shift:g}"] if args.shift else []) + ([f"rotated-{args.rotate:g}"] if args.rotate else []))
-            workdir = args.workdir / moved
+            workdir = args.workdir / "-".join(f"{name}-{value:g}" for name, value in (("shifted", args.shift),
+                                                                                       ("rotated", args.rotate)) if value)
             root = moved_copy(args.data_root, category, workdir / "data", args.shift, args.rotate)
         for seed in seeds:
             runs = out.setdefault(category, {})

@@ -441,7 +441,6 @@ def test_seeds_option_trains_each_distinct_seed_in_its_own_folder(tmp_path: Path
     assert "skipping absent" in capsys.readouterr().out
 
 
-
 def test_moved_copies_have_their_own_workdir_and_say_so_in_the_json(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "data" / "cat" / "train" / "good").mkdir(parents=True)
     copies, calls = [], []
@@ -457,6 +456,7 @@ def test_moved_copies_have_their_own_workdir_and_say_so_in_the_json(tmp_path: Pa
     assert copies == [(tmp_path / "w" / "rotated-90" / "data", 0.0, 90.0)]
     assert calls == [(tmp_path / "copied", tmp_path / "w" / "rotated-90")]
     assert json.loads(out.read_text())["cat"]["copy"] == {"shift": 0.0, "rotate": 90.0, "seed": 0}
+
 
 FAKE_WORKER = """#!{python}
 import json, sys, time

@@ -11,8 +11,9 @@ AUROC leaves no margin to ask for), with p(c|N) cut at the chosen 2 tau (held-ou
 0.99 asked, 4 tau 0.9892; at the earlier 0.95 it took 8 tau: +0.0198 / +0.0215); the margins keep about
 half of each. Before the border change (cells outside not counted):
 +0.0268 / +0.0402 / +0.0121 from a patchcore of 0.9571 / 0.9046 / 0.9792.
-The MLP's held-out top-1 after its 3 epochs: 0.582 at the default steps (0.587 before the border change) (2 images per step, lr 2e-3),
-0.372 at the previous 8 images per step, lr 1e-3, whose MLP had not converged in 12.
+The MLP's held-out top-1 after its 3 epochs: 0.582 at the default steps, 2 images per step at lr 2e-3
+(0.587 before the border change); 0.372 at the previous 8 images per step, lr 1e-3, whose MLP had not
+converged in 12.
 """
 
 from __future__ import annotations
