@@ -134,3 +134,25 @@ def test_the_checker_catches_a_renamed_option_and_command():
     assert script_problems("python benchmarks/bench_scale.py --size 1000") == [
         "no option '--size' in benchmarks/bench_scale.py"]
     assert script_problems("python benchmarks/bench_nothing.py") == ["no script benchmarks/bench_nothing.py"]
+
+
+def test_the_kuberay_manifest_is_a_rayjob_that_authenticates():
+    """jobs/README.md's RayJob, read as `kubectl apply` would: valid YAML, the nightly entrypoint, token
+    authentication (which KubeRay refuses below Ray 2.52), the head kept free of actors, and every volume
+    a container mounts declared beside it."""
+    import yaml
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "jobs/README.md").read_text(), re.S)
+    jobs = [d for b in blocks for d in yaml.safe_load_all(b) if isinstance(d, dict) and d.get("kind") == "RayJob"]
+    assert len(jobs) == 1, "jobs/README.md should show one RayJob"
+    spec = jobs[0]["spec"]
+    assert spec["entrypoint"].startswith("python -m jobs.nightly --config ")
+    cluster = spec["rayClusterSpec"]
+    assert cluster["authOptions"] == {"mode": "token"}
+    assert tuple(int(v) for v in cluster["rayVersion"].split(".")[:2]) >= (2, 52)
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        declared = {v["name"] for v in pod.get("volumes", [])}
+        mounted = {m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
+        assert mounted <= declared, f"mounted but not declared: {sorted(mounted - declared)}"
