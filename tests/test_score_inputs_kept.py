@@ -82,6 +82,32 @@ def test_a_name_that_is_not_utf8_is_scored_once_and_resumed(bundle_tiny, synthet
     assert again["run"]["scheduled"] == 0 and again["rows"] == 3 and again["duplicate_rows"] == 0
     assert row_path("plain/ü.png") == "plain/ü.png"
 
+    # the UTF-8 name the bytes used to be written as is another file: its own row, on a rerun too
+    (folder / "bad\\xff.png").write_bytes(data)
+    third = score(bundle_tiny, [str(folder)], out, Options(chunk_size=2, threads=1), engine="local")
+    assert third["run"]["scheduled"] == 1 and third["rows"] == 4 and third["missing"] == 0
+    assert _rows(out).keys() == {f"{folder}/a.png", f"{folder}/bad\\xff.png", f"{folder}/bad\\\\xff.png",
+                                 f"{folder}/c.png"}
+    fresh = score(bundle_tiny, [str(folder)], tmp_path / "fresh", Options(chunk_size=8, threads=1), engine="local")
+    assert fresh["rows"] == 4 and fresh["duplicate_rows"] == 0 and len(_rows(tmp_path / "fresh")) == 4
+
+
+def test_an_output_of_the_earlier_path_text_is_not_resumed_where_a_name_would_change(
+        bundle_tiny, synthetic_root, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(_image(synthetic_root))
+    out = tmp_path / "out"
+    score(bundle_tiny, [str(folder)], out, Options(threads=1), engine="local")
+    identity = json.loads((out / "_dataset.json").read_text())
+    assert identity.pop("path_text") == 2
+    (out / "_dataset.json").write_text(json.dumps(identity))  # as an earlier pni-ray wrote it
+    assert score(bundle_tiny, [str(folder)], out, Options(threads=1), engine="local")["run"]["scheduled"] == 0
+    (folder / "back\\slash.png").write_bytes(_image(synthetic_root))
+    with pytest.raises(ScoreError, match="older pni-ray.*back\\\\slash.png.*another --out"):
+        score(bundle_tiny, [str(folder)], out, Options(threads=1), engine="local")
+    assert len(_rows(out)) == 1
+
 
 def test_retry_failed_retries_only_this_runs_inputs(bundle_tiny, synthetic_root, tmp_path):
     (tmp_path / "a").mkdir()

@@ -42,7 +42,7 @@ import pyarrow as pa
 from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError
 from pni_ray.geometry import Geometry, GeometryError, Prepared, restore_map
 from pni_ray.options import backbone_option_error
-from pni_ray.orchestration.score_inputs import CHUNK_SIZE, chunk_id, expand_inputs, make_chunks, row_path
+from pni_ray.orchestration.score_inputs import CHUNK_SIZE, chunk_id, expand_inputs, make_chunks, message_text, row_path
 from pni_ray.orchestration.score_model import ModelInfo, ScoreError, describe_model
 from pni_ray.orchestration.score_output import (
     SUMMARY_FILE,
@@ -188,9 +188,9 @@ def encode_chunk(row: dict[str, Any], map_format: str, model: dict[str, Any]) ->
     the resize `evaluate` uses), encoded; the chunk as Parquet bytes."""
     meta = json.loads(row["meta"])
     scores, hw, content = meta["scores"], meta["hw"], meta["content"]
-    # the table's text, once: a file name's non-UTF-8 bytes as \xNN (`row_path`), in paths and messages alike
+    # the table's text, once: each path as `row_path` writes it (one to one), a message's bytes as \xNN
     paths = [row_path(p) for p in meta["paths"]]
-    errors = [None if e is None else row_path(e) for e in meta["errors"]]
+    errors = [None if e is None else message_text(e) for e in meta["errors"]]
     h, w = model["image_size"]
     n_maps = sum(v is not None for v in scores)
     maps = np.frombuffer(row["maps"], np.float32).reshape(n_maps, h, w)
@@ -399,7 +399,7 @@ def score(
         raise ScoreError(f"{out} is a model directory (it holds manifest.json): scores go to a directory of "
                          "their own; use another --out")
     with locked(out):
-        check_dataset(out, info, opts.map_format, runtime)
+        check_dataset(out, info, opts.map_format, runtime, expanded.paths)
         stale = remove_stale_temps(out)
         (out / SUMMARY_FILE).unlink(missing_ok=True)  # until this run finishes, no summary claims OUT is complete
         retried = retry_failed(out, {row_path(p) for p in expanded.paths}) if retry else 0

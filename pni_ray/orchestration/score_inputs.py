@@ -12,8 +12,10 @@ holds it, is skipped with a warning, since that folder is walked under its own n
 An explicit path that does not exist, a directory without images, a subdirectory that cannot be
 read, or a glob that matches nothing gets an error row.
 
-The table's ``path`` column holds `row_path` of each input: the path itself, except that bytes of a
-file name that are not UTF-8 (which Parquet strings cannot hold) are written as ``\\xNN`` escapes.
+The table's ``path`` column holds `row_path` of each input: the path itself where it is UTF-8 and
+holds no backslash; otherwise an escaped form (backslashes doubled, bytes that are not UTF-8, which
+Parquet strings cannot hold, as ``\\xNN``) that no other path can give, so rows and inputs match one
+to one (resuming matches on this text).
 
 Chunks are fixed-size runs of the sorted list, named by a hash of their paths, so a rerun over the
 same inputs makes the same chunks and finds its committed part files.
@@ -56,10 +58,32 @@ def _norm(path: str, base: str | None = None) -> str:
 
 
 def row_path(path: str) -> str:
-    """The `path` column's text for an input path: the path itself where it is valid UTF-8, else
-    its undecodable bytes as ``\\xNN`` (os.fsdecode keeps them as lone surrogates, which Arrow
-    refuses: one such name used to fail its whole chunk on every rerun)."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """The `path` column's text for an input path, one to one: the path itself where it is UTF-8
+    without a backslash; else backslashes doubled and undecodable bytes as ``\\xNN`` (os.fsdecode keeps
+    them as lone surrogates, which Arrow refuses). Every escaped text holds a backslash and no plain
+    one does, and within the escaped ones a single backslash only starts a byte, so the byte name
+    ``bad<0xff>.png`` and the UTF-8 name ``bad\\xff.png`` are two rows (escaping the bytes alone gave both
+    one text, and a rerun then took the second file as done)."""
+    raw = path.encode("utf-8", "surrogateescape")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and "\\" not in text:
+        return text
+    return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
+def legacy_row_path(path: str) -> str:
+    """`row_path` before it doubled backslashes (part files of outputs written without
+    ``path_text`` in their _dataset.json): the same text for every name but those with a backslash or
+    non-UTF-8 bytes."""
+    return message_text(path)
+
+
+def message_text(message: str) -> str:
+    """An error message as Parquet can hold it (a path's non-UTF-8 bytes inside it as ``\\xNN``)."""
+    return message.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _walk_images(folder: str, preset: dict[str, str]) -> list[str]:
