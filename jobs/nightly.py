@@ -26,7 +26,7 @@ killed run never leaves an earlier run's record behind).
 Rerunning for the same date resumes: only inputs without a row are scored.
 
 Exit status: 0 all scored; 1 some inputs failed (fail_on_errors); 2 bad config (or no model at `model`);
-3 the run was refused or failed.
+3 the run was refused, failed or was stopped (Ctrl-C, SIGTERM: recorded as failed, "interrupted ...").
 """
 
 from __future__ import annotations
@@ -209,6 +209,12 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
                          title=f"pni-ray nightly {day.isoformat()}: {summary.get('category') or ''}")
     except OutInUse as exc:  # another run of this day is writing: its record is its own
         return EXIT_RUN, {**record, "status": "refused", "exit_code": EXIT_RUN, "error": str(exc)}
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (main's terminate_as_interrupt): said, not a traceback
+        record.update(status="failed", exit_code=EXIT_RUN,
+                      error=f"interrupted ({exc.args[0] if exc.args else 'SIGINT'}): the parts committed so far are "
+                            "kept; rerun the same command to resume")
+        atomic_write_json(out / "_nightly.json", record)
+        return EXIT_RUN, record
     except Exception as exc:  # noqa: BLE001 - refused or crashed: the record says which, then the exit code
         record.update(status="refused" if isinstance(exc, ScoreError) else "failed", exit_code=EXIT_RUN,
                       error=str(exc) if isinstance(exc, ScoreError) else f"{exc.__class__.__name__}: {exc}")
@@ -248,8 +254,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from pni_ray.orchestration.ray_session import terminate_as_interrupt
+
     try:
-        code, record = run(args.config, date=args.date, progress=args.progress)
+        with terminate_as_interrupt():
+            code, record = run(args.config, date=args.date, progress=args.progress)
+    except KeyboardInterrupt as exc:  # before the run had an output to record it in
+        print(f"nightly interrupted ({exc.args[0] if exc.args else 'SIGINT'}); rerun the same command to resume",
+              file=sys.stderr)
+        return EXIT_RUN
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -263,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{c['anomalous']} anomalous ({'n/a' if rate is None else f'{rate:.1%}'}) -> {record['out']}")
         for row in record["top"][:5]:
             print(f"  {row['image_score']:10.4f}  {row['path']}")
+        for failure in record["failures"][:10]:  # what to fix, where a cron log shows it
+            print(f"  FAILED  {failure['error']}", file=sys.stderr)
+        if c["failed"] > 10:
+            print(f"  ... and {c['failed'] - 10} more failures (see {record['summary']})", file=sys.stderr)
         if record.get("report"):
             print(f"report: {record['report']}")
     else:

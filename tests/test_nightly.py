@@ -76,7 +76,7 @@ def test_dates_placeholders_partitions():
     assert nightly.partition("/r", today) == Path("/r/dt=2024-03-01")
 
 
-def test_nightly_run_writes_partition_summary_report_and_resumes(tmp_path, synthetic_root, bundle_tiny):
+def test_nightly_run_writes_partition_summary_report_and_resumes(tmp_path, synthetic_root, bundle_tiny, capsys):
     day = "2024-05-01"
     images = tmp_path / "line" / day
     shutil.copytree(synthetic_root / "washer" / "test", images)
@@ -85,6 +85,7 @@ def test_nightly_run_writes_partition_summary_report_and_resumes(tmp_path, synth
                         output_root="results", engine="local", top_n=3, chunk_size=8, date="yesterday")
     code = nightly.main(["--config", str(config), "--date", day, "-q"])
     assert code == nightly.EXIT_FAILED_INPUTS  # one bad input, fail_on_errors defaults to true
+    assert f"FAILED  {images / 'broken.png'}: " in capsys.readouterr().err  # the cron log says what to fix
     part = tmp_path / "results" / f"dt={day}"
     record = json.loads((part / "_nightly.json").read_text())
     n_images = len(list(images.rglob("*.png")))
@@ -125,3 +126,31 @@ def test_nightly_backbone_runtime_reaches_score(tmp_path, bundle_tiny):
 def test_entrypoint_runs_as_a_module():
     proc = subprocess.run([sys.executable, "-m", "jobs.nightly", "--help"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0 and "--config" in proc.stdout
+
+
+def test_an_interrupted_nightly_records_it_and_resumes(tmp_path, synthetic_root, bundle_tiny, monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM, which score's handler turns into it) after one part: _nightly.json says
+    failed and why, exit 3 without a traceback; the rerun scores only what is missing."""
+    from pni_ray.orchestration import score as score_module
+
+    day = "2024-05-02"
+    images = tmp_path / "line" / day
+    shutil.copytree(synthetic_root / "washer" / "test" / "good", images)
+    config = write_toml(tmp_path / "nightly.toml", model=str(bundle_tiny), inputs=["line/{date}"],
+                        output_root="results", engine="local", chunk_size=2)
+    run_local = score_module.ENGINES["local"]
+
+    def interrupted_after_one_chunk(rows, info, opts):
+        yield next(run_local(rows, info, opts))
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(score_module.ENGINES, "local", interrupted_after_one_chunk)
+    assert nightly.main(["--config", str(config), "--date", day, "-q"]) == nightly.EXIT_RUN
+    record = json.loads((tmp_path / "results" / f"dt={day}" / "_nightly.json").read_text())
+    assert record["status"] == "failed" and record["error"].startswith("interrupted (SIGINT)")
+    err = capsys.readouterr().err
+    assert "interrupted (SIGINT)" in err and "Traceback" not in err
+    monkeypatch.setitem(score_module.ENGINES, "local", run_local)
+    code, record = nightly.run(config, date=day)
+    n_images = len(list(images.glob("*.png")))
+    assert code == nightly.EXIT_OK and record["run"]["already_done"] == 2 and record["counts"]["rows"] == n_images

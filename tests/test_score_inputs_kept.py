@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -241,3 +242,62 @@ def test_nightly_record_after_a_failed_report_and_beside_a_live_run(bundle_tiny,
         code, refused = nightly.run(config, date="2024-01-02")
     assert code == nightly.EXIT_RUN and refused["status"] == "refused" and "another pni-ray score run" in refused["error"]
     assert json.loads((out / "_nightly.json").read_text()) == live  # its record is left to it
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_a_stopped_run_says_so_exits_3_and_resumes(bundle_tiny, synthetic_root, tmp_path, monkeypatch, stop):
+    """Ctrl-C or a scheduler's SIGTERM after one committed part: exit 3 with what is kept and what to do
+    (click alone said "Aborted!" with exit 1, the status of "some inputs failed"); the rerun completes."""
+    import signal
+
+    from pni_ray.cli import main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.png").write_bytes(_image(synthetic_root))
+    run_local = score_module.ENGINES["local"]
+
+    def stopped_after_one_chunk(rows, info, opts):
+        stream = run_local(rows, info, opts)
+        yield next(stream)
+        if stop == "SIGTERM":
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise KeyboardInterrupt  # Ctrl-C; after SIGTERM never reached: its handler raises first
+
+    monkeypatch.setitem(score_module.ENGINES, "local", stopped_after_one_chunk)
+    out = tmp_path / "out"
+    args = ["score", str(bundle_tiny), str(folder), "--out", str(out), "--engine", "local", "--chunk-size", "2",
+            "--threads", "1", "--no-progress"]
+    before = signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 3, result.output
+    assert f"interrupted ({stop})" in result.output and "rerun the same command to resume" in result.output
+    assert len(_rows(out)) == 2 and not (out / "_summary.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the run's alone
+    monkeypatch.setitem(score_module.ENGINES, "local", run_local)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert len(_rows(out)) == 4 and "2 were already in" in result.output
+
+
+def test_joining_ray_keeps_the_callers_sigterm_handler(monkeypatch):
+    """ray.init installs its own SIGTERM handler (a bare exit): join_ray puts terminate_as_interrupt's back."""
+    import signal
+
+    import ray
+
+    from pni_ray.orchestration.ray_session import join_ray, terminate_as_interrupt
+
+    def init_like_ray(**kwargs):
+        signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(15))
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init_like_ray)
+    with terminate_as_interrupt():
+        ours = signal.getsignal(signal.SIGTERM)
+        join_ray(None)
+        assert signal.getsignal(signal.SIGTERM) is ours
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises at once; without it this would sleep, then fail

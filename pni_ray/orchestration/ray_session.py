@@ -22,10 +22,13 @@ and need nothing more.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 ADDRESS_ENV = "RAY_ADDRESS"
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
@@ -92,14 +95,49 @@ def join_ray(
         return RaySession(ray.get_runtime_context().gcs_address, EXISTING, started=False, is_cluster=alive > 1)
     target, source = resolve_address(address)
     common: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": log_to_driver}
-    if target is None:
-        ray.init(**local_init_kwargs(num_cpus, object_store_bytes), **common)
-        return RaySession(LOCAL, EMBEDDED, started=True, is_cluster=False)
-    try:
-        ray.init(address=target, **common)
-    except Exception as exc:  # noqa: BLE001 - any failure to join is reported with where the address came from
-        raise RayJoinError(join_error_message(target, source, exc)) from exc
+    with _keeping_sigterm_handler():
+        if target is None:
+            ray.init(**local_init_kwargs(num_cpus, object_store_bytes), **common)
+            return RaySession(LOCAL, EMBEDDED, started=True, is_cluster=False)
+        try:
+            ray.init(address=target, **common)
+        except Exception as exc:  # noqa: BLE001 - any failure to join is reported with where the address came from
+            raise RayJoinError(join_error_message(target, source, exc)) from exc
     return RaySession(target, source, started=True, is_cluster=True)
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler() -> Iterator[None]:
+    """ray.init installs its own SIGTERM handler (a bare exit, and a C++ stack dump); a handler the
+    caller installed (`terminate_as_interrupt`) is put back, so a run stopped by SIGTERM ends as one
+    stopped by Ctrl-C: with its message and exit status."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and callable(before) and getattr(before, "_pni_ray", False):
+            signal.signal(signal.SIGTERM, before)
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM (a scheduler's stop, `kill`, Kubernetes' deadline) raises
+    KeyboardInterrupt as Ctrl-C does, so a batch run stops through its own handling (committed parts
+    kept, a message, exit status 3) instead of dying mid-line. Main thread only; restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    _raise._pni_ray = True  # type: ignore[attr-defined]  # join_ray puts this handler back after ray.init
+    before = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def join_error_message(address: str, source: str, exc: BaseException) -> str:

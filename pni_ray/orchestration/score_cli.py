@@ -15,7 +15,7 @@ import click
 
 from pni_ray.data.images import DEFAULT_MAX_PIXELS
 from pni_ray.options import backbone_options
-from pni_ray.orchestration.ray_session import RayJoinError
+from pni_ray.orchestration.ray_session import RayJoinError, terminate_as_interrupt
 from pni_ray.orchestration.score import ENGINES, Options, ScoreError, score
 from pni_ray.orchestration.score_inputs import CHUNK_SIZE
 from pni_ray.orchestration.score_output import SUMMARY_FILE
@@ -28,6 +28,12 @@ EXIT_OK, EXIT_FAILED_INPUTS, EXIT_RUN_FAILED = 0, 1, 3  # click's usage errors e
 
 class RunFailed(click.ClickException):
     exit_code = EXIT_RUN_FAILED
+
+
+def interrupted_message(exc: KeyboardInterrupt, out: Path) -> str:
+    """What a stopped run tells its user: what stopped it, what is kept, what to do."""
+    return (f"interrupted ({exc.args[0] if exc.args else 'SIGINT'}): the parts committed so far are kept in {out} "
+            "and no summary was written; rerun the same command to resume")
 
 
 def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
@@ -91,14 +97,18 @@ def score_cmd(model: Path, inputs: tuple[str, ...], out: Path, address: str | No
 
     INPUT: files, directories (recursive), globs, or list files (@FILE, or a .txt/.lst file; one path
     per line). Exit status 0: every input scored; 1: some inputs have error rows; 2: usage error;
-    3: the run was refused before it started (the message says what to change) or failed (rerun to resume).
+    3: the run was refused before it started (the message says what to change), failed or was stopped by
+    Ctrl-C or SIGTERM (rerun to resume).
     """
     opts = Options(batch_size=batch_size, workers=workers, cpus_per_worker=cpus_per_worker,
                    gpus_per_worker=gpus_per_worker, map_format=map_format, max_pixels=max_pixels,
                    chunk_size=chunk_size, address=address, threads=threads, stages=stages,
                    backbone_runtime=backbone_runtime, backbone_precision=backbone_precision)
     try:
-        summary = score(model, inputs, out, opts, engine=engine, top_n=top_n, progress=progress, retry=retry_failed)
+        with terminate_as_interrupt():
+            summary = score(model, inputs, out, opts, engine=engine, top_n=top_n, progress=progress, retry=retry_failed)
+    except KeyboardInterrupt as exc:  # not click's "Aborted!" and exit 1, which says "some inputs failed"
+        raise RunFailed(interrupted_message(exc, out.resolve())) from None
     except ScoreError as exc:
         raise RunFailed(str(exc)) from exc
     except RayJoinError as exc:  # nothing was scored: what to change, not a traceback and "rerun to resume"
