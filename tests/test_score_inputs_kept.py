@@ -68,6 +68,19 @@ def test_walk_follows_symlinked_folders_once_and_reports_unreadable_ones(tmp_pat
     assert "cannot list this directory" in got.preset_errors[locked] and "Permission denied" in got.preset_errors[locked]
 
 
+def test_a_list_files_line_that_names_nothing_is_named_in_its_error(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    lst = tmp_path / "inputs.txt"
+    lst.write_text("# tonight's rescans\na.png\nnot an input.png\ncam9/*.png\n")
+    got = expand_inputs([f"@{lst}"])
+    missing, pattern = str(tmp_path / "not an input.png"), str(tmp_path / "cam9" / "*.png")
+    assert got.paths == sorted([str(tmp_path / "a.png"), missing, pattern])
+    assert got.preset_errors[missing] == f"{missing}: file not found (line 3 of {lst})"
+    assert got.preset_errors[pattern] == f"{pattern}: no file matches this pattern (line 4 of {lst})"
+    assert str(tmp_path / "a.png") not in got.preset_errors  # an existing file is decoded, not preset
+    assert expand_inputs([missing]).preset_errors == {}  # named on the command line: decoded as "file not found"
+
+
 def test_a_name_that_is_not_utf8_is_scored_once_and_resumed(bundle_tiny, synthetic_root, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import threading
 import warnings
 from contextlib import contextmanager
@@ -54,9 +56,22 @@ def _pillow_allows(max_pixels: int) -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = before
 
 
+def _not_regular(mode: int) -> str | None:
+    """What a path that is not a regular file is (opening a FIFO would wait for a writer for ever)."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return None if stat.S_ISREG(mode) else "something other than a regular file"
+
+
 def _open(path: Path, max_pixels: int) -> Image.Image:
     try:
-        if path.stat().st_size == 0:
+        st = path.stat()
+        kind = _not_regular(st.st_mode)
+        if kind is not None:
+            raise ImageError(f"{path}: not an image file but {kind}")
+        if st.st_size == 0:
             raise ImageError(f"{path}: empty file (0 bytes)")
         with warnings.catch_warnings(), _pillow_allows(max_pixels):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below decides
@@ -64,6 +79,8 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     except ImageError:
         raise
     except FileNotFoundError as exc:
+        if path.is_symlink():  # `ls` shows it: say why it cannot be read
+            raise ImageError(f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)") from exc
         raise ImageError(f"{path}: file not found") from exc
     except Image.DecompressionBombError as exc:  # above twice Pillow's limit, so above ours too
         size = re.search(r"\((\d+) pixels\)", str(exc))

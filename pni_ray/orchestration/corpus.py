@@ -69,8 +69,16 @@ def write_bad_inputs(folder: Path | str, rgb: np.ndarray, max_pixels: int = 50_0
     if dangling.is_symlink() or dangling.exists():
         dangling.unlink()
     os.symlink(folder / "no_such_target.png", dangling)
-    expected[dangling] = "file not found"
+    expected[dangling] = "broken symbolic link (its target"
     expected[folder / "missing.png"] = "file not found"
+    fifo = folder / "a_fifo.png"  # opening it would wait for a writer: refused by its kind, at once
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    expected[fifo] = "not an image file but a FIFO"
+    device = folder / "device_link.png"
+    if not device.is_symlink():
+        os.symlink("/dev/zero", device)
+    expected[device] = "not an image file but a character device"
     return expected
 
 

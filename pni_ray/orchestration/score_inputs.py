@@ -115,14 +115,16 @@ def _walk_images(folder: str, preset: dict[str, str]) -> list[str]:
     return found + unreadable
 
 
-def _expand_one(spec: str, base: str | None, out: list[str], preset: dict[str, str]) -> None:
-    """A path, directory or glob (not a list file) -> paths appended to out."""
+def _expand_one(spec: str, base: str | None, out: list[str], preset: dict[str, str], origin: str = "") -> None:
+    """A path, directory or glob (not a list file) -> paths appended to out. `origin` (" (line K of
+    LIST)") is added to the error of a spec from a list file that names nothing, so the row says
+    which line to fix."""
     if _GLOB_CHARS.search(spec) and not os.path.lexists(_norm(spec, base)):
         pattern = _norm(spec, base)
         matches = sorted(glob.glob(pattern, recursive=True))
         if not matches:
             out.append(pattern)
-            preset[pattern] = f"{pattern}: no file matches this pattern"
+            preset[pattern] = f"{pattern}: no file matches this pattern{origin}"
         for m in matches:
             if os.path.isdir(m):
                 out.extend(_walk_images(m, preset))  # a glob may match many folders: empty ones are not errors
@@ -138,15 +140,18 @@ def _expand_one(spec: str, base: str | None, out: list[str], preset: dict[str, s
         out.extend(found)
     else:
         out.append(path)  # missing files are decoded into "file not found" rows
+        if origin and not os.path.lexists(path):
+            preset[path] = f"{path}: file not found{origin}"
 
 
-def _read_list(path: str) -> list[str]:
+def _read_list(path: str) -> list[tuple[int, str]]:
+    """(line number, spec) of each line that names something."""
     lines = []
     with open(path, encoding="utf-8") as fh:
-        for line in fh:
+        for number, line in enumerate(fh, start=1):
             line = line.strip()
             if line and not line.startswith("#"):
-                lines.append(line)
+                lines.append((number, line))
     return lines
 
 
@@ -164,8 +169,8 @@ def expand_inputs(specs: Iterable[str]) -> Inputs:
                 collected.append(list_path)
                 preset[list_path] = f"{list_path}: cannot read the list file ({exc.__class__.__name__}: {exc})"
                 continue
-            for line in lines:
-                _expand_one(line, os.path.dirname(list_path), collected, preset)
+            for number, line in lines:
+                _expand_one(line, os.path.dirname(list_path), collected, preset, f" (line {number} of {list_path})")
         else:
             _expand_one(spec, None, collected, preset)
     unique = sorted(set(collected))
