@@ -229,7 +229,7 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
         finished_at=now_utc().isoformat(),
         seconds=round(time.perf_counter() - t0, 3),
         exit_code=code,
-        counts={k: summary[k] for k in ("inputs", "rows", "scored", "failed", "anomalous", "missing",
+        counts={k: summary[k] for k in ("inputs", "rows", "other_rows", "scored", "failed", "anomalous", "missing",
                                         "duplicates_ignored", "duplicate_rows")},
         anomaly_rate=summary["anomaly_rate"],
         threshold=summary["threshold"],

@@ -69,7 +69,8 @@ def test_expand_inputs_dirs_globs_lists_duplicates(tmp_path):
     assert got.paths == sorted([f"{t}/a/1.png", f"{t}/a/sub/2.jpg", f"{t}/b/4.png", f"{t}/b/5.png",
                                 f"{t}/missing.png", f"{t}/nomatch/*.png"])
     assert got.duplicates == 3  # b/4.png twice more (normalised + glob), a/1.png once more
-    assert got.preset_errors == {f"{t}/nomatch/*.png": f"{t}/nomatch/*.png: no file matches this pattern"}
+    assert got.preset_errors == {f"{t}/nomatch/*.png": f"{t}/nomatch/*.png: no file matches this pattern (line 7 of {lst})",
+                                 f"{t}/missing.png": f"{t}/missing.png: file not found (line 5 of {lst})"}
     # a .txt/.lst argument that exists is a list file; order of arguments does not matter
     again = expand_inputs([str(tmp_path / "a" / "1.png"), str(lst), str(tmp_path / "a")])
     assert again.paths == got.paths

@@ -134,6 +134,7 @@ def test_retry_failed_retries_only_this_runs_inputs(bundle_tiny, synthetic_root,
     assert score(bundle_tiny, [str(tmp_path / "a"), str(tmp_path / "b")], out, opts, engine="local")["failed"] == 2
     retried = score(bundle_tiny, [str(tmp_path / "b")], out, opts, engine="local", retry=True)
     assert retried["run"]["error_rows_retried"] == 1 and retried["failed"] == 1
+    assert retried["rows"] == 2 and retried["other_rows"] == 1  # a/junk.png: in OUT, not this run's input
     rows = _rows(out)
     assert len(rows) == 3 and rows[str(tmp_path / "a" / "junk.png")] is not None  # not this run's: kept
 

@@ -45,6 +45,9 @@ def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
         f"{run.get('already_done', 0)} were already in {out}"
         + (f"; {run['images_per_s']:.1f} images/s" if run.get("images_per_s") else "")
     )
+    if summary.get("other_rows"):
+        click.echo(f"{out} also holds {summary['other_rows']} rows of inputs this run did not name (earlier runs'); "
+                   "the counts above are this run's inputs")
     if summary["missing"] or summary["duplicate_rows"]:
         click.echo(f"WARNING: {summary['missing']} inputs have no row, {summary['duplicate_rows']} duplicate rows",
                    err=True)

@@ -176,7 +176,9 @@ def summarise(out: Path, inputs: Inputs, info: ModelInfo, top_n: int = 20) -> di
         "threshold": json_float(info.threshold),
         "inputs": len(inputs.paths),
         "duplicates_ignored": inputs.duplicates,
-        "rows": sum(seen.values()),
+        "rows": sum(seen.values()),  # of this run's inputs
+        # OUT keeps every row it was given: those of inputs earlier runs named and this one does not
+        "other_rows": len(paths) - sum(seen.values()),
         "missing": len(wanted) - len(seen),
         "duplicate_rows": n_dup,
         "scored": len(scored),
