@@ -42,6 +42,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from pni_ray.orchestration.ray_session import stop_signal_name, terminate_as_interrupt
+
 log = logging.getLogger("jobs.nightly")
 
 DEFAULTS: dict[str, Any] = {
@@ -211,7 +213,7 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
         return EXIT_RUN, {**record, "status": "refused", "exit_code": EXIT_RUN, "error": str(exc)}
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (main's terminate_as_interrupt): said, not a traceback
         record.update(status="failed", exit_code=EXIT_RUN,
-                      error=f"interrupted ({exc.args[0] if exc.args else 'SIGINT'}): the parts committed so far are "
+                      error=f"interrupted ({stop_signal_name(exc)}): the parts committed so far are "
                             "kept; rerun the same command to resume")
         atomic_write_json(out / "_nightly.json", record)
         return EXIT_RUN, record
@@ -254,13 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from pni_ray.orchestration.ray_session import terminate_as_interrupt
-
     try:
         with terminate_as_interrupt():
             code, record = run(args.config, date=args.date, progress=args.progress)
     except KeyboardInterrupt as exc:  # before the run had an output to record it in
-        print(f"nightly interrupted ({exc.args[0] if exc.args else 'SIGINT'}); rerun the same command to resume",
+        print(f"nightly interrupted ({stop_signal_name(exc)}); rerun the same command to resume",
               file=sys.stderr)
         return EXIT_RUN
     except ConfigError as exc:

@@ -140,6 +140,11 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, before)
 
 
+def stop_signal_name(exc: KeyboardInterrupt) -> str:
+    """Which signal stopped a run: terminate_as_interrupt's name, else Ctrl-C's."""
+    return str(exc.args[0]) if exc.args else "SIGINT"
+
+
 def join_error_message(address: str, source: str, exc: BaseException) -> str:
     """What failed, which address (and from where), and the token-auth hint when it may apply.
 

@@ -15,7 +15,7 @@ import click
 
 from pni_ray.data.images import DEFAULT_MAX_PIXELS
 from pni_ray.options import backbone_options
-from pni_ray.orchestration.ray_session import RayJoinError, terminate_as_interrupt
+from pni_ray.orchestration.ray_session import RayJoinError, stop_signal_name, terminate_as_interrupt
 from pni_ray.orchestration.score import ENGINES, Options, ScoreError, score
 from pni_ray.orchestration.score_inputs import CHUNK_SIZE
 from pni_ray.orchestration.score_output import SUMMARY_FILE
@@ -32,7 +32,7 @@ class RunFailed(click.ClickException):
 
 def interrupted_message(exc: KeyboardInterrupt, out: Path) -> str:
     """What a stopped run tells its user: what stopped it, what is kept, what to do."""
-    return (f"interrupted ({exc.args[0] if exc.args else 'SIGINT'}): the parts committed so far are kept in {out} "
+    return (f"interrupted ({stop_signal_name(exc)}): the parts committed so far are kept in {out} "
             "and no summary was written; rerun the same command to resume")
 
 
