@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import click
@@ -462,3 +463,20 @@ def test_a_killed_drivers_probe_file_is_removed_by_the_next_run(tmp_path):
     elsewhere.write_text(json.dumps({"token": "t", "host": "another-node", "pid": int(finished.stdout)}))
     probe = Probe.write(tmp_path, tmp_path)
     assert not dead.exists() and live.exists() and elsewhere.exists() and Path(probe.path).exists()
+
+
+def test_a_stopped_train_all_exits_3_not_1(monkeypatch, synthetic_root, tmp_path):
+    """Ctrl-C or SIGTERM is not "a pair failed" (exit 1): exit 3, saying what is kept and what to do."""
+    import signal
+
+    from pni_ray.cli import main
+    from pni_ray.orchestration import train_all_cli
+
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop: raised as KeyboardInterrupt("SIGTERM")
+        time.sleep(5)
+
+    monkeypatch.setattr(train_all_cli, "train_all", stopped)
+    result = CliRunner().invoke(main, ["train-all", str(synthetic_root), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 3, result.output
+    assert "interrupted (SIGTERM): the bundles saved so far are kept" in result.output

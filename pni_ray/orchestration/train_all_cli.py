@@ -12,9 +12,15 @@ from typing import Any
 import click
 
 from pni_ray.options import build_config, check_force_out, load_config_file, set_threads, train_options
-from pni_ray.orchestration.ray_session import RayJoinError
+from pni_ray.orchestration.ray_session import RayJoinError, stop_signal_name, terminate_as_interrupt
 from pni_ray.orchestration.shared_storage import SharedStorageError
 from pni_ray.orchestration.train_all import FAILED, SKIPPED, TRAINED, format_table, train_all
+
+
+class Stopped(click.ClickException):
+    """Ctrl-C or SIGTERM: not exit 1, which says some pair failed."""
+
+    exit_code = 3
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -44,18 +50,22 @@ def train_all_cmd(data_root: Path, out: Path, categories: str | None, backbones:
     """Train every category x backbone of DATA_ROOT in parallel on Ray; resumable, fault-isolated.
 
     Exits with status 1 when any pair failed (the others still finish; a rerun trains only what
-    is missing). --threads (torch threads per task) defaults to --cpus-per-task here; a pair gives
+    is missing), 3 when stopped by Ctrl-C or SIGTERM (saved bundles are kept; a rerun trains the rest). --threads (torch threads per task) defaults to --cpus-per-task here; a pair gives
     the same bundle as `pni-ray train` with the same thread count (both default to 1).
     """
     set_threads(1)  # the driver only waits; the tasks set their own thread counts
     named = _split(backbones)  # the config's backbone is checked only where no --backbones replaces it
     cfg = build_config(base=load_config_file(config_file), backbone=named[0] if named else None, **overrides)
     try:
-        result = train_all(
-            data_root, out, cfg, categories=_split(categories), backbones=_split(backbones), address=address,
-            cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task, threads=threads, force=force,
-            evaluate=not no_eval, max_retries=max_retries, num_cpus=num_cpus,
-        )
+        with terminate_as_interrupt():
+            result = train_all(
+                data_root, out, cfg, categories=_split(categories), backbones=_split(backbones), address=address,
+                cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task, threads=threads, force=force,
+                evaluate=not no_eval, max_retries=max_retries, num_cpus=num_cpus,
+            )
+    except KeyboardInterrupt as exc:
+        raise Stopped(f"interrupted ({stop_signal_name(exc)}): the bundles saved so far are kept; rerun the same "
+                      "command to train the rest") from None
     except SharedStorageError as exc:
         raise click.UsageError(str(exc)) from exc
     except RayJoinError as exc:
