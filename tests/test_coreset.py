@@ -288,3 +288,31 @@ def test_loops_compile_one_signature_for_float32_and_float64_inputs() -> None:
         assert order.unique().numel() == 120
     for loop in (coreset._admit, coreset._drop):  # (_dot is compiled into _admit)
         assert len(loop.signatures) == 1, (loop.__name__, loop.signatures)
+
+
+def test_a_process_compiles_the_loops_only_under_the_cache_lock(tmp_path) -> None:
+    """Processes sharing numba's cache (one install on shared storage, nodes of different CPU types) take
+    turns compiling: while another holds the lock file in the cache directory, a new process's first
+    coreset waits, and it finishes once the lock is released."""
+    import fcntl
+    import subprocess
+    import sys
+    import time
+
+    from pni_ray.models import coreset
+
+    greedy_kcenter_order(torch.randn(300, 8), 10, None, 1024, 0, progress=False)  # the loops now in the cache
+    folder = coreset._admit._cache._cache_path
+    script = ("import torch; from pni_ray.models.coreset import greedy_kcenter_order; print('imported', flush=True); "
+              "print(greedy_kcenter_order(torch.randn(300, 8), 10, None, 1024, 0, progress=False).numel())")
+    with open(f"{folder}/{coreset.COMPILE_LOCK_FILE}", "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "imported"
+            time.sleep(3)  # far more than one tiny search takes (its loops are in the cache already)
+            assert proc.poll() is None, "the coreset ran while another process held the compile lock"
+        finally:
+            fcntl.flock(held.fileno(), fcntl.LOCK_UN)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and out.strip() == "10"

@@ -25,8 +25,13 @@ expression.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
 
 import numba
 import numpy as np
@@ -144,6 +149,7 @@ class _Members:
         self.found: list[tuple[np.ndarray, np.ndarray]] = []  # per run of admit: positions found, their clusters
         self.threads = threads
         self.pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="coreset") if threads > 1 else None
+        _compile_loops(self)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -237,6 +243,54 @@ def _compiled(fastmath: set[str] | bool = False):  # type: ignore[no-untyped-def
         except RuntimeError:  # "cannot cache function ...: no locator available"
             return numba.njit(nogil=True, fastmath=fastmath)(fn)
     return wrap
+
+
+_LOOPS_READY = threading.Event()
+_LOOPS_LOCK = threading.Lock()
+COMPILE_LOCK_FILE = "pni_ray_coreset.lock"
+
+
+def _compile_loops(members: _Members) -> None:
+    """Compile (or load from numba's cache) _admit and _drop, once per process, on empty work of the
+    real calls' types, holding an exclusive lock on a file in numba's cache directory.
+
+    numba numbers a new cache entry from the index it read, and its key holds the CPU: two processes
+    on different CPU types compiling into one cache at the same moment (one install on shared storage)
+    could otherwise pair one's index entry with the other's machine code. Under the lock the second
+    reads the index the first wrote. Where there is no cache, or its directory takes no lock file,
+    there is nothing shared to guard and the loops compile unlocked."""
+    if _LOOPS_READY.is_set():
+        return
+    with _LOOPS_LOCK, _cache_lock(getattr(getattr(_admit, "_cache", None), "_cache_path", None)):
+        if _LOOPS_READY.is_set():
+            return
+        none, width = np.empty(0, dtype=np.int64), members.low.shape[1]
+        found, owner = members._found(0, 0)
+        _admit(members.start, members.count, members.dist, members.low, members.low_sq, none,
+               np.empty(0, dtype=np.float64), np.zeros(width, dtype=members.low.dtype), np.float64(0.0), 1e-4,
+               TINY, found, owner)
+        _drop(members.start, members.count, members.points, members.dist, members.low, members.low_sq, none, none,
+              none)
+        _LOOPS_READY.set()
+
+
+@contextlib.contextmanager
+def _cache_lock(folder: str | None) -> Iterator[None]:
+    """An exclusive flock on COMPILE_LOCK_FILE in `folder` (the kernel releases it if the process dies);
+    none where the folder takes no file or the file system no lock."""
+    fh = None
+    if folder:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fh = open(os.path.join(folder, COMPILE_LOCK_FILE), "a")
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        except OSError:
+            pass
+    try:
+        yield
+    finally:
+        if fh is not None:
+            fh.close()  # closing releases the lock
 
 
 @_compiled(fastmath={"reassoc", "contract"})
