@@ -173,6 +173,7 @@ def partition(output_root: str | Path, day: dt.date) -> Path:
 
 def run(config_path: Path | str, date: str | None = None, progress: bool = False) -> tuple[int, dict[str, Any]]:
     """The whole nightly run; returns (exit code, run record written to _nightly.json)."""
+    from pni_ray.orchestration.ray_session import RayJoinError
     from pni_ray.orchestration.score import Options, ScoreError, score
     from pni_ray.orchestration.score_output import OutInUse
     from pni_ray.results import atomic_write_json, now_utc
@@ -192,6 +193,7 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
     opts = Options(batch_size=int(cfg["batch_size"]), workers=cfg["workers"], cpus_per_worker=float(cfg["cpus_per_worker"]),
                    gpus_per_worker=float(cfg["gpus_per_worker"]), map_format=cfg["map_format"],
                    max_pixels=int(cfg["max_pixels"]), chunk_size=int(cfg["chunk_size"]), address=cfg["address"],
+                   address_named_by=f"address in {cfg['_config_path']}",
                    backbone_runtime=cfg["backbone_runtime"], backbone_precision=cfg["backbone_precision"])
     log.info("nightly %s: %d input specs -> %s", day, len(inputs), out)
     # until this run ends, its record says so: a killed run leaves "running", not yesterday's counts (a
@@ -218,10 +220,11 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
         atomic_write_json(out / "_nightly.json", record)
         return EXIT_RUN, record
     except Exception as exc:  # noqa: BLE001 - refused or crashed: the record says which, then the exit code
-        record.update(status="refused" if isinstance(exc, ScoreError) else "failed", exit_code=EXIT_RUN,
-                      error=str(exc) if isinstance(exc, ScoreError) else f"{exc.__class__.__name__}: {exc}")
+        refused = isinstance(exc, (ScoreError, RayJoinError))  # what to change, said in one message
+        record.update(status="refused" if refused else "failed", exit_code=EXIT_RUN,
+                      error=str(exc) if refused else f"{exc.__class__.__name__}: {exc}")
         atomic_write_json(out / "_nightly.json", record)
-        if not isinstance(exc, ScoreError):
+        if not refused:
             raise
         return EXIT_RUN, record
     failed = summary["failed"] + summary["missing"]

@@ -154,3 +154,27 @@ def test_an_interrupted_nightly_records_it_and_resumes(tmp_path, synthetic_root,
     code, record = nightly.run(config, date=day)
     n_images = len(list(images.glob("*.png")))
     assert code == nightly.EXIT_OK and record["run"]["already_done"] == 2 and record["counts"]["rows"] == n_images
+
+
+def test_a_cluster_the_nightly_cannot_join_is_refused_in_one_message(tmp_path, bundle_tiny, monkeypatch, capsys):
+    """No token, a wrong address: _nightly.json says refused with join_ray's message, which names the
+    config's key (the job has no --address flag); exit 3 and no traceback."""
+    from pni_ray.orchestration import ray_session
+
+    def refuse(address, *, named_by, **kwargs):
+        target, source = ray_session.resolve_address(address, named_by)
+        raise ray_session.RayJoinError(ray_session.join_error_message(target, source, ConnectionError("refused")))
+
+    monkeypatch.setattr(ray_session, "join_ray", refuse)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(b"not scored")
+    config = write_toml(tmp_path / "n.toml", model=str(bundle_tiny), inputs=["in"], output_root="out",
+                        address="127.0.0.1:6999")
+    assert nightly.main(["--config", str(config), "--date", "2024-01-02", "-q"]) == nightly.EXIT_RUN
+    record = json.loads((tmp_path / "out" / "dt=2024-01-02" / "_nightly.json").read_text())
+    assert record["status"] == "refused"
+    assert record["error"].startswith(f"cannot join the Ray cluster at 127.0.0.1:6999 (from address in {config}): ")
+    assert "set RAY_AUTH_MODE=token" in record["error"]
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "cannot join the Ray cluster" in err

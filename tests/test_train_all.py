@@ -465,18 +465,26 @@ def test_a_killed_drivers_probe_file_is_removed_by_the_next_run(tmp_path):
     assert not dead.exists() and live.exists() and elsewhere.exists() and Path(probe.path).exists()
 
 
-def test_a_stopped_train_all_exits_3_not_1(monkeypatch, synthetic_root, tmp_path):
-    """Ctrl-C or SIGTERM is not "a pair failed" (exit 1): exit 3, saying what is kept and what to do."""
+@pytest.mark.parametrize("trouble", ["sigterm", "cluster", "storage"])
+def test_train_all_that_cannot_run_exits_with_its_own_status(monkeypatch, synthetic_root, tmp_path, trouble):
+    """Exit 1 means a pair failed. Stopped (SIGTERM raised as KeyboardInterrupt) or a cluster it cannot
+    join: 3; OUT not shared by every node: 2, without click's usage text (the command line was right)."""
     import signal
 
     from pni_ray.cli import main
     from pni_ray.orchestration import train_all_cli
+    from pni_ray.orchestration.ray_session import RayJoinError
+    from pni_ray.orchestration.shared_storage import SharedStorageError
 
-    def stopped(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop: raised as KeyboardInterrupt("SIGTERM")
-        time.sleep(5)
+    def cannot_run(*args, **kwargs):
+        if trouble == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop
+            time.sleep(5)
+        raise (RayJoinError if trouble == "cluster" else SharedStorageError)(f"{trouble}: what to change")
 
-    monkeypatch.setattr(train_all_cli, "train_all", stopped)
+    monkeypatch.setattr(train_all_cli, "train_all", cannot_run)
     result = CliRunner().invoke(main, ["train-all", str(synthetic_root), "--out", str(tmp_path / "out")])
-    assert result.exit_code == 3, result.output
-    assert "interrupted (SIGTERM): the bundles saved so far are kept" in result.output
+    said = {"sigterm": "interrupted (SIGTERM): the bundles saved so far are kept", "cluster": "cluster: what to change",
+            "storage": "storage: what to change"}[trouble]
+    assert result.exit_code == (2 if trouble == "storage" else 3), result.output
+    assert said in result.output and "Usage:" not in result.output

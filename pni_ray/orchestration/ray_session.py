@@ -50,10 +50,11 @@ class RaySession:
     is_cluster: bool  # tasks may run on other machines, so their paths must be on shared storage
 
 
-def resolve_address(address: str | None) -> tuple[str | None, str]:
-    """(address to join or None for embedded Ray, where it came from)."""
+def resolve_address(address: str | None, named_by: str = FLAG) -> tuple[str | None, str]:
+    """(address to join or None for embedded Ray, where it came from); `named_by` is what gave
+    `address` (the flag, or the nightly config's key), for messages."""
     if address:
-        return (None, EMBEDDED) if address == LOCAL else (address, FLAG)
+        return (None, EMBEDDED) if address == LOCAL else (address, named_by)
     env = os.environ.get(ADDRESS_ENV, "").strip()
     if env and env != LOCAL:
         return env, ENV
@@ -86,6 +87,7 @@ def join_ray(
     num_cpus: int | None = None,
     object_store_bytes: int | None = None,
     log_to_driver: bool = True,
+    named_by: str = FLAG,
 ) -> RaySession:
     """Join --address, else $RAY_ADDRESS, else start an embedded Ray (num_cpus etc. apply to it only)."""
     import ray
@@ -93,7 +95,7 @@ def join_ray(
     if ray.is_initialized():  # the caller's session (a test, a notebook, the demo): use it, leave it running
         alive = sum(bool(n.get("Alive")) for n in ray.nodes())
         return RaySession(ray.get_runtime_context().gcs_address, EXISTING, started=False, is_cluster=alive > 1)
-    target, source = resolve_address(address)
+    target, source = resolve_address(address, named_by)
     common: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": log_to_driver}
     with _keeping_sigterm_handler():
         if target is None:

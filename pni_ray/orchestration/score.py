@@ -240,6 +240,7 @@ class Options:
     max_pixels: int = DEFAULT_MAX_PIXELS
     chunk_size: int = CHUNK_SIZE
     address: str | None = None
+    address_named_by: str = "--address"  # what gave `address`, for a refused join's message
     threads: int | None = None  # local engine only; default: all cores
     stages: str = "auto"  # fused: decode+score+encode in the model actors; split: separate task stages
     backbone_runtime: str = "onnxruntime"  # exports only: "openvino" runs the backbone graph with OpenVINO
@@ -285,11 +286,11 @@ def _chunk_rows(chunks: list[list[str]], preset: dict[str, str]) -> list[dict[st
             for c in chunks]
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, named_by: str = "--address") -> bool:
     """Join Ray the one shared way (ray_session.join_ray); True if this call started it."""
     from pni_ray.orchestration.ray_session import LOCAL, join_ray
 
-    session = join_ray(address, num_cpus=num_cpus, log_to_driver=True)
+    session = join_ray(address, num_cpus=num_cpus, log_to_driver=True, named_by=named_by)
     log.info("ray: %s (from %s)", "embedded, this command's alone" if session.address == LOCAL else session.address,
              session.source)
     return session.started
@@ -326,7 +327,7 @@ def run_ray(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Itera
     import ray
     import ray.data
 
-    started = ensure_ray(opts.address)
+    started = ensure_ray(opts.address, named_by=opts.address_named_by)
     try:
         _quiet_ray_data()
         workers = worker_count(opts, ray.cluster_resources(), len(rows))

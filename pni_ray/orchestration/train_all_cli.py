@@ -17,10 +17,18 @@ from pni_ray.orchestration.shared_storage import SharedStorageError
 from pni_ray.orchestration.train_all import FAILED, SKIPPED, TRAINED, format_table, train_all
 
 
-class Stopped(click.ClickException):
-    """Ctrl-C or SIGTERM: not exit 1, which says some pair failed."""
+class NotRun(click.ClickException):
+    """The run could not go on (a cluster it cannot join; Ctrl-C or SIGTERM): not exit 1, which says
+    some pair failed."""
 
     exit_code = 3
+
+
+class NotShared(click.ClickException):
+    """OUT or DATA_ROOT is not on storage every node sees: exit 2 as documented, without click's usage
+    text, since the command line was right and the storage is what to change."""
+
+    exit_code = 2
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -50,7 +58,8 @@ def train_all_cmd(data_root: Path, out: Path, categories: str | None, backbones:
     """Train every category x backbone of DATA_ROOT in parallel on Ray; resumable, fault-isolated.
 
     Exits with status 1 when any pair failed (the others still finish; a rerun trains only what
-    is missing), 3 when stopped by Ctrl-C or SIGTERM (saved bundles are kept; a rerun trains the rest). --threads (torch threads per task) defaults to --cpus-per-task here; a pair gives
+    is missing), 2 when OUT or DATA_ROOT is not shared by every node, 3 when the Ray cluster cannot be
+    joined or the run is stopped by Ctrl-C or SIGTERM (saved bundles are kept; a rerun trains the rest). --threads (torch threads per task) defaults to --cpus-per-task here; a pair gives
     the same bundle as `pni-ray train` with the same thread count (both default to 1).
     """
     set_threads(1)  # the driver only waits; the tasks set their own thread counts
@@ -64,12 +73,12 @@ def train_all_cmd(data_root: Path, out: Path, categories: str | None, backbones:
                 evaluate=not no_eval, max_retries=max_retries, num_cpus=num_cpus,
             )
     except KeyboardInterrupt as exc:
-        raise Stopped(f"interrupted ({stop_signal_name(exc)}): the bundles saved so far are kept; rerun the same "
-                      "command to train the rest") from None
+        raise NotRun(f"interrupted ({stop_signal_name(exc)}): the bundles saved so far are kept; rerun the same "
+                     "command to train the rest") from None
     except SharedStorageError as exc:
-        raise click.UsageError(str(exc)) from exc
+        raise NotShared(str(exc)) from exc
     except RayJoinError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise NotRun(str(exc)) from exc
     click.echo(format_table(result.rows))
     for row in result.failed:
         click.echo(f"\nFAILED {row['category']}/{row['backbone']} ({row.get('stage')}): {row.get('error')}")
