@@ -1,6 +1,7 @@
 """TensorRT engines from an export directory, and a runtime that runs them.
 
     python -m export.trt EXPORT_DIR [--max-batch N] [--fp16]      # on the target: builds *.engine
+    python -m export.trt EXPORT_DIR --register [--max-batch N] [--fp16]   # records engines trtexec built
     model = TRTModel(EXPORT_DIR); maps, scores = model.predict(images)
 
 One engine per graph, built with the TensorRT Python API (10.x): explicit-batch network from the
@@ -23,7 +24,8 @@ rounding only.
 Import-safe everywhere: `tensorrt` and `cuda-python` are imported only when an engine is built
 or run. Where they or a CUDA device are missing, `TensorRTUnavailable` names what is missing
 and gives the commands that build the same engines on the target (this module with its
---max-batch / --fp16, or trtexec, one line per graph). No torch here either: the target may
+--max-batch / --fp16, or trtexec, one line per graph, then --register, since TRTModel runs only
+engines the manifest records and checksums). No torch here either: the target may
 only have TensorRT, onnx(runtime) and numpy.
 """
 
@@ -159,6 +161,9 @@ def unavailable_message(folder: Path, manifest: dict[str, Any], missing: list[st
         "or with trtexec, one engine per graph:",
     ]
     lines += [f"  {c}" for c in trtexec_commands(folder, manifest, max_batch, fp16)]
+    lines.append("then record those engines in the export's manifest (checksums, profile), which the runtime reads:")
+    lines.append(f"  python -m export.trt {shlex.quote(str(folder))} --register --max-batch {max_batch}"
+                 + (" --fp16" if fp16 else ""))
     return "\n".join(lines)
 
 
@@ -188,13 +193,33 @@ def build_engines(folder: Path | str, max_batch: int | None = None, fp16: bool =
                           strongly_typed=int8)
         atomic_write_bytes(folder / engine_file(name), data)
         engines[name] = {"file": engine_file(name), "fp16": use_fp16, "int8": int8, "max_batch": max_batch}
-    manifest["tensorrt"] = {
-        "status": "built",
-        "engines": engines,
-        "tensorrt_version": str(trt.__version__),
-        "device": _device_name(),
-        "workspace_gb": workspace_gb,
-    }
+    return _record_engines(folder, manifest, engines, {"status": "built", "tensorrt_version": str(trt.__version__),
+                                                       "device": _device_name(), "workspace_gb": workspace_gb})
+
+
+def register_engines(folder: Path | str, max_batch: int | None = None, fp16: bool = False) -> dict[str, Any]:
+    """Record `<graph>.engine` files built elsewhere (the trtexec lines of `unavailable_message`, with the
+    same --max-batch and --fp16) in the export's manifest, as `build_engines` records its own: TRTModel
+    loads only recorded, checksummed engines. Needs no TensorRT here; TensorRT checks each engine
+    against its version and device when it deserialises it."""
+    folder = Path(folder)
+    manifest = tables.verify_export(folder)
+    require_tensorrt_graphs(folder, manifest)
+    max_batch = int(max_batch or manifest.get("max_batch", 16))
+    missing = [engine_file(name) for name in manifest["pipeline"] if not (folder / engine_file(name)).is_file()]
+    if missing:
+        raise tables.ExportError(f"{folder}: no engine file {', '.join(missing)}: build one per graph first (the "
+                                 "trtexec lines `pni-ray export --trt` prints), then register them")
+    quantised = int8_graphs(manifest)
+    engines = {name: {"file": engine_file(name), "fp16": bool(fp16 and name not in FP32_GRAPHS and name not in quantised),
+                      "int8": name in quantised, "max_batch": max_batch} for name in manifest["pipeline"]}
+    return _record_engines(folder, manifest, engines, {"status": "registered", "tensorrt_version": None,
+                                                       "device": None, "workspace_gb": None})
+
+
+def _record_engines(folder: Path, manifest: dict[str, Any], engines: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
+    """The engines and how they were made into the manifest, each engine file checksummed like the graphs."""
+    manifest["tensorrt"] = {**facts, "engines": engines}
     files = manifest["files"]
     for record in engines.values():
         path = folder / record["file"]
@@ -369,9 +394,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=None, help="largest batch of the optimisation profile")
     parser.add_argument("--fp16", action="store_true", help="FP16 kernels (all graphs but the softmax and the scorer)")
     parser.add_argument("--workspace-gb", type=float, default=DEFAULT_WORKSPACE_GB)
+    parser.add_argument("--register", action="store_true",
+                        help="record engines already built (e.g. by trtexec, with the same --max-batch and --fp16) "
+                             "instead of building them")
     args = parser.parse_args(argv)
     try:
-        info = build_engines(args.export_dir, args.max_batch, args.fp16, args.workspace_gb)
+        if args.register:
+            info = register_engines(args.export_dir, args.max_batch, args.fp16)
+        else:
+            info = build_engines(args.export_dir, args.max_batch, args.fp16, args.workspace_gb)
     except (TensorRTUnavailable, tables.ExportError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

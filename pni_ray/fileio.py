@@ -318,11 +318,14 @@ def read_manifest_json(
     if not folder.is_dir():
         raise error(f"{folder}: not {'an' if kind[:1] in 'aeiou' else 'a'} {kind} directory")
     file = folder / MANIFEST
-    if not file.is_file():
-        raise error(f"{folder}: incomplete {kind}, {MANIFEST} is missing")
+    if not file.is_file():  # a data folder given by mistake, or a copy cut short: say both
+        raise error(f"{folder}: incomplete {kind}, {MANIFEST} is missing (not {'an' if kind[:1] in 'aeiou' else 'a'} "
+                    f"{kind}, or one whose copy or save did not finish)")
     manifest = read_json(file, error)
     if not isinstance(manifest, dict) or manifest.get("format") != fmt:
-        raise error(f"{file}: not a {fmt} manifest{hint}")
+        found_fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        what = f" (it is a {found_fmt} manifest)" if isinstance(found_fmt, str) and found_fmt.startswith("pni-ray") else ""
+        raise error(f"{file}: not a {fmt} manifest{what}{hint}")
     found = manifest.get("format_version", 0)
     if not isinstance(found, int) or isinstance(found, bool):
         raise error(f"{file}: format_version must be an integer, got {found!r}")

@@ -707,6 +707,7 @@ def test_trt_flag_fails_clearly_and_leaves_the_onnx_export(cli_trt, images, refe
     for graph in ("backbone", "mlp", "softmax", "scorer"):
         assert f"trtexec --onnx={out / (graph + '.onnx')} --saveEngine={out / (graph + '.engine')}" in msg
     assert "--minShapes=images:1x3x128x128 --optShapes=images:4x3x128x128 --maxShapes=images:4x3x128x128 --fp16" in msg
+    assert f"python -m export.trt {out} --register --max-batch 4 --fp16" in msg  # trtexec's engines, recorded
     assert "memory_neg2t:" in msg  # coresets-as-inputs: the static tables have fixed profile shapes
     scorer_line = next(line for line in msg.splitlines() if "scorer.onnx" in line and "trtexec" in line)
     assert "--fp16" not in scorer_line  # the scorer stays FP32
@@ -738,6 +739,28 @@ def test_trt_build_with_a_stand_in_tensorrt(exported, tmp_path, monkeypatch):
     assert (folder / "scorer.engine").read_bytes() == b"engine:scorer.onnx"
     m = tables.verify_export(folder)  # engines are checksummed into the manifest
     assert set(m["tensorrt"]["engines"]) == {"backbone", "mlp", "softmax", "scorer"} and "scorer.engine" in m["files"]
+
+
+def test_engines_built_by_trtexec_are_registered_and_checksummed(exported, tmp_path, monkeypatch):
+    """`--register` records engine files built elsewhere (trtexec) as build_engines does; TRTModel, which
+    runs only recorded engines, then gets past the manifest; without them it is refused, naming the files."""
+    folder = tmp_path / "e"
+    shutil.copytree(exported, folder)
+    assert trt.main([str(folder), "--register", "--max-batch", "6", "--fp16"]) == 2  # no engine files yet
+    for graph in ("backbone", "mlp", "softmax"):
+        (folder / f"{graph}.engine").write_bytes(f"trtexec:{graph}".encode())
+    with pytest.raises(tables.ExportError, match="no engine file scorer.engine"):
+        trt.register_engines(folder, 6, fp16=True)
+    (folder / "scorer.engine").write_bytes(b"trtexec:scorer")
+    assert trt.main([str(folder), "--register", "--max-batch", "6", "--fp16"]) == 0
+    m = tables.verify_export(folder)
+    engines = m["tensorrt"]["engines"]
+    assert m["tensorrt"]["status"] == "registered" and set(engines) == {"backbone", "mlp", "softmax", "scorer"}
+    assert engines["mlp"]["fp16"] and not engines["scorer"]["fp16"] and engines["scorer"]["max_batch"] == 6
+    assert m["files"]["scorer.engine"]["sha256"] == tables.sha256_file(folder / "scorer.engine")
+    (folder / "mlp.engine").write_bytes(b"changed after registering")
+    with pytest.raises(tables.ExportError, match="mlp.engine"):
+        tables.verify_export(folder)
 
 
 # ---------------------------------------------------------------- coresets as inputs, polygraphy, refiner

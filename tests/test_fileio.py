@@ -62,7 +62,7 @@ def test_manifest_reader_missing_folder_or_file(tmp_path):
     with pytest.raises(FolderError, match="nowhere: not an export directory"):
         read(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FolderError, match="empty: incomplete export, manifest.json is missing"):
+    with pytest.raises(FolderError, match=r"empty: incomplete export, manifest.json is missing \(not an export, or one "):
         read(tmp_path / "empty")
 
 
@@ -79,7 +79,7 @@ def test_the_formats_use_it(tmp_path):
     folder = manifest_dir(tmp_path, {"format": "pni-ray-bundle", "format_version": 1, **complete})
     with pytest.raises(ExportError, match="run `pni-ray export` on it"):
         read_export(folder)
-    with pytest.raises(BundleError, match="not a pni-ray-ensemble manifest"):
+    with pytest.raises(BundleError, match=r"not a pni-ray-ensemble manifest \(it is a pni-ray-bundle manifest\)"):
         read_ensemble_manifest(folder)
     assert read_bundle(folder)["format"] == "pni-ray-bundle"
     (folder / "manifest.json").write_text(json.dumps({"format": "pni-ray-bundle", "format_version": 99}))

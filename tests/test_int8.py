@@ -273,6 +273,11 @@ def test_cli_int8_without_calibration_says_what_to_give(bundle_tiny, tmp_path):
     assert result.exit_code != 0
     assert "--int8 needs --calibration DIR" in result.output
     assert not (tmp_path / "e").exists()
+    # and the other way round: a calibration folder without --int8 would be silently unused
+    result = CliRunner().invoke(main, ["export", str(bundle_tiny), "--out", str(tmp_path / "e"),
+                                       "--calibration", str(tmp_path)])
+    assert result.exit_code == 2 and "add --int8 mlp and/or --int8 backbone" in result.output
+    assert not (tmp_path / "e").exists()
 
 
 def test_trt_builds_int8_graphs_strongly_typed(int8_export, tmp_path, monkeypatch):
