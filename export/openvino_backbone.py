@@ -14,6 +14,7 @@ measured, not assumed: `python benchmarks/bench_peers.py ... --engines onnxrunti
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,17 @@ def compile_config(threads: int, precision: str) -> dict[str, object]:
     return config
 
 
+@functools.lru_cache(maxsize=None)
+def shared_core() -> object:
+    """One OpenVINO Core per process, kept to its end. Each Core's CPU plugin installs an alternate signal
+    stack for the calling thread and puts the previous one back when the Core goes, and two Cores that
+    go in the order they came (OpenVINO 2026.4) leave the main thread's alternate stack on freed memory:
+    the next signal Python handles (Ctrl-C, SIGTERM) then crashed the process with a segmentation fault."""
+    import openvino as ov
+
+    return ov.Core()
+
+
 class OpenVINOBackbone:
     """`run({"images": x}) -> {"features": f}` for one backbone graph file, as an onnxruntime session would.
 
@@ -51,13 +63,13 @@ class OpenVINOBackbone:
     def __init__(self, graph: Path | str, threads: int, precision: str = "auto") -> None:
         config = compile_config(threads, precision)
         try:
-            import openvino as ov
+            import openvino  # noqa: F401 - installed?
         except ImportError as exc:
             raise OpenVINOUnavailable(f"backbone runtime 'openvino' needs OpenVINO, which is not installed: "
                                       f"{INSTALL_HINT}, or use the default runtime 'onnxruntime'") from exc
         self.graph = Path(graph)
         try:
-            compiled = ov.Core().compile_model(str(self.graph), "CPU", config)
+            compiled = shared_core().compile_model(str(self.graph), "CPU", config)
         except Exception as exc:  # noqa: BLE001 - any refusal names the graph and the fallback
             raise OpenVINOUnavailable(f"{self.graph}: OpenVINO could not compile the backbone for its CPU plugin "
                                       f"({exc.__class__.__name__}: {exc}); use the default runtime 'onnxruntime'") from exc

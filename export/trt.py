@@ -130,6 +130,12 @@ def engine_file(name: str) -> str:
     return f"{name}.engine"
 
 
+def engine_fp16(name: str, quantised: set[str], fp16: bool) -> bool:
+    """Whether graph `name`'s engine gets FP16 kernels: asked for, and neither an FP32 graph (softmax,
+    scorer) nor a Q/DQ graph (strongly typed: its precision is its own)."""
+    return bool(fp16 and name not in FP32_GRAPHS and name not in quantised)
+
+
 def trtexec_commands(folder: Path | str, manifest: dict[str, Any], max_batch: int, fp16: bool) -> list[str]:
     """One trtexec line per graph, equivalent to `build_engines` (run from anywhere)."""
     folder = Path(folder)
@@ -146,7 +152,7 @@ def trtexec_commands(folder: Path | str, manifest: dict[str, Any], max_batch: in
                  f"--maxShapes={','.join(shapes['max'])}"]
         if name in quantised:
             parts.append("--stronglyTyped")
-        elif fp16 and name not in FP32_GRAPHS:
+        elif engine_fp16(name, quantised, fp16):
             parts.append("--fp16")
         lines.append(" ".join(shlex.quote(p) for p in parts))
     return lines
@@ -188,7 +194,7 @@ def build_engines(folder: Path | str, max_batch: int | None = None, fp16: bool =
     for name in manifest["pipeline"]:
         graph = manifest["graphs"][name]
         int8 = name in quantised
-        use_fp16 = bool(fp16 and name not in FP32_GRAPHS and not int8)
+        use_fp16 = engine_fp16(name, quantised, fp16)
         data = _build_one(trt, logger, folder / graph["file"], graph["inputs"], max_batch, use_fp16, workspace_gb,
                           strongly_typed=int8)
         atomic_write_bytes(folder / engine_file(name), data)
@@ -211,8 +217,8 @@ def register_engines(folder: Path | str, max_batch: int | None = None, fp16: boo
         raise tables.ExportError(f"{folder}: no engine file {', '.join(missing)}: build one per graph first (the "
                                  "trtexec lines `pni-ray export --trt` prints), then register them")
     quantised = int8_graphs(manifest)
-    engines = {name: {"file": engine_file(name), "fp16": bool(fp16 and name not in FP32_GRAPHS and name not in quantised),
-                      "int8": name in quantised, "max_batch": max_batch} for name in manifest["pipeline"]}
+    engines = {name: {"file": engine_file(name), "fp16": engine_fp16(name, quantised, fp16), "int8": name in quantised,
+                      "max_batch": max_batch} for name in manifest["pipeline"]}
     return _record_engines(folder, manifest, engines, {"status": "registered", "tensorrt_version": None,
                                                        "device": None, "workspace_gb": None})
 

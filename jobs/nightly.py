@@ -42,7 +42,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from pni_ray.orchestration.ray_session import stop_signal_name, terminate_as_interrupt
+from pni_ray.orchestration.ray_session import RayJoinError
+from pni_ray.orchestration.stopping import stop_signal_name, terminate_as_interrupt
 
 log = logging.getLogger("jobs.nightly")
 
@@ -173,7 +174,6 @@ def partition(output_root: str | Path, day: dt.date) -> Path:
 
 def run(config_path: Path | str, date: str | None = None, progress: bool = False) -> tuple[int, dict[str, Any]]:
     """The whole nightly run; returns (exit code, run record written to _nightly.json)."""
-    from pni_ray.orchestration.ray_session import RayJoinError
     from pni_ray.orchestration.score import Options, ScoreError, score
     from pni_ray.orchestration.score_output import OutInUse
     from pni_ray.results import atomic_write_json, now_utc
@@ -213,12 +213,12 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
                          title=f"pni-ray nightly {day.isoformat()}: {summary.get('category') or ''}")
     except OutInUse as exc:  # another run of this day is writing: its record is its own
         return EXIT_RUN, {**record, "status": "refused", "exit_code": EXIT_RUN, "error": str(exc)}
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (main's terminate_as_interrupt): said, not a traceback
-        record.update(status="failed", exit_code=EXIT_RUN,
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (main's terminate_as_interrupt): recorded, then
+        record.update(status="failed", exit_code=EXIT_RUN,  # raised on, so a caller looping over dates stops too
                       error=f"interrupted ({stop_signal_name(exc)}): the parts committed so far are "
                             "kept; rerun the same command to resume")
         atomic_write_json(out / "_nightly.json", record)
-        return EXIT_RUN, record
+        raise
     except Exception as exc:  # noqa: BLE001 - refused or crashed: the record says which, then the exit code
         refused = isinstance(exc, (ScoreError, RayJoinError))  # what to change, said in one message
         record.update(status="refused" if refused else "failed", exit_code=EXIT_RUN,
@@ -262,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with terminate_as_interrupt():
             code, record = run(args.config, date=args.date, progress=args.progress)
-    except KeyboardInterrupt as exc:  # before the run had an output to record it in
-        print(f"nightly interrupted ({stop_signal_name(exc)}); rerun the same command to resume",
-              file=sys.stderr)
+    except KeyboardInterrupt as exc:  # run() recorded it where it had begun its output
+        print(f"nightly interrupted ({stop_signal_name(exc)}): the parts committed so far are kept; rerun the same "
+              "command to resume", file=sys.stderr)
         return EXIT_RUN
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)

@@ -25,6 +25,13 @@ DEFAULT_TRAIN_THREADS = 1
 THREADS_ENV = "PNI_RAY_THREADS"
 
 
+class RunFailed(click.ClickException):
+    """A batch command that could not do its work (refused, failed, stopped, no cluster): exit 3, so
+    exit 1 keeps its one meaning, "some inputs or pairs failed"."""
+
+    exit_code = 3
+
+
 def set_threads(threads: int | None) -> int:
     """Pin torch's intra-op threads for inference-side commands (default: all cores).
 

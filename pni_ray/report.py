@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pni_ray.results import decode_row, part_files, table_metadata
+from pni_ray.results import decode_row, part_files, path_of_row, table_metadata
 
 LIGHT_COLUMNS = ["path", "category", "image_score", "is_anomalous", "map_dtype", "height", "width",
                  "map_min", "map_max", "model_id", "scored_at", "error"]
@@ -260,7 +260,7 @@ def build_report(out: Path | str, top_n: int = 12, title: str | None = None) -> 
                      f'<span class="mono">{vmax:.4g}</span> (one scale for all maps)</div>')
         h.append('<div class="grid">')
         for r, amap in shown_maps:
-            rgb = _load_original(r["path"])
+            rgb = _load_original(path_of_row(r["path"]))  # the file itself, not the cell's escaped text
             if rgb is not None and amap is not None and rgb.shape[:2] != amap.shape:
                 rgb = None  # the file changed since it was scored
             figs = []

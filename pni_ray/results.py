@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from datetime import datetime, timezone
 from typing import Any, Iterable, Sequence
 
@@ -151,6 +152,49 @@ def decode_row(row: dict[str, Any]) -> np.ndarray | None:
 # ------------------------------------------------------------------------------------------
 # rows and tables
 # ------------------------------------------------------------------------------------------
+
+
+PATH_TEXT = 2  # the path column's form (`row_path`); 1, outputs without it: backslashes not doubled
+
+
+def row_path(path: str) -> str:
+    """The `path` column's text for an input path, one to one: the path itself where it is UTF-8
+    without a backslash; else backslashes doubled and undecodable bytes as ``\\xNN`` (os.fsdecode keeps
+    them as lone surrogates, which Arrow refuses). Every escaped text holds a backslash and no plain
+    one does, and within the escaped ones a single backslash only starts a byte, so the byte name
+    ``bad<0xff>.png`` and the UTF-8 name ``bad\\xff.png`` are two rows (escaping the bytes alone gave both
+    one text, and a rerun then took the second file as done). `path_of_row` inverts it."""
+    raw = path.encode("utf-8", "surrogateescape")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and "\\" not in text:
+        return text
+    return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
+def path_of_row(text: str) -> str:
+    """The file a `path` cell names (the inverse of `row_path`), for opening it again (the report)."""
+    if "\\" not in text:
+        return text
+    raw, i = bytearray(), 0
+    while i < len(text):
+        if text.startswith("\\\\", i):
+            raw += b"\\"
+            i += 2
+        elif text.startswith("\\x", i):
+            raw.append(int(text[i + 2: i + 4], 16))
+            i += 4
+        else:
+            raw += text[i].encode("utf-8")
+            i += 1
+    return os.fsdecode(bytes(raw))
+
+
+def message_text(message: str) -> str:
+    """An error message as Parquet can hold it (a path's non-UTF-8 bytes inside it as ``\\xNN``)."""
+    return message.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def now_utc() -> datetime:

@@ -115,3 +115,22 @@ SLOW_MODULES_FIRST = ("test_transistor.py", "test_cluster.py", "test_bottle.py",
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOW_MODULES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every module keeps its order
+
+
+class SigtermReachedTheTest(Exception):
+    """Raised by `sigterm_guard`'s handler: the code under test did not handle SIGTERM itself."""
+
+
+@pytest.fixture
+def sigterm_guard():
+    """While the test runs, SIGTERM raises SigtermReachedTheTest (restored after), so code that should
+    handle SIGTERM itself and does not fails the test instead of killing the test process; yields
+    the handler, which the code under test must give back when it is done."""
+    import signal
+
+    def _raise(signum, frame):
+        raise SigtermReachedTheTest
+
+    before = signal.signal(signal.SIGTERM, _raise)
+    yield _raise
+    signal.signal(signal.SIGTERM, before)

@@ -435,6 +435,35 @@ def test_evaluate_an_export_directory_as_score_runs_it(exported, bundle_tiny, sy
         assert result.exit_code != 0 and phrase in result.output, (args, result.output)
 
 
+def test_openvino_backbones_leave_signals_safe(exported):
+    """Two OpenVINO backbones dropped in the order they came, then a signal Python handles (Ctrl-C,
+    a scheduler's SIGTERM): with a Core per model, OpenVINO 2026.4 left the main thread's alternate
+    signal stack on freed memory and the signal crashed the process. One Core per process (shared_core)
+    keeps it alive; run in a child process, since the failure is a segmentation fault."""
+    pytest.importorskip("openvino")
+    script = f"""
+import gc, os, signal, time
+import numpy as np
+from export.openvino_backbone import OpenVINOBackbone
+x = np.zeros((1, 3, 128, 128), np.float32)
+a = OpenVINOBackbone({str(exported / 'backbone.onnx')!r}, threads=1, precision="f32"); a.run({{"images": x}})
+b = OpenVINOBackbone({str(exported / 'backbone.onnx')!r}, threads=1, precision="f32"); b.run({{"images": x}})
+del a; gc.collect()
+del b; gc.collect()
+def stop(signum, frame):
+    raise KeyboardInterrupt
+signal.signal(signal.SIGTERM, stop)
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+except KeyboardInterrupt:
+    print("stopped cleanly")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0 and "stopped cleanly" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+
+
 def test_openvino_backbone_refuses_clearly(exported, monkeypatch):
     from export.openvino_backbone import OpenVINOUnavailable
 
@@ -742,8 +771,8 @@ def test_trt_build_with_a_stand_in_tensorrt(exported, tmp_path, monkeypatch):
 
 
 def test_engines_built_by_trtexec_are_registered_and_checksummed(exported, tmp_path, monkeypatch):
-    """`--register` records engine files built elsewhere (trtexec) as build_engines does; TRTModel, which
-    runs only recorded engines, then gets past the manifest; without them it is refused, naming the files."""
+    """`--register` records engine files built elsewhere (trtexec) as build_engines does, each checksummed
+    (TRTModel runs only recorded engines); a missing engine file is refused, naming it."""
     folder = tmp_path / "e"
     shutil.copytree(exported, folder)
     assert trt.main([str(folder), "--register", "--max-batch", "6", "--fp16"]) == 2  # no engine files yet

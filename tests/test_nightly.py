@@ -128,9 +128,15 @@ def test_entrypoint_runs_as_a_module():
     assert proc.returncode == 0 and "--config" in proc.stdout
 
 
-def test_an_interrupted_nightly_records_it_and_resumes(tmp_path, synthetic_root, bundle_tiny, monkeypatch, capsys):
-    """Ctrl-C (or SIGTERM, which score's handler turns into it) after one part: _nightly.json says
-    failed and why, exit 3 without a traceback; the rerun scores only what is missing."""
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_nightly_records_it_and_resumes(tmp_path, synthetic_root, bundle_tiny, monkeypatch, capsys,
+                                                       sigterm_guard, stop):
+    """Ctrl-C, or SIGTERM (a Kubernetes deadline, which main turns into the same), after one part:
+    _nightly.json says failed and why, exit 3 without a traceback; the rerun scores only what is missing."""
+    import os
+    import signal
+    import time
+
     from pni_ray.orchestration import score as score_module
 
     day = "2024-05-02"
@@ -142,14 +148,18 @@ def test_an_interrupted_nightly_records_it_and_resumes(tmp_path, synthetic_root,
 
     def interrupted_after_one_chunk(rows, info, opts):
         yield next(run_local(rows, info, opts))
+        if stop == "SIGTERM":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # main's handler raises at once
         raise KeyboardInterrupt
 
     monkeypatch.setitem(score_module.ENGINES, "local", interrupted_after_one_chunk)
     assert nightly.main(["--config", str(config), "--date", day, "-q"]) == nightly.EXIT_RUN
     record = json.loads((tmp_path / "results" / f"dt={day}" / "_nightly.json").read_text())
-    assert record["status"] == "failed" and record["error"].startswith("interrupted (SIGINT)")
+    assert record["status"] == "failed" and record["error"].startswith(f"interrupted ({stop})")
     err = capsys.readouterr().err
-    assert "interrupted (SIGINT)" in err and "Traceback" not in err
+    assert f"interrupted ({stop})" in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) is sigterm_guard
     monkeypatch.setitem(score_module.ENGINES, "local", run_local)
     code, record = nightly.run(config, date=day)
     n_images = len(list(images.glob("*.png")))

@@ -85,3 +85,21 @@ def test_histogram_and_colours():
     hot = overlay(rgb, np.full((4, 4), 10.0, np.float32), 0.0, 10.0)
     assert hot.shape == (4, 4, 3) and hot[0, 0, 0] > 128 and overlay(None, np.zeros((4, 4)), 0, 1).shape == (4, 4, 3)
     Image.fromarray(hot)  # a valid image
+
+
+def test_report_shows_images_whose_names_the_table_escapes(tmp_path, bundle_tiny, synthetic_root):
+    """A name with a backslash or non-UTF-8 bytes is escaped in the path column (row_path); the report
+    opens the file itself (path_of_row), so its image is shown, not "no longer readable"."""
+    import os
+
+    data = sorted((synthetic_root / "washer" / "test" / "good").glob("*.png"))[0].read_bytes()
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in (b"back\\slash.png", b"bad\xff.png"):
+        with open(os.path.join(os.fsencode(folder), name), "wb") as fh:
+            fh.write(data)
+    out = tmp_path / "out"
+    score(bundle_tiny, [str(folder)], out, Options(threads=1), engine="local")
+    html, info = build_report(out, top_n=2)
+    assert "back\\\\slash.png" in html and "no longer readable" not in html
+    assert html.count("data:image/png") == 2 * 2 + 1  # each image with its map, and the colour scale

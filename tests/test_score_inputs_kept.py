@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from jobs import nightly
 from pni_ray.orchestration import score as score_module
 from pni_ray.orchestration.score import Options, ScoreError, score
-from pni_ray.orchestration.score_inputs import expand_inputs, row_path
+from pni_ray.orchestration.score_inputs import expand_inputs
+from pni_ray.results import path_of_row, row_path
 from pni_ray.orchestration.score_output import remove_stale_temps
 from pni_ray.fileio import atomic_write_bytes
 from pni_ray.results import read_table
@@ -106,21 +107,45 @@ def test_a_name_that_is_not_utf8_is_scored_once_and_resumed(bundle_tiny, synthet
     assert fresh["rows"] == 4 and fresh["duplicate_rows"] == 0 and len(_rows(tmp_path / "fresh")) == 4
 
 
-def test_an_output_of_the_earlier_path_text_is_not_resumed_where_a_name_would_change(
+def test_row_path_and_path_of_row_are_inverse_and_one_to_one():
+    names = [b"plain.png", "ü.png".encode(), b"bad\xffname.png", b"bad\\xffname.png", b"a\\b.png", b"a\\\xff.png",
+             b"\\\\x41.png", b"\xc3.png", b"x\\", b"\\"]
+    texts = [row_path(os.fsdecode(b"/d/" + n)) for n in names]
+    assert len(set(texts)) == len(names)
+    assert [path_of_row(t) for t in texts] == [os.fsdecode(b"/d/" + n) for n in names]
+    assert texts[:2] == ["/d/plain.png", "/d/ü.png"]  # names without a backslash, in UTF-8: as they are
+
+
+def test_an_output_of_the_earlier_path_text_resumes_only_where_its_rows_read_alike(
         bundle_tiny, synthetic_root, tmp_path):
+    """Outputs written before path_text: without a row holding a backslash both forms read them alike, and
+    they are marked as the current form; with one, a row could stand for two files: refused. A newer
+    form than this pni-ray writes is refused too."""
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "a.png").write_bytes(_image(synthetic_root))
     out = tmp_path / "out"
+
+    def as_written_before(form=None):
+        identity = json.loads((out / "_dataset.json").read_text())
+        identity.pop("path_text", None)
+        if form is not None:
+            identity["path_text"] = form
+        (out / "_dataset.json").write_text(json.dumps(identity))
+
     score(bundle_tiny, [str(folder)], out, Options(threads=1), engine="local")
-    identity = json.loads((out / "_dataset.json").read_text())
-    assert identity.pop("path_text") == 2
-    (out / "_dataset.json").write_text(json.dumps(identity))  # as an earlier pni-ray wrote it
+    as_written_before()
     assert score(bundle_tiny, [str(folder)], out, Options(threads=1), engine="local")["run"]["scheduled"] == 0
+    assert json.loads((out / "_dataset.json").read_text())["path_text"] == 2  # marked as read alike
     (folder / "back\\slash.png").write_bytes(_image(synthetic_root))
-    with pytest.raises(ScoreError, match="older pni-ray.*back\\\\slash.png.*another --out"):
+    assert score(bundle_tiny, [str(folder)], out, Options(threads=1), engine="local")["run"]["scheduled"] == 1
+    as_written_before()
+    with pytest.raises(ScoreError, match="older pni-ray.*back.*slash.png.*another --out"):
         score(bundle_tiny, [str(folder)], out, Options(threads=1), engine="local")
-    assert len(_rows(out)) == 1
+    as_written_before(form=3)
+    with pytest.raises(ScoreError, match="newer pni-ray"):
+        score(bundle_tiny, [str(folder)], out, Options(threads=1), engine="local")
+    assert len(_rows(out)) == 2
 
 
 def test_retry_failed_retries_only_this_runs_inputs(bundle_tiny, synthetic_root, tmp_path):
@@ -259,7 +284,8 @@ def test_nightly_record_after_a_failed_report_and_beside_a_live_run(bundle_tiny,
 
 
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
-def test_a_stopped_run_says_so_exits_3_and_resumes(bundle_tiny, synthetic_root, tmp_path, monkeypatch, stop):
+def test_a_stopped_run_says_so_exits_3_and_resumes(bundle_tiny, synthetic_root, tmp_path, monkeypatch, stop,
+                                                  sigterm_guard):
     """Ctrl-C or a scheduler's SIGTERM after one committed part: exit 3 with what is kept and what to do
     (click alone said "Aborted!" with exit 1, the status of "some inputs failed"); the rerun completes."""
     import signal
@@ -283,35 +309,47 @@ def test_a_stopped_run_says_so_exits_3_and_resumes(bundle_tiny, synthetic_root, 
     out = tmp_path / "out"
     args = ["score", str(bundle_tiny), str(folder), "--out", str(out), "--engine", "local", "--chunk-size", "2",
             "--threads", "1", "--no-progress"]
-    before = signal.getsignal(signal.SIGTERM)
     result = CliRunner().invoke(main, args)
+    assert signal.getsignal(signal.SIGTERM) is sigterm_guard  # the handler is the run's alone
     assert result.exit_code == 3, result.output
     assert f"interrupted ({stop})" in result.output and "rerun the same command to resume" in result.output
     assert len(_rows(out)) == 2 and not (out / "_summary.json").exists()
-    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the run's alone
     monkeypatch.setitem(score_module.ENGINES, "local", run_local)
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert len(_rows(out)) == 4 and "2 were already in" in result.output
 
 
-def test_joining_ray_keeps_the_callers_sigterm_handler(monkeypatch):
-    """ray.init installs its own SIGTERM handler (a bare exit): join_ray puts terminate_as_interrupt's back."""
+@pytest.mark.parametrize("when", ["after", "during"])
+def test_joining_ray_keeps_the_callers_sigterm_handler(monkeypatch, when, sigterm_guard):
+    """ray.init installs its own SIGTERM handler (sys.exit) before it starts or joins, which can take a
+    minute: join_ray puts terminate_as_interrupt's back, and a SIGTERM during ray.init is raised as that
+    handler would have raised it (KeyboardInterrupt), not as Ray's SystemExit(15)."""
     import signal
+    import sys
 
     import ray
 
-    from pni_ray.orchestration.ray_session import join_ray, terminate_as_interrupt
+    from pni_ray.orchestration.ray_session import join_ray
+    from pni_ray.orchestration.stopping import terminate_as_interrupt
 
     def init_like_ray(**kwargs):
-        signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(15))
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+        if when == "during":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", init_like_ray)
     with terminate_as_interrupt():
         ours = signal.getsignal(signal.SIGTERM)
-        join_ray(None)
+        if when == "during":
+            with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+                join_ray(None)
+        else:
+            join_ray(None)
         assert signal.getsignal(signal.SIGTERM) is ours
         with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler raises at once; without it this would sleep, then fail
+    assert signal.getsignal(signal.SIGTERM) is sigterm_guard

@@ -466,7 +466,8 @@ def test_a_killed_drivers_probe_file_is_removed_by_the_next_run(tmp_path):
 
 
 @pytest.mark.parametrize("trouble", ["sigterm", "cluster", "storage"])
-def test_train_all_that_cannot_run_exits_with_its_own_status(monkeypatch, synthetic_root, tmp_path, trouble):
+def test_train_all_that_cannot_run_exits_with_its_own_status(monkeypatch, synthetic_root, tmp_path, trouble,
+                                                             sigterm_guard):
     """Exit 1 means a pair failed. Stopped (SIGTERM raised as KeyboardInterrupt) or a cluster it cannot
     join: 3; OUT not shared by every node: 2, without click's usage text (the command line was right)."""
     import signal
@@ -486,5 +487,6 @@ def test_train_all_that_cannot_run_exits_with_its_own_status(monkeypatch, synthe
     result = CliRunner().invoke(main, ["train-all", str(synthetic_root), "--out", str(tmp_path / "out")])
     said = {"sigterm": "interrupted (SIGTERM): the bundles saved so far are kept", "cluster": "cluster: what to change",
             "storage": "storage: what to change"}[trouble]
+    assert signal.getsignal(signal.SIGTERM) is sigterm_guard
     assert result.exit_code == (2 if trouble == "storage" else 3), result.output
     assert said in result.output and "Usage:" not in result.output

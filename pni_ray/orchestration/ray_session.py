@@ -110,41 +110,23 @@ def join_ray(
 
 @contextlib.contextmanager
 def _keeping_sigterm_handler() -> Iterator[None]:
-    """ray.init installs its own SIGTERM handler (a bare exit, and a C++ stack dump); a handler the
-    caller installed (`terminate_as_interrupt`) is put back, so a run stopped by SIGTERM ends as one
-    stopped by Ctrl-C: with its message and exit status."""
+    """ray.init installs its own SIGTERM handler (sys.exit, and a C++ stack dump) first thing, then may
+    take a minute to start or join; a handler the caller installed (`stopping.terminate_as_interrupt`)
+    is put back afterwards, and a SIGTERM that Ray's handler turned into an exit meanwhile is raised
+    as the caller's would have been, so the run ends as one stopped by Ctrl-C: with its message and
+    exit status."""
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGTERM) if main else None
+    ours = main and callable(before) and getattr(before, "_pni_ray", False)
     try:
         yield
+    except SystemExit as exc:
+        if ours and exc.code == signal.SIGTERM:
+            raise KeyboardInterrupt(signal.SIGTERM.name) from None
+        raise
     finally:
-        if main and callable(before) and getattr(before, "_pni_ray", False):
+        if ours:
             signal.signal(signal.SIGTERM, before)
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM (a scheduler's stop, `kill`, Kubernetes' deadline) raises
-    KeyboardInterrupt as Ctrl-C does, so a batch run stops through its own handling (committed parts
-    kept, a message, exit status 3) instead of dying mid-line. Main thread only; restored after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _raise(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    _raise._pni_ray = True  # type: ignore[attr-defined]  # join_ray puts this handler back after ray.init
-    before = signal.signal(signal.SIGTERM, _raise)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
-
-
-def stop_signal_name(exc: KeyboardInterrupt) -> str:
-    """Which signal stopped a run: terminate_as_interrupt's name, else Ctrl-C's."""
-    return str(exc.args[0]) if exc.args else "SIGINT"
 
 
 def join_error_message(address: str, source: str, exc: BaseException) -> str:

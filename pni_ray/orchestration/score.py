@@ -42,7 +42,8 @@ import pyarrow as pa
 from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError
 from pni_ray.geometry import Geometry, GeometryError, Prepared, restore_map
 from pni_ray.options import backbone_option_error
-from pni_ray.orchestration.score_inputs import CHUNK_SIZE, chunk_id, expand_inputs, make_chunks, message_text, row_path
+from pni_ray.orchestration.ray_session import FLAG as ADDRESS_FLAG
+from pni_ray.orchestration.score_inputs import CHUNK_SIZE, chunk_id, expand_inputs, make_chunks
 from pni_ray.orchestration.score_model import ModelInfo, ScoreError, describe_model
 from pni_ray.orchestration.score_output import (
     SUMMARY_FILE,
@@ -58,7 +59,9 @@ from pni_ray.results import (
     MAP_FORMATS,
     atomic_write_json,
     error_row,
+    message_text,
     now_utc,
+    row_path,
     rows_to_table,
     schema,
     scored_row,
@@ -240,7 +243,7 @@ class Options:
     max_pixels: int = DEFAULT_MAX_PIXELS
     chunk_size: int = CHUNK_SIZE
     address: str | None = None
-    address_named_by: str = "--address"  # what gave `address`, for a refused join's message
+    address_named_by: str = ADDRESS_FLAG  # what gave `address`, for a refused join's message
     threads: int | None = None  # local engine only; default: all cores
     stages: str = "auto"  # fused: decode+score+encode in the model actors; split: separate task stages
     backbone_runtime: str = "onnxruntime"  # exports only: "openvino" runs the backbone graph with OpenVINO
@@ -286,7 +289,7 @@ def _chunk_rows(chunks: list[list[str]], preset: dict[str, str]) -> list[dict[st
             for c in chunks]
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None, named_by: str = "--address") -> bool:
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, named_by: str = ADDRESS_FLAG) -> bool:
     """Join Ray the one shared way (ray_session.join_ray); True if this call started it."""
     from pni_ray.orchestration.ray_session import LOCAL, join_ray
 
@@ -400,7 +403,7 @@ def score(
         raise ScoreError(f"{out} is a model directory (it holds manifest.json): scores go to a directory of "
                          "their own; use another --out")
     with locked(out):
-        check_dataset(out, info, opts.map_format, runtime, expanded.paths)
+        check_dataset(out, info, opts.map_format, runtime)
         stale = remove_stale_temps(out)
         (out / SUMMARY_FILE).unlink(missing_ok=True)  # until this run finishes, no summary claims OUT is complete
         retried = retry_failed(out, {row_path(p) for p in expanded.paths}) if retry else 0

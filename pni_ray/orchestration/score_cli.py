@@ -14,20 +14,17 @@ from typing import Any
 import click
 
 from pni_ray.data.images import DEFAULT_MAX_PIXELS
-from pni_ray.options import backbone_options
-from pni_ray.orchestration.ray_session import RayJoinError, stop_signal_name, terminate_as_interrupt
+from pni_ray.options import RunFailed, backbone_options
+from pni_ray.orchestration.ray_session import RayJoinError
 from pni_ray.orchestration.score import ENGINES, Options, ScoreError, score
 from pni_ray.orchestration.score_inputs import CHUNK_SIZE
 from pni_ray.orchestration.score_output import SUMMARY_FILE
+from pni_ray.orchestration.stopping import stop_signal_name, terminate_as_interrupt
 from pni_ray.results import MAP_FORMATS
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED_INPUTS, EXIT_RUN_FAILED = 0, 1, 3  # click's usage errors exit 2
-
-
-class RunFailed(click.ClickException):
-    exit_code = EXIT_RUN_FAILED
+EXIT_OK, EXIT_FAILED_INPUTS = 0, 1  # click's usage errors exit 2; RunFailed 3
 
 
 def interrupted_message(exc: KeyboardInterrupt, out: Path) -> str:

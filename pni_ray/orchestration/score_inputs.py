@@ -12,10 +12,10 @@ holds it, is skipped with a warning, since that folder is walked under its own n
 An explicit path that does not exist, a directory without images, a subdirectory that cannot be
 read, or a glob that matches nothing gets an error row.
 
-The table's ``path`` column holds `row_path` of each input: the path itself where it is UTF-8 and
-holds no backslash; otherwise an escaped form (backslashes doubled, bytes that are not UTF-8, which
-Parquet strings cannot hold, as ``\\xNN``) that no other path can give, so rows and inputs match one
-to one (resuming matches on this text).
+The table's ``path`` column holds `pni_ray.results.row_path` of each input: the path itself where it
+is UTF-8 and holds no backslash; otherwise an escaped form (backslashes doubled, bytes that are not
+UTF-8, which Parquet strings cannot hold, as ``\\xNN``) that no other path can give, so rows and
+inputs match one to one (resuming matches on this text).
 
 Chunks are fixed-size runs of the sorted list, named by a hash of their paths, so a rerun over the
 same inputs makes the same chunks and finds its committed part files.
@@ -55,35 +55,6 @@ def _norm(path: str, base: str | None = None) -> str:
     if base is not None and not os.path.isabs(path):
         path = os.path.join(base, path)
     return os.path.normpath(os.path.abspath(path))
-
-
-def row_path(path: str) -> str:
-    """The `path` column's text for an input path, one to one: the path itself where it is UTF-8
-    without a backslash; else backslashes doubled and undecodable bytes as ``\\xNN`` (os.fsdecode keeps
-    them as lone surrogates, which Arrow refuses). Every escaped text holds a backslash and no plain
-    one does, and within the escaped ones a single backslash only starts a byte, so the byte name
-    ``bad<0xff>.png`` and the UTF-8 name ``bad\\xff.png`` are two rows (escaping the bytes alone gave both
-    one text, and a rerun then took the second file as done)."""
-    raw = path.encode("utf-8", "surrogateescape")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
-    if text is not None and "\\" not in text:
-        return text
-    return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
-
-
-def legacy_row_path(path: str) -> str:
-    """`row_path` before it doubled backslashes (part files of outputs written without
-    ``path_text`` in their _dataset.json): the same text for every name but those with a backslash or
-    non-UTF-8 bytes."""
-    return message_text(path)
-
-
-def message_text(message: str) -> str:
-    """An error message as Parquet can hold it (a path's non-UTF-8 bytes inside it as ``\\xNN``)."""
-    return message.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _walk_images(folder: str, preset: dict[str, str]) -> list[str]:
@@ -136,7 +107,7 @@ def _expand_one(spec: str, base: str | None, out: list[str], preset: dict[str, s
         found = _walk_images(path, preset)
         if not found:  # an empty camera folder is news, not silence
             out.append(path)
-            preset[path] = f"{path}: directory contains no image files"
+            preset[path] = f"{path}: directory contains no image files{origin}"
         out.extend(found)
     else:
         out.append(path)  # missing files are decoded into "file not found" rows

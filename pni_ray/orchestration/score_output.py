@@ -9,17 +9,19 @@ import fcntl
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
-from pni_ray.orchestration.score_inputs import Inputs, legacy_row_path, row_path
+from pni_ray.orchestration.score_inputs import Inputs
 from pni_ray.orchestration.score_model import ModelInfo, ScoreError
 from pni_ray.results import (
+    PATH_TEXT,
     TABLE_FORMAT,
     atomic_write_bytes,
     atomic_write_json,
     now_utc,
     part_files,
     read_table,
+    row_path,
     table_to_parquet_bytes,
 )
 
@@ -27,7 +29,6 @@ DATASET_FILE = "_dataset.json"
 SUMMARY_FILE = "_summary.json"
 LOCK_FILE = "_lock"
 MAX_FAILURES_LISTED = 1000
-PATH_TEXT = 2  # `row_path`'s form of the path column (1, implicit: backslashes not escaped)
 
 
 class OutInUse(ScoreError):
@@ -54,25 +55,19 @@ def locked(out: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def check_dataset(out: Path, info: ModelInfo, map_format: str, runtime: str = "onnxruntime",
-                  paths: Sequence[str] = ()) -> None:
+def check_dataset(out: Path, info: ModelInfo, map_format: str, runtime: str = "onnxruntime") -> None:
     """OUT holds the scores of one model in one map format from one backbone runtime; refuse to mix.
 
     The identity binds OUT once a part is committed: a run that committed none (a refused Ray join, a
     wrong --address, a kill before the first chunk) leaves an identity that the next run replaces.
-    An OUT whose identity lacks ``path_text`` was written before `row_path` escaped backslashes: it
-    resumes as before unless one of `paths` (this run's inputs) would now be written otherwise, which
-    is refused, since that input's old row could not be found and it would get a second one."""
+    An OUT whose identity has no ``path_text`` was written before `row_path` doubled backslashes: where
+    none of its rows holds a backslash, both forms read it alike and it is marked as the current form;
+    otherwise a row's text could stand for two files (a name with a backslash, a non-UTF-8 name), and
+    resuming could take one file's row for the other's, so it is refused."""
     path = out / DATASET_FILE
     parts = part_files(out)
     if path.is_file() and parts:
         ds = json.loads(path.read_text())
-        if ds.get("path_text") != PATH_TEXT:
-            changed = next((p for p in paths if row_path(p) != legacy_row_path(p)), None)
-            if changed is not None:
-                raise ScoreError(f"{out} was written by an older pni-ray, which wrote a path with a backslash or "
-                                 f"non-UTF-8 bytes such as {legacy_row_path(changed)} in another form: resuming "
-                                 "would give such inputs a second row; use another --out")
         if "source_model_id" not in ds and ds.get("model_kind") == "export" and ds.get("model_id") == info.source_model_id:
             raise ScoreError(f"{out} was written by an older pni-ray, which named an export by its bundle's id, so "
                              "it cannot tell which export of that bundle (FP32, INT8, ...) scored it: use another --out")
@@ -88,11 +83,21 @@ def check_dataset(out: Path, info: ModelInfo, map_format: str, runtime: str = "o
             raise ScoreError(f"{out} holds scores whose backbone ran in {ds.get('backbone_runtime', 'onnxruntime')}, "
                              f"this run's would run in {runtime}: use the same --backbone-runtime and "
                              "--backbone-precision, or another --out")
+        form = ds.get("path_text", 1)
+        if form > PATH_TEXT:
+            raise ScoreError(f"{out} was written by a newer pni-ray (path_text {form}): upgrade, or use another --out")
+        if form < PATH_TEXT:
+            escaped = next((p for p in sorted(committed_paths(out)) if "\\" in p), None)
+            if escaped is not None:
+                raise ScoreError(f"{out} was written by an older pni-ray, whose path column cannot tell a name with a "
+                                 f"backslash from a non-UTF-8 one ({escaped}): resuming could take one file's row for "
+                                 "another's; use another --out")
+            atomic_write_json(path, {**ds, "path_text": PATH_TEXT})  # read alike in both forms
         return
     if parts:
         raise ScoreError(f"{out} has part files but no {DATASET_FILE}: not a pni-ray score output, use another --out")
-    atomic_write_json(path, {"format": TABLE_FORMAT, "path_text": PATH_TEXT, "model_id": info.model_id, "model_path": info.path,
-                             "model_kind": info.kind, "source_model_id": info.source_model_id,
+    atomic_write_json(path, {"format": TABLE_FORMAT, "path_text": PATH_TEXT, "model_id": info.model_id,
+                             "model_path": info.path, "model_kind": info.kind, "source_model_id": info.source_model_id,
                              "category": info.category, "threshold": json_float(info.threshold),
                              "map_format": map_format, "backbone_runtime": runtime, "created_at": now_utc().isoformat()})
 

@@ -11,17 +11,11 @@ from typing import Any
 
 import click
 
-from pni_ray.options import build_config, check_force_out, load_config_file, set_threads, train_options
-from pni_ray.orchestration.ray_session import RayJoinError, stop_signal_name, terminate_as_interrupt
+from pni_ray.options import RunFailed, build_config, check_force_out, load_config_file, set_threads, train_options
+from pni_ray.orchestration.ray_session import RayJoinError
 from pni_ray.orchestration.shared_storage import SharedStorageError
+from pni_ray.orchestration.stopping import stop_signal_name, terminate_as_interrupt
 from pni_ray.orchestration.train_all import FAILED, SKIPPED, TRAINED, format_table, train_all
-
-
-class NotRun(click.ClickException):
-    """The run could not go on (a cluster it cannot join; Ctrl-C or SIGTERM): not exit 1, which says
-    some pair failed."""
-
-    exit_code = 3
 
 
 class NotShared(click.ClickException):
@@ -73,12 +67,12 @@ def train_all_cmd(data_root: Path, out: Path, categories: str | None, backbones:
                 evaluate=not no_eval, max_retries=max_retries, num_cpus=num_cpus,
             )
     except KeyboardInterrupt as exc:
-        raise NotRun(f"interrupted ({stop_signal_name(exc)}): the bundles saved so far are kept; rerun the same "
+        raise RunFailed(f"interrupted ({stop_signal_name(exc)}): the bundles saved so far are kept; rerun the same "
                      "command to train the rest") from None
     except SharedStorageError as exc:
         raise NotShared(str(exc)) from exc
     except RayJoinError as exc:
-        raise NotRun(str(exc)) from exc
+        raise RunFailed(str(exc)) from exc
     click.echo(format_table(result.rows))
     for row in result.failed:
         click.echo(f"\nFAILED {row['category']}/{row['backbone']} ({row.get('stage')}): {row.get('error')}")
