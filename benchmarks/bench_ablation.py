@@ -309,13 +309,14 @@ def moved_copy(data_root: Path, category: str, out_root: Path, shift: float = 0.
         pixels = np.asarray(Image.open(image))
         offset = tuple(int(v) for v in rng.uniform(-shift, shift, 2) * pixels.shape[:2])
         angle = float(rng.uniform(-rotate, rotate)) if rotate else 0.0
-        pairs = [(pixels, dst / rel, 1, "reflect")]  # image: bilinear
+        pairs = [(pixels, dst / rel, 1)]  # image: bilinear
         if rel.parts[0] == "test" and rel.parts[1] != "good":
             mask = Path("ground_truth") / rel.parts[1] / f"{image.stem}_mask.png"
-            pairs.append((np.asarray(Image.open(src / mask)), dst / mask, 0, "reflect"))  # mask: nearest, reflected alike
-        for values, out, order, fill in pairs:
-            if angle:
-                values = ndimage.rotate(values, angle, axes=(1, 0), reshape=False, order=order, mode=fill).astype(values.dtype)
+            pairs.append((np.asarray(Image.open(src / mask)), dst / mask, 0))  # mask: nearest
+        for values, out, order in pairs:
+            if angle:  # corners reflected, the mask's alike
+                values = ndimage.rotate(values, angle, axes=(1, 0), reshape=False, order=order,
+                                        mode="reflect").astype(values.dtype)
             out.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.roll(values, offset, axis=(0, 1))).save(out)
     return out_root

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from pni_ray.orchestration.ray_session import RayJoinError
-from pni_ray.orchestration.stopping import stop_signal_name, terminate_as_interrupt
+from pni_ray.orchestration.stopping import interrupted_message, terminate_as_interrupt
 
 log = logging.getLogger("jobs.nightly")
 
@@ -67,6 +67,7 @@ DEFAULTS: dict[str, Any] = {
 }
 REQUIRED = ("model", "inputs", "output_root")
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_CONFIG, EXIT_RUN = 0, 1, 2, 3
+KEPT = "the parts committed so far are kept"  # what a stopped run leaves (interrupted_message)
 
 
 class ConfigError(ValueError):
@@ -215,8 +216,7 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
         return EXIT_RUN, {**record, "status": "refused", "exit_code": EXIT_RUN, "error": str(exc)}
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (main's terminate_as_interrupt): recorded, then
         record.update(status="failed", exit_code=EXIT_RUN,  # raised on, so a caller looping over dates stops too
-                      error=f"interrupted ({stop_signal_name(exc)}): the parts committed so far are "
-                            "kept; rerun the same command to resume")
+                      error=interrupted_message(exc, KEPT))
         atomic_write_json(out / "_nightly.json", record)
         raise
     except Exception as exc:  # noqa: BLE001 - refused or crashed: the record says which, then the exit code
@@ -263,8 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         with terminate_as_interrupt():
             code, record = run(args.config, date=args.date, progress=args.progress)
     except KeyboardInterrupt as exc:  # run() recorded it where it had begun its output
-        print(f"nightly interrupted ({stop_signal_name(exc)}): the parts committed so far are kept; rerun the same "
-              "command to resume", file=sys.stderr)
+        print(f"nightly {interrupted_message(exc, KEPT)}", file=sys.stderr)
         return EXIT_RUN
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)

@@ -19,18 +19,12 @@ from pni_ray.orchestration.ray_session import RayJoinError
 from pni_ray.orchestration.score import ENGINES, Options, ScoreError, score
 from pni_ray.orchestration.score_inputs import CHUNK_SIZE
 from pni_ray.orchestration.score_output import SUMMARY_FILE
-from pni_ray.orchestration.stopping import stop_signal_name, terminate_as_interrupt
+from pni_ray.orchestration.stopping import interrupted_message, terminate_as_interrupt
 from pni_ray.results import MAP_FORMATS
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED_INPUTS = 0, 1  # click's usage errors exit 2; RunFailed 3
-
-
-def interrupted_message(exc: KeyboardInterrupt, out: Path) -> str:
-    """What a stopped run tells its user: what stopped it, what is kept, what to do."""
-    return (f"interrupted ({stop_signal_name(exc)}): the parts committed so far are kept in {out} "
-            "and no summary was written; rerun the same command to resume")
 
 
 def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
@@ -108,7 +102,8 @@ def score_cmd(model: Path, inputs: tuple[str, ...], out: Path, address: str | No
         with terminate_as_interrupt():
             summary = score(model, inputs, out, opts, engine=engine, top_n=top_n, progress=progress, retry=retry_failed)
     except KeyboardInterrupt as exc:  # not click's "Aborted!" and exit 1, which says "some inputs failed"
-        raise RunFailed(interrupted_message(exc, out.resolve())) from None
+        kept = f"the parts committed so far are kept in {out.resolve()} and no summary was written"
+        raise RunFailed(interrupted_message(exc, kept)) from None
     except ScoreError as exc:
         raise RunFailed(str(exc)) from exc
     except RayJoinError as exc:  # nothing was scored: what to change, not a traceback and "rerun to resume"

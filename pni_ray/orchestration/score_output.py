@@ -87,7 +87,7 @@ def check_dataset(out: Path, info: ModelInfo, map_format: str, runtime: str = "o
         if form > PATH_TEXT:
             raise ScoreError(f"{out} was written by a newer pni-ray (path_text {form}): upgrade, or use another --out")
         if form < PATH_TEXT:
-            escaped = next((p for p in sorted(committed_paths(out)) if "\\" in p), None)
+            escaped = min((p for p in committed_paths(out) if "\\" in p), default=None)  # the first, in order
             if escaped is not None:
                 raise ScoreError(f"{out} was written by an older pni-ray, whose path column cannot tell a name with a "
                                  f"backslash from a non-UTF-8 one ({escaped}): resuming could take one file's row for "

@@ -39,3 +39,8 @@ def terminate_as_interrupt() -> Iterator[None]:
 def stop_signal_name(exc: KeyboardInterrupt) -> str:
     """Which signal stopped a run: terminate_as_interrupt's name, else Ctrl-C's."""
     return str(exc.args[0]) if exc.args else "SIGINT"
+
+
+def interrupted_message(exc: KeyboardInterrupt, kept: str, rerun_does: str = "resume") -> str:
+    """What a stopped run tells its user, in every command alike: what stopped it, what is kept, what to do."""
+    return f"interrupted ({stop_signal_name(exc)}): {kept}; rerun the same command to {rerun_does}"

@@ -14,7 +14,7 @@ import click
 from pni_ray.options import RunFailed, build_config, check_force_out, load_config_file, set_threads, train_options
 from pni_ray.orchestration.ray_session import RayJoinError
 from pni_ray.orchestration.shared_storage import SharedStorageError
-from pni_ray.orchestration.stopping import stop_signal_name, terminate_as_interrupt
+from pni_ray.orchestration.stopping import interrupted_message, terminate_as_interrupt
 from pni_ray.orchestration.train_all import FAILED, SKIPPED, TRAINED, format_table, train_all
 
 
@@ -67,8 +67,7 @@ def train_all_cmd(data_root: Path, out: Path, categories: str | None, backbones:
                 evaluate=not no_eval, max_retries=max_retries, num_cpus=num_cpus,
             )
     except KeyboardInterrupt as exc:
-        raise RunFailed(f"interrupted ({stop_signal_name(exc)}): the bundles saved so far are kept; rerun the same "
-                     "command to train the rest") from None
+        raise RunFailed(interrupted_message(exc, "the bundles saved so far are kept", "train the rest")) from None
     except SharedStorageError as exc:
         raise NotShared(str(exc)) from exc
     except RayJoinError as exc:
