@@ -346,6 +346,8 @@ def anomalib_openvino(onnx_path: Path, spec: dict, batch: int, int8: str | None)
     backbone has none) left in float, as pni-ray's `--int8 backbone` leaves its scorer."""
     import openvino as ov
 
+    from export.openvino_backbone import shared_core  # one Core per process: see its docstring
+
     model = ov.convert_model(str(onnx_path))
     if int8:
         import nncf
@@ -357,7 +359,7 @@ def anomalib_openvino(onnx_path: Path, spec: dict, batch: int, int8: str | None)
     config = {"INFERENCE_NUM_THREADS": spec["threads"], "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
     if "share" in spec:  # layout `processes`: OpenVINO pins each process's thread to a core of its own
         config["ENABLE_CPU_PINNING"] = False  # choosing, and processes unaware of each other pick the same one
-    return ov.Core().compile_model(model, "CPU", config)
+    return shared_core().compile_model(model, "CPU", config)
 
 
 ANOMALIB_INT8 = {"openvino-int8": "all", "openvino-int8-backbone": "backbone"}  # engine: what nncf quantises

@@ -435,19 +435,31 @@ def test_evaluate_an_export_directory_as_score_runs_it(exported, bundle_tiny, sy
         assert result.exit_code != 0 and phrase in result.output, (args, result.output)
 
 
-def test_openvino_backbones_leave_signals_safe(exported):
-    """Two OpenVINO backbones dropped in the order they came, then a signal Python handles (Ctrl-C,
+OPENVINO_MODELS = {  # what builds an OpenVINO model of a graph file (name `graph`), with a line that runs it on x
+    "pni-ray backbone": ("from export.openvino_backbone import OpenVINOBackbone",
+                         'OpenVINOBackbone(graph, threads=1, precision="f32")', '.run({"images": x})'),
+    "bench_peers' anomalib side": ("import sys; sys.path.insert(0, 'benchmarks'); from bench_peers import anomalib_openvino",
+                                   'anomalib_openvino(graph, {"threads": 1}, 1, None)', '.create_infer_request().infer({0: x})'),
+}
+
+
+@pytest.mark.parametrize("maker", sorted(OPENVINO_MODELS))
+def test_openvino_models_leave_signals_safe(exported, maker):
+    """Two OpenVINO models dropped in the order they came, then a signal Python handles (Ctrl-C,
     a scheduler's SIGTERM): with a Core per model, OpenVINO 2026.4 left the main thread's alternate
-    signal stack on freed memory and the signal crashed the process. One Core per process (shared_core)
-    keeps it alive; run in a child process, since the failure is a segmentation fault."""
+    signal stack on freed memory and the signal crashed the process. One Core per process (shared_core),
+    for the backbones pni-ray runs and the peer's graphs bench_peers times, keeps it alive; run in a
+    child process, since the failure is a segmentation fault."""
     pytest.importorskip("openvino")
+    imports, build, use = OPENVINO_MODELS[maker]
     script = f"""
 import gc, os, signal, time
 import numpy as np
-from export.openvino_backbone import OpenVINOBackbone
+{imports}
+graph = {str(exported / 'backbone.onnx')!r}
 x = np.zeros((1, 3, 128, 128), np.float32)
-a = OpenVINOBackbone({str(exported / 'backbone.onnx')!r}, threads=1, precision="f32"); a.run({{"images": x}})
-b = OpenVINOBackbone({str(exported / 'backbone.onnx')!r}, threads=1, precision="f32"); b.run({{"images": x}})
+a = {build}; a{use}
+b = {build}; b{use}
 del a; gc.collect()
 del b; gc.collect()
 def stop(signum, frame):
