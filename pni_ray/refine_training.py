@@ -29,14 +29,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pni_ray.config import RefinerConfig, TrainConfig
 from pni_ray.data.defects import DefectMix, sample_defect
-from pni_ray.data.images import list_images, load_rgb
-from pni_ray.data.transforms import resize_rgb, to_tensor
+from pni_ray.data.images import list_images
+from pni_ray.data.transforms import resize_rgb
 from pni_ray.models.pni import Normalisation, TrainedModel, build_detector
 from pni_ray.models.refiner import MapRefiner, build_refiner, refinement_loss
+from pni_ray.predict import chunks, default_name, detector_geometry, score_prepared
 
 log = logging.getLogger(__name__)
 
@@ -94,38 +96,63 @@ def split_refiner_images(paths: list[Path], cfg: TrainConfig) -> tuple[list[Path
     return [p for p in pool if p not in chosen], calibration
 
 
+def stored_hw(canvas_hw: tuple[int, int], image_size: int) -> tuple[int, int]:
+    """The size a synthetic sample is kept at: its canvas, the short side brought down to the features'
+    image size where it is larger (a tiled canvas). The refiner runs at `refiner.image_size` (128 px)
+    whatever it is given, so more pixels would only cost memory: 480 canvases of 1024 x 1024 are ~4 GB."""
+    h, w = canvas_hw
+    scale = min(1.0, image_size / min(h, w))
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
 @torch.no_grad()
 def make_refiner_data(
     trained: TrainedModel, paths: list[Path], n_samples: int, seed: int, progress: bool = True, batch_size: int = 8
 ) -> RefinerData:
-    """Seeded synthetic defects on `paths` (cycled in a shuffled order) and their PNI maps."""
+    """Seeded synthetic defects on `paths` (cycled in a shuffled order) and their PNI maps.
+
+    Each image is prepared by the bundle's geometry (squashed, letterboxed, short side, or tiled) and
+    scored by `score_prepared`, the path `score` and `evaluate` run, so the refiner learns from the
+    canvases and maps it will refine. Defects are drawn inside the image content, never on padding."""
     cfg = trained.config
     rcfg = cfg.refiner
-    size = cfg.features.image_size
     rng = np.random.default_rng([seed, 0x5EF1])
     mix = DefectMix(weights=dict(rcfg.defect_weights), p_normal=rcfg.p_normal)
-    goods = [resize_rgb(load_rgb(p), size) for p in paths]
+    detector = build_detector(dataclasses.replace(trained, refiner=None))
+    geometry = detector_geometry(detector)
+    goods = []
+    for path in paths:
+        prepared = geometry.prepare(geometry.load(path))
+        geometry.check(prepared, name=str(path))
+        goods.append(prepared)
     order = rng.permutation(len(paths))
-    images, masks, families, sources = [], [], [], []
+    samples, masks, families, sources = [], [], [], []
     for i in tqdm(range(n_samples), desc="synthetic defects", unit="img", disable=not progress, leave=False):
         k = int(order[i % len(order)])
-        image, mask, name = sample_defect(goods[k], rng, mix)
-        images.append(image)
-        masks.append(mask)
+        good = goods[k]
+        y0, x0, y1, x1 = good.content
+        content, mask, name = sample_defect(good.canvas[y0:y1, x0:x1], rng, mix)
+        canvas = good.canvas.copy()
+        canvas[y0:y1, x0:x1] = content
+        full = np.zeros(good.canvas_hw, bool)
+        full[y0:y1, x0:x1] = mask
+        samples.append(geometry.rebuild(canvas, good.original_hw, good.content))
+        masks.append(full)
         families.append(name)
         sources.append(paths[k].name)
-    detector = build_detector(dataclasses.replace(trained, refiner=None))
+    mode = default_name(detector, refine=False)
     maps = []
-    for i in tqdm(range(0, n_samples, batch_size), desc="PNI maps", unit="batch", disable=not progress, leave=False):
-        m, _ = detector(to_tensor(images[i : i + batch_size]), refine=False)
-        maps.append(m.float())
-    return RefinerData(
-        images=torch.from_numpy(np.stack(images)),
-        maps=torch.cat(maps),
-        masks=torch.from_numpy(np.stack(masks)),
-        families=families,
-        sources=sources,
-    )
+    for sl in tqdm(list(chunks(n_samples, geometry, batch_size)), desc="PNI maps", unit="batch", disable=not progress, leave=False):
+        batch_maps, _, _ = score_prepared(detector, geometry, samples[sl], [mode], batch_size)
+        maps.extend(batch_maps[mode])
+    hw = stored_hw(samples[0].canvas_hw, cfg.features.image_size)
+    images = torch.from_numpy(np.stack([resize_rgb(p.canvas, hw) for p in samples]))
+    maps_t = torch.from_numpy(np.stack(maps)).float()
+    masks_t = torch.from_numpy(np.stack(masks))
+    if hw != samples[0].canvas_hw:
+        maps_t = F.interpolate(maps_t[:, None], size=hw, mode="area")[:, 0]
+        masks_t = F.interpolate(masks_t[:, None].float(), size=hw, mode="nearest")[:, 0].bool()
+    return RefinerData(images=images, maps=maps_t, masks=masks_t, families=families, sources=sources)
 
 
 def defect_level(data: RefinerData, pixel_mean: float, pixel_std: float) -> float:

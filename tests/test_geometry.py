@@ -329,3 +329,47 @@ def test_the_one_map_resize_is_torch_bilinear(src, dst):
     assert out.shape == dst and out.dtype == np.float32
     assert np.abs(out - ref.numpy()).max() < 1e-5
     assert resize_map(amap, src) is not None and np.array_equal(resize_map(amap, src), amap)
+
+
+def test_stored_refiner_samples_keep_the_canvas_up_to_the_features_size():
+    from pni_ray.refine_training import stored_hw
+
+    assert stored_hw((320, 320), 320) == (320, 320)  # resize, letterbox: the canvas itself
+    assert stored_hw((320, 560), 320) == (320, 560)  # short side: already the features' size
+    assert stored_hw((1024, 1536), 320) == (320, 480)  # a tiled canvas: short side down to 320, aspect kept
+    assert stored_hw((160, 256), 128) == (128, 205)
+
+
+@pytest.mark.parametrize("name", [*GEOMETRIES, "tile x2"])
+def test_the_refiner_learns_from_the_canvases_it_refines(trained_geo, crop_root, name):
+    """The refiner's synthetic samples are prepared by the bundle's geometry and scored by the scoring
+    path: a squashed copy of each image used to meet a non-square position prior and fail after the
+    whole fit (short side, tiles), or teach the refiner canvases it never sees (letterbox)."""
+    import copy
+
+    from pni_ray.refine_training import good_images, make_refiner_data, stored_hw, train_refiner
+    from test_refiner import tiny_refiner_config
+
+    if name == "tile x2":  # a canvas larger than the features' image size: samples kept smaller
+        small = dict(neighbourhood=dataclasses.replace(tiny_config().neighbourhood, epochs=1))
+        geo = dataclasses.replace(GEOMETRIES["tile"], tile_scale=2.0)
+        trained = train_category(crop_root, "washer", tiny_config(geometry=geo, **small), progress=False)
+    else:
+        trained = copy.deepcopy(trained_geo[name])
+    trained.config = trained.config.replace(refiner=tiny_refiner_config(n_samples=8, epochs=1))
+    geometry = detector_geometry(build_detector(trained))
+    paths = good_images(crop_root, "washer")
+    canvas = geometry.prepare(geometry.load(paths[0]))
+    data = make_refiner_data(trained, paths[:3], 6, seed=0, progress=False)
+    hw = stored_hw(canvas.canvas_hw, 128)
+    assert tuple(data.images.shape) == (6, *hw, 3) and data.maps.shape == data.masks.shape == (6, *hw)
+    assert (hw == canvas.canvas_hw) == (name != "tile x2")
+    assert torch.isfinite(data.maps).all() and data.masks.any()
+    if name == "letterbox":  # defects only on the image, the padding as scoring pads
+        y0, x0, y1, x1 = canvas.content
+        assert y0 > 0 and not data.masks[:, :y0].any() and not data.masks[:, y1:].any()
+        assert (data.images[:, :y0] == 255).all() and (data.images[:, y1:] == 255).all()
+    refined = train_refiner(trained, crop_root, "washer", progress=False)
+    image = np.asarray(Image.open(paths[0]).convert("RGB"))
+    maps, scores = predict_images(build_detector(refined), [image], refine=True)
+    assert maps[0].shape == image.shape[:2] and np.isfinite(maps[0]).all() and np.isfinite(scores).all()
