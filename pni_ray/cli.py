@@ -171,7 +171,7 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
 
     from pni_ray.bundle import FORMAT, load_bundle, save_bundle
     from pni_ray.fit import record_threads
-    from pni_ray.refine_training import train_refiner
+    from pni_ray.refine_training import good_images, held_out_names, split_refiner_images, train_refiner
 
     n_threads = training_threads(threads)
     torch.set_num_threads(n_threads)
@@ -186,6 +186,11 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
     rcfg = trained.config.refiner
     changes = {k: v for k, v in (("epochs", epochs), ("n_samples", samples), ("source", source)) if v is not None}
     trained.config = trained.config.replace(refiner=dataclasses.replace(rcfg, enabled=True, **changes))
+    try:  # before any work: train/good must still hold the images the bundle held out
+        split_refiner_images(good_images(data_root, category or manifest["category"]), trained.config,
+                             held_out_names(trained))
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
     train_refiner(trained, data_root, category or manifest["category"])
     record_threads(trained, n_threads, "refiner")  # the PNI model's own count stays as trained
     save_bundle(trained, out, overwrite=force)  # something at OUT by now: one Error: line (Commands)

@@ -69,20 +69,36 @@ def good_images(data_root: Path | str, category: str) -> list[Path]:
     return paths
 
 
-def split_refiner_images(paths: list[Path], cfg: TrainConfig) -> tuple[list[Path], list[Path]]:
+def split_refiner_images(
+    paths: list[Path], cfg: TrainConfig, held_out: list[str] | None = None
+) -> tuple[list[Path], list[Path]]:
     """(defect sources, calibration images): the refiner's two splits of train/good.
 
-    PNI's held-out images (the memory bank never saw them) are split, seeded, into calibration
-    images (`refiner.calibration_fraction` of them, at least one) and the rest. Synthetic defects are
-    drawn on the rest ("holdout") or on every train/good image but the calibration ones ("all"), so
-    the refined model is calibrated on images neither the bank nor the refiner has seen.
+    PNI's held-out images (the memory bank never saw them; `held_out`, the names the bundle records,
+    else the training split drawn again) are split, seeded, into calibration images
+    (`refiner.calibration_fraction` of them, at least one) and the rest. Synthetic defects are drawn
+    on the rest ("holdout") or on every train/good image but the calibration ones ("all"), so the
+    refined model is calibrated on images neither the bank nor the refiner has seen. The recorded
+    names, not a split drawn again, since train/good may have changed since the bundle was trained:
+    a split of other files would calibrate on images the memory bank holds.
     """
     from pni_ray.training import calibration_split
 
     rcfg = cfg.refiner
     if not 0 < rcfg.calibration_fraction < 1:
         raise ValueError(f"refiner calibration_fraction must be in (0, 1), got {rcfg.calibration_fraction}")
-    _, holdout = calibration_split(paths, cfg)
+    if held_out is None:
+        _, holdout = calibration_split(paths, cfg)
+    else:
+        by_name = {p.name: p for p in paths}
+        gone = [name for name in held_out if name not in by_name]
+        if gone:
+            folder = paths[0].parent if paths else "train/good"
+            raise ValueError(
+                f"{folder}: the bundle's held-out image(s) {', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''} "
+                f"are gone: the refined model is calibrated on images the memory bank never saw, and the bundle "
+                "names those; refine with the train/good the bundle was trained on, or train again")
+        holdout = sorted(by_name[name] for name in held_out)
     if len(holdout) < 2:
         raise ValueError(
             f"{len(holdout)} held-out train/good image(s): the refiner needs at least 2 (one to draw defects on, "
@@ -94,6 +110,12 @@ def split_refiner_images(paths: list[Path], cfg: TrainConfig) -> tuple[list[Path
     chosen = set(calibration)
     pool = holdout if rcfg.source == "holdout" else paths
     return [p for p in pool if p not in chosen], calibration
+
+
+def held_out_names(trained: TrainedModel) -> list[str] | None:
+    """The train/good names the bundle held out of its memory bank (None for a model that records none)."""
+    facts = trained.report.get("deterministic") if isinstance(trained.report, dict) else None
+    return (facts or {}).get("holdout_images")
 
 
 def stored_hw(canvas_hw: tuple[int, int], image_size: int) -> tuple[int, int]:
@@ -278,7 +300,7 @@ def train_refiner(
     if rcfg.epochs < 1 or rcfg.batch_size < 1:
         raise ValueError(f"refiner epochs and batch_size must be >= 1, got {rcfg.epochs}, {rcfg.batch_size}")
     seed = cfg.seed
-    paths, calibration = split_refiner_images(good_images(data_root, category), cfg)
+    paths, calibration = split_refiner_images(good_images(data_root, category), cfg, held_out_names(trained))
     log.info("%s: refiner on %d synthetic defects drawn on %d train/good images (%s)",
              category, rcfg.n_samples, len(paths), rcfg.source)
     data = make_refiner_data(trained, paths, rcfg.n_samples, seed, progress, cfg.batch_size)

@@ -181,7 +181,7 @@ class ReadRecorder:
         monkeypatch.setattr(builtins, "open", wrap(real_open))
         monkeypatch.setattr(os, "open", wrap(real_os_open))
         monkeypatch.setattr(PIL.Image, "open", wrap(real_pil_open))
-        for module in (pni_ray.data.images, pni_ray.data.transforms, pni_ray.refine_training):
+        for module in (pni_ray.data.images, pni_ray.data.transforms):
             monkeypatch.setattr(module, "load_rgb", wrap(real_load_rgb))
 
     def under(self, root: Path) -> list[Path]:
@@ -470,6 +470,41 @@ def test_refiner_splits_refuse_too_few_held_out_images(trained_tiny, synthetic_r
     few = cfg.replace(scoring=dataclasses.replace(cfg.scoring, holdout_fraction=0.01, min_holdout=1))
     with pytest.raises(ValueError, match="needs at least 2"):
         split_refiner_images(paths, few)
+
+
+def test_refiner_calibrates_on_the_images_the_bundle_held_out(trained_tiny, synthetic_root, tmp_path):
+    """The refined model's calibration images come from the held-out names the bundle records, not from a
+    split drawn again over train/good as it is now: with images added since training, that split named
+    images of the memory bank; with a held-out image gone, the refine is refused naming it."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from pni_ray.bundle import save_bundle
+    from pni_ray.cli import main
+    from pni_ray.refine_training import good_images, split_refiner_images
+
+    cfg = trained_tiny.config.replace(refiner=tiny_refiner_config())
+    held = trained_tiny.report["deterministic"]["holdout_images"]
+    paths = good_images(synthetic_root, "washer")
+    assert split_refiner_images(paths, cfg, held) == split_refiner_images(paths, cfg)  # unchanged data: the same
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root / "washer", root / "washer")
+    good = root / "washer" / "train" / "good"
+    for i, extra in enumerate(sorted((root / "washer" / "test" / "good").iterdir())):
+        shutil.copy(extra, good / f"added_{i}.png")
+    grown = good_images(root, "washer")
+    _, calibration = split_refiner_images(grown, cfg, held)
+    assert calibration and {p.name for p in calibration} <= set(held)
+    _, drawn_again = split_refiner_images(grown, cfg)
+    assert {p.name for p in drawn_again} - set(held)  # what the old code calibrated on: bank images too
+    trained = copy.deepcopy(trained_tiny)
+    trained.config = cfg
+    bundle = save_bundle(trained, tmp_path / "plain")
+    (good / held[0]).unlink()
+    result = CliRunner().invoke(main, ["refine", str(bundle), str(root), "--out", str(tmp_path / "r"), "--threads", "1"])
+    assert result.exit_code != 0 and f"held-out image(s) {held[0]}" in result.output and "are gone" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "r").exists()
 
 
 def test_ensemble_of_refined_bundles_uses_the_refined_statistics(refined_bundle, bundle_tiny, tmp_path):
