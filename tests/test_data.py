@@ -115,6 +115,31 @@ def test_truncated_and_bomb(tmp_path):
         load_rgb(tmp_path / "big.png", max_pixels=10_000)
 
 
+def test_masks_in_any_two_levels_keep_their_defect_pixels(tmp_path, caplog):
+    """0 / 255 (MVTec AD), 0 / 1 and a palette mask whose defect colour is dark once grey all mark the
+    same pixels; an empty mask of a defect image is read as empty, and said."""
+    marked = np.zeros((6, 8), bool)
+    marked[1:3, 2:5] = True
+    Image.fromarray(marked.astype(np.uint8) * 255).save(tmp_path / "m255.png")
+    edge = marked.astype(np.uint8) * 255
+    edge[0, 2] = 127  # an antialiased edge pixel stays outside, as it always did
+    Image.fromarray(edge).save(tmp_path / "edge.png")
+    Image.fromarray(marked.astype(np.uint8)).save(tmp_path / "m01.png")
+    palette = Image.fromarray(marked.astype(np.uint8), mode="P")
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)  # index 1 is red: grey 76
+    palette.save(tmp_path / "mp.png")
+    for name in ("m255.png", "edge.png", "m01.png", "mp.png"):
+        assert np.array_equal(load_mask(tmp_path / name), marked), name
+    assert not load_mask(_png(tmp_path / "empty.png", size=(8, 6), mode="L", value=0)).any()
+    base = _category(tmp_path / "root")
+    _png(base / "ground_truth" / "scratch" / "000_mask.png", mode="L", value=0)
+    cat = load_category(tmp_path / "root", "cat")
+    sample = next(s for s in cat.test if s.label)
+    with caplog.at_level("WARNING"):
+        assert not cat.mask(sample, (32, 32)).any()
+    assert "000_mask.png: the mask of a scratch image marks no pixel" in caplog.text
+
+
 def test_mask_size_check(tmp_path):
     _png(tmp_path / "m.png", size=(8, 6), mode="L", value=200)
     assert load_mask(tmp_path / "m.png", (6, 8)).all()

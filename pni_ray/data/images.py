@@ -141,7 +141,11 @@ def load_rgb(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
 
 
 def load_mask(path: Path | str, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
-    """Binary ground-truth mask (H, W) bool: any value > 127 is defect."""
+    """Binary ground-truth mask (H, W) bool: defect where the grey value is above half the mask's maximum.
+
+    MVTec AD's masks are 0 / 255 (the cut is then 127, as it always was); masks saved as 0 / 1, or in a
+    palette whose defect colour is dark once grey (red: 76), would read as empty under a fixed 127 and
+    silently drop their defect pixels from pixel AUROC and AUPRO."""
     path = Path(path)
     img = _open(path, DEFAULT_MAX_PIXELS)
     try:
@@ -152,7 +156,8 @@ def load_mask(path: Path | str, expected_hw: tuple[int, int] | None = None) -> n
         raise ImageError(
             f"{path}: mask is {arr.shape[1]}x{arr.shape[0]} but its image is {expected_hw[1]}x{expected_hw[0]}"
         )
-    return arr > 127
+    top = int(arr.max()) if arr.size else 0
+    return arr > top / 2 if top else np.zeros(arr.shape, bool)
 
 
 def to_float(canvases: np.ndarray) -> np.ndarray:

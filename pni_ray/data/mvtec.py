@@ -6,12 +6,15 @@ all that must be fixed rather than one file at a time.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError, image_size, list_images, load_mask
+
+log = logging.getLogger(__name__)
 
 GOOD = "good"
 
@@ -52,7 +55,11 @@ class Category:
     def mask(self, sample: TestSample, hw: tuple[int, int]) -> np.ndarray:
         if sample.mask_path is None:
             return np.zeros(hw, dtype=bool)
-        return load_mask(sample.mask_path, hw)
+        mask = load_mask(sample.mask_path, hw)
+        if sample.label and not mask.any():
+            log.warning("%s: the mask of a %s image marks no pixel: the image counts as defective for image AUROC "
+                        "but adds no defect pixel to pixel AUROC or AUPRO", sample.mask_path, sample.defect_type)
+        return mask
 
 
 def mask_path_for(root: Path, defect_type: str, image: Path) -> Path:
