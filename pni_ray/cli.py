@@ -13,8 +13,9 @@ import click
 
 from pni_ray.allocator import keep_freed_memory
 from pni_ray.config import DEFECT_KINDS, REFINER_SOURCES, SCORE_MODES
-from pni_ray.options import (backbone_option_error, backbone_options, build_config, check_force_out, load_config_file, print_table,
-                             set_threads, train_options, training_threads)
+from pni_ray.options import (backbone_option_error, backbone_options, build_config, check_force_out, check_output_file,
+                             load_config_file, print_table, set_threads, train_options, training_threads,
+                             write_output_file)
 
 log = logging.getLogger("pni_ray")
 
@@ -223,10 +224,14 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
     from pni_ray.orchestration.model_loader import model_kind
 
     set_threads(threads)
+    if json_path:
+        check_output_file(json_path, "metrics", bundle)
     try:
         kind = model_kind(bundle)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
+    if mode and ablation:
+        raise click.UsageError("--mode and --ablation are alternatives: --ablation scores every mode")
     if kind == "export":
         if mode or ablation:
             raise click.UsageError(f"{bundle} is an export directory, scored in the one mode it was exported in: "
@@ -244,9 +249,14 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
                                 max_pixels=detector_geometry(detector).max_pixels)
     warn_other_category(category, manifest, str(bundle))
     refine_modes: tuple[str, ...] = ()
+    asked = "--ablation" if ablation else f"--mode {mode}" if mode and mode != "patchcore" else None
+    members = list(getattr(detector, "members", None) or [detector])
+    if asked and any(getattr(m, "mlp", None) is None for m in members):  # no neighbourhood MLP, no position prior
+        if kind == "ensemble":
+            raise click.ClickException(f"{bundle} has a PatchCore-only member: {asked} needs PNI members only")
+        raise click.ClickException(f"{bundle} is a PatchCore-only bundle: {asked} needs a PNI bundle "
+                                   "(patchcore is the one mode it scores)")
     if ablation:
-        if detector.mode == "patchcore":
-            raise click.ClickException(f"{bundle} is a PatchCore-only bundle: --ablation needs a PNI bundle")
         modes = ABLATION_MODES
         refine_modes = ("pni",) if getattr(detector, "refiner", None) is not None else ()
     else:
@@ -267,8 +277,7 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
         else:
             payload.update(results[deployed])
             payload["mode"] = deployed
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(json_path, payload)
+        write_output_file(json_path, "metrics", lambda p: atomic_write_json(p, payload))
         click.echo(f"wrote {json_path}")
 
 
@@ -297,8 +306,7 @@ def evaluate_export(path: Path, data_root: Path, category: str | None, json_path
     if json_path:
         payload: dict[str, Any] = {"category": cat.name, "export": str(path), "n_test_images": len(cat.test),
                                    **results[name], "mode": name, "backbone_runtime": model.runtime.backbone_label}
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(json_path, payload)
+        write_output_file(json_path, "metrics", lambda p: atomic_write_json(p, payload))
         click.echo(f"wrote {json_path}")
 
 

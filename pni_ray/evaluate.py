@@ -226,7 +226,7 @@ def attach_diagnostics(results: dict[str, dict], diagnostics: dict[str, dict], m
         if mode in NEEDS_MLP and mlp:
             diag["mlp_val_top1"] = mlp.get("val_top1")
             diag["mlp_val_top5"] = mlp.get("val_top5")
-        if mode in NEEDS_MLP:
+        if mode in NEEDS_MLP and "members" not in manifest:  # an ensemble's members each have their own
             diag["neighbourhood_cut"] = float(manifest.get("neighbourhood_cut", 1.0))  # p(c|N) > cut x tau
         if diag and not name.endswith("+refine"):
             row["diagnostics"] = diag

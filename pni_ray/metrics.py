@@ -345,7 +345,8 @@ def compute_all(
         "image_auroc": _undefined_to_none(lambda: _auroc_sorted(pos, neg)),
         "pixel_auroc": None,
         "aupro": None,
-        "f1_max": _undefined_to_none(lambda: _f1_sorted(pos, neg)[0]),
+        # without good images any threshold below every score gives F1 = 1: defined, and says nothing
+        "f1_max": _undefined_to_none(lambda: _f1_sorted(pos, neg)[0]) if neg.size else None,
         "pixel_f1_max": None,
     }
     if masks is None and maps is None:

@@ -39,6 +39,8 @@ def set_threads(threads: int | None) -> int:
     """
     import torch
 
+    if threads is not None and threads < 1:
+        raise click.UsageError(f"--threads must be at least 1, not {threads} (leave it out for all cores)")
     n = threads or int(os.environ.get(THREADS_ENV, 0)) or max(1, (os.cpu_count() or 1))
     torch.set_num_threads(n)
     return n
@@ -227,3 +229,30 @@ def check_force_out(out: Path, force: bool, formats: str | tuple[str, ...], kind
         check_replaceable(out, formats, kind)
     except NotReplaceable as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def check_output_file(path: Path, what: str, source: Path, allowed_inside: tuple[str, ...] = ()) -> None:
+    """Refuse, before any work, a file a command could not write, or one inside its own input `source`
+    (a checksummed model, a score output) other than of the `allowed_inside` suffixes: writing there
+    would break the input the next command reads."""
+    target = Path(os.path.abspath(path))
+    if target.is_relative_to(Path(os.path.abspath(source))) and target.suffix.lower() not in allowed_inside:
+        allowed = f" (a {' or '.join(allowed_inside)} file may go there)" if allowed_inside else ""
+        raise click.UsageError(f"{path}: the {what} would be written inside {source}, the command's own input; "
+                               f"write it elsewhere{allowed}")
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise click.UsageError(f"{path}: cannot write the {what}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.UsageError(f"{path}: cannot write the {what}: {folder} is not writable")
+
+
+def write_output_file(path: Path, what: str, write: Any) -> None:
+    """`write(path)` (an atomic write, parents made), an OS refusal said in one line naming the file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+    except OSError as exc:
+        raise click.ClickException(f"{path}: cannot write the {what} ({exc.strerror or exc})") from None

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image
 
-from pni_ray.results import decode_row, part_files, path_of_row, table_metadata
+from pni_ray.results import decode_row, part_files, path_of_row, read_part, table_metadata
 
 LIGHT_COLUMNS = ["path", "category", "image_score", "is_anomalous", "map_dtype", "height", "width",
                  "map_min", "map_max", "model_id", "scored_at", "error"]
@@ -181,11 +180,11 @@ def _load_original(path: str, max_pixels: int = 50_000_000) -> np.ndarray | None
 def _read_light(out: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
     rows: list[dict[str, Any]] = []
     for part in part_files(out):
-        missing = [c for c in LIGHT_COLUMNS if c not in pq.read_schema(part).names]
+        missing = [c for c in LIGHT_COLUMNS if c not in read_part(part, "schema").names]
         if missing:
             raise ValueError(f"{part}: not a pni-ray score part file (it has no {missing[0]!r} column); report reads "
                              "the OUT directory of `pni-ray score`")
-        t = pq.read_table(part, columns=LIGHT_COLUMNS)
+        t = read_part(part, LIGHT_COLUMNS)
         for i, r in enumerate(t.to_pylist()):
             r["_part"], r["_index"] = part, i
             rows.append(r)
@@ -218,7 +217,7 @@ def build_report(out: Path | str, top_n: int = 12, title: str | None = None) -> 
     cache: dict[Path, Any] = {}
     for r in top:
         if r["_part"] not in cache:
-            cache[r["_part"]] = pq.read_table(r["_part"], columns=["anomaly_map"]).column("anomaly_map")
+            cache[r["_part"]] = read_part(r["_part"], ["anomaly_map"]).column("anomaly_map")
         r["anomaly_map"] = cache[r["_part"]][r["_index"]].as_py()
     shown_maps = [(r, decode_row(r)) for r in top]
     with_maps = [m for _, m in shown_maps if m is not None]
@@ -322,7 +321,10 @@ def write_report(out: Path | str, html_path: Path | str, top_n: int = 12, title:
 
     text, info = build_report(out, top_n=top_n, title=title)
     html_path = Path(html_path)
-    html_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(html_path, text.encode("utf-8"))
+    try:
+        html_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(html_path, text.encode("utf-8"))
+    except OSError as exc:
+        raise ValueError(f"{html_path}: cannot write the report ({exc.strerror or exc})") from None
     info["html"] = str(html_path)
     return info

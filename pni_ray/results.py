@@ -241,12 +241,25 @@ def part_files(out) -> list:
     return sorted(p for p in out.glob("part-*.parquet") if p.is_file())
 
 
+def read_part(part: Path, columns: Iterable[str] | str | None = None) -> Any:
+    """One part file's columns (all for None; its schema for "schema"), a damaged file named in the error:
+    pyarrow's own says only what it found ("Parquet magic bytes not found"), not where."""
+    try:
+        if columns == "schema":
+            return pq.read_schema(part)
+        return pq.read_table(part, columns=list(columns) if columns is not None else None)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"{part}: unreadable part file ({exc}); scoring writes each part whole, so it was damaged "
+                         "since: remove it and rerun `pni-ray score` with the same arguments to score its inputs "
+                         "again") from None
+
+
 def read_table(out, columns: Iterable[str] | None = None) -> pa.Table:
     """All committed rows of an output directory (empty table with the schema if none)."""
     parts = part_files(out)
     if not parts:
         return schema().empty_table() if columns is None else schema().empty_table().select(list(columns))
-    tables = [pq.read_table(p, columns=list(columns) if columns is not None else None) for p in parts]
+    tables = [read_part(p, columns) for p in parts]
     return pa.concat_tables(tables, promote_options="permissive")
 
 
@@ -255,5 +268,5 @@ def table_metadata(out) -> dict[str, str]:
     parts = part_files(out)
     if not parts:
         return {}
-    meta = pq.read_schema(parts[0]).metadata or {}
+    meta = read_part(parts[0], "schema").metadata or {}
     return {k.decode()[len("pni_ray."):]: v.decode() for k, v in meta.items() if k.startswith(b"pni_ray.")}

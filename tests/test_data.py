@@ -104,6 +104,23 @@ def test_exif_rotation(tmp_path):
     assert load_rgb(path).shape == (40, 20, 3)
 
 
+def test_unreadable_exif_leaves_the_pixels_readable(tmp_path, caplog):
+    """An EXIF block that is not TIFF data (Pillow: SyntaxError) says nothing of the pixels: the image is
+    read as stored, with a warning naming it, by the layout check, the decoder and the mask reader."""
+    from pni_ray.data.images import image_size
+
+    pixels = np.random.default_rng(1).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "bad_exif.png", exif=b"garbage-exif-bytes")
+    mask = np.zeros((20, 30), np.uint8)
+    mask[5:9, 3:7] = 255
+    Image.fromarray(mask).save(tmp_path / "bad_exif_mask.png", exif=b"garbage-exif-bytes")
+    with caplog.at_level("WARNING"):
+        assert image_size(tmp_path / "bad_exif.png") == (30, 20)
+        assert np.array_equal(load_rgb(tmp_path / "bad_exif.png"), pixels)
+        assert np.array_equal(load_mask(tmp_path / "bad_exif_mask.png"), mask > 0)
+    assert caplog.text.count("its EXIF block is not readable") == 3 and "bad_exif.png" in caplog.text
+
+
 def test_truncated_and_bomb(tmp_path):
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")

@@ -74,6 +74,13 @@ def test_expand_inputs_dirs_globs_lists_duplicates(tmp_path):
     # a .txt/.lst argument that exists is a list file; order of arguments does not matter
     again = expand_inputs([str(tmp_path / "a" / "1.png"), str(lst), str(tmp_path / "a")])
     assert again.paths == got.paths
+    # a Windows list: a byte-order mark and CRLF; a name whose bytes are not UTF-8 (Latin-1 'é')
+    odd = os.fsdecode(b"b/caf\xe9.png")
+    Image.fromarray(rgb).save(os.path.join(os.fsencode(tmp_path), os.fsencode(odd)))
+    windows = tmp_path / "windows.txt"
+    windows.write_bytes(b"\xef\xbb\xbf" + f"{t}/b/4.png\r\nb/5.png\r\n".encode() + b"b/caf\xe9.png\r\n")
+    listed = expand_inputs([f"@{windows}"])
+    assert listed.paths == sorted([f"{t}/b/4.png", f"{t}/b/5.png", f"{t}/{odd}"]) and not listed.preset_errors
 
 
 def test_chunks_are_deterministic():

@@ -209,3 +209,63 @@ def test_small_commands_refuse_bad_input_in_one_line(tmp_path, synthetic_root):
         result = runner.invoke(main, args)
         assert result.exit_code == code and phrase in result.output, (args, result.output)
         assert "Traceback" not in result.output, args
+
+
+def test_evaluate_and_report_refuse_what_they_cannot_do_before_the_work(tmp_path, synthetic_root, bundle_tiny):
+    """A mode the model lacks, --mode with --ablation, an output that would land inside the command's own
+    input or under a file, a bad thread count, a damaged part file: each one line, no traceback, and
+    nothing of the input overwritten."""
+    from pni_ray.bundle import save_bundle
+    from pni_ray.training import train_category
+
+    runner = CliRunner()
+    patchcore = save_bundle(train_category(synthetic_root, "washer", tiny_config(mode="patchcore"), progress=False),
+                            tmp_path / "pc")
+    ens = tmp_path / "ens"
+    assert runner.invoke(main, ["ensemble", str(bundle_tiny), str(patchcore), "--out", str(ens), "--threads", "1"]).exit_code == 0
+    (tmp_path / "a_file").write_text("x")
+    data = str(synthetic_root)
+    cases = [
+        ([str(patchcore), data, "--mode", "pni"], 1, f"{patchcore} is a PatchCore-only bundle: --mode pni needs a PNI bundle"),
+        ([str(patchcore), data, "--mode", "position"], 1, "--mode position needs a PNI bundle"),
+        ([str(patchcore), data, "--ablation"], 1, "PatchCore-only bundle: --ablation needs a PNI bundle"),
+        ([str(ens), data, "--mode", "pni"], 1, f"{ens} has a PatchCore-only member: --mode pni needs PNI members only"),
+        ([str(bundle_tiny), data, "--ablation", "--mode", "pni"], 2, "--mode and --ablation are alternatives"),
+        ([str(bundle_tiny), data, "--json", str(bundle_tiny / "manifest.json")], 2,
+         f"the metrics would be written inside {bundle_tiny}, the command's own input"),
+        ([str(bundle_tiny), data, "--json", str(tmp_path / "a_file" / "m.json")], 2,
+         f"cannot write the metrics: {tmp_path / 'a_file'} is a file, not a folder"),
+        ([str(bundle_tiny), data, "--threads", "0"], 2, "--threads"),
+    ]
+    manifest = (bundle_tiny / "manifest.json").read_bytes()
+    for args, code, phrase in cases:
+        result = runner.invoke(main, ["evaluate", *args])
+        assert result.exit_code == code and phrase in result.output and "Traceback" not in result.output, (args, result.output)
+    assert (bundle_tiny / "manifest.json").read_bytes() == manifest
+    bad_threads = runner.invoke(main, ["ensemble", str(bundle_tiny), str(patchcore), "--out", str(tmp_path / "e2"),
+                                       "--threads", "-1"])
+    assert bad_threads.exit_code == 2 and "--threads must be at least 1, not -1" in bad_threads.output
+    # report: into the output's own files refused; a damaged part file named with what to do
+    out = tmp_path / "scores"
+    scored = runner.invoke(main, ["score", str(bundle_tiny), str(synthetic_root / "washer" / "test"), "--out", str(out),
+                                  "--engine", "local", "--threads", "1"])
+    assert scored.exit_code == 0, scored.output
+    part = sorted(out.glob("part-*.parquet"))[0]
+    into = runner.invoke(main, ["report", str(out), "--html", str(part)])
+    assert into.exit_code == 2 and "the report would be written inside" in into.output
+    assert runner.invoke(main, ["report", str(out), "--html", str(out / "report.html")]).exit_code == 0
+    part.write_bytes(part.read_bytes()[:100])
+    damaged = runner.invoke(main, ["report", str(out), "--html", str(tmp_path / "r.html")])
+    assert damaged.exit_code == 1 and f"{part}: unreadable part file" in damaged.output, damaged.output
+    assert "remove it and rerun `pni-ray score`" in damaged.output
+
+
+def test_an_ensembles_ablation_reports_no_cut_it_does_not_have(bundle_tiny, tmp_path, synthetic_root):
+    from pni_ray.evaluate import attach_diagnostics
+
+    results = {"pni": {"pixel_auroc": 0.9}}
+    attach_diagnostics(results, {}, {"format": "pni-ray-ensemble", "members": [{}, {}]})
+    assert "neighbourhood_cut" not in results["pni"].get("diagnostics", {})
+    results = {"pni": {"pixel_auroc": 0.9}}
+    attach_diagnostics(results, {}, {"neighbourhood_cut": 2.0})
+    assert results["pni"]["diagnostics"]["neighbourhood_cut"] == 2.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import stat
@@ -13,6 +14,8 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: above every industrial sensor we target, below bombs
@@ -98,20 +101,37 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     return img
 
 
+def _exif_unreadable(path: Path, exc: SyntaxError) -> None:
+    log.warning("%s: its EXIF block is not readable (%s): the image is read as stored, its orientation tag "
+                "(if any) ignored", path, exc)
+
+
+def upright(img: Image.Image, path: Path) -> Image.Image:
+    """The image turned as its EXIF orientation says; as stored where its EXIF block cannot be parsed
+    (Pillow's SyntaxError: not TIFF data), since the pixels themselves are fine."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except SyntaxError as exc:
+        _exif_unreadable(path, exc)
+        return img
+
+
 def image_size(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """(width, height) from the header, after EXIF orientation, without decoding pixels."""
     img = _open(Path(path), max_pixels)
     try:  # a PNG's EXIF chunk may follow its pixels: reading it reads the whole file
         orientation = img.getexif().get(0x0112, 1)
-    except (OSError, SyntaxError, ValueError) as exc:
+    except SyntaxError as exc:
+        _exif_unreadable(Path(path), exc)
+        orientation = 1
+    except (OSError, ValueError) as exc:
         raise ImageError(f"{path}: corrupt or truncated image data ({exc.__class__.__name__}: {exc})") from exc
     w, h = img.size
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; 16-bit and float images are rescaled, not clipped."""
-    img = ImageOps.exif_transpose(img)
+    """Any PIL mode (upright already) -> RGB; 16-bit and float images are rescaled, not clipped."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = (0.0, 65535.0) if img.mode.startswith("I;16") else (float(arr.min()), float(arr.max()))
@@ -132,7 +152,7 @@ def load_rgb(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
     img = _open(path, max_pixels)
     try:
         img.load()
-        rgb = to_rgb(img)
+        rgb = to_rgb(upright(img, path))
     except ImageError:
         raise
     except Exception as exc:  # noqa: BLE001 - truncated data, bad codecs: all name the file
@@ -149,7 +169,7 @@ def load_mask(path: Path | str, expected_hw: tuple[int, int] | None = None) -> n
     path = Path(path)
     img = _open(path, DEFAULT_MAX_PIXELS)
     try:
-        arr = np.asarray(ImageOps.exif_transpose(img).convert("L"))
+        arr = np.asarray(upright(img, path).convert("L"))
     except Exception as exc:  # noqa: BLE001
         raise ImageError(f"{path}: corrupt mask ({exc})") from exc
     if expected_hw is not None and arr.shape != tuple(expected_hw):

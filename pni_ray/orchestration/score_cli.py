@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from pni_ray.data.images import DEFAULT_MAX_PIXELS
-from pni_ray.options import RunFailed, backbone_options
+from pni_ray.options import RunFailed, backbone_options, check_output_file
 from pni_ray.orchestration.ray_session import RayJoinError
 from pni_ray.orchestration.score import ENGINES, Options, ScoreError, score
 from pni_ray.orchestration.score_inputs import CHUNK_SIZE
@@ -127,6 +127,7 @@ def report_cmd(out: Path, html_path: Path, top_n: int, title: str | None) -> Non
     """Self-contained HTML report of a `pni-ray score` output directory OUT."""
     from pni_ray.report import write_report
 
+    check_output_file(html_path, "report", out, allowed_inside=(".html", ".htm"))
     try:
         info = write_report(out, html_path, top_n=top_n, title=title)
     except ValueError as exc:

@@ -116,9 +116,11 @@ def _expand_one(spec: str, base: str | None, out: list[str], preset: dict[str, s
 
 
 def _read_list(path: str) -> list[tuple[int, str]]:
-    """(line number, spec) of each line that names something."""
+    """(line number, spec) of each line that names something. A byte-order mark (Windows Notepad's UTF-8)
+    is not part of the first name, and bytes that are not UTF-8 stay the file name's own bytes, as the
+    file system's names do (surrogateescape)."""
     lines = []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as fh:
         for number, line in enumerate(fh, start=1):
             line = line.strip()
             if line and not line.startswith("#"):

@@ -20,6 +20,7 @@ from pni_ray.results import (
     atomic_write_json,
     now_utc,
     part_files,
+    read_part,
     read_table,
     row_path,
     table_to_parquet_bytes,
@@ -131,12 +132,11 @@ def retry_failed(out: Path, paths: set[str]) -> int:
     them; atomic replace of the same name), so those inputs rerun; other inputs' error rows stay."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     wanted = pa.array(sorted(paths), type=pa.string())
     n = 0
     for part in part_files(out):
-        table = pq.read_table(part)
+        table = read_part(part)
         bad = pc.and_(pc.is_valid(table.column("error")), pc.is_in(table.column("path"), value_set=wanted))
         n_bad = pc.sum(bad).as_py() or 0
         if not n_bad:
