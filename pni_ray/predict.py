@@ -206,8 +206,9 @@ def extract_training_features(
                 raise GeometryError(
                     f"{path}: {w}x{h} gives a {p.grid[0]}x{p.grid[1]} feature grid under '{geometry.describe()}', but "
                     f"{paths[0]} gives {grid[0]}x{grid[1]}: the training images must share one aspect ratio"
-                    f"{' and size' if geometry.tiled else ''} under this geometry; use --geometry resize or letterbox, "
-                    "or crop them alike")
+                    f"{' and size' if geometry.tiled else ''} under this geometry; "
+                    + ("bring them to one size, or train without --tile (--geometry resize or letterbox)"
+                       if geometry.tiled else "use --geometry resize or letterbox, or crop them alike"))
         batch = features(extractor, geometry, prepared, tile_batch=batch_size)
         if feats is None:
             feats = torch.empty(len(paths), grid[0], grid[1], batch.shape[1], dtype=batch.dtype)

@@ -60,6 +60,9 @@ def test_training_input_errors_are_one_line_naming_the_file(tmp_path, synthetic_
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert "zz_wide.png" in result.output and "must share one aspect ratio" in result.output
     assert "--geometry resize or letterbox" in result.output
+    result = _train(tmp_path, root, "--tile", "--tile-size", "64", "--tile-overlap", "16", "--force")  # --geometry does not apply
+    assert result.exit_code == 1 and "must share one aspect ratio and size" in result.output, result.output
+    assert "bring them to one size, or train without --tile" in result.output
     assert data  # the category itself is fine otherwise
 
 

@@ -89,14 +89,15 @@ def train_all_cmd(data_root: Path, out: Path, categories: str | None, backbones:
 @click.option("--calibrate", "calibrate_root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="DATA_ROOT: set the threshold from the members' shared held-out train/good images "
                    "(default: from the members' stored statistics).")
-@click.option("--threads", type=int, default=None)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: all cores).")
 def ensemble_cmd(bundles: tuple[Path, ...], out: Path, force: bool, calibrate_root: Path | None, threads: int | None) -> None:
     """Combine bundles of one category (e.g. one per backbone) into a self-contained ensemble.
 
     BUNDLE... are copied into OUT with a manifest pinning each one's model_id.
 
     Each member's maps are normalised with its own held-out statistics and averaged; the image
-    score is the maximum of the averaged map. `pni-ray evaluate OUT DATA_ROOT` scores it.
+    score is the maximum of the averaged map after a mean over each 3 x 3 patches' window (as a
+    bundle's). `pni-ray evaluate OUT DATA_ROOT` scores it.
     """
     from pni_ray.bundle import BundleError, model_id
     from pni_ray.ensemble_bundle import FORMAT as ENSEMBLE_FORMAT
