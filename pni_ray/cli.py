@@ -336,13 +336,18 @@ def make_synthetic_cmd(out: Path, seed: int, size: int, categories: str | None) 
 @click.option("-n", "--n-per-kind", type=click.IntRange(min=1), default=4)
 @click.option("--seed", type=int, default=0)
 def make_defects_cmd(image_dir: Path, out: Path, kinds: tuple[str, ...], n_per_kind: int, seed: int) -> None:
-    """Write examples of each synthetic defect family (the refiner's training data) to OUT."""
+    """Write examples of each synthetic defect family (the refiner's training data) to OUT.
+
+    OUT is a new folder, or one this command wrote before (replaced whole); nothing is left there
+    when an image cannot be read."""
     from pni_ray.data.defects import write_defect_examples
 
     try:
         written = write_defect_examples(image_dir, out, kinds=list(kinds) or None, n_per_kind=n_per_kind, seed=seed)
-    except ValueError as exc:  # no images in IMAGE_DIR (a bad image is an ImageError naming it)
+    except ValueError as exc:  # no images in IMAGE_DIR, an OUT of something else (a bad image: an ImageError naming it)
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"{out}: cannot write the examples ({exc.strerror or exc})") from None
     click.echo(f"wrote {len(written)} files; overview: {out / 'overview.png'}")
 
 

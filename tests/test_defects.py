@@ -244,3 +244,28 @@ def test_write_defect_examples_errors(tmp_path: Path) -> None:
     _write_images(src)
     with pytest.raises(ValueError, match="scratch"):
         write_defect_examples(src, tmp_path / "out", kinds=["cutpaste", "scratch"])
+
+
+def test_defect_examples_are_written_whole_or_not_at_all(tmp_path: Path) -> None:
+    """A bad image leaves no half-written OUT; a rerun replaces the last examples whole (no stale kinds);
+    a folder of anything else is refused; WebP, which training reads, is read here too."""
+    from pni_ray.data.images import ImageError
+
+    src, out = tmp_path / "imgs", tmp_path / "out"
+    _write_images(src)
+    Image.fromarray(_natural(30, 30, 13)).save(src / "d.webp")
+    (src / "e.png").write_bytes(b"not a png")  # sorted last: reached after a, b, c, d were written
+    with pytest.raises(ImageError, match="e.png"):
+        write_defect_examples(src, out, kinds=["perlin"], n_per_kind=5)
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+    (src / "e.png").unlink()
+    first = write_defect_examples(src, out, kinds=["perlin"], n_per_kind=4)
+    assert (out / "perlin" / "d_3.png") in first and (out / "perlin" / "d_3.png").is_file()  # the WebP
+    write_defect_examples(src, out, kinds=["strokes"], n_per_kind=1)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "overview.png", "strokes"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("a user's file")
+    with pytest.raises(ValueError, match="holds 1 file"):
+        write_defect_examples(src, mine, kinds=["strokes"], n_per_kind=1)
+    assert [p.name for p in mine.iterdir()] == ["keep.txt"]

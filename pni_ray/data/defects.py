@@ -24,7 +24,8 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from pni_ray.config import DEFECT_KINDS
-from pni_ray.data.images import load_rgb
+from pni_ray.data.images import IMAGE_EXTENSIONS, list_images, load_rgb
+from pni_ray.fileio import atomic_write_json, staged_dir
 
 __all__ = [
     "DEFECT_FAMILIES",
@@ -47,7 +48,7 @@ _MIN_CHANGED_FRACTION = 0.8
 # Pixel sizes in the papers refer to 256-px images; scale them to the input.
 _REFERENCE_SIDE = 256.0
 _LUMA = np.array([0.299, 0.587, 0.114])
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+EXAMPLES_FORMAT = "pni-ray-defect-examples"  # manifest.json of a make-defects OUT: what may be replaced
 
 
 # --------------------------------------------------------------------------
@@ -452,8 +453,9 @@ def write_defect_examples(
     For each kind, ``n_per_kind`` examples are made, cycling through the
     sorted images of ``image_dir``; example ``i`` of image ``stem`` goes to
     ``out/<kind>/<stem>_<i>.png`` with its mask in ``<stem>_<i>_mask.png``.
-    ``out/overview.png`` has one row per kind showing mask outlines in red.
-    Returns all written paths, overview last.
+    ``out/overview.png`` has one row per kind showing mask outlines in red, and
+    ``out/manifest.json`` marks the folder as this function's, which a rerun replaces whole
+    (any other non-empty folder is refused). Returns the images and masks, overview last.
     """
     image_dir, out = Path(image_dir), Path(out)
     if not image_dir.is_dir():
@@ -466,41 +468,44 @@ def write_defect_examples(
         raise ValueError("kinds must not be empty")
     if n_per_kind < 1:
         raise ValueError(f"n_per_kind must be >= 1, got {n_per_kind}")
-    paths = sorted(p for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+    paths = list_images(image_dir)  # the extensions training reads
     if not paths:
-        raise ValueError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {image_dir}")
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {image_dir}")
 
     family_index = {name: i for i, name in enumerate(DEFECT_FAMILIES)}
     cache: dict[Path, np.ndarray] = {}
-    written: list[Path] = []
+    names: list[str] = []
     thumbs: list[list[Image.Image]] = []
     cell = 192
-    for kind in kinds:
-        (out / kind).mkdir(parents=True, exist_ok=True)
-        row: list[Image.Image] = []
-        for i in range(n_per_kind):
-            p = paths[i % len(paths)]
-            if p not in cache:
-                cache[p] = load_rgb(p)  # as training reads it; a bad file is an ImageError naming it
-            # independent stream per (kind, example): stable under changes to kinds
-            rng = np.random.default_rng([seed, family_index[kind], i])
-            img, mask = DEFECT_FAMILIES[kind](cache[p], rng)
-            img_path, mask_path = out / kind / f"{p.stem}_{i}.png", out / kind / f"{p.stem}_{i}_mask.png"
-            Image.fromarray(img).save(img_path)
-            Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
-            written += [img_path, mask_path]
-            row.append(_thumbnail_with_outline(img, mask, cell))
-        thumbs.append(row)
+    # staged: a failure (a bad image) leaves no half-written OUT, and a rerun replaces the last one whole
+    with staged_dir(out, EXAMPLES_FORMAT, "defect examples") as tmp:
+        for kind in kinds:
+            (tmp / kind).mkdir()
+            row: list[Image.Image] = []
+            for i in range(n_per_kind):
+                p = paths[i % len(paths)]
+                if p not in cache:
+                    cache[p] = load_rgb(p)  # as training reads it; a bad file is an ImageError naming it
+                # independent stream per (kind, example): stable under changes to kinds
+                rng = np.random.default_rng([seed, family_index[kind], i])
+                img, mask = DEFECT_FAMILIES[kind](cache[p], rng)
+                img_name, mask_name = f"{kind}/{p.stem}_{i}.png", f"{kind}/{p.stem}_{i}_mask.png"
+                Image.fromarray(img).save(tmp / img_name)
+                Image.fromarray(mask.astype(np.uint8) * 255).save(tmp / mask_name)
+                names += [img_name, mask_name]
+                row.append(_thumbnail_with_outline(img, mask, cell))
+            thumbs.append(row)
 
-    label_w, pad = 110, 4
-    sheet = Image.new("RGB", (label_w + n_per_kind * (cell + pad), len(kinds) * (cell + pad)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r, (kind, row) in enumerate(zip(kinds, thumbs)):
-        y = r * (cell + pad)
-        draw.text((4, y + cell // 2), kind, fill="black")
-        for c, t in enumerate(row):
-            sheet.paste(t, (label_w + c * (cell + pad), y))
-    overview = out / "overview.png"
-    sheet.save(overview)
-    written.append(overview)
-    return written
+        label_w, pad = 110, 4
+        sheet = Image.new("RGB", (label_w + n_per_kind * (cell + pad), len(kinds) * (cell + pad)), "white")
+        draw = ImageDraw.Draw(sheet)
+        for r, (kind, row) in enumerate(zip(kinds, thumbs)):
+            y = r * (cell + pad)
+            draw.text((4, y + cell // 2), kind, fill="black")
+            for c, t in enumerate(row):
+                sheet.paste(t, (label_w + c * (cell + pad), y))
+        sheet.save(tmp / "overview.png")
+        names.append("overview.png")
+        atomic_write_json(tmp / "manifest.json", {"format": EXAMPLES_FORMAT, "image_dir": str(image_dir),
+                                                  "kinds": kinds, "n_per_kind": n_per_kind, "seed": seed})
+    return [out / name for name in names]
