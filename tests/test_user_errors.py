@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -247,7 +248,11 @@ def test_evaluate_and_report_refuse_what_they_cannot_do_before_the_work(tmp_path
     assert (bundle_tiny / "manifest.json").read_bytes() == manifest
     bad_threads = runner.invoke(main, ["ensemble", str(bundle_tiny), str(patchcore), "--out", str(tmp_path / "e2"),
                                        "--threads", "-1"])
-    assert bad_threads.exit_code == 2 and "--threads must be at least 1, not -1" in bad_threads.output
+    assert bad_threads.exit_code == 2 and "'--threads': -1 is not in the range x>=1" in bad_threads.output
+    from pni_ray.options import set_threads
+
+    with pytest.raises(click.UsageError, match="--threads must be at least 1, not 0"):  # demo's, where 0 meant all cores
+        set_threads(0)
     # report: into the output's own files refused; a damaged part file named with what to do
     out = tmp_path / "scores"
     scored = runner.invoke(main, ["score", str(bundle_tiny), str(synthetic_root / "washer" / "test"), "--out", str(out),
