@@ -346,8 +346,9 @@ def make_defects_cmd(image_dir: Path, out: Path, kinds: tuple[str, ...], n_per_k
         written = write_defect_examples(image_dir, out, kinds=list(kinds) or None, n_per_kind=n_per_kind, seed=seed)
     except ValueError as exc:  # no images in IMAGE_DIR, an OUT of something else (a bad image: an ImageError naming it)
         raise click.ClickException(str(exc)) from None
-    except OSError as exc:
-        raise click.ClickException(f"{out}: cannot write the examples ({exc.strerror or exc})") from None
+    except OSError as exc:  # an unreadable IMAGE_DIR, an unwritable OUT: the path the system refused
+        where = exc.filename if exc.filename and not Path(exc.filename).name.startswith(f".{out.name}.") else out
+        raise click.ClickException(f"{where}: {exc.strerror or exc}") from None
     click.echo(f"wrote {len(written)} files; overview: {out / 'overview.png'}")
 
 
@@ -364,7 +365,7 @@ def backbones() -> None:
 @main.command()
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-output"),
               help="Where data, bundles and reports go.")
-@click.option("--threads", type=int, default=None)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: all cores).")
 def demo(workdir: Path, threads: int | None) -> None:
     """Synthetic data -> train-all -> ablation -> export -> scoring to Parquet -> reports."""
     from pni_ray.demo import run_demo

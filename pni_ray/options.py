@@ -235,8 +235,8 @@ def check_output_file(path: Path, what: str, source: Path, allowed_inside: tuple
     """Refuse, before any work, a file a command could not write, or one inside its own input `source`
     (a checksummed model, a score output) other than of the `allowed_inside` suffixes: writing there
     would break the input the next command reads."""
-    target = Path(os.path.abspath(path))
-    if target.is_relative_to(Path(os.path.abspath(source))) and target.suffix.lower() not in allowed_inside:
+    target = Path(os.path.realpath(path))  # links followed: a link into the input is the input
+    if target.is_relative_to(Path(os.path.realpath(source))) and target.suffix.lower() not in allowed_inside:
         allowed = f" (a {' or '.join(allowed_inside)} file may go there)" if allowed_inside else ""
         raise click.UsageError(f"{path}: the {what} would be written inside {source}, the command's own input; "
                                f"write it elsewhere{allowed}")

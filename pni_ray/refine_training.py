@@ -38,6 +38,7 @@ from pni_ray.data.images import list_images
 from pni_ray.data.transforms import resize_rgb
 from pni_ray.models.pni import Normalisation, TrainedModel, build_detector
 from pni_ray.models.refiner import MapRefiner, build_refiner, refinement_loss
+from pni_ray.geometry import Prepared
 from pni_ray.predict import chunks, default_name, detector_geometry, score_prepared
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,8 @@ def split_refiner_images(
             raise ValueError(
                 f"{folder}: the bundle's held-out image(s) {', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''} "
                 f"are gone: the refined model is calibrated on images the memory bank never saw, and the bundle "
-                "names those; refine with the train/good the bundle was trained on, or train again")
+                "names those; refine with the train/good the bundle was trained on (its own category: -c given "
+                "another?), or train again")
         holdout = sorted(by_name[name] for name in held_out)
     if len(holdout) < 2:
         raise ValueError(
@@ -142,39 +144,49 @@ def make_refiner_data(
     mix = DefectMix(weights=dict(rcfg.defect_weights), p_normal=rcfg.p_normal)
     detector = build_detector(dataclasses.replace(trained, refiner=None))
     geometry = detector_geometry(detector)
-    goods = []
-    for path in paths:
-        prepared = geometry.prepare(geometry.load(path))
-        geometry.check(prepared, name=str(path))
-        goods.append(prepared)
-    order = rng.permutation(len(paths))
-    samples, masks, families, sources = [], [], [], []
-    for i in tqdm(range(n_samples), desc="synthetic defects", unit="img", disable=not progress, leave=False):
-        k = int(order[i % len(order)])
-        good = goods[k]
-        y0, x0, y1, x1 = good.content
-        content, mask, name = sample_defect(good.canvas[y0:y1, x0:x1], rng, mix)
-        canvas = good.canvas.copy()
-        canvas[y0:y1, x0:x1] = content
-        full = np.zeros(good.canvas_hw, bool)
-        full[y0:y1, x0:x1] = mask
-        samples.append(geometry.rebuild(canvas, good.original_hw, good.content))
-        masks.append(full)
-        families.append(name)
-        sources.append(paths[k].name)
     mode = default_name(detector, refine=False)
-    maps = []
-    for sl in tqdm(list(chunks(n_samples, geometry, batch_size)), desc="PNI maps", unit="batch", disable=not progress, leave=False):
-        batch_maps, _, _ = score_prepared(detector, geometry, samples[sl], [mode], batch_size)
-        maps.extend(batch_maps[mode])
-    hw = stored_hw(samples[0].canvas_hw, cfg.features.image_size)
-    images = torch.from_numpy(np.stack([resize_rgb(p.canvas, hw) for p in samples]))
-    maps_t = torch.from_numpy(np.stack(maps)).float()
-    masks_t = torch.from_numpy(np.stack(masks))
-    if hw != samples[0].canvas_hw:
-        maps_t = F.interpolate(maps_t[:, None], size=hw, mode="area")[:, 0]
-        masks_t = F.interpolate(masks_t[:, None].float(), size=hw, mode="nearest")[:, 0].bool()
-    return RefinerData(images=images, maps=maps_t, masks=masks_t, families=families, sources=sources)
+    kept: dict[int, Prepared] = {}
+
+    def good(k: int) -> Prepared:
+        """Source image k prepared; kept where its canvas is kept whole (not a large tiled one: read again)."""
+        if k in kept:
+            return kept[k]
+        prepared = geometry.prepare(geometry.load(paths[k]))
+        geometry.check(prepared, name=str(paths[k]))
+        if stored_hw(prepared.canvas_hw, cfg.features.image_size) == prepared.canvas_hw:
+            kept[k] = prepared
+        return prepared
+
+    order = rng.permutation(len(paths))
+    images, maps, masks, families, sources = [], [], [], [], []
+    # drawn, scored and brought to the kept size a batch at a time: only a batch of full canvases is held
+    for sl in tqdm(list(chunks(n_samples, geometry, batch_size)), desc="synthetic defects", unit="batch",
+                   disable=not progress, leave=False):
+        batch, batch_masks = [], []
+        for i in range(sl.start, sl.stop):
+            k = int(order[i % len(order)])
+            source = good(k)
+            y0, x0, y1, x1 = source.content
+            content, mask, name = sample_defect(source.canvas[y0:y1, x0:x1], rng, mix)
+            canvas = source.canvas.copy()
+            canvas[y0:y1, x0:x1] = content
+            full = np.zeros(source.canvas_hw, bool)
+            full[y0:y1, x0:x1] = mask
+            batch.append(geometry.rebuild(canvas, source.original_hw, source.content))
+            batch_masks.append(full)
+            families.append(name)
+            sources.append(paths[k].name)
+        batch_maps = torch.from_numpy(np.stack(score_prepared(detector, geometry, batch, [mode], batch_size)[0][mode]))
+        batch_mask = torch.from_numpy(np.stack(batch_masks))
+        hw = stored_hw(batch[0].canvas_hw, cfg.features.image_size)
+        if hw != batch[0].canvas_hw:  # what the refiner sees at 128 px either way; area: no defect pixel skipped
+            batch_maps = F.interpolate(batch_maps[:, None].float(), size=hw, mode="area")[:, 0]
+            batch_mask = F.interpolate(batch_mask[:, None].float(), size=hw, mode="area")[:, 0] >= 0.5
+        images.extend(resize_rgb(p.canvas, hw) for p in batch)
+        maps.append(batch_maps.float())
+        masks.append(batch_mask)
+    return RefinerData(images=torch.from_numpy(np.stack(images)), maps=torch.cat(maps), masks=torch.cat(masks),
+                       families=families, sources=sources)
 
 
 def defect_level(data: RefinerData, pixel_mean: float, pixel_std: float) -> float:

@@ -241,17 +241,23 @@ def part_files(out) -> list:
     return sorted(p for p in out.glob("part-*.parquet") if p.is_file())
 
 
+class DamagedPart(ValueError):
+    """A part file of a score output that cannot be read: named, with what to do."""
+
+
 def read_part(part: Path, columns: Iterable[str] | str | None = None) -> Any:
-    """One part file's columns (all for None; its schema for "schema"), a damaged file named in the error:
-    pyarrow's own says only what it found ("Parquet magic bytes not found"), not where."""
+    """One part file's columns (all for None; its schema for "schema"), a damaged or unreadable file named
+    in the error: pyarrow's own says only what it found ("Parquet magic bytes not found"), not where."""
     try:
         if columns == "schema":
             return pq.read_schema(part)
         return pq.read_table(part, columns=list(columns) if columns is not None else None)
-    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        raise ValueError(f"{part}: unreadable part file ({exc}); scoring writes each part whole, so it was damaged "
-                         "since: remove it and rerun `pni-ray score` with the same arguments to score its inputs "
-                         "again") from None
+    except pa.ArrowInvalid as exc:
+        raise DamagedPart(f"{part}: not a readable Parquet file ({exc}); scoring writes each part whole, so it was "
+                          "damaged since: remove it and rerun `pni-ray score` with the same arguments to score its "
+                          "inputs again") from None
+    except OSError as exc:
+        raise DamagedPart(f"{part}: cannot read ({exc.strerror or exc})") from None
 
 
 def read_table(out, columns: Iterable[str] | None = None) -> pa.Table:

@@ -81,6 +81,12 @@ def test_expand_inputs_dirs_globs_lists_duplicates(tmp_path):
     windows.write_bytes(b"\xef\xbb\xbf" + f"{t}/b/4.png\r\nb/5.png\r\n".encode() + b"b/caf\xe9.png\r\n")
     listed = expand_inputs([f"@{windows}"])
     assert listed.paths == sorted([f"{t}/b/4.png", f"{t}/b/5.png", f"{t}/{odd}"]) and not listed.preset_errors
+    # PowerShell's `>`: UTF-16 with its byte-order mark; without one, refused in one line, not one garbage row per line
+    (tmp_path / "ps.txt").write_bytes(f"{t}/b/4.png\r\nb/5.png\r\n".encode("utf-16"))
+    assert expand_inputs([f"@{tmp_path / 'ps.txt'}"]).paths == sorted([f"{t}/b/4.png", f"{t}/b/5.png"])
+    (tmp_path / "bare.txt").write_bytes(f"{t}/b/4.png\n".encode("utf-16-le"))
+    bare = expand_inputs([f"@{tmp_path / 'bare.txt'}"])
+    assert bare.paths == [str(tmp_path / "bare.txt")] and "UTF-16 without its byte-order mark" in bare.preset_errors[bare.paths[0]]
 
 
 def test_chunks_are_deterministic():

@@ -264,8 +264,16 @@ def test_evaluate_and_report_refuse_what_they_cannot_do_before_the_work(tmp_path
     assert runner.invoke(main, ["report", str(out), "--html", str(out / "report.html")]).exit_code == 0
     part.write_bytes(part.read_bytes()[:100])
     damaged = runner.invoke(main, ["report", str(out), "--html", str(tmp_path / "r.html")])
-    assert damaged.exit_code == 1 and f"{part}: unreadable part file" in damaged.output, damaged.output
+    assert damaged.exit_code == 1 and f"{part}: not a readable Parquet file" in damaged.output, damaged.output
     assert "remove it and rerun `pni-ray score`" in damaged.output
+    rescore = runner.invoke(main, ["score", str(bundle_tiny), str(synthetic_root / "washer" / "test"), "--out", str(out),
+                                   "--engine", "local", "--threads", "1"])
+    assert rescore.exit_code == 3 and f"{part}: not a readable Parquet file" in rescore.output, rescore.output
+    assert "Traceback" not in rescore.output
+    part.unlink()  # as the message says: the rerun scores that part's inputs again
+    rescore = runner.invoke(main, ["score", str(bundle_tiny), str(synthetic_root / "washer" / "test"), "--out", str(out),
+                                   "--engine", "local", "--threads", "1"])
+    assert rescore.exit_code == 0 and "10 inputs: 10 scored, 0 failed" in rescore.output, rescore.output
 
 
 def test_an_ensembles_ablation_reports_no_cut_it_does_not_have(bundle_tiny, tmp_path, synthetic_root):

@@ -460,7 +460,7 @@ def write_defect_examples(
     image_dir, out = Path(image_dir), Path(out)
     if not image_dir.is_dir():
         raise FileNotFoundError(f"image directory not found: {image_dir}")
-    kinds = list(DEFECT_FAMILIES) if kinds is None else list(kinds)
+    kinds = list(DEFECT_FAMILIES) if kinds is None else list(dict.fromkeys(kinds))  # --kind x --kind x: once
     unknown = sorted(set(kinds) - set(DEFECT_FAMILIES))
     if unknown:
         raise ValueError(f"unknown defect kinds {unknown}; known: {sorted(DEFECT_FAMILIES)}")

@@ -101,9 +101,20 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     return img
 
 
+_WARNED: set[tuple[str, str]] = set()
+
+
+def warn_once(what: str, path: Path | str, message: str, *args: object) -> None:
+    """A warning about one file's `what`, logged the first time only: a file is read several times in a
+    run (layout check, features, calibration), and one line per file is what a user needs."""
+    if (what, str(path)) not in _WARNED:
+        _WARNED.add((what, str(path)))
+        log.warning(message, path, *args)
+
+
 def _exif_unreadable(path: Path, exc: SyntaxError) -> None:
-    log.warning("%s: its EXIF block is not readable (%s): the image is read as stored, its orientation tag "
-                "(if any) ignored", path, exc)
+    warn_once("exif", path, "%s: its EXIF block is not readable (%s): the image is read as stored, its orientation "
+              "tag (if any) ignored", exc)
 
 
 def upright(img: Image.Image, path: Path) -> Image.Image:
@@ -161,11 +172,12 @@ def load_rgb(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
 
 
 def load_mask(path: Path | str, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
-    """Binary ground-truth mask (H, W) bool: defect where the grey value is above half the mask's maximum.
+    """Binary ground-truth mask (H, W) bool: defect where the grey value is above 127, or, in a mask
+    whose values all lie at or below 127, wherever it is not 0.
 
-    MVTec AD's masks are 0 / 255 (the cut is then 127, as it always was); masks saved as 0 / 1, or in a
-    palette whose defect colour is dark once grey (red: 76), would read as empty under a fixed 127 and
-    silently drop their defect pixels from pixel AUROC and AUPRO."""
+    MVTec AD's masks are 0 / 255 (cut at 127, as it always was); masks saved as 0 / 1, instance masks
+    0..k (VisA), or palettes whose defect colours are dark once grey (red: 76) would read as empty, or
+    lose some defects, under a fixed 127 and silently drop pixels from pixel AUROC and AUPRO."""
     path = Path(path)
     img = _open(path, DEFAULT_MAX_PIXELS)
     try:
@@ -177,7 +189,7 @@ def load_mask(path: Path | str, expected_hw: tuple[int, int] | None = None) -> n
             f"{path}: mask is {arr.shape[1]}x{arr.shape[0]} but its image is {expected_hw[1]}x{expected_hw[0]}"
         )
     top = int(arr.max()) if arr.size else 0
-    return arr > top / 2 if top else np.zeros(arr.shape, bool)
+    return arr > 127 if top > 127 else arr > 0
 
 
 def to_float(canvases: np.ndarray) -> np.ndarray:

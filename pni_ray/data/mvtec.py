@@ -6,15 +6,12 @@ all that must be fixed rather than one file at a time.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError, image_size, list_images, load_mask
-
-log = logging.getLogger(__name__)
+from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError, image_size, list_images, load_mask, warn_once
 
 GOOD = "good"
 
@@ -57,8 +54,8 @@ class Category:
             return np.zeros(hw, dtype=bool)
         mask = load_mask(sample.mask_path, hw)
         if sample.label and not mask.any():
-            log.warning("%s: the mask of a %s image marks no pixel: the image counts as defective for image AUROC "
-                        "but adds no defect pixel to pixel AUROC or AUPRO", sample.mask_path, sample.defect_type)
+            warn_once("empty mask", sample.mask_path, "%s: the mask of a %s image marks no pixel: the image counts "
+                      "as defective for image AUROC but adds no defect pixel to pixel AUROC or AUPRO", sample.defect_type)
         return mask
 
 

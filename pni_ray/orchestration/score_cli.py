@@ -20,7 +20,7 @@ from pni_ray.orchestration.score import ENGINES, Options, ScoreError, score
 from pni_ray.orchestration.score_inputs import CHUNK_SIZE
 from pni_ray.orchestration.score_output import SUMMARY_FILE
 from pni_ray.orchestration.stopping import interrupted_message, terminate_as_interrupt
-from pni_ray.results import MAP_FORMATS
+from pni_ray.results import MAP_FORMATS, DamagedPart
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,8 @@ def score_cmd(model: Path, inputs: tuple[str, ...], out: Path, address: str | No
     except KeyboardInterrupt as exc:  # not click's "Aborted!" and exit 1, which says "some inputs failed"
         kept = f"the parts committed so far are kept in {out.resolve()} and no summary was written"
         raise RunFailed(interrupted_message(exc, kept)) from None
-    except ScoreError as exc:
-        raise RunFailed(str(exc)) from exc
+    except (ScoreError, DamagedPart) as exc:  # what to do is in the message: no traceback
+        raise RunFailed(str(exc)) from None
     except RayJoinError as exc:  # nothing was scored: what to change, not a traceback and "rerun to resume"
         raise RunFailed(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - exit 1 means "some inputs failed", so a crash must not use it

@@ -23,6 +23,7 @@ same inputs makes the same chunks and finds its committed part files.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import logging
@@ -116,15 +117,25 @@ def _expand_one(spec: str, base: str | None, out: list[str], preset: dict[str, s
 
 
 def _read_list(path: str) -> list[tuple[int, str]]:
-    """(line number, spec) of each line that names something. A byte-order mark (Windows Notepad's UTF-8)
-    is not part of the first name, and bytes that are not UTF-8 stay the file name's own bytes, as the
-    file system's names do (surrogateescape)."""
+    """(line number, spec) of each line that names something. UTF-8, with or without a byte-order mark
+    (Windows Notepad's), its bytes that are not UTF-8 kept as the file name's own (surrogateescape, as
+    the file system's names are); UTF-16 with its byte-order mark (PowerShell's `>`). Without one, a
+    NUL byte is refused: no file name holds one, and each line would become a name of garbage."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        text = data.decode("utf-16")
+    elif b"\x00" in data:
+        at = data.index(b"\x00")
+        raise UnicodeDecodeError("utf-8", data, at, at + 1, "a NUL byte: UTF-16 without its byte-order mark? "
+                                 "save the list as UTF-8")
+    else:
+        text = data.decode("utf-8-sig", errors="surrogateescape")
     lines = []
-    with open(path, encoding="utf-8-sig", errors="surrogateescape") as fh:
-        for number, line in enumerate(fh, start=1):
-            line = line.strip()
-            if line and not line.startswith("#"):
-                lines.append((number, line))
+    for number, line in enumerate(re.split(r"\r\n|\r|\n", text), start=1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            lines.append((number, line))
     return lines
 
 

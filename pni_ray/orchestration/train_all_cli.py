@@ -96,8 +96,8 @@ def ensemble_cmd(bundles: tuple[Path, ...], out: Path, force: bool, calibrate_ro
     BUNDLE... are copied into OUT with a manifest pinning each one's model_id.
 
     Each member's maps are normalised with its own held-out statistics and averaged; the image
-    score is the maximum of the averaged map after a mean over each 3 x 3 patches' window (as a
-    bundle's). `pni-ray evaluate OUT DATA_ROOT` scores it.
+    score is the maximum of the averaged map after a mean over each window of 3 x 3 patches (the
+    default's window, whatever the members' own). `pni-ray evaluate OUT DATA_ROOT` scores it.
     """
     from pni_ray.bundle import BundleError, model_id
     from pni_ray.ensemble_bundle import FORMAT as ENSEMBLE_FORMAT
