@@ -261,7 +261,7 @@ def test_defect_examples_are_written_whole_or_not_at_all(tmp_path: Path) -> None
     (src / "e.png").unlink()
     first = write_defect_examples(src, out, kinds=["perlin"], n_per_kind=4)
     assert (out / "perlin" / "d_3.png") in first and (out / "perlin" / "d_3.png").is_file()  # the WebP
-    write_defect_examples(src, out, kinds=["strokes"], n_per_kind=1)
+    write_defect_examples(src, out, kinds=["strokes", "strokes"], n_per_kind=1)  # a kind given twice: once
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "overview.png", "strokes"]
     mine = tmp_path / "mine"
     mine.mkdir()

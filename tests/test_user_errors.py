@@ -228,6 +228,7 @@ def test_evaluate_and_report_refuse_what_they_cannot_do_before_the_work(tmp_path
     ens = tmp_path / "ens"
     assert runner.invoke(main, ["ensemble", str(bundle_tiny), str(patchcore), "--out", str(ens), "--threads", "1"]).exit_code == 0
     (tmp_path / "a_file").write_text("x")
+    (tmp_path / "link").symlink_to(bundle_tiny)
     data = str(synthetic_root)
     cases = [
         ([str(patchcore), data, "--mode", "pni"], 1, f"{patchcore} is a PatchCore-only bundle: --mode pni needs a PNI bundle"),
@@ -237,6 +238,8 @@ def test_evaluate_and_report_refuse_what_they_cannot_do_before_the_work(tmp_path
         ([str(bundle_tiny), data, "--ablation", "--mode", "pni"], 2, "--mode and --ablation are alternatives"),
         ([str(bundle_tiny), data, "--json", str(bundle_tiny / "manifest.json")], 2,
          f"the metrics would be written inside {bundle_tiny}, the command's own input"),
+        ([str(bundle_tiny), data, "--json", str(tmp_path / "link" / "manifest.json")], 2,
+         f"the metrics would be written inside {bundle_tiny}"),  # a link into the bundle is the bundle
         ([str(bundle_tiny), data, "--json", str(tmp_path / "a_file" / "m.json")], 2,
          f"cannot write the metrics: {tmp_path / 'a_file'} is a file, not a folder"),
         ([str(bundle_tiny), data, "--threads", "0"], 2, "--threads"),
