@@ -178,6 +178,9 @@ def load_bundle(path: Path | str) -> tuple[TrainedModel, dict[str, Any]]:
     except (TypeError, ValueError) as exc:  # a hand-edited config, or one a later pni-ray refuses: name it
         raise BundleError(f"{path / 'manifest.json'}: its config cannot be read ({exc}); retrain the bundle") from exc
     recorded = manifest["backbone"].get("sha256")
+    if cfg.features.weights and not Path(cfg.features.weights).is_file():  # the model needs that file to run
+        raise BundleError(f"{path}: trained with the backbone weights file {cfg.features.weights} (sha256 "
+                          f"{str(recorded)[:12]}...), which is not there: put the file back at that path")
     if recorded is not None:
         current = backbone_record(cfg).get("sha256")
         if current != recorded:

@@ -69,6 +69,10 @@ class CoresetConfig:
         _require(self.ratio > 0.0, f"coreset.ratio is the share of patches kept, > 0 (1: every patch), got {self.ratio!r}")
         _require(1 <= self.min_size <= self.max_size,
                  f"coreset sizes need 1 <= min_size <= max_size, got {self.min_size!r} and {self.max_size!r}")
+        _require(self.projection_dim >= 1 and self.chunk_size >= 1
+                 and (self.max_candidates is None or self.max_candidates >= 1),
+                 f"coreset.projection_dim, chunk_size and max_candidates (null: every row) must be >= 1, got "
+                 f"{self.projection_dim!r}, {self.chunk_size!r}, {self.max_candidates!r}")
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,11 @@ class NeighbourhoodConfig:
                  f"{self.dist_size!r}, {self.hidden!r}, {self.depth!r}")
         _require(self.lr > 0 and self.temperature > 0,
                  f"neighbourhood.lr and temperature must be > 0, got {self.lr!r} and {self.temperature!r}")
+        _require(self.window >= 3 and self.window % 2 == 1,
+                 f"neighbourhood.window is the odd side of the window around a patch, >= 3, got {self.window!r}")
+        _require(self.lr_step >= 1 and self.lr_gamma > 0 and self.patience >= 0 and 0 <= self.val_fraction < 1,
+                 f"neighbourhood needs lr_step >= 1, lr_gamma > 0, patience >= 0 and 0 <= val_fraction < 1, got "
+                 f"{self.lr_step!r}, {self.lr_gamma!r}, {self.patience!r}, {self.val_fraction!r}")
         if self.batch_images < 1 or (self.images_per_epoch is not None and self.images_per_epoch < 1):
             raise ValueError(f"neighbourhood.batch_images and images_per_epoch must be >= 1 (images_per_epoch may be "
                              f"null: all), got {self.batch_images!r}, {self.images_per_epoch!r}")
@@ -310,6 +319,9 @@ class GeometryConfig:
 
     def __post_init__(self) -> None:
         _one_of("geometry.policy", self.policy, GEOMETRY_POLICIES)
+        _require(self.max_pixels >= 1 and 0 <= self.pad_value <= 255,
+                 f"geometry needs max_pixels >= 1 and a pad_value grey level in 0..255, got {self.max_pixels!r} and "
+                 f"{self.pad_value!r}")
 
 
 @dataclass(frozen=True)

@@ -107,9 +107,14 @@ def build_config(
             changes["mode"] = mode
         cfg = cfg.replace(**changes)
         check_model_names(cfg)
-        return cfg
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if cfg.features.weights:  # from --weights or a config file: the bundle records it and loads it by this path
+        if not Path(cfg.features.weights).is_file():
+            raise click.UsageError(f"features.weights: {cfg.features.weights} is not a file")
+        absolute = str(Path(cfg.features.weights).resolve())  # loadable from any directory, one model id however typed
+        cfg = cfg.replace(features=dataclasses.replace(cfg.features, weights=absolute))
+    return cfg
 
 
 def check_model_names(cfg: TrainConfig) -> None:

@@ -99,10 +99,51 @@ def test_too_few_good_images_are_refused_with_what_to_add(tmp_path, synthetic_ro
     ({"refiner": {"defect_weights": [1, 2]}}, "refiner.defect_weights maps defect kinds"),
     ({"refiner": {"decoder_channels": ["a"]}}, "decoder_channels is a list of whole numbers"),
     ({"refiner": {"n_samples": 0}}, "refiner needs n_samples >= 2"),
+    ({"neighbourhood": {"window": 4}}, "neighbourhood.window is the odd side"),
+    ({"neighbourhood": {"window": 1}}, "neighbourhood.window is the odd side"),
+    ({"neighbourhood": {"lr_step": 0}}, "neighbourhood needs lr_step >= 1"),
+    ({"coreset": {"chunk_size": 0}}, "coreset.projection_dim, chunk_size and max_candidates"),
+    ({"geometry": {"max_pixels": 0}}, "geometry needs max_pixels >= 1"),
+    ({"geometry": {"pad_value": 999}}, "a pad_value grey level in 0..255"),
 ])
 def test_bad_config_values_fail_when_the_config_is_read(bad, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig.from_dict(bad)
+
+
+def test_a_weights_file_is_recorded_by_its_absolute_path_and_needed_to_load(tmp_path, synthetic_root, monkeypatch):
+    """`--weights w.pth` typed relative to the working directory: the bundle loads from anywhere, has the
+    model id of the same file given absolutely, and says what is missing when the file is moved away; a
+    config file's features.weights that is not a file is a usage error before any work."""
+    import torch
+
+    from pni_ray.bundle import load_bundle, model_id
+    from pni_ray.models.backbones import create_classifier
+
+    torch.manual_seed(0)
+    from safetensors.torch import save_file
+
+    save_file(create_classifier("efficientnet_lite0", pretrained=False).state_dict(), str(tmp_path / "w.safetensors"))
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(tiny_config().to_dict()))
+    monkeypatch.chdir(tmp_path)
+    args = ["train", str(synthetic_root), "-c", "washer", "--config", str(config), "--threads", "1"]
+    assert CliRunner().invoke(main, [*args, "--out", "B1", "--weights", "w.safetensors"]).exit_code == 0
+    assert CliRunner().invoke(main, [*args, "--out", "B2", "--weights", str(tmp_path / "w.safetensors")]).exit_code == 0
+    m1 = json.loads((tmp_path / "B1" / "manifest.json").read_text())
+    assert m1["config"]["features"]["weights"] == str(tmp_path / "w.safetensors")
+    assert model_id(tmp_path / "B1") == model_id(tmp_path / "B2")  # one model, however the path was typed
+    monkeypatch.chdir("/")
+    load_bundle(tmp_path / "B1")
+    (tmp_path / "w.safetensors").rename(tmp_path / "moved.safetensors")
+    with pytest.raises(ValueError, match=r"trained with the backbone weights file .*w\.safetensors .* put the file back"):
+        load_bundle(tmp_path / "B1")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**tiny_config().to_dict(), "features": {**tiny_config().to_dict()["features"],
+                                                                     "weights": str(tmp_path / "w.safetensors")}}))
+    result = CliRunner().invoke(main, ["train", str(synthetic_root), "-c", "washer", "--config", str(bad),
+                                       "--out", str(tmp_path / "B3")])
+    assert result.exit_code == 2 and "features.weights" in result.output and "is not a file" in result.output
 
 
 def test_an_unknown_backbone_or_refiner_encoder_in_a_config_file_is_a_usage_error(tmp_path, synthetic_root):
