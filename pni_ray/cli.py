@@ -13,9 +13,9 @@ import click
 
 from pni_ray.allocator import keep_freed_memory
 from pni_ray.config import DEFECT_KINDS, REFINER_SOURCES, SCORE_MODES
-from pni_ray.options import (backbone_option_error, backbone_options, build_config, check_force_out, check_output_file,
-                             load_config_file, print_table, set_threads, train_options, training_threads,
-                             write_output_file)
+from pni_ray.options import (backbone_option_error, backbone_options, build_config, category_name, check_force_out,
+                             check_output_file, load_config_file, print_table, set_threads, train_options,
+                             training_threads, write_output_file)
 
 log = logging.getLogger("pni_ray")
 
@@ -123,7 +123,7 @@ def warn_other_category(category: str | None, manifest: dict[str, Any], what: st
 
 @main.command()
 @click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--category", "-c", required=True, help="Category folder under DATA_ROOT.")
+@click.option("--category", "-c", required=True, callback=category_name, help="Category folder under DATA_ROOT.")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--backbone", default=None, help="Backbone name (pni-ray backbones lists them).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle (never a directory of anything else).")
@@ -139,6 +139,7 @@ def train(data_root: Path, category: str, out: Path, backbone: str | None, force
 
     n_threads = training_threads(threads)
     check_force_out(out, force, FORMAT, "bundle")
+    check_output_file(out, "bundle")  # before the fit, not after it
     cfg = build_config(backbone=backbone, base=load_config_file(config_file), **overrides)
     require_category(data_root, category, given=True)
     trained = fit_category(data_root, category, cfg, n_threads)  # the category's files are checked first
@@ -151,7 +152,8 @@ def train(data_root: Path, category: str, out: Path, backbone: str | None, force
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
-@click.option("--category", "-c", default=None, help="Category folder (default: the bundle's category).")
+@click.option("--category", "-c", default=None, callback=category_name,
+              help="Category folder (default: the bundle's category).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Refiner epochs (default: the config's).")
 @click.option("--samples", type=click.IntRange(min=2), default=None, help="Synthetic defect images (default: the config's).")
 @click.option("--source", type=click.Choice(REFINER_SOURCES), default=None,
@@ -179,6 +181,7 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
     if out.exists() and out.resolve() == bundle.resolve():
         raise click.ClickException(f"{out}: write the refined bundle to a new directory, not over its source")
     check_force_out(out, force, FORMAT, "bundle")
+    check_output_file(out, "refined bundle", bundle)
     trained, manifest = load_bundle(bundle)  # a tampered or incomplete bundle: one line naming the file (Commands)
     if trained.config.mode != "pni":
         raise click.ClickException(f"{bundle} is a {trained.config.mode} bundle: the refiner needs a PNI bundle")
@@ -201,7 +204,8 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--category", "-c", default=None, help="Category folder (default: the bundle's category).")
+@click.option("--category", "-c", default=None, callback=category_name,
+              help="Category folder (default: the bundle's category).")
 @click.option("--mode", type=click.Choice(SCORE_MODES), default=None, help="Scoring mode (default: the bundle's).")
 @click.option("--ablation", is_flag=True, help="Score in every mode: patchcore, neighbourhood, position, pni.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,12 @@ class RunFailed(click.ClickException):
     exit 1 keeps its one meaning, "some inputs or pairs failed"."""
 
     exit_code = 3
+
+
+def category_name(ctx: Any, param: Any, value: str | None) -> str | None:
+    """-c as a folder name: a shell's tab completion leaves `weave/`, which is the category `weave`
+    (recorded in the manifest and so in the model id: with the slash it would be another model)."""
+    return value.rstrip("/\\") or value if value else value
 
 
 def set_threads(threads: int | None) -> int:
@@ -172,7 +179,7 @@ def train_options(fn: Any) -> Any:
         click.option("--refine", is_flag=True, help="Also train the refinement network."),
         click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="Backbone weights file (.safetensors or .pth) instead of the registry's source."),
-        click.option("--threads", type=int, default=None,
+        click.option("--threads", type=click.IntRange(min=1), default=None,
                      help=f"torch threads for training (train: {DEFAULT_TRAIN_THREADS}; train-all: --cpus-per-task, "
                           f"{DEFAULT_TRAIN_THREADS} by default). The count changes the floats, so it is never "
                           "'all cores' and the manifest records it."),
@@ -236,12 +243,14 @@ def check_force_out(out: Path, force: bool, formats: str | tuple[str, ...], kind
         raise click.ClickException(str(exc)) from None
 
 
-def check_output_file(path: Path, what: str, source: Path, allowed_inside: tuple[str, ...] = ()) -> None:
-    """Refuse, before any work, a file a command could not write, or one inside its own input `source`
-    (a checksummed model, a score output) other than of the `allowed_inside` suffixes: writing there
-    would break the input the next command reads."""
+def check_output_file(path: Path, what: str, source: Path | None = None, allowed_inside: tuple[str, ...] = ()) -> None:
+    """Refuse, before any work, an output (file or directory) a command could not write, or one inside its
+    own input `source` (a checksummed model, a score output) other than of the `allowed_inside` suffixes:
+    writing there would break the input the next command reads. Writability is tried, not inferred from
+    permission bits, which say yes to root for /proc and /sys."""
     target = Path(os.path.realpath(path))  # links followed: a link into the input is the input
-    if target.is_relative_to(Path(os.path.realpath(source))) and target.suffix.lower() not in allowed_inside:
+    if (source is not None and target.is_relative_to(Path(os.path.realpath(source)))
+            and target.suffix.lower() not in allowed_inside):
         allowed = f" (a {' or '.join(allowed_inside)} file may go there)" if allowed_inside else ""
         raise click.UsageError(f"{path}: the {what} would be written inside {source}, the command's own input; "
                                f"write it elsewhere{allowed}")
@@ -250,8 +259,13 @@ def check_output_file(path: Path, what: str, source: Path, allowed_inside: tuple
         folder = folder.parent
     if not folder.is_dir():
         raise click.UsageError(f"{path}: cannot write the {what}: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise click.UsageError(f"{path}: cannot write the {what}: {folder} is not writable")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".pni-ray-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise click.UsageError(f"{path}: cannot write the {what}: {folder} refuses new files "
+                               f"({exc.strerror or exc})") from None
 
 
 def write_output_file(path: Path, what: str, write: Any) -> None:

@@ -329,3 +329,29 @@ def test_an_ensembles_ablation_reports_no_cut_it_does_not_have(bundle_tiny, tmp_
     results = {"pni": {"pixel_auroc": 0.9}}
     attach_diagnostics(results, {}, {"neighbourhood_cut": 2.0})
     assert results["pni"]["diagnostics"]["neighbourhood_cut"] == 2.0
+
+
+def test_training_outputs_and_options_are_checked_before_any_work(tmp_path, synthetic_root):
+    """An OUT under a file, train-all's out-of-range numbers: usage errors before features or Ray start;
+    `-c washer/` (tab completion) is the category washer, the same model as `-c washer`."""
+    from pni_ray.bundle import model_id
+
+    (tmp_path / "a_file").write_text("x")
+    under_file = str(tmp_path / "a_file" / "sub")
+    for cmd in (["train", str(synthetic_root), "-c", "washer", "--out", under_file],
+                ["train-all", str(synthetic_root), "--out", under_file]):
+        result = CliRunner().invoke(main, cmd)
+        assert result.exit_code == 2 and f"{tmp_path / 'a_file'} is a file, not a folder" in result.output, result.output
+    for option, value in (("--max-retries", "-5"), ("--gpus-per-task", "-1"), ("--num-cpus", "0"), ("--threads", "0"),
+                          ("--cpus-per-task", "0")):
+        result = CliRunner().invoke(main, ["train-all", str(synthetic_root), "--out", str(tmp_path / "ta"), option, value])
+        assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, (option, result.output)
+        assert not (tmp_path / "ta").exists()
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(tiny_config().to_dict()))
+    for name, category in (("B1", "washer/"), ("B2", "washer")):
+        result = CliRunner().invoke(main, ["train", str(synthetic_root), "-c", category, "--out", str(tmp_path / name),
+                                           "--config", str(config), "--threads", "1"])
+        assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "B1" / "manifest.json").read_text())["category"] == "washer"
+    assert model_id(tmp_path / "B1") == model_id(tmp_path / "B2")

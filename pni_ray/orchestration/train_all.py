@@ -201,7 +201,7 @@ def train_all(
     threads = training_threads(threads or cpus_per_task)
     pairs = [Pair(c, b) for c in categories for b in backbones]
     out.mkdir(parents=True, exist_ok=True)
-    plan = plan_pairs(out, pairs, cfg, force)
+    plan = plan_pairs(out, pairs, cfg, force, threads)
     previous = _previous_rows(out)
     rows: dict[Pair, dict[str, Any]] = {}
     for item in plan:

@@ -11,7 +11,8 @@ from typing import Any
 
 import click
 
-from pni_ray.options import RunFailed, build_config, check_force_out, load_config_file, set_threads, train_options
+from pni_ray.options import (RunFailed, build_config, check_force_out, check_output_file, load_config_file, set_threads,
+                             train_options)
 from pni_ray.orchestration.ray_session import RayJoinError
 from pni_ray.orchestration.shared_storage import SharedStorageError
 from pni_ray.orchestration.stopping import interrupted_message, terminate_as_interrupt
@@ -38,10 +39,11 @@ def _split(value: str | None) -> list[str] | None:
 @click.option("--address", default=None,
               help="Ray cluster to join (HOST:PORT of the head's GCS, or auto); default: $RAY_ADDRESS, else an "
                    "embedded local Ray (`local` forces it).")
-@click.option("--cpus-per-task", type=int, default=1, help="CPUs (and torch threads) per training task.")
-@click.option("--gpus-per-task", type=float, default=0.0, help="GPUs per task (fractions share a GPU).")
-@click.option("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray (default: all cores).")
-@click.option("--max-retries", type=int, default=2, help="Retries after a system failure (dead worker); errors are not retried.")
+@click.option("--cpus-per-task", type=click.IntRange(min=1), default=1, help="CPUs (and torch threads) per training task.")
+@click.option("--gpus-per-task", type=click.FloatRange(min=0), default=0.0, help="GPUs per task (fractions share a GPU).")
+@click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs of the embedded local Ray (default: all cores).")
+@click.option("--max-retries", type=click.IntRange(min=-1), default=2,
+              help="Retries after a system failure (dead worker; -1: no limit); errors are not retried.")
 @click.option("--no-eval", is_flag=True, help="Skip evaluating on the test split after training (a later run "
               "without it evaluates the verified bundles that have no metrics, without retraining them).")
 @click.option("--force", is_flag=True, help="Retrain pairs whose bundle already exists and verifies.")
@@ -57,6 +59,8 @@ def train_all_cmd(data_root: Path, out: Path, categories: str | None, backbones:
     the same bundle as `pni-ray train` with the same thread count (both default to 1).
     """
     set_threads(1)  # the driver only waits; the tasks set their own thread counts
+    if not out.is_dir():
+        check_output_file(out, "bundles")  # before Ray starts, not a traceback at its mkdir
     named = _split(backbones)  # the config's backbone is checked only where no --backbones replaces it
     cfg = build_config(base=load_config_file(config_file), backbone=named[0] if named else None, **overrides)
     try:

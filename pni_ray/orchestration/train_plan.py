@@ -107,8 +107,10 @@ def trained_precision(manifest: dict[str, Any], recorded: dict[str, Any], wanted
     return ran or recorded.get("neighbourhood", {}).get("train_precision")
 
 
-def plan_pairs(out: Path, pairs: list[Pair], cfg: TrainConfig, force: bool = False) -> list[PlanItem]:
-    """What to do with each pair: train, skip (verified bundle with this config) or fail."""
+def plan_pairs(out: Path, pairs: list[Pair], cfg: TrainConfig, force: bool = False,
+               threads: int | None = None) -> list[PlanItem]:
+    """What to do with each pair: train, skip (verified bundle with this config and, where given, this torch
+    thread count: the count changes the bundle's floats) or fail."""
     from pni_ray.bundle import FORMAT, BundleError, model_id, verify_bundle
     from pni_ray.fileio import NotReplaceable, check_replaceable
 
@@ -139,6 +141,9 @@ def plan_pairs(out: Path, pairs: list[Pair], cfg: TrainConfig, force: bool = Fal
         diff = config_diff(*_refiners_compared(recorded, wanted))
         if manifest.get("category") != pair.category:
             diff.insert(0, f"category: {manifest.get('category')!r} -> {pair.category!r}")
+        ran = (manifest.get("training") or {}).get("torch_threads")
+        if threads is not None and ran is not None and int(ran) != int(threads):
+            diff.append(f"torch threads (--threads, else --cpus-per-task): {ran} -> {threads}")
         if diff:
             shown = "; ".join(diff[:6]) + (f"; ... {len(diff) - 6} more" if len(diff) > 6 else "")
             plan.append(PlanItem(
