@@ -353,3 +353,24 @@ def test_joining_ray_keeps_the_callers_sigterm_handler(monkeypatch, when, sigter
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler raises at once; without it this would sleep, then fail
     assert signal.getsignal(signal.SIGTERM) is sigterm_guard
+
+
+def test_a_sigterm_ray_reraises_bare_is_still_named(sigterm_guard):
+    """Ray's blocking calls (ray.wait) run Python's signal handlers inside their own check and raise a bare
+    KeyboardInterrupt in place of the handler's: the stop is still reported as SIGTERM, and a Ctrl-C in a
+    later run as SIGINT."""
+    import signal
+
+    from pni_ray.orchestration.stopping import stop_signal_name, terminate_as_interrupt
+
+    with terminate_as_interrupt():
+        try:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            except KeyboardInterrupt:
+                raise KeyboardInterrupt from None  # what Ray's wait raises instead
+        except KeyboardInterrupt as bare:
+            assert not bare.args and stop_signal_name(bare) == "SIGTERM"
+    with terminate_as_interrupt():
+        assert stop_signal_name(KeyboardInterrupt()) == "SIGINT"

@@ -26,9 +26,11 @@ def terminate_as_interrupt() -> Iterator[None]:
         return
 
     def _raise(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+        _received[0] = signal.Signals(signum).name
+        raise KeyboardInterrupt(_received[0])
 
     _raise._pni_ray = True  # type: ignore[attr-defined]  # join_ray puts this handler back after ray.init
+    _received[0] = None
     before = signal.signal(signal.SIGTERM, _raise)
     try:
         yield
@@ -36,9 +38,15 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, before)
 
 
+# the signal terminate_as_interrupt last turned into KeyboardInterrupt: Ray's blocking calls (ray.wait) run
+# the handler inside their own signal check and raise a bare KeyboardInterrupt of their own in its place
+_received: list[str | None] = [None]
+
+
 def stop_signal_name(exc: KeyboardInterrupt) -> str:
-    """Which signal stopped a run: terminate_as_interrupt's name, else Ctrl-C's."""
-    return str(exc.args[0]) if exc.args else "SIGINT"
+    """Which signal stopped a run: terminate_as_interrupt's name (on the exception, or recorded where
+    Ray raised its own in its place), else Ctrl-C's."""
+    return str(exc.args[0]) if exc.args else (_received[0] or "SIGINT")
 
 
 def interrupted_message(exc: KeyboardInterrupt, kept: str, rerun_does: str = "resume") -> str:
