@@ -355,3 +355,25 @@ def test_training_outputs_and_options_are_checked_before_any_work(tmp_path, synt
         assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "B1" / "manifest.json").read_text())["category"] == "washer"
     assert model_id(tmp_path / "B1") == model_id(tmp_path / "B2")
+
+
+def test_a_broken_test_split_never_stops_training(tmp_path, synthetic_root):
+    """train reads train/good alone; a train-all pair trains and saves its bundle, then fails at its
+    evaluation naming the test file (as `--no-eval` trains and succeeds)."""
+    from pni_ray.orchestration.train_task import PairError, train_pair
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root / "washer", root / "washer")
+    broken = sorted((root / "washer" / "test" / "good").glob("*.png"))[0]
+    broken.write_bytes(broken.read_bytes()[:60])
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(tiny_config().to_dict()))
+    result = CliRunner().invoke(main, ["train", str(root), "-c", "washer", "--out", str(tmp_path / "B"),
+                                       "--config", str(config), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    cfg = tiny_config().to_dict()
+    assert train_pair(str(root), "washer", cfg, str(tmp_path / "P1"), 1, evaluate=False)["status"] == "trained"
+    with pytest.raises(PairError) as failed:
+        train_pair(str(root), "washer", cfg, str(tmp_path / "P2"), 1)
+    record = failed.value.record
+    assert record["stage"] == "evaluate" and broken.name in record["error"] and (tmp_path / "P2" / "manifest.json").is_file()

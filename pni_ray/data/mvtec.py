@@ -106,12 +106,15 @@ def missing_category_message(data_root: Path | str, category: str) -> str | None
 
 
 def load_category(
-    data_root: Path | str, category: str, check_files: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS
+    data_root: Path | str, category: str, check_files: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
+    with_test: bool = True,
 ) -> Category:
     """Read and validate one category; raise LayoutError naming every problem found.
 
     check_files reads each header (and each mask's size) so unreadable files fail here,
     before minutes of training, and not in the middle of it; images over `max_pixels` are refused.
+    with_test=False reads train/good alone (training): a test split's problem is the evaluation's to
+    report, never a reason not to train.
     """
     root = Path(data_root) / category
     problems: list[str] = []
@@ -125,7 +128,7 @@ def load_category(
         problems.append(f"{train_dir} has no train images (png, jpg, bmp, tif)")
     test: list[TestSample] = []
     test_dir = root / "test"
-    if test_dir.is_dir():
+    if with_test and test_dir.is_dir():
         for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
             for image in list_images(type_dir):
                 mask = None

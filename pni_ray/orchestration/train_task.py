@@ -203,7 +203,7 @@ def train_pair(
         device = assigned_device(gpus)
         record["device"] = str(device)
         record["stage"] = "load"
-        cat = load_category(data_root, category, **_load_kwargs(cfg))
+        cat = load_category(data_root, category, **_load_kwargs(cfg), with_test=False)  # train/good: what training reads
         if train:
             record["stage"] = "train"
             with extractor_on(device):
@@ -212,8 +212,10 @@ def train_pair(
             save_bundle(trained, bundle, overwrite=True)
             record.update(train_seconds=trained.report.get("seconds", {}), seconds=time.perf_counter() - t0)
         record["model_id"] = model_id(bundle)
-        if evaluate and cat.has_test:
+        if evaluate:  # the test split is read and checked now: its problems fail the evaluation, the bundle is kept
             record["stage"] = "evaluate"
+            cat = load_category(data_root, category, **_load_kwargs(cfg))
+        if evaluate and cat.has_test:
             from pni_ray.evaluate import evaluate_category
             from pni_ray.inference import load_detector
 
