@@ -179,8 +179,10 @@ def load_bundle(path: Path | str) -> tuple[TrainedModel, dict[str, Any]]:
         raise BundleError(f"{path / 'manifest.json'}: its config cannot be read ({exc}); retrain the bundle") from exc
     recorded = manifest["backbone"].get("sha256")
     if cfg.features.weights and not Path(cfg.features.weights).is_file():  # the model needs that file to run
+        where = ("that path" if Path(cfg.features.weights).is_absolute()
+                 else "that path, relative to the directory it was trained in (run from there)")
         raise BundleError(f"{path}: trained with the backbone weights file {cfg.features.weights} (sha256 "
-                          f"{str(recorded)[:12]}...), which is not there: put the file back at that path")
+                          f"{str(recorded)[:12]}...), which is not there: put the file back at {where}")
     if recorded is not None:
         current = backbone_record(cfg).get("sha256")
         if current != recorded:

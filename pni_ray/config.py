@@ -69,10 +69,10 @@ class CoresetConfig:
         _require(self.ratio > 0.0, f"coreset.ratio is the share of patches kept, > 0 (1: every patch), got {self.ratio!r}")
         _require(1 <= self.min_size <= self.max_size,
                  f"coreset sizes need 1 <= min_size <= max_size, got {self.min_size!r} and {self.max_size!r}")
-        _require(self.projection_dim >= 1 and self.chunk_size >= 1
+        _require(self.projection_dim >= 0 and self.chunk_size >= 1
                  and (self.max_candidates is None or self.max_candidates >= 1),
-                 f"coreset.projection_dim, chunk_size and max_candidates (null: every row) must be >= 1, got "
-                 f"{self.projection_dim!r}, {self.chunk_size!r}, {self.max_candidates!r}")
+                 f"coreset needs projection_dim >= 0 (0: no projection), chunk_size >= 1 and max_candidates >= 1 "
+                 f"(null: every row), got {self.projection_dim!r}, {self.chunk_size!r}, {self.max_candidates!r}")
 
 
 @dataclass(frozen=True)

@@ -116,12 +116,23 @@ def build_config(
         check_model_names(cfg)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    if cfg.features.weights:  # from --weights or a config file: the bundle records it and loads it by this path
-        if not Path(cfg.features.weights).is_file():
-            raise click.UsageError(f"features.weights: {cfg.features.weights} is not a file")
-        absolute = str(Path(cfg.features.weights).resolve())  # loadable from any directory, one model id however typed
-        cfg = cfg.replace(features=dataclasses.replace(cfg.features, weights=absolute))
+    cfg = absolute_weights(cfg)
+    if cfg.features.weights and not Path(cfg.features.weights).is_file():
+        raise click.UsageError(f"features.weights: {cfg.features.weights} is not a file")
     return cfg
+
+
+def absolute_weights(cfg: TrainConfig, relative_to: Path | None = None) -> TrainConfig:
+    """cfg with features.weights (--weights, a config file's) as an absolute, normalised path, links kept
+    as every path the project records is (a Hugging Face cache's link names a suffix-less blob): the
+    bundle records it and loads the backbone from it, so it loads from any directory and has one model
+    id however the path was typed. A relative path is taken from `relative_to` (a config file's folder),
+    else the working directory."""
+    weights = cfg.features.weights
+    if not weights:
+        return cfg
+    path = Path(weights) if relative_to is None else Path(relative_to) / weights
+    return cfg.replace(features=dataclasses.replace(cfg.features, weights=os.path.normpath(os.path.abspath(path))))
 
 
 def check_model_names(cfg: TrainConfig) -> None:
@@ -150,7 +161,7 @@ def load_config_file(path: Path | None) -> TrainConfig | None:
     if not isinstance(data, dict):
         raise click.BadParameter(f"{path}: expected a JSON object (a TrainConfig)", param_hint="--config")
     try:
-        return build(data)
+        return absolute_weights(build(data), Path(path).parent)  # its weights file: beside the config, as written
     except (TypeError, ValueError, KeyError) as exc:
         raise click.BadParameter(f"{path}: not a TrainConfig ({type(exc).__name__}: {exc})", param_hint="--config") from exc
 

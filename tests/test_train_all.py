@@ -239,11 +239,14 @@ def test_plan_force_and_changed_config(first_run):
     assert [p.action for p in plan] == ["fail"] * 3  # a valid bundle of another config is not overwritten silently
     assert "seed: 0 -> 7" in plan[0].reason and "--force" in plan[0].reason
     assert plan_pairs(out, [Pair("pillbox", BACKBONE)], tiny_config())[0].action == "train"
-    # the torch thread count changes the floats: bundles of another count are not taken as this run's
+    # the torch thread count changes the floats: bundles of another count are kept (evaluating one needs no
+    # retraining), and the reason says so and what matches it
     ran = json.loads((out / CATEGORIES[0] / BACKBONE / "manifest.json").read_text())["training"]["torch_threads"]
-    assert [p.action for p in plan_pairs(out, pairs, tiny_config(), threads=ran)] == ["skip"] * 3
+    plan = plan_pairs(out, pairs, tiny_config(), threads=ran)
+    assert [p.action for p in plan] == ["skip"] * 3 and plan[0].reason == "verified bundle with this config"
     plan = plan_pairs(out, pairs, tiny_config(), threads=ran + 1)
-    assert [p.action for p in plan] == ["fail"] * 3 and f"torch threads (--threads, else --cpus-per-task): {ran} -> {ran + 1}" in plan[0].reason
+    assert [p.action for p in plan] == ["skip"] * 3
+    assert f"trained on {ran} torch threads, this run asks {ran + 1}" in plan[0].reason and f"--threads {ran} matches" in plan[0].reason
     # the MLP's precision: "auto" accepts what the bundle trained in; an explicit one must be it
     trained = json.loads((out / CATEGORIES[0] / BACKBONE / "manifest.json").read_text())["training"]["mlp"]["precision"]
     other = {"float32": "bfloat16", "bfloat16": "float32"}[trained]

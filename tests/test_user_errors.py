@@ -102,7 +102,7 @@ def test_too_few_good_images_are_refused_with_what_to_add(tmp_path, synthetic_ro
     ({"neighbourhood": {"window": 4}}, "neighbourhood.window is the odd side"),
     ({"neighbourhood": {"window": 1}}, "neighbourhood.window is the odd side"),
     ({"neighbourhood": {"lr_step": 0}}, "neighbourhood needs lr_step >= 1"),
-    ({"coreset": {"chunk_size": 0}}, "coreset.projection_dim, chunk_size and max_candidates"),
+    ({"coreset": {"chunk_size": 0}}, r"coreset needs projection_dim >= 0 \(0: no projection\), chunk_size >= 1"),
     ({"geometry": {"max_pixels": 0}}, "geometry needs max_pixels >= 1"),
     ({"geometry": {"pad_value": 999}}, "a pad_value grey level in 0..255"),
 ])
@@ -138,6 +138,23 @@ def test_a_weights_file_is_recorded_by_its_absolute_path_and_needed_to_load(tmp_
     (tmp_path / "w.safetensors").rename(tmp_path / "moved.safetensors")
     with pytest.raises(ValueError, match=r"trained with the backbone weights file .*w\.safetensors .* put the file back"):
         load_bundle(tmp_path / "B1")
+    # a link (a Hugging Face cache names a suffix-less blob) is recorded as the link, whose suffix says the format
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "moved.safetensors").rename(tmp_path / "blobs" / "3f9a0c1d")
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "blobs" / "3f9a0c1d")
+    assert CliRunner().invoke(main, [*args, "--out", str(tmp_path / "B4"), "--weights", str(tmp_path / "link.safetensors")]).exit_code == 0
+    assert json.loads((tmp_path / "B4" / "manifest.json").read_text())["config"]["features"]["weights"] == str(tmp_path / "link.safetensors")
+    load_bundle(tmp_path / "B4")
+    # a config file's relative weights: from the config's folder, wherever the command runs
+    beside = tmp_path / "cfgdir"
+    beside.mkdir()
+    (beside / "w.safetensors").symlink_to(tmp_path / "blobs" / "3f9a0c1d")
+    (beside / "c.json").write_text(json.dumps({**tiny_config().to_dict(), "features": {**tiny_config().to_dict()["features"],
+                                                                                     "weights": "w.safetensors"}}))
+    result = CliRunner().invoke(main, ["train", str(synthetic_root), "-c", "washer", "--config", str(beside / "c.json"),
+                                       "--out", str(tmp_path / "B5"), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "B5" / "manifest.json").read_text())["config"]["features"]["weights"] == str(beside / "w.safetensors")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**tiny_config().to_dict(), "features": {**tiny_config().to_dict()["features"],
                                                                      "weights": str(tmp_path / "w.safetensors")}}))

@@ -24,7 +24,6 @@ the summary. Only small records travel back; bundles are written by the tasks.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import time
@@ -36,7 +35,7 @@ from typing import Any, Callable
 import click
 
 from pni_ray.config import TrainConfig
-from pni_ray.options import training_threads
+from pni_ray.options import absolute_weights, training_threads
 from pni_ray.orchestration.ray_session import RaySession, join_ray
 from pni_ray.orchestration.shared_storage import Probe, check_all_nodes
 from pni_ray.orchestration.train_plan import FAILED, SKIPPED, TRAINED, Pair, PlanItem, pair_config, plan_pairs
@@ -135,7 +134,8 @@ def _failure_record(pair: Pair, error: BaseException, system: bool, max_retries:
     if isinstance(error, PairError):
         return dict(error.record)
     cause = getattr(error, "cause", None) or error
-    kind = f"system failure after {max_retries} retries: " if system else ""
+    retries = "unlimited retries" if max_retries < 0 else f"{max_retries} retries"
+    kind = f"system failure after {retries}: " if system else ""
     lines = [line for line in str(cause).strip().splitlines() if line.strip()]
     text = lines[0] + (f" ... {lines[-1].strip()}" if len(lines) > 1 else "") if lines else ""  # last line: the root cause
     return {"category": pair.category, "backbone": pair.backbone, "status": FAILED, "stage": "ray",
@@ -196,8 +196,7 @@ def train_all(
             raise click.UsageError(str(exc)) from exc
     if cpus_per_task < 1:
         raise click.UsageError("--cpus-per-task must be at least 1")
-    if cfg.features.weights:
-        cfg = cfg.replace(features=dataclasses.replace(cfg.features, weights=str(Path(cfg.features.weights).resolve())))
+    cfg = absolute_weights(cfg)  # as `train` records it: the same bundle, loadable from any node's directory
     threads = training_threads(threads or cpus_per_task)
     pairs = [Pair(c, b) for c in categories for b in backbones]
     out.mkdir(parents=True, exist_ok=True)

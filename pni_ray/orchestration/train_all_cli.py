@@ -27,7 +27,8 @@ class NotShared(click.ClickException):
 
 
 def _split(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+    """A comma-separated option's names; a category's trailing slash (tab completion) dropped, as -c's."""
+    return [v.strip().rstrip("/\\") for v in value.split(",") if v.strip().rstrip("/\\")] if value else None
 
 
 @click.command("train-all")

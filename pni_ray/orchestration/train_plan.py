@@ -109,8 +109,8 @@ def trained_precision(manifest: dict[str, Any], recorded: dict[str, Any], wanted
 
 def plan_pairs(out: Path, pairs: list[Pair], cfg: TrainConfig, force: bool = False,
                threads: int | None = None) -> list[PlanItem]:
-    """What to do with each pair: train, skip (verified bundle with this config and, where given, this torch
-    thread count: the count changes the bundle's floats) or fail."""
+    """What to do with each pair: train, skip (verified bundle with this config; one of another torch thread
+    count than `threads` is kept, and the reason says so: the count changes the bundle's floats) or fail."""
     from pni_ray.bundle import FORMAT, BundleError, model_id, verify_bundle
     from pni_ray.fileio import NotReplaceable, check_replaceable
 
@@ -141,9 +141,6 @@ def plan_pairs(out: Path, pairs: list[Pair], cfg: TrainConfig, force: bool = Fal
         diff = config_diff(*_refiners_compared(recorded, wanted))
         if manifest.get("category") != pair.category:
             diff.insert(0, f"category: {manifest.get('category')!r} -> {pair.category!r}")
-        ran = (manifest.get("training") or {}).get("torch_threads")
-        if threads is not None and ran is not None and int(ran) != int(threads):
-            diff.append(f"torch threads (--threads, else --cpus-per-task): {ran} -> {threads}")
         if diff:
             shown = "; ".join(diff[:6]) + (f"; ... {len(diff) - 6} more" if len(diff) > 6 else "")
             plan.append(PlanItem(
@@ -152,5 +149,10 @@ def plan_pairs(out: Path, pairs: list[Pair], cfg: TrainConfig, force: bool = Fal
                 "use --force to retrain it or another --out",
             ))
             continue
-        plan.append(PlanItem(pair, "skip", "verified bundle with this config", model_id(path)))
+        ran = (manifest.get("training") or {}).get("torch_threads")
+        note = ""  # evaluating it needs no retraining; only its floats would differ from this run's
+        if threads is not None and ran != threads:
+            note = (f" (trained on {ran} torch threads, this run asks {threads}: its floats differ from what this run "
+                    f"would train; --force retrains it, --threads {ran} matches it)")
+        plan.append(PlanItem(pair, "skip", "verified bundle with this config" + note, model_id(path)))
     return plan
