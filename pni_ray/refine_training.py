@@ -179,7 +179,7 @@ def make_refiner_data(
         batch_maps = torch.from_numpy(np.stack(score_prepared(detector, geometry, batch, [mode], batch_size)[0][mode]))
         batch_mask = torch.from_numpy(np.stack(batch_masks))
         hw = stored_hw(batch[0].canvas_hw, cfg.features.image_size)
-        if hw != batch[0].canvas_hw:  # what the refiner sees at 128 px either way; area: no defect pixel skipped
+        if hw != batch[0].canvas_hw:  # the refiner sees 128 px either way; a kept mask pixel: half its area defect
             batch_maps = F.interpolate(batch_maps[:, None].float(), size=hw, mode="area")[:, 0]
             batch_mask = F.interpolate(batch_mask[:, None].float(), size=hw, mode="area")[:, 0] >= 0.5
         images.extend(resize_rgb(p.canvas, hw) for p in batch)
