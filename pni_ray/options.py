@@ -33,10 +33,15 @@ class RunFailed(click.ClickException):
     exit_code = 3
 
 
+def folder_name(name: str) -> str:
+    """A category named as a folder: a shell's tab completion leaves `weave/`, which is the category
+    `weave` (recorded in the manifest and so in the model id: with the slash it would be another model)."""
+    return name.strip().rstrip("/\\") or name
+
+
 def category_name(ctx: Any, param: Any, value: str | None) -> str | None:
-    """-c as a folder name: a shell's tab completion leaves `weave/`, which is the category `weave`
-    (recorded in the manifest and so in the model id: with the slash it would be another model)."""
-    return value.rstrip("/\\") or value if value else value
+    """-c's click callback: `folder_name`."""
+    return folder_name(value) if value else value
 
 
 def set_threads(threads: int | None) -> int:

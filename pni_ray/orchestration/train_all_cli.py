@@ -11,8 +11,8 @@ from typing import Any
 
 import click
 
-from pni_ray.options import (RunFailed, build_config, check_force_out, check_output_file, load_config_file, set_threads,
-                             train_options)
+from pni_ray.options import (RunFailed, build_config, check_force_out, check_output_file, folder_name, load_config_file,
+                             set_threads, train_options)
 from pni_ray.orchestration.ray_session import RayJoinError
 from pni_ray.orchestration.shared_storage import SharedStorageError
 from pni_ray.orchestration.stopping import interrupted_message, terminate_as_interrupt
@@ -27,8 +27,8 @@ class NotShared(click.ClickException):
 
 
 def _split(value: str | None) -> list[str] | None:
-    """A comma-separated option's names; a category's trailing slash (tab completion) dropped, as -c's."""
-    return [v.strip().rstrip("/\\") for v in value.split(",") if v.strip().rstrip("/\\")] if value else None
+    """A comma-separated option's names, each as -c takes it (`folder_name`)."""
+    return [folder_name(v) for v in value.split(",") if v.strip()] if value else None
 
 
 @click.command("train-all")
