@@ -43,8 +43,9 @@ def _mib(n: int) -> str:
                    "measure it on your data.")
 @click.option("--calibration", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of good images the INT8 activation ranges are measured on (e.g. train/good).")
-@click.option("--calibration-images", type=click.IntRange(min=1), default=DEFAULT_CALIBRATION_IMAGES,
-              show_default=True, help="Calibration images used, evenly spaced over the folder's sorted listing.")
+@click.option("--calibration-images", type=click.IntRange(min=1), default=None,
+              help=f"Calibration images used, evenly spaced over the folder's sorted listing (default: "
+                   f"{DEFAULT_CALIBRATION_IMAGES}).")
 @click.option("--int8-activations", type=click.Choice(list(ACTIVATIONS)), default=None,
               help="uint8 (asymmetric: onnxruntime's fast CPU form) or int8 (symmetric: what TensorRT takes). "
                    "Default: int8 with --trt, else uint8.")
@@ -57,7 +58,7 @@ def _mib(n: int) -> str:
                    "CPUs onnxruntime's u8 x s8 products saturate int16.")
 def export_cmd(bundle: Path, out: Path, trt: bool, fp16: bool, max_batch: int, opset: int, coresets: str,
                mode: str | None, chunk: int, force: bool, threads: int | None, int8: tuple[str, ...],
-               calibration: Path | None, calibration_images: int, int8_activations: str | None,
+               calibration: Path | None, calibration_images: int | None, int8_activations: str | None,
                int8_fp32_convs: int | None, int8_weight_bits: str | None) -> None:
     """Export BUNDLE for edge deployment: ONNX graphs + Arrow tables (+ TensorRT engines with --trt)."""
     from export import opcheck, tables
@@ -65,9 +66,12 @@ def export_cmd(bundle: Path, out: Path, trt: bool, fp16: bool, max_batch: int, o
     from pni_ray.bundle import BundleError
     from pni_ray.options import set_threads
 
-    if not int8 and (int8_activations, int8_fp32_convs, int8_weight_bits, calibration) != (None, None, None, None):
-        raise click.UsageError("--calibration / --int8-activations / --int8-fp32-convs / --int8-weight-bits shape INT8 "
-                               "graphs: add --int8 mlp and/or --int8 backbone")
+    if not int8 and (int8_activations, int8_fp32_convs, int8_weight_bits, calibration,
+                     calibration_images) != (None,) * 5:
+        raise click.UsageError("--calibration / --calibration-images / --int8-activations / --int8-fp32-convs / "
+                               "--int8-weight-bits shape INT8 graphs: add --int8 mlp and/or --int8 backbone")
+    if fp16 and not trt:
+        raise click.UsageError("--fp16 applies to TensorRT engines: add --trt (the ONNX graphs are FP32)")
     if int8_fp32_convs is not None and "backbone" not in int8:
         raise click.UsageError("--int8-fp32-convs applies to the backbone: add --int8 backbone")
     if trt and int8 and int8_activations == "uint8":
@@ -76,7 +80,7 @@ def export_cmd(bundle: Path, out: Path, trt: bool, fp16: bool, max_batch: int, o
     set_threads(threads)
     options = ExportOptions(opset=opset, max_batch=max_batch, coresets=coresets, chunk=chunk, mode=mode,
                             int8=tuple(dict.fromkeys(int8)), calibration=calibration,
-                            calibration_images=calibration_images,
+                            calibration_images=calibration_images or DEFAULT_CALIBRATION_IMAGES,
                             int8_activations=int8_activations or ("int8" if trt else "uint8"),
                             int8_fp32_convs=DEFAULT_FP32_CONVS if int8_fp32_convs is None else int8_fp32_convs,
                             int8_weight_bits=int(int8_weight_bits or DEFAULT_WEIGHT_BITS))
@@ -104,8 +108,6 @@ def export_cmd(bundle: Path, out: Path, trt: bool, fp16: bool, max_batch: int, o
         click.echo(f"  int8: {', '.join(manifest['int8']['graphs'])} ({manifest['int8']['activations']} activations, "
                    f"{manifest['int8'].get('weight_bits', 8)}-bit weight range) calibrated on "
                    f"{len(manifest['int8']['calibration_images'])} images of {manifest['int8']['calibration_dir']}")
-    if fp16 and not trt:
-        click.echo("note: --fp16 only affects TensorRT engines (--trt); the ONNX graphs are FP32", err=True)
     if trt:
         from export.trt import TensorRTUnavailable, build_engines
 

@@ -8,7 +8,8 @@ with `backbone_runtime="openvino"` runs the backbone here and the rest as one fu
 
 Precision: "auto" is the plugin's own default (bf16 where the CPU has it natively, else f32),
 "f32" keeps float32 arithmetic, "bf16" asks for bf16. Maps differ from onnxruntime's (INT8 export,
-bottle and transistor: by up to 1.7-2.9% of their maximum in f32, 3.1-3.8% in bf16), so accuracy is
+bottle and transistor: by up to 1.7-2.9% of their maximum in f32, 3.1-3.8% in bf16; up to 7.8% / 8.3% on
+another bottle INT8 export), so accuracy is
 measured, not assumed: `python benchmarks/bench_peers.py ... --engines onnxruntime-int8,onnxruntime-int8-ov`.
 """
 

@@ -84,10 +84,26 @@ def file_records(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def read_manifest(path: Path | str) -> dict[str, Any]:
-    return read_manifest_json(path, FORMAT, FORMAT_VERSION, ExportError, "export",
-                              hint=" (a training bundle? run `pni-ray export` on it)",
-                              required={"files": dict, "graphs": dict, "tables": dict, "pipeline": list,
-                                        "scorer": dict, "mode": str, "tau": float})
+    """The export's manifest, its sections checked against each other: every stage of `pipeline` is a
+    graph of `graphs`, and `tables` names the normalisation table and the memory bank, so an edited
+    manifest is refused here, naming the key, not later as a KeyError mid-run."""
+    manifest = read_manifest_json(path, FORMAT, FORMAT_VERSION, ExportError, "export",
+                                  hint=" (a training bundle? run `pni-ray export` on it)",
+                                  required={"files": dict, "graphs": dict, "tables": dict, "pipeline": list,
+                                            "scorer": dict, "mode": str, "tau": float})
+    file = Path(path) / MANIFEST
+    unknown = [name for name in manifest["pipeline"] if not isinstance(name, str) or name not in manifest["graphs"]]
+    if unknown:
+        raise ExportError(f"{file}: pipeline names {unknown!r:.80}, not a graph of 'graphs': the manifest was edited "
+                          "or truncated; export the bundle again")
+    if manifest["scorer"].get("coresets") not in ("constant", "input"):
+        raise ExportError(f"{file}: scorer['coresets'] is {manifest['scorer'].get('coresets')!r:.40}, not 'constant' "
+                          "or 'input': the manifest was edited or truncated; export the bundle again")
+    for table in ("c_emb", "normalisation"):
+        if not isinstance(manifest["tables"].get(table), str):
+            raise ExportError(f"{file}: tables[{table!r}] is missing: the manifest was edited or truncated; export the "
+                              "bundle again")
+    return manifest
 
 
 # manifest fields that say where and with which tools an export was made, not what it computes

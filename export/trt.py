@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -136,9 +137,19 @@ def engine_fp16(name: str, quantised: set[str], fp16: bool) -> bool:
     return bool(fp16 and name not in FP32_GRAPHS and name not in quantised)
 
 
+def profile_batch(folder: Path | str, manifest: dict[str, Any], max_batch: int | None) -> int:
+    """The engines' largest batch: `max_batch`, or the export's own where None; below 1 refused (an engine
+    recorded with it would make the runtime's batch loop score nothing)."""
+    batch = manifest.get("max_batch", 16) if max_batch is None else max_batch
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"{folder}: the largest batch must be a whole number >= 1, got {batch!r}")
+    return batch
+
+
 def trtexec_commands(folder: Path | str, manifest: dict[str, Any], max_batch: int, fp16: bool) -> list[str]:
-    """One trtexec line per graph, equivalent to `build_engines` (run from anywhere)."""
-    folder = Path(folder)
+    """One trtexec line per graph, equivalent to `build_engines`, with absolute paths (run from anywhere on
+    this machine; after copying the export elsewhere, `python -m export.trt` there needs no editing)."""
+    folder = Path(folder).absolute()
     lines = []
     quantised = int8_graphs(manifest)
     for name in manifest["pipeline"]:
@@ -159,6 +170,7 @@ def trtexec_commands(folder: Path | str, manifest: dict[str, Any], max_batch: in
 
 
 def unavailable_message(folder: Path, manifest: dict[str, Any], missing: list[str], max_batch: int, fp16: bool) -> str:
+    folder = Path(folder).absolute()
     lines = [
         "TensorRT engines were not built: this machine lacks " + "; and ".join(missing) + ".",
         f"The ONNX graphs and Arrow tables in {folder} are complete and verified (the ONNX runtime uses them as they are).",
@@ -182,7 +194,7 @@ def build_engines(folder: Path | str, max_batch: int | None = None, fp16: bool =
     folder = Path(folder)
     manifest = tables.verify_export(folder)
     require_tensorrt_graphs(folder, manifest)
-    max_batch = int(max_batch or manifest.get("max_batch", 16))
+    max_batch = profile_batch(folder, manifest, max_batch)
     missing = missing_requirements()
     if missing:
         raise TensorRTUnavailable(unavailable_message(folder, manifest, missing, max_batch, fp16))
@@ -211,7 +223,7 @@ def register_engines(folder: Path | str, max_batch: int | None = None, fp16: boo
     folder = Path(folder)
     manifest = tables.verify_export(folder)
     require_tensorrt_graphs(folder, manifest)
-    max_batch = int(max_batch or manifest.get("max_batch", 16))
+    max_batch = profile_batch(folder, manifest, max_batch)
     missing = [engine_file(name) for name in manifest["pipeline"] if not (folder / engine_file(name)).is_file()]
     if missing:
         raise tables.ExportError(f"{folder}: no engine file {', '.join(missing)}: build one per graph first (the "
@@ -362,6 +374,7 @@ class TRTModel(StagePipeline):
         engines = self.manifest.get("tensorrt", {}).get("engines", {})
         if not engines:
             raise TensorRTUnavailable(f"{self.path}: no TensorRT engines built yet; run `python -m export.trt {self.path}` on the target")
+        self.max_batch = min(profile_batch(self.path, self.manifest, r.get("max_batch")) for r in engines.values())
         missing = missing_requirements()
         if missing:
             raise TensorRTUnavailable("running TensorRT engines needs " + "; and ".join(missing))
@@ -375,7 +388,6 @@ class TRTModel(StagePipeline):
         self.model_id = tables.export_id(self.path)
         self.source_model_id = self.manifest["model_id"]
         self.threshold = float(tables.read_normalisation(self.path / self.manifest["tables"]["normalisation"])["threshold"])
-        self.max_batch = min(int(r["max_batch"]) for r in engines.values())
         feeds = scorer_table_feeds(self.path, self.manifest) if self.manifest["scorer"]["coresets"] == "input" else {}
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines = {name: _Engine(trt, runtime, cudart, self.path / engines[name]["file"], feeds)
@@ -394,12 +406,30 @@ class TRTModel(StagePipeline):
             engine.close()
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or value == math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.trt", description="Build TensorRT engines for an export directory.")
     parser.add_argument("export_dir", type=Path)
-    parser.add_argument("--max-batch", type=int, default=None, help="largest batch of the optimisation profile")
+    parser.add_argument("--max-batch", type=_at_least_one, default=None,
+                        help="largest batch of the optimisation profile (default: the export's)")
     parser.add_argument("--fp16", action="store_true", help="FP16 kernels (all graphs but the softmax and the scorer)")
-    parser.add_argument("--workspace-gb", type=float, default=DEFAULT_WORKSPACE_GB)
+    parser.add_argument("--workspace-gb", type=_positive_float, default=DEFAULT_WORKSPACE_GB)
     parser.add_argument("--register", action="store_true",
                         help="record engines already built (e.g. by trtexec, with the same --max-batch and --fp16) "
                              "instead of building them")

@@ -6,6 +6,7 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -637,6 +638,23 @@ def test_tampered_or_incomplete_export_refused(exported, tmp_path):
         load_exported(copy_dir)
 
 
+@pytest.mark.parametrize("edit, says", [
+    (lambda m: m["pipeline"].append("refiner"), "pipeline names ['refiner'], not a graph"),
+    (lambda m: m["tables"].pop("normalisation"), "tables['normalisation'] is missing"),
+    (lambda m: m["scorer"].pop("coresets"), "scorer['coresets'] is None"),
+])
+def test_edited_manifest_sections_refused_naming_the_key(exported, tmp_path, edit, says):
+    """Sections that disagree (a stage with no graph, no normalisation table) are refused when the manifest
+    is read, naming manifest.json, not as a KeyError mid-run."""
+    folder = tmp_path / "e"
+    shutil.copytree(exported, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(tables.ExportError, match=re.escape(f"{folder / 'manifest.json'}: {says}")):
+        load_exported(folder, threads=1)
+
+
 def test_export_directory_contents(exported, bundle_tiny):
     m = tables.verify_export(exported)
     assert m["pipeline"] == ["backbone", "mlp", "softmax", "scorer"]
@@ -780,6 +798,27 @@ def test_trt_build_with_a_stand_in_tensorrt(exported, tmp_path, monkeypatch):
     assert (folder / "scorer.engine").read_bytes() == b"engine:scorer.onnx"
     m = tables.verify_export(folder)  # engines are checksummed into the manifest
     assert set(m["tensorrt"]["engines"]) == {"backbone", "mlp", "softmax", "scorer"} and "scorer.engine" in m["files"]
+
+
+def test_engine_batch_below_one_refused(exported, tmp_path, capsys):
+    """An engine profile's largest batch below 1 would make the runtime's batch loop score nothing: refused
+    on the command line, by build/register, and in a hand-edited engine record."""
+    folder = tmp_path / "e"
+    shutil.copytree(exported, folder)
+    for bad in ("0", "-3", "two"):
+        with pytest.raises(SystemExit) as exit_info:
+            trt.main([str(folder), "--register", "--max-batch", bad])
+        assert exit_info.value.code == 2 and "whole number >= 1" in capsys.readouterr().err
+    for graph in ("backbone", "mlp", "softmax", "scorer"):
+        (folder / f"{graph}.engine").write_bytes(f"trtexec:{graph}".encode())
+    with pytest.raises(ValueError, match="largest batch must be a whole number >= 1, got -3"):
+        trt.register_engines(folder, -3)
+    trt.register_engines(folder, 2)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["tensorrt"]["engines"]["mlp"]["max_batch"] = -3
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="got -3"):
+        trt.TRTModel(folder, verify=False)
 
 
 def test_engines_built_by_trtexec_are_registered_and_checksummed(exported, tmp_path, monkeypatch):

@@ -94,8 +94,9 @@ def test_the_formats_use_it(tmp_path):
         (folder / "manifest.json").write_text(json.dumps({**base, **change}))
         with pytest.raises(BundleError, match=match):
             read_bundle(folder)
-    export = {"format": "pni-ray-export", "format_version": 1, "files": {}, "graphs": {"mlp": {}}, "tables": {},
-              "pipeline": [], "scorer": {}, "mode": "pni", "tau": 1e-4}
+    export = {"format": "pni-ray-export", "format_version": 1, "files": {}, "graphs": {"mlp": {}},
+              "tables": {"c_emb": "c_emb.arrow", "normalisation": "normalisation.arrow"},
+              "pipeline": [], "scorer": {"coresets": "constant"}, "mode": "pni", "tau": 1e-4}
     (folder / "manifest.json").write_text(json.dumps({**export, "graphs": {}, "tau": None}))
     with pytest.raises(ExportError, match="'tau' is missing or not a float"):
         read_export(folder)

@@ -193,9 +193,11 @@ def test_uint8_graphs_are_refused_by_tensorrt_with_what_to_do(cpu_int8_export, i
     assert result.exit_code != 0 and "TensorRT takes symmetric int8" in result.output
     for extra, says in ((["--int8-activations", "int8"], "add --int8 mlp"), (["--int8-fp32-convs", "3"], "add --int8 mlp"),
                         (["--int8-weight-bits", "8"], "add --int8 mlp"), (["--int8-weight-bits", "7"], "add --int8 mlp"),
-                        (["--int8-fp32-convs", "6"], "add --int8 mlp")):  # the default value, given, is not ignored either
+                        (["--int8-fp32-convs", "6"], "add --int8 mlp"),  # the default value, given, is not ignored either
+                        (["--calibration-images", "5"], "add --int8 mlp"), (["--fp16"], "add --trt")):
         result = CliRunner().invoke(main, ["export", bundle, "--out", str(tmp_path / "x"), *extra])
-        assert result.exit_code != 0 and says in result.output  # never silently ignored
+        assert result.exit_code == 2 and says in result.output  # never silently ignored
+        assert not (tmp_path / "x").exists()  # refused before any work
     result = CliRunner().invoke(main, ["export", bundle, "--out", str(tmp_path / "x"), "--int8", "mlp",
                                        "--calibration", str(tmp_path), "--int8-fp32-convs", "3"])
     assert result.exit_code != 0 and "add --int8 backbone" in result.output

@@ -394,3 +394,22 @@ def test_a_broken_test_split_never_stops_training(tmp_path, synthetic_root):
         train_pair(str(root), "washer", cfg, str(tmp_path / "P2"), 1)
     record = failed.value.record
     assert record["stage"] == "evaluate" and broken.name in record["error"] and (tmp_path / "P2" / "manifest.json").is_file()
+
+
+def test_scoring_an_incomplete_bundle_is_refused_before_the_run(bundle_tiny, tmp_path, synthetic_root):
+    """The driver checks a bundle as its loader will (the files its mode needs, the manifest's keys), so a
+    manifest that lists no memory bank fails before OUT exists, not in every actor with resume advice."""
+    from pni_ray.orchestration.score import ScoreError, score
+
+    bundle = tmp_path / "B"
+    shutil.copytree(bundle_tiny, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["files"]["memory.arrow"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ScoreError, match=r"incomplete bundle, manifest lists no memory.arrow"):
+        score(bundle, [str(synthetic_root / "washer" / "test" / "good")], tmp_path / "out", engine="local")
+    del manifest["normalisation"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ScoreError, match=r"manifest.json: 'normalisation' is missing"):
+        score(bundle, [str(synthetic_root / "washer" / "test" / "good")], tmp_path / "out", engine="local")
+    assert not (tmp_path / "out").exists()

@@ -13,11 +13,12 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from pni_ray import bundle_manifest
 from pni_ray.config import float_from_json
 from pni_ray.fileio import read_json
 from pni_ray.geometry import Geometry, Prepared
 
-BUNDLE_FORMAT = "pni-ray-bundle"  # == pni_ray.bundle.FORMAT, repeated to keep this import torch-free
+BUNDLE_FORMAT = bundle_manifest.FORMAT
 TORCH_FORMATS = {BUNDLE_FORMAT: "bundle", "pni-ray-ensemble": "ensemble"}  # loaded by load_detector
 
 

@@ -36,6 +36,7 @@ def describe_model(path: Path | str, backbone_runtime: str = "onnxruntime", back
     export is loaded here with the actors' backbone runtime, so one OpenVINO cannot take fails now."""
     from export.openvino_backbone import OpenVINOUnavailable
     from export.tables import ExportError
+    from pni_ray.bundle_manifest import BundleError, verify_bundle
     from pni_ray.orchestration.model_loader import ExportModel, model_kind
 
     path = Path(path).resolve()
@@ -47,13 +48,19 @@ def describe_model(path: Path | str, backbone_runtime: str = "onnxruntime", back
         if backbone_runtime != "onnxruntime":
             raise ScoreError(f"{path} is a {kind}, scored by torch: --backbone-runtime {backbone_runtime} applies to "
                              "export directories only (pni-ray export BUNDLE --out DIR, then score DIR)")
-        manifest = json.loads((path / "manifest.json").read_text())
-        for name, meta in (manifest.get("files") or {}).items():
-            file = path / name
-            if not file.is_file():
-                raise ScoreError(f"{file}: missing from the bundle (listed in manifest.json)")
-            if meta.get("sha256") and sha256_file(file) != meta["sha256"]:
-                raise ScoreError(f"{file}: checksum mismatch: the file was modified or corrupted")
+        if kind == "bundle":  # the loader's own checks: manifest keys, the files its mode needs, checksums
+            try:
+                manifest = verify_bundle(path)
+            except BundleError as exc:
+                raise ScoreError(str(exc)) from exc
+        else:
+            manifest = json.loads((path / "manifest.json").read_text())
+            for name, meta in (manifest.get("files") or {}).items():
+                file = path / name
+                if not file.is_file():
+                    raise ScoreError(f"{file}: missing from the bundle (listed in manifest.json)")
+                if meta.get("sha256") and sha256_file(file) != meta["sha256"]:
+                    raise ScoreError(f"{file}: checksum mismatch: the file was modified or corrupted")
         try:  # what the actors will build from it: refused here, before the run, naming the file
             if kind == "bundle":
                 TrainConfig.from_manifest(manifest.get("config") or {})

@@ -1,0 +1,54 @@
+"""A bundle's manifest and files, checked without torch: what `pni_ray.bundle` loads, and what the
+scoring driver checks before a run, which must not import torch (one rule for both)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pni_ray.fileio import read_manifest_json, sha256_file
+
+FORMAT = "pni-ray-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MEMORY = "memory.arrow"
+PRIOR = "position_prior.arrow"
+MLP = "neighbourhood.safetensors"
+REFINER = "refiner.safetensors"
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be trusted; the message says which file and why."""
+
+
+# what loading reads from a bundle's manifest (checked when it is read: a KeyError names nothing)
+REQUIRED_KEYS: dict[str, type] = {"category": str, "mode": str, "config": dict, "files": dict, "backbone": dict,
+                                  "normalisation": dict, "grid": list}
+
+
+def read_manifest(path: Path | str) -> dict[str, Any]:
+    return read_manifest_json(path, FORMAT, FORMAT_VERSION, BundleError, "bundle", required=REQUIRED_KEYS)
+
+
+def verify_bundle(path: Path | str) -> dict[str, Any]:
+    """Check every listed file exists with its recorded sha256; return the manifest."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    required = {MEMORY} | ({PRIOR, MLP} if manifest["mode"] == "pni" else set())
+    missing = sorted(required - set(manifest["files"]))
+    if missing:
+        raise BundleError(f"{path}: incomplete bundle, manifest lists no {', '.join(missing)}")
+    for name, meta in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise BundleError(f"{file}: missing from the bundle (listed in {MANIFEST})")
+        digest = sha256_file(file)
+        if digest != meta["sha256"]:
+            raise BundleError(f"{file}: checksum mismatch (expected {meta['sha256'][:12]}..., got {digest[:12]}...): "
+                              "the file was modified or corrupted; retrain or restore the bundle")
+    return manifest
+
+
+def model_id(path: Path | str) -> str:
+    """Identity of a bundle: the sha256 of its manifest (which pins every file's sha256)."""
+    return sha256_file(Path(path) / MANIFEST)
