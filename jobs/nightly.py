@@ -15,6 +15,7 @@ Config (TOML or JSON; relative paths are relative to the config file; see nightl
     top_n        most anomalous images listed in the run summary (default 20)
     report       write dt=.../_report.html (default true)
     fail_on_errors  exit 1 when any input has an error row (default true)
+    retry_failed score the date's error rows again when it is rerun (default false; --retry-failed)
     engine, address, batch_size, workers, cpus_per_worker, gpus_per_worker, max_pixels, chunk_size,
     backbone_runtime, backbone_precision:
                  as for `pni-ray score` (backbone_runtime "openvino": exports only, OpenVINO installed)
@@ -23,7 +24,8 @@ Writes, inside the partition: part-*.parquet (the table), _summary.json (counts,
 anomaly rate, top N), _report.html, and _nightly.json (this run: config, date, timings, exit code;
 its status is "running" from the start until the run is "finished", "refused" or "failed", so a
 killed run never leaves an earlier run's record behind).
-Rerunning for the same date resumes: only inputs without a row are scored.
+Rerunning for the same date resumes: only inputs without a row are scored; with --retry-failed (or
+retry_failed = true) the error rows too, e.g. once a file that was half-written has been written again.
 
 Exit status: 0 all scored; 1 some inputs failed (fail_on_errors); 2 bad config (or no model at `model`);
 3 the run was refused, failed or was stopped (Ctrl-C, SIGTERM: recorded as failed, "interrupted ...").
@@ -64,7 +66,13 @@ DEFAULTS: dict[str, Any] = {
     "chunk_size": 64,
     "backbone_runtime": "onnxruntime",
     "backbone_precision": "auto",
+    "retry_failed": False,
 }
+# each key's kind, checked when the config is read (a bad value is a config error, exit 2): whole numbers
+# with their least value, numbers likewise, and true/false
+WHOLE = {"top_n": 0, "report_top": 0, "batch_size": 1, "max_pixels": 1, "chunk_size": 1, "workers": 0}
+NUMBER = {"cpus_per_worker": 0.0, "gpus_per_worker": 0.0}
+SWITCH = ("report", "fail_on_errors", "retry_failed")
 REQUIRED = ("model", "inputs", "output_root")
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_CONFIG, EXIT_RUN = 0, 1, 2, 3
 KEPT = "the parts committed so far are kept"  # what a stopped run leaves (interrupted_message)
@@ -106,6 +114,9 @@ def load_config(path: Path | str) -> dict[str, Any]:
         cfg["inputs"] = [cfg["inputs"]]
     if not isinstance(cfg["inputs"], list) or not all(isinstance(i, str) for i in cfg["inputs"]):
         raise ConfigError(f"{path}: inputs must be a string or a list of strings")
+    problem = value_problem(cfg)
+    if problem:
+        raise ConfigError(f"{path}: {problem}")
     from pni_ray.results import MAP_FORMATS
 
     if cfg["map_format"] not in MAP_FORMATS:
@@ -131,6 +142,28 @@ def load_config(path: Path | str) -> dict[str, Any]:
     cfg["inputs"] = [rel(i) for i in cfg["inputs"]]
     cfg["_config_path"] = str(path.resolve())
     return cfg
+
+
+def value_problem(cfg: dict[str, Any]) -> str | None:
+    """What is wrong with the config's numeric and true/false values, or None."""
+    for key, least in WHOLE.items():
+        value = cfg[key]
+        if key == "workers" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            return f"{key} must be a whole number >= {least}, not {value!r}"
+    for key, least in NUMBER.items():
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not least <= value < float("inf"):
+            return f"{key} must be a number >= {least:g}, not {value!r}"
+    if cfg["cpus_per_worker"] == 0:
+        return "cpus_per_worker must be > 0, not 0"
+    for key in SWITCH:
+        if not isinstance(cfg[key], bool):
+            return f"{key} must be true or false, not {cfg[key]!r}"
+    if cfg["address"] is not None and not isinstance(cfg["address"], str):
+        return f"address must be a string, not {cfg['address']!r}"
+    return None
 
 
 def resolve_date(value: str | dt.date, today: dt.date | None = None) -> dt.date:
@@ -173,9 +206,12 @@ def partition(output_root: str | Path, day: dt.date) -> Path:
     return Path(output_root) / f"dt={day.isoformat()}"
 
 
-def run(config_path: Path | str, date: str | None = None, progress: bool = False) -> tuple[int, dict[str, Any]]:
-    """The whole nightly run; returns (exit code, run record written to _nightly.json)."""
+def run(config_path: Path | str, date: str | None = None, progress: bool = False,
+        retry_failed: bool = False) -> tuple[int, dict[str, Any]]:
+    """The whole nightly run; returns (exit code, run record written to _nightly.json). retry_failed (or the
+    config's retry_failed): the partition's error rows are scored again, as `pni-ray score --retry-failed`."""
     from pni_ray.orchestration.score import Options, ScoreError, score
+    from pni_ray.fileio import inside
     from pni_ray.orchestration.score_output import OutInUse
     from pni_ray.results import atomic_write_json, now_utc
 
@@ -185,6 +221,9 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
     if not Path(cfg["model"]).is_dir():  # a config naming no model is a config error (exit 2), not a failed run
         raise ConfigError(f"{cfg['_config_path']}: model {cfg['model']} is not a directory (a bundle, or an export: "
                           "`pni-ray export BUNDLE --out DIR`)")
+    if inside(cfg["output_root"], cfg["model"]):  # retraining or re-exporting it with --force would delete them
+        raise ConfigError(f"{cfg['_config_path']}: output_root {cfg['output_root']} is inside the model {cfg['model']}: "
+                          "results go to a directory of their own")
     day = resolve_date(date or cfg["date"])
     inputs = expand_placeholders(cfg["inputs"], day)
     out = partition(cfg["output_root"], day)
@@ -204,7 +243,7 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
         atomic_write_json(out / "_nightly.json", {**record, "status": "running"})
     try:
         summary = score(cfg["model"], inputs, out, opts, engine=cfg["engine"], top_n=int(cfg["top_n"]),
-                        progress=progress)
+                        progress=progress, retry=retry_failed or cfg["retry_failed"])
         report_path = None
         if cfg["report"] and summary["rows"]:
             from pni_ray.report import write_report
@@ -254,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.nightly", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="TOML or JSON config file")
     parser.add_argument("--date", default=None, help="today, yesterday or YYYY-MM-DD (overrides the config)")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="score the date's error rows again (a file that was missing or half-written then)")
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -261,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         with terminate_as_interrupt():
-            code, record = run(args.config, date=args.date, progress=args.progress)
+            code, record = run(args.config, date=args.date, progress=args.progress, retry_failed=args.retry_failed)
     except KeyboardInterrupt as exc:  # run() recorded it where it had begun its output
         print(f"nightly {interrupted_message(exc, KEPT)}", file=sys.stderr)
         return EXIT_RUN

@@ -302,6 +302,11 @@ def read_json(path: Path | str, error: type[Exception] = ValueError) -> Any:
         raise error(f"{path}: not valid JSON ({exc})") from exc
 
 
+def inside(path: Path | str, folder: Path | str) -> bool:
+    """Whether `path` is `folder` or lies under it, links followed (a link into the folder is the folder)."""
+    return Path(os.path.realpath(path)).is_relative_to(Path(os.path.realpath(folder)))
+
+
 def read_manifest_json(
     folder: Path | str, fmt: str, version: int, error: type[Exception], kind: str, hint: str = "",
     required: dict[str, type] | None = None,

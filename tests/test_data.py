@@ -95,6 +95,18 @@ def test_any_mode_to_rgb(tmp_path, mode):
         assert 100 < rgb.mean() < 160
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_float_image_with_a_non_finite_pixel_is_refused(tmp_path, bad):
+    """One NaN or infinite pixel made the min-max rescale NaN, cast to 0: the image scored as all black."""
+    arr = np.random.default_rng(0).random((20, 30)).astype(np.float32)
+    Image.fromarray(arr, mode="F").save(tmp_path / "ok.tif")
+    assert load_rgb(tmp_path / "ok.tif").std() > 10
+    arr[0, 0] = bad
+    Image.fromarray(arr, mode="F").save(tmp_path / "bad.tif")
+    with pytest.raises(ImageError, match=r"bad.tif: 1 of 600 pixels are NaN or infinite"):
+        load_rgb(tmp_path / "bad.tif")
+
+
 def test_exif_rotation(tmp_path):
     img = Image.new("RGB", (40, 20), (255, 0, 0))
     exif = img.getexif()

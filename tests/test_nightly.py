@@ -47,7 +47,17 @@ def test_config_parsing_and_validation(tmp_path):
                        ({"model": "/m", "inputs": [1], "output_root": "/o"}, "inputs"),
                        ({"model": "/m", "inputs": "/i", "output_root": "/o", "backbone_runtime": "trt"}, "backbone_runtime"),
                        ({"model": "/m", "inputs": "/i", "output_root": "/o", "backbone_precision": "fp16"},
-                        "backbone_precision")):
+                        "backbone_precision"),
+                       ({"model": "/m", "inputs": "/i", "output_root": "/o", "batch_size": "eight"},
+                        "batch_size must be a whole number >= 1, not 'eight'"),
+                       ({"model": "/m", "inputs": "/i", "output_root": "/o", "chunk_size": 0}, "chunk_size must be"),
+                       ({"model": "/m", "inputs": "/i", "output_root": "/o", "workers": -1}, "workers must be"),
+                       ({"model": "/m", "inputs": "/i", "output_root": "/o", "top_n": 2.5}, "top_n must be"),
+                       ({"model": "/m", "inputs": "/i", "output_root": "/o", "gpus_per_worker": "1"}, "gpus_per_worker"),
+                       ({"model": "/m", "inputs": "/i", "output_root": "/o", "cpus_per_worker": 0}, "cpus_per_worker"),
+                       ({"model": "/m", "inputs": "/i", "output_root": "/o", "report": "yes"}, "report must be true"),
+                       ({"model": "/m", "inputs": "/i", "output_root": "/o", "retry_failed": 1}, "retry_failed must be"),
+                       ({"model": "/m", "inputs": "/i", "output_root": "/o", "address": 6379}, "address must be")):
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         with pytest.raises(nightly.ConfigError, match=match):
             nightly.load_config(tmp_path / "bad.json")
@@ -103,6 +113,28 @@ def test_nightly_run_writes_partition_summary_report_and_resumes(tmp_path, synth
                top_n=3, chunk_size=8, fail_on_errors=False)
     code, record = nightly.run(config, date=day)
     assert code == nightly.EXIT_OK and record["run"]["scheduled"] == 0 and record["counts"]["rows"] == n_images
+    # the file written again since: --retry-failed scores its error row again, and only it
+    shutil.copy(next(p for p in sorted(images.rglob("*.png")) if p.name != "broken.png"), images / "broken.png")
+    assert nightly.main(["--config", str(config), "--date", day, "--retry-failed", "-q"]) == nightly.EXIT_OK
+    record = json.loads((part / "_nightly.json").read_text())
+    assert record["run"]["scheduled"] == 1 and record["counts"]["failed"] == 0
+    assert record["counts"]["rows"] == record["counts"]["scored"] == n_images
+
+
+def test_output_root_inside_the_model_is_refused(tmp_path, bundle_tiny):
+    """Results under the model directory would go with its next `train --force` or `export --force`."""
+    model = tmp_path / "model"
+    shutil.copytree(bundle_tiny, model)
+    (tmp_path / "link").symlink_to(model)
+    for root in ("model/results", "link/results"):
+        config = write_toml(tmp_path / "n.toml", model="model", inputs=["in"], output_root=root, engine="local")
+        assert nightly.main(["--config", str(config), "--date", "2024-01-02", "-q"]) == nightly.EXIT_CONFIG
+    assert not (model / "results").exists()
+    from pni_ray.orchestration.score import ScoreError, score
+
+    with pytest.raises(ScoreError, match="is inside the model"):
+        score(model, [str(tmp_path)], tmp_path / "link" / "scores", engine="local")
+    assert not (model / "scores").exists()
 
 
 def test_nightly_exit_codes_for_bad_config_and_bad_model(tmp_path):

@@ -19,7 +19,7 @@ from PIL import Image
 
 from pni_ray.data.images import load_rgb
 from pni_ray.orchestration.corpus import make_image_corpus, write_bad_inputs, write_odd_modes
-from pni_ray.orchestration.score import Options, ScoreError, decode_chunk, score, worker_count
+from pni_ray.orchestration.score import Options, ScoreError, decode_chunk, score, unplaceable, worker_count
 from pni_ray.orchestration.score_inputs import chunk_id, expand_inputs, make_chunks
 from pni_ray.orchestration.score_output import committed_paths
 from pni_ray.config import GeometryConfig
@@ -521,6 +521,24 @@ def scored_corpus(ray_session, corpus, bundle_tiny, tmp_path_factory):
     summary = score(bundle_tiny, corpus["specs"], out, Options(workers=2, batch_size=8), engine="ray")
     summary["_wall"] = time.perf_counter() - t0
     return out, summary
+
+
+def test_unplaceable_names_what_no_node_holds():
+    nodes = [{"CPU": 2.0}, {"CPU": 8.0, "GPU": 1.0}]
+    assert unplaceable(Options(cpus_per_worker=8.0, gpus_per_worker=1.0), nodes) is None
+    assert unplaceable(Options(gpus_per_worker=0.25), nodes) is None
+    assert "1 CPU and 2 GPU" in unplaceable(Options(gpus_per_worker=2.0), nodes)
+    assert "nodes: 2 CPU / 0 GPU" in unplaceable(Options(cpus_per_worker=4.0), [{"CPU": 2.0}])
+
+
+@pytest.mark.ray
+def test_workers_no_node_can_hold_are_refused_on_this_machines_ray(ray_session, bundle_tiny, corpus, tmp_path):
+    """A GPU worker on a CPU-only local Ray (or more CPUs than it has) waited for ever, printing Ray's
+    "No available node types" every 35 s: refused at once, before any chunk, OUT holding no part."""
+    for opts in (Options(gpus_per_worker=1.0), Options(cpus_per_worker=64.0)):
+        with pytest.raises(ScoreError, match="no Ray node can hold one scoring worker.*cannot grow"):
+            score(bundle_tiny, [str(corpus["good"][0])], tmp_path / "out", opts, engine="ray")
+        assert not list((tmp_path / "out").glob("part-*"))
 
 
 @pytest.mark.ray

@@ -374,3 +374,18 @@ def test_a_sigterm_ray_reraises_bare_is_still_named(sigterm_guard):
             assert not bare.args and stop_signal_name(bare) == "SIGTERM"
     with terminate_as_interrupt():
         assert stop_signal_name(KeyboardInterrupt()) == "SIGINT"
+
+
+def test_dot_dot_after_a_link_names_the_file_the_os_opens(tmp_path, monkeypatch):
+    """top/lnk/../target.png is real/target.png when lnk links to real/sub (the OS's answer); a lexical
+    normpath made it top/target.png: "file not found", or another file scored under the named one."""
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "top").mkdir()
+    (tmp_path / "top" / "lnk").symlink_to(tmp_path / "real" / "sub")
+    (tmp_path / "real" / "target.png").write_bytes(b"x")
+    (tmp_path / "top" / "target.png").write_bytes(b"another file")
+    monkeypatch.chdir(tmp_path)
+    got = expand_inputs(["top/lnk/../target.png", str(tmp_path / "top" / "lnk" / "." / "x.png")])
+    assert got.paths[0] == str(tmp_path / "real" / "target.png")  # what open() reads
+    assert got.paths[1] == str(tmp_path / "top" / "lnk" / "x.png")  # no "..": the link kept as written
+    assert os.path.samefile(got.paths[0], "top/lnk/../target.png")

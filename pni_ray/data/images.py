@@ -141,10 +141,16 @@ def image_size(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, i
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode (upright already) -> RGB; 16-bit and float images are rescaled, not clipped."""
+def to_rgb(img: Image.Image, path: Path | str = "image") -> Image.Image:
+    """Any PIL mode (upright already) -> RGB; 16-bit and float images are rescaled, not clipped.
+    A float image holding NaN or infinity is refused, naming `path`: its min-max rescale would
+    turn every pixel black and score the image as one."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            raise ImageError(f"{path}: {bad} of {arr.size} pixels are NaN or infinite (a float image): write the "
+                             "image again with finite values")
         lo, hi = (0.0, 65535.0) if img.mode.startswith("I;16") else (float(arr.min()), float(arr.max()))
         scaled = np.clip((arr - lo) / max(hi - lo, 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(scaled, mode="L").convert("RGB")
@@ -163,7 +169,7 @@ def load_rgb(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
     img = _open(path, max_pixels)
     try:
         img.load()
-        rgb = to_rgb(upright(img, path))
+        rgb = to_rgb(upright(img, path), path)
     except ImageError:
         raise
     except Exception as exc:  # noqa: BLE001 - truncated data, bad codecs: all name the file

@@ -40,8 +40,10 @@ import numpy as np
 import pyarrow as pa
 
 from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError
+from pni_ray.fileio import inside
 from pni_ray.geometry import Geometry, GeometryError, Prepared, restore_map
 from pni_ray.options import backbone_option_error
+from pni_ray.orchestration.ray_session import EMBEDDED, EXISTING, LOCAL, RaySession, join_ray
 from pni_ray.orchestration.ray_session import FLAG as ADDRESS_FLAG
 from pni_ray.orchestration.score_inputs import CHUNK_SIZE, chunk_id, expand_inputs, make_chunks
 from pni_ray.orchestration.score_model import ModelInfo, ScoreError, describe_model
@@ -289,14 +291,43 @@ def _chunk_rows(chunks: list[list[str]], preset: dict[str, str]) -> list[dict[st
             for c in chunks]
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None, named_by: str = ADDRESS_FLAG) -> bool:
-    """Join Ray the one shared way (ray_session.join_ray); True if this call started it."""
-    from pni_ray.orchestration.ray_session import LOCAL, join_ray
-
+def ray_session(address: str | None = None, num_cpus: int | None = None, named_by: str = ADDRESS_FLAG) -> RaySession:
+    """Join Ray the one shared way (ray_session.join_ray), saying where."""
     session = join_ray(address, num_cpus=num_cpus, log_to_driver=True, named_by=named_by)
     log.info("ray: %s (from %s)", "embedded, this command's alone" if session.address == LOCAL else session.address,
              session.source)
-    return session.started
+    return session
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, named_by: str = ADDRESS_FLAG) -> bool:
+    """Join Ray (ray_session); True if this call started it."""
+    return ray_session(address, num_cpus, named_by).started
+
+
+def unplaceable(opts: Options, nodes: list[dict[str, float]]) -> str | None:
+    """Why no node can hold one scoring actor (its --cpus-per-worker and --gpus-per-worker), or None.
+    `nodes`: each live node's total resources."""
+    need = {"CPU": opts.cpus_per_worker, "GPU": opts.gpus_per_worker}
+    if any(all(node.get(k, 0.0) >= v for k, v in need.items() if v > 0) for node in nodes):
+        return None
+    largest = ", ".join(f"{node.get('CPU', 0):g} CPU / {node.get('GPU', 0):g} GPU" for node in nodes[:4]) or "none"
+    return (f"no Ray node can hold one scoring worker of {opts.cpus_per_worker:g} CPU and {opts.gpus_per_worker:g} GPU "
+            f"(--cpus-per-worker, --gpus-per-worker; nodes: {largest})")
+
+
+def check_placeable(opts: Options, session: RaySession) -> None:
+    """Refuse a run whose actors Ray could never place on this machine's own Ray (it cannot grow, so they
+    would wait for ever); on a joined cluster an autoscaler may add such a node, so only warn there."""
+    import ray
+
+    problem = unplaceable(opts, [node["Resources"] for node in ray.nodes() if node.get("Alive")])
+    if problem is None:
+        return
+    if session.source in (EMBEDDED, EXISTING) and not session.is_cluster:
+        raise ScoreError(f"{problem}: this machine's Ray cannot grow; lower them, or join a cluster that has such "
+                         f"a node ({ADDRESS_FLAG})")
+    log.warning("%s: the workers wait until the cluster's autoscaler adds such a node (a fixed cluster never "
+                "will: stop the run and lower them)", problem)
 
 
 def _quiet_ray_data() -> None:
@@ -330,8 +361,10 @@ def run_ray(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Itera
     import ray
     import ray.data
 
-    started = ensure_ray(opts.address, named_by=opts.address_named_by)
+    session = ray_session(opts.address, named_by=opts.address_named_by)
+    started = session.started
     try:
+        check_placeable(opts, session)
         _quiet_ray_data()
         workers = worker_count(opts, ray.cluster_resources(), len(rows))
         model = {"image_size": info.image_size, "threshold": info.threshold, "model_id": info.model_id,
@@ -402,6 +435,9 @@ def score(
     if (out / "manifest.json").exists():
         raise ScoreError(f"{out} is a model directory (it holds manifest.json): scores go to a directory of "
                          "their own; use another --out")
+    if inside(out, info.path):  # retraining or re-exporting the model with --force would delete them
+        raise ScoreError(f"{out} is inside the model {info.path}: scores go to a directory of their own; use "
+                         "another --out")
     with locked(out):
         check_dataset(out, info, opts.map_format, runtime)
         stale = remove_stale_temps(out)

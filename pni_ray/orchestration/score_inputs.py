@@ -52,10 +52,18 @@ class Inputs:
 
 
 def _norm(path: str, base: str | None = None) -> str:
+    """Absolute, without "." or doubled separators, and naming the file the OS opens: the part up to
+    the last ".." is resolved as the OS resolves it (through links: lnk/.. is the link target's parent,
+    not the folder holding the link, which a lexical normpath would give), the rest kept as written."""
     path = os.path.expanduser(path)
     if base is not None and not os.path.isabs(path):
         path = os.path.join(base, path)
-    return os.path.normpath(os.path.abspath(path))
+    path = os.path.join(os.getcwd(), path)  # abspath would normalise ".." lexically
+    parts = path.split(os.sep)
+    if ".." in parts:
+        last = len(parts) - 1 - parts[::-1].index("..")
+        path = os.path.join(os.path.realpath(os.sep.join(parts[: last + 1])), *parts[last + 1 :])
+    return os.path.normpath(path)
 
 
 def _walk_images(folder: str, preset: dict[str, str]) -> list[str]:
