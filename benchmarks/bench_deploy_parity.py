@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_geometry import CROP, CROP_SIZE, DATA  # noqa: E402
+from bench_geometry import CROP_SIZE, DATA, crop_box  # noqa: E402
 
 from export.deploy_parity import deployment_parity, within_limits  # noqa: E402
 from pni_ray.bundle import save_bundle  # noqa: E402
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     crop_root = args.workdir / "data"
     if not (crop_root / "bottle" / "test").is_dir():
-        derive_category(args.data, "bottle", crop_root, crop=CROP, size=CROP_SIZE)
+        derive_category(args.data, "bottle", crop_root, crop=crop_box(args.data), size=CROP_SIZE)
     base = TrainConfig(features=dataclasses.replace(FeatureConfig(), backbone=args.backbone, image_size=args.image_size))
     results = {}
     for name in args.geometries.split(","):

@@ -39,8 +39,19 @@ from pni_ray.models.pni import build_detector
 from pni_ray.training import train_category
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad"
-CROP = (169, 0, 562, 900)  # top, left, height, width of the 900 x 900 bottle images
+# top, left, height, width of the central band of the (square) bottle images, as fractions of their side:
+# (169, 0, 562, 900) of the 900 px originals, (60, 0, 200, 320) of the shared 320 px copies
+CROP_FRACTIONS = (169 / 900, 0.0, 562 / 900, 1.0)
 CROP_SIZE = (200, 320)  # height, width
+
+
+def crop_box(data: Path) -> tuple[int, int, int, int]:
+    """CROP_FRACTIONS in pixels of the bottle images under `data` (a crop past the image's edge would be
+    black padding, not bottle)."""
+    with Image.open(sorted((data / "bottle" / "train" / "good").glob("*.png"))[0]) as first:
+        w, h = first.size
+    top, left, height, width = CROP_FRACTIONS
+    return round(top * h), round(left * w), round(height * h), round(width * w)
 UPSCALED = (1280, 1280)
 
 
@@ -126,14 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     todo = {e.strip() for e in args.experiments.split(",") if e.strip()}
     if "crop" in todo:
-        root = derived(args.data, args.workdir / "crop", crop=CROP, size=CROP_SIZE)
+        root = derived(args.data, args.workdir / "crop", crop=crop_box(args.data), size=CROP_SIZE)
         drop_lost_defects(root)
         rows = {}
         for policy in ("resize", "letterbox", "short-side"):
             cfg = dataclasses.replace(base, geometry=GeometryConfig(policy=policy))
             rows[policy] = run_one(f"crop/{policy}", root, cfg, CROP_SIZE)
         results["crop_320x200"] = rows
-        print_table("bottle cropped to 320 x 200 (w x h), model size 256", rows)
+        print_table(f"bottle cropped to 320 x 200 (w x h), model size {base.features.image_size}", rows)
     if "tile" in todo:
         root = derived(args.data, args.workdir / "up", size=UPSCALED)
         size = args.tile_model_size

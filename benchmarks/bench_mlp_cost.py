@@ -51,7 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--feature-dim", type=int, default=168, help="efficientnet_lite2 stride-8 + stride-16 channels")
-    ap.add_argument("--grid", type=int, default=32, help="feature grid side (256 px / 8)")
+    ap.add_argument("--grid", type=int, default=40, help="feature grid side (320 px / 8, the default model)")
     ap.add_argument("--images", type=int, default=188, help="memory images of the category")
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
@@ -65,7 +65,7 @@ def main() -> None:
 
     ours = NeighbourhoodMLP(d, k, cfg)
     opt = torch.optim.Adam(ours.parameters(), lr=1e-3)
-    n_pick = cfg.positions_per_image * batch_images
+    n_pick = (cfg.positions_per_image or g * g) * batch_images  # None: every position, as training does
 
     def step_ours() -> None:
         hidden = ours.hidden_features(feats)

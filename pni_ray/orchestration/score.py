@@ -43,7 +43,7 @@ from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError
 from pni_ray.fileio import inside
 from pni_ray.geometry import Geometry, GeometryError, Prepared, restore_map
 from pni_ray.options import backbone_option_error
-from pni_ray.orchestration.ray_session import EMBEDDED, EXISTING, LOCAL, RaySession, join_ray
+from pni_ray.orchestration.ray_session import EMBEDDED, EXISTING, LOCAL, RaySession
 from pni_ray.orchestration.ray_session import FLAG as ADDRESS_FLAG
 from pni_ray.orchestration.score_inputs import CHUNK_SIZE, chunk_id, expand_inputs, make_chunks
 from pni_ray.orchestration.score_model import ModelInfo, ScoreError, describe_model
@@ -291,8 +291,10 @@ def _chunk_rows(chunks: list[list[str]], preset: dict[str, str]) -> list[dict[st
             for c in chunks]
 
 
-def ray_session(address: str | None = None, num_cpus: int | None = None, named_by: str = ADDRESS_FLAG) -> RaySession:
-    """Join Ray the one shared way (ray_session.join_ray), saying where."""
+def join_scoring_ray(address: str | None = None, num_cpus: int | None = None, named_by: str = ADDRESS_FLAG) -> RaySession:
+    """Join Ray the one shared way (ray_session.join_ray, looked up when called), saying where."""
+    from pni_ray.orchestration.ray_session import join_ray
+
     session = join_ray(address, num_cpus=num_cpus, log_to_driver=True, named_by=named_by)
     log.info("ray: %s (from %s)", "embedded, this command's alone" if session.address == LOCAL else session.address,
              session.source)
@@ -300,8 +302,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, named_b
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, named_by: str = ADDRESS_FLAG) -> bool:
-    """Join Ray (ray_session); True if this call started it."""
-    return ray_session(address, num_cpus, named_by).started
+    """Join Ray (join_scoring_ray); True if this call started it."""
+    return join_scoring_ray(address, num_cpus, named_by).started
 
 
 def unplaceable(opts: Options, nodes: list[dict[str, float]]) -> str | None:
@@ -361,7 +363,7 @@ def run_ray(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Itera
     import ray
     import ray.data
 
-    session = ray_session(opts.address, named_by=opts.address_named_by)
+    session = join_scoring_ray(opts.address, named_by=opts.address_named_by)
     started = session.started
     try:
         check_placeable(opts, session)
