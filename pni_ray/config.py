@@ -465,7 +465,7 @@ def paper_config() -> TrainConfig:
     (no bottleneck: every neighbour's whole feature), p(c|x) spread +-4, the paper's mean of the
     two priors against tau, blur sigma 8 and the map's plain maximum as image score. The backbone
     stays the offline default: the paper's wide_resnet101_2 needs timm's hub or --weights. On the
-    project's 2-core CPU the MLP alone costs ~15 min per epoch on bottle (benchmarks/bench_mlp_cost.py).
+    project's 2-core CPUs the MLP alone costs 8-15 min per epoch on bottle (benchmarks/bench_mlp_cost.py).
     """
     base = TrainConfig()
     return base.replace(
