@@ -99,6 +99,10 @@ def read_manifest(path: Path | str) -> dict[str, Any]:
     if manifest["scorer"].get("coresets") not in ("constant", "input"):
         raise ExportError(f"{file}: scorer['coresets'] is {manifest['scorer'].get('coresets')!r:.40}, not 'constant' "
                           "or 'input': the manifest was edited or truncated; export the bundle again")
+    batch = manifest.get("max_batch", 16)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:  # a batch loop of step < 1 scores nothing
+        raise ExportError(f"{file}: max_batch is {batch!r:.40}, not a whole number >= 1: the manifest was edited; "
+                          "export the bundle again")
     for table in ("c_emb", "normalisation"):
         if not isinstance(manifest["tables"].get(table), str):
             raise ExportError(f"{file}: tables[{table!r}] is missing: the manifest was edited or truncated; export the "

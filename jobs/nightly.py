@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from pni_ray.orchestration.ray_session import RayJoinError
+from pni_ray.orchestration.score_inputs import normalise_path
 from pni_ray.orchestration.stopping import interrupted_message, terminate_as_interrupt
 
 log = logging.getLogger("jobs.nightly")
@@ -131,25 +132,27 @@ def load_config(path: Path | str) -> dict[str, Any]:
         raise ConfigError(f"{path}: backbone_precision must be one of {PRECISIONS}, not {cfg['backbone_precision']!r}")
     base = path.resolve().parent
 
-    def rel(p: str) -> str:
+    def rel(p: str) -> str:  # joined, not normalised: score's inputs resolve "..", links included, as read
         if p.startswith("@"):
             return "@" + rel(p[1:])
-        q = Path(p).expanduser()
-        return os.path.normpath(q if q.is_absolute() else base / q)
+        return os.path.join(base, os.path.expanduser(p))
 
-    cfg["model"] = rel(str(cfg["model"]))
-    cfg["output_root"] = rel(str(cfg["output_root"]))
+    cfg["model"] = normalise_path(str(cfg["model"]), str(base))
+    cfg["output_root"] = normalise_path(str(cfg["output_root"]), str(base))
     cfg["inputs"] = [rel(i) for i in cfg["inputs"]]
     cfg["_config_path"] = str(path.resolve())
     return cfg
 
 
 def value_problem(cfg: dict[str, Any]) -> str | None:
-    """What is wrong with the config's numeric and true/false values, or None."""
+    """What is wrong with the config's numeric and true/false values, or None (whole floats such as 5e7
+    become ints in `cfg`)."""
     for key, least in WHOLE.items():
         value = cfg[key]
         if key == "workers" and value is None:
             continue
+        if isinstance(value, float) and value.is_integer():  # 5e7 in TOML is a float
+            value = cfg[key] = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             return f"{key} must be a whole number >= {least}, not {value!r}"
     for key, least in NUMBER.items():

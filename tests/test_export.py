@@ -642,6 +642,7 @@ def test_tampered_or_incomplete_export_refused(exported, tmp_path):
     (lambda m: m["pipeline"].append("refiner"), "pipeline names ['refiner'], not a graph"),
     (lambda m: m["tables"].pop("normalisation"), "tables['normalisation'] is missing"),
     (lambda m: m["scorer"].pop("coresets"), "scorer['coresets'] is None"),
+    (lambda m: m.update(max_batch=-3), "max_batch is -3, not a whole number >= 1"),
 ])
 def test_edited_manifest_sections_refused_naming_the_key(exported, tmp_path, edit, says):
     """Sections that disagree (a stage with no graph, no normalisation table) are refused when the manifest

@@ -37,6 +37,9 @@ def test_config_parsing_and_validation(tmp_path):
                                          output_root="results", map_format="float16"))
     assert cfg["model"] == str(tmp_path / "models" / "washer") and cfg["inputs"] == [str(tmp_path / "img" / "{date}")]
     assert cfg["output_root"] == str(tmp_path / "results") and cfg["map_format"] == "float16" and cfg["top_n"] == 20
+    cfg = nightly.load_config(write_toml(tmp_path / "f.toml", model="m", inputs="i", output_root="o", max_pixels=5e7,
+                                         batch_size=8.0, workers=0))
+    assert cfg["max_pixels"] == 50_000_000 and type(cfg["max_pixels"]) is int and cfg["batch_size"] == 8  # 5e7: a float
     (tmp_path / "n.json").write_text(json.dumps({"model": "/m", "inputs": ["@lists/{date}.txt", "/abs/*.png"],
                                                  "output_root": "/r", "engine": "local"}))
     cfg = nightly.load_config(tmp_path / "n.json")

@@ -535,7 +535,8 @@ def test_unplaceable_names_what_no_node_holds():
 def test_workers_no_node_can_hold_are_refused_on_this_machines_ray(ray_session, bundle_tiny, corpus, tmp_path):
     """A GPU worker on a CPU-only local Ray (or more CPUs than it has) waited for ever, printing Ray's
     "No available node types" every 35 s: refused at once, before any chunk, OUT holding no part."""
-    for opts in (Options(gpus_per_worker=1.0), Options(cpus_per_worker=64.0)):
+    gpus = ray_session.cluster_resources().get("GPU", 0)  # a GPU host's embedded Ray holds a GPU worker
+    for opts in (Options(gpus_per_worker=gpus + 1.0), Options(cpus_per_worker=1024.0)):
         with pytest.raises(ScoreError, match="no Ray node can hold one scoring worker.*cannot grow"):
             score(bundle_tiny, [str(corpus["good"][0])], tmp_path / "out", opts, engine="ray")
         assert not list((tmp_path / "out").glob("part-*"))

@@ -389,3 +389,14 @@ def test_dot_dot_after_a_link_names_the_file_the_os_opens(tmp_path, monkeypatch)
     assert got.paths[0] == str(tmp_path / "real" / "target.png")  # what open() reads
     assert got.paths[1] == str(tmp_path / "top" / "lnk" / "x.png")  # no "..": the link kept as written
     assert os.path.samefile(got.paths[0], "top/lnk/../target.png")
+    # a glob through such a link: the target's name is no pattern (run[1] is a folder, not a class)
+    (tmp_path / "run[1]" / "sub").mkdir(parents=True)
+    (tmp_path / "run[1]" / "a.png").write_bytes(b"x")
+    (tmp_path / "top" / "lnk2").symlink_to(tmp_path / "run[1]" / "sub")
+    assert expand_inputs(["top/lnk2/../*.png"]).paths == [str(tmp_path / "run[1]" / "a.png")]
+    # the nightly job's config paths: "..", as the OS reads it, also there
+    (tmp_path / "n.json").write_text(json.dumps({"model": "top/lnk/../m", "inputs": ["top/lnk/../target.png"],
+                                                 "output_root": "top/lnk/../out"}))
+    cfg = nightly.load_config(tmp_path / "n.json")
+    assert cfg["model"] == str(tmp_path / "real" / "m") and cfg["output_root"] == str(tmp_path / "real" / "out")
+    assert expand_inputs(cfg["inputs"]).paths == [str(tmp_path / "real" / "target.png")]

@@ -314,7 +314,7 @@ def unplaceable(opts: Options, nodes: list[dict[str, float]]) -> str | None:
         return None
     largest = ", ".join(f"{node.get('CPU', 0):g} CPU / {node.get('GPU', 0):g} GPU" for node in nodes[:4]) or "none"
     return (f"no Ray node can hold one scoring worker of {opts.cpus_per_worker:g} CPU and {opts.gpus_per_worker:g} GPU "
-            f"(--cpus-per-worker, --gpus-per-worker; nodes: {largest})")
+            f"(the CPUs and GPUs per worker; nodes: {largest})")
 
 
 def check_placeable(opts: Options, session: RaySession) -> None:
@@ -327,7 +327,7 @@ def check_placeable(opts: Options, session: RaySession) -> None:
         return
     if session.source in (EMBEDDED, EXISTING) and not session.is_cluster:
         raise ScoreError(f"{problem}: this machine's Ray cannot grow; lower them, or join a cluster that has such "
-                         f"a node ({ADDRESS_FLAG})")
+                         f"a node ({opts.address_named_by})")
     log.warning("%s: the workers wait until the cluster's autoscaler adds such a node (a fixed cluster never "
                 "will: stop the run and lower them)", problem)
 

@@ -51,10 +51,12 @@ class Inputs:
     duplicates: int = 0
 
 
-def _norm(path: str, base: str | None = None) -> str:
+def normalise_path(path: str, base: str | None = None, pattern: bool = False) -> str:
     """Absolute, without "." or doubled separators, and naming the file the OS opens: the part up to
     the last ".." is resolved as the OS resolves it (through links: lnk/.. is the link target's parent,
-    not the folder holding the link, which a lexical normpath would give), the rest kept as written."""
+    not the folder holding the link, which a lexical normpath would give), the rest kept as written.
+    pattern: `path` is a glob, so the resolved part is escaped (a target named run[1] is no pattern),
+    and a part holding wildcards itself is left to the lexical rule (there is no one folder to ask)."""
     path = os.path.expanduser(path)
     if base is not None and not os.path.isabs(path):
         path = os.path.join(base, path)
@@ -62,7 +64,10 @@ def _norm(path: str, base: str | None = None) -> str:
     parts = path.split(os.sep)
     if ".." in parts:
         last = len(parts) - 1 - parts[::-1].index("..")
-        path = os.path.join(os.path.realpath(os.sep.join(parts[: last + 1])), *parts[last + 1 :])
+        head = os.sep.join(parts[: last + 1])
+        if not (pattern and _GLOB_CHARS.search(head)):
+            resolved = os.path.realpath(head)
+            path = os.path.join(glob.escape(resolved) if pattern else resolved, *parts[last + 1 :])
     return os.path.normpath(path)
 
 
@@ -73,7 +78,7 @@ def _walk_images(folder: str, preset: dict[str, str]) -> list[str]:
     unreadable: list[str] = []
 
     def _unreadable(exc: OSError) -> None:
-        unreadable.append(_norm(str(exc.filename)) if exc.filename else folder)
+        unreadable.append(normalise_path(str(exc.filename)) if exc.filename else folder)
         preset[unreadable[-1]] = f"{unreadable[-1]}: cannot list this directory ({exc.strerror or exc}); its images were not scored"
 
     top = os.path.realpath(folder)
@@ -99,8 +104,8 @@ def _expand_one(spec: str, base: str | None, out: list[str], preset: dict[str, s
     """A path, directory or glob (not a list file) -> paths appended to out. `origin` (" (line K of
     LIST)") is added to the error of a spec from a list file that names nothing, so the row says
     which line to fix."""
-    if _GLOB_CHARS.search(spec) and not os.path.lexists(_norm(spec, base)):
-        pattern = _norm(spec, base)
+    if _GLOB_CHARS.search(spec) and not os.path.lexists(normalise_path(spec, base)):
+        pattern = normalise_path(spec, base, pattern=True)
         matches = sorted(glob.glob(pattern, recursive=True))
         if not matches:
             out.append(pattern)
@@ -109,9 +114,9 @@ def _expand_one(spec: str, base: str | None, out: list[str], preset: dict[str, s
             if os.path.isdir(m):
                 out.extend(_walk_images(m, preset))  # a glob may match many folders: empty ones are not errors
             else:
-                out.append(_norm(m))
+                out.append(normalise_path(m))
         return
-    path = _norm(spec, base)
+    path = normalise_path(spec, base)
     if os.path.isdir(path):
         found = _walk_images(path, preset)
         if not found:  # an empty camera folder is news, not silence
@@ -154,7 +159,7 @@ def expand_inputs(specs: Iterable[str]) -> Inputs:
     for spec in specs:
         spec = str(spec)
         if spec.startswith("@") or (spec.lower().endswith(LIST_SUFFIXES) and os.path.isfile(spec)):
-            list_path = _norm(spec[1:] if spec.startswith("@") else spec)
+            list_path = normalise_path(spec[1:] if spec.startswith("@") else spec)
             try:
                 lines = _read_list(list_path)
             except (OSError, UnicodeDecodeError) as exc:
