@@ -213,8 +213,8 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
         retry_failed: bool = False) -> tuple[int, dict[str, Any]]:
     """The whole nightly run; returns (exit code, run record written to _nightly.json). retry_failed (or the
     config's retry_failed): the partition's error rows are scored again, as `pni-ray score --retry-failed`."""
-    from pni_ray.orchestration.score import Options, ScoreError, score
     from pni_ray.fileio import inside
+    from pni_ray.orchestration.score import Options, ScoreError, score
     from pni_ray.orchestration.score_output import OutInUse
     from pni_ray.results import atomic_write_json, now_utc
 

@@ -307,14 +307,15 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, named_by
 
 
 def unplaceable(opts: Options, nodes: list[dict[str, float]]) -> str | None:
-    """Why no node can hold one scoring actor (its --cpus-per-worker and --gpus-per-worker), or None.
+    """Why no node can hold one scoring actor (its CPUs and GPUs per worker), or None.
     `nodes`: each live node's total resources."""
     need = {"CPU": opts.cpus_per_worker, "GPU": opts.gpus_per_worker}
     if any(all(node.get(k, 0.0) >= v for k, v in need.items() if v > 0) for node in nodes):
         return None
-    largest = ", ".join(f"{node.get('CPU', 0):g} CPU / {node.get('GPU', 0):g} GPU" for node in nodes[:4]) or "none"
+    shown = ", ".join(f"{node.get('CPU', 0):g} CPU / {node.get('GPU', 0):g} GPU" for node in nodes[:4]) or "none"
+    more = f" and {len(nodes) - 4} more" if len(nodes) > 4 else ""
     return (f"no Ray node can hold one scoring worker of {opts.cpus_per_worker:g} CPU and {opts.gpus_per_worker:g} GPU "
-            f"(the CPUs and GPUs per worker; nodes: {largest})")
+            f"(the CPUs and GPUs per worker; nodes: {shown}{more})")
 
 
 def check_placeable(opts: Options, session: RaySession) -> None:
