@@ -358,5 +358,6 @@ def compute_all(
         raise ValueError(f"got {y.size} image labels but {data.num_images} masks/maps")
     result["pixel_auroc"] = _undefined_to_none(lambda: _auroc_sorted(data.pos, data.neg))
     result["aupro"] = _undefined_to_none(lambda: _aupro_sorted(data, fpr_limit))
-    result["pixel_f1_max"] = _undefined_to_none(lambda: _f1_sorted(data.pos, data.neg)[0])
+    result["pixel_f1_max"] = (_undefined_to_none(lambda: _f1_sorted(data.pos, data.neg)[0])
+                              if data.neg.size else None)  # no normal pixel: 1.0 that says nothing, as f1_max
     return result

@@ -352,6 +352,9 @@ def test_compute_all_without_anomalies_returns_none() -> None:
     # defect images only: F1 = 1 by construction, so n/a, as the image AUROC (evaluate warns of both)
     out = compute_all([1, 1], [0.1, 0.5], np.ones((2, 8, 8), bool) & (rng.random((2, 8, 8)) > 0.5), maps[:2])
     assert out["image_auroc"] is None and out["f1_max"] is None and out["pixel_auroc"] is not None
+    # every pixel a defect: pixel F1 = 1 by construction, n/a as well (it said 1.0)
+    out = compute_all([1, 1], [0.1, 0.5], np.ones((2, 8, 8), bool), maps[:2])
+    assert out["pixel_f1_max"] is None and out["pixel_auroc"] is None
     with pytest.raises(ValueError, match="image labels"):
         compute_all([0, 1], [0.1, 0.5], np.zeros((3, 8, 8), bool), maps)
     with pytest.raises(ValueError, match="both"):
