@@ -19,7 +19,8 @@ from PIL import Image
 
 from pni_ray.data.images import load_rgb
 from pni_ray.orchestration.corpus import make_image_corpus, write_bad_inputs, write_odd_modes
-from pni_ray.orchestration.score import Options, ScoreError, decode_chunk, score, unplaceable, worker_count
+from pni_ray.orchestration.ray_session import unplaceable
+from pni_ray.orchestration.score import Options, ScoreError, decode_chunk, score, worker_count
 from pni_ray.orchestration.score_inputs import chunk_id, expand_inputs, make_chunks
 from pni_ray.orchestration.score_output import committed_paths
 from pni_ray.config import GeometryConfig
@@ -523,12 +524,12 @@ def scored_corpus(ray_session, corpus, bundle_tiny, tmp_path_factory):
     return out, summary
 
 
-def test_unplaceable_names_what_no_node_holds():
+def test_unplaceable_asks_one_node_not_the_cluster_sum():
     nodes = [{"CPU": 2.0}, {"CPU": 8.0, "GPU": 1.0}]
-    assert unplaceable(Options(cpus_per_worker=8.0, gpus_per_worker=1.0), nodes) is None
-    assert unplaceable(Options(gpus_per_worker=0.25), nodes) is None
-    assert "1 CPU and 2 GPU" in unplaceable(Options(gpus_per_worker=2.0), nodes)
-    assert "nodes: 2 CPU / 0 GPU" in unplaceable(Options(cpus_per_worker=4.0), [{"CPU": 2.0}])
+    assert unplaceable("worker", 8.0, 1.0, nodes) is None
+    assert unplaceable("worker", 1.0, 0.25, nodes) is None
+    assert "one worker of 1 CPU and 2 GPU" in unplaceable("worker", 1.0, 2.0, nodes)
+    assert "nodes: 1 CPU / 0 GPU, 1 CPU / 0 GPU)" in unplaceable("task", 2.0, 0.0, [{"CPU": 1.0}, {"CPU": 1.0}])
 
 
 @pytest.mark.ray

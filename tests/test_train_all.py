@@ -455,6 +455,59 @@ def test_task_refuses_an_output_directory_that_is_not_the_drivers(synthetic_root
     assert not Path(probe.path).exists()
 
 
+def test_a_node_whose_data_root_is_another_copy_is_named(synthetic_root, tmp_path):
+    """A node with an empty or stale folder at DATA_ROOT's path passed the probe (the folder existed) and
+    trained on what it held: the probe now compares each trained category's train/good listing."""
+    import shutil
+
+    from pni_ray.orchestration.shared_storage import Probe, probe_problem
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root / "washer", data / "washer")
+    probe = Probe.write(tmp_path, data, ("washer",))
+    assert probe_problem(probe) is None
+    first = sorted((data / "washer" / "train" / "good").iterdir())[0]
+    first.unlink()  # this "node"'s copy lacks an image
+    assert "its washer/train/good holds" in probe_problem(probe) and "is not the driver's here" in probe_problem(probe)
+    shutil.rmtree(data / "washer")
+    data.joinpath("washer").mkdir()  # an empty look-alike
+    assert "holds missing where the driver's holds" in probe_problem(probe)
+
+
+def test_a_bundle_saved_meanwhile_is_kept_or_refused_never_overwritten(bundle_tiny, tmp_path):
+    """Two train-all runs on one OUT: the second save used to overwrite the first silently. Without
+    `replace` (the plan found no bundle), one saved meanwhile with this config is kept (an earlier attempt
+    of this task, or an identical run), and one of another config is refused and left as it was."""
+    import dataclasses
+    import shutil
+
+    from pni_ray.bundle import load_bundle, model_id
+    from pni_ray.orchestration.train_task import save_fit
+
+    trained, _ = load_bundle(bundle_tiny)
+    there = tmp_path / "washer"
+    shutil.copytree(bundle_tiny, there)
+    before = model_id(there)
+    save_fit(trained, there, replace=False)  # the same config: kept as it is
+    other = dataclasses.replace(trained.config, seed=trained.config.seed + 1)
+    trained.config = other
+    with pytest.raises(FileExistsError, match="another bundle was saved there while this pair trained"):
+        save_fit(trained, there, replace=False)
+    assert model_id(there) == before
+    save_fit(trained, there, replace=True)  # --force, or a bundle the plan found broken
+    assert model_id(there) != before
+
+
+def test_empty_category_list_is_refused_not_read_as_all(synthetic_root, tmp_path):
+    from pni_ray.cli import main
+
+    for value in (",", ""):
+        result = CliRunner().invoke(main, ["train-all", str(synthetic_root), "--out", str(tmp_path / "o"),
+                                           "--categories", value])
+        assert result.exit_code == 2 and "names nothing" in result.output, result.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_killed_drivers_probe_file_is_removed_by_the_next_run(tmp_path):
     """train-all's shared-storage probe in OUT: a dead driver's (this host, pid gone) goes when the next
     probe is written; a live process's and another host's stay."""

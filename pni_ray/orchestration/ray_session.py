@@ -143,3 +143,21 @@ def join_error_message(address: str, source: str, exc: BaseException) -> str:
                  "token (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN; `ray get-auth-token` on the head "
                  "prints it)")
     return text
+
+
+def live_node_resources() -> list[dict[str, float]]:
+    """Each live node's total resources (the connected cluster's)."""
+    import ray
+
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
+def unplaceable(what: str, cpus: float, gpus: float, nodes: list[dict[str, float]]) -> str | None:
+    """Why no node of `nodes` (each one's total resources) can hold one `what` of `cpus` CPUs and `gpus`
+    GPUs, or None: Ray places a task or actor on one node, so the cluster's sum says nothing."""
+    need = {"CPU": cpus, "GPU": gpus}
+    if any(all(node.get(k, 0.0) >= v for k, v in need.items() if v > 0) for node in nodes):
+        return None
+    shown = ", ".join(f"{node.get('CPU', 0):g} CPU / {node.get('GPU', 0):g} GPU" for node in nodes[:4]) or "none"
+    more = f" and {len(nodes) - 4} more" if len(nodes) > 4 else ""
+    return f"no Ray node can hold one {what} of {cpus:g} CPU and {gpus:g} GPU (nodes: {shown}{more})"

@@ -43,7 +43,7 @@ from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError
 from pni_ray.fileio import inside
 from pni_ray.geometry import Geometry, GeometryError, Prepared, restore_map
 from pni_ray.options import backbone_option_error
-from pni_ray.orchestration.ray_session import EMBEDDED, EXISTING, LOCAL, RaySession
+from pni_ray.orchestration.ray_session import EMBEDDED, EXISTING, LOCAL, RaySession, live_node_resources, unplaceable
 from pni_ray.orchestration.ray_session import FLAG as ADDRESS_FLAG
 from pni_ray.orchestration.score_inputs import CHUNK_SIZE, chunk_id, expand_inputs, make_chunks
 from pni_ray.orchestration.score_model import ModelInfo, ScoreError, describe_model
@@ -306,24 +306,12 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, named_by
     return join_scoring_ray(address, num_cpus, named_by).started
 
 
-def unplaceable(opts: Options, nodes: list[dict[str, float]]) -> str | None:
-    """Why no node can hold one scoring actor (its CPUs and GPUs per worker), or None.
-    `nodes`: each live node's total resources."""
-    need = {"CPU": opts.cpus_per_worker, "GPU": opts.gpus_per_worker}
-    if any(all(node.get(k, 0.0) >= v for k, v in need.items() if v > 0) for node in nodes):
-        return None
-    shown = ", ".join(f"{node.get('CPU', 0):g} CPU / {node.get('GPU', 0):g} GPU" for node in nodes[:4]) or "none"
-    more = f" and {len(nodes) - 4} more" if len(nodes) > 4 else ""
-    return (f"no Ray node can hold one scoring worker of {opts.cpus_per_worker:g} CPU and {opts.gpus_per_worker:g} GPU "
-            f"(the CPUs and GPUs per worker; nodes: {shown}{more})")
-
-
 def check_placeable(opts: Options, session: RaySession) -> None:
     """Refuse a run whose actors Ray could never place on this machine's own Ray (it cannot grow, so they
     would wait for ever); on a joined cluster an autoscaler may add such a node, so only warn there."""
     import ray
 
-    problem = unplaceable(opts, [node["Resources"] for node in ray.nodes() if node.get("Alive")])
+    problem = unplaceable("scoring worker", opts.cpus_per_worker, opts.gpus_per_worker, live_node_resources())
     if problem is None:
         return
     if session.source in (EMBEDDED, EXISTING) and not session.is_cluster:

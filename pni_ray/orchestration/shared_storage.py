@@ -6,13 +6,15 @@ only on the driver's local disk would otherwise "work": each task would write it
 own node's disk, where the driver and everyone else never find it.
 
 The driver writes a probe file with a random token into OUT. Before training, a zero-CPU task
-pinned to each alive node reads it back (and lists DATA_ROOT); any node that cannot is named in
+pinned to each alive node reads it back (and compares its listing of each trained category's
+train/good with the driver's); any node that cannot is named in
 a clear error and nothing is trained. Every training task checks the probe again before it
 starts, which also covers nodes that join later (autoscaling).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -35,16 +37,20 @@ class Probe:
     path: str
     token: str
     data_root: str
+    # (category, files in its train/good: names and sizes, as data_listing gives them) for the categories
+    # this run trains: a node whose DATA_ROOT is another copy (empty, stale) lists something else
+    listing: tuple[tuple[str, str], ...] = ()
 
     @classmethod
-    def write(cls, out: Path, data_root: Path) -> "Probe":
+    def write(cls, out: Path, data_root: Path, categories: tuple[str, ...] = ()) -> "Probe":
         remove_dead_probes(out)
         token = secrets.token_hex(16)
         path = out / f"{PROBE_PREFIX}{token[:12]}.json"
         from pni_ray.fileio import atomic_write_json  # pyarrow-free start-up for the CLI
 
         atomic_write_json(path, {"token": token, "host": socket.gethostname(), "pid": os.getpid()})
-        return cls(str(path), token, str(data_root))
+        listing = tuple((c, data_listing(Path(data_root), c)) for c in sorted(set(categories)))
+        return cls(str(path), token, str(data_root), listing)
 
     def remove(self) -> None:
         Path(self.path).unlink(missing_ok=True)
@@ -69,6 +75,18 @@ def remove_dead_probes(out: Path) -> list[Path]:
     return removed
 
 
+def data_listing(data_root: Path, category: str) -> str:
+    """What this node sees of `category`'s training images: the count, and a digest of the file names
+    and sizes in its train/good (cheap: no image is read); "missing" without that folder."""
+    folder = data_root / category / "train" / "good"
+    try:
+        entries = sorted((e.name, e.stat().st_size) for e in os.scandir(folder) if e.is_file())
+    except OSError:
+        return "missing"
+    digest = hashlib.sha256("\n".join(f"{name}\t{size}" for name, size in entries).encode()).hexdigest()[:16]
+    return f"{len(entries)} files, {digest}"
+
+
 def probe_problem(probe: Probe) -> str | None:
     """Why this process's node cannot use the driver's OUT / DATA_ROOT, or None when it can."""
     out = str(Path(probe.path).parent)
@@ -81,6 +99,11 @@ def probe_problem(probe: Probe) -> str | None:
         return f"output directory {out} is a different directory from the driver's (probe token differs)"
     if not Path(probe.data_root).is_dir():
         return f"data root {probe.data_root} does not exist here"
+    for category, driver_sees in probe.listing:
+        here = data_listing(Path(probe.data_root), category)
+        if here != driver_sees:
+            return (f"data root {probe.data_root} is not the driver's here: its {category}/train/good holds "
+                    f"{here} where the driver's holds {driver_sees}")
     return None
 
 

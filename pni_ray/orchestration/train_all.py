@@ -36,9 +36,9 @@ import click
 
 from pni_ray.config import TrainConfig
 from pni_ray.options import absolute_weights, training_threads
-from pni_ray.orchestration.ray_session import RaySession, join_ray
+from pni_ray.orchestration.ray_session import RaySession, join_ray, live_node_resources, unplaceable
 from pni_ray.orchestration.shared_storage import Probe, check_all_nodes
-from pni_ray.orchestration.train_plan import FAILED, SKIPPED, TRAINED, Pair, PlanItem, pair_config, plan_pairs
+from pni_ray.orchestration.train_plan import FAILED, NEW, SKIPPED, TRAINED, Pair, PlanItem, pair_config, plan_pairs
 from pni_ray.orchestration.train_task import METRIC_KEYS, PairError, marker_path, metric_fields, recorded_metrics, train_pair
 
 log = logging.getLogger(__name__)
@@ -78,19 +78,14 @@ def task_options(cpus_per_task: int, gpus_per_task: float, max_retries: int) -> 
 
 
 def _check_capacity(cpus_per_task: int, gpus_per_task: float, local: bool) -> None:
-    import ray
-
-    total = ray.cluster_resources()
-    short = []
-    if total.get("CPU", 0) < cpus_per_task:
-        short.append(f"{cpus_per_task} CPUs per task but the cluster has {total.get('CPU', 0):g}")
-    if gpus_per_task > 0 and total.get("GPU", 0) < gpus_per_task:
-        short.append(f"{gpus_per_task:g} GPUs per task but the cluster has {total.get('GPU', 0):g}")
-    if short:
-        message = "cannot schedule any task: " + "; ".join(short)
+    """Refuse tasks no node can hold on this machine's Ray; warn on a cluster (an autoscaler may add one)."""
+    problem = unplaceable("training task", cpus_per_task, gpus_per_task, live_node_resources())
+    if problem:
+        message = f"cannot schedule any task: {problem} (--cpus-per-task, --gpus-per-task)"
         if local:
             raise click.UsageError(message)
-        log.warning("%s (waiting for the cluster to scale up)", message)
+        log.warning("%s: waiting for the cluster to scale up (a fixed cluster never will: stop the run and lower "
+                    "them)", message)
 
 
 def _echo(message: str) -> None:
@@ -250,7 +245,7 @@ def _run_tasks(
     session = join_ray(address, num_cpus=num_cpus, object_store_bytes=LOCAL_OBJECT_STORE_BYTES, log_to_driver=False)
     ray_info.update(address=session.address, joined=session.source, init_seconds=time.perf_counter() - t0,
                     nodes={n["NodeID"]: n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")})
-    probe = Probe.write(spec.out, spec.data_root)
+    probe = Probe.write(spec.out, spec.data_root, tuple(item.pair.category for item in items))
     try:
         _check_capacity(spec.cpus, spec.gpus, local=not session.is_cluster)
         if session.is_cluster:
@@ -281,6 +276,7 @@ def _submit_and_wait(
         ref = remote.options(name=f"train {item.pair.key}").remote(
             str(spec.data_root), item.pair.category, pair_config(spec.cfg, item.pair.backbone).to_dict(), str(bundle),
             spec.threads, spec.gpus, spec.evaluate, str(progress_dir), probe, item.action == "train",
+            item.reason != NEW,  # a pair the plan found no bundle for replaces none (train_task.save_fit)
         )
         pending[ref] = item
     echo(f"train-all: {len(items)} task(s) on Ray ({session.address} from {session.source}, {spec.cpus} CPU"

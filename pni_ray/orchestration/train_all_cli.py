@@ -26,9 +26,15 @@ class NotShared(click.ClickException):
     exit_code = 2
 
 
-def _split(value: str | None) -> list[str] | None:
-    """A comma-separated option's names, each as -c takes it (`folder_name`)."""
-    return [folder_name(v) for v in value.split(",") if v.strip()] if value else None
+def _split(value: str | None, option: str) -> list[str] | None:
+    """A comma-separated option's names, each as -c takes it (`folder_name`); None when not given. Given
+    but naming nothing ("," or an unset shell variable's ""), it is refused: "all" is not what it says."""
+    if value is None:
+        return None
+    names = [folder_name(v) for v in value.split(",") if v.strip()]
+    if not names:
+        raise click.UsageError(f"{option} {value!r} names nothing: give names, or leave the option out for all")
+    return names
 
 
 @click.command("train-all")
@@ -62,12 +68,13 @@ def train_all_cmd(data_root: Path, out: Path, categories: str | None, backbones:
     set_threads(1)  # the driver only waits; the tasks set their own thread counts
     if not out.is_dir():
         check_output_file(out, "bundles")  # before Ray starts, not a traceback at its mkdir
-    named = _split(backbones)  # the config's backbone is checked only where no --backbones replaces it
+    chosen = _split(categories, "--categories")
+    named = _split(backbones, "--backbones")  # the config's backbone is checked only where no --backbones replaces it
     cfg = build_config(base=load_config_file(config_file), backbone=named[0] if named else None, **overrides)
     try:
         with terminate_as_interrupt():
             result = train_all(
-                data_root, out, cfg, categories=_split(categories), backbones=_split(backbones), address=address,
+                data_root, out, cfg, categories=chosen, backbones=named, address=address,
                 cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task, threads=threads, force=force,
                 evaluate=not no_eval, max_retries=max_retries, num_cpus=num_cpus,
             )

@@ -38,6 +38,9 @@ class Pair:
         return out / self.category / self.backbone
 
 
+NEW = "new"  # a PlanItem's reason where OUT holds no bundle for the pair
+
+
 @dataclass
 class PlanItem:
     """What the driver decided for a pair, and why (shown in the summary's `reason`)."""
@@ -118,7 +121,7 @@ def plan_pairs(out: Path, pairs: list[Pair], cfg: TrainConfig, force: bool = Fal
     for pair in pairs:
         path = pair.bundle(out)
         if not path.exists() and not path.is_symlink():
-            plan.append(PlanItem(pair, "train", "new"))
+            plan.append(PlanItem(pair, "train", NEW))
             continue
         try:  # what the save would refuse after training: refuse it now, and never delete it
             check_replaceable(path, FORMAT, "bundle", option="OUT")

@@ -149,6 +149,27 @@ def _node_id() -> str | None:
     return None
 
 
+def save_fit(trained: Any, bundle: Path, replace: bool) -> None:
+    """Save the fit at `bundle`; without `replace`, a bundle that appeared there while it trained is kept
+    when it records the same config (what this fit would write), and refused, naming it, when not: two
+    runs on one OUT with different configs must not silently overwrite each other."""
+    from pni_ray.bundle import read_manifest, save_bundle
+
+    try:
+        save_bundle(trained, bundle, overwrite=replace)
+    except FileExistsError:
+        try:
+            theirs = read_manifest(bundle).get("config")
+        except ValueError:
+            theirs = None
+        if theirs == json.loads(json.dumps(trained.config.to_dict())):
+            log.info("%s: saved meanwhile with this config (an earlier attempt, or another run): kept", bundle)
+            return
+        raise FileExistsError(f"{bundle}: another bundle was saved there while this pair trained (a second "
+                              "train-all on this OUT?) and its config differs; this fit is not saved. Rerun to "
+                              "keep that one, or with --force to replace it") from None
+
+
 def train_pair(
     data_root: str,
     category: str,
@@ -160,11 +181,15 @@ def train_pair(
     progress_dir: str | None = None,
     probe: Probe | None = None,
     train: bool = True,
+    replace: bool = True,
 ) -> dict[str, Any]:
     """Train, save and (when a test split exists) evaluate one pair; the body of each Ray task.
 
     train False: the verified bundle already there is only evaluated (a run that saved it and then
     failed or was killed while evaluating); its record says "skipped" with the metrics.
+    replace False: the driver found no bundle at `bundle`, so one that is there at the save came from
+    elsewhere meanwhile (another run on this OUT, or this task's earlier attempt): kept if it holds this
+    fit's config (the same computation), else this pair fails and it stays (see save_fit).
     Raises PairError (with the record) on any application error.
     """
     from pni_ray.bundle import atomic_write_json, model_id, save_bundle
@@ -209,7 +234,7 @@ def train_pair(
             with extractor_on(device):
                 trained = fit_category(data_root, category, cfg, threads, progress=False, category_data=cat)
             record["stage"] = "save"
-            save_bundle(trained, bundle, overwrite=True)
+            save_fit(trained, Path(bundle), replace)
             record.update(train_seconds=trained.report.get("seconds", {}), seconds=time.perf_counter() - t0)
         record["model_id"] = model_id(bundle)
         if evaluate:  # the test split is read and checked now: its problems fail the evaluation, the bundle is kept
