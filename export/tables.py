@@ -83,6 +83,11 @@ def file_records(folder: Path) -> dict[str, dict[str, Any]]:
     }
 
 
+def is_batch_size(value: Any) -> bool:
+    """A whole number >= 1: a batch loop stepping by less scores nothing."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def read_manifest(path: Path | str) -> dict[str, Any]:
     """The export's manifest, its sections checked against each other: every stage of `pipeline` is a
     graph of `graphs`, and `tables` names the normalisation table and the memory bank, so an edited
@@ -100,7 +105,7 @@ def read_manifest(path: Path | str) -> dict[str, Any]:
         raise ExportError(f"{file}: scorer['coresets'] is {manifest['scorer'].get('coresets')!r:.40}, not 'constant' "
                           "or 'input': the manifest was edited or truncated; export the bundle again")
     batch = manifest.get("max_batch", 16)
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:  # a batch loop of step < 1 scores nothing
+    if not is_batch_size(batch):
         raise ExportError(f"{file}: max_batch is {batch!r:.40}, not a whole number >= 1: the manifest was edited; "
                           "export the bundle again")
     for table in ("c_emb", "normalisation"):

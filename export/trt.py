@@ -141,7 +141,7 @@ def profile_batch(folder: Path | str, manifest: dict[str, Any], max_batch: int |
     """The engines' largest batch: `max_batch`, or the export's own where None; below 1 refused (an engine
     recorded with it would make the runtime's batch loop score nothing)."""
     batch = manifest.get("max_batch", 16) if max_batch is None else max_batch
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+    if not tables.is_batch_size(batch):
         raise ValueError(f"{folder}: the largest batch must be a whole number >= 1, got {batch!r}")
     return batch
 

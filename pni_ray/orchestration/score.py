@@ -43,7 +43,7 @@ from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError
 from pni_ray.fileio import inside
 from pni_ray.geometry import Geometry, GeometryError, Prepared, restore_map
 from pni_ray.options import backbone_option_error
-from pni_ray.orchestration.ray_session import EMBEDDED, EXISTING, LOCAL, RaySession, live_node_resources, unplaceable
+from pni_ray.orchestration.ray_session import LOCAL, RaySession, live_node_resources, unplaceable
 from pni_ray.orchestration.ray_session import FLAG as ADDRESS_FLAG
 from pni_ray.orchestration.score_inputs import CHUNK_SIZE, chunk_id, expand_inputs, make_chunks
 from pni_ray.orchestration.score_model import ModelInfo, ScoreError, describe_model
@@ -309,12 +309,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, named_by
 def check_placeable(opts: Options, session: RaySession) -> None:
     """Refuse a run whose actors Ray could never place on this machine's own Ray (it cannot grow, so they
     would wait for ever); on a joined cluster an autoscaler may add such a node, so only warn there."""
-    import ray
-
     problem = unplaceable("scoring worker", opts.cpus_per_worker, opts.gpus_per_worker, live_node_resources())
     if problem is None:
         return
-    if session.source in (EMBEDDED, EXISTING) and not session.is_cluster:
+    if not session.is_cluster:  # embedded, or an existing one-node session: as train-all decides
         raise ScoreError(f"{problem}: this machine's Ray cannot grow; lower them, or join a cluster that has such "
                          f"a node ({opts.address_named_by})")
     log.warning("%s: the workers wait until the cluster's autoscaler adds such a node (a fixed cluster never "

@@ -87,8 +87,10 @@ def data_listing(data_root: Path, category: str) -> str:
     return f"{len(entries)} files, {digest}"
 
 
-def probe_problem(probe: Probe) -> str | None:
-    """Why this process's node cannot use the driver's OUT / DATA_ROOT, or None when it can."""
+def probe_problem(probe: Probe, category: str | None = None) -> str | None:
+    """Why this process's node cannot use the driver's OUT / DATA_ROOT, or None when it can. `category`:
+    only its train/good is compared (a task's own); without it, every category the run trains (the
+    pre-flight check on each node, where any task may land)."""
     out = str(Path(probe.path).parent)
     try:
         token = json.loads(Path(probe.path).read_text()).get("token")
@@ -99,10 +101,12 @@ def probe_problem(probe: Probe) -> str | None:
         return f"output directory {out} is a different directory from the driver's (probe token differs)"
     if not Path(probe.data_root).is_dir():
         return f"data root {probe.data_root} does not exist here"
-    for category, driver_sees in probe.listing:
-        here = data_listing(Path(probe.data_root), category)
+    for name, driver_sees in probe.listing:
+        if category is not None and name != category:
+            continue
+        here = data_listing(Path(probe.data_root), name)
         if here != driver_sees:
-            return (f"data root {probe.data_root} is not the driver's here: its {category}/train/good holds "
+            return (f"data root {probe.data_root} is not the driver's here: its {name}/train/good holds "
                     f"{here} where the driver's holds {driver_sees}")
     return None
 

@@ -213,7 +213,7 @@ def train_pair(
     try:
         if probe is not None:
             record["stage"] = "storage"
-            problem = probe_problem(probe)
+            problem = probe_problem(probe, category)
             if problem:
                 raise SharedStorageError(f"on {record['host']} (node {(record['node_id'] or '?')[:8]}): {problem}; "
                                            "OUT and DATA_ROOT must be on storage shared by every node")
