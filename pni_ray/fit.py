@@ -10,6 +10,7 @@ give the same bundle wherever it is trained on the same CPU type (the default ML
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import torch
@@ -27,6 +28,19 @@ def record_threads(trained: TrainedModel, threads: int, stage: str | None = None
     facts = report.setdefault("deterministic", {})
     (facts.setdefault(stage, {}) if stage else facts)["torch_threads"] = int(threads)
     trained.report = report
+
+
+def cpu_type() -> dict[str, str]:
+    """The CPU a fit ran on, as the manifest records it (`training.cpu`): the same bundle is promised only
+    on the same CPU type, since MKL and oneDNN choose their kernels (and so the floats) by it."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"model": model or platform.processor() or platform.machine(),
+            "capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def fit_category(
@@ -50,4 +64,5 @@ def fit_category(
         train_refiner(trained, data_root, category)
         record_threads(trained, threads, "refiner")
     record_threads(trained, threads)
+    trained.report["deterministic"]["cpu"] = cpu_type()
     return trained

@@ -7,6 +7,7 @@ Ray task, which is what makes their bundles byte-identical for the same seed.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 import time
@@ -39,6 +40,14 @@ log = logging.getLogger(__name__)
 
 
 EVAL_ROWS = 8 * 40 * 40  # positions per validation batch: 8 images of a 320 px category's 40 x 40 grid
+
+
+def stage_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a stage's output bytes. Fits of the same data, config, seed and threads on one CPU type
+    give the same bundle; when two do not, these name the first stage that differed (features: the
+    backbone's kernels; coreset order: the search; MLP targets: the assignment), which the bundle's
+    own files cannot, holding only the end of each stage."""
+    return hashlib.sha256(tensor.detach().contiguous().numpy().data).hexdigest()
 
 
 def seed_everything(seed: int) -> None:
@@ -474,6 +483,7 @@ def train_category(
         "n_patches": int(rows.shape[0]),
         **({} if geometry.cfg.policy == "resize" and not geometry.tiled else {"n_valid_patches": n_patches, "n_candidates": int(pool.shape[0]), "grid": [h, w]}),
         "holdout_images": [p.name for p in holdout_paths],
+        "stage_sha256": {"features": stage_sha256(rows), "coreset_order": stage_sha256(order)},  # rows: feats, no copy
     }
     emb_to_dist = prior = mlp = None
     dist_size, cut = 0, 1.0
@@ -486,6 +496,7 @@ def train_category(
         chunk = cfg.scoring.chunk_patches
         targets, nearest_emb = nearest_in_prefix_and_all(rows, memory, dist_size, chunk,
                                                          desc="nearest C_dist / C_emb" if progress else None)
+        facts["stage_sha256"]["mlp_targets"] = stage_sha256(targets)
         t_assign = time.perf_counter()
         measured = (cfg.position.spread is None or cfg.position.min_count is None
                     or cfg.neighbourhood.cut is None)  # else nothing reads held-out patches

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +15,7 @@ from pni_ray.data.transforms import load_batch
 from pni_ray.evaluate import ABLATION_MODES, evaluate_category
 from pni_ray.inference import load_detector
 from pni_ray.models.pni import build_detector
-from pni_ray.training import train_category
+from pni_ray.training import stage_sha256, train_category
 
 from conftest import tiny_config
 
@@ -91,6 +94,20 @@ def test_training_is_deterministic(synthetic_root, bundle_tiny, tmp_path):
     again = train_category(synthetic_root, "washer", tiny_config(), progress=False)
     path = save_bundle(again, tmp_path / "again")
     assert model_id(path) == model_id(bundle_tiny)
+
+
+def test_stage_digests_name_the_stage_that_differs(trained_tiny, synthetic_root):
+    """Two fits that should match but do not: the manifest's stage digests say where they parted."""
+    facts = trained_tiny.report["deterministic"]["stage_sha256"]
+    assert set(facts) == {"features", "coreset_order", "mlp_targets"}
+    ratio = dataclasses.replace(tiny_config().coreset, ratio=0.05)  # same features, another search
+    other = train_category(synthetic_root, "washer", tiny_config(coreset=ratio), progress=False)
+    moved = other.report["deterministic"]["stage_sha256"]
+    assert moved["features"] == facts["features"]
+    assert moved["coreset_order"] != facts["coreset_order"]  # a shorter order ...
+    assert moved["mlp_targets"] == facts["mlp_targets"]  # ... of which C_dist is the same prefix
+    order = torch.arange(3)
+    assert stage_sha256(order) == hashlib.sha256(order.numpy().tobytes()).hexdigest()
 
 
 def test_evaluate_ablation_modes(bundle_tiny, synthetic_root):

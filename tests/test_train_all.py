@@ -414,6 +414,8 @@ def test_train_and_train_all_write_identical_bundles_at_their_defaults(first_run
     import subprocess
     import sys
 
+    import torch
+
     _, out, _ = first_run
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(tiny_config().to_dict()))
@@ -429,7 +431,8 @@ def test_train_and_train_all_write_identical_bundles_at_their_defaults(first_run
     assert names == sorted(p.name for p in single.iterdir())
     for name in names:
         assert (single / name).read_bytes() == (task_bundle / name).read_bytes(), name
-    assert json.loads((single / "manifest.json").read_text())["training"]["torch_threads"] == 1
+    facts = json.loads((single / "manifest.json").read_text())["training"]
+    assert facts["torch_threads"] == 1 and facts["cpu"]["capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_task_refuses_an_output_directory_that_is_not_the_drivers(synthetic_root, tmp_path):
