@@ -62,6 +62,35 @@ def test_defect_without_mask(tmp_path):
     assert "007.png" in str(err.value) and "ground_truth/crack/007_mask.png" in str(err.value)
 
 
+def test_layout_check_names_what_it_used_to_drop_or_misread(tmp_path, caplog):
+    """A broken link and a truncated JPEG in train/good are layout problems, found before training (the
+    link was left out silently, the JPEG failed mid-fit); a mask without its image is warned of; a hidden
+    folder under test/ is no defect type; a `_mask.PNG` is the mask of its image."""
+    import os
+
+    base = _category(tmp_path)
+    os.symlink(tmp_path / "gone.png", base / "train" / "good" / "009.png")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (base / "train" / "good" / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(LayoutError) as err:
+        load_category(tmp_path, "cat")
+    assert [p.split(":")[0] for p in err.value.problems] == [str(base / "train/good/009.png"),
+                                                             str(base / "train/good/cut.jpg")]
+    assert "broken symbolic link" in err.value.problems[0] and "truncated" in err.value.problems[1]
+    (base / "train" / "good" / "009.png").unlink()
+    (base / "train" / "good" / "cut.jpg").unlink()
+    _png(base / "test" / ".ipynb_checkpoints" / "000-checkpoint.png")
+    _png(base / "test" / "scratch" / "001.png")
+    _png(base / "ground_truth" / "scratch" / "001_mask.PNG", mode="L", value=255)
+    _png(base / "ground_truth" / "scratch" / "002_mask.png", mode="L", value=255)
+    with caplog.at_level("WARNING"):
+        cat = load_category(tmp_path, "cat")
+    assert [(s.path.name, s.mask_path and s.mask_path.name) for s in cat.test] == [
+        ("000.png", None), ("000.png", "000_mask.png"), ("001.png", "001_mask.PNG")]
+    assert f"{base / 'ground_truth/scratch/002_mask.png'}: mask without a test image" in caplog.text
+
+
 def test_mask_of_another_size(tmp_path):
     base = _category(tmp_path)
     _png(base / "ground_truth" / "scratch" / "000_mask.png", size=(16, 32), mode="L", value=255)
@@ -93,6 +122,37 @@ def test_any_mode_to_rgb(tmp_path, mode):
     assert rgb.shape == (20, 30, 3) and rgb.dtype == np.uint8
     if mode == "I;16":  # rescaled from 16 bit, not clipped to 255
         assert 100 < rgb.mean() < 160
+
+
+def test_wide_grey_images_are_read_on_one_scale_not_stretched(tmp_path):
+    """Float and 32-bit images were stretched to their own min and max: a frame at 40% exposure read as
+    the normal one, and one hot pixel darkened the rest. Float is 0..1 and 32-bit the 16-bit scale; what
+    lies outside is refused, naming the file and the range."""
+    grey = np.random.default_rng(0).integers(20, 200, (20, 30)).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey8.png")
+    Image.fromarray(grey.astype(np.float32) / 255, mode="F").save(tmp_path / "unit.tif")
+    Image.fromarray(grey.astype(np.float32) / 255 * 0.4, mode="F").save(tmp_path / "dark.tif")
+    hot = grey.astype(np.int32) * 257
+    hot[0, 0] = 65535
+    Image.fromarray(hot, mode="I").save(tmp_path / "hot.tif")
+    assert np.array_equal(load_rgb(tmp_path / "unit.tif"), load_rgb(tmp_path / "grey8.png"))
+    assert abs(load_rgb(tmp_path / "dark.tif").mean() - 0.4 * grey.mean()) < 1
+    assert np.array_equal(load_rgb(tmp_path / "hot.tif")[1:], load_rgb(tmp_path / "grey8.png")[1:])
+    Image.fromarray(grey.astype(np.float32), mode="F").save(tmp_path / "f255.tif")
+    Image.fromarray(grey.astype(np.int32) * 1000, mode="I").save(tmp_path / "wide.tif")
+    with pytest.raises(ImageError, match=r"f255.tif: float pixels, read as 0 \(black\) to 1 \(white\), range from 20 "):
+        load_rgb(tmp_path / "f255.tif")
+    with pytest.raises(ImageError, match=r"wide.tif: 32-bit integer pixels, read as 16-bit .* write it as 8- or 16-bit"):
+        load_rgb(tmp_path / "wide.tif")
+
+
+def test_transparent_mask_is_read_over_black(tmp_path):
+    """An editor's mask: white strokes on a transparent layer whose hidden colour is white too."""
+    rgba = np.zeros((20, 30, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[5:9, 3:7, 3] = 255
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "m.png")
+    assert load_mask(tmp_path / "m.png").sum() == 16
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

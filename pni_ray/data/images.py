@@ -41,7 +41,13 @@ def resize_rgb(rgb: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
 
 def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+    """The image files in `folder`, and its broken links to image files: the reader names those ("broken
+    symbolic link"), where leaving them out would train or evaluate on fewer images without a word."""
+    return sorted(p for p in folder.iterdir() if (p.is_file() or _dangling(p)) and is_image_file(p))
+
+
+def _dangling(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
 
 
 @contextmanager
@@ -141,26 +147,65 @@ def image_size(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, i
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
+# Wide grey modes -> the value range read as black..white. Fixed per mode, never the image's own min and max:
+# a per-image stretch erases exposure (a dark frame reads as a normal one) and lets one hot pixel rescale the
+# whole image. "I" is 32-bit: what Pillow < 10.3 opens 16-bit PNGs as, and some TIFF writers give 16-bit
+# data; it is read on the 16-bit scale, and values beyond it have no standard range and are refused.
+WIDE_MODE_RANGES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}
+
+
+def check_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) as `image_size` gives it, once the pixels decode: a truncated JPEG's header reads
+    fine, so only decoding finds it, here, before minutes of training rather than in the middle of them.
+    A PNG's header read already reads the whole file (its EXIF chunk may follow the pixels); a JPEG decodes
+    at 1/8 scale, which still reads all of its data."""
+    path = Path(path)
+    size = image_size(path, max_pixels)
+    img = _open(path, max_pixels)
+    try:
+        if img.format != "PNG":
+            if img.format == "JPEG":
+                img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+    except Exception as exc:  # noqa: BLE001 - truncated data, bad codecs: all name the file
+        raise ImageError(f"{path}: corrupt or truncated image data ({exc.__class__.__name__}: {exc})") from exc
+    finally:
+        img.close()
+    return size
+
+
 def to_rgb(img: Image.Image, path: Path | str = "image") -> Image.Image:
-    """Any PIL mode (upright already) -> RGB; 16-bit and float images are rescaled, not clipped.
-    A float image holding NaN or infinity is refused, naming `path`: its min-max rescale would
-    turn every pixel black and score the image as one."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    """Any PIL mode (upright already) -> RGB. 16-bit grey is read over 0..65535 and float grey over 0..1
+    (WIDE_MODE_RANGES); a float image outside 0..1, a 32-bit one beyond 16 bits, or one holding NaN or
+    infinity is refused, naming `path` and what to write instead. Alpha is composited over black."""
+    if img.mode in WIDE_MODE_RANGES:
         arr = np.asarray(img, dtype=np.float64)
         bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
         if bad:
             raise ImageError(f"{path}: {bad} of {arr.size} pixels are NaN or infinite (a float image): write the "
                              "image again with finite values")
-        lo, hi = (0.0, 65535.0) if img.mode.startswith("I;16") else (float(arr.min()), float(arr.max()))
-        scaled = np.clip((arr - lo) / max(hi - lo, 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        top = WIDE_MODE_RANGES[img.mode]
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0 or hi > top:
+            kind = ("float pixels, read as 0 (black) to 1 (white)" if img.mode == "F"
+                    else "32-bit integer pixels, read as 16-bit (0 to 65535)")
+            fix = "scale it to 0..1" if img.mode == "F" else "write it as 8- or 16-bit"
+            raise ImageError(f"{path}: {kind}, range from {lo:g} to {hi:g}: {fix}, so every image of the line "
+                             "is read on one scale")
+        scaled = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(scaled, mode="L").convert("RGB")
+    return over_black(img).convert("RGB")
+
+
+def over_black(img: Image.Image) -> Image.Image:
+    """An image with an alpha channel (or a transparent palette colour) composited over black, as a viewer on a
+    dark background shows it; any other image unchanged."""
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+    if img.mode not in ("RGBA", "LA", "PA"):
+        return img
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
 
 
 def load_rgb(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -183,11 +228,13 @@ def load_mask(path: Path | str, expected_hw: tuple[int, int] | None = None) -> n
 
     MVTec AD's masks are 0 / 255 (cut at 127, as it always was); masks saved as 0 / 1, instance masks
     0..k (VisA), or palettes whose defect colours are dark once grey (red: 76) would read as empty, or
-    lose some defects, under a fixed 127 and silently drop pixels from pixel AUROC and AUPRO."""
+    lose some defects, under a fixed 127 and silently drop pixels from pixel AUROC and AUPRO. A mask with
+    transparency is read over black: editors save white strokes on a transparent layer, whose hidden
+    colour would otherwise mark every pixel."""
     path = Path(path)
     img = _open(path, DEFAULT_MAX_PIXELS)
     try:
-        arr = np.asarray(upright(img, path).convert("L"))
+        arr = np.asarray(over_black(upright(img, path)).convert("L"))
     except Exception as exc:  # noqa: BLE001
         raise ImageError(f"{path}: corrupt mask ({exc})") from exc
     if expected_hw is not None and arr.shape != tuple(expected_hw):

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError, image_size, list_images, load_mask, warn_once
+from pni_ray.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    check_image,
+    image_size,
+    list_images,
+    load_mask,
+    warn_once,
+)
 
 GOOD = "good"
 
@@ -60,7 +68,22 @@ class Category:
 
 
 def mask_path_for(root: Path, defect_type: str, image: Path) -> Path:
-    return root / "ground_truth" / defect_type / f"{image.stem}_mask.png"
+    """ground_truth/<type>/<stem>_mask.png, or the file of that name in another case (`_mask.PNG`, as images
+    may be `.PNG`) where only that one exists."""
+    path = root / "ground_truth" / defect_type / f"{image.stem}_mask.png"
+    if path.is_file() or not path.parent.is_dir():
+        return path
+    other = [p for p in path.parent.iterdir() if p.name.lower() == path.name.lower() and p.is_file()]
+    return other[0] if len(other) == 1 else path
+
+
+def orphan_masks(root: Path, test: list[TestSample]) -> list[Path]:
+    """Masks under ground_truth/ whose test image is not there: a lost or renamed defect image would
+    otherwise just shrink the test set."""
+    used = {s.mask_path for s in test if s.mask_path is not None}
+    gt = root / "ground_truth"
+    return sorted(m for d in (sorted(gt.iterdir()) if gt.is_dir() else []) if d.is_dir() and not d.name.startswith(".")
+                  for m in d.iterdir() if m.name.lower().endswith("_mask.png") and m not in used)
 
 
 def list_categories(data_root: Path | str) -> list[str]:
@@ -129,7 +152,7 @@ def load_category(
     test: list[TestSample] = []
     test_dir = root / "test"
     if with_test and test_dir.is_dir():
-        for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+        for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for image in list_images(type_dir):
                 mask = None
                 if type_dir.name != GOOD:
@@ -138,15 +161,18 @@ def load_category(
                         problems.append(f"{image}: defect image without a mask (expected {mask})")
                         continue
                 test.append(TestSample(image, type_dir.name, mask))
+        for mask in orphan_masks(root, test):
+            warn_once("orphan mask", mask, "%s: mask without a test image (expected %s.<png, jpg, ...>): that image "
+                      "is not evaluated", root / "test" / mask.parent.name / mask.stem[: -len("_mask")])
     if check_files:
         for path in train:
             try:
-                image_size(path, max_pixels)
+                check_image(path, max_pixels)
             except ImageError as exc:
                 problems.append(str(exc))
         for sample in test:
             try:
-                w, h = image_size(sample.path, max_pixels)
+                w, h = check_image(sample.path, max_pixels)
                 if sample.mask_path is not None:
                     mw, mh = image_size(sample.mask_path, max_pixels)
                     if (mw, mh) != (w, h):

@@ -33,6 +33,12 @@ def _encode(rgb: np.ndarray, fmt: str, **kwargs) -> bytes:
     return buf.getvalue()
 
 
+def _encode_grey(grey: np.ndarray, mode: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(grey, mode=mode).save(buf, "TIFF")
+    return buf.getvalue()
+
+
 def write_bad_inputs(folder: Path | str, rgb: np.ndarray, max_pixels: int = 50_000_000) -> dict[Path, str]:
     """One unusable input per kind -> {path: phrase its error must contain}.
 
@@ -57,6 +63,8 @@ def write_bad_inputs(folder: Path | str, rgb: np.ndarray, max_pixels: int = 50_0
         "bomb_pil_guard.png": (png_header_only(40_000, 40_000), "1600000000 pixels exceeds the limit"),
         "zero_width.png": (png_header_only(0, 16), "not a readable image"),
         "inspection_report.pdf": (b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n%%EOF\n", "not a readable image"),
+        "float_0_255.tif": (_encode_grey(rgb[..., 0].astype(np.float32), "F"), "float pixels, read as 0 (black) to 1"),
+        "int32_wide.tif": (_encode_grey(rgb[..., 0].astype(np.int32) * 1000, "I"), "32-bit integer pixels, read as"),
     }
     expected: dict[Path, str] = {}
     for name, (data, phrase) in files.items():
@@ -108,7 +116,7 @@ def write_odd_modes(folder: Path | str, rgb: np.ndarray) -> list[Path]:
     exif[0x0112] = 6  # rotate 90 degrees on display
     save("exif_rotated.jpg", img, exif=exif, quality=90)
     save("rgb.webp", img, quality=90)
-    save("int32.tif", Image.fromarray(gray.astype(np.int32) * 1000, mode="I"))
+    save("int32.tif", Image.fromarray(gray.astype(np.int32) * 257, mode="I"))  # 16-bit values in 32 bits
     return out
 
 
