@@ -94,7 +94,18 @@ def test_layout_check_names_what_it_used_to_drop_or_misread(tmp_path, caplog):
 def test_mask_of_another_size(tmp_path):
     base = _category(tmp_path)
     _png(base / "ground_truth" / "scratch" / "000_mask.png", size=(16, 32), mode="L", value=255)
-    with pytest.raises(LayoutError, match="mask of another size"):
+    with pytest.raises(LayoutError, match="mask of another size") as err:
+        load_category(tmp_path, "cat")
+    assert "EXIF" not in str(err.value)
+
+
+def test_mask_drawn_on_the_stored_pixels_of_an_exif_rotated_image(tmp_path):
+    base = _category(tmp_path)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter
+    Image.new("RGB", (40, 20)).save(base / "test" / "scratch" / "000.png", exif=exif)
+    _png(base / "ground_truth" / "scratch" / "000_mask.png", size=(40, 20), mode="L", value=255)
+    with pytest.raises(LayoutError, match=r"\(40x20\) than its image .* \(20x40\); sizes are upright, after EXIF"):
         load_category(tmp_path, "cat")
 
 

@@ -176,8 +176,12 @@ def load_category(
                 if sample.mask_path is not None:
                     mw, mh = image_size(sample.mask_path, max_pixels)
                     if (mw, mh) != (w, h):
+                        turned = (mw, mh) == (h, w)  # e.g. drawn on the stored pixels of an EXIF-rotated photo
                         problems.append(
                             f"{sample.mask_path}: mask of another size ({mw}x{mh}) than its image {sample.path} ({w}x{h})"
+                            + ("; sizes are upright, after EXIF orientation: the mask is the image's turned a quarter, "
+                               "so draw it on the image as displayed, or save the image without its EXIF orientation"
+                               if turned else "")
                         )
             except ImageError as exc:
                 problems.append(str(exc))
