@@ -84,8 +84,12 @@ def test_layout_check_names_what_it_used_to_drop_or_misread(tmp_path, caplog):
     _png(base / "test" / "scratch" / "001.png")
     _png(base / "ground_truth" / "scratch" / "001_mask.PNG", mode="L", value=255)
     _png(base / "ground_truth" / "scratch" / "002_mask.png", mode="L", value=255)
+    (base / "train" / "good" / "003.gif").write_bytes(b"GIF89a")
+    (base / "train" / "good" / ".DS_Store").write_bytes(b"")
     with caplog.at_level("WARNING"):
         cat = load_category(tmp_path, "cat")
+    assert f"{base / 'train/good'}: 1 file(s) not read, their extensions not an image's" in caplog.text
+    assert caplog.text.count("not read") == 1 and "003.gif" in caplog.text
     assert [(s.path.name, s.mask_path and s.mask_path.name) for s in cat.test] == [
         ("000.png", None), ("000.png", "000_mask.png"), ("001.png", "001_mask.PNG")]
     assert f"{base / 'ground_truth/scratch/002_mask.png'}: mask without a test image" in caplog.text

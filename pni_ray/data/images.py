@@ -43,7 +43,13 @@ def resize_rgb(rgb: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 def list_images(folder: Path) -> list[Path]:
     """The image files in `folder`, and its broken links to image files: the reader names those ("broken
     symbolic link"), where leaving them out would train or evaluate on fewer images without a word."""
-    return sorted(p for p in folder.iterdir() if (p.is_file() or _dangling(p)) and is_image_file(p))
+    entries = [p for p in folder.iterdir() if p.is_file() or _dangling(p)]
+    skipped = sorted(p.name for p in entries if not is_image_file(p) and not p.name.startswith(".")
+                     and p.name not in ("Thumbs.db", "desktop.ini"))
+    if skipped:
+        warn_once("not images", folder, "%s: %d file(s) not read, their extensions not an image's (%s): %s%s", len(skipped),
+                  ", ".join(IMAGE_EXTENSIONS), ", ".join(skipped[:5]), ", ..." if len(skipped) > 5 else "")
+    return sorted(p for p in entries if is_image_file(p))
 
 
 def _dangling(path: Path) -> bool:
