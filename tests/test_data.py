@@ -161,6 +161,17 @@ def test_wide_grey_images_are_read_on_one_scale_not_stretched(tmp_path):
         load_rgb(tmp_path / "wide.tif")
 
 
+def test_twelve_bit_data_in_sixteen_bit_files_is_warned_of_once(tmp_path, caplog, monkeypatch):
+    from pni_ray.data import images
+
+    monkeypatch.setattr(images, "_FEW_BITS_SAID", images.threading.Event())
+    for i in range(2):
+        Image.fromarray(np.full((8, 8), 4000 + i, np.uint16)).save(tmp_path / f"mono12_{i}.png")
+        with caplog.at_level("WARNING"):
+            assert load_rgb(tmp_path / f"mono12_{i}.png").max() == 16  # 4000 / 65535 * 255
+    assert caplog.text.count("12 bits or fewer") == 1 and "mono12_0.png: 16-bit pixels no brighter than 4000" in caplog.text
+
+
 def test_transparent_mask_is_read_over_black(tmp_path):
     """An editor's mask: white strokes on a transparent layer whose hidden colour is white too."""
     rgba = np.zeros((20, 30, 4), np.uint8)

@@ -198,9 +198,24 @@ def to_rgb(img: Image.Image, path: Path | str = "image") -> Image.Image:
             fix = "scale it to 0..1" if img.mode == "F" else "write it as 8- or 16-bit"
             raise ImageError(f"{path}: {kind}, range from {lo:g} to {hi:g}: {fix}, so every image of the line "
                              "is read on one scale")
+        if top == 65535.0 and 0 < hi < 4096:
+            _few_bits(path, hi)
         scaled = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(scaled, mode="L").convert("RGB")
     return over_black(img).convert("RGB")
+
+
+_FEW_BITS_SAID = threading.Event()
+
+
+def _few_bits(path: Path | str, top: float) -> None:
+    """Once per process: a camera's 10- or 12-bit data written unshifted into 16-bit files reads almost black on the
+    16-bit scale, keeping 1/16 of its grey levels or fewer; every image of such a line would say it."""
+    if not _FEW_BITS_SAID.is_set():
+        _FEW_BITS_SAID.set()
+        log.warning("%s: 16-bit pixels no brighter than %d (12 bits or fewer): read over 0..65535 this image keeps at "
+                    "most 16 grey levels. If the camera writes 10- or 12-bit data unshifted, save it shifted to the top "
+                    "bits (x16 for 12-bit) or as 8-bit (said once per process)", path, int(top))
 
 
 def over_black(img: Image.Image) -> Image.Image:
