@@ -462,10 +462,13 @@ def paper_config() -> TrainConfig:
     """The authors' settings (PNI, ICCV 2023, and their released code) for users with a GPU.
 
     480 px input, patch 5, a 1% coreset, p(c|N) from a 10 x 2048 MLP over the full 9 x 9 window
-    (no bottleneck: every neighbour's whole feature), p(c|x) spread +-4, the paper's mean of the
+    (no bottleneck: each neighbour's feature at full width), p(c|x) spread +-4, the paper's mean of the
     two priors against tau, blur sigma 8 and the map's plain maximum as image score. The backbone
     stays the offline default: the paper's wide_resnet101_2 needs timm's hub or --weights. On the
     project's 2-core CPUs the MLP alone costs 8-15 min per epoch on bottle (benchmarks/bench_mlp_cost.py).
+    Where it is still this project's model, not the authors': a learned full-width 1 x 1 layer (with
+    a ReLU) maps each neighbour's feature before the window layer, one layer more than their MLP; and
+    the image score is the blurred map's maximum, where their code takes the unblurred patch grid's.
     """
     base = TrainConfig()
     return base.replace(

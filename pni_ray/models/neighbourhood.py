@@ -15,7 +15,12 @@ from pni_ray.config import NeighbourhoodConfig
 
 
 class MaskedWindowConv(nn.Conv2d):
-    """p x p convolution that never sees the centre position."""
+    """p x p convolution that never reads the centre position's own features.
+
+    As in the paper, its neighbours' features are the p x p-aggregated patch features, so each adjacent
+    neighbour still holds 1 / p^2 of the centre cell's backbone feature (and the backbone's receptive field,
+    ~107 px at stride 8, spans the whole window): p(c|N) is conditioned on the centre cell's grid entry
+    only in that diluted way."""
 
     def __init__(self, in_channels: int, out_channels: int, window: int) -> None:
         if window < 3 or window % 2 == 0:
