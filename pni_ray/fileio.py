@@ -9,6 +9,7 @@ are folders with a `manifest.json`; one reader checks them all, so their errors 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import hashlib
@@ -17,6 +18,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,10 +74,33 @@ def copy_tree_durable(src: Path | str, dst: Path | str) -> None:
         fsync_path(folder)
 
 
+def not_regular(mode: int) -> str | None:
+    """What a path that is not a regular file is (opening a FIFO would wait for a writer for ever)."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return None if stat.S_ISREG(mode) else "something other than a regular file"
+
+
+def special_file(path: Path | str) -> str | None:
+    """What is at `path` (links followed) if it is neither a regular file nor a directory: a rename over
+    it would put a file where /dev/null or a pipe was."""
+    try:
+        kind = not_regular(os.stat(path).st_mode)
+    except OSError:
+        return None
+    return kind if kind not in (None, "a directory") else None
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     """Write to a temp sibling, fsync, rename over path. A failed write (a full disk) removes its temp
-    file and names path in the error, which a bare write error does not."""
+    file and names path in the error, which a bare write error does not. A device, FIFO or socket at
+    path is refused, never replaced."""
     path = Path(path)
+    kind = special_file(path)
+    if kind is not None:
+        raise OSError(errno.EEXIST, f"it is {kind}, not a file: give a file's path", str(path))
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as fh:

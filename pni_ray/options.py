@@ -18,7 +18,7 @@ import click
 
 from export.openvino_backbone import BACKBONE_RUNTIMES, PRECISIONS
 from pni_ray.config import GEOMETRY_POLICIES, MLP_PRECISIONS, PRESETS, TrainConfig
-from pni_ray.fileio import inside
+from pni_ray.fileio import inside, special_file
 
 # Training threads: the thread count changes torch's float reductions (and so the bundle bytes),
 # so training never defaults to "all cores" (machine-dependent) but to one fixed count, the same
@@ -266,6 +266,9 @@ def check_output_file(path: Path, what: str, source: Path | None = None, allowed
     writing there would break the input the next command reads. Writability is tried, not inferred from
     permission bits, which say yes to root for /proc and /sys."""
     target = Path(os.path.realpath(path))  # links followed: a link into the input is the input
+    kind = special_file(target)
+    if kind is not None:  # a rename over it would replace /dev/null or a pipe with a regular file
+        raise click.UsageError(f"{path}: cannot write the {what}: it is {kind}, not a file; give a file's path")
     if source is not None and inside(target, source) and target.suffix.lower() not in allowed_inside:
         allowed = f" (a {' or '.join(allowed_inside)} file may go there)" if allowed_inside else ""
         raise click.UsageError(f"{path}: the {what} would be written inside {source}, the command's own input; "

@@ -5,7 +5,9 @@ leaves behind is cleaned up by the next save."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import click
@@ -287,8 +289,11 @@ def test_evaluate_and_report_refuse_what_they_cannot_do_before_the_work(tmp_path
     assert runner.invoke(main, ["ensemble", str(bundle_tiny), str(patchcore), "--out", str(ens), "--threads", "1"]).exit_code == 0
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "link").symlink_to(bundle_tiny)
+    fifo = tmp_path / "a_fifo"
+    os.mkfifo(fifo)  # as /dev/null is a device: a rename over it made it a regular file (as root, /dev/null too)
     data = str(synthetic_root)
     cases = [
+        ([str(bundle_tiny), data, "--json", str(fifo)], 2, f"{fifo}: cannot write the metrics: it is a FIFO, not a file"),
         ([str(patchcore), data, "--mode", "pni"], 1, f"{patchcore} is a PatchCore-only bundle: --mode pni needs a PNI bundle"),
         ([str(patchcore), data, "--mode", "position"], 1, "--mode position needs a PNI bundle"),
         ([str(patchcore), data, "--ablation"], 1, "PatchCore-only bundle: --ablation needs a PNI bundle"),
@@ -323,6 +328,13 @@ def test_evaluate_and_report_refuse_what_they_cannot_do_before_the_work(tmp_path
     into = runner.invoke(main, ["report", str(out), "--html", str(part)])
     assert into.exit_code == 2 and "the report would be written inside" in into.output
     assert runner.invoke(main, ["report", str(out), "--html", str(out / "report.html")]).exit_code == 0
+    into_fifo = runner.invoke(main, ["report", str(out), "--html", str(fifo)])
+    assert into_fifo.exit_code == 2 and "cannot write the report: it is a FIFO" in into_fifo.output
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    from pni_ray.fileio import atomic_write_bytes
+
+    with pytest.raises(OSError, match="it is a FIFO, not a file"):  # the writer itself, under every command
+        atomic_write_bytes(fifo, b"x")
     part.write_bytes(part.read_bytes()[:100])
     damaged = runner.invoke(main, ["report", str(out), "--html", str(tmp_path / "r.html")])
     assert damaged.exit_code == 1 and f"{part}: not a readable Parquet file" in damaged.output, damaged.output

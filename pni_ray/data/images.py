@@ -15,6 +15,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pni_ray.fileio import not_regular
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -71,19 +73,10 @@ def _pillow_allows(max_pixels: int) -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = before
 
 
-def _not_regular(mode: int) -> str | None:
-    """What a path that is not a regular file is (opening a FIFO would wait for a writer for ever)."""
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return None if stat.S_ISREG(mode) else "something other than a regular file"
-
-
 def _open(path: Path, max_pixels: int) -> Image.Image:
     try:
         st = path.stat()
-        kind = _not_regular(st.st_mode)
+        kind = not_regular(st.st_mode)
         if kind is not None:
             raise ImageError(f"{path}: not an image file but {kind}")
         if st.st_size == 0:
