@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from pni_ray.bundle import MANIFEST as BUNDLE_MANIFEST
 from pni_ray.bundle import BundleError, atomic_write_json, load_bundle, model_id, verify_bundle, versions
 from pni_ray.config import float_from_json
-from pni_ray.fileio import copy_tree_durable, read_manifest_json, staged_dir
+from pni_ray.fileio import copy_tree_durable, inside, read_manifest_json, staged_dir
 from pni_ray.models.ensemble import MEMBER_MODE, EnsembleDetector, estimated_normalisation
 from pni_ray.models.pni import build_detector
 
@@ -140,6 +140,9 @@ def save_ensemble(
         raise ValueError("an ensemble needs at least two bundles")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--force) to replace it")
+    for src in sources:  # its staging folder, OUT's sibling, would lie inside the member it copies: copies of copies
+        if inside(out, src):
+            raise ValueError(f"{out}: the ensemble would be written inside {src}, one of its members; write it elsewhere")
     manifests, ids = [], []
     for src in sources:
         if is_ensemble(src):

@@ -312,6 +312,10 @@ def test_evaluate_and_report_refuse_what_they_cannot_do_before_the_work(tmp_path
         result = runner.invoke(main, ["evaluate", *args])
         assert result.exit_code == code and phrase in result.output and "Traceback" not in result.output, (args, result.output)
     assert (bundle_tiny / "manifest.json").read_bytes() == manifest
+    files = sorted(p.name for p in bundle_tiny.iterdir())
+    own = runner.invoke(main, ["ensemble", str(patchcore), str(bundle_tiny), "--out", str(tmp_path / "link" / "ens")])
+    assert own.exit_code == 1 and f"would be written inside {bundle_tiny}, one of its members" in own.output, own.output
+    assert sorted(p.name for p in bundle_tiny.iterdir()) == files  # no staging folder, no copies of copies
     bad_threads = runner.invoke(main, ["ensemble", str(bundle_tiny), str(patchcore), "--out", str(tmp_path / "e2"),
                                        "--threads", "-1"])
     assert bad_threads.exit_code == 2 and "'--threads': -1 is not in the range x>=1" in bad_threads.output

@@ -119,7 +119,7 @@ def ensemble_cmd(bundles: tuple[Path, ...], out: Path, force: bool, calibrate_ro
     check_force_out(out, force, ENSEMBLE_FORMAT, "ensemble")  # before the members are checked and calibrated
     try:
         path = save_ensemble(bundles, out, overwrite=force, calibrate_root=calibrate_root)
-    except (BundleError, ValueError) as exc:
+    except (BundleError, ValueError, OSError) as exc:  # OSError: a full disk while copying the members
         raise click.ClickException(str(exc)) from exc
     manifest = verify_ensemble(path)
     for m in manifest["members"]:
