@@ -319,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         c = record["counts"]
         rate = record["anomaly_rate"]
         print(f"nightly {record['date']}: {c['inputs']} inputs, {c['scored']} scored, {c['failed']} failed, "
-              f"{c['anomalous']} anomalous ({'n/a' if rate is None else f'{rate:.1%}'}) -> {record['out']}")
+              f"{'n/a (no threshold)' if c['anomalous'] is None else c['anomalous']} anomalous "
+              f"({'n/a' if rate is None else f'{rate:.1%}'}) -> {record['out']}")
         for row in record["top"][:5]:
             print(f"  {row['image_score']:10.4f}  {row['path']}")
         for failure in record["failures"][:10]:  # what to fix, where a cron log shows it

@@ -209,7 +209,8 @@ def build_report(out: Path | str, top_n: int = 12, title: str | None = None) -> 
     threshold = _threshold(out, meta)
     scored = [r for r in rows if r["error"] is None and r["image_score"] is not None]
     failed = sorted((r for r in rows if r["error"] is not None), key=lambda r: r["path"])
-    anomalous = sum(bool(r["is_anomalous"]) for r in scored)
+    decided = threshold is not None and math.isfinite(threshold)  # else no image is anomalous or normal
+    anomalous = sum(bool(r["is_anomalous"]) for r in scored) if decided else None
     scored.sort(key=lambda r: (-r["image_score"], r["path"]))
     top = scored[:top_n]
 
@@ -228,7 +229,7 @@ def build_report(out: Path | str, top_n: int = 12, title: str | None = None) -> 
     model_ids = sorted({r["model_id"] for r in rows if r["model_id"]})
     times = [r["scored_at"] for r in rows if r["scored_at"] is not None]
     title = title or f"pni-ray scores: {', '.join(categories) or out.name}"
-    rate = anomalous / len(scored) if scored else None
+    rate = anomalous / len(scored) if scored and decided else None
 
     h: list[str] = []
     esc = html.escape
@@ -240,7 +241,7 @@ def build_report(out: Path | str, top_n: int = 12, title: str | None = None) -> 
              + (f" &middot; scored {esc(min(times).strftime('%Y-%m-%d %H:%M'))} to {esc(max(times).strftime('%Y-%m-%d %H:%M'))} UTC" if times else "")
              + (f" &middot; maps: {esc(meta.get('map_format', 'n/a'))}" if meta else "") + "</div>")
     stats = [("images", len(rows), ""), ("scored", len(scored), ""), ("failed", len(failed), "bad" if failed else ""),
-             ("anomalous", anomalous, "warn" if anomalous else ""),
+             ("anomalous", anomalous if decided else "n/a: no threshold", "warn" if anomalous else ""),
              ("anomaly rate", "n/a" if rate is None else f"{rate:.1%}", ""),
              ("threshold", _fmt(threshold), "")]
     h.append('<div class="stats">' + "".join(
@@ -273,9 +274,10 @@ def build_report(out: Path | str, top_n: int = 12, title: str | None = None) -> 
                 figs.append('<p class="muted">image no longer readable, no map stored</p>')
             else:
                 figs.append('<p class="muted">no map stored (--map-format none)</p>')
-            bad = bool(r["is_anomalous"])
+            bad = decided and bool(r["is_anomalous"])
+            verdict = ("anomalous" if bad else "normal") if decided else "undecided"
             h.append(f'<div class="card{" anomalous" if bad else ""}"><div class="head"><b>{r["image_score"]:.4f}</b>'
-                     f'<span class="badge{" bad" if bad else ""}">{"anomalous" if bad else "normal"}</span></div>'
+                     f'<span class="badge{" bad" if bad else ""}">{verdict}</span></div>'
                      f'<div class="pair">{"".join(figs)}</div>'
                      f'<div class="path mono">{esc(r["path"])}</div>'
                      f'<div class="muted mono">{r["width"]}x{r["height"]} px &middot; map {_fmt(r["map_min"])} to '
@@ -295,7 +297,8 @@ def build_report(out: Path | str, top_n: int = 12, title: str | None = None) -> 
     for folder, (n, nf, na) in sorted(folders.items(), key=lambda kv: (-kv[1][2], kv[0]))[:50]:
         ok = n - nf
         h.append(f'<tr><td class="mono">{esc(folder)}</td><td class=num>{n}</td><td class=num>{nf}</td>'
-                 f'<td class=num>{na}</td><td class=num>{"n/a" if not ok else f"{na / ok:.0%}"}</td></tr>')
+                 f'<td class=num>{na if decided else "n/a"}</td>'
+                 f'<td class=num>{"n/a" if not ok or not decided else f"{na / ok:.0%}"}</td></tr>')
     h.append("</table>")
     if len(folders) > 50:
         h.append(f'<p class="muted">... {len(folders) - 50} more folders</p>')

@@ -9,7 +9,7 @@ path            string                  absolute path of the input as given (not
 category        string                  the model's category (what the image was scored as)
 image_score     float64, null on error  raw image score: max of the model-size map averaged
                                         over image_window^2 patches (usually below map_max)
-is_anomalous    bool, null on error     image_score > the model's threshold
+is_anomalous    bool, null on error     image_score > the model's threshold (null: the model has none)
 anomaly_map     binary, null            the map at the image's own resolution, encoded per
                                         map_dtype (null on error or with --map-format none)
 map_dtype       string, null            "uint8", "float16" or "float32" (null: no map stored)
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from datetime import datetime, timezone
 from typing import Any, Iterable, Sequence
@@ -201,12 +202,20 @@ def now_utc() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def decide(score: float, threshold: float | None) -> bool | None:
+    """score > threshold; None (undecided) for a model without a threshold (trained without held-out images):
+    "normal" for every image, defects included, was what `False` said."""
+    if threshold is None or not math.isfinite(threshold):
+        return None
+    return bool(float(score) > threshold)
+
+
 def scored_row(path: str, category: str | None, score: float, threshold: float, full_map: np.ndarray,
                map_format: str, model_id: str, scored_at: datetime) -> dict[str, Any]:
     payload, dtype, lo, hi = encode_map(full_map, map_format)
     return {
         "path": path, "category": category, "image_score": float(score),
-        "is_anomalous": bool(float(score) > threshold), "anomaly_map": payload, "map_dtype": dtype,
+        "is_anomalous": decide(score, threshold), "anomaly_map": payload, "map_dtype": dtype,
         "height": int(full_map.shape[0]), "width": int(full_map.shape[1]), "map_min": lo, "map_max": hi,
         "model_id": model_id, "scored_at": scored_at, "error": None,
     }

@@ -47,14 +47,24 @@ def test_export_score_and_ensemble_without_threshold(no_threshold_bundle, synthe
 
     assert load_exported(export, threads=1).threshold == math.inf
 
-    good = synthetic_root / "washer" / "test" / "good"
+    test = synthetic_root / "washer" / "test"  # defects too: they were all "normal" (is_anomalous False)
     for model in (no_threshold_bundle, export):
         out = tmp_path / f"scores-{model.name}"
-        result = CliRunner().invoke(main, ["score", str(model), str(good), "--out", str(out), "--engine", "local"])
+        result = CliRunner().invoke(main, ["score", str(model), str(test), "--out", str(out), "--engine", "local"])
         assert result.exit_code == 0, result.output
+        assert "none decided anomalous or normal: the model has no threshold" in result.output
         summary = strict_json(out / "_summary.json")
-        assert summary["threshold"] is None and summary["anomalous"] == 0 and summary["failed"] == 0
+        assert summary["threshold"] is None and summary["failed"] == 0 and summary["scored"] == 10
+        assert summary["anomalous"] is None and summary["anomaly_rate"] is None
+        assert {row["is_anomalous"] for row in summary["top"]} == {None}
+        import pyarrow.parquet as pq
+
+        assert set(pq.read_table(out, columns=["is_anomalous"]).column(0).to_pylist()) == {None}
         strict_json(out / "_dataset.json")
+        report = CliRunner().invoke(main, ["report", str(out), "--html", str(tmp_path / f"{model.name}.html")])
+        assert report.exit_code == 0, report.output
+        html = (tmp_path / f"{model.name}.html").read_text()
+        assert "n/a: no threshold" in html and ">undecided<" in html and ">normal<" not in html
 
     second = train_without_holdout(synthetic_root, tmp_path / "washer-seed1", seed=1)
     ensemble = tmp_path / "ensemble"

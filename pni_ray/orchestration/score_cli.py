@@ -24,15 +24,19 @@ from pni_ray.results import MAP_FORMATS, DamagedPart
 
 log = logging.getLogger(__name__)
 
+VERDICT = {True: "ANOMALOUS", False: "ok       ", None: "-        "}  # None: no threshold
 EXIT_OK, EXIT_FAILED_INPUTS = 0, 1  # click's usage errors exit 2; RunFailed 3
 
 
 def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
     rate = summary["anomaly_rate"]
     run = summary.get("run", {})
+    flagged = (f"{summary['anomalous']} anomalous (rate {'n/a' if rate is None else f'{rate:.1%}'})"
+               if summary["anomalous"] is not None else
+               "none decided anomalous or normal: the model has no threshold (trained without held-out images; "
+               "is_anomalous is null, rank by image_score)")
     click.echo(
-        f"{summary['inputs']} inputs: {summary['scored']} scored, {summary['failed']} failed, "
-        f"{summary['anomalous']} anomalous (rate {'n/a' if rate is None else f'{rate:.1%}'}); "
+        f"{summary['inputs']} inputs: {summary['scored']} scored, {summary['failed']} failed, {flagged}; "
         f"{run.get('already_done', 0)} were already in {out}"
         + (f"; {run['images_per_s']:.1f} images/s" if run.get("images_per_s") else "")
     )
@@ -46,7 +50,7 @@ def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
     if shown:
         click.echo(f"highest image scores ({len(shown)} of {summary['scored']} scored; the table has every row):")
     for row in shown:
-        click.echo(f"  {row['image_score']:10.4f}  {'ANOMALOUS' if row['is_anomalous'] else 'ok       '}  {row['path']}")
+        click.echo(f"  {row['image_score']:10.4f}  {VERDICT[row['is_anomalous']]}  {row['path']}")
     for f in summary["failures"][:10]:
         click.echo(f"  FAILED  {f['error']}", err=True)
     if summary["failed"] > 10:

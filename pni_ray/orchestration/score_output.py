@@ -165,10 +165,11 @@ def summarise(out: Path, inputs: Inputs, info: ModelInfo, top_n: int = 20) -> di
             continue
         seen[p] = seen.get(p, 0) + 1
         if e is None:
-            scored.append((s, p, bool(a)))
+            scored.append((s, p, a))
         else:
             failures.append({"path": p, "error": e})
-    anomalous = sum(a for _, _, a in scored)
+    decided = info.threshold is not None and math.isfinite(info.threshold)
+    anomalous = sum(1 for _, _, a in scored if a) if decided else None  # None: the model has no threshold
     scored.sort(key=lambda t: (-t[0], t[1]))
     failures.sort(key=lambda f: f["path"])
     n_dup = sum(c - 1 for c in seen.values() if c > 1)
@@ -188,8 +189,8 @@ def summarise(out: Path, inputs: Inputs, info: ModelInfo, top_n: int = 20) -> di
         "duplicate_rows": n_dup,
         "scored": len(scored),
         "failed": len(failures),
-        "anomalous": int(anomalous),
-        "anomaly_rate": (anomalous / len(scored)) if scored else None,
+        "anomalous": anomalous,
+        "anomaly_rate": (anomalous / len(scored)) if scored and anomalous is not None else None,
         "top": [{"path": p, "image_score": s, "is_anomalous": a} for s, p, a in scored[:top_n]],
         "failures": failures[:MAX_FAILURES_LISTED],
         "failures_truncated": len(failures) > MAX_FAILURES_LISTED,
