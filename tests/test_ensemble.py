@@ -206,7 +206,7 @@ def test_calibrated_threshold_from_shared_holdout(bundle_tiny, lite1_bundle, syn
     assert manifest["normalisation"]["extras"]["members_threshold"] > 0
 
 
-def test_bad_member_sets_are_refused(bundle_tiny, ensemble_dir, tmp_path):
+def test_bad_member_sets_are_refused(bundle_tiny, ensemble_dir, synthetic_root, tmp_path):
     with pytest.raises(ValueError, match="at least two"):
         save_ensemble([bundle_tiny], tmp_path / "one")
     with pytest.raises(ValueError, match="listed twice"):
@@ -219,6 +219,15 @@ def test_bad_member_sets_are_refused(bundle_tiny, ensemble_dir, tmp_path):
         save_ensemble([bundle_tiny, other], tmp_path / "mixed")
     with pytest.raises(BundleError, match="is an ensemble"):
         save_ensemble([bundle_tiny, ensemble_dir], tmp_path / "nested")
+    wide = _copy(bundle_tiny, tmp_path, "wide")  # its threshold is of 7 x 7-window image scores
+    manifest = json.loads((wide / "manifest.json").read_text())
+    manifest["config"]["scoring"]["image_window"] = 7
+    (wide / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"wide: scores an image over a 7 x 7 window of patches, the ensemble over 3 x 3"
+                                         r", so its stored threshold does not bound"):
+        save_ensemble([bundle_tiny, wide], tmp_path / "windows")
+    calibrated = save_ensemble([bundle_tiny, wide], tmp_path / "windows", calibrate_root=synthetic_root)
+    assert json.loads((calibrated / "manifest.json").read_text())["threshold_method"] == "holdout"
     with pytest.raises(FileExistsError):
         save_ensemble([bundle_tiny, other], ensemble_dir)
     assert not list(tmp_path.glob(".*partial*"))  # failed builds leave no temp directories

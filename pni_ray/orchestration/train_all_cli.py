@@ -109,7 +109,8 @@ def ensemble_cmd(bundles: tuple[Path, ...], out: Path, force: bool, calibrate_ro
 
     Each member's maps are normalised with its own held-out statistics and averaged; the image
     score is the maximum of the averaged map after a mean over each window of 3 x 3 patches (the
-    default's window, whatever the members' own). `pni-ray evaluate OUT DATA_ROOT` scores it.
+    default's window; members with another need --calibrate, since their stored thresholds are of
+    other scores). `pni-ray evaluate OUT DATA_ROOT` scores it.
     """
     from pni_ray.bundle import BundleError, model_id
     from pni_ray.ensemble_bundle import FORMAT as ENSEMBLE_FORMAT
