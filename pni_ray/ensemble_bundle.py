@@ -15,6 +15,7 @@ The detector itself (pure torch) is `pni_ray.models.ensemble.EnsembleDetector`.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict
 from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
@@ -26,6 +27,7 @@ from pni_ray.fileio import copy_tree_durable, inside, read_manifest_json, staged
 from pni_ray.models.ensemble import MEMBER_MODE, EnsembleDetector, estimated_normalisation
 from pni_ray.models.pni import build_detector
 
+log = logging.getLogger(__name__)
 FORMAT = "pni-ray-ensemble"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -102,7 +104,14 @@ def load_ensemble(path: Path | str) -> tuple[EnsembleDetector, dict[str, Any]]:
 
 def _holdout_paths(data_root: Path, category: str, manifests: list[dict[str, Any]]) -> list[Path]:
     """train/good images that every member held out of its memory bank (and, for refined members,
-    of the refiner's synthetic defects: their manifests list only the images left for calibration)."""
+    of the refiner's synthetic defects: their manifests list only the images left for calibration).
+    Read before any member is copied: a DATA_ROOT without the category is said as `train` says it."""
+    from pni_ray.data.mvtec import missing_category_message
+    from pni_ray.training import MIN_HOLDOUT_IMAGES
+
+    missing = missing_category_message(data_root, category)
+    if missing:
+        raise ValueError(f"--calibrate: {missing}")
     shared = set(_calibration_images(manifests[0]))
     for m in manifests[1:]:
         shared &= set(_calibration_images(m))
@@ -116,6 +125,11 @@ def _holdout_paths(data_root: Path, category: str, manifests: list[dict[str, Any
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise ValueError(f"{folder}: held-out images not found: {missing[:5]}")
+    if len(paths) < MIN_HOLDOUT_IMAGES:  # train's own warning: a threshold from so few scores is unreliable
+        log.warning("%s: only %d train/good images, those every member held out, calibrate the ensemble's threshold "
+                    "(fewer than %d): it will be unreliable; build without --calibrate, or from members that hold "
+                    "out more images alike (the same --seed, no refiner splitting them)", category, len(paths),
+                    MIN_HOLDOUT_IMAGES)
     return paths
 
 
@@ -172,6 +186,7 @@ def save_ensemble(
             raise ValueError(f"{src}: trained with geometry {geometry.get('policy')!r}"
                              f"{' + tiling' if geometry.get('tile') else ''}; ensembles support the default resize only")
 
+    holdout = None if calibrate_root is None else _holdout_paths(Path(calibrate_root), categories[0], manifests)
     with staged_dir(out, FORMAT, "ensemble", overwrite) as tmp:
         (tmp / MEMBERS_DIR).mkdir()
         entries = []
@@ -199,9 +214,8 @@ def save_ensemble(
             from pni_ray.training import calibrate
 
             detector, _ = load_ensemble_from_entries(tmp, entries)
-            paths = _holdout_paths(Path(calibrate_root), categories[0], manifests)
             sigmas = {m["config"]["scoring"]["threshold_sigmas"] for m in manifests}
-            normalisation = calibrate(detector, paths, batch_size, max(sigmas))
+            normalisation = calibrate(detector, holdout, batch_size, max(sigmas))
             normalisation.extras["members_threshold"] = norm_est.threshold
             method = "holdout"
         manifest = {

@@ -206,6 +206,16 @@ def test_calibrated_threshold_from_shared_holdout(bundle_tiny, lite1_bundle, syn
     assert manifest["normalisation"]["extras"]["members_threshold"] > 0
 
 
+def test_calibrate_names_a_wrong_data_root_before_copying(bundle_tiny, lite1_bundle, synthetic_root, tmp_path, caplog):
+    """The category folder itself given as DATA_ROOT: said as `train` says it, before any member is copied."""
+    with pytest.raises(ValueError, match=r"--calibrate: no category folder .*washer/washer\.[\s\S]*pass its parent"):
+        save_ensemble([bundle_tiny, lite1_bundle], tmp_path / "e", calibrate_root=synthetic_root / "washer")
+    assert not list(tmp_path.iterdir())
+    with caplog.at_level("WARNING"):
+        save_ensemble([bundle_tiny, lite1_bundle], tmp_path / "cal", calibrate_root=synthetic_root)
+    assert "train/good images, those every member held out, calibrate the ensemble's threshold (fewer than 5)" in caplog.text
+
+
 def test_bad_member_sets_are_refused(bundle_tiny, ensemble_dir, synthetic_root, tmp_path):
     with pytest.raises(ValueError, match="at least two"):
         save_ensemble([bundle_tiny], tmp_path / "one")
