@@ -49,6 +49,11 @@ def read_ensemble_manifest(path: Path | str) -> dict[str, Any]:
     if threshold is not None and (not isinstance(threshold, (int, float)) or isinstance(threshold, bool)):
         raise BundleError(f"{file}: 'threshold' must be a number or null, got {threshold!r:.60}; "
                           "the manifest was edited or truncated: rebuild the ensemble")
+    stored = (manifest.get("normalisation") or {}).get("threshold", threshold)  # what `score` reads
+    if stored != threshold:
+        raise BundleError(f"{file}: 'threshold' ({threshold!r:.30}) and 'normalisation.threshold' ({stored!r:.30}) "
+                          "differ, and evaluate and score would read different ones; the manifest was edited: "
+                          "rebuild the ensemble")
     return manifest
 
 

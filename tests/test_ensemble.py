@@ -164,7 +164,9 @@ def test_tampered_or_swapped_member_is_refused(ensemble_dir, tmp_path):
 
     for name, edit, said in (("no-id", lambda m: m["members"][0].pop("model_id"), r"members\[0\] has no model_id"),
                              ("no-threshold", lambda m: m.pop("threshold"), "'threshold' must be a number or null"),
-                             ("no-members", lambda m: m.pop("members"), "'members' is missing or not a list")):
+                             ("no-members", lambda m: m.pop("members"), "'members' is missing or not a list"),
+                             ("two-thresholds", lambda m: m.update(threshold=-5.0),  # score read the other one
+                              r"'threshold' \(-5.0\) and 'normalisation.threshold' \(.*\) differ")):
         edited = _copy(ensemble_dir, tmp_path, name)  # an edited ensemble manifest: named, not a KeyError
         manifest = json.loads((edited / "manifest.json").read_text())
         edit(manifest)
