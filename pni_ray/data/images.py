@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import stat
 import threading
 import warnings
 from contextlib import contextmanager
