@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from pni_ray.bundle import MANIFEST as BUNDLE_MANIFEST
 from pni_ray.bundle import BundleError, atomic_write_json, load_bundle, model_id, verify_bundle, versions
-from pni_ray.config import LEGACY_SCORING, ScoringConfig, float_from_json
+from pni_ray.config import ScoringConfig, TrainConfig, float_from_json
 from pni_ray.fileio import copy_tree_durable, inside, read_manifest_json, staged_dir
 from pni_ray.models.ensemble import MEMBER_MODE, EnsembleDetector, estimated_normalisation
 from pni_ray.models.pni import build_detector
@@ -179,7 +179,7 @@ def save_ensemble(
         raise ValueError(f"ensemble members must share one input size, got {sizes} px: retrain with one --image-size")
 
     for src, m in zip(sources, manifests):
-        window = (m["config"].get("scoring") or {}).get("image_window", LEGACY_SCORING["image_window"])
+        window = TrainConfig.from_manifest(m["config"]).scoring.image_window  # legacy bundles: their plain max
         if calibrate_root is None and window != ScoringConfig.image_window:
             w = ScoringConfig.image_window
             raise ValueError(f"{src}: scores an image over a {window} x {window} window of patches, the ensemble over "

@@ -10,7 +10,6 @@ give the same bundle wherever it is trained on the same CPU type (the default ML
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
 import torch
@@ -21,26 +20,17 @@ from pni_ray.models.pni import TrainedModel
 
 
 def record_threads(trained: TrainedModel, threads: int, stage: str | None = None) -> None:
-    """Note the torch thread count in the facts the manifest stores: the PNI model's
+    """Note the torch thread count and the CPU's kernel level in the facts the manifest stores: the PNI model's
     (`training.torch_threads`), or a later stage's (`training.refiner.torch_threads`), which
     `pni-ray refine` may train with another count than its parent bundle's."""
     report = trained.report if isinstance(trained.report, dict) else {}
     facts = report.setdefault("deterministic", {})
-    (facts.setdefault(stage, {}) if stage else facts)["torch_threads"] = int(threads)
+    where = facts.setdefault(stage, {}) if stage else facts
+    where["torch_threads"] = int(threads)
+    # the kernel level MKL and oneDNN dispatch on (AVX2, AVX512, ...): bundles match only where it does. Not the CPU's
+    # name, which would give identical weights another model_id on a host that names its CPU otherwise
+    where["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     trained.report = report
-
-
-def cpu_type() -> dict[str, str]:
-    """The CPU a fit ran on, as the manifest records it (`training.cpu`): the same bundle is promised only
-    on the same CPU type, since MKL and oneDNN choose their kernels (and so the floats) by it."""
-    model = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"model": model or platform.processor() or platform.machine(),
-            "capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def fit_category(
@@ -64,5 +54,4 @@ def fit_category(
         train_refiner(trained, data_root, category)
         record_threads(trained, threads, "refiner")
     record_threads(trained, threads)
-    trained.report["deterministic"]["cpu"] = cpu_type()
     return trained

@@ -249,7 +249,8 @@ def build_report(out: Path | str, top_n: int = 12, title: str | None = None) -> 
 
     h.append("<h2>Image scores</h2>")
     h.append(histogram_svg([r["image_score"] for r in scored], threshold))
-    h.append('<div class="muted">Bars right of the dashed threshold are images judged anomalous.</div>')
+    h.append('<div class="muted">' + ("Bars right of the dashed threshold are images judged anomalous." if decided else
+                                      "The model has no threshold: no image is judged anomalous or normal.") + "</div>")
 
     h.append(f"<h2>Most anomalous images (top {len(top)})</h2>")
     if top:

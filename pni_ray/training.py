@@ -10,6 +10,7 @@ import copy
 import hashlib
 import logging
 import math
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,15 @@ def stage_sha256(tensor: torch.Tensor) -> str:
     backbone's kernels; coreset order: the search; MLP targets: the assignment), which the bundle's
     own files cannot, holding only the end of each stage."""
     return hashlib.sha256(tensor.detach().contiguous().numpy().data).hexdigest()
+
+
+def cpu_model() -> str:
+    """The CPU's name, for the log: with the manifest's training.cpu_capability it says where a fit ran."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "unknown")
+    except OSError:
+        return platform.processor() or platform.machine() or "unknown"
 
 
 def seed_everything(seed: int) -> None:
@@ -463,7 +473,8 @@ def train_category(
         log.warning("%s: %s", category, small)
     torch.manual_seed(cfg.seed)
     extractor = build_extractor(cfg.features)
-    log.info("%s: geometry %s", category, geometry.describe())
+    log.info("%s: geometry %s; CPU %s (torch kernels %s)", category, geometry.describe(), cpu_model(),
+             torch.backends.cpu.get_cpu_capability())
     # valid (N, h, w) bool: False at letterbox / tiling padding; None when every cell is content
     feats, valid = extract_training_features(extractor, geometry, memory_paths, cfg.batch_size, progress)
     n_img, dim, h, w = feats.shape

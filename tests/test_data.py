@@ -69,17 +69,23 @@ def test_layout_check_names_what_it_used_to_drop_or_misread(tmp_path, caplog):
     import os
 
     base = _category(tmp_path)
-    os.symlink(tmp_path / "gone.png", base / "train" / "good" / "009.png")
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
-    (base / "train" / "good" / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    good = base / "train" / "good"
+    os.symlink(tmp_path / "gone.png", good / "009.png")
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    for fmt, name, extra in (("JPEG", "cut.jpg", {}), ("PNG", "cut_exif.png", {"exif": Image.Exif()})):
+        extra.get("exif", {})[0x0112] = 1  # Pillow writes eXIf before the pixels: the EXIF read loads none of them
+        buf = io.BytesIO()
+        noise.save(buf, fmt, **extra)
+        (good / name).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    Image.fromarray(np.full((8, 8), 128.0, np.float32), mode="F").save(good / "f128.tif")
     with pytest.raises(LayoutError) as err:
         load_category(tmp_path, "cat")
-    assert [p.split(":")[0] for p in err.value.problems] == [str(base / "train/good/009.png"),
-                                                             str(base / "train/good/cut.jpg")]
+    assert [p.split(":")[0] for p in err.value.problems] == [str(good / n) for n in ("009.png", "cut.jpg", "cut_exif.png",
+                                                                                     "f128.tif")]
     assert "broken symbolic link" in err.value.problems[0] and "truncated" in err.value.problems[1]
-    (base / "train" / "good" / "009.png").unlink()
-    (base / "train" / "good" / "cut.jpg").unlink()
+    assert "truncated" in err.value.problems[2] and "float pixels, read as 0 (black) to 1" in err.value.problems[3]
+    for name in ("009.png", "cut.jpg", "cut_exif.png", "f128.tif"):
+        (good / name).unlink()
     _png(base / "test" / ".ipynb_checkpoints" / "000-checkpoint.png")
     _png(base / "test" / "scratch" / "001.png")
     _png(base / "ground_truth" / "scratch" / "001_mask.PNG", mode="L", value=255)
@@ -111,6 +117,10 @@ def test_mask_drawn_on_the_stored_pixels_of_an_exif_rotated_image(tmp_path):
     _png(base / "ground_truth" / "scratch" / "000_mask.png", size=(40, 20), mode="L", value=255)
     with pytest.raises(LayoutError, match=r"\(40x20\) than its image .* \(20x40\); sizes are upright, after EXIF"):
         load_category(tmp_path, "cat")
+    Image.new("RGB", (20, 40)).save(base / "test" / "scratch" / "000.png")  # transposed, no EXIF: no EXIF hint
+    with pytest.raises(LayoutError, match=r"\(40x20\) than its image .* \(20x40\)") as err:
+        load_category(tmp_path, "cat")
+    assert "EXIF" not in str(err.value)
 
 
 def test_unreadable_file_and_all_problems_listed(tmp_path):
@@ -155,9 +165,13 @@ def test_wide_grey_images_are_read_on_one_scale_not_stretched(tmp_path):
     assert np.array_equal(load_rgb(tmp_path / "hot.tif")[1:], load_rgb(tmp_path / "grey8.png")[1:])
     Image.fromarray(grey.astype(np.float32), mode="F").save(tmp_path / "f255.tif")
     Image.fromarray(grey.astype(np.int32) * 1000, mode="I").save(tmp_path / "wide.tif")
-    with pytest.raises(ImageError, match=r"f255.tif: float pixels, read as 0 \(black\) to 1 \(white\), range from 20 "):
+    near = grey.astype(np.float32) / 255
+    near[0, 0], near[0, 1] = np.nextafter(np.float32(1), np.float32(2)), -1e-8  # a pipeline's rounding: still 0..1
+    Image.fromarray(near, mode="F").save(tmp_path / "near.tif")
+    assert load_rgb(tmp_path / "near.tif")[0, :2, 0].tolist() == [255, 0]
+    with pytest.raises(ImageError, match=r"f255.tif: float pixels, read as 0 \(black\) to 1 \(white\), range from 20.0 to "):
         load_rgb(tmp_path / "f255.tif")
-    with pytest.raises(ImageError, match=r"wide.tif: 32-bit integer pixels, read as 16-bit .* write it as 8- or 16-bit"):
+    with pytest.raises(ImageError, match=r"wide.tif: 32-bit integer pixels, read on the 16-bit scale .* write it as 8- or 16-bit"):
         load_rgb(tmp_path / "wide.tif")
 
 
@@ -169,7 +183,7 @@ def test_twelve_bit_data_in_sixteen_bit_files_is_warned_of_once(tmp_path, caplog
         Image.fromarray(np.full((8, 8), 4000 + i, np.uint16)).save(tmp_path / f"mono12_{i}.png")
         with caplog.at_level("WARNING"):
             assert load_rgb(tmp_path / f"mono12_{i}.png").max() == 16  # 4000 / 65535 * 255
-    assert caplog.text.count("12 bits or fewer") == 1 and "mono12_0.png: 16-bit pixels no brighter than 4000" in caplog.text
+    assert caplog.text.count("12 bits or fewer") == 1 and "mono12_0.png: 16-bit or 32-bit grey pixels no brighter than 4000" in caplog.text
 
 
 def test_transparent_mask_is_read_over_black(tmp_path):

@@ -60,6 +60,13 @@ def test_export_score_and_ensemble_without_threshold(no_threshold_bundle, synthe
         import pyarrow.parquet as pq
 
         assert set(pq.read_table(out, columns=["is_anomalous"]).column(0).to_pylist()) == {None}
+        for part in out.glob("part-*.parquet"):  # rows written before they were null said False: resumed, not trusted
+            table = pq.read_table(part)
+            flags = table.column("is_anomalous").fill_null(False)
+            pq.write_table(table.set_column(table.schema.get_field_index("is_anomalous"), "is_anomalous", flags), part)
+        resumed = CliRunner().invoke(main, ["score", str(model), str(test), "--out", str(out), "--engine", "local"])
+        assert resumed.exit_code == 0 and "none decided" in resumed.output and " ok " not in resumed.output, resumed.output
+        assert {row["is_anomalous"] for row in strict_json(out / "_summary.json")["top"]} == {None}
         strict_json(out / "_dataset.json")
         report = CliRunner().invoke(main, ["report", str(out), "--html", str(tmp_path / f"{model.name}.html")])
         assert report.exit_code == 0, report.output

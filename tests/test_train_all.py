@@ -432,7 +432,7 @@ def test_train_and_train_all_write_identical_bundles_at_their_defaults(first_run
     for name in names:
         assert (single / name).read_bytes() == (task_bundle / name).read_bytes(), name
     facts = json.loads((single / "manifest.json").read_text())["training"]
-    assert facts["torch_threads"] == 1 and facts["cpu"]["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert facts["torch_threads"] == 1 and facts["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_task_refuses_an_output_directory_that_is_not_the_drivers(synthetic_root, tmp_path):

@@ -19,6 +19,7 @@ from pni_ray.fileio import not_regular
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that show the stored image turned by 90 degrees
 DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: above every industrial sensor we target, below bombs
 TOO_BIG_HINT = ("decompression-bomb guard; if the image is genuine, raise the limit: --max-pixels N for `pni-ray score` "
                 "(max_pixels in the nightly config), geometry.max_pixels in the training config for train and evaluate")
@@ -133,16 +134,26 @@ def upright(img: Image.Image, path: Path) -> Image.Image:
 
 def image_size(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """(width, height) from the header, after EXIF orientation, without decoding pixels."""
-    img = _open(Path(path), max_pixels)
+    return _upright_size(_open(Path(path), max_pixels), Path(path))
+
+
+def _upright_size(img: Image.Image, path: Path) -> tuple[int, int]:
+    return (img.height, img.width) if _orientation(img, path) in QUARTER_TURNS else img.size
+
+
+def _orientation(img: Image.Image, path: Path) -> int:
     try:  # a PNG's EXIF chunk may follow its pixels: reading it reads the whole file
-        orientation = img.getexif().get(0x0112, 1)
+        return img.getexif().get(0x0112, 1)
     except SyntaxError as exc:
-        _exif_unreadable(Path(path), exc)
-        orientation = 1
+        _exif_unreadable(path, exc)
+        return 1
     except (OSError, ValueError) as exc:
         raise ImageError(f"{path}: corrupt or truncated image data ({exc.__class__.__name__}: {exc})") from exc
-    w, h = img.size
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def quarter_turned(path: Path | str) -> bool:
+    """Whether the image's EXIF orientation shows it turned a quarter (its upright size is its stored one transposed)."""
+    return _orientation(_open(Path(path), DEFAULT_MAX_PIXELS), Path(path)) in QUARTER_TURNS
 
 
 # Wide grey modes -> the value range read as black..white. Fixed per mode, never the image's own min and max:
@@ -153,48 +164,57 @@ WIDE_MODE_RANGES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65
 
 
 def check_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
-    """(width, height) as `image_size` gives it, once the pixels decode: a truncated JPEG's header reads
-    fine, so only decoding finds it, here, before minutes of training rather than in the middle of them.
-    A PNG's header read already reads the whole file (its EXIF chunk may follow the pixels); a JPEG decodes
-    at 1/8 scale, which still reads all of its data."""
+    """(width, height) as `image_size` gives it, once the pixels decode and lie on their mode's scale: a
+    truncated JPEG's header reads fine, and so does an out-of-range float TIFF's, so only decoding finds
+    them, here, before minutes of training rather than in the middle of them. One decode: a PNG's EXIF
+    read already loads its pixels where the chunk follows them; a JPEG decodes at 1/8 scale, which still
+    reads all of its data."""
     path = Path(path)
-    size = image_size(path, max_pixels)
     img = _open(path, max_pixels)
     try:
-        if img.format != "PNG":
+        size = _upright_size(img, path)
+        try:
             if img.format == "JPEG":
                 img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
-    except Exception as exc:  # noqa: BLE001 - truncated data, bad codecs: all name the file
-        raise ImageError(f"{path}: corrupt or truncated image data ({exc.__class__.__name__}: {exc})") from exc
+        except Exception as exc:  # noqa: BLE001 - truncated data, bad codecs: all name the file
+            raise ImageError(f"{path}: corrupt or truncated image data ({exc.__class__.__name__}: {exc})") from exc
+        if img.mode in WIDE_MODE_RANGES:
+            wide_grey(img, path)
     finally:
         img.close()
     return size
 
 
 def to_rgb(img: Image.Image, path: Path | str = "image") -> Image.Image:
-    """Any PIL mode (upright already) -> RGB. 16-bit grey is read over 0..65535 and float grey over 0..1
-    (WIDE_MODE_RANGES); a float image outside 0..1, a 32-bit one beyond 16 bits, or one holding NaN or
-    infinity is refused, naming `path` and what to write instead. Alpha is composited over black."""
+    """Any PIL mode (upright already) -> RGB: wide grey on its mode's fixed scale (`wide_grey`), alpha
+    composited over black."""
     if img.mode in WIDE_MODE_RANGES:
-        arr = np.asarray(img, dtype=np.float64)
-        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-        if bad:
-            raise ImageError(f"{path}: {bad} of {arr.size} pixels are NaN or infinite (a float image): write the "
-                             "image again with finite values")
-        top = WIDE_MODE_RANGES[img.mode]
-        lo, hi = float(arr.min()), float(arr.max())
-        if lo < 0 or hi > top:
-            kind = ("float pixels, read as 0 (black) to 1 (white)" if img.mode == "F"
-                    else "32-bit integer pixels, read as 16-bit (0 to 65535)")
-            fix = "scale it to 0..1" if img.mode == "F" else "write it as 8- or 16-bit"
-            raise ImageError(f"{path}: {kind}, range from {lo:g} to {hi:g}: {fix}, so every image of the line "
-                             "is read on one scale")
-        if top == 65535.0 and 0 < hi < 4096:
-            _few_bits(path, hi)
-        scaled = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(scaled, mode="L").convert("RGB")
+        return Image.fromarray(wide_grey(img, path), mode="L").convert("RGB")
     return over_black(img).convert("RGB")
+
+
+def wide_grey(img: Image.Image, path: Path | str) -> np.ndarray:
+    """16-bit grey over 0..65535, 32-bit integer grey on the same scale and float grey over 0..1 (WIDE_MODE_RANGES)
+    -> uint8. A float image outside 0..1 (beyond float32 rounding), a 32-bit one beyond 16 bits, or one holding
+    NaN or infinity is refused, naming `path`, its range and what to write instead."""
+    arr = np.asarray(img, dtype=np.float64)
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise ImageError(f"{path}: {bad} of {arr.size} pixels are NaN or infinite (a float image): write the "
+                         "image again with finite values")
+    top = WIDE_MODE_RANGES[img.mode]
+    slack = 1e-6 if img.mode == "F" else 0.0  # 1 +- a few ulp from a float pipeline's rescale is still 1
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < -slack or hi > top + slack:
+        kind = ("float pixels, read as 0 (black) to 1 (white)" if img.mode == "F"
+                else "32-bit integer pixels, read on the 16-bit scale (0 to 65535)")
+        fix = "scale it to 0..1" if img.mode == "F" else "write it as 8- or 16-bit"
+        raise ImageError(f"{path}: {kind}, range from {lo!r} to {hi!r}: {fix}, so every image of the line is "
+                         "read on one scale")
+    if top == 65535.0 and 0 < hi < 4096:
+        _few_bits(path, hi)
+    return np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 _FEW_BITS_SAID = threading.Event()
@@ -205,9 +225,9 @@ def _few_bits(path: Path | str, top: float) -> None:
     16-bit scale, keeping 1/16 of its grey levels or fewer; every image of such a line would say it."""
     if not _FEW_BITS_SAID.is_set():
         _FEW_BITS_SAID.set()
-        log.warning("%s: 16-bit pixels no brighter than %d (12 bits or fewer): read over 0..65535 this image keeps at "
-                    "most 16 grey levels. If the camera writes 10- or 12-bit data unshifted, save it shifted to the top "
-                    "bits (x16 for 12-bit) or as 8-bit (said once per process)", path, int(top))
+        log.warning("%s: 16-bit or 32-bit grey pixels no brighter than %d (12 bits or fewer): read over 0..65535 this "
+                    "image keeps at most 16 grey levels. If the camera writes 10- or 12-bit data unshifted, save it "
+                    "shifted to the top bits (x16 for 12-bit) or as 8-bit (said once per process)", path, int(top))
 
 
 def over_black(img: Image.Image) -> Image.Image:

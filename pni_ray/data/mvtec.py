@@ -18,6 +18,8 @@ from pni_ray.data.images import (
     image_size,
     list_images,
     load_mask,
+    load_rgb,
+    quarter_turned,
     warn_once,
 )
 
@@ -67,14 +69,23 @@ class Category:
         return mask
 
 
-def mask_path_for(root: Path, defect_type: str, image: Path) -> Path:
+def mask_path_for(root: Path, defect_type: str, image: Path, by_lower_name: dict[str, Path] | None = None) -> Path:
     """ground_truth/<type>/<stem>_mask.png, or the file of that name in another case (`_mask.PNG`, as images
-    may be `.PNG`) where only that one exists."""
+    may be `.PNG`) where only that one exists: `by_lower_name` maps the folder's lower-cased names to its
+    files (`masks_by_lower_name`, listed once per folder)."""
     path = root / "ground_truth" / defect_type / f"{image.stem}_mask.png"
-    if path.is_file() or not path.parent.is_dir():
+    if path.is_file() or not by_lower_name:
         return path
-    other = [p for p in path.parent.iterdir() if p.name.lower() == path.name.lower() and p.is_file()]
-    return other[0] if len(other) == 1 else path
+    return by_lower_name.get(path.name.lower(), path)
+
+
+def masks_by_lower_name(folder: Path) -> dict[str, Path]:
+    """Lower-cased file name -> file, for names that one case-insensitive name does not share with another."""
+    files = [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
+    counts: dict[str, int] = {}
+    for p in files:
+        counts[p.name.lower()] = counts.get(p.name.lower(), 0) + 1
+    return {p.name.lower(): p for p in files if counts[p.name.lower()] == 1}
 
 
 def orphan_masks(root: Path, test: list[TestSample]) -> list[Path]:
@@ -134,7 +145,7 @@ def load_category(
 ) -> Category:
     """Read and validate one category; raise LayoutError naming every problem found.
 
-    check_files reads each header (and each mask's size) so unreadable files fail here,
+    check_files decodes each image (and reads each mask's size) so unreadable files fail here,
     before minutes of training, and not in the middle of it; images over `max_pixels` are refused.
     with_test=False reads train/good alone (training): a test split's problem is the evaluation's to
     report, never a reason not to train.
@@ -153,10 +164,14 @@ def load_category(
     test_dir = root / "test"
     if with_test and test_dir.is_dir():
         for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            by_lower_name: dict[str, Path] | None = None
             for image in list_images(type_dir):
                 mask = None
                 if type_dir.name != GOOD:
-                    mask = mask_path_for(root, type_dir.name, image)
+                    mask = mask_path_for(root, type_dir.name, image, by_lower_name)
+                    if not mask.is_file() and by_lower_name is None:  # listed once per folder, only when needed
+                        by_lower_name = masks_by_lower_name(mask.parent)
+                        mask = mask_path_for(root, type_dir.name, image, by_lower_name)
                     if not mask.is_file():
                         problems.append(f"{image}: defect image without a mask (expected {mask})")
                         continue
@@ -176,7 +191,7 @@ def load_category(
                 if sample.mask_path is not None:
                     mw, mh = image_size(sample.mask_path, max_pixels)
                     if (mw, mh) != (w, h):
-                        turned = (mw, mh) == (h, w)  # e.g. drawn on the stored pixels of an EXIF-rotated photo
+                        turned = (mw, mh) == (h, w) and quarter_turned(sample.path)  # drawn on the stored pixels
                         problems.append(
                             f"{sample.mask_path}: mask of another size ({mw}x{mh}) than its image {sample.path} ({w}x{h})"
                             + ("; sizes are upright, after EXIF orientation: the mask is the image's turned a quarter, "
@@ -208,9 +223,8 @@ def derive_category(
     files = [p for p in sorted(src.rglob("*")) if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")]
     for path in files:
         rel = path.relative_to(src)
-        is_mask = rel.parts[0] == "ground_truth"
-        with Image.open(path) as src_img:
-            img = src_img.convert("L" if is_mask else "RGB")
+        is_mask = rel.parts[0] == "ground_truth"  # read as evaluate reads them: upright, alpha over black
+        img = Image.fromarray(load_mask(path).astype(np.uint8) * 255 if is_mask else load_rgb(path))
         if crop is not None:
             top, left, h, w = crop
             img = img.crop((left, top, left + w, top + h))

@@ -191,7 +191,8 @@ def summarise(out: Path, inputs: Inputs, info: ModelInfo, top_n: int = 20) -> di
         "failed": len(failures),
         "anomalous": anomalous,
         "anomaly_rate": (anomalous / len(scored)) if scored and anomalous is not None else None,
-        "top": [{"path": p, "image_score": s, "is_anomalous": a} for s, p, a in scored[:top_n]],
+        # the model's verdict, not the row's: a no-threshold OUT resumed from before rows were null holds False rows
+        "top": [{"path": p, "image_score": s, "is_anomalous": a if decided else None} for s, p, a in scored[:top_n]],
         "failures": failures[:MAX_FAILURES_LISTED],
         "failures_truncated": len(failures) > MAX_FAILURES_LISTED,
     }
