@@ -55,7 +55,8 @@ def test_training_input_errors_are_one_line_naming_the_file(tmp_path, synthetic_
     (good / "zz_broken.jpg").write_bytes(jpeg[: len(jpeg) // 3])  # header fine, pixels cut
     result = _train(tmp_path, root)
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
-    assert f"Error: {good / 'zz_broken.jpg'}: corrupt or truncated" in result.output
+    # found by the layout check, before the features (it used to surface mid-fit, from the image reader)
+    assert f"invalid MVTec AD layout:\n  - {good / 'zz_broken.jpg'}: corrupt or truncated" in result.output
     # under short-side, images of another aspect ratio: said at training, with what to do
     (good / "zz_broken.jpg").unlink()
     Image.open(good / sorted(p.name for p in good.glob("*.png"))[0]).resize((128, 64)).save(good / "zz_wide.png")

@@ -64,7 +64,7 @@ def write_bad_inputs(folder: Path | str, rgb: np.ndarray, max_pixels: int = 50_0
         "zero_width.png": (png_header_only(0, 16), "not a readable image"),
         "inspection_report.pdf": (b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n%%EOF\n", "not a readable image"),
         "float_0_255.tif": (_encode_grey(rgb[..., 0].astype(np.float32), "F"), "float pixels, read as 0 (black) to 1"),
-        "int32_wide.tif": (_encode_grey(rgb[..., 0].astype(np.int32) * 1000, "I"), "32-bit integer pixels, read as"),
+        "int32_wide.tif": (_encode_grey(rgb[..., 0].astype(np.int32) * 1000, "I"), "32-bit integer pixels, read on the"),
     }
     expected: dict[Path, str] = {}
     for name, (data, phrase) in files.items():
