@@ -273,7 +273,11 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
     print_table(results)
     if ablation:
         attach_diagnostics(results, prior_diagnostics(detector, cat, modes, batch_size), manifest)
-        print_table(results, DIAGNOSTIC_KEYS)
+        measured = {m: row for m, row in results.items() if any(row.get(k) is not None for k in DIAGNOSTIC_KEYS)}
+        if measured:  # rows with nothing measured (a refined mode, every mode of an ensemble) left out
+            print_table(measured, DIAGNOSTIC_KEYS)
+        else:
+            click.echo("prior diagnostics: none measured for this model (an ensemble: run --ablation on a member)")
     if json_path:
         payload: dict[str, Any] = {"category": cat.name, "bundle": str(bundle), "n_test_images": len(cat.test)}
         if ablation:

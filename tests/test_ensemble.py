@@ -191,6 +191,9 @@ def test_evaluate_works_on_an_ensemble(ensemble_dir, synthetic_root):
     cli = CliRunner().invoke(main, ["evaluate", str(ensemble_dir), str(synthetic_root), "--threads", "1"])
     assert cli.exit_code == 0, cli.output
     assert "pni" in cli.output and "image_auroc" in cli.output
+    ablation = CliRunner().invoke(main, ["evaluate", str(ensemble_dir), str(synthetic_root), "--ablation", "--threads", "1"])
+    assert ablation.exit_code == 0, ablation.output  # its members' priors differ: no table of n/a rows
+    assert "prior diagnostics: none measured" in ablation.output and "allowed_share" not in ablation.output
 
 
 def test_calibrated_threshold_from_shared_holdout(bundle_tiny, lite1_bundle, synthetic_root, tmp_path):
