@@ -1,5 +1,6 @@
 """A bundle's manifest and files, checked without torch: what `pni_ray.bundle` loads, and what the
-scoring driver checks before a run, which must not import torch (one rule for both)."""
+scoring driver checks before a run, which must not import torch (one rule for both); an ensemble's
+manifest likewise (`read_ensemble_manifest`, re-exported by `pni_ray.ensemble_bundle`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ MEMORY = "memory.arrow"
 PRIOR = "position_prior.arrow"
 MLP = "neighbourhood.safetensors"
 REFINER = "refiner.safetensors"
+ENSEMBLE_FORMAT = "pni-ray-ensemble"
+ENSEMBLE_FORMAT_VERSION = 1
 
 
 class BundleError(ValueError):
@@ -52,3 +55,27 @@ def verify_bundle(path: Path | str) -> dict[str, Any]:
 def model_id(path: Path | str) -> str:
     """Identity of a bundle: the sha256 of its manifest (which pins every file's sha256)."""
     return sha256_file(Path(path) / MANIFEST)
+
+
+def read_ensemble_manifest(path: Path | str) -> dict[str, Any]:
+    """The manifest, its members' entries and threshold checked: an edited one fails here naming the key."""
+    manifest = read_manifest_json(path, ENSEMBLE_FORMAT, ENSEMBLE_FORMAT_VERSION, BundleError, "ensemble",
+                                  required={"members": list})
+    file = Path(path) / MANIFEST
+    if not manifest["members"]:
+        raise BundleError(f"{file}: the ensemble lists no members")
+    for i, entry in enumerate(manifest["members"]):
+        missing = [k for k in ("path", "name", "model_id") if not isinstance(entry, dict) or not isinstance(entry.get(k), str)]
+        if missing:
+            raise BundleError(f"{file}: members[{i}] has no {', '.join(missing)} (a string each); the manifest was "
+                              "edited or truncated: rebuild the ensemble")
+    threshold = manifest.get("threshold", "<absent>")
+    if threshold is not None and (not isinstance(threshold, (int, float)) or isinstance(threshold, bool)):
+        raise BundleError(f"{file}: 'threshold' must be a number or null, got {threshold!r:.60}; "
+                          "the manifest was edited or truncated: rebuild the ensemble")
+    stored = (manifest.get("normalisation") or {}).get("threshold", threshold)  # what `score` reads
+    if stored != threshold:
+        raise BundleError(f"{file}: 'threshold' ({threshold!r:.30}) and 'normalisation.threshold' ({stored!r:.30}) "
+                          "differ, and evaluate and score would read different ones; the manifest was edited: "
+                          "rebuild the ensemble")
+    return manifest

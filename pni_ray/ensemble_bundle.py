@@ -22,39 +22,16 @@ from typing import Any, Sequence
 
 from pni_ray.bundle import MANIFEST as BUNDLE_MANIFEST
 from pni_ray.bundle import BundleError, atomic_write_json, load_bundle, model_id, verify_bundle, versions
+from pni_ray.bundle_manifest import ENSEMBLE_FORMAT as FORMAT
+from pni_ray.bundle_manifest import ENSEMBLE_FORMAT_VERSION as FORMAT_VERSION
+from pni_ray.bundle_manifest import MANIFEST, read_ensemble_manifest  # noqa: F401 (re-exported)
 from pni_ray.config import ScoringConfig, TrainConfig, float_from_json
-from pni_ray.fileio import copy_tree_durable, inside, read_manifest_json, staged_dir
+from pni_ray.fileio import copy_tree_durable, inside, staged_dir
 from pni_ray.models.ensemble import MEMBER_MODE, EnsembleDetector, estimated_normalisation
 from pni_ray.models.pni import build_detector
 
 log = logging.getLogger(__name__)
-FORMAT = "pni-ray-ensemble"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 MEMBERS_DIR = "members"
-
-
-def read_ensemble_manifest(path: Path | str) -> dict[str, Any]:
-    """The manifest, its members' entries and threshold checked: an edited one fails here naming the key."""
-    manifest = read_manifest_json(path, FORMAT, FORMAT_VERSION, BundleError, "ensemble", required={"members": list})
-    file = Path(path) / MANIFEST
-    if not manifest["members"]:
-        raise BundleError(f"{file}: the ensemble lists no members")
-    for i, entry in enumerate(manifest["members"]):
-        missing = [k for k in ("path", "name", "model_id") if not isinstance(entry, dict) or not isinstance(entry.get(k), str)]
-        if missing:
-            raise BundleError(f"{file}: members[{i}] has no {', '.join(missing)} (a string each); the manifest was "
-                              "edited or truncated: rebuild the ensemble")
-    threshold = manifest.get("threshold", "<absent>")
-    if threshold is not None and (not isinstance(threshold, (int, float)) or isinstance(threshold, bool)):
-        raise BundleError(f"{file}: 'threshold' must be a number or null, got {threshold!r:.60}; "
-                          "the manifest was edited or truncated: rebuild the ensemble")
-    stored = (manifest.get("normalisation") or {}).get("threshold", threshold)  # what `score` reads
-    if stored != threshold:
-        raise BundleError(f"{file}: 'threshold' ({threshold!r:.30}) and 'normalisation.threshold' ({stored!r:.30}) "
-                          "differ, and evaluate and score would read different ones; the manifest was edited: "
-                          "rebuild the ensemble")
-    return manifest
 
 
 def is_ensemble(path: Path | str) -> bool:

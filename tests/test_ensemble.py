@@ -131,7 +131,7 @@ def _copy(src, tmp_path, name):
     return dst
 
 
-def test_tampered_or_swapped_member_is_refused(ensemble_dir, tmp_path):
+def test_tampered_or_swapped_member_is_refused(ensemble_dir, synthetic_root, tmp_path):
     flipped = _copy(ensemble_dir, tmp_path, "flipped")
     target = flipped / "members" / "01-efficientnet_lite1" / MEMORY
     data = bytearray(target.read_bytes())
@@ -173,6 +173,12 @@ def test_tampered_or_swapped_member_is_refused(ensemble_dir, tmp_path):
         (edited / "manifest.json").write_text(json.dumps(manifest))
         with pytest.raises(BundleError, match=said):
             load_detector(edited)
+    from pni_ray.cli import main
+
+    out = tmp_path / "scores"  # score's driver checks it as the loader does: before OUT, not in the actors
+    result = CliRunner().invoke(main, ["score", str(tmp_path / "two-thresholds"), str(synthetic_root / "washer" / "test"),
+                                       "--out", str(out), "--engine", "local"])
+    assert result.exit_code == 3 and "'normalisation.threshold'" in result.output and not out.exists(), result.output
 
 
 def test_evaluate_works_on_an_ensemble(ensemble_dir, synthetic_root):

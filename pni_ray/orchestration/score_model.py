@@ -3,7 +3,6 @@ threshold, identity and geometry, with every listed file's checksum verified bef
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ def describe_model(path: Path | str, backbone_runtime: str = "onnxruntime", back
     export is loaded here with the actors' backbone runtime, so one OpenVINO cannot take fails now."""
     from export.openvino_backbone import OpenVINOUnavailable
     from export.tables import ExportError
-    from pni_ray.bundle_manifest import BundleError, verify_bundle
+    from pni_ray.bundle_manifest import BundleError, read_ensemble_manifest, verify_bundle
     from pni_ray.orchestration.model_loader import ExportModel, model_kind
 
     path = Path(path).resolve()
@@ -53,8 +52,11 @@ def describe_model(path: Path | str, backbone_runtime: str = "onnxruntime", back
                 manifest = verify_bundle(path)
             except BundleError as exc:
                 raise ScoreError(str(exc)) from exc
-        else:
-            manifest = json.loads((path / "manifest.json").read_text())
+        else:  # an ensemble: its manifest checked as its loader checks it (an edited threshold named now)
+            try:
+                manifest = read_ensemble_manifest(path)
+            except BundleError as exc:
+                raise ScoreError(str(exc)) from exc
             for name, meta in (manifest.get("files") or {}).items():
                 file = path / name
                 if not file.is_file():
