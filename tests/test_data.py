@@ -186,6 +186,14 @@ def test_twelve_bit_data_in_sixteen_bit_files_is_warned_of_once(tmp_path, caplog
     assert caplog.text.count("12 bits or fewer") == 1 and "mono12_0.png: 16-bit or 32-bit grey pixels no brighter than 4000" in caplog.text
 
 
+def test_a_multi_page_tiff_says_only_its_first_page_is_read(tmp_path, caplog):
+    pages = [Image.new("RGB", (8, 8), (v, v, v)) for v in (10, 200)]
+    pages[0].save(tmp_path / "two.tif", save_all=True, append_images=pages[1:])
+    with caplog.at_level("WARNING"):
+        assert load_rgb(tmp_path / "two.tif").max() == 10
+    assert "two.tif: 2 pages or frames; only the first is read" in caplog.text
+
+
 def test_transparent_mask_is_read_over_black(tmp_path):
     """An editor's mask: white strokes on a transparent layer whose hidden colour is white too."""
     rgba = np.zeros((20, 30, 4), np.uint8)

@@ -245,6 +245,8 @@ def load_rgb(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
     """Decode to (H, W, 3) uint8 RGB with EXIF orientation applied, or raise ImageError."""
     path = Path(path)
     img = _open(path, max_pixels)
+    if img.format == "TIFF" and getattr(img, "n_frames", 1) > 1:  # (a camera JPEG's MPO preview is no page)
+        warn_once("frames", path, "%s: %d pages or frames; only the first is read", img.n_frames)
     try:
         img.load()
         rgb = to_rgb(upright(img, path), path)
