@@ -210,11 +210,13 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
 @click.option("--ablation", is_flag=True, help="Score in every mode: patchcore, neighbourhood, position, pni.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the metrics as JSON here.")
+@click.option("--image-only", is_flag=True,
+              help="Defect images need no masks: image AUROC and F1 only, the pixel metrics n/a.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8)
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @backbone_options
 def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | None, ablation: bool,
-             json_path: Path | None, batch_size: int, threads: int | None, backbone_runtime: str,
+             json_path: Path | None, image_only: bool, batch_size: int, threads: int | None, backbone_runtime: str,
              backbone_precision: str) -> None:
     """Metrics of BUNDLE (a bundle, an ensemble or an export directory) on the test split of DATA_ROOT/CATEGORY.
 
@@ -244,13 +246,13 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
         if error:
             raise click.UsageError(error)
         return evaluate_export(bundle, data_root, category, json_path, batch_size, threads, backbone_runtime,
-                               backbone_precision)
+                               backbone_precision, image_only)
     if backbone_runtime != "onnxruntime" or backbone_precision != "auto":
         raise click.UsageError(f"{bundle} is a {kind}, scored by torch: --backbone-runtime and --backbone-precision "
                                "apply to export directories (pni-ray export BUNDLE --out DIR, then evaluate DIR)")
     detector, manifest = load_detector(bundle)  # a tampered or incomplete bundle: one line naming the file (Commands)
     cat = load_category_checked(data_root, category or manifest["category"], category is not None, need_test=True,
-                                max_pixels=detector_geometry(detector).max_pixels)
+                                max_pixels=detector_geometry(detector).max_pixels, with_masks=not image_only)
     warn_other_category(category, manifest, str(bundle))
     refine_modes: tuple[str, ...] = ()
     asked = "--ablation" if ablation else f"--mode {mode}" if mode and mode != "patchcore" else None
@@ -290,7 +292,7 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
 
 
 def evaluate_export(path: Path, data_root: Path, category: str | None, json_path: Path | None, batch_size: int,
-                    threads: int | None, backbone_runtime: str, backbone_precision: str) -> None:
+                    threads: int | None, backbone_runtime: str, backbone_precision: str, image_only: bool = False) -> None:
     """`evaluate` of an export directory: the deployment's own runtime, maps and image scores."""
     from pni_ray.bundle import atomic_write_json
     from pni_ray.evaluate import evaluate_model
@@ -303,7 +305,7 @@ def evaluate_export(path: Path, data_root: Path, category: str | None, json_path
         raise click.ClickException(str(exc)) from exc
     manifest = model.manifest
     cat = load_category_checked(data_root, category or manifest["category"], category is not None, need_test=True,
-                                max_pixels=model.geometry.max_pixels)
+                                max_pixels=model.geometry.max_pixels, with_masks=not image_only)
     warn_other_category(category, manifest, str(path))
     name = manifest["mode"] + ("+refine" if "refiner" in model.runtime.stages else "")
     t0 = time.perf_counter()

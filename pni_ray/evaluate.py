@@ -98,10 +98,11 @@ def run_model(model: Any, paths: list[Path], name: str, batch_size: int = 8, pro
 def category_metrics(category: Category, results: dict[str, ModeResult]) -> dict[str, dict]:
     """Per-name metrics dict: image_auroc, pixel_auroc, aupro, f1_max, images_per_s, n_test_images."""
     labels = np.array([s.label for s in category.test])
-    masks = [category.mask(s, m.shape) for s, m in zip(category.test, next(iter(results.values())).maps)]
+    masks = None if category.image_only else [  # image-only: the pixel metrics are n/a, never "no defect pixel"
+        category.mask(s, m.shape) for s, m in zip(category.test, next(iter(results.values())).maps)]
     out: dict[str, dict] = {}
     for name, res in results.items():
-        values = metrics.compute_all(labels, res.scores, masks, res.maps)
+        values = metrics.compute_all(labels, res.scores, masks, None if masks is None else res.maps)
         out[name] = {
             "image_auroc": values["image_auroc"],
             "pixel_auroc": values["pixel_auroc"],

@@ -237,3 +237,22 @@ def test_logging_shows_this_projects_lines_and_keeps_other_libraries_quiet(flags
     assert run.returncode == 0, run.stderr
     printed = {word for word in ("ours", "exported", "debug", "third-party") if f": {word}" in run.stderr}
     assert printed == shown, run.stderr
+
+
+def test_evaluate_image_only_needs_no_masks(bundle_tiny, synthetic_root, tmp_path):
+    """Labels without masks (a line's sorted good and bad images): image AUROC and F1, the pixel metrics n/a;
+    without the flag, the missing masks are refused with the flag named."""
+    from conftest import strict_json
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root / "washer", root / "washer", ignore=shutil.ignore_patterns("ground_truth"))
+    refused = CliRunner().invoke(main, ["evaluate", str(bundle_tiny), str(root), "--threads", "1"])
+    assert refused.exit_code == 1 and "defect image without a mask" in refused.output
+    assert "`evaluate --image-only` gives the image-level metrics" in refused.output
+    full, only = tmp_path / "full.json", tmp_path / "only.json"
+    for args, out in (([str(synthetic_root)], full), ([str(root), "--image-only"], only)):
+        result = CliRunner().invoke(main, ["evaluate", str(bundle_tiny), *args, "--json", str(out), "--threads", "1"])
+        assert result.exit_code == 0, result.output
+    full, only = strict_json(full), strict_json(only)
+    assert only["image_auroc"] == full["image_auroc"] and only["f1_max"] == full["f1_max"]
+    assert full["pixel_auroc"] is not None and only["pixel_auroc"] is None and only["aupro"] is None

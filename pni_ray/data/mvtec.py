@@ -54,6 +54,7 @@ class Category:
     name: str
     train: list[Path]
     test: list[TestSample] = field(default_factory=list)
+    image_only: bool = False  # read without masks: image-level metrics only (`evaluate --image-only`)
 
     @property
     def has_test(self) -> bool:
@@ -141,14 +142,15 @@ def missing_category_message(data_root: Path | str, category: str) -> str | None
 
 def load_category(
     data_root: Path | str, category: str, check_files: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
-    with_test: bool = True,
+    with_test: bool = True, with_masks: bool = True,
 ) -> Category:
     """Read and validate one category; raise LayoutError naming every problem found.
 
     check_files decodes each image (and reads each mask's size) so unreadable files fail here,
     before minutes of training, and not in the middle of it; images over `max_pixels` are refused.
     with_test=False reads train/good alone (training): a test split's problem is the evaluation's to
-    report, never a reason not to train.
+    report, never a reason not to train. with_masks=False reads defect images without their masks, for
+    image-level metrics where a line has labels but no masks (`Category.image_only`).
     """
     root = Path(data_root) / category
     problems: list[str] = []
@@ -167,16 +169,17 @@ def load_category(
             by_lower_name: dict[str, Path] | None = None
             for image in list_images(type_dir):
                 mask = None
-                if type_dir.name != GOOD:
+                if type_dir.name != GOOD and with_masks:
                     mask = mask_path_for(root, type_dir.name, image, by_lower_name)
                     if not mask.is_file() and by_lower_name is None:  # listed once per folder, only when needed
                         by_lower_name = masks_by_lower_name(mask.parent)
                         mask = mask_path_for(root, type_dir.name, image, by_lower_name)
                     if not mask.is_file():
-                        problems.append(f"{image}: defect image without a mask (expected {mask})")
+                        problems.append(f"{image}: defect image without a mask (expected {mask}; without masks, "
+                                        "`evaluate --image-only` gives the image-level metrics)")
                         continue
                 test.append(TestSample(image, type_dir.name, mask))
-        for mask in orphan_masks(root, test):
+        for mask in orphan_masks(root, test) if with_masks else []:
             warn_once("orphan mask", mask, "%s: mask without a test image (expected %s.<png, jpg, ...>): that image "
                       "is not evaluated", root / "test" / mask.parent.name / mask.stem[: -len("_mask")])
     if check_files:
@@ -202,7 +205,7 @@ def load_category(
                 problems.append(str(exc))
     if problems:
         raise LayoutError(root, problems)
-    return Category(root=root, name=category, train=train, test=test)
+    return Category(root=root, name=category, train=train, test=test, image_only=not with_masks)
 
 
 def derive_category(
