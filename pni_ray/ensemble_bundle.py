@@ -91,9 +91,9 @@ def _holdout_paths(data_root: Path, category: str, manifests: list[dict[str, Any
     from pni_ray.data.mvtec import missing_category_message
     from pni_ray.training import MIN_HOLDOUT_IMAGES
 
-    missing = missing_category_message(data_root, category)
-    if missing:
-        raise ValueError(f"--calibrate: {missing}")
+    no_category = missing_category_message(data_root, category)
+    if no_category:
+        raise ValueError(f"--calibrate: {no_category}")
     shared = set(_calibration_images(manifests[0]))
     for m in manifests[1:]:
         shared &= set(_calibration_images(m))
@@ -155,10 +155,10 @@ def save_ensemble(
     if len(sizes) != 1:
         raise ValueError(f"ensemble members must share one input size, got {sizes} px: retrain with one --image-size")
 
+    w = ScoringConfig.image_window  # the ensemble's own (EnsembleDetector)
     for src, m in zip(sources, manifests):
         window = TrainConfig.from_manifest(m["config"]).scoring.image_window  # legacy bundles: their plain max
-        if calibrate_root is None and window != ScoringConfig.image_window:
-            w = ScoringConfig.image_window
+        if calibrate_root is None and window != w:
             raise ValueError(f"{src}: scores an image over a {window} x {window} window of patches, the ensemble over "
                              f"{w} x {w}, so its stored threshold does not bound the ensemble's score: build with "
                              "--calibrate DATA_ROOT (a threshold from the ensemble's own scores) or use members of "

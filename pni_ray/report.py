@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pni_ray.results import decode_row, part_files, path_of_row, read_part, table_metadata
+from pni_ray.results import decode_row, has_threshold, part_files, path_of_row, read_part, table_metadata
 
 LIGHT_COLUMNS = ["path", "category", "image_score", "is_anomalous", "map_dtype", "height", "width",
                  "map_min", "map_max", "model_id", "scored_at", "error"]
@@ -209,7 +209,7 @@ def build_report(out: Path | str, top_n: int = 12, title: str | None = None) -> 
     threshold = _threshold(out, meta)
     scored = [r for r in rows if r["error"] is None and r["image_score"] is not None]
     failed = sorted((r for r in rows if r["error"] is not None), key=lambda r: r["path"])
-    decided = threshold is not None and math.isfinite(threshold)  # else no image is anomalous or normal
+    decided = has_threshold(threshold)  # else no image is anomalous or normal
     anomalous = sum(bool(r["is_anomalous"]) for r in scored) if decided else None
     scored.sort(key=lambda r: (-r["image_score"], r["path"]))
     top = scored[:top_n]

@@ -202,12 +202,16 @@ def now_utc() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def has_threshold(threshold: float | None) -> bool:
+    """Whether a model's threshold decides anything: a model trained without held-out images has none (null in
+    JSON, +inf once read), and then no image is anomalous or normal."""
+    return threshold is not None and math.isfinite(threshold)
+
+
 def decide(score: float, threshold: float | None) -> bool | None:
-    """score > threshold; None (undecided) for a model without a threshold (trained without held-out images):
-    "normal" for every image, defects included, was what `False` said."""
-    if threshold is None or not math.isfinite(threshold):
-        return None
-    return bool(float(score) > threshold)
+    """score > threshold; None (undecided) for a model without a threshold (`has_threshold`): "normal" for every
+    image, defects included, was what `False` said."""
+    return bool(float(score) > threshold) if has_threshold(threshold) else None
 
 
 def scored_row(path: str, category: str | None, score: float, threshold: float, full_map: np.ndarray,

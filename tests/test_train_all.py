@@ -24,8 +24,8 @@ from pni_ray.orchestration.train_plan import (
     SKIPPED,
     TRAINED,
     Pair,
-    _canonical,
     _refiners_compared,
+    canonical,
     config_diff,
     plan_pairs,
     recorded_config,
@@ -265,15 +265,15 @@ def test_a_config_field_added_since_a_bundle_was_written_is_no_difference():
     """Bundles written before neighbourhood.train_precision existed trained in float32: skip, not fail,
     whether float32 is asked for or today's "auto" (which accepts either precision); bfloat16 differs."""
     from pni_ray.config import TrainConfig
-    from pni_ray.orchestration.train_plan import _canonical, config_diff, recorded_config, trained_precision
+    from pni_ray.orchestration.train_plan import canonical, config_diff, recorded_config, trained_precision
 
     cfg = TrainConfig()
     assert cfg.neighbourhood.train_precision == "auto"
     fp32 = cfg.replace(neighbourhood=dataclasses.replace(cfg.neighbourhood, train_precision="float32"))
     old = fp32.to_dict()
     del old["neighbourhood"]["train_precision"]
-    recorded = _canonical(recorded_config({"config": old}))
-    assert config_diff(recorded, _canonical(fp32.to_dict())) == []
+    recorded = canonical(recorded_config({"config": old}))
+    assert config_diff(recorded, canonical(fp32.to_dict())) == []
     assert recorded["neighbourhood"]["train_precision"] == "float32"
     for wanted in ("auto", "float32"):
         assert trained_precision({"config": old}, recorded, wanted) == wanted
@@ -287,7 +287,7 @@ def test_a_config_field_added_since_a_bundle_was_written_is_no_difference():
         assert trained_precision(broken, recorded, "bfloat16") == "float32"
     assert recorded_config({"config": {"from_the_future": 1}}) == {"from_the_future": 1}  # compared as stored
     del old["neighbourhood"]["images_per_epoch"]  # older still: every image each epoch, not today's 256
-    assert config_diff(_canonical(recorded_config({"config": old})), _canonical(fp32.to_dict())) == [
+    assert config_diff(canonical(recorded_config({"config": old})), canonical(fp32.to_dict())) == [
         "neighbourhood.images_per_epoch: None -> 256"]
 
 
@@ -295,15 +295,15 @@ def test_a_bundle_from_before_pool_padding_differs_from_todays_defaults():
     """Its bank holds border patches averaged over the cells inside the grid: train-all must not skip it as
     up to date under today's zeros (it names the setting), and must skip it where "inside" is asked for."""
     from pni_ray.config import TrainConfig
-    from pni_ray.orchestration.train_plan import _canonical, config_diff, recorded_config
+    from pni_ray.orchestration.train_plan import canonical, config_diff, recorded_config
 
     cfg = TrainConfig()
     old = cfg.to_dict()
     del old["features"]["pool_padding"]
-    recorded = _canonical(recorded_config({"config": old}))
-    assert config_diff(recorded, _canonical(cfg.to_dict())) == ["features.pool_padding: 'inside' -> 'zeros'"]
+    recorded = canonical(recorded_config({"config": old}))
+    assert config_diff(recorded, canonical(cfg.to_dict())) == ["features.pool_padding: 'inside' -> 'zeros'"]
     inside = cfg.replace(features=dataclasses.replace(cfg.features, pool_padding="inside"))
-    assert config_diff(recorded, _canonical(inside.to_dict())) == []
+    assert config_diff(recorded, canonical(inside.to_dict())) == []
 
 
 def test_refiner_settings_differ_only_where_a_refiner_was_trained(first_run):
@@ -321,7 +321,7 @@ def test_refiner_settings_differ_only_where_a_refiner_was_trained(first_run):
     bundle = out / CATEGORIES[0] / BACKBONE  # as if trained with a refiner at the older settings
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["config"]["refiner"].update(enabled=True, source="holdout", n_samples=240)
-    recorded, wanted = _refiners_compared(_canonical(recorded_config(manifest)), _canonical(refined.to_dict()))
+    recorded, wanted = _refiners_compared(canonical(recorded_config(manifest)), canonical(refined.to_dict()))
     assert config_diff(recorded, wanted) == [
         f"refiner.n_samples: 240 -> {refined.refiner.n_samples}", "refiner.source: 'holdout' -> 'all'"]
 

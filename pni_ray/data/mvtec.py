@@ -70,18 +70,13 @@ class Category:
         return mask
 
 
-def mask_path_for(root: Path, defect_type: str, image: Path, by_lower_name: dict[str, Path] | None = None) -> Path:
-    """ground_truth/<type>/<stem>_mask.png, or the file of that name in another case (`_mask.PNG`, as images
-    may be `.PNG`) where only that one exists: `by_lower_name` maps the folder's lower-cased names to its
-    files (`masks_by_lower_name`, listed once per folder)."""
-    path = root / "ground_truth" / defect_type / f"{image.stem}_mask.png"
-    if path.is_file() or not by_lower_name:
-        return path
-    return by_lower_name.get(path.name.lower(), path)
+def mask_path_for(root: Path, defect_type: str, image: Path) -> Path:
+    return root / "ground_truth" / defect_type / f"{image.stem}_mask.png"
 
 
 def masks_by_lower_name(folder: Path) -> dict[str, Path]:
-    """Lower-cased file name -> file, for names that one case-insensitive name does not share with another."""
+    """Lower-cased file name -> file, for names that one case-insensitive name does not share with another: a
+    `_mask.PNG` is its image's mask (images may be `.PNG`) where no `_mask.png` exists."""
     files = [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
     counts: dict[str, int] = {}
     for p in files:
@@ -170,10 +165,10 @@ def load_category(
             for image in list_images(type_dir):
                 mask = None
                 if type_dir.name != GOOD and with_masks:
-                    mask = mask_path_for(root, type_dir.name, image, by_lower_name)
-                    if not mask.is_file() and by_lower_name is None:  # listed once per folder, only when needed
-                        by_lower_name = masks_by_lower_name(mask.parent)
-                        mask = mask_path_for(root, type_dir.name, image, by_lower_name)
+                    mask = mask_path_for(root, type_dir.name, image)
+                    if not mask.is_file():  # another case? the folder listed once, only when needed
+                        by_lower_name = by_lower_name if by_lower_name is not None else masks_by_lower_name(mask.parent)
+                        mask = by_lower_name.get(mask.name.lower(), mask)
                     if not mask.is_file():
                         problems.append(f"{image}: defect image without a mask (expected {mask}; without masks, "
                                         "`evaluate --image-only` gives the image-level metrics)")

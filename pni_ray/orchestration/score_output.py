@@ -18,6 +18,7 @@ from pni_ray.results import (
     TABLE_FORMAT,
     atomic_write_bytes,
     atomic_write_json,
+    has_threshold,
     now_utc,
     part_files,
     read_part,
@@ -168,7 +169,7 @@ def summarise(out: Path, inputs: Inputs, info: ModelInfo, top_n: int = 20) -> di
             scored.append((s, p, a))
         else:
             failures.append({"path": p, "error": e})
-    decided = info.threshold is not None and math.isfinite(info.threshold)
+    decided = has_threshold(info.threshold)
     anomalous = sum(1 for _, _, a in scored if a) if decided else None  # None: the model has no threshold
     scored.sort(key=lambda t: (-t[0], t[1]))
     failures.sort(key=lambda f: f["path"])

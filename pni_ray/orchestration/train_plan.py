@@ -56,7 +56,7 @@ def pair_config(cfg: TrainConfig, backbone: str) -> TrainConfig:
     return cfg.replace(features=dataclasses.replace(cfg.features, backbone=backbone))
 
 
-def _canonical(obj: Any) -> Any:
+def canonical(obj: Any) -> Any:
     """JSON round trip, so tuples/lists and int/float spellings compare as a manifest stores them."""
     return json.loads(json.dumps(obj, sort_keys=True))
 
@@ -136,8 +136,8 @@ def plan_pairs(out: Path, pairs: list[Pair], cfg: TrainConfig, force: bool = Fal
         except BundleError as exc:
             plan.append(PlanItem(pair, "train", f"retrain: existing bundle failed verification: {exc}"))
             continue
-        wanted = _canonical(pair_config(cfg, pair.backbone).to_dict())
-        recorded = _canonical(recorded_config(manifest))
+        wanted = canonical(pair_config(cfg, pair.backbone).to_dict())
+        recorded = canonical(recorded_config(manifest))
         if isinstance(recorded.get("neighbourhood"), dict) and "train_precision" in recorded["neighbourhood"]:
             recorded["neighbourhood"]["train_precision"] = trained_precision(
                 manifest, recorded, wanted["neighbourhood"]["train_precision"])

@@ -154,6 +154,7 @@ def save_fit(trained: Any, bundle: Path, replace: bool) -> None:
     when it records the same config (what this fit would write), and refused, naming it, when not: two
     runs on one OUT with different configs must not silently overwrite each other."""
     from pni_ray.bundle import read_manifest, save_bundle
+    from pni_ray.orchestration.train_plan import canonical
 
     try:
         save_bundle(trained, bundle, overwrite=replace)
@@ -162,7 +163,7 @@ def save_fit(trained: Any, bundle: Path, replace: bool) -> None:
             theirs = read_manifest(bundle).get("config")
         except ValueError:
             theirs = None
-        if theirs == json.loads(json.dumps(trained.config.to_dict())):
+        if canonical(theirs) == canonical(trained.config.to_dict()):
             log.info("%s: saved meanwhile with this config (an earlier attempt, or another run): kept", bundle)
             return
         raise FileExistsError(f"{bundle}: another bundle was saved there while this pair trained (a second "
@@ -192,7 +193,7 @@ def train_pair(
     fit's config (the same computation), else this pair fails and it stays (see save_fit).
     Raises PairError (with the record) on any application error.
     """
-    from pni_ray.bundle import atomic_write_json, model_id, save_bundle
+    from pni_ray.bundle import atomic_write_json, model_id
     from pni_ray.data.mvtec import load_category
     from pni_ray.fit import fit_category
 
