@@ -316,9 +316,16 @@ class GeometryConfig:
     tile_scale: float = 1.0  # the image is scaled by this before tiling (1.0 = native resolution)
     pad_value: int = 0  # grey level of letterbox / tiling padding
     max_pixels: int = 50_000_000  # larger images are refused (= pni_ray.data.images.DEFAULT_MAX_PIXELS)
+    # 16- and 32-bit integer grey images: the value read as white. None: 65535, the 16-bit scale. A camera's 12-bit
+    # data written unshifted into 16-bit files: 4095 (10-bit: 1023), else it reads almost black, with 1/16 of its
+    # grey levels. Brighter pixels are refused, naming the file. 8-bit and float (0..1) images are read as before
+    white_level: int | None = None
 
     def __post_init__(self) -> None:
         _one_of("geometry.policy", self.policy, GEOMETRY_POLICIES)
+        _require(self.white_level is None or (type(self.white_level) is int and 1 <= self.white_level <= 65535),
+                 f"geometry.white_level is the 16-bit grey value read as white, an integer in 1..65535 (4095 for "
+                 f"12-bit data) or null for 65535, got {self.white_level!r}")
         _require(self.max_pixels >= 1 and 0 <= self.pad_value <= 255,
                  f"geometry needs max_pixels >= 1 and a pad_value grey level in 0..255, got {self.max_pixels!r} and "
                  f"{self.pad_value!r}")

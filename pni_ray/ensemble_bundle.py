@@ -167,6 +167,9 @@ def save_ensemble(
         if geometry.get("policy", "resize") != "resize" or geometry.get("tile", False):
             raise ValueError(f"{src}: trained with geometry {geometry.get('policy')!r}"
                              f"{' + tiling' if geometry.get('tile') else ''}; ensembles support the default resize only")
+        if geometry.get("white_level") is not None:  # the ensemble reads images as its default geometry does
+            raise ValueError(f"{src}: reads 16-bit grey images with white level {geometry['white_level']}; ensembles "
+                             "read them on the default 16-bit scale only")
 
     holdout = None if calibrate_root is None else _holdout_paths(Path(calibrate_root), categories[0], manifests)
     with staged_dir(out, FORMAT, "ensemble", overwrite) as tmp:

@@ -322,8 +322,13 @@ class Geometry:
     # -- images in ---------------------------------------------------------------------------
 
     def load(self, path: Path | str) -> np.ndarray:
-        """Decode with this geometry's pixel limit (ImageError above it, never a silent downsample)."""
-        return load_rgb(path, self.max_pixels)
+        """Decode with this geometry's pixel limit (ImageError above it, never a silent downsample) and its
+        16-bit white level."""
+        return load_rgb(path, self.max_pixels, self.cfg.white_level)
+
+    def read_options(self) -> dict[str, Any]:
+        """How `load` reads files, as `load_category` takes it to check a data set's images before any work."""
+        return {"max_pixels": self.max_pixels, "white_level": self.cfg.white_level}
 
     def _check_array(self, rgb: np.ndarray) -> None:
         if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:

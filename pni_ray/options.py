@@ -85,6 +85,7 @@ def build_config(
     tile_scale: float | None = None,
     coreset_candidates: int | None = None,
     preset: str | None = None,
+    white_level: int | None = None,
 ) -> TrainConfig:
     """TrainConfig defaults (or a preset's, or a --config file's) with the CLI's overrides; None keeps the default."""
     if preset is not None and base is not None:
@@ -104,7 +105,7 @@ def build_config(
         geometry_cfg = dataclasses.replace(
             cfg.geometry,
             **{k: v for k, v in {"policy": geometry, "tile": tile, "tile_size": tile_size, "tile_overlap": tile_overlap,
-                                 "tile_scale": tile_scale}.items() if v is not None},
+                                 "tile_scale": tile_scale, "white_level": white_level}.items() if v is not None},
         )
         neighbourhood = dataclasses.replace(
             cfg.neighbourhood,
@@ -207,6 +208,10 @@ def train_options(fn: Any) -> Any:
         click.option("--tile-size", type=int, default=None, help="Tile side in pixels (default: the image size)."),
         click.option("--tile-overlap", type=int, default=None, help="Overlap between tiles in pixels (default 64)."),
         click.option("--tile-scale", type=float, default=None, help="Scale images by this before tiling (default 1)."),
+        click.option("--white-level", type=click.IntRange(1, 65535), default=None,
+                     help="16- and 32-bit grey images: the value read as white (default 65535; 4095 for a 12-bit "
+                          "camera's data written unshifted, 1023 for 10-bit). Recorded in the bundle: every command "
+                          "reads its images on this scale and refuses brighter pixels."),
         click.option("--coreset-candidates", type=int, default=None,
                      help="Cap the coreset's candidate patch rows by a seeded subsample (keeps tiled training fast)."),
     ]

@@ -168,11 +168,11 @@ th{background:#f6f6f6} td.num,th.num{text-align:right}
 """
 
 
-def _load_original(path: str, max_pixels: int = 50_000_000) -> np.ndarray | None:
+def _load_original(path: str, white_level: int | None, max_pixels: int = 50_000_000) -> np.ndarray | None:
     from pni_ray.data.images import load_rgb
 
     try:
-        return load_rgb(path, max_pixels=max_pixels)
+        return load_rgb(path, max_pixels, white_level)
     except Exception:  # noqa: BLE001 - the report still shows the map
         return None
 
@@ -191,12 +191,15 @@ def _read_light(out: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
     return rows, table_metadata(out)
 
 
-def _threshold(out: Path, meta: dict[str, str]) -> float | None:
+def _dataset(out: Path) -> dict[str, Any]:
     ds = out / "_dataset.json"
-    if ds.is_file():
-        value = json.loads(ds.read_text()).get("threshold")
-        if value is not None:
-            return float(value)
+    return json.loads(ds.read_text()) if ds.is_file() else {}
+
+
+def _threshold(dataset: dict[str, Any], meta: dict[str, str]) -> float | None:
+    value = dataset.get("threshold")
+    if value is not None:
+        return float(value)
     return float(meta["threshold"]) if "threshold" in meta else None
 
 
@@ -206,7 +209,8 @@ def build_report(out: Path | str, top_n: int = 12, title: str | None = None) -> 
     if not part_files(out):
         raise ValueError(f"{out}: no part-*.parquet files: not a pni-ray score output (or nothing committed yet)")
     rows, meta = _read_light(out)
-    threshold = _threshold(out, meta)
+    dataset = _dataset(out)
+    threshold = _threshold(dataset, meta)
     scored = [r for r in rows if r["error"] is None and r["image_score"] is not None]
     failed = sorted((r for r in rows if r["error"] is not None), key=lambda r: r["path"])
     decided = has_threshold(threshold)  # else no image is anomalous or normal
@@ -261,7 +265,8 @@ def build_report(out: Path | str, top_n: int = 12, title: str | None = None) -> 
                      f'<span class="mono">{vmax:.4g}</span> (one scale for all maps)</div>')
         h.append('<div class="grid">')
         for r, amap in shown_maps:
-            rgb = _load_original(path_of_row(r["path"]))  # the file itself, not the cell's escaped text
+            # the file itself, not the cell's escaped text, read on the model's scale
+            rgb = _load_original(path_of_row(r["path"]), dataset.get("white_level"))
             if rgb is not None and amap is not None and rgb.shape[:2] != amap.shape:
                 rgb = None  # the file changed since it was scored
             figs = []

@@ -465,7 +465,7 @@ def train_category(
         training_precision(cfg.neighbourhood.train_precision)  # refused before minutes of features, not after
     seed_everything(cfg.seed)
     geometry = Geometry.from_config(cfg)
-    cat = category_data or load_category(data_root, category, max_pixels=geometry.max_pixels, with_test=False)
+    cat = category_data or load_category(data_root, category, **geometry.read_options(), with_test=False)
     memory_paths, holdout_paths = calibration_split(cat.train, cfg)
     log.info("%s: %d memory-bank images, %d held out for calibration", category, len(memory_paths), len(holdout_paths))
     small = small_training_set_warning(len(memory_paths), len(holdout_paths))

@@ -62,6 +62,9 @@ def test_ensemble_detector_math_on_fixed_maps():
     odd.config = TrainConfig().replace(geometry=GeometryConfig(policy="letterbox"))
     with pytest.raises(ValueError, match="default geometry"):
         EnsembleDetector([ConstantMember(a), odd], [Normalisation()] * 2)
+    odd.config = TrainConfig().replace(geometry=GeometryConfig(white_level=4095))  # reads 16-bit grey otherwise
+    with pytest.raises(ValueError, match="the 16-bit scale"):
+        EnsembleDetector([ConstantMember(a), odd], [Normalisation()] * 2)
     assert detector_geometry(ens).cfg == GeometryConfig() and detector_geometry(ens).image_window == ens.image_window
 
 
@@ -247,6 +250,12 @@ def test_bad_member_sets_are_refused(bundle_tiny, ensemble_dir, synthetic_root, 
     with pytest.raises(ValueError, match=r"wide: scores an image over a 7 x 7 window of patches, the ensemble over 3 x 3"
                                          r", so its stored threshold does not bound"):
         save_ensemble([bundle_tiny, wide], tmp_path / "windows")
+    twelve = _copy(bundle_tiny, tmp_path, "twelve")  # reads 16-bit grey images on a 12-bit camera's scale
+    manifest = json.loads((twelve / "manifest.json").read_text())
+    manifest["config"]["geometry"]["white_level"] = 4095
+    (twelve / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"twelve: reads 16-bit grey images with white level 4095; ensembles read"):
+        save_ensemble([bundle_tiny, twelve], tmp_path / "scales")
     calibrated = save_ensemble([bundle_tiny, wide], tmp_path / "windows", calibrate_root=synthetic_root)
     assert json.loads((calibrated / "manifest.json").read_text())["threshold_method"] == "holdout"
     with pytest.raises(FileExistsError):

@@ -163,7 +163,7 @@ def quarter_turned(path: Path | str) -> bool:
 WIDE_MODE_RANGES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}
 
 
-def check_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+def check_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS, white_level: int | None = None) -> tuple[int, int]:
     """(width, height) as `image_size` gives it, once the pixels decode and lie on their mode's scale: a
     truncated JPEG's header reads fine, and so does an out-of-range float TIFF's, so only decoding finds
     them, here, before minutes of training rather than in the middle of them. One decode: a PNG's EXIF
@@ -180,39 +180,46 @@ def check_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple
         except Exception as exc:  # noqa: BLE001 - truncated data, bad codecs: all name the file
             raise ImageError(f"{path}: corrupt or truncated image data ({exc.__class__.__name__}: {exc})") from exc
         if img.mode in WIDE_MODE_RANGES:
-            wide_grey(img, path)
+            wide_grey(img, path, white_level)
     finally:
         img.close()
     return size
 
 
-def to_rgb(img: Image.Image, path: Path | str = "image") -> Image.Image:
-    """Any PIL mode (upright already) -> RGB: wide grey on its mode's fixed scale (`wide_grey`), alpha
+def to_rgb(img: Image.Image, path: Path | str = "image", white_level: int | None = None) -> Image.Image:
+    """Any PIL mode (upright already) -> RGB: wide grey on its fixed scale (`wide_grey`), alpha
     composited over black."""
     if img.mode in WIDE_MODE_RANGES:
-        return Image.fromarray(wide_grey(img, path), mode="L").convert("RGB")
+        return Image.fromarray(wide_grey(img, path, white_level), mode="L").convert("RGB")
     return over_black(img).convert("RGB")
 
 
-def wide_grey(img: Image.Image, path: Path | str) -> np.ndarray:
+def wide_grey(img: Image.Image, path: Path | str, white_level: int | None = None) -> np.ndarray:
     """16-bit grey over 0..65535, 32-bit integer grey on the same scale and float grey over 0..1 (WIDE_MODE_RANGES)
-    -> uint8. A float image outside 0..1 (beyond float32 rounding), a 32-bit one beyond 16 bits, or one holding
-    NaN or infinity is refused, naming `path`, its range and what to write instead."""
+    -> uint8; integer grey over 0..white_level instead where a model was trained with one (a 12-bit camera's 4095,
+    geometry.white_level). A float image outside 0..1 (beyond float32 rounding), an integer one above its white, or
+    one holding NaN or infinity is refused, naming `path`, its range and what to write instead."""
     arr = np.asarray(img, dtype=np.float64)
     bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
     if bad:
         raise ImageError(f"{path}: {bad} of {arr.size} pixels are NaN or infinite (a float image): write the "
                          "image again with finite values")
-    top = WIDE_MODE_RANGES[img.mode]
+    scaled = white_level is not None and img.mode != "F"
+    top = float(white_level) if scaled else WIDE_MODE_RANGES[img.mode]
     slack = 1e-6 if img.mode == "F" else 0.0  # 1 +- a few ulp from a float pipeline's rescale is still 1
     lo, hi = float(arr.min()), float(arr.max())
     if lo < -slack or hi > top + slack:
-        kind = ("float pixels, read as 0 (black) to 1 (white)" if img.mode == "F"
-                else "32-bit integer pixels, read on the 16-bit scale (0 to 65535)")
-        fix = "scale it to 0..1" if img.mode == "F" else "write it as 8- or 16-bit"
+        if scaled:
+            raise ImageError(f"{path}: integer grey pixels from {lo!r} to {hi!r}, above the model's white level "
+                             f"{white_level} (geometry.white_level, read as white): the images hold more bits than the "
+                             "model was trained on; train with the white level of these images")
+        if img.mode == "F":
+            kind, fix = "float pixels, read as 0 (black) to 1 (white)", "scale it to 0..1"
+        else:
+            kind, fix = "32-bit integer pixels, read on the 16-bit scale (0 to 65535)", "write it as 8- or 16-bit"
         raise ImageError(f"{path}: {kind}, range from {lo!r} to {hi!r}: {fix}, so every image of the line is "
                          "read on one scale")
-    if top == 65535.0 and 0 < hi < 4096:
+    if not scaled and top == 65535.0 and 0 < hi < 4096:
         _few_bits(path, hi)
     return np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
@@ -226,8 +233,9 @@ def _few_bits(path: Path | str, top: float) -> None:
     if not _FEW_BITS_SAID.is_set():
         _FEW_BITS_SAID.set()
         log.warning("%s: 16-bit or 32-bit grey pixels no brighter than %d (12 bits or fewer): read over 0..65535 this "
-                    "image keeps at most 16 grey levels. If the camera writes 10- or 12-bit data unshifted, save it "
-                    "shifted to the top bits (x16 for 12-bit) or as 8-bit (said once per process)", path, int(top))
+                    "image keeps at most 16 grey levels. If the camera writes 10- or 12-bit data unshifted, train "
+                    "with --white-level 4095 (1023 for 10-bit; geometry.white_level in a config): the model then reads "
+                    "every image on that scale (said once per process)", path, int(top))
 
 
 def over_black(img: Image.Image) -> Image.Image:
@@ -241,15 +249,16 @@ def over_black(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
 
 
-def load_rgb(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode to (H, W, 3) uint8 RGB with EXIF orientation applied, or raise ImageError."""
+def load_rgb(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS, white_level: int | None = None) -> np.ndarray:
+    """Decode to (H, W, 3) uint8 RGB with EXIF orientation applied, or raise ImageError. `white_level`: the
+    model's 16-bit white (`wide_grey`)."""
     path = Path(path)
     img = _open(path, max_pixels)
     if img.format == "TIFF" and getattr(img, "n_frames", 1) > 1:  # (a camera JPEG's MPO preview is no page)
         warn_once("frames", path, "%s: %d pages or frames; only the first is read", img.n_frames)
     try:
         img.load()
-        rgb = to_rgb(upright(img, path), path)
+        rgb = to_rgb(upright(img, path), path, white_level)
     except ImageError:
         raise
     except Exception as exc:  # noqa: BLE001 - truncated data, bad codecs: all name the file

@@ -137,12 +137,13 @@ def missing_category_message(data_root: Path | str, category: str) -> str | None
 
 def load_category(
     data_root: Path | str, category: str, check_files: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
-    with_test: bool = True, with_masks: bool = True,
+    with_test: bool = True, with_masks: bool = True, white_level: int | None = None,
 ) -> Category:
     """Read and validate one category; raise LayoutError naming every problem found.
 
     check_files decodes each image (and reads each mask's size) so unreadable files fail here,
-    before minutes of training, and not in the middle of it; images over `max_pixels` are refused.
+    before minutes of training, and not in the middle of it; images over `max_pixels` are refused, and so are
+    16-bit grey images brighter than the model's `white_level` (geometry.white_level).
     with_test=False reads train/good alone (training): a test split's problem is the evaluation's to
     report, never a reason not to train. with_masks=False reads defect images without their masks, for
     image-level metrics where a line has labels but no masks (`Category.image_only`).
@@ -180,12 +181,12 @@ def load_category(
     if check_files:
         for path in train:
             try:
-                check_image(path, max_pixels)
+                check_image(path, max_pixels, white_level)
             except ImageError as exc:
                 problems.append(str(exc))
         for sample in test:
             try:
-                w, h = check_image(sample.path, max_pixels)
+                w, h = check_image(sample.path, max_pixels, white_level)
                 if sample.mask_path is not None:
                     mw, mh = image_size(sample.mask_path, max_pixels)
                     if (mw, mh) != (w, h):

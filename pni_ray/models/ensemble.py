@@ -63,8 +63,10 @@ class EnsembleDetector(nn.Module):
         if len(sizes) != 1:
             raise ValueError(f"ensemble members must share one input size, got {sizes} px")
         configs = [getattr(m, "config", None) for m in members]
-        if any(c is not None and (c.geometry.policy != "resize" or c.geometry.tile) for c in configs):
-            raise ValueError("ensembles support members with the default geometry (resize, no tiling) only")
+        if any(c is not None and (c.geometry.policy != "resize" or c.geometry.tile or c.geometry.white_level is not None)
+               for c in configs):
+            raise ValueError("ensembles support members with the default geometry (resize, no tiling, the 16-bit "
+                             "scale) only")
         norms = [_as_normalisation(n) for n in normalisations]
         for i, n in enumerate(norms):
             if not (math.isfinite(n.pixel_mean) and math.isfinite(n.pixel_std) and n.pixel_std > 0):

@@ -101,7 +101,9 @@ def check_dataset(out: Path, info: ModelInfo, map_format: str, runtime: str = "o
     atomic_write_json(path, {"format": TABLE_FORMAT, "path_text": PATH_TEXT, "model_id": info.model_id,
                              "model_path": info.path, "model_kind": info.kind, "source_model_id": info.source_model_id,
                              "category": info.category, "threshold": json_float(info.threshold),
-                             "map_format": map_format, "backbone_runtime": runtime, "created_at": now_utc().isoformat()})
+                             "map_format": map_format, "backbone_runtime": runtime, "created_at": now_utc().isoformat(),
+                             # how the model reads 16-bit grey: `report` shows the images as they were scored
+                             "white_level": ((info.geometry.get("config") or {}).get("geometry") or {}).get("white_level")})
 
 
 def json_float(x: float) -> float | None:

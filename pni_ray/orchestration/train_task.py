@@ -272,10 +272,10 @@ def train_pair(
 
 
 def _load_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    """The image-size limit train_category itself would load the category with."""
+    """How train_category itself would load the category (image-size limit, 16-bit white level)."""
     from pni_ray.geometry import Geometry
 
-    return {"max_pixels": Geometry.from_config(cfg).max_pixels}
+    return Geometry.from_config(cfg).read_options()
 
 
 def _cpu_seconds() -> float:
