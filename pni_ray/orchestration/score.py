@@ -122,7 +122,8 @@ class ScoreWorker:
 
     def __init__(self, model_path: str, threads: int = 1, batch_size: int = 8, device: str = "cpu",
                  decode: dict[str, Any] | None = None, encode: dict[str, Any] | None = None,
-                 backbone_runtime: str = "onnxruntime", backbone_precision: str = "auto") -> None:
+                 backbone_runtime: str = "onnxruntime", backbone_precision: str = "auto",
+                 model_id: str | None = None) -> None:
         from pni_ray.allocator import keep_freed_memory
 
         keep_freed_memory()
@@ -142,12 +143,20 @@ class ScoreWorker:
         if backbone_runtime != "onnxruntime":
             log.info("%s: backbone in %s, %d thread(s)", model_path, self.model.runtime.backbone_label, threads)
         self.batch_size = max(1, int(batch_size))
+        # An actor (re)started after `train --force` replaced the model would score with another model under the
+        # run's model id and threshold: it scores nothing, and the driver stops the run (`abort`)
+        self.changed = "" if model_id in (None, self.model.model_id) else (
+            f"{model_path}: the model changed during the run (now model {self.model.model_id[:12]}, the run started "
+            f"with {model_id[:12]}): stopped, the parts committed so far hold the first model's scores; score the "
+            "new model into another --out")
 
     def _predict(self, prepared: list[Prepared]) -> tuple[np.ndarray, np.ndarray]:
         maps, scores = self.model.canvas_maps(prepared)
         return np.asarray(maps, np.float32), np.asarray(scores, np.float64).reshape(-1)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        if self.changed:
+            return {"chunk": row["chunk"], "parquet": b"", "n": 0, "n_failed": 0, "abort": self.changed}
         if self.decode is not None:
             row = decode_chunk(row, **self.decode)
         row = self.score(row)
@@ -155,6 +164,8 @@ class ScoreWorker:
 
     def score(self, row: dict[str, Any]) -> dict[str, Any]:
         meta = json.loads(row["meta"])
+        if self.changed:  # split stages: encode_chunk passes it on
+            return {"chunk": row["chunk"], "meta": json.dumps({**meta, "abort": self.changed}), "maps": b""}
         paths, errors = meta["paths"], meta["errors"]
         ok = [i for i, e in enumerate(errors) if e is None]
         h, w = self.model.image_size
@@ -192,6 +203,8 @@ def encode_chunk(row: dict[str, Any], map_format: str, model: dict[str, Any]) ->
     """Canvas maps back to each image's own (H, W) (content cropped, `pni_ray.geometry.resize_map`,
     the resize `evaluate` uses), encoded; the chunk as Parquet bytes."""
     meta = json.loads(row["meta"])
+    if meta.get("abort"):
+        return {"chunk": row["chunk"], "parquet": b"", "n": 0, "n_failed": 0, "abort": meta["abort"]}
     scores, hw, content = meta["scores"], meta["hw"], meta["content"]
     # the table's text, once: each path as `row_path` writes it (one to one), a message's bytes as \xNN
     paths = [row_path(p) for p in meta["paths"]]
@@ -227,7 +240,20 @@ def encode_chunk(row: dict[str, Any], map_format: str, model: dict[str, Any]) ->
                           model["model_id"], scored_at) for r in rows]
         table = rows_to_table(rows, table_schema)
     n_failed = sum(r["error"] is not None for r in rows)
-    return {"chunk": row["chunk"], "parquet": table_to_parquet_bytes(table), "n": len(rows), "n_failed": n_failed}
+    return {"chunk": row["chunk"], "parquet": table_to_parquet_bytes(table), "n": len(rows), "n_failed": n_failed,
+            "abort": ""}
+
+
+def failed_alone(paths: list[str], info: ModelInfo, map_format: str) -> dict[str, Any]:
+    """Error rows, as `encode_chunk` writes them, for inputs whose workers failed in their chunk and alone."""
+    tries = CHUNK_RETRIES + 1
+    errors = [f"{p}: not scored: its scoring worker failed {tries} times in its chunk and {tries} times on it alone "
+              "(it died, e.g. a decoder crash or its memory limit, or raised: Ray's log above says which); "
+              "--retry-failed tries it again" for p in paths]
+    meta = {"paths": paths, "errors": errors, "scores": [None] * len(paths), "hw": [None] * len(paths),
+            "content": [None] * len(paths)}
+    return encode_chunk({"chunk": chunk_id(paths), "meta": json.dumps(meta), "maps": b""}, map_format,
+                        _model_fields(info))
 
 
 # ------------------------------------------------------------------------------------------
@@ -269,6 +295,12 @@ def check_options(opts: Options) -> None:
     if opts.backbone_runtime != "onnxruntime" and opts.gpus_per_worker > 0:
         raise ScoreError("--backbone-runtime openvino runs the backbone on the CPU: with --gpus-per-worker the "
                          "export runs on the GPU through onnxruntime (or TensorRT); drop one of the two")
+
+
+def _model_fields(info: ModelInfo) -> dict[str, Any]:
+    """What encode_chunk writes of the model into each row and the table's metadata."""
+    return {"image_size": info.image_size, "threshold": info.threshold, "model_id": info.model_id,
+            "category": info.category, "path": info.path}
 
 
 def runtime_args(opts: Options) -> dict[str, str]:
@@ -319,13 +351,21 @@ def check_placeable(opts: Options, session: RaySession) -> None:
                 "will: stop the run and lower them)", problem)
 
 
-def _quiet_ray_data() -> None:
+# A chunk whose actor dies (a decoder crash, an OOM kill) or raises is tried this many more times, then
+# dropped from the stream (logged by Ray Data) for `score` to try its images one at a time. Ray Data's default,
+# retrying for ever, hung a run on one image that killed its worker.
+CHUNK_RETRIES = 2
+
+
+def _configure_ray_data() -> None:
+    """Quiet progress, and failed chunks dropped rather than ending the run (`score` isolates their images)."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
+    ctx.max_errored_blocks = -1
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
@@ -354,10 +394,9 @@ def run_ray(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Itera
     started = session.started
     try:
         check_placeable(opts, session)
-        _quiet_ray_data()
+        _configure_ray_data()
         workers = worker_count(opts, ray.cluster_resources(), len(rows))
-        model = {"image_size": info.image_size, "threshold": info.threshold, "model_id": info.model_id,
-                 "category": info.category, "path": info.path}
+        model = _model_fields(info)
         decode = {"geometry": info.geometry, "max_pixels": opts.max_pixels}
         encode = {"map_format": opts.map_format, "model": model}
         device = "cuda" if opts.gpus_per_worker > 0 else "cpu"
@@ -368,9 +407,9 @@ def run_ray(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Itera
         log.info("ray scoring: %d chunks, %d workers x %.2g CPU / %.2g GPU, %s stages", len(rows), workers,
                  opts.cpus_per_worker, opts.gpus_per_worker, stages)
         worker_args = {"model_path": info.path, "threads": max(1, int(opts.cpus_per_worker)),
-                       "batch_size": opts.batch_size, "device": device, **runtime_args(opts)}
+                       "batch_size": opts.batch_size, "device": device, "model_id": info.model_id, **runtime_args(opts)}
         actors = {"compute": ray.data.ActorPoolStrategy(size=workers), "num_cpus": opts.cpus_per_worker,
-                  "num_gpus": opts.gpus_per_worker}
+                  "num_gpus": opts.gpus_per_worker, "max_task_retries": CHUNK_RETRIES}  # actors still restart
         ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
         if stages == "fused":
             ds = ds.map(_bound_worker(**worker_args, decode=decode, encode=encode), **actors)
@@ -378,9 +417,9 @@ def run_ray(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Itera
             # Decode/encode tasks reserve no CPU, so actors holding every CPU cannot starve them;
             # their own concurrency bounds them.
             io_tasks = ray.data.TaskPoolStrategy(size=max(2, workers))
-            ds = ds.map(decode_chunk, fn_kwargs=decode, num_cpus=0, compute=io_tasks)
+            ds = ds.map(decode_chunk, fn_kwargs=decode, num_cpus=0, compute=io_tasks, max_retries=CHUNK_RETRIES)
             ds = ds.map(_bound_worker(**worker_args), **actors)
-            ds = ds.map(encode_chunk, fn_kwargs=encode, num_cpus=0, compute=io_tasks)
+            ds = ds.map(encode_chunk, fn_kwargs=encode, num_cpus=0, compute=io_tasks, max_retries=CHUNK_RETRIES)
         yield from ds.iter_rows()
     finally:
         if started:
@@ -389,16 +428,55 @@ def run_ray(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Itera
 
 def run_local(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Iterator[dict[str, Any]]:
     """The same stages in this process, no Ray: for small jobs, tests and machines without Ray."""
-    model = {"image_size": info.image_size, "threshold": info.threshold, "model_id": info.model_id,
-             "category": info.category, "path": info.path}
+    model = _model_fields(info)
     worker = ScoreWorker(info.path, threads=opts.threads or os.cpu_count() or 1, batch_size=opts.batch_size,
                          decode={"geometry": info.geometry, "max_pixels": opts.max_pixels},
-                         encode={"map_format": opts.map_format, "model": model}, **runtime_args(opts))
+                         encode={"map_format": opts.map_format, "model": model}, model_id=info.model_id,
+                         **runtime_args(opts))
     for row in rows:
         yield worker(row)
 
 
 ENGINES = {"ray": run_ray, "local": run_local}
+
+
+def _commit_all(results: Iterator[dict[str, Any]], out: Path, bar: Any, counts: dict[str, Any]) -> None:
+    """Commit each finished chunk as it arrives; stop the run if a worker found the model changed."""
+    for result in results:
+        if result.get("abort"):
+            raise ScoreError(result["abort"])
+        commit(out, result)
+        if counts["first"] is None:
+            counts["first"] = time.perf_counter()
+        counts["done"] += int(result["n"])
+        counts["failed"] += int(result["n_failed"])
+        bar.update(int(result["n"]))
+        bar.set_postfix(failed=counts["failed"], refresh=False)
+
+
+def _isolate_lost(todo: list[str], out: Path, engine: str, info: ModelInfo, opts: Options, preset: dict[str, str],
+                  bar: Any, counts: dict[str, Any]) -> None:
+    """Inputs whose chunk failed every try (Ray Data drops it: a worker died or raised on one of its images) are
+    scored again one at a time; those that fail alone get an error row, so one bad image costs its own row
+    only and a rerun does not meet it again. If nothing at all was scored and several still fail, the workers
+    fail on every image, not the images: the run stops (exit 3) without error rows, to be rerun once fixed."""
+    done = committed_paths(out)
+    lost = [p for p in todo if row_path(p) not in done]
+    if not lost:
+        return
+    log.warning("%d input(s) in chunks that failed %d times (see Ray's errors above): scoring them one at a time",
+                len(lost), CHUNK_RETRIES + 1)
+    _commit_all(ENGINES[engine](_chunk_rows(make_chunks(lost, 1), preset), info, opts), out, bar, counts)
+    done = committed_paths(out)
+    lost = [p for p in lost if row_path(p) not in done]
+    if not lost:
+        return
+    if counts["done"] == 0 and len(lost) > 1:
+        raise ScoreError(f"the scoring workers failed on each of {len(lost)} inputs, also one at a time, and scored "
+                         "none: a failure of the workers, not of the images (see Ray's errors above); no error rows "
+                         "were written for them: rerun the same command to resume once it is fixed")
+    log.error("%d input(s) failed alone as in their chunk: an error row each (first: %s)", len(lost), lost[0])
+    _commit_all(iter([failed_alone(lost, info, opts.map_format)]), out, bar, counts)
 
 
 def score(
@@ -437,22 +515,16 @@ def score(
         rows = _chunk_rows(make_chunks(todo, opts.chunk_size), expanded.preset_errors)
         log.info("%d inputs (%d duplicates ignored), %d already in %s, %d to score in %d chunks",
                  len(expanded.paths), expanded.duplicates, len(expanded.paths) - len(todo), out, len(todo), len(rows))
-        n_done = n_failed = 0
         t_run = time.perf_counter()
-        t_first = None
+        counts = {"done": 0, "failed": 0, "first": None}
         if rows:
             from tqdm import tqdm
 
             with tqdm(total=len(todo), unit="img", desc="score", disable=not progress, file=sys.stderr,
                       dynamic_ncols=True) as bar:
-                for result in ENGINES[engine](rows, info, opts):
-                    commit(out, result)
-                    if t_first is None:
-                        t_first = time.perf_counter()
-                    n_done += int(result["n"])
-                    n_failed += int(result["n_failed"])
-                    bar.update(int(result["n"]))
-                    bar.set_postfix(failed=n_failed, refresh=False)
+                _commit_all(ENGINES[engine](rows, info, opts), out, bar, counts)
+                _isolate_lost(todo, out, engine, info, opts, expanded.preset_errors, bar, counts)
+        n_done, n_failed, t_first = counts["done"], counts["failed"], counts["first"]
         seconds = time.perf_counter() - t_run
         summary = summarise(out, expanded, info, top_n=top_n)
         summary["run"] = {

@@ -1,0 +1,89 @@
+"""`pni-ray score` when workers fail: a chunk Ray Data drops after its retries is scored one image at a time,
+an image that fails alone gets its own error row (the run neither hangs nor loses it), workers failing on
+every image stop the run without error rows, and a model replaced mid-run stops it."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow.parquet as pq
+import pytest
+
+from pni_ray.orchestration import score as score_mod
+from pni_ray.orchestration.score import Options, ScoreError, score
+from pni_ray.results import part_files
+
+
+def _dropping(poisoned: Any) -> Any:
+    """An engine that scores as `local` does but drops each chunk holding a path `poisoned` says, as Ray Data
+    drops a chunk whose worker died on every try (DataContext.max_errored_blocks)."""
+    def engine(rows: list[dict[str, Any]], info: Any, opts: Options) -> Iterator[dict[str, Any]]:
+        import json
+
+        kept = [r for r in rows if not any(poisoned(p) for p in json.loads(r["meta"])["paths"])]
+        engine.chunks.append(len(rows))
+        yield from score_mod.run_local(kept, info, opts)
+    engine.chunks = []
+    return engine
+
+
+@pytest.fixture
+def inputs(synthetic_root, tmp_path) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, src in enumerate(sorted((synthetic_root / "washer" / "test" / "good").glob("*.png"))[:4]):
+        shutil.copy(src, folder / f"good_{i}.png")
+    shutil.copy(folder / "good_0.png", folder / "bad.png")
+    return folder
+
+
+def _rows(out: Path) -> dict[str, dict[str, Any]]:
+    rows = [r for part in part_files(out) for r in pq.read_table(part).to_pylist()]
+    assert len(rows) == len({r["path"] for r in rows})  # one row per input
+    return {Path(r["path"]).name: r for r in rows}
+
+
+def test_a_failing_chunk_is_isolated_and_only_its_bad_image_gets_an_error_row(bundle_tiny, inputs, tmp_path, monkeypatch):
+    engine = _dropping(lambda p: p.endswith("bad.png"))
+    monkeypatch.setitem(score_mod.ENGINES, "dropping", engine)
+    out = tmp_path / "out"
+    summary = score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=4), engine="dropping")
+    assert engine.chunks == [2, 4]  # two chunks, then the lost chunk's four images (bad.png first) one at a time
+    rows = _rows(out)
+    assert sorted(rows) == ["bad.png", "good_0.png", "good_1.png", "good_2.png", "good_3.png"]
+    assert all(rows[f"good_{i}.png"]["error"] is None for i in range(4))
+    assert rows["bad.png"]["image_score"] is None
+    assert "bad.png: not scored: its scoring worker failed 3 times in its chunk and 3 times on it alone" in \
+        rows["bad.png"]["error"]
+    assert summary["missing"] == 0 and summary["failed"] == 1 and summary["run"]["rows_this_run"] == 5
+    again = score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=4), engine="dropping")
+    assert again["run"]["scheduled"] == 0  # the error row is final: the rerun does not meet the image again
+
+
+def test_workers_that_fail_on_every_image_stop_the_run_without_error_rows(bundle_tiny, inputs, tmp_path, monkeypatch):
+    monkeypatch.setitem(score_mod.ENGINES, "dropping", _dropping(lambda p: True))
+    out = tmp_path / "out"
+    with pytest.raises(ScoreError, match="the scoring workers failed on each of 5 inputs, also one at a time"):
+        score(bundle_tiny, [str(inputs)], out, Options(threads=1), engine="dropping")
+    assert not part_files(out)  # nothing claims those images are bad: a rerun scores them
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(inputs / "bad.png", single)
+    summary = score(bundle_tiny, [str(single)], tmp_path / "out1", Options(threads=1), engine="dropping")
+    assert summary["failed"] == 1  # one input that fails alone is the image's fault: its row says so
+
+
+def test_a_model_replaced_during_the_run_stops_it(bundle_tiny, inputs, tmp_path, monkeypatch):
+    """The driver read one model; the workers load what the path holds when they (re)start: a `train --force`
+    in between would put another model's scores under the first one's id and threshold."""
+    real = score_mod.describe_model
+    monkeypatch.setattr(score_mod, "describe_model",
+                        lambda *a, **k: dataclasses.replace(real(*a, **k), model_id="f" * 64))
+    out = tmp_path / "out"
+    with pytest.raises(ScoreError, match=r"the model changed during the run \(now model [0-9a-f]{12}, the run started "
+                                         r"with ffffffffffff\)"):
+        score(bundle_tiny, [str(inputs)], out, Options(threads=1), engine="local")
+    assert not part_files(out)
