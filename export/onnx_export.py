@@ -290,6 +290,11 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
     needs_probs = mode in ("neighbourhood", "pni", "pni_split")
     if mode != "patchcore" and detector.mlp is None:
         raise ValueError(f"{bundle} is a PatchCore-only bundle: it exports in mode 'patchcore' only")
+    if mode != detector.mode:  # its threshold bounds held-out scores of the bundle's own mode, not of this one
+        log.warning("%s: its threshold was calibrated on %s-mode scores; the export scores in mode %s, so it has no "
+                    "threshold (is_anomalous null; scores and maps as usual): for one, train with --mode %s (or "
+                    "scoring.mode) and export that bundle", bundle, detector.mode, mode, mode)
+        bmanifest = {**bmanifest, "threshold": None, "normalisation": {**bmanifest["normalisation"], "threshold": None}}
     geometry = detector_geometry(detector)
     canvas, model_input, grid = export_shapes(detector, geometry, bundle)
     calibration = None

@@ -213,7 +213,7 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
         retry_failed: bool = False) -> tuple[int, dict[str, Any]]:
     """The whole nightly run; returns (exit code, run record written to _nightly.json). retry_failed (or the
     config's retry_failed): the partition's error rows are scored again, as `pni-ray score --retry-failed`."""
-    from pni_ray.fileio import inside
+    from pni_ray.fileio import atomic_write_bytes, inside
     from pni_ray.orchestration.score import Options, ScoreError, score
     from pni_ray.orchestration.score_output import OutInUse
     from pni_ray.results import atomic_write_json, now_utc
@@ -242,8 +242,11 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
     # until this run ends, its record says so: a killed run leaves "running", not yesterday's counts (a
     # record already "running" is left alone: it may be a live run's, which holds OUT's lock)
     out.mkdir(parents=True, exist_ok=True)
-    if _record_status(out) != "running":
-        atomic_write_json(out / "_nightly.json", {**record, "status": "running"})
+    record_path = out / "_nightly.json"
+    previous = record_path.read_bytes() if record_path.is_file() else None  # put back if OUT turns out busy
+    marked = _record_status(out) != "running"
+    if marked:
+        atomic_write_json(record_path, {**record, "status": "running"})
     try:
         summary = score(cfg["model"], inputs, out, opts, engine=cfg["engine"], top_n=int(cfg["top_n"]),
                         progress=progress, retry=retry_failed or cfg["retry_failed"])
@@ -254,7 +257,12 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
             report_path = out / "_report.html"
             write_report(out, report_path, top_n=int(cfg["report_top"]),
                          title=f"pni-ray nightly {day.isoformat()}: {summary.get('category') or ''}")
-    except OutInUse as exc:  # another run of this day is writing: its record is its own
+    except OutInUse as exc:  # another run of this day is writing (a nightly, or a `score` of the same OUT): the
+        if marked:  # record is the last finished run's, not one that never ran
+            if previous is None:
+                record_path.unlink(missing_ok=True)
+            else:
+                atomic_write_bytes(record_path, previous)
         return EXIT_RUN, {**record, "status": "refused", "exit_code": EXIT_RUN, "error": str(exc)}
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (main's terminate_as_interrupt): recorded, then
         record.update(status="failed", exit_code=EXIT_RUN,  # raised on, so a caller looping over dates stops too

@@ -982,3 +982,16 @@ def test_candidate_graph_memory_bound(exported, bundle_tiny, tmp_path, monkeypat
     monkeypatch.setattr(scorer_graph, "MAX_CANDIDATE_BYTES", 0)
     out = export_bundle(bundle_tiny, tmp_path / "dense", ExportOptions(max_batch=4)).path
     assert tables.read_manifest(out)["scorer"]["candidates_per_position"] is None
+
+
+def test_an_export_in_another_mode_than_the_bundles_has_no_threshold(bundle_tiny, exported, tmp_path, caplog):
+    """The bundle's threshold bounds held-out scores of its own mode: carried into a patchcore export (scores on
+    another scale) it missed defects on real bottle (57 of 63 flagged, 63 at patchcore's own threshold)."""
+    bundle_threshold = json.loads((bundle_tiny / "manifest.json").read_text())["threshold"]
+    assert json.loads((exported / "manifest.json").read_text())["threshold"] == bundle_threshold  # its own mode: kept
+    with caplog.at_level("WARNING"):
+        out = export_bundle(bundle_tiny, tmp_path / "pc", ExportOptions(max_batch=4, mode="patchcore")).path
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["mode"] == "patchcore" and manifest["threshold"] is None
+    assert "calibrated on pni-mode scores; the export scores in mode patchcore, so it has no threshold" in caplog.text
+    assert load_exported(out, threads=1).threshold == float("inf")  # decides nothing: is_anomalous null

@@ -122,6 +122,14 @@ def test_nightly_run_writes_partition_summary_report_and_resumes(tmp_path, synth
     record = json.loads((part / "_nightly.json").read_text())
     assert record["run"]["scheduled"] == 1 and record["counts"]["failed"] == 0
     assert record["counts"]["rows"] == record["counts"]["scored"] == n_images
+    # a nightly refused while a `pni-ray score` of the same OUT runs leaves the finished run's record, not "running"
+    from pni_ray.orchestration.score_output import locked
+
+    finished = (part / "_nightly.json").read_bytes()
+    with locked(part):
+        code, refused = nightly.run(config, date=day)
+    assert code == nightly.EXIT_RUN and refused["status"] == "refused" and "another pni-ray score run" in refused["error"]
+    assert (part / "_nightly.json").read_bytes() == finished
 
 
 def test_output_root_inside_the_model_is_refused(tmp_path, bundle_tiny):
