@@ -130,6 +130,9 @@ def load_config(path: Path | str) -> dict[str, Any]:
         raise ConfigError(f"{path}: backbone_runtime must be one of {BACKBONE_RUNTIMES}, not {cfg['backbone_runtime']!r}")
     if cfg["backbone_precision"] not in PRECISIONS:
         raise ConfigError(f"{path}: backbone_precision must be one of {PRECISIONS}, not {cfg['backbone_precision']!r}")
+    if cfg["backbone_precision"] != "auto" and cfg["backbone_runtime"] != "openvino":  # said in the config's words
+        raise ConfigError(f"{path}: backbone_precision {cfg['backbone_precision']!r} applies to backbone_runtime "
+                          "\"openvino\" only: set that too, or leave backbone_precision \"auto\"")
     base = path.resolve().parent
 
     def rel(p: str) -> str:  # joined, not normalised: score's inputs resolve "..", links included, as read

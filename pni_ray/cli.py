@@ -43,8 +43,9 @@ def _input_errors() -> tuple[type[Exception], ...]:
     from pni_ray.data.images import ImageError
     from pni_ray.data.mvtec import LayoutError
     from pni_ray.geometry import GeometryError
+    from pni_ray.models.backbones import WeightsError
 
-    return ImageError, LayoutError, GeometryError, BundleError, ExportError, FileExistsError
+    return ImageError, LayoutError, GeometryError, BundleError, ExportError, WeightsError, FileExistsError
 
 
 class Commands(click.Group):
@@ -141,6 +142,13 @@ def train(data_root: Path, category: str, out: Path, backbone: str | None, force
     check_force_out(out, force, FORMAT, "bundle")
     check_output_file(out, "bundle")  # before the fit, not after it
     cfg = build_config(backbone=backbone, base=load_config_file(config_file), **overrides)
+    if cfg.mode == "pni":  # this machine trains it: a precision its CPU would emulate is refused before the features
+        from pni_ray.training import training_precision
+
+        try:
+            training_precision(cfg.neighbourhood.train_precision)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
     require_category(data_root, category, given=True)
     trained = fit_category(data_root, category, cfg, n_threads)  # the category's files are checked first
     save_bundle(trained, out, overwrite=force)  # something at OUT by now: one Error: line (Commands)
@@ -164,7 +172,7 @@ def train(data_root: Path, category: str, out: Path, backbone: str | None, force
               help="torch threads (default 1, as `train --refine`: the count changes the refiner's floats).")
 def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epochs: int | None,
            samples: int | None, source: str | None, force: bool, threads: int | None) -> None:
-    """Add a refinement network to a trained PNI BUNDLE (train/good of DATA_ROOT only) -> OUT.
+    """Add a refinement network to a trained BUNDLE (train/good of DATA_ROOT only) -> OUT.
 
     Trains the refiner `pni-ray train --refine` would with the bundle's recorded config (same seed,
     same synthetic defects), without retraining the PNI model; --epochs, --samples and --source
@@ -183,8 +191,6 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
     check_force_out(out, force, FORMAT, "bundle")
     check_output_file(out, "refined bundle", bundle)
     trained, manifest = load_bundle(bundle)  # a tampered or incomplete bundle: one line naming the file (Commands)
-    if trained.config.mode != "pni":
-        raise click.ClickException(f"{bundle} is a {trained.config.mode} bundle: the refiner needs a PNI bundle")
     require_category(data_root, category or manifest["category"], given=category is not None, train_only=True)
     warn_other_category(category, manifest, str(bundle))
     rcfg = trained.config.refiner

@@ -47,6 +47,10 @@ def fit_category(
 
     keep_freed_memory()  # no page faults on every large tensor (pni_ray.allocator)
     torch.set_num_threads(int(threads))
+    if cfg.refiner.enabled:  # its encoder's weights refused now, not after the PNI model has trained
+        from pni_ray.models.refiner import build_refiner
+
+        build_refiner(cfg.refiner)
     trained = train_category(data_root, category, cfg, progress=progress, category_data=category_data)
     if cfg.refiner.enabled:
         from pni_ray.refine_training import train_refiner

@@ -76,7 +76,7 @@ def build_config(
     dist_size: int | None = None,
     epochs: int | None = None,
     mlp_precision: str | None = None,
-    refine: bool = False,
+    refine: bool | None = None,
     base: TrainConfig | None = None,
     geometry: str | None = None,
     tile: bool | None = None,
@@ -112,7 +112,7 @@ def build_config(
             **{k: v for k, v in {"dist_size": dist_size, "epochs": epochs, "train_precision": mlp_precision}.items()
                if v is not None},
         )
-        refiner = dataclasses.replace(cfg.refiner, enabled=refine or cfg.refiner.enabled)
+        refiner = dataclasses.replace(cfg.refiner, enabled=cfg.refiner.enabled if refine is None else refine)
         changes: dict[str, Any] = {"features": features, "coreset": coreset, "neighbourhood": neighbourhood, "refiner": refiner,
                                    "geometry": geometry_cfg}
         if seed is not None:
@@ -121,6 +121,9 @@ def build_config(
             changes["mode"] = mode
         cfg = cfg.replace(**changes)
         check_model_names(cfg)
+        from pni_ray.geometry import Geometry
+
+        Geometry.from_config(cfg)  # a tile size or image size the geometry cannot take, before any image is read
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     cfg = absolute_weights(cfg)
@@ -194,7 +197,8 @@ def train_options(fn: Any) -> Any:
         click.option("--seed", type=int, default=None, help="Random seed (default 0)."),
         click.option("--mode", type=click.Choice(["pni", "patchcore"]), default=None,
                      help="pni: full model; patchcore: memory bank only."),
-        click.option("--refine", is_flag=True, help="Also train the refinement network."),
+        click.option("--refine/--no-refine", default=None,
+                     help="Also train the refinement network (default: the --config file's or preset's, else no)."),
         click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="Backbone weights file (.safetensors or .pth) instead of the registry's source."),
         click.option("--threads", type=click.IntRange(min=1), default=None,

@@ -84,7 +84,7 @@ def test_too_few_good_images_are_refused_with_what_to_add(tmp_path, synthetic_ro
     ({"neighbourhood": None}, "neighbourhood is a section of settings"),
     ({"features": {"image_size": 7}}, "image_size must be >= 32"),
     ({"features": {"patch_size": 4}}, "patch_size is an odd number"),
-    ({"coreset": {"ratio": 0}}, r"coreset.ratio is the share of patches kept, > 0"),
+    ({"coreset": {"ratio": 0}}, r"coreset.ratio is the share of patches kept, in \(0, 1\]"),
     ({"coreset": {"min_size": 0}}, "min_size <= max_size"),
     ({"neighbourhood": {"epochs": 0}}, "epochs, dist_size and hidden >= 1"),
     ({"neighbourhood": {"dist_size": 0}}, "epochs, dist_size and hidden >= 1"),
@@ -100,7 +100,18 @@ def test_too_few_good_images_are_refused_with_what_to_add(tmp_path, synthetic_ro
     ({"neighbourhood": {"cut_candidates": ["a"]}}, "cut_candidates must be a list of numbers"),
     ({"refiner": {"defect_weights": {"bogus": 1}}}, "refiner.defect_weights maps defect kinds"),
     ({"refiner": {"defect_weights": [1, 2]}}, "refiner.defect_weights maps defect kinds"),
-    ({"refiner": {"decoder_channels": ["a"]}}, "decoder_channels is a list of whole numbers"),
+    ({"refiner": {"decoder_channels": ["a"]}}, "decoder_channels is a list of 5 whole numbers"),
+    # values that failed only after the PNI model trained, or were read as another value (0 as null)
+    ({"refiner": {"decoder_channels": [16]}}, r"decoder_channels is a list of 5 whole numbers >= 1 \(widths at"),
+    ({"refiner": {"lr": -1.0}}, "refiner needs lr > 0"),
+    ({"refiner": {"target_sigmas": -2.0}}, r"target_sigmas > 0 \(null: measured\), got 0.001, 0.1 and -2.0"),
+    ({"seed": -1}, r"seed is a whole number in 0..4294967295, got -1"),
+    ({"seed": 2**64 - 1}, r"seed is a whole number in 0..4294967295"),
+    ({"batch_size": 0}, "batch_size is the images per backbone forward, >= 1"),
+    ({"coreset": {"ratio": 5.0}}, r"coreset.ratio is the share of patches kept, in \(0, 1\]"),
+    ({"neighbourhood": {"bottleneck": 0}}, "neighbourhood.bottleneck and positions_per_image are >= 1"),
+    ({"neighbourhood": {"positions_per_image": -3}}, "neighbourhood.bottleneck and positions_per_image are >= 1"),
+    ({"features": {"projection_dim": -4}}, "features.projection_dim is a feature width >= 1"),
     ({"refiner": {"n_samples": 0}}, "refiner needs n_samples >= 2"),
     ({"neighbourhood": {"window": 4}}, "neighbourhood.window is the odd side"),
     ({"neighbourhood": {"window": 1}}, "neighbourhood.window is the odd side"),
@@ -179,9 +190,9 @@ def test_an_unknown_backbone_or_refiner_encoder_in_a_config_file_is_a_usage_erro
 
 def test_config_values_of_the_right_types_still_read():
     cfg = TrainConfig.from_dict({"neighbourhood": {"lr": 1, "cut": None, "cut_candidates": [1, 2]},
-                                 "features": {"projection_dim": None}, "coreset": {"ratio": 5},
+                                 "features": {"projection_dim": None}, "coreset": {"ratio": 1},
                                  "geometry": {"max_pixels": 5e7}})
-    assert cfg.neighbourhood.lr == 1 and cfg.coreset.ratio == 5 and cfg.features.projection_dim is None
+    assert cfg.neighbourhood.lr == 1 and cfg.coreset.ratio == 1 and cfg.features.projection_dim is None
     assert cfg.geometry.max_pixels == 50_000_000 and isinstance(cfg.geometry.max_pixels, int)
     # values with a meaning at the ends of their range still read: 0 always searches densely, above 1 always
     # uses the candidate lists; a blend above 1 pushes the map past the refined one
@@ -389,6 +400,33 @@ def test_training_outputs_and_options_are_checked_before_any_work(tmp_path, synt
         assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "B1" / "manifest.json").read_text())["category"] == "washer"
     assert model_id(tmp_path / "B1") == model_id(tmp_path / "B2")
+
+
+def test_options_the_geometry_or_the_backbones_cannot_take_are_usage_errors_before_any_work(tmp_path, synthetic_root):
+    """They were tracebacks from deep inside (train) or failed every pair after Ray started (train-all)."""
+    from pni_ray.options import build_config
+
+    for extra, said in ((["--tile", "--tile-size", "50"], "tile_size must be a positive multiple of 16"),
+                        (["--geometry", "letterbox", "--image-size", "72"], "needs an image size divisible by 16")):
+        for cmd in (["train", str(synthetic_root), "-c", "washer", "--out", str(tmp_path / "B")],
+                    ["train-all", str(synthetic_root), "--out", str(tmp_path / "ta")]):
+            result = CliRunner().invoke(main, cmd + extra)
+            assert result.exit_code == 2 and said in result.output, (cmd, extra, result.output)
+    from pni_ray.models.backbones import OFFLINE_BACKBONES, get_spec, offline_weight_path
+
+    lite2 = offline_weight_path(get_spec("efficientnet_lite2"))
+    result = CliRunner().invoke(main, ["train-all", str(synthetic_root), "--out", str(tmp_path / "ta"),
+                                       "--backbones", "efficientnet_lite2,efficientnet_lite0", "--weights", str(lite2)])
+    assert result.exit_code == 2 and "--backbones names 2: train each backbone with its own weights" in result.output
+    assert not (tmp_path / "ta").exists() and "efficientnet_lite0" in OFFLINE_BACKBONES
+    from pni_ray.models.backbones import WeightsError, create_classifier
+
+    with pytest.raises(WeightsError, match=rf"{lite2}: not weights of efficientnet_lite0 \(unexpected key"):
+        create_classifier("efficientnet_lite0", weights=lite2)
+    # --no-refine turns off what a config file (or a refined bundle's manifest) turned on
+    on = build_config(refine=True)
+    assert on.refiner.enabled and not build_config(base=on, refine=False).refiner.enabled
+    assert build_config(base=on).refiner.enabled
 
 
 def test_a_broken_test_split_never_stops_training(tmp_path, synthetic_root):

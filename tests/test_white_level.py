@@ -93,7 +93,7 @@ def test_a_twelve_bit_model_is_its_eight_bit_twin_and_scores_like_it(twins, tmp_
     out12, out8 = tmp_path / "s12", tmp_path / "s8"
     s12 = score(b12, [str(root12 / "washer" / "test"), str(bright)], out12, Options(threads=1), engine="local")
     s8 = score(b8, [str(root8 / "washer" / "test")], out8, Options(threads=1), engine="local")
-    assert s12["failed"] == 1 and "too_bright.png: integer grey pixels from 4096.0" in s12["failures"][0]["error"]
+    assert s8["failed"] == 0 and s12["failed"] == 1 and "too_bright.png: integer grey pixels from 4096.0" in s12["failures"][0]["error"]
     import pyarrow.parquet as pq
 
     def scores(out: Path, root: Path) -> dict[str, float]:

@@ -130,6 +130,10 @@ def rename_lite_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> 
     return out
 
 
+class WeightsError(ValueError):
+    """Weights that cannot be had or do not fit the backbone; the message names the file or the source."""
+
+
 def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     """Read a user's weights: safetensors, or a .pth/.pt loaded without unpickling code."""
     path = Path(path)
@@ -142,11 +146,11 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"{path}: not a weights-only torch file ({exc})") from exc
+        raise WeightsError(f"{path}: not a weights-only torch file ({exc})") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+        raise WeightsError(f"{path}: expected a state dict, got {type(state).__name__}")
     return state
 
 
@@ -157,7 +161,11 @@ def create_classifier(name: str, weights: str | Path | None = None, pretrained: 
         model = timm.create_model(spec.timm_name, pretrained=False)
         state = load_weights_file(Path(weights))
         if spec.weight_package and any(k.startswith("_blocks.") for k in state):
-            state = rename_lite_state_dict(state, model)
+            try:
+                state = rename_lite_state_dict(state, model)
+            except KeyError as exc:  # another EfficientNet-Lite's file
+                raise WeightsError(f"{weights}: not weights of {name} ({exc.args[0]}): give that backbone's file, "
+                                   "or the backbone these weights are for") from None
         _load_strict(model, state, str(weights))
     elif not pretrained:
         model = timm.create_model(spec.timm_name, pretrained=False)
@@ -171,7 +179,7 @@ def create_classifier(name: str, weights: str | Path | None = None, pretrained: 
         try:
             model = timm.create_model(spec.timm_name, pretrained=True)
         except Exception as exc:  # noqa: BLE001
-            raise RuntimeError(
+            raise WeightsError(
                 f"could not download ImageNet weights for {spec.timm_name!r} ({exc}); "
                 f"pass --weights FILE (safetensors or .pth) or use an offline backbone: {OFFLINE_BACKBONES}"
             ) from exc
@@ -181,7 +189,7 @@ def create_classifier(name: str, weights: str | Path | None = None, pretrained: 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
+        raise WeightsError(
             f"{source}: weights do not match {type(model).__name__}: "
             f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
         )

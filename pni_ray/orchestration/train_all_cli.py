@@ -71,6 +71,9 @@ def train_all_cmd(data_root: Path, out: Path, categories: str | None, backbones:
     chosen = _split(categories, "--categories")
     named = _split(backbones, "--backbones")  # the config's backbone is checked only where no --backbones replaces it
     cfg = build_config(base=load_config_file(config_file), backbone=named[0] if named else None, **overrides)
+    if cfg.features.weights and named and len(named) > 1:  # one file fits one network: refused before Ray starts
+        raise click.UsageError(f"--weights (or features.weights) names one file, {cfg.features.weights}, but "
+                               f"--backbones names {len(named)}: train each backbone with its own weights in its own run")
     try:
         with terminate_as_interrupt():
             result = train_all(
