@@ -51,6 +51,8 @@ def test_config_parsing_and_validation(tmp_path):
                        ({"model": "/m", "inputs": "/i", "output_root": "/o", "backbone_runtime": "trt"}, "backbone_runtime"),
                        ({"model": "/m", "inputs": "/i", "output_root": "/o", "backbone_precision": "fp16"},
                         "backbone_precision"),
+                       ({"model": "/m", "inputs": "/i", "output_root": "/o", "backbone_precision": "f32"},
+                        "backbone_precision 'f32' applies to backbone_runtime \"openvino\" only"),
                        ({"model": "/m", "inputs": "/i", "output_root": "/o", "batch_size": "eight"},
                         "batch_size must be a whole number >= 1, not 'eight'"),
                        ({"model": "/m", "inputs": "/i", "output_root": "/o", "chunk_size": 0}, "chunk_size must be"),

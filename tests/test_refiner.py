@@ -517,3 +517,21 @@ def test_ensemble_of_refined_bundles_uses_the_refined_statistics(refined_bundle,
     entry = manifest["members"][0]
     assert entry["normalisation"]["threshold"] == refined_norm.threshold
     assert entry["normalisation"]["pixel_std"] == refined_norm.pixel_std
+
+
+def test_refine_takes_a_patchcore_bundle_as_train_refine_does(synthetic_root, tmp_path):
+    """`train --mode patchcore --refine` saves a refiner over PatchCore maps; `refine` refused the same bundle."""
+    from click.testing import CliRunner
+
+    from pni_ray.bundle import load_bundle, save_bundle
+    from pni_ray.cli import main
+    from conftest import tiny_config
+    from pni_ray.training import train_category
+
+    plain = save_bundle(train_category(synthetic_root, "washer", tiny_config(mode="patchcore"), progress=False),
+                        tmp_path / "pc")
+    result = CliRunner().invoke(main, ["refine", str(plain), str(synthetic_root), "--out", str(tmp_path / "pcr"),
+                                       "--threads", "1", "--epochs", "1", "--samples", "8"])
+    assert result.exit_code == 0, result.output
+    refined, manifest = load_bundle(tmp_path / "pcr")
+    assert manifest["mode"] == "patchcore" and refined.refiner is not None

@@ -402,6 +402,16 @@ def test_training_outputs_and_options_are_checked_before_any_work(tmp_path, synt
     assert model_id(tmp_path / "B1") == model_id(tmp_path / "B2")
 
 
+def test_a_bf16_mlp_this_cpu_would_emulate_is_a_usage_error(tmp_path, synthetic_root):
+    from pni_ray.training import native_bf16
+
+    if native_bf16():
+        pytest.skip("this CPU runs bf16 natively")
+    result = CliRunner().invoke(main, ["train", str(synthetic_root), "-c", "washer", "--out", str(tmp_path / "B"),
+                                       "--mlp-precision", "bfloat16"])
+    assert result.exit_code == 2 and "needs a CPU with native bf16" in result.output and "Traceback" not in result.output
+
+
 def test_options_the_geometry_or_the_backbones_cannot_take_are_usage_errors_before_any_work(tmp_path, synthetic_root):
     """They were tracebacks from deep inside (train) or failed every pair after Ray started (train-all)."""
     from pni_ray.options import build_config
