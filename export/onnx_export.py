@@ -368,6 +368,8 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
             "model_input": list(model_input),  # what the backbone graph takes: the canvas, or one tile
             "geometry": {"description": geometry.describe(), "fill_index": geometry.pads, "tiled": geometry.tiled},
             "grid": [h, w],
+            # letterbox: the content sizes training saw (Geometry.check_content refuses others, as the bundle does)
+            **({} if geometry.content_extent is None else {"content_extent": [list(e) for e in geometry.content_extent]}),
             "feature_dim": int(d),
             "n_memory": int(st.memory.shape[0]),
             "dist_size": int(bmanifest["dist_size"]),

@@ -112,6 +112,7 @@ def save_bundle(trained: TrainedModel, out: Path | str, overwrite: bool = False)
             "backbone": backbone_record(trained.config),
             "feature_dim": trained.feature_dim,
             "grid": list(trained.grid),
+            **({} if trained.content_extent is None else {"content_extent": [list(e) for e in trained.content_extent]}),
             "n_memory": int(trained.memory.shape[0]),
             "dist_size": trained.dist_size,
             "neighbourhood_cut": trained.neighbourhood_cut,
@@ -198,6 +199,8 @@ def _model_from_files(path: Path, manifest: dict[str, Any], cfg: TrainConfig) ->
         feature_dim=d,
         refiner=refiner,
         neighbourhood_cut=float(manifest.get("neighbourhood_cut", 1.0)),  # bundles before the cut: tau
+        content_extent=(None if manifest.get("content_extent") is None  # bundles before it: unchecked
+                        else tuple(tuple(int(v) for v in e) for e in manifest["content_extent"])),  # type: ignore[arg-type]
         # the training facts travel with the model, so a bundle written from it (refine) keeps them
         report={"deterministic": copy.deepcopy(manifest.get("training") or {})},
     )

@@ -9,7 +9,9 @@ edge runtime alike, so every path sees the same pixels and restores maps with th
   ``pad_value``. Feature-grid cells (stride 8) that are mostly padding are *invalid*: training
   leaves them out of the coreset, the prior and the MLP loss; their patch scores are replaced by
   the nearest valid cell's before the map is made; maps are cropped to the content before they are
-  resized to the original size, and the image score is the maximum over the content only.
+  resized to the original size, and the image score is the maximum over the content only. The
+  padding's edge still shapes the features near it, so an image filling more or less of the canvas
+  than the training images did (another aspect ratio) is refused by name (`check_content`).
 * ``short-side`` keep the aspect ratio, scale the short side to S and the long side to the nearest
   multiple of 16; the feature grid has that shape and the prior is indexed on it. An image whose
   grid differs from the training grid (another aspect ratio) is refused naming both shapes.
@@ -34,9 +36,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from pni_ray.config import LEGACY_SCORING, GeometryConfig, ScoringConfig
-from pni_ray.data.images import TOO_BIG_HINT, ImageError, load_rgb, resize_rgb, to_float
+from pni_ray.data.images import TOO_BIG_HINT, ImageError, image_size, load_rgb, resize_rgb, to_float
 
 STRIDE = 8  # feature stride of PatchFeatureExtractor (pni_ray.models.features.FEATURE_STRIDE)
+# letterbox: how far (canvas pixels) an image's content height or width may lie outside the training images'
+# range. The padding's edge is part of every feature near it (receptive fields span the canvas), so an edge
+# where training saw content scores as a defect: good 2:1 images on a model of 1.71:1 ones (5.5 px per side on a
+# 128 px canvas) scored above the threshold, 7 of 8. Half a cell covers the rounding of sizes alike.
+EXTENT_SLACK = STRIDE // 2
 
 
 class GeometryError(ValueError):
@@ -224,11 +231,15 @@ class Geometry:
 
     def __init__(
         self, cfg: GeometryConfig, image_size: int, grid: tuple[int, int] | None = None,
-        image_window: int = ScoringConfig.image_window,
+        image_window: int = ScoringConfig.image_window, content_extent: Sequence[Sequence[int]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.image_size = int(image_size)
         self.grid = tuple(int(g) for g in grid) if grid is not None else None  # the trained grid, when known
+        # letterbox: ((min, max) content height, (min, max) content width) on the canvas over the training
+        # images, when known (bundles before it: None, unchecked)
+        self.content_extent = (None if content_extent is None
+                               else tuple((int(lo), int(hi)) for lo, hi in content_extent))
         self.tile_size = int(cfg.tile_size or image_size)
         if image_window < 0:
             raise ValueError(f"image_window is a number of patches >= 0, got {image_window}")
@@ -251,9 +262,10 @@ class Geometry:
             self.weights = blend_weights(self.tile_size // STRIDE, cfg.tile_overlap // STRIDE)
 
     @classmethod
-    def from_config(cls, cfg: Any, grid: tuple[int, int] | None = None) -> "Geometry":
-        """From a TrainConfig (and the trained grid)."""
-        return cls(cfg.geometry, cfg.features.image_size, grid, cfg.scoring.image_window)
+    def from_config(cls, cfg: Any, grid: tuple[int, int] | None = None,
+                    content_extent: Sequence[Sequence[int]] | None = None) -> "Geometry":
+        """From a TrainConfig (and the trained grid and content extent)."""
+        return cls(cfg.geometry, cfg.features.image_size, grid, cfg.scoring.image_window, content_extent)
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> "Geometry":
@@ -265,13 +277,14 @@ class Geometry:
         grid = manifest.get("grid")
         window = (config.get("scoring") or {}).get("image_window", LEGACY_SCORING["image_window"])  # old bundles: plain max
         return cls(GeometryConfig(**fields), int(config["features"]["image_size"]), tuple(grid) if grid else None,
-                   int(window))
+                   int(window), manifest.get("content_extent"))
 
     def with_max_pixels(self, max_pixels: int) -> "Geometry":
         """The same geometry with another image-size limit (a scoring run's --max-pixels)."""
         from dataclasses import replace
 
-        return Geometry(replace(self.cfg, max_pixels=int(max_pixels)), self.image_size, self.grid, self.image_window)
+        return Geometry(replace(self.cfg, max_pixels=int(max_pixels)), self.image_size, self.grid, self.image_window,
+                        self.content_extent)
 
     def spec(self) -> dict[str, Any]:
         """A JSON-able manifest excerpt that `from_manifest` turns back into this geometry (for workers)."""
@@ -279,7 +292,8 @@ class Geometry:
 
         return {"config": {"geometry": asdict(self.cfg), "features": {"image_size": self.image_size},
                            "scoring": {"image_window": self.image_window}},
-                "grid": list(self.grid) if self.grid is not None else None}
+                "grid": list(self.grid) if self.grid is not None else None,
+                "content_extent": None if self.content_extent is None else [list(e) for e in self.content_extent]}
 
     @property
     def max_pixels(self) -> int:
@@ -373,8 +387,7 @@ class Geometry:
         if self.cfg.policy == "resize":
             return Prepared(resize_rgb(rgb, s), (h, w), (0, 0, s, s))
         if self.cfg.policy == "letterbox":
-            scale = s / max(h, w)
-            hr, wr = min(s, max(1, round(h * scale))), min(s, max(1, round(w * scale)))
+            hr, wr = self.letterbox_hw(h, w)
             y0, x0 = (s - hr) // 2, (s - wr) // 2
             canvas = self._canvas(resize_rgb(rgb, (hr, wr)), (s, s), (y0, x0))
             return Prepared(canvas, (h, w), (y0, x0, y0 + hr, x0 + wr))
@@ -385,6 +398,21 @@ class Geometry:
             hr, wr = max(16, int(round(h * scale / 16)) * 16), s
         return Prepared(resize_rgb(rgb, (hr, wr)), (h, w), (0, 0, hr, wr))
 
+    def letterbox_hw(self, h: int, w: int) -> tuple[int, int]:
+        """The (height, width) an h x w image fills on the letterbox canvas: its long side the canvas's."""
+        s = self.image_size
+        scale = s / max(h, w)
+        return min(s, max(1, round(h * scale))), min(s, max(1, round(w * scale)))
+
+    def extent_of(self, paths: Sequence[Path | str]) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        """Letterbox (untiled): the range of content heights and widths the images at `paths` (their headers,
+        upright) fill on the canvas, what training records for `check`; None for other geometries, where the
+        canvas holds content only."""
+        if self.cfg.policy != "letterbox" or self.tiled or not paths:
+            return None
+        filled = [self.letterbox_hw(h, w) for w, h in (image_size(p, self.max_pixels) for p in paths)]
+        return (min(f[0] for f in filled), max(f[0] for f in filled)), (min(f[1] for f in filled), max(f[1] for f in filled))
+
     def rebuild(self, canvas: np.ndarray, original_hw: Sequence[int], content: Sequence[int]) -> Prepared:
         """A Prepared from what a pipeline stage shipped (canvas, original size, content box)."""
         canvas = np.asarray(canvas, np.uint8)
@@ -393,9 +421,11 @@ class Geometry:
                         self.tiles_for(hw))
 
     def check(self, prepared: Prepared, grid: tuple[int, int] | None = None, name: str = "image") -> None:
-        """Refuse an image whose feature grid differs from the trained (or expected) one."""
+        """Refuse an image whose feature grid differs from the trained (or expected) one, then what
+        `check_content` refuses."""
         expected = grid if grid is not None else self.grid
         if expected is None or tuple(expected) == prepared.grid:
+            self.check_content(prepared, name)
             return
         h, w = prepared.original_hw
         hc, wc = prepared.canvas_hw
@@ -405,6 +435,29 @@ class Geometry:
             f"{prepared.grid[1]} feature grid (h x w), but the model was trained on a {eh}x{ew} grid "
             f"(model input {ew * STRIDE}x{eh * STRIDE}): score images of the training aspect ratio"
             f"{' and size' if self.tiled else ''}, or retrain"
+        )
+
+    def check_content(self, prepared: Prepared, name: str = "image") -> None:
+        """Refuse, naming the image: one too thin to leave a cell of content (padded geometries), and under
+        letterbox one that fills more or less of the canvas than every training image did (EXTENT_SLACK)."""
+        if self.pads:
+            try:
+                prepared.fill_index()
+            except GeometryError as exc:
+                raise GeometryError(f"{name}: {exc}") from None
+        if self.content_extent is None or self.cfg.policy != "letterbox" or self.tiled:
+            return
+        y0, x0, y1, x1 = prepared.content
+        (h_lo, h_hi), (w_lo, w_hi) = self.content_extent
+        if h_lo - EXTENT_SLACK <= y1 - y0 <= h_hi + EXTENT_SLACK and w_lo - EXTENT_SLACK <= x1 - x0 <= w_hi + EXTENT_SLACK:
+            return
+        h, w = prepared.original_hw
+        trained = " x ".join(f"{lo}" if lo == hi else f"{lo}..{hi}" for lo, hi in ((w_lo, w_hi), (h_lo, h_hi)))
+        s = self.image_size
+        raise GeometryError(
+            f"{name}: {w}x{h} fills {x1 - x0} x {y1 - y0} px of the {s} x {s} letterbox canvas, the training images "
+            f"{trained} px (width x height): the padding's edge would lie where the model saw none, which scores as a "
+            "defect. Score images of the training aspect ratios, or retrain with such images among them"
         )
 
     def tile_stack(self, prepared: Prepared) -> np.ndarray:

@@ -206,7 +206,8 @@ def train_options(fn: Any) -> Any:
                           f"{DEFAULT_TRAIN_THREADS} by default). The count changes the floats, so it is never "
                           "'all cores' and the manifest records it."),
         click.option("--geometry", type=click.Choice(GEOMETRY_POLICIES), default=None,
-                     help="Image geometry: resize (squash, default), letterbox (pad), short-side (keep aspect)."),
+                     help="Image geometry: resize (squash, default), letterbox (pad; scores the aspect ratios it "
+                          "trained on, others are refused), short-side (keep aspect; one aspect ratio)."),
         click.option("--tile/--no-tile", default=None,
                      help="Cover each image with overlapping model-size tiles stitched into one feature grid."),
         click.option("--tile-size", type=int, default=None, help="Tile side in pixels (default: the image size)."),

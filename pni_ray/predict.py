@@ -31,7 +31,7 @@ def detector_geometry(detector: Any) -> Geometry:
     records on it); plain resize for a detector built by hand."""
     cfg = getattr(detector, "config", None)
     if cfg is not None:
-        return Geometry.from_config(cfg, getattr(detector, "grid", None))
+        return Geometry.from_config(cfg, getattr(detector, "grid", None), getattr(detector, "content_extent", None))
     return Geometry(GeometryConfig(), int(detector.image_size),
                     image_window=int(getattr(detector, "image_window", ScoringConfig.image_window)))
 
@@ -201,6 +201,7 @@ def extract_training_features(
         if grid is None:
             grid = prepared[0].grid
         for p, path in zip(prepared, paths[sl]):
+            geometry.check_content(p, str(path))  # too thin for this geometry: named, before minutes of training
             if p.grid != grid:  # not geometry.check's message: there is no trained model yet
                 h, w = p.original_hw
                 raise GeometryError(

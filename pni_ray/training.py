@@ -467,6 +467,10 @@ def train_category(
     geometry = Geometry.from_config(cfg)
     cat = category_data or load_category(data_root, category, **geometry.read_options(), with_test=False)
     memory_paths, holdout_paths = calibration_split(cat.train, cfg)
+    content_extent = geometry.extent_of(memory_paths + holdout_paths)  # letterbox: what the model will have seen
+    if geometry.pads:  # a held-out image too thin for the geometry, named now rather than after the coreset and MLP
+        for path in holdout_paths:  # (the memory bank's are named as their features are extracted, first)
+            geometry.check_content(geometry.prepare(geometry.load(path)), str(path))
     log.info("%s: %d memory-bank images, %d held out for calibration", category, len(memory_paths), len(holdout_paths))
     small = small_training_set_warning(len(memory_paths), len(holdout_paths))
     if small:
@@ -546,6 +550,7 @@ def train_category(
         grid=(h, w),
         feature_dim=dim,
         neighbourhood_cut=cut,
+        content_extent=content_extent,
     )
     detector = build_detector(trained, extractor)
     trained.normalisation = calibrate(

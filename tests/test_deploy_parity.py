@@ -106,10 +106,14 @@ def test_export_manifest_records_the_geometry(bundles, tmp_path):
         tiled.path, threads=1, fuse=False).predict_images([crop])[0][0], rtol=1e-5, atol=1e-6)
     short = load_exported(export_bundle(bundles["short-side"], tmp_path / "s", ExportOptions(max_batch=4)).path, threads=1)
     assert short.manifest["image_size"] == [128, 208] and not short.manifest["scorer"]["fill_index"]
-    # another aspect ratio is refused by name for short-side, scored at its own size for letterbox
+    # another aspect ratio is refused by name: short-side's grid, letterbox's content extent (recorded in the export)
     tall = np.full((128, 80, 3), 200, np.uint8)
-    maps, scores = model.predict_images([tall])
-    assert maps[0].shape == (128, 80) and np.isfinite(scores).all()
+    assert m["content_extent"] == [[80, 80], [128, 128]]
+    with pytest.raises(ValueError, match=r"80x128 fills 80 x 128 px of the 128 x 128 letterbox canvas, the training "
+                                         r"images 128 x 80 px"):
+        model.predict_images([tall])
+    maps, scores = model.predict_images([np.full((160, 256, 3), 200, np.uint8)])  # the training ratio, another size
+    assert maps[0].shape == (160, 256) and np.isfinite(scores).all()
     with pytest.raises(ValueError, match="trained on a"):
         short.predict_images([tall])
 
@@ -129,6 +133,11 @@ def test_score_refuses_a_misfit_image_as_an_error_row(bundles, tmp_path):
     assert summary["rows"] == 2 and summary["failed"] == 1
     assert rows[str(folder / "wide.png")]["error"] is None
     assert "tall.png" in rows[str(folder / "tall.png")]["error"] and "trained on a" in rows[str(folder / "tall.png")]["error"]
+    summary = score(bundles["letterbox"], [str(folder)], tmp_path / "lb", Options(threads=1), engine="local")
+    rows = read_scores(tmp_path / "lb")
+    assert summary["rows"] == 2 and summary["failed"] == 1 and rows[str(folder / "wide.png")]["error"] is None
+    assert rows[str(folder / "tall.png")]["error"].startswith(f"{folder / 'tall.png'}: 80x128 fills 80 x 128 px of the "
+                                                             "128 x 128 letterbox canvas")
 
 
 @pytest.mark.ray

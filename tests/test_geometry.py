@@ -281,9 +281,19 @@ def test_maps_come_back_at_the_original_size(trained_geo, crop_root, name, tmp_p
     maps, scores = predict_images(detector, images)
     assert [m.shape for m in maps] == [(80, 128)] * 3
     assert np.allclose(scores, results["pni"].scores[:3]) and np.allclose(maps[0], results["pni"].maps[0])
-    if name == "letterbox":  # any aspect ratio works; maps at each image's own size
+    if name == "letterbox":
+        # another aspect ratio is refused by name: its padding's edge lies where training saw content (good images of
+        # 2:1 on a model of 1.71:1 ones scored above its threshold); the training ratio at another size is scored
+        assert trained.content_extent == ((80, 80), (128, 128))
         odd = [np.asarray(Image.fromarray(images[0]).resize(s[::-1])) for s in SHAPES]
-        assert [m.shape for m in predict_images(detector, odd)[0]] == SHAPES
+        assert predict_images(detector, odd[:1])[0][0].shape == SHAPES[0]  # 200 x 320: the training ratio, 1.6
+        for image in odd[1:]:
+            with pytest.raises(GeometryError, match=r"fills \d+ x \d+ px of the 128 x 128 letterbox canvas, the training "
+                                                    r"images 128 x 80 px \(width x height\)"):
+                predict_images(detector, [image])
+        assert predict_images(detector, [np.asarray(Image.fromarray(images[0]).resize((256, 160)))])[0][0].shape == (160, 256)
+        legacy = build_detector(dataclasses.replace(trained, content_extent=None))  # a bundle from before the record
+        assert [m.shape for m in predict_images(legacy, odd)[0]] == SHAPES
     else:  # short-side / tiles: the grid is fixed by training; another aspect is refused by name
         with pytest.raises(GeometryError, match="trained on a"):
             predict_images(detector, [np.ascontiguousarray(images[0].transpose(1, 0, 2))])
@@ -373,3 +383,29 @@ def test_the_refiner_learns_from_the_canvases_it_refines(trained_geo, crop_root,
     image = np.asarray(Image.open(paths[0]).convert("RGB"))
     maps, scores = predict_images(build_detector(refined), [image], refine=True)
     assert maps[0].shape == image.shape[:2] and np.isfinite(maps[0]).all() and np.isfinite(scores).all()
+
+
+def test_an_image_too_thin_for_the_geometry_is_named_before_training_and_in_evaluation(crop_root, trained_geo, tmp_path):
+    """A 128 x 3 image leaves no cell of content on a letterbox canvas: training failed after the coreset and the
+    MLP when it was held out, and `evaluate` said so without naming it."""
+    import shutil
+
+    cfg = trained_geo["letterbox"].config
+    root = tmp_path / "data"
+    shutil.copytree(crop_root / "washer", root / "washer")
+    good = sorted((root / "washer" / "train" / "good").glob("*.png"))
+    from pni_ray.training import calibration_split
+
+    held = []
+    for seed in (0, 1):  # held out at one seed, in the memory bank at the other
+        thin = good[0].parent / f"thin_{seed}.png"
+        Image.fromarray(np.full((3, 128, 3), 128, np.uint8)).save(thin)
+        held.append(thin in calibration_split(load_category(root, "washer").train, dataclasses.replace(cfg, seed=seed))[1])
+        with pytest.raises(GeometryError, match=rf"thin_{seed}.png: a 128x3 image leaves no feature cell of image content"):
+            train_category(root, "washer", dataclasses.replace(cfg, seed=seed), progress=False)
+        thin.unlink()
+    assert sorted(held) == [False, True]
+    Image.fromarray(np.full((3, 128, 3), 128, np.uint8)).save(root / "washer" / "test" / "good" / "thin.png")
+    with pytest.raises(GeometryError, match=r"thin.png: a 128x3 image leaves no feature cell"):
+        evaluate_category(build_detector(trained_geo["letterbox"]), load_category(root, "washer"), modes=("pni",),
+                          progress=False)

@@ -66,6 +66,7 @@ class PNIDetector(nn.Module):
         self.image_window = image_window  # patches; the score `pni_ray.geometry.Geometry.image_score` gives
         self.config: TrainConfig | None = None  # the bundle's config and feature grid (build_detector): its geometry
         self.grid: tuple[int, int] | None = None
+        self.content_extent: tuple[tuple[int, int], tuple[int, int]] | None = None
 
     def patch_scores(self, images: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         mode = mode or self.mode
@@ -105,6 +106,8 @@ class TrainedModel:
     refiner: torch.nn.Module | None = None
     report: dict = field(default_factory=dict)
     neighbourhood_cut: float = 1.0  # p(c|N) masks above this multiple of tau (chosen at training)
+    # letterbox: ((min, max) content height, (min, max) width) the training images filled on the canvas
+    content_extent: tuple[tuple[int, int], tuple[int, int]] | None = None
 
 
 def build_detector(trained: TrainedModel, extractor: PatchFeatureExtractor | None = None) -> PNIDetector:
@@ -134,4 +137,5 @@ def build_detector(trained: TrainedModel, extractor: PatchFeatureExtractor | Non
     # what pni_ray.predict.detector_geometry rebuilds the bundle's geometry from (how images are
     # prepared and maps restored); plain data, so this layer never handles images
     detector.config, detector.grid = cfg, tuple(trained.grid)
+    detector.content_extent = trained.content_extent
     return detector.eval()

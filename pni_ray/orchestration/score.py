@@ -93,8 +93,7 @@ def decode_chunk(row: dict[str, Any], geometry: dict[str, Any], max_pixels: int)
         if err is None:
             try:
                 prepared = geo.prepare(geo.load(path))
-                geo.check(prepared, name=path)
-                prepared.fill_index()  # an image too thin to leave content cells fails here, by name
+                geo.check(prepared, name=path)  # also an image too thin to leave content cells, by name
                 pixels.append(prepared.canvas)
                 hw.append(list(prepared.original_hw))
                 content.append(list(prepared.content))
