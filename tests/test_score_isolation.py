@@ -87,3 +87,22 @@ def test_a_model_replaced_during_the_run_stops_it(bundle_tiny, inputs, tmp_path,
                                          r"with ffffffffffff\)"):
         score(bundle_tiny, [str(inputs)], out, Options(threads=1), engine="local")
     assert not part_files(out)
+
+
+def test_an_out_removed_during_the_run_stops_it(bundle_tiny, inputs, tmp_path, monkeypatch):
+    """OUT deleted and made again mid-run: the run wrote on without its lock or identity, and the folder could never
+    be resumed ("part files but no _dataset.json"); a second run could lock it meanwhile."""
+    out = tmp_path / "out"
+
+    def engine(rows, info, opts):
+        results = score_mod.run_local(rows, info, opts)
+        yield next(results)
+        shutil.rmtree(out)
+        out.mkdir()
+        yield from results
+
+    monkeypatch.setitem(score_mod.ENGINES, "removing", engine)
+    with pytest.raises(ScoreError, match=r"out was removed or replaced during the run \(its _lock is not this run's\)"):
+        score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=2), engine="removing")
+    assert not list(out.iterdir())  # nothing written into the new folder: a rerun scores it from the start
+    assert score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=2), engine="local")["missing"] == 0

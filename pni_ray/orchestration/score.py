@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -439,43 +439,56 @@ def run_local(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Ite
 ENGINES = {"ray": run_ray, "local": run_local}
 
 
-def _commit_all(results: Iterator[dict[str, Any]], out: Path, bar: Any, counts: dict[str, Any]) -> None:
-    """Commit each finished chunk as it arrives; stop the run if a worker found the model changed."""
-    for result in results:
-        if result.get("abort"):
-            raise ScoreError(result["abort"])
-        commit(out, result)
-        if counts["first"] is None:
-            counts["first"] = time.perf_counter()
-        counts["done"] += int(result["n"])
-        counts["failed"] += int(result["n_failed"])
-        bar.update(int(result["n"]))
-        bar.set_postfix(failed=counts["failed"], refresh=False)
+@dataclass
+class _Commits:
+    """A run's commits: each finished chunk's part written to OUT (checked still the folder locked), the bar
+    and the counts updated."""
+
+    out: Path
+    still_ours: Callable[[], None]
+    bar: Any
+    done: int = 0
+    failed: int = 0
+    first: float | None = None  # when the first chunk was committed
+
+    def all(self, results: Iterator[dict[str, Any]]) -> None:
+        """Commit each result as it arrives; stop the run if a worker found the model changed."""
+        for result in results:
+            if result.get("abort"):
+                raise ScoreError(result["abort"])
+            self.still_ours()  # OUT removed mid-run: stop, rather than write parts nothing can resume
+            commit(self.out, result)
+            if self.first is None:
+                self.first = time.perf_counter()
+            self.done += int(result["n"])
+            self.failed += int(result["n_failed"])
+            self.bar.update(int(result["n"]))
+            self.bar.set_postfix(failed=self.failed, refresh=False)
 
 
-def _isolate_lost(todo: list[str], out: Path, engine: str, info: ModelInfo, opts: Options, preset: dict[str, str],
-                  bar: Any, counts: dict[str, Any]) -> None:
+def _isolate_lost(todo: list[str], engine: str, info: ModelInfo, opts: Options, preset: dict[str, str],
+                  commits: _Commits) -> None:
     """Inputs whose chunk failed every try (Ray Data drops it: a worker died or raised on one of its images) are
     scored again one at a time; those that fail alone get an error row, so one bad image costs its own row
     only and a rerun does not meet it again. If nothing at all was scored and several still fail, the workers
     fail on every image, not the images: the run stops (exit 3) without error rows, to be rerun once fixed."""
-    done = committed_paths(out)
+    done = committed_paths(commits.out)
     lost = [p for p in todo if row_path(p) not in done]
     if not lost:
         return
     log.warning("%d input(s) in chunks that failed %d times (see Ray's errors above): scoring them one at a time",
                 len(lost), CHUNK_RETRIES + 1)
-    _commit_all(ENGINES[engine](_chunk_rows(make_chunks(lost, 1), preset), info, opts), out, bar, counts)
-    done = committed_paths(out)
+    commits.all(ENGINES[engine](_chunk_rows(make_chunks(lost, 1), preset), info, opts))
+    done = committed_paths(commits.out)
     lost = [p for p in lost if row_path(p) not in done]
     if not lost:
         return
-    if counts["done"] == 0 and len(lost) > 1:
+    if commits.done == 0 and len(lost) > 1:
         raise ScoreError(f"the scoring workers failed on each of {len(lost)} inputs, also one at a time, and scored "
                          "none: a failure of the workers, not of the images (see Ray's errors above); no error rows "
                          "were written for them: rerun the same command to resume once it is fixed")
     log.error("%d input(s) failed alone as in their chunk: an error row each (first: %s)", len(lost), lost[0])
-    _commit_all(iter([failed_alone(lost, info, opts.map_format)]), out, bar, counts)
+    commits.all(iter([failed_alone(lost, info, opts.map_format)]))
 
 
 def score(
@@ -504,7 +517,7 @@ def score(
     if inside(out, info.path):  # retraining or re-exporting the model with --force would delete them
         raise ScoreError(f"{out} is inside the model {info.path}: scores go to a directory of their own; use "
                          "another --out")
-    with locked(out):
+    with locked(out) as still_ours:
         check_dataset(out, info, opts.map_format, runtime)
         stale = remove_stale_temps(out)
         (out / SUMMARY_FILE).unlink(missing_ok=True)  # until this run finishes, no summary claims OUT is complete
@@ -515,15 +528,15 @@ def score(
         log.info("%d inputs (%d duplicates ignored), %d already in %s, %d to score in %d chunks",
                  len(expanded.paths), expanded.duplicates, len(expanded.paths) - len(todo), out, len(todo), len(rows))
         t_run = time.perf_counter()
-        counts = {"done": 0, "failed": 0, "first": None}
-        if rows:
-            from tqdm import tqdm
+        from tqdm import tqdm
 
-            with tqdm(total=len(todo), unit="img", desc="score", disable=not progress, file=sys.stderr,
-                      dynamic_ncols=True) as bar:
-                _commit_all(ENGINES[engine](rows, info, opts), out, bar, counts)
-                _isolate_lost(todo, out, engine, info, opts, expanded.preset_errors, bar, counts)
-        n_done, n_failed, t_first = counts["done"], counts["failed"], counts["first"]
+        with tqdm(total=len(todo), unit="img", desc="score", disable=not progress or not rows, file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+            commits = _Commits(out, still_ours, bar)
+            if rows:
+                commits.all(ENGINES[engine](rows, info, opts))
+                _isolate_lost(todo, engine, info, opts, expanded.preset_errors, commits)
+        n_done, n_failed, t_first = commits.done, commits.failed, commits.first
         seconds = time.perf_counter() - t_run
         summary = summarise(out, expanded, info, top_n=top_n)
         summary["run"] = {

@@ -8,8 +8,9 @@ import contextlib
 import fcntl
 import json
 import math
+import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from pni_ray.orchestration.score_inputs import Inputs
 from pni_ray.orchestration.score_model import ModelInfo, ScoreError
@@ -38,8 +39,10 @@ class OutInUse(ScoreError):
 
 
 @contextlib.contextmanager
-def locked(out: Path) -> Iterator[None]:
-    """One run per OUT at a time (an flock: released by the kernel even on SIGKILL)."""
+def locked(out: Path) -> Iterator[Callable[[], None]]:
+    """One run per OUT at a time (an flock: released by the kernel even on SIGKILL). Yields a check that OUT is
+    still the folder locked: one removed (and made again) during the run holds neither the lock nor its identity,
+    so parts written there could never be resumed and a second run could lock it."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         fh = open(out / LOCK_FILE, "a+")
@@ -51,8 +54,20 @@ def locked(out: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             raise OutInUse(f"{out}: another pni-ray score run is writing here") from exc
+        held = os.fstat(fh.fileno())
+
+        def still_ours() -> None:
+            try:
+                now = os.stat(out / LOCK_FILE)
+            except OSError:
+                now = None
+            if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+                raise ScoreError(f"{out} was removed or replaced during the run (its {LOCK_FILE} is not this run's): "
+                                 "stopped; parts this run committed went with the removed folder. Rerun to score "
+                                 "into the folder now at that path")
+
         try:
-            yield
+            yield still_ours
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
