@@ -213,13 +213,15 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
 @click.option("--category", "-c", default=None, callback=category_name,
               help="Category folder (default: the bundle's category).")
 @click.option("--mode", type=click.Choice(SCORE_MODES), default=None, help="Scoring mode (default: the bundle's).")
-@click.option("--ablation", is_flag=True, help="Score in every mode: patchcore, neighbourhood, position, pni.")
+@click.option("--ablation", is_flag=True, help="Score in the ablation's four modes: patchcore, neighbourhood, position, pni "
+                   "(pni_split: --mode pni_split).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the metrics as JSON here.")
 @click.option("--image-only", is_flag=True,
               help="Defect images need no masks: image AUROC and F1 only, the pixel metrics n/a.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8)
-@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, help="Images per forward pass.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads (default: $PNI_RAY_THREADS, else all cores).")
 @backbone_options
 def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | None, ablation: bool,
              json_path: Path | None, image_only: bool, batch_size: int, threads: int | None, backbone_runtime: str,
@@ -328,7 +330,7 @@ def evaluate_export(path: Path, data_root: Path, category: str | None, json_path
 
 @main.command("make-synthetic")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=int, default=0, help="Seed of the generated images (same seed, same data set).")
 @click.option("--size", type=int, default=256, help="Image side in pixels.")
 @click.option("--categories", default=None, help="Comma-separated subset of the synthetic categories.")
 def make_synthetic_cmd(out: Path, seed: int, size: int, categories: str | None) -> None:
@@ -349,8 +351,8 @@ def make_synthetic_cmd(out: Path, seed: int, size: int, categories: str | None) 
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--kind", "kinds", multiple=True, type=click.Choice(DEFECT_KINDS),
               help="Defect family (repeatable; default: all).")
-@click.option("-n", "--n-per-kind", type=click.IntRange(min=1), default=4)
-@click.option("--seed", type=int, default=0)
+@click.option("-n", "--n-per-kind", type=click.IntRange(min=1), default=4, help="Examples of each kind.")
+@click.option("--seed", type=int, default=0, help="Seed of the defects drawn (same seed, same examples).")
 def make_defects_cmd(image_dir: Path, out: Path, kinds: tuple[str, ...], n_per_kind: int, seed: int) -> None:
     """Write examples of each synthetic defect family (the refiner's training data) to OUT.
 

@@ -181,14 +181,21 @@ def train_options(fn: Any) -> Any:
     options = [
         click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      default=None,
-                     help="TrainConfig JSON (or a bundle's manifest.json) as the base; other options override it."),
+                     help="TrainConfig JSON as the base: any subset of its sections (features, coreset, neighbourhood, "
+                          "position, scoring, refiner, geometry) and keys (mode, seed, batch_size), the rest default "
+                          "(a bundle's manifest.json: its config). Other options override it; a relative "
+                          "features.weights is taken from the file's folder."),
         click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
                      help="Base settings: default, or paper (the authors': 480 px, 1% coreset, 10 x 2048 MLP, "
                           "+-4 spread, mean of the priors, blur 8; for a GPU). Other options override it."),
-        click.option("--image-size", type=int, default=None, help="Model input size in pixels (default 320)."),
-        click.option("--coreset-ratio", type=float, default=None, help="Fraction of patches kept in C_emb."),
-        click.option("--dist-size", type=int, default=None, help="|C_dist| (paper 2048, capped by |C_emb|)."),
-        click.option("--epochs", type=int, default=None, help="Neighbourhood-MLP epochs."),
+        click.option("--image-size", type=int, default=None,
+                     help="Model input size in pixels (default 320; --preset paper 480; a --config file's own)."),
+        click.option("--coreset-ratio", type=float, default=None,
+                     help="Fraction of patches kept in C_emb, in (0, 1] (default 0.05; --preset paper 0.01)."),
+        click.option("--dist-size", type=int, default=None,
+                     help="|C_dist|, a prefix of C_emb's greedy order (default 2048 as in the paper, capped by |C_emb|)."),
+        click.option("--epochs", type=int, default=None,
+                     help="Neighbourhood-MLP epochs at most (default 12; stops earlier when validation stops improving)."),
         click.option("--mlp-precision", type=click.Choice(list(MLP_PRECISIONS)), default=None,
                      help="Neighbourhood-MLP training steps: auto (the default config's: bfloat16 autocast where "
                           "the CPU has native bf16, AVX512-BF16 or AMX, the MLP 1.2-1.8x faster at the same "
@@ -218,7 +225,8 @@ def train_options(fn: Any) -> Any:
                           "camera's data written unshifted, 1023 for 10-bit). Recorded in the bundle: every command "
                           "reads its images on this scale and refuses brighter pixels."),
         click.option("--coreset-candidates", type=int, default=None,
-                     help="Cap the coreset's candidate patch rows by a seeded subsample (keeps tiled training fast)."),
+                     help="Cap the coreset's candidate patch rows by a seeded subsample (keeps tiled training fast; "
+                          "default: every row)."),
     ]
     for option in reversed(options):
         fn = option(fn)
