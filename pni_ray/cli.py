@@ -153,7 +153,9 @@ def train(data_root: Path, category: str, out: Path, backbone: str | None, force
     trained = fit_category(data_root, category, cfg, n_threads)  # the category's files are checked first
     save_bundle(trained, out, overwrite=force)  # something at OUT by now: one Error: line (Commands)
     secs = trained.report["seconds"]
-    click.echo(f"trained {category} ({cfg.mode}, {cfg.features.backbone}) in {secs['total']:.1f} s -> {out}")
+    scored = cfg.scoring.mode if cfg.mode == "pni" else "patchcore"  # what evaluate, export and score run
+    mode = cfg.mode if scored == cfg.mode else f"{cfg.mode} model scored in {scored} mode (scoring.mode)"
+    click.echo(f"trained {category} ({mode}, {cfg.features.backbone}) in {secs['total']:.1f} s -> {out}")
 
 
 @main.command()
