@@ -15,6 +15,7 @@ def fake_ray(monkeypatch):
     calls: list[dict] = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(ray_session, "unreachable", lambda target: None)  # the addresses below answer nothing
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     return calls
 
@@ -67,6 +68,7 @@ def _init_raises(monkeypatch, error: BaseException) -> None:
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", fail)
+    monkeypatch.setattr(ray_session, "unreachable", lambda target: None)
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
 
 
@@ -90,3 +92,27 @@ def test_unreachable_cluster_without_token_mode_mentions_it(monkeypatch):
     _init_raises(monkeypatch, ConnectionError("Failed to connect to Ray cluster at 127.0.0.2:6390"))
     with pytest.raises(RayJoinError, match="(?s)from --address.*if the cluster uses token authentication"):
         join_ray("127.0.0.2:6390")
+
+
+def test_an_address_nothing_answers_at_is_refused_at_once_without_the_token_hint(monkeypatch):
+    """ray.init retried 127.0.0.1:1 for over 10 minutes; `auto` with no cluster is no token problem either."""
+    import socket
+    import time
+
+    ray = pytest.importorskip("ray")
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    t0 = time.perf_counter()
+    with pytest.raises(RayJoinError, match=rf"cannot join the Ray cluster at 127.0.0.1:{port} \(from --address\): "
+                                           rf"nothing answers at 127.0.0.1:{port} \(Connection refused\)"):
+        join_ray(f"127.0.0.1:{port}")
+    assert time.perf_counter() - t0 < 5 and not calls
+    assert ray_session.unreachable("auto") is None and ray_session.unreachable("ray://10.0.0.1:10001") is None
+    text = ray_session.join_error_message("auto", "--address", ConnectionError(
+        "Could not find any running Ray instance. Please specify the one to connect to"))
+    assert "token" not in text

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -34,6 +35,9 @@ ADDRESS_ENV = "RAY_ADDRESS"
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 LOCAL = "local"
 EMBEDDED, FLAG, ENV, EXISTING = "embedded", "--address", ADDRESS_ENV, "existing"
+# seconds a head's GCS port has to accept a connection before the join is refused: ray.init itself retried
+# an address nothing listened on for over 10 minutes (Ray 2.60), so a cron job with a wrong address hung
+PROBE_SECONDS = 10.0
 
 
 class RayJoinError(ConnectionError):
@@ -101,6 +105,10 @@ def join_ray(
         if target is None:
             ray.init(**local_init_kwargs(num_cpus, object_store_bytes), **common)
             return RaySession(LOCAL, EMBEDDED, started=True, is_cluster=False)
+        problem = unreachable(target)
+        if problem:
+            raise RayJoinError(f"cannot join the Ray cluster at {target} (from {source}): {problem}: check the "
+                               "address, and that the head runs (`ray status` on it)")
         try:
             ray.init(address=target, **common)
         except Exception as exc:  # noqa: BLE001 - any failure to join is reported with where the address came from
@@ -129,6 +137,20 @@ def _keeping_sigterm_handler() -> Iterator[None]:
             signal.signal(signal.SIGTERM, before)
 
 
+def unreachable(target: str) -> str | None:
+    """Why nothing answers at a host:port address (refused, no such host, silent for PROBE_SECONDS), or None;
+    None also for "auto" and ray:// addresses, which ray.init resolves or reaches itself."""
+    host, sep, port = target.rpartition(":")
+    if target == "auto" or "://" in target or not sep or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_SECONDS):
+            return None
+    except OSError as exc:
+        why = exc.strerror or str(exc) or type(exc).__name__
+        return f"nothing answers at {host}:{port} ({why}{f' within {PROBE_SECONDS:g} s' if isinstance(exc, TimeoutError) else ''})"
+
+
 def join_error_message(address: str, source: str, exc: BaseException) -> str:
     """What failed, which address (and from where), and the token-auth hint when it may apply.
 
@@ -137,7 +159,8 @@ def join_error_message(address: str, source: str, exc: BaseException) -> str:
     """
     text = f"cannot join the Ray cluster at {address} (from {source}): {type(exc).__name__}: {exc}"
     auth = type(exc).__name__ == "AuthenticationError" or "authentication" in str(exc).lower()
-    if (auth or isinstance(exc, ConnectionError)) and os.environ.get(AUTH_MODE_ENV, "").lower() != "token":
+    found = "could not find any running ray instance" not in str(exc).lower()  # `auto` with no cluster: no token issue
+    if (auth or (isinstance(exc, ConnectionError) and found)) and os.environ.get(AUTH_MODE_ENV, "").lower() != "token":
         text += (f"\n{'the cluster uses' if auth else 'if the cluster uses'} token authentication (Ray turns it on for "
                  f"`ray start --head` whenever a token exists): set {AUTH_MODE_ENV}=token and provide the cluster's "
                  "token (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN; `ray get-auth-token` on the head "
