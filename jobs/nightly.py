@@ -19,6 +19,7 @@ Config (TOML or JSON; relative paths are relative to the config file; see nightl
     engine, address, batch_size, workers, cpus_per_worker, gpus_per_worker, max_pixels, chunk_size,
     backbone_runtime, backbone_precision:
                  as for `pni-ray score` (backbone_runtime "openvino": exports only, OpenVINO installed)
+    threads      engine "local" only: torch / ONNX Runtime threads (default: all cores), as `score --threads`
 
 Writes, inside the partition: part-*.parquet (the table), _summary.json (counts, failures,
 anomaly rate, top N), _report.html, and _nightly.json (this run: config, date, timings, exit code;
@@ -68,10 +69,11 @@ DEFAULTS: dict[str, Any] = {
     "backbone_runtime": "onnxruntime",
     "backbone_precision": "auto",
     "retry_failed": False,
+    "threads": None,
 }
 # each key's kind, checked when the config is read (a bad value is a config error, exit 2): whole numbers
 # with their least value, numbers likewise, and true/false
-WHOLE = {"top_n": 0, "report_top": 0, "batch_size": 1, "max_pixels": 1, "chunk_size": 1, "workers": 0}
+WHOLE = {"top_n": 0, "report_top": 0, "batch_size": 1, "max_pixels": 1, "chunk_size": 1, "workers": 0, "threads": 1}
 NUMBER = {"cpus_per_worker": 0.0, "gpus_per_worker": 0.0}
 SWITCH = ("report", "fail_on_errors", "retry_failed")
 REQUIRED = ("model", "inputs", "output_root")
@@ -152,7 +154,7 @@ def value_problem(cfg: dict[str, Any]) -> str | None:
     become ints in `cfg`)."""
     for key, least in WHOLE.items():
         value = cfg[key]
-        if key == "workers" and value is None:
+        if key in ("workers", "threads") and value is None:
             continue
         if isinstance(value, float) and value.is_integer():  # 5e7 in TOML is a float
             value = cfg[key] = int(value)
@@ -240,7 +242,8 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
                    gpus_per_worker=float(cfg["gpus_per_worker"]), map_format=cfg["map_format"],
                    max_pixels=int(cfg["max_pixels"]), chunk_size=int(cfg["chunk_size"]), address=cfg["address"],
                    address_named_by=f"address in {cfg['_config_path']}",
-                   backbone_runtime=cfg["backbone_runtime"], backbone_precision=cfg["backbone_precision"])
+                   backbone_runtime=cfg["backbone_runtime"], backbone_precision=cfg["backbone_precision"],
+                   threads=cfg["threads"])
     log.info("nightly %s: %d input specs -> %s", day, len(inputs), out)
     # until this run ends, its record says so: a killed run leaves "running", not yesterday's counts (a
     # record already "running" is left alone: it may be a live run's, which holds OUT's lock)

@@ -38,7 +38,9 @@ def test_config_parsing_and_validation(tmp_path):
     assert cfg["model"] == str(tmp_path / "models" / "washer") and cfg["inputs"] == [str(tmp_path / "img" / "{date}")]
     assert cfg["output_root"] == str(tmp_path / "results") and cfg["map_format"] == "float16" and cfg["top_n"] == 20
     cfg = nightly.load_config(write_toml(tmp_path / "f.toml", model="m", inputs="i", output_root="o", max_pixels=5e7,
-                                         batch_size=8.0, workers=0))
+                                         batch_size=8.0, workers=0, threads=1))
+    assert cfg["threads"] == 1 and nightly.load_config(write_toml(tmp_path / "t.toml", model="m", inputs="i",
+                                                                  output_root="o"))["threads"] is None
     assert cfg["max_pixels"] == 50_000_000 and type(cfg["max_pixels"]) is int and cfg["batch_size"] == 8  # 5e7: a float
     (tmp_path / "n.json").write_text(json.dumps({"model": "/m", "inputs": ["@lists/{date}.txt", "/abs/*.png"],
                                                  "output_root": "/r", "engine": "local"}))
@@ -57,6 +59,7 @@ def test_config_parsing_and_validation(tmp_path):
                         "batch_size must be a whole number >= 1, not 'eight'"),
                        ({"model": "/m", "inputs": "/i", "output_root": "/o", "chunk_size": 0}, "chunk_size must be"),
                        ({"model": "/m", "inputs": "/i", "output_root": "/o", "workers": -1}, "workers must be"),
+                       ({"model": "/m", "inputs": "/i", "output_root": "/o", "threads": 0}, "threads must be"),
                        ({"model": "/m", "inputs": "/i", "output_root": "/o", "top_n": 2.5}, "top_n must be"),
                        ({"model": "/m", "inputs": "/i", "output_root": "/o", "gpus_per_worker": "1"}, "gpus_per_worker"),
                        ({"model": "/m", "inputs": "/i", "output_root": "/o", "cpus_per_worker": 0}, "cpus_per_worker"),
@@ -233,3 +236,21 @@ def test_a_cluster_the_nightly_cannot_join_is_refused_in_one_message(tmp_path, b
     assert "set RAY_AUTH_MODE=token" in record["error"]
     err = capsys.readouterr().err
     assert "Traceback" not in err and "cannot join the Ray cluster" in err
+
+
+def test_nightly_threads_reach_the_local_engine(tmp_path, bundle_tiny, monkeypatch):
+    from pni_ray.orchestration import score as score_module
+
+    seen = []
+
+    def engine(rows, info, opts):
+        seen.append(opts.threads)
+        return score_module.run_local(rows, info, opts)
+
+    monkeypatch.setitem(score_module.ENGINES, "local", engine)
+    (tmp_path / "in").mkdir()
+    Image = pytest.importorskip("PIL.Image")
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "in" / "a.png")
+    config = write_toml(tmp_path / "n.toml", model=str(bundle_tiny), inputs=["in"], output_root="out", engine="local",
+                        threads=1)
+    assert nightly.main(["--config", str(config), "--date", "2024-01-02", "-q"]) == nightly.EXIT_OK and seen == [1]

@@ -343,7 +343,12 @@ def test_evaluate_and_report_refuse_what_they_cannot_do_before_the_work(tmp_path
     part = sorted(out.glob("part-*.parquet"))[0]
     into = runner.invoke(main, ["report", str(out), "--html", str(part)])
     assert into.exit_code == 2 and "the report would be written inside" in into.output
-    assert runner.invoke(main, ["report", str(out), "--html", str(out / "report.html")]).exit_code == 0
+    plain = runner.invoke(main, ["report", str(out), "--html", str(out / "report.html")])  # pd.read_parquet(OUT) would
+    assert plain.exit_code == 2 and "inside OUT a report needs a name starting with _" in plain.output  # read it
+    assert runner.invoke(main, ["report", str(out), "--html", str(out / "_report.html")]).exit_code == 0
+    import pandas as pd
+
+    assert len(pd.read_parquet(out)) == len(list((synthetic_root / "washer" / "test").rglob("*.png")))
     into_fifo = runner.invoke(main, ["report", str(out), "--html", str(fifo)])
     assert into_fifo.exit_code == 2 and "cannot write the report: it is a FIFO" in into_fifo.output
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)

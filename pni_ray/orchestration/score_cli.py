@@ -7,6 +7,7 @@ Ray Data pipeline) and pni_ray.report.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import click
 
 from pni_ray.data.images import DEFAULT_MAX_PIXELS
+from pni_ray.fileio import inside
 from pni_ray.options import RunFailed, backbone_options, check_output_file
 from pni_ray.orchestration.ray_session import RayJoinError
 from pni_ray.orchestration.score import ENGINES, Options, ScoreError, score
@@ -132,6 +134,11 @@ def report_cmd(out: Path, html_path: Path, top_n: int, title: str | None) -> Non
     from pni_ray.report import write_report
 
     check_output_file(html_path, "report", out, allowed_inside=(".html", ".htm"))
+    target, root = Path(os.path.realpath(html_path)), Path(os.path.realpath(out))
+    if inside(target, root) and not any(p.startswith(("_", ".")) for p in target.relative_to(root).parts):
+        raise click.UsageError(f"{html_path}: inside OUT a report needs a name starting with _ (as the nightly job's "
+                               "_report.html): Parquet readers take every other file there for data, and "
+                               "pd.read_parquet(OUT) would fail on it")
     try:
         info = write_report(out, html_path, top_n=top_n, title=title)
     except ValueError as exc:
