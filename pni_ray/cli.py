@@ -234,7 +234,9 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
     with --backbone-runtime openvino), in the one mode it was exported in.
     """
     from pni_ray.bundle import atomic_write_json
-    from pni_ray.evaluate import ABLATION_MODES, DIAGNOSTIC_KEYS, attach_diagnostics, evaluate_category, prior_diagnostics
+    from pni_ray.config import float_from_json
+    from pni_ray.evaluate import (ABLATION_MODES, DIAGNOSTIC_KEYS, attach_diagnostics, evaluate_category,
+                                  prior_diagnostics, threshold_line)
     from pni_ray.inference import load_detector
     from pni_ray.predict import default_name, detector_geometry
     from pni_ray.orchestration.model_loader import model_kind
@@ -280,9 +282,14 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
         deployed = default_name(detector, modes[0])  # what `score` and the exports run: "+refine" with a refiner
         refine_modes = modes if deployed.endswith("+refine") else ()
     t0 = time.perf_counter()
-    results = evaluate_category(detector, cat, modes=modes, refine_modes=refine_modes, batch_size=batch_size)
+    own = default_name(detector)  # the mode `score` runs, whose threshold decides is_anomalous
+    results = evaluate_category(detector, cat, modes=modes, refine_modes=refine_modes, batch_size=batch_size,
+                                decision=(own, float_from_json("threshold", manifest.get("threshold"))))
     log.info("evaluated %d images in %.1f s", len(cat.test), time.perf_counter() - t0)
     print_table(results)
+    decided = threshold_line(own, results.get(own, {}))
+    if decided:
+        click.echo(decided)
     if ablation:
         attach_diagnostics(results, prior_diagnostics(detector, cat, modes, batch_size), manifest)
         measured = {m: row for m, row in results.items() if any(row.get(k) is not None for k in DIAGNOSTIC_KEYS)}
@@ -305,7 +312,7 @@ def evaluate_export(path: Path, data_root: Path, category: str | None, json_path
                     threads: int | None, backbone_runtime: str, backbone_precision: str, image_only: bool = False) -> None:
     """`evaluate` of an export directory: the deployment's own runtime, maps and image scores."""
     from pni_ray.bundle import atomic_write_json
-    from pni_ray.evaluate import evaluate_model
+    from pni_ray.evaluate import evaluate_model, threshold_line
     from pni_ray.orchestration.model_loader import load_scoring_model
 
     try:
@@ -323,6 +330,9 @@ def evaluate_export(path: Path, data_root: Path, category: str | None, json_path
     log.info("evaluated %d images in %.1f s (backbone in %s)", len(cat.test), time.perf_counter() - t0,
              model.runtime.backbone_label)
     print_table(results)
+    decided = threshold_line(name, results[name])
+    if decided:
+        click.echo(decided)
     if json_path:
         payload: dict[str, Any] = {"category": cat.name, "export": str(path), "n_test_images": len(cat.test),
                                    **results[name], "mode": name, "backbone_runtime": model.runtime.backbone_label}

@@ -8,6 +8,7 @@ are what a deployment of that mode would see.
 from __future__ import annotations
 
 import dataclasses
+import math
 import logging
 import time
 from dataclasses import dataclass
@@ -95,8 +96,10 @@ def run_model(model: Any, paths: list[Path], name: str, batch_size: int = 8, pro
     return _score_paths(model.geometry, paths, [name], batch_size, score_batch, progress)
 
 
-def category_metrics(category: Category, results: dict[str, ModeResult]) -> dict[str, dict]:
-    """Per-name metrics dict: image_auroc, pixel_auroc, aupro, f1_max, images_per_s, n_test_images."""
+def category_metrics(category: Category, results: dict[str, ModeResult],
+                     decision: tuple[str, float] | None = None) -> dict[str, dict]:
+    """Per-name metrics dict: image_auroc, pixel_auroc, aupro, f1_max, images_per_s, n_test_images; for the
+    name of `decision` (the deployed mode, its threshold) also `at_threshold`."""
     labels = np.array([s.label for s in category.test])
     masks = None if category.image_only else [  # image-only: the pixel metrics are n/a, never "no defect pixel"
         category.mask(s, m.shape) for s, m in zip(category.test, next(iter(results.values())).maps)]
@@ -111,7 +114,29 @@ def category_metrics(category: Category, results: dict[str, ModeResult]) -> dict
             "images_per_s": len(category.test) / res.seconds if res.seconds > 0 else float("nan"),
             "n_test_images": len(category.test),
         }
+        if decision is not None and decision[0] == name:
+            out[name]["at_threshold"] = at_threshold(labels, res.scores, decision[1])
     return out
+
+
+def at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any] | None:
+    """What the model's own decision (`score`'s is_anomalous: image score > threshold) does on labelled images,
+    where F1-max picks the best threshold after the fact; None for a model without a threshold."""
+    if not math.isfinite(threshold):
+        return None
+    labels, flagged = np.asarray(labels, bool), np.asarray(scores) > threshold
+    return {"threshold": float(threshold), "good_flagged": int((flagged & ~labels).sum()), "n_good": int((~labels).sum()),
+            "defects_missed": int((~flagged & labels).sum()), "n_defect": int(labels.sum())}
+
+
+def threshold_line(name: str, row: dict[str, Any]) -> str | None:
+    """One line on how the deployed threshold decides the test images (evaluate's output)."""
+    t = row.get("at_threshold")
+    if not t:
+        return None
+    return (f"at the model's threshold {t['threshold']:.4g} ({name}, as `score` decides is_anomalous): "
+            f"{t['good_flagged']} of {t['n_good']} good images flagged, {t['defects_missed']} of {t['n_defect']} "
+            "defect images missed")
 
 
 def _test_paths(category: Category) -> list[Path]:
@@ -132,16 +157,19 @@ def evaluate_category(
     refine_modes: tuple[str, ...] = (),
     batch_size: int = 8,
     progress: bool = True,
+    decision: tuple[str, float] | None = None,
 ) -> dict[str, dict]:
-    """Per-mode metrics dict: image_auroc, pixel_auroc, aupro, f1_max, images_per_s, n_test_images."""
+    """Per-mode metrics dict (`category_metrics`)."""
     paths = _test_paths(category)
     modes = modes or (detector.mode,)
-    return category_metrics(category, run_modes(detector, paths, modes, batch_size, refine_modes, progress))
+    return category_metrics(category, run_modes(detector, paths, modes, batch_size, refine_modes, progress), decision)
 
 
 def evaluate_model(model: Any, category: Category, name: str, batch_size: int = 8, progress: bool = True) -> dict[str, dict]:
-    """`{name: metrics}` of a scoring model (an export directory as `pni-ray score` runs it) on the test split."""
-    return category_metrics(category, run_model(model, _test_paths(category), name, batch_size, progress))
+    """`{name: metrics}` of a scoring model (an export directory as `pni-ray score` runs it) on the test split,
+    with its own threshold's decisions."""
+    return category_metrics(category, run_model(model, _test_paths(category), name, batch_size, progress),
+                            (name, float(model.threshold)))
 
 
 def defect_cells(geometry: Geometry, mask: np.ndarray) -> np.ndarray:

@@ -41,6 +41,22 @@ def test_evaluate_json(cli_bundle, synthetic_root, tmp_path):
         assert 0.0 <= data[key] <= 1.0
     assert data["n_test_images"] == 4 + 2 * 2
     assert "image_auroc" in result.output
+    # the model's own decision on the labelled images, as `score` writes is_anomalous
+    from pni_ray.orchestration.score import Options, score
+
+    decided = data["at_threshold"]
+    manifest = json.loads((cli_bundle / "manifest.json").read_text())
+    assert decided["threshold"] == manifest["threshold"] and (decided["n_good"], decided["n_defect"]) == (4, 4)
+    summary = score(cli_bundle, [str(synthetic_root / "granite" / "test")], tmp_path / "s", Options(threads=1),
+                    engine="local")
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(tmp_path / "s", columns=["path", "is_anomalous"]).to_pylist()
+    good = [r["is_anomalous"] for r in rows if "/good/" in r["path"]]
+    defect = [r["is_anomalous"] for r in rows if "/good/" not in r["path"]]
+    assert (sum(good), len(defect) - sum(defect)) == (decided["good_flagged"], decided["defects_missed"])
+    assert summary["rows"] == 8 and (f"{decided['good_flagged']} of 4 good images flagged, "
+                                     f"{decided['defects_missed']} of 4 defect images missed") in result.output
 
 
 def test_evaluate_ablation_json(cli_bundle, synthetic_root, tmp_path):
