@@ -150,7 +150,8 @@ def train(data_root: Path, category: str, out: Path, backbone: str | None, force
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
     require_category(data_root, category, given=True)
-    trained = fit_category(data_root, category, cfg, n_threads)  # the category's files are checked first
+    # the category's files are checked first; progress bars on a terminal only (not in a job's log file)
+    trained = fit_category(data_root, category, cfg, n_threads, progress=sys.stderr.isatty())
     save_bundle(trained, out, overwrite=force)  # something at OUT by now: one Error: line (Commands)
     secs = trained.report["seconds"]
     scored = cfg.scoring.mode if cfg.mode == "pni" else "patchcore"  # what evaluate, export and score run
@@ -291,7 +292,10 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
     if decided:
         click.echo(decided)
     if ablation:
+        t0 = time.perf_counter()
+        log.info("prior diagnostics: scoring the %d images again in each mode, patch by patch", len(cat.test))
         attach_diagnostics(results, prior_diagnostics(detector, cat, modes, batch_size), manifest)
+        log.info("prior diagnostics in %.1f s", time.perf_counter() - t0)
         measured = {m: row for m, row in results.items() if any(row.get(k) is not None for k in DIAGNOSTIC_KEYS)}
         if measured:  # rows with nothing measured (a refined mode, every mode of an ensemble) left out
             print_table(measured, DIAGNOSTIC_KEYS)

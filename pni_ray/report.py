@@ -207,7 +207,10 @@ def build_report(out: Path | str, top_n: int = 12, title: str | None = None) -> 
     """The report's HTML and a few counts."""
     out = Path(out)
     if not part_files(out):
-        raise ValueError(f"{out}: no part-*.parquet files: not a pni-ray score output (or nothing committed yet)")
+        days = sorted(p.name for p in out.glob("dt=*") if p.is_dir()) if out.is_dir() else []
+        hint = (f"; it holds the nightly job's partitions ({days[0]} .. {days[-1]}): report one, e.g. {out / days[-1]}"
+                if days else "")
+        raise ValueError(f"{out}: no part-*.parquet files: not a pni-ray score output (or nothing committed yet){hint}")
     rows, meta = _read_light(out)
     dataset = _dataset(out)
     threshold = _threshold(dataset, meta)

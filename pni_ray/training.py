@@ -192,7 +192,8 @@ def train_neighbourhood_mlp(
         val = evaluate_mlp(mlp, features, targets, valid, val_idx) if n_val else {}
         history.append({"epoch": epoch + 1, "train_images": len(order), "train_loss": total / max(count, 1), **val})
         bar.set_postfix(loss=f"{total / max(count, 1):.3f}", val_acc=f"{val.get('val_top1', float('nan')):.3f}")
-        log.info("MLP epoch %d: %s", epoch + 1, history[-1])
+        log.info("MLP epoch %d of %d: %d images, train loss %.4f%s", epoch + 1, cfg.epochs, len(order),
+                 total / max(count, 1), "".join(f", {k.replace('_', ' ')} {v:.4f}" for k, v in val.items()))
         if "val_loss" in val:
             if best is None or val["val_loss"] < best[0]:
                 best = (val["val_loss"], epoch + 1, copy.deepcopy(mlp.state_dict()))

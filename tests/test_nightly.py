@@ -116,6 +116,10 @@ def test_nightly_run_writes_partition_summary_report_and_resumes(tmp_path, synth
     # the partitioned table: readable as a hive dataset, the dt column from the directory name
     table = pads.dataset(tmp_path / "results", format="parquet", partitioning="hive").to_table()
     assert table.num_rows == n_images and set(table.column("dt").to_pylist()) == {day}
+    from pni_ray.report import build_report
+
+    with pytest.raises(ValueError, match=rf"holds the nightly job's partitions \(dt={day} .. dt={day}\): report one"):
+        build_report(tmp_path / "results")  # the root, not a day
     # a rerun the same day resumes: nothing scheduled, nothing duplicated
     write_toml(config, model=str(bundle_tiny), inputs=["line/{date}"], output_root="results", engine="local",
                top_n=3, chunk_size=8, fail_on_errors=False)

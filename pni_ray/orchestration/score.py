@@ -378,6 +378,10 @@ def worker_count(opts: Options, resources: dict[str, float], n_chunks: int) -> i
     else:
         workers = max(1, int(resources.get("CPU", 1) // max(opts.cpus_per_worker, 1e-3)))
     used = max(1, min(workers, n_chunks))
+    cpus = resources.get("CPU", 0)
+    if opts.gpus_per_worker == 0 and cpus and used * opts.cpus_per_worker > cpus:
+        log.warning("ray scoring: %d workers x %g CPU, but the cluster has %g CPUs: %d run at a time, the rest wait "
+                    "(--workers)", used, opts.cpus_per_worker, cpus, max(1, int(cpus // opts.cpus_per_worker)))
     if used < workers:
         log.info("ray scoring: %d chunk(s) to score, of at most %d images each (--chunk-size): %d worker(s), not %d",
                  n_chunks, opts.chunk_size, used, workers)
