@@ -292,8 +292,9 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
         raise ValueError(f"{bundle} is a PatchCore-only bundle: it exports in mode 'patchcore' only")
     if mode != detector.mode:  # its threshold bounds held-out scores of the bundle's own mode, not of this one
         log.warning("%s: its threshold was calibrated on %s-mode scores; the export scores in mode %s, so it has no "
-                    "threshold (is_anomalous null; scores and maps as usual): for one, train with --mode %s (or "
-                    "scoring.mode) and export that bundle", bundle, detector.mode, mode, mode)
+                    "threshold (is_anomalous null; scores and maps as usual): for one, export a bundle trained to "
+                    "score in mode %s (%s)", bundle, detector.mode, mode, mode,
+                    "train --mode patchcore" if mode == "patchcore" else "scoring.mode in a train --config file")
         bmanifest = {**bmanifest, "threshold": None, "normalisation": {**bmanifest["normalisation"], "threshold": None}}
     geometry = detector_geometry(detector)
     canvas, model_input, grid = export_shapes(detector, geometry, bundle)
@@ -356,7 +357,8 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
         table_files = _write_tables(tmp, st, detector, bmanifest)
         manifest = {
             "format": tables.FORMAT,
-            "format_version": tables.FORMAT_VERSION,
+            "format_version": (tables.FORMAT_VERSION if geometry.cfg.white_level is not None
+                               or geometry.content_extent is not None else 1),
             "model_id": bundle_model_id(bundle),
             "source_bundle": {"path": str(bundle.resolve()), "format_version": bmanifest.get("format_version"),
                               "files": bmanifest["files"]},

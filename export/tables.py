@@ -51,7 +51,10 @@ from pni_ray.fileio import atomic_write_json as write_json  # noqa: F401 (used a
 from pni_ray.fileio import read_arrow, read_manifest_json, sha256_file, write_arrow  # noqa: F401 (tables.read_arrow)
 
 FORMAT = "pni-ray-export"
-FORMAT_VERSION = 1
+# 2: the export reads 16-bit grey on a white level or refuses letterbox content sizes (geometry.white_level,
+# content_extent), which a reader of 1 would ignore without a word; one that uses neither is written as 1,
+# which every reader takes
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 C_EMB = "c_emb.arrow"

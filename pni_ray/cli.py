@@ -199,6 +199,10 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
     rcfg = trained.config.refiner
     changes = {k: v for k, v in (("epochs", epochs), ("n_samples", samples), ("source", source)) if v is not None}
     trained.config = trained.config.replace(refiner=dataclasses.replace(rcfg, enabled=True, **changes))
+    try:  # a bundle trained with a seed or refiner setting the refiner cannot take: said now, not after minutes
+        trained.config.check_trainable()
+    except ValueError as exc:
+        raise click.ClickException(f"{bundle}: {exc}") from None
     try:  # before any work: train/good must still hold the images the bundle held out
         split_refiner_images(good_images(data_root, category or manifest["category"]), trained.config,
                              held_out_names(trained))

@@ -52,8 +52,6 @@ class FeatureConfig:
         _require(self.patch_size >= 1 and self.patch_size % 2 == 1,
                  f"features.patch_size is an odd number of patches >= 1, got {self.patch_size!r}")
         _one_of("features.pool_padding", self.pool_padding, POOL_PADDINGS)
-        _require(self.projection_dim is None or self.projection_dim >= 1,
-                 f"features.projection_dim is a feature width >= 1 (null: the backbone's), got {self.projection_dim!r}")
 
 
 @dataclass(frozen=True)
@@ -68,8 +66,7 @@ class CoresetConfig:
     max_candidates: int | None = None  # seeded subsample of patch rows the greedy search runs over (tiling)
 
     def __post_init__(self) -> None:
-        _require(0.0 < self.ratio <= 1.0,
-                 f"coreset.ratio is the share of patches kept, in (0, 1] (1: every patch), got {self.ratio!r}")
+        _require(self.ratio > 0.0, f"coreset.ratio is the share of patches kept, > 0 (1: every patch), got {self.ratio!r}")
         _require(1 <= self.min_size <= self.max_size,
                  f"coreset sizes need 1 <= min_size <= max_size, got {self.min_size!r} and {self.max_size!r}")
         _require(self.projection_dim >= 0 and self.chunk_size >= 1
@@ -141,9 +138,6 @@ class NeighbourhoodConfig:
         _require(self.lr_step >= 1 and self.lr_gamma > 0 and self.patience >= 0 and 0 <= self.val_fraction < 1,
                  f"neighbourhood needs lr_step >= 1, lr_gamma > 0, patience >= 0 and 0 <= val_fraction < 1, got "
                  f"{self.lr_step!r}, {self.lr_gamma!r}, {self.patience!r}, {self.val_fraction!r}")
-        _require(all(v is None or v >= 1 for v in (self.bottleneck, self.positions_per_image)),
-                 f"neighbourhood.bottleneck and positions_per_image are >= 1 (null: the feature width, every position), "
-                 f"got {self.bottleneck!r} and {self.positions_per_image!r}")
         if self.batch_images < 1 or (self.images_per_epoch is not None and self.images_per_epoch < 1):
             raise ValueError(f"neighbourhood.batch_images and images_per_epoch must be >= 1 (images_per_epoch may be "
                              f"null: all), got {self.batch_images!r}, {self.images_per_epoch!r}")
@@ -289,13 +283,10 @@ class RefinerConfig:
                  and not sum(self.defect_weights.values()) <= 0,
                  f"refiner.defect_weights maps defect kinds ({', '.join(DEFECT_KINDS)}) to weights >= 0, not all 0, "
                  f"got {self.defect_weights!r}")
-        _require(isinstance(self.decoder_channels, (tuple, list)) and len(self.decoder_channels) == 5
+        _require(isinstance(self.decoder_channels, (tuple, list)) and bool(self.decoder_channels)
                  and all(_is_count(c) for c in self.decoder_channels),
                  f"refiner.decoder_channels is a list of 5 whole numbers >= 1 (widths at strides 16, 8, 4, 2, 1), "
                  f"got {self.decoder_channels!r}")
-        _require(self.lr > 0 and not self.encoder_lr_scale < 0 and (self.target_sigmas is None or self.target_sigmas > 0),
-                 f"refiner needs lr > 0, encoder_lr_scale >= 0 and target_sigmas > 0 (null: measured), got {self.lr!r}, "
-                 f"{self.encoder_lr_scale!r} and {self.target_sigmas!r}")
         _require(self.n_samples >= 2 and self.epochs >= 1 and self.batch_size >= 1 and self.image_size >= 32,
                  f"refiner needs n_samples >= 2, epochs >= 1, batch_size >= 1 and image_size >= 32, got "
                  f"{self.n_samples!r}, {self.epochs!r}, {self.batch_size!r}, {self.image_size!r}")
@@ -359,10 +350,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _one_of("mode", self.mode, TRAIN_MODES)
-        # numpy's seed range: the refiner's generators refuse negative seeds, torch's overflow near 2**63
-        _require(type(self.seed) is int and 0 <= self.seed < 2**32,
-                 f"seed is a whole number in 0..{2**32 - 1}, got {self.seed!r}")
-        _require(self.batch_size >= 1, f"batch_size is the images per backbone forward, >= 1, got {self.batch_size!r}")
         # a bundle's manifest is strict JSON (no Infinity or NaN): a non-finite setting could not be written
         # and read back as itself (an infinite neighbourhood.cut would read back as null, "chosen")
         for path, value in _floats(self):
@@ -373,7 +360,35 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        return _build(cls, data)
+        """A config to train with (a --config file): `check_trainable` as well as each section's checks."""
+        cfg = _build(cls, data)
+        cfg.check_trainable()
+        return cfg
+
+    def check_trainable(self) -> None:
+        """Values that failed only after the PNI model had trained, or were read as another value (0 as null),
+        refused before training. Not applied to a bundle's recorded config (`from_manifest`): bundles trained
+        with such values before this check still load and score as they did."""
+        # numpy's seed range: the refiner's generators refuse negative seeds, torch's overflow near 2**63
+        _require(not isinstance(self.seed, bool) and isinstance(self.seed, int) and 0 <= self.seed < 2**32,
+                 f"seed is a whole number in 0..{2**32 - 1}, got {self.seed!r}")
+        _require(self.batch_size >= 1, f"batch_size is the images per backbone forward, >= 1, got {self.batch_size!r}")
+        _require(self.features.projection_dim is None or self.features.projection_dim >= 1,
+                 f"features.projection_dim is a feature width >= 1 (null: the backbone's), got "
+                 f"{self.features.projection_dim!r}")
+        _require(self.coreset.ratio <= 1.0,
+                 f"coreset.ratio is the share of patches kept, in (0, 1] (1: every patch), got {self.coreset.ratio!r}")
+        n = self.neighbourhood
+        _require(all(v is None or v >= 1 for v in (n.bottleneck, n.positions_per_image)),
+                 f"neighbourhood.bottleneck and positions_per_image are >= 1 (null: the feature width, every position), "
+                 f"got {n.bottleneck!r} and {n.positions_per_image!r}")
+        r = self.refiner
+        _require(len(r.decoder_channels) == 5,
+                 f"refiner.decoder_channels is a list of 5 whole numbers >= 1 (widths at strides 16, 8, 4, 2, 1), "
+                 f"got {r.decoder_channels!r}")
+        _require(r.lr > 0 and not r.encoder_lr_scale < 0 and (r.target_sigmas is None or r.target_sigmas > 0),
+                 f"refiner needs lr > 0, encoder_lr_scale >= 0 and target_sigmas > 0 (null: measured), got {r.lr!r}, "
+                 f"{r.encoder_lr_scale!r} and {r.target_sigmas!r}")
 
     @classmethod
     def from_manifest(cls, data: dict[str, Any]) -> "TrainConfig":

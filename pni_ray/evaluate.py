@@ -124,7 +124,8 @@ def at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> di
     where F1-max picks the best threshold after the fact; None for a model without a threshold."""
     if not math.isfinite(threshold):
         return None
-    labels, flagged = np.asarray(labels, bool), np.asarray(scores) > threshold
+    # in float64, as `score` compares (a float32 comparison can decide a score within float32 rounding otherwise)
+    labels, flagged = np.asarray(labels, bool), np.asarray(scores, np.float64) > float(threshold)
     return {"threshold": float(threshold), "good_flagged": int((flagged & ~labels).sum()), "n_good": int((~labels).sum()),
             "defects_missed": int((~flagged & labels).sum()), "n_defect": int(labels.sum())}
 

@@ -120,6 +120,7 @@ def build_config(
         if mode is not None:
             changes["mode"] = mode
         cfg = cfg.replace(**changes)
+        cfg.check_trainable()
         check_model_names(cfg)
         from pni_ray.geometry import Geometry
 

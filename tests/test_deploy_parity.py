@@ -109,6 +109,8 @@ def test_export_manifest_records_the_geometry(bundles, tmp_path):
     # another aspect ratio is refused by name: short-side's grid, letterbox's content extent (recorded in the export)
     tall = np.full((128, 80, 3), 200, np.uint8)
     assert m["content_extent"] == [[80, 80], [128, 128]]
+    # a reader of format 1 would ignore it without a word: such exports are format 2, the others stay 1
+    assert m["format_version"] == 2 and short.manifest["format_version"] == tiled.manifest["format_version"] == 1
     with pytest.raises(ValueError, match=r"80x128 fills 80 x 128 px of the 128 x 128 letterbox canvas, the training "
                                          r"images 128 x 80 px"):
         model.predict_images([tall])

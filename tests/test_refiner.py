@@ -326,7 +326,9 @@ def test_evaluate_reports_pni_plus_refine(refined_bundle, synthetic_root, tmp_pa
     result = CliRunner().invoke(main, ["evaluate", str(refined_bundle), str(synthetic_root), "--ablation",
                                        "--json", str(out), "--threads", "1"])
     assert result.exit_code == 0, result.output
-    assert result.output.count("pni+refine") == 1  # in the metrics; not a row of n/a among the prior diagnostics
+    rows = [line for line in result.output.splitlines() if line.startswith("pni+refine")]
+    assert len(rows) == 1  # in the metrics; not a row of n/a among the prior diagnostics
+    assert "at the model's threshold" in result.output and "(pni+refine, as `score` decides" in result.output
     modes = json.loads(out.read_text())["modes"]
     assert set(modes) == {"patchcore", "neighbourhood", "position", "pni", "pni+refine"}
     for key in ("image_auroc", "pixel_auroc", "aupro"):

@@ -56,11 +56,22 @@ def test_a_failing_chunk_is_isolated_and_only_its_bad_image_gets_an_error_row(bu
     assert sorted(rows) == ["bad.png", "good_0.png", "good_1.png", "good_2.png", "good_3.png"]
     assert all(rows[f"good_{i}.png"]["error"] is None for i in range(4))
     assert rows["bad.png"]["image_score"] is None
-    assert "bad.png: not scored: its scoring worker failed 3 times in its chunk and 3 times on it alone" in \
+    assert "bad.png: not scored: its scoring worker failed on it in its chunk and again on it alone" in \
         rows["bad.png"]["error"]
     assert summary["missing"] == 0 and summary["failed"] == 1 and summary["run"]["rows_this_run"] == 5
     again = score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=4), engine="dropping")
     assert again["run"]["scheduled"] == 0  # the error row is final: the rerun does not meet the image again
+
+
+def test_a_retry_holding_only_bad_images_writes_their_rows_again(bundle_tiny, inputs, tmp_path, monkeypatch):
+    """--retry-failed (or a resume) whose remaining inputs are all bad is no failure of the workers: it stopped
+    with no error rows, after the retry had removed the old ones, and every rerun stopped again."""
+    shutil.copy(inputs / "bad.png", inputs / "bad2.png")
+    monkeypatch.setitem(score_mod.ENGINES, "dropping", _dropping(lambda p: Path(p).name.startswith("bad")))
+    out = tmp_path / "out"
+    assert score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=4), engine="dropping")["failed"] == 2
+    again = score(bundle_tiny, [str(inputs)], out, Options(threads=1), engine="dropping", retry=True)
+    assert again["run"]["error_rows_retried"] == 2 and again["failed"] == 2 and again["missing"] == 0
 
 
 def test_workers_that_fail_on_every_image_stop_the_run_without_error_rows(bundle_tiny, inputs, tmp_path, monkeypatch):

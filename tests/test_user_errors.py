@@ -84,7 +84,7 @@ def test_too_few_good_images_are_refused_with_what_to_add(tmp_path, synthetic_ro
     ({"neighbourhood": None}, "neighbourhood is a section of settings"),
     ({"features": {"image_size": 7}}, "image_size must be >= 32"),
     ({"features": {"patch_size": 4}}, "patch_size is an odd number"),
-    ({"coreset": {"ratio": 0}}, r"coreset.ratio is the share of patches kept, in \(0, 1\]"),
+    ({"coreset": {"ratio": 0}}, r"coreset.ratio is the share of patches kept, > 0"),
     ({"coreset": {"min_size": 0}}, "min_size <= max_size"),
     ({"neighbourhood": {"epochs": 0}}, "epochs, dist_size and hidden >= 1"),
     ({"neighbourhood": {"dist_size": 0}}, "epochs, dist_size and hidden >= 1"),
@@ -123,6 +123,16 @@ def test_too_few_good_images_are_refused_with_what_to_add(tmp_path, synthetic_ro
 def test_bad_config_values_fail_when_the_config_is_read(bad, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig.from_dict(bad)
+
+
+def test_a_bundles_recorded_config_loads_with_values_training_now_refuses():
+    """Bundles trained with a ratio above 1, a 0 read as null or a negative seed still load and score."""
+    old = {"coreset": {"ratio": 5.0}, "seed": -1, "batch_size": 0, "neighbourhood": {"bottleneck": 0},
+           "features": {"projection_dim": 0}}
+    cfg = TrainConfig.from_manifest(old)
+    assert cfg.coreset.ratio == 5.0 and cfg.seed == -1 and cfg.neighbourhood.bottleneck == 0
+    with pytest.raises(ValueError, match="seed is a whole number"):
+        cfg.check_trainable()  # as the base of a new fit (--config manifest.json), refused
 
 
 def test_a_weights_file_is_recorded_by_its_absolute_path_and_needed_to_load(tmp_path, synthetic_root, monkeypatch):

@@ -62,6 +62,9 @@ def test_white_level_reads_twelve_bit_data_on_its_own_scale(tmp_path, caplog, mo
     with pytest.raises(ImageError, match=r"bright.png: integer grey pixels from 5000.0 to 5000.0, above the model's "
                                          r"white level 4095"):
         load_rgb(tmp_path / "bright.png", white_level=WHITE)
+    Image.fromarray(np.full((8, 8), -5, np.int32), mode="I").save(tmp_path / "negative.tif")
+    with pytest.raises(ImageError, match=r"negative.tif: integer grey pixels from -5.0 to -5.0: below 0"):
+        load_rgb(tmp_path / "negative.tif", white_level=WHITE)
     # 8-bit and float images are not rescaled by it
     Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / "eight.png")
     assert load_rgb(tmp_path / "eight.png", white_level=WHITE).max() == 200

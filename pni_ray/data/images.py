@@ -209,6 +209,9 @@ def wide_grey(img: Image.Image, path: Path | str, white_level: int | None = None
     slack = 1e-6 if img.mode == "F" else 0.0  # 1 +- a few ulp from a float pipeline's rescale is still 1
     lo, hi = float(arr.min()), float(arr.max())
     if lo < -slack or hi > top + slack:
+        if scaled and lo < 0:
+            raise ImageError(f"{path}: integer grey pixels from {lo!r} to {hi!r}: below 0 (black), which no camera "
+                             "writes; write the image again as 8- or 16-bit")
         if scaled:
             raise ImageError(f"{path}: integer grey pixels from {lo!r} to {hi!r}, above the model's white level "
                              f"{white_level} (geometry.white_level, read as white): the images hold more bits than the "

@@ -245,9 +245,8 @@ def encode_chunk(row: dict[str, Any], map_format: str, model: dict[str, Any]) ->
 
 def failed_alone(paths: list[str], info: ModelInfo, map_format: str) -> dict[str, Any]:
     """Error rows, as `encode_chunk` writes them, for inputs whose workers failed in their chunk and alone."""
-    tries = CHUNK_RETRIES + 1
-    errors = [f"{p}: not scored: its scoring worker failed {tries} times in its chunk and {tries} times on it alone "
-              "(it died, e.g. a decoder crash or its memory limit, or raised: Ray's log above says which); "
+    errors = [f"{p}: not scored: its scoring worker failed on it in its chunk and again on it alone (died, "
+              f"{CHUNK_RETRIES + 1} times each: a decoder crash or its memory limit; or raised: Ray's log says which); "
               "--retry-failed tries it again" for p in paths]
     meta = {"paths": paths, "errors": errors, "scores": [None] * len(paths), "hw": [None] * len(paths),
             "content": [None] * len(paths)}
@@ -350,22 +349,25 @@ def check_placeable(opts: Options, session: RaySession) -> None:
                 "will: stop the run and lower them)", problem)
 
 
-# A chunk whose actor dies (a decoder crash, an OOM kill) or raises is tried this many more times, then
-# dropped from the stream (logged by Ray Data) for `score` to try its images one at a time. Ray Data's default,
-# retrying for ever, hung a run on one image that killed its worker.
+# A chunk whose actor dies (a decoder crash, an OOM kill) is tried this many more times, then dropped from the
+# stream (logged by Ray Data) for `score` to try its images one at a time, as one whose actor raises is at once.
+# Ray Data's default, retrying for ever, hung a run on one image that killed its worker.
 CHUNK_RETRIES = 2
 
 
-def _configure_ray_data() -> None:
-    """Quiet progress, and failed chunks dropped rather than ending the run (`score` isolates their images)."""
+def _configure_ray_data() -> int:
+    """Quiet progress, and failed chunks dropped rather than ending the run (`score` isolates their images).
+    Returns the context's max_errored_blocks before, which `run_ray` puts back: other pipelines of the process
+    (a notebook's, the demo's) keep failing on a failed block."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
-    ctx.max_errored_blocks = -1
+    before, ctx.max_errored_blocks = ctx.max_errored_blocks, -1
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return before
 
 
 def worker_count(opts: Options, resources: dict[str, float], n_chunks: int) -> int:
@@ -395,9 +397,10 @@ def run_ray(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Itera
 
     session = join_scoring_ray(opts.address, named_by=opts.address_named_by)
     started = session.started
+    errored_blocks = None
     try:
         check_placeable(opts, session)
-        _configure_ray_data()
+        errored_blocks = _configure_ray_data()
         workers = worker_count(opts, ray.cluster_resources(), len(rows))
         model = _model_fields(info)
         decode = {"geometry": info.geometry, "max_pixels": opts.max_pixels}
@@ -425,6 +428,8 @@ def run_ray(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Itera
             ds = ds.map(encode_chunk, fn_kwargs=encode, num_cpus=0, compute=io_tasks, max_retries=CHUNK_RETRIES)
         yield from ds.iter_rows()
     finally:
+        if errored_blocks is not None:
+            ray.data.DataContext.get_current().max_errored_blocks = errored_blocks
         if started:
             ray.shutdown()
 
@@ -471,23 +476,25 @@ class _Commits:
 
 
 def _isolate_lost(todo: list[str], engine: str, info: ModelInfo, opts: Options, preset: dict[str, str],
-                  commits: _Commits) -> None:
+                  commits: _Commits, earlier: int) -> None:
     """Inputs whose chunk failed every try (Ray Data drops it: a worker died or raised on one of its images) are
     scored again one at a time; those that fail alone get an error row, so one bad image costs its own row
-    only and a rerun does not meet it again. If nothing at all was scored and several still fail, the workers
-    fail on every image, not the images: the run stops (exit 3) without error rows, to be rerun once fixed."""
+    only and a rerun does not meet it again. If a first run (no rows in OUT from `earlier` runs) scored nothing
+    and several still fail, the workers fail on every image, not the images: it stops (exit 3) without error
+    rows, to be rerun once fixed. A resume or a --retry-failed run may hold only the bad images: it writes
+    their rows."""
     done = committed_paths(commits.out)
     lost = [p for p in todo if row_path(p) not in done]
     if not lost:
         return
-    log.warning("%d input(s) in chunks that failed %d times (see Ray's errors above): scoring them one at a time",
-                len(lost), CHUNK_RETRIES + 1)
+    log.warning("%d input(s) in chunks whose worker died on every try or raised (see Ray's errors above): scoring "
+                "them one at a time", len(lost))
     commits.all(ENGINES[engine](_chunk_rows(make_chunks(lost, 1), preset), info, opts))
     done = committed_paths(commits.out)
     lost = [p for p in lost if row_path(p) not in done]
     if not lost:
         return
-    if commits.done == 0 and len(lost) > 1:
+    if commits.done == 0 and len(lost) > 1 and not earlier:
         raise ScoreError(f"the scoring workers failed on each of {len(lost)} inputs, also one at a time, and scored "
                          "none: a failure of the workers, not of the images (see Ray's errors above); no error rows "
                          "were written for them: rerun the same command to resume once it is fixed")
@@ -539,7 +546,8 @@ def score(
             commits = _Commits(out, still_ours, bar)
             if rows:
                 commits.all(ENGINES[engine](rows, info, opts))
-                _isolate_lost(todo, engine, info, opts, expanded.preset_errors, commits)
+                _isolate_lost(todo, engine, info, opts, expanded.preset_errors, commits,
+                              earlier=len(expanded.paths) - len(todo))
         n_done, n_failed, t_first = commits.done, commits.failed, commits.first
         seconds = time.perf_counter() - t_run
         summary = summarise(out, expanded, info, top_n=top_n)
