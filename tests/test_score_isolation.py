@@ -5,6 +5,7 @@ every image stop the run without error rows, and a model replaced mid-run stops 
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -117,3 +118,44 @@ def test_an_out_removed_during_the_run_stops_it(bundle_tiny, inputs, tmp_path, m
         score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=2), engine="removing")
     assert not list(out.iterdir())  # nothing written into the new folder: a rerun scores it from the start
     assert score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=2), engine="local")["missing"] == 0
+
+
+KILLING_OPEN = '''
+import os
+
+if os.environ.get("PNI_RAY_TEST_KILL"):  # a decoder that crashes on one file: its worker process dies at once
+    import PIL.Image as _image
+
+    _open = _image.open
+
+    def _killing_open(fp, *args, **kwargs):
+        if os.environ["PNI_RAY_TEST_KILL"] in os.path.basename(str(fp)):
+            os._exit(1)
+        return _open(fp, *args, **kwargs)
+
+    _image.open = _killing_open
+'''
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(not os.environ.get("PNI_RAY_SLOW_TESTS"),
+                    reason="kills Ray workers on purpose, ~90 s of actor restarts: PNI_RAY_SLOW_TESTS=1 runs it")
+def test_ray_isolates_an_image_that_kills_its_worker(bundle_tiny, inputs, tmp_path, monkeypatch):
+    """Real Ray Data: the worker dies whenever it opens bad.png (a sitecustomize hook in the workers, as a decoder
+    crash or an OOM kill). Its chunk is retried, dropped, its images scored alone, bad.png given an error row."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("needs an embedded Ray of its own, whose workers start with the hook")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(KILLING_OPEN)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("PNI_RAY_TEST_KILL", "bad.png")
+    out = tmp_path / "out"
+    summary = score(bundle_tiny, [str(inputs)], out, Options(threads=1, workers=1, chunk_size=4), engine="ray")
+    rows = _rows(out)
+    assert sorted(rows) == ["bad.png", "good_0.png", "good_1.png", "good_2.png", "good_3.png"]
+    assert all(rows[f"good_{i}.png"]["error"] is None for i in range(4))
+    assert "bad.png: not scored: its scoring worker failed on it in its chunk and again on it alone" in \
+        rows["bad.png"]["error"]
+    assert summary["failed"] == 1 and summary["missing"] == 0

@@ -32,7 +32,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -274,6 +274,9 @@ class Options:
     stages: str = "auto"  # fused: decode+score+encode in the model actors; split: separate task stages
     backbone_runtime: str = "onnxruntime"  # exports only: "openvino" runs the backbone graph with OpenVINO
     backbone_precision: str = "auto"  # OpenVINO's inference precision: auto (its CPU default), f32, bf16
+    # chunks queued on one model actor at once (None: Ray Data's default). A chunk queued behind one that kills
+    # the actor dies with it: the isolation pass takes 1, so an image alone fails for its own sake only
+    chunks_in_flight: int | None = None
 
 
 def check_options(opts: Options) -> None:
@@ -414,7 +417,8 @@ def run_ray(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Itera
                  opts.cpus_per_worker, opts.gpus_per_worker, stages)
         worker_args = {"model_path": info.path, "threads": max(1, int(opts.cpus_per_worker)),
                        "batch_size": opts.batch_size, "device": device, "model_id": info.model_id, **runtime_args(opts)}
-        actors = {"compute": ray.data.ActorPoolStrategy(size=workers), "num_cpus": opts.cpus_per_worker,
+        in_flight = {"max_tasks_in_flight_per_actor": opts.chunks_in_flight} if opts.chunks_in_flight else {}
+        actors = {"compute": ray.data.ActorPoolStrategy(size=workers, **in_flight), "num_cpus": opts.cpus_per_worker,
                   "num_gpus": opts.gpus_per_worker, "max_task_retries": CHUNK_RETRIES}  # actors still restart
         ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
         if stages == "fused":
@@ -489,7 +493,8 @@ def _isolate_lost(todo: list[str], engine: str, info: ModelInfo, opts: Options, 
         return
     log.warning("%d input(s) in chunks whose worker died on every try or raised (see Ray's errors above): scoring "
                 "them one at a time", len(lost))
-    commits.all(ENGINES[engine](_chunk_rows(make_chunks(lost, 1), preset), info, opts))
+    alone = replace(opts, chunks_in_flight=1)  # else a good image queued behind a killer dies with it
+    commits.all(ENGINES[engine](_chunk_rows(make_chunks(lost, 1), preset), info, alone))
     done = committed_paths(commits.out)
     lost = [p for p in lost if row_path(p) not in done]
     if not lost:
