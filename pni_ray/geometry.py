@@ -11,7 +11,7 @@ edge runtime alike, so every path sees the same pixels and restores maps with th
   the nearest valid cell's before the map is made; maps are cropped to the content before they are
   resized to the original size, and the image score is the maximum over the content only. The
   padding's edge still shapes the features near it, so an image filling more or less of the canvas
-  than the training images did (another aspect ratio) is refused by name (`check_content`).
+  than the training images did (another aspect ratio) is refused by name (`check_layout`).
 * ``short-side`` keep the aspect ratio, scale the short side to S and the long side to the nearest
   multiple of 16; the feature grid has that shape and the prior is indexed on it. An image whose
   grid differs from the training grid (another aspect ratio) is refused naming both shapes.
@@ -195,12 +195,16 @@ class Prepared:
         valid = self.valid_grid()
         rows, cols = np.flatnonzero(valid.any(1)), np.flatnonzero(valid.any(0))
         if len(rows) == 0:
-            h, w = self.original_hw
-            raise GeometryError(f"a {w}x{h} image leaves no feature cell of image content on the "
-                                f"{self.canvas_hw[1]}x{self.canvas_hw[0]} canvas (too thin for this geometry)")
+            raise GeometryError(no_content_message(self.original_hw, self.canvas_hw))
         iy = np.clip(np.arange(gh), rows[0], rows[-1])
         ix = np.clip(np.arange(gw), cols[0], cols[-1])
         return (iy[:, None] * gw + ix[None, :]).reshape(-1).astype(np.int64)
+
+
+def no_content_message(original_hw: Sequence[int], canvas_hw: Sequence[int]) -> str:
+    h, w = original_hw
+    return (f"a {w}x{h} image leaves no feature cell of image content on the {canvas_hw[1]}x{canvas_hw[0]} canvas "
+            "(too thin for this geometry)")
 
 
 def box_max(values: np.ndarray, window: int) -> float:
@@ -373,45 +377,54 @@ class Geometry:
         xs = tile_starts(canvas_hw[1], self.tile_size, self.cfg.tile_overlap)
         return tuple((y, x) for y in ys for x in xs)
 
-    def prepare(self, rgb: np.ndarray) -> Prepared:
-        """(H, W, 3) uint8 -> the model-input canvas, its content box and the way back."""
-        self._check_array(rgb)
-        h, w = rgb.shape[:2]
+    def layout(self, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+        """The canvas (height, width) an h x w image is prepared to and its content box (y0, x0, y1, x1) on it:
+        what `prepare` fills, known from the size alone."""
         s = self.image_size
         if self.tiled:
             t = self.tile_size
             hs, ws = max(1, round(h * self.cfg.tile_scale)), max(1, round(w * self.cfg.tile_scale))
-            hc, wc = _ceil_to(max(hs, t), STRIDE), _ceil_to(max(ws, t), STRIDE)
-            canvas = self._canvas(resize_rgb(rgb, (hs, ws)), (hc, wc), (0, 0))
-            return Prepared(canvas, (h, w), (0, 0, hs, ws), self.tiles_for((hc, wc)))
+            return (_ceil_to(max(hs, t), STRIDE), _ceil_to(max(ws, t), STRIDE)), (0, 0, hs, ws)
         if self.cfg.policy == "resize":
-            return Prepared(resize_rgb(rgb, s), (h, w), (0, 0, s, s))
-        if self.cfg.policy == "letterbox":
-            hr, wr = self.letterbox_hw(h, w)
+            return (s, s), (0, 0, s, s)
+        if self.cfg.policy == "letterbox":  # the long side the canvas's, centred
+            scale = s / max(h, w)
+            hr, wr = min(s, max(1, round(h * scale))), min(s, max(1, round(w * scale)))
             y0, x0 = (s - hr) // 2, (s - wr) // 2
-            canvas = self._canvas(resize_rgb(rgb, (hr, wr)), (s, s), (y0, x0))
-            return Prepared(canvas, (h, w), (y0, x0, y0 + hr, x0 + wr))
+            return (s, s), (y0, x0, y0 + hr, x0 + wr)
         scale = s / min(h, w)  # short-side
         if h <= w:
             hr, wr = s, max(16, int(round(w * scale / 16)) * 16)
         else:
             hr, wr = max(16, int(round(h * scale / 16)) * 16), s
-        return Prepared(resize_rgb(rgb, (hr, wr)), (h, w), (0, 0, hr, wr))
+        return (hr, wr), (0, 0, hr, wr)
 
-    def letterbox_hw(self, h: int, w: int) -> tuple[int, int]:
-        """The (height, width) an h x w image fills on the letterbox canvas: its long side the canvas's."""
-        s = self.image_size
-        scale = s / max(h, w)
-        return min(s, max(1, round(h * scale))), min(s, max(1, round(w * scale)))
+    def prepare(self, rgb: np.ndarray) -> Prepared:
+        """(H, W, 3) uint8 -> the model-input canvas, its content box and the way back."""
+        self._check_array(rgb)
+        h, w = rgb.shape[:2]
+        canvas_hw, content = self.layout(h, w)
+        y0, x0, y1, x1 = content
+        resized = resize_rgb(rgb, (y1 - y0, x1 - x0))
+        canvas = resized if (y1 - y0, x1 - x0) == canvas_hw else self._canvas(resized, canvas_hw, (y0, x0))
+        return Prepared(canvas, (h, w), content, self.tiles_for(canvas_hw))
 
-    def extent_of(self, paths: Sequence[Path | str]) -> tuple[tuple[int, int], tuple[int, int]] | None:
-        """Letterbox (untiled): the range of content heights and widths the images at `paths` (their headers,
-        upright) fill on the canvas, what training records for `check`; None for other geometries, where the
-        canvas holds content only."""
-        if self.cfg.policy != "letterbox" or self.tiled or not paths:
+    def training_extent(self, paths: Sequence[Path | str]) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        """Training images checked from their headers (upright sizes), before any feature: one too thin for the
+        geometry is named (`check_layout`). Returns what letterbox (untiled) records for `check`: the range of
+        content heights and widths they fill on the canvas; None for other geometries, whose canvas holds
+        content only (resize and short-side read no header: they neither pad nor record)."""
+        if not self.pads:
             return None
-        filled = [self.letterbox_hw(h, w) for w, h in (image_size(p, self.max_pixels) for p in paths)]
-        return (min(f[0] for f in filled), max(f[0] for f in filled)), (min(f[1] for f in filled), max(f[1] for f in filled))
+        boxes = []
+        for path in paths:
+            w, h = image_size(path, self.max_pixels)
+            canvas_hw, content = self.layout(h, w)
+            self.check_layout((h, w), canvas_hw, content, str(path))
+            boxes.append((content[2] - content[0], content[3] - content[1]))
+        if self.cfg.policy != "letterbox" or self.tiled or not boxes:
+            return None
+        return (min(b[0] for b in boxes), max(b[0] for b in boxes)), (min(b[1] for b in boxes), max(b[1] for b in boxes))
 
     def rebuild(self, canvas: np.ndarray, original_hw: Sequence[int], content: Sequence[int]) -> Prepared:
         """A Prepared from what a pipeline stage shipped (canvas, original size, content box)."""
@@ -438,20 +451,23 @@ class Geometry:
         )
 
     def check_content(self, prepared: Prepared, name: str = "image") -> None:
+        """`check_layout` of a prepared image."""
+        self.check_layout(prepared.original_hw, prepared.canvas_hw, prepared.content, name)
+
+    def check_layout(self, original_hw: Sequence[int], canvas_hw: tuple[int, int], content: Sequence[int],
+                     name: str = "image") -> None:
         """Refuse, naming the image: one too thin to leave a cell of content (padded geometries), and under
         letterbox one that fills more or less of the canvas than every training image did (EXTENT_SLACK)."""
-        if self.pads:
-            try:
-                prepared.fill_index()
-            except GeometryError as exc:
-                raise GeometryError(f"{name}: {exc}") from None
+        valid = cell_validity(tuple(content), canvas_hw) if self.pads else None  # type: ignore[arg-type]
+        if valid is not None and not valid.any():
+            raise GeometryError(f"{name}: {no_content_message(original_hw, canvas_hw)}")
         if self.content_extent is None or self.cfg.policy != "letterbox" or self.tiled:
             return
-        y0, x0, y1, x1 = prepared.content
+        y0, x0, y1, x1 = content
         (h_lo, h_hi), (w_lo, w_hi) = self.content_extent
         if h_lo - EXTENT_SLACK <= y1 - y0 <= h_hi + EXTENT_SLACK and w_lo - EXTENT_SLACK <= x1 - x0 <= w_hi + EXTENT_SLACK:
             return
-        h, w = prepared.original_hw
+        h, w = original_hw
         trained = " x ".join(f"{lo}" if lo == hi else f"{lo}..{hi}" for lo, hi in ((w_lo, w_hi), (h_lo, h_hi)))
         s = self.image_size
         raise GeometryError(

@@ -201,7 +201,6 @@ def extract_training_features(
         if grid is None:
             grid = prepared[0].grid
         for p, path in zip(prepared, paths[sl]):
-            geometry.check_content(p, str(path))  # too thin for this geometry: named, before minutes of training
             if p.grid != grid:  # not geometry.check's message: there is no trained model yet
                 h, w = p.original_hw
                 raise GeometryError(

@@ -468,10 +468,8 @@ def train_category(
     geometry = Geometry.from_config(cfg)
     cat = category_data or load_category(data_root, category, **geometry.read_options(), with_test=False)
     memory_paths, holdout_paths = calibration_split(cat.train, cfg)
-    content_extent = geometry.extent_of(memory_paths + holdout_paths)  # letterbox: what the model will have seen
-    if geometry.pads:  # a held-out image too thin for the geometry, named now rather than after the coreset and MLP
-        for path in holdout_paths:  # (the memory bank's are named as their features are extracted, first)
-            geometry.check_content(geometry.prepare(geometry.load(path)), str(path))
+    # from the headers, before any feature: a held-out image too thin for the geometry failed after the MLP
+    content_extent = geometry.training_extent(memory_paths + holdout_paths)  # letterbox: what the model will have seen
     log.info("%s: %d memory-bank images, %d held out for calibration", category, len(memory_paths), len(holdout_paths))
     small = small_training_set_warning(len(memory_paths), len(holdout_paths))
     if small:

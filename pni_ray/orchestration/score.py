@@ -32,7 +32,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -154,8 +154,8 @@ class ScoreWorker:
         return np.asarray(maps, np.float32), np.asarray(scores, np.float64).reshape(-1)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        if self.changed:
-            return {"chunk": row["chunk"], "parquet": b"", "n": 0, "n_failed": 0, "abort": self.changed}
+        if self.changed:  # before decoding the chunk
+            return aborted(row["chunk"], self.changed)
         if self.decode is not None:
             row = decode_chunk(row, **self.decode)
         row = self.score(row)
@@ -203,7 +203,7 @@ def encode_chunk(row: dict[str, Any], map_format: str, model: dict[str, Any]) ->
     the resize `evaluate` uses), encoded; the chunk as Parquet bytes."""
     meta = json.loads(row["meta"])
     if meta.get("abort"):
-        return {"chunk": row["chunk"], "parquet": b"", "n": 0, "n_failed": 0, "abort": meta["abort"]}
+        return aborted(row["chunk"], meta["abort"])
     scores, hw, content = meta["scores"], meta["hw"], meta["content"]
     # the table's text, once: each path as `row_path` writes it (one to one), a message's bytes as \xNN
     paths = [row_path(p) for p in meta["paths"]]
@@ -241,6 +241,11 @@ def encode_chunk(row: dict[str, Any], map_format: str, model: dict[str, Any]) ->
     n_failed = sum(r["error"] is not None for r in rows)
     return {"chunk": row["chunk"], "parquet": table_to_parquet_bytes(table), "n": len(rows), "n_failed": n_failed,
             "abort": ""}
+
+
+def aborted(chunk: str, why: str) -> dict[str, Any]:
+    """An encoded chunk with no rows that tells the driver to stop the run (`_Commits.all`), saying why."""
+    return {"chunk": chunk, "parquet": b"", "n": 0, "n_failed": 0, "abort": why}
 
 
 def failed_alone(paths: list[str], info: ModelInfo, map_format: str) -> dict[str, Any]:
@@ -463,6 +468,7 @@ class _Commits:
     done: int = 0
     failed: int = 0
     first: float | None = None  # when the first chunk was committed
+    chunks: set[str] = field(default_factory=set)  # ids of the chunks committed: which inputs a run lost
 
     def all(self, results: Iterator[dict[str, Any]]) -> None:
         """Commit each result as it arrives; stop the run if a worker found the model changed."""
@@ -471,6 +477,7 @@ class _Commits:
                 raise ScoreError(result["abort"])
             self.still_ours()  # OUT removed mid-run: stop, rather than write parts nothing can resume
             commit(self.out, result)
+            self.chunks.add(result["chunk"])
             if self.first is None:
                 self.first = time.perf_counter()
             self.done += int(result["n"])
@@ -479,7 +486,7 @@ class _Commits:
             self.bar.set_postfix(failed=self.failed, refresh=False)
 
 
-def _isolate_lost(todo: list[str], engine: str, info: ModelInfo, opts: Options, preset: dict[str, str],
+def _isolate_lost(rows: list[dict[str, Any]], engine: str, info: ModelInfo, opts: Options, preset: dict[str, str],
                   commits: _Commits, earlier: int) -> None:
     """Inputs whose chunk failed every try (Ray Data drops it: a worker died or raised on one of its images) are
     scored again one at a time; those that fail alone get an error row, so one bad image costs its own row
@@ -487,16 +494,14 @@ def _isolate_lost(todo: list[str], engine: str, info: ModelInfo, opts: Options, 
     and several still fail, the workers fail on every image, not the images: it stops (exit 3) without error
     rows, to be rerun once fixed. A resume or a --retry-failed run may hold only the bad images: it writes
     their rows."""
-    done = committed_paths(commits.out)
-    lost = [p for p in todo if row_path(p) not in done]
+    lost = [p for row in rows if row["chunk"] not in commits.chunks for p in json.loads(row["meta"])["paths"]]
     if not lost:
         return
     log.warning("%d input(s) in chunks whose worker died on every try or raised (see Ray's errors above): scoring "
                 "them one at a time", len(lost))
     alone = replace(opts, chunks_in_flight=1)  # else a good image queued behind a killer dies with it
     commits.all(ENGINES[engine](_chunk_rows(make_chunks(lost, 1), preset), info, alone))
-    done = committed_paths(commits.out)
-    lost = [p for p in lost if row_path(p) not in done]
+    lost = [p for p in lost if chunk_id([p]) not in commits.chunks]
     if not lost:
         return
     if commits.done == 0 and len(lost) > 1 and not earlier:
@@ -551,7 +556,7 @@ def score(
             commits = _Commits(out, still_ours, bar)
             if rows:
                 commits.all(ENGINES[engine](rows, info, opts))
-                _isolate_lost(todo, engine, info, opts, expanded.preset_errors, commits,
+                _isolate_lost(rows, engine, info, opts, expanded.preset_errors, commits,
                               earlier=len(expanded.paths) - len(todo))
         n_done, n_failed, t_first = commits.done, commits.failed, commits.first
         seconds = time.perf_counter() - t_run
