@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_geometry import CROP_SIZE, DATA, crop_box  # noqa: E402
 
-from export.deploy_parity import deployment_parity, within_limits  # noqa: E402
+from pni_ray.export.deploy_parity import deployment_parity, within_limits  # noqa: E402
 from pni_ray.bundle import save_bundle  # noqa: E402
 from pni_ray.config import FeatureConfig, GeometryConfig, TrainConfig  # noqa: E402
 from pni_ray.data.mvtec import derive_category  # noqa: E402

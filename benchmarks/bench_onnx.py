@@ -4,7 +4,7 @@
 
 Exports the bundle (or uses --export-dir), loads the same test images for both, and times the
 full scoring path -- images -> maps + image scores -- of the torch bundle (`PNIDetector`, its
-default exact top-k scorer) and of `export.runtime` alternately, repeat by repeat, so load from
+default exact top-k scorer) and of `pni_ray.export.runtime` alternately, repeat by repeat, so load from
 other processes hits both alike; the median images/s of each and their ratio are printed, and
 those of the export run one session per stage (`fuse=False`) against its default fused graph.
 
@@ -128,7 +128,7 @@ def op_profile(model, x: np.ndarray, threads: int, runs: int) -> dict:
     """The fused graph in a profiling session: one warm-up batch, then `runs` batches."""
     import onnxruntime as ort
 
-    from export.runtime import _session_options
+    from pni_ray.export.runtime import _session_options
 
     refuse_unprofilable(model)
     fused = model.fused_graph()
@@ -164,9 +164,9 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     import onnxruntime as ort
 
-    from export import scorer_graph, tables
-    from export.onnx_export import ExportOptions, export_bundle, parity_figures, torch_reference
-    from export.runtime import _session_options, load_exported
+    from pni_ray.export import scorer_graph, tables
+    from pni_ray.export.onnx_export import ExportOptions, export_bundle, parity_figures, torch_reference
+    from pni_ray.export.runtime import _session_options, load_exported
     from pni_ray.data.mvtec import load_category
     from pni_ray.data.transforms import load_batch
     from pni_ray.inference import load_detector
@@ -289,7 +289,7 @@ def main() -> int:
                                                                        tau=float(manifest["tau"]),
                                                                        tau_n=tables.neighbourhood_tau(manifest)),
         }
-        from export.runtime import scorer_table_feeds
+        from pni_ray.export.runtime import scorer_table_feeds
 
         input_feeds = scorer_table_feeds(export_dir, {**manifest, "scorer": {"coresets": "input"}})
         vfeeds = {"features": f_np, **({"probabilities": feeds["probabilities"]} if "probabilities" in feeds else {})}

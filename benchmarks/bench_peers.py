@@ -210,7 +210,7 @@ def timed_passes(predict, images: np.ndarray, spec: dict) -> tuple[dict, np.ndar
 def worker_pni_fit(spec: dict) -> dict:
     import dataclasses
 
-    from export.onnx_export import ExportOptions, export_bundle
+    from pni_ray.export.onnx_export import ExportOptions, export_bundle
     from pni_ray.bundle import save_bundle
     from pni_ray.config import TrainConfig
     from pni_ray.fit import fit_category
@@ -248,7 +248,7 @@ def worker_pni_score(spec: dict) -> dict:
                 m, s = detector(torch.from_numpy(x))
             return m.numpy(), s.numpy()
     else:
-        from export.runtime import load_exported
+        from pni_ray.export.runtime import load_exported
 
         engine = spec["engine"]
         model = load_exported(spec["export_int8" if engine.startswith("onnxruntime-int8") else "export"],
@@ -331,7 +331,7 @@ def anomalib_onnx(model, spec: dict, batch: int) -> tuple[Path, float]:
 def anomalib_calibration(spec: dict, batch: int) -> list[np.ndarray]:
     """Batches of `batch` normalised train/good images for anomalib's INT8_PTQ (nncf), the same evenly
     spaced images (32) pni-ray's `--int8` calibrates on."""
-    from export.quantize import DEFAULT_CALIBRATION_IMAGES, calibration_paths
+    from pni_ray.export.quantize import DEFAULT_CALIBRATION_IMAGES, calibration_paths
     from pni_ray.data.transforms import load_batch
 
     paths = calibration_paths(Path(spec["data_root"]) / spec["category"] / "train" / "good", DEFAULT_CALIBRATION_IMAGES)
@@ -346,7 +346,7 @@ def anomalib_openvino(onnx_path: Path, spec: dict, batch: int, int8: str | None)
     backbone has none) left in float, as pni-ray's `--int8 backbone` leaves its scorer."""
     import openvino as ov
 
-    from export.openvino_backbone import shared_core  # one Core per process: see its docstring
+    from pni_ray.export.openvino_backbone import shared_core  # one Core per process: see its docstring
 
     model = ov.convert_model(str(onnx_path))
     if int8:
@@ -673,7 +673,7 @@ def run_all(args: argparse.Namespace, work: Path, python_a: Path | None, anomali
             fits = {"pni-ray": fit_once(Path(sys.executable), "pni-fit", base, d / "pni-fit.json", args.reuse)}
             engines = ["torch", "onnxruntime"]
             if "error" not in fits["pni-ray"]:
-                from export.onnx_export import ExportOptions, export_bundle
+                from pni_ray.export.onnx_export import ExportOptions, export_bundle
 
                 if cached:  # a reused bundle, exported by this checkout
                     export_bundle(base["bundle"], base["export"], ExportOptions(), force=True)

@@ -20,7 +20,7 @@ from pni_ray.options import (backbone_option_error, backbone_options, build_conf
 log = logging.getLogger("pni_ray")
 
 
-OWN_LOGGERS = ("pni_ray", "export")  # this project's packages: their INFO lines say what the command does
+OWN_LOGGERS = ("pni_ray",)  # this project's package: its INFO lines say what the command does
 
 
 def setup_logging(verbose: int) -> None:
@@ -38,7 +38,7 @@ def _input_errors() -> tuple[type[Exception], ...]:
     """Errors whose message names the file and what is wrong with it (images, data layout, geometry,
     bundles, exports, an output another save got to first): a user's to fix, shown as one line, not a
     traceback."""
-    from export.tables import ExportError
+    from pni_ray.export.tables import ExportError
     from pni_ray.bundle import BundleError
     from pni_ray.data.images import ImageError
     from pni_ray.data.mvtec import LayoutError
@@ -414,11 +414,12 @@ def demo(workdir: Path, threads: int | None) -> None:
 
 def _register_commands() -> None:
     """Commands that live beside the code they drive (Ray orchestration, export)."""
-    from export.cli import export_cmd
+    from pni_ray.export.cli import export_cmd
+    from pni_ray.orchestration.nightly import nightly_cmd
     from pni_ray.orchestration.score_cli import report_cmd, score_cmd
     from pni_ray.orchestration.train_all_cli import ensemble_cmd, train_all_cmd
 
-    for command in (train_all_cmd, ensemble_cmd, score_cmd, report_cmd, export_cmd):
+    for command in (train_all_cmd, ensemble_cmd, score_cmd, report_cmd, nightly_cmd, export_cmd):
         main.add_command(command)
 
 

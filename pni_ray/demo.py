@@ -27,7 +27,7 @@ def run_demo(workdir: Path, categories: tuple[str, ...] = CATEGORIES, cfg: Train
     """Run every stage; returns {"metrics": {category: {mode: metrics}}, "artefacts": {...}}."""
     import ray
 
-    from export.onnx_export import export_bundle
+    from pni_ray.export.onnx_export import export_bundle
     from pni_ray.options import print_table
     from pni_ray.orchestration.score import Options, ensure_ray, score
     from pni_ray.orchestration.train_all import train_all

@@ -1,6 +1,6 @@
 """What the `pni-ray` commands share with the code they drive: thread policy, config overrides.
 
-Below both pni_ray.cli and pni_ray.orchestration (and export/, demo), so nothing here imports
+Below both pni_ray.cli and pni_ray.orchestration (and pni_ray.export, demo), so nothing here imports
 the CLI module: `train` and `train-all` build their TrainConfig and pick their torch threads
 with the same functions, which is what makes their bundles byte-identical.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from export.openvino_backbone import BACKBONE_RUNTIMES, PRECISIONS
+from pni_ray.export.openvino_backbone import BACKBONE_RUNTIMES, PRECISIONS
 from pni_ray.config import GEOMETRY_POLICIES, MLP_PRECISIONS, PRESETS, TrainConfig
 from pni_ray.fileio import inside, special_file
 

@@ -88,7 +88,7 @@ def test_engine_filter_names_what_it_refuses() -> None:
 
 def test_pni_score_engines_pick_the_export_and_the_backbone_runtime(tmp_path: Path, monkeypatch) -> None:
     """Engine onnxruntime-int8-ov times the INT8 export with its backbone in OpenVINO, the rest as before."""
-    import export.runtime
+    import pni_ray.export.runtime
 
     loaded = []
 
@@ -100,7 +100,7 @@ def test_pni_score_engines_pick_the_export_and_the_backbone_runtime(tmp_path: Pa
         loaded.append((path, threads, backbone_runtime))
         return Model()
 
-    monkeypatch.setattr(export.runtime, "load_exported", fake_load)
+    monkeypatch.setattr(pni_ray.export.runtime, "load_exported", fake_load)
     monkeypatch.setattr(bench_peers, "decoded_test_images", lambda root, cat: np.zeros((3, 3, 8, 8), np.float32))
     spec = {"data_root": str(tmp_path), "category": "c", "threads": 1, "batch": 2, "repeats": 1,
             "export": "E", "export_int8": "E8"}
@@ -566,8 +566,8 @@ def test_op_profile_of_an_openvino_backbone_model_starts_at_its_features(bundle_
     pytest.importorskip("openvino")
     import bench_onnx
 
-    from export.onnx_export import ExportOptions, export_bundle
-    from export.runtime import load_exported
+    from pni_ray.export.onnx_export import ExportOptions, export_bundle
+    from pni_ray.export.runtime import load_exported
 
     export_bundle(bundle_tiny, tmp_path / "e", ExportOptions(max_batch=4))
     model = load_exported(tmp_path / "e", threads=1, backbone_runtime="openvino", backbone_precision="f32")

@@ -246,7 +246,7 @@ def test_logging_shows_this_projects_lines_and_keeps_other_libraries_quiet(flags
         "from pni_ray.cli import main\n"
         "main.add_command(__import__('click').command('probe')(lambda: [\n"
         "    logging.info('third-party'), logging.getLogger('pni_ray.training').info('ours'),\n"
-        "    logging.getLogger('export.quantize').info('exported'), logging.getLogger('pni_ray.x').debug('debug')]))\n"
+        "    logging.getLogger('pni_ray.export.quantize').info('exported'), logging.getLogger('pni_ray.x').debug('debug')]))\n"
         "main(sys.argv[1:], standalone_mode=False)\n"
     )
     run = subprocess.run([sys.executable, "-c", script, *flags, "probe"], capture_output=True, text=True, timeout=120)

@@ -143,7 +143,7 @@ def _rows(partition: Path) -> list[str]:
 def test_nightly_job_scores_every_input_once(live_cluster, bundle_tiny, synthetic_root, tmp_path):
     inputs = _copies(synthetic_root / "washer" / "test", tmp_path / "images", 12)
     config, partition = _nightly_config(tmp_path, bundle_tiny, tmp_path / "images", chunk_size=3)
-    job = live_cluster.submit(["python", "-m", "jobs.nightly", "--config", str(config)], "nightly-both-nodes")
+    job = live_cluster.submit(["pni-ray", "nightly", "--config", str(config)], "nightly-both-nodes")
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert sorted(_rows(partition)) == sorted(inputs)
     record = json.loads((partition / "_nightly.json").read_text())
@@ -208,7 +208,7 @@ def test_lost_worker_node_train_all_reports_the_pair_and_a_rerun_completes_it(
 def test_lost_worker_node_scoring_ends_with_every_input_once(live_cluster, bundle_tiny, synthetic_root, tmp_path):
     inputs = _copies(synthetic_root / "washer" / "test", tmp_path / "images", 40)
     config, partition = _nightly_config(tmp_path, bundle_tiny, tmp_path / "images", chunk_size=1)
-    entry = ["python", "-m", "jobs.nightly", "--config", str(config)]
+    entry = ["pni-ray", "nightly", "--config", str(config)]
     job = live_cluster.submit_async(entry, "nightly-lost-node")
     _wait_for(lambda: list(partition.glob("part-*.parquet")), 240, "the first committed part file")
     assert job.poll() is None, "the job finished before the node could be killed"

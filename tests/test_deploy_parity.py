@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from export.deploy_parity import deployment_parity, within_limits
-from export.onnx_export import ExportOptions, export_bundle
-from export.runtime import load_exported
+from pni_ray.export.deploy_parity import deployment_parity, within_limits
+from pni_ray.export.onnx_export import ExportOptions, export_bundle
+from pni_ray.export.runtime import load_exported
 from pni_ray.bundle import save_bundle
 from pni_ray.config import GeometryConfig
 from pni_ray.data.mvtec import derive_category, load_category
@@ -123,7 +123,7 @@ def test_export_manifest_records_the_geometry(bundles, tmp_path):
 def test_score_refuses_a_misfit_image_as_an_error_row(bundles, tmp_path):
     from PIL import Image
 
-    from export.deploy_parity import read_scores
+    from pni_ray.export.deploy_parity import read_scores
     from pni_ray.orchestration.score import Options, score
 
     folder = tmp_path / "in"

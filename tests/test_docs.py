@@ -110,7 +110,7 @@ def test_docs_show_commands_to_check():
     commands = doc_commands()
     assert sum(c.startswith("pni-ray ") for _, c in commands) >= 20
     assert sum("benchmarks/" in c for _, c in commands) >= 10
-    assert any(c.startswith("python -m jobs.nightly") for _, c in commands)
+    assert any(c.startswith("pni-ray nightly --config") for _, c in commands)
 
 
 @pytest.mark.parametrize("doc", DOCS)
@@ -146,7 +146,7 @@ def test_the_kuberay_manifest_is_a_rayjob_that_authenticates():
     jobs = [d for b in blocks for d in yaml.safe_load_all(b) if isinstance(d, dict) and d.get("kind") == "RayJob"]
     assert len(jobs) == 1, "jobs/README.md should show one RayJob"
     spec = jobs[0]["spec"]
-    assert spec["entrypoint"].startswith("python -m jobs.nightly --config ")
+    assert spec["entrypoint"].startswith("pni-ray nightly --config ")
     cluster = spec["rayClusterSpec"]
     assert cluster["authOptions"] == {"mode": "token"}
     assert tuple(int(v) for v in cluster["rayVersion"].split(".")[:2]) >= (2, 52)

@@ -20,9 +20,9 @@ import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from export import opcheck, scorer_graph, tables, trt
-from export.onnx_export import ExportOptions, export_bundle, parity_figures, save_graph, torch_reference
-from export.runtime import load_exported
+from pni_ray.export import opcheck, scorer_graph, tables, trt
+from pni_ray.export.onnx_export import ExportOptions, export_bundle, parity_figures, save_graph, torch_reference
+from pni_ray.export.runtime import load_exported
 from pni_ray.data.mvtec import load_category
 from pni_ray.data.transforms import load_batch
 from pni_ray.inference import load_detector
@@ -128,7 +128,7 @@ def test_scorer_graph_matches_torch_scorer_and_mapper(exported, detector, images
 @pytest.mark.parametrize("combine", ["both", "mean"])
 def test_scorer_graph_every_mode(detector, bundle_tiny, combine):
     """The op-level scorer against torch's exact dense path in all five scoring modes."""
-    from export.onnx_export import scoring_tables
+    from pni_ray.export.onnx_export import scoring_tables
 
     g = torch.Generator().manual_seed(3)
     h, w = 16, 16
@@ -252,7 +252,7 @@ def test_fp16_build_keeps_the_mlp_mask_exact(exported, detector, bundle_tiny, im
     tensors) and softmax.onnx + scorer.onnx in FP32: the allowed sets are then exactly those of
     torch's FP32 rule on the same logits, for either pni rule. An FP16 softmax (the MLP graph's old
     layout) flips entries."""
-    from export.onnx_export import scoring_tables
+    from pni_ray.export.onnx_export import scoring_tables
 
     with torch.no_grad():
         features = detector.extractor(torch.from_numpy(images[:4])).numpy()
@@ -360,7 +360,7 @@ def test_runtime_matches_torch_bundle(exported, reference, images):
 
 
 def test_fused_chain_equals_the_stages_one_by_one(exported, images):
-    """One fused session (export.fused) gives what the four stage sessions give."""
+    """One fused session (pni_ray.export.fused) gives what the four stage sessions give."""
     fused, staged = load_exported(exported, threads=1), load_exported(exported, threads=1, fuse=False)
     assert fused.fused is not None and fused.fused[0] == fused.stages == ("backbone", "mlp", "softmax", "scorer")
     assert staged.fused is None
@@ -437,7 +437,7 @@ def test_evaluate_an_export_directory_as_score_runs_it(exported, bundle_tiny, sy
 
 
 OPENVINO_MODELS = {  # what builds an OpenVINO model of a graph file (name `graph`), with a line that runs it on x
-    "pni-ray backbone": ("from export.openvino_backbone import OpenVINOBackbone",
+    "pni-ray backbone": ("from pni_ray.export.openvino_backbone import OpenVINOBackbone",
                          'OpenVINOBackbone(graph, threads=1, precision="f32")', '.run({"images": x})'),
     "bench_peers' anomalib side": ("import sys; sys.path.insert(0, 'benchmarks'); from bench_peers import anomalib_openvino",
                                    'anomalib_openvino(graph, {"threads": 1}, 1, None)', '.create_infer_request().infer({0: x})'),
@@ -478,7 +478,7 @@ except KeyboardInterrupt:
 
 
 def test_openvino_backbone_refuses_clearly(exported, monkeypatch):
-    from export.openvino_backbone import OpenVINOUnavailable
+    from pni_ray.export.openvino_backbone import OpenVINOUnavailable
 
     with pytest.raises(ValueError, match="backbone runtime must be one of"):
         load_exported(exported, backbone_runtime="tensorrt")
@@ -492,7 +492,7 @@ def test_openvino_backbone_refuses_clearly(exported, monkeypatch):
 
 
 def test_unfusable_or_refused_graphs_run_stage_by_stage(exported, images, monkeypatch, caplog):
-    import export.fused as fused_mod
+    import pni_ray.export.fused as fused_mod
 
     expected = load_exported(exported, threads=1).predict(images[:3])[0]
 
@@ -505,7 +505,7 @@ def test_unfusable_or_refused_graphs_run_stage_by_stage(exported, images, monkey
 
     for fake, said in ((refuse, "a test says no"), (broken, "onnxruntime refused the fused graph")):
         monkeypatch.setattr(fused_mod, "fuse_stages", fake)
-        with caplog.at_level("WARNING", logger="export.runtime"):
+        with caplog.at_level("WARNING", logger="pni_ray.export.runtime"):
             model = load_exported(exported, threads=1)
         assert model.fused is None and said in caplog.text
         np.testing.assert_allclose(model.predict(images[:3])[0], expected, rtol=1e-5, atol=1e-6)
@@ -520,7 +520,7 @@ def _stage(name: str, nodes, inputs, outputs, inits=(), opset: int = 17) -> tupl
 
 
 def test_fuse_stages_wires_by_name_and_keeps_stages_apart():
-    from export.fused import fuse_stages
+    from pni_ray.export.fused import fuse_stages
 
     one = np.ones(2, np.float32)
     a = _stage("a", [helper.make_node("Add", ["x", "c"], ["y"], name="n")], ["x"], ["y"],
@@ -540,7 +540,7 @@ def test_fuse_stages_wires_by_name_and_keeps_stages_apart():
 
 
 def test_fuse_stages_refuses_what_it_cannot_rename():
-    from export.fused import FusionError, fuse_stages
+    from pni_ray.export.fused import FusionError, fuse_stages
 
     a = _stage("a", [helper.make_node("Relu", ["x"], ["y"])], ["x"], ["y"])
     with pytest.raises(FusionError, match="opset 13, an earlier stage 17"):
@@ -570,7 +570,7 @@ def test_fuse_stages_refuses_what_it_cannot_rename():
 
 def test_stage_pipeline_wires_stages_by_name():
     """The stage-by-stage chain TensorRT runs: inputs from the feeds or earlier outputs, held tables never fed."""
-    from export.runtime import StagePipeline
+    from pni_ray.export.runtime import StagePipeline
 
     class Fake(StagePipeline):
         inputs = {"backbone": ("images",), "scorer": ("features", "images")}  # a table input is left out, as TRT does
@@ -591,7 +591,7 @@ def test_stage_pipeline_wires_stages_by_name():
 
 
 def test_fuse_stages_keeps_unnamed_nodes_unnamed():
-    from export.fused import fuse_stages
+    from pni_ray.export.fused import fuse_stages
 
     a = _stage("a", [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["y"], ["z"])], ["x"], ["z"])
     fused = fuse_stages([a], ["z"])
@@ -605,7 +605,7 @@ def test_runtime_imports_no_torch(exported, images, tmp_path):
     np.save(tmp_path / "images.npy", images[:2])
     code = f"""
 import sys, numpy as np
-from export.runtime import load_exported
+from pni_ray.export.runtime import load_exported
 m = load_exported({str(exported)!r}, threads=1)
 maps, scores = m.predict(np.load({str(tmp_path / 'images.npy')!r}))
 np.save({str(tmp_path / 'maps.npy')!r}, maps)
@@ -692,9 +692,9 @@ def test_export_is_atomic(bundle_tiny, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    import export.onnx_export
+    import pni_ray.export.onnx_export
 
-    monkeypatch.setattr(export.onnx_export, "trace_to_onnx", boom)  # fails after the temp dir exists
+    monkeypatch.setattr(pni_ray.export.onnx_export, "trace_to_onnx", boom)  # fails after the temp dir exists
     with pytest.raises(RuntimeError, match="disk full"):
         export_bundle(bundle_tiny, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -763,11 +763,11 @@ def test_trt_flag_fails_clearly_and_leaves_the_onnx_export(cli_trt, images, refe
     assert result.exit_code != 0
     msg = result.output
     assert "TensorRT engines were not built" in msg and "TensorRT Python package" in msg
-    assert f"python -m export.trt {out} --max-batch 4 --fp16" in msg
+    assert f"python -m pni_ray.export.trt {out} --max-batch 4 --fp16" in msg
     for graph in ("backbone", "mlp", "softmax", "scorer"):
         assert f"trtexec --onnx={out / (graph + '.onnx')} --saveEngine={out / (graph + '.engine')}" in msg
     assert "--minShapes=images:1x3x128x128 --optShapes=images:4x3x128x128 --maxShapes=images:4x3x128x128 --fp16" in msg
-    assert f"python -m export.trt {out} --register --max-batch 4 --fp16" in msg  # trtexec's engines, recorded
+    assert f"python -m pni_ray.export.trt {out} --register --max-batch 4 --fp16" in msg  # trtexec's engines, recorded
     assert "memory_neg2t:" in msg  # coresets-as-inputs: the static tables have fixed profile shapes
     scorer_line = next(line for line in msg.splitlines() if "scorer.onnx" in line and "trtexec" in line)
     assert "--fp16" not in scorer_line  # the scorer stays FP32
@@ -799,6 +799,25 @@ def test_trt_build_with_a_stand_in_tensorrt(exported, tmp_path, monkeypatch):
     assert (folder / "scorer.engine").read_bytes() == b"engine:scorer.onnx"
     m = tables.verify_export(folder)  # engines are checksummed into the manifest
     assert set(m["tensorrt"]["engines"]) == {"backbone", "mlp", "softmax", "scorer"} and "scorer.engine" in m["files"]
+
+
+def test_tensorrt_other_than_10_is_refused_by_name(monkeypatch):
+    """TensorRT 11 removed the FP16 builder flag the build sets: it is named as missing, not met by an AttributeError."""
+    stand_in_tensorrt(monkeypatch)
+    monkeypatch.setattr(trt, "_cuda_device_problem", lambda: None)
+    assert trt.missing_requirements() == []
+    monkeypatch.setattr(sys.modules["tensorrt"], "__version__", "11.4.0.106")
+    assert trt.missing_requirements() == ["TensorRT 10.x (found tensorrt 11.4.0.106: `pip install 'tensorrt>=10,<11'`)"]
+
+
+def test_an_input_outside_the_engine_profile_is_said_by_name(tmp_path):
+    """TensorRT 10's set_input_shape returns False for a shape outside the profile; the runtime says so."""
+    engine = trt._Engine.__new__(trt._Engine)
+    engine.path = tmp_path / "mlp.engine"
+    engine.context = type("Context", (), {"set_input_shape": lambda self, name, shape: shape[0] <= 4})()
+    engine._set_shape("features", (4, 64, 16, 16))
+    with pytest.raises(RuntimeError, match=r"mlp.engine: input 'features' of shape \(5, 64, 16, 16\) is outside"):
+        engine._set_shape("features", (5, 64, 16, 16))
 
 
 def test_engine_batch_below_one_refused(exported, tmp_path, capsys):

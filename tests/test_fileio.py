@@ -68,8 +68,8 @@ def test_manifest_reader_missing_folder_or_file(tmp_path):
 
 def test_the_formats_use_it(tmp_path):
     """Bundle, ensemble and export readers refuse each other's manifests with their own error."""
-    from export.tables import ExportError
-    from export.tables import read_manifest as read_export
+    from pni_ray.export.tables import ExportError
+    from pni_ray.export.tables import read_manifest as read_export
     from pni_ray.bundle import BundleError
     from pni_ray.bundle import read_manifest as read_bundle
     from pni_ray.ensemble_bundle import read_ensemble_manifest
@@ -100,7 +100,7 @@ def test_the_formats_use_it(tmp_path):
     (folder / "manifest.json").write_text(json.dumps({**export, "graphs": {}, "tau": None}))
     with pytest.raises(ExportError, match="'tau' is missing or not a float"):
         read_export(folder)
-    from export.tables import verify_export
+    from pni_ray.export.tables import verify_export
 
     (folder / "manifest.json").write_text(json.dumps(export))
     with pytest.raises(ExportError, match=r"graphs\['mlp'\] names no file"):

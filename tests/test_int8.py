@@ -8,9 +8,9 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from export import opcheck, quantize, tables, trt
-from export.onnx_export import ExportOptions, export_bundle
-from export.runtime import load_exported
+from pni_ray.export import opcheck, quantize, tables, trt
+from pni_ray.export.onnx_export import ExportOptions, export_bundle
+from pni_ray.export.runtime import load_exported
 from pni_ray.data.mvtec import load_category
 from pni_ray.data.transforms import load_batch
 from trt_stand_in import STRONGLY_TYPED
@@ -165,7 +165,7 @@ def test_openvino_runs_the_int8_backbone_as_onnxruntime_does(export_fixture, ima
              for n in onnx.load(str(exported / "backbone.onnx")).graph.node if n.op_type == "AveragePool"]
     assert pools and not [p for p in pools if p.get("count_include_pad") == 1 and any(p.get("pads", []))], pools
     pytest.importorskip("openvino")
-    from export.openvino_backbone import OpenVINOBackbone
+    from pni_ray.export.openvino_backbone import OpenVINOBackbone
 
     ref = _session(exported / "backbone.onnx").run(None, {"images": images[:4]})[0]
     got = OpenVINOBackbone(exported / "backbone.onnx", threads=1, precision="f32").run({"images": images[:4]})["features"]
@@ -324,7 +324,7 @@ def _logit_producer(path) -> tuple[onnx.GraphProto, onnx.NodeProto]:
 
 def _classifier(bundle) -> tuple[np.ndarray, np.ndarray]:
     """The bundle's classifier weight (K, hidden) and bias, divided by the temperature as the export folds it."""
-    from export.onnx_export import load_source
+    from pni_ray.export.onnx_export import load_source
 
     mlp = load_source(bundle)[0].mlp
     t = float(mlp.temperature)
@@ -363,7 +363,7 @@ def test_onnxruntime_runs_the_classifier_as_one_integer_product(int8_export, cpu
     computing what the file's standard graph computes."""
     import copy
 
-    from export.graph_passes import integer_matmul_to_float
+    from pni_ray.export.graph_passes import integer_matmul_to_float
 
     _, bias = _classifier(bundle_tiny)
     for folder in (int8_export, cpu_int8_export):
@@ -424,7 +424,7 @@ def test_integer_matmul_to_float_computes_what_the_standard_graph_does():
     products read gets one uint8 twin."""
     import copy
 
-    from export.graph_passes import integer_matmul_to_float
+    from pni_ray.export.graph_passes import integer_matmul_to_float
 
     ties = np.arange(-140, 141, dtype=np.float32) / 2  # every half step over [-70, 70] at scale 0.5: ties, saturation
     x = np.ascontiguousarray(np.resize(ties, (len(ties) // 4 + 1) * 4).reshape(-1, 4))
@@ -443,7 +443,7 @@ def test_integer_matmul_to_float_computes_what_the_standard_graph_does():
 def test_integer_matmul_to_float_leaves_what_it_cannot_read_exactly():
     """Weights scaled per row (axis 0), a MatMul without a constant bias, or one whose product is itself
     a graph output stay as they are."""
-    from export.graph_passes import integer_matmul_to_float
+    from pni_ray.export.graph_passes import integer_matmul_to_float
 
     for model in (_qdq_matmul(np.array(3, np.uint8), axis=0), _qdq_matmul(np.array(3, np.uint8), bias=False),
                   _qdq_matmul(np.array(3, np.uint8), output_product=True)):

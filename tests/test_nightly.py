@@ -1,4 +1,4 @@
-"""jobs/nightly.py: config, date partitions, run summary, report, resume, exit codes."""
+"""pni-ray nightly (pni_ray/orchestration/nightly.py): config, date partitions, run summary, report, resume, exit codes."""
 
 from __future__ import annotations
 
@@ -12,9 +12,15 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from jobs import nightly
+from pni_ray.cli import main as cli_main
+from pni_ray.orchestration import nightly
 
-REPO = Path(__file__).resolve().parents[1]
+
+def run_nightly(args: list[str]) -> int:
+    """`pni-ray -q nightly ARGS` as the console script runs it; its exit status."""
+    return cli_main.main(["-q", "nightly", *args], standalone_mode=False)
+
+
 
 
 def write_toml(path: Path, **values) -> Path:
@@ -75,7 +81,7 @@ def test_config_parsing_and_validation(tmp_path):
     cfg = nightly.load_config(write_toml(tmp_path / "up.toml", model="m", inputs="i", output_root="sub/../results",
                                          map_format="float32"))
     assert cfg["output_root"] == str(tmp_path / "results") and cfg["map_format"] == "float32"  # every MAP_FORMATS
-    assert nightly.main(["--config", str(tmp_path / "up.toml")]) == nightly.EXIT_CONFIG  # no model there: exit 2
+    assert run_nightly(["--config", str(tmp_path / "up.toml")]) == nightly.EXIT_CONFIG  # no model there: exit 2
     assert not (tmp_path / "results").exists()
 
 
@@ -101,7 +107,7 @@ def test_nightly_run_writes_partition_summary_report_and_resumes(tmp_path, synth
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     config = write_toml(tmp_path / "nightly.toml", model=str(bundle_tiny), inputs=["line/{date}"],
                         output_root="results", engine="local", top_n=3, chunk_size=8, date="yesterday")
-    code = nightly.main(["--config", str(config), "--date", day, "-q"])
+    code = run_nightly(["--config", str(config), "--date", day])
     assert code == nightly.EXIT_FAILED_INPUTS  # one bad input, fail_on_errors defaults to true
     assert f"FAILED  {images / 'broken.png'}: " in capsys.readouterr().err  # the cron log says what to fix
     part = tmp_path / "results" / f"dt={day}"
@@ -127,7 +133,7 @@ def test_nightly_run_writes_partition_summary_report_and_resumes(tmp_path, synth
     assert code == nightly.EXIT_OK and record["run"]["scheduled"] == 0 and record["counts"]["rows"] == n_images
     # the file written again since: --retry-failed scores its error row again, and only it
     shutil.copy(next(p for p in sorted(images.rglob("*.png")) if p.name != "broken.png"), images / "broken.png")
-    assert nightly.main(["--config", str(config), "--date", day, "--retry-failed", "-q"]) == nightly.EXIT_OK
+    assert run_nightly(["--config", str(config), "--date", day, "--retry-failed"]) == nightly.EXIT_OK
     record = json.loads((part / "_nightly.json").read_text())
     assert record["run"]["scheduled"] == 1 and record["counts"]["failed"] == 0
     assert record["counts"]["rows"] == record["counts"]["scored"] == n_images
@@ -148,7 +154,7 @@ def test_output_root_inside_the_model_is_refused(tmp_path, bundle_tiny):
     (tmp_path / "link").symlink_to(model)
     for root in ("model/results", "link/results"):
         config = write_toml(tmp_path / "n.toml", model="model", inputs=["in"], output_root=root, engine="local")
-        assert nightly.main(["--config", str(config), "--date", "2024-01-02", "-q"]) == nightly.EXIT_CONFIG
+        assert run_nightly(["--config", str(config), "--date", "2024-01-02"]) == nightly.EXIT_CONFIG
     assert not (model / "results").exists()
     from pni_ray.orchestration.score import ScoreError, score
 
@@ -158,10 +164,10 @@ def test_output_root_inside_the_model_is_refused(tmp_path, bundle_tiny):
 
 
 def test_nightly_exit_codes_for_bad_config_and_bad_model(tmp_path):
-    assert nightly.main(["--config", str(tmp_path / "nope.toml"), "-q"]) == nightly.EXIT_CONFIG
+    assert run_nightly(["--config", str(tmp_path / "nope.toml")]) == nightly.EXIT_CONFIG
     (tmp_path / "m").mkdir()
     config = write_toml(tmp_path / "n.toml", model="m", inputs=["in"], output_root="out", engine="local")
-    assert nightly.main(["--config", str(config), "--date", "2024-01-02", "-q"]) == nightly.EXIT_RUN
+    assert run_nightly(["--config", str(config), "--date", "2024-01-02"]) == nightly.EXIT_RUN
     record = json.loads((tmp_path / "out" / "dt=2024-01-02" / "_nightly.json").read_text())
     assert "manifest.json" in record["error"]
 
@@ -170,14 +176,23 @@ def test_nightly_backbone_runtime_reaches_score(tmp_path, bundle_tiny):
     """The config's backbone_runtime is score's: OpenVINO for a torch bundle is refused before scoring."""
     config = write_toml(tmp_path / "n.toml", model=str(bundle_tiny), inputs=["in"], output_root="out", engine="local",
                         backbone_runtime="openvino")
-    assert nightly.main(["--config", str(config), "--date", "2024-01-02", "-q"]) == nightly.EXIT_RUN
+    assert run_nightly(["--config", str(config), "--date", "2024-01-02"]) == nightly.EXIT_RUN
     record = json.loads((tmp_path / "out" / "dt=2024-01-02" / "_nightly.json").read_text())
     assert "export directories only" in record["error"] and record["config"]["backbone_runtime"] == "openvino"
 
 
-def test_entrypoint_runs_as_a_module():
-    proc = subprocess.run([sys.executable, "-m", "jobs.nightly", "--help"], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0 and "--config" in proc.stdout
+def test_entrypoint_runs_as_a_module_beside_a_users_own_export_and_jobs(tmp_path):
+    """`python -m pni_ray nightly` from a folder holding modules named like pni-ray's former top-level packages
+    (`export`, `jobs`): the working directory comes first on sys.path (Ray puts the driver's there on every
+    worker too), and a user's `export.py` once broke Ray scoring."""
+    for name in ("export.py", "jobs.py"):
+        (tmp_path / name).write_text(f"raise SystemExit('the user\\'s {name} was imported')\n")
+    for args in (["nightly", "--help"], ["export", "--help"]):
+        proc = subprocess.run([sys.executable, "-m", "pni_ray", *args], cwd=tmp_path, capture_output=True, text=True)
+        assert proc.returncode == 0 and "Usage: pni-ray " in proc.stdout, proc.stderr
+    probe = "import pni_ray.options, pni_ray.export.runtime, pni_ray.orchestration.score_model"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
@@ -206,7 +221,7 @@ def test_an_interrupted_nightly_records_it_and_resumes(tmp_path, synthetic_root,
         raise KeyboardInterrupt
 
     monkeypatch.setitem(score_module.ENGINES, "local", interrupted_after_one_chunk)
-    assert nightly.main(["--config", str(config), "--date", day, "-q"]) == nightly.EXIT_RUN
+    assert run_nightly(["--config", str(config), "--date", day]) == nightly.EXIT_RUN
     record = json.loads((tmp_path / "results" / f"dt={day}" / "_nightly.json").read_text())
     assert record["status"] == "failed" and record["error"].startswith(f"interrupted ({stop})")
     err = capsys.readouterr().err
@@ -233,7 +248,7 @@ def test_a_cluster_the_nightly_cannot_join_is_refused_in_one_message(tmp_path, b
     (tmp_path / "in" / "a.png").write_bytes(b"not scored")
     config = write_toml(tmp_path / "n.toml", model=str(bundle_tiny), inputs=["in"], output_root="out",
                         address="127.0.0.1:6999")
-    assert nightly.main(["--config", str(config), "--date", "2024-01-02", "-q"]) == nightly.EXIT_RUN
+    assert run_nightly(["--config", str(config), "--date", "2024-01-02"]) == nightly.EXIT_RUN
     record = json.loads((tmp_path / "out" / "dt=2024-01-02" / "_nightly.json").read_text())
     assert record["status"] == "refused"
     assert record["error"].startswith(f"cannot join the Ray cluster at 127.0.0.1:6999 (from address in {config}): ")
@@ -257,4 +272,4 @@ def test_nightly_threads_reach_the_local_engine(tmp_path, bundle_tiny, monkeypat
     Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "in" / "a.png")
     config = write_toml(tmp_path / "n.toml", model=str(bundle_tiny), inputs=["in"], output_root="out", engine="local",
                         threads=1)
-    assert nightly.main(["--config", str(config), "--date", "2024-01-02", "-q"]) == nightly.EXIT_OK and seen == [1]
+    assert run_nightly(["--config", str(config), "--date", "2024-01-02"]) == nightly.EXIT_OK and seen == [1]

@@ -43,7 +43,7 @@ def test_export_score_and_ensemble_without_threshold(no_threshold_bundle, synthe
     result = CliRunner().invoke(main, ["export", str(no_threshold_bundle), "--out", str(export)])
     assert result.exit_code == 0, result.output
     assert strict_json(export / "manifest.json")["threshold"] is None
-    from export.runtime import load_exported
+    from pni_ray.export.runtime import load_exported
 
     assert load_exported(export, threads=1).threshold == math.inf
 

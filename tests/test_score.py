@@ -162,12 +162,12 @@ def test_model_loader_bundle(bundle_tiny):
 
 
 def test_model_loader_export(bundle_tiny, tmp_path):
-    runtime = pytest.importorskip("export.runtime")
+    runtime = pytest.importorskip("pni_ray.export.runtime")
     from pni_ray.cli import main
     from pni_ray.orchestration.model_loader import load_scoring_model
 
     if "export" not in main.commands:
-        pytest.skip("export.runtime exists but no `pni-ray export` command to build an export directory")
+        pytest.skip("pni_ray.export.runtime exists but no `pni-ray export` command to build an export directory")
     out = tmp_path / "exported"
     result = CliRunner().invoke(main, ["export", str(bundle_tiny), "--out", str(out), "--threads", "1"])
     if result.exit_code != 0:  # the exporter has its own tests; this one is about the adapter
@@ -187,7 +187,7 @@ def test_score_export_with_openvino_backbone(small_set, bundle_tiny, tmp_path, m
     row, scores match the onnxruntime run's, OUT records the runtime and refuses another on resume; a bundle,
     a GPU run, a precision without OpenVINO or a missing OpenVINO are refused before anything runs (exit 3)."""
     pytest.importorskip("openvino")
-    from export.openvino_backbone import OpenVINOBackbone
+    from pni_ray.export.openvino_backbone import OpenVINOBackbone
     from pni_ray.cli import main
 
     root, _ = small_set
@@ -231,7 +231,7 @@ def test_out_holds_one_model_refuses_another_export_of_the_same_bundle(small_set
     """Two exports of one bundle are two models (here: coresets as constants or as inputs; FP32 and INT8
     alike): each has its own model_id, the bundle's id is their source, and an OUT of one refuses the
     other, the bundle itself, another map format, and a model directory as OUT."""
-    from export.runtime import load_exported
+    from pni_ray.export.runtime import load_exported
     from pni_ray.bundle import model_id
     from pni_ray.cli import main
 

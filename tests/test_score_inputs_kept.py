@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from jobs import nightly
+from pni_ray.cli import main as cli_main
+from pni_ray.orchestration import nightly
 from pni_ray.orchestration import score as score_module
 from pni_ray.orchestration.score import Options, ScoreError, score
 from pni_ray.orchestration.score_inputs import expand_inputs
@@ -20,6 +21,11 @@ from pni_ray.results import path_of_row, row_path
 from pni_ray.orchestration.score_output import remove_stale_temps
 from pni_ray.fileio import atomic_write_bytes
 from pni_ray.results import read_table
+
+
+def run_nightly(args: list[str]) -> int:
+    """`pni-ray -q nightly ARGS` as the console script runs it; its exit status."""
+    return cli_main.main(["-q", "nightly", *args], standalone_mode=False)
 
 
 def _image(synthetic_root: Path) -> bytes:
@@ -252,7 +258,7 @@ def test_nightly_record_says_running_until_the_run_ends(bundle_tiny, tmp_path, m
         raise RuntimeError("node lost")
 
     monkeypatch.setattr(score_mod, "score", crash)
-    assert nightly.main(["--config", str(config), "--date", "2024-01-02", "-q"]) == nightly.EXIT_RUN
+    assert run_nightly(["--config", str(config), "--date", "2024-01-02"]) == nightly.EXIT_RUN
     record = json.loads(record_path.read_text())
     assert seen == ["running"] and record["status"] == "failed" and "node lost" in record["error"]
     monkeypatch.undo()

@@ -224,7 +224,7 @@ def test_backbone_given_on_the_command_line_replaces_an_unknown_one_in_the_confi
 
 
 def test_scoring_a_tampered_export_is_refused_before_the_run(bundle_tiny, tmp_path, synthetic_root):
-    from export.onnx_export import export_bundle
+    from pni_ray.export.onnx_export import export_bundle
     from pni_ray.orchestration.score import ScoreError, score
 
     export = tmp_path / "E"

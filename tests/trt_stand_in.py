@@ -1,4 +1,4 @@
-"""A stand-in `tensorrt` module recording what export.trt.build_engines asks of TensorRT 10's API."""
+"""A stand-in `tensorrt` module recording what pni_ray.export.trt.build_engines asks of TensorRT 10's API."""
 
 from __future__ import annotations
 

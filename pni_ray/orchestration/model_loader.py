@@ -1,7 +1,7 @@
 """One scoring interface over a torch bundle or a torch-free export directory.
 
 `load_scoring_model(path)` looks at ``path/manifest.json``: a bundle (format "pni-ray-bundle") or
-an ensemble of bundles ("pni-ray-ensemble") is loaded with torch; anything else is handed to `export.runtime.load_exported` (ONNX Runtime),
+an ensemble of bundles ("pni-ray-ensemble") is loaded with torch; anything else is handed to `pni_ray.export.runtime.load_exported` (ONNX Runtime),
 which is imported only then, so scoring an export never needs the bundle code path and scoring a
 bundle never needs the export package.
 """
@@ -84,15 +84,15 @@ class BundleModel:
 
 
 class ExportModel:
-    """An export directory scored by `export.runtime` (ONNX Runtime, no torch)."""
+    """An export directory scored by `pni_ray.export.runtime` (ONNX Runtime, no torch)."""
 
     kind = "export"
 
     def __init__(self, path: Path | str, threads: int | None = None, **runtime_kwargs: Any) -> None:
         try:
-            from export.runtime import load_exported
+            from pni_ray.export.runtime import load_exported
         except ModuleNotFoundError as exc:  # pragma: no cover - depends on the export package
-            raise RuntimeError(f"{path} is an export directory but export.runtime is not available ({exc})") from exc
+            raise RuntimeError(f"{path} is an export directory but pni_ray.export.runtime is not available ({exc})") from exc
         self.path = Path(path)
         self.runtime = load_exported(self.path, threads=threads, **runtime_kwargs)
         self.manifest = dict(self.runtime.manifest)
@@ -129,7 +129,7 @@ def load_scoring_model(path: Path | str, device: str = "cpu", threads: int | Non
 
     `threads` pins ONNX Runtime's intra-op threads (torch's are the caller's torch.set_num_threads);
     `device` "cuda" puts a torch model on the GPU and asks ONNX Runtime for its CUDA provider.
-    `backbone_runtime` "openvino" runs an export's backbone with OpenVINO (export.openvino_backbone).
+    `backbone_runtime` "openvino" runs an export's backbone with OpenVINO (pni_ray.export.openvino_backbone).
     """
     kind = model_kind(path)
     if kind in TORCH_FORMATS.values():

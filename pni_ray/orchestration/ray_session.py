@@ -5,7 +5,7 @@ Where to run, in this order:
 1. ``--address`` (the command's flag, or the nightly config's ``address``): join that cluster;
    ``--address local`` forces the embedded Ray even when ``RAY_ADDRESS`` is set;
 2. ``$RAY_ADDRESS``: join that cluster (``ray job submit`` sets it for its entrypoint, so a
-   submitted ``pni-ray train-all`` or ``python -m jobs.nightly`` runs on the cluster);
+   submitted ``pni-ray train-all`` or ``pni-ray nightly`` runs on the cluster);
 3. otherwise an embedded local Ray for this command alone.
 
 Joining never passes local-only arguments (CPUs, GPUs, object store size, system config):

@@ -33,8 +33,8 @@ def describe_model(path: Path | str, backbone_runtime: str = "onnxruntime", back
     """What the driver needs to know, without torch: the manifest, and the checksum of every file a
     bundle lists (the actors verify again, with the backbone weights, when they load the model). An
     export is loaded here with the actors' backbone runtime, so one OpenVINO cannot take fails now."""
-    from export.openvino_backbone import OpenVINOUnavailable
-    from export.tables import ExportError
+    from pni_ray.export.openvino_backbone import OpenVINOUnavailable
+    from pni_ray.export.tables import ExportError
     from pni_ray.bundle_manifest import BundleError, read_ensemble_manifest, verify_bundle
     from pni_ray.orchestration.model_loader import ExportModel, model_kind
 

@@ -8,7 +8,7 @@ Images are prepared with the bundle's geometry by `pni_ray.geometry` (numpy + PI
 `evaluate` and `pni-ray score` use, and maps come back at each image's own size through its
 `resize_map`, so an export reproduces the evaluated bundle.
 
-An edge box may have no torch at all, so this module (and export.tables and pni_ray.geometry,
+An edge box may have no torch at all, so this module (and pni_ray.export.tables and pni_ray.geometry,
 the project modules it imports) must never import it; a test runs it in a fresh interpreter and checks
 `"torch" not in sys.modules`.
 """
@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from export import tables
+from pni_ray.export import tables
 from pni_ray.config import float_from_json
 from pni_ray.data.images import to_float
 from pni_ray.geometry import Geometry, Prepared
@@ -60,7 +60,7 @@ class StagePipeline:
     over each image's content, maps are restored to each image's size by `pni_ray.geometry`.
 
     Subclasses run one stage: `run_stage(name, feeds) -> {output name: array}` and name its inputs
-    (`stage_inputs`): TensorRT engines in export.trt; onnxruntime here, which also overrides
+    (`stage_inputs`): TensorRT engines in pni_ray.export.trt; onnxruntime here, which also overrides
     `run_stages` to run the chain as one fused graph. They set manifest, geometry, max_batch, `stages`.
     """
 
@@ -112,7 +112,7 @@ class StagePipeline:
             if self.geometry.tiled:  # the backbone per tile, stitched into one grid; the rest chained
                 feeds["features"] = np.stack([self.geometry.stitch_tiles(
                     self._batched("backbone", "images", self.geometry.tile_stack(p), "features"), p) for p in batch])
-            elif self.backbone_apart():  # a backbone in a runtime of its own (export.openvino_backbone)
+            elif self.backbone_apart():  # a backbone in a runtime of its own (pni_ray.export.openvino_backbone)
                 feeds["features"] = self.run_stage("backbone", {"images": feeds["images"]})["features"]
             if self.manifest["scorer"].get("fill_index"):
                 feeds["fill_index"] = np.stack([p.fill_index() for p in batch])
@@ -160,16 +160,16 @@ def whole_canvas(hw: tuple[int, int]) -> Prepared:
 
 class ExportedModel(StagePipeline):
     """The export's ONNX graphs run by onnxruntime: the stages chained per batch as one fused graph
-    (export.fused; `fuse=False`: one session per stage, as TensorRT runs them).
+    (pni_ray.export.fused; `fuse=False`: one session per stage, as TensorRT runs them).
 
     `backbone_runtime="openvino"` compiles the backbone graph with OpenVINO instead (at
-    `backbone_precision`; export.openvino_backbone) and chains the other stages as before.
+    `backbone_precision`; pni_ray.export.openvino_backbone) and chains the other stages as before.
     """
 
     def __init__(self, path: Path | str, threads: int | None = None, providers: Sequence[str] | None = None,
                  verify: bool = True, optimization: str = "all", refine: bool = True, fuse: bool = True,
                  backbone_runtime: str = "onnxruntime", backbone_precision: str = "auto") -> None:
-        from export.openvino_backbone import BACKBONE_RUNTIMES
+        from pni_ray.export.openvino_backbone import BACKBONE_RUNTIMES
 
         if backbone_runtime not in BACKBONE_RUNTIMES:
             raise ValueError(f"backbone runtime must be one of {BACKBONE_RUNTIMES}, got {backbone_runtime!r}")
@@ -197,9 +197,9 @@ class ExportedModel(StagePipeline):
         self._integer_graphs = set((m.get("int8") or {}).get("graphs", ())) if cpu_kernels else set()
         self.stages = tuple(name for name in m["pipeline"] if refine or name != "refiner")
         self.backbone_runtime = backbone_runtime
-        self._openvino = None  # export.openvino_backbone.OpenVINOBackbone when the backbone runs there
+        self._openvino = None  # pni_ray.export.openvino_backbone.OpenVINOBackbone when the backbone runs there
         if backbone_runtime == "openvino":
-            from export.openvino_backbone import OpenVINOBackbone
+            from pni_ray.export.openvino_backbone import OpenVINOBackbone
 
             self._openvino = OpenVINOBackbone(self._graph_file("backbone"), threads=self._options.intra_op_num_threads,
                                               precision=backbone_precision)
@@ -212,7 +212,7 @@ class ExportedModel(StagePipeline):
         if m["scorer"]["coresets"] == "input":  # only what the graph takes (exports before pni's fallback: no position)
             self.table_feeds = {k: v for k, v in scorer_table_feeds(self.path, m).items() if k in self._inputs["scorer"]}
         chain = self.chained_stages()
-        # (chain, its one session, the session's input names): export.fused; None: stage by stage
+        # (chain, its one session, the session's input names): pni_ray.export.fused; None: stage by stage
         self.fused: tuple[tuple[str, ...], Any, tuple[str, ...]] | None = None
         if fuse and len(chain) > 1:
             self.fused = self._fuse(chain, graphs)
@@ -227,7 +227,7 @@ class ExportedModel(StagePipeline):
     def _fuse(self, chain: tuple[str, ...], graphs: dict[str, Any]) -> tuple[tuple[str, ...], Any, tuple[str, ...]] | None:
         """The chain as one session, or None (logged) where the graphs cannot be fused or onnxruntime
         refuses the fused graph: the stages then run one by one, as before fusion existed."""
-        from export.fused import FusionError
+        from pni_ray.export.fused import FusionError
 
         try:
             session = self._session(self._fused_proto(chain, graphs).SerializeToString())
@@ -240,8 +240,8 @@ class ExportedModel(StagePipeline):
         return None
 
     def _fused_proto(self, chain: tuple[str, ...], graphs: dict[str, Any]) -> Any:
-        from export.fused import fuse_stages
-        from export.graph_passes import integer_matmul_to_float
+        from pni_ray.export.fused import fuse_stages
+        from pni_ray.export.graph_passes import integer_matmul_to_float
 
         for name in self._integer_graphs.intersection(chain):  # onnxruntime's form of INT8 products; files stay standard
             integer_matmul_to_float(graphs[name])
@@ -263,8 +263,8 @@ class ExportedModel(StagePipeline):
     def _stage_session(self, name: str):
         """One stage's session: from its file, or, on the CPU provider where the graph has INT8 products with a
         bias (the INT8 MLP's classifier), from the graph in onnxruntime's form
-        (export.graph_passes.integer_matmul_to_float)."""
-        from export.graph_passes import integer_matmul_to_float
+        (pni_ray.export.graph_passes.integer_matmul_to_float)."""
+        from pni_ray.export.graph_passes import integer_matmul_to_float
 
         file = self._graph_file(name)
         if name not in self._integer_graphs or self.manifest["graphs"][name].get("external_data"):

@@ -8,7 +8,7 @@ graph needs no data at run time. Two activation types, because the two runtimes 
   built for. The backbone's activations follow ReLU6, so an asymmetric range also spends all 256
   steps on values that occur. Bottle, 2 threads: backbone ~34-40 ms per batch of 4 against ~60 in FP32.
 - `int8` (symmetric, zero point 0): the only form TensorRT's explicit quantization takes (a
-  strongly typed INT8 engine, export.trt). onnxruntime runs the backbone slower this way than in
+  strongly typed INT8 engine, pni_ray.export.trt). onnxruntime runs the backbone slower this way than in
   FP32 (~90 ms), so it is the TensorRT choice, not a CPU one.
 
 Weights keep to a 7-bit range by default ([-64, 64]: onnxruntime's `reduce_range`, which also
@@ -134,9 +134,9 @@ def float_logits(model: onnx.ModelProto, classifier: tuple[str, str]) -> onnx.Mo
     (6.4 of 44 ms per batch of 8 on a quiet machine, 13 of 58 ms on a busy one; transistor at 1%, one
     thread). The file stays standard Q/DQ (TensorRT runs DequantizeLinear -> MatMul -> Add in int8 with a
     float output); onnxruntime gets the classifier as one MatMulIntegerToFloat with the bias fused when the
-    runtime loads the graph (`export.graph_passes.integer_matmul_to_float`).
+    runtime loads the graph (`pni_ray.export.graph_passes.integer_matmul_to_float`).
     """
-    from export.graph_passes import bypass_qdq, prune
+    from pni_ray.export.graph_passes import bypass_qdq, prune
 
     matmul, add = (next((n for n in model.graph.node if n.name == name), None) for name in classifier)
     if matmul is None or add is None:

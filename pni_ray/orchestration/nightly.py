@@ -1,40 +1,10 @@
-"""Nightly scoring job: every image a line produced, scored into a date partition, with a report.
-
-Run it anywhere Python runs; on a cluster through the Ray Jobs API::
-
-    ray job submit --address http://HEAD:8265 -- python -m jobs.nightly --config /etc/pni-ray/nightly.toml
-
-Config (TOML or JSON; relative paths are relative to the config file; see nightly.example.toml):
-
-    model        bundle or export directory (required)
-    inputs       list of files, directories, globs or list files (required); may use {date},
-                 {yyyy}, {mm}, {dd}, {yyyymmdd} for the run date ({{ and }}: literal braces)
-    output_root  results go to OUTPUT_ROOT/dt=YYYY-MM-DD/ (required)
-    date         "today" (default), "yesterday" or YYYY-MM-DD; --date overrides
-    map_format   uint8 (default) | float16 | float32 | none
-    top_n        most anomalous images listed in the run summary (default 20)
-    report       write dt=.../_report.html (default true)
-    fail_on_errors  exit 1 when any input has an error row (default true)
-    retry_failed score the date's error rows again when it is rerun (default false; --retry-failed)
-    engine, address, batch_size, workers, cpus_per_worker, gpus_per_worker, max_pixels, chunk_size,
-    backbone_runtime, backbone_precision:
-                 as for `pni-ray score` (backbone_runtime "openvino": exports only, OpenVINO installed)
-    threads      engine "local" only: torch / ONNX Runtime threads (default: all cores), as `score --threads`
-
-Writes, inside the partition: part-*.parquet (the table), _summary.json (counts, failures,
-anomaly rate, top N), _report.html, and _nightly.json (this run: config, date, timings, exit code;
-its status is "running" from the start until the run is "finished", "refused" or "failed", so a
-killed run never leaves an earlier run's record behind).
-Rerunning for the same date resumes: only inputs without a row are scored; with --retry-failed (or
-retry_failed = true) the error rows too, e.g. once a file that was half-written has been written again.
-
-Exit status: 0 all scored; 1 some inputs failed (fail_on_errors); 2 bad config (or no model at `model`);
-3 the run was refused, failed or was stopped (Ctrl-C, SIGTERM: recorded as failed, "interrupted ...").
+"""Nightly scoring job (`pni-ray nightly --config FILE`): every image a line produced, scored into a date
+partition, with a report. What it reads and writes is in `nightly_cmd`'s help (`pni-ray nightly --help`);
+how to run it from cron, `ray job submit` or a KubeRay RayJob, in jobs/README.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import logging
@@ -45,11 +15,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import click
+
 from pni_ray.orchestration.ray_session import RayJoinError
 from pni_ray.orchestration.score_inputs import normalise_path
 from pni_ray.orchestration.stopping import interrupted_message, terminate_as_interrupt
 
-log = logging.getLogger("jobs.nightly")
+log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {
     "date": "today",
@@ -126,7 +98,7 @@ def load_config(path: Path | str) -> dict[str, Any]:
         raise ConfigError(f"{path}: map_format must be one of {', '.join(MAP_FORMATS)}, not {cfg['map_format']!r}")
     if cfg["engine"] not in ("ray", "local"):
         raise ConfigError(f"{path}: engine must be ray or local, not {cfg['engine']!r}")
-    from export.openvino_backbone import BACKBONE_RUNTIMES, PRECISIONS
+    from pni_ray.export.openvino_backbone import BACKBONE_RUNTIMES, PRECISIONS
 
     if cfg["backbone_runtime"] not in BACKBONE_RUNTIMES:
         raise ConfigError(f"{path}: backbone_runtime must be one of {BACKBONE_RUNTIMES}, not {cfg['backbone_runtime']!r}")
@@ -306,20 +278,59 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
     return code, record
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.nightly", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="TOML or JSON config file")
-    parser.add_argument("--date", default=None, help="today, yesterday or YYYY-MM-DD (overrides the config)")
-    parser.add_argument("--retry-failed", action="store_true",
-                        help="score the date's error rows again (a file that was missing or half-written then)")
-    parser.add_argument("--progress", action="store_true", help="show a progress bar")
-    parser.add_argument("-q", "--quiet", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+@click.command("nightly")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML or JSON config file (jobs/nightly.example.toml in the repository).")
+@click.option("--date", default=None, help="today, yesterday or YYYY-MM-DD (overrides the config).")
+@click.option("--retry-failed", is_flag=True,
+              help="Score the date's error rows again (a file that was missing or half-written then).")
+@click.option("--progress", is_flag=True, help="Show a progress bar.")
+@click.pass_context
+def nightly_cmd(ctx: click.Context, config_path: Path, date: str | None, retry_failed: bool, progress: bool) -> None:
+    """Nightly scoring job: every image a line produced, scored into a date partition, with a report.
+
+    Run it anywhere Python runs; on a cluster through the Ray Jobs API:
+
+    \b
+        ray job submit --address http://HEAD:8265 -- pni-ray nightly --config /etc/pni-ray/nightly.toml
+
+    Config (TOML or JSON; relative paths are relative to the config file; see jobs/nightly.example.toml
+    in the repository):
+
+    \b
+        model        bundle or export directory (required)
+        inputs       list of files, directories, globs or list files (required); may use {date},
+                     {yyyy}, {mm}, {dd}, {yyyymmdd} for the run date ({{ and }}: literal braces)
+        output_root  results go to OUTPUT_ROOT/dt=YYYY-MM-DD/ (required)
+        date         "today" (default), "yesterday" or YYYY-MM-DD; --date overrides
+        map_format   uint8 (default) | float16 | float32 | none
+        top_n        most anomalous images listed in the run summary (default 20)
+        report       write dt=.../_report.html (default true)
+        fail_on_errors  exit 1 when any input has an error row (default true)
+        retry_failed score the date's error rows again when it is rerun (default false; --retry-failed)
+        engine, address, batch_size, workers, cpus_per_worker, gpus_per_worker, max_pixels, chunk_size,
+        backbone_runtime, backbone_precision:
+                     as for `pni-ray score` (backbone_runtime "openvino": exports only, OpenVINO installed)
+        threads      engine "local" only: torch / ONNX Runtime threads (default: all cores), as `score --threads`
+
+    Writes, inside the partition: part-*.parquet (the table), _summary.json (counts, failures,
+    anomaly rate, top N), _report.html, and _nightly.json (this run: config, date, timings, exit code;
+    its status is "running" from the start until the run is "finished", "refused" or "failed", so a
+    killed run never leaves an earlier run's record behind).
+    Rerunning for the same date resumes: only inputs without a row are scored; with --retry-failed (or
+    retry_failed = true) the error rows too, e.g. once a file that was half-written has been written again.
+
+    Exit status: 0 all scored; 1 some inputs failed (fail_on_errors); 2 bad config (or no model at `model`);
+    3 the run was refused, failed or was stopped (Ctrl-C, SIGTERM: recorded as failed, "interrupted ...").
+    """
+    ctx.exit(run_job(config_path, date, progress, retry_failed))
+
+
+def run_job(config_path: Path | str, date: str | None = None, progress: bool = False, retry_failed: bool = False) -> int:
+    """One nightly run, said on stdout / stderr as a cron log shows it; its exit status."""
     try:
         with terminate_as_interrupt():
-            code, record = run(args.config, date=args.date, progress=args.progress, retry_failed=args.retry_failed)
+            code, record = run(config_path, date=date, progress=progress, retry_failed=retry_failed)
     except KeyboardInterrupt as exc:  # run() recorded it where it had begun its output
         print(f"nightly {interrupted_message(exc, KEPT)}", file=sys.stderr)
         return EXIT_RUN
@@ -346,7 +357,3 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"nightly {record['date']} failed: {record.get('error')}", file=sys.stderr)
     return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """TensorRT engines from an export directory, and a runtime that runs them.
 
-    python -m export.trt EXPORT_DIR [--max-batch N] [--fp16]      # on the target: builds *.engine
-    python -m export.trt EXPORT_DIR --register [--max-batch N] [--fp16]   # records engines trtexec built
+    python -m pni_ray.export.trt EXPORT_DIR [--max-batch N] [--fp16]      # on the target: builds *.engine
+    python -m pni_ray.export.trt EXPORT_DIR --register [--max-batch N] [--fp16]   # records engines trtexec built
     model = TRTModel(EXPORT_DIR); maps, scores = model.predict(images)
 
 One engine per graph, built with the TensorRT Python API (10.x): explicit-batch network from the
@@ -14,7 +14,7 @@ thresholds) and the chosen entry's distance, recomputed as |x - C[j]|, are the e
 export promises. The FP16 MLP hands its logits across the engine boundary as FP32 tensors. The
 scorer's choices are int32 (TensorRT's index type). Graphs exported with --int8 and symmetric
 activations (`--int8-activations int8`, what `export --trt` picks) carry int8 Q/DQ nodes
-(export.quantize): they are built as strongly typed networks, whose precision is the graph's own,
+(pni_ray.export.quantize): they are built as strongly typed networks, whose precision is the graph's own,
 so no precision flag (FP16 or INT8) is set for them. An export with uint8 activations (onnxruntime's
 CPU form) is refused before any build, with what to re-export. TensorRT's ArgMin need not take the first of
 exactly tied entries as torch and onnxruntime do; ties only arise where the distance expansion
@@ -42,14 +42,14 @@ from typing import Any
 
 import numpy as np
 
-from export import tables
-from export.runtime import StagePipeline
+from pni_ray.export import tables
+from pni_ray.export.runtime import StagePipeline
 from pni_ray.fileio import atomic_write_bytes
 from pni_ray.geometry import Geometry
 
 FP32_GRAPHS = ("softmax", "scorer")  # never FP16: see the module doc
 DEFAULT_WORKSPACE_GB = 4.0
-MIN_TRT_MAJOR = 10
+TRT_MAJOR = 10
 
 
 def int8_graphs(manifest: dict[str, Any]) -> set[str]:
@@ -103,10 +103,10 @@ def missing_requirements() -> list[str]:
         import tensorrt as trt  # noqa: F401
 
         major = int(str(getattr(trt, "__version__", "0")).split(".")[0] or 0)
-        if major < MIN_TRT_MAJOR:
-            missing.append(f"TensorRT {MIN_TRT_MAJOR}.x (found tensorrt {trt.__version__})")
+        if major != TRT_MAJOR:  # 11 removed the FP16 builder flag --fp16 sets; engines of 10 are what was checked
+            missing.append(f"TensorRT {TRT_MAJOR}.x (found tensorrt {trt.__version__}: `pip install 'tensorrt>=10,<11'`)")
     except ImportError:
-        missing.append(f"the TensorRT Python package (tensorrt {MIN_TRT_MAJOR}.x: `pip install 'pni-ray[trt]'` or "
+        missing.append(f"the TensorRT Python package (tensorrt {TRT_MAJOR}.x: `pip install 'pni-ray[trt]'` or "
                        "`pip install tensorrt`; on Jetson it comes with JetPack)")
     problem = _cuda_device_problem()
     if problem:
@@ -148,7 +148,7 @@ def profile_batch(folder: Path | str, manifest: dict[str, Any], max_batch: int |
 
 def trtexec_commands(folder: Path | str, manifest: dict[str, Any], max_batch: int, fp16: bool) -> list[str]:
     """One trtexec line per graph, equivalent to `build_engines`, with absolute paths (run from anywhere on
-    this machine; after copying the export elsewhere, `python -m export.trt` there needs no editing)."""
+    this machine; after copying the export elsewhere, `python -m pni_ray.export.trt` there needs no editing)."""
     folder = Path(folder).absolute()
     lines = []
     quantised = int8_graphs(manifest)
@@ -175,12 +175,12 @@ def unavailable_message(folder: Path, manifest: dict[str, Any], missing: list[st
         "TensorRT engines were not built: this machine lacks " + "; and ".join(missing) + ".",
         f"The ONNX graphs and Arrow tables in {folder} are complete and verified (the ONNX runtime uses them as they are).",
         "On the target (NVIDIA GPU, TensorRT 10.x), copy the directory and build the engines with:",
-        f"  python -m export.trt {shlex.quote(str(folder))} --max-batch {max_batch}" + (" --fp16" if fp16 else ""),
+        f"  python -m pni_ray.export.trt {shlex.quote(str(folder))} --max-batch {max_batch}" + (" --fp16" if fp16 else ""),
         "or with trtexec, one engine per graph:",
     ]
     lines += [f"  {c}" for c in trtexec_commands(folder, manifest, max_batch, fp16)]
     lines.append("then record those engines in the export's manifest (checksums, profile), which the runtime reads:")
-    lines.append(f"  python -m export.trt {shlex.quote(str(folder))} --register --max-batch {max_batch}"
+    lines.append(f"  python -m pni_ray.export.trt {shlex.quote(str(folder))} --register --max-batch {max_batch}"
                  + (" --fp16" if fp16 else ""))
     return "\n".join(lines)
 
@@ -308,7 +308,7 @@ class _Engine:
     """One deserialised engine with device buffers for max_batch, bound once."""
 
     def __init__(self, trt, runtime, cudart, path: Path, table_feeds: dict[str, np.ndarray]) -> None:
-        self.cudart = cudart
+        self.cudart, self.path = cudart, path
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
             raise RuntimeError(f"{path}: TensorRT could not deserialise the engine (built by another TensorRT version?)")
@@ -320,7 +320,7 @@ class _Engine:
             (self.inputs if is_input else self.outputs).append(name)
             self.dtypes[name] = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
             if is_input:  # the max profile shape, so output shapes below are the largest
-                self.context.set_input_shape(name, list(self.engine.get_tensor_profile_shape(name, 0)[2]))
+                self._set_shape(name, list(self.engine.get_tensor_profile_shape(name, 0)[2]))
         for name in self.outputs:  # output shapes at the max profile
             shape = list(self.context.get_tensor_shape(name))
             self._alloc(name, int(np.prod(shape)) * self.dtypes[name].itemsize)
@@ -337,9 +337,15 @@ class _Engine:
         self.buffers[name] = (ptr, nbytes)
         self.context.set_tensor_address(name, int(ptr))
 
+    def _set_shape(self, name: str, shape: Any) -> None:
+        """TensorRT 10 says a shape outside the optimisation profile by returning False, not by raising."""
+        if not self.context.set_input_shape(name, tuple(shape)):
+            raise RuntimeError(f"{self.path}: input {name!r} of shape {tuple(shape)} is outside the engine's optimisation "
+                               "profile (rebuild it with a larger --max-batch)")
+
     def _upload(self, name: str, value: np.ndarray) -> None:
         arr = np.ascontiguousarray(value, dtype=self.dtypes[name])
-        self.context.set_input_shape(name, arr.shape)
+        self._set_shape(name, arr.shape)
         _check(self.cudart.cudaMemcpy(self.buffers[name][0], arr.ctypes.data, arr.nbytes,
                                       self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
 
@@ -373,14 +379,14 @@ class TRTModel(StagePipeline):
         self.manifest = tables.verify_export(self.path) if verify else tables.read_manifest(self.path)
         engines = self.manifest.get("tensorrt", {}).get("engines", {})
         if not engines:
-            raise TensorRTUnavailable(f"{self.path}: no TensorRT engines built yet; run `python -m export.trt {self.path}` on the target")
+            raise TensorRTUnavailable(f"{self.path}: no TensorRT engines built yet; run `python -m pni_ray.export.trt {self.path}` on the target")
         self.max_batch = min(profile_batch(self.path, self.manifest, r.get("max_batch")) for r in engines.values())
         missing = missing_requirements()
         if missing:
             raise TensorRTUnavailable("running TensorRT engines needs " + "; and ".join(missing))
         import tensorrt as trt
 
-        from export.runtime import scorer_table_feeds  # numpy only
+        from pni_ray.export.runtime import scorer_table_feeds  # numpy only
 
         cudart = _cudart()
         self.geometry = Geometry.from_manifest(self.manifest)
@@ -424,7 +430,7 @@ def _positive_float(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.trt", description="Build TensorRT engines for an export directory.")
+    parser = argparse.ArgumentParser(prog="python -m pni_ray.export.trt", description="Build TensorRT engines for an export directory.")
     parser.add_argument("export_dir", type=Path)
     parser.add_argument("--max-batch", type=_at_least_one, default=None,
                         help="largest batch of the optimisation profile (default: the export's)")

@@ -1,6 +1,6 @@
 """Edge export of pni-ray bundles: ONNX graphs + Arrow tables (onnx_export), a torch-free
 onnxruntime runtime (runtime), TensorRT engines (trt) and a TensorRT op check (opcheck).
 
-Importing the package imports nothing heavy: `export.runtime` and `export.tables` run where
+Importing the package imports nothing heavy: `pni_ray.export.runtime` and `pni_ray.export.tables` run where
 torch is absent.
 """

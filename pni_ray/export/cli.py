@@ -11,8 +11,8 @@ import click
 
 from pni_ray.config import SCORE_MODES
 
-# export.quantize loads onnx and onnxruntime only inside its functions
-from export.quantize import (ACTIVATIONS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_FP32_CONVS, DEFAULT_WEIGHT_BITS,
+# pni_ray.export.quantize loads onnx and onnxruntime only inside its functions
+from pni_ray.export.quantize import (ACTIVATIONS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_FP32_CONVS, DEFAULT_WEIGHT_BITS,
                              QUANTIZABLE, WEIGHT_BITS)
 
 
@@ -61,8 +61,8 @@ def export_cmd(bundle: Path, out: Path, trt: bool, fp16: bool, max_batch: int, o
                calibration: Path | None, calibration_images: int | None, int8_activations: str | None,
                int8_fp32_convs: int | None, int8_weight_bits: str | None) -> None:
     """Export BUNDLE for edge deployment: ONNX graphs + Arrow tables (+ TensorRT engines with --trt)."""
-    from export import opcheck, tables
-    from export.onnx_export import ExportOptions, export_bundle
+    from pni_ray.export import opcheck, tables
+    from pni_ray.export.onnx_export import ExportOptions, export_bundle
     from pni_ray.bundle import BundleError
     from pni_ray.options import set_threads
 
@@ -109,7 +109,7 @@ def export_cmd(bundle: Path, out: Path, trt: bool, fp16: bool, max_batch: int, o
                    f"{manifest['int8'].get('weight_bits', 8)}-bit weight range) calibrated on "
                    f"{len(manifest['int8']['calibration_images'])} images of {manifest['int8']['calibration_dir']}")
     if trt:
-        from export.trt import TensorRTUnavailable, build_engines
+        from pni_ray.export.trt import TensorRTUnavailable, build_engines
 
         try:
             info = build_engines(out, max_batch=max_batch, fp16=fp16)

@@ -11,7 +11,7 @@ and every shape is static but the batch. The dense masked minimum of the torch s
                                                     tie (first index wins) where rounding cancels
   mask       Gather(p^T, e2d, axis=0)               (M, B, c): p(c_dist[e2d[m]] | N), whole rows
              Less(., T^T) -> Transpose              refused entries; T = exact float32 thresholds
-                                                    (export.tables), so the mask equals torch's
+                                                    (pni_ray.export.tables), so the mask equals torch's
                                                     float32 rule bit for bit (pni: both priors
                                                     > tau, or their mean > tau)
   choice     ArgMin(d + Cast(refused) * 1e30)       allowed entries keep d exactly; a patch with
@@ -54,7 +54,7 @@ and any ONNX runner (polygraphy, trtexec) runs the graph with nothing but the fe
 position-dependent thresholds and the position mask are stored sparse and expanded per chunk by
 constant folding. As
 inputs (Gemm with bias), the runtime builds the same values from the Arrow tables
-(export.tables.scorer_table_values) and feeds them every call.
+(pni_ray.export.tables.scorer_table_values) and feeds them every call.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export.tables import PENALTY, MaskSpec
+from pni_ray.export.tables import PENALTY, MaskSpec
 
 BATCH = "batch"
 INF = np.float32(np.inf)
@@ -159,7 +159,7 @@ class ScorerSpec:
     fill: bool = False  # input fill_index (B, h * w): patch scores of padded cells taken from content cells
     # modes position / pni ("both"): search each position's allowed entries only, like the torch
     # scorer when it `uses_candidates` (constant coresets, the default layout); None: all of C_emb
-    candidates: np.ndarray | None = None  # (hw, k) int64, export.tables.candidate_table
+    candidates: np.ndarray | None = None  # (hw, k) int64, pni_ray.export.tables.candidate_table
     empty_positions: np.ndarray | None = None  # positions that allow nothing: searched densely
     max_batch: int = 16  # the batch the candidate search's chunks are planned for (the export's --max-batch)
 
@@ -425,12 +425,12 @@ def _candidate_choices(b: _Builder, spec: ScorerSpec, rows: str, neg_x_sq: str, 
       mask       Gather(p (B, hw * K), x * K + e2d[cand], axis=1) (B, c, k) -> Less(., T[cand])
                  -> Transpose: only the B * c * k probabilities used are read (transposing or
                  slicing the whole (B, hw, K) tensor cost more than the rest of the graph),
-                 exact thresholds at the candidates (export.tables)
+                 exact thresholds at the candidates (pni_ray.export.tables)
       choice     ArgMin(d + refused * BIG), the position's nearest where nothing passes;
                  Gather(cand) turns the local index into the C_emb entry
       empty      positions that allow nothing: ArgMin over all of C_emb, scattered in
     """
-    from export.tables import candidate_thresholds
+    from pni_ray.export.tables import candidate_thresholds
 
     cand = np.asarray(spec.candidates, np.int64)
     hw, k = cand.shape

@@ -12,13 +12,13 @@
                     (letterbox, tiling) sends padded cells to their nearest content cell
     refiner.onnx    images, maps -> refined_maps, scores                     when the bundle has one
 
-The runtime (export.runtime) prepares images with the bundle's geometry (pni_ray.geometry), runs
+The runtime (pni_ray.export.runtime) prepares images with the bundle's geometry (pni_ray.geometry), runs
 the backbone per tile and stitches when tiling, takes image scores over the content only and
 restores maps to each image's size with the same resize `evaluate` uses.
     c_emb.arrow, c_dist.arrow, emb_to_dist.arrow, position_prior.arrow, normalisation.arrow
     manifest.json   config, graph signatures, op-check reports, versions, sha256 of every file
 
-Every graph has a dynamic batch axis and otherwise static shapes, passes `export.opcheck` for
+Every graph has a dynamic batch axis and otherwise static shapes, passes `pni_ray.export.opcheck` for
 TensorRT 10 (the export refuses to finish otherwise) and is stored with external data once it
 passes 2 GB. The directory is written beside its final name and renamed into place, so a crash
 never leaves a half-written export under that name.
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export import graph_passes, opcheck, quantize, scorer_graph, tables
+from pni_ray.export import graph_passes, opcheck, quantize, scorer_graph, tables
 from pni_ray.bundle import model_id as bundle_model_id
 from pni_ray.fileio import read_arrow as bundle_read_arrow
 from pni_ray.bundle import versions as bundle_versions
@@ -71,7 +71,7 @@ class ExportOptions:
     mode: str | None = None  # scoring mode; None = the bundle's
     external_data_bytes: int = EXTERNAL_DATA_BYTES
     target: str = opcheck.DEFAULT_TARGET
-    int8: tuple[str, ...] = ()  # graphs to quantise (export.quantize.QUANTIZABLE); () = all FP32
+    int8: tuple[str, ...] = ()  # graphs to quantise (pni_ray.export.quantize.QUANTIZABLE); () = all FP32
     calibration: Path | None = None  # folder of good images the INT8 ranges are measured on
     calibration_images: int = quantize.DEFAULT_CALIBRATION_IMAGES
     int8_activations: str = quantize.DEFAULT_ACTIVATIONS  # "uint8": onnxruntime CPU; "int8": TensorRT too
@@ -151,8 +151,8 @@ class _MLP(nn.Module):
     probabilities per patch anyway.
     The classifier is a MatMul over the channels-last hidden layer plus its bias (not a 1 x 1 Conv
     followed by a Transpose of the logits): the Transpose moves 128 channels instead of K, and INT8
-    graphs get the classifier as the MatMul whose output `export.quantize.float_logits` keeps float
-    (onnxruntime runs it as MatMulIntegerToFloat with the bias fused: `export.runtime`).
+    graphs get the classifier as the MatMul whose output `pni_ray.export.quantize.float_logits` keeps float
+    (onnxruntime runs it as MatMulIntegerToFloat with the bias fused: `pni_ray.export.runtime`).
     `torch.ones_like` exports as ConstantOfShape(Shape(x)), a shape computed at run time; x * 0 + 1
     is the same ones for finite x with shapes the parser sees at build time.
     """
@@ -457,7 +457,7 @@ def export_versions() -> dict[str, str]:
 def torch_reference(detector, images: np.ndarray, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """The bundle's own torch scoring (default top-k path) for `images` (N, 3, S, S) float32: maps,
     and image scores as `evaluate` takes them (Geometry.image_score: averaged over image_window^2 patches)."""
-    from export.runtime import whole_canvas
+    from pni_ray.export.runtime import whole_canvas
 
     geometry = detector_geometry(detector)
     content = whole_canvas(tuple(images.shape[-2:]))

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from export.onnx_export import ExportOptions, export_bundle
+from pni_ray.export.onnx_export import ExportOptions, export_bundle
 from pni_ray.data.mvtec import load_category
 from pni_ray.evaluate import run_modes
 from pni_ray.inference import load_detector

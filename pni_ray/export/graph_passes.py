@@ -12,10 +12,10 @@ the batch size, so this pass
    (1, 1, H'/H, W'/W) where floor(H * scale) == H' holds exactly, so shape inference (and
    TensorRT) see static output shapes.
 
-Whatever stays dynamic is reported by `export.opcheck`, which the exporter runs on every graph.
+Whatever stays dynamic is reported by `pni_ray.export.opcheck`, which the exporter runs on every graph.
 
 The other passes over ONNX graphs live here too: `prune` (drop what no output needs), `bypass_qdq`
-(remove a QuantizeLinear -> DequantizeLinear round trip: the INT8 MLP's float logits, export.quantize)
+(remove a QuantizeLinear -> DequantizeLinear round trip: the INT8 MLP's float logits, pni_ray.export.quantize)
 and `integer_matmul_to_float` (onnxruntime's own form of an INT8 MatMul + bias, applied by the
 runtime to the graphs it loads, never to the files).
 """

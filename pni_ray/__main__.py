@@ -1,0 +1,5 @@
+"""`python -m pni_ray ...` runs the `pni-ray` command (where the console script is not on PATH)."""
+
+from pni_ray.cli import main
+
+main(prog_name="pni-ray")
