@@ -133,6 +133,10 @@ def main() -> None:
     from pni_ray.training import coreset_size
 
     data_root, category = args.data_root, args.category
+    needs = None if args.texture else "transistor" if args.large else category  # the texture is generated
+    if needs and not (args.data_root / needs / "train" / "good").is_dir():
+        print(f"skipping: {needs} not found under {args.data_root} (its train/good/ images are the coreset's input)")
+        return
     if args.large:
         data_root, category = make_large_category(args.data_root, args.large_root), LARGE_NAME
     elif args.texture:
@@ -143,6 +147,7 @@ def main() -> None:
     n_ref = n_select if args.reference_picks <= 0 else min(n_select, args.reference_picks)
     print(f"{category}: {rows.shape[0]} patches x {rows.shape[1]}, |C_emb| = {n_select}, {args.threads} thread(s)")
 
+    greedy_kcenter_order(rows[:4096], 16, c.projection_dim, c.chunk_size, 0, progress=False)  # numba compiles or loads
     t = time.perf_counter()
     new = greedy_kcenter_order(rows, n_select, c.projection_dim, c.chunk_size, 0, progress=False)
     t_new = time.perf_counter() - t

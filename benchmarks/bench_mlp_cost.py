@@ -3,11 +3,11 @@
 The paper's p(c | N) is an MLP of 10 fully connected layers of 2048 units over the 80
 neighbour features of a 9 x 9 window, predicting |C_dist| = 2048 classes, trained on every
 position. pni-ray's default (NeighbourhoodConfig) is a 1x1 bottleneck, a masked 9 x 9 window
-layer and `depth` 1x1 layers, trained on `positions_per_image` sampled positions per image and
+layer and `depth` 1x1 layers, trained on every position of each image (`positions_per_image` None) each
 epoch. This script times float32 Adam training steps of both (the default's MLP trains in bf16
 where the CPU has it natively: NeighbourhoodConfig.train_precision), measured in one run at the same thread
 count on random features of the bottle model's width, and projects one epoch over a bottle-size
-category (188 memory images x 32 x 32 positions):
+category (188 memory images x 40 x 40 positions, --grid 40):
 
     .venv/bin/python benchmarks/bench_mlp_cost.py --threads 2
 

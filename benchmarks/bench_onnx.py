@@ -174,6 +174,9 @@ def main() -> int:
     out: dict = {"threads": args.threads, "bundle": str(args.bundle)}
     detector, bmanifest = load_detector(args.bundle)
     category = args.category or bmanifest["category"]
+    if not (args.data_root / category / "test").is_dir():  # said before minutes of export, not after
+        print(f"skipping: {category} (its test/ images) not found under {args.data_root}")
+        return 0
     size = detector.image_size
     tmp = None
     export_dir = args.export_dir

@@ -592,8 +592,8 @@ def main() -> int:
 
 def fit_once(python: Path, name: str, spec: dict, cache: Path, reuse: bool) -> dict:
     """A fit worker's result, or the one saved in `cache` by an earlier run when reuse is set."""
-    if reuse and cache.is_file():
-        return json.loads(cache.read_text())
+    if reuse and cache.is_file():  # marked, so no table or ratio passes an earlier run's fit off as this run's
+        return {**json.loads(cache.read_text()), "fit_from": f"an earlier run ({cache})"}
     result = run_worker(python, name, spec)
     if "error" not in result:
         cache.write_text(json.dumps(result))
@@ -662,6 +662,9 @@ def run_all(args: argparse.Namespace, work: Path, python_a: Path | None, anomali
                        for e in ("openvino", *ANOMALIB_INT8)})
     chosen = chosen_engines(args.engines, {"torch", "onnxruntime", *PNI_INT8_ENGINES, *anomalib_engines}, absent)
     for category in args.categories.split(","):
+        if not (args.data_root / category / "test").is_dir():
+            print(f"skipping {category}: not found under {args.data_root}", flush=True)
+            continue
         _, labels, mask_paths = test_split(args.data_root, category)
         masks = masks_at(mask_paths)
         for bank in args.banks.split(","):
@@ -735,7 +738,7 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     for r in rows:
         vals = ["-" if c not in r else (f"{r[c]:.4f}" if c in ("image_auroc", "pixel_auroc", "aupro") else f"{r[c]:.1f}")
                 for c in cols]
-        err = f" ({r['error']})" if "error" in r else ""
+        err = (f" ({r['error']})" if "error" in r else "") + (" (fit reused: --reuse)" if "fit_from" in r else "")
         print(f"| {r['category']} | {r['bank']} | {r['system']} | {path_label(r, args.threads)}{err} | {r.get('entries', '-')} | "
               + " | ".join(vals) + " |")
     print("\nratios pni-ray / anomalib (fit: anomalib s / pni-ray s; speed: pni-ray images/s / anomalib's best path;")
@@ -745,12 +748,16 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
         here = [r for r in rows if r["category"] == category and r["bank"] == bank and "images_per_s" in r]
         ours, peer = accurate_paths(here, "pni-ray"), accurate_paths(here, "anomalib")
         if not ours or not peer:
+            print(f"  {category} {bank}: none, " + ("no anomalib path ran (see the note above the table)" if not peer
+                                                    else "no pni-ray path ran"))
             continue
         best_ours, best_peer = max(ours, key=lambda r: r["images_per_s"]), max(peer, key=lambda r: r["images_per_s"])
         own_fit = best_peer["fit_s"] == best_peer["fit_s"]  # NaN: a borrowed bank
         bank_s = memory_bank_seconds(best_ours)
+        reused = [s for s, r in (("pni-ray", best_ours), ("anomalib", best_peer)) if "fit_from" in r]
         fit = (f"fit {best_peer['fit_s'] / best_ours['fit_s']:.1f}x faster"
                + (f" (the memory bank alone, what PatchCore fits: {best_peer['fit_s'] / bank_s:.1f}x)" if bank_s else "")
+               + (f" ({' and '.join(reused)} fit reused from an earlier run: --reuse)" if reused else "")
                if own_fit else "fit not compared (borrowed bank)")
         accuracy = (f"pixel AUROC {best_ours['pixel_auroc'] - best_peer['pixel_auroc']:+.4f}, "
                     f"AUPRO {best_ours['aupro'] - best_peer['aupro']:+.4f}") if own_fit else "accuracy not compared"

@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     from pni_ray.predict import detector_geometry
 
     detector, manifest = load_detector(args.bundle)
+    if args.refine and getattr(detector, "refiner", None) is None:  # said now, not after scoring every mode
+        raise SystemExit(f"--refine: {args.bundle} has no refiner (pni-ray refine {args.bundle} DATA_ROOT --out DIR)")
     category = args.category or manifest["category"]
     if not (args.data_root / category).is_dir():
         print(f"skipped: {args.data_root / category} is absent")

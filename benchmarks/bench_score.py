@@ -32,6 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PNI_RAY = [sys.executable, "-c", "from pni_ray.cli import main; main()"]  # what the `pni-ray` script runs
 
+from pni_ray.orchestration.score_inputs import CHUNK_SIZE  # noqa: E402  score's default chunk
+
 
 def tiny_bundle(workdir: Path) -> Path:
     import dataclasses
@@ -107,11 +109,14 @@ def run_ray(bundle: Path, root: Path, out: Path, workers: int | None, batch_size
     summary = json.loads((out / "_summary.json").read_text())
     run = summary["run"]
     n = summary["scored"]
-    first = run["first_chunk_seconds"] or 0.0
-    steady_n = n - 64 if n > 64 else n  # after the first chunk
-    return {"images": n, "wall_s": wall, "images_per_s": n / wall,
-            "steady_images_per_s": steady_n / max(run["pipeline_seconds"] - first, 1e-9),
-            "startup_s": wall - (run["pipeline_seconds"] - first)}
+    steady = after_first_chunk(n, run["pipeline_seconds"], run["first_chunk_seconds"] or 0.0)
+    return {"images": n, "wall_s": wall, "images_per_s": n / wall, "steady_images_per_s": steady,
+            "startup_s": wall - (run["pipeline_seconds"] - (run["first_chunk_seconds"] or 0.0)) if steady else None}
+
+
+def after_first_chunk(n: int, pipeline_s: float, first_chunk_s: float) -> float | None:
+    """images/s once the first chunk (CHUNK_SIZE images) is committed; None when every image was in it."""
+    return (n - CHUNK_SIZE) / max(pipeline_s - first_chunk_s, 1e-9) if n > CHUNK_SIZE else None
 
 
 def run_plain(bundle: Path, root: Path, out: Path, batch_size: int, threads: int) -> dict:
@@ -188,8 +193,12 @@ def main() -> None:
               f"({ray_runs[-1]['wall_s']:.1f} s)", flush=True)
     diff = compare_outputs(workdir / "ray", workdir / "plain")
 
-    def med(runs: list[dict], key: str) -> float:
-        return statistics.median(r[key] for r in runs)
+    def med(runs: list[dict], key: str) -> float | None:
+        values = [r[key] for r in runs]
+        return None if None in values else statistics.median(values)
+
+    def rate(value: float | None, unit: str = " images/s") -> str:
+        return f"n/a (all {args.images} images in the first chunk of {CHUNK_SIZE})" if value is None else f"{value:.2f}{unit}"
 
     best_threads = max(threads, key=lambda t: med(plain_by_threads[t], "images_per_s"))
     plain_runs = plain_by_threads[best_threads]
@@ -204,16 +213,18 @@ def main() -> None:
         "runs": {"ray": ray_runs, **{f"plain_{t}_threads": v for t, v in plain_by_threads.items()}},
     }
     result["ratio"] = result["ray_images_per_s"] / result["plain_images_per_s"]
-    result["steady_ratio"] = result["ray_steady_images_per_s"] / result["plain_steady_images_per_s"]
+    result["steady_ratio"] = (None if result["ray_steady_images_per_s"] is None
+                              else result["ray_steady_images_per_s"] / result["plain_steady_images_per_s"])
     print(f"\n{args.images} images, {os.cpu_count()} CPUs, median of {args.repeats}:")
     print(f"  pni-ray score (local Ray): {result['ray_images_per_s']:8.2f} images/s end to end "
-          f"(start-up {result['ray_startup_s']:.1f} s, then {result['ray_steady_images_per_s']:.2f} images/s)")
+          + ("" if result["ray_startup_s"] is None else f"(start-up {result['ray_startup_s']:.1f} s, then ")
+          + rate(result["ray_steady_images_per_s"]) + ("" if result["ray_startup_s"] is None else ")"))
     for t in threads:
         print(f"  plain loop, {t} thread(s):  {med(plain_by_threads[t], 'images_per_s'):8.2f} images/s end to end")
     print(f"  plain in-process loop:     {result['plain_images_per_s']:8.2f} images/s end to end, best ({best_threads} threads) "
           f"(start-up {result['plain_startup_s']:.1f} s, then {result['plain_steady_images_per_s']:.2f} images/s)")
     print(f"  ratio ray / plain: {result['ratio']:.2f}x end to end (target >= 0.75), "
-          f"{result['steady_ratio']:.2f}x after start-up; max |score difference| {diff:.2e}")
+          f"{rate(result['steady_ratio'], 'x')} after start-up; max |score difference| {diff:.2e}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

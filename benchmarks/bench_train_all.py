@@ -2,8 +2,8 @@
 
 Both are measured in one run on the same synthetic categories and the same config:
 
-- sequential: ``train_category`` + ``save_bundle`` for each category in turn, torch threads = 1
-  (what ``pni-ray train --threads 1`` does, one category after the other);
+- sequential: ``fit_category(..., threads=1)`` + ``save_bundle`` for each category in turn (what
+  ``pni-ray train --threads 1`` does, one category after the other);
 - train-all:  ``train_all(..., cpus_per_task=1)`` with an embedded local Ray of ``--ray-cpus``
   CPUs, timed from the call (so Ray start-up, worker start-up and shutdown are included) to
   the written summary; evaluation is off in both.
@@ -32,8 +32,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -55,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from pni_ray.options import build_config
     from pni_ray.data.synthetic import SyntheticSpec, make_synthetic
     from pni_ray.orchestration.train_all import train_all
-    from pni_ray.training import train_category
+    from pni_ray.fit import fit_category
 
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]
     if len(categories) < 2:
@@ -71,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = build_config(backbone=args.backbone, image_size=args.size, epochs=args.epochs)
 
     def sequential() -> tuple[float, dict[str, str], dict[str, float]]:
-        torch.set_num_threads(1)
         out = workdir / "sequential"
         shutil.rmtree(out, ignore_errors=True)
         ids, per = {}, {}
@@ -79,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         load0 = os.getloadavg()[0]
         for category in categories:
             tc = time.perf_counter()
-            trained = train_category(data, category, cfg, progress=False)
+            trained = fit_category(data, category, cfg, 1, progress=False)  # as `pni-ray train --threads 1`
             ids[category] = model_id(save_bundle(trained, out / category / args.backbone))
             per[category] = time.perf_counter() - tc
             print(f"  sequential {category}: {per[category]:.1f} s", flush=True)
