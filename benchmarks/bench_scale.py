@@ -189,9 +189,11 @@ def score_once(bundle: Path, inputs: Path, out: Path, n: int, args: argparse.Nam
     if first:
         import pyarrow.parquet as pq
 
-        t_first, part = first[0]
+        _, part = first[0]
         rest = n - pq.ParquetFile(part).metadata.num_rows
-        steady = rest / (t0 + seconds - t_first) if rest > 0 and t0 + seconds > t_first else None
+        run = summary.get("run") or {}  # score's own clock: from the first commit to the pipeline's end, no exit tail
+        span = (run.get("pipeline_seconds") or 0.0) - (run.get("first_chunk_seconds") or 0.0)
+        steady = rest / span if rest > 0 and span > 0 else None
     return {
         "n": n, "seconds": seconds, "images_per_s": n / seconds, "steady_images_per_s": steady,
         "driver_peak_mb": memory.driver / 2**20, "worker_peak_mb": memory.worker / 2**20,

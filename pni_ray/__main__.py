@@ -2,4 +2,5 @@
 
 from pni_ray.cli import main
 
-main(prog_name="pni-ray")
+if __name__ == "__main__":
+    main(prog_name="pni-ray")

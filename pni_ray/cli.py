@@ -54,7 +54,7 @@ class Commands(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except click.ClickException:
+        except (click.ClickException, click.exceptions.Exit):  # Exit (ctx.exit) is a RuntimeError: not an input error
             raise
         except Exception as exc:  # noqa: BLE001 - anything else keeps its traceback
             if isinstance(exc, _input_errors()):

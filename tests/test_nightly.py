@@ -17,8 +17,12 @@ from pni_ray.orchestration import nightly
 
 
 def run_nightly(args: list[str]) -> int:
-    """`pni-ray -q nightly ARGS` as the console script runs it; its exit status."""
-    return cli_main.main(["-q", "nightly", *args], standalone_mode=False)
+    """`pni-ray nightly -q ARGS` as the console script runs it; its exit status."""
+    try:
+        cli_main.main(["nightly", "-q", *args], standalone_mode=False)
+    except SystemExit as exc:
+        return exc.code
+    raise AssertionError("pni-ray nightly returned without an exit status")
 
 
 
@@ -179,6 +183,27 @@ def test_nightly_backbone_runtime_reaches_score(tmp_path, bundle_tiny):
     assert run_nightly(["--config", str(config), "--date", "2024-01-02"]) == nightly.EXIT_RUN
     record = json.loads((tmp_path / "out" / "dt=2024-01-02" / "_nightly.json").read_text())
     assert "export directories only" in record["error"] and record["config"]["backbone_runtime"] == "openvino"
+
+
+def test_the_console_command_exits_with_the_documented_status(tmp_path):
+    """What cron, `ray job submit` and a RayJob read: the process's own exit status, 2 for a config that cannot be
+    read (missing, a directory), 3 for a model folder that holds no model; the moved module itself says where the
+    job is now instead of exiting 0 without a run."""
+    def status(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pni_ray", "nightly", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+
+    missing = status("--config", str(tmp_path / "nope.toml"), "-q")
+    assert missing.returncode == nightly.EXIT_CONFIG and "config error" in missing.stderr, missing.stderr
+    folder = status("--config", str(tmp_path))
+    assert folder.returncode == nightly.EXIT_CONFIG and "config error" in folder.stderr, folder.stderr
+    (tmp_path / "empty_model").mkdir()
+    config = write_toml(tmp_path / "n.toml", model="empty_model", inputs=["in"], output_root="out", engine="local")
+    refused = status("--config", str(config), "--date", "2024-01-02")
+    assert refused.returncode == nightly.EXIT_RUN and "failed" in refused.stderr, refused.stderr
+    old = subprocess.run([sys.executable, "-m", "pni_ray.orchestration.nightly", "--config", str(config)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert old.returncode != 0 and "pni-ray nightly --config FILE" in old.stderr
 
 
 def test_entrypoint_runs_as_a_module_beside_a_users_own_export_and_jobs(tmp_path):

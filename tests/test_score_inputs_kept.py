@@ -24,8 +24,12 @@ from pni_ray.results import read_table
 
 
 def run_nightly(args: list[str]) -> int:
-    """`pni-ray -q nightly ARGS` as the console script runs it; its exit status."""
-    return cli_main.main(["-q", "nightly", *args], standalone_mode=False)
+    """`pni-ray nightly -q ARGS` as the console script runs it; its exit status."""
+    try:
+        cli_main.main(["nightly", "-q", *args], standalone_mode=False)
+    except SystemExit as exc:
+        return exc.code
+    raise AssertionError("pni-ray nightly returned without an exit status")
 
 
 def _image(synthetic_root: Path) -> bytes:

@@ -279,14 +279,14 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
 
 
 @click.command("nightly")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path),
               help="TOML or JSON config file (jobs/nightly.example.toml in the repository).")
 @click.option("--date", default=None, help="today, yesterday or YYYY-MM-DD (overrides the config).")
 @click.option("--retry-failed", is_flag=True,
               help="Score the date's error rows again (a file that was missing or half-written then).")
 @click.option("--progress", is_flag=True, help="Show a progress bar.")
-@click.pass_context
-def nightly_cmd(ctx: click.Context, config_path: Path, date: str | None, retry_failed: bool, progress: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors (as `pni-ray -q nightly`).")
+def nightly_cmd(config_path: Path, date: str | None, retry_failed: bool, progress: bool, quiet: bool) -> None:
     """Nightly scoring job: every image a line produced, scored into a date partition, with a report.
 
     Run it anywhere Python runs; on a cluster through the Ray Jobs API:
@@ -323,7 +323,9 @@ def nightly_cmd(ctx: click.Context, config_path: Path, date: str | None, retry_f
     Exit status: 0 all scored; 1 some inputs failed (fail_on_errors); 2 bad config (or no model at `model`);
     3 the run was refused, failed or was stopped (Ctrl-C, SIGTERM: recorded as failed, "interrupted ...").
     """
-    ctx.exit(run_job(config_path, date, progress, retry_failed))
+    if quiet:
+        logging.getLogger("pni_ray").setLevel(logging.WARNING)
+    sys.exit(run_job(config_path, date, progress, retry_failed))  # SystemExit: the status cron and Ray Jobs read
 
 
 def run_job(config_path: Path | str, date: str | None = None, progress: bool = False, retry_failed: bool = False) -> int:
@@ -357,3 +359,7 @@ def run_job(config_path: Path | str, date: str | None = None, progress: bool = F
     else:
         print(f"nightly {record['date']} failed: {record.get('error')}", file=sys.stderr)
     return code
+
+
+if __name__ == "__main__":  # `python -m pni_ray.orchestration.nightly` would otherwise do nothing and exit 0
+    sys.exit("run the nightly job as `pni-ray nightly --config FILE` (or `python -m pni_ray nightly --config FILE`)")

@@ -429,16 +429,17 @@ def run_ray(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Itera
         ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
         # the retry bounds have no named parameter yet: Ray's deprecation of its remote arguments is answered by
         # pyproject's ray<2.64, not by a warning every run prints and no user can act on
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", module=__name__)
-        if stages == "fused":
-            ds = ds.map(_bound_worker(**worker_args, decode=decode, encode=encode), **actors)
-        else:
-            # Decode/encode tasks reserve no CPU, so actors holding every CPU cannot starve them;
-            # their own concurrency bounds them.
-            io_tasks = ray.data.TaskPoolStrategy(size=max(2, workers))
-            ds = ds.map(decode_chunk, fn_kwargs=decode, num_cpus=0, compute=io_tasks, max_retries=CHUNK_RETRIES)
-            ds = ds.map(_bound_worker(**worker_args), **actors)
-            ds = ds.map(encode_chunk, fn_kwargs=encode, num_cpus=0, compute=io_tasks, max_retries=CHUNK_RETRIES)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+            if stages == "fused":
+                ds = ds.map(_bound_worker(**worker_args, decode=decode, encode=encode), **actors)
+            else:
+                # Decode/encode tasks reserve no CPU, so actors holding every CPU cannot starve them;
+                # their own concurrency bounds them.
+                io_tasks = ray.data.TaskPoolStrategy(size=max(2, workers))
+                ds = ds.map(decode_chunk, fn_kwargs=decode, num_cpus=0, compute=io_tasks, max_retries=CHUNK_RETRIES)
+                ds = ds.map(_bound_worker(**worker_args), **actors)
+                ds = ds.map(encode_chunk, fn_kwargs=encode, num_cpus=0, compute=io_tasks, max_retries=CHUNK_RETRIES)
         yield from ds.iter_rows()
     finally:
         if errored_blocks is not None:
