@@ -75,7 +75,11 @@ def test_config_parsing_and_validation(tmp_path):
                        ({"model": "/m", "inputs": "/i", "output_root": "/o", "cpus_per_worker": 0}, "cpus_per_worker"),
                        ({"model": "/m", "inputs": "/i", "output_root": "/o", "report": "yes"}, "report must be true"),
                        ({"model": "/m", "inputs": "/i", "output_root": "/o", "retry_failed": 1}, "retry_failed must be"),
-                       ({"model": "/m", "inputs": "/i", "output_root": "/o", "address": 6379}, "address must be")):
+                       ({"model": "/m", "inputs": "/i", "output_root": "/o", "address": 6379}, "address must be"),
+                       ({"model": "/m", "inputs": [], "output_root": "/o"}, "inputs is empty: name the files"),
+                       # checked when read, though a --date may override it tonight
+                       ({"model": "/m", "inputs": "/i", "output_root": "/o", "date": "tomorrow"},
+                        "date must be today, yesterday or YYYY-MM-DD, not 'tomorrow'")):
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         with pytest.raises(nightly.ConfigError, match=match):
             nightly.load_config(tmp_path / "bad.json")
@@ -147,7 +151,7 @@ def test_nightly_run_writes_partition_summary_report_and_resumes(tmp_path, synth
     finished = (part / "_nightly.json").read_bytes()
     with locked(part):
         code, refused = nightly.run(config, date=day)
-    assert code == nightly.EXIT_RUN and refused["status"] == "refused" and "another pni-ray score run" in refused["error"]
+    assert code == nightly.EXIT_RUN and refused["status"] == "refused" and "another pni-ray run (score or nightly)" in refused["error"]
     assert (part / "_nightly.json").read_bytes() == finished
 
 
@@ -200,7 +204,7 @@ def test_the_console_command_exits_with_the_documented_status(tmp_path):
     (tmp_path / "empty_model").mkdir()
     config = write_toml(tmp_path / "n.toml", model="empty_model", inputs=["in"], output_root="out", engine="local")
     refused = status("--config", str(config), "--date", "2024-01-02")
-    assert refused.returncode == nightly.EXIT_RUN and "failed" in refused.stderr, refused.stderr
+    assert refused.returncode == nightly.EXIT_RUN and "refused: " in refused.stderr, refused.stderr
     old = subprocess.run([sys.executable, "-m", "pni_ray.orchestration.nightly", "--config", str(config)], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert old.returncode != 0 and "pni-ray nightly --config FILE" in old.stderr
@@ -298,3 +302,21 @@ def test_nightly_threads_reach_the_local_engine(tmp_path, bundle_tiny, monkeypat
     config = write_toml(tmp_path / "n.toml", model=str(bundle_tiny), inputs=["in"], output_root="out", engine="local",
                         threads=1)
     assert run_nightly(["--config", str(config), "--date", "2024-01-02"]) == nightly.EXIT_OK and seen == [1]
+
+
+def test_a_refusal_speaks_in_the_configs_keys(tmp_path, synthetic_root, bundle_tiny, capsys):
+    """score words its refusals for its command line (--map-format, --out); the nightly user edits map_format and
+    output_root, and the console line says "refused" as the record does. A bad --date is named as the flag's."""
+    images = tmp_path / "in"
+    images.mkdir()
+    shutil.copy(next((synthetic_root / "washer" / "test" / "good").glob("*.png")), images / "a.png")
+    config = write_toml(tmp_path / "n.toml", model=str(bundle_tiny), inputs=["in"], output_root="out", engine="local")
+    assert run_nightly(["--config", str(config), "--date", "2024-01-02"]) == nightly.EXIT_OK
+    write_toml(config, model=str(bundle_tiny), inputs=["in"], output_root="out", engine="local", map_format="float16")
+    capsys.readouterr()
+    assert run_nightly(["--config", str(config), "--date", "2024-01-02"]) == nightly.EXIT_RUN
+    record = json.loads((tmp_path / "out" / "dt=2024-01-02" / "_nightly.json").read_text())
+    assert record["status"] == "refused" and "use the same map_format or another output_root" in record["error"]
+    assert "nightly 2024-01-02 refused: " in capsys.readouterr().err
+    assert run_nightly(["--config", str(config), "--date", "2024-13-01"]) == nightly.EXIT_CONFIG
+    assert "config error: --date: date must be" in capsys.readouterr().err

@@ -174,6 +174,30 @@ def test_retry_failed_retries_only_this_runs_inputs(bundle_tiny, synthetic_root,
     assert len(rows) == 3 and rows[str(tmp_path / "a" / "junk.png")] is not None  # not this run's: kept
 
 
+def test_retry_failed_drops_the_stand_in_row_of_a_pattern_or_folder_that_now_holds_images(bundle_tiny, synthetic_root,
+                                                                                          tmp_path):
+    """Last night's camera folder was empty and its glob matched nothing: stand-in error rows under the folder's
+    and the pattern's names. Tonight's --retry-failed scores the images that arrived and leaves no stale failure
+    (the partition's own count of error rows is what a query over it reports); a spec still empty keeps its row."""
+    (tmp_path / "cam1").mkdir()
+    (tmp_path / "cam2").mkdir()
+    (tmp_path / "cam3").mkdir()
+    specs = [str(tmp_path / "cam1"), str(tmp_path / "cam2" / "*.png"), str(tmp_path / "cam3")]
+    out = tmp_path / "out"
+    opts = Options(chunk_size=4, threads=1)
+    assert score(bundle_tiny, specs, out, opts, engine="local")["failed"] == 3
+    for cam in ("cam1", "cam2"):
+        (tmp_path / cam / "0.png").write_bytes(_image(synthetic_root))
+    plain = score(bundle_tiny, specs, out, opts, engine="local")
+    assert plain["scored"] == 2 and plain["failed"] == 1 and plain["other_rows"] == 2  # a plain rerun keeps rows
+    retried = score(bundle_tiny, specs, out, opts, engine="local", retry=True)
+    assert retried["run"]["error_rows_retried"] == 3 and retried["scored"] == 2 and retried["failed"] == 1
+    rows = _rows(out)
+    assert sorted(rows) == sorted([str(tmp_path / "cam1" / "0.png"), str(tmp_path / "cam2" / "0.png"),
+                                   str(tmp_path / "cam3")])
+    assert "no image files" in rows[str(tmp_path / "cam3")]
+
+
 def test_a_run_removes_the_last_summary_until_it_finishes(bundle_tiny, synthetic_root, tmp_path, monkeypatch):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -289,7 +313,7 @@ def test_nightly_record_after_a_failed_report_and_beside_a_live_run(bundle_tiny,
     (out / "_nightly.json").write_text(json.dumps(live))
     with locked(out):  # that live run holds OUT
         code, refused = nightly.run(config, date="2024-01-02")
-    assert code == nightly.EXIT_RUN and refused["status"] == "refused" and "another pni-ray score run" in refused["error"]
+    assert code == nightly.EXIT_RUN and refused["status"] == "refused" and "another pni-ray run (score or nightly)" in refused["error"]
     assert json.loads((out / "_nightly.json").read_text()) == live  # its record is left to it
 
 

@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import sys
 import time
 import traceback
@@ -81,14 +82,23 @@ def load_config(path: Path | str) -> dict[str, Any]:
     unknown = sorted(set(raw) - set(DEFAULTS) - set(REQUIRED))
     if unknown:
         raise ConfigError(f"{path}: unknown keys {unknown} (known: {sorted(set(DEFAULTS) | set(REQUIRED))})")
-    missing = [k for k in REQUIRED if not raw.get(k)]
+    missing = [k for k in REQUIRED if k not in raw]
     if missing:
         raise ConfigError(f"{path}: missing required keys {missing}")
+    empty = [k for k in REQUIRED if not raw[k]]
+    if empty:
+        raise ConfigError(f"{path}: {', '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty: "
+                          + ("name the files, folders, globs or list files to score" if empty == ["inputs"]
+                             else "each of model, inputs and output_root names something"))
     cfg = {**DEFAULTS, **raw}
     if isinstance(cfg["inputs"], str):
         cfg["inputs"] = [cfg["inputs"]]
     if not isinstance(cfg["inputs"], list) or not all(isinstance(i, str) for i in cfg["inputs"]):
         raise ConfigError(f"{path}: inputs must be a string or a list of strings")
+    try:  # checked even on a night whose --date overrides it, so a bad value is not found on the next night
+        resolve_date(cfg["date"])
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     problem = value_problem(cfg)
     if problem:
         raise ConfigError(f"{path}: {problem}")
@@ -174,6 +184,17 @@ def expand_placeholders(inputs: list[str], day: dt.date) -> list[str]:
     return out
 
 
+# `score`'s options in its refusals -> the config keys a nightly user changes instead
+CONFIG_WORDS = {"--map-format": "map_format", "--out": "output_root", "--backbone-runtime": "backbone_runtime",
+                "--backbone-precision": "backbone_precision", "--address": "address",
+                "--gpus-per-worker": "gpus_per_worker", "--cpus-per-worker": "cpus_per_worker", "--workers": "workers"}
+
+
+def in_config_words(message: str) -> str:
+    """A refusal `score` words for its command line, in the words of the nightly config."""
+    return re.sub(r"(?<![\w-])(--[a-z-]+)\b", lambda m: CONFIG_WORDS.get(m.group(1), m.group(1)), message)
+
+
 def _record_status(out: Path) -> str | None:
     """The status of OUT's last run record (None: none, or unreadable)."""
     try:
@@ -204,7 +225,10 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
     if inside(cfg["output_root"], cfg["model"]):  # retraining or re-exporting it with --force would delete them
         raise ConfigError(f"{cfg['_config_path']}: output_root {cfg['output_root']} is inside the model {cfg['model']}: "
                           "results go to a directory of their own")
-    day = resolve_date(date or cfg["date"])
+    try:
+        day = resolve_date(date or cfg["date"])
+    except ConfigError as exc:
+        raise ConfigError(f"--date: {exc}") from None  # the config's own date was checked when it was read
     inputs = expand_placeholders(cfg["inputs"], day)
     out = partition(cfg["output_root"], day)
     record: dict[str, Any] = {"date": day.isoformat(), "config": {k: v for k, v in cfg.items() if not k.startswith("_")},
@@ -250,7 +274,7 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
     except Exception as exc:  # noqa: BLE001 - refused or crashed: the record says which, then the exit code
         refused = isinstance(exc, (ScoreError, RayJoinError))  # what to change, said in one message
         record.update(status="refused" if refused else "failed", exit_code=EXIT_RUN,
-                      error=str(exc) if refused else f"{exc.__class__.__name__}: {exc}")
+                      error=in_config_words(str(exc)) if refused else f"{exc.__class__.__name__}: {exc}")
         atomic_write_json(out / "_nightly.json", record)
         if not refused:
             raise
@@ -302,10 +326,11 @@ def nightly_cmd(config_path: Path, date: str | None, retry_failed: bool, progres
         inputs       list of files, directories, globs or list files (required); may use {date},
                      {yyyy}, {mm}, {dd}, {yyyymmdd} for the run date ({{ and }}: literal braces)
         output_root  results go to OUTPUT_ROOT/dt=YYYY-MM-DD/ (required)
-        date         "today" (default), "yesterday" or YYYY-MM-DD; --date overrides
+        date         "today" (default), "yesterday" or YYYY-MM-DD (today's in this machine's time zone);
+                     --date overrides
         map_format   uint8 (default) | float16 | float32 | none
         top_n        most anomalous images listed in the run summary (default 20)
-        report       write dt=.../_report.html (default true)
+        report       write dt=.../_report.html (default true); report_top: images shown in it (default 12)
         fail_on_errors  exit 1 when any input has an error row (default true)
         retry_failed score the date's error rows again when it is rerun (default false; --retry-failed)
         engine, address, batch_size, workers, cpus_per_worker, gpus_per_worker, max_pixels, chunk_size,
@@ -357,7 +382,7 @@ def run_job(config_path: Path | str, date: str | None = None, progress: bool = F
         if record.get("report"):
             print(f"report: {record['report']}")
     else:
-        print(f"nightly {record['date']} failed: {record.get('error')}", file=sys.stderr)
+        print(f"nightly {record['date']} {record.get('status', 'failed')}: {record.get('error')}", file=sys.stderr)
     return code
 
 

@@ -547,7 +547,7 @@ def score(
         check_dataset(out, info, opts.map_format, runtime)
         stale = remove_stale_temps(out)
         (out / SUMMARY_FILE).unlink(missing_ok=True)  # until this run finishes, no summary claims OUT is complete
-        retried = retry_failed(out, {row_path(p) for p in expanded.paths}) if retry else 0
+        retried = retry_failed(out, {row_path(p) for p in (*expanded.paths, *expanded.stand_ins)}) if retry else 0
         done = committed_paths(out)
         todo = [p for p in expanded.paths if row_path(p) not in done]
         rows = _chunk_rows(make_chunks(todo, opts.chunk_size), expanded.preset_errors)

@@ -49,6 +49,10 @@ class Inputs:
     paths: list[str]
     preset_errors: dict[str, str] = field(default_factory=dict)
     duplicates: int = 0
+    # every name an earlier run may have written a stand-in error row under for these specs (a pattern that
+    # matched nothing, an empty or unlistable folder, an unreadable list): --retry-failed drops those rows,
+    # so a folder that was empty last night and holds images now leaves no stale failure behind
+    stand_ins: set[str] = field(default_factory=set)
 
 
 def normalise_path(path: str, base: str | None = None, pattern: bool = False) -> str:
@@ -71,7 +75,7 @@ def normalise_path(path: str, base: str | None = None, pattern: bool = False) ->
     return os.path.normpath(path)
 
 
-def _walk_images(folder: str, preset: dict[str, str]) -> list[str]:
+def _walk_images(folder: str, preset: dict[str, str], walked: set[str] | None = None) -> list[str]:
     """Image files below folder, into symlinked subdirectories that lead out of it (each such folder
     once); a subdirectory that cannot be listed becomes an error row instead of vanishing from the run."""
     found: list[str] = []
@@ -84,6 +88,8 @@ def _walk_images(folder: str, preset: dict[str, str]) -> list[str]:
     top = os.path.realpath(folder)
     linked: set[str] = set()  # real folders outside the tree already walked through a link
     for root, dirs, files in os.walk(folder, onerror=_unreadable, followlinks=True):
+        if walked is not None:
+            walked.update(normalise_path(os.path.join(root, d)) for d in dirs)  # one may be unlistable next time
         keep = []
         for d in sorted(d for d in dirs if not d.startswith(".")):
             path = os.path.join(root, d)
@@ -100,25 +106,30 @@ def _walk_images(folder: str, preset: dict[str, str]) -> list[str]:
     return found + unreadable
 
 
-def _expand_one(spec: str, base: str | None, out: list[str], preset: dict[str, str], origin: str = "") -> None:
+def _expand_one(spec: str, base: str | None, out: list[str], preset: dict[str, str], origin: str = "",
+                stand_ins: set[str] | None = None) -> None:
     """A path, directory or glob (not a list file) -> paths appended to out. `origin` (" (line K of
     LIST)") is added to the error of a spec from a list file that names nothing, so the row says
     which line to fix."""
     if _GLOB_CHARS.search(spec) and not os.path.lexists(normalise_path(spec, base)):
         pattern = normalise_path(spec, base, pattern=True)
+        if stand_ins is not None:
+            stand_ins.add(pattern)
         matches = sorted(glob.glob(pattern, recursive=True))
         if not matches:
             out.append(pattern)
             preset[pattern] = f"{pattern}: no file matches this pattern{origin}"
         for m in matches:
             if os.path.isdir(m):
-                out.extend(_walk_images(m, preset))  # a glob may match many folders: empty ones are not errors
+                out.extend(_walk_images(m, preset, stand_ins))  # a glob may match many folders: empty ones are not errors
             else:
                 out.append(normalise_path(m))
         return
     path = normalise_path(spec, base)
+    if stand_ins is not None:
+        stand_ins.add(path)  # a folder (empty or unlistable once) or a missing list line
     if os.path.isdir(path):
-        found = _walk_images(path, preset)
+        found = _walk_images(path, preset, stand_ins)
         if not found:  # an empty camera folder is news, not silence
             out.append(path)
             preset[path] = f"{path}: directory contains no image files{origin}"
@@ -156,10 +167,12 @@ def expand_inputs(specs: Iterable[str]) -> Inputs:
     """Files, directories, globs and list files -> the sorted, de-duplicated input list."""
     collected: list[str] = []
     preset: dict[str, str] = {}
+    stand_ins: set[str] = set()
     for spec in specs:
         spec = str(spec)
         if spec.startswith("@") or (spec.lower().endswith(LIST_SUFFIXES) and os.path.isfile(spec)):
             list_path = normalise_path(spec[1:] if spec.startswith("@") else spec)
+            stand_ins.add(list_path)
             try:
                 lines = _read_list(list_path)
             except (OSError, UnicodeDecodeError) as exc:
@@ -167,11 +180,12 @@ def expand_inputs(specs: Iterable[str]) -> Inputs:
                 preset[list_path] = f"{list_path}: cannot read the list file ({exc.__class__.__name__}: {exc})"
                 continue
             for number, line in lines:
-                _expand_one(line, os.path.dirname(list_path), collected, preset, f" (line {number} of {list_path})")
+                _expand_one(line, os.path.dirname(list_path), collected, preset, f" (line {number} of {list_path})",
+                            stand_ins)
         else:
-            _expand_one(spec, None, collected, preset)
+            _expand_one(spec, None, collected, preset, stand_ins=stand_ins)
     unique = sorted(set(collected))
-    return Inputs(unique, {p: preset[p] for p in unique if p in preset}, len(collected) - len(unique))
+    return Inputs(unique, {p: preset[p] for p in unique if p in preset}, len(collected) - len(unique), stand_ins)
 
 
 def chunk_id(paths: Sequence[str]) -> str:

@@ -53,7 +53,7 @@ def locked(out: Path) -> Iterator[Callable[[], None]]:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
-            raise OutInUse(f"{out}: another pni-ray score run is writing here") from exc
+            raise OutInUse(f"{out}: another pni-ray run (score or nightly) is writing here") from exc
         held = os.fstat(fh.fileno())
 
         def still_ours() -> None:
