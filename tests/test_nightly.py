@@ -12,19 +12,8 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from pni_ray.cli import main as cli_main
+from nightly_cli import run_nightly
 from pni_ray.orchestration import nightly
-
-
-def run_nightly(args: list[str]) -> int:
-    """`pni-ray nightly -q ARGS` as the console script runs it; its exit status."""
-    try:
-        cli_main.main(["nightly", "-q", *args], standalone_mode=False)
-    except SystemExit as exc:
-        return exc.code
-    raise AssertionError("pni-ray nightly returned without an exit status")
-
-
 
 
 def write_toml(path: Path, **values) -> Path:

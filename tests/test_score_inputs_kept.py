@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pni_ray.cli import main as cli_main
+from nightly_cli import run_nightly
 from pni_ray.orchestration import nightly
 from pni_ray.orchestration import score as score_module
 from pni_ray.orchestration.score import Options, ScoreError, score
@@ -21,15 +21,6 @@ from pni_ray.results import path_of_row, row_path
 from pni_ray.orchestration.score_output import remove_stale_temps
 from pni_ray.fileio import atomic_write_bytes
 from pni_ray.results import read_table
-
-
-def run_nightly(args: list[str]) -> int:
-    """`pni-ray nightly -q ARGS` as the console script runs it; its exit status."""
-    try:
-        cli_main.main(["nightly", "-q", *args], standalone_mode=False)
-    except SystemExit as exc:
-        return exc.code
-    raise AssertionError("pni-ray nightly returned without an exit status")
 
 
 def _image(synthetic_root: Path) -> bytes:
