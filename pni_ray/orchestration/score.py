@@ -376,6 +376,8 @@ def _configure_ray_data() -> int:
     ctx.enable_auto_log_stats = False
     before, ctx.max_errored_blocks = ctx.max_errored_blocks, -1
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # its "Progress bars disabled. To enable, set ..." on every run: score's own bar is --progress
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     return before
 
 
