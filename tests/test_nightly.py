@@ -66,6 +66,7 @@ def test_config_parsing_and_validation(tmp_path):
                        ({"model": "/m", "inputs": "/i", "output_root": "/o", "retry_failed": 1}, "retry_failed must be"),
                        ({"model": "/m", "inputs": "/i", "output_root": "/o", "address": 6379}, "address must be"),
                        ({"model": "/m", "inputs": [], "output_root": "/o"}, "inputs is empty: name the files"),
+                       ({"model": "/m", "inputs": ["/i", " "], "output_root": "/o"}, "inputs holds an empty entry"),
                        # checked when read, though a --date may override it tonight
                        ({"model": "/m", "inputs": "/i", "output_root": "/o", "date": "tomorrow"},
                         "date must be today, yesterday or YYYY-MM-DD, not 'tomorrow'")):
@@ -293,6 +294,14 @@ def test_nightly_threads_reach_the_local_engine(tmp_path, bundle_tiny, monkeypat
     assert run_nightly(["--config", str(config), "--date", "2024-01-02"]) == nightly.EXIT_OK and seen == [1]
 
 
+def test_config_words_change_the_remedy_only():
+    path_like = "/r/--out/dt=1 holds maps in format 'uint8', not 'float16': use the same --map-format or another --out"
+    assert nightly.in_config_words(path_like) == ("/r/--out/dt=1 holds maps in format 'uint8', not 'float16': use the "
+                                                  "same map_format or another output_root")
+    example = "a bundle: --backbone-runtime openvino applies to exports (pni-ray export BUNDLE --out DIR, then score DIR)"
+    assert nightly.in_config_words(example) == example
+
+
 def test_a_refusal_speaks_in_the_configs_keys(tmp_path, synthetic_root, bundle_tiny, capsys):
     """score words its refusals for its command line (--map-format, --out); the nightly user edits map_format and
     output_root, and the console line says "refused" as the record does. A bad --date is named as the flag's."""
@@ -309,3 +318,14 @@ def test_a_refusal_speaks_in_the_configs_keys(tmp_path, synthetic_root, bundle_t
     assert "nightly 2024-01-02 refused: " in capsys.readouterr().err
     assert run_nightly(["--config", str(config), "--date", "2024-13-01"]) == nightly.EXIT_CONFIG
     assert "config error: --date: date must be" in capsys.readouterr().err
+    assert run_nightly(["--config", str(config), "--date", ""]) == nightly.EXIT_CONFIG  # a cron $(...) gone empty
+    assert "--date is empty" in capsys.readouterr().err
+
+
+def test_a_date_is_a_day_in_the_one_form_the_message_names():
+    with pytest.raises(nightly.ConfigError, match="not a date and time"):
+        nightly.resolve_date(dt.datetime(2024, 1, 3, 10))  # TOML's 2024-01-03T10:00:00
+    for text in ("20240103", "2024-W01-3", "2024-1-3"):
+        with pytest.raises(nightly.ConfigError, match="YYYY-MM-DD"):
+            nightly.resolve_date(text)
+    assert nightly.resolve_date(" 2024-01-03 ") == dt.date(2024, 1, 3)

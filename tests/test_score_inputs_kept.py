@@ -189,6 +189,20 @@ def test_retry_failed_drops_the_stand_in_row_of_a_pattern_or_folder_that_now_hol
     assert "no image files" in rows[str(tmp_path / "cam3")]
 
 
+def test_stand_in_names_are_the_folders_a_run_walks_and_the_specs_it_was_given(tmp_path):
+    """A folder a glob matches and every folder a walk enters may carry an "unlistable" row of an earlier run;
+    hidden folders and links back into the tree are never walked, so their names (another spec's rows) are not."""
+    (tmp_path / "cams" / "c1" / "sub").mkdir(parents=True)
+    (tmp_path / "cams" / ".hidden").mkdir()
+    (tmp_path / "cams" / "loop").symlink_to(tmp_path / "cams" / "c1")
+    pattern = str(tmp_path / "cams" / "c*")
+    assert expand_inputs([pattern]).stand_ins == {pattern, str(tmp_path / "cams" / "c1"),
+                                                  str(tmp_path / "cams" / "c1" / "sub")}
+    got = expand_inputs([str(tmp_path / "cams")])
+    assert {str(tmp_path / "cams"), str(tmp_path / "cams" / "c1"), str(tmp_path / "cams" / "c1" / "sub")} <= got.stand_ins
+    assert str(tmp_path / "cams" / ".hidden") not in got.stand_ins and str(tmp_path / "cams" / "loop") not in got.stand_ins
+
+
 def test_a_run_removes_the_last_summary_until_it_finishes(bundle_tiny, synthetic_root, tmp_path, monkeypatch):
     folder = tmp_path / "in"
     folder.mkdir()

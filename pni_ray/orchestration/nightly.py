@@ -82,7 +82,7 @@ def load_config(path: Path | str) -> dict[str, Any]:
     unknown = sorted(set(raw) - set(DEFAULTS) - set(REQUIRED))
     if unknown:
         raise ConfigError(f"{path}: unknown keys {unknown} (known: {sorted(set(DEFAULTS) | set(REQUIRED))})")
-    missing = [k for k in REQUIRED if k not in raw]
+    missing = [k for k in REQUIRED if k not in raw]  # present but empty: said as empty below
     if missing:
         raise ConfigError(f"{path}: missing required keys {missing}")
     empty = [k for k in REQUIRED if not raw[k]]
@@ -95,6 +95,8 @@ def load_config(path: Path | str) -> dict[str, Any]:
         cfg["inputs"] = [cfg["inputs"]]
     if not isinstance(cfg["inputs"], list) or not all(isinstance(i, str) for i in cfg["inputs"]):
         raise ConfigError(f"{path}: inputs must be a string or a list of strings")
+    if any(not i.strip() for i in cfg["inputs"]):  # "" would name the config's own folder
+        raise ConfigError(f"{path}: inputs holds an empty entry: each names a file, folder, glob or list file")
     try:  # checked even on a night whose --date overrides it, so a bad value is not found on the next night
         resolve_date(cfg["date"])
     except ConfigError as exc:
@@ -158,17 +160,21 @@ def value_problem(cfg: dict[str, Any]) -> str | None:
 
 def resolve_date(value: str | dt.date, today: dt.date | None = None) -> dt.date:
     today = today or dt.date.today()
+    if isinstance(value, dt.datetime):  # TOML's 2024-01-03T10:00:00: a partition is a day
+        raise ConfigError(f"date must be today, yesterday or YYYY-MM-DD, not a date and time ({value.isoformat()})")
     if isinstance(value, dt.date):
         return value
-    value = str(value).strip().lower()
-    if value == "today":
+    text = str(value).strip().lower()
+    if text == "today":
         return today
-    if value == "yesterday":
+    if text == "yesterday":
         return today - dt.timedelta(days=1)
-    try:
-        return dt.date.fromisoformat(value)
-    except ValueError as exc:
-        raise ConfigError(f"date must be today, yesterday or YYYY-MM-DD, not {value!r}") from exc
+    try:  # the one form the message names (Python 3.11 also takes 20240103 and week dates)
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            return dt.date.fromisoformat(text)
+    except ValueError:
+        pass
+    raise ConfigError(f"date must be today, yesterday or YYYY-MM-DD, not {value!r}")
 
 
 def expand_placeholders(inputs: list[str], day: dt.date) -> list[str]:
@@ -191,8 +197,13 @@ CONFIG_WORDS = {"--map-format": "map_format", "--out": "output_root", "--backbon
 
 
 def in_config_words(message: str) -> str:
-    """A refusal `score` words for its command line, in the words of the nightly config."""
-    return re.sub(r"(?<![\w-])(--[a-z-]+)\b", lambda m: CONFIG_WORDS.get(m.group(1), m.group(1)), message)
+    """A refusal `score` words for its command line, in the words of the nightly config: only the remedy, the
+    clause from "use the same" / "use another" to the end, and only flags standing as words there (a path or
+    another command's example keeps its text)."""
+    def clause(m: re.Match) -> str:
+        return re.sub(r"(?<=\s)(--[a-z-]+)(?=[\s,.;)]|$)", lambda f: CONFIG_WORDS.get(f.group(1), f.group(1)), m.group(0))
+
+    return re.sub(r"\buse (?:the same|another) .*$", clause, message)
 
 
 def _record_status(out: Path) -> str | None:
@@ -225,6 +236,8 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
     if inside(cfg["output_root"], cfg["model"]):  # retraining or re-exporting it with --force would delete them
         raise ConfigError(f"{cfg['_config_path']}: output_root {cfg['output_root']} is inside the model {cfg['model']}: "
                           "results go to a directory of their own")
+    if date is not None and not date.strip():  # a cron line's $(...) that printed nothing: not "the config's day"
+        raise ConfigError("--date is empty: give today, yesterday or YYYY-MM-DD, or leave it out for the config's date")
     try:
         day = resolve_date(date or cfg["date"])
     except ConfigError as exc:

@@ -101,7 +101,7 @@ def decode_chunk(row: dict[str, Any], geometry: dict[str, Any], max_pixels: int)
             except (ImageError, GeometryError) as exc:
                 err = str(exc) if path in str(exc) else f"{path}: {exc}"
             except MemoryError:
-                err = f"{path}: out of memory while decoding (lower --max-pixels or give workers more memory)"
+                err = f"{path}: out of memory while decoding (lower --max-pixels, max_pixels in the nightly config, or give workers more memory)"
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the job
                 err = f"{path}: cannot decode ({exc.__class__.__name__}: {exc})"
         if err is not None:

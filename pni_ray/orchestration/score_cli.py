@@ -88,7 +88,7 @@ def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
 @backbone_options
 @click.option("--top", "top_n", type=click.IntRange(min=0), default=20, show_default=True, help="Most anomalous images in the summary.")
 @click.option("--retry-failed", is_flag=True, help="Drop the error rows of this run's inputs from OUT first, so they are tried again (also the "
-                   "rows of its folders or patterns that held no image then).")
+                   "rows of its folders, patterns and list files that held no image or could not be read then).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def score_cmd(model: Path, inputs: tuple[str, ...], out: Path, address: str | None, batch_size: int,
               workers: int | None, cpus_per_worker: float, gpus_per_worker: float, map_format: str,

@@ -50,7 +50,7 @@ class Inputs:
     preset_errors: dict[str, str] = field(default_factory=dict)
     duplicates: int = 0
     # every name an earlier run may have written a stand-in error row under for these specs (a pattern that
-    # matched nothing, an empty or unlistable folder, an unreadable list): --retry-failed drops those rows,
+    # matched nothing, an empty or unlistable folder this run walks, an unreadable list): --retry-failed drops those rows,
     # so a folder that was empty last night and holds images now leaves no stale failure behind
     stand_ins: set[str] = field(default_factory=set)
 
@@ -88,8 +88,6 @@ def _walk_images(folder: str, preset: dict[str, str], walked: set[str] | None = 
     top = os.path.realpath(folder)
     linked: set[str] = set()  # real folders outside the tree already walked through a link
     for root, dirs, files in os.walk(folder, onerror=_unreadable, followlinks=True):
-        if walked is not None:
-            walked.update(normalise_path(os.path.join(root, d)) for d in dirs)  # one may be unlistable next time
         keep = []
         for d in sorted(d for d in dirs if not d.startswith(".")):
             path = os.path.join(root, d)
@@ -102,6 +100,8 @@ def _walk_images(folder: str, preset: dict[str, str], walked: set[str] | None = 
                 linked.add(real)
             keep.append(d)
         dirs[:] = keep
+        if walked is not None:  # the folders this walk enters: each may be the name of an "unlistable" row
+            walked.update(normalise_path(os.path.join(root, d)) for d in keep)
         found.extend(os.path.join(root, f) for f in files if is_image_file(Path(f)))
     return found + unreadable
 
@@ -121,6 +121,8 @@ def _expand_one(spec: str, base: str | None, out: list[str], preset: dict[str, s
             preset[pattern] = f"{pattern}: no file matches this pattern{origin}"
         for m in matches:
             if os.path.isdir(m):
+                if stand_ins is not None:
+                    stand_ins.add(normalise_path(m))  # unlistable once, a row under its name
                 out.extend(_walk_images(m, preset, stand_ins))  # a glob may match many folders: empty ones are not errors
             else:
                 out.append(normalise_path(m))
