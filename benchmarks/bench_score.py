@@ -109,9 +109,10 @@ def run_ray(bundle: Path, root: Path, out: Path, workers: int | None, batch_size
     summary = json.loads((out / "_summary.json").read_text())
     run = summary["run"]
     n = summary["scored"]
-    steady = after_first_chunk(n, run["pipeline_seconds"], run["first_chunk_seconds"] or 0.0)
+    first = run["first_chunk_seconds"] or 0.0
+    steady = after_first_chunk(n, run["pipeline_seconds"], first)
     return {"images": n, "wall_s": wall, "images_per_s": n / wall, "steady_images_per_s": steady,
-            "startup_s": wall - (run["pipeline_seconds"] - (run["first_chunk_seconds"] or 0.0)) if steady else None}
+            "startup_s": wall - (run["pipeline_seconds"] - first) if steady else None}
 
 
 def after_first_chunk(n: int, pipeline_s: float, first_chunk_s: float) -> float | None:

@@ -294,12 +294,23 @@ def test_nightly_threads_reach_the_local_engine(tmp_path, bundle_tiny, monkeypat
     assert run_nightly(["--config", str(config), "--date", "2024-01-02"]) == nightly.EXIT_OK and seen == [1]
 
 
-def test_config_words_change_the_remedy_only():
-    path_like = "/r/--out/dt=1 holds maps in format 'uint8', not 'float16': use the same --map-format or another --out"
-    assert nightly.in_config_words(path_like) == ("/r/--out/dt=1 holds maps in format 'uint8', not 'float16': use the "
-                                                  "same map_format or another output_root")
-    example = "a bundle: --backbone-runtime openvino applies to exports (pni-ray export BUNDLE --out DIR, then score DIR)"
-    assert nightly.in_config_words(example) == example
+def test_config_words_change_the_remedy_only(tmp_path, synthetic_root, bundle_tiny):
+    """The config's keys stand where score names its options in a remedy; a path holding "--out" and another
+    command's example keep their text."""
+    (tmp_path / "in").mkdir()
+    shutil.copy(next((synthetic_root / "washer" / "test" / "good").glob("*.png")), tmp_path / "in" / "a.png")
+    config = write_toml(tmp_path / "n.toml", model=str(bundle_tiny), inputs=["in"], output_root="--out", engine="local")
+    assert run_nightly(["--config", str(config), "--date", "2024-01-02"]) == nightly.EXIT_OK
+    write_toml(config, model=str(bundle_tiny), inputs=["in"], output_root="--out", engine="local", map_format="float16")
+    assert run_nightly(["--config", str(config), "--date", "2024-01-02"]) == nightly.EXIT_RUN
+    error = json.loads((tmp_path / "--out" / "dt=2024-01-02" / "_nightly.json").read_text())["error"]
+    assert error == (f"{tmp_path}/--out/dt=2024-01-02 holds maps in format 'uint8', not 'float16': use the same "
+                     "map_format or another output_root")
+    write_toml(config, model=str(bundle_tiny), inputs=["in"], output_root="--out", engine="local",
+               backbone_runtime="openvino")
+    assert run_nightly(["--config", str(config), "--date", "2024-01-03"]) == nightly.EXIT_RUN
+    error = json.loads((tmp_path / "--out" / "dt=2024-01-03" / "_nightly.json").read_text())["error"]
+    assert "(pni-ray export BUNDLE --out DIR, then score DIR)" in error
 
 
 def test_a_refusal_speaks_in_the_configs_keys(tmp_path, synthetic_root, bundle_tiny, capsys):

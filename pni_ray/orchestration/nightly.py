@@ -190,20 +190,9 @@ def expand_placeholders(inputs: list[str], day: dt.date) -> list[str]:
     return out
 
 
-# `score`'s options in its refusals -> the config keys a nightly user changes instead
+# `score`'s options as its refusals name them -> the config keys a nightly user changes instead
 CONFIG_WORDS = {"--map-format": "map_format", "--out": "output_root", "--backbone-runtime": "backbone_runtime",
-                "--backbone-precision": "backbone_precision", "--address": "address",
-                "--gpus-per-worker": "gpus_per_worker", "--cpus-per-worker": "cpus_per_worker", "--workers": "workers"}
-
-
-def in_config_words(message: str) -> str:
-    """A refusal `score` words for its command line, in the words of the nightly config: only the remedy, the
-    clause from "use the same" / "use another" to the end, and only flags standing as words there (a path or
-    another command's example keeps its text)."""
-    def clause(m: re.Match) -> str:
-        return re.sub(r"(?<=\s)(--[a-z-]+)(?=[\s,.;)]|$)", lambda f: CONFIG_WORDS.get(f.group(1), f.group(1)), m.group(0))
-
-    return re.sub(r"\buse (?:the same|another) .*$", clause, message)
+                "--backbone-precision": "backbone_precision"}
 
 
 def _record_status(out: Path) -> str | None:
@@ -252,7 +241,7 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
                    max_pixels=int(cfg["max_pixels"]), chunk_size=int(cfg["chunk_size"]), address=cfg["address"],
                    address_named_by=f"address in {cfg['_config_path']}",
                    backbone_runtime=cfg["backbone_runtime"], backbone_precision=cfg["backbone_precision"],
-                   threads=cfg["threads"])
+                   threads=cfg["threads"], option_names=CONFIG_WORDS)
     log.info("nightly %s: %d input specs -> %s", day, len(inputs), out)
     # until this run ends, its record says so: a killed run leaves "running", not yesterday's counts (a
     # record already "running" is left alone: it may be a live run's, which holds OUT's lock)
@@ -287,7 +276,7 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
     except Exception as exc:  # noqa: BLE001 - refused or crashed: the record says which, then the exit code
         refused = isinstance(exc, (ScoreError, RayJoinError))  # what to change, said in one message
         record.update(status="refused" if refused else "failed", exit_code=EXIT_RUN,
-                      error=in_config_words(str(exc)) if refused else f"{exc.__class__.__name__}: {exc}")
+                      error=str(exc) if refused else f"{exc.__class__.__name__}: {exc}")
         atomic_write_json(out / "_nightly.json", record)
         if not refused:
             raise

@@ -283,6 +283,12 @@ class Options:
     # chunks queued on one model actor at once (None: Ray Data's default). A chunk queued behind one that kills
     # the actor dies with it: the isolation pass takes 1, so an image alone fails for its own sake only
     chunks_in_flight: int | None = None
+    # how the caller names score's options in a refusal's remedy (the nightly job: its config's keys), as
+    # address_named_by names where the address came from; an option not in it keeps its flag
+    option_names: dict[str, str] = field(default_factory=dict)
+
+    def named(self, flag: str) -> str:
+        return self.option_names.get(flag, flag)
 
 
 def check_options(opts: Options) -> None:
@@ -541,12 +547,12 @@ def score(
     expanded = expand_inputs(inputs)
     if (out / "manifest.json").exists():
         raise ScoreError(f"{out} is a model directory (it holds manifest.json): scores go to a directory of "
-                         "their own; use another --out")
+                         f"their own; use another {opts.named('--out')}")
     if inside(out, info.path):  # retraining or re-exporting the model with --force would delete them
         raise ScoreError(f"{out} is inside the model {info.path}: scores go to a directory of their own; use "
-                         "another --out")
+                         f"another {opts.named('--out')}")
     with locked(out) as still_ours:
-        check_dataset(out, info, opts.map_format, runtime)
+        check_dataset(out, info, opts.map_format, runtime, opts.named)
         stale = remove_stale_temps(out)
         (out / SUMMARY_FILE).unlink(missing_ok=True)  # until this run finishes, no summary claims OUT is complete
         retried = retry_failed(out, {row_path(p) for p in (*expanded.paths, *expanded.stand_ins)}) if retry else 0

@@ -75,7 +75,7 @@ def normalise_path(path: str, base: str | None = None, pattern: bool = False) ->
     return os.path.normpath(path)
 
 
-def _walk_images(folder: str, preset: dict[str, str], walked: set[str] | None = None) -> list[str]:
+def _walk_images(folder: str, preset: dict[str, str], walked: set[str]) -> list[str]:
     """Image files below folder, into symlinked subdirectories that lead out of it (each such folder
     once); a subdirectory that cannot be listed becomes an error row instead of vanishing from the run."""
     found: list[str] = []
@@ -100,36 +100,32 @@ def _walk_images(folder: str, preset: dict[str, str], walked: set[str] | None = 
                 linked.add(real)
             keep.append(d)
         dirs[:] = keep
-        if walked is not None:  # the folders this walk enters: each may be the name of an "unlistable" row
-            walked.update(normalise_path(os.path.join(root, d)) for d in keep)
+        walked.update(normalise_path(os.path.join(root, d)) for d in keep)  # each may name an "unlistable" row
         found.extend(os.path.join(root, f) for f in files if is_image_file(Path(f)))
     return found + unreadable
 
 
-def _expand_one(spec: str, base: str | None, out: list[str], preset: dict[str, str], origin: str = "",
-                stand_ins: set[str] | None = None) -> None:
+def _expand_one(spec: str, base: str | None, out: list[str], preset: dict[str, str], stand_ins: set[str],
+                origin: str = "") -> None:
     """A path, directory or glob (not a list file) -> paths appended to out. `origin` (" (line K of
     LIST)") is added to the error of a spec from a list file that names nothing, so the row says
     which line to fix."""
     if _GLOB_CHARS.search(spec) and not os.path.lexists(normalise_path(spec, base)):
         pattern = normalise_path(spec, base, pattern=True)
-        if stand_ins is not None:
-            stand_ins.add(pattern)
+        stand_ins.add(pattern)
         matches = sorted(glob.glob(pattern, recursive=True))
         if not matches:
             out.append(pattern)
             preset[pattern] = f"{pattern}: no file matches this pattern{origin}"
         for m in matches:
             if os.path.isdir(m):
-                if stand_ins is not None:
-                    stand_ins.add(normalise_path(m))  # unlistable once, a row under its name
+                stand_ins.add(normalise_path(m))  # unlistable once, a row under its name
                 out.extend(_walk_images(m, preset, stand_ins))  # a glob may match many folders: empty ones are not errors
             else:
                 out.append(normalise_path(m))
         return
     path = normalise_path(spec, base)
-    if stand_ins is not None:
-        stand_ins.add(path)  # a folder (empty or unlistable once) or a missing list line
+    stand_ins.add(path)  # a folder (empty or unlistable once) or a missing list line
     if os.path.isdir(path):
         found = _walk_images(path, preset, stand_ins)
         if not found:  # an empty camera folder is news, not silence
@@ -182,10 +178,10 @@ def expand_inputs(specs: Iterable[str]) -> Inputs:
                 preset[list_path] = f"{list_path}: cannot read the list file ({exc.__class__.__name__}: {exc})"
                 continue
             for number, line in lines:
-                _expand_one(line, os.path.dirname(list_path), collected, preset, f" (line {number} of {list_path})",
-                            stand_ins)
+                _expand_one(line, os.path.dirname(list_path), collected, preset, stand_ins,
+                            f" (line {number} of {list_path})")
         else:
-            _expand_one(spec, None, collected, preset, stand_ins=stand_ins)
+            _expand_one(spec, None, collected, preset, stand_ins)
     unique = sorted(set(collected))
     return Inputs(unique, {p: preset[p] for p in unique if p in preset}, len(collected) - len(unique), stand_ins)
 

@@ -72,7 +72,8 @@ def locked(out: Path) -> Iterator[Callable[[], None]]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def check_dataset(out: Path, info: ModelInfo, map_format: str, runtime: str = "onnxruntime") -> None:
+def check_dataset(out: Path, info: ModelInfo, map_format: str, runtime: str = "onnxruntime",
+                  named: Callable[[str], str] = str) -> None:
     """OUT holds the scores of one model in one map format from one backbone runtime; refuse to mix.
 
     The identity binds OUT once a part is committed: a run that committed none (a refused Ray join, a
@@ -87,32 +88,32 @@ def check_dataset(out: Path, info: ModelInfo, map_format: str, runtime: str = "o
         ds = json.loads(path.read_text())
         if "source_model_id" not in ds and ds.get("model_kind") == "export" and ds.get("model_id") == info.source_model_id:
             raise ScoreError(f"{out} was written by an older pni-ray, which named an export by its bundle's id, so "
-                             "it cannot tell which export of that bundle (FP32, INT8, ...) scored it: use another --out")
+                             f"it cannot tell which export of that bundle (FP32, INT8, ...) scored it: use another {named('--out')}")
         if ds.get("model_id") != info.model_id:
             raise ScoreError(f"{out} holds scores of another model (model_id {str(ds.get('model_id'))[:12]}..., "
-                             f"from {ds.get('model_path')}); this model is {info.model_id[:12]}...: use another --out")
+                             f"from {ds.get('model_path')}); this model is {info.model_id[:12]}...: use another {named('--out')}")
         if ds.get("map_format") != map_format:
             raise ScoreError(f"{out} holds maps in format {ds.get('map_format')!r}, not {map_format!r}: "
-                             "use the same --map-format or another --out")
+                             f"use the same {named('--map-format')} or another {named('--out')}")
         # an export's backbone may run in several runtimes; a bundle's only in torch (OUTs written before
         # bundles recorded "torch" say "onnxruntime" there, or nothing: the same model either way)
         if info.kind == "export" and ds.get("backbone_runtime", "onnxruntime") != runtime:
             raise ScoreError(f"{out} holds scores whose backbone ran in {ds.get('backbone_runtime', 'onnxruntime')}, "
-                             f"this run's would run in {runtime}: use the same --backbone-runtime and "
-                             "--backbone-precision, or another --out")
+                             f"this run's would run in {runtime}: use the same {named('--backbone-runtime')} and "
+                             f"{named('--backbone-precision')}, or another {named('--out')}")
         form = ds.get("path_text", 1)
         if form > PATH_TEXT:
-            raise ScoreError(f"{out} was written by a newer pni-ray (path_text {form}): upgrade, or use another --out")
+            raise ScoreError(f"{out} was written by a newer pni-ray (path_text {form}): upgrade, or use another {named('--out')}")
         if form < PATH_TEXT:
             escaped = min((p for p in committed_paths(out) if "\\" in p), default=None)  # the first, in order
             if escaped is not None:
                 raise ScoreError(f"{out} was written by an older pni-ray, whose path column cannot tell a name with a "
                                  f"backslash from a non-UTF-8 one ({escaped}): resuming could take one file's row for "
-                                 "another's; use another --out")
+                                 f"another's; use another {named('--out')}")
             atomic_write_json(path, {**ds, "path_text": PATH_TEXT})  # read alike in both forms
         return
     if parts:
-        raise ScoreError(f"{out} has part files but no {DATASET_FILE}: not a pni-ray score output, use another --out")
+        raise ScoreError(f"{out} has part files but no {DATASET_FILE}: not a pni-ray score output, use another {named('--out')}")
     atomic_write_json(path, {"format": TABLE_FORMAT, "path_text": PATH_TEXT, "model_id": info.model_id,
                              "model_path": info.path, "model_kind": info.kind, "source_model_id": info.source_model_id,
                              "category": info.category, "threshold": json_float(info.threshold),
