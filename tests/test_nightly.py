@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -212,6 +213,26 @@ def test_entrypoint_runs_as_a_module_beside_a_users_own_export_and_jobs(tmp_path
     probe = "import pni_ray.options, pni_ray.export.runtime, pni_ray.orchestration.score_model"
     proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_example_config_is_valid_names_every_key_and_ships_with_the_command(tmp_path, capsys):
+    """The annotated example is what a wheel user gets from `pni-ray nightly --example-config` (no checkout needed)
+    and what jobs/nightly.example.toml links to: it must load as it is, and with its commented-out keys switched on
+    (a key renamed or a value rule changed would otherwise leave the example wrong), and name every key there is."""
+    text = nightly.example_config()
+    repo_copy = Path(__file__).resolve().parents[1] / "jobs" / "nightly.example.toml"
+    assert repo_copy.read_text() == text
+    assert nightly.load_config(repo_copy)["date"] == "yesterday"
+    switched_on = re.sub(r"(?m)^# (\w+ = )", r"\1", text)
+    assert switched_on != text
+    (tmp_path / "all.toml").write_text(switched_on)
+    named = {m for m in re.findall(r"(?m)^(\w+) = ", switched_on)}
+    assert named == set(nightly.DEFAULTS) | set(nightly.REQUIRED)
+    loaded = nightly.load_config(tmp_path / "all.toml")
+    assert loaded["backbone_runtime"] == "openvino" and loaded["workers"] == 4 and loaded["address"] == "auto"
+
+    assert run_nightly(["--example-config"]) == 0  # no --config asked: the flag answers first
+    assert capsys.readouterr().out == text
 
 
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])

@@ -51,6 +51,7 @@ NUMBER = {"cpus_per_worker": 0.0, "gpus_per_worker": 0.0}
 SWITCH = ("report", "fail_on_errors", "retry_failed")
 REQUIRED = ("model", "inputs", "output_root")
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_CONFIG, EXIT_RUN = 0, 1, 2, 3
+EXAMPLE_CONFIG = "nightly.example.toml"  # package data beside this module
 KEPT = "the parts committed so far are kept"  # what a stopped run leaves (interrupted_message)
 
 
@@ -304,9 +305,24 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
     return code, record
 
 
+def example_config() -> str:
+    """The annotated example config shipped in the package (jobs/nightly.example.toml in the repository)."""
+    from importlib.resources import files
+
+    return files("pni_ray.orchestration").joinpath(EXAMPLE_CONFIG).read_text(encoding="utf-8")
+
+
+def _print_example(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(example_config(), nl=False)
+        ctx.exit(0)
+
+
 @click.command("nightly")
 @click.option("--config", "config_path", required=True, type=click.Path(path_type=Path),
-              help="TOML or JSON config file (jobs/nightly.example.toml in the repository).")
+              help="TOML or JSON config file (--example-config prints an annotated one).")
+@click.option("--example-config", is_flag=True, expose_value=False, is_eager=True, callback=_print_example,
+              help="Print an annotated example config and exit (`pni-ray nightly --example-config > nightly.toml`).")
 @click.option("--date", default=None, help="today, yesterday or YYYY-MM-DD (overrides the config).")
 @click.option("--retry-failed", is_flag=True,
               help="Score the date's error rows again (a file that was missing or half-written then).")
@@ -320,8 +336,8 @@ def nightly_cmd(config_path: Path, date: str | None, retry_failed: bool, progres
     \b
         ray job submit --address http://HEAD:8265 -- pni-ray nightly --config /etc/pni-ray/nightly.toml
 
-    Config (TOML or JSON; relative paths are relative to the config file; see jobs/nightly.example.toml
-    in the repository):
+    Config (TOML or JSON; relative paths are relative to the config file; `--example-config` prints an
+    annotated one):
 
     \b
         model        bundle or export directory (required)
