@@ -52,6 +52,14 @@ def verify_bundle(path: Path | str) -> dict[str, Any]:
     return manifest
 
 
+def calibration_images(manifest: dict[str, Any]) -> list[str]:
+    """The train/good images (names) a bundle's normalisation and threshold came from: its held-out images, or a
+    refined bundle's third split. Ensembles and INT8 exports score them again for a threshold of their own."""
+    training = manifest.get("training", {})
+    refiner = training.get("refiner") or {}
+    return refiner.get("calibration_images") or training.get("holdout_images", [])
+
+
 def model_id(path: Path | str) -> str:
     """Identity of a bundle: the sha256 of its manifest (which pins every file's sha256)."""
     return sha256_file(Path(path) / MANIFEST)

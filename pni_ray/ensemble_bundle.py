@@ -24,7 +24,7 @@ from pni_ray.bundle import MANIFEST as BUNDLE_MANIFEST
 from pni_ray.bundle import BundleError, atomic_write_json, load_bundle, model_id, verify_bundle, versions
 from pni_ray.bundle_manifest import ENSEMBLE_FORMAT as FORMAT
 from pni_ray.bundle_manifest import ENSEMBLE_FORMAT_VERSION as FORMAT_VERSION
-from pni_ray.bundle_manifest import MANIFEST, read_ensemble_manifest  # noqa: F401 (re-exported)
+from pni_ray.bundle_manifest import MANIFEST, calibration_images, read_ensemble_manifest  # noqa: F401 (re-exported)
 from pni_ray.config import ScoringConfig, TrainConfig, float_from_json
 from pni_ray.fileio import copy_tree_durable, inside, staged_dir
 from pni_ray.models.ensemble import MEMBER_MODE, EnsembleDetector, estimated_normalisation
@@ -94,9 +94,9 @@ def _holdout_paths(data_root: Path, category: str, manifests: list[dict[str, Any
     no_category = missing_category_message(data_root, category)
     if no_category:
         raise ValueError(f"--calibrate: {no_category}")
-    shared = set(_calibration_images(manifests[0]))
+    shared = set(calibration_images(manifests[0]))
     for m in manifests[1:]:
-        shared &= set(_calibration_images(m))
+        shared &= set(calibration_images(m))
     if len(shared) < 2:
         raise ValueError(
             f"members share {len(shared)} held-out training images; calibration needs at least 2 "
@@ -113,13 +113,6 @@ def _holdout_paths(data_root: Path, category: str, manifests: list[dict[str, Any
                     "out more images alike (the same --seed, no refiner splitting them)", category, len(paths),
                     MIN_HOLDOUT_IMAGES)
     return paths
-
-
-def _calibration_images(manifest: dict[str, Any]) -> list[str]:
-    """The train/good images a member's normalisation came from (a refined bundle's third split)."""
-    training = manifest.get("training", {})
-    refiner = training.get("refiner") or {}
-    return refiner.get("calibration_images") or training.get("holdout_images", [])
 
 
 def save_ensemble(

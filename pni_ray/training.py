@@ -26,7 +26,7 @@ from pni_ray.geometry import Geometry
 from pni_ray.models.coreset import candidate_rows, greedy_kcenter_order
 from pni_ray.models.features import PatchFeatureExtractor, build_extractor
 from pni_ray.models.neighbourhood import NeighbourhoodMLP, choose_cut
-from pni_ray.models.pni import Normalisation, PNIDetector, TrainedModel, build_detector
+from pni_ray.models.pni import Normalisation, PNIDetector, TrainedModel, build_detector, image_statistics
 from pni_ray.models.position_prior import (
     SparsePositionPrior,
     choose_min_count,
@@ -343,16 +343,14 @@ def calibrate(
     geometry = geometry or detector_geometry(detector)
     content, scores = content_maps(detector, geometry, paths, batch_size, name)
     m = torch.from_numpy(np.concatenate([c.reshape(-1) for c in content]))
-    s = torch.from_numpy(scores).double()
-    image_std = float(s.std()) if len(s) > 1 else 0.0
-    image_std = max(image_std, 1e-6 * max(1.0, abs(float(s.mean()))))
+    image_mean, image_std = image_statistics(torch.from_numpy(scores))
     return Normalisation(
-        image_mean=float(s.mean()),
+        image_mean=image_mean,
         image_std=image_std,
         pixel_mean=float(m.double().mean()),
         pixel_std=max(float(m.double().std()), 1e-6),
-        threshold=float(s.mean()) + threshold_sigmas * image_std,
-        extras={"holdout_max_image_score": float(s.max()), "n_holdout": float(len(paths))},
+        threshold=image_mean + threshold_sigmas * image_std,
+        extras={"holdout_max_image_score": float(scores.max()), "n_holdout": float(len(paths))},
     )
 
 

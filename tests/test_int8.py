@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -472,3 +474,63 @@ def test_classifier_nodes_refuses_a_graph_without_its_classifier():
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])])
     with pytest.raises(ValueError, match="classifier"):
         quantize.classifier_nodes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def _held_out_scores(export, bundle) -> np.ndarray:
+    """The export's runtime scores of the bundle's held-out images, taken here independently of the exporter."""
+    from pni_ray.bundle_manifest import calibration_images, read_manifest
+
+    model = load_exported(export, threads=1)
+    folder = Path(model.manifest["int8"]["calibration_dir"])
+    names = calibration_images(read_manifest(bundle))
+    return model.predict_images([model.geometry.load(folder / n) for n in names])[1].astype(np.float64)
+
+
+def test_an_int8_export_takes_its_threshold_from_its_own_scores_of_the_held_out_images(cpu_int8_export, bundle_tiny):
+    """The bundle's threshold bounds FP32 scores; INT8 graphs move every score, so the export applies the bundle's
+    rule (mean + k std of the held-out images' scores) to its own scores of the same images. The maps' pixel
+    statistics stay the bundle's (a refiner's input units)."""
+    from pni_ray.bundle_manifest import read_manifest
+
+    bundle = read_manifest(bundle_tiny)
+    m = tables.read_manifest(cpu_int8_export)
+    record = m["int8"]["threshold"]
+    assert record["recalibrated"] and record["held_out_images"] == len(bundle["training"]["holdout_images"]) >= 2
+    assert record["fp32_threshold"] == bundle["threshold"]
+    scores = _held_out_scores(cpu_int8_export, bundle_tiny)
+    k = bundle["config"]["scoring"]["threshold_sigmas"]
+    assert m["threshold"] == pytest.approx(scores.mean() + k * scores.std(ddof=1), rel=1e-5)
+    assert m["threshold"] != pytest.approx(bundle["threshold"], rel=1e-6)  # the INT8 graphs did move the scores
+    assert m["normalisation"]["image_mean"] == pytest.approx(scores.mean(), rel=1e-5)
+    for key in ("pixel_mean", "pixel_std"):
+        assert m["normalisation"][key] == bundle["normalisation"][key]
+    assert load_exported(cpu_int8_export, threads=1).threshold == m["threshold"]  # table and manifest agree
+
+
+def test_an_int8_export_without_the_held_out_images_has_no_threshold(bundle_tiny, good_dir, tmp_path, caplog):
+    """Not found in --calibration, or other images under their names (another category's train/good): no threshold
+    at all rather than the FP32 one or one from the wrong images, and the warning says what to pass."""
+    import logging
+    import shutil
+
+    from pni_ray.bundle_manifest import read_manifest
+
+    held = read_manifest(bundle_tiny)["training"]["holdout_images"]
+    others = sorted(p for p in good_dir.iterdir() if p.name not in held)
+    without, renamed = tmp_path / "without", tmp_path / "renamed"
+    without.mkdir()
+    renamed.mkdir()
+    for p in others:
+        shutil.copy(p, without / p.name)
+    for name, p in zip(held, others):  # good images, but not the held-out ones: a lower mean (memory-bank images)
+        shutil.copy(p, renamed / name)
+    for folder, why in ((without, "are not in --calibration"), (renamed, "are not those it held out")):
+        out = tmp_path / f"e_{folder.name}"
+        with caplog.at_level(logging.WARNING, logger="pni_ray.export.recalibrate"):
+            export_bundle(bundle_tiny, out, ExportOptions(max_batch=4, int8=("mlp",), calibration=folder,
+                                                          calibration_images=4))
+        m = tables.read_manifest(out)
+        assert m["threshold"] is None and not m["int8"]["threshold"]["recalibrated"]
+        assert why in m["int8"]["threshold"]["reason"] and why in caplog.text and "train/good" in caplog.text
+        assert load_exported(out, threads=1).threshold == float("inf")  # is_anomalous null
+        caplog.clear()

@@ -42,7 +42,9 @@ def _mib(n: int) -> str:
                    "AVX2 CPU; 8-bit on an AVX-512 VNNI one); symmetric int8 (--trt) was not measured with them: "
                    "measure it on your data.")
 @click.option("--calibration", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Folder of good images the INT8 activation ranges are measured on (e.g. train/good).")
+              help="Folder of good images the INT8 activation ranges are measured on: the category's train/good, "
+                   "where the export also finds the bundle's held-out images and takes its threshold from its INT8 "
+                   "graphs' scores of them (other folders: no threshold).")
 @click.option("--calibration-images", type=click.IntRange(min=1), default=None,
               help=f"Calibration images used, evenly spaced over the folder's sorted listing (default: "
                    f"{DEFAULT_CALIBRATION_IMAGES}).")
@@ -108,6 +110,12 @@ def export_cmd(bundle: Path, out: Path, trt: bool, fp16: bool, max_batch: int, o
         click.echo(f"  int8: {', '.join(manifest['int8']['graphs'])} ({manifest['int8']['activations']} activations, "
                    f"{manifest['int8'].get('weight_bits', 8)}-bit weight range) calibrated on "
                    f"{len(manifest['int8']['calibration_images'])} images of {manifest['int8']['calibration_dir']}")
+        held = manifest["int8"].get("threshold") or {}
+        if held.get("recalibrated"):
+            click.echo(f"  threshold: {manifest['threshold']:.4f} from the INT8 graphs' scores of the bundle's "
+                       f"{held['held_out_images']} held-out images (its FP32 threshold: {held['fp32_threshold']:.4f})")
+        elif held:
+            click.echo(f"  threshold: none (is_anomalous null): {held['reason']}")
     if trt:
         from pni_ray.export.trt import TensorRTUnavailable, build_engines
 

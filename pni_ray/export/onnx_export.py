@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pni_ray.export import graph_passes, opcheck, quantize, scorer_graph, tables
+from pni_ray.export import graph_passes, opcheck, quantize, recalibrate, scorer_graph, tables
 from pni_ray.bundle import model_id as bundle_model_id
 from pni_ray.fileio import read_arrow as bundle_read_arrow
 from pni_ray.bundle import versions as bundle_versions
@@ -400,6 +400,9 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
         }
         manifest["files"] = tables.file_records(tmp)
         tables.write_json(tmp / tables.MANIFEST, manifest)
+        if int8 is not None and manifest["threshold"] is not None:  # its own threshold, from its own graphs
+            manifest = recalibrate.recalibrate_int8(tmp, manifest, bundle, bmanifest, detector, geometry,
+                                                    options.calibration, torch.get_num_threads())
     return ExportResult(out, manifest, reports)
 
 

@@ -41,6 +41,15 @@ class Normalisation:
         return cls(**values)
 
 
+def image_statistics(scores: torch.Tensor) -> tuple[float, float]:
+    """Mean and std of held-out image scores as the threshold (mean + k std) takes them: the unbiased std in
+    float64, floored at 1e-6 of the mean's size (one image, or equal scores, would give 0). Training calibrates
+    with it, and an INT8 export recalibrates with it on its own graphs' scores (pni_ray.export.recalibrate)."""
+    s = scores.double()
+    std = float(s.std()) if len(s) > 1 else 0.0
+    return float(s.mean()), max(std, 1e-6 * max(1.0, abs(float(s.mean()))))
+
+
 class PNIDetector(nn.Module):
     """Images (B, 3, H, W) in [0, 1] -> anomaly maps (B, H, W) and image scores (B,)."""
 
