@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -14,8 +15,8 @@ import click
 from pni_ray.allocator import keep_freed_memory
 from pni_ray.config import DEFECT_KINDS, REFINER_SOURCES, SCORE_MODES
 from pni_ray.options import (backbone_option_error, backbone_options, build_config, category_name, check_force_out,
-                             check_output_file, load_config_file, print_table, set_threads, train_options,
-                             training_threads, write_output_file)
+                             check_output_file, load_config_file, print_table, progress_bars, set_threads,
+                             train_options, training_threads, write_output_file)
 
 log = logging.getLogger("pni_ray")
 
@@ -48,14 +49,32 @@ def _input_errors() -> tuple[type[Exception], ...]:
     return ImageError, LayoutError, GeometryError, BundleError, ExportError, WeightsError, FileExistsError
 
 
+# commands whose every output is saved whole (staged and renamed into place, or written once at the end): a stopped
+# one leaves nothing half-written. The batch commands (score, train-all, nightly) say what they keep themselves.
+WHOLE_OUTPUTS = ("train", "evaluate", "export", "refine", "ensemble", "report", "backbones")
+
+
 class Commands(click.Group):
-    """The command group; an input error raised anywhere in a command reaches the user as `Error: ...`."""
+    """The command group. An input error raised anywhere in a command reaches the user as `Error: ...`; Ctrl-C and
+    SIGTERM (a scheduler's stop) stop every command alike: one line saying what stopped it and what is left,
+    exit status 3, never click's "Aborted!" with exit 1 (a failure) or SIGTERM's silent death."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        from pni_ray.options import RunFailed
+        from pni_ray.orchestration.stopping import interrupted_message, terminate_as_interrupt
+
+        try:  # on a terminal, log lines go above the progress bars (tqdm.write), not through them
+            with terminate_as_interrupt(), logging_redirect_tqdm() if sys.stderr.isatty() else contextlib.nullcontext():
+                return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit):  # Exit (ctx.exit) is a RuntimeError: not an input error
             raise
+        except KeyboardInterrupt as exc:
+            whole = ctx.invoked_subcommand in WHOLE_OUTPUTS
+            raise RunFailed(interrupted_message(
+                exc, "nothing is left half-written (its outputs are saved whole or not at all)" if whole
+                else "what it wrote so far may be incomplete", "start over")) from None
         except Exception as exc:  # noqa: BLE001 - anything else keeps its traceback
             if isinstance(exc, _input_errors()):
                 raise click.ClickException(str(exc)) from None
@@ -68,7 +87,12 @@ class Commands(click.Group):
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.version_option(package_name="pni-ray")
 def main(verbose: int, quiet: bool) -> None:
-    """PNI anomaly detection: train from good images, score every image, export for edge GPUs."""
+    """PNI anomaly detection: train from good images, score every image, export for edge GPUs.
+
+    Exit status: 0 done; 1 an error (the message names the file and what to fix), or for score, train-all and
+    nightly some inputs failed; 2 a usage error; 3 stopped by Ctrl-C or SIGTERM (the message says what is kept),
+    or a batch run that could not complete.
+    """
     setup_logging(-1 if quiet else verbose)
     try:
         keep_freed_memory()  # glibc keeps freed memory for reuse (pni_ray.allocator)
@@ -150,8 +174,7 @@ def train(data_root: Path, category: str, out: Path, backbone: str | None, force
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
     require_category(data_root, category, given=True)
-    # the category's files are checked first; progress bars on a terminal only (not in a job's log file)
-    trained = fit_category(data_root, category, cfg, n_threads, progress=sys.stderr.isatty())
+    trained = fit_category(data_root, category, cfg, n_threads, progress=progress_bars())  # the files checked first
     save_bundle(trained, out, overwrite=force)  # something at OUT by now: one Error: line (Commands)
     secs = trained.report["seconds"]
     scored = cfg.scoring.mode if cfg.mode == "pni" else "patchcore"  # what evaluate, export and score run
@@ -289,6 +312,7 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
     t0 = time.perf_counter()
     own = default_name(detector)  # the mode `score` runs, whose threshold decides is_anomalous
     results = evaluate_category(detector, cat, modes=modes, refine_modes=refine_modes, batch_size=batch_size,
+                                progress=progress_bars(),
                                 decision=(own, float_from_json("threshold", manifest.get("threshold"))))
     log.info("evaluated %d images in %.1f s", len(cat.test), time.perf_counter() - t0)
     print_table(results)
@@ -298,7 +322,7 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
     if ablation:
         t0 = time.perf_counter()
         log.info("prior diagnostics: scoring the %d images again in each mode, patch by patch", len(cat.test))
-        attach_diagnostics(results, prior_diagnostics(detector, cat, modes, batch_size), manifest)
+        attach_diagnostics(results, prior_diagnostics(detector, cat, modes, batch_size, progress_bars()), manifest)
         log.info("prior diagnostics in %.1f s", time.perf_counter() - t0)
         measured = {m: row for m, row in results.items() if any(row.get(k) is not None for k in DIAGNOSTIC_KEYS)}
         if measured:  # rows with nothing measured (a refined mode, every mode of an ensemble) left out
@@ -334,7 +358,7 @@ def evaluate_export(path: Path, data_root: Path, category: str | None, json_path
     warn_other_category(category, manifest, str(path))
     name = manifest["mode"] + ("+refine" if "refiner" in model.runtime.stages else "")
     t0 = time.perf_counter()
-    results = evaluate_model(model, cat, name, batch_size=batch_size)
+    results = evaluate_model(model, cat, name, batch_size=batch_size, progress=progress_bars())
     log.info("evaluated %d images in %.1f s (backbone in %s)", len(cat.test), time.perf_counter() - t0,
              model.runtime.backbone_label)
     print_table(results)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,15 @@ from pni_ray.fileio import inside, special_file
 # for `train` and for each `train-all` task (one CPU per task by default). The manifest records it.
 DEFAULT_TRAIN_THREADS = 1
 THREADS_ENV = "PNI_RAY_THREADS"
+
+
+def progress_bars(asked: bool | None = None) -> bool:
+    """Whether a command draws progress bars: as asked (--progress / --no-progress), else where someone watches, on
+    a terminal and not -q. In a job's log file a bar is one endless line of carriage returns; there the commands
+    log what they do instead."""
+    if asked is not None:
+        return asked
+    return sys.stderr.isatty() and logging.getLogger("pni_ray").isEnabledFor(logging.INFO)
 
 
 class RunFailed(click.ClickException):
@@ -258,12 +269,13 @@ def backbone_option_error(runtime: str, precision: str) -> str | None:
 def print_table(rows: dict[str, dict], keys: tuple[str, ...] = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "images_per_s")) -> None:
     """Metrics per scoring mode as an aligned table (evaluate, demo)."""
     width = max([len("mode")] + [len(k) for k in rows])
-    click.echo(f"{'mode':<{width}}  " + "  ".join(f"{k:>12}" for k in keys))
+    cols = [max(12, len(k)) for k in keys]  # a header longer than its numbers widens its column
+    click.echo(f"{'mode':<{width}}  " + "  ".join(f"{k:>{w}}" for k, w in zip(keys, cols)))
     for name, row in rows.items():
         cells = []
-        for k in keys:
+        for k, w in zip(keys, cols):
             v = row.get(k)
-            cells.append(f"{'n/a':>12}" if v is None else f"{v:>12.4f}" if k != "images_per_s" else f"{v:>12.2f}")
+            cells.append(f"{'n/a':>{w}}" if v is None else f"{v:>{w}.4f}" if k != "images_per_s" else f"{v:>{w}.2f}")
         click.echo(f"{name:<{width}}  " + "  ".join(cells))
 
 

@@ -41,6 +41,7 @@ import json
 import math
 import os
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np

@@ -563,5 +563,8 @@ def train_category(
         "total": time.perf_counter() - t0,
     }
     trained.report = {"deterministic": facts, "seconds": seconds}
-    log.info("%s: trained in %.1f s (%s)", category, seconds["total"], {k: round(v, 1) for k, v in seconds.items()})
+    priors = (f", priors {seconds['pni']:.1f} s (nearest entries {seconds['assignment']:.1f}, position prior "
+              f"{seconds['position_prior']:.1f}, MLP {seconds['mlp']:.1f})" if cfg.mode == "pni" else "")
+    log.info("%s: trained in %.1f s: features %.1f s, coreset %.1f s%s, calibration %.1f s", category, seconds["total"],
+             seconds["features"], seconds["coreset"], priors, seconds["calibration"])
     return trained

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -272,3 +273,47 @@ def test_evaluate_image_only_needs_no_masks(bundle_tiny, synthetic_root, tmp_pat
     full, only = strict_json(full), strict_json(only)
     assert only["image_auroc"] == full["image_auroc"] and only["f1_max"] == full["f1_max"]
     assert full["pixel_auroc"] is not None and only["pixel_auroc"] is None and only["aupro"] is None
+
+
+def test_a_stopped_command_says_what_is_left_and_exits_3(cli_bundle, synthetic_root, tmp_path, monkeypatch):
+    """SIGTERM (a scheduler's stop) used to kill train, evaluate and export without a word (status 143), and Ctrl-C
+    ended in click's "Aborted!" with exit 1, a failure's status. Both now stop every command as the batch commands
+    stop: one line naming the signal and what is left, exit 3; an export's staging folder and lock are gone."""
+    import os
+    import signal
+
+    import pni_ray.fit
+    from pni_ray.export import onnx_export
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises within this
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(pni_ray.fit, "fit_category", terminated)
+    out = tmp_path / "B"
+    result = CliRunner().invoke(main, ["-q", "train", str(synthetic_root), "-c", "granite", "--out", str(out), *TINY])
+    assert result.exit_code == 3, result.output
+    assert "interrupted (SIGTERM): nothing is left half-written" in result.output and "start over" in result.output
+    assert not out.exists()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_export, "trace_to_onnx", interrupted)
+    export = tmp_path / "E"
+    result = CliRunner().invoke(main, ["-q", "export", str(cli_bundle), "--out", str(export), "--threads", "1"])
+    assert result.exit_code == 3 and "interrupted (SIGINT)" in result.output and "Aborted" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no E, no .E.partial-*, no .E.lock
+
+
+def test_progress_bars_only_where_someone_watches(cli_bundle, synthetic_root, monkeypatch):
+    """A bar in a job's log file is one endless line of carriage returns: evaluate drew its bars whatever stderr was."""
+    from pni_ray.options import progress_bars
+
+    assert progress_bars(True) and not progress_bars(False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert not progress_bars()
+    result = CliRunner().invoke(main, ["evaluate", str(cli_bundle), str(synthetic_root), "--threads", "1"])
+    assert result.exit_code == 0 and "image_auroc" in result.output
+    assert "\r" not in result.output and "scoring:" not in result.output, result.output

@@ -665,3 +665,25 @@ def test_sigkill_mid_run_then_rerun_gives_each_input_once(ray_session, corpus, b
     assert summary["run"]["scheduled"] == len(inputs) - len(committed)
     assert summary["rows"] == summary["inputs"] == len(inputs) and summary["duplicate_rows"] == 0
     check_exactly_once(out, inputs)
+
+
+def test_a_run_without_a_bar_logs_how_far_it_is_and_skipped_files_are_counted(small_set, bundle_tiny, tmp_path,
+                                                                              monkeypatch, caplog):
+    """In a job's log (no bar) a 100k-image run used to say nothing between its first line and its summary; files
+    that are not images were left out of a folder without a word."""
+    import logging
+
+    import pni_ray.orchestration.score as score_module
+
+    root, _ = small_set
+    folder = shutil.copytree(root / "good", tmp_path / "good")  # the module's set stays as the other tests want it
+    (folder / "notes.txt").write_text("camera settings")
+    monkeypatch.setattr(score_module, "PROGRESS_LOG_SECONDS", 0.0)
+    with caplog.at_level(logging.INFO, logger="pni_ray"):
+        summary = score(bundle_tiny, [str(folder)], tmp_path / "out", Options(chunk_size=4, threads=1),
+                        engine="local", progress=False)
+    n = summary["inputs"]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scored ")]
+    assert lines and lines[0].startswith(f"scored 4 of {n} (0 failed)") and "images/s, about" in lines[0]
+    assert len(lines) == n // 4 - 1 + (n % 4 > 0)  # after every chunk but the last (the summary says that one)
+    assert f"{folder}: 1 file(s) below it not scored, their extensions not an image's (e.g. notes.txt)" in caplog.text

@@ -73,6 +73,8 @@ from pni_ray.results import (
 
 log = logging.getLogger(__name__)
 
+PROGRESS_LOG_SECONDS = 60.0  # without a progress bar, a line saying how far the run is at most this often
+
 
 # ------------------------------------------------------------------------------------------
 # pipeline stages (module-level functions and one class: Ray ships them to workers)
@@ -478,10 +480,13 @@ class _Commits:
     out: Path
     still_ours: Callable[[], None]
     bar: Any
+    total: int = 0  # inputs this run scores
     done: int = 0
     failed: int = 0
     first: float | None = None  # when the first chunk was committed
     chunks: set[str] = field(default_factory=set)  # ids of the chunks committed: which inputs a run lost
+    started: float = field(default_factory=time.perf_counter)
+    logged: float = field(default_factory=time.perf_counter)  # when progress was last logged (no bar)
 
     def all(self, results: Iterator[dict[str, Any]]) -> None:
         """Commit each result as it arrives; stop the run if a worker found the model changed."""
@@ -497,6 +502,18 @@ class _Commits:
             self.failed += int(result["n_failed"])
             self.bar.update(int(result["n"]))
             self.bar.set_postfix(failed=self.failed, refresh=False)
+            if self.bar.disable:
+                self._log_progress()
+
+    def _log_progress(self) -> None:
+        """Without a bar (a job's log, --no-progress) a line at most every PROGRESS_LOG_SECONDS: how far, how fast."""
+        now = time.perf_counter()
+        if now - self.logged < PROGRESS_LOG_SECONDS or self.done >= self.total:
+            return
+        self.logged = now
+        rate = self.done / max(now - self.started, 1e-9)
+        log.info("scored %d of %d (%d failed), %.1f images/s, about %.0f min left", self.done, self.total, self.failed,
+                 rate, (self.total - self.done) / max(rate, 1e-9) / 60)
 
 
 def _isolate_lost(rows: list[dict[str, Any]], engine: str, info: ModelInfo, opts: Options, preset: dict[str, str],
@@ -566,7 +583,7 @@ def score(
 
         with tqdm(total=len(todo), unit="img", desc="score", disable=not progress or not rows, file=sys.stderr,
                   dynamic_ncols=True) as bar:
-            commits = _Commits(out, still_ours, bar)
+            commits = _Commits(out, still_ours, bar, total=len(todo))
             if rows:
                 commits.all(ENGINES[engine](rows, info, opts))
                 _isolate_lost(rows, engine, info, opts, expanded.preset_errors, commits,

@@ -16,7 +16,7 @@ import click
 
 from pni_ray.data.images import DEFAULT_MAX_PIXELS
 from pni_ray.fileio import inside
-from pni_ray.options import RunFailed, backbone_options, check_output_file
+from pni_ray.options import RunFailed, backbone_options, check_output_file, progress_bars
 from pni_ray.orchestration.ray_session import RayJoinError
 from pni_ray.orchestration.score import ENGINES, Options, ScoreError, score
 from pni_ray.orchestration.score_inputs import CHUNK_SIZE
@@ -40,7 +40,7 @@ def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
     click.echo(
         f"{summary['inputs']} inputs: {summary['scored']} scored, {summary['failed']} failed, {flagged}; "
         f"{run.get('already_done', 0)} were already in {out}"
-        + (f"; {run['images_per_s']:.1f} images/s" if run.get("images_per_s") else "")
+        + (f"; {run['images_per_s']:.1f} images/s" if run.get("images_per_s") and run.get("scored_this_run") else "")
     )
     if summary.get("other_rows"):
         click.echo(f"{out} also holds {summary['other_rows']} rows of inputs this run did not name (earlier runs'); "
@@ -89,11 +89,12 @@ def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
 @click.option("--top", "top_n", type=click.IntRange(min=0), default=20, show_default=True, help="Most anomalous images in the summary.")
 @click.option("--retry-failed", is_flag=True, help="Drop the error rows of this run's inputs from OUT first, so they are tried again (also the "
                    "rows of its folders, patterns and list files that held no image or could not be read then).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar (default: on a terminal, unless -q; elsewhere, as in a job's log, a log line a minute).")
 def score_cmd(model: Path, inputs: tuple[str, ...], out: Path, address: str | None, batch_size: int,
               workers: int | None, cpus_per_worker: float, gpus_per_worker: float, map_format: str,
               max_pixels: int, chunk_size: int, engine: str, stages: str, threads: int | None,
-              backbone_runtime: str, backbone_precision: str, top_n: int, retry_failed: bool, progress: bool) -> None:
+              backbone_runtime: str, backbone_precision: str, top_n: int, retry_failed: bool, progress: bool | None) -> None:
     """Score every image of INPUT... with MODEL (a bundle, an ensemble or an export directory) into OUT.
 
     INPUT: files, directories (recursive), globs, or list files (@FILE, or a .txt/.lst file; one path
@@ -107,7 +108,8 @@ def score_cmd(model: Path, inputs: tuple[str, ...], out: Path, address: str | No
                    backbone_runtime=backbone_runtime, backbone_precision=backbone_precision)
     try:
         with terminate_as_interrupt():
-            summary = score(model, inputs, out, opts, engine=engine, top_n=top_n, progress=progress, retry=retry_failed)
+            summary = score(model, inputs, out, opts, engine=engine, top_n=top_n, progress=progress_bars(progress),
+                            retry=retry_failed)
     except KeyboardInterrupt as exc:  # not click's "Aborted!" and exit 1, which says "some inputs failed"
         kept = f"the parts committed so far are kept in {out.resolve()} and no summary was written"
         raise RunFailed(interrupted_message(exc, kept)) from None

@@ -80,6 +80,7 @@ def _walk_images(folder: str, preset: dict[str, str], walked: set[str]) -> list[
     once); a subdirectory that cannot be listed becomes an error row instead of vanishing from the run."""
     found: list[str] = []
     unreadable: list[str] = []
+    others: list[str] = []  # files that are not images (sidecars, notes): counted, not scored
 
     def _unreadable(exc: OSError) -> None:
         unreadable.append(normalise_path(str(exc.filename)) if exc.filename else folder)
@@ -102,6 +103,10 @@ def _walk_images(folder: str, preset: dict[str, str], walked: set[str]) -> list[
         dirs[:] = keep
         walked.update(normalise_path(os.path.join(root, d)) for d in keep)  # each may name an "unlistable" row
         found.extend(os.path.join(root, f) for f in files if is_image_file(Path(f)))
+        others.extend(f for f in files if not is_image_file(Path(f)) and not f.startswith("."))
+    if others:  # sidecar files are normal beside camera images: said once per folder, not an error row each
+        log.info("%s: %d file(s) below it not scored, their extensions not an image's (e.g. %s)", folder, len(others),
+                 ", ".join(sorted(others)[:3]))
     return found + unreadable
 
 
