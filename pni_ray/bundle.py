@@ -22,7 +22,7 @@ from safetensors.torch import save as save_tensors
 import pni_ray
 from pni_ray.config import TrainConfig
 from pni_ray.bundle_manifest import (FORMAT, FORMAT_VERSION, MANIFEST, MEMORY, MLP, PRIOR, REFINER,  # noqa: F401
-                                     BundleError, model_id, read_manifest, verify_bundle)
+                                     BundleError, check_weights_file, model_id, read_manifest, verify_bundle)
 from pni_ray.fileio import atomic_write_bytes, atomic_write_json, read_arrow, sha256_file, staged_dir, write_arrow
 from pni_ray.models.backbones import get_spec, offline_weight_path
 from pni_ray.models.neighbourhood import NeighbourhoodMLP
@@ -90,7 +90,8 @@ def save_bundle(trained: TrainedModel, out: Path | str, overwrite: bool = False)
     """
     out = Path(out)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (--force) to replace it")
+        raise FileExistsError(f"{out} already exists (written while this one ran?); pass --force (overwrite=True) "
+                              "to replace it")
     with staged_dir(out, FORMAT, "bundle", overwrite) as tmp:
         write_arrow(tmp / MEMORY, memory_table(trained.memory, trained.emb_to_dist, trained.dist_size))
         if trained.position_prior is not None:
@@ -135,12 +136,8 @@ def load_bundle(path: Path | str) -> tuple[TrainedModel, dict[str, Any]]:
     except (TypeError, ValueError) as exc:  # a hand-edited config, or one a later pni-ray refuses: name it
         raise BundleError(f"{path / 'manifest.json'}: its config cannot be read ({exc}); retrain the bundle") from exc
     recorded = manifest["backbone"].get("sha256")
-    if cfg.features.weights and not Path(cfg.features.weights).is_file():  # the model needs that file to run
-        where = ("that path" if Path(cfg.features.weights).is_absolute()
-                 else "that path, relative to the directory it was trained in (run from there)")
-        raise BundleError(f"{path}: trained with the backbone weights file {cfg.features.weights} (sha256 "
-                          f"{str(recorded)[:12]}...), which is not there: put the file back at {where}")
-    if recorded is not None:
+    check_weights_file(path, manifest)  # a --weights file: there and unchanged
+    if recorded is not None and not cfg.features.weights:  # the registry's offline weights
         current = backbone_record(cfg).get("sha256")
         if current != recorded:
             raise BundleError(

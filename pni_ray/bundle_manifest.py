@@ -4,7 +4,7 @@ manifest likewise (`read_ensemble_manifest`, re-exported by `pni_ray.ensemble_bu
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pni_ray.fileio import read_manifest_json, sha256_file
@@ -30,7 +30,10 @@ REQUIRED_KEYS: dict[str, type] = {"category": str, "mode": str, "config": dict, 
 
 
 def read_manifest(path: Path | str) -> dict[str, Any]:
-    return read_manifest_json(path, FORMAT, FORMAT_VERSION, BundleError, "bundle", required=REQUIRED_KEYS)
+    manifest = read_manifest_json(path, FORMAT, FORMAT_VERSION, BundleError, "bundle", required=REQUIRED_KEYS)
+    check_threshold(Path(path) / MANIFEST, manifest, manifest.get("threshold", manifest["normalisation"].get("threshold")),
+                    "retrain the bundle or restore its manifest")
+    return manifest
 
 
 def verify_bundle(path: Path | str) -> dict[str, Any]:
@@ -50,6 +53,24 @@ def verify_bundle(path: Path | str) -> dict[str, Any]:
             raise BundleError(f"{file}: checksum mismatch (expected {meta['sha256'][:12]}..., got {digest[:12]}...): "
                               "the file was modified or corrupted; retrain or restore the bundle")
     return manifest
+
+
+def check_weights_file(path: Path | str, manifest: dict[str, Any]) -> None:
+    """A bundle trained from a weights file (--weights) runs only with that file, unchanged: checked without torch,
+    so the scoring driver refuses such a bundle before any worker starts, as loading it does."""
+    weights = ((manifest.get("config") or {}).get("features") or {}).get("weights")
+    if not weights:
+        return
+    recorded = (manifest.get("backbone") or {}).get("sha256")
+    file = Path(weights)
+    if not file.is_file():
+        where = "that path" if file.is_absolute() else "that path, relative to the directory it was trained in (run from there)"
+        raise BundleError(f"{path}: trained with the backbone weights file {weights} (sha256 {str(recorded)[:12]}...), "
+                          f"which is not there: put the file back at {where}")
+    found = sha256_file(file)
+    if recorded is not None and found != recorded:
+        raise BundleError(f"{path}: backbone weights differ from those the bundle was trained with ({weights}: expected "
+                          f"sha256 {recorded[:12]}..., found {found[:12]}...)")
 
 
 def calibration_images(manifest: dict[str, Any]) -> list[str]:
@@ -77,13 +98,50 @@ def read_ensemble_manifest(path: Path | str) -> dict[str, Any]:
         if missing:
             raise BundleError(f"{file}: members[{i}] has no {', '.join(missing)} (a string each); the manifest was "
                               "edited or truncated: rebuild the ensemble")
-    threshold = manifest.get("threshold", "<absent>")
+    check_threshold(file, manifest, manifest.get("threshold", "<absent>"), "rebuild the ensemble")
+    return manifest
+
+
+def check_threshold(file: Path, manifest: dict[str, Any], threshold: Any, remedy: str) -> None:
+    """The threshold is held twice (top level, what evaluate reads; normalisation, what score and exports read):
+    a number or null, and one value, or evaluate and score would decide with different ones (a hand edit)."""
     if threshold is not None and (not isinstance(threshold, (int, float)) or isinstance(threshold, bool)):
         raise BundleError(f"{file}: 'threshold' must be a number or null, got {threshold!r:.60}; "
-                          "the manifest was edited or truncated: rebuild the ensemble")
-    stored = (manifest.get("normalisation") or {}).get("threshold", threshold)  # what `score` reads
+                          f"the manifest was edited or truncated: {remedy}")
+    stored = (manifest.get("normalisation") or {}).get("threshold", threshold)
     if stored != threshold:
         raise BundleError(f"{file}: 'threshold' ({threshold!r:.30}) and 'normalisation.threshold' ({stored!r:.30}) "
-                          "differ, and evaluate and score would read different ones; the manifest was edited: "
-                          "rebuild the ensemble")
+                          f"differ, and evaluate and score would read different ones; the manifest was edited: {remedy}"
+                          " (to decide at another threshold, compare image_score in score's table with it)")
+
+
+def member_path(root: Path, relative: str) -> Path:
+    """A member's directory; refuses paths that leave the ensemble directory."""
+    rel = PurePosixPath(relative)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise BundleError(f"{root / MANIFEST}: member path {relative!r} must be relative and inside the ensemble")
+    return root.joinpath(*rel.parts)
+
+
+def check_member_id(root: Path, entry: dict[str, Any]) -> Path:
+    path = member_path(root, entry["path"])
+    if not (path / MANIFEST).is_file():
+        raise BundleError(f"{path}: ensemble member is missing (listed in {root / MANIFEST})")
+    found = model_id(path)
+    if found != entry["model_id"]:
+        raise BundleError(
+            f"{path / MANIFEST}: member manifest differs from the one the ensemble was built with "
+            f"(model_id expected {entry['model_id'][:12]}..., got {found[:12]}...); rebuild the ensemble"
+        )
+    return path
+
+
+def verify_ensemble(path: Path | str) -> dict[str, Any]:
+    """Check every member's model_id, every member file's checksum and a member's --weights file; return the
+    manifest. Without torch: the scoring driver refuses a damaged ensemble before any worker starts."""
+    path = Path(path)
+    manifest = read_ensemble_manifest(path)
+    for entry in manifest["members"]:
+        member = check_member_id(path, entry)
+        check_weights_file(member, verify_bundle(member))
     return manifest

@@ -37,16 +37,18 @@ def setup_logging(verbose: int) -> None:
 
 def _input_errors() -> tuple[type[Exception], ...]:
     """Errors whose message names the file and what is wrong with it (images, data layout, geometry,
-    bundles, exports, an output another save got to first): a user's to fix, shown as one line, not a
+    bundles, exports, an output another save got to first, a full disk): a user's to fix, shown as one line, not a
     traceback."""
     from pni_ray.export.tables import ExportError
     from pni_ray.bundle import BundleError
     from pni_ray.data.images import ImageError
     from pni_ray.data.mvtec import LayoutError
     from pni_ray.geometry import GeometryError
+    from pni_ray.fileio import OutputWriteError
     from pni_ray.models.backbones import WeightsError
 
-    return ImageError, LayoutError, GeometryError, BundleError, ExportError, WeightsError, FileExistsError
+    return (ImageError, LayoutError, GeometryError, BundleError, ExportError, WeightsError, FileExistsError,
+            OutputWriteError)
 
 
 # commands whose every output is saved whole (staged and renamed into place, or written once at the end): a stopped

@@ -17,14 +17,14 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Sequence
 
-from pni_ray.bundle import MANIFEST as BUNDLE_MANIFEST
 from pni_ray.bundle import BundleError, atomic_write_json, load_bundle, model_id, verify_bundle, versions
 from pni_ray.bundle_manifest import ENSEMBLE_FORMAT as FORMAT
 from pni_ray.bundle_manifest import ENSEMBLE_FORMAT_VERSION as FORMAT_VERSION
-from pni_ray.bundle_manifest import MANIFEST, calibration_images, read_ensemble_manifest  # noqa: F401 (re-exported)
+from pni_ray.bundle_manifest import MANIFEST, calibration_images, check_member_id, member_path
+from pni_ray.bundle_manifest import read_ensemble_manifest, verify_ensemble  # noqa: F401 (re-exported)
 from pni_ray.config import ScoringConfig, TrainConfig, float_from_json
 from pni_ray.fileio import copy_tree_durable, inside, staged_dir
 from pni_ray.models.ensemble import MEMBER_MODE, EnsembleDetector, estimated_normalisation
@@ -43,42 +43,12 @@ def is_ensemble(path: Path | str) -> bool:
         return False
 
 
-def member_path(root: Path, relative: str) -> Path:
-    """A member's directory; refuses paths that leave the ensemble directory."""
-    rel = PurePosixPath(relative)
-    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-        raise BundleError(f"{root / MANIFEST}: member path {relative!r} must be relative and inside the ensemble")
-    return root.joinpath(*rel.parts)
-
-
-def _check_member_id(root: Path, entry: dict[str, Any]) -> Path:
-    path = member_path(root, entry["path"])
-    if not (path / BUNDLE_MANIFEST).is_file():
-        raise BundleError(f"{path}: ensemble member is missing (listed in {root / MANIFEST})")
-    found = model_id(path)
-    if found != entry["model_id"]:
-        raise BundleError(
-            f"{path / BUNDLE_MANIFEST}: member manifest differs from the one the ensemble was built with "
-            f"(model_id expected {entry['model_id'][:12]}..., got {found[:12]}...); rebuild the ensemble"
-        )
-    return path
-
-
-def verify_ensemble(path: Path | str) -> dict[str, Any]:
-    """Check every member's model_id and every member file's checksum; return the manifest."""
-    path = Path(path)
-    manifest = read_ensemble_manifest(path)
-    for entry in manifest["members"]:
-        verify_bundle(_check_member_id(path, entry))
-    return manifest
-
-
 def load_ensemble(path: Path | str) -> tuple[EnsembleDetector, dict[str, Any]]:
     """Verified ensemble detector and its manifest (load_bundle checks each member's files)."""
     path = Path(path)
     manifest = read_ensemble_manifest(path)
     for entry in manifest["members"]:
-        _check_member_id(path, entry)
+        check_member_id(path, entry)
     detector, _ = load_ensemble_from_entries(path, manifest["members"])
     detector.threshold = float_from_json("threshold", manifest["threshold"])
     return detector, manifest
@@ -128,7 +98,8 @@ def save_ensemble(
     if len(sources) < 2:
         raise ValueError("an ensemble needs at least two bundles")
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (--force) to replace it")
+        raise FileExistsError(f"{out} already exists (written while this one ran?); pass --force (overwrite=True) "
+                              "to replace it")
     for src in sources:  # its staging folder, OUT's sibling, would lie inside the member it copies: copies of copies
         if inside(out, src):
             raise ValueError(f"{out}: the ensemble would be written inside {src}, one of its members; write it elsewhere")

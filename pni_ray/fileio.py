@@ -34,6 +34,18 @@ MANIFEST = "manifest.json"
 _COUNT_CAP = 10_000  # files counted in a refused directory before saying "at least"
 
 
+class OutputWriteError(OSError):
+    """A whole-directory save that the disk refused (full, over a size or quota limit, read-only): named by the
+    directory it was writing, so the user sees where to make room, not a traceback from deep in a writer."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+# what a disk refuses to take: said as the save's own error, in one line
+DISK_REFUSALS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)
+
+
 class NotReplaceable(FileExistsError, ValueError):
     """`--force` met a path that is not what the command writes: it is left alone; the message says what it holds.
 
@@ -214,6 +226,12 @@ def staged_dir(out: Path, replaces: str | tuple[str, ...], kind: str, overwrite:
             _refuse_existing(out, overwrite)  # where no lock could be had, another writer may have finished
             check_replaceable(out, replaces, kind)  # minutes may have passed: something else may be there now
             replace_dir(tmp, out)
+        except OSError as exc:
+            if exc.errno not in DISK_REFUSALS:
+                raise
+            raise OutputWriteError(exc.errno, f"{out}: the {kind} could not be written ({exc.strerror or exc}; "
+                                   f"{'nothing replaced, ' if out.exists() else ''}nothing half-written left): make "
+                                   f"room on that disk or write to another") from exc
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -322,8 +340,8 @@ def read_json(path: Path | str, error: type[Exception] = ValueError) -> Any:
     """Parsed JSON of `path`; a syntax error is raised as `error` naming the file."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # bytes that are not even text: named too
         raise error(f"{path}: not valid JSON ({exc})") from exc
 
 

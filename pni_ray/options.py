@@ -283,12 +283,12 @@ def check_force_out(out: Path, force: bool, formats: str | tuple[str, ...], kind
     """Refuse an existing OUT without --force, and with it anything but a `kind` directory (or an empty one)."""
     from pni_ray.fileio import NotReplaceable, check_replaceable
 
-    if out.exists() and not force:
-        raise click.ClickException(f"{out} already exists; use --force to replace it")
-    try:
+    try:  # first: "use --force" is advice only where --force would then replace it (not a file, a link, a folder of other things)
         check_replaceable(out, formats, kind)
     except NotReplaceable as exc:
         raise click.ClickException(str(exc)) from None
+    if out.exists() and not force:
+        raise click.ClickException(f"{out} already exists; use --force to replace it")
 
 
 def check_output_file(path: Path, what: str, source: Path | None = None, allowed_inside: tuple[str, ...] = ()) -> None:

@@ -139,6 +139,8 @@ def test_train_force_leaves_a_file_and_an_export_alone(synthetic_root, tmp_path)
     result = CliRunner().invoke(main, ["-q", "train", str(synthetic_root), "-c", "granite", "--out", str(file),
                                        "--force", *TINY])
     assert result.exit_code == 1 and "is a file" in result.output and file.read_text() == "mine"
+    without = CliRunner().invoke(main, ["-q", "train", str(synthetic_root), "-c", "granite", "--out", str(file), *TINY])
+    assert without.exit_code == 1 and "is a file" in without.output and "use --force" not in without.output  # no advice --force refuses
     export_dir = tmp_path / "export"
     export_dir.mkdir()
     (export_dir / "manifest.json").write_text(json.dumps({"format": "pni-ray-export", "format_version": 1}))

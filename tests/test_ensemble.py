@@ -144,6 +144,11 @@ def test_tampered_or_swapped_member_is_refused(ensemble_dir, synthetic_root, tmp
         load_detector(flipped)
     with pytest.raises(BundleError, match="checksum mismatch"):
         verify_ensemble(flipped)
+    from pni_ray.orchestration.score import ScoreError
+    from pni_ray.orchestration.score_model import describe_model
+
+    with pytest.raises(ScoreError, match=r"01-efficientnet_lite1/memory.arrow: checksum mismatch"):
+        describe_model(flipped)  # score refuses it before Ray starts (its workers failed on it, 265 lines later)
 
     edited = _copy(ensemble_dir, tmp_path, "edited")  # member manifest edited: files still verify, id does not
     member_manifest = edited / "members" / "00-efficientnet_lite0" / "manifest.json"

@@ -90,10 +90,16 @@ def test_the_formats_use_it(tmp_path):
     for change, match in (({"mode": None}, "'mode' is missing or not a str"),
                           ({"format_version": "1"}, "format_version must be an integer"),
                           ({"files": {"../../other/memory.arrow": {"sha256": "0"}}}, "not a file name inside the bundle"),
-                          ({"files": {"memory.arrow": {"bytes": 3}}}, r"files\['memory.arrow'\] has no sha256")):
+                          ({"files": {"memory.arrow": {"bytes": 3}}}, r"files\['memory.arrow'\] has no sha256"),
+                          # evaluate read the top-level one, score the other: one value, or refused
+                          ({"threshold": 1.0, "normalisation": {"threshold": 37.5}},
+                           r"'threshold' \(1.0\) and 'normalisation.threshold' \(37.5\) differ")):
         (folder / "manifest.json").write_text(json.dumps({**base, **change}))
         with pytest.raises(BundleError, match=match):
             read_bundle(folder)
+    (folder / "manifest.json").write_bytes(b"\xdc\xff" * 100)  # not even text: the file is named too
+    with pytest.raises(BundleError, match=r"manifest.json: not valid JSON"):
+        read_bundle(folder)
     export = {"format": "pni-ray-export", "format_version": 1, "files": {}, "graphs": {"mlp": {}},
               "tables": {"c_emb": "c_emb.arrow", "normalisation": "normalisation.arrow"},
               "pipeline": [], "scorer": {"coresets": "constant"}, "mode": "pni", "tau": 1e-4}
@@ -229,3 +235,37 @@ def test_a_lock_that_cannot_be_had_never_refuses_a_save(tmp_path, monkeypatch, c
             (tmp / "manifest.json").write_text(json.dumps({"format": "pni-ray-bundle"}))
     assert (out / "manifest.json").is_file()
     assert "writing without serialising" in caplog.text
+
+
+def test_a_save_the_disk_refuses_is_named_by_its_directory(tmp_path):
+    """A full disk (or a file-size limit) used to end a save in a traceback from deep inside a writer, naming no path."""
+    import errno
+
+    from click.testing import CliRunner
+
+    import pni_ray.cli as cli
+    from pni_ray.fileio import OutputWriteError, staged_dir
+
+    out = tmp_path / "B"
+    with pytest.raises(OutputWriteError) as caught:
+        with staged_dir(out, "pni-ray-bundle", "bundle") as tmp:
+            (tmp / "memory.arrow").write_bytes(b"x")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(caught.value) == (f"{out}: the bundle could not be written (No space left on device; nothing half-written "
+                                 "left): make room on that disk or write to another")
+    assert sorted(tmp_path.iterdir()) == []  # no partial folder, no lock
+    with pytest.raises(PermissionError):  # other errors are not a disk's refusal: raised as they are
+        with staged_dir(out, "pni-ray-bundle", "bundle"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+    @cli.main.command("fill-disk")
+    def fill_disk() -> None:
+        with staged_dir(out, "pni-ray-bundle", "bundle"):
+            raise OSError(errno.EFBIG, "File too large")
+
+    try:
+        result = CliRunner().invoke(cli.main, ["fill-disk"])
+    finally:
+        cli.main.commands.pop("fill-disk")
+    assert result.exit_code == 1 and result.output == f"Error: {out}: the bundle could not be written (File too large; " \
+        "nothing half-written left): make room on that disk or write to another\n"

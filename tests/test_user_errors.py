@@ -162,6 +162,11 @@ def test_a_weights_file_is_recorded_by_its_absolute_path_and_needed_to_load(tmp_
     (tmp_path / "w.safetensors").rename(tmp_path / "moved.safetensors")
     with pytest.raises(ValueError, match=r"trained with the backbone weights file .*w\.safetensors .* put the file back"):
         load_bundle(tmp_path / "B1")
+    from pni_ray.orchestration.score import ScoreError
+    from pni_ray.orchestration.score_model import describe_model
+
+    with pytest.raises(ScoreError, match=r"w\.safetensors .* put the file back"):  # score: before any worker starts
+        describe_model(tmp_path / "B1")
     # a link (a Hugging Face cache names a suffix-less blob) is recorded as the link, whose suffix says the format
     (tmp_path / "blobs").mkdir()
     (tmp_path / "moved.safetensors").rename(tmp_path / "blobs" / "3f9a0c1d")

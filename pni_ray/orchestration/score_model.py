@@ -35,7 +35,7 @@ def describe_model(path: Path | str, backbone_runtime: str = "onnxruntime", back
     export is loaded here with the actors' backbone runtime, so one OpenVINO cannot take fails now."""
     from pni_ray.export.openvino_backbone import OpenVINOUnavailable
     from pni_ray.export.tables import ExportError
-    from pni_ray.bundle_manifest import BundleError, read_ensemble_manifest, verify_bundle
+    from pni_ray.bundle_manifest import BundleError, check_weights_file, verify_bundle, verify_ensemble
     from pni_ray.orchestration.model_loader import ExportModel, model_kind
 
     path = Path(path).resolve()
@@ -47,14 +47,15 @@ def describe_model(path: Path | str, backbone_runtime: str = "onnxruntime", back
         if backbone_runtime != "onnxruntime":
             raise ScoreError(f"{path} is a {kind}, scored by torch: --backbone-runtime {backbone_runtime} applies to "
                              "export directories only (pni-ray export BUNDLE --out DIR, then score DIR)")
-        if kind == "bundle":  # the loader's own checks: manifest keys, the files its mode needs, checksums
-            try:
+        if kind == "bundle":  # the loader's own checks: manifest keys, the files its mode needs, checksums, and
+            try:              # a --weights file (else every worker would fail on it after Ray started)
                 manifest = verify_bundle(path)
+                check_weights_file(path, manifest)
             except BundleError as exc:
                 raise ScoreError(str(exc)) from exc
-        else:  # an ensemble: its manifest checked as its loader checks it (an edited threshold named now)
+        else:  # an ensemble: its manifest checked as its loader checks it (an edited threshold named now), its members too
             try:
-                manifest = read_ensemble_manifest(path)
+                manifest = verify_ensemble(path)
             except BundleError as exc:
                 raise ScoreError(str(exc)) from exc
             for name, meta in (manifest.get("files") or {}).items():
