@@ -116,3 +116,22 @@ def test_an_address_nothing_answers_at_is_refused_at_once_without_the_token_hint
     text = ray_session.join_error_message("auto", "--address", ConnectionError(
         "Could not find any running Ray instance. Please specify the one to connect to"))
     assert "token" not in text
+
+
+def test_an_embedded_ray_does_not_announce_token_authentication(fake_ray, monkeypatch, caplog):
+    """A Ray a command starts for itself said "Token authentication is enabled for this Ray cluster. Set
+    RAY_AUTH_MODE=disabled to opt out" on every score and train-all run: nothing the user can or should act on.
+    Joining a cluster, Ray still says what it says (there the token matters: jobs/README.md)."""
+    import logging
+
+    import ray
+    from ray._private.authentication import authentication_token_setup as token_setup
+
+    assert token_setup.logger.name in ray_session.EMBEDDED_NOTICES  # Ray's logger still has the name quieted
+    monkeypatch.setattr(ray, "init", lambda **kwargs: token_setup._warn_token_auth_enabled())
+    with caplog.at_level(logging.WARNING):
+        join_ray()
+        assert "Token authentication" not in caplog.text
+        join_ray("127.0.0.2:6390")
+        assert "Token authentication is enabled" in caplog.text
+    assert logging.getLogger(token_setup.logger.name).level == logging.NOTSET  # put back as it was

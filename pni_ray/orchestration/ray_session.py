@@ -103,7 +103,8 @@ def join_ray(
     common: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": log_to_driver}
     with _keeping_sigterm_handler():
         if target is None:
-            ray.init(**local_init_kwargs(num_cpus, object_store_bytes), **common)
+            with _quiet(EMBEDDED_NOTICES):
+                ray.init(**local_init_kwargs(num_cpus, object_store_bytes), **common)
             return RaySession(LOCAL, EMBEDDED, started=True, is_cluster=False)
         problem = unreachable(target)
         if problem:
@@ -114,6 +115,24 @@ def join_ray(
         except Exception as exc:  # noqa: BLE001 - any failure to join is reported with where the address came from
             raise RayJoinError(join_error_message(target, source, exc)) from exc
     return RaySession(target, source, started=True, is_cluster=True)
+
+
+# what Ray says when it starts a local cluster that concerns clusters others join, not one a command starts for
+# itself: "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out", on every run
+EMBEDDED_NOTICES = ("ray._private.authentication.authentication_token_setup",)
+
+
+@contextlib.contextmanager
+def _quiet(loggers: tuple[str, ...]) -> Iterator[None]:
+    """These loggers at ERROR within the block, as they were after."""
+    before = {name: logging.getLogger(name).level for name in loggers}
+    try:
+        for name in loggers:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        yield
+    finally:
+        for name, level in before.items():
+            logging.getLogger(name).setLevel(level)
 
 
 @contextlib.contextmanager
