@@ -109,7 +109,7 @@ def check_threshold(file: Path, manifest: dict[str, Any], threshold: Any, remedy
         raise BundleError(f"{file}: 'threshold' must be a number or null, got {threshold!r:.60}; "
                           f"the manifest was edited or truncated: {remedy}")
     stored = (manifest.get("normalisation") or {}).get("threshold", threshold)
-    if stored != threshold:
+    if stored != threshold and not (stored != stored and threshold != threshold):  # two NaNs (an old manifest) agree
         raise BundleError(f"{file}: 'threshold' ({threshold!r:.30}) and 'normalisation.threshold' ({stored!r:.30}) "
                           f"differ, and evaluate and score would read different ones; the manifest was edited: {remedy}"
                           " (to decide at another threshold, compare image_score in score's table with it)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import sys
@@ -15,7 +14,7 @@ import click
 from pni_ray.allocator import keep_freed_memory
 from pni_ray.config import DEFECT_KINDS, REFINER_SOURCES, SCORE_MODES
 from pni_ray.options import (backbone_option_error, backbone_options, build_config, category_name, check_force_out,
-                             check_output_file, load_config_file, print_table, progress_bars, set_threads,
+                             check_output_file, load_config_file, on_terminal, print_table, progress_bars, set_threads,
                              train_options, training_threads, write_output_file)
 
 log = logging.getLogger("pni_ray")
@@ -53,7 +52,8 @@ def _input_errors() -> tuple[type[Exception], ...]:
 
 # commands whose every output is saved whole (staged and renamed into place, or written once at the end): a stopped
 # one leaves nothing half-written. The batch commands (score, train-all, nightly) say what they keep themselves.
-WHOLE_OUTPUTS = ("train", "evaluate", "export", "refine", "ensemble", "report", "backbones")
+WHOLE_OUTPUTS = ("train", "evaluate", "export", "refine", "ensemble", "report", "backbones", "make-defects")
+RESUMING = ("score", "train-all", "nightly")  # stopped outside their own handling, a rerun still resumes
 
 
 class Commands(click.Group):
@@ -62,20 +62,20 @@ class Commands(click.Group):
     exit status 3, never click's "Aborted!" with exit 1 (a failure) or SIGTERM's silent death."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
         from pni_ray.options import RunFailed
         from pni_ray.orchestration.stopping import interrupted_message, terminate_as_interrupt
 
-        try:  # on a terminal, log lines go above the progress bars (tqdm.write), not through them
-            with terminate_as_interrupt(), logging_redirect_tqdm() if sys.stderr.isatty() else contextlib.nullcontext():
+        try:
+            with terminate_as_interrupt():
                 return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit):  # Exit (ctx.exit) is a RuntimeError: not an input error
             raise
         except KeyboardInterrupt as exc:
-            whole = ctx.invoked_subcommand in WHOLE_OUTPUTS
+            name = ctx.invoked_subcommand
+            if name in RESUMING:
+                raise RunFailed(interrupted_message(exc, "what it committed so far is kept")) from None
             raise RunFailed(interrupted_message(
-                exc, "nothing is left half-written (its outputs are saved whole or not at all)" if whole
+                exc, "nothing is left half-written (its outputs are saved whole or not at all)" if name in WHOLE_OUTPUTS
                 else "what it wrote so far may be incomplete", "start over")) from None
         except Exception as exc:  # noqa: BLE001 - anything else keeps its traceback
             if isinstance(exc, _input_errors()):
@@ -92,10 +92,14 @@ def main(verbose: int, quiet: bool) -> None:
     """PNI anomaly detection: train from good images, score every image, export for edge GPUs.
 
     Exit status: 0 done; 1 an error (the message names the file and what to fix), or for score, train-all and
-    nightly some inputs failed; 2 a usage error; 3 stopped by Ctrl-C or SIGTERM (the message says what is kept),
+    nightly some inputs failed; 2 a usage error (train-all: also storage its workers do not share); 3 stopped by Ctrl-C or SIGTERM (the message says what is kept),
     or a batch run that could not complete.
     """
     setup_logging(-1 if quiet else verbose)
+    if on_terminal():  # log lines above the progress bars (tqdm.write), not through them; entered after setup_logging,
+        from tqdm.contrib.logging import logging_redirect_tqdm  # whose handler's format it copies
+
+        click.get_current_context().with_resource(logging_redirect_tqdm())
     try:
         keep_freed_memory()  # glibc keeps freed memory for reuse (pni_ray.allocator)
     except ValueError as exc:

@@ -46,6 +46,13 @@ class OutputWriteError(OSError):
 DISK_REFUSALS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)
 
 
+def disk_refused(exc: OSError) -> bool:
+    """A full disk, a size or quota limit, a read-only file system: by errno, or by the words of writers that
+    raise without one (pyarrow's IO errors carry the system's message only)."""
+    return exc.errno in DISK_REFUSALS or (exc.errno is None and any(
+        os.strerror(code) in str(exc) for code in DISK_REFUSALS))
+
+
 class NotReplaceable(FileExistsError, ValueError):
     """`--force` met a path that is not what the command writes: it is left alone; the message says what it holds.
 
@@ -227,11 +234,12 @@ def staged_dir(out: Path, replaces: str | tuple[str, ...], kind: str, overwrite:
             check_replaceable(out, replaces, kind)  # minutes may have passed: something else may be there now
             replace_dir(tmp, out)
         except OSError as exc:
-            if exc.errno not in DISK_REFUSALS:
+            if not disk_refused(exc):
                 raise
-            raise OutputWriteError(exc.errno, f"{out}: the {kind} could not be written ({exc.strerror or exc}; "
+            where = f", writing {exc.filename}" if exc.filename else ""
+            raise OutputWriteError(exc.errno, f"{out}: the {kind} could not be written ({exc.strerror or exc}{where}; "
                                    f"{'nothing replaced, ' if out.exists() else ''}nothing half-written left): make "
-                                   f"room on that disk or write to another") from exc
+                                   "room on that disk or write to another") from exc
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -35,7 +35,12 @@ def progress_bars(asked: bool | None = None) -> bool:
     log what they do instead."""
     if asked is not None:
         return asked
-    return sys.stderr.isatty() and logging.getLogger("pni_ray").isEnabledFor(logging.INFO)
+    return on_terminal() and logging.getLogger("pni_ray").isEnabledFor(logging.INFO)
+
+
+def on_terminal() -> bool:
+    """Whether someone watches stderr (a terminal), not a job's log file."""
+    return sys.stderr.isatty()
 
 
 class RunFailed(click.ClickException):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -240,12 +241,16 @@ def test_evaluate_other_category_warns(cli_bundle, synthetic_root):
     assert "'weave'" in result.stderr and "image_auroc" in result.stdout
 
 
+@pytest.mark.parametrize("terminal", [False, True])
 @pytest.mark.parametrize("flags, shown", [((), {"ours", "exported"}), (("-q",), set()),
                                            (("-v",), {"ours", "exported", "debug", "third-party"})])
-def test_logging_shows_this_projects_lines_and_keeps_other_libraries_quiet(flags, shown):
-    """onnxruntime's quantiser logs INFO lines on the root logger: shown only with -v."""
+def test_logging_shows_this_projects_lines_and_keeps_other_libraries_quiet(flags, shown, terminal):
+    """onnxruntime's quantiser logs INFO lines on the root logger: shown only with -v. On a terminal too, where the
+    lines go through tqdm (above the bars) in the same format (once, they lost it and -v's lines)."""
     script = (
         "import logging, sys\n"
+        "import pni_ray.cli\n"
+        f"pni_ray.cli.on_terminal = lambda: {terminal}\n"
         "from pni_ray.cli import main\n"
         "main.add_command(__import__('click').command('probe')(lambda: [\n"
         "    logging.info('third-party'), logging.getLogger('pni_ray.training').info('ours'),\n"
@@ -256,6 +261,8 @@ def test_logging_shows_this_projects_lines_and_keeps_other_libraries_quiet(flags
     assert run.returncode == 0, run.stderr
     printed = {word for word in ("ours", "exported", "debug", "third-party") if f": {word}" in run.stderr}
     assert printed == shown, run.stderr
+    if "ours" in shown:
+        assert re.search(r"^\d{4}-\d\d-\d\d [\d:,]+ INFO pni_ray.training: ours$", run.stderr, re.M), run.stderr
 
 
 def test_evaluate_image_only_needs_no_masks(bundle_tiny, synthetic_root, tmp_path):

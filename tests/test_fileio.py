@@ -254,6 +254,9 @@ def test_a_save_the_disk_refuses_is_named_by_its_directory(tmp_path):
     assert str(caught.value) == (f"{out}: the bundle could not be written (No space left on device; nothing half-written "
                                  "left): make room on that disk or write to another")
     assert sorted(tmp_path.iterdir()) == []  # no partial folder, no lock
+    with pytest.raises(OutputWriteError, match=r"\(Error writing bytes: No space left on device; nothing"):
+        with staged_dir(out, "pni-ray-bundle", "bundle"):  # pyarrow's IO errors carry no errno, only the words
+            raise OSError("Error writing bytes: No space left on device")
     with pytest.raises(PermissionError):  # other errors are not a disk's refusal: raised as they are
         with staged_dir(out, "pni-ray-bundle", "bundle"):
             raise PermissionError(errno.EACCES, "Permission denied")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import sys
 import tempfile
 import warnings
@@ -44,6 +45,7 @@ from torch import nn
 
 from pni_ray.export import graph_passes, opcheck, quantize, recalibrate, scorer_graph, tables
 from pni_ray.bundle import model_id as bundle_model_id
+from pni_ray.config import float_from_json
 from pni_ray.fileio import read_arrow as bundle_read_arrow
 from pni_ray.bundle import versions as bundle_versions
 from pni_ray.fileio import staged_dir
@@ -400,7 +402,7 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
         }
         manifest["files"] = tables.file_records(tmp)
         tables.write_json(tmp / tables.MANIFEST, manifest)
-        if int8 is not None and manifest["threshold"] is not None:  # its own threshold, from its own graphs
+        if int8 is not None and math.isfinite(float_from_json("threshold", manifest["threshold"])):  # its own, from its graphs
             manifest = recalibrate.recalibrate_int8(tmp, manifest, bundle, bmanifest, detector, geometry,
                                                     options.calibration, torch.get_num_threads())
     return ExportResult(out, manifest, reports)
