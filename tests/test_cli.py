@@ -326,3 +326,24 @@ def test_progress_bars_only_where_someone_watches(cli_bundle, synthetic_root, mo
     result = CliRunner().invoke(main, ["evaluate", str(cli_bundle), str(synthetic_root), "--threads", "1"])
     assert result.exit_code == 0 and "image_auroc" in result.output
     assert "\r" not in result.output and "scoring:" not in result.output, result.output
+
+
+def test_tables_and_summaries_say_only_what_was_measured(capsys, tmp_path):
+    """The ablation table's 19-letter headers over 12-wide numbers put values under the wrong header; a run that
+    scored nothing reported "0.4 images/s"."""
+    from pni_ray.evaluate import DIAGNOSTIC_KEYS
+    from pni_ray.options import print_table
+    from pni_ray.orchestration.score_cli import echo_summary
+
+    print_table({"patchcore": {k: 0.5 for k in DIAGNOSTIC_KEYS}, "pni": {}}, DIAGNOSTIC_KEYS)
+    header, *rows = capsys.readouterr().out.splitlines()
+    ends = [m.end() for m in re.finditer(r"\S+", header)][1:]  # the mode column is left-aligned
+    for row in rows:
+        assert [m.end() for m in re.finditer(r"\S+", row)][1:] == ends, (header, row)  # each value ends under its header
+    summary = {"inputs": 1, "scored": 0, "failed": 1, "anomalous": 0, "anomaly_rate": None, "missing": 0,
+               "duplicate_rows": 0, "top": [], "failures": [{"error": "x: no images"}],
+               "run": {"already_done": 0, "images_per_s": 0.4, "scored_this_run": 0}}
+    echo_summary(summary, tmp_path)
+    assert "images/s" not in capsys.readouterr().out
+    echo_summary({**summary, "scored": 1, "run": {**summary["run"], "scored_this_run": 1}}, tmp_path)
+    assert "0.4 images/s" in capsys.readouterr().out

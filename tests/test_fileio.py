@@ -97,6 +97,9 @@ def test_the_formats_use_it(tmp_path):
         (folder / "manifest.json").write_text(json.dumps({**base, **change}))
         with pytest.raises(BundleError, match=match):
             read_bundle(folder)
+    (folder / "manifest.json").write_text('{"threshold": NaN, "normalisation": {"threshold": NaN}, '
+                                          + json.dumps(base)[1:])  # an old manifest's two NaNs agree
+    assert read_bundle(folder)["format"] == "pni-ray-bundle"
     (folder / "manifest.json").write_bytes(b"\xdc\xff" * 100)  # not even text: the file is named too
     with pytest.raises(BundleError, match=r"manifest.json: not valid JSON"):
         read_bundle(folder)
