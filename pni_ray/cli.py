@@ -92,8 +92,8 @@ def main(verbose: int, quiet: bool) -> None:
     """PNI anomaly detection: train from good images, score every image, export for edge GPUs.
 
     Exit status: 0 done; 1 an error (the message names the file and what to fix), or for score, train-all and
-    nightly some inputs failed; 2 a usage error (train-all: also storage its workers do not share); 3 stopped by Ctrl-C or SIGTERM (the message says what is kept),
-    or a batch run that could not complete.
+    nightly some inputs failed; 2 a usage error (train-all: also storage its workers do not share); 3 stopped by
+    Ctrl-C or SIGTERM (the message says what is kept), or a batch run that could not complete.
     """
     setup_logging(-1 if quiet else verbose)
     if on_terminal():  # log lines above the progress bars (tqdm.write), not through them; entered after setup_logging,

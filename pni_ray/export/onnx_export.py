@@ -402,7 +402,7 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
         }
         manifest["files"] = tables.file_records(tmp)
         tables.write_json(tmp / tables.MANIFEST, manifest)
-        if int8 is not None and math.isfinite(float_from_json("threshold", manifest["threshold"])):  # its own, from its graphs
+        if int8 is not None and math.isfinite(float_from_json("threshold", manifest["threshold"])):  # from its graphs
             manifest = recalibrate.recalibrate_int8(tmp, manifest, bundle, bmanifest, detector, geometry,
                                                     options.calibration, torch.get_num_threads())
     return ExportResult(out, manifest, reports)
