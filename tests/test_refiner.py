@@ -537,3 +537,28 @@ def test_refine_takes_a_patchcore_bundle_as_train_refine_does(synthetic_root, tm
     assert result.exit_code == 0, result.output
     refined, manifest = load_bundle(tmp_path / "pcr")
     assert manifest["mode"] == "patchcore" and refined.refiner is not None
+
+
+def test_an_int8_export_of_a_refined_bundle_recalibrates_on_the_refiners_calibration_images(refined_bundle,
+                                                                                             synthetic_root, tmp_path):
+    """A refined bundle's threshold came from the refined scores of its third split (the refiner's calibration
+    images, not all held-out ones): the INT8 export takes its own from the same images through its own graphs,
+    refiner included."""
+    from pni_ray.bundle_manifest import calibration_images, read_manifest
+    from pni_ray.export.onnx_export import ExportOptions, export_bundle
+    from pni_ray.export.runtime import load_exported
+
+    manifest = read_manifest(refined_bundle)
+    names = calibration_images(manifest)
+    assert names and names != manifest["training"]["holdout_images"]  # the refiner's split, fewer
+    good = synthetic_root / "washer" / "train" / "good"
+    out = tmp_path / "e"
+    export_bundle(refined_bundle, out, ExportOptions(max_batch=4, int8=("mlp",), calibration=good, calibration_images=4))
+    model = load_exported(out, threads=1)
+    record = model.manifest["int8"]["threshold"]
+    assert record["recalibrated"] and record["held_out_images"] == len(names), record
+    assert "refiner" in model.stages
+    scores = model.predict_images([model.geometry.load(good / n) for n in names])[1].astype(np.float64)
+    k = manifest["config"]["scoring"]["threshold_sigmas"]
+    std = max(scores.std(ddof=1) if len(scores) > 1 else 0.0, 1e-6 * max(1.0, abs(scores.mean())))  # training's rule
+    assert model.threshold == pytest.approx(scores.mean() + k * std, rel=1e-5)
