@@ -58,8 +58,8 @@ def held_out_images(bundle: Path, manifest: dict[str, Any], folder: Path, detect
     """The bundle's held-out images in `folder`, checked to be those it held out: (paths, None), or ([], why not)."""
     names = calibration_images(manifest)
     norm = manifest["normalisation"]
-    if manifest.get("threshold") is None or not names:
-        return [], f"{bundle} has no threshold to recalibrate"
+    if not names:  # a bundle written before manifests named them
+        return [], f"{bundle} does not record which images it held out"
     paths = [folder / name for name in names]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
@@ -80,13 +80,12 @@ def int8_normalisation(export_dir: Path, paths: Sequence[Path], manifest: dict[s
     """The export's normalisation with image statistics and threshold from its INT8 graphs' scores of `paths`."""
     from pni_ray.export.runtime import load_exported
 
-    model = load_exported(export_dir, threads=threads)
+    model = load_exported(export_dir, threads=threads, verify=False)  # its files were hashed a moment ago
     scores = np.concatenate([model.predict_images([model.geometry.load(p) for p in paths[i : i + model.max_batch]])[1]
                              for i in range(0, len(paths), model.max_batch)])  # a batch of images in memory at a time
     found = _statistics(scores)
     fp32 = manifest["normalisation"]
-    extras = {**(fp32.get("extras") or {}), "holdout_max_image_score": float(np.max(scores)),
-              "fp32_threshold": float(fp32["threshold"])}
+    extras = {**(fp32.get("extras") or {}), "holdout_max_image_score": float(np.max(scores))}
     return {**fp32, **found, "threshold": found["image_mean"] + threshold_sigmas * found["image_std"], "extras": extras}
 
 
@@ -96,10 +95,11 @@ def rewrite_normalisation(export_dir: Path, manifest: dict[str, Any], normalisat
     `record` (how its threshold came about) under int8.threshold; returns the new manifest."""
     if normalisation is None:
         normalisation = {**manifest["normalisation"], "threshold": None}
-    tables.write_arrow(export_dir / manifest["tables"]["normalisation"], tables.normalisation_table(normalisation))
+    name = manifest["tables"]["normalisation"]
+    tables.write_arrow(export_dir / name, tables.normalisation_table(normalisation))
     manifest = {**manifest, "normalisation": normalisation, "threshold": normalisation["threshold"],
-                "int8": {**manifest["int8"], "threshold": record}}
-    manifest["files"] = tables.file_records(export_dir)
+                "int8": {**manifest["int8"], "threshold": record},
+                "files": {**manifest["files"], name: tables.file_record(export_dir / name)}}  # the one file rewritten
     tables.write_json(export_dir / tables.MANIFEST, manifest)
     return manifest
 

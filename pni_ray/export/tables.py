@@ -80,10 +80,15 @@ class ExportError(ValueError):
 def file_records(folder: Path) -> dict[str, dict[str, Any]]:
     """sha256 and size of every regular file of `folder` except the manifest."""
     return {
-        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        p.name: file_record(p)
         for p in sorted(Path(folder).iterdir())
         if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
     }
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """One file's entry in a manifest's `files`: its sha256 and size."""
+    return {"sha256": sha256_file(path), "bytes": Path(path).stat().st_size}
 
 
 def is_batch_size(value: Any) -> bool:

@@ -31,7 +31,7 @@ class ModelInfo:
 
 def describe_model(path: Path | str, backbone_runtime: str = "onnxruntime", backbone_precision: str = "auto") -> ModelInfo:
     """What the driver needs to know, without torch: the manifest, and the checksum of every file a
-    bundle lists (the actors verify again, with the backbone weights, when they load the model). An
+    bundle (or each ensemble member) lists and of a --weights file (the actors verify again when they load). An
     export is loaded here with the actors' backbone runtime, so one OpenVINO cannot take fails now."""
     from pni_ray.export.openvino_backbone import OpenVINOUnavailable
     from pni_ray.export.tables import ExportError
@@ -54,16 +54,10 @@ def describe_model(path: Path | str, backbone_runtime: str = "onnxruntime", back
             except BundleError as exc:
                 raise ScoreError(str(exc)) from exc
         else:  # an ensemble: its manifest checked as its loader checks it (an edited threshold named now), its members too
-            try:
+            try:  # an ensemble's own manifest lists no files: its members hold them
                 manifest = verify_ensemble(path)
             except BundleError as exc:
                 raise ScoreError(str(exc)) from exc
-            for name, meta in (manifest.get("files") or {}).items():
-                file = path / name
-                if not file.is_file():
-                    raise ScoreError(f"{file}: missing from the bundle (listed in manifest.json)")
-                if meta.get("sha256") and sha256_file(file) != meta["sha256"]:
-                    raise ScoreError(f"{file}: checksum mismatch: the file was modified or corrupted")
         try:  # what the actors will build from it: refused here, before the run, naming the file
             if kind == "bundle":
                 TrainConfig.from_manifest(manifest.get("config") or {})
