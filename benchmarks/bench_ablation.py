@@ -4,6 +4,7 @@ categories, in one run.
     python benchmarks/bench_ablation.py [--data-root ../shared/data/mvtec_ad] [--categories bottle,transistor]
                                         [--workdir DIR] [--threads 2] [--json FILE] [--seeds 0,1,2]
                                         [--neighbourhood-cuts 4,16] [--neighbourhood-rescue 1000,100] [--shift F] [--rotate DEG]
+                                        [--shrink S]
 
 Trains each category at the defaults (or reuses `--workdir/<category>` when it holds a bundle
 trained with the same config), then scores the test split in every mode. Rows: image AUROC,
@@ -40,6 +41,12 @@ side: a category whose objects move, where the position prior must widen (or cos
 degrees either way (180: any orientation, as screws and hazelnuts lie), the uncovered corners filled
 by reflection (image and mask alike); with `--shift` too, each image is turned, then rolled. The copies
 are drawn with seed 0 whatever `--seeds` says: the seeds change the fits, not the copies.
+`--shrink S` first scales each image and its mask down by S about the centre onto a plain ground like the image's
+own border (its median colour and noise): small parts on a plain ground, which with `--shift` and `--rotate` lie
+anywhere and at any angle, as screws do.
+
+Each category's table is followed by the bundle's position check (synthetic defects on held-out good images,
+`pni_ray.position_check`) and, where it dropped p(c|x), the deployed mode against patchcore.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ from pni_ray.data.mvtec import load_category  # noqa: E402
 from pni_ray.evaluate import ABLATION_MODES, attach_diagnostics, evaluate_category, prior_diagnostics, run_modes  # noqa: E402
 from pni_ray.models.pni import build_detector  # noqa: E402
 from pni_ray.models.scorer import PatchScorer, nearest_neighbours  # noqa: E402
+from pni_ray.orchestration.train_plan import canonical, recorded_config  # noqa: E402
 from pni_ray.predict import detector_geometry, extract_training_features  # noqa: E402
 from pni_ray.training import train_category  # noqa: E402
 
@@ -85,9 +93,10 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
 
 def bundle_for(data_root: Path, category: str, workdir: Path, cfg: TrainConfig) -> tuple[Path, float | None]:
-    """A bundle of `category` trained with `cfg`: reused from workdir when its config matches."""
+    """A bundle of `category` trained with `cfg`: reused from workdir when its config matches (as train-all compares
+    them: a scoring mode the position check changed counts as the one asked for)."""
     path = workdir / category
-    if (path / "manifest.json").is_file() and read_manifest(path).get("config") == json.loads(json.dumps(cfg.to_dict())):
+    if (path / "manifest.json").is_file() and canonical(recorded_config(read_manifest(path))) == canonical(cfg.to_dict()):
         return path, None
     t0 = time.perf_counter()
     trained = train_category(data_root, category, cfg, progress=True)
@@ -227,7 +236,8 @@ def run_category(data_root: Path, category: str, workdir: Path, cfg: TrainConfig
             "neighbourhood_held_out_keep": dict(sorted((training.get("neighbourhood_held_out_keep") or {}).items(),
                                                        key=lambda kv: float(kv[0]))),
             "modes": results, "neighbourhood_cuts": cuts,
-            "neighbourhood_rescue": rescues, **({"image_ranking": ranked} if ranked else {})}
+            "neighbourhood_rescue": rescues, "deployed_mode": trained.config.scoring.mode,
+            "position_check": training.get("position_check"), **({"image_ranking": ranked} if ranked else {})}
 
 
 def print_category(category: str, res: dict) -> None:
@@ -243,6 +253,17 @@ def print_category(category: str, res: dict) -> None:
     for key in ("pixel_auroc", "aupro", "image_auroc"):
         print(f"  pni - patchcore {key}: {m['pni'][key] - m['patchcore'][key]:+.4f}; "
               f"pni - position: {m['pni'][key] - m['position'][key]:+.4f}")
+    check, deployed = res.get("position_check") or {}, res.get("deployed_mode", "pni")
+    if "kept" in check:
+        gains = ", ".join(f"{k} {check['position'][k] - check['patchcore'][k]:+.4f}" for k in ("pixel_auroc", "aupro"))
+        print(f"  position check on {check['defects']} synthetic defects of held-out images: position - patchcore "
+              f"{gains}: prior {'kept' if check['kept'] else 'dropped'}")
+    elif check:
+        print(f"  position check skipped: {check.get('skipped')}")
+    if deployed in m and deployed != "pni":
+        print(f"  deployed mode {deployed}: " + "; ".join(
+            f"{key} {m[deployed][key]:.4f} ({m[deployed][key] - m['patchcore'][key]:+.4f} over patchcore)"
+            for key in ("image_auroc", "pixel_auroc", "aupro")))
     for cut in res.get("neighbourhood_cuts", []):
         print(f"  pni, p(c|N) cut at {cut['factor']:g} tau: held-out keep {cut['keep_neighbourhood']:.4f} "
               f"(with position {cut['keep_both']:.4f}); {cut['image_auroc']:.4f} / {cut['pixel_auroc']:.4f} / "
@@ -294,26 +315,51 @@ def json_figures(out: dict[str, dict[int, dict]]) -> dict:
             for category, runs in out.items()}
 
 
+def shrunk(values: np.ndarray, scale: float, fill: np.ndarray, order: int) -> np.ndarray:
+    """values scaled by `scale` about the centre of a canvas of the same size holding `fill`."""
+    h, w = values.shape[:2]
+    small = np.asarray(Image.fromarray(values).resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                                      Image.BILINEAR if order else Image.NEAREST))
+    out = fill.copy()
+    top, left = (h - small.shape[0]) // 2, (w - small.shape[1]) // 2
+    out[top:top + small.shape[0], left:left + small.shape[1]] = small
+    return out
+
+
+def border_fill(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A background canvas like the image's own border: its median colour with noise of its spread."""
+    edge = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]).astype(np.float64)
+    median, spread = np.median(edge, axis=0), np.median(np.abs(edge - np.median(edge, axis=0)), axis=0) * 1.4826
+    noise = rng.normal(0.0, 1.0, pixels.shape) * np.maximum(spread, 1.0)
+    return np.clip(median + noise, 0, 255).round().astype(pixels.dtype)
+
+
 def moved_copy(data_root: Path, category: str, out_root: Path, shift: float = 0.0, rotate: float = 0.0,
-               seed: int = 0) -> Path:
+               seed: int = 0, shrink: float = 1.0) -> Path:
     """Copy data_root/category to out_root/category with each image and its mask moved together: rotated
     about its centre by a seeded random angle of up to `rotate` degrees either way (the corners the turn
     uncovers filled by reflecting the image, so they hold no constant colour to recognise, and the mask
     alike, so a defect reflected into a corner is labelled there too), then rolled
     by a seeded random offset of up to `shift` of the side (wrapping round). Returns out_root.
-    With rotate 0 the offsets are those of the shift-only copies of earlier rounds (the same draws)."""
+    With rotate 0 the offsets are those of the shift-only copies of earlier rounds (the same draws).
+    shrink < 1 first scales each image down by that factor about its centre onto a canvas like its own
+    border (median colour and noise), so the object is small on a plain ground, as screws lie; the
+    shrink's noise comes from its own generator, so the offsets and angles stay those drawn without it."""
     src, dst = data_root / category, out_root / category
-    rng = np.random.default_rng(seed)
+    rng, ground_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
     for image in sorted(src.glob("t*/*/*.png")):  # train/good, test/<defect>
         rel = image.relative_to(src)
         pixels = np.asarray(Image.open(image))
         offset = tuple(int(v) for v in rng.uniform(-shift, shift, 2) * pixels.shape[:2])
         angle = float(rng.uniform(-rotate, rotate)) if rotate else 0.0
-        pairs = [(pixels, dst / rel, 1)]  # image: bilinear
+        pairs = [(pixels, dst / rel, 1, border_fill(pixels, ground_rng) if shrink < 1 else None)]  # image: bilinear
         if rel.parts[0] == "test" and rel.parts[1] != "good":
             mask = Path("ground_truth") / rel.parts[1] / f"{image.stem}_mask.png"
-            pairs.append((np.asarray(Image.open(src / mask)), dst / mask, 0))  # mask: nearest
-        for values, out, order in pairs:
+            mask_values = np.asarray(Image.open(src / mask))
+            pairs.append((mask_values, dst / mask, 0, np.zeros_like(mask_values)))  # mask: nearest
+        for values, out, order, fill in pairs:
+            if shrink < 1:
+                values = shrunk(values, shrink, fill, order)
             if angle:  # corners reflected, the mask's alike
                 values = ndimage.rotate(values, angle, axes=(1, 0), reshape=False, order=order,
                                         mode="reflect").astype(values.dtype)
@@ -334,6 +380,9 @@ def main() -> None:
     parser.add_argument("--rotate", type=float, default=0.0, metavar="DEG",
                         help="score copies whose images are turned by up to DEG degrees either way (objects that turn; "
                              "with --shift, turned then rolled)")
+    parser.add_argument("--shrink", type=float, default=1.0, metavar="S",
+                        help="score copies whose objects are scaled down by S onto a plain ground like their border "
+                             "(small parts on a plain ground, as screws lie; with --shift / --rotate, shrunk first)")
     parser.add_argument("--image-ranking", action="store_true",
                         help="also list the (defect, good) image pairs pni ranks the wrong way, and where good maps peak")
     parser.add_argument("--seeds", default="0", metavar="S,S",
@@ -355,11 +404,12 @@ def main() -> None:
             print(f"skipping {category}: not found under {args.data_root}")
             continue
         root, workdir, moved_record = args.data_root, args.workdir, {}
-        if args.shift or args.rotate:
-            moved_record = {"copy": {"shift": args.shift, "rotate": args.rotate, "seed": 0}}  # in --json: which copies
-            workdir = args.workdir / "-".join(f"{name}-{value:g}" for name, value in (("shifted", args.shift),
-                                                                                       ("rotated", args.rotate)) if value)
-            root = moved_copy(args.data_root, category, workdir / "data", args.shift, args.rotate)
+        if args.shift or args.rotate or args.shrink < 1:
+            moved_record = {"copy": {"shift": args.shift, "rotate": args.rotate, "shrink": args.shrink, "seed": 0}}
+            workdir = args.workdir / "-".join(f"{name}-{value:g}" for name, value in (
+                ("shrunk", args.shrink if args.shrink < 1 else 0), ("shifted", args.shift), ("rotated", args.rotate))
+                if value)
+            root = moved_copy(args.data_root, category, workdir / "data", args.shift, args.rotate, shrink=args.shrink)
         for seed in seeds:
             runs = out.setdefault(category, {})
             seed_dir = workdir if seed == 0 else workdir / f"seed-{seed}"

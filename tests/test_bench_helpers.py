@@ -276,6 +276,33 @@ def test_moved_copy_turns_each_image_with_its_mask(tmp_path: Path) -> None:
         assert np.array_equal(np.asarray(Image.open(both / "cat" / name)), np.roll(turned, offset, axis=(0, 1)))
 
 
+def test_moved_copy_shrinks_each_image_with_its_mask_onto_a_ground_like_its_border(tmp_path: Path) -> None:
+    src = tmp_path / "data" / "cat"
+    rng = np.random.default_rng(5)
+    image = np.clip(rng.normal(60, 4, (40, 40, 3)), 0, 255).astype(np.uint8)  # a noisy ground
+    image[10:30, 10:30] = 230  # the part
+    for rel in ("train/good/000.png", "test/crack/000.png"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(src / rel)
+    (src / "ground_truth/crack").mkdir(parents=True)
+    mask = np.zeros((40, 40), np.uint8)
+    mask[10:30, 10:30] = 255
+    Image.fromarray(mask).save(src / "ground_truth/crack/000_mask.png")
+    out = bench_ablation.moved_copy(tmp_path / "data", "cat", tmp_path / "shrunk", shrink=0.5)
+    small = np.asarray(Image.open(out / "cat/train/good/000.png"))
+    lit = small[..., 0] > 150
+    assert small.shape == image.shape and 81 <= lit.sum() <= 121  # the part at half its side: ~10 x 10, centred
+    assert np.allclose(np.argwhere(lit).mean(0), 19.5, atol=1.0)
+    ground = small[..., 0][~lit]
+    assert abs(float(np.median(ground)) - 60) <= 2 and 1.0 <= float(ground.std()) <= 10  # the border's colour and noise
+    shrunk_mask = np.asarray(Image.open(out / "cat/ground_truth/crack/000_mask.png"))
+    assert set(np.unique(shrunk_mask)) <= {0, 255} and 81 <= (shrunk_mask > 0).sum() <= 121
+    test = np.asarray(Image.open(out / "cat/test/crack/000.png"))[..., 0] > 150
+    assert np.array_equal(test, shrunk_mask > 0)  # the mask shrinks with its image
+    again = bench_ablation.moved_copy(tmp_path / "data", "cat", tmp_path / "again", shrink=0.5)
+    assert np.array_equal(np.asarray(Image.open(again / "cat/train/good/000.png")), small)
+
+
 def test_neighbourhood_cuts_tighten_p_n_alone_and_restore_the_bundles_cut(bundle_tiny: Path, synthetic_root: Path) -> None:
     from pni_ray.bundle import load_bundle
     from pni_ray.data.mvtec import load_category
