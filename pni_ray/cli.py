@@ -183,8 +183,10 @@ def train(data_root: Path, category: str, out: Path, backbone: str | None, force
     trained = fit_category(data_root, category, cfg, n_threads, progress=progress_bars())  # the files checked first
     save_bundle(trained, out, overwrite=force)  # something at OUT by now: one Error: line (Commands)
     secs = trained.report["seconds"]
-    scored = cfg.scoring.mode if cfg.mode == "pni" else "patchcore"  # what evaluate, export and score run
-    mode = cfg.mode if scored == cfg.mode else f"{cfg.mode} model scored in {scored} mode (scoring.mode)"
+    scored = trained.config.scoring.mode if cfg.mode == "pni" else "patchcore"  # what evaluate, export and score run
+    why = ("scoring.mode" if scored == cfg.scoring.mode or cfg.mode != "pni"
+           else "the position prior lost on held-out synthetic defects; see the log")
+    mode = cfg.mode if scored == cfg.mode else f"{cfg.mode} model scored in {scored} mode ({why})"
     click.echo(f"trained {category} ({mode}, {cfg.features.backbone}) in {secs['total']:.1f} s -> {out}")
 
 

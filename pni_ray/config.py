@@ -168,6 +168,10 @@ class PositionConfig:
     # times; None: the largest of min_count_candidates under which held-out keep stays >= min_keep
     min_count: int | None = None
     min_count_candidates: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16)
+    # synthetic defects of each kind (a part moved unchanged, a CutPaste) drawn per held-out image; where position
+    # mode scores them below PatchCore mode on both pixel AUROC and AUPRO the scoring mode leaves p(c|x) out
+    # (pni -> neighbourhood, position -> patchcore; pni_ray.position_check). 0: no check
+    check_defects: int = 1
 
     def __post_init__(self) -> None:  # a bad spread or count fails when the config is read, not after the features
         _require(isinstance(self.min_count_candidates, (tuple, list)),
@@ -177,6 +181,9 @@ class PositionConfig:
         for spread in ((self.spread,) if self.spread is not None else ()) + tuple(self.spread_candidates):
             _require(_is_number(spread), f"position spreads are numbers, got {spread!r}")
             spread_value(spread)
+        _require(isinstance(self.check_defects, int) and not isinstance(self.check_defects, bool)
+                 and self.check_defects >= 0,
+                 f"position.check_defects is a whole number >= 0 (0: no check), got {self.check_defects!r}")
         counts = ((self.min_count,) if self.min_count is not None else ()) + tuple(self.min_count_candidates)
         _require(bool(self.min_count_candidates) and all(_is_count(c) for c in counts),
                  f"position.min_count and min_count_candidates are whole numbers >= 1, got {self.min_count!r} and "
@@ -221,8 +228,9 @@ LEGACY_SCORING: dict[str, Any] = {"combine": "mean", "image_window": 0}
 # training image each epoch, in float32, on step decay) and cut p(c|N) (at tau).
 LEGACY_NEIGHBOURHOOD: dict[str, Any] = {"images_per_epoch": None, "train_precision": "float32", "cut": 1.0,
                                          "lr_schedule": "step"}
-# How bundles written before PositionConfig.min_count existed built p(c|x): every entry seen once.
-LEGACY_POSITION: dict[str, Any] = {"min_count": 1}
+# How bundles written before PositionConfig.min_count existed built p(c|x): every entry seen once; before
+# check_defects, p(c|x) stayed in the scoring mode unchecked.
+LEGACY_POSITION: dict[str, Any] = {"min_count": 1, "check_defects": 0}
 # Where bundles written before RefinerConfig.source existed drew the refiner's synthetic defects.
 LEGACY_REFINER: dict[str, Any] = {"source": "holdout"}
 # How bundles written before FeatureConfig.pool_padding existed averaged border patches (their banks hold those).
@@ -505,13 +513,14 @@ def paper_config() -> TrainConfig:
     Where it is still this project's model, not the authors': a learned full-width 1 x 1 layer (with
     a ReLU) maps each neighbour's feature before the window layer, one layer more than their MLP; and
     the image score is the blurred map's maximum, where their code takes the unblurred patch grid's.
+    The prior is always used, as theirs is: no synthetic-defect check of what p(c|x) buys (position.check_defects 0).
     """
     base = TrainConfig()
     return base.replace(
         features=dataclasses.replace(base.features, image_size=480, patch_size=5),
         coreset=dataclasses.replace(base.coreset, ratio=0.01),
         neighbourhood=dataclasses.replace(base.neighbourhood, bottleneck=None, hidden=2048, depth=9, cut=1.0),
-        position=dataclasses.replace(base.position, spread=4, min_count=1),
+        position=dataclasses.replace(base.position, spread=4, min_count=1, check_defects=0),
         scoring=dataclasses.replace(base.scoring, combine="mean", blur_sigma=8.0, image_window=0),
     )
 

@@ -138,30 +138,40 @@ def default_name(detector: Any, mode: str | None = None, refine: bool | None = N
 
 def _maps_in_batches(
     detector: Any, geometry: Geometry, items: Sequence[Any], prepare: Callable[[Any], Prepared],
-    finish: Callable[[np.ndarray, Prepared], np.ndarray], name: str, batch_size: int,
-) -> tuple[list[np.ndarray], list[float]]:
-    """Each item prepared, scored in batches under one mode name, its canvas map finished (restored to
-    the image's size, or cropped to its content)."""
-    out_maps: list[np.ndarray] = []
-    out_scores: list[float] = []
+    finish: Callable[[np.ndarray, Prepared], np.ndarray], names: Sequence[str], batch_size: int,
+) -> dict[str, tuple[list[np.ndarray], list[float]]]:
+    """Each item prepared, scored in batches under each mode name (the features computed once per batch),
+    its canvas map finished (restored to the image's size, or cropped to its content): name -> (maps, scores)."""
+    out: dict[str, tuple[list[np.ndarray], list[float]]] = {name: ([], []) for name in names}
     for sl in chunks(len(items), geometry, batch_size):
         prepared = [prepare(item) for item in items[sl]]
-        maps, scores, _ = score_prepared(detector, geometry, prepared, [name], batch_size)
-        out_maps.extend(finish(m, p) for m, p in zip(maps[name], prepared))
-        out_scores.extend(scores[name])
-    return out_maps, out_scores
+        maps, scores, _ = score_prepared(detector, geometry, prepared, list(names), batch_size)
+        for name, (out_maps, out_scores) in out.items():
+            out_maps.extend(finish(m, p) for m, p in zip(maps[name], prepared))
+            out_scores.extend(scores[name])
+    return out
 
 
 @torch.no_grad()
+def predict_modes(
+    detector: Any, images: Sequence[np.ndarray], names: Sequence[str], batch_size: int = 8,
+    geometry: Geometry | None = None, content: bool = False,
+) -> dict[str, tuple[list[np.ndarray], np.ndarray]]:
+    """uint8 (H, W, 3) images of any size -> per mode name, anomaly maps at each image's own (H, W) (`content`: over
+    the image content at the model's resolution, as calibration sees them) and image scores."""
+    geometry = geometry or detector_geometry(detector)
+    finish = geometry.content_map if content else geometry.restore
+    out = _maps_in_batches(detector, geometry, images, geometry.prepare, finish, names, batch_size)
+    return {name: (maps, np.asarray(scores, dtype=np.float32)) for name, (maps, scores) in out.items()}
+
+
 def predict_images(
     detector: Any, images: Sequence[np.ndarray], mode: str | None = None, refine: bool | None = None,
     batch_size: int = 8, geometry: Geometry | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """uint8 (H, W, 3) images of any size -> anomaly maps at each image's own (H, W), and image scores."""
-    geometry = geometry or detector_geometry(detector)
-    maps, scores = _maps_in_batches(detector, geometry, images, geometry.prepare, geometry.restore,
-                                    default_name(detector, mode, refine), batch_size)
-    return maps, np.asarray(scores, dtype=np.float32)
+    name = default_name(detector, mode, refine)
+    return predict_modes(detector, images, [name], batch_size, geometry)[name]
 
 
 @torch.no_grad()
@@ -172,8 +182,9 @@ def content_maps(
 
     `name` is the mode name to score with ("pni", "pni+refine"); default: the detector's own.
     """
+    name = name or default_name(detector)
     maps, scores = _maps_in_batches(detector, geometry, paths, lambda path: geometry.prepare(geometry.load(path)),
-                                    geometry.content_map, name or default_name(detector), batch_size)
+                                    geometry.content_map, [name], batch_size)[name]
     return maps, np.asarray(scores, dtype=np.float64)
 
 

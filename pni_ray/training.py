@@ -7,6 +7,7 @@ Ray task, which is what makes their bundles byte-identical for the same seed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import math
@@ -35,6 +36,7 @@ from pni_ray.models.position_prior import (
     prior_from_counts,
 )
 from pni_ray.models.scorer import PatchScorer, nearest_in_prefix_and_all, nearest_neighbours
+from pni_ray.position_check import checked_scoring_mode
 from pni_ray.predict import content_maps, detector_geometry, extract_training_features
 
 log = logging.getLogger(__name__)
@@ -550,6 +552,15 @@ def train_category(
         content_extent=content_extent,
     )
     detector = build_detector(trained, extractor)
+    if cfg.mode == "pni":
+        mode, check = checked_scoring_mode(detector, geometry, holdout_paths, cfg, category)
+        if check is not None:
+            facts["position_check"] = check
+        if mode != cfg.scoring.mode:
+            cfg = cfg.replace(scoring=dataclasses.replace(cfg.scoring, mode=mode))
+            trained.config = cfg
+            detector = build_detector(trained, extractor)
+    t_check = time.perf_counter()
     trained.normalisation = calibrate(
         detector, holdout_paths, cfg.batch_size, cfg.scoring.threshold_sigmas, geometry
     )
@@ -557,14 +568,15 @@ def train_category(
         "features": t_feat - t0,
         "coreset": t_coreset - t_feat,
         "pni": t_pni - t_coreset,  # = assignment + position_prior + mlp
-        **({"assignment": t_assign - t_coreset, "position_prior": t_prior - t_assign, "mlp": t_pni - t_prior}
-           if cfg.mode == "pni" else {}),
-        "calibration": time.perf_counter() - t_pni,
+        **({"assignment": t_assign - t_coreset, "position_prior": t_prior - t_assign, "mlp": t_pni - t_prior,
+            "position_check": t_check - t_pni} if cfg.mode == "pni" else {}),
+        "calibration": time.perf_counter() - t_check,
         "total": time.perf_counter() - t0,
     }
     trained.report = {"deterministic": facts, "seconds": seconds}
     priors = (f", priors {seconds['pni']:.1f} s (nearest entries {seconds['assignment']:.1f}, position prior "
-              f"{seconds['position_prior']:.1f}, MLP {seconds['mlp']:.1f})" if cfg.mode == "pni" else "")
+              f"{seconds['position_prior']:.1f}, MLP {seconds['mlp']:.1f}), position check "
+              f"{seconds['position_check']:.1f} s" if cfg.mode == "pni" else "")
     log.info("%s: trained in %.1f s: features %.1f s, coreset %.1f s%s, calibration %.1f s", category, seconds["total"],
              seconds["features"], seconds["coreset"], priors, seconds["calibration"])
     return trained

@@ -32,6 +32,7 @@ __all__ = [
     "DefectMix",
     "cutpaste",
     "cutpaste_scar",
+    "misplace",
     "perlin_noise",
     "perlin_texture",
     "sample_defect",
@@ -181,6 +182,14 @@ def perlin_noise(
 # defect families
 
 
+def _rectangle(rng: np.random.Generator, h: int, w: int, area: tuple[float, float],
+               aspect: tuple[float, float]) -> tuple[int, int]:
+    """(height, width) of a rectangle whose area share and aspect (width / height) are log-uniform."""
+    a = _log_uniform(rng, *area) * h * w
+    r = _log_uniform(rng, *aspect)
+    return int(np.clip(round(math.sqrt(a / r)), 1, h)), int(np.clip(round(math.sqrt(a * r)), 1, w))
+
+
 def cutpaste(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """CutPaste: a colour-jittered rectangle moved elsewhere in the image.
 
@@ -191,15 +200,40 @@ def cutpaste(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, n
     h, w = image.shape[:2]
 
     def make() -> tuple[np.ndarray, np.ndarray]:
-        area = _log_uniform(rng, 0.02, 0.15) * h * w
-        aspect = _log_uniform(rng, 0.3, 3.3)  # width / height
-        ph = int(np.clip(round(math.sqrt(area / aspect)), 1, h))
-        pw = int(np.clip(round(math.sqrt(area * aspect)), 1, w))
+        ph, pw = _rectangle(rng, h, w, (0.02, 0.15), (0.3, 3.3))
         sy, sx = rng.integers(0, h - ph + 1), rng.integers(0, w - pw + 1)
         dy, dx = rng.integers(0, h - ph + 1), rng.integers(0, w - pw + 1)
         patch = image[sy : sy + ph, sx : sx + pw].reshape(-1, 3)
         out = image.copy()
         out[dy : dy + ph, dx : dx + pw] = _color_jitter(patch, rng).reshape(ph, pw, 3)
+        region = np.zeros((h, w), bool)
+        region[dy : dy + ph, dx : dx + pw] = True
+        return out, region
+
+    return _retry_until_changed(image, make)
+
+
+def misplace(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A part in the wrong place: a rectangle of the image copied, unchanged, to where it does not overlap itself.
+
+    Every patch of the result is one the good image has, only elsewhere, so no
+    distance to normal patches finds it and only knowing where content belongs
+    does (a logical defect, as transistor's misplaced parts).  Area 1-6% of the
+    image, aspect 0.5-2.
+    """
+    _check_image(image)
+    h, w = image.shape[:2]
+
+    def make() -> tuple[np.ndarray, np.ndarray]:
+        ph, pw = _rectangle(rng, h, w, (0.01, 0.06), (0.5, 2.0))
+        sy, sx = rng.integers(0, h - ph + 1), rng.integers(0, w - pw + 1)
+        dy, dx = sy, sx
+        for _ in range(_MAX_TRIES):  # a destination clear of the source (a shift by under the size is a smear)
+            dy, dx = rng.integers(0, h - ph + 1), rng.integers(0, w - pw + 1)
+            if abs(int(dy) - int(sy)) >= ph or abs(int(dx) - int(sx)) >= pw:
+                break
+        out = image.copy()
+        out[dy : dy + ph, dx : dx + pw] = image[sy : sy + ph, sx : sx + pw]
         region = np.zeros((h, w), bool)
         region[dy : dy + ph, dx : dx + pw] = True
         return out, region

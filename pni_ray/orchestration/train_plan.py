@@ -87,9 +87,13 @@ def _refiners_compared(recorded: dict[str, Any], wanted: dict[str, Any]) -> tupl
 def recorded_config(manifest: dict[str, Any]) -> dict[str, Any]:
     """A bundle's config with the fields added since it was written filled in as it trained
     (`TrainConfig.from_manifest`: pni_ray.config.LEGACY_SECTIONS), so a new field alone never
-    makes a bundle "different", and one that trained otherwise still is. A config this version
-    cannot read is compared as stored."""
+    makes a bundle "different", and one that trained otherwise still is; a scoring mode the position check
+    changed is compared as it was asked for. A config this version cannot read is compared as stored."""
     raw = manifest.get("config", {})
+    check = (manifest.get("training") or {}).get("position_check") or {}
+    if check.get("kept") is False and isinstance(raw.get("scoring"), dict) and "requested_mode" in check:
+        # the position check left p(c|x) out of the scoring mode it records: compare the mode that was asked for
+        raw = {**raw, "scoring": {**raw["scoring"], "mode": check["requested_mode"]}}
     try:
         return TrainConfig.from_manifest(raw).to_dict()
     except (TypeError, ValueError):

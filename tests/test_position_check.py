@@ -1,0 +1,138 @@
+"""The position check: synthetic defects on held-out good images decide whether a bundle's scoring mode keeps p(c|x)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from pni_ray.data.defects import misplace
+from pni_ray.position_check import (MIN_IMAGES, WITHOUT_POSITION, check_position, position_pays,
+                                    synthetic_defects)
+
+
+def _photo(h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    base = np.stack([120 + 80 * np.sin(9 * yy), 60 + 150 * xx, 200 - 120 * yy * xx], axis=-1)
+    return np.clip(base + rng.normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def test_misplace_copies_a_part_unchanged_to_where_it_does_not_overlap_itself():
+    image = _photo(100, 120, 0)
+    for seed in range(12):
+        out, mask = misplace(image, np.random.default_rng(seed))
+        np.testing.assert_array_equal(mask, np.any(out != image, axis=-1))  # the mask is the changed pixels
+        ys, xs = np.nonzero(mask)
+        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        assert (y1 - y0) * (x1 - x0) <= 0.065 * mask.size  # 1-6% of the image
+        pasted = out[y0:y1, x0:x1]
+        sources = [(sy, sx) for sy in range(image.shape[0] - (y1 - y0) + 1) for sx in range(image.shape[1] - (x1 - x0) + 1)
+                   if np.array_equal(image[sy:sy + y1 - y0, sx:sx + x1 - x0], pasted)]
+        assert sources, "the pasted rectangle is a copy of the image's own content"
+        sy, sx = sources[0]
+        assert abs(sy - y0) >= y1 - y0 or abs(sx - x0) >= x1 - x0  # from elsewhere, not a smear of itself
+    a, b = misplace(image, np.random.default_rng(3)), misplace(image, np.random.default_rng(3))
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_synthetic_defects_are_each_kind_per_image_and_seeded():
+    images = [_photo(64, 64, s) for s in range(3)]
+    drawn = synthetic_defects(images, 2, seed=0)
+    assert len(drawn) == 3 * 2 * 2  # images x per_image x kinds (misplace, CutPaste)
+    again, other = synthetic_defects(images, 2, seed=0), synthetic_defects(images, 2, seed=1)
+    assert all(np.array_equal(x[0], y[0]) for x, y in zip(drawn, again))
+    assert not all(np.array_equal(x[0], y[0]) for x, y in zip(drawn, other))
+
+
+@pytest.mark.parametrize("pixel, aupro, pays", [(-0.001, -0.002, False), (+0.001, -0.002, True), (-0.001, +0.002, True),
+                                                (0.0, -0.01, True), (None, -0.01, True)])
+def test_the_prior_is_dropped_only_when_position_loses_on_pixel_auroc_and_aupro(pixel, aupro, pays):
+    base = {"image_auroc": 0.9, "pixel_auroc": 0.95, "aupro": 0.9}
+    position = {"image_auroc": 0.5,  # image AUROC is recorded, never decides: ~20 held-out images move it by pairs
+                "pixel_auroc": None if pixel is None else 0.95 + pixel, "aupro": 0.9 + aupro}
+    assert position_pays({"patchcore": base, "position": position}) is pays
+
+
+def _holdout_config(**position):
+    """Enough held-out images for the check: 16 synthetic train images, 10 held out."""
+    cfg = tiny_config()
+    return cfg.replace(scoring=dataclasses.replace(cfg.scoring, holdout_fraction=0.65),
+                       position=dataclasses.replace(cfg.position, **position))
+
+
+def test_training_records_the_check_and_deploys_its_mode(synthetic_root, tmp_path):
+    from pni_ray.bundle import load_bundle, save_bundle
+    from pni_ray.models.pni import build_detector
+    from pni_ray.training import train_category
+
+    trained = train_category(synthetic_root, "washer", _holdout_config(), progress=False)
+    facts = trained.report["deterministic"]
+    assert facts["n_holdout_images"] >= MIN_IMAGES
+    check = facts["position_check"]
+    assert check["defects"] == 2 * facts["n_holdout_images"]
+    assert set(check["patchcore"]) == set(check["position"]) == {"image_auroc", "pixel_auroc", "aupro"}
+    assert check["kept"] == position_pays({m: check[m] for m in ("patchcore", "position")})
+    assert trained.config.scoring.mode == ("pni" if check["kept"] else "neighbourhood")
+    # the record is the check's own: the same bundle checked again gives the same figures
+    from pni_ray.data.images import load_rgb
+    images = [load_rgb(synthetic_root / "washer" / "train" / "good" / n) for n in facts["holdout_images"]]
+    again = check_position(build_detector(trained), images, 1, trained.config.seed)
+    assert again.record()["position"] == check["position"]
+    loaded, manifest = load_bundle(save_bundle(trained, tmp_path / "b"))
+    assert manifest["training"]["position_check"] == check
+    assert build_detector(loaded).mode == trained.config.scoring.mode
+
+
+@pytest.mark.parametrize("configured", sorted(WITHOUT_POSITION))
+def test_a_prior_that_loses_leaves_the_scoring_mode_and_the_threshold_follows(synthetic_root, monkeypatch, tmp_path,
+                                                                             configured):
+    """Forced to lose, pni deploys neighbourhood (position: patchcore), calibration scores in that mode, and
+    train-all compares the bundle's config as it was asked for (a rerun skips it, not "a bundle of another config")."""
+    import pni_ray.position_check as position_check
+    from pni_ray.bundle import read_manifest, save_bundle
+    from pni_ray.models.pni import build_detector
+    from pni_ray.orchestration.train_plan import canonical, config_diff, recorded_config
+    from pni_ray.training import calibrate, train_category
+
+    monkeypatch.setattr(position_check, "position_pays", lambda metrics: False)
+    cfg = _holdout_config()
+    cfg = cfg.replace(scoring=dataclasses.replace(cfg.scoring, mode=configured))
+    trained = train_category(synthetic_root, "washer", cfg, progress=False)
+    assert trained.report["deterministic"]["position_check"]["kept"] is False
+    assert trained.config.scoring.mode == WITHOUT_POSITION[configured]
+    detector = build_detector(trained)
+    assert detector.mode == WITHOUT_POSITION[configured]
+    paths = [synthetic_root / "washer" / "train" / "good" / n for n in trained.report["deterministic"]["holdout_images"]]
+    again = calibrate(detector, paths, cfg.batch_size, cfg.scoring.threshold_sigmas)
+    assert trained.normalisation.threshold == pytest.approx(again.threshold)
+    assert trained.normalisation.image_mean == pytest.approx(again.image_mean)
+    manifest = read_manifest(save_bundle(trained, tmp_path / "b"))
+    assert manifest["config"]["scoring"]["mode"] == WITHOUT_POSITION[configured]
+    assert manifest["training"]["position_check"]["requested_mode"] == configured
+    assert config_diff(canonical(recorded_config(manifest)), canonical(cfg.to_dict())) == []
+    other = cfg.replace(scoring=dataclasses.replace(cfg.scoring, blur_sigma=3.0))
+    assert config_diff(canonical(recorded_config(manifest)), canonical(other.to_dict())) == ["scoring.blur_sigma: 2.0 -> 3.0"]
+
+
+def test_the_check_is_skipped_with_few_held_out_images_or_when_turned_off(synthetic_root, monkeypatch):
+    import pni_ray.position_check as position_check
+    from pni_ray.training import train_category
+
+    monkeypatch.setattr(position_check, "position_pays", lambda metrics: False)  # would drop the prior if it ran
+    few = train_category(synthetic_root, "washer", tiny_config(), progress=False)  # 2-3 held-out images
+    assert few.report["deterministic"]["position_check"] == {
+        "skipped": f"{few.report['deterministic']['n_holdout_images']} held-out images, fewer than {MIN_IMAGES}"}
+    assert few.config.scoring.mode == "pni"
+    off = train_category(synthetic_root, "washer", _holdout_config(check_defects=0), progress=False)
+    assert "position_check" not in off.report["deterministic"] and off.config.scoring.mode == "pni"
+
+
+def test_a_bad_check_setting_fails_when_the_config_is_read():
+    from pni_ray.config import PositionConfig
+
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="position.check_defects"):
+            PositionConfig(check_defects=bad)
