@@ -81,6 +81,12 @@ def calibration_images(manifest: dict[str, Any]) -> list[str]:
     return refiner.get("calibration_images") or training.get("holdout_images", [])
 
 
+def scoring_mode(manifest: dict[str, Any]) -> str:
+    """The mode a bundle scores in by default: its config's scoring.mode (which the position check may have set to a
+    mode without p(c|x)) for a PNI bundle, patchcore for a PatchCore-only one."""
+    return manifest["config"]["scoring"]["mode"] if manifest["mode"] == "pni" else "patchcore"
+
+
 def model_id(path: Path | str) -> str:
     """Identity of a bundle: the sha256 of its manifest (which pins every file's sha256)."""
     return sha256_file(Path(path) / MANIFEST)

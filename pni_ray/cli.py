@@ -184,9 +184,9 @@ def train(data_root: Path, category: str, out: Path, backbone: str | None, force
     save_bundle(trained, out, overwrite=force)  # something at OUT by now: one Error: line (Commands)
     secs = trained.report["seconds"]
     scored = trained.config.scoring.mode if cfg.mode == "pni" else "patchcore"  # what evaluate, export and score run
-    why = ("scoring.mode" if scored == cfg.scoring.mode or cfg.mode != "pni"
-           else "the position prior lost on held-out synthetic defects; see the log")
-    mode = cfg.mode if scored == cfg.mode else f"{cfg.mode} model scored in {scored} mode ({why})"
+    why = ("by scoring.mode" if scored == cfg.scoring.mode or cfg.mode != "pni"
+           else "as the position prior lost on held-out synthetic defects, see the log")
+    mode = cfg.mode if scored == cfg.mode else f"{cfg.mode} model scored in {scored} mode {why}"
     click.echo(f"trained {category} ({mode}, {cfg.features.backbone}) in {secs['total']:.1f} s -> {out}")
 
 
@@ -312,7 +312,7 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
                                    "(patchcore is the one mode it scores)")
     if ablation:
         modes = ABLATION_MODES
-        refine_modes = ("pni",) if getattr(detector, "refiner", None) is not None else ()
+        refine_modes = (detector.mode,) if getattr(detector, "refiner", None) is not None else ()  # as deployed
     else:
         modes = (mode or detector.mode,)
         deployed = default_name(detector, modes[0])  # what `score` and the exports run: "+refine" with a refiner

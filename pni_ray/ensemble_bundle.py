@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from pni_ray.bundle import BundleError, atomic_write_json, load_bundle, model_id, verify_bundle, versions
 from pni_ray.bundle_manifest import ENSEMBLE_FORMAT as FORMAT
 from pni_ray.bundle_manifest import ENSEMBLE_FORMAT_VERSION as FORMAT_VERSION
-from pni_ray.bundle_manifest import MANIFEST, calibration_images, check_member_id, member_path
+from pni_ray.bundle_manifest import MANIFEST, calibration_images, check_member_id, member_path, scoring_mode
 from pni_ray.bundle_manifest import read_ensemble_manifest, verify_ensemble  # noqa: F401 (re-exported)
 from pni_ray.config import ScoringConfig, TrainConfig, float_from_json
 from pni_ray.fileio import copy_tree_durable, inside, staged_dir
@@ -205,8 +205,5 @@ def load_ensemble_from_entries(root: Path, entries: list[dict[str, Any]]) -> tup
 
 
 def _common_mode(manifests: list[dict[str, Any]]) -> str:
-    modes = set()
-    for m in manifests:
-        cfg = m["config"]
-        modes.add(cfg["scoring"]["mode"] if m["mode"] == "pni" else "patchcore")
+    modes = {scoring_mode(m) for m in manifests}
     return modes.pop() if len(modes) == 1 else MEMBER_MODE

@@ -336,6 +336,29 @@ def test_evaluate_reports_pni_plus_refine(refined_bundle, synthetic_root, tmp_pa
     assert modes["pni+refine"]["pixel_auroc"] != modes["pni"]["pixel_auroc"]
 
 
+def test_ablation_refines_the_mode_the_bundle_deploys(refined_bundle, synthetic_root, tmp_path):
+    """A refined bundle whose own mode is not pni (the position check left p(c|x) out: neighbourhood) shows its
+    refiner on that mode's maps, the ones `score` refines, not on pni's."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from pni_ray.cli import main
+
+    copy = tmp_path / "neighbourhood"
+    shutil.copytree(refined_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["config"]["scoring"]["mode"] = "neighbourhood"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "ablation.json"
+    result = CliRunner().invoke(main, ["evaluate", str(copy), str(synthetic_root), "--ablation", "--json", str(out),
+                                       "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert set(json.loads(out.read_text())["modes"]) == {"patchcore", "neighbourhood", "position", "pni",
+                                                         "neighbourhood+refine"}
+    assert "(neighbourhood+refine, as `score` decides" in result.output
+
+
 def test_plain_evaluate_scores_what_is_deployed(refined_bundle, synthetic_root, tmp_path):
     """A refined bundle is scored with its refiner (`score`, exports): plain `evaluate` reports that map,
     and shows the unrefined one beside it."""

@@ -313,7 +313,9 @@ def test_evaluate_and_report_refuse_what_they_cannot_do_before_the_work(tmp_path
     patchcore = save_bundle(train_category(synthetic_root, "washer", tiny_config(mode="patchcore"), progress=False),
                             tmp_path / "pc")
     ens = tmp_path / "ens"
-    assert runner.invoke(main, ["ensemble", str(bundle_tiny), str(patchcore), "--out", str(ens), "--threads", "1"]).exit_code == 0
+    made = runner.invoke(main, ["ensemble", str(bundle_tiny), str(patchcore), "--out", str(ens), "--threads", "1"])
+    assert made.exit_code == 0, made.output
+    assert "efficientnet_lite0 (pni mode)" in made.output and "efficientnet_lite0 (patchcore mode)" in made.output
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "link").symlink_to(bundle_tiny)
     fifo = tmp_path / "a_fifo"

@@ -214,24 +214,30 @@ def cutpaste(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, n
 
 
 def misplace(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A part in the wrong place: a rectangle of the image copied, unchanged, to where it does not overlap itself.
+    """A part in the wrong place: a rectangle of the image copied, unchanged, to where it does not overlap itself
+    (where the image leaves room: a rectangle over half of a tiny image both ways may overlap).
 
     Every patch of the result is one the good image has, only elsewhere, so no
     distance to normal patches finds it and only knowing where content belongs
     does (a logical defect, as transistor's misplaced parts).  Area 1-6% of the
-    image, aspect 0.5-2.
+    image, aspect 0.5-2.  Where the copy lands on content like its own (a plain
+    ground) the unchanged pixels are shifted as every family's are, so the mask
+    is never empty.
     """
     _check_image(image)
     h, w = image.shape[:2]
 
     def make() -> tuple[np.ndarray, np.ndarray]:
         ph, pw = _rectangle(rng, h, w, (0.01, 0.06), (0.5, 2.0))
-        sy, sx = rng.integers(0, h - ph + 1), rng.integers(0, w - pw + 1)
-        dy, dx = sy, sx
-        for _ in range(_MAX_TRIES):  # a destination clear of the source (a shift by under the size is a smear)
-            dy, dx = rng.integers(0, h - ph + 1), rng.integers(0, w - pw + 1)
-            if abs(int(dy) - int(sy)) >= ph or abs(int(dx) - int(sx)) >= pw:
+        sy, sx = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
+        for _ in range(_MAX_TRIES):  # a destination clear of the source (a shift by under its size is a smear)
+            dy, dx = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
+            if abs(dy - sy) >= ph or abs(dx - sx) >= pw:
                 break
+        else:  # unlucky draws (a rectangle of up to 6% overlaps a random place at most ~1 time in 4): the farthest
+            dy = max((0, h - ph), key=lambda y: abs(y - sy))  # clear place along the axis with the most room
+            dx = max((0, w - pw), key=lambda x: abs(x - sx))
+            dy, dx = (dy, sx) if abs(dy - sy) / ph >= abs(dx - sx) / pw else (sy, dx)
         out = image.copy()
         out[dy : dy + ph, dx : dx + pw] = image[sy : sy + ph, sx : sx + pw]
         region = np.zeros((h, w), bool)

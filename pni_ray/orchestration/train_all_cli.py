@@ -116,6 +116,7 @@ def ensemble_cmd(bundles: tuple[Path, ...], out: Path, force: bool, calibrate_ro
     other scores). `pni-ray evaluate OUT DATA_ROOT` scores it.
     """
     from pni_ray.bundle import BundleError, model_id
+    from pni_ray.bundle_manifest import member_path, read_manifest, scoring_mode
     from pni_ray.ensemble_bundle import FORMAT as ENSEMBLE_FORMAT
     from pni_ray.ensemble_bundle import save_ensemble, verify_ensemble
 
@@ -127,7 +128,8 @@ def ensemble_cmd(bundles: tuple[Path, ...], out: Path, force: bool, calibrate_ro
         raise click.ClickException(str(exc)) from exc
     manifest = verify_ensemble(path)
     for m in manifest["members"]:
-        click.echo(f"member {m['path']}: {m['backbone']} ({m['mode']}), model_id {m['model_id'][:12]}")
+        scored = scoring_mode(read_manifest(member_path(path, m["path"])))  # what the member scores in, not its training mode
+        click.echo(f"member {m['path']}: {m['backbone']} ({scored} mode), model_id {m['model_id'][:12]}")
     threshold = manifest["threshold"]  # null: a member without held-out images has none, so the ensemble has none
     said = "none (a member has no held-out images)" if threshold is None else f"{threshold:.4f}"
     click.echo(f"ensemble of {len(manifest['members'])} ({manifest['category']}) -> {path}; threshold "
