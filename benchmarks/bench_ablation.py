@@ -335,7 +335,7 @@ def border_fill(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def moved_copy(data_root: Path, category: str, out_root: Path, shift: float = 0.0, rotate: float = 0.0,
-               seed: int = 0, shrink: float = 1.0) -> Path:
+               shrink: float = 1.0, seed: int = 0) -> Path:
     """Copy data_root/category to out_root/category with each image and its mask moved together: rotated
     about its centre by a seeded random angle of up to `rotate` degrees either way (the corners the turn
     uncovers filled by reflecting the image, so they hold no constant colour to recognise, and the mask
@@ -409,7 +409,7 @@ def main() -> None:
             workdir = args.workdir / "-".join(f"{name}-{value:g}" for name, value in (
                 ("shrunk", args.shrink if args.shrink < 1 else 0), ("shifted", args.shift), ("rotated", args.rotate))
                 if value)
-            root = moved_copy(args.data_root, category, workdir / "data", args.shift, args.rotate, shrink=args.shrink)
+            root = moved_copy(args.data_root, category, workdir / "data", args.shift, args.rotate, args.shrink)
         for seed in seeds:
             runs = out.setdefault(category, {})
             seed_dir = workdir if seed == 0 else workdir / f"seed-{seed}"

@@ -472,8 +472,8 @@ def test_seeds_option_trains_each_distinct_seed_in_its_own_folder(tmp_path: Path
 def test_moved_copies_have_their_own_workdir_and_say_so_in_the_json(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "data" / "cat" / "train" / "good").mkdir(parents=True)
     copies, calls = [], []
-    monkeypatch.setattr(bench_ablation, "moved_copy", lambda data, cat, out, shift, rotate: copies.append(
-        (out, shift, rotate)) or tmp_path / "copied")
+    monkeypatch.setattr(bench_ablation, "moved_copy", lambda data, cat, out, shift, rotate, shrink: copies.append(
+        (out, shift, rotate, shrink)) or tmp_path / "copied")
     monkeypatch.setattr(bench_ablation, "run_category", lambda root, cat, workdir, cfg, *a: calls.append(
         (root, workdir)) or {"modes": {}})
     monkeypatch.setattr(bench_ablation, "print_category", lambda *a: None)
@@ -481,9 +481,13 @@ def test_moved_copies_have_their_own_workdir_and_say_so_in_the_json(tmp_path: Pa
     monkeypatch.setattr(sys, "argv", ["bench_ablation.py", "--data-root", str(tmp_path / "data"), "--categories", "cat",
                                       "--workdir", str(tmp_path / "w"), "--rotate", "90", "--json", str(out)])
     bench_ablation.main()
-    assert copies == [(tmp_path / "w" / "rotated-90" / "data", 0.0, 90.0)]
+    assert copies == [(tmp_path / "w" / "rotated-90" / "data", 0.0, 90.0, 1.0)]
     assert calls == [(tmp_path / "copied", tmp_path / "w" / "rotated-90")]
-    assert json.loads(out.read_text())["cat"]["copy"] == {"shift": 0.0, "rotate": 90.0, "seed": 0}
+    assert json.loads(out.read_text())["cat"]["copy"] == {"shift": 0.0, "rotate": 90.0, "shrink": 1.0, "seed": 0}
+    monkeypatch.setattr(sys, "argv", sys.argv + ["--shrink", "0.5", "--shift", "0.25"])
+    bench_ablation.main()
+    assert copies[-1] == (tmp_path / "w" / "shrunk-0.5-shifted-0.25-rotated-90" / "data", 0.25, 90.0, 0.5)
+    assert json.loads(out.read_text())["cat"]["copy"] == {"shift": 0.25, "rotate": 90.0, "shrink": 0.5, "seed": 0}
 
 
 FAKE_WORKER = """#!{python}

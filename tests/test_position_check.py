@@ -90,7 +90,7 @@ def test_training_records_the_check_and_deploys_its_mode(synthetic_root, tmp_pat
     assert build_detector(loaded).mode == trained.config.scoring.mode
 
 
-@pytest.mark.parametrize("configured", sorted(WITHOUT_POSITION))
+@pytest.mark.parametrize("configured", ["pni", "position"])  # pni_split maps as pni does
 def test_a_prior_that_loses_leaves_the_scoring_mode_and_the_threshold_follows(synthetic_root, monkeypatch, tmp_path,
                                                                              configured):
     """Forced to lose, pni deploys neighbourhood (position: patchcore), calibration scores in that mode, and
@@ -121,15 +121,14 @@ def test_a_prior_that_loses_leaves_the_scoring_mode_and_the_threshold_follows(sy
     assert config_diff(canonical(recorded_config(manifest)), canonical(other.to_dict())) == ["scoring.blur_sigma: 2.0 -> 3.0"]
 
 
-def test_the_check_is_skipped_with_few_held_out_images_or_when_turned_off(synthetic_root, monkeypatch):
+def test_the_check_is_skipped_with_few_held_out_images_or_when_turned_off(trained_tiny, synthetic_root, monkeypatch):
     import pni_ray.position_check as position_check
     from pni_ray.training import train_category
 
+    few = trained_tiny.report["deterministic"]  # the suite's tiny bundle: 2-3 held-out images
+    assert few["position_check"] == {"skipped": f"{few['n_holdout_images']} held-out images, fewer than {MIN_IMAGES}"}
+    assert trained_tiny.config.scoring.mode == "pni"
     monkeypatch.setattr(position_check, "position_pays", lambda metrics: False)  # would drop the prior if it ran
-    few = train_category(synthetic_root, "washer", tiny_config(), progress=False)  # 2-3 held-out images
-    assert few.report["deterministic"]["position_check"] == {
-        "skipped": f"{few.report['deterministic']['n_holdout_images']} held-out images, fewer than {MIN_IMAGES}"}
-    assert few.config.scoring.mode == "pni"
     off = train_category(synthetic_root, "washer", _holdout_config(check_defects=0), progress=False)
     assert "position_check" not in off.report["deterministic"] and off.config.scoring.mode == "pni"
 
