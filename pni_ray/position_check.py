@@ -112,11 +112,11 @@ def _mask_at(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 @torch.no_grad()
 def check_position(detector: Any, images: Sequence[Image], per_image: int, seed: int,
-                   batch_size: int = 8) -> PositionCheck:
-    """Score the held-out `images` (arrays, or paths the detector's geometry loads) and their synthetic defects in
-    PatchCore and position mode, a batch of held-out images at a time (maps over the image content at the model's
-    resolution, at most METRIC_SIDE a side), and compare."""
-    geometry = detector_geometry(detector)
+                   batch_size: int = 8, geometry: Geometry | None = None) -> PositionCheck:
+    """Score the held-out `images` (arrays, or paths the geometry loads) and their synthetic defects in PatchCore and
+    position mode, a batch of held-out images at a time (maps over the image content at the model's resolution, at
+    most METRIC_SIDE a side), and compare."""
+    geometry = geometry or detector_geometry(detector)
     rng = defect_generator(seed)
     labels: list[float] = []
     scores: dict[str, list[float]] = {mode: [] for mode in COMPARED}
@@ -154,7 +154,7 @@ def checked_scoring_mode(detector: Any, geometry: Geometry, holdout_paths: Seque
                  "unchecked", category, len(holdout_paths), MIN_IMAGES)
         return mode, {"skipped": f"{len(holdout_paths)} held-out images, fewer than {MIN_IMAGES}"}
     check = check_position(detector, [Path(p) for p in holdout_paths[:MAX_IMAGES]], cfg.position.check_defects,
-                           cfg.seed, cfg.batch_size)
+                           cfg.seed, cfg.batch_size, geometry)
     check.requested_mode = mode
     gains = ", ".join(f"{k} {v:+.4f}" for k, v in check.gains().items() if v is not None)
     if check.kept:
