@@ -49,7 +49,7 @@ MIN_IMAGES = 10
 MAX_IMAGES = 32  # the first this many held-out images: bounds the check's time on large categories
 METRIC_SIDE = 320  # maps and masks compared at most this long a side: bounds memory on tiled, large images
 
-Image = Union[np.ndarray, Path]
+ImageSource = Union[np.ndarray, Path]  # an image, or a file the geometry loads
 
 
 @dataclass
@@ -59,7 +59,6 @@ class PositionCheck:
     defects: int
     metrics: dict[str, dict[str, float | None]]  # mode -> image_auroc, pixel_auroc, aupro
     kept: bool
-    requested_mode: str = "pni"  # the configured scoring mode (train-all compares configs as they were asked for)
 
     def gains(self) -> dict[str, float | None]:
         """position - patchcore per metric (None where a metric is undefined)."""
@@ -68,7 +67,7 @@ class PositionCheck:
 
     def record(self) -> dict[str, Any]:
         """What the manifest keeps (training.position_check)."""
-        return {"defects": self.defects, "kept": self.kept, "requested_mode": self.requested_mode,
+        return {"defects": self.defects, "kept": self.kept,
                 **{mode: {k: None if v is None else round(v, 6) for k, v in m.items()} for mode, m in self.metrics.items()}}
 
 
@@ -92,26 +91,22 @@ def position_pays(metrics: dict[str, dict[str, float | None]]) -> bool:
     return False
 
 
-def _at_most(values: np.ndarray, side: int) -> np.ndarray:
-    """A map (float) or mask (bool: the cells at least half covered) area-averaged to at most `side` a side."""
-    h, w = values.shape
-    scale = min(1.0, side / max(h, w))
-    if scale == 1.0:
+def _resized(values: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """A map (float) or mask (bool: the cells at least half covered) area-averaged to `hw`."""
+    if values.shape == hw:
         return values
-    hw = (max(1, round(h * scale)), max(1, round(w * scale)))
     out = F.interpolate(torch.from_numpy(values[None, None].astype(np.float32)), size=hw, mode="area")[0, 0].numpy()
     return out >= 0.5 if values.dtype == bool else out
 
 
-def _mask_at(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """A defect mask at a map's resolution: the cells at least half covered."""
-    if mask.shape == hw:
-        return mask
-    return (F.interpolate(torch.from_numpy(mask[None, None].astype(np.float32)), size=hw, mode="area")[0, 0] >= 0.5).numpy()
+def _at_most(hw: tuple[int, int], side: int) -> tuple[int, int]:
+    """`hw` scaled down to at most `side` a side (kept where it is within)."""
+    scale = min(1.0, side / max(hw))
+    return hw if scale == 1.0 else (max(1, round(hw[0] * scale)), max(1, round(hw[1] * scale)))
 
 
 @torch.no_grad()
-def check_position(detector: Any, images: Sequence[Image], per_image: int, seed: int,
+def check_position(detector: Any, images: Sequence[ImageSource], per_image: int, seed: int,
                    batch_size: int = 8, geometry: Geometry | None = None) -> PositionCheck:
     """Score the held-out `images` (arrays, or paths the geometry loads) and their synthetic defects in PatchCore and
     position mode, a batch of held-out images at a time (maps over the image content at the model's resolution, at
@@ -128,12 +123,13 @@ def check_position(detector: Any, images: Sequence[Image], per_image: int, seed:
         scored = predict_modes(detector, good + [image for image, _ in defects], COMPARED, batch_size, geometry,
                                content=True)
         labels += [0.0] * len(good) + [1.0] * len(defects)
+        # every mode's maps cover the content at the model's resolution: compared at most METRIC_SIDE a side
+        shapes = [_at_most(m.shape, METRIC_SIDE) for m in scored[COMPARED[0]][0]]
         for mode in COMPARED:
-            maps[mode] += [_at_most(m, METRIC_SIDE) for m in scored[mode][0]]
+            maps[mode] += [_resized(m, hw) for m, hw in zip(scored[mode][0], shapes)]
             scores[mode] += [float(v) for v in scored[mode][1]]
-        shapes = [m.shape for m in scored[COMPARED[0]][0]]  # every mode's maps: the content at the model's resolution
-        masks += [np.zeros(_at_most(np.zeros(hw, bool), METRIC_SIDE).shape, bool) for hw in shapes[:len(good)]]
-        masks += [_at_most(_mask_at(mask, hw), METRIC_SIDE) for (_, mask), hw in zip(defects, shapes[len(good):])]
+        masks += [np.zeros(hw, bool) for hw in shapes[:len(good)]]
+        masks += [_resized(mask, hw) for (_, mask), hw in zip(defects, shapes[len(good):])]
     metrics: dict[str, dict[str, float | None]] = {}
     for mode in COMPARED:
         found = compute_all(np.asarray(labels), np.asarray(scores[mode]), masks, maps[mode])
@@ -155,16 +151,17 @@ def checked_scoring_mode(detector: Any, geometry: Geometry, holdout_paths: Seque
         return mode, {"skipped": f"{len(holdout_paths)} held-out images, fewer than {MIN_IMAGES}"}
     check = check_position(detector, [Path(p) for p in holdout_paths[:MAX_IMAGES]], cfg.position.check_defects,
                            cfg.seed, cfg.batch_size, geometry)
-    check.requested_mode = mode
-    gains = ", ".join(f"{k} {v:+.4f}" for k, v in check.gains().items() if v is not None)
+    record = {**check.record(), "requested_mode": mode}  # train-all compares configs as they were asked for
+    found = check.gains()
+    gains = ", ".join(f"{k} {v:+.4f}" for k, v in found.items() if v is not None)
     if check.kept:
-        undefined = [k for k, v in check.gains().items() if v is None and k in DROP_BELOW]
+        undefined = [k for k, v in found.items() if v is None and k in DROP_BELOW]
         log.info("%s: the position prior %s on %d synthetic defects of held-out images (position - patchcore: %s): "
                  "scoring mode %s", category, f"is kept ({', '.join(undefined)} undefined)" if undefined else "pays",
                  check.defects, gains, mode)
-        return mode, check.record()
+        return mode, record
     log.warning("%s: the position prior costs on %d synthetic defects of held-out images (position - patchcore: %s): "
                 "scoring mode %s instead of %s (parts that move and turn?); `pni-ray evaluate --ablation` compares "
                 "every mode, and a --config file with {\"position\": {\"check_defects\": 0}} keeps the prior",
                 category, check.defects, gains, WITHOUT_POSITION[mode], mode)
-    return WITHOUT_POSITION[mode], check.record()
+    return WITHOUT_POSITION[mode], record

@@ -247,7 +247,6 @@ def table_to_parquet_bytes(table: pa.Table) -> bytes:
 
 def part_files(out) -> list:
     """Committed part files of an output directory (temp files and `_` files are not parts)."""
-    from pathlib import Path
 
     out = Path(out)
     if not out.is_dir():
