@@ -87,6 +87,18 @@ def scoring_mode(manifest: dict[str, Any]) -> str:
     return manifest["config"]["scoring"]["mode"] if manifest["mode"] == "pni" else "patchcore"
 
 
+def position_check_outcome(manifest: dict[str, Any]) -> str | None:
+    """What the training's position check decided: "kept" (p(c|x) pays on its synthetic defects), "dropped" (the
+    bundle scores without it), "skipped" (too few held-out images to check), or None (not run: a mode without the
+    position prior, the check turned off, or a bundle trained before it existed)."""
+    check = (manifest.get("training") or {}).get("position_check")
+    if not isinstance(check, dict):
+        return None
+    if "skipped" in check:
+        return "skipped"
+    return {True: "kept", False: "dropped"}.get(check.get("kept"))
+
+
 def model_id(path: Path | str) -> str:
     """Identity of a bundle: the sha256 of its manifest (which pins every file's sha256)."""
     return sha256_file(Path(path) / MANIFEST)

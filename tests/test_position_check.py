@@ -87,6 +87,9 @@ def test_training_records_the_check_and_deploys_its_mode(synthetic_root, tmp_pat
     assert again.record()["position"] == check["position"]
     loaded, manifest = load_bundle(save_bundle(trained, tmp_path / "b"))
     assert manifest["training"]["position_check"] == check
+    from pni_ray.orchestration.train_task import mode_fields
+    assert mode_fields(tmp_path / "b") == {"mode": trained.config.scoring.mode,
+                                           "position_check": "kept" if check["kept"] else "dropped"}
     assert build_detector(loaded).mode == trained.config.scoring.mode
 
 
@@ -113,8 +116,16 @@ def test_a_prior_that_loses_leaves_the_scoring_mode_and_the_threshold_follows(sy
     again = calibrate(detector, paths, cfg.batch_size, cfg.scoring.threshold_sigmas)
     assert trained.normalisation.threshold == pytest.approx(again.threshold)
     assert trained.normalisation.image_mean == pytest.approx(again.image_mean)
-    manifest = read_manifest(save_bundle(trained, tmp_path / "b"))
+    bundle = save_bundle(trained, tmp_path / "b")
+    manifest = read_manifest(bundle)
     assert manifest["config"]["scoring"]["mode"] == WITHOUT_POSITION[configured]
+    # train-all's summary row and table say the mode it scores in and that the check chose it
+    from pni_ray.orchestration.train_all import format_table, mode_note
+    from pni_ray.orchestration.train_task import mode_fields
+    row = {"category": "washer", "backbone": "b", "status": "trained", "bundle": "washer/b", **mode_fields(bundle)}
+    assert row["mode"] == WITHOUT_POSITION[configured] and row["position_check"] == "dropped"
+    assert f" {WITHOUT_POSITION[configured]}* " in format_table([row]).splitlines()[1]
+    assert mode_note([row]).startswith("* washer/b: the position check") and mode_note([{**row, "position_check": "kept"}]) is None
     assert manifest["training"]["position_check"]["requested_mode"] == configured
     assert config_diff(canonical(recorded_config(manifest)), canonical(cfg.to_dict())) == []
     other = cfg.replace(scoring=dataclasses.replace(cfg.scoring, blur_sigma=3.0))

@@ -39,7 +39,8 @@ from pni_ray.options import absolute_weights, training_threads
 from pni_ray.orchestration.ray_session import RaySession, join_ray, live_node_resources, unplaceable
 from pni_ray.orchestration.shared_storage import Probe, check_all_nodes
 from pni_ray.orchestration.train_plan import FAILED, NEW, SKIPPED, TRAINED, Pair, PlanItem, pair_config, plan_pairs
-from pni_ray.orchestration.train_task import METRIC_KEYS, PairError, marker_path, metric_fields, recorded_metrics, train_pair
+from pni_ray.orchestration.train_task import (METRIC_KEYS, PairError, marker_path, metric_fields, mode_fields,
+                                              recorded_metrics, train_pair)
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def train_all(
     for item in plan:
         if item.action == "skip":
             row = {"category": item.pair.category, "backbone": item.pair.backbone, "status": SKIPPED,
-                   "model_id": item.model_id, "reason": item.reason}
+                   "model_id": item.model_id, "reason": item.reason, **mode_fields(item.pair.bundle(out))}
             prev = previous.get(item.pair.key)
             if prev and prev.get("model_id") == item.model_id:  # metrics of this very model, from the last run
                 row.update(metric_fields(prev))
@@ -354,7 +355,7 @@ def _previous_rows(out: Path) -> dict[str, dict[str, Any]]:
 PARQUET_COLUMNS: tuple[tuple[str, str], ...] = (
     ("category", "string"), ("backbone", "string"), ("status", "string"), ("seconds", "float64"),
     ("eval_seconds", "float64"), ("cpu_seconds", "float64"), ("peak_rss_mb", "float64"), ("peak_rss_source", "string"),
-    ("image_auroc", "float64"), ("pixel_auroc", "float64"), ("aupro", "float64"), ("f1_max", "float64"),
+    ("mode", "string"), ("position_check", "string"), ("image_auroc", "float64"), ("pixel_auroc", "float64"), ("aupro", "float64"), ("f1_max", "float64"),
     ("n_test_images", "int64"), ("model_id", "string"), ("bundle", "string"), ("stage", "string"),
     ("error", "string"), ("reason", "string"), ("device", "string"), ("threads", "int64"), ("host", "string"),
     ("node_id", "string"), ("attempt", "int64"),
@@ -379,14 +380,27 @@ def write_summary(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    headers = ("category", "backbone", "status", "seconds", "peak MB", "img AUROC", "pix AUROC", "AUPRO", "F1max")
+    """One line per pair; `mode` is what the bundle scores in (its metrics' mode), marked `*` where the position check
+    dropped p(c|x) from the mode that was asked for (see `mode_note`)."""
+    headers = ("category", "backbone", "status", "mode", "seconds", "peak MB", "img AUROC", "pix AUROC", "AUPRO", "F1max")
     cells = []
     for r in rows:
         num = lambda k, f: "-" if r.get(k) is None else format(r[k], f)  # noqa: E731
-        cells.append((r["category"], r["backbone"], r["status"], num("seconds", ".1f"), num("peak_rss_mb", ".0f"),
+        mode = (r.get("mode") or "-") + ("*" if r.get("position_check") == "dropped" else "")
+        cells.append((r["category"], r["backbone"], r["status"], mode, num("seconds", ".1f"), num("peak_rss_mb", ".0f"),
                       *(num(k, ".4f") for k in METRIC_KEYS)))
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) if i < 3 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))]
+    lines = ["  ".join(h.ljust(w) if i < 4 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))]
     for c in cells:
-        lines.append("  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths))))
+        lines.append("  ".join(v.ljust(w) if i < 4 else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths))))
     return "\n".join(lines)
+
+
+def mode_note(rows: list[dict[str, Any]]) -> str | None:
+    """The table's footnote for pairs whose position check dropped p(c|x); None when there are none."""
+    dropped = [r["bundle"] for r in rows if r.get("position_check") == "dropped"]
+    if not dropped:
+        return None
+    return (f"* {', '.join(dropped)}: the position check found p(c|x) costs on synthetic defects of held-out images, so "
+            "the bundle scores without it (the manifest's training.position_check); `pni-ray evaluate BUNDLE DATA_ROOT "
+            "--ablation` compares every mode, and a --config file with {\"position\": {\"check_defects\": 0}} keeps the prior")

@@ -16,7 +16,7 @@ from pni_ray.options import (RunFailed, build_config, check_force_out, check_out
 from pni_ray.orchestration.ray_session import RayJoinError
 from pni_ray.orchestration.shared_storage import SharedStorageError
 from pni_ray.orchestration.stopping import interrupted_message, terminate_as_interrupt
-from pni_ray.orchestration.train_all import FAILED, SKIPPED, TRAINED, format_table, train_all
+from pni_ray.orchestration.train_all import FAILED, SKIPPED, TRAINED, format_table, mode_note, train_all
 
 
 class NotShared(click.ClickException):
@@ -88,6 +88,9 @@ def train_all_cmd(data_root: Path, out: Path, categories: str | None, backbones:
     except RayJoinError as exc:
         raise RunFailed(str(exc)) from exc
     click.echo(format_table(result.rows))
+    note = mode_note(result.rows)
+    if note:
+        click.echo(note)
     for row in result.failed:
         click.echo(f"\nFAILED {row['category']}/{row['backbone']} ({row.get('stage')}): {row.get('error')}")
     c = result.counts

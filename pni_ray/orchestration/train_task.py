@@ -130,6 +130,18 @@ def recorded_metrics(bundle: str | Path, model_id: str) -> dict[str, Any]:
     return metric_fields(data)
 
 
+def mode_fields(bundle: str | Path) -> dict[str, Any]:
+    """The mode a bundle scores in (what its metrics and `pni-ray score` use) and what its position check decided
+    (`bundle_manifest.position_check_outcome`); {} when its manifest cannot be read (the row's error says why)."""
+    from pni_ray.bundle_manifest import position_check_outcome, read_manifest, scoring_mode
+
+    try:
+        manifest = read_manifest(bundle)
+        return {"mode": scoring_mode(manifest), "position_check": position_check_outcome(manifest)}
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
 def metric_fields(record: dict[str, Any]) -> dict[str, Any]:
     """A row's or record's evaluation: the metrics and test-image count it holds (None left out)."""
     return {k: record[k] for k in (*METRIC_KEYS, "n_test_images") if record.get(k) is not None}
@@ -238,6 +250,7 @@ def train_pair(
             save_fit(trained, Path(bundle), replace)
             record.update(train_seconds=trained.report.get("seconds", {}), seconds=time.perf_counter() - t0)
         record["model_id"] = model_id(bundle)
+        record.update(mode_fields(bundle))
         if evaluate:  # the test split is read and checked now: its problems fail the evaluation, the bundle is kept
             record["stage"] = "evaluate"
             cat = load_category(data_root, category, **_load_kwargs(cfg))
