@@ -16,14 +16,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 import pni_ray
 from pni_ray.config import TrainConfig
 from pni_ray.bundle_manifest import (FORMAT, FORMAT_VERSION, MANIFEST, MEMORY, MLP, PRIOR, REFINER,  # noqa: F401
-                                     BundleError, check_weights_file, model_id, read_manifest, verify_bundle)
-from pni_ray.fileio import atomic_write_bytes, atomic_write_json, read_arrow, sha256_file, staged_dir, write_arrow
+                                     BundleError, check_weights_file, model_id, read_manifest, read_verified,
+                                     verify_bundle)
+from pni_ray.fileio import arrow_from_bytes, atomic_write_bytes, atomic_write_json, sha256_file, staged_dir, write_arrow
 from pni_ray.models.backbones import get_spec, offline_weight_path
 from pni_ray.models.neighbourhood import NeighbourhoodMLP
 from pni_ray.models.pni import Normalisation, TrainedModel
@@ -129,8 +130,16 @@ def save_bundle(trained: TrainedModel, out: Path | str, overwrite: bool = False)
 
 def load_bundle(path: Path | str) -> tuple[TrainedModel, dict[str, Any]]:
     """Verify and load; backbone weights are checked against the recorded checksum."""
+    trained, manifest, _ = load_bundle_and_id(path)
+    return trained, manifest
+
+
+def load_bundle_and_id(path: Path | str) -> tuple[TrainedModel, dict[str, Any], str]:
+    """`load_bundle` and the model_id of the manifest it loaded: taken from the bytes read, not from the path again, so
+    a bundle replaced meanwhile is never reported under the other one's id (`bundle_manifest.read_verified`)."""
     path = Path(path)
-    manifest = verify_bundle(path)
+    verified = read_verified(path)
+    manifest = verified.manifest
     try:
         cfg = TrainConfig.from_manifest(manifest["config"])
     except (TypeError, ValueError) as exc:  # a hand-edited config, or one a later pni-ray refuses: name it
@@ -145,17 +154,18 @@ def load_bundle(path: Path | str) -> tuple[TrainedModel, dict[str, Any]]:
                 f"({manifest['backbone'].get('source')}: expected sha256 {recorded[:12]}..., found {str(current)[:12]}...)"
             )
     try:  # a manifest edited to disagree with its files (a size in config, a key in metadata): named, not a traceback
-        trained = _model_from_files(path, manifest, cfg)
+        trained = _model_from_files(verified.files, manifest, cfg)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise BundleError(f"{path / MANIFEST}: the bundle's files cannot be read as it describes them ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:200]}); an edited manifest: restore or retrain the bundle "
                           "(if it was not edited, report this with the bundle)") from exc
-    return trained, manifest
+    return trained, manifest, verified.model_id
 
 
-def _model_from_files(path: Path, manifest: dict[str, Any], cfg: TrainConfig) -> TrainedModel:
-    """The memory bank, C_dist map, priors and networks of a verified bundle, as its manifest describes them."""
-    table = read_arrow(path / MEMORY)
+def _model_from_files(files: dict[str, bytes], manifest: dict[str, Any], cfg: TrainConfig) -> TrainedModel:
+    """The memory bank, C_dist map, priors and networks of a verified bundle (its files' checked bytes), as its
+    manifest describes them."""
+    table = arrow_from_bytes(files[MEMORY])
     d = int(table.schema.metadata[b"feature_dim"])
     dist_size = int(table.schema.metadata[b"dist_size"])
     memory = torch.from_numpy(table.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, d).copy())
@@ -163,7 +173,7 @@ def _model_from_files(path: Path, manifest: dict[str, Any], cfg: TrainConfig) ->
     emb_to_dist = torch.from_numpy(dist_index.astype(np.int64)) if dist_size > 0 else None
     prior = mlp = None
     if PRIOR in manifest["files"]:
-        pt = read_arrow(path / PRIOR)
+        pt = arrow_from_bytes(files[PRIOR])
         meta = pt.schema.metadata
         prior = SparsePositionPrior(
             grid=(int(meta[b"grid_h"]), int(meta[b"grid_w"])),
@@ -174,14 +184,14 @@ def _model_from_files(path: Path, manifest: dict[str, Any], cfg: TrainConfig) ->
         )
     if MLP in manifest["files"]:
         mlp = NeighbourhoodMLP(d, dist_size, cfg.neighbourhood)
-        mlp.load_state_dict(load_file(str(path / MLP)))
+        mlp.load_state_dict(load_tensors(files[MLP]))
         mlp.eval()
     refiner = None
     if REFINER in manifest["files"]:
         from pni_ray.models.refiner import build_refiner
 
         refiner = build_refiner(cfg.refiner, pretrained=False)
-        refiner.load_state_dict(load_file(str(path / REFINER)))
+        refiner.load_state_dict(load_tensors(files[REFINER]))
         refiner.eval()
     return TrainedModel(
         category=manifest["category"],

@@ -4,6 +4,9 @@ manifest likewise (`read_ensemble_manifest`, re-exported by `pni_ray.ensemble_bu
 
 from __future__ import annotations
 
+import hashlib
+import time
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -29,30 +32,88 @@ REQUIRED_KEYS: dict[str, type] = {"category": str, "mode": str, "config": dict, 
                                   "normalisation": dict, "grid": list}
 
 
-def read_manifest(path: Path | str) -> dict[str, Any]:
-    manifest = read_manifest_json(path, FORMAT, FORMAT_VERSION, BundleError, "bundle", required=REQUIRED_KEYS)
+# a bundle replaced while it was read (`train --force` or train-all beside a nightly run) is read again this many times
+REPLACED_RETRIES = 2
+REPLACED_WAIT_S = 0.05
+
+
+@dataclass
+class VerifiedBundle:
+    """A bundle as read once: its manifest, every file it lists as the bytes whose sha256 was checked, and the model_id
+    of the manifest bytes those files were checked against. Loading parses these bytes, never the files again."""
+
+    manifest: dict[str, Any]
+    files: dict[str, bytes]
+    model_id: str
+
+
+def read_manifest(path: Path | str, raw: bytes | None = None) -> dict[str, Any]:
+    """The manifest of the bundle at `path` (or `raw`, its bytes as already read), its keys and threshold checked."""
+    manifest = read_manifest_json(path, FORMAT, FORMAT_VERSION, BundleError, "bundle", required=REQUIRED_KEYS, raw=raw)
     check_threshold(Path(path) / MANIFEST, manifest, manifest.get("threshold", manifest["normalisation"].get("threshold")),
                     "retrain the bundle or restore its manifest")
     return manifest
 
 
 def verify_bundle(path: Path | str) -> dict[str, Any]:
-    """Check every listed file exists with its recorded sha256; return the manifest."""
+    """Check every listed file exists with its recorded sha256 (streamed, nothing kept); return the manifest."""
     path = Path(path)
     manifest = read_manifest(path)
+    for name, meta in _listed_files(path, manifest):
+        _check_digest(path / name, meta, sha256_file(path / name))
+    return manifest
+
+
+def read_verified(path: Path | str) -> VerifiedBundle:
+    """The manifest and each file it lists, read once and checked as read, so what loading parses is what was checked.
+    A bundle replaced between reading its manifest and its files (saves rename a whole new directory into place) is
+    read again from its new manifest, up to REPLACED_RETRIES times: the old bundle whole or the new one, never a mix."""
+    path = Path(path)
+    for attempt in range(REPLACED_RETRIES + 1):
+        file = path / MANIFEST
+        raw = file.read_bytes() if file.is_file() else None  # None: read_manifest names what is missing
+        manifest = read_manifest(path, raw)
+        files: dict[str, bytes] = {}
+        try:
+            for name, meta in _listed_files(path, manifest):
+                try:
+                    files[name] = (path / name).read_bytes()
+                except FileNotFoundError:  # gone since _listed_files saw it
+                    raise BundleError(f"{path / name}: missing from the bundle (listed in {MANIFEST})") from None
+                _check_digest(path / name, meta, hashlib.sha256(files[name]).hexdigest())
+        except BundleError:
+            if attempt < REPLACED_RETRIES and _replaced(file, raw):
+                time.sleep(REPLACED_WAIT_S)  # the save's two renames (replace_dir) are microseconds apart
+                continue
+            raise
+        return VerifiedBundle(manifest, files, hashlib.sha256(raw or b"").hexdigest())
+    raise AssertionError("unreachable")  # the last attempt returns or raises
+
+
+def _replaced(file: Path, raw: bytes | None) -> bool:
+    """Whether the manifest at `file` is no longer the bytes `raw` (the bundle was replaced while it was read)."""
+    try:
+        return file.read_bytes() != raw
+    except OSError:
+        return True
+
+
+def _listed_files(path: Path, manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The manifest's files, each there; a bundle that lists too few for its mode, or lacks a file, is refused."""
     required = {MEMORY} | ({PRIOR, MLP} if manifest["mode"] == "pni" else set())
     missing = sorted(required - set(manifest["files"]))
     if missing:
         raise BundleError(f"{path}: incomplete bundle, manifest lists no {', '.join(missing)}")
-    for name, meta in manifest["files"].items():
-        file = path / name
-        if not file.is_file():
-            raise BundleError(f"{file}: missing from the bundle (listed in {MANIFEST})")
-        digest = sha256_file(file)
-        if digest != meta["sha256"]:
-            raise BundleError(f"{file}: checksum mismatch (expected {meta['sha256'][:12]}..., got {digest[:12]}...): "
-                              "the file was modified or corrupted; retrain or restore the bundle")
-    return manifest
+    for name in manifest["files"]:
+        if not (path / name).is_file():
+            raise BundleError(f"{path / name}: missing from the bundle (listed in {MANIFEST})")
+    return list(manifest["files"].items())
+
+
+def _check_digest(file: Path, meta: dict[str, Any], digest: str) -> None:
+    if digest != meta["sha256"]:
+        raise BundleError(f"{file}: checksum mismatch (expected {meta['sha256'][:12]}..., got {digest[:12]}...): "
+                          "the file was modified or corrupted; retrain or restore the bundle")
 
 
 def check_weights_file(path: Path | str, manifest: dict[str, Any]) -> None:

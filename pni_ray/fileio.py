@@ -344,11 +344,20 @@ def read_arrow(path: Path | str) -> pa.Table:
         return ipc.open_file(source).read_all()
 
 
+def arrow_from_bytes(raw: bytes) -> pa.Table:
+    """An Arrow IPC file's table from its bytes (as read and checked once, `bundle_manifest.read_verified`)."""
+    return ipc.open_file(pa.py_buffer(raw)).read_all()
+
+
 def read_json(path: Path | str, error: type[Exception] = ValueError) -> Any:
     """Parsed JSON of `path`; a syntax error is raised as `error` naming the file."""
-    path = Path(path)
+    return parse_json(Path(path).read_bytes(), path, error)
+
+
+def parse_json(raw: bytes, path: Path | str, error: type[Exception] = ValueError) -> Any:
+    """`raw` (the bytes of `path`) parsed; a syntax error is raised as `error` naming the file."""
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # bytes that are not even text: named too
         raise error(f"{path}: not valid JSON ({exc})") from exc
 
@@ -360,9 +369,9 @@ def inside(path: Path | str, folder: Path | str) -> bool:
 
 def read_manifest_json(
     folder: Path | str, fmt: str, version: int, error: type[Exception], kind: str, hint: str = "",
-    required: dict[str, type] | None = None,
+    required: dict[str, type] | None = None, raw: bytes | None = None,
 ) -> dict[str, Any]:
-    """`folder`/manifest.json, checked to be a `fmt` manifest no newer than `version`, holding each
+    """`folder`/manifest.json (or `raw`, its bytes as already read), checked to be a `fmt` manifest no newer than `version`, holding each
     `required` key with a value of its type, and (when it lists `files`) each file by a plain name
     inside the folder with a sha256: a hand-edited manifest fails here, naming the key, not later
     as a KeyError.
@@ -377,7 +386,7 @@ def read_manifest_json(
     if not file.is_file():  # a data folder given by mistake, or a copy cut short: say both
         raise error(f"{folder}: incomplete {kind}, {MANIFEST} is missing (not {'an' if kind[:1] in 'aeiou' else 'a'} "
                     f"{kind}, or one whose copy or save did not finish)")
-    manifest = read_json(file, error)
+    manifest = read_json(file, error) if raw is None else parse_json(raw, file, error)
     if not isinstance(manifest, dict) or manifest.get("format") != fmt:
         found_fmt = manifest.get("format") if isinstance(manifest, dict) else None
         what = f" (it is a {found_fmt} manifest)" if isinstance(found_fmt, str) and found_fmt.startswith("pni-ray") else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -61,8 +62,6 @@ def test_tampered_and_incomplete_bundles_refused(bundle_tiny, tmp_path):
     with pytest.raises(BundleError, match="manifest.json is missing"):
         verify_bundle(copy)
 
-    import json
-
     for name, edit in (("hidden", lambda m: m["config"]["neighbourhood"].update(hidden=65)),  # the MLP's shape
                        ("normalisation", lambda m: m["normalisation"].update(bogus=1))):
         edited = tmp_path / name  # files verify, the manifest disagrees with them: named, not a traceback
@@ -88,6 +87,44 @@ def test_save_is_atomic(trained_tiny, tmp_path, monkeypatch):
         monkeypatch.undo()
         save_bundle(trained_tiny, tmp_path / "out")
         save_bundle(trained_tiny, tmp_path / "out")
+
+
+@pytest.mark.parametrize("replaced", [True, False])
+def test_a_bundle_replaced_while_it_loads_is_loaded_whole_under_its_own_id(trained_tiny, tmp_path, monkeypatch, replaced):
+    """`train --force` beside a nightly run renames a new bundle into place. One that lands between reading the manifest
+    and reading the files was loaded as the new files under the old manifest (unchecked); now every file is checked as
+    it is read and parsed from those bytes, a bundle replaced meanwhile is read again whole and reported under the
+    id of the manifest that was loaded, and a file changed in place (no new manifest) is still refused."""
+    import pni_ray.bundle_manifest as bundle_manifest
+    from pni_ray.bundle import load_bundle_and_id
+
+    path = save_bundle(trained_tiny, tmp_path / "b")
+    old_id = model_id(path)
+    newer = dataclasses.replace(trained_tiny, memory=trained_tiny.memory + 1.0)
+    read_manifest = bundle_manifest.read_manifest
+    calls = []
+
+    def read_then_change(folder, raw=None):
+        manifest = read_manifest(folder, raw)
+        if not calls:  # once, after the first manifest was read and before its files are
+            calls.append(folder)
+            if replaced:
+                save_bundle(newer, path, overwrite=True)
+            else:
+                data = bytearray((path / MEMORY).read_bytes())
+                data[-1] ^= 0xFF
+                (path / MEMORY).write_bytes(bytes(data))
+        return manifest
+
+    monkeypatch.setattr(bundle_manifest, "read_manifest", read_then_change)
+    if not replaced:
+        with pytest.raises(BundleError, match="memory.arrow: checksum mismatch"):
+            load_bundle_and_id(path)
+        return
+    loaded, manifest, found = load_bundle_and_id(path)
+    assert found == model_id(path) != old_id  # the new bundle, under its own id
+    assert torch.equal(loaded.memory, newer.memory)
+    assert manifest["files"] == json.loads((path / "manifest.json").read_text())["files"]
 
 
 def test_training_is_deterministic(synthetic_root, bundle_tiny, tmp_path):

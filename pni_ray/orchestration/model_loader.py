@@ -59,21 +59,18 @@ class BundleModel:
     def __init__(self, path: Path | str, device: str = "cpu", kind: str = "bundle") -> None:
         import torch
 
-        from pni_ray.bundle import model_id
-        from pni_ray.inference import load_detector
+        from pni_ray.inference import load_detector_and_id
+        from pni_ray.predict import default_name, detector_geometry
 
         self.kind = kind
         self.path = Path(path)
-        from pni_ray.predict import default_name, detector_geometry
-
-        self.detector, self.manifest = load_detector(self.path)
+        self.detector, self.manifest, self.model_id = load_detector_and_id(self.path)
         self.device = torch.device(device)
         self.detector.to(self.device)
         self.geometry = detector_geometry(self.detector)
         self.name = default_name(self.detector)  # its mode, "+refine" when it has a refiner
         self.image_size = self.geometry.canvas_hw()
         self.threshold = _threshold(self.manifest)
-        self.model_id = model_id(self.path)
         self.category = self.manifest.get("category")
 
     def canvas_maps(self, prepared: Sequence[Prepared]) -> tuple[np.ndarray, np.ndarray]:
