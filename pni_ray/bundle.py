@@ -159,7 +159,23 @@ def load_bundle_and_id(path: Path | str) -> tuple[TrainedModel, dict[str, Any], 
         raise BundleError(f"{path / MANIFEST}: the bundle's files cannot be read as it describes them ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:200]}); an edited manifest: restore or retrain the bundle "
                           "(if it was not edited, report this with the bundle)") from exc
+    _check_agrees(path / MANIFEST, manifest, cfg, trained)
     return trained, manifest, verified.model_id
+
+
+def _check_agrees(file: Path, manifest: dict[str, Any], cfg: TrainConfig, trained: TrainedModel) -> None:
+    """The manifest's own facts against its config and its checked files. The checksums cannot catch an edit of the
+    manifest itself (it is their root), and an edited `grid` or `mode` loads and then scores wrongly or fails far away."""
+    facts = [("mode", manifest["mode"], cfg.mode, "its config's mode"),
+             ("n_memory", manifest.get("n_memory", len(trained.memory)), len(trained.memory), f"the rows of {MEMORY}"),
+             ("feature_dim", manifest.get("feature_dim", trained.feature_dim), trained.feature_dim, f"{MEMORY}'s width"),
+             ("dist_size", manifest.get("dist_size", trained.dist_size), trained.dist_size, f"{MEMORY}'s dist_size")]
+    if trained.position_prior is not None:
+        facts.append(("grid", list(manifest["grid"]), list(trained.position_prior.grid), f"{PRIOR}'s grid"))
+    for key, stated, found, what in facts:
+        if stated != found:
+            raise BundleError(f"{file}: {key!r} is {stated!r} but {what} is {found!r}; the manifest was edited: restore or "
+                              "retrain the bundle")
 
 
 def _model_from_files(files: dict[str, bytes], manifest: dict[str, Any], cfg: TrainConfig) -> TrainedModel:

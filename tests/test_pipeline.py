@@ -71,6 +71,17 @@ def test_tampered_and_incomplete_bundles_refused(bundle_tiny, tmp_path):
         (edited / "manifest.json").write_text(json.dumps(manifest))
         with pytest.raises(BundleError, match=f"{name}/manifest.json: the bundle's files cannot be read as it describes"):
             load_bundle(edited)
+    # edits the files' checksums cannot catch (the manifest is their root), each named against what the files hold
+    for key, edit in (("grid", lambda m: m.update(grid=[m["grid"][0], m["grid"][1] + 1])),
+                      ("n_memory", lambda m: m.update(n_memory=m["n_memory"] - 1)),
+                      ("mode", lambda m: m.update(mode="patchcore"))):
+        edited = tmp_path / f"edited-{key}"
+        shutil.copytree(bundle_tiny, edited)
+        manifest = json.loads((edited / "manifest.json").read_text())
+        edit(manifest)
+        (edited / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(BundleError, match=f"edited-{key}/manifest.json: '{key}' is .* the manifest was edited"):
+            load_bundle(edited)
 
 
 def test_save_is_atomic(trained_tiny, tmp_path, monkeypatch):
