@@ -553,7 +553,7 @@ def train_category(
     )
     detector = build_detector(trained, extractor)
     if cfg.mode == "pni":
-        mode, check = checked_scoring_mode(detector, geometry, holdout_paths, cfg, category)
+        mode, check = checked_scoring_mode(detector, geometry, holdout_paths, n_img, cfg, category)
         if check is not None:
             facts["position_check"] = check
         if mode != cfg.scoring.mode:

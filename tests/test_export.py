@@ -1014,3 +1014,14 @@ def test_an_export_in_another_mode_than_the_bundles_has_no_threshold(bundle_tiny
     assert manifest["mode"] == "patchcore" and manifest["threshold"] is None
     assert "calibrated on pni-mode scores; the export scores in mode patchcore, so it has no threshold" in caplog.text
     assert load_exported(out, threads=1).threshold == float("inf")  # decides nothing: is_anomalous null
+    # a bundle whose position check dropped p(c|x) scores in neighbourhood mode: a pni export is told how to keep it
+    dropped = tmp_path / "dropped"
+    shutil.copytree(bundle_tiny, dropped)
+    bundle_manifest = json.loads((dropped / "manifest.json").read_text())
+    bundle_manifest["config"]["scoring"]["mode"] = "neighbourhood"
+    bundle_manifest["training"]["position_check"] = {"kept": False, "requested_mode": "pni"}
+    (dropped / "manifest.json").write_text(json.dumps(bundle_manifest))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        export_bundle(dropped, tmp_path / "dropped-pni", ExportOptions(max_batch=4, mode="pni"))
+    assert "its position check dropped p(c|x): retrain with a --config file holding" in caplog.text

@@ -9,8 +9,8 @@ import pytest
 
 from conftest import tiny_config
 from pni_ray.data.defects import misplace
-from pni_ray.position_check import (DROP_BELOW, MIN_IMAGES, WITHOUT_POSITION, check_position, defect_generator,
-                                    position_pays, synthetic_defects)
+from pni_ray.position_check import (DROP_BELOW, MIN_IMAGES, MIN_MEMORY_IMAGES, WITHOUT_POSITION, check_position,
+                                    defect_generator, position_pays, synthetic_defects)
 
 
 def _photo(h: int, w: int, seed: int) -> np.ndarray:
@@ -58,14 +58,22 @@ def test_the_prior_is_dropped_only_when_position_loses_on_pixel_auroc_and_aupro(
     assert position_pays({"patchcore": base, "position": position}) is pays
 
 
+@pytest.fixture
+def small_bank_checked(monkeypatch):
+    """The check run on the suite's 16-image categories: 6 memory-bank images pass the memory-bank floor."""
+    import pni_ray.position_check as position_check
+
+    monkeypatch.setattr(position_check, "MIN_MEMORY_IMAGES", 1)
+
+
 def _holdout_config(**position):
-    """Enough held-out images for the check: 16 synthetic train images, 10 held out."""
+    """Enough held-out images for the check: 16 synthetic train images, 10 held out (6 in the memory bank)."""
     cfg = tiny_config()
     return cfg.replace(scoring=dataclasses.replace(cfg.scoring, holdout_fraction=0.65),
                        position=dataclasses.replace(cfg.position, **position))
 
 
-def test_training_records_the_check_and_deploys_its_mode(synthetic_root, tmp_path):
+def test_training_records_the_check_and_deploys_its_mode(synthetic_root, tmp_path, small_bank_checked):
     from pni_ray.bundle import load_bundle, save_bundle
     from pni_ray.models.pni import build_detector
     from pni_ray.training import train_category
@@ -95,7 +103,7 @@ def test_training_records_the_check_and_deploys_its_mode(synthetic_root, tmp_pat
 
 @pytest.mark.parametrize("configured", ["pni", "position"])  # pni_split maps as pni does
 def test_a_prior_that_loses_leaves_the_scoring_mode_and_the_threshold_follows(synthetic_root, monkeypatch, tmp_path,
-                                                                             configured):
+                                                                             configured, small_bank_checked):
     """Forced to lose, pni deploys neighbourhood (position: patchcore), calibration scores in that mode, and
     train-all compares the bundle's config as it was asked for (a rerun skips it, not "a bundle of another config")."""
     import pni_ray.position_check as position_check
@@ -136,10 +144,14 @@ def test_the_check_is_skipped_with_few_held_out_images_or_when_turned_off(traine
     import pni_ray.position_check as position_check
     from pni_ray.training import train_category
 
-    few = trained_tiny.report["deterministic"]  # the suite's tiny bundle: 2-3 held-out images
-    assert few["position_check"] == {"skipped": f"{few['n_holdout_images']} held-out images, fewer than {MIN_IMAGES}"}
+    few = trained_tiny.report["deterministic"]  # the suite's tiny bundle: 2-3 held-out images, 13-14 in the bank
+    assert few["position_check"] == {"skipped": f"{few['n_holdout_images']} held-out images, fewer than {MIN_IMAGES}; "
+                                                f"{few['n_memory_images']} memory-bank images, fewer than {MIN_MEMORY_IMAGES}"}
     assert trained_tiny.config.scoring.mode == "pni"
     monkeypatch.setattr(position_check, "position_pays", lambda metrics: False)  # would drop the prior if it ran
+    small_bank = train_category(synthetic_root, "washer", _holdout_config(), progress=False)  # 10 held out, 6 in the bank
+    assert small_bank.report["deterministic"]["position_check"] == {"skipped": f"6 memory-bank images, fewer than {MIN_MEMORY_IMAGES}"}
+    assert small_bank.config.scoring.mode == "pni"
     off = train_category(synthetic_root, "washer", _holdout_config(check_defects=0), progress=False)
     assert "position_check" not in off.report["deterministic"] and off.config.scoring.mode == "pni"
 

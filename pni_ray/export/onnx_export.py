@@ -293,10 +293,13 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
     if mode != "patchcore" and detector.mlp is None:
         raise ValueError(f"{bundle} is a PatchCore-only bundle: it exports in mode 'patchcore' only")
     if mode != detector.mode:  # its threshold bounds held-out scores of the bundle's own mode, not of this one
+        dropped = (bmanifest.get("training") or {}).get("position_check", {}).get("kept") is False
+        how = ("train --mode patchcore" if mode == "patchcore" else
+               "its position check dropped p(c|x): retrain with a --config file holding "
+               '{"position": {"check_defects": 0}} to keep it' if dropped else "scoring.mode in a train --config file")
         log.warning("%s: its threshold was calibrated on %s-mode scores; the export scores in mode %s, so it has no "
                     "threshold (is_anomalous null; scores and maps as usual): for one, export a bundle trained to "
-                    "score in mode %s (%s)", bundle, detector.mode, mode, mode,
-                    "train --mode patchcore" if mode == "patchcore" else "scoring.mode in a train --config file")
+                    "score in mode %s (%s)", bundle, detector.mode, mode, mode, how)
         bmanifest = {**bmanifest, "threshold": None, "normalisation": {**bmanifest["normalisation"], "threshold": None}}
     geometry = detector_geometry(detector)
     canvas, model_input, grid = export_shapes(detector, geometry, bundle)

@@ -403,4 +403,5 @@ def mode_note(rows: list[dict[str, Any]]) -> str | None:
         return None
     return (f"* {', '.join(dropped)}: the position check found p(c|x) costs on synthetic defects of held-out images, so "
             "the bundle scores without it (the manifest's training.position_check); `pni-ray evaluate BUNDLE DATA_ROOT "
-            "--ablation` compares every mode, and a --config file with {\"position\": {\"check_defects\": 0}} keeps the prior")
+            "--ablation` compares every mode; to keep the prior, retrain with --force and a --config file holding "
+            "{\"position\": {\"check_defects\": 0}}")
