@@ -154,7 +154,7 @@ def save_ensemble(
                 "model_id": mid,
                 "source": str(src.resolve()),
                 "backbone": manifest["backbone"]["name"],
-                "mode": manifest["mode"],
+                "mode": scoring_mode(manifest),  # what the member scores in (its check may have dropped p(c|x))
                 "normalisation": {k2: norm[k2] for k2 in ("image_mean", "image_std", "pixel_mean", "pixel_std", "threshold")},
             })
         norm_est = estimated_normalisation([m["normalisation"] for m in manifests])

@@ -103,11 +103,12 @@ def test_training_records_the_check_and_deploys_its_mode(synthetic_root, tmp_pat
 
 @pytest.mark.parametrize("configured", ["pni", "position"])  # pni_split maps as pni does
 def test_a_prior_that_loses_leaves_the_scoring_mode_and_the_threshold_follows(synthetic_root, monkeypatch, tmp_path,
-                                                                             configured, small_bank_checked):
+                                                                             configured, small_bank_checked, bundle_tiny):
     """Forced to lose, pni deploys neighbourhood (position: patchcore), calibration scores in that mode, and
     train-all compares the bundle's config as it was asked for (a rerun skips it, not "a bundle of another config")."""
     import pni_ray.position_check as position_check
     from pni_ray.bundle import read_manifest, save_bundle
+    from pni_ray.bundle_manifest import read_ensemble_manifest
     from pni_ray.models.pni import build_detector
     from pni_ray.orchestration.train_plan import canonical, config_diff, recorded_config
     from pni_ray.training import calibrate, train_category
@@ -134,6 +135,10 @@ def test_a_prior_that_loses_leaves_the_scoring_mode_and_the_threshold_follows(sy
     assert row["mode"] == WITHOUT_POSITION[configured] and row["position_check"] == "dropped"
     assert f" {WITHOUT_POSITION[configured]}* " in format_table([row]).splitlines()[1]
     assert mode_note([row]).startswith("* washer/b: the position check") and mode_note([{**row, "position_check": "kept"}]) is None
+    # an ensemble records the mode its member scores in, not the one it trained for
+    from pni_ray.ensemble_bundle import save_ensemble
+    ensemble = read_ensemble_manifest(save_ensemble([bundle, bundle_tiny], tmp_path / "ens"))
+    assert [m["mode"] for m in ensemble["members"]] == [WITHOUT_POSITION[configured], "pni"]
     assert manifest["training"]["position_check"]["requested_mode"] == configured
     assert config_diff(canonical(recorded_config(manifest)), canonical(cfg.to_dict())) == []
     other = cfg.replace(scoring=dataclasses.replace(cfg.scoring, blur_sigma=3.0))
