@@ -89,6 +89,11 @@ def test_expand_inputs_dirs_globs_lists_duplicates(tmp_path):
     (tmp_path / "bare.txt").write_bytes(f"{t}/b/4.png\n".encode("utf-16-le"))
     bare = expand_inputs([f"@{tmp_path / 'bare.txt'}"])
     assert bare.paths == [str(tmp_path / "bare.txt")] and "UTF-16 without its byte-order mark" in bare.preset_errors[bare.paths[0]]
+    # a list that names nothing (an upstream step that wrote no names) is one error row, as an empty folder is
+    (tmp_path / "empty.txt").write_text("# tonight's images\n\n")
+    empty = expand_inputs([str(tmp_path / "empty.txt")])
+    assert empty.paths == [str(tmp_path / "empty.txt")]
+    assert empty.preset_errors[empty.paths[0]].endswith("empty.txt: the list file names no images (empty, or only comments)")
 
 
 def test_chunks_are_deterministic():

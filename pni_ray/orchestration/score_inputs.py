@@ -182,6 +182,9 @@ def expand_inputs(specs: Iterable[str]) -> Inputs:
                 collected.append(list_path)
                 preset[list_path] = f"{list_path}: cannot read the list file ({exc.__class__.__name__}: {exc})"
                 continue
+            if not lines:  # an upstream step that wrote no names is news, as an empty camera folder is
+                collected.append(list_path)
+                preset[list_path] = f"{list_path}: the list file names no images (empty, or only comments)"
             for number, line in lines:
                 _expand_one(line, os.path.dirname(list_path), collected, preset, stand_ins,
                             f" (line {number} of {list_path})")
