@@ -150,13 +150,13 @@ def scoring_mode(manifest: dict[str, Any]) -> str:
 
 def position_check_outcome(manifest: dict[str, Any]) -> str | None:
     """What the training's position check decided: "kept" (p(c|x) pays on its synthetic defects), "dropped" (the
-    bundle scores without it), "skipped" (too few held-out images to check), or None (not run: a mode without the
-    position prior, the check turned off, or a bundle trained before it existed)."""
+    bundle scores without it), "unchecked" (too few held-out or memory-bank images to judge it: kept), or None (not
+    run: a mode without the position prior, the check turned off, or a bundle trained before it existed)."""
     check = (manifest.get("training") or {}).get("position_check")
     if not isinstance(check, dict):
         return None
     if "skipped" in check:
-        return "skipped"
+        return "unchecked"
     return {True: "kept", False: "dropped"}.get(check.get("kept"))
 
 

@@ -88,7 +88,7 @@ def test_train_all_matches_sequential_training(first_run, sequential_ids):
         assert row["n_test_images"] >= 6
         manifest = json.loads((out / row["category"] / BACKBONE / "manifest.json").read_text())
         assert row["mode"] == manifest["config"]["scoring"]["mode"] == "pni"  # the mode its metrics are of
-        assert row["position_check"] == "skipped"  # 16 train images leave fewer held out than the check needs
+        assert row["position_check"] == "unchecked"  # 16 train images leave fewer held out than the check needs
     assert any("3/3 finished: done 3  failed 0  running 0" in line for line in lines), lines
     assert any("running 1" in line or "running 2" in line for line in lines), lines  # live progress saw tasks run
     assert not (out / ".progress").exists()
@@ -145,7 +145,7 @@ def test_resume_skips_verified_and_retrains_tampered(ray_session, first_run, seq
         assert rows[category]["status"] == SKIPPED
         assert (out / category / BACKBONE / MEMORY).stat().st_mtime_ns == untouched[category]
         assert rows[category]["image_auroc"] is not None  # metrics of the same model carried from the last summary
-        assert rows[category]["mode"] == "pni" and rows[category]["position_check"] == "skipped"  # read from the bundle
+        assert rows[category]["mode"] == "pni" and rows[category]["position_check"] == "unchecked"  # read from the bundle
     assert any("skip  weave" in line for line in lines)
 
 
