@@ -160,6 +160,18 @@ def position_check_outcome(manifest: dict[str, Any]) -> str | None:
     return {True: "kept", False: "dropped"}.get(check.get("kept"))
 
 
+def trained_on(manifest: dict[str, Any]) -> str | None:
+    """"grey" or "colour": what every memory-bank image of the bundle was (`data.images.is_grey`); None when they were
+    mixed, or the bundle was trained before this was recorded. A bundle's or an export's manifest."""
+    if manifest.get("trained_on") in ("grey", "colour"):  # an export's, copied from its bundle
+        return manifest["trained_on"]
+    facts = manifest.get("training") or {}
+    grey, total = facts.get("grey_memory_images"), facts.get("n_memory_images")
+    if not isinstance(grey, int) or not isinstance(total, int) or total < 1:
+        return None
+    return "grey" if grey == total else "colour" if grey == 0 else None
+
+
 def model_id(path: Path | str) -> str:
     """Identity of a bundle: the sha256 of its manifest (which pins every file's sha256)."""
     return sha256_file(Path(path) / MANIFEST)

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pni_ray.config import GeometryConfig, ScoringConfig
-from pni_ray.data.images import to_float
+from pni_ray.data.images import is_grey, to_float
 from pni_ray.geometry import Geometry, GeometryError, Prepared
 
 NEEDS_MLP = ("neighbourhood", "pni", "pni_split")
@@ -196,9 +196,11 @@ def extract_training_features(
     batch_size: int,
     progress: bool = True,
     desc: str = "features",
+    grey: list[bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(N, D, gh, gw) features (a view of channels-last storage: rows = a free reshape) and (N, gh, gw)
-    validity, None when every cell of every image is content (no padding).
+    validity, None when every cell of every image is content (no padding). `grey`, when given, gets each image's
+    `is_grey` appended (the bundle records how many were, so scoring can say when its inputs are not alike).
 
     Every image must give the same grid (short-side and tiling keep the aspect ratio): the first
     image sets it and any other is refused with both shapes in the message.
@@ -209,6 +211,8 @@ def extract_training_features(
     n_done = 0
     for sl in tqdm(list(chunks(len(paths), geometry, batch_size)), desc=desc, unit="batch", disable=not progress, leave=False):
         prepared = [geometry.prepare(geometry.load(p)) for p in paths[sl]]
+        if grey is not None:
+            grey.extend(is_grey(p.canvas) for p in prepared)
         if grid is None:
             grid = prepared[0].grid
         for p, path in zip(prepared, paths[sl]):

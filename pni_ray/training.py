@@ -479,7 +479,8 @@ def train_category(
     log.info("%s: geometry %s; CPU %s (torch kernels %s)", category, geometry.describe(), cpu_model(),
              torch.backends.cpu.get_cpu_capability())
     # valid (N, h, w) bool: False at letterbox / tiling padding; None when every cell is content
-    feats, valid = extract_training_features(extractor, geometry, memory_paths, cfg.batch_size, progress)
+    grey: list[bool] = []
+    feats, valid = extract_training_features(extractor, geometry, memory_paths, cfg.batch_size, progress, grey=grey)
     n_img, dim, h, w = feats.shape
     rows, pool = coreset_pool(feats, valid, cfg)
     n_patches = rows.shape[0] if valid is None else int(valid.sum())
@@ -494,6 +495,7 @@ def train_category(
     facts: dict = {
         "n_memory_images": n_img,
         "n_holdout_images": len(holdout_paths),
+        "grey_memory_images": sum(grey),  # three equal channels: scoring says when its inputs are not alike
         "n_patches": int(rows.shape[0]),
         **({} if geometry.cfg.policy == "resize" and not geometry.tiled else {"n_valid_patches": n_patches, "n_candidates": int(pool.shape[0]), "grid": [h, w]}),
         "holdout_images": [p.name for p in holdout_paths],

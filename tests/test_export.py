@@ -1008,6 +1008,7 @@ def test_an_export_in_another_mode_than_the_bundles_has_no_threshold(bundle_tiny
     another scale) it missed defects on real bottle (57 of 63 flagged, 63 at patchcore's own threshold)."""
     bundle_threshold = json.loads((bundle_tiny / "manifest.json").read_text())["threshold"]
     assert json.loads((exported / "manifest.json").read_text())["threshold"] == bundle_threshold  # its own mode: kept
+    assert json.loads((exported / "manifest.json").read_text())["trained_on"] == "colour"  # scoring's grey hint
     with caplog.at_level("WARNING"):
         out = export_bundle(bundle_tiny, tmp_path / "pc", ExportOptions(max_batch=4, mode="patchcore")).path
     manifest = json.loads((out / "manifest.json").read_text())

@@ -186,6 +186,8 @@ def test_model_loader_export(bundle_tiny, tmp_path):
     ref_maps, ref_scores = load_scoring_model(bundle_tiny).canvas_maps(prepared)
     maps, scores = model.canvas_maps(prepared)
     assert maps.shape == (2, 128, 128) and np.allclose(scores, ref_scores, rtol=1e-3, atol=1e-3)
+    from pni_ray.orchestration.score_model import describe_model
+    assert describe_model(out).trained_on == describe_model(bundle_tiny).trained_on == "colour"  # the grey hint's
 
 
 def test_score_export_with_openvino_backbone(small_set, bundle_tiny, tmp_path, monkeypatch):
@@ -379,6 +381,40 @@ def test_local_engine_resume_retry_and_identity(small_set, bundle_tiny, tmp_path
     # OUT holds one model's scores in one map format
     with pytest.raises(ScoreError, match="map"):
         score(bundle_tiny, specs, out, Options(map_format="float16", threads=1), engine="local")
+
+
+def test_grey_images_on_a_colour_model_are_counted_and_named(synthetic_root, bundle_tiny, tmp_path, caplog):
+    """A camera switched to mono, or a wrong folder: a colour model scores grey frames on another footing, every one
+    perhaps above its threshold. The run says how many, with one example and what to check; colour inputs say nothing."""
+    from PIL import Image
+
+    from pni_ray.bundle_manifest import read_manifest, trained_on
+
+    manifest = read_manifest(bundle_tiny)
+    assert manifest["training"]["grey_memory_images"] == 0 and trained_on(manifest) == "colour"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, src in enumerate(sources(synthetic_root)[:5]):
+        image = Image.open(src).convert("RGB")
+        (image.convert("L") if i < 3 else image).save(folder / f"{i}.png")  # three grey frames, two in colour
+    opts = Options(chunk_size=2, threads=1)
+    with caplog.at_level("WARNING"):
+        summary = score(bundle_tiny, [str(folder)], tmp_path / "out", opts, engine="local")
+    assert summary["run"]["grey_inputs_scored"] == 3 and summary["failed"] == 0
+    said = summary["run"]["unlike_training"]
+    assert said.startswith("3 of the 5 images scored this run are grey (three equal channels; e.g. ") and "0.png" in said
+    assert "was trained on colour images only" in said and said in caplog.text
+    colour = tmp_path / "colour"
+    colour.mkdir()
+    for name in ("3.png", "4.png"):
+        (colour / name).write_bytes((folder / name).read_bytes())
+    quiet = score(bundle_tiny, [str(colour)], tmp_path / "out2", opts, engine="local")
+    assert quiet["run"]["grey_inputs_scored"] == 0 and quiet["run"]["unlike_training"] is None
+    # what a manifest says: all grey, all colour, mixed or unrecorded (an older bundle); an export carries its bundle's
+    facts = lambda grey, total: {"training": {"grey_memory_images": grey, "n_memory_images": total}}  # noqa: E731
+    assert [trained_on(facts(4, 4)), trained_on(facts(0, 4)), trained_on(facts(1, 4)), trained_on({"training": {}})] == [
+        "grey", "colour", None, None]
+    assert trained_on({"trained_on": "grey"}) == "grey"
 
 
 def test_a_bundle_records_torch_and_resumes_an_out_that_said_onnxruntime(small_set, bundle_tiny, tmp_path):

@@ -42,6 +42,12 @@ def resize_rgb(rgb: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
 
 
+def is_grey(rgb: np.ndarray) -> bool:
+    """Whether an (H, W, 3) image's three channels are equal at every pixel: a grey camera's frame, read as RGB as
+    `to_rgb` reads every grey mode. Resizing keeps it, so a canvas says it as its image does."""
+    return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
+
+
 def list_images(folder: Path) -> list[Path]:
     """The image files in `folder`, and its broken links to image files: the reader names those ("broken
     symbolic link"), where leaving them out would train or evaluate on fewer images without a word."""

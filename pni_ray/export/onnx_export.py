@@ -48,6 +48,7 @@ from pni_ray.bundle import model_id as bundle_model_id
 from pni_ray.config import float_from_json
 from pni_ray.fileio import read_arrow as bundle_read_arrow
 from pni_ray.bundle import versions as bundle_versions
+from pni_ray.bundle_manifest import trained_on
 from pni_ray.fileio import staged_dir
 from pni_ray.geometry import STRIDE
 from pni_ray.predict import detector_geometry
@@ -368,6 +369,7 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
             "source_bundle": {"path": str(bundle.resolve()), "format_version": bmanifest.get("format_version"),
                               "files": bmanifest["files"]},
             "category": bmanifest["category"],
+            "trained_on": trained_on(bmanifest),  # "grey" / "colour" / null: scoring says when its inputs are not alike
             "mode": mode,
             "config": detector.config.to_dict(),  # as it trained (load_bundle filled in the legacy fields)
             "backbone": bmanifest["backbone"],

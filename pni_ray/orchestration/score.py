@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError
+from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError, is_grey
 from pni_ray.fileio import inside
 from pni_ray.geometry import Geometry, GeometryError, Prepared, restore_map
 from pni_ray.options import backbone_option_error
@@ -90,6 +90,7 @@ def decode_chunk(row: dict[str, Any], geometry: dict[str, Any], max_pixels: int)
     errors: list[str | None] = []
     hw: list[list[int] | None] = []
     content: list[list[int] | None] = []
+    grey: list[bool] = []  # of the decoded inputs, in order: three equal channels (data.images.is_grey)
     pixels: list[np.ndarray] = []
     for path in meta["paths"]:
         err = preset.get(path)
@@ -98,6 +99,7 @@ def decode_chunk(row: dict[str, Any], geometry: dict[str, Any], max_pixels: int)
                 prepared = geo.prepare(geo.load(path))
                 geo.check(prepared, name=path)  # also an image too thin to leave content cells, by name
                 pixels.append(prepared.canvas)
+                grey.append(is_grey(prepared.canvas))
                 hw.append(list(prepared.original_hw))
                 content.append(list(prepared.content))
             except (ImageError, GeometryError) as exc:
@@ -110,7 +112,7 @@ def decode_chunk(row: dict[str, Any], geometry: dict[str, Any], max_pixels: int)
             hw.append(None)
             content.append(None)
         errors.append(err)
-    meta.update(errors=errors, hw=hw, content=content)
+    meta.update(errors=errors, hw=hw, content=content, grey=grey)
     data = np.ascontiguousarray(np.stack(pixels)).tobytes() if pixels else b""
     return {"chunk": row["chunk"], "meta": json.dumps(meta), "pixels": data}
 
@@ -242,8 +244,29 @@ def encode_chunk(row: dict[str, Any], map_format: str, model: dict[str, Any]) ->
                           model["model_id"], scored_at) for r in rows]
         table = rows_to_table(rows, table_schema)
     n_failed = sum(r["error"] is not None for r in rows)
+    grey = scored_grey(meta, [r["error"] is None for r in rows])
     return {"chunk": row["chunk"], "parquet": table_to_parquet_bytes(table), "n": len(rows), "n_failed": n_failed,
-            "abort": ""}
+            "abort": "", "n_grey": len(grey), "grey_example": grey[0] if grey else ""}
+
+
+def scored_grey(meta: dict[str, Any], scored: list[bool]) -> list[str]:
+    """The chunk's inputs that were scored and are grey (meta["grey"] holds one flag per decoded input, in order)."""
+    flags = iter(meta.get("grey") or [])
+    return [path for path, decoded, ok in zip(meta["paths"], meta["hw"], scored)
+            if decoded is not None and next(flags, False) and ok]
+
+
+def unlike_training(info: ModelInfo, scored: int, grey: int, example: str) -> str:
+    """What to say when a colour model scored grey images, or a grey model colour ones ("" when nothing is unlike):
+    its features, and so its scores, stand on another footing (a camera switched to mono, a wrong folder)."""
+    n, what = (grey, "grey (three equal channels") if info.trained_on == "colour" else (
+        (scored - grey, "in colour (channels that differ") if info.trained_on == "grey" else (0, ""))
+    if n <= 0:
+        return ""
+    seen = f"; e.g. {example}" if info.trained_on == "colour" and example else ""
+    return (f"{n} of the {scored} images scored this run are {what}{seen}) but {info.path} was trained on "
+            f"{info.trained_on} images only: their scores are not comparable with its threshold. Check the camera or "
+            f"the folder, or train a model on {'grey' if info.trained_on == 'colour' else 'colour'} images for them")
 
 
 def aborted(chunk: str, why: str) -> dict[str, Any]:
@@ -483,6 +506,8 @@ class _Commits:
     total: int = 0  # inputs this run scores
     done: int = 0
     failed: int = 0
+    grey: int = 0  # scored inputs whose three channels are equal
+    grey_example: str = ""
     first: float | None = None  # when the first chunk was committed
     chunks: set[str] = field(default_factory=set)  # ids of the chunks committed: which inputs a run lost
     started: float = field(default_factory=time.perf_counter)
@@ -500,6 +525,8 @@ class _Commits:
                 self.first = time.perf_counter()
             self.done += int(result["n"])
             self.failed += int(result["n_failed"])
+            self.grey += int(result.get("n_grey", 0))
+            self.grey_example = self.grey_example or result.get("grey_example", "")
             self.bar.update(int(result["n"]))
             self.bar.set_postfix(failed=self.failed, refresh=False)
             if self.bar.disable:
@@ -589,6 +616,9 @@ def score(
                 _isolate_lost(rows, engine, info, opts, expanded.preset_errors, commits,
                               earlier=len(expanded.paths) - len(todo))
         n_done, n_failed, t_first = commits.done, commits.failed, commits.first
+        unlike = unlike_training(info, scored=n_done - n_failed, grey=commits.grey, example=commits.grey_example)
+        if unlike:
+            log.warning("%s", unlike)
         seconds = time.perf_counter() - t_run
         summary = summarise(out, expanded, info, top_n=top_n)
         summary["run"] = {
@@ -603,6 +633,8 @@ def score(
             "chunks": len(rows),
             "stale_temp_files_removed": stale,
             "error_rows_retried": retried,
+            "grey_inputs_scored": commits.grey,  # three equal channels, of scored_this_run
+            "unlike_training": unlike or None,
             "seconds": round(time.perf_counter() - t0, 3),
             "pipeline_seconds": round(seconds, 3),
             # start-up (Ray, model loading) and the first chunk, then the steady state

@@ -27,6 +27,7 @@ class ModelInfo:
     geometry: dict[str, Any] = field(default_factory=dict)  # Geometry.spec(): how decode prepares images
     backbone: str = "onnxruntime"  # where the backbone runs, as OUT records it: "torch" (bundles), "openvino-bf16", ...
     source_model_id: str | None = None  # an export's bundle (its model_id is the export's own manifest)
+    trained_on: str | None = None  # "grey" / "colour": every memory-bank image was (bundle_manifest.trained_on)
 
 
 def describe_model(path: Path | str, backbone_runtime: str = "onnxruntime", backbone_precision: str = "auto") -> ModelInfo:
@@ -35,7 +36,7 @@ def describe_model(path: Path | str, backbone_runtime: str = "onnxruntime", back
     export is loaded here with the actors' backbone runtime, so one OpenVINO cannot take fails now."""
     from pni_ray.export.openvino_backbone import OpenVINOUnavailable
     from pni_ray.export.tables import ExportError
-    from pni_ray.bundle_manifest import BundleError, check_weights_file, verify_bundle, verify_ensemble
+    from pni_ray.bundle_manifest import BundleError, check_weights_file, trained_on, verify_bundle, verify_ensemble
     from pni_ray.orchestration.model_loader import ExportModel, model_kind
 
     path = Path(path).resolve()
@@ -71,10 +72,12 @@ def describe_model(path: Path | str, backbone_runtime: str = "onnxruntime", back
         except (KeyError, TypeError, ValueError) as exc:
             raise ScoreError(f"{path}/manifest.json: no usable image geometry ({exc.__class__.__name__}: {exc})") from exc
         return ModelInfo(str(path), kind, canvas, float_from_json("threshold", threshold),
-                         sha256_file(path / "manifest.json"), manifest.get("category"), geometry.spec(), backbone="torch")
+                         sha256_file(path / "manifest.json"), manifest.get("category"), geometry.spec(), backbone="torch",
+                         trained_on=trained_on(manifest) if kind == "bundle" else None)
     try:
         model = ExportModel(path, backbone_runtime=backbone_runtime, backbone_precision=backbone_precision)
     except (OpenVINOUnavailable, ExportError) as exc:  # a tampered export is refused before the run, naming the file
         raise ScoreError(str(exc)) from exc
     return ModelInfo(str(path), kind, model.image_size, model.threshold, model.model_id, model.category,
-                     model.geometry.spec(), model.runtime.backbone_label, model.runtime.source_model_id)
+                     model.geometry.spec(), model.runtime.backbone_label, model.runtime.source_model_id,
+                     trained_on(model.manifest))
