@@ -371,10 +371,10 @@ def read_manifest_json(
     folder: Path | str, fmt: str, version: int, error: type[Exception], kind: str, hint: str = "",
     required: dict[str, type] | None = None, raw: bytes | None = None,
 ) -> dict[str, Any]:
-    """`folder`/manifest.json (or `raw`, its bytes as already read), checked to be a `fmt` manifest no newer than `version`, holding each
-    `required` key with a value of its type, and (when it lists `files`) each file by a plain name
-    inside the folder with a sha256: a hand-edited manifest fails here, naming the key, not later
-    as a KeyError.
+    """`folder`/manifest.json (or `raw`, its bytes as already read), checked to be a `fmt` manifest no
+    newer than `version`, holding each `required` key with a value of its type, and (when it lists
+    `files`) each file by a plain name inside the folder with a sha256: a hand-edited manifest fails
+    here, naming the key, not later as a KeyError.
 
     kind names the folder in messages ("bundle", "export", ...); hint is appended when the
     manifest is of another format (e.g. what to run instead).

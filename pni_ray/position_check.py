@@ -171,7 +171,7 @@ def checked_scoring_mode(detector: Any, geometry: Geometry, holdout_paths: Seque
         return mode, record
     log.warning("%s: the position prior costs on %d synthetic defects of held-out images (position - patchcore: %s): "
                 "scoring mode %s instead of %s (parts that move and turn?); `pni-ray evaluate --ablation` compares "
-                "every mode, and retraining (--force) with a --config file holding {\"position\": {\"check_defects\": 0}} "
-                "keeps the prior",
+                "every mode, and retraining (--force) with a --config file holding "
+                "{\"position\": {\"check_defects\": 0}} keeps the prior",
                 category, check.defects, gains, WITHOUT_POSITION[mode], mode)
     return WITHOUT_POSITION[mode], record

@@ -48,7 +48,7 @@ from pni_ray.bundle import model_id as bundle_model_id
 from pni_ray.config import float_from_json
 from pni_ray.fileio import read_arrow as bundle_read_arrow
 from pni_ray.bundle import versions as bundle_versions
-from pni_ray.bundle_manifest import trained_on
+from pni_ray.bundle_manifest import position_check_outcome, trained_on
 from pni_ray.fileio import staged_dir
 from pni_ray.geometry import STRIDE
 from pni_ray.predict import detector_geometry
@@ -294,10 +294,13 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
     if mode != "patchcore" and detector.mlp is None:
         raise ValueError(f"{bundle} is a PatchCore-only bundle: it exports in mode 'patchcore' only")
     if mode != detector.mode:  # its threshold bounds held-out scores of the bundle's own mode, not of this one
-        dropped = (bmanifest.get("training") or {}).get("position_check", {}).get("kept") is False
-        how = ("train --mode patchcore" if mode == "patchcore" else
-               "its position check dropped p(c|x): retrain with a --config file holding "
-               '{"position": {"check_defects": 0}} to keep it' if dropped else "scoring.mode in a train --config file")
+        if mode == "patchcore":
+            how = "train --mode patchcore"
+        elif position_check_outcome(bmanifest) == "dropped":
+            how = ('its position check dropped p(c|x): retrain with a --config file holding '
+                   '{"position": {"check_defects": 0}} to keep it')
+        else:
+            how = "scoring.mode in a train --config file"
         log.warning("%s: its threshold was calibrated on %s-mode scores; the export scores in mode %s, so it has no "
                     "threshold (is_anomalous null; scores and maps as usual): for one, export a bundle trained to "
                     "score in mode %s (%s)", bundle, detector.mode, mode, mode, how)

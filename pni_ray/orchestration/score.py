@@ -259,14 +259,15 @@ def scored_grey(meta: dict[str, Any], scored: list[bool]) -> list[str]:
 def unlike_training(info: ModelInfo, scored: int, grey: int, example: str) -> str:
     """What to say when a colour model scored grey images, or a grey model colour ones ("" when nothing is unlike):
     its features, and so its scores, stand on another footing (a camera switched to mono, a wrong folder)."""
-    n, what = (grey, "grey (three equal channels") if info.trained_on == "colour" else (
-        (scored - grey, "in colour (channels that differ") if info.trained_on == "grey" else (0, ""))
-    if n <= 0:
+    if info.trained_on == "colour" and grey > 0:
+        n, what, other = grey, f"grey (three equal channels{f'; e.g. {example}' if example else ''})", "grey"
+    elif info.trained_on == "grey" and scored - grey > 0:
+        n, what, other = scored - grey, "in colour (channels that differ)", "colour"
+    else:
         return ""
-    seen = f"; e.g. {example}" if info.trained_on == "colour" and example else ""
-    return (f"{n} of the {scored} images scored this run are {what}{seen}) but {info.path} was trained on "
-            f"{info.trained_on} images only: their scores are not comparable with its threshold. Check the camera or "
-            f"the folder, or train a model on {'grey' if info.trained_on == 'colour' else 'colour'} images for them")
+    return (f"{n} of the {scored} images scored this run are {what} but {info.path} was trained on {info.trained_on} "
+            f"images only: their scores are not comparable with its threshold. Check the camera or the folder, or train "
+            f"a model on {other} images for them")
 
 
 def aborted(chunk: str, why: str) -> dict[str, Any]:

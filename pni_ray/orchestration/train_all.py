@@ -355,7 +355,8 @@ def _previous_rows(out: Path) -> dict[str, dict[str, Any]]:
 PARQUET_COLUMNS: tuple[tuple[str, str], ...] = (
     ("category", "string"), ("backbone", "string"), ("status", "string"), ("seconds", "float64"),
     ("eval_seconds", "float64"), ("cpu_seconds", "float64"), ("peak_rss_mb", "float64"), ("peak_rss_source", "string"),
-    ("mode", "string"), ("position_check", "string"), ("image_auroc", "float64"), ("pixel_auroc", "float64"), ("aupro", "float64"), ("f1_max", "float64"),
+    ("mode", "string"), ("position_check", "string"),
+    ("image_auroc", "float64"), ("pixel_auroc", "float64"), ("aupro", "float64"), ("f1_max", "float64"),
     ("n_test_images", "int64"), ("model_id", "string"), ("bundle", "string"), ("stage", "string"),
     ("error", "string"), ("reason", "string"), ("device", "string"), ("threads", "int64"), ("host", "string"),
     ("node_id", "string"), ("attempt", "int64"),
