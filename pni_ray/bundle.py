@@ -25,6 +25,7 @@ from pni_ray.bundle_manifest import (FORMAT, FORMAT_VERSION, MANIFEST, MEMORY, M
                                      BundleError, check_weights_file, model_id, read_manifest, read_verified,
                                      verify_bundle)
 from pni_ray.fileio import arrow_from_bytes, atomic_write_bytes, atomic_write_json, sha256_file, staged_dir, write_arrow
+from pni_ray.geometry import grid_of
 from pni_ray.models.backbones import get_spec, offline_weight_path
 from pni_ray.models.neighbourhood import NeighbourhoodMLP
 from pni_ray.models.pni import Normalisation, TrainedModel
@@ -170,8 +171,11 @@ def _check_agrees(file: Path, manifest: dict[str, Any], cfg: TrainConfig, traine
              ("n_memory", manifest.get("n_memory", len(trained.memory)), len(trained.memory), f"the rows of {MEMORY}"),
              ("feature_dim", manifest.get("feature_dim", trained.feature_dim), trained.feature_dim, f"{MEMORY}'s width"),
              ("dist_size", manifest.get("dist_size", trained.dist_size), trained.dist_size, f"{MEMORY}'s dist_size")]
+    size = cfg.features.image_size
     if trained.position_prior is not None:
         facts.append(("grid", list(manifest["grid"]), list(trained.position_prior.grid), f"{PRIOR}'s grid"))
+    elif cfg.geometry.policy == "resize" and not cfg.geometry.tile:  # a fixed canvas: its grid follows from the size
+        facts.append(("grid", list(manifest["grid"]), list(grid_of((size, size))), f"the grid of its {size} px input"))
     for key, stated, found, what in facts:
         if stated != found:
             raise BundleError(f"{file}: {key!r} is {stated!r} but {what} is {found!r}; the manifest was edited: restore or "

@@ -71,10 +71,14 @@ def read_verified(path: Path | str) -> VerifiedBundle:
     path = Path(path)
     for attempt in range(REPLACED_RETRIES + 1):
         file = path / MANIFEST
-        raw = file.read_bytes() if file.is_file() else None  # None: read_manifest names what is missing
-        manifest = read_manifest(path, raw)
+        raw: bytes | None = None
         files: dict[str, bytes] = {}
         try:
+            try:
+                raw = file.read_bytes()
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # read_manifest names what is missing
+                pass
+            manifest = read_manifest(path, raw)
             for name, meta in _listed_files(path, manifest):
                 try:
                     files[name] = (path / name).read_bytes()
@@ -82,7 +86,7 @@ def read_verified(path: Path | str) -> VerifiedBundle:
                     raise BundleError(f"{path / name}: missing from the bundle (listed in {MANIFEST})") from None
                 _check_digest(path / name, meta, hashlib.sha256(files[name]).hexdigest())
         except BundleError:
-            if attempt < REPLACED_RETRIES and _replaced(file, raw):
+            if attempt < REPLACED_RETRIES and (raw is None or _replaced(file, raw)):  # None: between a save's renames?
                 time.sleep(REPLACED_WAIT_S)  # the save's two renames (replace_dir) are microseconds apart
                 continue
             raise

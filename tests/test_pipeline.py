@@ -81,6 +81,41 @@ def test_tampered_and_incomplete_bundles_refused(bundle_tiny, tmp_path):
             load_bundle(edited)
 
 
+def test_a_patchcore_bundles_edited_grid_is_refused(trained_tiny, tmp_path):
+    """A PatchCore-only bundle has no position prior to hold its grid: at a fixed canvas the grid follows from the
+    image size, so an edited one is refused at load instead of failing every scored image."""
+    import shutil
+
+    patchcore = dataclasses.replace(trained_tiny, config=trained_tiny.config.replace(mode="patchcore"), mlp=None,
+                                    position_prior=None, emb_to_dist=None, dist_size=0)
+    path = save_bundle(patchcore, tmp_path / "pc")
+    load_bundle(path)
+    edited = tmp_path / "edited"
+    shutil.copytree(path, edited)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest["grid"] = [8, 8]
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"edited/manifest.json: 'grid' is \[8, 8\] but the grid of its 128 px input is \[16, 16\]"):
+        load_bundle(edited)
+
+
+def test_a_bundle_that_vanishes_between_a_saves_renames_is_read_once_it_is_back(trained_tiny, tmp_path, monkeypatch):
+    """A reader that lands between replace_dir's two renames finds no folder: it waits for the new bundle rather than
+    saying the save did not finish; a bundle that stays missing is still named as missing."""
+    import pni_ray.bundle_manifest as bundle_manifest
+    from pni_ray.bundle import load_bundle_and_id
+
+    path = save_bundle(trained_tiny, tmp_path / "b")
+    aside = tmp_path / "aside"
+    path.rename(aside)  # the gap: the old bundle renamed away, the new one not yet in place
+    monkeypatch.setattr(bundle_manifest.time, "sleep", lambda s: aside.rename(path))  # the save's second rename
+    _, _, found = load_bundle_and_id(path)
+    assert found == model_id(path)
+    monkeypatch.setattr(bundle_manifest.time, "sleep", lambda s: None)
+    with pytest.raises(BundleError, match="not a bundle directory"):
+        load_bundle_and_id(tmp_path / "never")
+
+
 def test_save_is_atomic(trained_tiny, tmp_path, monkeypatch):
     import pni_ray.bundle as bundle_mod
 

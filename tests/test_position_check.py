@@ -139,6 +139,8 @@ def test_a_prior_that_loses_leaves_the_scoring_mode_and_the_threshold_follows(sy
     from pni_ray.ensemble_bundle import save_ensemble
     ensemble = read_ensemble_manifest(save_ensemble([bundle, bundle_tiny], tmp_path / "ens"))
     assert [m["mode"] for m in ensemble["members"]] == [WITHOUT_POSITION[configured], "pni"]
+    from pni_ray.orchestration.score_model import describe_model
+    assert describe_model(tmp_path / "ens").trained_on == "colour"  # its members agree: score's grey hint applies
     assert manifest["training"]["position_check"]["requested_mode"] == configured
     assert config_diff(canonical(recorded_config(manifest)), canonical(cfg.to_dict())) == []
     other = cfg.replace(scoring=dataclasses.replace(cfg.scoring, blur_sigma=3.0))

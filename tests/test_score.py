@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -404,6 +405,11 @@ def test_grey_images_on_a_colour_model_are_counted_and_named(synthetic_root, bun
     said = summary["run"]["unlike_training"]
     assert said.startswith("3 of the 5 images scored this run are grey (three equal channels; e.g. ") and "0.png" in said
     assert "was trained on colour images only" in said and said in caplog.text
+    from pni_ray.orchestration.score import unlike_training
+    from pni_ray.orchestration.score_model import describe_model
+    grey_model = dataclasses.replace(describe_model(bundle_tiny), trained_on="grey")
+    assert unlike_training(grey_model, 5, 3, "/g.png", "/c.png").startswith(
+        "2 of the 5 images scored this run are in colour (channels that differ; e.g. /c.png) but")
     colour = tmp_path / "colour"
     colour.mkdir()
     for name in ("3.png", "4.png"):

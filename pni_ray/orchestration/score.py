@@ -244,27 +244,32 @@ def encode_chunk(row: dict[str, Any], map_format: str, model: dict[str, Any]) ->
                           model["model_id"], scored_at) for r in rows]
         table = rows_to_table(rows, table_schema)
     n_failed = sum(r["error"] is not None for r in rows)
-    grey = scored_grey(meta, [r["error"] is None for r in rows])
+    grey, colour = scored_grey(meta, [r["error"] is None for r in rows])
     return {"chunk": row["chunk"], "parquet": table_to_parquet_bytes(table), "n": len(rows), "n_failed": n_failed,
-            "abort": "", "n_grey": len(grey), "grey_example": grey[0] if grey else ""}
+            "abort": "", "n_grey": len(grey), "grey_example": grey[0] if grey else "",
+            "colour_example": colour[0] if colour else ""}
 
 
-def scored_grey(meta: dict[str, Any], scored: list[bool]) -> list[str]:
-    """The chunk's inputs that were scored and are grey (meta["grey"] holds one flag per decoded input, in order)."""
+def scored_grey(meta: dict[str, Any], scored: list[bool]) -> tuple[list[str], list[str]]:
+    """The chunk's scored inputs that are grey, and those in colour (meta["grey"] holds one flag per decoded input,
+    in order; an input that did not decode has none)."""
     flags = iter(meta.get("grey") or [])
-    return [path for path, decoded, ok in zip(meta["paths"], meta["hw"], scored)
-            if decoded is not None and next(flags, False) and ok]
+    grey_flags = [next(flags, None) if decoded is not None else None for decoded in meta["hw"]]
+    grey = [path for path, g, ok in zip(meta["paths"], grey_flags, scored) if ok and g is True]
+    colour = [path for path, g, ok in zip(meta["paths"], grey_flags, scored) if ok and g is False]
+    return grey, colour
 
 
-def unlike_training(info: ModelInfo, scored: int, grey: int, example: str) -> str:
+def unlike_training(info: ModelInfo, scored: int, grey: int, grey_example: str, colour_example: str) -> str:
     """What to say when a colour model scored grey images, or a grey model colour ones ("" when nothing is unlike):
     its features, and so its scores, stand on another footing (a camera switched to mono, a wrong folder)."""
     if info.trained_on == "colour" and grey > 0:
-        n, what, other = grey, f"grey (three equal channels{f'; e.g. {example}' if example else ''})", "grey"
+        n, what, example, other = grey, "grey (three equal channels", grey_example, "grey"
     elif info.trained_on == "grey" and scored - grey > 0:
-        n, what, other = scored - grey, "in colour (channels that differ)", "colour"
+        n, what, example, other = scored - grey, "in colour (channels that differ", colour_example, "colour"
     else:
         return ""
+    what += f"; e.g. {example})" if example else ")"
     return (f"{n} of the {scored} images scored this run are {what} but {info.path} was trained on {info.trained_on} "
             f"images only: their scores are not comparable with its threshold. Check the camera or the folder, or train "
             f"a model on {other} images for them")
@@ -509,6 +514,7 @@ class _Commits:
     failed: int = 0
     grey: int = 0  # scored inputs whose three channels are equal
     grey_example: str = ""
+    colour_example: str = ""
     first: float | None = None  # when the first chunk was committed
     chunks: set[str] = field(default_factory=set)  # ids of the chunks committed: which inputs a run lost
     started: float = field(default_factory=time.perf_counter)
@@ -528,6 +534,7 @@ class _Commits:
             self.failed += int(result["n_failed"])
             self.grey += int(result.get("n_grey", 0))
             self.grey_example = self.grey_example or result.get("grey_example", "")
+            self.colour_example = self.colour_example or result.get("colour_example", "")
             self.bar.update(int(result["n"]))
             self.bar.set_postfix(failed=self.failed, refresh=False)
             if self.bar.disable:
@@ -617,7 +624,7 @@ def score(
                 _isolate_lost(rows, engine, info, opts, expanded.preset_errors, commits,
                               earlier=len(expanded.paths) - len(todo))
         n_done, n_failed, t_first = commits.done, commits.failed, commits.first
-        unlike = unlike_training(info, scored=n_done - n_failed, grey=commits.grey, example=commits.grey_example)
+        unlike = unlike_training(info, n_done - n_failed, commits.grey, commits.grey_example, commits.colour_example)
         if unlike:
             log.warning("%s", unlike)
         seconds = time.perf_counter() - t_run

@@ -30,6 +30,14 @@ class ModelInfo:
     trained_on: str | None = None  # "grey" / "colour": every memory-bank image was (bundle_manifest.trained_on)
 
 
+def members_trained_on(path: Path, manifest: dict[str, Any]) -> str | None:
+    """An ensemble's "grey" or "colour": what all its members trained on, where they agree (None otherwise)."""
+    from pni_ray.bundle_manifest import member_path, read_manifest, trained_on
+
+    found = {trained_on(read_manifest(member_path(path, m["path"]))) for m in manifest["members"]}
+    return found.pop() if len(found) == 1 else None
+
+
 def describe_model(path: Path | str, backbone_runtime: str = "onnxruntime", backbone_precision: str = "auto") -> ModelInfo:
     """What the driver needs to know, without torch: the manifest, and the checksum of every file a
     bundle (or each ensemble member) lists and of a --weights file (the actors verify again when they load). An
@@ -73,7 +81,7 @@ def describe_model(path: Path | str, backbone_runtime: str = "onnxruntime", back
             raise ScoreError(f"{path}/manifest.json: no usable image geometry ({exc.__class__.__name__}: {exc})") from exc
         return ModelInfo(str(path), kind, canvas, float_from_json("threshold", threshold),
                          sha256_file(path / "manifest.json"), manifest.get("category"), geometry.spec(), backbone="torch",
-                         trained_on=trained_on(manifest) if kind == "bundle" else None)
+                         trained_on=trained_on(manifest) if kind == "bundle" else members_trained_on(path, manifest))
     try:
         model = ExportModel(path, backbone_runtime=backbone_runtime, backbone_precision=backbone_precision)
     except (OpenVINOUnavailable, ExportError) as exc:  # a tampered export is refused before the run, naming the file
