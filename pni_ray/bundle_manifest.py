@@ -67,7 +67,8 @@ def verify_bundle(path: Path | str) -> dict[str, Any]:
 def read_verified(path: Path | str) -> VerifiedBundle:
     """The manifest and each file it lists, read once and checked as read, so what loading parses is what was checked.
     A bundle replaced between reading its manifest and its files (saves rename a whole new directory into place) is
-    read again from its new manifest, up to REPLACED_RETRIES times: the old bundle whole or the new one, never a mix."""
+    read again from its new manifest, up to REPLACED_RETRIES times: the old bundle whole or the new one, never a mix.
+    A bundle that is truly broken is refused after those tries (REPLACED_RETRIES x REPLACED_WAIT_S later)."""
     path = Path(path)
     for attempt in range(REPLACED_RETRIES + 1):
         file = path / MANIFEST
@@ -85,21 +86,13 @@ def read_verified(path: Path | str) -> VerifiedBundle:
                 except FileNotFoundError:  # gone since _listed_files saw it
                     raise BundleError(f"{path / name}: missing from the bundle (listed in {MANIFEST})") from None
                 _check_digest(path / name, meta, hashlib.sha256(files[name]).hexdigest())
-        except BundleError:
-            if attempt < REPLACED_RETRIES and (raw is None or _replaced(file, raw)):  # None: between a save's renames?
+        except BundleError:  # replaced meanwhile (no folder between a save's two renames, a file gone or changed), or
+            if attempt < REPLACED_RETRIES:  # truly broken: read again from the manifest then, and say the last error
                 time.sleep(REPLACED_WAIT_S)  # the save's two renames (replace_dir) are microseconds apart
                 continue
             raise
         return VerifiedBundle(manifest, files, hashlib.sha256(raw or b"").hexdigest())
     raise AssertionError("unreachable")  # the last attempt returns or raises
-
-
-def _replaced(file: Path, raw: bytes | None) -> bool:
-    """Whether the manifest at `file` is no longer the bytes `raw` (the bundle was replaced while it was read)."""
-    try:
-        return file.read_bytes() != raw
-    except OSError:
-        return True
 
 
 def _listed_files(path: Path, manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
