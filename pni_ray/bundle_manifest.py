@@ -215,13 +215,17 @@ def check_member_id(root: Path, entry: dict[str, Any]) -> Path:
     path = member_path(root, entry["path"])
     if not (path / MANIFEST).is_file():
         raise BundleError(f"{path}: ensemble member is missing (listed in {root / MANIFEST})")
-    found = model_id(path)
+    check_member_found(path, entry, model_id(path))
+    return path
+
+
+def check_member_found(path: Path, entry: dict[str, Any], found: str) -> None:
+    """The member at `path` has the model_id its ensemble entry pinned (`found`: its manifest's, as read)."""
     if found != entry["model_id"]:
         raise BundleError(
             f"{path / MANIFEST}: member manifest differs from the one the ensemble was built with "
             f"(model_id expected {entry['model_id'][:12]}..., got {found[:12]}...); rebuild the ensemble"
         )
-    return path
 
 
 def verify_ensemble(path: Path | str) -> dict[str, Any]:

@@ -23,7 +23,8 @@ from typing import Any, Sequence
 from pni_ray.bundle import BundleError, atomic_write_json, load_bundle_and_id, model_id, verify_bundle, versions
 from pni_ray.bundle_manifest import ENSEMBLE_FORMAT as FORMAT
 from pni_ray.bundle_manifest import ENSEMBLE_FORMAT_VERSION as FORMAT_VERSION
-from pni_ray.bundle_manifest import MANIFEST, calibration_images, check_member_id, member_path, scoring_mode
+from pni_ray.bundle_manifest import (MANIFEST, calibration_images, check_member_found, check_member_id, member_path,
+                                     scoring_mode)
 from pni_ray.bundle_manifest import read_ensemble_manifest, verify_ensemble  # noqa: F401 (re-exported)
 from pni_ray.config import ScoringConfig, TrainConfig, float_from_json
 from pni_ray.fileio import copy_tree_durable, inside, staged_dir
@@ -197,11 +198,9 @@ def load_ensemble_from_entries(root: Path, entries: list[dict[str, Any]]) -> tup
     """Detector of the listed members; each member bundle is verified by load_bundle."""
     members, norms, manifests = [], [], []
     for entry in entries:
-        trained, manifest, found = load_bundle_and_id(member_path(root, entry["path"]))
-        if found != entry["model_id"]:  # replaced since the ensemble was checked: not loaded under its recorded id
-            raise BundleError(f"{member_path(root, entry['path']) / MANIFEST}: member manifest differs from the one the "
-                              f"ensemble was built with (model_id expected {entry['model_id'][:12]}..., got "
-                              f"{found[:12]}...); rebuild the ensemble")
+        path = member_path(root, entry["path"])
+        trained, manifest, found = load_bundle_and_id(path)
+        check_member_found(path, entry, found)  # replaced since the ensemble was checked: not under its recorded id
         members.append(build_detector(trained))
         norms.append(trained.normalisation)
         manifests.append(manifest)

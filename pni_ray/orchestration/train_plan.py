@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pni_ray.bundle_manifest import position_check_outcome
 from pni_ray.config import TrainConfig
 
 TRAINED, SKIPPED, FAILED = "trained", "skipped", "failed"
@@ -90,10 +91,11 @@ def recorded_config(manifest: dict[str, Any]) -> dict[str, Any]:
     makes a bundle "different", and one that trained otherwise still is; a scoring mode the position check
     changed is compared as it was asked for. A config this version cannot read is compared as stored."""
     raw = manifest.get("config", {})
-    check = (manifest.get("training") or {}).get("position_check") or {}
-    if check.get("kept") is False and isinstance(raw.get("scoring"), dict) and "requested_mode" in check:
+    requested = manifest["training"]["position_check"].get("requested_mode") \
+        if position_check_outcome(manifest) == "dropped" else None
+    if requested and isinstance(raw.get("scoring"), dict):
         # the position check left p(c|x) out of the scoring mode it records: compare the mode that was asked for
-        raw = {**raw, "scoring": {**raw["scoring"], "mode": check["requested_mode"]}}
+        raw = {**raw, "scoring": {**raw["scoring"], "mode": requested}}
     try:
         return TrainConfig.from_manifest(raw).to_dict()
     except (TypeError, ValueError):
