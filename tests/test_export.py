@@ -25,6 +25,7 @@ from pni_ray.export.onnx_export import ExportOptions, export_bundle, parity_figu
 from pni_ray.export.runtime import load_exported
 from pni_ray.data.mvtec import load_category
 from pni_ray.data.transforms import load_batch
+from pni_ray.bundle import model_id as bundle_model_id
 from pni_ray.inference import load_detector
 from trt_stand_in import install as stand_in_tensorrt
 
@@ -60,8 +61,27 @@ def reference(detector, images):
 
 @pytest.fixture(scope="module")
 def exported(bundle_tiny, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("export") / "washer"
-    export_bundle(bundle_tiny, out, ExportOptions(max_batch=4))
+    """The tiny bundle exported from a copy that is changed on disk right after the export loaded it (its prior
+    deleted, its manifest rewritten: `train --force` beside an export): what the export writes must be what it
+    loaded, which test_export_directory_contents checks against the untouched bundle."""
+    from pni_ray.export import onnx_export
+
+    work = tmp_path_factory.mktemp("export")
+    source = work / "bundle"
+    shutil.copytree(bundle_tiny, source)
+    load = onnx_export.load_source
+
+    def load_then_change(path):
+        loaded = load(path)
+        (source / "position_prior.arrow").unlink()
+        manifest = json.loads((source / "manifest.json").read_text())
+        (source / "manifest.json").write_text(json.dumps({**manifest, "category": "replaced"}))
+        return loaded
+
+    out = work / "washer"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onnx_export, "load_source", load_then_change)
+        export_bundle(source, out, ExportOptions(max_batch=4))
     return out
 
 
@@ -134,7 +154,7 @@ def test_scorer_graph_every_mode(detector, bundle_tiny, combine):
     h, w = 16, 16
     features = torch.randn(2, detector.scorer.memory.shape[1], h, w, generator=g) * 0.5 + detector.scorer.memory.mean(0).view(1, -1, 1, 1)
     probs = torch.softmax(torch.randn(2, detector.mlp.n_classes, h, w, generator=g) * 3, dim=1)
-    st = scoring_tables(detector, bundle_tiny)
+    st = scoring_tables(detector)
     scorer = copy.copy(detector.scorer)
     scorer.combine = combine
     for mode in ("patchcore", "neighbourhood", "position", "pni", "pni_split"):
@@ -259,7 +279,7 @@ def test_fp16_build_keeps_the_mlp_mask_exact(exported, detector, bundle_tiny, im
     (logits,) = _session(exported / "mlp.onnx").run(None, {"features": features})
     logits16 = logits.astype(np.float16).astype(np.float32)  # where TensorRT casts: the FP16 engine's output
     probs = _session(exported / "softmax.onnx").run(None, {"logits": logits16})[0]
-    st = scoring_tables(detector, bundle_tiny)
+    st = scoring_tables(detector)
     tau = float(detector.scorer.tau)
     with torch.no_grad():
         ref_probs = torch.softmax(torch.from_numpy(logits16), dim=-1).numpy()  # mlp.onnx's logits are already / T
@@ -338,7 +358,7 @@ def test_map_matrices_equal_the_torch_mapper(grid, size, sigma):
 # ---------------------------------------------------------------- end to end, runtime
 
 
-def test_runtime_matches_torch_bundle(exported, reference, images):
+def test_runtime_matches_torch_bundle(exported, reference, images, bundle_tiny):
     model = load_exported(exported, threads=1)
     maps, scores = model.predict(images)
     fig = parity_figures(*reference, maps, scores)
@@ -347,9 +367,8 @@ def test_runtime_matches_torch_bundle(exported, reference, images):
     assert fig["ranking_identical"], fig
     assert model.image_size == (128, 128)
     assert model.threshold == json.loads((exported / "manifest.json").read_text())["threshold"]
-    from pni_ray.bundle import model_id
-
-    assert model.source_model_id == model_id(Path(model.manifest["source_bundle"]["path"]))
+    # the bundle it loaded (the fixture changed its copy on disk after the load)
+    assert model.source_model_id == bundle_model_id(bundle_tiny)
     assert model.model_id == tables.export_id(exported) != model.source_model_id  # the export's own identity
     assert np.array_equal(scores > model.threshold, reference[1] > model.threshold)
     # batches above max_batch are split; results do not depend on the batch size
@@ -668,6 +687,12 @@ def test_export_directory_contents(exported, bundle_tiny):
     d = m["feature_dim"]
     np.testing.assert_array_equal(st.memory, bundle_memory.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, d))
     np.testing.assert_array_equal(st.emb_to_dist, bundle_memory.column("dist_index").to_numpy())
+    prior = tables.read_arrow(bundle_tiny / "position_prior.arrow")  # the exported copy lost its own after the load
+    np.testing.assert_array_equal(st.prior_position, prior.column("position").to_numpy())
+    np.testing.assert_array_equal(st.prior_entry, prior.column("entry").to_numpy())
+    np.testing.assert_array_equal(st.prior_prob, prior.column("prob").to_numpy())
+    assert st.grid == (int(prior.schema.metadata[b"grid_h"]), int(prior.schema.metadata[b"grid_w"]))
+    assert (m["model_id"], m["category"]) == (bundle_model_id(bundle_tiny), "washer")  # not the rewritten manifest's
     assert tables.read_normalisation(exported / "normalisation.arrow")["threshold"] == m["threshold"]
     for name in m["pipeline"]:  # dynamic batch axis only
         model = onnx.load(str(exported / m["graphs"][name]["file"]))

@@ -44,9 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pni_ray.export import graph_passes, opcheck, quantize, recalibrate, scorer_graph, tables
-from pni_ray.bundle import model_id as bundle_model_id
 from pni_ray.config import float_from_json
-from pni_ray.fileio import read_arrow as bundle_read_arrow
 from pni_ray.bundle import versions as bundle_versions
 from pni_ray.bundle_manifest import position_check_outcome, trained_on
 from pni_ray.fileio import staged_dir
@@ -252,31 +250,32 @@ def _signature(vi: onnx.ValueInfoProto) -> dict[str, Any]:
 
 
 def load_source(bundle: Path | str):
-    from pni_ray.inference import load_detector
+    """(detector, manifest, model_id) of one bundle, from a single verified read: everything the export writes
+    comes from these, never from the folder again (a bundle replaced meanwhile cannot mix into the export)."""
+    from pni_ray.inference import load_detector_and_id
     from pni_ray.models.pni import PNIDetector
 
-    detector, manifest = load_detector(bundle)
+    detector, manifest, found_id = load_detector_and_id(bundle)
     if not isinstance(detector, PNIDetector):
         raise ValueError(f"{bundle}: ensembles export one member bundle at a time (pni-ray export MEMBER --out DIR)")
-    return detector.eval(), manifest
+    return detector.eval(), manifest, found_id
 
 
-def scoring_tables(detector, bundle: Path) -> tables.ScoringTables:
-    """The scorer's data as the runtime reads it back, taken from the torch buffers and the bundle."""
+def scoring_tables(detector) -> tables.ScoringTables:
+    """The scorer's data as the runtime reads it back, taken from the loaded detector's buffers. The position
+    prior is the sparse table the bundle stored: its non-zero entries in row-major order, as training wrote them."""
     sc = detector.scorer
     memory = sc.memory.detach().cpu().numpy().astype(np.float32)
     e2d = sc.emb_to_dist.cpu().numpy().astype(np.int64) if sc.emb_to_dist is not None else None
     inv = sc.inv_cluster.cpu().numpy().astype(np.float32) if sc.inv_cluster is not None else None
     grid = (0, 0)
     pos = ent = prob = None
-    prior_file = Path(bundle) / "position_prior.arrow"
-    if prior_file.is_file():
-        pt = bundle_read_arrow(prior_file)
-        meta = pt.schema.metadata
-        grid = (int(meta[b"grid_h"]), int(meta[b"grid_w"]))
-        pos = pt.column("position").to_numpy().astype(np.int64)
-        ent = pt.column("entry").to_numpy().astype(np.int64)
-        prob = pt.column("prob").to_numpy().astype(np.float32)
+    if sc.position_prior is not None:
+        dense = sc.position_prior.detach().cpu()
+        grid = sc.grid if sc.grid is not None else (0, 0)
+        position, entry = dense.nonzero(as_tuple=True)
+        pos, ent = position.numpy().astype(np.int64), entry.numpy().astype(np.int64)
+        prob = dense[position, entry].numpy().astype(np.float32)
     return tables.ScoringTables(memory, e2d, inv, grid, pos, ent, prob)
 
 
@@ -288,7 +287,7 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
     bundle, out = Path(bundle), Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
-    detector, bmanifest = load_source(bundle)
+    detector, bmanifest, source_id = load_source(bundle)
     mode = options.mode or detector.mode
     needs_probs = mode in ("neighbourhood", "pni", "pni_split")
     if mode != "patchcore" and detector.mlp is None:
@@ -323,7 +322,7 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
             features = torch.rand(2, d, h, w, generator=gen)
             models["mlp"] = trace_to_onnx(_MLP(detector.mlp), (features,), ["features"], ["logits"], options.opset)
             models["softmax"] = softmax_graph(grid, int(detector.mlp.n_classes), options.opset)
-        st = scoring_tables(detector, bundle)
+        st = scoring_tables(detector)
         if st.grid == (0, 0):
             st.grid = (h, w)
         if st.grid != (h, w):
@@ -368,7 +367,7 @@ def export_bundle(bundle: Path | str, out: Path | str, options: ExportOptions | 
             "format": tables.FORMAT,
             "format_version": (tables.FORMAT_VERSION if geometry.cfg.white_level is not None
                                or geometry.content_extent is not None else 1),
-            "model_id": bundle_model_id(bundle),
+            "model_id": source_id,  # of the manifest whose checked files were loaded
             "source_bundle": {"path": str(bundle.resolve()), "format_version": bmanifest.get("format_version"),
                               "files": bmanifest["files"]},
             "category": bmanifest["category"],
