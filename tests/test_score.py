@@ -527,6 +527,15 @@ def test_cli_exit_status(small_set, bundle_tiny, tmp_path):
                                                          str(root / "bad" / "empty.jpg")}
     notamodel = runner.invoke(main, ["score", str(root), str(root / "wide"), "--out", str(tmp_path / "c")])
     assert notamodel.exit_code == 3 and "manifest.json" in notamodel.output
+    # a rerun keeps the error rows: it says how to score them again once fixed
+    again = runner.invoke(main, ["score", str(bundle_tiny), str(root / "bad"), "--out", str(tmp_path / "b"),
+                                 "--engine", "local", "--threads", "1", "--no-progress"])
+    assert again.exit_code == 1 and "2 of these error rows are an earlier run's" in again.output
+    assert "rerun with --retry-failed" in again.output
+    # an empty INPUT (an unset shell variable) would name the working directory: refused, nothing written
+    blank = runner.invoke(main, ["score", str(bundle_tiny), "", "--out", str(tmp_path / "d"), "--engine", "local"])
+    assert blank.exit_code == 3 and "an input is empty (an unset variable?)" in blank.output, blank.output
+    assert not (tmp_path / "d").exists()
 
 
 # ------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -47,15 +48,19 @@ def test_an_existing_name_with_glob_characters_is_taken_literally(tmp_path):
     assert got.paths == [f"{t}/#hash.png", f"{t}/a[1].png"]
 
 
-def test_walk_follows_symlinked_folders_once_and_reports_unreadable_ones(tmp_path, monkeypatch):
+def test_walk_follows_symlinked_folders_once_and_reports_unreadable_ones(tmp_path, monkeypatch, caplog):
     root = tmp_path / "line"
-    for rel in ("cam1/1.png", "cam2/locked/2.png", "elsewhere/3.png"):
+    for rel in ("cam1/1.png", "cam2/locked/2.png", "elsewhere/3.png", "elsewhere/sub/4.png", "cam1/.x.png"):
         (tmp_path / rel if rel.startswith("elsewhere") else root / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel if rel.startswith("elsewhere") else root / rel).write_bytes(b"x")
     os.symlink(tmp_path / "elsewhere", root / "linked")  # a folder outside the tree: walked
     os.symlink(tmp_path / "elsewhere", root / "cam2" / "linked_too")  # the same folder again: once
     os.symlink(root / "cam1", root / "a_again")  # sorts before cam1: cam1 still walked under its own name
     os.symlink(tmp_path, root / "cam1" / "up")  # holds the whole tree: a loop, skipped
+    # inside the linked folder, a link back to its own sub-folder's ancestor chain: a loop outside the tree
+    os.symlink(tmp_path / "elsewhere" / "sub", tmp_path / "elsewhere" / "sub" / "up")
+    # a link to a sub-folder of the linked folder, met before it ("b" < "linked"): its images once, under this name
+    os.symlink(tmp_path / "elsewhere" / "sub", root / "b_sub")
     real_scandir = os.scandir
     locked = str(root / "cam2" / "locked")
 
@@ -65,8 +70,10 @@ def test_walk_follows_symlinked_folders_once_and_reports_unreadable_ones(tmp_pat
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    got = expand_inputs([str(root)])
-    assert got.paths == sorted([f"{root}/cam1/1.png", f"{root}/linked/3.png", locked])
+    with caplog.at_level(logging.INFO, logger="pni_ray.orchestration.score_inputs"):
+        got = expand_inputs([str(root)])
+    assert got.paths == sorted([f"{root}/cam1/1.png", f"{root}/linked/3.png", f"{root}/b_sub/4.png", locked])
+    assert f"{root}: 1 hidden file(s) or folder(s) below it (names starting with '.') not scored" in caplog.messages
     assert "cannot list this directory" in got.preset_errors[locked] and "Permission denied" in got.preset_errors[locked]
 
 

@@ -57,6 +57,10 @@ def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
         click.echo(f"  FAILED  {f['error']}", err=True)
     if summary["failed"] > 10:
         click.echo(f"  ... and {summary['failed'] - 10} more failures (see {out / SUMMARY_FILE})", err=True)
+    kept = summary["failed"] - run.get("failed_this_run", 0)
+    if kept > 0:  # error rows are final: a fix the message asks for (a file rewritten, --max-pixels) needs a retry
+        click.echo(f"  {kept} of these error rows are an earlier run's, kept as they were: once the files or the "
+                   "options they name are fixed, rerun with --retry-failed to score them again", err=True)
     click.echo(f"table: {out}/part-*.parquet  summary: {out / SUMMARY_FILE}")
 
 

@@ -1,14 +1,14 @@
 """What `pni-ray score` reads: INPUT specs expanded to a sorted, de-duplicated path list, and its chunks.
 
-INPUT is a file, a directory (recursive; image extensions only, hidden entries skipped), a glob (``**`` allowed) or a list file (``@list`` or a ``.txt``/``.lst`` file: one path,
+INPUT is a file, a directory (recursive; image extensions only, hidden entries skipped and counted in a log line), a glob (``**`` allowed) or a list file (``@list`` or a ``.txt``/``.lst`` file: one path,
 directory or glob per line, ``#`` comments, surrounding spaces dropped, relative lines relative to
 the list file; write ``./#name`` for a file whose name starts with ``#``). A spec naming a path that
 exists is taken literally even when it holds glob characters (``a[1].png``); only one that names no
 path is a glob. Paths are made absolute and normalised but symlinks are not resolved; the same path
 given twice is scored once (counted as ``duplicates_ignored``), two different paths to the same bytes
 are two inputs. Directories are walked into symlinked subdirectories too: a link to a folder outside
-the tree is walked (once, however many links lead there); a link into the tree, or to a folder that
-holds it, is skipped with a warning, since that folder is walked under its own name.
+the tree is walked (once, however many links lead there or into it: each folder outside is walked once); a link
+into the tree, or to a folder that holds it, is skipped with a warning, since that folder is walked under its own name.
 An explicit path that does not exist, a directory without images, a subdirectory that cannot be
 read, or a glob that matches nothing gets an error row.
 
@@ -87,18 +87,24 @@ def _walk_images(folder: str, preset: dict[str, str], walked: set[str]) -> list[
         preset[unreadable[-1]] = f"{unreadable[-1]}: cannot list this directory ({exc.strerror or exc}); its images were not scored"
 
     top = os.path.realpath(folder)
-    linked: set[str] = set()  # real folders outside the tree already walked through a link
+    outside: set[str] = set()  # real folders outside the tree already walked (through a link, or below one)
+    hidden = 0  # hidden files and folders (".DS_Store", "._x.png", ".thumbnails"): not scored, counted
     for root, dirs, files in os.walk(folder, onerror=_unreadable, followlinks=True):
         keep = []
+        hidden += sum(name.startswith(".") for name in (*dirs, *files))
         for d in sorted(d for d in dirs if not d.startswith(".")):
             path = os.path.join(root, d)
-            if os.path.islink(path):  # plain folders are always walked, under their own names
-                real = os.path.realpath(path)
-                inside = real == top or real.startswith(top.rstrip(os.sep) + os.sep)
-                if inside or top.startswith(real.rstrip(os.sep) + os.sep) or real in linked:
-                    log.warning("%s: links to %s, which this input already walks; not walked twice", path, real)
-                    continue
-                linked.add(real)
+            real = os.path.realpath(path)
+            inside = real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+            if inside and not os.path.islink(path):  # the tree's own folders, under their own names
+                keep.append(d)
+                continue
+            # a link into the tree or to a folder holding it, or any folder outside it already walked (a second
+            # link to it, or a link inside a linked folder back to one of its own ancestors)
+            if inside or top.startswith(real.rstrip(os.sep) + os.sep) or real in outside:
+                log.warning("%s: leads to %s, which this input already walks; not walked twice", path, real)
+                continue
+            outside.add(real)
             keep.append(d)
         dirs[:] = keep
         walked.update(normalise_path(os.path.join(root, d)) for d in keep)  # each may name an "unlistable" row
@@ -107,6 +113,8 @@ def _walk_images(folder: str, preset: dict[str, str], walked: set[str]) -> list[
     if others:  # sidecar files are normal beside camera images: said once per folder, not an error row each
         log.info("%s: %d file(s) below it not scored, their extensions not an image's (e.g. %s)", folder, len(others),
                  ", ".join(sorted(others)[:3]))
+    if hidden:
+        log.info("%s: %d hidden file(s) or folder(s) below it (names starting with '.') not scored", folder, hidden)
     return found + unreadable
 
 
