@@ -143,7 +143,8 @@ class StagePipeline:
         images = np.asarray(images)
         hw = self.geometry.canvas_hw()
         if images.dtype != np.float32:
-            raise TypeError(f"images must be float32 in [0, 1], got {images.dtype}")
+            raise TypeError(f"images must be float32 in [0, 1] model inputs (B, 3, {hw[0]}, {hw[1]}), got {images.dtype}: "
+                            "for decoded photos (uint8 H x W x 3, any size) use predict_images")
         if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != hw:
             raise ValueError(f"images must be (B, 3, {hw[0]}, {hw[1]}), got {images.shape}")
         if self.geometry.tiled:

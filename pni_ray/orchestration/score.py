@@ -275,6 +275,22 @@ def unlike_training(info: ModelInfo, scored: int, grey: int, grey_example: str, 
             f"a model on {other} images for them")
 
 
+ALL_ANOMALOUS_MIN = 10  # scored images of a run all above the threshold before it is remarked on
+
+
+def all_anomalous(info: ModelInfo, summary: dict[str, Any]) -> str:
+    """What to say when every one of a run's scored images (at least ALL_ANOMALOUS_MIN) is above the threshold ("" when
+    not): production batches hold mostly good parts, so this is more often images unlike the model's (another
+    category's folder, another camera or lighting) than a batch of defects; scores do not say which."""
+    scored, anomalous = summary["scored"], summary["anomalous"]
+    if anomalous is None or scored < ALL_ANOMALOUS_MIN or anomalous < scored:
+        return ""
+    what = f"{info.path}" + (f" (category {info.category})" if info.category else "")
+    return (f"all {scored} images scored are above the threshold of {what}: unless every one is defective, they are "
+            "likely not what the model learned (another category's folder, another camera, lens or lighting); look at "
+            "a few in `pni-ray report`")
+
+
 def aborted(chunk: str, why: str) -> dict[str, Any]:
     """An encoded chunk with no rows that tells the driver to stop the run (`_Commits.all`), saying why."""
     return {"chunk": chunk, "parquet": b"", "n": 0, "n_failed": 0, "abort": why}
@@ -632,6 +648,9 @@ def score(
             log.warning("%s", unlike)
         seconds = time.perf_counter() - t_run
         summary = summarise(out, expanded, info, top_n=top_n)
+        suspicious = all_anomalous(info, summary)
+        if suspicious:
+            log.warning("%s", suspicious)
         summary["run"] = {
             "engine": engine,
             "map_format": opts.map_format,
@@ -646,6 +665,7 @@ def score(
             "error_rows_retried": retried,
             "grey_inputs_scored": commits.grey,  # three equal channels, of scored_this_run
             "unlike_training": unlike or None,
+            "all_anomalous": suspicious or None,  # every scored image above the threshold (all_anomalous)
             "seconds": round(time.perf_counter() - t0, 3),
             "pipeline_seconds": round(seconds, 3),
             # start-up (Ray, model loading) and the first chunk, then the steady state
