@@ -641,6 +641,18 @@ print("OK", sorted(k for k in sys.modules if k.split(".")[0] in ("torch", "timm"
     np.testing.assert_array_equal(np.load(tmp_path / "maps.npy"), ref)
 
 
+def test_predict_takes_model_inputs_and_names_predict_images_for_photos(exported, images):
+    """`predict` takes prepared float32 canvases; decoded photos (uint8, any size) go through predict_images, which
+    gives what predict gives for the same canvas."""
+    model = load_exported(exported, threads=1)
+    photo = (images[0].transpose(1, 2, 0) * 255).round().astype(np.uint8)
+    with pytest.raises(TypeError, match="for decoded photos .* use predict_images"):
+        model.predict(photo[None].transpose(0, 3, 1, 2))
+    maps, scores = model.predict_images([photo])
+    _, canvas_scores = model.predict(photo[None].transpose(0, 3, 1, 2).astype(np.float32) / 255)
+    assert maps[0].shape == photo.shape[:2] and np.allclose(scores, canvas_scores, rtol=1e-5)
+
+
 def test_tampered_or_incomplete_export_refused(exported, tmp_path):
     copy_dir = tmp_path / "e"
     shutil.copytree(exported, copy_dir)
