@@ -558,6 +558,14 @@ def test_cli_exit_status(small_set, bundle_tiny, tmp_path):
     blank = runner.invoke(main, ["score", str(bundle_tiny), "", "--out", str(tmp_path / "d"), "--engine", "local"])
     assert blank.exit_code == 3 and "an input is empty (an unset variable?)" in blank.output, blank.output
     assert not (tmp_path / "d").exists()
+    # a mistyped folder leaves its error row in OUT; the run with the right name says so, and what to do
+    local = ["--engine", "local", "--threads", "1", "--no-progress"]
+    typo = runner.invoke(main, ["score", str(bundle_tiny), str(root / "wdie"), "--out", str(tmp_path / "e"), *local])
+    assert typo.exit_code == 1 and "file not found" in typo.output
+    right = runner.invoke(main, ["score", str(bundle_tiny), str(root / "wide"), "--out", str(tmp_path / "e"), *local])
+    assert right.exit_code == 0, right.output
+    assert "also holds 1 row of inputs this run did not name (earlier runs'), 1 of them error rows" in right.output
+    assert "score into a new OUT" in right.output
 
 
 # ------------------------------------------------------------------------------------------

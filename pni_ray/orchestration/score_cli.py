@@ -43,8 +43,11 @@ def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
         + (f"; {run['images_per_s']:.1f} images/s" if run.get("images_per_s") and run.get("scored_this_run") else "")
     )
     if summary.get("other_rows"):
-        click.echo(f"{out} also holds {summary['other_rows']} rows of inputs this run did not name (earlier runs'); "
-                   "the counts above are this run's inputs")
+        others, failed = summary["other_rows"], summary.get("other_failed_rows", 0)
+        click.echo(f"{out} also holds {others} row{'s' if others != 1 else ''} of inputs this run did not name (earlier "
+                   "runs')" + (f", {failed} of them error rows (a path mistyped then?)" if failed else "")
+                   + "; the counts above are this run's inputs (OUT keeps every row it was given: to hold only one "
+                   "run's inputs, score into a new OUT)")
     if summary["missing"] or summary["duplicate_rows"]:
         click.echo(f"WARNING: {summary['missing']} inputs have no row, {summary['duplicate_rows']} duplicate rows",
                    err=True)

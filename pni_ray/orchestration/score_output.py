@@ -179,8 +179,10 @@ def summarise(out: Path, inputs: Inputs, info: ModelInfo, top_n: int = 20) -> di
     errs = table.column("error").to_pylist()
     seen: dict[str, int] = {}
     scored, failures = [], []
+    other_failed = 0  # error rows of inputs this run does not name (a path mistyped in an earlier run)
     for p, s, a, e in zip(paths, scores, flags, errs):
         if p not in wanted:
+            other_failed += e is not None
             continue
         seen[p] = seen.get(p, 0) + 1
         if e is None:
@@ -204,6 +206,7 @@ def summarise(out: Path, inputs: Inputs, info: ModelInfo, top_n: int = 20) -> di
         "rows": sum(seen.values()),  # of this run's inputs
         # OUT keeps every row it was given: those of inputs earlier runs named and this one does not
         "other_rows": len(paths) - sum(seen.values()),
+        "other_failed_rows": other_failed,
         "missing": len(wanted) - len(seen),
         "duplicate_rows": n_dup,
         "scored": len(scored),
