@@ -190,13 +190,15 @@ def test_train_wrong_category_lists_the_categories(synthetic_root, tmp_path):
 
 
 def test_train_data_root_is_a_category_folder(synthetic_root, tmp_path):
-    result = CliRunner().invoke(main, ["-q", "train", str(synthetic_root / "granite"), "-c", "granite", "--out",
+    """The fix names the folder as the user reached it: through a link, the link's path, not its target's."""
+    (tmp_path / "data").symlink_to(synthetic_root)
+    result = CliRunner().invoke(main, ["-q", "train", str(tmp_path / "data" / "granite"), "-c", "granite", "--out",
                                        str(tmp_path / "o"), *TINY])
     assert result.exit_code == 2, result.output
     _no_traceback(result)
-    assert str(synthetic_root / "granite" / "granite") in result.output and "'DATA_ROOT'" in result.output
+    assert str(tmp_path / "data" / "granite" / "granite") in result.output and "'DATA_ROOT'" in result.output
     assert "looks like a category folder (it has train/): pass its parent" in result.output
-    assert str(synthetic_root.resolve()) in result.output
+    assert f"DATA_ROOT: {tmp_path / 'data'} -c granite" in result.output
 
 
 def test_train_data_root_not_mvtec(tmp_path):

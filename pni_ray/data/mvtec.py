@@ -6,6 +6,7 @@ all that must be fixed rather than one file at a time.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,9 +119,9 @@ def missing_category_message(data_root: Path | str, category: str) -> str | None
                  "of good images (and test/<type>/ with ground_truth/<type>/ masks for evaluate).")
     is_category = (data_root / "train").is_dir()
     if is_category:
-        parent = data_root.resolve().parent
+        typed = Path(os.path.abspath(data_root))  # as the user named it, links kept (resolve would show their targets)
         lines.append(f"{data_root} itself looks like a category folder (it has train/): pass its parent as "
-                     f"DATA_ROOT: {parent} -c {data_root.resolve().name}")
+                     f"DATA_ROOT: {typed.parent} -c {typed.name}")
     try:
         found = list_categories(data_root)
     except OSError:
