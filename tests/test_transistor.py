@@ -54,8 +54,10 @@ def _train_and_evaluate(transistor_root):
     cat = load_category(transistor_root, "transistor")
     modes = ("patchcore", "position", "pni")
     results = evaluate_category(detector, cat, modes=modes, progress=False)
-    every_other = dataclasses.replace(cat, test=cat.test[::2])  # half the images: ratios, not metrics
-    return trained, results, prior_diagnostics(detector, every_other, ("pni",), progress=False)
+    # a quarter of the images: ratios, not metrics (measured on every 4th / every 2nd image, 2 threads: defect / good
+    # patches changed 15.4x / 13.3x, mean score change 118x / 90x, against the 5x and 20x asked; 5.5 s / 11.2 s)
+    every_fourth = dataclasses.replace(cat, test=cat.test[::4])
+    return trained, results, prior_diagnostics(detector, every_fourth, ("pni",), progress=False)
 
 
 @pytest.mark.slow
