@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import click
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
@@ -101,7 +102,8 @@ def _corrupt(path):
 def test_broken_category_fails_alone_with_file_named(ray_session, synthetic_root, tmp_path):
     root = tmp_path / "data"
     root.mkdir()
-    os.symlink(synthetic_root / "weave", root / "weave")  # read in place
+    shutil.copytree(synthetic_root / "weave", root / "weave")
+    (root / "weave" / "train" / "good" / "camera.log").write_text("exposure 4 ms\n")  # a file training does not read
     shutil.copytree(synthetic_root / "pillbox", root / "pillbox")
     bad = sorted((root / "pillbox" / "train" / "good").iterdir())[3]
     _corrupt(bad)
@@ -118,6 +120,11 @@ def test_broken_category_fails_alone_with_file_named(ray_session, synthetic_root
     assert "LayoutError" in rows["pillbox"]["error"] and f"train/good/{bad.name}" in rows["pillbox"]["error"]
     assert rows["weave"]["status"] == TRAINED  # the other category finished
     assert (out / "weave" / BACKBONE / "manifest.json").is_file()
+    # what its worker warned of reaches the console and the summary (Ray keeps the worker's own log on its node)
+    said = [w for w in rows["weave"]["warnings"] if "1 file(s) not read" in w and "camera.log" in w]
+    assert len(said) == 1 and f"warn  weave/{BACKBONE}: {said[0]}" in cli.output, (rows["weave"], cli.output)
+    table = pq.read_table(out / "summary.parquet").to_pylist()
+    assert any(said[0] in (r["warnings"] or "") for r in table if r["category"] == "weave")
     assert not (out / "pillbox" / BACKBONE).exists()  # no half-written bundle
 
 

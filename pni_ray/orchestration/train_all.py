@@ -297,6 +297,8 @@ def _submit_and_wait(
                 row = _failure_record(item.pair, exc, system=True, max_retries=spec.max_retries)
             row["reason"] = item.reason
             rows[item.pair] = row
+            for warning in row.get("warnings") or ():  # the worker's log stays on its node: its warnings come here
+                echo(f"warn  {item.pair.key}: {warning}")
             marker = marker_path(str(progress_dir), item.pair.key)
             if marker is not None:
                 marker.unlink(missing_ok=True)
@@ -359,7 +361,7 @@ PARQUET_COLUMNS: tuple[tuple[str, str], ...] = (
     ("image_auroc", "float64"), ("pixel_auroc", "float64"), ("aupro", "float64"), ("f1_max", "float64"),
     ("n_test_images", "int64"), ("model_id", "string"), ("bundle", "string"), ("stage", "string"),
     ("error", "string"), ("reason", "string"), ("device", "string"), ("threads", "int64"), ("host", "string"),
-    ("node_id", "string"), ("attempt", "int64"),
+    ("node_id", "string"), ("attempt", "int64"), ("warnings", "string"),  # the pair's warning lines, one per line
 )
 
 
@@ -373,7 +375,9 @@ def write_summary(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -
     json_path, parquet_path = out / SUMMARY_JSON, out / SUMMARY_PARQUET
     atomic_write_json(json_path, {"format": "pni-ray-train-all-summary", **meta, "rows": rows})
     schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in PARQUET_COLUMNS])
-    table = pa.Table.from_pylist([{name: row.get(name) for name, _ in PARQUET_COLUMNS} for row in rows], schema=schema)
+    flat = [{name: "\n".join(row[name]) if isinstance(row.get(name), list) else row.get(name) for name, _ in PARQUET_COLUMNS}
+            for row in rows]
+    table = pa.Table.from_pylist(flat, schema=schema)
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer)
     atomic_write_bytes(parquet_path, buffer.getvalue().to_pybytes())

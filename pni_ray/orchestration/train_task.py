@@ -49,6 +49,33 @@ from pni_ray.orchestration.train_plan import FAILED, SKIPPED, TRAINED
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
+MAX_WARNINGS = 20  # distinct warning lines a pair's record carries
+
+
+class _Collected(logging.Handler):
+    """The distinct WARNING-and-above lines of pni_ray's loggers, in order."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message not in self.messages and len(self.messages) < MAX_WARNINGS:
+            self.messages.append(message)
+
+
+@contextlib.contextmanager
+def collected_warnings() -> Iterator[list[str]]:
+    """What a pair's training warned of (files not read, a small training set, the position check's verdict), kept
+    for its record: train-all's workers do not log to the driver, so without it those lines reach only Ray's files."""
+    handler = _Collected()
+    logger = logging.getLogger("pni_ray")
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
 
 
 class PairError(RuntimeError):
@@ -203,7 +230,7 @@ def train_pair(
     replace False: the driver found no bundle at `bundle`, so one that is there at the save came from
     elsewhere meanwhile (another run on this OUT, or this task's earlier attempt): kept if it holds this
     fit's config (the same computation), else this pair fails and it stays (see save_fit).
-    Raises PairError (with the record) on any application error.
+    Raises PairError (with the record) on any application error. The record's "warnings": the pair's warning lines.
     """
     from pni_ray.bundle import atomic_write_json, model_id
     from pni_ray.data.mvtec import load_category
@@ -223,63 +250,66 @@ def train_pair(
         "pid": os.getpid(),
         "peak_rss_source": source,
     }
-    try:
-        if probe is not None:
-            record["stage"] = "storage"
-            problem = probe_problem(probe, category)
-            if problem:
-                raise SharedStorageError(f"on {record['host']} (node {(record['node_id'] or '?')[:8]}): {problem}; "
-                                           "OUT and DATA_ROOT must be on storage shared by every node")
-        marker = marker_path(progress_dir, f"{category}/{cfg.features.backbone}")
-        if marker is not None:  # progress only: never fails the pair
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                attempt = 1 + (json.loads(marker.read_text()).get("attempt", 0) if marker.exists() else 0)
-                record["attempt"] = attempt  # > 1 after a worker crash and retry
-                atomic_write_json(marker, {"started": time.time(), "host": record["host"], "pid": record["pid"],
-                                           "node_id": record["node_id"], "attempt": attempt})
-        record["stage"] = "setup"
-        device = assigned_device(gpus)
-        record["device"] = str(device)
-        record["stage"] = "load"
-        cat = load_category(data_root, category, **_load_kwargs(cfg), with_test=False)  # train/good: what training reads
-        if train:
-            record["stage"] = "train"
-            with extractor_on(device):
-                trained = fit_category(data_root, category, cfg, threads, progress=False, category_data=cat)
-            record["stage"] = "save"
-            save_fit(trained, Path(bundle), replace)
-            record.update(train_seconds=trained.report.get("seconds", {}), seconds=time.perf_counter() - t0)
-        record["model_id"] = model_id(bundle)
-        record.update(mode_fields(bundle))
-        if evaluate:  # the test split is read and checked now: its problems fail the evaluation, the bundle is kept
-            record["stage"] = "evaluate"
-            cat = load_category(data_root, category, **_load_kwargs(cfg))
-        if cat.has_test:  # loaded with_test=False above: no test samples unless the evaluation read them
-            from pni_ray.evaluate import evaluate_category
-            from pni_ray.inference import load_detector
+    with collected_warnings() as warnings:
+        record["warnings"] = warnings  # filled as the pair runs: the record returned or raised carries them
+        try:
+            if probe is not None:
+                record["stage"] = "storage"
+                problem = probe_problem(probe, category)
+                if problem:
+                    raise SharedStorageError(f"on {record['host']} (node {(record['node_id'] or '?')[:8]}): {problem}; "
+                                               "OUT and DATA_ROOT must be on storage shared by every node")
+            marker = marker_path(progress_dir, f"{category}/{cfg.features.backbone}")
+            if marker is not None:  # progress only: never fails the pair
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    attempt = 1 + (json.loads(marker.read_text()).get("attempt", 0) if marker.exists() else 0)
+                    record["attempt"] = attempt  # > 1 after a worker crash and retry
+                    atomic_write_json(marker, {"started": time.time(), "host": record["host"], "pid": record["pid"],
+                                               "node_id": record["node_id"], "attempt": attempt})
+            record["stage"] = "setup"
+            device = assigned_device(gpus)
+            record["device"] = str(device)
+            record["stage"] = "load"
+            # train/good: what training reads
+            cat = load_category(data_root, category, **_load_kwargs(cfg), with_test=False)
+            if train:
+                record["stage"] = "train"
+                with extractor_on(device):
+                    trained = fit_category(data_root, category, cfg, threads, progress=False, category_data=cat)
+                record["stage"] = "save"
+                save_fit(trained, Path(bundle), replace)
+                record.update(train_seconds=trained.report.get("seconds", {}), seconds=time.perf_counter() - t0)
+            record["model_id"] = model_id(bundle)
+            record.update(mode_fields(bundle))
+            if evaluate:  # the test split is read and checked now: its problems fail the evaluation, the bundle is kept
+                record["stage"] = "evaluate"
+                cat = load_category(data_root, category, **_load_kwargs(cfg))
+            if cat.has_test:  # loaded with_test=False above: no test samples unless the evaluation read them
+                from pni_ray.evaluate import evaluate_category
+                from pni_ray.inference import load_detector
 
-            t1 = time.perf_counter()
-            detector, _ = load_detector(bundle)
-            if device.type != "cpu":
-                detector.extractor = DeviceExtractor(detector.extractor, device)
-            result = next(iter(evaluate_category(detector, cat, progress=False).values()))
-            record.update({k: float(result[k]) for k in METRIC_KEYS})
-            record["n_test_images"] = int(result["n_test_images"])
-            record["eval_seconds"] = time.perf_counter() - t1
-            try:  # a convenience for reruns: a failed write does not fail a trained, evaluated pair
-                atomic_write_json(metrics_path(bundle), {"model_id": record["model_id"], **metric_fields(record)})
-            except OSError as exc:
-                log.warning("%s: metrics not kept beside the bundle (%s)", bundle, exc)
-        if not train:  # an evaluation-only task's time is all of it
-            record["seconds"] = time.perf_counter() - t0
-        record["stage"] = "done"
-        record["status"] = TRAINED if train else SKIPPED
-    except Exception as exc:  # noqa: BLE001 - every application error fails this pair alone
-        record["error"] = f"{type(exc).__name__}: {exc}"
-        record["traceback"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-8:])
-        record.setdefault("seconds", time.perf_counter() - t0)  # a trained pair's stops at its save
-        record.update(peak_rss_mb=peak_rss_mb(source), cpu_seconds=_cpu_seconds() - cpu0)
-        raise PairError(record) from None
+                t1 = time.perf_counter()
+                detector, _ = load_detector(bundle)
+                if device.type != "cpu":
+                    detector.extractor = DeviceExtractor(detector.extractor, device)
+                result = next(iter(evaluate_category(detector, cat, progress=False).values()))
+                record.update({k: float(result[k]) for k in METRIC_KEYS})
+                record["n_test_images"] = int(result["n_test_images"])
+                record["eval_seconds"] = time.perf_counter() - t1
+                try:  # a convenience for reruns: a failed write does not fail a trained, evaluated pair
+                    atomic_write_json(metrics_path(bundle), {"model_id": record["model_id"], **metric_fields(record)})
+                except OSError as exc:
+                    log.warning("%s: metrics not kept beside the bundle (%s)", bundle, exc)
+            if not train:  # an evaluation-only task's time is all of it
+                record["seconds"] = time.perf_counter() - t0
+            record["stage"] = "done"
+            record["status"] = TRAINED if train else SKIPPED
+        except Exception as exc:  # noqa: BLE001 - every application error fails this pair alone
+            record["error"] = f"{type(exc).__name__}: {exc}"
+            record["traceback"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-8:])
+            record.setdefault("seconds", time.perf_counter() - t0)  # a trained pair's stops at its save
+            record.update(peak_rss_mb=peak_rss_mb(source), cpu_seconds=_cpu_seconds() - cpu0)
+            raise PairError(record) from None
     record.update(peak_rss_mb=peak_rss_mb(source), cpu_seconds=_cpu_seconds() - cpu0)
     return record
 
