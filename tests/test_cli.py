@@ -189,6 +189,26 @@ def test_train_wrong_category_lists_the_categories(synthetic_root, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("name", ["../synthetic_link/granite", "line2/granite", "..", ""])
+def test_a_category_is_one_folder_name_not_a_path(synthetic_root, tmp_path, name):
+    """-c with a path would train a folder outside DATA_ROOT and write its bundle wherever the path led (into
+    the data tree, under train-all): a usage error instead, for train and train-all alike."""
+    from pni_ray.orchestration.train_all_cli import train_all_cmd
+
+    (tmp_path / "synthetic_link").symlink_to(synthetic_root)
+    (tmp_path / "data").mkdir()
+    result = CliRunner().invoke(main, ["-q", "train", str(tmp_path / "data"), "-c", name, "--out",
+                                       str(tmp_path / "o"), *TINY])
+    assert result.exit_code == 2, result.output
+    _no_traceback(result)
+    assert "a category is one folder name directly under DATA_ROOT, without '/' or '..'" in result.output
+    if name.startswith("../"):
+        assert "give its parent as DATA_ROOT and -c granite" in result.output
+    many = CliRunner().invoke(train_all_cmd, [str(tmp_path / "data"), "--out", str(tmp_path / "o"), "--categories",
+                                              name or ",", *TINY])
+    assert many.exit_code == 2 and not (tmp_path / "o").exists(), many.output
+
+
 def test_train_data_root_is_a_category_folder(synthetic_root, tmp_path):
     """The fix names the folder as the user reached it: through a link, the link's path, not its target's."""
     (tmp_path / "data").symlink_to(synthetic_root)

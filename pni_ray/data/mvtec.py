@@ -99,7 +99,8 @@ def list_categories(data_root: Path | str) -> list[str]:
     data_root = Path(data_root)
     if not data_root.is_dir():
         raise FileNotFoundError(f"data root not found: {data_root}")
-    return sorted(p.name for p in data_root.iterdir() if p.is_dir() and (p / "train").is_dir())
+    return sorted(p.name for p in data_root.iterdir()
+                  if p.is_dir() and (p / "train").is_dir() and not p.name.startswith("."))  # .snapshot/, .Trash/
 
 
 def missing_category_message(data_root: Path | str, category: str) -> str | None:
@@ -112,6 +113,12 @@ def missing_category_message(data_root: Path | str, category: str) -> str | None
 
     data_root = Path(data_root)
     root = data_root / category
+    if category in ("", ".", "..") or "/" in category or os.sep in category:  # else a bundle would land in the data
+        what = f"no category {category!r}: a category is one folder name directly under DATA_ROOT, without '/' or '..'"
+        if category in ("", ".", ".."):
+            return what
+        typed = Path(os.path.abspath(root))
+        return f"{what}; for the folder {typed}, give its parent as DATA_ROOT and -c {typed.name}"
     if root.is_dir():
         return None
     lines = [f"no category folder {root}."]
