@@ -78,13 +78,15 @@ def test_layout_check_names_what_it_used_to_drop_or_misread(tmp_path, caplog):
         noise.save(buf, fmt, **extra)
         (good / name).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     Image.fromarray(np.full((8, 8), 128.0, np.float32), mode="F").save(good / "f128.tif")
+    os.mkfifo(good / "fifo.png")  # was left out without a word
     with pytest.raises(LayoutError) as err:
         load_category(tmp_path, "cat")
     assert [p.split(":")[0] for p in err.value.problems] == [str(good / n) for n in ("009.png", "cut.jpg", "cut_exif.png",
-                                                                                     "f128.tif")]
+                                                                                     "f128.tif", "fifo.png")]
     assert "broken symbolic link" in err.value.problems[0] and "truncated" in err.value.problems[1]
     assert "truncated" in err.value.problems[2] and "float pixels, read as 0 (black) to 1" in err.value.problems[3]
-    for name in ("009.png", "cut.jpg", "cut_exif.png", "f128.tif"):
+    assert "not an image file but a FIFO" in err.value.problems[4]
+    for name in ("009.png", "cut.jpg", "cut_exif.png", "f128.tif", "fifo.png"):
         (good / name).unlink()
     _png(base / "test" / ".ipynb_checkpoints" / "000-checkpoint.png")
     _png(base / "test" / "scratch" / "001.png")
@@ -92,10 +94,13 @@ def test_layout_check_names_what_it_used_to_drop_or_misread(tmp_path, caplog):
     _png(base / "ground_truth" / "scratch" / "002_mask.png", mode="L", value=255)
     (base / "train" / "good" / "003.gif").write_bytes(b"GIF89a")
     (base / "train" / "good" / ".DS_Store").write_bytes(b"")
+    _png(base / "train" / "good" / "day2" / "100.png")  # images moved into a sub-folder: not read, said so
     with caplog.at_level("WARNING"):
         cat = load_category(tmp_path, "cat")
+    assert f"{base / 'train/good'}: 1 sub-folder(s) not read (images are read from this folder itself" in caplog.text
+    assert "not from folders inside it): day2" in caplog.text
     assert f"{base / 'train/good'}: 1 file(s) not read, their extensions not an image's" in caplog.text
-    assert caplog.text.count("not read") == 1 and "003.gif" in caplog.text
+    assert caplog.text.count("file(s) not read") == 1 and "003.gif" in caplog.text
     assert [(s.path.name, s.mask_path and s.mask_path.name) for s in cat.test] == [
         ("000.png", None), ("000.png", "000_mask.png"), ("001.png", "001_mask.PNG")]
     assert f"{base / 'ground_truth/scratch/002_mask.png'}: mask without a test image" in caplog.text

@@ -49,19 +49,22 @@ def is_grey(rgb: np.ndarray) -> bool:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """The image files in `folder`, and its broken links to image files: the reader names those ("broken
-    symbolic link"), where leaving them out would train or evaluate on fewer images without a word."""
-    entries = [p for p in folder.iterdir() if p.is_file() or _dangling(p)]
+    """The image files in `folder`, and its broken links, FIFOs and devices named like image files: the reader names
+    those ("broken symbolic link", "not an image file but a FIFO"), where leaving them out would train or evaluate on
+    fewer images without a word; sub-folders, not read, are warned of."""
+    entries, inside = [], []
+    for p in folder.iterdir():  # a FIFO or device named like an image is kept: the reader refuses it, naming it
+        (inside if p.is_dir() else entries).append(p)
+    folders = sorted(p.name for p in inside if not p.name.startswith("."))
+    if folders:  # a day's images moved into a sub-folder would otherwise be left out without a word
+        warn_once("sub-folders", folder, "%s: %d sub-folder(s) not read (images are read from this folder itself, not "
+                  "from folders inside it): %s%s", len(folders), ", ".join(folders[:5]), ", ..." if len(folders) > 5 else "")
     skipped = sorted(p.name for p in entries if not is_image_file(p) and not p.name.startswith(".")
                      and p.name not in ("Thumbs.db", "desktop.ini"))
     if skipped:
         warn_once("not images", folder, "%s: %d file(s) not read, their extensions not an image's (%s): %s%s", len(skipped),
                   ", ".join(IMAGE_EXTENSIONS), ", ".join(skipped[:5]), ", ..." if len(skipped) > 5 else "")
     return sorted(p for p in entries if is_image_file(p))
-
-
-def _dangling(path: Path) -> bool:
-    return path.is_symlink() and not path.exists()
 
 
 @contextmanager
