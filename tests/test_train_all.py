@@ -6,6 +6,7 @@ One Ray session for the whole module (ray.init costs seconds and hundreds of MB)
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -540,7 +541,7 @@ def test_a_killed_drivers_probe_file_is_removed_by_the_next_run(tmp_path):
     assert not dead.exists() and live.exists() and elsewhere.exists() and Path(probe.path).exists()
 
 
-@pytest.mark.parametrize("trouble", ["sigterm", "cluster", "storage"])
+@pytest.mark.parametrize("trouble", ["sigterm", "cluster", "storage", "full"])
 def test_train_all_that_cannot_run_exits_with_its_own_status(monkeypatch, synthetic_root, tmp_path, trouble,
                                                              sigterm_guard):
     """Exit 1 means a pair failed. Stopped (SIGTERM raised as KeyboardInterrupt) or a cluster it cannot
@@ -556,12 +557,15 @@ def test_train_all_that_cannot_run_exits_with_its_own_status(monkeypatch, synthe
         if trouble == "sigterm":
             os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop
             time.sleep(5)
+        if trouble == "full":  # OUT's disk filled up by the time the summary is written
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "summary.parquet"))
         raise (RayJoinError if trouble == "cluster" else SharedStorageError)(f"{trouble}: what to change")
 
     monkeypatch.setattr(train_all_cli, "train_all", cannot_run)
     result = CliRunner().invoke(main, ["train-all", str(synthetic_root), "--out", str(tmp_path / "out")])
     said = {"sigterm": "interrupted (SIGTERM): the bundles saved so far are kept", "cluster": "cluster: what to change",
-            "storage": "storage: what to change"}[trouble]
+            "storage": "storage: what to change",
+            "full": f"{tmp_path / 'out' / 'summary.parquet'}: cannot write (No space left on device); the bundles"}[trouble]
     assert signal.getsignal(signal.SIGTERM) is sigterm_guard
     assert result.exit_code == (2 if trouble == "storage" else 3), result.output
-    assert said in result.output and "Usage:" not in result.output
+    assert said in result.output and "Usage:" not in result.output and "Traceback" not in result.output
