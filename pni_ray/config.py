@@ -390,6 +390,15 @@ class TrainConfig:
         _require(all(v is None or v >= 1 for v in (n.bottleneck, n.positions_per_image)),
                  f"neighbourhood.bottleneck and positions_per_image are >= 1 (null: the feature width, every position), "
                  f"got {n.bottleneck!r} and {n.positions_per_image!r}")
+        _require(0.0 < self.position.min_keep <= 1.0,
+                 f"position.min_keep is a share of held-out patches in (0, 1], got {self.position.min_keep!r}")
+        _require(not self.scoring.threshold_sigmas < 0.0,  # below the held-out mean: most good parts flagged
+                 f"scoring.threshold_sigmas is k >= 0 in threshold = mean + k std of held-out image scores, got "
+                 f"{self.scoring.threshold_sigmas!r}")
+        c = self.coreset
+        _require(c.max_candidates is None or c.max_candidates >= c.min_size,  # else a bank below its floor
+                 f"coreset.max_candidates is at least coreset.min_size ({c.min_size!r}): the bank is drawn from them "
+                 f"(null: every row), got {c.max_candidates!r}")
         r = self.refiner
         _require(len(r.decoder_channels) == 5,
                  f"refiner.decoder_channels is a list of 5 whole numbers >= 1 (widths at strides 16, 8, 4, 2, 1), "

@@ -119,10 +119,14 @@ def test_too_few_good_images_are_refused_with_what_to_add(tmp_path, synthetic_ro
     ({"coreset": {"chunk_size": 0}}, r"coreset needs projection_dim >= 0 \(0: no projection\), chunk_size >= 1"),
     ({"geometry": {"max_pixels": 0}}, "geometry needs max_pixels >= 1"),
     ({"geometry": {"pad_value": 999}}, "a pad_value grey level in 0..255"),
+    ({"position": {"min_keep": 2}}, r"position.min_keep is a share of held-out patches in \(0, 1\], got 2"),
+    ({"position": {"min_keep": 0}}, r"position.min_keep is a share of held-out patches in \(0, 1\], got 0"),
+    ({"scoring": {"threshold_sigmas": -5}}, "scoring.threshold_sigmas is k >= 0 in threshold = mean"),
+    ({"coreset": {"max_candidates": 1}}, r"coreset.max_candidates is at least coreset.min_size \(64\)"),
 ])
 def test_bad_config_values_fail_when_the_config_is_read(bad, match):
     with pytest.raises(ValueError, match=match):
-        TrainConfig.from_dict(bad)
+        TrainConfig.from_dict(bad).check_trainable()  # check_trainable: what a bundle's recorded config may still hold
 
 
 def test_a_bundles_recorded_config_loads_with_values_training_now_refuses():
