@@ -180,6 +180,38 @@ def test_wide_grey_images_are_read_on_one_scale_not_stretched(tmp_path):
         load_rgb(tmp_path / "wide.tif")
 
 
+def _png_rgb16(path: Path, rgb16: np.ndarray) -> None:
+    """A 16-bit-per-channel RGB PNG, written by hand (Pillow writes none)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    h, w, _ = rgb16.shape
+    rows = b"".join(b"\x00" + rgb16[y].astype(">u2").tobytes() for y in range(h))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_twelve_bit_colour_in_sixteen_bit_files_is_warned_of(tmp_path, caplog, monkeypatch):
+    """Pillow reads 16-bit colour from each sample's high byte: a colour camera's 12-bit data stored unshifted reads
+    nearly black (at most 16 levels), and --white-level reads grey only, so it is said; full-range data is not."""
+    from pni_ray.data import images
+
+    monkeypatch.setattr(images, "_FEW_BITS_SAID", images.threading.Event())
+    rng = np.random.default_rng(0)
+    _png_rgb16(tmp_path / "full.png", rng.integers(0, 65536, (8, 8, 3)).astype(np.uint16))
+    with caplog.at_level("WARNING"):
+        assert load_rgb(tmp_path / "full.png").max() > 200
+    assert "16-bit colour" not in caplog.text
+    _png_rgb16(tmp_path / "cam12.png", rng.integers(0, 4096, (8, 8, 3)).astype(np.uint16))
+    with caplog.at_level("WARNING"):
+        assert load_rgb(tmp_path / "cam12.png").max() <= 15
+    assert "cam12.png: 16-bit colour pixels no brighter than about 4095 (12 bits or fewer)" in caplog.text
+    assert "Write the camera's colour images with 8 bits per channel" in caplog.text
+
+
 def test_twelve_bit_data_in_sixteen_bit_files_is_warned_of_once(tmp_path, caplog, monkeypatch):
     from pni_ray.data import images
 

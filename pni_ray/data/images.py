@@ -239,11 +239,17 @@ def wide_grey(img: Image.Image, path: Path | str, white_level: int | None = None
 _FEW_BITS_SAID = threading.Event()
 
 
-def _few_bits(path: Path | str, top: float) -> None:
+def _few_bits(path: Path | str, top: float, colour: bool = False) -> None:
     """Once per process: a camera's 10- or 12-bit data written unshifted into 16-bit files reads almost black on the
     16-bit scale, keeping 1/16 of its grey levels or fewer; every image of such a line would say it."""
     if not _FEW_BITS_SAID.is_set():
         _FEW_BITS_SAID.set()
+        if colour:  # --white-level reads grey only: colour must come as 8 bits, or scaled to the full 16
+            log.warning("%s: 16-bit colour pixels no brighter than about %d (12 bits or fewer): read from their high "
+                        "bytes, this image keeps at most 16 levels per channel and is nearly black. Write the camera's "
+                        "colour images with 8 bits per channel, or scale them to the full 16 bits (--white-level applies "
+                        "to grey images only; said once per process)", path, int(top))
+            return
         log.warning("%s: 16-bit or 32-bit grey pixels no brighter than %d (12 bits or fewer): read over 0..65535 this "
                     "image keeps at most 16 grey levels. If the camera writes 10- or 12-bit data unshifted, train "
                     "with --white-level 4095 (1023 for 10-bit; geometry.white_level in a config): the model then reads "
@@ -268,6 +274,7 @@ def load_rgb(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS, white_level
     img = _open(path, max_pixels)
     if img.format == "TIFF" and getattr(img, "n_frames", 1) > 1:  # (a camera JPEG's MPO preview is no page)
         warn_once("frames", path, "%s: %d pages or frames; only the first is read", img.n_frames)
+    sixteen_bit_colour = _sixteen_bit_colour(img)  # read from its tile, which loading clears
     try:
         img.load()
         rgb = to_rgb(upright(img, path), path, white_level)
@@ -275,7 +282,20 @@ def load_rgb(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS, white_level
         raise
     except Exception as exc:  # noqa: BLE001 - truncated data, bad codecs: all name the file
         raise ImageError(f"{path}: corrupt or truncated image data ({exc.__class__.__name__}: {exc})") from exc
-    return np.asarray(rgb, dtype=np.uint8).copy()
+    out = np.asarray(rgb, dtype=np.uint8).copy()
+    if sixteen_bit_colour and 0 < int(out.max()) < 16:  # 16-bit colour whose values stay below 4096
+        _few_bits(path, 4095, colour=True)
+    return out
+
+
+def _sixteen_bit_colour(img: Image.Image) -> bool:
+    """Whether Pillow decodes this image from 16 bits per colour channel ('RGB;16B', 'RGB;16L' ...): it keeps
+    each sample's high byte, so 12-bit data stored unshifted reads almost black."""
+    rawmode = ""
+    if img.tile:
+        args = img.tile[0][3] if len(img.tile[0]) > 3 else None
+        rawmode = args if isinstance(args, str) else (args[0] if isinstance(args, tuple) and args else "")
+    return img.mode in ("RGB", "RGBA") and ";16" in str(rawmode)
 
 
 def load_mask(path: Path | str, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
