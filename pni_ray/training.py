@@ -482,6 +482,11 @@ def train_category(
     grey: list[bool] = []
     feats, valid = extract_training_features(extractor, geometry, memory_paths, cfg.batch_size, progress, grey=grey)
     n_img, dim, h, w = feats.shape
+    if 0 < sum(grey) < len(grey):  # a mono camera's frames among a colour line's: trained as they are, but said
+        example = next(p for p, g in zip(memory_paths, grey) if g)
+        log.warning("%s: %d of the %d memory-bank images are grey (three equal channels; e.g. %s) among colour ones: "
+                    "another camera's frames in this folder? They are trained on as they are", category, sum(grey),
+                    len(grey), example)
     rows, pool = coreset_pool(feats, valid, cfg)
     n_patches = rows.shape[0] if valid is None else int(valid.sum())
     n_select = min(pool.shape[0], coreset_size(n_patches, cfg.coreset.ratio, cfg.coreset.min_size, cfg.coreset.max_size))

@@ -17,6 +17,7 @@ import click
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from pni_ray.bundle import MEMORY, model_id, save_bundle
 from pni_ray.orchestration.train_all import _failure_record, task_options, train_all
@@ -105,6 +106,8 @@ def test_broken_category_fails_alone_with_file_named(ray_session, synthetic_root
     root.mkdir()
     shutil.copytree(synthetic_root / "weave", root / "weave")
     (root / "weave" / "train" / "good" / "camera.log").write_text("exposure 4 ms\n")  # a file training does not read
+    for path in sorted((root / "weave" / "train" / "good").glob("*.png"))[:3]:  # a mono camera's frames among them
+        Image.open(path).convert("L").save(path)
     shutil.copytree(synthetic_root / "pillbox", root / "pillbox")
     bad = sorted((root / "pillbox" / "train" / "good").iterdir())[3]
     _corrupt(bad)
@@ -124,6 +127,7 @@ def test_broken_category_fails_alone_with_file_named(ray_session, synthetic_root
     # what its worker warned of reaches the console and the summary (Ray keeps the worker's own log on its node)
     said = [w for w in rows["weave"]["warnings"] if "1 file(s) not read" in w and "camera.log" in w]
     assert len(said) == 1 and f"warn  weave/{BACKBONE}: {said[0]}" in cli.output, (rows["weave"], cli.output)
+    assert any("memory-bank images are grey (three equal channels" in w for w in rows["weave"]["warnings"]), rows
     table = pq.read_table(out / "summary.parquet").to_pylist()
     assert any(said[0] in (r["warnings"] or "") for r in table if r["category"] == "weave")
     assert not (out / "pillbox" / BACKBONE).exists()  # no half-written bundle
