@@ -231,6 +231,23 @@ def test_a_bundle_saved_but_never_evaluated_is_evaluated_on_the_rerun(first_run,
     assert "evaluation only" not in bare.rows[0]["reason"]
 
 
+def test_a_pair_whose_evaluation_fails_says_its_bundle_is_usable(first_run, synthetic_root, tmp_path):
+    """A test split with a missing mask fails the pair at its evaluation, after the save: the error says the bundle
+    was saved and that a rerun evaluates it without retraining (it read as if the model were lost)."""
+    from pni_ray.orchestration.train_task import train_pair
+
+    _, first_out, _ = first_run
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root / "washer", data / "washer")
+    next((data / "washer" / "ground_truth").glob("*/*_mask.png")).unlink()
+    with pytest.raises(PairError) as err:
+        train_pair(str(data), "washer", tiny_config().to_dict(), str(first_out / "washer" / BACKBONE), threads=1,
+                   train=False)
+    record = err.value.record
+    assert record["stage"] == "evaluate" and "LayoutError" in record["error"], record
+    assert "(the bundle was saved and scores as usual: a rerun evaluates it, without retraining" in record["error"]
+
+
 def test_a_category_or_backbone_named_twice_is_one_pair(first_run, synthetic_root, tmp_path):
     """--categories washer,washer used to train the pair twice at once into one folder."""
     _, first_out, _ = first_run

@@ -306,6 +306,9 @@ def train_pair(
             record["status"] = TRAINED if train else SKIPPED
         except Exception as exc:  # noqa: BLE001 - every application error fails this pair alone
             record["error"] = f"{type(exc).__name__}: {exc}"
+            if record["stage"] == "evaluate" and record.get("model_id"):  # the test split failed, not the model
+                record["error"] += (" (the bundle was saved and scores as usual: a rerun evaluates it, without "
+                                    "retraining, once the test split is fixed)")
             record["traceback"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-8:])
             record.setdefault("seconds", time.perf_counter() - t0)  # a trained pair's stops at its save
             record.update(peak_rss_mb=peak_rss_mb(source), cpu_seconds=_cpu_seconds() - cpu0)
