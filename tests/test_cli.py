@@ -209,6 +209,23 @@ def test_a_category_is_one_folder_name_not_a_path(synthetic_root, tmp_path, name
     assert many.exit_code == 2 and not (tmp_path / "o").exists(), many.output
 
 
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. "
+                                                                  "DefaultCPUAllocator: can't allocate memory: you tried")])
+def test_running_out_of_memory_is_one_line_saying_what_to_lower(synthetic_root, tmp_path, monkeypatch, error):
+    """--image-size 3200 on a small machine ended in torch's allocator traceback; it is one line saying what to lower."""
+    import pni_ray.training
+
+    def too_big(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(pni_ray.training, "train_category", too_big)
+    result = CliRunner().invoke(main, ["-q", "train", str(synthetic_root), "-c", "washer", "--out", str(tmp_path / "o"),
+                                       *TINY])
+    assert result.exit_code == 1, result.output
+    _no_traceback(result)
+    assert "out of memory (" in result.output and "a smaller --image-size or --coreset-ratio" in result.output
+
+
 def test_train_data_root_is_a_category_folder(synthetic_root, tmp_path):
     """The fix names the folder as the user reached it: through a link, the link's path, not its target's."""
     (tmp_path / "data").symlink_to(synthetic_root)
