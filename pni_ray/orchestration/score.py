@@ -607,14 +607,14 @@ def score(
     opts = opts or Options()
     if opts.map_format not in MAP_FORMATS:
         raise ScoreError(f"map format must be one of {MAP_FORMATS}, got {opts.map_format!r}")
+    if any(not str(spec).strip() for spec in inputs):  # it would name the working directory
+        raise ScoreError("an input is empty (an unset variable?): each names a file, folder, glob or list file; "
+                         "to score the current directory, name it: .")
     out = Path(out).resolve()
     t0 = time.perf_counter()
     check_options(opts)
     info = describe_model(model, opts.backbone_runtime, opts.backbone_precision)
     runtime = info.backbone
-    if any(not str(spec).strip() for spec in inputs):  # it would name the working directory
-        raise ScoreError("an input is empty (an unset variable?): each names a file, folder, glob or list file; "
-                         "to score the current directory, name it: .")
     expanded = expand_inputs(inputs)
     if (out / "manifest.json").exists():
         raise ScoreError(f"{out} is a model directory (it holds manifest.json): scores go to a directory of "
