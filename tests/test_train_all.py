@@ -231,6 +231,19 @@ def test_a_bundle_saved_but_never_evaluated_is_evaluated_on_the_rerun(first_run,
     assert "evaluation only" not in bare.rows[0]["reason"]
 
 
+def test_each_pair_on_a_reused_worker_hears_its_files_warnings(tmp_path):
+    """A Ray worker runs pairs one after another (two backbones of one category): a file's warning, said once per
+    process, reached only the first pair's record."""
+    from pni_ray.data.images import warn_once
+    from pni_ray.orchestration.train_task import collected_warnings
+
+    for _ in range(2):
+        with collected_warnings() as said:
+            warn_once("not images", tmp_path, "%s: 1 file(s) not read")
+            warn_once("not images", tmp_path, "%s: 1 file(s) not read")  # read again in the same pair: once
+        assert said == [f"{tmp_path}: 1 file(s) not read"]
+
+
 def test_a_pair_whose_evaluation_fails_says_its_bundle_is_usable(first_run, synthetic_root, tmp_path):
     """A test split with a missing mask fails the pair at its evaluation, after the save: the error says the bundle
     was saved and that a rerun evaluates it without retraining (it read as if the model were lost)."""

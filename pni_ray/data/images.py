@@ -118,6 +118,13 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
 _WARNED: set[tuple[str, str]] = set()
 
 
+def warn_anew() -> None:
+    """Each file's warnings (and the once-per-process few-bits one) are said again from here: a process that runs
+    several jobs, as a Ray worker runs train-all's pairs one after another, gives each job its own warnings."""
+    _WARNED.clear()
+    _FEW_BITS_SAID.clear()
+
+
 def warn_once(what: str, path: Path | str, message: str, *args: object) -> None:
     """A warning about one file's `what`, logged the first time only: a file is read several times in a
     run (layout check, features, calibration), and one line per file is what a user needs."""

@@ -69,6 +69,9 @@ class _Collected(logging.Handler):
 def collected_warnings() -> Iterator[list[str]]:
     """What a pair's training warned of (files not read, a small training set, the position check's verdict), kept
     for its record: train-all's workers do not log to the driver, so without it those lines reach only Ray's files."""
+    from pni_ray.data.images import warn_anew
+
+    warn_anew()  # a worker that ran another pair before has said its files' warnings already: this pair hears them too
     handler = _Collected()
     logger = logging.getLogger("pni_ray")
     logger.addHandler(handler)
