@@ -80,19 +80,12 @@ class Commands(click.Group):
         except Exception as exc:  # noqa: BLE001 - anything else keeps its traceback
             if isinstance(exc, _input_errors()):
                 raise click.ClickException(str(exc)) from None
-            if _out_of_memory(exc):
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise click.ClickException(
-                    f"out of memory ({first}): this machine has too little RAM for the work asked. train: a smaller "
-                    "--image-size or --coreset-ratio, --tile for large images, or batch_size in a --config file; "
-                    "evaluate and score: a smaller --batch-size (score: also fewer --workers)"
-                ) from None
+            from pni_ray.options import out_of_memory_message
+
+            message = out_of_memory_message(exc)
+            if message:
+                raise click.ClickException(message) from None
             raise
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    """numpy's and Python's MemoryError, or torch's CPU allocator refusing ("can't allocate memory")."""
-    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

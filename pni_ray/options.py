@@ -51,9 +51,24 @@ class RunFailed(click.ClickException):
 
 
 def folder_name(name: str) -> str:
-    """A category named as a folder: a shell's tab completion leaves `weave/`, which is the category
-    `weave` (recorded in the manifest and so in the model id: with the slash it would be another model)."""
-    return name.strip().rstrip("/\\") or name
+    """A category named as a folder: a shell's tab completion leaves `weave/` (or `./weave/` from inside DATA_ROOT),
+    which is the category `weave` (recorded in the manifest and so in the model id: with the slash it would be another
+    model)."""
+    name = name.strip()
+    while name.startswith(("./", ".\\")):
+        name = name[2:]
+    return name.rstrip("/\\") or name
+
+
+def out_of_memory_message(exc: BaseException) -> str | None:
+    """One line for running out of memory (numpy's and Python's MemoryError, torch's CPU allocator refusing: "can't
+    allocate memory"), saying what to lower; None for any other error."""
+    if not (isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))):
+        return None
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (f"out of memory ({first}): this machine has too little RAM for the work asked. train: a smaller "
+            "--image-size or --coreset-ratio, --tile for large images, or batch_size in a --config file; evaluate "
+            "and score: a smaller --batch-size (score: also fewer --workers)")
 
 
 def category_name(ctx: Any, param: Any, value: str | None) -> str | None:

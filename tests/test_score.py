@@ -423,6 +423,24 @@ def test_grey_images_on_a_colour_model_are_counted_and_named(synthetic_root, bun
     assert trained_on({"trained_on": "grey"}) == "grey"
 
 
+def test_running_out_of_memory_in_score_says_what_to_lower(small_set, bundle_tiny, tmp_path, monkeypatch):
+    """The driver (or --engine local) out of memory: one line saying what to lower and that a rerun resumes, not
+    "scoring run failed" with a traceback."""
+    from pni_ray.cli import main
+    from pni_ray.orchestration import score_cli
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried")
+
+    monkeypatch.setattr(score_cli, "score", out_of_memory)
+    root, _ = small_set
+    result = CliRunner().invoke(main, ["score", str(bundle_tiny), str(root / "wide"), "--out", str(tmp_path / "o"),
+                                       "--engine", "local"])
+    assert result.exit_code == 3 and "out of memory ([enforce fail" in result.output, result.output
+    assert "a smaller --batch-size (score: also fewer --workers)" in result.output and "rerun to resume" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_another_categorys_images_all_above_the_threshold_are_remarked_on(synthetic_root, bundle_tiny, tmp_path, caplog):
     """A new user scored another category's folder: every image flagged, exit 0 and no word. A run whose scored images
     (ten or more) are all above the threshold now says what that usually means."""

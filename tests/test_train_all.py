@@ -599,7 +599,7 @@ def test_train_all_that_cannot_run_exits_with_its_own_status(monkeypatch, synthe
     result = CliRunner().invoke(main, ["train-all", str(synthetic_root), "--out", str(tmp_path / "out")])
     said = {"sigterm": "interrupted (SIGTERM): the bundles saved so far are kept", "cluster": "cluster: what to change",
             "storage": "storage: what to change",
-            "full": f"{tmp_path / 'out' / 'summary.parquet'}: cannot write (No space left on device); the bundles"}[trouble]
+            "full": f"{tmp_path / 'out' / 'summary.parquet'}: No space left on device (OSError); the bundles"}[trouble]
     assert signal.getsignal(signal.SIGTERM) is sigterm_guard
     assert result.exit_code == (2 if trouble == "storage" else 3), result.output
     assert said in result.output and "Usage:" not in result.output and "Traceback" not in result.output

@@ -404,7 +404,7 @@ def test_an_ensembles_ablation_reports_no_cut_it_does_not_have(bundle_tiny, tmp_
 
 def test_training_outputs_and_options_are_checked_before_any_work(tmp_path, synthetic_root):
     """An OUT under a file, train-all's out-of-range numbers: usage errors before features or Ray start;
-    `-c washer/` (tab completion) is the category washer, the same model as `-c washer`."""
+    `-c ./washer/` (tab completion) is the category washer, the same model as `-c washer`."""
     from pni_ray.bundle import model_id
 
     (tmp_path / "a_file").write_text("x")
@@ -420,7 +420,7 @@ def test_training_outputs_and_options_are_checked_before_any_work(tmp_path, synt
         assert not (tmp_path / "ta").exists()
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(tiny_config().to_dict()))
-    for name, category in (("B1", "washer/"), ("B2", "washer")):
+    for name, category in (("B1", "./washer/"), ("B2", "washer")):
         result = CliRunner().invoke(main, ["train", str(synthetic_root), "-c", category, "--out", str(tmp_path / name),
                                            "--config", str(config), "--threads", "1"])
         assert result.exit_code == 0, result.output

@@ -16,7 +16,7 @@ import click
 
 from pni_ray.data.images import DEFAULT_MAX_PIXELS
 from pni_ray.fileio import inside
-from pni_ray.options import RunFailed, backbone_options, check_output_file, progress_bars
+from pni_ray.options import RunFailed, backbone_options, check_output_file, out_of_memory_message, progress_bars
 from pni_ray.orchestration.ray_session import RayJoinError
 from pni_ray.orchestration.score import ENGINES, Options, ScoreError, score
 from pni_ray.orchestration.score_inputs import CHUNK_SIZE
@@ -125,6 +125,9 @@ def score_cmd(model: Path, inputs: tuple[str, ...], out: Path, address: str | No
     except RayJoinError as exc:  # nothing was scored: what to change, not a traceback and "rerun to resume"
         raise RunFailed(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - exit 1 means "some inputs failed", so a crash must not use it
+        memory = out_of_memory_message(exc)
+        if memory:  # in this process (the driver, or --engine local): what to lower, and that a rerun resumes
+            raise RunFailed(f"{memory}; committed parts are kept, rerun to resume") from None
         log.exception("scoring run failed")
         raise RunFailed(f"scoring run failed ({exc.__class__.__name__}: {exc}); committed parts are kept, "
                         "rerun the same command to resume") from exc

@@ -62,7 +62,7 @@ def train_all_cmd(data_root: Path, out: Path, categories: str | None, backbones:
 
     Exits with status 1 when any pair failed (the others still finish; a rerun trains only what
     is missing), 2 when OUT or DATA_ROOT is not shared by every node, 3 when the Ray cluster cannot be
-    joined, OUT cannot be written (full, permissions) or the run is stopped by Ctrl-C or SIGTERM (saved bundles are kept; a rerun trains the rest). --threads (torch threads per task) defaults to --cpus-per-task here; a pair gives
+    joined, a file cannot be read or written (a full OUT, permissions) or the run is stopped by Ctrl-C or SIGTERM (saved bundles are kept; a rerun trains the rest). --threads (torch threads per task) defaults to --cpus-per-task here; a pair gives
     the same bundle as `pni-ray train` with the same thread count (both default to 1).
     """
     set_threads(1)  # the driver only waits; the tasks set their own thread counts
@@ -87,10 +87,10 @@ def train_all_cmd(data_root: Path, out: Path, categories: str | None, backbones:
         raise NotShared(str(exc)) from exc
     except RayJoinError as exc:
         raise RunFailed(str(exc)) from exc
-    except OSError as exc:  # OUT full or not writable (its probe, the summary): what to fix, not a traceback
+    except OSError as exc:  # OUT full or not writable (its probe, the summary), DATA_ROOT unreadable: not a traceback
         where = exc.filename or out
-        raise RunFailed(f"{where}: cannot write ({exc.strerror or exc}); the bundles saved so far are kept: free space "
-                        "or fix its permissions, then rerun to train the rest and write the summary") from exc
+        raise RunFailed(f"{where}: {exc.strerror or exc} ({type(exc).__name__}); the bundles saved so far are kept: fix "
+                        "this (space, permissions), then rerun to train the rest and write the summary") from exc
     click.echo(format_table(result.rows))
     note = mode_note(result.rows)
     if note:

@@ -309,7 +309,10 @@ def train_pair(
             record["status"] = TRAINED if train else SKIPPED
         except Exception as exc:  # noqa: BLE001 - every application error fails this pair alone
             record["error"] = f"{type(exc).__name__}: {exc}"
-            if record["stage"] == "evaluate" and record.get("model_id"):  # the test split failed, not the model
+            from pni_ray.data.images import ImageError
+            from pni_ray.data.mvtec import LayoutError
+
+            if record["stage"] == "evaluate" and isinstance(exc, (LayoutError, ImageError)):  # the test split failed
                 record["error"] += (" (the bundle was saved and scores as usual: a rerun evaluates it, without "
                                     "retraining, once the test split is fixed)")
             record["traceback"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-8:])
