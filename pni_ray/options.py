@@ -65,7 +65,8 @@ def out_of_memory_message(exc: BaseException) -> str | None:
     allocate memory"), saying what to lower; None for any other error."""
     if not (isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))):
         return None
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
     return (f"out of memory ({first}): this machine has too little RAM for the work asked. train: a smaller "
             "--image-size or --coreset-ratio, --tile for large images, or batch_size in a --config file; evaluate "
             "and score: a smaller --batch-size (score: also fewer --workers)")

@@ -482,10 +482,11 @@ def train_category(
     grey: list[bool] = []
     feats, valid = extract_training_features(extractor, geometry, memory_paths, cfg.batch_size, progress, grey=grey)
     n_img, dim, h, w = feats.shape
-    if 0 < sum(grey) < len(grey):  # a mono camera's frames among a colour line's: trained as they are, but said
+    n_grey = sum(grey)
+    if 0 < n_grey < len(grey):  # a mono camera's frames among a colour line's: trained as they are, but said
         example = next(p for p, g in zip(memory_paths, grey) if g)
         log.warning("%s: %d of the %d memory-bank images are grey (three equal channels; e.g. %s) among colour ones: "
-                    "another camera's frames in this folder? They are trained on as they are", category, sum(grey),
+                    "another camera's frames in this folder? They are trained on as they are", category, n_grey,
                     len(grey), example)
     rows, pool = coreset_pool(feats, valid, cfg)
     n_patches = rows.shape[0] if valid is None else int(valid.sum())
@@ -500,7 +501,7 @@ def train_category(
     facts: dict = {
         "n_memory_images": n_img,
         "n_holdout_images": len(holdout_paths),
-        "grey_memory_images": sum(grey),  # three equal channels: scoring says when its inputs are not alike
+        "grey_memory_images": n_grey,  # three equal channels: scoring says when its inputs are not alike
         "n_patches": int(rows.shape[0]),
         **({} if geometry.cfg.policy == "resize" and not geometry.tiled else {"n_valid_patches": n_patches, "n_candidates": int(pool.shape[0]), "grid": [h, w]}),
         "holdout_images": [p.name for p in holdout_paths],

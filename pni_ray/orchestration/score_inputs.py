@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from pni_ray.data.images import is_image_file
+from pni_ray.fileio import inside
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +96,13 @@ def _walk_images(folder: str, preset: dict[str, str], walked: set[str]) -> list[
         for d in sorted(d for d in dirs if not d.startswith(".")):
             path = os.path.join(root, d)
             real = os.path.realpath(path)
-            inside = real == top or real.startswith(top.rstrip(os.sep) + os.sep)
-            if inside and not os.path.islink(path):  # the tree's own folders, under their own names
+            within = inside(real, top)
+            if within and not os.path.islink(path):  # the tree's own folders, under their own names
                 keep.append(d)
                 continue
             # a link into the tree or to a folder holding it, or any folder outside it already walked (a second
             # link to it, or a link inside a linked folder back to one of its own ancestors)
-            if inside or top.startswith(real.rstrip(os.sep) + os.sep) or real in outside:
+            if within or inside(top, real) or real in outside:
                 log.warning("%s: leads to %s, which this input already walks; not walked twice", path, real)
                 continue
             outside.add(real)

@@ -236,7 +236,8 @@ def train_pair(
     Raises PairError (with the record) on any application error. The record's "warnings": the pair's warning lines.
     """
     from pni_ray.bundle import atomic_write_json, model_id
-    from pni_ray.data.mvtec import load_category
+    from pni_ray.data.images import ImageError
+    from pni_ray.data.mvtec import LayoutError, load_category
     from pni_ray.fit import fit_category
 
     source = reset_peak_rss()
@@ -309,9 +310,6 @@ def train_pair(
             record["status"] = TRAINED if train else SKIPPED
         except Exception as exc:  # noqa: BLE001 - every application error fails this pair alone
             record["error"] = f"{type(exc).__name__}: {exc}"
-            from pni_ray.data.images import ImageError
-            from pni_ray.data.mvtec import LayoutError
-
             if record["stage"] == "evaluate" and isinstance(exc, (LayoutError, ImageError)):  # the test split failed
                 record["error"] += (" (the bundle was saved and scores as usual: a rerun evaluates it, without "
                                     "retraining, once the test split is fixed)")
