@@ -189,6 +189,21 @@ def test_train_wrong_category_lists_the_categories(synthetic_root, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_category_written_in_another_unicode_form_is_named_as_such(tmp_path):
+    """A folder copied from macOS keeps its name decomposed (NFD); the name typed is composed (NFC). The two differ
+    byte for byte, so "Did you mean -c café?" read as the name just typed: the error now says what differs."""
+    import unicodedata
+
+    (tmp_path / "data" / unicodedata.normalize("NFD", "café") / "train" / "good").mkdir(parents=True)
+    typed = unicodedata.normalize("NFC", "café")
+    result = CliRunner().invoke(main, ["-q", "train", str(tmp_path / "data"), "-c", typed, "--out",
+                                       str(tmp_path / "o"), *TINY])
+    assert result.exit_code == 2, result.output
+    _no_traceback(result)
+    assert "in another Unicode form ('cafe\\u0301' against 'caf\\xe9'" in result.output, result.output
+    assert "convmv -f utf8 -t utf8 --nfc" in result.output and "Did you mean" not in result.output
+
+
 @pytest.mark.parametrize("name", ["../synthetic_link/granite", "line2/granite", "..", ""])
 def test_a_category_is_one_folder_name_not_a_path(synthetic_root, tmp_path, name):
     """-c with a path would train a folder outside DATA_ROOT and write its bundle wherever the path led (into

@@ -547,6 +547,18 @@ def test_a_bundle_saved_meanwhile_is_kept_or_refused_never_overwritten(bundle_ti
     assert model_id(there) != before
 
 
+def test_a_category_whose_name_holds_commas_is_named_whole(tmp_path):
+    """--categories splits on commas, so a folder named "lot 7, line 2" could not be chosen; named whole, it is
+    that folder, and other values still split (a typo among them is refused later, by name)."""
+    from pni_ray.orchestration.train_all_cli import _split
+
+    (tmp_path / "lot 7, line 2" / "train").mkdir(parents=True)
+    assert _split("lot 7, line 2", "--categories", tmp_path) == ["lot 7, line 2"]
+    assert _split("./lot 7, line 2/", "--categories", tmp_path) == ["lot 7, line 2"]
+    assert _split("bottle,transistor", "--categories", tmp_path) == ["bottle", "transistor"]
+    assert _split("lot 7, line 2", "--backbones") == ["lot 7", "line 2"]
+
+
 def test_empty_category_list_is_refused_not_read_as_all(synthetic_root, tmp_path):
     from pni_ray.cli import main
 

@@ -7,6 +7,7 @@ all that must be fixed rather than one file at a time.
 from __future__ import annotations
 
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,8 +136,14 @@ def missing_category_message(data_root: Path | str, category: str) -> str | None
         found = []
     if found:
         lines.append(f"Categories found under {data_root}: {', '.join(found)}.")
+        same = [name for name in found if unicodedata.normalize("NFC", name) == unicodedata.normalize("NFC", category)]
         close = difflib.get_close_matches(category, found, n=1)
-        if close:
+        if same:  # "Did you mean -c café" for the café typed would read as the same name
+            lines.append(f"The folder {same[0]} is the name typed, written in another Unicode form ({ascii(same[0])} "
+                         f"against {ascii(category)}: accents as separate marks, as macOS and some copies write "
+                         "them). Rename the folder to the form a keyboard types, e.g. `convmv -f utf8 -t utf8 --nfc -r --notest "
+                         "DATA_ROOT` (Debian package convmv).")
+        elif close:
             lines.append(f"Did you mean -c {close[0]}?")
     elif not is_category:  # (a category folder holds none: said above)
         lines.append(f"No category folders (sub-folders with train/) found under {data_root}.")

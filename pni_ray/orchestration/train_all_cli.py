@@ -26,11 +26,14 @@ class NotShared(click.ClickException):
     exit_code = 2
 
 
-def _split(value: str | None, option: str) -> list[str] | None:
+def _split(value: str | None, option: str, folder_of: Path | None = None) -> list[str] | None:
     """A comma-separated option's names, each as -c takes it (`folder_name`); None when not given. Given
-    but naming nothing ("," or an unset shell variable's ""), it is refused: "all" is not what it says."""
+    but naming nothing ("," or an unset shell variable's ""), it is refused: "all" is not what it says.
+    folder_of: a value that is the name of a folder there is that one name, commas and all."""
     if value is None:
         return None
+    if folder_of is not None and "," in value and (folder_of / folder_name(value)).is_dir():
+        return [folder_name(value)]
     names = [folder_name(v) for v in value.split(",") if v.strip()]
     if not names:
         raise click.UsageError(f"{option} {value!r} names nothing: give names, or leave the option out for all")
@@ -41,7 +44,8 @@ def _split(value: str | None, option: str) -> list[str] | None:
 @click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Bundles go to OUT/<category>/<backbone>/, the summary to OUT/summary.{json,parquet}.")
-@click.option("--categories", default=None, help="Comma-separated categories (default: every folder with train/).")
+@click.option("--categories", default=None, help="Comma-separated categories (default: every folder with train/); a folder whose name holds "
+                   "commas is named whole, alone.")
 @click.option("--backbones", default=None, help="Comma-separated backbones (default: the config's, efficientnet_lite2).")
 @click.option("--address", default=None,
               help="Ray cluster to join (HOST:PORT of the head's GCS, or auto); default: $RAY_ADDRESS, else an "
@@ -68,7 +72,7 @@ def train_all_cmd(data_root: Path, out: Path, categories: str | None, backbones:
     set_threads(1)  # the driver only waits; the tasks set their own thread counts
     if not out.is_dir():
         check_output_file(out, "bundles")  # before Ray starts, not a traceback at its mkdir
-    chosen = _split(categories, "--categories")
+    chosen = _split(categories, "--categories", data_root)
     named = _split(backbones, "--backbones")  # the config's backbone is checked only where no --backbones replaces it
     cfg = build_config(base=load_config_file(config_file), backbone=named[0] if named else None, **overrides)
     if cfg.features.weights and named and len(named) > 1:  # one file fits one network: refused before Ray starts
