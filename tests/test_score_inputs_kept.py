@@ -77,6 +77,40 @@ def test_walk_follows_symlinked_folders_once_and_reports_unreadable_ones(tmp_pat
     assert "cannot list this directory" in got.preset_errors[locked] and "Permission denied" in got.preset_errors[locked]
 
 
+def test_a_recursive_glob_ends_in_link_loops_and_walks_as_a_folder_input_does(tmp_path, monkeypatch):
+    """Python's `**` follows every link to a folder: a link to an ancestor ran until the path grew too long (a
+    hung nightly, no row written), and a link inside the tree gave each image twice. `**` now walks as a directory
+    input does: each folder once, a link into the tree or to a folder holding it skipped."""
+    import glob as glob_module
+
+    for rel in ("loop/a/b/x.png", "dup/2024/y.png", "outside/z.png", "dup/.cache/h.png", "dup/.k.png", "cam1/d/1.png",
+                "cam2/d/2.png", "cam2/d/notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    os.symlink("..", tmp_path / "loop" / "a" / "b" / "up")
+    os.symlink(tmp_path / "loop", tmp_path / "loop" / "a" / "b" / "root")
+    os.symlink("2024", tmp_path / "dup" / "latest")  # into the tree: walked under its own name only
+    os.symlink(tmp_path / "outside", tmp_path / "dup" / "ext")  # out of it: walked, once
+    os.symlink(tmp_path / "outside", tmp_path / "dup" / "ext2")
+    real_glob = glob_module.glob
+
+    def no_recursion(pattern, *args, recursive=False, **kwargs):  # the loop would run until the path is too long
+        assert not recursive, "Python's recursive glob follows link loops"
+        return real_glob(pattern, *args, **kwargs)
+
+    monkeypatch.setattr(glob_module, "glob", no_recursion)
+    t = str(tmp_path)
+    assert expand_inputs([f"{t}/loop/**/*.png"]).paths == [f"{t}/loop/a/b/x.png"]
+    assert expand_inputs([f"{t}/dup/**/*.png"]).paths == [f"{t}/dup/2024/y.png", f"{t}/dup/ext/z.png"]
+    assert expand_inputs([f"{t}/dup/**/.*.png"]).paths == [f"{t}/dup/.k.png"]  # hidden only when asked for
+    assert expand_inputs([f"{t}/cam*/**/*.png"]).paths == [f"{t}/cam1/d/1.png", f"{t}/cam2/d/2.png"]
+    # as glob's: every file the pattern names (the text file too, to its error row), the folders walked for images
+    assert expand_inputs([f"{t}/cam*/**"]).paths == [f"{t}/cam1/d/1.png", f"{t}/cam2/d/2.png", f"{t}/cam2/d/notes.txt"]
+    assert expand_inputs([f"{t}/**/2.png"]).paths == [f"{t}/cam2/d/2.png"]
+    assert expand_inputs([f"{t}/cam9/**/*.png"]).preset_errors == {f"{t}/cam9/**/*.png": f"{t}/cam9/**/*.png: no "
+                                                                    "file matches this pattern"}
+
+
 def test_a_list_files_line_that_names_nothing_is_named_in_its_error(tmp_path):
     (tmp_path / "a.png").write_bytes(b"x")
     lst = tmp_path / "inputs.txt"

@@ -9,6 +9,7 @@ given twice is scored once (counted as ``duplicates_ignored``), two different pa
 are two inputs. Directories are walked into symlinked subdirectories too: a link to a folder outside
 the tree is walked (once, however many links lead there or into it: each folder outside is walked once); a link
 into the tree, or to a folder that holds it, is skipped with a warning, since that folder is walked under its own name.
+A glob's ``**`` walks the same way (Python's own follows every link, round a loop until the path is too long).
 An explicit path that does not exist, a directory without images, a subdirectory that cannot be
 read, or a glob that matches nothing gets an error row.
 
@@ -24,6 +25,7 @@ same inputs makes the same chunks and finds its committed part files.
 from __future__ import annotations
 
 import codecs
+import fnmatch
 import glob
 import hashlib
 import logging
@@ -31,7 +33,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from pni_ray.data.images import is_image_file
 from pni_ray.fileio import inside
@@ -76,23 +78,15 @@ def normalise_path(path: str, base: str | None = None, pattern: bool = False) ->
     return os.path.normpath(path)
 
 
-def _walk_images(folder: str, preset: dict[str, str], walked: set[str]) -> list[str]:
-    """Image files below folder, into symlinked subdirectories that lead out of it (each such folder
-    once); a subdirectory that cannot be listed becomes an error row instead of vanishing from the run."""
-    found: list[str] = []
-    unreadable: list[str] = []
-    others: list[str] = []  # files that are not images (sidecars, notes): counted, not scored
-
-    def _unreadable(exc: OSError) -> None:
-        unreadable.append(normalise_path(str(exc.filename)) if exc.filename else folder)
-        preset[unreadable[-1]] = f"{unreadable[-1]}: cannot list this directory ({exc.strerror or exc}); its images were not scored"
-
+def _walk_tree(folder: str, onerror: Callable[[OSError], None]) -> Iterator[tuple[str, list[str], list[str], int]]:
+    """os.walk of folder into symlinked subdirectories that lead out of it, each such folder once; a link into
+    the tree, or to a folder holding it, is skipped with a warning (that folder is walked under its own name), so
+    link loops end. Hidden folders are not entered. Yields (root, folders kept, files, hidden entries)."""
     top = os.path.realpath(folder)
     outside: set[str] = set()  # real folders outside the tree already walked (through a link, or below one)
-    hidden = 0  # hidden files and folders (".DS_Store", "._x.png", ".thumbnails"): not scored, counted
-    for root, dirs, files in os.walk(folder, onerror=_unreadable, followlinks=True):
+    for root, dirs, files in os.walk(folder, onerror=onerror, followlinks=True):
         keep = []
-        hidden += sum(name.startswith(".") for name in (*dirs, *files))
+        hidden = sum(name.startswith(".") for name in (*dirs, *files))
         for d in sorted(d for d in dirs if not d.startswith(".")):
             path = os.path.join(root, d)
             real = os.path.realpath(path)
@@ -108,7 +102,26 @@ def _walk_images(folder: str, preset: dict[str, str], walked: set[str]) -> list[
             outside.add(real)
             keep.append(d)
         dirs[:] = keep
-        walked.update(normalise_path(os.path.join(root, d)) for d in keep)  # each may name an "unlistable" row
+        yield root, keep, files, hidden
+
+
+def _unlistable(folder: str, preset: dict[str, str], unreadable: list[str]) -> Callable[[OSError], None]:
+    """os.walk's onerror: a subdirectory that cannot be listed becomes an error row instead of vanishing."""
+    def record(exc: OSError) -> None:
+        unreadable.append(normalise_path(str(exc.filename)) if exc.filename else folder)
+        preset[unreadable[-1]] = f"{unreadable[-1]}: cannot list this directory ({exc.strerror or exc}); its images were not scored"
+    return record
+
+
+def _walk_images(folder: str, preset: dict[str, str], walked: set[str]) -> list[str]:
+    """Image files below folder (`_walk_tree`); a subdirectory that cannot be listed becomes an error row."""
+    found: list[str] = []
+    unreadable: list[str] = []
+    others: list[str] = []  # files that are not images (sidecars, notes): counted, not scored
+    hidden = 0  # hidden files and folders (".DS_Store", "._x.png", ".thumbnails"): not scored, counted
+    for root, dirs, files, n_hidden in _walk_tree(folder, _unlistable(folder, preset, unreadable)):
+        hidden += n_hidden
+        walked.update(normalise_path(os.path.join(root, d)) for d in dirs)  # each may name an "unlistable" row
         found.extend(os.path.join(root, f) for f in files if is_image_file(Path(f)))
         others.extend(f for f in files if not is_image_file(Path(f)) and not f.startswith("."))
     if others:  # sidecar files are normal beside camera images: said once per folder, not an error row each
@@ -119,6 +132,49 @@ def _walk_images(folder: str, preset: dict[str, str], walked: set[str]) -> list[
     return found + unreadable
 
 
+def _match_parts(pattern: Sequence[str], parts: Sequence[str]) -> bool:
+    """Whether path components match pattern components as glob's do: `**` any number of them (none hidden),
+    others one by fnmatch, a hidden name only by a pattern starting with '.'."""
+    if not pattern:
+        return not parts
+    first, rest = pattern[0], pattern[1:]
+    if first == "**":
+        for i in range(len(parts) + 1):
+            if _match_parts(rest, parts[i:]):
+                return True
+            if i < len(parts) and parts[i].startswith("."):
+                return False
+        return False
+    if not parts or (parts[0].startswith(".") and not first.startswith(".")):
+        return False
+    return fnmatch.fnmatchcase(parts[0], first) and _match_parts(rest, parts[1:])
+
+
+def _recursive_glob(pattern: str, preset: dict[str, str], walked: set[str]) -> list[str]:
+    """glob.glob(pattern, recursive=True) that ends in link loops: Python's `**` follows every link to a folder,
+    so a link to an ancestor made it run until the path grew too long (a hung nightly, no row written) and a
+    link inside the tree gave each image twice. The part before the first `**` is globbed, each folder it
+    matches walked as a directory input is (`_walk_tree`), and the rest matched component by component."""
+    parts = pattern.split(os.sep)
+    k = parts.index("**")
+    head = os.sep.join(parts[:k]) or os.sep
+    tail = parts[k:]
+    tops = sorted(glob.glob(head)) if _GLOB_CHARS.search(head) else [head]
+    matches: list[str] = []
+    for top in tops:
+        if not os.path.isdir(top):
+            continue
+        unreadable: list[str] = []
+        for root, dirs, files, _ in _walk_tree(top, _unlistable(top, preset, unreadable)):
+            rel = [] if root == top else os.path.relpath(root, top).split(os.sep)
+            if _match_parts(tail, rel):
+                matches.append(root)
+            matches.extend(os.path.join(root, name) for name in (*dirs, *files) if _match_parts(tail, [*rel, name]))
+        walked.update(unreadable)
+        matches.extend(unreadable)
+    return matches
+
+
 def _expand_one(spec: str, base: str | None, out: list[str], preset: dict[str, str], stand_ins: set[str],
                 origin: str = "") -> None:
     """A path, directory or glob (not a list file) -> paths appended to out. `origin` (" (line K of
@@ -127,7 +183,8 @@ def _expand_one(spec: str, base: str | None, out: list[str], preset: dict[str, s
     if _GLOB_CHARS.search(spec) and not os.path.lexists(normalise_path(spec, base)):
         pattern = normalise_path(spec, base, pattern=True)
         stand_ins.add(pattern)
-        matches = sorted(glob.glob(pattern, recursive=True))
+        matches = sorted(_recursive_glob(pattern, preset, stand_ins) if "**" in pattern.split(os.sep)
+                         else glob.glob(pattern))
         if not matches:
             out.append(pattern)
             preset[pattern] = f"{pattern}: no file matches this pattern{origin}"
