@@ -190,7 +190,7 @@ def test_an_output_of_the_earlier_path_text_resumes_only_where_its_rows_read_ali
     assert len(_rows(out)) == 2
 
 
-def test_retry_failed_retries_only_this_runs_inputs(bundle_tiny, synthetic_root, tmp_path):
+def test_retry_failed_retries_only_this_runs_inputs(bundle_tiny, synthetic_root, tmp_path, monkeypatch):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     (tmp_path / "a" / "junk.png").write_bytes(b"not an image")
@@ -199,6 +199,17 @@ def test_retry_failed_retries_only_this_runs_inputs(bundle_tiny, synthetic_root,
     out = tmp_path / "out"
     opts = Options(chunk_size=4, threads=1)
     assert score(bundle_tiny, [str(tmp_path / "a"), str(tmp_path / "b")], out, opts, engine="local")["failed"] == 2
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def refused(rows, info, opts):  # the Ray cluster refused the join, the model failed to load: nothing scored
+        raise ScoreError("cannot join the Ray cluster")
+        yield
+
+    monkeypatch.setitem(score_module.ENGINES, "refused", refused)
+    with pytest.raises(ScoreError, match="cannot join"):
+        score(bundle_tiny, [str(tmp_path / "b")], out, opts, engine="refused", retry=True)
+    # the error rows and the summary were removed before the engine started: a refused run changes nothing
+    assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")} == before
     retried = score(bundle_tiny, [str(tmp_path / "b")], out, opts, engine="local", retry=True)
     assert retried["run"]["error_rows_retried"] == 1 and retried["failed"] == 1
     assert retried["rows"] == 2 and retried["other_rows"] == 1  # a/junk.png: in OUT, not this run's input

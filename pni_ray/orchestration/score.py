@@ -53,6 +53,7 @@ from pni_ray.orchestration.score_output import (
     check_dataset,
     commit,
     committed_paths,
+    error_paths,
     locked,
     remove_stale_temps,
     retry_failed,
@@ -535,6 +536,14 @@ class _Commits:
     chunks: set[str] = field(default_factory=set)  # ids of the chunks committed: which inputs a run lost
     started: float = field(default_factory=time.perf_counter)
     logged: float = field(default_factory=time.perf_counter)  # when progress was last logged (no bar)
+    # what changes OUT before the first part (the last summary removed, --retry-failed's rows): run once, at the
+    # first commit, so a run refused before it scores anything (Ray not joined, the model not loaded) leaves OUT
+    before_first: Callable[[], None] | None = None
+
+    def start_writing(self) -> None:
+        if self.before_first is not None:
+            self.before_first()
+            self.before_first = None
 
     def all(self, results: Iterator[dict[str, Any]]) -> None:
         """Commit each result as it arrives; stop the run if a worker found the model changed."""
@@ -542,6 +551,7 @@ class _Commits:
             if result.get("abort"):
                 raise ScoreError(result["abort"])
             self.still_ours()  # OUT removed mid-run: stop, rather than write parts nothing can resume
+            self.start_writing()
             commit(self.out, result)
             self.chunks.add(result["chunk"])
             if self.first is None:
@@ -625,9 +635,16 @@ def score(
     with locked(out) as still_ours:
         check_dataset(out, info, opts.map_format, runtime, opts.named)
         stale = remove_stale_temps(out)
-        (out / SUMMARY_FILE).unlink(missing_ok=True)  # until this run finishes, no summary claims OUT is complete
-        retried = retry_failed(out, {row_path(p) for p in (*expanded.paths, *expanded.stand_ins)}) if retry else 0
-        done = committed_paths(out)
+        retrying = {row_path(p) for p in (*expanded.paths, *expanded.stand_ins)} if retry else set()
+        failed_before = error_paths(out, retrying) if retrying else set()
+        retried = len(failed_before)
+        done = committed_paths(out) - failed_before  # --retry-failed: scored again, their rows removed at the first write
+
+        def start_writing() -> None:
+            (out / SUMMARY_FILE).unlink(missing_ok=True)  # until this run finishes, no summary claims OUT is complete
+            if retrying:
+                retry_failed(out, retrying)
+
         todo = [p for p in expanded.paths if row_path(p) not in done]
         rows = _chunk_rows(make_chunks(todo, opts.chunk_size), expanded.preset_errors)
         log.info("%d inputs (%d duplicates ignored), %d already in %s, %d to score in %d chunks",
@@ -637,11 +654,12 @@ def score(
 
         with tqdm(total=len(todo), unit="img", desc="score", disable=not progress or not rows, file=sys.stderr,
                   dynamic_ncols=True) as bar:
-            commits = _Commits(out, still_ours, bar, total=len(todo))
+            commits = _Commits(out, still_ours, bar, total=len(todo), before_first=start_writing)
             if rows:
                 commits.all(ENGINES[engine](rows, info, opts))
                 _isolate_lost(rows, engine, info, opts, expanded.preset_errors, commits,
                               earlier=len(expanded.paths) - len(todo))
+            commits.start_writing()  # nothing to score (or every chunk lost): stale stand-in rows still go
         n_done, n_failed, t_first = commits.done, commits.failed, commits.first
         unlike = unlike_training(info, n_done - n_failed, commits.grey, commits.grey_example, commits.colour_example)
         if unlike:

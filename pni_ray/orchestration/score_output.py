@@ -140,6 +140,13 @@ def committed_paths(out: Path) -> set[str]:
     return set(read_table(out, columns=["path"]).column("path").to_pylist())
 
 
+def error_paths(out: Path, of: set[str]) -> set[str]:
+    """The paths of `of` that hold an error row in OUT (what --retry-failed scores again)."""
+    table = read_table(out, columns=["path", "error"])
+    return {p for p, e in zip(table.column("path").to_pylist(), table.column("error").to_pylist())
+            if e is not None and p in of}
+
+
 def commit(out: Path, result: dict[str, Any]) -> Path:
     final = out / f"part-{result['chunk']}.parquet"
     atomic_write_bytes(final, result["parquet"])
