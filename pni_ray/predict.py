@@ -98,7 +98,9 @@ def score_prepared(
         images = canvas_batch(prepared, model_device(detector))
         for name in names:
             t2 = time.perf_counter()
-            batch_maps, _ = detector(images, name.removesuffix("+refine"), name.endswith("+refine"))
+            # refine None: each member as it is deployed, a refined one through its refiner, as the statistics and
+            # threshold the ensemble took from it were measured (False dropped the refiner and kept those)
+            batch_maps, _ = detector(images, name.removesuffix("+refine"), True if name.endswith("+refine") else None)
             maps[name] = [m.float().cpu().numpy() for m in batch_maps]
             seconds[name] = t_prep + time.perf_counter() - t2
             scores[name] = [geometry.image_score(m, p) for m, p in zip(maps[name], prepared)]

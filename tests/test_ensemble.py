@@ -68,6 +68,28 @@ def test_ensemble_detector_math_on_fixed_maps():
     assert detector_geometry(ens).cfg == GeometryConfig() and detector_geometry(ens).image_window == ens.image_window
 
 
+def test_a_refined_member_scores_through_its_refiner_as_deployed():
+    """The ensemble takes a refined member's statistics and threshold, measured on its refined maps; scoring asked
+    members for maps without their refiner (refine=False), so that member's maps were another model's."""
+    from pni_ray.geometry import Prepared
+    from pni_ray.predict import score_prepared
+
+    class RefinedMember(ConstantMember):
+        def forward(self, images, mode=None, refine=None):
+            maps, scores = super().forward(images, mode, refine)
+            self.calls[-1] = (mode, refine)
+            return (maps + 100.0, scores + 100.0) if refine in (None, True) else (maps, scores)  # refined by default
+
+    a = torch.arange(32 * 32, dtype=torch.float32).reshape(32, 32) / 100.0
+    refined = RefinedMember(a, image_size=32)
+    ens = EnsembleDetector([ConstantMember(a, image_size=32), refined], [Normalisation(pixel_mean=0.0, pixel_std=1.0)] * 2)
+    canvas = torch.zeros(32, 32, 3, dtype=torch.uint8).numpy()
+    prepared = [Prepared(canvas=canvas, original_hw=(32, 32), content=(0, 0, 32, 32))]
+    maps, _, _ = score_prepared(ens, detector_geometry(ens), prepared, ["pni"])
+    assert refined.calls == [("pni", None)]
+    assert torch.allclose(torch.as_tensor(maps["pni"][0]), (a + a + 100.0) / 2.0)
+
+
 def test_estimated_threshold_is_mean_of_normalised_member_thresholds():
     norm = estimated_normalisation([
         Normalisation(image_mean=5.0, image_std=1.0, pixel_mean=1.0, pixel_std=2.0, threshold=8.0),
