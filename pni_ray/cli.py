@@ -244,7 +244,7 @@ def refine(bundle: Path, data_root: Path, out: Path, category: str | None, epoch
                              held_out_names(trained))
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
-    train_refiner(trained, data_root, category or manifest["category"])
+    train_refiner(trained, data_root, category or manifest["category"], progress=progress_bars())
     record_threads(trained, n_threads, "refiner")  # the PNI model's own count stays as trained
     save_bundle(trained, out, overwrite=force)  # something at OUT by now: one Error: line (Commands)
     click.echo(f"refined {manifest['category']} in {trained.report['seconds']['refiner']:.1f} s -> {out}")
@@ -440,7 +440,8 @@ def backbones() -> None:
 @main.command()
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-output"),
               help="Where data, bundles and reports go.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads (default: $PNI_RAY_THREADS, else all cores).")
 def demo(workdir: Path, threads: int | None) -> None:
     """Synthetic data -> train-all -> ablation -> export -> scoring to Parquet -> reports."""
     from pni_ray.demo import run_demo

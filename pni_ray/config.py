@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -449,6 +450,21 @@ def float_from_json(key: str, value: Any) -> float:
     if value is None:
         return float("inf") if "threshold" in key else float("nan")
     return float(value)
+
+
+THREADS_ENV = "PNI_RAY_THREADS"  # torch / ONNX Runtime threads where a command is given no --threads
+
+
+def threads_from_env() -> int | None:
+    """$PNI_RAY_THREADS as a thread count; None when unset or empty (a templated job's blank). Anything else but
+    a positive integer is refused naming the variable, not met as int()'s or torch's traceback."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"${THREADS_ENV}={os.environ[THREADS_ENV]!r}: a number of threads, at least 1 (unset it for "
+                         "all cores)")
+    return int(value)
 
 
 def _require(ok: bool, message: str) -> None:

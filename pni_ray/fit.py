@@ -55,7 +55,7 @@ def fit_category(
     if cfg.refiner.enabled:
         from pni_ray.refine_training import train_refiner
 
-        train_refiner(trained, data_root, category)
+        train_refiner(trained, data_root, category, progress=progress)
         record_threads(trained, threads, "refiner")
     record_threads(trained, threads)
     return trained

@@ -19,14 +19,13 @@ from typing import Any
 import click
 
 from pni_ray.export.openvino_backbone import BACKBONE_RUNTIMES, PRECISIONS
-from pni_ray.config import GEOMETRY_POLICIES, MLP_PRECISIONS, PRESETS, TrainConfig
+from pni_ray.config import GEOMETRY_POLICIES, MLP_PRECISIONS, PRESETS, TrainConfig, threads_from_env
 from pni_ray.fileio import inside, special_file
 
 # Training threads: the thread count changes torch's float reductions (and so the bundle bytes),
 # so training never defaults to "all cores" (machine-dependent) but to one fixed count, the same
 # for `train` and for each `train-all` task (one CPU per task by default). The manifest records it.
 DEFAULT_TRAIN_THREADS = 1
-THREADS_ENV = "PNI_RAY_THREADS"
 
 
 def progress_bars(asked: bool | None = None) -> bool:
@@ -86,7 +85,10 @@ def set_threads(threads: int | None) -> int:
 
     if threads is not None and threads < 1:
         raise click.UsageError(f"--threads must be at least 1, not {threads} (leave it out for all cores)")
-    n = threads or int(os.environ.get(THREADS_ENV, 0)) or max(1, (os.cpu_count() or 1))
+    try:
+        n = threads or threads_from_env() or max(1, (os.cpu_count() or 1))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     torch.set_num_threads(n)
     return n
 

@@ -315,6 +315,13 @@ def train_refiner(
     paths, calibration = split_refiner_images(good_images(data_root, category), cfg, held_out_names(trained))
     log.info("%s: refiner on %d synthetic defects drawn on %d train/good images (%s)",
              category, rcfg.n_samples, len(paths), rcfg.source)
+    from pni_ray.training import MIN_HOLDOUT_IMAGES
+
+    if len(calibration) < MIN_HOLDOUT_IMAGES:  # training's floor, which its held-out set may pass before this split
+        log.warning("%s: only %d held-out images calibrate the refined model's score scale and threshold (fewer than "
+                    "%d: refiner.calibration_fraction %g of the held-out images): the threshold and the metrics will "
+                    "be unreliable; add good images to train/good/, or raise scoring.holdout_fraction", category,
+                    len(calibration), MIN_HOLDOUT_IMAGES, rcfg.calibration_fraction)
     data = make_refiner_data(trained, paths, rcfg.n_samples, seed, progress, cfg.batch_size)
     t_data = time.perf_counter()
 

@@ -224,6 +224,26 @@ def test_a_category_is_one_folder_name_not_a_path(synthetic_root, tmp_path, name
     assert many.exit_code == 2 and not (tmp_path / "o").exists(), many.output
 
 
+def test_a_bad_threads_variable_is_a_usage_error_naming_it(cli_bundle, synthetic_root, tmp_path, monkeypatch):
+    """An empty $PNI_RAY_THREADS (a templated job's blank) means unset; 'abc' or '-2' ended in int()'s or torch's
+    traceback in every command that reads it: a usage error naming the variable, evaluate's and score's alike."""
+    from pni_ray.config import threads_from_env
+
+    for value, expected in (("", None), (" 3 ", 3)):
+        monkeypatch.setenv("PNI_RAY_THREADS", value)
+        assert threads_from_env() == expected
+    for value in ("abc", "-2", "0"):
+        monkeypatch.setenv("PNI_RAY_THREADS", value)
+        for args in (["evaluate", str(cli_bundle), str(synthetic_root)],
+                     ["score", str(cli_bundle), str(synthetic_root / "washer" / "test" / "good"), "--out",
+                      str(tmp_path / "s"), "--engine", "local"]):
+            result = CliRunner().invoke(main, ["-q", *args])
+            assert result.exit_code in (2, 3), result.output
+            _no_traceback(result)
+            assert f"$PNI_RAY_THREADS='{value}': a number of threads, at least 1" in result.output, result.output
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.mark.parametrize("error", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. "
                                                                   "DefaultCPUAllocator: can't allocate memory: you tried")])
 def test_running_out_of_memory_is_one_line_saying_what_to_lower(synthetic_root, tmp_path, monkeypatch, error):

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -390,7 +391,7 @@ def test_refine_config_roundtrips_through_dict():
     assert [b.conv2.out_channels for b in ref.decoder] == list(TINY["decoder_channels"])
 
 
-def test_refine_command_adds_the_refiner_train_would(trained_tiny, refined_tiny, synthetic_root, tmp_path):
+def test_refine_command_adds_the_refiner_train_would(trained_tiny, refined_tiny, synthetic_root, tmp_path, caplog):
     """`pni-ray refine BUNDLE` on a saved PNI bundle gives the refiner `train --refine` trains in memory."""
     from click.testing import CliRunner
 
@@ -406,8 +407,12 @@ def test_refine_command_adds_the_refiner_train_would(trained_tiny, refined_tiny,
     plain = save_bundle(trained, tmp_path / "plain")
     out = tmp_path / "refined"
     args = ["refine", str(plain), str(synthetic_root), "--out", str(out), "--threads", "1"]
-    result = CliRunner().invoke(main, args)
+    with caplog.at_level("WARNING", logger="pni_ray"):
+        result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
+    # no bars where nobody watches (its stderr is no terminal); the few calibration images said, as train says them
+    assert "\r" not in result.output and "synthetic defects:" not in result.output, result.output
+    assert re.search(r"only \d held-out images calibrate the refined model's score scale", caplog.text), caplog.text
     loaded, manifest = load_bundle(out)
     assert manifest["config"]["refiner"]["enabled"] is True
     expected = refined_tiny[0].refiner.state_dict()

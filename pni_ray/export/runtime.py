@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pni_ray.export import tables
-from pni_ray.config import float_from_json
+from pni_ray.config import float_from_json, threads_from_env
 from pni_ray.data.images import to_float
 from pni_ray.geometry import Geometry, Prepared
 
@@ -36,7 +36,7 @@ def _session_options(threads: int | None, optimization: str):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    n = threads or int(os.environ.get("PNI_RAY_THREADS", 0)) or (os.cpu_count() or 1)
+    n = threads or threads_from_env() or (os.cpu_count() or 1)
     so.intra_op_num_threads = int(n)
     so.inter_op_num_threads = 1
     # no spinning for work: with stage-by-stage sessions, one's idle threads competed with the next

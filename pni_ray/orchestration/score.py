@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
+from pni_ray.config import threads_from_env
 from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError, is_grey
 from pni_ray.fileio import inside
 from pni_ray.geometry import Geometry, GeometryError, Prepared, restore_map
@@ -324,7 +325,7 @@ class Options:
     chunk_size: int = CHUNK_SIZE
     address: str | None = None
     address_named_by: str = ADDRESS_FLAG  # what gave `address`, for a refused join's message
-    threads: int | None = None  # local engine only; default: all cores
+    threads: int | None = None  # local engine only; default: $PNI_RAY_THREADS, else all cores
     stages: str = "auto"  # fused: decode+score+encode in the model actors; split: separate task stages
     backbone_runtime: str = "onnxruntime"  # exports only: "openvino" runs the backbone graph with OpenVINO
     backbone_precision: str = "auto"  # OpenVINO's inference precision: auto (its CPU default), f32, bf16
@@ -353,6 +354,10 @@ def check_options(opts: Options) -> None:
     error = backbone_option_error(opts.backbone_runtime, opts.backbone_precision)
     if error:
         raise ScoreError(error)
+    try:
+        threads_from_env()  # the local engine's default, and each ONNX Runtime session's
+    except ValueError as exc:
+        raise ScoreError(str(exc)) from None
     if opts.backbone_runtime != "onnxruntime" and opts.gpus_per_worker > 0:
         raise ScoreError("--backbone-runtime openvino runs the backbone on the CPU: with --gpus-per-worker the "
                          "export runs on the GPU through onnxruntime (or TensorRT); drop one of the two")
@@ -507,7 +512,7 @@ def run_ray(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Itera
 def run_local(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Iterator[dict[str, Any]]:
     """The same stages in this process, no Ray: for small jobs, tests and machines without Ray."""
     model = _model_fields(info)
-    worker = ScoreWorker(info.path, threads=opts.threads or os.cpu_count() or 1, batch_size=opts.batch_size,
+    worker = ScoreWorker(info.path, threads=opts.threads or threads_from_env() or os.cpu_count() or 1, batch_size=opts.batch_size,
                          decode={"geometry": info.geometry, "max_pixels": opts.max_pixels},
                          encode={"map_format": opts.map_format, "model": model}, model_id=info.model_id,
                          **runtime_args(opts))

@@ -91,7 +91,7 @@ def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
 @click.option("--stages", type=click.Choice(["auto", "fused", "split"]), default="auto", show_default=True,
               help="fused: model actors also decode and encode; split: separate decode/encode tasks "
                    "(auto: split with GPUs, fused on CPUs).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads for --engine local (default: all cores).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads for --engine local (default: $PNI_RAY_THREADS, else all cores).")
 @backbone_options
 @click.option("--top", "top_n", type=click.IntRange(min=0), default=20, show_default=True, help="Most anomalous images in the summary.")
 @click.option("--retry-failed", is_flag=True, help="Drop the error rows of this run's inputs from OUT first, so they are tried again (also the "

@@ -115,7 +115,8 @@ def train_all_cmd(data_root: Path, out: Path, categories: str | None, backbones:
 @click.option("--calibrate", "calibrate_root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="DATA_ROOT: set the threshold from the members' shared held-out train/good images "
                    "(default: from the members' stored statistics).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads (default: $PNI_RAY_THREADS, else all cores).")
 def ensemble_cmd(bundles: tuple[Path, ...], out: Path, force: bool, calibrate_root: Path | None, threads: int | None) -> None:
     """Combine bundles of one category (e.g. one per backbone) into a self-contained ensemble.
 
