@@ -95,8 +95,10 @@ def test_layout_check_names_what_it_used_to_drop_or_misread(tmp_path, caplog):
     (base / "train" / "good" / "003.gif").write_bytes(b"GIF89a")
     (base / "train" / "good" / ".DS_Store").write_bytes(b"")
     _png(base / "train" / "good" / "day2" / "100.png")  # images moved into a sub-folder: not read, said so
+    _png(base / "test" / "loose.png")  # no folder to say what it is: not evaluated, said so (was dropped silently)
     with caplog.at_level("WARNING"):
         cat = load_category(tmp_path, "cat")
+    assert f"{base / 'test'}: 1 image(s) directly in test/, not evaluated (e.g. loose.png)" in caplog.text
     assert f"{base / 'train/good'}: 1 sub-folder(s) not read (images are read from this folder itself" in caplog.text
     assert "not from folders inside it): day2" in caplog.text
     assert f"{base / 'train/good'}: 1 file(s) not read, their extensions not an image's" in caplog.text

@@ -349,6 +349,9 @@ def test_evaluate_and_report_refuse_what_they_cannot_do_before_the_work(tmp_path
     own = runner.invoke(main, ["ensemble", str(patchcore), str(bundle_tiny), "--out", str(tmp_path / "link" / "ens")])
     assert own.exit_code == 1 and f"would be written inside {bundle_tiny}, one of its members" in own.output, own.output
     assert sorted(p.name for p in bundle_tiny.iterdir()) == files  # no staging folder, no copies of copies
+    in_a_file = runner.invoke(main, ["ensemble", str(bundle_tiny), str(patchcore), "--out", str(tmp_path / "a_file" / "e")])
+    assert in_a_file.exit_code == 2 and f"cannot write the ensemble: {tmp_path / 'a_file'} is a file, not a folder" \
+        in in_a_file.output, in_a_file.output  # was errno 17's "File exists: 'a_file'"
     bad_threads = runner.invoke(main, ["ensemble", str(bundle_tiny), str(patchcore), "--out", str(tmp_path / "e2"),
                                        "--threads", "-1"])
     assert bad_threads.exit_code == 2 and "'--threads': -1 is not in the range x>=1" in bad_threads.output

@@ -18,6 +18,7 @@ from pni_ray.data.images import (
     ImageError,
     check_image,
     image_size,
+    is_image_file,
     list_images,
     load_mask,
     load_rgb,
@@ -176,6 +177,11 @@ def load_category(
     test: list[TestSample] = []
     test_dir = root / "test"
     if with_test and test_dir.is_dir():
+        loose = sorted(p.name for p in test_dir.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+        if loose:  # a test image is labelled by its folder: one directly in test/ has no label
+            warn_once("loose test images", test_dir, "%s: %d image(s) directly in test/, not evaluated (e.g. %s): a test "
+                      "image goes in test/good/ or test/<defect type>/, which says what it is", len(loose),
+                      ", ".join(loose[:3]))
         for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
             by_lower_name: dict[str, Path] | None = None
             for image in list_images(type_dir):

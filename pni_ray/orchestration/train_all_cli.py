@@ -134,6 +134,7 @@ def ensemble_cmd(bundles: tuple[Path, ...], out: Path, force: bool, calibrate_ro
 
     set_threads(threads)
     check_force_out(out, force, ENSEMBLE_FORMAT, "ensemble")  # before the members are checked and calibrated
+    check_output_file(out, "ensemble")  # a parent that is a file, or refuses new files: said now, not as errno text
     try:
         path = save_ensemble(bundles, out, overwrite=force, calibrate_root=calibrate_root)
     except (BundleError, ValueError, OSError) as exc:  # OSError: a full disk while copying the members
