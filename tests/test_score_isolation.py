@@ -52,7 +52,9 @@ def test_a_failing_chunk_is_isolated_and_only_its_bad_image_gets_an_error_row(bu
     monkeypatch.setitem(score_mod.ENGINES, "dropping", engine)
     out = tmp_path / "out"
     summary = score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=4), engine="dropping")
-    assert engine.chunks == [2, 4]  # two chunks, then the lost chunk's four images (bad.png first) one at a time
+    # two chunks, then the lost chunk's four images (bad.png first) one at a time, then an image scored before: the
+    # workers still score, so bad.png's failure is its own
+    assert engine.chunks == [2, 4, 1]
     rows = _rows(out)
     assert sorted(rows) == ["bad.png", "good_0.png", "good_1.png", "good_2.png", "good_3.png"]
     assert all(rows[f"good_{i}.png"]["error"] is None for i in range(4))
@@ -86,6 +88,55 @@ def test_workers_that_fail_on_every_image_stop_the_run_without_error_rows(bundle
     shutil.copy(inputs / "bad.png", single)
     summary = score(bundle_tiny, [str(single)], tmp_path / "out1", Options(threads=1), engine="dropping")
     assert summary["failed"] == 1  # one input that fails alone is the image's fault: its row says so
+
+
+def test_workers_that_break_mid_run_write_no_error_rows_for_the_rest(bundle_tiny, inputs, tmp_path, monkeypatch):
+    """A GPU or model that fails after the first chunks (every later chunk lost, also image by image) wrote a final
+    "failed alone" row for every image left, which a rerun, the nightly's automatic retry, never scored again. An
+    image the workers scored before is asked first: failing too, the run stops (exit 3) with no rows for the rest."""
+    calls = []
+
+    def breaking(rows, info, opts):  # the first chunk of the run scores; nothing after it does
+        calls.append(len(rows))
+        yield from score_mod.run_local(rows[:1] if len(calls) == 1 else [], info, opts)
+
+    monkeypatch.setitem(score_mod.ENGINES, "breaking", breaking)
+    out = tmp_path / "out"
+    with pytest.raises(ScoreError, match=r"failed on each of 3 input\(s\), also one at a time, and now fail on "
+                                         r".*bad.png, which they scored before"):
+        score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=2), engine="breaking")
+    assert calls == [3, 3, 1] and sorted(_rows(out)) == ["bad.png", "good_0.png"]  # the first chunk's, no error rows
+    done = score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=2), engine="local")
+    assert done["failed"] == 0 and done["missing"] == 0 and done["run"]["scheduled"] == 3
+
+
+def test_a_model_that_fails_on_every_image_writes_no_error_rows(bundle_tiny, inputs, tmp_path, monkeypatch):
+    """A model that raises on every image (a CUDA or ONNX Runtime error) gave each image a final "scoring failed"
+    row and exit 1: a rerun scored nothing. One image it raises on among others still gets its own row."""
+    real = score_mod.ScoreWorker._predict
+
+    def broken(self, prepared):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(score_mod.ScoreWorker, "_predict", broken)
+    out = tmp_path / "out"
+    with pytest.raises(ScoreError, match=r"the model failed on each of the 2 image\(s\) of a chunk, also one at a "
+                                         r"time \(first: .*bad.png: scoring failed \(RuntimeError: CUDA error"):
+        score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=2), engine="local")
+    assert not part_files(out)
+
+    def one_bad(self, prepared):  # refuses the batch holding the image whose canvas is all zeros, and it alone
+        if any(not p.canvas.any() for p in prepared):
+            raise RuntimeError("bad input")
+        return real(self, prepared)
+
+    (inputs / "bad.png").unlink()
+    import PIL.Image
+    PIL.Image.new("RGB", (64, 64)).save(inputs / "black.png")
+    monkeypatch.setattr(score_mod.ScoreWorker, "_predict", one_bad)
+    summary = score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=2), engine="local")
+    rows = _rows(out)
+    assert summary["failed"] == 1 and "black.png: scoring failed (RuntimeError: bad input)" in rows["black.png"]["error"]
 
 
 def test_a_model_replaced_during_the_run_stops_it(bundle_tiny, inputs, tmp_path, monkeypatch):

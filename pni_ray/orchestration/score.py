@@ -58,6 +58,7 @@ from pni_ray.orchestration.score_output import (
     locked,
     remove_stale_temps,
     retry_failed,
+    scored_in,
     summarise,
 )
 from pni_ray.results import (
@@ -117,6 +118,12 @@ def decode_chunk(row: dict[str, Any], geometry: dict[str, Any], max_pixels: int)
     meta.update(errors=errors, hw=hw, content=content, grey=grey)
     data = np.ascontiguousarray(np.stack(pixels)).tobytes() if pixels else b""
     return {"chunk": row["chunk"], "meta": json.dumps(meta), "pixels": data}
+
+
+class ModelFailed(ScoreError):
+    """The model raised on every image of a chunk (a CUDA or ONNX Runtime error, its memory): error rows would make
+    a failure of the model final for images that are fine, so the chunk is not committed and the run stops (exit 3)
+    or, under Ray, the chunk is isolated and `_isolate_lost` asks a known-good image whether the workers still score."""
 
 
 class ScoreWorker:
@@ -190,6 +197,10 @@ class ScoreWorker:
                         maps[j: j + 1], scores[j: j + 1] = self._predict(prepared[j: j + 1])
                     except Exception as exc:  # noqa: BLE001
                         failed[j] = f"{paths[ok[j]]}: scoring failed ({exc.__class__.__name__}: {exc})"
+        if ok and len(failed) == len(ok):  # not one image scored, also one at a time: the model or its device
+            raise ModelFailed(f"the model failed on each of the {len(ok)} image(s) of a chunk, also one at a time "
+                              f"(first: {failed[0]}): a failure of the model or its device, not of the images; no "
+                              "error rows were written for them: rerun the same command once it is fixed")
         out_scores: list[float | None] = [None] * len(paths)
         keep = []
         for j, i in enumerate(ok):
@@ -247,9 +258,10 @@ def encode_chunk(row: dict[str, Any], map_format: str, model: dict[str, Any]) ->
         table = rows_to_table(rows, table_schema)
     n_failed = sum(r["error"] is not None for r in rows)
     grey, colour = scored_grey(meta, [r["error"] is None for r in rows])
+    scored_paths = [p for p, r in zip(meta["paths"], rows) if r["error"] is None]
     return {"chunk": row["chunk"], "parquet": table_to_parquet_bytes(table), "n": len(rows), "n_failed": n_failed,
             "abort": "", "n_grey": len(grey), "grey_example": grey[0] if grey else "",
-            "colour_example": colour[0] if colour else ""}
+            "colour_example": colour[0] if colour else "", "scored_example": scored_paths[0] if scored_paths else ""}
 
 
 def scored_grey(meta: dict[str, Any], scored: list[bool]) -> tuple[list[str], list[str]]:
@@ -537,6 +549,7 @@ class _Commits:
     grey: int = 0  # scored inputs whose three channels are equal
     grey_example: str = ""
     colour_example: str = ""
+    scored_example: str = ""  # an input this run scored: whether the workers still score (`_workers_score`)
     first: float | None = None  # when the first chunk was committed
     chunks: set[str] = field(default_factory=set)  # ids of the chunks committed: which inputs a run lost
     started: float = field(default_factory=time.perf_counter)
@@ -566,6 +579,7 @@ class _Commits:
             self.grey += int(result.get("n_grey", 0))
             self.grey_example = self.grey_example or result.get("grey_example", "")
             self.colour_example = self.colour_example or result.get("colour_example", "")
+            self.scored_example = self.scored_example or result.get("scored_example", "")
             self.bar.update(int(result["n"]))
             self.bar.set_postfix(failed=self.failed, refresh=False)
             if self.bar.disable:
@@ -582,14 +596,26 @@ class _Commits:
                  rate, (self.total - self.done) / max(rate, 1e-9) / 60)
 
 
+def _workers_score(path: str, engine: str, info: ModelInfo, opts: Options) -> bool:
+    """Whether the workers score `path`, an input they scored before, now: what tells images that fail alone (their
+    own error rows) from workers or a model that fail on everything (no rows, exit 3). Its result is not committed."""
+    try:
+        results = list(ENGINES[engine](_chunk_rows([[path]], {}), info, opts))
+    except Exception as exc:  # noqa: BLE001 - the local engine raises what Ray's drops
+        log.warning("%s, scored before, fails now too (%s: %s)", path, exc.__class__.__name__, exc)
+        return False
+    return any(r.get("scored_example") for r in results)
+
+
 def _isolate_lost(rows: list[dict[str, Any]], engine: str, info: ModelInfo, opts: Options, preset: dict[str, str],
                   commits: _Commits, earlier: int) -> None:
     """Inputs whose chunk failed every try (Ray Data drops it: a worker died or raised on one of its images) are
     scored again one at a time; those that fail alone get an error row, so one bad image costs its own row
-    only and a rerun does not meet it again. If a first run (no rows in OUT from `earlier` runs) scored nothing
-    and several still fail, the workers fail on every image, not the images: it stops (exit 3) without error
-    rows, to be rerun once fixed. A resume or a --retry-failed run may hold only the bad images: it writes
-    their rows."""
+    only and a rerun does not meet it again. Before those rows an image the workers scored before (this run's, or
+    one in OUT) is scored again: failing too, the workers or the model fail on every image, not the images, and the
+    run stops (exit 3) without error rows, to be rerun once fixed. With no such image (a first run that scored
+    nothing), several inputs failing alone are taken for the same. A resume or a --retry-failed run may hold only
+    the bad images: it writes their rows."""
     lost = [p for row in rows if row["chunk"] not in commits.chunks for p in json.loads(row["meta"])["paths"]]
     if not lost:
         return
@@ -600,7 +626,13 @@ def _isolate_lost(rows: list[dict[str, Any]], engine: str, info: ModelInfo, opts
     lost = [p for p in lost if chunk_id([p]) not in commits.chunks]
     if not lost:
         return
-    if commits.done == 0 and len(lost) > 1 and not earlier:
+    known = commits.scored_example or scored_in(commits.out)
+    if known and not _workers_score(known, engine, info, alone):
+        raise ScoreError(f"the scoring workers failed on each of {len(lost)} input(s), also one at a time, and now "
+                         f"fail on {known}, which they scored before: a failure of the workers or the model (its "
+                         "device, its memory), not of the images (see Ray's errors above); no error rows were written "
+                         "for them: rerun the same command to resume once it is fixed")
+    if not known and commits.done == 0 and len(lost) > 1 and not earlier:
         raise ScoreError(f"the scoring workers failed on each of {len(lost)} inputs, also one at a time, and scored "
                          "none: a failure of the workers, not of the images (see Ray's errors above); no error rows "
                          "were written for them: rerun the same command to resume once it is fixed")

@@ -22,6 +22,7 @@ from pni_ray.results import (
     has_threshold,
     now_utc,
     part_files,
+    path_of_row,
     read_part,
     read_table,
     row_path,
@@ -145,6 +146,15 @@ def error_paths(out: Path, of: set[str]) -> set[str]:
     table = read_table(out, columns=["path", "error"])
     return {p for p, e in zip(table.column("path").to_pylist(), table.column("error").to_pylist())
             if e is not None and p in of}
+
+
+def scored_in(out: Path) -> str:
+    """An input OUT holds a scored row of whose file is still there ("" if none): one the workers scored before."""
+    table = read_table(out, columns=["path", "error"])
+    for text, error in zip(table.column("path").to_pylist(), table.column("error").to_pylist()):
+        if error is None and os.path.isfile(path_of_row(text)):
+            return path_of_row(text)
+    return ""
 
 
 def commit(out: Path, result: dict[str, Any]) -> Path:
