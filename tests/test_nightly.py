@@ -136,6 +136,11 @@ def test_nightly_run_writes_partition_summary_report_and_resumes(tmp_path, synth
     record = json.loads((part / "_nightly.json").read_text())
     assert record["run"]["scheduled"] == 1 and record["counts"]["failed"] == 0
     assert record["counts"]["rows"] == record["counts"]["scored"] == n_images
+    # a run that writes no report leaves none of an earlier run's beside its record
+    write_toml(config, model=str(bundle_tiny), inputs=["line/{date}"], output_root="results", engine="local",
+               top_n=3, chunk_size=8, fail_on_errors=False, report=False)
+    code, record = nightly.run(config, date=day)
+    assert code == nightly.EXIT_OK and record["report"] is None and not (part / "_report.html").exists()
     # a nightly refused while a `pni-ray score` of the same OUT runs leaves the finished run's record, not "running"
     from pni_ray.orchestration.score_output import locked
 

@@ -49,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
 WHOLE = {"top_n": 0, "report_top": 0, "batch_size": 1, "max_pixels": 1, "chunk_size": 1, "workers": 0, "threads": 1}
 NUMBER = {"cpus_per_worker": 0.0, "gpus_per_worker": 0.0}
 SWITCH = ("report", "fail_on_errors", "retry_failed")
+REPORT_FILE = "_report.html"
 REQUIRED = ("model", "inputs", "output_root")
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_CONFIG, EXIT_RUN = 0, 1, 2, 3
 EXAMPLE_CONFIG = "nightly.example.toml"  # package data beside this module
@@ -256,10 +257,11 @@ def run(config_path: Path | str, date: str | None = None, progress: bool = False
         summary = score(cfg["model"], inputs, out, opts, engine=cfg["engine"], top_n=int(cfg["top_n"]),
                         progress=progress, retry=retry_failed or cfg["retry_failed"])
         report_path = None
+        (out / REPORT_FILE).unlink(missing_ok=True)  # an earlier run's (OUT is this run's now): not kept beside none
         if cfg["report"] and summary["rows"]:
             from pni_ray.report import write_report
 
-            report_path = out / "_report.html"
+            report_path = out / REPORT_FILE
             write_report(out, report_path, top_n=int(cfg["report_top"]),
                          title=f"pni-ray nightly {day.isoformat()}: {summary.get('category') or ''}")
     except OutInUse as exc:  # another run of this day is writing (a nightly, or a `score` of the same OUT): the
