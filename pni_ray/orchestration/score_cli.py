@@ -85,7 +85,9 @@ def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
               help="How anomaly maps are stored.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Images above this many pixels are refused (decompression-bomb guard).")
-@click.option("--chunk-size", type=click.IntRange(min=1), default=CHUNK_SIZE, show_default=True, help="Images per part file.")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=CHUNK_SIZE, show_default=True,
+              help="Images per part file, and per worker task: a worker holds a chunk's maps at full resolution, about "
+                   "4 bytes per image pixel (uint8 maps; 22 in float32): lower it for large images.")
 @click.option("--engine", type=click.Choice(sorted(ENGINES)), default="ray", show_default=True,
               help="ray: Ray Data pipeline; local: the same stages in this process.")
 @click.option("--stages", type=click.Choice(["auto", "fused", "split"]), default="auto", show_default=True,
