@@ -528,6 +528,32 @@ def test_worker_count_follows_the_cluster_and_is_cut_to_the_chunks_with_a_log_li
     assert worker_count(Options(), cpus, 0) == 1  # nothing left to score still starts one actor
 
 
+def test_the_pool_is_sized_once_the_cluster_shows_the_nodes_it_needs(monkeypatch, caplog):
+    """A RayJob's head has num-cpus 0: a run that started before the worker nodes joined saw no CPUs and sized its
+    pool at one worker for the whole night. It waits for a CPU (a GPU, for GPU workers) before sizing the pool."""
+    import pni_ray.orchestration.score as score_module
+    from pni_ray.orchestration.score import cluster_resources_when_ready
+
+    monkeypatch.setattr(score_module.time, "sleep", lambda seconds: None)
+    seen = iter([{}, {}, {"CPU": 8.0}, {"CPU": 32.0}])
+    calls = []
+
+    def joining():
+        calls.append(1)
+        return next(seen)
+
+    with caplog.at_level("INFO", logger="pni_ray.orchestration.score"):
+        found = cluster_resources_when_ready(Options(), joining)
+    assert found == {"CPU": 32.0} and len(calls) == 4 and worker_count(Options(), found, 100) == 32
+    assert "the cluster shows no CPU yet" in caplog.text
+    assert cluster_resources_when_ready(Options(workers=4), lambda: {}) == {}  # --workers: no wait
+    assert cluster_resources_when_ready(Options(), lambda: {"CPU": 2.0}) == {"CPU": 2.0}
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pni_ray.orchestration.score"):
+        assert cluster_resources_when_ready(Options(gpus_per_worker=1.0), lambda: {"CPU": 8.0}, wait=0.0) == {"CPU": 8.0}
+    assert "no GPU joined the cluster in 0 s: one model worker for the whole run; give --workers N" in caplog.text
+
+
 def test_cli_cluster_it_cannot_join_is_one_line_saying_what_to_change(small_set, bundle_tiny, tmp_path, monkeypatch):
     """A refused join (no token, wrong address) scored nothing: exit 3 with join_ray's message, no traceback
     and no "rerun to resume"."""

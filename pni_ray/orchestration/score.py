@@ -452,6 +452,33 @@ def _configure_ray_data() -> int:
     return before
 
 
+NODES_WAIT_SECONDS = 120.0  # how long a run waits for a joined cluster's first CPU (GPU) node, polled every 2 s
+
+
+def cluster_resources_when_ready(opts: Options, resources: Callable[[], dict[str, float]],
+                                 wait: float = NODES_WAIT_SECONDS, poll: float = 2.0) -> dict[str, float]:
+    """The cluster's resources once it shows what the model workers need. The pool is sized once, when the run
+    starts: on a head started with num-cpus 0 (jobs/README's RayJob) before its worker nodes have joined, it saw
+    no CPUs and scored the whole run with one worker. --workers (nightly: workers) sizes it without waiting."""
+    kind = "GPU" if opts.gpus_per_worker > 0 else "CPU"
+    found = resources()
+    if opts.workers or found.get(kind, 0) > 0:
+        return found
+    log.info("ray scoring: the cluster shows no %s yet (a head with num-cpus 0 whose worker nodes have not joined?): "
+             "waiting up to %.0f s for one before sizing the worker pool", kind, wait)
+    deadline = time.monotonic() + wait
+    while found.get(kind, 0) <= 0 and time.monotonic() < deadline:
+        time.sleep(poll)
+        found = resources()
+    if found.get(kind, 0) <= 0:
+        log.warning("ray scoring: no %s joined the cluster in %.0f s: one model worker for the whole run; give "
+                    "--workers N (nightly: workers) to size the pool for the nodes that will join", kind, wait)
+    else:
+        time.sleep(poll)  # the other worker nodes of a group start together: one more look takes them in
+        found = resources()
+    return found
+
+
 def worker_count(opts: Options, resources: dict[str, float], n_chunks: int) -> int:
     """Model actors for a run: --workers, else the cluster's GPUs or CPUs over each actor's share; never
     more than the chunks to score, since an actor scores whole chunks (the cut is logged, not silent)."""
@@ -483,7 +510,7 @@ def run_ray(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Itera
     try:
         check_placeable(opts, session)
         errored_blocks = _configure_ray_data()
-        workers = worker_count(opts, ray.cluster_resources(), len(rows))
+        workers = worker_count(opts, cluster_resources_when_ready(opts, ray.cluster_resources), len(rows))
         model = _model_fields(info)
         decode = {"geometry": info.geometry, "max_pixels": opts.max_pixels}
         encode = {"map_format": opts.map_format, "model": model}
