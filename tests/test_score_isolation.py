@@ -52,9 +52,9 @@ def test_a_failing_chunk_is_isolated_and_only_its_bad_image_gets_an_error_row(bu
     monkeypatch.setitem(score_mod.ENGINES, "dropping", engine)
     out = tmp_path / "out"
     summary = score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=4), engine="dropping")
-    # two chunks, then the lost chunk's four images (bad.png first) one at a time, then an image scored before: the
-    # workers still score, so bad.png's failure is its own
-    assert engine.chunks == [2, 4, 1]
+    # two chunks, then an image scored before (the workers still score: bad.png's failure is its own), then the
+    # lost chunk's four images (bad.png first) one at a time
+    assert engine.chunks == [2, 1, 4]
     rows = _rows(out)
     assert sorted(rows) == ["bad.png", "good_0.png", "good_1.png", "good_2.png", "good_3.png"]
     assert all(rows[f"good_{i}.png"]["error"] is None for i in range(4))
@@ -102,17 +102,18 @@ def test_workers_that_break_mid_run_write_no_error_rows_for_the_rest(bundle_tiny
 
     monkeypatch.setitem(score_mod.ENGINES, "breaking", breaking)
     out = tmp_path / "out"
-    with pytest.raises(ScoreError, match=r"failed on each of 3 input\(s\), also one at a time, and now fail on "
-                                         r".*bad.png, which they scored before"):
+    with pytest.raises(ScoreError, match=r"failed on the 3 input\(s\) of chunks they could not score, and now fail "
+                                         r"on .*bad.png, which they scored before"):
         score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=2), engine="breaking")
-    assert calls == [3, 3, 1] and sorted(_rows(out)) == ["bad.png", "good_0.png"]  # the first chunk's, no error rows
+    # the image scored before is asked first: no image left is tried alone, none gets a row
+    assert calls == [3, 1] and sorted(_rows(out)) == ["bad.png", "good_0.png"]
     done = score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=2), engine="local")
     assert done["failed"] == 0 and done["missing"] == 0 and done["run"]["scheduled"] == 3
 
 
 def test_a_model_that_fails_on_every_image_writes_no_error_rows(bundle_tiny, inputs, tmp_path, monkeypatch):
     """A model that raises on every image (a CUDA or ONNX Runtime error) gave each image a final "scoring failed"
-    row and exit 1: a rerun scored nothing. One image it raises on among others still gets its own row."""
+    row and exit 1: a rerun scored nothing. An image it raises on still gets its own row, also alone in its chunk."""
     real = score_mod.ScoreWorker._predict
 
     def broken(self, prepared):
@@ -120,8 +121,7 @@ def test_a_model_that_fails_on_every_image_writes_no_error_rows(bundle_tiny, inp
 
     monkeypatch.setattr(score_mod.ScoreWorker, "_predict", broken)
     out = tmp_path / "out"
-    with pytest.raises(ScoreError, match=r"the model failed on each of the 2 image\(s\) of a chunk, also one at a "
-                                         r"time \(first: .*bad.png: scoring failed \(RuntimeError: CUDA error"):
+    with pytest.raises(ScoreError, match=r"the scoring workers failed on each of 5 inputs, also one at a time"):
         score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=2), engine="local")
     assert not part_files(out)
 
@@ -132,11 +132,14 @@ def test_a_model_that_fails_on_every_image_writes_no_error_rows(bundle_tiny, inp
 
     (inputs / "bad.png").unlink()
     import PIL.Image
-    PIL.Image.new("RGB", (64, 64)).save(inputs / "black.png")
+    PIL.Image.new("RGB", (64, 64)).save(inputs / "black.png")  # in a chunk with good_0.png
+    PIL.Image.new("RGB", (64, 64)).save(inputs / "zz_black.png")  # alone in the last chunk: no image of it scores
     monkeypatch.setattr(score_mod.ScoreWorker, "_predict", one_bad)
     summary = score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=2), engine="local")
     rows = _rows(out)
-    assert summary["failed"] == 1 and "black.png: scoring failed (RuntimeError: bad input)" in rows["black.png"]["error"]
+    assert summary["failed"] == 2 and summary["missing"] == 0
+    for name in ("black.png", "zz_black.png"):  # an image scored before showed the model works: the rows are final
+        assert f"{name}: scoring failed (RuntimeError: bad input)" in rows[name]["error"], rows[name]["error"]
 
 
 def test_a_model_replaced_during_the_run_stops_it(bundle_tiny, inputs, tmp_path, monkeypatch):

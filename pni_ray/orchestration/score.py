@@ -122,8 +122,8 @@ def decode_chunk(row: dict[str, Any], geometry: dict[str, Any], max_pixels: int)
 
 class ModelFailed(ScoreError):
     """The model raised on every image of a chunk (a CUDA or ONNX Runtime error, its memory): error rows would make
-    a failure of the model final for images that are fine, so the chunk is not committed and the run stops (exit 3)
-    or, under Ray, the chunk is isolated and `_isolate_lost` asks a known-good image whether the workers still score."""
+    a failure of the model final for images that are fine. The chunk is not committed, as a chunk Ray Data drops
+    is not, and `_isolate_lost` asks an image scored before whether the workers still score."""
 
 
 class ScoreWorker:
@@ -136,11 +136,12 @@ class ScoreWorker:
     def __init__(self, model_path: str, threads: int = 1, batch_size: int = 8, device: str = "cpu",
                  decode: dict[str, Any] | None = None, encode: dict[str, Any] | None = None,
                  backbone_runtime: str = "onnxruntime", backbone_precision: str = "auto",
-                 model_id: str | None = None) -> None:
+                 model_id: str | None = None, model_errors_final: bool = False) -> None:
         from pni_ray.allocator import keep_freed_memory
 
         keep_freed_memory()
         self.decode, self.encode = decode, encode
+        self.model_errors_final = model_errors_final  # Options.model_errors_final
         threads = max(1, int(threads))
         os.environ["OMP_NUM_THREADS"] = str(threads)
         try:
@@ -197,10 +198,10 @@ class ScoreWorker:
                         maps[j: j + 1], scores[j: j + 1] = self._predict(prepared[j: j + 1])
                     except Exception as exc:  # noqa: BLE001
                         failed[j] = f"{paths[ok[j]]}: scoring failed ({exc.__class__.__name__}: {exc})"
-        if ok and len(failed) == len(ok):  # not one image scored, also one at a time: the model or its device
+        if ok and len(failed) == len(ok) and not self.model_errors_final:  # the model's fault, or the images'?
             raise ModelFailed(f"the model failed on each of the {len(ok)} image(s) of a chunk, also one at a time "
-                              f"(first: {failed[0]}): a failure of the model or its device, not of the images; no "
-                              "error rows were written for them: rerun the same command once it is fixed")
+                              f"(first: {failed[0]}): not committed; an image scored before tells whether the model "
+                              "or these images fail")
         out_scores: list[float | None] = [None] * len(paths)
         keep = []
         for j, i in enumerate(ok):
@@ -313,7 +314,7 @@ def aborted(chunk: str, why: str) -> dict[str, Any]:
 def failed_alone(paths: list[str], info: ModelInfo, map_format: str) -> dict[str, Any]:
     """Error rows, as `encode_chunk` writes them, for inputs whose workers failed in their chunk and alone."""
     errors = [f"{p}: not scored: its scoring worker failed on it in its chunk and again on it alone (died, "
-              f"{CHUNK_RETRIES + 1} times each: a decoder crash or its memory limit; or raised: Ray's log says which); "
+              f"{CHUNK_RETRIES + 1} times each: a decoder crash or its memory limit; or raised: the run's log says which); "
               "--retry-failed tries it again" for p in paths]
     meta = {"paths": paths, "errors": errors, "scores": [None] * len(paths), "hw": [None] * len(paths),
             "content": [None] * len(paths)}
@@ -344,6 +345,9 @@ class Options:
     # chunks queued on one model actor at once (None: Ray Data's default). A chunk queued behind one that kills
     # the actor dies with it: the isolation pass takes 1, so an image alone fails for its own sake only
     chunks_in_flight: int | None = None
+    # an image the model raises on gets its error row even where no image of its chunk scored (ModelFailed): the
+    # isolation pass's, after an image scored before has shown that the model works
+    model_errors_final: bool = False
     # how the caller names score's options in a refusal's remedy (the nightly job: its config's keys), as
     # address_named_by names where the address came from; an option not in it keeps its flag
     option_names: dict[str, str] = field(default_factory=dict)
@@ -522,7 +526,8 @@ def run_ray(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Itera
         log.info("ray scoring: %d chunks, %d workers x %.2g CPU / %.2g GPU, %s stages", len(rows), workers,
                  opts.cpus_per_worker, opts.gpus_per_worker, stages)
         worker_args = {"model_path": info.path, "threads": max(1, int(opts.cpus_per_worker)),
-                       "batch_size": opts.batch_size, "device": device, "model_id": info.model_id, **runtime_args(opts)}
+                       "batch_size": opts.batch_size, "device": device, "model_id": info.model_id,
+                       "model_errors_final": opts.model_errors_final, **runtime_args(opts)}
         in_flight = {"max_tasks_in_flight_per_actor": opts.chunks_in_flight} if opts.chunks_in_flight else {}
         actors = {"compute": ray.data.ActorPoolStrategy(size=workers, **in_flight), "num_cpus": opts.cpus_per_worker,
                   "num_gpus": opts.gpus_per_worker, "max_task_retries": CHUNK_RETRIES}  # actors still restart
@@ -554,9 +559,12 @@ def run_local(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Ite
     worker = ScoreWorker(info.path, threads=opts.threads or threads_from_env() or os.cpu_count() or 1, batch_size=opts.batch_size,
                          decode={"geometry": info.geometry, "max_pixels": opts.max_pixels},
                          encode={"map_format": opts.map_format, "model": model}, model_id=info.model_id,
-                         **runtime_args(opts))
+                         model_errors_final=opts.model_errors_final, **runtime_args(opts))
     for row in rows:
-        yield worker(row)
+        try:
+            yield worker(row)
+        except ModelFailed as exc:  # lost, as under Ray: `_isolate_lost` decides between the model and the images
+            log.warning("%s", exc)
 
 
 ENGINES = {"ray": run_ray, "local": run_local}
@@ -631,34 +639,37 @@ def _workers_score(path: str, engine: str, info: ModelInfo, opts: Options) -> bo
     except Exception as exc:  # noqa: BLE001 - the local engine raises what Ray's drops
         log.warning("%s, scored before, fails now too (%s: %s)", path, exc.__class__.__name__, exc)
         return False
-    return any(r.get("scored_example") for r in results)
+    return bool(results)  # an error row of its own (the file changed since) is an answer: the workers still work
 
 
 def _isolate_lost(rows: list[dict[str, Any]], engine: str, info: ModelInfo, opts: Options, preset: dict[str, str],
                   commits: _Commits, earlier: int) -> None:
     """Inputs whose chunk failed every try (Ray Data drops it: a worker died or raised on one of its images) are
     scored again one at a time; those that fail alone get an error row, so one bad image costs its own row
-    only and a rerun does not meet it again. Before those rows an image the workers scored before (this run's, or
-    one in OUT) is scored again: failing too, the workers or the model fail on every image, not the images, and the
-    run stops (exit 3) without error rows, to be rerun once fixed. With no such image (a first run that scored
-    nothing), several inputs failing alone are taken for the same. A resume or a --retry-failed run may hold only
-    the bad images: it writes their rows."""
+    only and a rerun does not meet it again. First an image the workers scored before (this run's, or one in OUT)
+    is scored again: failing too, the workers or the model fail on every image, not the images, and the run stops
+    (exit 3) without error rows, to be rerun once fixed. With no such image (a first run that scored nothing),
+    several inputs failing alone are taken for the same. A resume or a --retry-failed run may hold only the bad
+    images: it writes their rows."""
     lost = [p for row in rows if row["chunk"] not in commits.chunks for p in json.loads(row["meta"])["paths"]]
     if not lost:
         return
-    log.warning("%d input(s) in chunks whose worker died on every try or raised (see Ray's errors above): scoring "
-                "them one at a time", len(lost))
     alone = replace(opts, chunks_in_flight=1)  # else a good image queued behind a killer dies with it
-    commits.all(ENGINES[engine](_chunk_rows(make_chunks(lost, 1), preset), info, alone))
+    # first an image the workers scored before: if it fails too, the workers or the model are broken (a GPU lost
+    # mid-run), and trying each lost image alone would only fail them all, then give them final error rows
+    known = commits.scored_example or scored_in(commits.out)
+    if known and not _workers_score(known, engine, info, alone):
+        raise ScoreError(f"the scoring workers failed on the {len(lost)} input(s) of chunks they could not score, and "
+                         f"now fail on {known}, which they scored before: a failure of the workers or the model (its "
+                         "device, its memory), not of the images (see the errors above); no error rows were written "
+                         "for them: rerun the same command to resume once it is fixed")
+    log.warning("%d input(s) in chunks whose worker died on every try or raised (see the errors above): scoring "
+                "them one at a time", len(lost))
+    commits.all(ENGINES[engine](_chunk_rows(make_chunks(lost, 1), preset), info,
+                                replace(alone, model_errors_final=known != "")))  # the model works: its errors are the images'
     lost = [p for p in lost if chunk_id([p]) not in commits.chunks]
     if not lost:
         return
-    known = commits.scored_example or scored_in(commits.out)
-    if known and not _workers_score(known, engine, info, alone):
-        raise ScoreError(f"the scoring workers failed on each of {len(lost)} input(s), also one at a time, and now "
-                         f"fail on {known}, which they scored before: a failure of the workers or the model (its "
-                         "device, its memory), not of the images (see Ray's errors above); no error rows were written "
-                         "for them: rerun the same command to resume once it is fixed")
     if not known and commits.done == 0 and len(lost) > 1 and not earlier:
         raise ScoreError(f"the scoring workers failed on each of {len(lost)} inputs, also one at a time, and scored "
                          "none: a failure of the workers, not of the images (see Ray's errors above); no error rows "
