@@ -103,6 +103,10 @@ def test_a_recursive_glob_ends_in_link_loops_and_walks_as_a_folder_input_does(tm
     assert expand_inputs([f"{t}/loop/**/*.png"]).paths == [f"{t}/loop/a/b/x.png"]
     assert expand_inputs([f"{t}/dup/**/*.png"]).paths == [f"{t}/dup/2024/y.png", f"{t}/dup/ext/z.png"]
     assert expand_inputs([f"{t}/dup/**/.*.png"]).paths == [f"{t}/dup/.k.png"]  # hidden only when asked for
+    assert expand_inputs([f"{t}/dup/**/.cache/*.png"]).paths == [f"{t}/dup/.cache/h.png"]  # a hidden folder named
+    # folders it matches give their images once: each was walked again on its own, links and all, and counted twice
+    whole = expand_inputs([f"{t}/dup/**"])
+    assert whole.paths == [f"{t}/dup/2024/y.png", f"{t}/dup/ext/z.png"] and whole.duplicates == 0
     assert expand_inputs([f"{t}/cam*/**/*.png"]).paths == [f"{t}/cam1/d/1.png", f"{t}/cam2/d/2.png"]
     # as glob's: every file the pattern names (the text file too, to its error row), the folders walked for images
     assert expand_inputs([f"{t}/cam*/**"]).paths == [f"{t}/cam1/d/1.png", f"{t}/cam2/d/2.png", f"{t}/cam2/d/notes.txt"]

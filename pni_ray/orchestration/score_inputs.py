@@ -9,7 +9,9 @@ given twice is scored once (counted as ``duplicates_ignored``), two different pa
 are two inputs. Directories are walked into symlinked subdirectories too: a link to a folder outside
 the tree is walked (once, however many links lead there or into it: each folder outside is walked once); a link
 into the tree, or to a folder that holds it, is skipped with a warning, since that folder is walked under its own name.
-A glob's ``**`` walks the same way (Python's own follows every link, round a loop until the path is too long).
+A glob's ``**`` walks the same way, in one walk per folder before it (Python's own follows every link, round a
+loop until the path is too long): the files it matches and the images below the folders it matches, each once;
+a folder it cannot list is an error row, as in a directory input, and a pattern that names no file is one too.
 An explicit path that does not exist, a directory without images, a subdirectory that cannot be
 read, or a glob that matches nothing gets an error row.
 
@@ -78,16 +80,18 @@ def normalise_path(path: str, base: str | None = None, pattern: bool = False) ->
     return os.path.normpath(path)
 
 
-def _walk_tree(folder: str, onerror: Callable[[OSError], None]) -> Iterator[tuple[str, list[str], list[str], int]]:
+def _walk_tree(folder: str, onerror: Callable[[OSError], None],
+               enter_hidden: bool = False) -> Iterator[tuple[str, list[str], list[str], int]]:
     """os.walk of folder into symlinked subdirectories that lead out of it, each such folder once; a link into
     the tree, or to a folder holding it, is skipped with a warning (that folder is walked under its own name), so
-    link loops end. Hidden folders are not entered. Yields (root, folders kept, files, hidden entries)."""
+    link loops end. Hidden folders are entered only with enter_hidden. Yields (root, folders kept, files, hidden
+    entries)."""
     top = os.path.realpath(folder)
     outside: set[str] = set()  # real folders outside the tree already walked (through a link, or below one)
     for root, dirs, files in os.walk(folder, onerror=onerror, followlinks=True):
         keep = []
         hidden = sum(name.startswith(".") for name in (*dirs, *files))
-        for d in sorted(d for d in dirs if not d.startswith(".")):
+        for d in sorted(d for d in dirs if enter_hidden or not d.startswith(".")):
             path = os.path.join(root, d)
             real = os.path.realpath(path)
             within = inside(real, top)
@@ -151,28 +155,33 @@ def _match_parts(pattern: Sequence[str], parts: Sequence[str]) -> bool:
 
 
 def _recursive_glob(pattern: str, preset: dict[str, str], walked: set[str]) -> list[str]:
-    """glob.glob(pattern, recursive=True) that ends in link loops: Python's `**` follows every link to a folder,
-    so a link to an ancestor made it run until the path grew too long (a hung nightly, no row written) and a
-    link inside the tree gave each image twice. The part before the first `**` is globbed, each folder it
-    matches walked as a directory input is (`_walk_tree`), and the rest matched component by component."""
+    """The inputs a `**` pattern names: every file it matches, and the images below every folder it matches, as
+    glob.glob(pattern, recursive=True) and a walk of each matched folder gave them, but in one walk that ends in
+    link loops. Python's `**` follows every link to a folder: a link to an ancestor made it run until the path
+    grew too long (a hung nightly, no row written), and a link inside the tree gave each image twice. The part
+    before the first `**` is globbed, each folder it matches walked as a directory input is (`_walk_tree`; hidden
+    folders entered only for a pattern that names one), and the rest matched component by component."""
     parts = pattern.split(os.sep)
     k = parts.index("**")
     head = os.sep.join(parts[:k]) or os.sep
     tail = parts[k:]
+    enter_hidden = any(part.startswith(".") for part in tail)
     tops = sorted(glob.glob(head)) if _GLOB_CHARS.search(head) else [head]
-    matches: list[str] = []
+    found: list[str] = []
     for top in tops:
         if not os.path.isdir(top):
             continue
         unreadable: list[str] = []
-        for root, dirs, files, _ in _walk_tree(top, _unlistable(top, preset, unreadable)):
+        covered: dict[str, bool] = {}  # folder -> it or a folder above it matches: its images are inputs
+        for root, dirs, files, _ in _walk_tree(top, _unlistable(top, preset, unreadable), enter_hidden):
             rel = [] if root == top else os.path.relpath(root, top).split(os.sep)
-            if _match_parts(tail, rel):
-                matches.append(root)
-            matches.extend(os.path.join(root, name) for name in (*dirs, *files) if _match_parts(tail, [*rel, name]))
-        walked.update(unreadable)
-        matches.extend(unreadable)
-    return matches
+            below = covered.get(os.path.dirname(root), False) and not os.path.basename(root).startswith(".")
+            covered[root] = below or _match_parts(tail, rel)  # a walk of a matched folder skips hidden ones
+            walked.update(normalise_path(os.path.join(root, d)) for d in dirs)  # each may name an "unlistable" row
+            found.extend(os.path.join(root, f) for f in files
+                         if _match_parts(tail, [*rel, f]) or (covered[root] and is_image_file(Path(f))))
+        found.extend(unreadable)
+    return found
 
 
 def _expand_one(spec: str, base: str | None, out: list[str], preset: dict[str, str], stand_ins: set[str],
@@ -183,8 +192,14 @@ def _expand_one(spec: str, base: str | None, out: list[str], preset: dict[str, s
     if _GLOB_CHARS.search(spec) and not os.path.lexists(normalise_path(spec, base)):
         pattern = normalise_path(spec, base, pattern=True)
         stand_ins.add(pattern)
-        matches = sorted(_recursive_glob(pattern, preset, stand_ins) if "**" in pattern.split(os.sep)
-                         else glob.glob(pattern))
+        if "**" in pattern.split(os.sep):  # files only: the matched folders' images are among them
+            found = _recursive_glob(pattern, preset, stand_ins)
+            if not found:
+                out.append(pattern)
+                preset[pattern] = f"{pattern}: no file matches this pattern{origin}"
+            out.extend(normalise_path(f) for f in found)
+            return
+        matches = sorted(glob.glob(pattern))
         if not matches:
             out.append(pattern)
             preset[pattern] = f"{pattern}: no file matches this pattern{origin}"
