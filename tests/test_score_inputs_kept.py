@@ -221,6 +221,19 @@ def test_retry_failed_retries_only_this_runs_inputs(bundle_tiny, synthetic_root,
     assert len(rows) == 3 and rows[str(tmp_path / "a" / "junk.png")] is not None  # not this run's: kept
 
 
+def test_retry_failed_scores_again_only_paths_whose_rows_are_all_errors(monkeypatch, tmp_path):
+    """A path holding a scored row beside an error row (an OUT written twice over) keeps its scored row: scoring
+    it again would give it a second one."""
+    import pyarrow as pa
+
+    from pni_ray.orchestration import score_output
+
+    table = pa.table({"path": ["a", "a", "b", "c"], "error": ["a: bad", None, "b: bad", None]})
+    monkeypatch.setattr(score_output, "read_table", lambda out, columns=None: table)
+    assert score_output.error_paths(tmp_path, {"a", "b", "c"}) == {"b"}
+    assert score_output.error_paths(tmp_path, {"a", "c"}) == set()
+
+
 def test_retry_failed_drops_the_stand_in_row_of_a_pattern_or_folder_that_now_holds_images(bundle_tiny, synthetic_root,
                                                                                           tmp_path):
     """Last night's camera folder was empty and its glob matched nothing: stand-in error rows under the folder's

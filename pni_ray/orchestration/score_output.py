@@ -142,10 +142,14 @@ def committed_paths(out: Path) -> set[str]:
 
 
 def error_paths(out: Path, of: set[str]) -> set[str]:
-    """The paths of `of` that hold an error row in OUT (what --retry-failed scores again)."""
+    """The paths of `of` whose rows in OUT are error rows only (what --retry-failed scores again; a path that also
+    holds a scored row keeps it, its error rows only removed)."""
     table = read_table(out, columns=["path", "error"])
-    return {p for p, e in zip(table.column("path").to_pylist(), table.column("error").to_pylist())
-            if e is not None and p in of}
+    failed, scored = set(), set()
+    for p, e in zip(table.column("path").to_pylist(), table.column("error").to_pylist()):
+        if p in of:
+            (scored if e is None else failed).add(p)
+    return failed - scored
 
 
 def scored_in(out: Path) -> str:
