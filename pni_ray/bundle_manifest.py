@@ -228,12 +228,31 @@ def check_member_found(path: Path, entry: dict[str, Any], found: str) -> None:
         )
 
 
+# what an ensemble's holdout threshold was measured on: each member's maps as deployed (a refined member's refined);
+# ensembles calibrated before this key scored refined members without their refiner
+MEMBERS_SCORED = "as deployed"
+
+
+def check_calibrated_as_scored(path: Path, manifest: dict[str, Any], members: list[dict[str, Any]]) -> None:
+    """Refuse an ensemble whose --calibrate threshold came from maps it no longer scores: one made before its refined
+    members were scored through their refiners (`MEMBERS_SCORED`), whose threshold is of their unrefined maps."""
+    refined = any(((m.get("config") or {}).get("refiner") or {}).get("enabled") for m in members)
+    if manifest.get("threshold_method") == "holdout" and refined and manifest.get("members_scored") != MEMBERS_SCORED:
+        raise BundleError(f"{path / MANIFEST}: this ensemble's threshold was set (--calibrate) on maps of its refined "
+                          "member(s) without their refiner, which an older pni-ray scored, and no longer matches its "
+                          "scores: build it again with the same command and --force (`pni-ray ensemble MEMBER... "
+                          "--out OUT --calibrate DATA_ROOT --force`)")
+
+
 def verify_ensemble(path: Path | str) -> dict[str, Any]:
     """Check every member's model_id, every member file's checksum and a member's --weights file; return the
     manifest. Without torch: the scoring driver refuses a damaged ensemble before any worker starts."""
     path = Path(path)
     manifest = read_ensemble_manifest(path)
+    members = []
     for entry in manifest["members"]:
         member = check_member_id(path, entry)
-        check_weights_file(member, verify_bundle(member))
+        members.append(verify_bundle(member))
+        check_weights_file(member, members[-1])
+    check_calibrated_as_scored(path, manifest, members)
     return manifest

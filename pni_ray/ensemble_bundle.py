@@ -23,8 +23,8 @@ from typing import Any, Sequence
 from pni_ray.bundle import BundleError, atomic_write_json, load_bundle_and_id, model_id, verify_bundle, versions
 from pni_ray.bundle_manifest import ENSEMBLE_FORMAT as FORMAT
 from pni_ray.bundle_manifest import ENSEMBLE_FORMAT_VERSION as FORMAT_VERSION
-from pni_ray.bundle_manifest import (MANIFEST, calibration_images, check_member_found, check_member_id, member_path,
-                                     scoring_mode)
+from pni_ray.bundle_manifest import (MANIFEST, MEMBERS_SCORED, calibration_images, check_calibrated_as_scored,
+                                     check_member_found, check_member_id, member_path, scoring_mode)
 from pni_ray.bundle_manifest import read_ensemble_manifest, verify_ensemble  # noqa: F401 (re-exported)
 from pni_ray.config import ScoringConfig, TrainConfig, float_from_json
 from pni_ray.fileio import copy_tree_durable, inside, staged_dir
@@ -50,7 +50,8 @@ def load_ensemble(path: Path | str) -> tuple[EnsembleDetector, dict[str, Any]]:
     manifest = read_ensemble_manifest(path)
     for entry in manifest["members"]:
         check_member_id(path, entry)
-    detector, _ = load_ensemble_from_entries(path, manifest["members"])
+    detector, members = load_ensemble_from_entries(path, manifest["members"])
+    check_calibrated_as_scored(path, manifest, members)
     detector.threshold = float_from_json("threshold", manifest["threshold"])
     return detector, manifest
 
@@ -182,6 +183,7 @@ def save_ensemble(
             "normalisation": asdict(normalisation),
             "threshold": normalisation.threshold,
             "threshold_method": method,
+            "members_scored": MEMBERS_SCORED,  # each member's maps as deployed (a refined one's refined)
             "threshold_doc": (
                 "members: mean of the members' thresholds in their normalised units; an image above it is "
                 "above some member's own threshold"

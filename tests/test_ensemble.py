@@ -90,6 +90,21 @@ def test_a_refined_member_scores_through_its_refiner_as_deployed():
     assert torch.allclose(torch.as_tensor(maps["pni"][0]), (a + a + 100.0) / 2.0)
 
 
+def test_an_ensemble_calibrated_on_unrefined_maps_of_a_refined_member_is_refused(tmp_path):
+    """Ensembles made with --calibrate before refined members scored through their refiners hold a threshold of
+    other maps than they now score: refused, saying to build them again; new ones record what they measured."""
+    from pni_ray.bundle_manifest import MEMBERS_SCORED, check_calibrated_as_scored
+
+    refined, plain = {"config": {"refiner": {"enabled": True}}}, {"config": {"refiner": {"enabled": False}}}
+    old = {"threshold_method": "holdout"}
+    with pytest.raises(BundleError, match=r"set \(--calibrate\) on maps of its refined member\(s\) without their "
+                                          r"refiner.*--calibrate DATA_ROOT --force"):
+        check_calibrated_as_scored(tmp_path, old, [plain, refined])
+    check_calibrated_as_scored(tmp_path, old, [plain, plain])  # no refiner: the same maps then and now
+    check_calibrated_as_scored(tmp_path, {"threshold_method": "members"}, [refined])  # the members' own thresholds
+    check_calibrated_as_scored(tmp_path, {**old, "members_scored": MEMBERS_SCORED}, [refined])
+
+
 def test_estimated_threshold_is_mean_of_normalised_member_thresholds():
     norm = estimated_normalisation([
         Normalisation(image_mean=5.0, image_std=1.0, pixel_mean=1.0, pixel_std=2.0, threshold=8.0),
@@ -237,7 +252,7 @@ def test_calibrated_threshold_from_shared_holdout(bundle_tiny, lite1_bundle, syn
 
     out = save_ensemble([bundle_tiny, lite1_bundle], tmp_path / "cal", calibrate_root=synthetic_root)
     detector, manifest = load_detector(out)
-    assert manifest["threshold_method"] == "holdout"
+    assert manifest["threshold_method"] == "holdout" and manifest["members_scored"] == "as deployed"
     names = set(verify_bundle(bundle_tiny)["training"]["holdout_images"])
     paths = [p for p in load_category(synthetic_root, "washer").train if p.name in names]
     assert len(paths) >= 2
