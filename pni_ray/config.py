@@ -461,7 +461,7 @@ def threads_from_env() -> int | None:
     value = os.environ.get(THREADS_ENV, "").strip()
     if not value:
         return None
-    if not value.isdigit() or int(value) < 1:
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:  # "²".isdigit() is true, and int() refuses it
         raise ValueError(f"${THREADS_ENV}={os.environ[THREADS_ENV]!r}: a number of threads, at least 1 (unset it for "
                          "all cores)")
     return int(value)

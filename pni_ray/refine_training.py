@@ -320,7 +320,8 @@ def train_refiner(
     if len(calibration) < MIN_HOLDOUT_IMAGES:  # training's floor, which its held-out set may pass before this split
         log.warning("%s: only %d held-out images calibrate the refined model's score scale and threshold (fewer than "
                     "%d: refiner.calibration_fraction %g of the held-out images): the threshold and the metrics will "
-                    "be unreliable; add good images to train/good/, or raise scoring.holdout_fraction", category,
+                    "be unreliable; raise refiner.calibration_fraction (a --config file), or train again with more "
+                    "held out (scoring.holdout_fraction) or more good images in train/good/", category,
                     len(calibration), MIN_HOLDOUT_IMAGES, rcfg.calibration_fraction)
     data = make_refiner_data(trained, paths, rcfg.n_samples, seed, progress, cfg.batch_size)
     t_data = time.perf_counter()

@@ -140,10 +140,15 @@ def missing_category_message(data_root: Path | str, category: str) -> str | None
         same = [name for name in found if unicodedata.normalize("NFC", name) == unicodedata.normalize("NFC", category)]
         close = difflib.get_close_matches(category, found, n=1)
         if same:  # "Did you mean -c café" for the café typed would read as the same name
-            lines.append(f"The folder {same[0]} is the name typed, written in another Unicode form ({ascii(same[0])} "
-                         f"against {ascii(category)}: accents as separate marks, as macOS and some copies write "
-                         "them). Rename the folder to the form a keyboard types, e.g. `convmv -f utf8 -t utf8 --nfc -r --notest "
-                         "DATA_ROOT` (Debian package convmv).")
+            what = (f"The folder {same[0]} is the name typed, written in another Unicode form ({ascii(same[0])} against "
+                    f"{ascii(category)})")
+            if unicodedata.is_normalized("NFC", same[0]):  # the name given was decomposed (pasted from macOS text)
+                lines.append(f"{what}: type the name, rather than paste it (the text pasted holds its accents as "
+                             "separate marks).")
+            else:  # the folder's name was decomposed (copied from macOS)
+                lines.append(f"{what}: its accents are separate marks, as macOS and some copies write them. Rename "
+                             f"the folder to the form a keyboard types, e.g. `convmv -f utf8 -t utf8 --nfc --notest "
+                             f"'{data_root / same[0]}'` (Debian package convmv).")
         elif close:
             lines.append(f"Did you mean -c {close[0]}?")
     elif not is_category:  # (a category folder holds none: said above)

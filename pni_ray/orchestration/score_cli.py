@@ -96,8 +96,9 @@ def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads for --engine local (default: $PNI_RAY_THREADS, else all cores).")
 @backbone_options
 @click.option("--top", "top_n", type=click.IntRange(min=0), default=20, show_default=True, help="Most anomalous images in the summary.")
-@click.option("--retry-failed", is_flag=True, help="Drop the error rows of this run's inputs from OUT first, so they are tried again (also the "
-                   "rows of its folders, patterns and list files that held no image or could not be read then).")
+@click.option("--retry-failed", is_flag=True, help="Try this run's inputs that hold only error rows in OUT again, their rows dropped when the run first "
+                   "writes (also the rows of its folders, patterns and list files that held no image or could not be "
+                   "read then).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar (default: on a terminal, unless -q; elsewhere, as in a job's log, a log line a minute).")
 def score_cmd(model: Path, inputs: tuple[str, ...], out: Path, address: str | None, batch_size: int,
