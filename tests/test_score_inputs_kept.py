@@ -115,6 +115,21 @@ def test_a_recursive_glob_ends_in_link_loops_and_walks_as_a_folder_input_does(tm
                                                                     "file matches this pattern"}
 
 
+def test_a_relative_glob_under_a_folder_named_like_a_pattern_matches(tmp_path, monkeypatch):
+    """Under a working directory (or a list file's folder) named run[1], a relative glob matched nothing: the
+    folder's brackets were read as a pattern."""
+    cwd = tmp_path / "run[1]"
+    for rel in ("s/a.png", "s/sub/b.png"):
+        (cwd / rel).parent.mkdir(parents=True, exist_ok=True)
+        (cwd / rel).write_bytes(b"x")
+    (cwd / "in.lst").write_text("s/*.png\n")
+    monkeypatch.chdir(cwd)
+    c = str(cwd)
+    assert expand_inputs(["s/*.png"]).paths == [f"{c}/s/a.png"]
+    assert expand_inputs(["**/*.png"]).paths == [f"{c}/s/a.png", f"{c}/s/sub/b.png"]
+    assert expand_inputs(["@in.lst"]).paths == [f"{c}/s/a.png"]
+
+
 def test_a_list_files_line_that_names_nothing_is_named_in_its_error(tmp_path):
     (tmp_path / "a.png").write_bytes(b"x")
     lst = tmp_path / "inputs.txt"

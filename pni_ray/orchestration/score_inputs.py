@@ -67,9 +67,10 @@ def normalise_path(path: str, base: str | None = None, pattern: bool = False) ->
     pattern: `path` is a glob, so the resolved part is escaped (a target named run[1] is no pattern),
     and a part holding wildcards itself is left to the lexical rule (there is no one folder to ask)."""
     path = os.path.expanduser(path)
+    literal = glob.escape if pattern else (lambda folder: folder)  # a cwd named run[1] is no pattern either
     if base is not None and not os.path.isabs(path):
-        path = os.path.join(base, path)
-    path = os.path.join(os.getcwd(), path)  # abspath would normalise ".." lexically
+        path = os.path.join(literal(base), path)
+    path = os.path.join(literal(os.getcwd()), path)  # abspath would normalise ".." lexically
     parts = path.split(os.sep)
     if ".." in parts:
         last = len(parts) - 1 - parts[::-1].index("..")
