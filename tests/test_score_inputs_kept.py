@@ -77,21 +77,23 @@ def test_walk_follows_symlinked_folders_once_and_reports_unreadable_ones(tmp_pat
     assert "cannot list this directory" in got.preset_errors[locked] and "Permission denied" in got.preset_errors[locked]
 
 
-def test_a_recursive_glob_ends_in_link_loops_and_walks_as_a_folder_input_does(tmp_path, monkeypatch):
-    """Python's `**` follows every link to a folder: a link to an ancestor ran until the path grew too long (a
-    hung nightly, no row written), and a link inside the tree gave each image twice. `**` now walks as a directory
-    input does: each folder once, a link into the tree or to a folder holding it skipped."""
+def test_a_recursive_glob_ends_in_link_loops_and_otherwise_matches_as_globs_do(tmp_path, monkeypatch):
+    """Python's `**` follows every link to a folder: a link to a folder it was inside ran until the path grew too
+    long (a hung nightly, no row written). `**` now ends in loops and otherwise gives what glob and a walk of each
+    folder it matched gave: links followed, each image once per path, each matched folder's images once."""
     import glob as glob_module
 
-    for rel in ("loop/a/b/x.png", "dup/2024/y.png", "outside/z.png", "dup/.cache/h.png", "dup/.k.png", "cam1/d/1.png",
-                "cam2/d/2.png", "cam2/d/notes.txt"):
+    for rel in ("loop/a/b/x.png", "two/A/1.png", "two/B/2.png", "dup/2024/y.png", "outside/z.png", "dup/.cache/h.png",
+                "dup/.k.png", "cam1/d/1.png", "cam2/d/2.png", "cam2/d/notes.txt", "arch/x/cam1/a.png", "arch/old/b.png"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
     os.symlink("..", tmp_path / "loop" / "a" / "b" / "up")
     os.symlink(tmp_path / "loop", tmp_path / "loop" / "a" / "b" / "root")
-    os.symlink("2024", tmp_path / "dup" / "latest")  # into the tree: walked under its own name only
-    os.symlink(tmp_path / "outside", tmp_path / "dup" / "ext")  # out of it: walked, once
-    os.symlink(tmp_path / "outside", tmp_path / "dup" / "ext2")
+    os.symlink("../B", tmp_path / "two" / "A" / "to_b")  # a loop of two links
+    os.symlink("../A", tmp_path / "two" / "B" / "to_a")
+    os.symlink("2024", tmp_path / "dup" / "latest")  # into the tree: followed, as glob follows it
+    os.symlink(tmp_path / "outside", tmp_path / "dup" / "ext")
+    os.symlink(tmp_path / "arch" / "old", tmp_path / "arch" / "x" / "cam1" / "latest")  # in a matched folder
     real_glob = glob_module.glob
 
     def no_recursion(pattern, *args, recursive=False, **kwargs):  # the loop would run until the path is too long
@@ -101,16 +103,20 @@ def test_a_recursive_glob_ends_in_link_loops_and_walks_as_a_folder_input_does(tm
     monkeypatch.setattr(glob_module, "glob", no_recursion)
     t = str(tmp_path)
     assert expand_inputs([f"{t}/loop/**/*.png"]).paths == [f"{t}/loop/a/b/x.png"]
-    assert expand_inputs([f"{t}/dup/**/*.png"]).paths == [f"{t}/dup/2024/y.png", f"{t}/dup/ext/z.png"]
+    assert expand_inputs([f"{t}/two/**/*.png"]).paths == [f"{t}/two/A/1.png", f"{t}/two/A/to_b/2.png",
+                                                          f"{t}/two/B/2.png", f"{t}/two/B/to_a/1.png"]
+    dup = [f"{t}/dup/2024/y.png", f"{t}/dup/ext/z.png", f"{t}/dup/latest/y.png"]
+    assert expand_inputs([f"{t}/dup/**/*.png"]).paths == dup
     assert expand_inputs([f"{t}/dup/**/.*.png"]).paths == [f"{t}/dup/.k.png"]  # hidden only when asked for
     assert expand_inputs([f"{t}/dup/**/.cache/*.png"]).paths == [f"{t}/dup/.cache/h.png"]  # a hidden folder named
-    # folders it matches give their images once: each was walked again on its own, links and all, and counted twice
+    # folders it matches give their images once: each was walked again on its own and counted twice
     whole = expand_inputs([f"{t}/dup/**"])
-    assert whole.paths == [f"{t}/dup/2024/y.png", f"{t}/dup/ext/z.png"] and whole.duplicates == 0
+    assert whole.paths == dup and whole.duplicates == 0
+    assert expand_inputs([f"{t}/arch/**/cam1"]).paths == [f"{t}/arch/x/cam1/a.png", f"{t}/arch/x/cam1/latest/b.png"]
     assert expand_inputs([f"{t}/cam*/**/*.png"]).paths == [f"{t}/cam1/d/1.png", f"{t}/cam2/d/2.png"]
     # as glob's: every file the pattern names (the text file too, to its error row), the folders walked for images
     assert expand_inputs([f"{t}/cam*/**"]).paths == [f"{t}/cam1/d/1.png", f"{t}/cam2/d/2.png", f"{t}/cam2/d/notes.txt"]
-    assert expand_inputs([f"{t}/**/2.png"]).paths == [f"{t}/cam2/d/2.png"]
+    assert expand_inputs([f"{t}/**/2.png"]).paths == [f"{t}/cam2/d/2.png", f"{t}/two/A/to_b/2.png", f"{t}/two/B/2.png"]
     assert expand_inputs([f"{t}/cam9/**/*.png"]).preset_errors == {f"{t}/cam9/**/*.png": f"{t}/cam9/**/*.png: no "
                                                                     "file matches this pattern"}
 

@@ -9,9 +9,10 @@ given twice is scored once (counted as ``duplicates_ignored``), two different pa
 are two inputs. Directories are walked into symlinked subdirectories too: a link to a folder outside
 the tree is walked (once, however many links lead there or into it: each folder outside is walked once); a link
 into the tree, or to a folder that holds it, is skipped with a warning, since that folder is walked under its own name.
-A glob's ``**`` walks the same way, in one walk per folder before it (Python's own follows every link, round a
-loop until the path is too long): the files it matches and the images below the folders it matches, each once;
-a folder it cannot list is an error row, as in a directory input, and a pattern that names no file is one too.
+A glob's ``**`` gives what Python's glob gives (links followed: an image reached through a link is an input
+under that path too) and the images below each folder it matches, each once, but ends in link loops, round
+which Python's went until the path was too long; a folder it cannot list is an error row, as in a directory
+input, and a pattern that names no file is one too.
 An explicit path that does not exist, a directory without images, a subdirectory that cannot be
 read, or a glob that matches nothing gets an error row.
 
@@ -64,35 +65,33 @@ def normalise_path(path: str, base: str | None = None, pattern: bool = False) ->
     """Absolute, without "." or doubled separators, and naming the file the OS opens: the part up to
     the last ".." is resolved as the OS resolves it (through links: lnk/.. is the link target's parent,
     not the folder holding the link, which a lexical normpath would give), the rest kept as written.
-    pattern: `path` is a glob, so the resolved part is escaped (a target named run[1] is no pattern),
-    and a part holding wildcards itself is left to the lexical rule (there is no one folder to ask)."""
+    pattern: `path` is a glob, so the folders it is relative to (the working directory, a list file's) and
+    the resolved part are escaped (a folder named run[1] is no pattern), and a part of `path` holding
+    wildcards itself is left to the lexical rule (there is no one folder to ask)."""
     path = os.path.expanduser(path)
-    literal = glob.escape if pattern else (lambda folder: folder)  # a cwd named run[1] is no pattern either
-    if base is not None and not os.path.isabs(path):
-        path = os.path.join(literal(base), path)
-    path = os.path.join(literal(os.getcwd()), path)  # abspath would normalise ".." lexically
-    parts = path.split(os.sep)
-    if ".." in parts:
+    lead = "" if os.path.isabs(path) else os.path.join(os.getcwd(), base or "")  # abspath: ".." lexically
+    typed = path.split(os.sep)
+    parts = [*(lead.split(os.sep) if lead else []), *typed]
+    literal = glob.escape if pattern else (lambda folder: folder)
+    if ".." in typed:
         last = len(parts) - 1 - parts[::-1].index("..")
-        head = os.sep.join(parts[: last + 1])
-        if not (pattern and _GLOB_CHARS.search(head)):
-            resolved = os.path.realpath(head)
-            path = os.path.join(glob.escape(resolved) if pattern else resolved, *parts[last + 1 :])
-    return os.path.normpath(path)
+        own = typed[: last + 1 - (len(parts) - len(typed))]  # the typed part of what is resolved
+        if not (pattern and _GLOB_CHARS.search(os.sep.join(own))):
+            resolved = os.path.realpath(os.sep.join(parts[: last + 1]))
+            return os.path.normpath(os.path.join(literal(resolved), *parts[last + 1:]))
+    return os.path.normpath(os.path.join(literal(lead), path) if lead else path)
 
 
-def _walk_tree(folder: str, onerror: Callable[[OSError], None],
-               enter_hidden: bool = False) -> Iterator[tuple[str, list[str], list[str], int]]:
+def _walk_tree(folder: str, onerror: Callable[[OSError], None]) -> Iterator[tuple[str, list[str], list[str], int]]:
     """os.walk of folder into symlinked subdirectories that lead out of it, each such folder once; a link into
     the tree, or to a folder holding it, is skipped with a warning (that folder is walked under its own name), so
-    link loops end. Hidden folders are entered only with enter_hidden. Yields (root, folders kept, files, hidden
-    entries)."""
+    link loops end. Hidden folders are not entered. Yields (root, folders kept, files, hidden entries)."""
     top = os.path.realpath(folder)
     outside: set[str] = set()  # real folders outside the tree already walked (through a link, or below one)
     for root, dirs, files in os.walk(folder, onerror=onerror, followlinks=True):
         keep = []
         hidden = sum(name.startswith(".") for name in (*dirs, *files))
-        for d in sorted(d for d in dirs if enter_hidden or not d.startswith(".")):
+        for d in sorted(d for d in dirs if not d.startswith(".")):
             path = os.path.join(root, d)
             real = os.path.realpath(path)
             within = inside(real, top)
@@ -137,50 +136,78 @@ def _walk_images(folder: str, preset: dict[str, str], walked: set[str]) -> list[
     return found + unreadable
 
 
-def _match_parts(pattern: Sequence[str], parts: Sequence[str]) -> bool:
+def _match_parts(pattern: Sequence[str], parts: Sequence[str], prefix: bool = False) -> bool:
     """Whether path components match pattern components as glob's do: `**` any number of them (none hidden),
-    others one by fnmatch, a hidden name only by a pattern starting with '.'."""
+    others one by fnmatch, a hidden name only by a pattern starting with '.'. prefix: whether a path below
+    `parts` can still match (a folder worth entering)."""
+    if not parts and (prefix or not pattern):
+        return True
     if not pattern:
-        return not parts
+        return False
     first, rest = pattern[0], pattern[1:]
     if first == "**":
         for i in range(len(parts) + 1):
-            if _match_parts(rest, parts[i:]):
+            if _match_parts(rest, parts[i:], prefix):
                 return True
             if i < len(parts) and parts[i].startswith("."):
                 return False
-        return False
+        return prefix  # `**` takes every part left
     if not parts or (parts[0].startswith(".") and not first.startswith(".")):
         return False
-    return fnmatch.fnmatchcase(parts[0], first) and _match_parts(rest, parts[1:])
+    return fnmatch.fnmatchcase(parts[0], first) and _match_parts(rest, parts[1:], prefix)
+
+
+def _glob_walk(top: str, onerror: Callable[[OSError], None],
+               enter: Callable[[list[str]], bool]) -> Iterator[tuple[str, list[str], list[str]]]:
+    """os.walk of top into every link to a folder, as Python's `**` goes, but not into a link to a folder the walk
+    is already inside (a loop: Python's went round it until the path grew too long, hanging the run with no row
+    written); `enter(parts below top)` says which folders can still hold a match."""
+    inside_of: dict[str, frozenset[str]] = {top: frozenset({os.path.realpath(top)})}  # real folders above, per root
+    for root, dirs, files in os.walk(top, onerror=onerror, followlinks=True):
+        above = inside_of[root]
+        rel = [] if root == top else os.path.relpath(root, top).split(os.sep)
+        keep = []
+        for d in sorted(dirs):
+            path = os.path.join(root, d)
+            real = os.path.realpath(path)
+            if real in above:
+                log.warning("%s: leads to %s, a folder it is inside: a loop, not walked", path, real)
+            elif enter([*rel, d]):
+                inside_of[path] = above | {real}
+                keep.append(d)
+        dirs[:] = keep
+        yield root, keep, files
 
 
 def _recursive_glob(pattern: str, preset: dict[str, str], walked: set[str]) -> list[str]:
-    """The inputs a `**` pattern names: every file it matches, and the images below every folder it matches, as
-    glob.glob(pattern, recursive=True) and a walk of each matched folder gave them, but in one walk that ends in
-    link loops. Python's `**` follows every link to a folder: a link to an ancestor made it run until the path
-    grew too long (a hung nightly, no row written), and a link inside the tree gave each image twice. The part
-    before the first `**` is globbed, each folder it matches walked as a directory input is (`_walk_tree`; hidden
-    folders entered only for a pattern that names one), and the rest matched component by component."""
+    """The inputs a `**` pattern names: every file it matches, and the images below every folder it matches (a
+    walk of a folder input skips hidden folders), as glob.glob(pattern, recursive=True) and a walk of each matched
+    folder gave them, links followed alike, but in one walk that ends in link loops (`_glob_walk`). The part
+    before the first `**` is globbed, the rest matched component by component."""
     parts = pattern.split(os.sep)
     k = parts.index("**")
     head = os.sep.join(parts[:k]) or os.sep
     tail = parts[k:]
-    enter_hidden = any(part.startswith(".") for part in tail)
     tops = sorted(glob.glob(head)) if _GLOB_CHARS.search(head) else [head]
     found: list[str] = []
+
+    def covered(rel: list[str]) -> bool:  # a matched folder, or below one (where a folder input's walk goes)
+        return any(_match_parts(tail, rel[:i]) and not any(part.startswith(".") for part in rel[i:])
+                   for i in range(len(rel) + 1))
+
+    def enter(rel: list[str]) -> bool:
+        return covered(rel) or _match_parts(tail, rel, prefix=True)
+
     for top in tops:
         if not os.path.isdir(top):
             continue
         unreadable: list[str] = []
-        covered: dict[str, bool] = {}  # folder -> it or a folder above it matches: its images are inputs
-        for root, dirs, files, _ in _walk_tree(top, _unlistable(top, preset, unreadable), enter_hidden):
+        for root, dirs, files in _glob_walk(top, _unlistable(top, preset, unreadable), enter):
             rel = [] if root == top else os.path.relpath(root, top).split(os.sep)
-            below = covered.get(os.path.dirname(root), False) and not os.path.basename(root).startswith(".")
-            covered[root] = below or _match_parts(tail, rel)  # a walk of a matched folder skips hidden ones
+            images_too = covered(rel)
             walked.update(normalise_path(os.path.join(root, d)) for d in dirs)  # each may name an "unlistable" row
             found.extend(os.path.join(root, f) for f in files
-                         if _match_parts(tail, [*rel, f]) or (covered[root] and is_image_file(Path(f))))
+                         if _match_parts(tail, [*rel, f]) or (images_too and is_image_file(Path(f))))
         found.extend(unreadable)
     return found
 
