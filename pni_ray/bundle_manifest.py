@@ -236,7 +236,7 @@ MEMBERS_SCORED = "as deployed"
 def check_calibrated_as_scored(path: Path, manifest: dict[str, Any], members: list[dict[str, Any]]) -> None:
     """Refuse an ensemble whose --calibrate threshold came from maps it no longer scores: one made before its refined
     members were scored through their refiners (`MEMBERS_SCORED`), whose threshold is of their unrefined maps."""
-    refined = any(((m.get("config") or {}).get("refiner") or {}).get("enabled") for m in members)
+    refined = any(REFINER in (m.get("files") or {}) for m in members)  # as the loader decides to refine
     if manifest.get("threshold_method") == "holdout" and refined and manifest.get("members_scored") != MEMBERS_SCORED:
         raise BundleError(f"{path / MANIFEST}: this ensemble's threshold was set (--calibrate) on maps of its refined "
                           "member(s) without their refiner, which an older pni-ray scored, and no longer matches its "

@@ -95,7 +95,7 @@ def test_an_ensemble_calibrated_on_unrefined_maps_of_a_refined_member_is_refused
     other maps than they now score: refused, saying to build them again; new ones record what they measured."""
     from pni_ray.bundle_manifest import MEMBERS_SCORED, check_calibrated_as_scored
 
-    refined, plain = {"config": {"refiner": {"enabled": True}}}, {"config": {"refiner": {"enabled": False}}}
+    refined, plain = {"files": {"refiner.safetensors": {}}}, {"files": {"memory.arrow": {}}}
     old = {"threshold_method": "holdout"}
     with pytest.raises(BundleError, match=r"set \(--calibrate\) on maps of its refined member\(s\) without their "
                                           r"refiner.*--calibrate DATA_ROOT --force"):
@@ -253,6 +253,18 @@ def test_calibrated_threshold_from_shared_holdout(bundle_tiny, lite1_bundle, syn
     out = save_ensemble([bundle_tiny, lite1_bundle], tmp_path / "cal", calibrate_root=synthetic_root)
     detector, manifest = load_detector(out)
     assert manifest["threshold_method"] == "holdout" and manifest["members_scored"] == "as deployed"
+    import pni_ray.bundle_manifest as bundle_manifest
+    import pni_ray.ensemble_bundle as ensemble_bundle
+
+    old_style = dict(manifest)
+    del old_style["members_scored"]
+    with pytest.MonkeyPatch.context() as mp:  # a manifest of before the key, whose first member holds a refiner
+        mp.setattr(bundle_manifest, "REFINER", "memory.arrow")
+        mp.setattr(bundle_manifest, "read_ensemble_manifest", lambda path: old_style)
+        mp.setattr(ensemble_bundle, "read_ensemble_manifest", lambda path: old_style)
+        for check in (bundle_manifest.verify_ensemble, ensemble_bundle.load_ensemble):
+            with pytest.raises(BundleError, match="build it again with the same command and --force"):
+                check(out)
     names = set(verify_bundle(bundle_tiny)["training"]["holdout_images"])
     paths = [p for p in load_category(synthetic_root, "washer").train if p.name in names]
     assert len(paths) >= 2

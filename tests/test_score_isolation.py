@@ -52,15 +52,14 @@ def test_a_failing_chunk_is_isolated_and_only_its_bad_image_gets_an_error_row(bu
     monkeypatch.setitem(score_mod.ENGINES, "dropping", engine)
     out = tmp_path / "out"
     summary = score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=4), engine="dropping")
-    # two chunks, then an image scored before (the workers still score: bad.png's failure is its own), then the
-    # lost chunk's four images (bad.png first) one at a time
-    assert engine.chunks == [2, 1, 4]
+    # two chunks, an image scored before (the workers still score), the lost chunk's four images (bad.png first)
+    # one at a time, and the image scored before again (they still do: bad.png's failure is its own)
+    assert engine.chunks == [2, 1, 4, 1]
     rows = _rows(out)
     assert sorted(rows) == ["bad.png", "good_0.png", "good_1.png", "good_2.png", "good_3.png"]
     assert all(rows[f"good_{i}.png"]["error"] is None for i in range(4))
     assert rows["bad.png"]["image_score"] is None
-    assert "bad.png: not scored: its scoring worker failed on it in its chunk and again on it alone" in \
-        rows["bad.png"]["error"]
+    assert "bad.png: not scored: scoring failed on it in its chunk and again on it alone" in rows["bad.png"]["error"]
     assert summary["missing"] == 0 and summary["failed"] == 1 and summary["run"]["rows_this_run"] == 5
     again = score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=4), engine="dropping")
     assert again["run"]["scheduled"] == 0  # the error row is final: the rerun does not meet the image again
@@ -102,7 +101,7 @@ def test_workers_that_break_mid_run_write_no_error_rows_for_the_rest(bundle_tiny
 
     monkeypatch.setitem(score_mod.ENGINES, "breaking", breaking)
     out = tmp_path / "out"
-    with pytest.raises(ScoreError, match=r"failed on the 3 input\(s\) of chunks they could not score, and now fail "
+    with pytest.raises(ScoreError, match=r"failed on 3 input\(s\) in chunks they could not score, and now fail "
                                          r"on .*bad.png, which they scored before"):
         score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=2), engine="breaking")
     # the image scored before is asked first: no image left is tried alone, none gets a row
@@ -125,21 +124,55 @@ def test_a_model_that_fails_on_every_image_writes_no_error_rows(bundle_tiny, inp
         score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=2), engine="local")
     assert not part_files(out)
 
-    def one_bad(self, prepared):  # refuses the batch holding the image whose canvas is all zeros, and it alone
+    def one_bad(self, prepared):  # refuses the batch holding an image whose canvas is all zeros, and it alone
         if any(not p.canvas.any() for p in prepared):
             raise RuntimeError("bad input")
         return real(self, prepared)
 
     (inputs / "bad.png").unlink()
     import PIL.Image
-    PIL.Image.new("RGB", (64, 64)).save(inputs / "black.png")  # in a chunk with good_0.png
-    PIL.Image.new("RGB", (64, 64)).save(inputs / "zz_black.png")  # alone in the last chunk: no image of it scores
+    PIL.Image.new("RGB", (64, 64)).save(inputs / "black.png")  # in a chunk with good images
+    PIL.Image.new("RGB", (64, 64)).save(inputs / "zz_black.png")  # alone in the last chunk: nothing of it scores
     monkeypatch.setattr(score_mod.ScoreWorker, "_predict", one_bad)
-    summary = score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=2), engine="local")
+    summary = score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=5), engine="local")
     rows = _rows(out)
     assert summary["failed"] == 2 and summary["missing"] == 0
-    for name in ("black.png", "zz_black.png"):  # an image scored before showed the model works: the rows are final
-        assert f"{name}: scoring failed (RuntimeError: bad input)" in rows[name]["error"], rows[name]["error"]
+    assert "black.png: scoring failed (RuntimeError: bad input)" in rows["black.png"]["error"]
+    # lost with its chunk; an image scored before still scores, before and after it is tried alone: its own row
+    assert "zz_black.png: not scored: scoring failed on it in its chunk and again on it alone" in \
+        rows["zz_black.png"]["error"]
+
+
+def test_a_model_that_breaks_while_lost_images_are_tried_alone_writes_no_rows(bundle_tiny, inputs, tmp_path,
+                                                                             monkeypatch):
+    """The image scored before is asked again after the images are tried alone: a model that worked for the first
+    ask and broke after it would otherwise give every image left a final row. An image scored before that is now
+    an error row of its own (rewritten since) says nothing of the model: the next one is asked."""
+    real = score_mod.ScoreWorker._predict
+    calls = []
+
+    def broken(self, prepared):
+        raise RuntimeError("CUDA error: device lost")
+
+    def flaky(rows, info, opts):  # only the first ask scores
+        calls.append(len(rows))
+        monkeypatch.setattr(score_mod.ScoreWorker, "_predict", real if len(calls) == 2 else broken)
+        yield from score_mod.run_local(rows, info, opts)
+
+    monkeypatch.setitem(score_mod.ENGINES, "flaky", flaky)
+    out = tmp_path / "out"
+    assert score(bundle_tiny, [str(inputs / "good_0.png"), str(inputs / "good_1.png")], out, Options(threads=1),
+                 engine="local")["scored"] == 2
+    with pytest.raises(ScoreError, match=r"failed on 3 input\(s\), also one at a time, and now fail on .*good_0.png"):
+        score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=2), engine="flaky")
+    assert calls == [2, 1, 3, 1] and sorted(_rows(out)) == ["good_0.png", "good_1.png"]  # no rows for the rest
+
+    (inputs / "good_0.png").write_bytes(b"not an image any more")
+    monkeypatch.setattr(score_mod.ScoreWorker, "_predict", broken)
+    with pytest.raises(ScoreError, match=r"failed on 3 input\(s\) in chunks they could not score, and now fail on "
+                                         r".*good_1.png"):
+        score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=2), engine="local")
+    assert sorted(_rows(out)) == ["good_0.png", "good_1.png"]
 
 
 def test_a_model_replaced_during_the_run_stops_it(bundle_tiny, inputs, tmp_path, monkeypatch):
@@ -210,6 +243,5 @@ def test_ray_isolates_an_image_that_kills_its_worker(bundle_tiny, inputs, tmp_pa
     rows = _rows(out)
     assert sorted(rows) == ["bad.png", "good_0.png", "good_1.png", "good_2.png", "good_3.png"]
     assert all(rows[f"good_{i}.png"]["error"] is None for i in range(4))
-    assert "bad.png: not scored: its scoring worker failed on it in its chunk and again on it alone" in \
-        rows["bad.png"]["error"]
+    assert "bad.png: not scored: scoring failed on it in its chunk and again on it alone" in rows["bad.png"]["error"]
     assert summary["failed"] == 1 and summary["missing"] == 0

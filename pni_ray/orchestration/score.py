@@ -136,12 +136,11 @@ class ScoreWorker:
     def __init__(self, model_path: str, threads: int = 1, batch_size: int = 8, device: str = "cpu",
                  decode: dict[str, Any] | None = None, encode: dict[str, Any] | None = None,
                  backbone_runtime: str = "onnxruntime", backbone_precision: str = "auto",
-                 model_id: str | None = None, model_errors_final: bool = False) -> None:
+                 model_id: str | None = None) -> None:
         from pni_ray.allocator import keep_freed_memory
 
         keep_freed_memory()
         self.decode, self.encode = decode, encode
-        self.model_errors_final = model_errors_final  # Options.model_errors_final
         threads = max(1, int(threads))
         os.environ["OMP_NUM_THREADS"] = str(threads)
         try:
@@ -198,7 +197,7 @@ class ScoreWorker:
                         maps[j: j + 1], scores[j: j + 1] = self._predict(prepared[j: j + 1])
                     except Exception as exc:  # noqa: BLE001
                         failed[j] = f"{paths[ok[j]]}: scoring failed ({exc.__class__.__name__}: {exc})"
-        if ok and len(failed) == len(ok) and not self.model_errors_final:  # the model's fault, or the images'?
+        if ok and len(failed) == len(ok):  # the model's fault, or the images'? `_isolate_lost` asks
             raise ModelFailed(f"the model failed on each of the {len(ok)} image(s) of a chunk, also one at a time "
                               f"(first: {failed[0]}): not committed; an image scored before tells whether the model "
                               "or these images fail")
@@ -313,9 +312,9 @@ def aborted(chunk: str, why: str) -> dict[str, Any]:
 
 def failed_alone(paths: list[str], info: ModelInfo, map_format: str) -> dict[str, Any]:
     """Error rows, as `encode_chunk` writes them, for inputs whose workers failed in their chunk and alone."""
-    errors = [f"{p}: not scored: its scoring worker failed on it in its chunk and again on it alone (died, "
-              f"{CHUNK_RETRIES + 1} times each: a decoder crash or its memory limit; or raised: the run's log says which); "
-              "--retry-failed tries it again" for p in paths]
+    errors = [f"{p}: not scored: scoring failed on it in its chunk and again on it alone (its worker died, under "
+              f"Ray after {CHUNK_RETRIES + 1} tries each: a decoder crash or its memory limit; or the model raised on "
+              "it: the run's log says which); --retry-failed tries it again" for p in paths]
     meta = {"paths": paths, "errors": errors, "scores": [None] * len(paths), "hw": [None] * len(paths),
             "content": [None] * len(paths)}
     return encode_chunk({"chunk": chunk_id(paths), "meta": json.dumps(meta), "maps": b""}, map_format,
@@ -345,9 +344,6 @@ class Options:
     # chunks queued on one model actor at once (None: Ray Data's default). A chunk queued behind one that kills
     # the actor dies with it: the isolation pass takes 1, so an image alone fails for its own sake only
     chunks_in_flight: int | None = None
-    # an image the model raises on gets its error row even where no image of its chunk scored (ModelFailed): the
-    # isolation pass's, after an image scored before has shown that the model works
-    model_errors_final: bool = False
     # how the caller names score's options in a refusal's remedy (the nightly job: its config's keys), as
     # address_named_by names where the address came from; an option not in it keeps its flag
     option_names: dict[str, str] = field(default_factory=dict)
@@ -526,8 +522,7 @@ def run_ray(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Itera
         log.info("ray scoring: %d chunks, %d workers x %.2g CPU / %.2g GPU, %s stages", len(rows), workers,
                  opts.cpus_per_worker, opts.gpus_per_worker, stages)
         worker_args = {"model_path": info.path, "threads": max(1, int(opts.cpus_per_worker)),
-                       "batch_size": opts.batch_size, "device": device, "model_id": info.model_id,
-                       "model_errors_final": opts.model_errors_final, **runtime_args(opts)}
+                       "batch_size": opts.batch_size, "device": device, "model_id": info.model_id, **runtime_args(opts)}
         in_flight = {"max_tasks_in_flight_per_actor": opts.chunks_in_flight} if opts.chunks_in_flight else {}
         actors = {"compute": ray.data.ActorPoolStrategy(size=workers, **in_flight), "num_cpus": opts.cpus_per_worker,
                   "num_gpus": opts.gpus_per_worker, "max_task_retries": CHUNK_RETRIES}  # actors still restart
@@ -559,7 +554,7 @@ def run_local(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Ite
     worker = ScoreWorker(info.path, threads=opts.threads or threads_from_env() or os.cpu_count() or 1, batch_size=opts.batch_size,
                          decode={"geometry": info.geometry, "max_pixels": opts.max_pixels},
                          encode={"map_format": opts.map_format, "model": model}, model_id=info.model_id,
-                         model_errors_final=opts.model_errors_final, **runtime_args(opts))
+                         **runtime_args(opts))
     for row in rows:
         try:
             yield worker(row)
@@ -631,48 +626,67 @@ class _Commits:
                  rate, (self.total - self.done) / max(rate, 1e-9) / 60)
 
 
-def _workers_score(path: str, engine: str, info: ModelInfo, opts: Options) -> bool:
+def _workers_score(path: str, engine: str, info: ModelInfo, opts: Options) -> bool | None:
     """Whether the workers score `path`, an input they scored before, now: what tells images that fail alone (their
-    own error rows) from workers or a model that fail on everything (no rows, exit 3). Its result is not committed."""
+    own error rows) from workers or a model that fail on everything (no rows, exit 3). None: it came back an error
+    row of its own (rewritten, deleted or too large since), which says nothing of the model. Not committed."""
     try:
         results = list(ENGINES[engine](_chunk_rows([[path]], {}), info, opts))
-    except Exception as exc:  # noqa: BLE001 - the local engine raises what Ray's drops
+    except Exception as exc:  # noqa: BLE001 - Ray's engine drops what the local one may raise
         log.warning("%s, scored before, fails now too (%s: %s)", path, exc.__class__.__name__, exc)
         return False
-    return bool(results)  # an error row of its own (the file changed since) is an answer: the workers still work
+    if not results:  # lost: a worker died on it, or the model failed on it (ModelFailed)
+        return False
+    return True if any(r.get("scored_example") for r in results) else None
+
+
+def _workers_work(commits: _Commits, engine: str, info: ModelInfo, opts: Options) -> tuple[str, bool | None]:
+    """(an image scored before, whether the workers score it now): this run's, then up to three in OUT; ("", None)
+    when none answers (nothing scored before, or each now an error row of its own)."""
+    for known in dict.fromkeys([commits.scored_example, *scored_in(commits.out, limit=3)]):
+        if known:
+            works = _workers_score(known, engine, info, opts)
+            if works is not None:
+                return known, works
+    return "", None
 
 
 def _isolate_lost(rows: list[dict[str, Any]], engine: str, info: ModelInfo, opts: Options, preset: dict[str, str],
                   commits: _Commits, earlier: int) -> None:
-    """Inputs whose chunk failed every try (Ray Data drops it: a worker died or raised on one of its images) are
-    scored again one at a time; those that fail alone get an error row, so one bad image costs its own row
-    only and a rerun does not meet it again. First an image the workers scored before (this run's, or one in OUT)
-    is scored again: failing too, the workers or the model fail on every image, not the images, and the run stops
-    (exit 3) without error rows, to be rerun once fixed. With no such image (a first run that scored nothing),
-    several inputs failing alone are taken for the same. A resume or a --retry-failed run may hold only the bad
-    images: it writes their rows."""
+    """Inputs whose chunk failed every try (Ray Data drops it: a worker died or raised on one of its images; the
+    model raised on each of its images, ModelFailed) are scored again one at a time; those that fail alone get an
+    error row, so one bad image costs its own row only and a rerun does not meet it again. Before that pass and
+    again before those rows, an image the workers scored before (this run's, or one in OUT) is scored again:
+    failing, the workers or the model fail on every image, not the images, and the run stops (exit 3) without
+    error rows, to be rerun once fixed. With no such image (a first run that scored nothing), several inputs
+    failing alone are taken for the same. A resume or a --retry-failed run may hold only the bad images: it
+    writes their rows."""
     lost = [p for row in rows if row["chunk"] not in commits.chunks for p in json.loads(row["meta"])["paths"]]
     if not lost:
         return
     alone = replace(opts, chunks_in_flight=1)  # else a good image queued behind a killer dies with it
-    # first an image the workers scored before: if it fails too, the workers or the model are broken (a GPU lost
-    # mid-run), and trying each lost image alone would only fail them all, then give them final error rows
-    known = commits.scored_example or scored_in(commits.out)
-    if known and not _workers_score(known, engine, info, alone):
-        raise ScoreError(f"the scoring workers failed on the {len(lost)} input(s) of chunks they could not score, and "
-                         f"now fail on {known}, which they scored before: a failure of the workers or the model (its "
-                         "device, its memory), not of the images (see the errors above); no error rows were written "
-                         "for them: rerun the same command to resume once it is fixed")
+
+    def check_workers(when: str) -> str:
+        known, works = _workers_work(commits, engine, info, alone)
+        if works is False:
+            raise ScoreError(f"the scoring workers failed on {len(lost)} input(s){when}, and now fail on {known}, "
+                             "which they scored before: a failure of the workers or the model (its device, its "
+                             "memory), not of the images (see the errors above); no error rows were written for them: "
+                             "rerun the same command to resume once it is fixed")
+        return known
+
+    # first: with the workers broken (a GPU lost mid-run), each lost image tried alone would fail too
+    check_workers(" in chunks they could not score")
     log.warning("%d input(s) in chunks whose worker died on every try or raised (see the errors above): scoring "
                 "them one at a time", len(lost))
-    commits.all(ENGINES[engine](_chunk_rows(make_chunks(lost, 1), preset), info,
-                                replace(alone, model_errors_final=known != "")))  # the model works: its errors are the images'
+    commits.all(ENGINES[engine](_chunk_rows(make_chunks(lost, 1), preset), info, alone))
     lost = [p for p in lost if chunk_id([p]) not in commits.chunks]
     if not lost:
         return
+    known = check_workers(", also one at a time")  # again: broken since the first ask, they fail everything
     if not known and commits.done == 0 and len(lost) > 1 and not earlier:
         raise ScoreError(f"the scoring workers failed on each of {len(lost)} inputs, also one at a time, and scored "
-                         "none: a failure of the workers, not of the images (see Ray's errors above); no error rows "
+                         "none: a failure of the workers, not of the images (see the errors above); no error rows "
                          "were written for them: rerun the same command to resume once it is fixed")
     log.error("%d input(s) failed alone as in their chunk: an error row each (first: %s)", len(lost), lost[0])
     commits.all(iter([failed_alone(lost, info, opts.map_format)]))

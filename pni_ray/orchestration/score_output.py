@@ -152,13 +152,16 @@ def error_paths(out: Path, of: set[str]) -> set[str]:
     return failed - scored
 
 
-def scored_in(out: Path) -> str:
-    """An input OUT holds a scored row of whose file is still there ("" if none): one the workers scored before."""
+def scored_in(out: Path, limit: int = 3) -> list[str]:
+    """Up to `limit` inputs OUT holds a scored row of whose files are still there: ones the workers scored before."""
     table = read_table(out, columns=["path", "error"])
+    found: list[str] = []
     for text, error in zip(table.column("path").to_pylist(), table.column("error").to_pylist()):
         if error is None and os.path.isfile(path_of_row(text)):
-            return path_of_row(text)
-    return ""
+            found.append(path_of_row(text))
+            if len(found) >= limit:
+                break
+    return found
 
 
 def commit(out: Path, result: dict[str, Any]) -> Path:
