@@ -182,10 +182,10 @@ def load_category(
     test: list[TestSample] = []
     test_dir = root / "test"
     if with_test and test_dir.is_dir():
-        loose = sorted(p.name for p in test_dir.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+        loose = sorted(p.name for p in test_dir.iterdir() if p.is_file() and is_image_file(p))
         if loose:  # a test image is labelled by its folder: one directly in test/ has no label
-            warn_once("loose test images", test_dir, "%s: %d image(s) directly in test/, not evaluated (e.g. %s): a test "
-                      "image goes in test/good/ or test/<defect type>/, which says what it is", len(loose),
+            warn_once("loose test images", test_dir, "%s: %d image(s) directly in test/, not evaluated (e.g. %s): a "
+                      "test image goes in test/good/ or test/<defect type>/, which says what it is", len(loose),
                       ", ".join(loose[:3]))
         for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
             by_lower_name: dict[str, Path] | None = None

@@ -35,7 +35,8 @@ def _mib(n: int) -> str:
 @click.option("--mode", type=click.Choice(SCORE_MODES), default=None, help="Scoring mode (default: the bundle's).")
 @click.option("--chunk", type=int, default=64, show_default=True, help="Grid positions per scorer chunk.")
 @click.option("--force", is_flag=True, help="Replace an existing export directory (never a directory of anything else).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads while tracing (default: $PNI_RAY_THREADS, else all cores).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads while tracing (default: $PNI_RAY_THREADS, else all cores).")
 @click.option("--int8", "int8", multiple=True, type=click.Choice(QUANTIZABLE),
               help="Quantise this graph to INT8 (static QDQ; repeat for both). With uint8 activations both kept bottle's "
                    "and transistor's pixel AUROC within 3e-4 and AUPRO within 0.0015 of FP32 (7-bit weights on an "

@@ -551,7 +551,8 @@ def run_ray(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Itera
 def run_local(rows: list[dict[str, Any]], info: ModelInfo, opts: Options) -> Iterator[dict[str, Any]]:
     """The same stages in this process, no Ray: for small jobs, tests and machines without Ray."""
     model = _model_fields(info)
-    worker = ScoreWorker(info.path, threads=opts.threads or threads_from_env() or os.cpu_count() or 1, batch_size=opts.batch_size,
+    threads = opts.threads or threads_from_env() or os.cpu_count() or 1
+    worker = ScoreWorker(info.path, threads=threads, batch_size=opts.batch_size,
                          decode={"geometry": info.geometry, "max_pixels": opts.max_pixels},
                          encode={"map_format": opts.map_format, "model": model}, model_id=info.model_id,
                          **runtime_args(opts))
@@ -727,7 +728,7 @@ def score(
         retrying = {row_path(p) for p in (*expanded.paths, *expanded.stand_ins)} if retry else set()
         failed_before = error_paths(out, retrying) if retrying else set()
         retried = len(failed_before)
-        done = committed_paths(out) - failed_before  # --retry-failed: scored again, their rows removed at the first write
+        done = committed_paths(out) - failed_before  # --retry-failed: scored again, rows removed at the first write
 
         def start_writing() -> None:
             (out / SUMMARY_FILE).unlink(missing_ok=True)  # until this run finishes, no summary claims OUT is complete

@@ -93,12 +93,14 @@ def echo_summary(summary: dict[str, Any], out: Path, top: int = 5) -> None:
 @click.option("--stages", type=click.Choice(["auto", "fused", "split"]), default="auto", show_default=True,
               help="fused: model actors also decode and encode; split: separate decode/encode tasks "
                    "(auto: split with GPUs, fused on CPUs).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads for --engine local (default: $PNI_RAY_THREADS, else all cores).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads for --engine local (default: $PNI_RAY_THREADS, else all cores).")
 @backbone_options
 @click.option("--top", "top_n", type=click.IntRange(min=0), default=20, show_default=True, help="Most anomalous images in the summary.")
-@click.option("--retry-failed", is_flag=True, help="Try this run's inputs that hold only error rows in OUT again, their rows dropped when the run first "
-                   "writes (also the rows of its folders, patterns and list files that held no image or could not be "
-                   "read then).")
+@click.option("--retry-failed", is_flag=True,
+              help="Try this run's inputs that hold only error rows in OUT again, their rows dropped when the run "
+                   "first writes (also the rows of its folders, patterns and list files that held no image or could "
+                   "not be read then).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar (default: on a terminal, unless -q; elsewhere, as in a job's log, a log line a minute).")
 def score_cmd(model: Path, inputs: tuple[str, ...], out: Path, address: str | None, batch_size: int,
