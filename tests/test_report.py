@@ -54,6 +54,13 @@ def test_report_cli_and_degraded_inputs(scored, tmp_path, bundle_tiny, synthetic
     result = CliRunner().invoke(main, ["report", str(out), "--html", str(target), "--top", "3"])
     assert result.exit_code == 0, result.output
     assert target.read_text().startswith("<!doctype html>")
+    again = CliRunner().invoke(main, ["report", str(out), "--html", str(target), "--top", "3"])
+    assert again.exit_code == 0, again.output  # an earlier report is replaced
+    image = tmp_path / "r" / "top.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n not a report")
+    over = CliRunner().invoke(main, ["report", str(out), "--html", str(image)])
+    assert over.exit_code == 2 and "exists and is not an HTML file" in over.output, over.output
+    assert image.read_bytes().startswith(b"\x89PNG")  # the image is kept
     # images deleted after scoring: the maps are still shown; --map-format none: images only
     moved = tmp_path / "moved"
     shutil.copytree(synthetic_root / "washer" / "test" / "good", moved)

@@ -141,6 +141,13 @@ def score_cmd(model: Path, inputs: tuple[str, ...], out: Path, address: str | No
         sys.exit(EXIT_FAILED_INPUTS)
 
 
+def _is_html(path: Path) -> bool:
+    """Whether the file starts as an HTML document does (a report this command wrote, or another page)."""
+    with open(path, "rb") as fh:
+        head = fh.read(512).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return head.startswith((b"<!doctype html", b"<html")) or not head  # an empty file holds nothing to lose
+
+
 @click.command("report")
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--html", "html_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -152,6 +159,9 @@ def report_cmd(out: Path, html_path: Path, top_n: int, title: str | None) -> Non
     from pni_ray.report import write_report
 
     check_output_file(html_path, "report", out, allowed_inside=(".html", ".htm"))
+    if html_path.is_file() and not _is_html(html_path):  # `--html scores/top.png` replaced an image with a report
+        raise click.UsageError(f"{html_path} exists and is not an HTML file: the report would replace it; give "
+                               "another path (an earlier report is replaced)")
     target, root = Path(os.path.realpath(html_path)), Path(os.path.realpath(out))
     if inside(target, root) and not any(p.startswith(("_", ".")) for p in target.relative_to(root).parts):
         raise click.UsageError(f"{html_path}: inside OUT a report needs a name starting with _ (as the nightly job's "
