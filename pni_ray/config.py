@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 

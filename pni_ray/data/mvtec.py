@@ -138,7 +138,7 @@ def missing_category_message(data_root: Path | str, category: str) -> str | None
     if found:
         lines.append(f"Categories found under {data_root}: {', '.join(found)}.")
         same = [name for name in found if unicodedata.normalize("NFC", name) == unicodedata.normalize("NFC", category)]
-        close = difflib.get_close_matches(category, found, n=1)
+        close = [] if same else difflib.get_close_matches(category, found, n=1)
         if same:  # "Did you mean -c café" for the café typed would read as the same name
             what = (f"The folder {same[0]} is the name typed, written in another Unicode form ({ascii(same[0])} against "
                     f"{ascii(category)})")

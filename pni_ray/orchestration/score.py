@@ -644,11 +644,15 @@ def _workers_score(path: str, engine: str, info: ModelInfo, opts: Options) -> bo
 def _workers_work(commits: _Commits, engine: str, info: ModelInfo, opts: Options) -> tuple[str, bool | None]:
     """(an image scored before, whether the workers score it now): this run's, then up to three in OUT; ("", None)
     when none answers (nothing scored before, or each now an error row of its own)."""
-    for known in dict.fromkeys([commits.scored_example, *scored_in(commits.out, limit=3)]):
-        if known:
-            works = _workers_score(known, engine, info, opts)
-            if works is not None:
-                return known, works
+    def candidates() -> Iterator[str]:  # OUT is read only when this run's own image does not answer
+        if commits.scored_example:
+            yield commits.scored_example
+        yield from (p for p in scored_in(commits.out, limit=3) if p != commits.scored_example)
+
+    for known in candidates():
+        works = _workers_score(known, engine, info, opts)
+        if works is not None:
+            return known, works
     return "", None
 
 

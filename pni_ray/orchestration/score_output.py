@@ -141,12 +141,17 @@ def committed_paths(out: Path) -> set[str]:
     return set(read_table(out, columns=["path"]).column("path").to_pylist())
 
 
+def _path_errors(out: Path) -> Iterator[tuple[str, str | None]]:
+    """(path, error) of each row in OUT; error None for a scored row."""
+    table = read_table(out, columns=["path", "error"])
+    return zip(table.column("path").to_pylist(), table.column("error").to_pylist())
+
+
 def error_paths(out: Path, of: set[str]) -> set[str]:
     """The paths of `of` whose rows in OUT are error rows only (what --retry-failed scores again; a path that also
     holds a scored row keeps it, its error rows only removed)."""
-    table = read_table(out, columns=["path", "error"])
     failed, scored = set(), set()
-    for p, e in zip(table.column("path").to_pylist(), table.column("error").to_pylist()):
+    for p, e in _path_errors(out):
         if p in of:
             (scored if e is None else failed).add(p)
     return failed - scored
@@ -154,9 +159,8 @@ def error_paths(out: Path, of: set[str]) -> set[str]:
 
 def scored_in(out: Path, limit: int = 3) -> list[str]:
     """Up to `limit` inputs OUT holds a scored row of whose files are still there: ones the workers scored before."""
-    table = read_table(out, columns=["path", "error"])
     found: list[str] = []
-    for text, error in zip(table.column("path").to_pylist(), table.column("error").to_pylist()):
+    for text, error in _path_errors(out):
         if error is None and os.path.isfile(path_of_row(text)):
             found.append(path_of_row(text))
             if len(found) >= limit:

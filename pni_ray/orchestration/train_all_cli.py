@@ -44,7 +44,8 @@ def _split(value: str | None, option: str, folder_of: Path | None = None) -> lis
 @click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Bundles go to OUT/<category>/<backbone>/, the summary to OUT/summary.{json,parquet}.")
-@click.option("--categories", default=None, help="Comma-separated categories (default: every folder with train/); a folder whose name holds "
+@click.option("--categories", default=None,
+              help="Comma-separated categories (default: every folder with train/); a folder whose name holds "
                    "commas is named whole, alone.")
 @click.option("--backbones", default=None, help="Comma-separated backbones (default: the config's, efficientnet_lite2).")
 @click.option("--address", default=None,
