@@ -342,7 +342,7 @@ def nightly_cmd(config_path: Path, date: str | None, retry_failed: bool, progres
     annotated one):
 
     \b
-        model        bundle or export directory (required)
+        model        bundle, ensemble or export directory (required)
         inputs       list of files, directories, globs or list files (required); may use {date},
                      {yyyy}, {mm}, {dd}, {yyyymmdd} for the run date ({{ and }}: literal braces)
         output_root  results go to OUTPUT_ROOT/dt=YYYY-MM-DD/ (required)
@@ -356,7 +356,7 @@ def nightly_cmd(config_path: Path, date: str | None, retry_failed: bool, progres
         engine, address, batch_size, workers, cpus_per_worker, gpus_per_worker, max_pixels, chunk_size,
         backbone_runtime, backbone_precision:
                      as for `pni-ray score` (backbone_runtime "openvino": exports only, OpenVINO installed)
-        threads      engine "local" only: torch / ONNX Runtime threads (default: all cores), as `score --threads`
+        threads      engine "local" only: torch / ONNX Runtime threads (default: $PNI_RAY_THREADS, else all cores), as `score --threads`
 
     Writes, inside the partition: part-*.parquet (the table), _summary.json (counts, failures,
     anomaly rate, top N), _report.html, and _nightly.json (this run: config, date, timings, exit code;
