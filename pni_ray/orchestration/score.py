@@ -18,7 +18,9 @@ model actors, which on few cores beats paying an interpreter per extra worker pr
 Exactly once: a chunk's part file appears only when all of its rows exist, and a run first reads
 the `path` column of the committed parts and schedules only inputs without a row. A run killed
 anywhere (even by SIGKILL, even mid-rename) and rerun with the same OUT therefore ends with one row
-per input. Error rows are final: a rerun does not retry them (`--retry-failed` does).
+per input. Error rows are final: a rerun does not retry them (`--retry-failed` does). An image that
+kills a Ray worker is isolated within the run (`_isolate_lost`); one that kills the `--engine local`
+process, across runs (`score_inflight`).
 
 Inputs: `score_inputs` (files, directories, globs, list files); the model as the driver sees it:
 `score_model`; OUT's lock, identity, commits and summary: `score_output`. The command: `score_cli`.
@@ -45,6 +47,7 @@ from pni_ray.data.images import DEFAULT_MAX_PIXELS, ImageError, is_grey
 from pni_ray.fileio import inside
 from pni_ray.geometry import Geometry, GeometryError, Prepared, restore_map
 from pni_ray.options import backbone_option_error
+from pni_ray.orchestration import score_inflight as inflight
 from pni_ray.orchestration.ray_session import LOCAL, RaySession, live_node_resources, unplaceable
 from pni_ray.orchestration.ray_session import FLAG as ADDRESS_FLAG
 from pni_ray.orchestration.score_inputs import CHUNK_SIZE, chunk_id, expand_inputs, make_chunks
@@ -77,6 +80,11 @@ from pni_ray.results import (
 log = logging.getLogger(__name__)
 
 PROGRESS_LOG_SECONDS = 60.0  # without a progress bar, a line saying how far the run is at most this often
+
+# A chunk whose actor dies (a decoder crash, an OOM kill) is tried this many more times, then dropped from the
+# stream (logged by Ray Data) for `score` to try its images one at a time, as one whose actor raises is at once.
+# Ray Data's default, retrying for ever, hung a run on one image that killed its worker.
+CHUNK_RETRIES = 2
 
 
 # ------------------------------------------------------------------------------------------
@@ -310,11 +318,17 @@ def aborted(chunk: str, why: str) -> dict[str, Any]:
     return {"chunk": chunk, "parquet": b"", "n": 0, "n_failed": 0, "abort": why}
 
 
-def failed_alone(paths: list[str], info: ModelInfo, map_format: str) -> dict[str, Any]:
+FAILED_ALONE = (f"scoring failed on it in its chunk and again on it alone (its worker died, under Ray after "
+                f"{CHUNK_RETRIES + 1} tries each: a decoder crash or its memory limit; or the model raised on it: the "
+                "run's log says which)")
+# --engine local: the process is the worker (pni_ray.orchestration.score_inflight)
+DIED_ALONE = ("the scoring process died on it in its chunk and again on it alone, in the runs before this one "
+              "(--engine local: a decoder or model crash, its memory, or the process killed while on it)")
+
+
+def failed_alone(paths: list[str], info: ModelInfo, map_format: str, why: str = FAILED_ALONE) -> dict[str, Any]:
     """Error rows, as `encode_chunk` writes them, for inputs whose workers failed in their chunk and alone."""
-    errors = [f"{p}: not scored: scoring failed on it in its chunk and again on it alone (its worker died, under "
-              f"Ray after {CHUNK_RETRIES + 1} tries each: a decoder crash or its memory limit; or the model raised on "
-              "it: the run's log says which); --retry-failed tries it again" for p in paths]
+    errors = [f"{p}: not scored: {why}; --retry-failed tries it again" for p in paths]
     meta = {"paths": paths, "errors": errors, "scores": [None] * len(paths), "hw": [None] * len(paths),
             "content": [None] * len(paths)}
     return encode_chunk({"chunk": chunk_id(paths), "meta": json.dumps(meta), "maps": b""}, map_format,
@@ -428,11 +442,6 @@ def check_placeable(opts: Options, session: RaySession) -> None:
     log.warning("%s: the workers wait until the cluster's autoscaler adds such a node (a fixed cluster never "
                 "will: stop the run and lower them)", problem)
 
-
-# A chunk whose actor dies (a decoder crash, an OOM kill) is tried this many more times, then dropped from the
-# stream (logged by Ray Data) for `score` to try its images one at a time, as one whose actor raises is at once.
-# Ray Data's default, retrying for ever, hung a run on one image that killed its worker.
-CHUNK_RETRIES = 2
 
 
 def _configure_ray_data() -> int:
@@ -627,15 +636,26 @@ class _Commits:
                  rate, (self.total - self.done) / max(rate, 1e-9) / 60)
 
 
-def _workers_score(path: str, engine: str, info: ModelInfo, opts: Options) -> bool | None:
+def _stream(engine: str, rows: list[dict[str, Any]], info: ModelInfo, opts: Options, out: Path,
+            kind_of: Callable[[dict[str, Any]], str] = lambda row: "chunk") -> Iterator[dict[str, Any]]:
+    """The engine's encoded chunks; under --engine local each chunk recorded in OUT before it is scored, so a run
+    after a crash of this process knows which images it died on (`score_inflight`)."""
+    if engine == "local":
+        return ENGINES[engine](inflight.recording(out, rows, kind_of), info, opts)
+    return ENGINES[engine](rows, info, opts)
+
+
+def _workers_score(path: str, engine: str, info: ModelInfo, opts: Options, out: Path) -> bool | None:
     """Whether the workers score `path`, an input they scored before, now: what tells images that fail alone (their
     own error rows) from workers or a model that fail on everything (no rows, exit 3). None: it came back an error
     row of its own (rewritten, deleted or too large since), which says nothing of the model. Not committed."""
     try:
-        results = list(ENGINES[engine](_chunk_rows([[path]], {}), info, opts))
+        results = list(_stream(engine, _chunk_rows([[path]], {}), info, opts, out, lambda row: "probe"))
     except Exception as exc:  # noqa: BLE001 - Ray's engine drops what the local one may raise
         log.warning("%s, scored before, fails now too (%s: %s)", path, exc.__class__.__name__, exc)
         return False
+    finally:  # the process lived through it: a later death is not this image's
+        inflight.clear(out)
     if not results:  # lost: a worker died on it, or the model failed on it (ModelFailed)
         return False
     return True if any(r.get("scored_example") for r in results) else None
@@ -650,7 +670,7 @@ def _workers_work(commits: _Commits, engine: str, info: ModelInfo, opts: Options
         yield from (p for p in scored_in(commits.out, limit=3) if p != commits.scored_example)
 
     for known in candidates():
-        works = _workers_score(known, engine, info, opts)
+        works = _workers_score(known, engine, info, opts, commits.out)
         if works is not None:
             return known, works
     return "", None
@@ -684,7 +704,7 @@ def _isolate_lost(rows: list[dict[str, Any]], engine: str, info: ModelInfo, opts
     check_workers(" in chunks they could not score")
     log.warning("%d input(s) in chunks whose worker died on every try or raised (see the errors above): scoring "
                 "them one at a time", len(lost))
-    commits.all(ENGINES[engine](_chunk_rows(make_chunks(lost, 1), preset), info, alone))
+    commits.all(_stream(engine, _chunk_rows(make_chunks(lost, 1), preset), info, alone, commits.out))
     lost = [p for p in lost if chunk_id([p]) not in commits.chunks]
     if not lost:
         return
@@ -695,6 +715,19 @@ def _isolate_lost(rows: list[dict[str, Any]], engine: str, info: ModelInfo, opts
                          "were written for them: rerun the same command to resume once it is fixed")
     log.error("%d input(s) failed alone as in their chunk: an error row each (first: %s)", len(lost), lost[0])
     commits.all(iter([failed_alone(lost, info, opts.map_format)]))
+
+
+def _died_alone(paths: list[str], engine: str, info: ModelInfo, opts: Options, commits: _Commits) -> None:
+    """Error rows for inputs the process died on twice, the second time alone; first an image scored before is
+    scored again (recorded as the probe): if the model fails on it too, the model fails, not these images."""
+    known, works = _workers_work(commits, engine, info, opts)
+    if works is False:
+        raise ScoreError(f"the last runs' process died on {paths[0]} alone, and the model now fails on {known}, "
+                         "which it scored before: a failure of the model or its device, not of the image (see the "
+                         "errors above); no error rows were written: rerun the same command to resume once it is fixed")
+    log.error("%d input(s) killed the scoring process in their chunk and again alone, in the runs before this one: an "
+              "error row each (first: %s)", len(paths), paths[0])
+    commits.all(iter([failed_alone(paths, info, opts.map_format, why=DIED_ALONE)]))
 
 
 def score(
@@ -740,17 +773,25 @@ def score(
                 retry_failed(out, retrying)
 
         todo = [p for p in expanded.paths if row_path(p) not in done]
-        rows = _chunk_rows(make_chunks(todo, opts.chunk_size), expanded.preset_errors)
+        died_alone, suspects = inflight.after_a_crash(out, todo)
+        first = set(died_alone) | set(suspects)
+        rest = [p for p in todo if p not in first]
+        suspect_rows = _chunk_rows(make_chunks(suspects, 1), expanded.preset_errors)
+        rows = suspect_rows + _chunk_rows(make_chunks(rest, opts.chunk_size), expanded.preset_errors)
         log.info("%d inputs (%d duplicates ignored), %d already in %s, %d to score in %d chunks",
                  len(expanded.paths), expanded.duplicates, len(expanded.paths) - len(todo), out, len(todo), len(rows))
         t_run = time.perf_counter()
         from tqdm import tqdm
 
         with tqdm(total=len(todo), unit="img", desc="score", disable=not progress or not rows, file=sys.stderr,
-                  dynamic_ncols=True) as bar:
+                  dynamic_ncols=True) as bar, inflight.removed_at_exit(out):
             commits = _Commits(out, still_ours, bar, total=len(todo), before_first=start_writing)
+            if died_alone:
+                _died_alone(died_alone, engine, info, opts, commits)
             if rows:
-                commits.all(ENGINES[engine](rows, info, opts))
+                suspect_ids = {row["chunk"] for row in suspect_rows}
+                commits.all(_stream(engine, rows, info, opts, out,
+                                    lambda row: "suspect" if row["chunk"] in suspect_ids else "chunk"))
                 _isolate_lost(rows, engine, info, opts, expanded.preset_errors, commits,
                               earlier=len(expanded.paths) - len(todo))
             commits.start_writing()  # nothing to score (or every chunk lost): stale stand-in rows still go
