@@ -1,7 +1,7 @@
 """`pni-ray score --engine local` when an image kills the process (a decoder segfault, the OOM killer): the worker is
 the run's own process, so every rerun used to meet the image at the same place and die again, never scoring what
 came after it. The run records each chunk before scoring it (OUT/_inflight.json); the next run scores a dead
-chunk's images one at a time, and an image that killed the process alone too gets an error row."""
+chunk's images last, one at a time, and an image that killed the process alone twice gets an error row."""
 
 from __future__ import annotations
 
@@ -67,26 +67,58 @@ def inputs(synthetic_root, tmp_path) -> Path:
     return folder
 
 
+def _record(out: Path) -> tuple[str, list[str], dict[str, int]]:
+    record = json.loads((out / INFLIGHT_FILE).read_text())
+    return record["kind"], [Path(p).name for p in record["paths"]], {Path(p).name: d for p, d in record["pending"].items()}
+
+
 def test_an_image_that_kills_the_process_gets_an_error_row_and_the_rest_are_scored(bundle_tiny, inputs, tmp_path,
                                                                                    monkeypatch):
     out = tmp_path / "out"
     killer = lambda p: p.endswith("img_3.png")  # noqa: E731 - chunks of 2: [0, 1], [2, 3], [4]
     assert _run(bundle_tiny, inputs, out, monkeypatch, killer) is None  # dies in the second chunk
-    record = json.loads((out / INFLIGHT_FILE).read_text())
-    assert record["kind"] == "chunk" and [Path(p).name for p in record["paths"]] == ["img_2.png", "img_3.png"]
+    assert _record(out) == ("chunk", ["img_2.png", "img_3.png"], {})
     assert sorted(_rows(out)) == ["img_0.png", "img_1.png"]
-    assert _run(bundle_tiny, inputs, out, monkeypatch, killer) is None  # alone first: img_2 scored, img_3 dies
-    record = json.loads((out / INFLIGHT_FILE).read_text())
-    assert record["kind"] == "suspect" and [Path(p).name for p in record["paths"]] == ["img_3.png"]
-    assert sorted(_rows(out)) == ["img_0.png", "img_1.png", "img_2.png"]
+    assert _run(bundle_tiny, inputs, out, monkeypatch, killer) is None  # img_4 first, then the suspects alone
+    assert _record(out) == ("suspect", ["img_3.png"], {"img_3.png": 0})
+    assert sorted(_rows(out)) == ["img_0.png", "img_1.png", "img_2.png", "img_4.png"]
+    assert _run(bundle_tiny, inputs, out, monkeypatch, killer) is None  # one death alone may be no fault of its own
+    assert _record(out) == ("suspect", ["img_3.png"], {"img_3.png": 1})
     summary = _run(bundle_tiny, inputs, out, monkeypatch, killer)  # a known image scores: img_3's error row
     assert summary is not None and summary["failed"] == 1 and summary["missing"] == 0 and summary["rows"] == 5
     rows = _rows(out)
     assert sorted(rows) == [f"img_{i}.png" for i in range(5)]
     assert all(rows[f"img_{i}.png"]["error"] is None for i in (0, 1, 2, 4))
-    assert "img_3.png: not scored: the scoring process died on it in its chunk and again on it alone" in \
+    assert "img_3.png: not scored: the scoring process died on it in its chunk and twice on it alone" in \
         rows["img_3.png"]["error"]
     assert not (out / INFLIGHT_FILE).exists()  # a run that ends by itself leaves no record
+
+
+def test_a_death_that_was_no_images_fault_costs_no_error_row(bundle_tiny, inputs, tmp_path, monkeypatch):
+    """A user's SIGKILL (or another job's memory) while a good suspect is alone, then the real killer: the good
+    image is scored and the killer, remembered through the other death, gets the only error row."""
+    out = tmp_path / "out"
+    killer = lambda p: p.endswith("img_3.png")  # noqa: E731
+    assert _run(bundle_tiny, inputs, out, monkeypatch, killer) is None
+    assert _run(bundle_tiny, inputs, out, monkeypatch, lambda p: p.endswith("img_2.png")) is None  # not img_2's fault
+    assert _record(out) == ("suspect", ["img_2.png"], {"img_2.png": 0, "img_3.png": 0})
+    for _ in range(2):
+        assert _run(bundle_tiny, inputs, out, monkeypatch, killer) is None
+    assert _record(out) == ("suspect", ["img_3.png"], {"img_3.png": 1})
+    assert _run(bundle_tiny, inputs, out, monkeypatch, killer)["failed"] == 1
+    assert [name for name, r in _rows(out).items() if r["error"]] == ["img_3.png"]
+
+
+def test_a_model_that_kills_the_process_on_every_image_gives_no_error_rows(bundle_tiny, inputs, tmp_path,
+                                                                          monkeypatch):
+    """With no image scored before to ask, a suspect that died alone twice is not given a row: a model (or runtime)
+    that kills the process on every image would otherwise turn good images into error rows, one every two runs."""
+    out = tmp_path / "out"
+    for _ in range(8):
+        assert _run(bundle_tiny, inputs, out, monkeypatch, lambda p: True) is None
+    assert not part_files(out)
+    summary = _run(bundle_tiny, inputs, out, monkeypatch, lambda p: False)  # fixed: every image scored
+    assert summary["failed"] == 0 and summary["rows"] == 5
 
 
 def test_a_process_that_dies_on_an_image_it_scored_before_is_refused_without_error_rows(bundle_tiny, inputs, tmp_path,
@@ -94,16 +126,38 @@ def test_a_process_that_dies_on_an_image_it_scored_before_is_refused_without_err
     """The model (its device, the machine's memory) kills the process, not the image: asked before the error row,
     an image scored before kills it too; the next run is refused and clears the record, so the one after retries."""
     out = tmp_path / "out"
-    assert _run(bundle_tiny, inputs, out, monkeypatch, lambda p: p.endswith("img_3.png")) is None
-    assert _run(bundle_tiny, inputs, out, monkeypatch, lambda p: p.endswith("img_3.png")) is None
+    for _ in range(3):
+        assert _run(bundle_tiny, inputs, out, monkeypatch, lambda p: p.endswith("img_3.png")) is None
     assert _run(bundle_tiny, inputs, out, monkeypatch, lambda p: True) is None  # now every image kills it, the probe's too
-    assert json.loads((out / INFLIGHT_FILE).read_text())["kind"] == "probe"
+    assert _record(out)[0] == "probe"
     with pytest.raises(ScoreError, match="an image it had scored before"):
         _run(bundle_tiny, inputs, out, monkeypatch, lambda p: True)
     assert not (out / INFLIGHT_FILE).exists()
     assert all(r["error"] is None for r in _rows(out).values())
     summary = _run(bundle_tiny, inputs, out, monkeypatch, lambda p: False)  # fixed: every image scored
     assert summary is not None and summary["failed"] == 0 and summary["rows"] == 5
+
+
+def test_only_a_local_run_reads_the_record(bundle_tiny, inputs, tmp_path, monkeypatch):
+    """Ray isolates an image that kills a worker within the run: a local process's record neither refuses nor
+    pre-judges a run on another engine, which removes it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / INFLIGHT_FILE).write_text(json.dumps({"kind": "probe", "paths": [str(inputs / "img_0.png")]}))
+    monkeypatch.setitem(score_mod.ENGINES, "other", score_mod.run_local)
+    summary = score(bundle_tiny, [str(inputs)], out, Options(threads=1), engine="other")
+    assert summary["failed"] == 0 and summary["rows"] == 5
+    assert not (out / INFLIGHT_FILE).exists()
+
+
+@pytest.mark.parametrize("record", ['{"kind": "probe", "paths": []}', '{"kind": "suspect", "paths": ["a", "b"]}',
+                                    '{"kind": "chunk", "paths": ["a"], "pending": {"a": -1}}', "[1, 2]", "{not json"])
+def test_a_record_that_is_not_one_is_ignored(bundle_tiny, inputs, tmp_path, record):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / INFLIGHT_FILE).write_text(record)
+    summary = score(bundle_tiny, [str(inputs)], out, Options(threads=1), engine="local")
+    assert summary["failed"] == 0 and summary["rows"] == 5 and not (out / INFLIGHT_FILE).exists()
 
 
 KILLING_SCORE = """
@@ -121,14 +175,14 @@ main()
 
 
 def test_a_real_sigkill_on_one_image_costs_that_image_only(bundle_tiny, inputs, tmp_path):
-    """The command as its own process, killed outright by one image each time it takes it: three runs end with
+    """The command as its own process, killed outright by one image each time it takes it: four runs end with
     every other image scored and that image's error row (exit 1)."""
     out = tmp_path / "out"
     cmd = [sys.executable, "-c", KILLING_SCORE, "-q", "score", str(bundle_tiny), str(inputs), "--out", str(out),
            "--engine", "local", "--chunk-size", "2", "--threads", "1", "--no-progress"]
     codes = [subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True,
-                            timeout=300).returncode for _ in range(3)]
-    assert codes == [-signal.SIGKILL, -signal.SIGKILL, 1], codes
+                            timeout=300).returncode for _ in range(4)]
+    assert codes == [-signal.SIGKILL] * 3 + [1], codes
     rows = _rows(out)
     assert sorted(rows) == [f"img_{i}.png" for i in range(5)]
     assert [name for name, r in rows.items() if r["error"]] == ["img_3.png"]

@@ -322,8 +322,8 @@ FAILED_ALONE = (f"scoring failed on it in its chunk and again on it alone (its w
                 f"{CHUNK_RETRIES + 1} tries each: a decoder crash or its memory limit; or the model raised on it: the "
                 "run's log says which)")
 # --engine local: the process is the worker (pni_ray.orchestration.score_inflight)
-DIED_ALONE = ("the scoring process died on it in its chunk and again on it alone, in the runs before this one "
-              "(--engine local: a decoder or model crash, its memory, or the process killed while on it)")
+DIED_ALONE = ("the scoring process died on it in its chunk and twice on it alone, in the runs before this one "
+              "(--engine local: a decoder or model crash, or its memory)")
 
 
 def failed_alone(paths: list[str], info: ModelInfo, map_format: str, why: str = FAILED_ALONE) -> dict[str, Any]:
@@ -637,11 +637,11 @@ class _Commits:
 
 
 def _stream(engine: str, rows: list[dict[str, Any]], info: ModelInfo, opts: Options, out: Path,
-            kind_of: Callable[[dict[str, Any]], str] = lambda row: "chunk") -> Iterator[dict[str, Any]]:
-    """The engine's encoded chunks; under --engine local each chunk recorded in OUT before it is scored, so a run
-    after a crash of this process knows which images it died on (`score_inflight`)."""
+            suspects: dict[str, int] | None = None, kind: str = "chunk") -> Iterator[dict[str, Any]]:
+    """The engine's encoded chunks; under --engine local each chunk recorded in OUT before it is scored, with the
+    suspects not tried yet, so a run after a crash of this process knows which images it died on (`score_inflight`)."""
     if engine == "local":
-        return ENGINES[engine](inflight.recording(out, rows, kind_of), info, opts)
+        return ENGINES[engine](inflight.recording(out, rows, suspects or {}, kind), info, opts)
     return ENGINES[engine](rows, info, opts)
 
 
@@ -650,7 +650,7 @@ def _workers_score(path: str, engine: str, info: ModelInfo, opts: Options, out: 
     own error rows) from workers or a model that fail on everything (no rows, exit 3). None: it came back an error
     row of its own (rewritten, deleted or too large since), which says nothing of the model. Not committed."""
     try:
-        results = list(_stream(engine, _chunk_rows([[path]], {}), info, opts, out, lambda row: "probe"))
+        results = list(_stream(engine, _chunk_rows([[path]], {}), info, opts, out, kind="probe"))
     except Exception as exc:  # noqa: BLE001 - Ray's engine drops what the local one may raise
         log.warning("%s, scored before, fails now too (%s: %s)", path, exc.__class__.__name__, exc)
         return False
@@ -717,17 +717,24 @@ def _isolate_lost(rows: list[dict[str, Any]], engine: str, info: ModelInfo, opts
     commits.all(iter([failed_alone(lost, info, opts.map_format)]))
 
 
-def _died_alone(paths: list[str], engine: str, info: ModelInfo, opts: Options, commits: _Commits) -> None:
-    """Error rows for inputs the process died on twice, the second time alone; first an image scored before is
-    scored again (recorded as the probe): if the model fails on it too, the model fails, not these images."""
+def _died_alone(paths: list[str], engine: str, info: ModelInfo, opts: Options, commits: _Commits) -> bool:
+    """Error rows for inputs the process died on alone twice (`score_inflight`), once an image scored before is
+    scored again (recorded as the probe): if the model fails on it too, the model fails, not these images (refused);
+    with no image to ask, no rows (False): they are tried again, after every other input."""
     known, works = _workers_work(commits, engine, info, opts)
+    if works is None:
+        log.warning("%d input(s) killed the scoring process alone twice (first: %s), but no image scored before "
+                    "is there to tell them from a model that kills it on every image: tried again, last", len(paths),
+                    paths[0])
+        return False
     if works is False:
         raise ScoreError(f"the last runs' process died on {paths[0]} alone, and the model now fails on {known}, "
                          "which it scored before: a failure of the model or its device, not of the image (see the "
                          "errors above); no error rows were written: rerun the same command to resume once it is fixed")
-    log.error("%d input(s) killed the scoring process in their chunk and again alone, in the runs before this one: an "
-              "error row each (first: %s)", len(paths), paths[0])
+    log.error("%d input(s) killed the scoring process alone twice, in the runs before this one: an error row each "
+              "(first: %s)", len(paths), paths[0])
     commits.all(iter([failed_alone(paths, info, opts.map_format, why=DIED_ALONE)]))
+    return True
 
 
 def score(
@@ -773,11 +780,10 @@ def score(
                 retry_failed(out, retrying)
 
         todo = [p for p in expanded.paths if row_path(p) not in done]
-        died_alone, suspects = inflight.after_a_crash(out, todo)
-        first = set(died_alone) | set(suspects)
-        rest = [p for p in todo if p not in first]
-        suspect_rows = _chunk_rows(make_chunks(suspects, 1), expanded.preset_errors)
-        rows = suspect_rows + _chunk_rows(make_chunks(rest, opts.chunk_size), expanded.preset_errors)
+        # a dead local run's suspects, scored last and alone (`score_inflight`); a Ray run isolates them in-run
+        suspects = inflight.after_a_crash(out, todo) if engine == "local" else {}
+        rows = _chunk_rows(make_chunks([p for p in todo if p not in suspects], opts.chunk_size)
+                           + make_chunks(list(suspects), 1), expanded.preset_errors)
         log.info("%d inputs (%d duplicates ignored), %d already in %s, %d to score in %d chunks",
                  len(expanded.paths), expanded.duplicates, len(expanded.paths) - len(todo), out, len(todo), len(rows))
         t_run = time.perf_counter()
@@ -786,12 +792,13 @@ def score(
         with tqdm(total=len(todo), unit="img", desc="score", disable=not progress or not rows, file=sys.stderr,
                   dynamic_ncols=True) as bar, inflight.removed_at_exit(out):
             commits = _Commits(out, still_ours, bar, total=len(todo), before_first=start_writing)
-            if died_alone:
-                _died_alone(died_alone, engine, info, opts, commits)
+            died = [p for p, deaths in suspects.items() if deaths >= inflight.LIVES]
+            if died and _died_alone(died, engine, info, opts, commits):
+                gone = {chunk_id([p]) for p in died}
+                rows = [row for row in rows if row["chunk"] not in gone]
+                suspects = {p: deaths for p, deaths in suspects.items() if p not in died}
             if rows:
-                suspect_ids = {row["chunk"] for row in suspect_rows}
-                commits.all(_stream(engine, rows, info, opts, out,
-                                    lambda row: "suspect" if row["chunk"] in suspect_ids else "chunk"))
+                commits.all(_stream(engine, rows, info, opts, out, suspects))
                 _isolate_lost(rows, engine, info, opts, expanded.preset_errors, commits,
                               earlier=len(expanded.paths) - len(todo))
             commits.start_writing()  # nothing to score (or every chunk lost): stale stand-in rows still go
