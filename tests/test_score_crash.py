@@ -89,7 +89,7 @@ def test_an_image_that_kills_the_process_gets_an_error_row_and_the_rest_are_scor
     rows = _rows(out)
     assert sorted(rows) == [f"img_{i}.png" for i in range(5)]
     assert all(rows[f"img_{i}.png"]["error"] is None for i in (0, 1, 2, 4))
-    assert "img_3.png: not scored: the scoring process died on it in its chunk and twice on it alone" in \
+    assert "img_3.png: not scored: the scoring process died on it in its chunk and again on it alone" in \
         rows["img_3.png"]["error"]
     assert not (out / INFLIGHT_FILE).exists()  # a run that ends by itself leaves no record
 
@@ -107,6 +107,51 @@ def test_a_death_that_was_no_images_fault_costs_no_error_row(bundle_tiny, inputs
     assert _record(out) == ("suspect", ["img_3.png"], {"img_3.png": 1})
     assert _run(bundle_tiny, inputs, out, monkeypatch, killer)["failed"] == 1
     assert [name for name, r in _rows(out).items() if r["error"]] == ["img_3.png"]
+
+
+def test_the_chunk_mates_of_a_killer_are_scored_by_the_third_run(bundle_tiny, inputs, tmp_path, monkeypatch):
+    """Suspects go fewest deaths first: a good image of the killer's chunk does not wait behind the killer."""
+    out = tmp_path / "out"
+    killer = lambda p: p.endswith("img_2.png")  # noqa: E731 - the first of its chunk [2, 3]
+    for _ in range(3):
+        assert _run(bundle_tiny, inputs, out, monkeypatch, killer) is None
+    assert sorted(_rows(out)) == ["img_0.png", "img_1.png", "img_3.png", "img_4.png"]
+    assert _run(bundle_tiny, inputs, out, monkeypatch, killer)["failed"] == 1
+
+
+def test_a_killer_gets_its_row_where_the_images_scored_before_are_gone(bundle_tiny, inputs, tmp_path, monkeypatch):
+    """An inbox whose scored images are moved away: the run asks an image it scored itself, before the suspects."""
+    out = tmp_path / "out"
+    killer = lambda p: p.endswith("img_3.png")  # noqa: E731
+    for _ in range(3):
+        assert _run(bundle_tiny, inputs, out, monkeypatch, killer) is None
+    for name in ("img_0.png", "img_1.png", "img_2.png", "img_4.png"):
+        (inputs / name).rename(tmp_path / name)
+    shutil.copy(tmp_path / "img_0.png", inputs / "img_5.png")  # the next night's image
+    summary = _run(bundle_tiny, inputs, out, monkeypatch, killer)
+    assert summary["failed"] == 1 and summary["run"]["scored_this_run"] == 1
+    assert _rows(out)["img_3.png"]["error"] and _rows(out)["img_5.png"]["error"] is None
+
+
+def test_a_stop_keeps_the_suspects_and_their_deaths(bundle_tiny, inputs, tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) while a suspect is scored alone is no death, and no reason to forget the suspects: the
+    next run scores them alone again, the counts kept, instead of sending the killer back into a whole chunk."""
+    out = tmp_path / "out"
+    killer = lambda p: p.endswith("img_3.png")  # noqa: E731
+    for _ in range(2):
+        assert _run(bundle_tiny, inputs, out, monkeypatch, killer) is None
+    assert _record(out) == ("suspect", ["img_3.png"], {"img_3.png": 0})
+
+    def interrupted(rows: Any, info: Any, opts: Options) -> Iterator[dict[str, Any]]:
+        for _ in rows:
+            raise KeyboardInterrupt
+        yield from ()
+    monkeypatch.setitem(score_mod.ENGINES, "local", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        score(bundle_tiny, [str(inputs)], out, Options(threads=1, chunk_size=2), engine="local")
+    assert _record(out) == ("chunk", ["img_3.png"], {"img_3.png": 1})
+    assert _run(bundle_tiny, inputs, out, monkeypatch, killer) is None  # its second death alone
+    assert _run(bundle_tiny, inputs, out, monkeypatch, killer)["failed"] == 1
 
 
 def test_a_model_that_kills_the_process_on_every_image_gives_no_error_rows(bundle_tiny, inputs, tmp_path,

@@ -322,8 +322,8 @@ FAILED_ALONE = (f"scoring failed on it in its chunk and again on it alone (its w
                 f"{CHUNK_RETRIES + 1} tries each: a decoder crash or its memory limit; or the model raised on it: the "
                 "run's log says which)")
 # --engine local: the process is the worker (pni_ray.orchestration.score_inflight)
-DIED_ALONE = ("the scoring process died on it in its chunk and twice on it alone, in the runs before this one "
-              "(--engine local: a decoder or model crash, or its memory)")
+DIED_ALONE = ("the scoring process died on it in its chunk and again on it alone, in two runs or more before this "
+              "one (--engine local: a decoder or model crash, or its memory)")
 
 
 def failed_alone(paths: list[str], info: ModelInfo, map_format: str, why: str = FAILED_ALONE) -> dict[str, Any]:
@@ -780,25 +780,31 @@ def score(
                 retry_failed(out, retrying)
 
         todo = [p for p in expanded.paths if row_path(p) not in done]
-        # a dead local run's suspects, scored last and alone (`score_inflight`); a Ray run isolates them in-run
+        # a dead local run's suspects, scored last and alone (`score_inflight`); a Ray run isolates them in-run.
+        # Fewest deaths first: an image that never killed the process alone does not wait behind one that did
         suspects = inflight.after_a_crash(out, todo) if engine == "local" else {}
-        rows = _chunk_rows(make_chunks([p for p in todo if p not in suspects], opts.chunk_size)
-                           + make_chunks(list(suspects), 1), expanded.preset_errors)
+        regular = _chunk_rows(make_chunks([p for p in todo if p not in suspects], opts.chunk_size),
+                              expanded.preset_errors)
+        rows = regular + _chunk_rows(make_chunks(sorted(suspects, key=suspects.__getitem__), 1), expanded.preset_errors)
         log.info("%d inputs (%d duplicates ignored), %d already in %s, %d to score in %d chunks",
                  len(expanded.paths), expanded.duplicates, len(expanded.paths) - len(todo), out, len(todo), len(rows))
         t_run = time.perf_counter()
         from tqdm import tqdm
 
         with tqdm(total=len(todo), unit="img", desc="score", disable=not progress or not rows, file=sys.stderr,
-                  dynamic_ncols=True) as bar, inflight.removed_at_exit(out):
+                  dynamic_ncols=True) as bar, inflight.kept_for_the_next_run(out, lambda: suspects):
             commits = _Commits(out, still_ours, bar, total=len(todo), before_first=start_writing)
-            died = [p for p, deaths in suspects.items() if deaths >= inflight.LIVES]
+            if regular:
+                commits.all(_stream(engine, regular, info, opts, out, suspects))
+            # after the other inputs, so an image this run scored can tell a killer from a model that kills
+            died = [p for p, deaths in suspects.items() if deaths >= inflight.LIVES and p not in expanded.preset_errors]
             if died and _died_alone(died, engine, info, opts, commits):
                 gone = {chunk_id([p]) for p in died}
                 rows = [row for row in rows if row["chunk"] not in gone]
                 suspects = {p: deaths for p, deaths in suspects.items() if p not in died}
+            if len(rows) > len(regular):
+                commits.all(_stream(engine, rows[len(regular):], info, opts, out, suspects))
             if rows:
-                commits.all(_stream(engine, rows, info, opts, out, suspects))
                 _isolate_lost(rows, engine, info, opts, expanded.preset_errors, commits,
                               earlier=len(expanded.paths) - len(todo))
             commits.start_writing()  # nothing to score (or every chunk lost): stale stand-in rows still go

@@ -9,12 +9,14 @@ records in OUT/_inflight.json the chunk's paths and the suspects it has not trie
 itself (finished, failed, refused after it planned, or interrupted) removes the record.
 
 The next local run reads it: the dead chunk's images join the suspects, each with the number of times the process
-died on it alone. Suspects are scored last, one at a time, so every other image is scored first (and one scored
-before is there to ask). A suspect the process died on alone twice gets an error row, once an image scored before
-still scores; with none to ask it is tried again, and if the known image kills the process too (the record says
-"probe"), the model or the machine is at fault: that run is refused, the record removed. An image that kills the
-process so costs four runs, in which every other image is scored by the second; a death that was no image's fault
-(a user's SIGKILL, another job's memory) costs a suspect one of its two lives, not its row.
+died on it alone. Suspects are scored after every other input, one at a time, fewest deaths first (so an image
+this run scored is there to ask). A suspect the process died on alone twice gets an error row, once an image
+scored before still scores; with none to ask it is tried again, and if the known image kills the process too (the
+record says "probe"), the model or the machine is at fault: that run is refused, the record removed (the counts
+with it). A run stopped (Ctrl-C, SIGTERM, a refusal) records the suspects it has not scored, counts kept. An image
+that kills the process so costs four runs: the inputs outside its chunk are scored by the second, its chunk's by
+the third; a death that was no image's fault (a kill from outside, another job's memory) costs a suspect one of
+its two lives, not its row. A run on another engine removes the record (Ray isolates such images itself).
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from pni_ray.orchestration.score_model import ScoreError
+from pni_ray.orchestration.score_output import committed_paths
 from pni_ray.results import atomic_write_json, now_utc, row_path
 
 log = logging.getLogger(__name__)
@@ -130,9 +133,23 @@ def after_a_crash(out: Path, todo: list[str]) -> dict[str, int]:
 
 
 @contextmanager
-def removed_at_exit(out: Path) -> Iterator[None]:
-    """The record removed when the run stops by itself, however it stops: only a dead process leaves one."""
+def kept_for_the_next_run(out: Path, suspects: Callable[[], dict[str, int]]) -> Iterator[None]:
+    """The record removed when the run ends by itself; stopped by an exception (Ctrl-C, SIGTERM, a refusal), the
+    suspects (input path -> deaths alone) it has not scored are recorded for the next run, counts kept, so a stop
+    does not send an image that killed the process back into a whole chunk. Only a dead process leaves more."""
     try:
         yield
-    finally:
-        clear(out)
+    except BaseException:
+        try:
+            left = suspects()
+            if left:
+                done = committed_paths(out)
+                left = {p: d for p, d in left.items() if row_path(p) not in done}
+            if left:
+                record(out, list(left), "chunk", left)
+            else:
+                clear(out)
+        except OSError as exc:  # OUT gone or full: the stop's own error is what to report
+            log.warning("%s: not updated (%s)", out / INFLIGHT_FILE, exc)
+        raise
+    clear(out)
