@@ -305,7 +305,7 @@ def evaluate(bundle: Path, data_root: Path, category: str | None, mode: str | No
                                "apply to export directories (pni-ray export BUNDLE --out DIR, then evaluate DIR)")
     detector, manifest = load_detector(bundle)  # a tampered or incomplete bundle: one line naming the file (Commands)
     cat = load_category_checked(data_root, category or manifest["category"], category is not None, need_test=True,
-                                **detector_geometry(detector).read_options(), with_masks=not image_only)
+                                **detector_geometry(detector).read_options(), with_masks=not image_only, with_train=False)
     warn_other_category(category, manifest, str(bundle))
     refine_modes: tuple[str, ...] = ()
     asked = "--ablation" if ablation else f"--mode {mode}" if mode and mode != "patchcore" else None
@@ -367,7 +367,7 @@ def evaluate_export(path: Path, data_root: Path, category: str | None, json_path
         raise click.ClickException(str(exc)) from exc
     manifest = model.manifest
     cat = load_category_checked(data_root, category or manifest["category"], category is not None, need_test=True,
-                                **model.geometry.read_options(), with_masks=not image_only)
+                                **model.geometry.read_options(), with_masks=not image_only, with_train=False)
     warn_other_category(category, manifest, str(path))
     name = manifest["mode"] + ("+refine" if "refiner" in model.runtime.stages else "")
     t0 = time.perf_counter()

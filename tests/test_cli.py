@@ -307,6 +307,21 @@ def test_evaluate_without_test_images(cli_bundle, synthetic_root, tmp_path):
     assert "test/good/" in result.output
 
 
+@pytest.mark.parametrize("train", ["broken", "absent"])
+def test_evaluate_reads_the_test_split_only(cli_bundle, synthetic_root, tmp_path, train):
+    """A labelled test set shipped without train/good, or beside a broken training image, evaluates: train/good is
+    training's to check (evaluate used to refuse, naming a file it never reads)."""
+    root = tmp_path / "root"
+    for part in ("test", "ground_truth"):
+        shutil.copytree(synthetic_root / "granite" / part, root / "granite" / part)
+    if train == "broken":
+        shutil.copytree(synthetic_root / "granite" / "train", root / "granite" / "train")
+        (root / "granite" / "train" / "good" / "zz.png").write_bytes(b"")
+    result = CliRunner().invoke(main, ["-q", "evaluate", str(cli_bundle), str(root), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "image_auroc" in result.output and "zz.png" not in result.output
+
+
 def test_evaluate_other_category_warns(cli_bundle, synthetic_root):
     result = CliRunner().invoke(main, ["-q", "evaluate", str(cli_bundle), str(synthetic_root), "-c", "weave",
                                        "--threads", "1"])

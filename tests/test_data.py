@@ -54,6 +54,22 @@ def test_missing_category_and_train_dir(tmp_path):
         load_category(tmp_path, "bare")
 
 
+def test_good_folders_in_another_case_are_named(tmp_path):
+    """test/Good was read as a defect type (its good images then demanded masks, and --image-only counted them as
+    defects); train/Good only as "train/good is missing"."""
+    base = _category(tmp_path)
+    (base / "test" / "good").rename(base / "test" / "Good")
+    (base / "train" / "good").rename(base / "train" / "Good")
+    with pytest.raises(LayoutError) as err:
+        load_category(tmp_path, "cat")
+    message = str(err.value)
+    assert f"{base / 'test' / 'Good'}: good test images go in test/good/" in message
+    assert f"found {base / 'train' / 'Good'}: rename it good" in message
+    assert "defect image without a mask" not in message
+    with pytest.raises(LayoutError, match="good test images go in test/good/"):
+        load_category(tmp_path, "cat", with_masks=False, with_train=False)
+
+
 def test_defect_without_mask(tmp_path):
     base = _category(tmp_path)
     _png(base / "test" / "crack" / "007.png")

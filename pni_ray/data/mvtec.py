@@ -156,9 +156,17 @@ def missing_category_message(data_root: Path | str, category: str) -> str | None
     return "\n".join(lines)
 
 
+def _other_case(folder: Path) -> str:
+    """'; found <name>: rename it' where the folder exists under another case, else ''."""
+    if not folder.parent.is_dir():
+        return ""
+    found = [p.name for p in folder.parent.iterdir() if p.is_dir() and p.name.lower() == folder.name.lower()]
+    return f" (found {folder.parent / found[0]}: rename it {folder.name})" if found else ""
+
+
 def load_category(
     data_root: Path | str, category: str, check_files: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
-    with_test: bool = True, with_masks: bool = True, white_level: int | None = None,
+    with_test: bool = True, with_masks: bool = True, white_level: int | None = None, with_train: bool = True,
 ) -> Category:
     """Read and validate one category; raise LayoutError naming every problem found.
 
@@ -167,17 +175,19 @@ def load_category(
     16-bit grey images brighter than the model's `white_level` (geometry.white_level).
     with_test=False reads train/good alone (training): a test split's problem is the evaluation's to
     report, never a reason not to train. with_masks=False reads defect images without their masks, for
-    image-level metrics where a line has labels but no masks (`Category.image_only`).
+    image-level metrics where a line has labels but no masks (`Category.image_only`). with_train=False reads the
+    test split alone (evaluation): train/good's problems, or its absence, are training's to report.
     """
     root = Path(data_root) / category
     problems: list[str] = []
     if not root.is_dir():
         raise LayoutError(root, [f"category folder {root} does not exist"])
     train_dir = root / "train" / GOOD
-    train = list_images(train_dir) if train_dir.is_dir() else []
-    if not train_dir.is_dir():
-        problems.append(f"{train_dir} is missing: good training images go in train/good/")
-    elif not train:
+    train = list_images(train_dir) if with_train and train_dir.is_dir() else []
+    if with_train and not train_dir.is_dir():
+        problems.append(f"{train_dir} is missing: good training images go in train/good/"
+                        + _other_case(train_dir))
+    elif with_train and not train:
         problems.append(f"{train_dir} has no train images (png, jpg, bmp, tif)")
     test: list[TestSample] = []
     test_dir = root / "test"
@@ -188,6 +198,10 @@ def load_category(
                       "test image goes in test/good/ or test/<defect type>/, which says what it is", len(loose),
                       ", ".join(loose[:3]))
         for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if type_dir.name != GOOD and type_dir.name.lower() == GOOD:  # else its good images count as defects
+                problems.append(f"{type_dir}: good test images go in test/{GOOD}/ (lower case, as the labels read it); "
+                                "rename the folder")
+                continue
             by_lower_name: dict[str, Path] | None = None
             for image in list_images(type_dir):
                 mask = None

@@ -287,7 +287,7 @@ def train_pair(
             record.update(mode_fields(bundle))
             if evaluate:  # the test split is read and checked now: its problems fail the evaluation, the bundle is kept
                 record["stage"] = "evaluate"
-                cat = load_category(data_root, category, **_load_kwargs(cfg))
+                cat = load_category(data_root, category, **_load_kwargs(cfg), with_train=False)
             if cat.has_test:  # loaded with_test=False above: no test samples unless the evaluation read them
                 from pni_ray.evaluate import evaluate_category
                 from pni_ray.inference import load_detector
