@@ -330,6 +330,20 @@ def evaluate_mlp(
     return {"val_loss": loss / count, "val_top1": top1 / count, "val_top5": top5 / count}
 
 
+COPIES_MAX_SCORE = 1e-3  # held-out images all scoring below this distance are copies of memory-bank images
+
+
+def copies_warning(normalisation: Normalisation) -> str | None:
+    """Why a threshold from held-out images that all score next to 0 flags almost any new image, or None: the
+    held-out images are copies of memory-bank ones (one image copied to make up the count, a folder twice)."""
+    top = normalisation.extras.get("holdout_max_image_score")
+    if top is None or top >= COPIES_MAX_SCORE:
+        return None
+    return (f"every held-out good image scores {top:.2g} or less (next to 0): they are copies of memory-bank images, "
+            f"so the threshold {normalisation.threshold:.3g} flags almost any other image; train/good needs distinct "
+            "good images (its duplicates removed)")
+
+
 @torch.no_grad()
 def calibrate(
     detector: PNIDetector, paths: list[Path], batch_size: int, threshold_sigmas: float,
@@ -572,6 +586,9 @@ def train_category(
     trained.normalisation = calibrate(
         detector, holdout_paths, cfg.batch_size, cfg.scoring.threshold_sigmas, geometry
     )
+    copies = copies_warning(trained.normalisation)
+    if copies:
+        log.warning("%s: %s", category, copies)
     seconds = {
         "features": t_feat - t0,
         "coreset": t_coreset - t_feat,

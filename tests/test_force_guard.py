@@ -3,6 +3,7 @@ warnings of a too-small training set or test split."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -172,6 +173,31 @@ def test_training_on_five_images_warns(tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("only 3 images in the memory bank" in w and "only 2 held-out images" in w and "unreliable" in w
                for w in warnings), warnings
+
+
+def test_training_on_copies_of_one_image_warns(tmp_path, caplog):
+    """One image copied to make up the count: the held-out copies score ~0 and the threshold (~1e-5) flags almost
+    any other image, which training used to say nothing of."""
+    import os
+
+    from conftest import tiny_config
+
+    from pni_ray.data.synthetic import SyntheticSpec, make_synthetic
+    from pni_ray.training import copies_warning, train_category
+
+    make_synthetic(tmp_path / "src", categories=["granite"],
+                   spec=SyntheticSpec(size=64, n_train=1, n_test_good=0, n_test_defect_per_type=0))
+    good = tmp_path / "data" / "granite" / "train" / "good"
+    good.mkdir(parents=True)
+    one = next((tmp_path / "src" / "granite" / "train" / "good").glob("*.png"))
+    for i in range(12):
+        os.link(one, good / f"{i:03d}.png")
+    with caplog.at_level(logging.WARNING, logger="pni_ray"):
+        trained = train_category(tmp_path / "data", "granite", tiny_config(), progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("copies of memory-bank images" in w and "distinct" in w for w in warnings), warnings
+    assert copies_warning(trained.normalisation) is not None
+    assert copies_warning(dataclasses.replace(trained.normalisation, extras={"holdout_max_image_score": 12.5})) is None
 
 
 def test_a_test_split_of_one_label_warns(tmp_path, caplog):
