@@ -29,6 +29,7 @@ import contextlib
 import fcntl
 import math
 import os
+import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
@@ -261,7 +262,7 @@ def _compile_loops(members: _Members) -> None:
     there is nothing shared to guard and the loops compile unlocked."""
     if _LOOPS_READY.is_set():
         return
-    with _LOOPS_LOCK, _cache_lock(getattr(getattr(_admit, "_cache", None), "_cache_path", None)):
+    with _LOOPS_LOCK, _cache_lock(getattr(getattr(_admit, "_cache", None), "_cache_path", None)), _signals_held():
         if _LOOPS_READY.is_set():
             return
         none, width = np.empty(0, dtype=np.int64), members.low.shape[1]
@@ -272,6 +273,27 @@ def _compile_loops(members: _Members) -> None:
         _drop(members.start, members.count, members.points, members.dist, members.low, members.low_sq, none, none,
               none)
         _LOOPS_READY.set()
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM held while numba compiles, then delivered to the handlers they met. A handler that raises
+    (Ctrl-C's KeyboardInterrupt, the CLI's for SIGTERM) may run inside one of LLVM's ctypes callbacks, where the
+    exception is printed as "Exception ignored" and lost: a `train --force` stopped then ran on to exit 0 and
+    replaced the old bundle. Main thread only, where Python runs signal handlers; an ignored signal stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    stops = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) not in (signal.SIG_IGN, None)]
+    before = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in stops}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(held):  # each once, in the order received
+            signal.raise_signal(s)
 
 
 @contextlib.contextmanager
