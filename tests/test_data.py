@@ -70,6 +70,36 @@ def test_good_folders_in_another_case_are_named(tmp_path):
         load_category(tmp_path, "cat", with_masks=False, with_train=False)
 
 
+@pytest.mark.parametrize("what", ["folder", "broken link"])
+def test_a_mask_that_is_no_file_is_named_as_what_it_is(tmp_path, caplog, what):
+    """A folder or a broken link at a mask's path was called "mask without a test image" (the image is there) and
+    "defect image without a mask (expected PATH)" (PATH is there)."""
+    import logging
+
+    base = _category(tmp_path)
+    mask = base / "ground_truth" / "scratch" / "000_mask.png"
+    mask.unlink()
+    if what == "folder":
+        mask.mkdir()
+    else:
+        mask.symlink_to(tmp_path / "gone.png")
+    with caplog.at_level(logging.WARNING), pytest.raises(LayoutError) as err:
+        load_category(tmp_path, "cat")
+    said = {"folder": "which is a folder", "broken link": f"which is a broken symbolic link (to {tmp_path / 'gone.png'})"}
+    assert said[what] in str(err.value)
+    assert "mask without a test image" not in caplog.text
+
+
+def test_masks_of_good_images_are_no_orphans(tmp_path, caplog):
+    import logging
+
+    base = _category(tmp_path)
+    _png(base / "ground_truth" / "good" / "000_mask.png", mode="L", value=255)
+    with caplog.at_level(logging.WARNING):
+        cat = load_category(tmp_path, "cat")
+    assert len(cat.test) == 2 and "mask without a test image" not in caplog.text
+
+
 def test_defect_without_mask(tmp_path):
     base = _category(tmp_path)
     _png(base / "test" / "crack" / "007.png")

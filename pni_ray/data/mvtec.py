@@ -25,6 +25,7 @@ from pni_ray.data.images import (
     quarter_turned,
     warn_once,
 )
+from pni_ray.fileio import special_file
 
 GOOD = "good"
 
@@ -87,13 +88,24 @@ def masks_by_lower_name(folder: Path) -> dict[str, Path]:
     return {p.name.lower(): p for p in files if counts[p.name.lower()] == 1}
 
 
-def orphan_masks(root: Path, test: list[TestSample]) -> list[Path]:
+def orphan_masks(root: Path, test: list[TestSample], named: set[Path] | None = None) -> list[Path]:
     """Masks under ground_truth/ whose test image is not there: a lost or renamed defect image would
-    otherwise just shrink the test set."""
-    used = {s.mask_path for s in test if s.mask_path is not None}
+    otherwise just shrink the test set. named: mask paths already named in their image's problem (no file there);
+    ground_truth/good/ is no defect type (good images have no masks)."""
+    used = {s.mask_path for s in test if s.mask_path is not None} | (named or set())
     gt = root / "ground_truth"
-    return sorted(m for d in (sorted(gt.iterdir()) if gt.is_dir() else []) if d.is_dir() and not d.name.startswith(".")
+    return sorted(m for d in (sorted(gt.iterdir()) if gt.is_dir() else [])
+                  if d.is_dir() and not d.name.startswith(".") and d.name != GOOD
                   for m in d.iterdir() if m.name.lower().endswith("_mask.png") and m not in used)
+
+
+def _not_a_mask_file(path: Path) -> str | None:
+    """What is at a mask's path that is not a file (a folder, a broken link), None where nothing is."""
+    if path.is_symlink() and not path.exists():
+        return f"a broken symbolic link (to {os.readlink(path)})"
+    if path.is_dir():
+        return "a folder"
+    return special_file(path) if path.exists() else None
 
 
 def list_categories(data_root: Path | str) -> list[str]:
@@ -191,6 +203,7 @@ def load_category(
         problems.append(f"{train_dir} has no train images (png, jpg, bmp, tif)")
     test: list[TestSample] = []
     test_dir = root / "test"
+    named: set[Path] = set()  # mask paths a problem names
     if with_test and test_dir.is_dir():
         loose = sorted(p.name for p in test_dir.iterdir() if p.is_file() and is_image_file(p))
         if loose:  # a test image is labelled by its folder: one directly in test/ has no label
@@ -211,11 +224,14 @@ def load_category(
                         by_lower_name = by_lower_name if by_lower_name is not None else masks_by_lower_name(mask.parent)
                         mask = by_lower_name.get(mask.name.lower(), mask)
                     if not mask.is_file():
-                        problems.append(f"{image}: defect image without a mask (expected {mask}; without masks, "
-                                        "`evaluate --image-only` gives the image-level metrics)")
+                        there = _not_a_mask_file(mask)
+                        named.add(mask)
+                        problems.append(f"{image}: defect image without a mask (expected {mask}"
+                                        + (f", which is {there}" if there else "")
+                                        + "; without masks, `evaluate --image-only` gives the image-level metrics)")
                         continue
                 test.append(TestSample(image, type_dir.name, mask))
-        for mask in orphan_masks(root, test) if with_masks else []:
+        for mask in orphan_masks(root, test, named) if with_masks else []:
             warn_once("orphan mask", mask, "%s: mask without a test image (expected %s.<png, jpg, ...>): that image "
                       "is not evaluated", root / "test" / mask.parent.name / mask.stem[: -len("_mask")])
     if check_files:
