@@ -261,6 +261,26 @@ def test_a_pair_whose_evaluation_fails_says_its_bundle_is_usable(first_run, synt
     assert "(the bundle was saved and scores as usual: a rerun evaluates it, without retraining" in record["error"]
 
 
+@pytest.mark.parametrize("split", ["absent", "defects only"])
+def test_a_pair_left_unevaluated_says_why(first_run, synthetic_root, tmp_path, split):
+    """The table's dashes for a category without a test split of both labels came with no word of why."""
+    from pni_ray.orchestration.train_task import train_pair
+
+    _, first_out, _ = first_run
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root / "washer", data / "washer")
+    if split == "absent":
+        shutil.rmtree(data / "washer" / "test")
+    else:
+        shutil.rmtree(data / "washer" / "test" / "good")
+    record = train_pair(str(data), "washer", tiny_config().to_dict(), str(first_out / "washer" / BACKBONE), threads=1,
+                        train=False)
+    assert record.get("image_auroc") is None
+    said = {"absent": "not evaluated: no test images", "defects only": "not evaluated: the test split holds defect "
+            "images only"}[split]
+    assert any(said in w for w in record["warnings"]), record["warnings"]
+
+
 def test_a_category_or_backbone_named_twice_is_one_pair(first_run, synthetic_root, tmp_path):
     """--categories washer,washer used to train the pair twice at once into one folder."""
     _, first_out, _ = first_run

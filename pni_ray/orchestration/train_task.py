@@ -304,6 +304,11 @@ def train_pair(
                     atomic_write_json(metrics_path(bundle), {"model_id": record["model_id"], **metric_fields(record)})
                 except OSError as exc:
                     log.warning("%s: metrics not kept beside the bundle (%s)", bundle, exc)
+            elif evaluate:  # the table's dashes, said (a warning line of the pair: train-all prints it, summary keeps it)
+                has = "no test images (test/<type>/ missing or empty)" if not cat.test else (
+                    f"the test split holds {'defect' if cat.test[0].label else 'good'} images only, and the metrics "
+                    "here need both (`pni-ray evaluate` gives what a one-label split allows)")
+                log.warning("%s: not evaluated: %s", cat.root, has)
             if not train:  # an evaluation-only task's time is all of it
                 record["seconds"] = time.perf_counter() - t0
             record["stage"] = "done"
