@@ -382,6 +382,10 @@ class TrainConfig:
         _require(not isinstance(self.seed, bool) and isinstance(self.seed, int) and 0 <= self.seed < 2**32,
                  f"seed is a whole number in 0..{2**32 - 1}, got {self.seed!r}")
         _require(self.batch_size >= 1, f"batch_size is the images per backbone forward, >= 1, got {self.batch_size!r}")
+        side, most = self.features.image_size, self.geometry.max_pixels  # a typo's 100000 px ran into the OOM killer
+        _require(side * side <= most, f"features.image_size {side} is a {side} x {side} model input of {side * side:,} "
+                                      f"pixels, over geometry.max_pixels ({most:,}), the limit decoded images are held "
+                                      "to (a --config file's geometry.max_pixels raises it, where memory allows)")
         _require(self.features.projection_dim is None or self.features.projection_dim >= 1,
                  f"features.projection_dim is a feature width >= 1 (null: the backbone's), got "
                  f"{self.features.projection_dim!r}")

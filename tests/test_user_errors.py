@@ -118,6 +118,8 @@ def test_too_few_good_images_are_refused_with_what_to_add(tmp_path, synthetic_ro
     ({"neighbourhood": {"lr_step": 0}}, "neighbourhood needs lr_step >= 1"),
     ({"coreset": {"chunk_size": 0}}, r"coreset needs projection_dim >= 0 \(0: no projection\), chunk_size >= 1"),
     ({"geometry": {"max_pixels": 0}}, "geometry needs max_pixels >= 1"),
+    ({"features": {"image_size": 100000}}, r"features.image_size 100000 is a 100000 x 100000 model input of "
+                                           r"10,000,000,000 pixels, over geometry.max_pixels \(50,000,000\)"),
     ({"geometry": {"pad_value": 999}}, "a pad_value grey level in 0..255"),
     ({"position": {"min_keep": 2}}, r"position.min_keep is a share of held-out patches in \(0, 1\], got 2"),
     ({"position": {"min_keep": 0}}, r"position.min_keep is a share of held-out patches in \(0, 1\], got 0"),
