@@ -169,7 +169,7 @@ def missing_category_message(data_root: Path | str, category: str) -> str | None
 
 
 def _other_case(folder: Path) -> str:
-    """'; found <name>: rename it' where the folder exists under another case, else ''."""
+    """' (found <path>: rename it <name>)' where the folder exists under another case, else ''."""
     if not folder.parent.is_dir():
         return ""
     found = [p.name for p in folder.parent.iterdir() if p.is_dir() and p.name.lower() == folder.name.lower()]

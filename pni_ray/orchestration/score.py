@@ -443,7 +443,6 @@ def check_placeable(opts: Options, session: RaySession) -> None:
                 "will: stop the run and lower them)", problem)
 
 
-
 def _configure_ray_data() -> int:
     """Quiet progress, and failed chunks dropped rather than ending the run (`score` isolates their images).
     Returns the context's max_errored_blocks before, which `run_ray` puts back: other pipelines of the process
