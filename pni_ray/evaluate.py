@@ -46,6 +46,7 @@ def _score_paths(geometry: Geometry, paths: list[Path], names: list[str], batch_
     maps: dict[str, list[np.ndarray]] = {n: [] for n in names}
     scores: dict[str, list[float]] = {n: [] for n in names}
     seconds = {n: 0.0 for n in names}
+    geometry.check_fits(paths)
     batches = list(chunks(len(paths), geometry, batch_size))
     for sl in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
         originals = [geometry.load(p) for p in paths[sl]]

@@ -426,6 +426,23 @@ class Geometry:
             return None
         return (min(b[0] for b in boxes), max(b[0] for b in boxes)), (min(b[1] for b in boxes), max(b[1] for b in boxes))
 
+    def check_fits(self, paths: Sequence[Path | str]) -> None:
+        """Refuse, naming every one, images whose layout the model refuses (`check_layout`, from their headers)
+        before any is scored: one at a time, only the first was named, after the images before it were scored."""
+        if not self.pads:
+            return
+        problems = []
+        for path in paths:
+            w, h = image_size(path, self.max_pixels)
+            try:
+                self.check_layout((h, w), *self.layout(h, w), str(path))
+            except GeometryError as exc:
+                problems.append(str(exc))
+        if len(problems) > 1:
+            raise GeometryError(f"{len(problems)} of {len(paths)} images do not fit the model:\n- " + "\n- ".join(problems))
+        if problems:
+            raise GeometryError(problems[0])
+
     def rebuild(self, canvas: np.ndarray, original_hw: Sequence[int], content: Sequence[int]) -> Prepared:
         """A Prepared from what a pipeline stage shipped (canvas, original size, content box)."""
         canvas = np.asarray(canvas, np.uint8)

@@ -292,6 +292,16 @@ def test_maps_come_back_at_the_original_size(trained_geo, crop_root, name, tmp_p
                                                     r"images 128 x 80 px \(width x height\)"):
                 predict_images(detector, [image])
         assert predict_images(detector, [np.asarray(Image.fromarray(images[0]).resize((256, 160)))])[0][0].shape == (160, 256)
+        # evaluate names every image that does not fit before scoring any (it named the first, after the ones before)
+        from pni_ray.predict import detector_geometry
+
+        files = []
+        for i, image in enumerate(odd):
+            files.append(tmp_path / f"odd_{i}.png")
+            Image.fromarray(image).save(files[-1])
+        with pytest.raises(GeometryError, match=r"2 of 3 images do not fit the model") as err:
+            detector_geometry(detector).check_fits(files)
+        assert str(files[0]) not in str(err.value) and all(f"- {f}: " in str(err.value) for f in files[1:])
         legacy = build_detector(dataclasses.replace(trained, content_extent=None))  # a bundle from before the record
         assert [m.shape for m in predict_images(legacy, odd)[0]] == SHAPES
     else:  # short-side / tiles: the grid is fixed by training; another aspect is refused by name
