@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -417,14 +417,19 @@ class Geometry:
         if not self.pads:
             return None
         boxes = []
-        for path in paths:
-            w, h = image_size(path, self.max_pixels)
-            canvas_hw, content = self.layout(h, w)
-            self.check_layout((h, w), canvas_hw, content, str(path))
+        for path, hw, canvas_hw, content in self._header_layouts(paths):
+            self.check_layout(hw, canvas_hw, content, str(path))
             boxes.append((content[2] - content[0], content[3] - content[1]))
         if self.cfg.policy != "letterbox" or self.tiled or not boxes:
             return None
         return (min(b[0] for b in boxes), max(b[0] for b in boxes)), (min(b[1] for b in boxes), max(b[1] for b in boxes))
+
+    def _header_layouts(self, paths: Sequence[Path | str]) -> Iterator[tuple[Path | str, tuple[int, int],
+                                                                             tuple[int, int], tuple[int, int, int, int]]]:
+        """(path, upright (h, w), canvas, content box) of each image, from its header alone."""
+        for path in paths:
+            w, h = image_size(path, self.max_pixels)
+            yield (path, (h, w), *self.layout(h, w))
 
     def check_fits(self, paths: Sequence[Path | str]) -> None:
         """Refuse, naming every one, images whose layout the model refuses (`check_layout`, from their headers)
@@ -432,10 +437,9 @@ class Geometry:
         if not self.pads:
             return
         problems = []
-        for path in paths:
-            w, h = image_size(path, self.max_pixels)
+        for path, hw, canvas_hw, content in self._header_layouts(paths):
             try:
-                self.check_layout((h, w), *self.layout(h, w), str(path))
+                self.check_layout(hw, canvas_hw, content, str(path))
             except GeometryError as exc:
                 problems.append(str(exc))
         if len(problems) > 1:
